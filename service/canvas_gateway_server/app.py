@@ -1,0 +1,189 @@
+"""The composition root: the one place that builds and wires the gateway's objects.
+
+Startup: settings -> tenants -> pooled HTTP session -> Braze client -> limiter ->
+dispatcher -> sender -> servicer -> gRPC server with health and reflection.
+Shutdown, in order: health NOT_SERVING, stop accepting, let in-flight RPCs finish within
+the grace period, close the HTTP session, stop the embedded fake Braze (demo only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .dispatch import Dispatcher
+from .errors import ConfigError
+from .fake_braze import FakeBraze, FakeBrazeConfig
+from .limits import LocalLimiter
+from .redaction import SecretFilter
+from .retry import RetryPolicy
+from .sending import Sender, SendLimits
+from .servicer import CanvasGatewayServicer
+from .settings import Settings
+from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
+from .upstream import BrazeClient
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasGatewayService"].full_name
+DEMO_TOKEN = "demo-token"  # noqa: S105 - a documented demo credential for the embedded fake only
+DEMO_BRAZE_KEY = "demo-braze-key"
+
+
+@dataclass
+class Gateway:
+    """A running gateway. Build it with `Gateway.start`; end it with `stop`."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    session: aiohttp.ClientSession
+    tenants: TenantDirectory
+    settings: Settings
+    fake_braze: FakeBraze | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        tenants: TenantDirectory | None = None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> Gateway:
+        fake: FakeBraze | None = None
+        if tenants is None and settings.demo:
+            fake, tenants = await _start_demo_braze(settings)
+        elif tenants is None:
+            tenants = FileTenantDirectory(Path(settings.tenants_file), environ)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.upstream_pool_size, keepalive_timeout=30),
+            skip_auto_headers=("User-Agent",),
+        )
+        client = BrazeClient(
+            session,
+            aiohttp.ClientTimeout(
+                total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
+            ),
+        )
+        dispatcher = Dispatcher(
+            client,
+            LocalLimiter(settings.tenant_concurrency),
+            RetryPolicy(
+                max_attempts=settings.max_attempts,
+                base_delay=settings.retry_base_delay_seconds,
+                max_wait=settings.max_retry_wait_seconds,
+            ),
+        )
+        sender = Sender(
+            dispatcher,
+            SendLimits(
+                unary_max_recipients=settings.unary_max_recipients,
+                request_concurrency=settings.request_concurrency,
+                result_queue_size=settings.result_queue_size,
+            ),
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_CanvasGatewayServiceServicer_to_server(CanvasGatewayServicer(tenants, sender), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = server.add_insecure_port(settings.grpc_address)
+        if port == 0:
+            await session.close()
+            raise ConfigError(f"cannot listen on {settings.grpc_address}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("canvas-gateway listening on %s (port %d)", settings.grpc_address, port)
+        return cls(server, port, health_servicer, session, tenants, settings, fake)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Ordered shutdown; in-flight RPCs get `grace` seconds (default from settings)."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.session.close()
+        if self.fake_braze is not None:
+            await self.fake_braze.stop()
+        log.info("canvas-gateway stopped")
+
+    def reload_tenants(self) -> None:
+        """SIGHUP: reread the tenants file; on error keep the current tenants."""
+        if not isinstance(self.tenants, FileTenantDirectory):
+            log.info("tenants are not file-backed; nothing to reload")
+            return
+        try:
+            self.tenants.reload()
+        except ConfigError as exc:
+            log.error("tenants reload failed, keeping the previous tenants: %s", exc)
+        else:
+            log.info("tenants reloaded")
+
+
+async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirectory]:
+    fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({DEMO_BRAZE_KEY})))
+    url = await fake.start("127.0.0.1", settings.demo_braze_port)
+    tenant = Tenant(id="demo", braze_rest_url=url, braze_api_key=DEMO_BRAZE_KEY, allow_broadcast=True)
+    log.warning("DEMO MODE: sending to the embedded fake Braze at %s, not to Braze", url)
+    return fake, StaticTenantDirectory([(tenant, [token_digest(DEMO_TOKEN)])])
+
+
+def configure_logging(settings: Settings, tenants: TenantDirectory | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if tenants is not None:
+        handler.addFilter(SecretFilter(tenants.secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+async def run(settings: Settings, environ: Mapping[str, str] = os.environ) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file."""
+    configure_logging(settings)
+    gateway = await Gateway.start(settings, environ=environ)
+    configure_logging(settings, gateway.tenants)
+    if settings.demo:
+        host = settings.grpc_address.rsplit(":", 1)[0]
+        print(
+            f"\ncanvas-gateway demo on {host}:{gateway.port} (tenant 'demo', token '{DEMO_TOKEN}').\n"
+            "Try it from another shell:\n"
+            "  make demo\n"
+            f"  .venv/bin/canvas-gateway --target {host}:{gateway.port} --token {DEMO_TOKEN} "
+            "send --file examples/recipients.json\n",
+            flush=True,
+        )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants)
+    await stopping.wait()
+    log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_seconds)
+    await gateway.stop()

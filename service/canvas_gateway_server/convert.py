@@ -1,0 +1,160 @@
+"""The protobuf edge: requests become Braze JSON (plain dicts), results become messages.
+
+Only this module and the servicer import generated code. The dicts produced here are
+exactly the JSON Braze receives, so validation and batching never see protobuf.
+
+Numbers: google.protobuf.Struct stores every number as a double; an integral value is
+turned back into an int so that a caller's `12` reaches Braze as `12`, not `12.0`.
+A NaN or infinity cannot be written as JSON; it becomes NOT_JSON, which the encoder
+refuses, and the request is rejected naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Final
+
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from google.protobuf import json_format, struct_pb2
+
+from .model import BatchResult, Outcome, Summary, Violation
+
+_EXACT_INT_LIMIT: Final = 2**53
+
+
+class _NotJson:
+    """Stands for a number JSON cannot carry; orjson refuses to encode it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_JSON"
+
+
+NOT_JSON: Final = _NotJson()
+
+
+def value_to_py(value: struct_pb2.Value) -> Any:
+    """One google.protobuf.Value as the JSON value it stands for."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if number.is_integer() and -_EXACT_INT_LIMIT < number < _EXACT_INT_LIMIT:
+            return int(number)
+        return number if math.isfinite(number) else NOT_JSON
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [value_to_py(item) for item in value.list_value.values]
+    return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A google.protobuf.Struct as a JSON object."""
+    return {key: value_to_py(item) for key, item in struct.fields.items()}
+
+
+def trigger_head(trigger: pb.CanvasTrigger) -> dict[str, Any]:
+    """The top-level Braze body fields the caller set, without `recipients`."""
+    body: dict[str, Any] = {"canvas_id": trigger.canvas_id}
+    if trigger.HasField("context"):
+        body["context"] = struct_to_dict(trigger.context)
+    if trigger.HasField("canvas_entry_properties"):
+        body["canvas_entry_properties"] = struct_to_dict(trigger.canvas_entry_properties)
+    if trigger.HasField("broadcast"):
+        body["broadcast"] = trigger.broadcast
+    if trigger.HasField("audience"):
+        body["audience"] = audience_to_dict(trigger.audience)
+    return body
+
+
+def audience_to_dict(node: pb.Audience) -> dict[str, Any]:
+    """A Connected Audience node in Braze's JSON shape (AND / OR keep Braze's names)."""
+    out: dict[str, Any] = {}
+    if node.all_of:
+        out["AND"] = [audience_to_dict(child) for child in node.all_of]
+    if node.any_of:
+        out["OR"] = [audience_to_dict(child) for child in node.any_of]
+    if node.HasField("custom_attribute"):
+        attr = node.custom_attribute
+        fields: dict[str, Any] = {
+            "custom_attribute_name": attr.custom_attribute_name,
+            "comparison": attr.comparison,
+        }
+        if attr.HasField("value"):
+            fields["value"] = value_to_py(attr.value)
+        out["custom_attribute"] = fields
+    for name in ("push_subscription_status", "email_subscription_status", "last_used_app"):
+        if node.HasField(name):
+            status = getattr(node, name)
+            out[name] = {"comparison": status.comparison, "value": status.value}
+    return out
+
+
+def recipient_to_dict(recipient: pb.Recipient) -> dict[str, Any]:
+    """One recipient in Braze's JSON shape, with only the fields the caller set."""
+    out: dict[str, Any] = {}
+    identifier = recipient.WhichOneof("identifier")
+    if identifier == "external_user_id":
+        out["external_user_id"] = recipient.external_user_id
+    elif identifier == "email":
+        out["email"] = recipient.email
+    elif identifier == "user_alias":
+        alias = recipient.user_alias
+        out["user_alias"] = {"alias_name": alias.alias_name, "alias_label": alias.alias_label}
+    if recipient.prioritization:
+        out["prioritization"] = list(recipient.prioritization)
+    if recipient.HasField("context"):
+        out["context"] = struct_to_dict(recipient.context)
+    if recipient.HasField("canvas_entry_properties"):
+        out["canvas_entry_properties"] = struct_to_dict(recipient.canvas_entry_properties)
+    if recipient.HasField("send_to_existing_only"):
+        out["send_to_existing_only"] = recipient.send_to_existing_only
+    if recipient.HasField("attributes"):
+        out["attributes"] = struct_to_dict(recipient.attributes)
+    return out
+
+
+def _json_to_value(item: Any) -> struct_pb2.Value:
+    return json_format.ParseDict(item, struct_pb2.Value())
+
+
+def violations_to_proto(violations: Iterable[Violation]) -> list[pb.FieldViolation]:
+    return [pb.FieldViolation(field=v.field, description=v.description) for v in violations]
+
+
+def result_to_proto(result: BatchResult) -> pb.BatchResult:
+    """A core BatchResult as the wire message."""
+    return pb.BatchResult(
+        batch_index=result.batch_index,
+        positions=result.positions,
+        outcome=result.outcome.value,  # type: ignore[arg-type]  # same numbers as pb.Outcome
+        code=int(result.code),
+        status_message=result.status_message,
+        retryable=result.retryable,
+        dispatch_id=result.dispatch_id,
+        message=result.message,
+        notice=result.notice,
+        errors=[_json_to_value(item) for item in result.errors],
+        http_status=result.http_status,
+        attempts=result.attempts,
+        violations=violations_to_proto(result.violations),
+        rate_limit_reset=result.rate_limit_reset,
+    )
+
+
+def summary_to_proto(summary: Summary) -> pb.SendSummary:
+    counts = summary.by_outcome
+    return pb.SendSummary(
+        recipients=summary.recipients,
+        batches=summary.batches,
+        recipients_sent=counts[Outcome.SENT],
+        recipients_rejected=counts[Outcome.REJECTED],
+        recipients_unknown=counts[Outcome.UNKNOWN],
+        recipients_not_attempted=counts[Outcome.NOT_ATTEMPTED],
+    )

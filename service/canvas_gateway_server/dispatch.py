@@ -1,0 +1,117 @@
+"""Sends batches: per-tenant limits, safe retries, and bounded fan-out per request.
+
+`Dispatcher.send` turns one batch into exactly one BatchResult, whatever happens short of
+cancellation. `FanOut` runs one request's batches concurrently and hands results back as
+they finish, through a bounded queue: a caller that stops reading stops the sending, and
+a stream's memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from . import results
+from .limits import UpstreamLimiter
+from .model import Batch, BatchResult
+from .retry import RetryPolicy, retry_delay
+from .tenants import Tenant
+from .upstream import BrazeClient
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """One batch in, one result out: rate limits, calls, and retries of what is safe."""
+
+    def __init__(
+        self,
+        client: BrazeClient,
+        limiter: UpstreamLimiter,
+        policy: RetryPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._client = client
+        self._limiter = limiter
+        self._policy = policy
+        self._clock = clock
+        self._sleep = sleep
+        self._jitter = jitter
+
+    async def send(self, tenant: Tenant, batch: Batch) -> BatchResult:
+        attempts = 0
+        try:
+            while True:
+                async with self._limiter.slot(tenant):
+                    paused = self._limiter.paused_until(tenant, batch.broadcast)
+                    if paused:
+                        wait = paused - self._clock()
+                        if wait > self._policy.max_wait:
+                            return results.rate_limited_locally(batch, attempts, int(paused))
+                        await self._sleep(max(0.0, wait))
+                    attempts += 1
+                    reply = await self._client.trigger(tenant, batch.body)
+                    self._limiter.observe(tenant, batch.broadcast, reply)
+                delay = retry_delay(self._policy, reply, attempts, self._clock(), self._jitter())
+                if delay is None:
+                    return results.from_reply(batch, reply, attempts)
+                await self._sleep(delay)
+        except Exception:
+            log.exception("batch %d of tenant %s failed inside the gateway", batch.index, tenant.id)
+            return results.failed_inside_gateway(batch, attempts)
+
+
+_DONE = object()
+
+
+class FanOut:
+    """Runs one request's batches, at most `concurrency` at once; results come back as they finish."""
+
+    def __init__(self, dispatcher: Dispatcher, tenant: Tenant, concurrency: int, queue_size: int) -> None:
+        self._dispatcher = dispatcher
+        self._tenant = tenant
+        self._slots = asyncio.Semaphore(concurrency)
+        self._queue: asyncio.Queue[BatchResult | object] = asyncio.Queue(queue_size)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, batch: Batch) -> None:
+        """Start a batch; waits while `concurrency` batches are in flight (backpressure)."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: Batch) -> None:
+        try:
+            result = await self._dispatcher.send(self._tenant, batch)
+            await self._queue.put(result)  # the slot is held until the caller can take it
+        finally:
+            self._slots.release()
+
+    async def put(self, result: BatchResult) -> None:
+        """Hand back a result that needed no call (validation, validate_only)."""
+        await self._queue.put(result)
+
+    async def close(self) -> None:
+        """No more batches: wait for those in flight, then end `results`."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+        await self._queue.put(_DONE)
+
+    async def results(self) -> AsyncIterator[BatchResult]:
+        while True:
+            item = await self._queue.get()
+            if item is _DONE:
+                return
+            assert isinstance(item, BatchResult)
+            yield item
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()

@@ -1,0 +1,45 @@
+"""The gateway's exceptions, one tree.
+
+    GatewayError             expected failures a caller can act on
+    +-- InvalidRequest       input breaks Braze's contract; carries violations -> INVALID_ARGUMENT
+    +-- Unauthenticated      missing or unknown bearer token                   -> UNAUTHENTICATED
+    +-- PermissionDenied     the tenant may not do this (e.g. broadcast)        -> PERMISSION_DENIED
+    ConfigError              settings or tenants file invalid (boot or reload)
+
+Upstream failures are not exceptions: each becomes a BatchResult (see results.py).
+Anything else that escapes is a bug: it is logged and answered with INTERNAL, with no text.
+Texts never contain a secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .model import Violation
+
+
+class GatewayError(Exception):
+    """An expected failure of a whole RPC, mapped to a gRPC status in servicer_errors."""
+
+
+class InvalidRequest(GatewayError):
+    """The request breaks Braze's contract; nothing was sent."""
+
+    def __init__(self, violations: Sequence[Violation]) -> None:
+        self.violations = tuple(violations)
+        first = self.violations[0] if self.violations else None
+        summary = f"{first.field}: {first.description}" if first else "invalid request"
+        more = len(self.violations) - 1
+        super().__init__(summary + (f" (and {more} more)" if more > 0 else ""))
+
+
+class Unauthenticated(GatewayError):
+    """No bearer token, or one that no tenant owns."""
+
+
+class PermissionDenied(GatewayError):
+    """The tenant is known but may not make this request."""
+
+
+class ConfigError(Exception):
+    """Settings or the tenants file are invalid. Raised at boot and on reload."""

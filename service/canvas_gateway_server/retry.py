@@ -1,0 +1,47 @@
+"""When to call Braze again. Pure: the caller supplies the time and the jitter.
+
+Only failures that cannot have sent anything are retried (CONTRACT.md section 6): a 429,
+and a connection that could not be opened. 5xx and timeouts may have been processed by
+Braze, which has no idempotency key, so they are returned as UNKNOWN instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .upstream import Delivery, Reply
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    """Calls per batch, the first included."""
+    base_delay: float = 0.2
+    """Backoff after the first connection failure; doubles, with jitter."""
+    max_delay: float = 5.0
+    """Cap on one backoff."""
+    max_wait: float = 30.0
+    """Longest wait for a rate-limit reset; past it the batch is returned as rate limited."""
+
+
+def retry_delay(policy: RetryPolicy, reply: Reply, attempts: int, now: float, jitter: float) -> float | None:
+    """Seconds to wait before the next call, or None to stop. `jitter` is in [0, 1)."""
+    if attempts >= policy.max_attempts:
+        return None
+    if reply.delivery is Delivery.NOT_SENT:
+        backoff: float = min(policy.max_delay, policy.base_delay * 2.0 ** (attempts - 1))
+        return backoff * (0.5 + jitter / 2)
+    if reply.delivery is Delivery.RESPONDED and reply.status == 429:
+        wait = rate_limit_wait(reply, now, policy.base_delay * 2.0 ** (attempts - 1))
+        wait += jitter * policy.base_delay
+        return wait if wait <= policy.max_wait else None
+    return None
+
+
+def rate_limit_wait(reply: Reply, now: float, fallback: float) -> float:
+    """Retry-After if given, else until x-ratelimit-reset, else `fallback`."""
+    if reply.rate.retry_after is not None:
+        return max(0.0, reply.rate.retry_after)
+    if reply.rate.reset is not None:
+        return max(0.0, reply.rate.reset - now)
+    return fallback

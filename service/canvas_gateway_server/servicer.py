@@ -1,0 +1,105 @@
+"""The gRPC edge: authenticate, convert, call `sending`, convert back.
+
+Only this module and `convert` touch generated code. Every expected failure is raised as
+a GatewayError and turned into a status by `status.abort`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+
+from . import convert, status
+from .errors import GatewayError, InvalidRequest, Unauthenticated
+from .model import Violation
+from .sending import Sender
+from .tenants import Tenant, TenantDirectory
+
+Context = grpc.aio.ServicerContext[object, object]
+
+
+def bearer_token(context: Context) -> str:
+    """The token of `authorization: Bearer <token>`; raises Unauthenticated if absent."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    raise Unauthenticated("missing bearer token in `authorization` metadata")
+
+
+class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
+    """canvas_gateway.v1.CanvasGatewayService over `Sender`."""
+
+    def __init__(self, tenants: TenantDirectory, sender: Sender) -> None:
+        self._tenants = tenants
+        self._sender = sender
+
+    def _authenticate(self, context: Context) -> Tenant:
+        tenant = self._tenants.authenticate(bearer_token(context))
+        if tenant is None:
+            raise Unauthenticated("unknown bearer token")
+        return tenant
+
+    async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+        try:
+            tenant = self._authenticate(context)
+            head = convert.trigger_head(request.trigger)
+            recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
+            done, summary = await self._sender.send(tenant, head, recipients, request.options.validate_only)
+        except Exception as exc:  # every failure of the whole RPC is mapped in one place
+            await status.abort(context, exc)
+        return pb.SendResponse(
+            results=[convert.result_to_proto(result) for result in done],
+            summary=convert.summary_to_proto(summary),
+        )
+
+    async def SendStream(
+        self, request_iterator: AsyncIterator[pb.SendStreamRequest], context: Context
+    ) -> AsyncIterator[pb.SendStreamResponse]:
+        try:
+            tenant = self._authenticate(context)
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("message") != "header":
+                raise InvalidRequest([Violation("header", "the first message of a stream must be a header")])
+            header = first.header
+            session = self._sender.open_stream(
+                tenant, convert.trigger_head(header.trigger), header.options.validate_only
+            )
+        except Exception as exc:
+            await status.abort(context, exc)
+
+        failure: list[BaseException] = []
+
+        async def pump() -> None:
+            send_rest = True
+            try:
+                await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
+                async for message in request_iterator:
+                    if message.WhichOneof("message") != "chunk":
+                        raise InvalidRequest([Violation("header", "only the first message may be a header")])
+                    await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
+                session.check_complete()
+            except GatewayError as exc:
+                failure.append(exc)
+                send_rest = False
+            finally:
+                await session.close(send_rest=send_rest)
+
+        pumping = asyncio.create_task(pump())
+        try:
+            async for result in session.results():
+                yield pb.SendStreamResponse(result=convert.result_to_proto(result))
+            await pumping
+        except Exception as exc:
+            await status.abort(context, exc)
+        finally:
+            pumping.cancel()
+            session.cancel()
+        if failure:
+            await status.abort(context, failure[0])
+        yield pb.SendStreamResponse(summary=convert.summary_to_proto(session.summary))

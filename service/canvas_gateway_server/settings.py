@@ -1,0 +1,122 @@
+"""All configuration in one frozen object, read once at boot, failing fast.
+
+Every field has a default, an environment variable and a one-line meaning. Values come
+from, in rising priority: the defaults, the TOML file named by CGW_CONFIG_FILE (keys are
+the field names), then the environment. `from_env` takes the mapping as a parameter so
+tests pass a dict.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "CGW_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Gateway settings. The env name of a field is CGW_ + its name in upper case."""
+
+    grpc_address: str = "127.0.0.1:50051"
+    """Where the gRPC server listens (host:port; port 0 picks a free one)."""
+    tenants_file: str = ""
+    """TOML file of tenants (see README). Required unless demo is true."""
+    demo: bool = False
+    """Run against an embedded fake Braze with one demo tenant. Never in production."""
+    demo_braze_port: int = 9700
+    """Port of the embedded fake Braze in demo mode (on 127.0.0.1)."""
+    unary_max_recipients: int = 10_000
+    """Most recipients one Send may carry; SendStream has no cap."""
+    request_concurrency: int = 8
+    """Batches of one request in flight at once."""
+    tenant_concurrency: int = 32
+    """Batches of one tenant in flight at once, unless its tenants entry says otherwise."""
+    upstream_pool_size: int = 100
+    """Most open HTTP connections to Braze (keep-alive pool, all tenants)."""
+    upstream_connect_timeout_seconds: float = 5.0
+    """Time to open a connection to Braze."""
+    upstream_timeout_seconds: float = 30.0
+    """Time for one Braze call, from start to the end of the response body."""
+    max_attempts: int = 3
+    """Calls per batch, counting retries; only safe failures are retried."""
+    retry_base_delay_seconds: float = 0.2
+    """First backoff after a connection that could not be opened; doubles each time."""
+    max_retry_wait_seconds: float = 30.0
+    """Longest a batch waits for a rate-limit reset before giving up with RESOURCE_EXHAUSTED."""
+    result_queue_size: int = 64
+    """Results buffered per stream before batches wait for the caller to read."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message accepted (one Send, or one stream chunk)."""
+    shutdown_grace_seconds: float = 25.0
+    """On SIGTERM, how long in-flight requests may finish before they are cancelled."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "unary_max_recipients",
+            "request_concurrency",
+            "tenant_concurrency",
+            "upstream_pool_size",
+            "max_attempts",
+            "result_queue_size",
+            "max_message_bytes",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
+        for name in ("upstream_connect_timeout_seconds", "upstream_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be positive")
+        if not self.demo and not self.tenants_file:
+            raise ConfigError(f"set {ENV_PREFIX}TENANTS_FILE, or {ENV_PREFIX}DEMO=true for the demo")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from CGW_CONFIG_FILE, then CGW_* variables, then `overrides`."""
+        raw: dict[str, Any] = {}
+        config_file = environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+        if config_file:
+            raw.update(_read_toml(Path(config_file)))
+        for spec in fields(cls):
+            value = environ.get(ENV_PREFIX + spec.name.upper())
+            if value is not None:
+                raw[spec.name] = value
+        raw.update(overrides)
+        known = {spec.name: spec for spec in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+        kwargs = {name: _coerce(name, value, type(known[name].default)) for name, value in raw.items()}
+        return cls(**kwargs)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, str) or kind is str:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind):
+            raise ConfigError(f"setting {name} must be a {kind.__name__}")
+        return value
+    try:
+        if kind is bool:
+            lowered = value.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(value)
+            return lowered in {"1", "true", "yes", "on"}
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be a {kind.__name__}") from None

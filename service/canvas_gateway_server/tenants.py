@@ -1,0 +1,204 @@
+"""Tenants: who may call, with which Braze key and instance, within which limits.
+
+A tenant is resolved only from the bearer token its callers present, so no caller can
+pick another tenant's key. Tokens are stored as SHA-256 digests and compared in constant
+time. The TOML file (see README) is read at boot and again on SIGHUP; a reload that fails
+keeps the previous tenants, and requests in flight keep the Tenant they started with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+_TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_KEY_SOURCES = ("braze_api_key", "braze_api_key_env", "braze_api_key_file")
+_FIELDS = frozenset(
+    {
+        "token_sha256",
+        "braze_rest_url",
+        "allow_broadcast",
+        "allow_insecure_http",
+        "max_concurrent_batches",
+    }
+    | set(_KEY_SOURCES)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """One tenant's Braze workspace. `repr` never shows the key."""
+
+    id: str
+    braze_rest_url: str
+    braze_api_key: str = field(repr=False)
+    allow_broadcast: bool = False
+    max_concurrent_batches: int | None = None
+
+
+class TenantDirectory(Protocol):
+    """Resolves a presented bearer token to its tenant."""
+
+    def authenticate(self, token: str) -> Tenant | None: ...
+
+    def secrets(self) -> frozenset[str]:
+        """Every Braze key it holds, for log redaction."""
+        ...
+
+
+def token_digest(token: str) -> str:
+    """The SHA-256 hex digest under which a bearer token is configured."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class StaticTenantDirectory:
+    """Tenants held in memory; the file-backed directory swaps one of these on reload."""
+
+    def __init__(self, entries: Iterable[tuple[Tenant, Iterable[str]]]) -> None:
+        pairs: list[tuple[bytes, Tenant]] = []
+        for tenant, digests in entries:
+            for digest in digests:
+                if any(hmac.compare_digest(digest.encode(), known) for known, _ in pairs):
+                    raise ConfigError(f"tenant {tenant.id}: a token digest is used twice")
+                pairs.append((digest.encode(), tenant))
+        self._pairs = tuple(pairs)
+        self._secrets = frozenset(tenant.braze_api_key for _, tenant in pairs)
+
+    def authenticate(self, token: str) -> Tenant | None:
+        presented = token_digest(token).encode()
+        found: Tenant | None = None
+        for digest, tenant in self._pairs:  # no early exit: time does not depend on the match
+            if hmac.compare_digest(presented, digest):
+                found = tenant
+        return found
+
+    def secrets(self) -> frozenset[str]:
+        return self._secrets
+
+
+class FileTenantDirectory:
+    """Tenants from a TOML file, reloaded on demand (SIGHUP)."""
+
+    def __init__(self, path: Path, environ: Mapping[str, str]) -> None:
+        self._path = path
+        self._environ = environ
+        self._current = load_tenants(path, environ)
+
+    def reload(self) -> None:
+        """Read the file again; on error keep the tenants we have and raise ConfigError."""
+        self._current = load_tenants(self._path, self._environ)
+
+    def authenticate(self, token: str) -> Tenant | None:
+        return self._current.authenticate(token)
+
+    def secrets(self) -> frozenset[str]:
+        return self._current.secrets()
+
+
+def load_tenants(path: Path, environ: Mapping[str, str]) -> StaticTenantDirectory:
+    """Parse and check a tenants file; every problem is a ConfigError naming the tenant."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read tenants file {path}: {type(exc).__name__}") from None
+    tenants = data.get("tenants")
+    if not isinstance(tenants, dict) or not tenants or set(data) != {"tenants"}:
+        raise ConfigError(f"{path}: expected one or more [tenants.<id>] tables and nothing else")
+    return StaticTenantDirectory(
+        parse_tenant(tenant_id, entry, environ, base=path.parent) for tenant_id, entry in tenants.items()
+    )
+
+
+def parse_tenant(
+    tenant_id: str, entry: Any, environ: Mapping[str, str], base: Path
+) -> tuple[Tenant, tuple[str, ...]]:
+    """One [tenants.<id>] table as a Tenant and its token digests."""
+    where = f"tenant {tenant_id!r}"
+    if not _TENANT_ID.match(tenant_id):
+        raise ConfigError(f"{where}: ids are 1-63 of a-z, 0-9, _ and -")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = sorted(set(entry) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown fields {', '.join(unknown)}")
+    digests = entry.get("token_sha256")
+    if (
+        not isinstance(digests, list)
+        or not digests
+        or not all(isinstance(d, str) and _DIGEST.match(d) for d in digests)
+    ):
+        raise ConfigError(f"{where}: token_sha256 must list lowercase hex SHA-256 digests")
+    url = _check_url(where, entry.get("braze_rest_url"), bool(entry.get("allow_insecure_http", False)))
+    limit = entry.get("max_concurrent_batches")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"{where}: max_concurrent_batches must be a positive integer")
+    allow_broadcast = entry.get("allow_broadcast", False)
+    if not isinstance(allow_broadcast, bool):
+        raise ConfigError(f"{where}: allow_broadcast must be true or false")
+    tenant = Tenant(
+        id=tenant_id,
+        braze_rest_url=url,
+        braze_api_key=_read_key(where, entry, environ, base),
+        allow_broadcast=allow_broadcast,
+        max_concurrent_batches=limit,
+    )
+    return tenant, tuple(digests)
+
+
+def _check_url(where: str, url: Any, allow_insecure_http: bool) -> str:
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: braze_rest_url is required")
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: braze_rest_url must be an http(s) base URL")
+    if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
+        raise ConfigError(
+            f"{where}: braze_rest_url must be https (http only to loopback or with allow_insecure_http)"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str], base: Path) -> str:
+    sources = [name for name in _KEY_SOURCES if name in entry]
+    if len(sources) != 1:
+        raise ConfigError(f"{where}: give exactly one of {', '.join(_KEY_SOURCES)}")
+    source = sources[0]
+    reference = entry[source]
+    if not isinstance(reference, str) or not reference:
+        raise ConfigError(f"{where}: {source} must be a non-empty string")
+    if source == "braze_api_key":
+        key = reference
+    elif source == "braze_api_key_env":
+        key = environ.get(reference, "")
+        if not key:
+            raise ConfigError(f"{where}: environment variable {reference} is unset or empty")
+    else:
+        path = base / os.path.expanduser(reference)
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read braze_api_key_file: {type(exc).__name__}") from None
+    if not key or any(ch.isspace() or ch == '"' for ch in key):
+        raise ConfigError(f"{where}: the Braze API key is empty or has spaces or quotes")
+    return key

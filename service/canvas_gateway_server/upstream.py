@@ -1,0 +1,127 @@
+"""The one I/O seam to Braze: POST {tenant url}/canvas/trigger/send on a pooled session.
+
+The session (keep-alive TCPConnector pool) is built once in `app` and handed in. A call
+never raises for network trouble: it returns a Reply that says whether anything can have
+reached Braze, because that decides what is safe to retry (CONTRACT.md section 6).
+Braze's 401 text echoes the key it was sent, so every response body is scrubbed of the
+tenant's key before it is parsed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import orjson
+
+from .redaction import REDACTED
+from .tenants import Tenant
+
+TRIGGER_PATH: Final = "/canvas/trigger/send"
+
+
+class Delivery(enum.Enum):
+    """How far a call got."""
+
+    RESPONDED = "responded"
+    """Braze (or a proxy in front of it) answered with an HTTP status."""
+    NOT_SENT = "not_sent"
+    """The connection could not be opened: nothing reached Braze."""
+    UNKNOWN = "unknown"
+    """The call failed after the request may have been written."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Braze's x-ratelimit-* headers; None where missing, empty or unparsable."""
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset: int | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The result of one call. `body` is the parsed JSON object, or None."""
+
+    delivery: Delivery
+    status: int = 0
+    body: Mapping[str, Any] | None = None
+    rate: RateLimit = RateLimit()
+    failure: str = ""
+    """For replies without a response: the kind of failure (never a secret)."""
+    content_type: str = ""
+
+
+def _header_number(headers: Mapping[str, str], name: str) -> int | None:
+    raw = headers.get(name, "").strip()
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit:
+    """Read x-ratelimit-* (any case). Braze sends empty strings on a 401: those are unknown."""
+    retry_after: float | None = None
+    for name in ("retry-after", "x-ratelimit-retry-after"):
+        raw = headers.get(name, "").strip()
+        try:
+            retry_after = float(raw) if raw else retry_after
+        except ValueError:
+            continue
+    return RateLimit(
+        limit=_header_number(headers, "x-ratelimit-limit"),
+        remaining=_header_number(headers, "x-ratelimit-remaining"),
+        reset=_header_number(headers, "x-ratelimit-reset"),
+        retry_after=retry_after,
+    )
+
+
+class BrazeClient:
+    """Sends trigger bodies for tenants over one shared, pooled aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
+        self._session = session
+        self._timeout = timeout
+
+    async def trigger(self, tenant: Tenant, body: bytes) -> Reply:
+        """POST one batch body with the tenant's key; never raises for network failures."""
+        headers = {
+            "Authorization": f"Bearer {tenant.braze_api_key}",
+            "Content-Type": "application/json",
+        }
+        url = tenant.braze_rest_url + TRIGGER_PATH
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as response:
+                raw = await response.read()
+                return _reply(response.status, response.headers, raw, tenant.braze_api_key)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return Reply(Delivery.NOT_SENT, failure=type(exc).__name__)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return Reply(Delivery.UNKNOWN, failure=type(exc).__name__)
+
+
+def _reply(status: int, headers: Mapping[str, str], raw: bytes, api_key: str) -> Reply:
+    secret = api_key.encode()
+    if secret in raw:
+        raw = raw.replace(secret, REDACTED.encode())
+    body: Mapping[str, Any] | None
+    try:
+        parsed = orjson.loads(raw) if raw else None
+        body = parsed if isinstance(parsed, dict) else None
+    except orjson.JSONDecodeError:
+        body = None
+    return Reply(
+        Delivery.RESPONDED,
+        status=status,
+        body=body,
+        rate=parse_rate_limit(headers),
+        content_type=headers.get("content-type", ""),
+    )
