@@ -1,0 +1,128 @@
+"""Shared fixtures: a real fake Braze and a real gateway, both on 127.0.0.1.
+
+Two tenants: `acme` (recipients only) and `globex` (may broadcast), each with its own
+bearer token and its own Braze key, loaded from a tenants file like production.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.app import Gateway
+from canvas_gateway_server.fake_braze import FakeBraze, FakeBrazeConfig
+from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.tenants import token_digest
+from google.protobuf import json_format
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "braze" / "examples"
+if not EXAMPLES.is_dir():  # CI lays shared/ beside the clone
+    EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "braze" / "examples"
+
+REQUEST_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.json") if not p.name.startswith("response_"))
+TOKENS = {"acme": "token-acme-4f1c", "globex": "token-globex-9b2e"}
+FAKE_URLS: dict[int, str] = {}
+KEYS = {"acme": "braze-key-acme-1111", "globex": "braze-key-globex-2222"}
+
+
+@dataclass
+class Harness:
+    gateway: Gateway
+    fake: FakeBraze
+    channel: grpc.aio.Channel
+    stub: pb_grpc.CanvasGatewayServiceStub
+    target: str
+
+    @staticmethod
+    def auth(tenant: str = "acme") -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {TOKENS[tenant]}"),)
+
+
+def tenants_toml(url: str) -> str:
+    return (
+        "[tenants.acme]\n"
+        f'token_sha256 = ["{token_digest(TOKENS["acme"])}"]\n'
+        f'braze_rest_url = "{url}"\n'
+        'braze_api_key_env = "ACME_BRAZE_KEY"\n'
+        "\n[tenants.globex]\n"
+        f'token_sha256 = ["{token_digest(TOKENS["globex"])}"]\n'
+        f'braze_rest_url = "{url}/"\n'
+        f'braze_api_key = "{KEYS["globex"]}"\n'
+        "allow_broadcast = true\n"
+    )
+
+
+def example(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((EXAMPLES / name).read_text())
+    return data
+
+
+def trigger_from_json(body: dict[str, Any]) -> pb.CanvasTrigger:
+    return json_format.ParseDict(body, pb.CanvasTrigger())
+
+
+@pytest.fixture
+def fake_config() -> FakeBrazeConfig:
+    return FakeBrazeConfig(api_keys=frozenset(KEYS.values()))
+
+
+@pytest.fixture
+async def fake(fake_config: FakeBrazeConfig) -> AsyncIterator[FakeBraze]:
+    braze = FakeBraze(fake_config)
+    FAKE_URLS[id(braze)] = await braze.start("127.0.0.1", 0)
+    yield braze
+    await braze.stop()
+    FAKE_URLS.pop(id(braze), None)
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override in a test module to change the gateway's settings."""
+    return {}
+
+
+@pytest.fixture
+async def harness(
+    fake: FakeBraze, tmp_path: Path, settings_overrides: dict[str, Any]
+) -> AsyncIterator[Harness]:
+    url = FAKE_URLS[id(fake)]
+    tenants_file = tmp_path / "tenants.toml"
+    tenants_file.write_text(tenants_toml(url))
+    settings = Settings.from_env(
+        {},
+        grpc_address="127.0.0.1:0",
+        tenants_file=str(tenants_file),
+        retry_base_delay_seconds=0.01,
+        **settings_overrides,
+    )
+    gateway = await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
+    target = f"127.0.0.1:{gateway.port}"
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        yield Harness(gateway, fake, channel, pb_grpc.CanvasGatewayServiceStub(channel), target)
+    finally:
+        await channel.close()
+        await gateway.stop(grace=0)
+
+
+def violations_of(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """The google.rpc.BadRequest field violations in an error's rich status."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            found = []
+            for detail in status.details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    found.extend((v.field, v.description) for v in bad.field_violations)
+            return found
+    return []

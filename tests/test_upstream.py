@@ -1,0 +1,148 @@
+"""Every upstream outcome mapped to a result, through the real gateway and the fake Braze.
+
+Only what cannot have sent anything is retried: 429 and connections that never opened.
+5xx, timeouts and dropped connections come back UNKNOWN after exactly one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server.fake_braze import Fault, FakeBrazeConfig
+from conftest import KEYS, TOKENS, Harness, trigger_from_json
+
+BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"external_user_id": "u2"}]}
+
+
+async def send_one(h: Harness, body: dict[str, Any] = BODY, tenant: str = "acme") -> pb.BatchResult:
+    response = await h.stub.Send(pb.SendRequest(trigger=trigger_from_json(body)), metadata=h.auth(tenant), timeout=30)
+    (result,) = response.results
+    assert list(result.positions) == [0, 1]
+    return result
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, grpc.StatusCode.INVALID_ARGUMENT),
+        (401, grpc.StatusCode.INTERNAL),
+        (403, grpc.StatusCode.PERMISSION_DENIED),
+        (404, grpc.StatusCode.INTERNAL),
+        (413, grpc.StatusCode.INVALID_ARGUMENT),
+        (418, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+async def test_refusals_are_rejected_with_the_matching_code_and_not_retried(
+    harness: Harness, status: int, code: grpc.StatusCode
+) -> None:
+    harness.fake.faults.script([Fault.status(status)])
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_REJECTED
+    assert result.code == code.value[0]
+    assert result.http_status == status and result.attempts == 1 and not result.retryable
+    assert "nothing was sent" in result.status_message
+    assert len(harness.fake.calls) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_5xx_is_unknown_and_never_retried(harness: Harness, status: int) -> None:
+    harness.fake.faults.script([Fault.status(status)])
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_UNKNOWN
+    assert result.code == grpc.StatusCode.UNKNOWN.value[0]
+    assert result.http_status == status and result.attempts == 1 and not result.retryable
+    assert len(harness.fake.calls) == 1
+
+
+async def test_non_json_error_page_is_tolerated(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.status(502, b"<html>bad gateway</html>", "text/html")])
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_UNKNOWN and result.message == "non-JSON response (text/html)"
+
+
+async def test_dropped_connection_after_sending_is_unknown(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.reset()])
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_UNKNOWN and result.http_status == 0 and result.attempts == 1
+    assert len(harness.fake.calls) == 1
+
+
+@pytest.mark.parametrize("settings_overrides", [{"upstream_timeout_seconds": 0.3}])
+async def test_timeout_is_unknown_and_not_retried(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.delay(1.0)])
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_UNKNOWN and result.attempts == 1
+    assert "TimeoutError" in result.status_message
+
+
+async def test_429_is_retried_and_then_sent(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.status(429), Fault.status(429)])
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_SENT and result.attempts == 3
+    assert result.dispatch_id == harness.fake.calls[-1].dispatch_id
+    assert [c.status for c in harness.fake.calls] == [429, 429, 201]
+
+
+async def test_429_past_the_last_attempt_is_rejected_as_retryable(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.status(429)] * 3)
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_REJECTED
+    assert result.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert result.retryable and result.attempts == 3
+
+
+def next_clock_hour() -> int:
+    return (int(time.time()) // 3600 + 1) * 3600
+
+
+@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=0)])
+async def test_a_429_with_a_distant_reset_is_rejected_with_the_reset_time(harness: Harness) -> None:
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_REJECTED and result.retryable
+    assert result.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert result.http_status == 429 and result.attempts == 1
+    assert result.rate_limit_reset == next_clock_hour()
+    assert result.message == "Rate Limited"
+
+
+@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=1)])
+async def test_a_spent_budget_pauses_the_tenant_until_its_reset(harness: Harness) -> None:
+    first = await send_one(harness)  # accepted, with x-ratelimit-remaining: 0
+    assert first.outcome == pb.OUTCOME_SENT
+    second = await send_one(harness)  # so the gateway does not call Braze again before the reset
+    assert second.outcome == pb.OUTCOME_REJECTED and second.retryable
+    assert second.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert second.attempts == 0 and second.rate_limit_reset == next_clock_hour()
+    assert [c.status for c in harness.fake.calls] == [201]
+    other = await send_one(harness, tenant="globex")  # another tenant's budget is its own
+    assert other.outcome == pb.OUTCOME_SENT
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_attempts": 3}])
+async def test_a_connection_that_never_opens_is_retried_then_not_attempted(harness: Harness) -> None:
+    await harness.fake.stop()  # nothing listens on the tenant's URL any more
+    result = await send_one(harness)
+    assert result.outcome == pb.OUTCOME_NOT_ATTEMPTED
+    assert result.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert result.retryable and result.attempts == 3 and result.http_status == 0
+
+
+@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset({KEYS["globex"]}))])
+async def test_a_braze_key_never_reaches_results_errors_or_logs(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    result = await send_one(harness, tenant="acme")  # the fake does not know acme's key: 401 echoing it
+    call = harness.fake.calls[0]
+    assert call.status == 401 and call.api_key == KEYS["acme"]  # sent in the header only
+    assert KEYS["acme"].encode() not in call.raw
+    assert result.outcome == pb.OUTCOME_REJECTED and result.code == grpc.StatusCode.INTERNAL.value[0]
+    assert result.message == "Invalid API key: [REDACTED]"
+    for secret in (KEYS["acme"], TOKENS["acme"]):
+        assert secret.encode() not in result.SerializeToString()
+        assert secret not in caplog.text
