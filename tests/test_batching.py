@@ -51,7 +51,9 @@ def test_oversized_context_is_named() -> None:
     head_json = encode_head({"canvas_id": "c"})
     assert isinstance(head_json, bytes)
     planner = BatchPlanner(head_json)
-    found = planner.encode({"external_user_id": "u", "context": {"k": "x" * MAX_CONTEXT_BYTES}}, "recipients[2]")
+    found = planner.encode(
+        {"external_user_id": "u", "context": {"k": "x" * MAX_CONTEXT_BYTES}}, "recipients[2]"
+    )
     assert isinstance(found, list)
     assert [v.field for v in found] == ["recipients[2].context"]
     assert encode_head({"canvas_id": "c", "context": {"k": "x" * MAX_CONTEXT_BYTES}}) != []

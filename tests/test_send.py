@@ -31,7 +31,9 @@ async def refused(h: Harness, body: dict[str, Any], tenant: str = "acme") -> grp
 
 
 @pytest.mark.parametrize(("count", "calls"), [(1, [1]), (50, [50]), (51, [50, 1]), (120, [50, 50, 20])])
-async def test_recipients_are_split_into_calls_of_at_most_50(harness: Harness, count: int, calls: list[int]) -> None:
+async def test_recipients_are_split_into_calls_of_at_most_50(
+    harness: Harness, count: int, calls: list[int]
+) -> None:
     body = {"canvas_id": CANVAS, "context": {"shared": 12, "price": 9.99}, "recipients": recipients(count)}
     response = await send(harness, body)
 
@@ -112,18 +114,38 @@ INVALID = [
     ({"canvas_id": "", "recipients": [{"external_user_id": "u"}]}, ["canvas_id"]),
     ({"canvas_id": "c", "broadcast": True, "recipients": [{"external_user_id": "u"}]}, ["broadcast"]),
     (
-        {"canvas_id": "c", "context": {}, "canvas_entry_properties": {}, "recipients": [{"external_user_id": "u"}]},
+        {
+            "canvas_id": "c",
+            "context": {},
+            "canvas_entry_properties": {},
+            "recipients": [{"external_user_id": "u"}],
+        },
         ["canvas_entry_properties"],
     ),
     ({"canvas_id": "c", "recipients": [{"external_user_id": "u"}, {}]}, ["recipients[1]"]),
     (
-        {"canvas_id": "c", "recipients": [{"external_user_id": "a"}, {"external_user_id": "b"},
-                                          {"external_user_id": "c"}, {"email": "x@example.com"}]},
+        {
+            "canvas_id": "c",
+            "recipients": [
+                {"external_user_id": "a"},
+                {"external_user_id": "b"},
+                {"external_user_id": "c"},
+                {"email": "x@example.com"},
+            ],
+        },
         ["recipients[3].prioritization"],
     ),
     (
-        {"canvas_id": "c", "recipients": [{"user_alias": {"alias_name": "n", "alias_label": "l"},
-                                           "send_to_existing_only": False, "attributes": {"a": 1}}]},
+        {
+            "canvas_id": "c",
+            "recipients": [
+                {
+                    "user_alias": {"alias_name": "n", "alias_label": "l"},
+                    "send_to_existing_only": False,
+                    "attributes": {"a": 1},
+                }
+            ],
+        },
         ["recipients[0].send_to_existing_only"],
     ),
     (
@@ -143,8 +165,11 @@ INVALID = [
         ["recipients[0]"],
     ),
     (
-        {"canvas_id": "c", "broadcast": True,
-         "audience": {"AND": [{"push_subscription_status": {"comparison": "is", "value": "maybe"}}]}},
+        {
+            "canvas_id": "c",
+            "broadcast": True,
+            "audience": {"AND": [{"push_subscription_status": {"comparison": "is", "value": "maybe"}}]},
+        },
         ["audience.AND[0].push_subscription_status.value"],
     ),
 ]
@@ -188,7 +213,9 @@ async def test_two_tenants_each_reach_braze_with_their_own_key(harness: Harness)
     "metadata",
     [(), (("authorization", "Bearer not-a-token"),), (("authorization", "token-acme-4f1c"),)],
 )
-async def test_missing_or_unknown_tokens_are_refused(harness: Harness, metadata: tuple[tuple[str, str], ...]) -> None:
+async def test_missing_or_unknown_tokens_are_refused(
+    harness: Harness, metadata: tuple[tuple[str, str], ...]
+) -> None:
     request = pb.SendRequest(trigger=trigger_from_json({"canvas_id": CANVAS, "recipients": recipients(1)}))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.Send(request, metadata=metadata)

@@ -20,7 +20,9 @@ BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"externa
 
 
 async def send_one(h: Harness, body: dict[str, Any] = BODY, tenant: str = "acme") -> pb.BatchResult:
-    response = await h.stub.Send(pb.SendRequest(trigger=trigger_from_json(body)), metadata=h.auth(tenant), timeout=30)
+    response = await h.stub.Send(
+        pb.SendRequest(trigger=trigger_from_json(body)), metadata=h.auth(tenant), timeout=30
+    )
     (result,) = response.results
     assert list(result.positions) == [0, 1]
     return result

@@ -79,8 +79,11 @@ def test_broadcast_without_recipients_and_recipients_without_broadcast_pass() ->
         ),
         ({"external_user_id": "u", "prioritization": ["identified"]}, ["recipients[3].prioritization"]),
         (
-            {"user_alias": {"alias_name": "n", "alias_label": "l"}, "send_to_existing_only": False,
-             "attributes": {"a": 1}},
+            {
+                "user_alias": {"alias_name": "n", "alias_label": "l"},
+                "send_to_existing_only": False,
+                "attributes": {"a": 1},
+            },
             ["recipients[3].send_to_existing_only"],
         ),
         ({"external_user_id": "u", "send_to_existing_only": False}, ["recipients[3].attributes"]),
@@ -116,7 +119,13 @@ def test_audience_examples_pass() -> None:
             {"email_subscription_status": {"comparison": "is_not", "value": "subscribed"}},
             {"last_used_app": {"comparison": "after", "value": "2019-07-22T13:17:55+0000"}},
             {"custom_attribute": {"custom_attribute_name": "n", "comparison": "exists"}},
-            {"custom_attribute": {"custom_attribute_name": "b", "comparison": "does_not_equal", "value": True}},
+            {
+                "custom_attribute": {
+                    "custom_attribute_name": "b",
+                    "comparison": "does_not_equal",
+                    "value": True,
+                }
+            },
         ]
     }
     assert check_audience(audience, "audience") == []
@@ -129,7 +138,10 @@ def test_audience_examples_pass() -> None:
         ({"AND": []}, ["audience.AND"]),
         (
             {"AND": [{"OR": [{"custom_attribute": {"custom_attribute_name": "n", "comparison": ""}}]}]},
-            ["audience.AND[0].OR[0].custom_attribute.comparison", "audience.AND[0].OR[0].custom_attribute.value"],
+            [
+                "audience.AND[0].OR[0].custom_attribute.comparison",
+                "audience.AND[0].OR[0].custom_attribute.value",
+            ],
         ),
         (
             {"custom_attribute": {"custom_attribute_name": "", "comparison": "equals", "value": 1}},
@@ -151,8 +163,10 @@ def test_audience_examples_pass() -> None:
             {"email_subscription_status": {"comparison": "is", "value": "maybe"}},
             ["audience.email_subscription_status.value"],
         ),
-        ({"last_used_app": {"comparison": "during", "value": "yesterday"}},
-         ["audience.last_used_app.comparison", "audience.last_used_app.value"]),
+        (
+            {"last_used_app": {"comparison": "during", "value": "yesterday"}},
+            ["audience.last_used_app.comparison", "audience.last_used_app.value"],
+        ),
         (
             {"AND": [{"last_used_app": {"comparison": "after", "value": "2020-01-01"}}], "OR": [{}]},
             ["audience"],

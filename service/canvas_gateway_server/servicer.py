@@ -14,7 +14,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 
 from . import convert, status
-from .errors import GatewayError, InvalidRequest, Unauthenticated
+from .errors import InvalidRequest, Unauthenticated
 from .model import Violation
 from .sending import Sender
 from .tenants import Tenant, TenantDirectory
@@ -32,12 +32,28 @@ def bearer_token(context: Context) -> str:
     raise Unauthenticated("missing bearer token in `authorization` metadata")
 
 
+async def drain(requests: AsyncIterator[object], seconds: float) -> None:
+    """Read and drop what a caller is still writing to a stream we are about to fail.
+
+    grpcio's asyncio client reports INTERNAL instead of the server's status when one of its
+    writes fails because the server already ended the RPC (grpc/grpc#36066). Reading the
+    rest for a bounded time lets such clients see the real status.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
+    except (TimeoutError, grpc.RpcError):
+        pass
+
+
 class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
     """canvas_gateway.v1.CanvasGatewayService over `Sender`."""
 
-    def __init__(self, tenants: TenantDirectory, sender: Sender) -> None:
+    def __init__(self, tenants: TenantDirectory, sender: Sender, drain_seconds: float = 2.0) -> None:
         self._tenants = tenants
         self._sender = sender
+        self._drain_seconds = drain_seconds
 
     def _authenticate(self, context: Context) -> Tenant:
         tenant = self._tenants.authenticate(bearer_token(context))
@@ -71,12 +87,12 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                 tenant, convert.trigger_head(header.trigger), header.options.validate_only
             )
         except Exception as exc:
+            await drain(request_iterator, self._drain_seconds)
             await status.abort(context, exc)
 
         failure: list[BaseException] = []
 
         async def pump() -> None:
-            send_rest = True
             try:
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
                 async for message in request_iterator:
@@ -84,11 +100,12 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                         raise InvalidRequest([Violation("header", "only the first message may be a header")])
                     await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
                 session.check_complete()
-            except GatewayError as exc:
+            except Exception as exc:  # ends the stream after the results so far; bugs become INTERNAL
                 failure.append(exc)
-                send_rest = False
-            finally:
-                await session.close(send_rest=send_rest)
+                await session.close(send_rest=False)
+                await drain(request_iterator, self._drain_seconds)
+            else:
+                await session.close()
 
         pumping = asyncio.create_task(pump())
         try:

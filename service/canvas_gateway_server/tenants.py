@@ -112,7 +112,7 @@ def load_tenants(path: Path, environ: Mapping[str, str]) -> StaticTenantDirector
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read tenants file {path}: {type(exc).__name__}") from None
+        raise ConfigError(f"cannot read tenants file {path}: {exc}") from None
     tenants = data.get("tenants")
     if not isinstance(tenants, dict) or not tenants or set(data) != {"tenants"}:
         raise ConfigError(f"{path}: expected one or more [tenants.<id>] tables and nothing else")

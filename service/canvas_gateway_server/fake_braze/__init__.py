@@ -1,0 +1,29 @@
+"""A fake Braze `POST /canvas/trigger/send` for tests, benchmarks and `make run`.
+
+It answers as Braze would (CONTRACT.md): 401 for unknown keys, 413 for large
+bodies, 400 for any body Braze would refuse, 429 from real per-key counters,
+201 with a `dispatch_id` otherwise. It records every call and can be scripted
+to fail (`Fault`), from Python or over its `/_fake/` admin API.
+
+    fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({"key"})))
+    base_url = await fake.start()  # http://127.0.0.1:<free port>
+    fake.faults.script([Fault.status(503), Fault.reset()])
+    ...
+    await fake.stop()
+
+Module map: `rules` (body rules, pure), `ratelimit` (counters, injected
+clock), `faults` (fault state), `app` (the aiohttp server), `__main__` (CLI).
+"""
+
+from .app import ARCHIVED_NOTICE, PAUSED_NOTICE, FakeBraze, FakeBrazeConfig, ReceivedCall
+from .faults import Fault, FaultError
+
+__all__ = [
+    "ARCHIVED_NOTICE",
+    "PAUSED_NOTICE",
+    "FakeBraze",
+    "FakeBrazeConfig",
+    "Fault",
+    "FaultError",
+    "ReceivedCall",
+]

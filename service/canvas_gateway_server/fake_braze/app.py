@@ -1,0 +1,337 @@
+"""The fake Braze server: an aiohttp application for `POST /canvas/trigger/send`.
+
+A request goes through the same steps, in the same order, as it would at Braze:
+
+    latency -> fault (script or random) -> auth (401) -> rate limit (429)
+    -> size (413) -> content type, JSON, body rules (400) -> 201
+
+Every request to the endpoint is recorded as a `ReceivedCall`. The admin API
+lives under `/_fake/` on the same server (see `faults.py` for the fault format):
+
+    POST /_fake/faults      add script entries and/or replace rates and latency
+    GET /_fake/faults       the current fault state
+    DELETE /_fake/faults    remove every fault, rate and latency
+    GET /_fake/calls        recorded calls, API keys reduced to a fingerprint
+    DELETE /_fake/calls     forget recorded calls and counters
+    GET /_fake/stats        counters: requests by status and recipients sent
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import secrets
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, NamedTuple, Self
+
+import orjson
+from aiohttp import hdrs, web
+
+from . import rules
+from .faults import Action, FaultError, FaultState
+from .ratelimit import RateLimiter
+
+PAUSED_NOTICE: Final = "The Canvas is paused. Resume the Canvas to ensure trigger requests will take effect."
+ARCHIVED_NOTICE: Final = (
+    "The Canvas is archived. Unarchive the Canvas to ensure trigger requests will take effect."
+)
+# Braze sends the rate-limit headers on a 401, but with empty values.
+_UNKNOWN_LIMIT_HEADERS: Final = {
+    "x-ratelimit-limit": "",
+    "x-ratelimit-remaining": "",
+    "x-ratelimit-reset": "",
+}
+_BEARER: Final = "Bearer "
+
+
+@dataclass(frozen=True)
+class FakeBrazeConfig:
+    """Everything that shapes one fake Braze workspace. Validated on construction."""
+
+    api_keys: frozenset[str]  # keys that authenticate; anything else gets 401
+    paused_canvases: frozenset[str] = frozenset()  # answered 201 with the paused notice
+    archived_canvases: frozenset[str] = frozenset()  # answered 201 with the archived notice
+    hourly_limit: int = 250_000  # recipient-targeted requests per key per clock hour
+    broadcast_per_minute: int = 250  # broadcast requests per key per minute
+    broadcast_per_minute_per_audience: int = 10  # per key, canvas_id and audience
+    latency_seconds: float = 0.0  # added to every request
+    error_rates: Mapping[int, float] = field(default_factory=dict)  # {503: 0.1}: 10% get 503
+    reset_rate: float = 0.0  # share of requests whose connection is dropped
+    seed: int | None = None  # seeds the random fault draws
+    record: bool = True  # keep every ReceivedCall; turn off for long benchmarks
+    clock: Callable[[], float] = time.time  # UTC epoch seconds; tests inject their own
+
+    def __post_init__(self) -> None:
+        for name in ("api_keys", "paused_canvases", "archived_canvases"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"{name} must be a collection of strings, not a string")
+            object.__setattr__(self, name, frozenset(value))
+        if not self.api_keys or not all(isinstance(k, str) and k for k in self.api_keys):
+            raise ValueError("api_keys must hold at least one non-empty string")
+        for name in ("hourly_limit", "broadcast_per_minute", "broadcast_per_minute_per_audience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        # FaultState validates rates and latency; build one to fail here, not at start.
+        FaultState(random.Random(0), self.error_rates, self.reset_rate, self.latency_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedCall:
+    """One request to `/canvas/trigger/send`, as the fake saw and answered it."""
+
+    api_key: str | None  # the key after "Bearer ", or None without one
+    body: Any  # the parsed JSON, or None when it did not parse
+    raw: bytes
+    status: int  # what the fake answered; 0 when it dropped the connection
+    received_at: float  # config.clock() when the request arrived
+    dispatch_id: str | None = None  # set on 201
+    notice: str | None = None  # set on 201 for a paused or archived Canvas
+
+    def to_json(self) -> dict[str, Any]:
+        """The admin JSON form; the API key is reduced to a fingerprint."""
+        data: dict[str, Any] = {
+            "api_key": fingerprint(self.api_key),
+            "status": self.status,
+            "received_at": self.received_at,
+            "body": self.body,
+            "raw_bytes": len(self.raw),
+            "dispatch_id": self.dispatch_id,
+            "notice": self.notice,
+        }
+        if self.body is None:
+            data["raw"] = self.raw.decode(errors="replace")
+        return data
+
+
+def fingerprint(api_key: str | None) -> str | None:
+    """A short, stable, non-reversible stand-in for an API key."""
+    if api_key is None:
+        return None
+    return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+class FakeBraze:
+    """A fake Braze REST endpoint that validates, rate-limits, records and misbehaves on cue."""
+
+    def __init__(self, config: FakeBrazeConfig) -> None:
+        self.config = config
+        self.calls: list[ReceivedCall] = []
+        self.status_counts: Counter[int] = Counter()
+        self.recipients_sent = 0  # recipients in 201 answers for active Canvases
+        self.faults = FaultState(
+            random.Random(config.seed),
+            config.error_rates,
+            config.reset_rate,
+            config.latency_seconds,
+        )
+        self.limiter = RateLimiter(
+            config.clock,
+            config.hourly_limit,
+            config.broadcast_per_minute,
+            config.broadcast_per_minute_per_audience,
+        )
+        self.url: str | None = None
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        """A new aiohttp application serving this fake, for embedding in another server."""
+        app = web.Application(client_max_size=rules.MAX_BODY_BYTES)
+        app.router.add_post("/canvas/trigger/send", self._trigger)
+        app.router.add_route("*", "/_fake/faults", self._admin_faults)
+        app.router.add_route("*", "/_fake/calls", self._admin_calls)
+        app.router.add_get("/_fake/stats", self._admin_stats)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on `host:port` (0 picks a free port); return the base URL."""
+        if self._runner is not None:
+            raise RuntimeError("the fake Braze is already running")
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        self.url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Close the listener and every connection. Safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def bodies(self) -> list[Any]:
+        """The parsed body of every recorded call, in arrival order."""
+        return [call.body for call in self.calls]
+
+    def sent(self) -> list[ReceivedCall]:
+        """Calls answered 201 for an active Canvas: the ones Braze would act on."""
+        return [call for call in self.calls if call.status == 201 and call.notice is None]
+
+    def clear(self) -> None:
+        """Forget recorded calls and counters (not faults or rate-limit budgets)."""
+        self.calls.clear()
+        self.status_counts.clear()
+        self.recipients_sent = 0
+
+    async def _trigger(self, request: web.Request) -> web.StreamResponse:
+        received_at = self.config.clock()
+        if self.faults.latency_seconds:
+            await asyncio.sleep(self.faults.latency_seconds)
+        fault = self.faults.next_fault()
+        raw, size = await _read_body(request)
+        api_key, bearer = _presented_key(request.headers.get(hdrs.AUTHORIZATION))
+        body: Any = None
+        rejection = rules.check_size(size)
+        if rejection is None:
+            body, rejection = rules.parse_json(raw)
+            rejection = rules.check_content_type(request.content_type) or rejection
+        if fault is not None and fault.delay_seconds:
+            await asyncio.sleep(fault.delay_seconds)
+
+        if fault is not None and fault.action is Action.RESET:
+            self._record(ReceivedCall(api_key, body, raw, 0, received_at))
+            _drop_connection(request)
+            return web.Response()  # never written: the connection is gone
+        if fault is not None and fault.action is Action.STATUS:
+            self._record(ReceivedCall(api_key, body, raw, fault.status_code, received_at))
+            content_type = {hdrs.CONTENT_TYPE: fault.content_type}
+            return web.Response(status=fault.status_code, body=fault.body, headers=content_type)
+
+        reply = self._reply(api_key, bearer, body, rejection)
+        call = ReceivedCall(api_key, body, raw, reply.status, received_at, reply.dispatch_id, reply.notice)
+        self._record(call)
+        if reply.status == 201 and reply.notice is None:
+            self.recipients_sent += len(body.get("recipients", ()))
+        return _json(reply.status, reply.payload, reply.headers)
+
+    def _reply(
+        self, api_key: str | None, bearer: bool, body: Any, rejection: rules.Rejection | None
+    ) -> _Reply:
+        """Braze's answer once faults are out of the way; `rejection` is the pre-parse verdict."""
+        if not bearer or api_key not in self.config.api_keys:
+            message = f"Invalid API key: {api_key or ''}"
+            return _Reply(401, {"message": message}, _UNKNOWN_LIMIT_HEADERS)
+        verdict = self.limiter.hit(api_key, body)
+        headers = verdict.headers()
+        if not verdict.allowed:
+            return _Reply(429, {"message": "Rate Limited"}, headers)
+        rejection = rejection or rules.check_request(body)
+        if rejection is not None:
+            return _Reply(rejection[0], {"message": rejection[1]}, headers)
+        canvas_id = body["canvas_id"]
+        notice = (
+            ARCHIVED_NOTICE
+            if canvas_id in self.config.archived_canvases
+            else PAUSED_NOTICE
+            if canvas_id in self.config.paused_canvases
+            else None
+        )
+        dispatch_id = secrets.token_hex(16)
+        payload = {"dispatch_id": dispatch_id, "message": "success"}
+        if notice is not None:
+            payload["notice"] = notice
+        return _Reply(201, payload, headers, dispatch_id, notice)
+
+    def _record(self, call: ReceivedCall) -> None:
+        self.status_counts[call.status] += 1
+        if self.config.record:
+            self.calls.append(call)
+
+    async def _admin_faults(self, request: web.Request) -> web.Response:
+        if request.method == hdrs.METH_POST:
+            try:
+                self.faults.apply_json(orjson.loads(await request.read()))
+            except (orjson.JSONDecodeError, FaultError) as exc:
+                return _json(400, {"message": str(exc)})
+        elif request.method == hdrs.METH_DELETE:
+            self.faults.clear()
+        elif request.method != hdrs.METH_GET:
+            raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST", "DELETE"])
+        return _json(200, self.faults.to_json())
+
+    async def _admin_calls(self, request: web.Request) -> web.Response:
+        if request.method == hdrs.METH_DELETE:
+            cleared = len(self.calls)
+            self.clear()
+            return _json(200, {"cleared": cleared})
+        if request.method != hdrs.METH_GET:
+            raise web.HTTPMethodNotAllowed(request.method, ["GET", "DELETE"])
+        return _json(200, {"calls": [call.to_json() for call in self.calls]})
+
+    async def _admin_stats(self, request: web.Request) -> web.Response:
+        by_status = {str(status): count for status, count in sorted(self.status_counts.items())}
+        stats = {
+            "requests": self.status_counts.total(),
+            "by_status": by_status,
+            "recipients_sent": self.recipients_sent,
+        }
+        return _json(200, stats)
+
+
+class _Reply(NamedTuple):
+    status: int
+    payload: dict[str, Any]
+    headers: Mapping[str, str]
+    dispatch_id: str | None = None
+    notice: str | None = None
+
+
+async def _read_body(request: web.Request) -> tuple[bytes, int]:
+    """The body and its size; a body over Braze's limit is not kept (its size is over it)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return b"", max(request.content_length or 0, rules.MAX_BODY_BYTES + 1)
+    return raw, len(raw)
+
+
+def _presented_key(authorization: str | None) -> tuple[str | None, bool]:
+    """The key as Braze would echo it, and whether it came as `Bearer <key>`."""
+    if authorization is None:
+        return None, False
+    if authorization.startswith(_BEARER):
+        # A quoted key stays quoted, so it fails the lookup just as it does at Braze.
+        return authorization[len(_BEARER) :], True
+    return authorization, False
+
+
+def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
+    )
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Close the TCP connection at once, with an RST, so the client sees a reset."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

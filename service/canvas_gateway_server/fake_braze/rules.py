@@ -1,0 +1,268 @@
+"""Braze's request rules for `POST /canvas/trigger/send` (CONTRACT.md sections 2 and 3).
+
+Pure functions, no I/O. Each check returns `None` when the input passes, or the
+`(status, message)` pair Braze would answer. The first failing rule wins, so a
+request is rejected with one message, as Braze does.
+
+The fake must never accept anything real Braze would reject, so where the docs
+are silent these rules take the stricter reading (CONTRACT.md section 8).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+
+Rejection = tuple[int, str]
+
+MAX_BODY_BYTES: Final = 4_000_000
+MAX_CONTEXT_BYTES: Final = 50_000
+MAX_RECIPIENTS: Final = 50
+MAX_AUDIENCE_DEPTH: Final = 100
+
+TOO_MANY_RECIPIENTS: Final = "The max number of external_ids and aliases per request was exceeded"
+
+TOP_LEVEL_FIELDS: Final = frozenset(
+    {"canvas_id", "context", "canvas_entry_properties", "broadcast", "audience", "recipients"}
+)
+RECIPIENT_FIELDS: Final = frozenset(
+    {
+        "external_user_id",
+        "user_alias",
+        "email",
+        "prioritization",
+        "context",
+        "canvas_entry_properties",
+        "send_to_existing_only",
+        "attributes",
+    }
+)
+IDENTIFIERS: Final = ("external_user_id", "user_alias", "email")
+PRIORITIZATION_VALUES: Final = frozenset(
+    {"identified", "unidentified", "most_recently_updated", "least_recently_updated"}
+)
+VALUELESS_COMPARISONS: Final = frozenset({"exists", "does_not_exist"})
+SUBSCRIPTION_COMPARISONS: Final = frozenset({"is", "is_not"})
+SUBSCRIPTION_VALUES: Final = frozenset({"opted_in", "subscribed", "unsubscribed"})
+LAST_USED_APP_COMPARISONS: Final = frozenset({"after", "before"})
+FILTER_KEYS: Final = frozenset(
+    {"custom_attribute", "push_subscription_status", "email_subscription_status", "last_used_app"}
+)
+
+
+def _bad(message: str) -> Rejection:
+    return (400, message)
+
+
+def _at(where: str, name: str) -> str:
+    """Name a field for a message: `context` at top level, `recipients[3].context` inside."""
+    return f"{where}.{name}" if where else name
+
+
+def check_size(size: int) -> Rejection | None:
+    """Reject a body larger than Braze's 4 MB request limit with 413."""
+    if size > MAX_BODY_BYTES:
+        return (413, f"Request body is too large: {size} bytes exceeds {MAX_BODY_BYTES}")
+    return None
+
+
+def check_content_type(content_type: str) -> Rejection | None:
+    """Require `application/json` (the mime type only, parameters ignored)."""
+    if content_type.lower() != "application/json":
+        return _bad("Content-Type must be application/json")
+    return None
+
+
+def parse_json(raw: bytes) -> tuple[Any, Rejection | None]:
+    """Parse the body; return `(body, None)` or `(None, rejection)`."""
+    try:
+        return orjson.loads(raw), None
+    except orjson.JSONDecodeError:
+        return None, _bad("Invalid JSON in request body")
+
+
+def check_request(body: Any) -> Rejection | None:
+    """Apply every body rule of CONTRACT.md sections 2.3 and 3 to a parsed body."""
+    if not isinstance(body, dict):
+        return _bad("Request body must be a JSON object")
+    if "api_key" in body:
+        return _bad("api_key is not accepted in the request body; use the Authorization header")
+    unknown = sorted(body.keys() - TOP_LEVEL_FIELDS)
+    if unknown:
+        return _bad(f"Unknown field(s): {', '.join(unknown)}")
+    canvas_id = body.get("canvas_id")
+    if not isinstance(canvas_id, str) or not canvas_id:
+        return _bad("canvas_id must be a string of the Canvas api identifier")
+    broadcast = body.get("broadcast", False)
+    if not isinstance(broadcast, bool):
+        return _bad("broadcast must be a boolean")
+    rejection = _check_contexts(body, "")
+    if rejection is not None:
+        return rejection
+    if "recipients" in body:
+        rejection = _check_recipients(body["recipients"], broadcast)
+    elif not broadcast:
+        rejection = _bad("Either recipients must be provided or broadcast must be true")
+    if rejection is None and "audience" in body:
+        rejection = check_audience(body["audience"])
+    return rejection
+
+
+def _check_contexts(obj: dict[str, Any], where: str) -> Rejection | None:
+    if "context" in obj and "canvas_entry_properties" in obj:
+        both = f"{_at(where, 'context')} and {_at(where, 'canvas_entry_properties')}"
+        return _bad(f"{both} cannot both be provided")
+    for name in ("context", "canvas_entry_properties"):
+        if name not in obj:
+            continue
+        value = obj[name]
+        if not isinstance(value, dict):
+            return _bad(f"{_at(where, name)} must be an object")
+        size = len(orjson.dumps(value))
+        if size > MAX_CONTEXT_BYTES:
+            return _bad(f"{_at(where, name)} is {size} bytes; the limit is {MAX_CONTEXT_BYTES}")
+    return None
+
+
+def _check_recipients(recipients: Any, broadcast: bool) -> Rejection | None:
+    if broadcast:
+        return _bad("recipients cannot be provided when broadcast is true")
+    if not isinstance(recipients, list):
+        return _bad("recipients must be an array of recipient objects")
+    if not recipients:
+        return _bad("recipients must not be empty; set broadcast to true to send to the audience")
+    if len(recipients) > MAX_RECIPIENTS:
+        return _bad(TOO_MANY_RECIPIENTS)
+    for index, recipient in enumerate(recipients):
+        rejection = check_recipient(recipient, f"recipients[{index}]")
+        if rejection is not None:
+            return rejection
+    return None
+
+
+def check_recipient(recipient: Any, where: str = "recipient") -> Rejection | None:
+    """Apply the per-recipient rules (identifier, email, send_to_existing_only, contexts)."""
+    if not isinstance(recipient, dict):
+        return _bad(f"{where} must be an object")
+    unknown = sorted(recipient.keys() - RECIPIENT_FIELDS)
+    if unknown:
+        return _bad(f"Unknown field(s) in {where}: {', '.join(unknown)}")
+    present = [name for name in IDENTIFIERS if name in recipient]
+    if len(present) != 1:
+        return _bad(f"{where} must specify exactly one of external_user_id, user_alias or email")
+    rejection = _check_identifier(recipient, present[0], where)
+    if rejection is None:
+        rejection = _check_existing_only(recipient, where)
+    if rejection is None:
+        rejection = _check_contexts(recipient, where)
+    return rejection
+
+
+def _check_identifier(recipient: dict[str, Any], kind: str, where: str) -> Rejection | None:
+    value = recipient[kind]
+    if kind == "external_user_id":
+        if not isinstance(value, str) or not value:
+            return _bad(f"{where}.external_user_id must be a non-empty string")
+    elif kind == "user_alias":
+        if (
+            not isinstance(value, dict)
+            or value.keys() != {"alias_name", "alias_label"}
+            or not all(isinstance(part, str) and part for part in value.values())
+        ):
+            return _bad(f"{where}.user_alias needs alias_name and alias_label, non-empty strings")
+    else:
+        local, at, domain = value.partition("@") if isinstance(value, str) else ("", "", "")
+        if not (local and at and domain) or "@" in domain:
+            return _bad(f"{where}.email must be a valid email address")
+        return _check_prioritization(recipient.get("prioritization"), where)
+    if "prioritization" in recipient:
+        return _bad(f"{where}.prioritization can only be used with email")
+    return None
+
+
+def _check_prioritization(value: Any, where: str) -> Rejection | None:
+    field = f"{where}.prioritization"
+    if not isinstance(value, list) or not value:
+        return _bad(f"{field} is required with email and must be a non-empty array")
+    if not all(isinstance(item, str) and item in PRIORITIZATION_VALUES for item in value):
+        return _bad(f"{field} values must be among: {', '.join(sorted(PRIORITIZATION_VALUES))}")
+    if len(set(value)) != len(value):
+        return _bad(f"{field} must not repeat a value")
+    if "identified" in value and "unidentified" in value:
+        return _bad(f"{field} may contain only one of identified and unidentified")
+    return None
+
+
+def _check_existing_only(recipient: dict[str, Any], where: str) -> Rejection | None:
+    existing_only = recipient.get("send_to_existing_only", True)
+    if not isinstance(existing_only, bool):
+        return _bad(f"{where}.send_to_existing_only must be a boolean")
+    attributes = recipient.get("attributes")
+    if "attributes" in recipient and not isinstance(attributes, dict):
+        return _bad(f"{where}.attributes must be an object")
+    if not existing_only:
+        if "user_alias" in recipient:
+            return _bad(f"{where}: send_to_existing_only false cannot be used with user_alias")
+        if not attributes:
+            return _bad(f"{where}: send_to_existing_only false needs a non-empty attributes object")
+    return None
+
+
+def check_audience(node: Any, depth: int = 1) -> Rejection | None:
+    """Check a Connected Audience node against the grammar of CONTRACT.md section 3.1."""
+    if depth > MAX_AUDIENCE_DEPTH:
+        return _bad(f"audience is nested deeper than {MAX_AUDIENCE_DEPTH} levels")
+    if not isinstance(node, dict) or len(node) != 1:
+        return _bad("Each audience node must be an object with exactly one key")
+    ((key, value),) = node.items()
+    if key in ("AND", "OR"):
+        if not isinstance(value, list) or not value:
+            return _bad(f"audience {key} must be a non-empty array of audience objects")
+        for child in value:
+            rejection = check_audience(child, depth + 1)
+            if rejection is not None:
+                return rejection
+        return None
+    if key not in FILTER_KEYS:
+        return _bad(f"Unknown audience filter: {key}")
+    if not isinstance(value, dict):
+        return _bad(f"audience {key} must be an object")
+    if key == "custom_attribute":
+        return _check_custom_attribute(value)
+    if key == "last_used_app":
+        return _check_pair(value, key, LAST_USED_APP_COMPARISONS, None)
+    return _check_pair(value, key, SUBSCRIPTION_COMPARISONS, SUBSCRIPTION_VALUES)
+
+
+def _check_custom_attribute(spec: dict[str, Any]) -> Rejection | None:
+    if not spec.keys() <= {"custom_attribute_name", "comparison", "value"}:
+        return _bad("custom_attribute accepts only custom_attribute_name, comparison and value")
+    name, comparison = spec.get("custom_attribute_name"), spec.get("comparison")
+    if not isinstance(name, str) or not name:
+        return _bad("custom_attribute_name must be a non-empty string")
+    if not isinstance(comparison, str) or not comparison:
+        return _bad("custom_attribute comparison must be a non-empty string")
+    if comparison in VALUELESS_COMPARISONS:
+        if "value" in spec:
+            return _bad(f"custom_attribute value must be omitted with {comparison}")
+        return None
+    if not isinstance(spec.get("value"), str | int | float):
+        return _bad("custom_attribute value must be a string, number or boolean")
+    return None
+
+
+def _check_pair(
+    spec: dict[str, Any], key: str, comparisons: frozenset[str], values: frozenset[str] | None
+) -> Rejection | None:
+    if spec.keys() != {"comparison", "value"}:
+        return _bad(f"{key} requires exactly comparison and value")
+    comparison, value = spec["comparison"], spec["value"]
+    # Membership tests on frozensets need hashable input; JSON arrays and objects are not.
+    if not isinstance(comparison, str) or comparison not in comparisons:
+        return _bad(f"{key} comparison must be one of: {', '.join(sorted(comparisons))}")
+    if not isinstance(value, str) or not value:
+        return _bad(f"{key} value must be a non-empty string")
+    if values is not None and value not in values:
+        return _bad(f"{key} value must be one of: {', '.join(sorted(values))}")
+    return None

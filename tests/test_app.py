@@ -1,0 +1,96 @@
+"""The running gateway: health, reflection, SIGHUP reload, demo mode, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.app import DEMO_TOKEN, SERVICE_NAME, Gateway
+from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.tenants import token_digest
+from conftest import FAKE_URLS, KEYS, Harness, tenants_toml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+REQUEST = pb.SendRequest(
+    trigger=pb.CanvasTrigger(
+        canvas_id="c", recipients=[pb.Recipient(external_user_id=f"u{i}") for i in range(60)]
+    )
+)
+
+
+async def test_health_reports_serving(harness: Harness) -> None:
+    health = health_pb2_grpc.HealthStub(harness.channel)
+    for service in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_services(harness: Harness) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+
+    async def ask() -> object:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    async for reply in stub.ServerReflectionInfo(ask()):
+        names = {s.name for s in reply.list_services_response.service}
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+        break
+
+
+async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tmp_path: Path) -> None:
+    tenants_file = Path(harness.gateway.settings.tenants_file)
+    text = tenants_toml(FAKE_URLS[id(harness.fake)]).replace(
+        token_digest("token-acme-4f1c"), token_digest("token-acme-rotated")
+    )
+    tenants_file.write_text(text)
+    harness.gateway.reload_tenants()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Send(REQUEST, metadata=harness.auth("acme"))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reply = await harness.stub.Send(REQUEST, metadata=(("authorization", "Bearer token-acme-rotated"),))
+    assert reply.summary.recipients_sent == 60
+    assert {c.api_key for c in harness.fake.calls} == {KEYS["acme"]}
+
+    tenants_file.write_text("broken [")  # a bad reload keeps the tenants we had
+    harness.gateway.reload_tenants()
+    reply = await harness.stub.Send(REQUEST, metadata=(("authorization", "Bearer token-acme-rotated"),))
+    assert reply.summary.recipients_sent == 60
+
+
+async def test_graceful_shutdown_finishes_in_flight_batches(harness: Harness) -> None:
+    harness.fake.faults.set_latency(0.4)
+    health = health_pb2_grpc.HealthStub(harness.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+    in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth()))
+    while len(harness.fake.calls) < 1 and not in_flight.done():
+        await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(harness.gateway.stop(grace=5))
+    update = await asyncio.wait_for(watch.read(), 5)
+    assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    reply = await in_flight
+    await stopping
+    assert reply.summary.recipients_sent == 60  # finished, not cut off
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=2)
+    assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_demo_mode_runs_against_the_embedded_fake() -> None:
+    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address="127.0.0.1:0")
+    gateway = await Gateway.start(settings)
+    try:
+        assert gateway.fake_braze is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = pb_grpc.CanvasGatewayServiceStub(channel)
+            reply = await stub.Send(REQUEST, metadata=(("authorization", f"Bearer {DEMO_TOKEN}"),))
+        assert reply.summary.recipients_sent == 60
+        assert len(gateway.fake_braze.calls) == 2
+    finally:
+        await gateway.stop(grace=0)

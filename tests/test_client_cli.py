@@ -1,0 +1,384 @@
+"""The Python client and the `canvas-gateway` CLI against a real gateway and the fake Braze."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from canvas_gateway_client import CanvasGatewayClient, FieldViolation, bad_request_violations, pb, to_trigger
+from canvas_gateway_client.cli import main, run
+from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
+from google.protobuf import json_format
+
+TIMEOUT = 30.0
+TOKEN = TOKENS["acme"]
+CANVAS = "8c7c2864-26b2-4ad0-97ec-48cddfd497d7"
+
+
+def client_for(harness: Harness, tenant: str = "acme") -> CanvasGatewayClient:
+    return CanvasGatewayClient(harness.target, TOKENS[tenant])
+
+
+def recipients(count: int) -> Iterator[dict[str, Any]]:
+    for n in range(count):
+        yield {"external_user_id": f"user-{n}", "context": {"n": n}}
+
+
+async def drain(stream: AsyncIterator[pb.SendStreamResponse], into: list[pb.SendStreamResponse]) -> None:
+    async for response in stream:
+        into.append(response)
+
+
+def positions(results: list[pb.BatchResult]) -> list[int]:
+    return sorted(p for result in results for p in result.positions)
+
+
+# --- client: Send -------------------------------------------------------------
+
+
+async def test_send_posts_an_example_body(harness: Harness) -> None:
+    body = example("recipients_external_ids.json")
+    async with client_for(harness) as client:
+        response = await client.send(body, timeout=TIMEOUT)
+
+    assert [r.outcome for r in response.results] == [pb.OUTCOME_SENT]
+    assert response.results[0].dispatch_id
+    assert response.summary.recipients_sent == 2
+    [call] = harness.fake.calls
+    assert call.api_key == KEYS["acme"]
+    assert call.body["canvas_id"] == body["canvas_id"]
+    assert [r["external_user_id"] for r in call.body["recipients"]] == ["user-48213", "user-51007"]
+
+
+async def test_send_takes_a_message_and_validate_only_sends_nothing(harness: Harness) -> None:
+    trigger = trigger_from_json(example("kitchen_sink.json"))  # an audience: globex only
+    async with client_for(harness, "globex") as client:
+        response = await client.send(trigger, validate_only=True, timeout=TIMEOUT)
+
+    assert [r.outcome for r in response.results] == [pb.OUTCOME_NOT_ATTEMPTED]
+    assert response.summary.recipients_not_attempted == 3
+    assert harness.fake.calls == []
+
+
+async def test_bad_request_violations_name_the_field(harness: Harness) -> None:
+    body = {"canvas_id": CANVAS, "recipients": [{"email": "jordan.lee@example.com"}]}
+    async with client_for(harness) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.send(body, timeout=TIMEOUT)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = bad_request_violations(raised.value)
+    assert [v.field for v in violations] == ["recipients[0].prioritization"]
+    assert isinstance(violations[0], FieldViolation)
+    assert violations[0] == ("recipients[0].prioritization", violations[0].description)
+    assert harness.fake.calls == []
+
+
+async def test_violations_are_empty_without_bad_request_details(harness: Harness) -> None:
+    async with CanvasGatewayClient(harness.target, "not-a-known-token") as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.send(example("recipients_alias.json"), timeout=TIMEOUT)
+
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert bad_request_violations(raised.value) == []
+    assert "not-a-known-token" not in str(raised.value) + repr(raised.value)
+
+
+def test_the_token_stays_out_of_repr_and_errors() -> None:
+    client = CanvasGatewayClient("127.0.0.1:1", TOKEN)
+    assert TOKEN not in repr(client)
+    assert TOKEN not in str(vars(client).get("_target"))
+    with pytest.raises(ValueError, match="token") as raised:
+        CanvasGatewayClient("127.0.0.1:1", "secret with spaces")
+    assert "secret" not in str(raised.value)
+
+
+def test_a_body_with_an_unknown_field_does_not_parse() -> None:
+    with pytest.raises(json_format.ParseError, match="trigger_properties"):
+        to_trigger({"canvas_id": CANVAS, "trigger_properties": {}})
+
+
+# --- client: SendStream -------------------------------------------------------
+
+
+async def test_send_stream_reports_every_position_once(harness: Harness) -> None:
+    async with client_for(harness) as client:
+        responses = [
+            response
+            async for response in client.send_stream(
+                {"canvas_id": CANVAS, "context": {"shared": True}},
+                recipients(1234),
+                chunk_size=100,
+                timeout=TIMEOUT,
+            )
+        ]
+
+    *results, last = responses
+    assert all(r.WhichOneof("message") == "result" for r in results)
+    assert last.WhichOneof("message") == "summary"
+    batches = [r.result for r in results]
+    assert len(batches) == 25
+    assert positions(batches) == list(range(1234))
+    assert {b.outcome for b in batches} == {pb.OUTCOME_SENT}
+    assert last.summary.recipients == last.summary.recipients_sent == 1234
+    assert last.summary.batches == 25
+    assert sum(len(call.body["recipients"]) for call in harness.fake.calls) == 1234
+
+
+async def test_send_stream_header_recipients_come_first(harness: Harness) -> None:
+    header = example("recipients_alias.json")  # two recipients of its own
+    async with client_for(harness) as client:
+        responses = [
+            r async for r in client.send_stream(header, recipients(3), chunk_size=2, timeout=TIMEOUT)
+        ]
+
+    [result, summary] = responses
+    assert list(result.result.positions) == [0, 1, 2, 3, 4]
+    assert summary.summary.recipients_sent == 5
+    [call] = harness.fake.calls
+    assert "user_alias" in call.body["recipients"][0]
+    assert call.body["recipients"][4]["external_user_id"] == "user-2"
+
+
+async def test_send_stream_reads_recipients_lazily(harness: Harness) -> None:
+    """The source blocks until a result has arrived: a client that drained it first would hang."""
+    first_result = asyncio.Event()
+    pulled = 0
+
+    async def gated() -> AsyncIterator[pb.Recipient]:
+        nonlocal pulled
+        for n in range(500):
+            if n == 50:
+                await first_result.wait()
+            pulled += 1
+            yield pb.Recipient(external_user_id=f"user-{n}")
+
+    pulled_at_first_result = -1
+    seen: list[pb.BatchResult] = []
+    async with asyncio.timeout(TIMEOUT), client_for(harness) as client:
+        async for response in client.send_stream({"canvas_id": CANVAS}, gated(), chunk_size=50):
+            if response.HasField("result"):
+                if not seen:
+                    pulled_at_first_result = pulled
+                    first_result.set()
+                seen.append(response.result)
+
+    assert pulled_at_first_result == 50
+    assert pulled == 500
+    assert positions(seen) == list(range(500))
+
+
+async def test_send_stream_rejects_an_invalid_recipient_alone(harness: Harness) -> None:
+    items: list[dict[str, Any]] = [
+        {"external_user_id": "user-0"},
+        {"email": "sam.patel@example.com"},
+        {"external_user_id": "user-2"},
+    ]
+    async with client_for(harness) as client:
+        responses = [r async for r in client.send_stream({"canvas_id": CANVAS}, items, timeout=TIMEOUT)]
+
+    results = {r.result.outcome: r.result for r in responses if r.HasField("result")}
+    rejected = results[pb.OUTCOME_REJECTED]
+    assert list(rejected.positions) == [1]
+    assert [v.field for v in rejected.violations] == ["recipients[1].prioritization"]
+    assert list(results[pb.OUTCOME_SENT].positions) == [0, 2]
+
+
+async def test_a_failing_source_drains_the_stream_then_raises(harness: Harness) -> None:
+    def failing() -> Iterator[dict[str, Any]]:
+        yield from recipients(60)
+        raise RuntimeError("source broke")
+
+    seen: list[pb.SendStreamResponse] = []
+    async with client_for(harness) as client:
+        with pytest.raises(RuntimeError, match="source broke"):
+            await drain(client.send_stream({"canvas_id": CANVAS}, failing(), chunk_size=25), seen)
+
+    assert seen[-1].HasField("summary")
+    assert seen[-1].summary.recipients_sent == 60
+    assert positions([r.result for r in seen if r.HasField("result")]) == list(range(60))
+
+
+async def test_an_invalid_stream_header_raises_with_violations(harness: Harness) -> None:
+    async with client_for(harness) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await drain(client.send_stream({"canvas_id": ""}, recipients(3), timeout=TIMEOUT), [])
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in bad_request_violations(raised.value)] == ["canvas_id"]
+    assert harness.fake.calls == []
+
+
+# --- CLI ----------------------------------------------------------------------
+
+
+class Cli:
+    """Runs the CLI in the test's event loop against the harness gateway."""
+
+    def __init__(self, harness: Harness, token: str = TOKEN) -> None:
+        self.harness = harness
+        self.token = token
+        self.out = io.StringIO()
+        self.err = io.StringIO()
+
+    async def __call__(self, *argv: str, stdin: str = "") -> int:
+        self.out, self.err = io.StringIO(), io.StringIO()
+        return await run(
+            ["--target", self.harness.target, "--timeout", str(TIMEOUT), *argv],
+            environ={"CANVAS_GATEWAY_TOKEN": self.token},
+            stdin=io.StringIO(stdin),
+            stdout=self.out,
+            stderr=self.err,
+        )
+
+    def lines(self) -> list[dict[str, Any]]:
+        assert self.token not in self.out.getvalue() + self.err.getvalue()
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+
+@pytest.fixture
+def cli(harness: Harness) -> Cli:
+    return Cli(harness)
+
+
+def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+async def test_cli_send_prints_results_then_summary(cli: Cli) -> None:
+    code = await cli("send", "--file", str(EXAMPLES / "recipients_email_prioritization.json"))
+
+    assert code == 0, cli.err.getvalue()
+    *results, summary = cli.lines()
+    assert [r["result"]["outcome"] for r in results] == ["OUTCOME_SENT"]
+    assert results[0]["result"]["positions"] == ["0", "1"]
+    assert results[0]["result"]["code"] == 0  # every field is printed, defaults too
+    assert summary["summary"]["recipients_sent"] == "2"
+    assert cli.err.getvalue() == ""
+
+
+async def test_cli_send_reads_stdin_and_validates_only(cli: Cli) -> None:
+    body = (EXAMPLES / "recipients_external_ids.json").read_text()
+    code = await cli("send", "--file", "-", "--validate-only", stdin=body)
+
+    assert code == 0, cli.err.getvalue()
+    *results, summary = cli.lines()
+    assert [r["result"]["outcome"] for r in results] == ["OUTCOME_NOT_ATTEMPTED"]
+    assert summary["summary"]["recipients_not_attempted"] == "2"
+    assert cli.harness.fake.calls == []
+
+
+async def test_cli_send_stream_from_a_jsonl_file(cli: Cli, tmp_path: Path) -> None:
+    header = write_jsonl(tmp_path / "header.json", [{"canvas_id": CANVAS, "context": {"a": 1}}])
+    body = write_jsonl(tmp_path / "r.jsonl", list(recipients(120)))
+    body.write_text(body.read_text() + "\n")  # a trailing blank line is skipped
+
+    code = await cli("send-stream", "--header", str(header), "--recipients", str(body), "--chunk-size", "40")
+
+    assert code == 0, cli.err.getvalue()
+    *results, summary = cli.lines()
+    assert len(results) == 3
+    assert sorted(int(p) for r in results for p in r["result"]["positions"]) == list(range(120))
+    assert summary["summary"]["recipients_sent"] == "120"
+
+
+async def test_cli_send_stream_exits_1_when_a_recipient_is_rejected(cli: Cli, tmp_path: Path) -> None:
+    header = write_jsonl(tmp_path / "header.json", [{"canvas_id": CANVAS}])
+    items = [{"external_user_id": "user-0"}, {"email": "sam.patel@example.com"}]
+    stdin = "".join(json.dumps(item) + "\n" for item in items)
+
+    code = await cli("send-stream", "--header", str(header), "--recipients", "-", stdin=stdin)
+
+    assert code == 1
+    *results, summary = cli.lines()
+    outcomes = sorted(r["result"]["outcome"] for r in results)
+    assert outcomes == ["OUTCOME_REJECTED", "OUTCOME_SENT"]
+    assert summary["summary"]["recipients_rejected"] == "1"
+
+
+async def test_cli_reports_the_line_of_a_bad_recipient(cli: Cli, tmp_path: Path) -> None:
+    header = write_jsonl(tmp_path / "header.json", [{"canvas_id": CANVAS}])
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"external_user_id": "user-0"}\n{"external_user_id": "user-1"}\n{"nope": 1}\n')
+
+    code = await cli("send-stream", "--header", str(header), "--recipients", str(bad))
+
+    assert code == 2
+    assert cli.err.getvalue().startswith(f"error: {bad}:3: ")
+    assert 'no field named "nope"' in cli.err.getvalue()
+    *_, summary = cli.lines()  # what was read before the bad line was sent and reported
+    assert summary["summary"]["recipients_sent"] == "2"
+
+
+async def test_cli_reports_invalid_json_with_its_line(cli: Cli, tmp_path: Path) -> None:
+    body = tmp_path / "body.json"
+    body.write_text('{\n  "canvas_id": "x",\n  oops\n}\n')
+
+    assert await cli("send", "--file", str(body)) == 2
+    assert cli.err.getvalue().startswith(f"error: {body}:3: invalid JSON")
+    assert cli.out.getvalue() == ""
+
+
+async def test_cli_reports_an_rpc_error_with_violations(cli: Cli, tmp_path: Path) -> None:
+    body = write_jsonl(
+        tmp_path / "body.json", [{"canvas_id": CANVAS, "recipients": [{"email": "jordan.lee@example.com"}]}]
+    )
+
+    assert await cli("send", "--file", str(body)) == 2
+    lines = cli.err.getvalue().splitlines()
+    assert lines[0].startswith("error: INVALID_ARGUMENT: ")
+    assert lines[1].startswith("  recipients[0].prioritization: ")
+    assert cli.harness.fake.calls == []
+
+
+async def test_cli_never_prints_a_rejected_token(harness: Harness) -> None:
+    cli = Cli(harness, token="wrong-token-123")
+    assert await cli("send", "--file", str(EXAMPLES / "recipients_alias.json")) == 2
+    assert cli.err.getvalue().startswith("error: UNAUTHENTICATED: ")
+    assert "wrong-token-123" not in cli.err.getvalue() + cli.out.getvalue()
+
+
+async def test_cli_send_demo_prints_a_human_summary(cli: Cli) -> None:
+    code = await cli("send-demo", "--recipients", "120", "--chunk-size", "50")
+
+    assert code == 0, cli.err.getvalue()
+    text = cli.out.getvalue()
+    assert "120 recipients" in text
+    assert "sent 120, rejected 0, unknown 0" in text
+    assert "recipients/s" in text
+    assert TOKEN not in text
+    ids = [r["external_user_id"] for call in cli.harness.fake.calls for r in call.body["recipients"]]
+    assert sorted(ids) == sorted(f"demo-user-{n}" for n in range(120))
+
+
+def test_main_without_a_token_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.delenv("CANVAS_GATEWAY_TOKEN", raising=False)
+    assert main(["send", "--file", "body.json"]) == 2
+    assert "no token" in capsys.readouterr().err
+
+
+def test_main_reports_a_missing_file(tmp_path: Path, capsys: Any) -> None:
+    missing = tmp_path / "missing.json"
+    assert main(["--target", "127.0.0.1:1", "--token", TOKEN, "send", "--file", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {missing}: No such file or directory\n"
+    assert TOKEN not in captured.out + captured.err
+
+
+async def test_cli_reports_a_bad_first_recipient_rather_than_the_empty_stream(
+    cli: Cli, tmp_path: Path
+) -> None:
+    header = write_jsonl(tmp_path / "header.json", [{"canvas_id": CANVAS}])
+
+    code = await cli("send-stream", "--header", str(header), "--recipients", "-", stdin="[1, 2]\n")
+
+    assert code == 2
+    assert cli.err.getvalue() == "error: <stdin>:1: expected a JSON object (one Braze recipient)\n"
+    assert cli.harness.fake.calls == []

@@ -1,0 +1,47 @@
+"""Settings: defaults, a TOML file, environment overrides, and failing fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from canvas_gateway_server.errors import ConfigError
+from canvas_gateway_server.settings import Settings
+
+
+def test_environment_overrides_file_overrides_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('request_concurrency = 4\nupstream_timeout_seconds = 7\ntenants_file = "t.toml"\n')
+    settings = Settings.from_env({"CGW_CONFIG_FILE": str(config), "CGW_REQUEST_CONCURRENCY": "6"})
+    assert settings.request_concurrency == 6
+    assert settings.upstream_timeout_seconds == 7.0
+    assert settings.tenants_file == "t.toml"
+    assert settings.unary_max_recipients == 10_000
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, "CGW_TENANTS_FILE"),
+        ({"CGW_DEMO": "maybe"}, "CGW_DEMO must be a bool"),
+        ({"CGW_DEMO": "1", "CGW_MAX_ATTEMPTS": "0"}, "CGW_MAX_ATTEMPTS must be at least 1"),
+        ({"CGW_DEMO": "1", "CGW_REQUEST_CONCURRENCY": "many"}, "must be a int"),
+        ({"CGW_DEMO": "1", "CGW_UPSTREAM_TIMEOUT_SECONDS": "-1"}, "must be positive"),
+        ({"CGW_CONFIG_FILE": "/nonexistent/gateway.toml"}, "cannot read config file"),
+    ],
+)
+def test_bad_settings_fail_at_boot(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(environ)
+    assert expected in str(caught.value)
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text("demo = true\nrequest_concurency = 4\n")
+    with pytest.raises(ConfigError, match="unknown settings: request_concurency"):
+        Settings.from_env({"CGW_CONFIG_FILE": str(config)})
+
+
+def test_demo_flag_from_environment() -> None:
+    assert Settings.from_env({"CGW_DEMO": "true"}).demo is True

@@ -1,0 +1,189 @@
+"""SendStream end to end: bulk recipients in chunks, per-recipient rejections, protocol errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from conftest import KEYS, Harness, trigger_from_json, violations_of
+
+CANVAS = "3d46f207-f0f3-499c-8285-ea987998f700"
+HEADER = {"canvas_id": CANVAS, "context": {"campaign": "spring", "n": 3}}
+
+
+def header(body: dict[str, Any] = HEADER, validate_only: bool = False) -> pb.SendStreamRequest:
+    return pb.SendStreamRequest(
+        header=pb.StreamHeader(
+            trigger=trigger_from_json(body), options=pb.SendOptions(validate_only=validate_only)
+        )
+    )
+
+
+def chunk(recipients: Iterable[dict[str, Any]]) -> pb.SendStreamRequest:
+    return pb.SendStreamRequest(
+        chunk=pb.RecipientChunk(
+            recipients=trigger_from_json({"canvas_id": "x", "recipients": list(recipients)}).recipients
+        )
+    )
+
+
+def people(start: int, stop: int, invalid_every: int = 0) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i in range(start, stop):
+        if invalid_every and i % invalid_every == 0:
+            out.append({"email": f"person{i}@example.com"})  # no prioritization: invalid
+        else:
+            out.append({"external_user_id": f"user-{i}", "context": {"i": i}})
+    return out
+
+
+def chunks(total: int, size: int, invalid_every: int = 0) -> list[pb.SendStreamRequest]:
+    return [chunk(people(i, min(i + size, total), invalid_every)) for i in range(0, total, size)]
+
+
+async def requests(messages: Sequence[pb.SendStreamRequest]) -> AsyncIterator[pb.SendStreamRequest]:
+    for message in messages:
+        yield message
+
+
+async def stream(
+    h: Harness, messages: Sequence[pb.SendStreamRequest], tenant: str = "acme"
+) -> tuple[list[pb.BatchResult], pb.SendSummary | None]:
+    results: list[pb.BatchResult] = []
+    summary = None
+    async for response in h.stub.SendStream(requests(messages), metadata=h.auth(tenant), timeout=120):
+        if response.HasField("result"):
+            results.append(response.result)
+        else:
+            summary = response.summary
+    return results, summary
+
+
+def covered(results: Iterable[pb.BatchResult]) -> list[int]:
+    return sorted(p for r in results for p in r.positions)
+
+
+async def test_ten_thousand_recipients_in_chunks(harness: Harness) -> None:
+    results, summary = await stream(harness, [header(), *chunks(10_000, 500)])
+    assert len(results) == 200
+    assert covered(results) == list(range(10_000))  # each position exactly once
+    assert sorted(r.batch_index for r in results) == list(range(200))
+    assert all(r.outcome == pb.OUTCOME_SENT and len(r.positions) == 50 and r.dispatch_id for r in results)
+    assert summary is not None and summary.recipients_sent == 10_000 and summary.batches == 200
+    calls = harness.fake.calls
+    assert len(calls) == 200 and all(c.api_key == KEYS["acme"] for c in calls)
+    by_dispatch = {c.dispatch_id: c.body for c in calls}
+    for result in results[:20]:
+        body = by_dispatch[result.dispatch_id]
+        assert body["context"] == HEADER["context"]
+        assert [r["external_user_id"] for r in body["recipients"]] == [f"user-{p}" for p in result.positions]
+
+
+async def test_invalid_recipients_are_rejected_alone_and_the_rest_goes_on(harness: Harness) -> None:
+    results, summary = await stream(harness, [header(), *chunks(10_000, 400, invalid_every=37)])
+    invalid = [p for p in range(10_000) if p % 37 == 0]
+    rejected = [r for r in results if r.outcome == pb.OUTCOME_REJECTED]
+    sent = [r for r in results if r.outcome == pb.OUTCOME_SENT]
+    assert covered(results) == list(range(10_000))
+    assert sorted(p for r in rejected for p in r.positions) == invalid
+    for result in rejected:
+        (position,) = result.positions
+        assert [v.field for v in result.violations] == [f"recipients[{position}].prioritization"]
+        assert result.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and result.attempts == 0
+    valid = 10_000 - len(invalid)
+    assert len(sent) == -(-valid // 50) and len(results) == len(sent) + len(invalid)
+    assert sum(len(c.body["recipients"]) for c in harness.fake.calls) == valid
+    assert (
+        summary is not None
+        and summary.recipients_rejected == len(invalid)
+        and summary.recipients_sent == valid
+    )
+    assert sorted(r.batch_index for r in results) == list(range(len(results)))
+
+
+async def test_header_recipients_come_first(harness: Harness) -> None:
+    body = {**HEADER, "recipients": people(0, 30)}
+    results, _ = await stream(harness, [header(body), chunk(people(30, 75))])
+    assert sorted(len(r.positions) for r in results) == [25, 50]
+    first = next(r for r in results if 0 in r.positions)
+    assert list(first.positions) == list(range(50))
+
+
+async def test_invalid_header_aborts_before_anything_is_sent(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream(harness, [header({"canvas_id": "", "context": {}}), *chunks(100, 50)])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in violations_of(caught.value)] == ["canvas_id"]
+    assert harness.fake.calls == []
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([chunk(people(0, 3))], "header"),
+        ([], "header"),
+        ([header({**HEADER, "broadcast": True})], "broadcast"),
+        ([header()], "recipients"),
+    ],
+)
+async def test_malformed_streams_are_refused(
+    harness: Harness, messages: list[pb.SendStreamRequest], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream(harness, messages, tenant="globex")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in violations_of(caught.value)] == [field]
+    assert harness.fake.calls == []
+
+
+async def test_a_second_header_ends_the_stream_but_loses_no_result(harness: Harness) -> None:
+    got: list[pb.BatchResult] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in harness.stub.SendStream(
+            requests([header(), chunk(people(0, 120)), header(), chunk(people(120, 200))]),
+            metadata=harness.auth(),
+        ):
+            got.append(response.result)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert covered(got) == list(range(120))  # 100 sent, the open batch of 20 reported unsent
+    unsent = [r for r in got if r.outcome == pb.OUTCOME_NOT_ATTEMPTED]
+    assert [list(r.positions) for r in unsent] == [list(range(100, 120))]
+    assert unsent[0].retryable and unsent[0].code == grpc.StatusCode.ABORTED.value[0]
+    assert sum(len(c.body["recipients"]) for c in harness.fake.calls) == 100
+
+
+async def test_validate_only_stream_sends_nothing(harness: Harness) -> None:
+    results, summary = await stream(
+        harness, [header(validate_only=True), *chunks(1_000, 300, invalid_every=100)]
+    )
+    assert harness.fake.calls == []
+    assert covered(results) == list(range(1_000))
+    assert {r.outcome for r in results} == {pb.OUTCOME_NOT_ATTEMPTED, pb.OUTCOME_REJECTED}
+    assert (
+        summary is not None and summary.recipients_rejected == 10 and summary.recipients_not_attempted == 990
+    )
+
+
+async def test_unknown_token_is_refused(harness: Harness) -> None:
+    call = harness.stub.SendStream(
+        requests([header(), chunk(people(0, 5))]), metadata=(("authorization", "Bearer x"),)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert harness.fake.calls == []
+
+
+async def test_a_cancelled_stream_leaves_the_gateway_healthy(harness: Harness) -> None:
+    harness.fake.faults.set_latency(0.05)
+    call = harness.stub.SendStream(requests([header(), *chunks(2_000, 500)]), metadata=harness.auth())
+    async for _ in call:
+        call.cancel()
+        break
+    harness.fake.faults.clear()
+    results, summary = await stream(harness, [header(), *chunks(100, 100)])
+    assert covered(results) == list(range(100)) and summary is not None

@@ -1,0 +1,105 @@
+"""The tenants file: token digests, key sources, URL rules; errors never show a secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from canvas_gateway_server.errors import ConfigError
+from canvas_gateway_server.tenants import FileTenantDirectory, load_tenants, token_digest
+
+DIGEST = token_digest("caller-token")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tenants.toml"
+    path.write_text(text)
+    return path
+
+
+def entry(
+    name: str = "acme",
+    *,
+    url: str = "https://rest.iad-01.braze.com",
+    key: str = 'braze_api_key = "k-1"',
+    extra: str = "",
+    digest: str = DIGEST,
+) -> str:
+    return f'[tenants.{name}]\ntoken_sha256 = ["{digest}"]\nbraze_rest_url = "{url}"\n{key}\n{extra}\n'
+
+
+def test_a_token_resolves_to_its_tenant_only(tmp_path: Path) -> None:
+    other = token_digest("other-token")
+    path = write(tmp_path, entry() + entry("beta", key='braze_api_key = "k-2"', digest=other))
+    tenants = load_tenants(path, {})
+    acme = tenants.authenticate("caller-token")
+    beta = tenants.authenticate("other-token")
+    assert acme is not None and acme.id == "acme" and acme.braze_api_key == "k-1"
+    assert beta is not None and beta.id == "beta" and beta.braze_api_key == "k-2"
+    assert tenants.authenticate("caller-token ") is None
+    assert tenants.authenticate("") is None
+    assert "k-1" not in repr(acme)
+    assert tenants.secrets() == {"k-1", "k-2"}
+    assert acme.allow_broadcast is False  # default: no broadcast
+
+
+def test_key_from_env_and_file(tmp_path: Path) -> None:
+    (tmp_path / "key.txt").write_text("k-from-file\n")
+    text = entry(key='braze_api_key_env = "ACME_KEY"') + entry(
+        "beta", key='braze_api_key_file = "key.txt"', digest=token_digest("b")
+    )
+    tenants = load_tenants(write(tmp_path, text), {"ACME_KEY": "k-from-env"})
+    assert tenants.secrets() == {"k-from-env", "k-from-file"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (entry(url="http://rest.iad-01.braze.com"), "must be https"),
+        (entry(url="ftp://example.com"), "http(s) base URL"),
+        (entry(key=""), "exactly one of"),
+        (entry(key='braze_api_key = "a"\nbraze_api_key_env = "B"'), "exactly one of"),
+        (entry(key='braze_api_key_env = "MISSING"'), "MISSING is unset"),
+        (entry(key='braze_api_key_file = "nope.txt"'), "cannot read braze_api_key_file"),
+        (entry(key='braze_api_key = "secret with space"'), "spaces or quotes"),
+        (entry(digest="abc"), "token_sha256"),
+        (entry(extra="colour = 1"), "unknown fields colour"),
+        (entry(extra="max_concurrent_batches = 0"), "max_concurrent_batches"),
+        (entry(extra='allow_broadcast = "yes"'), "allow_broadcast"),
+        (entry('"Bad Name"'), "ids are"),
+        (entry() + entry("beta"), "used twice"),
+        ("", "expected one or more"),
+        ("[tenants.acme\n", "cannot read tenants file"),
+    ],
+)
+def test_bad_files_fail_with_a_clear_error(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_tenants(write(tmp_path, text), {})
+    assert expected in str(caught.value)
+    assert "secret with space" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9700", "http://localhost:9700", "http://[::1]:9700"])
+def test_plain_http_is_allowed_to_loopback(tmp_path: Path, url: str) -> None:
+    tenants = load_tenants(write(tmp_path, entry(url=url)), {})
+    tenant = tenants.authenticate("caller-token")
+    assert tenant is not None and tenant.braze_rest_url == url
+
+
+def test_plain_http_elsewhere_needs_explicit_consent(tmp_path: Path) -> None:
+    text = entry(url="http://braze-proxy.internal:8080/", extra="allow_insecure_http = true")
+    tenant = load_tenants(write(tmp_path, text), {}).authenticate("caller-token")
+    assert tenant is not None and tenant.braze_rest_url == "http://braze-proxy.internal:8080"
+
+
+def test_reload_swaps_tenants_and_a_bad_file_keeps_the_old_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, entry())
+    directory = FileTenantDirectory(path, {})
+    path.write_text(entry(digest=token_digest("rotated-token")))
+    directory.reload()
+    assert directory.authenticate("caller-token") is None
+    assert directory.authenticate("rotated-token") is not None
+    path.write_text("not toml [")
+    with pytest.raises(ConfigError):
+        directory.reload()
+    assert directory.authenticate("rotated-token") is not None
