@@ -47,7 +47,9 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     request was written). Retrying may message someone twice.
     """
     OUTCOME_NOT_ATTEMPTED: _Outcome.ValueType  # 4
-    """Never sent: validate_only, or the request ended before this batch went."""
+    """Nothing reached Braze: validate_only, a connection that could not be
+    opened, or a request that ended before this batch went. Safe to retry.
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Outcome says whether Braze acted on a batch."""
@@ -64,7 +66,9 @@ OUTCOME_UNKNOWN: Outcome.ValueType  # 3
 request was written). Retrying may message someone twice.
 """
 OUTCOME_NOT_ATTEMPTED: Outcome.ValueType  # 4
-"""Never sent: validate_only, or the request ended before this batch went."""
+"""Nothing reached Braze: validate_only, a connection that could not be
+opened, or a request that ended before this batch went. Safe to retry.
+"""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
