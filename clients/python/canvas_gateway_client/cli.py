@@ -1,0 +1,347 @@
+"""`canvas-gateway`: trigger Braze Canvases through canvas-gateway from the shell.
+
+    canvas-gateway [--target HOST:PORT] [--token TOKEN] [--timeout SECONDS] COMMAND
+      send --file BODY.json [--validate-only]
+      send-stream --header HEADER.json --recipients RECIPIENTS.jsonl [--chunk-size N] [--validate-only]
+      send-demo [--recipients N] [--canvas-id ID] [--chunk-size N]
+
+`send` and `send-stream` print one JSON line per batch result, `{"result": {...}}`, then
+`{"summary": {...}}` (proto3 JSON, Braze field names). The token comes from `--token`
+or CANVAS_GATEWAY_TOKEN and is never printed.
+
+Exit status: 0 when every result is OUTCOME_SENT (with --validate-only: every result
+planned with code OK); 1 when some result is not; 2 for an RPC error or a bad input file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import grpc
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from google.protobuf import json_format, message
+
+from .client import DEFAULT_CHUNK_SIZE, CanvasGatewayClient, bad_request_violations
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TOKEN_ENV = "CANVAS_GATEWAY_TOKEN"  # noqa: S105 - the name of the variable, not a secret
+DEMO_CANVAS_ID = "canvas-gateway-demo"
+EXIT_OK, EXIT_NOT_SENT, EXIT_ERROR = 0, 1, 2
+
+
+class InputError(Exception):
+    """A bad input file: its name, the 1-based line (0 when unknown) and the reason."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}" if line else f"{path}: {reason}")
+
+
+def _parse_error_reason(exc: json_format.ParseError) -> str:
+    # json_format appends a multi-line list of the available fields; the first line says it.
+    return str(exc).splitlines()[0].rstrip(".")
+
+
+def parse_body(text: str, path: str) -> pb.CanvasTrigger:
+    """A Braze `/canvas/trigger/send` JSON body as a CanvasTrigger, or InputError."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(body, dict):
+        raise InputError(path, 1, "expected a JSON object (a Braze request body)")
+    try:
+        return json_format.ParseDict(body, pb.CanvasTrigger())
+    except json_format.ParseError as exc:
+        raise InputError(path, 0, _parse_error_reason(exc)) from None
+
+
+def parse_recipient(text: str, path: str, line: int) -> pb.Recipient:
+    """One JSON Lines line, a Braze recipient object, as a Recipient, or InputError."""
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(item, dict):
+        raise InputError(path, line, "expected a JSON object (one Braze recipient)")
+    try:
+        return json_format.ParseDict(item, pb.Recipient())
+    except json_format.ParseError as exc:
+        raise InputError(path, line, _parse_error_reason(exc)) from None
+
+
+def _open(path: str, stdin: TextIO) -> tuple[TextIO, str]:
+    if path == "-":
+        return stdin, "<stdin>"
+    try:
+        return open(path, encoding="utf-8"), path  # the caller closes it
+    except OSError as exc:
+        raise InputError(path, 0, exc.strerror or str(exc)) from None
+
+
+async def read_body(path: str, stdin: TextIO) -> pb.CanvasTrigger:
+    """Read and parse a Braze JSON body file (`-` is stdin)."""
+
+    def load() -> tuple[str, str]:
+        stream, name = _open(path, stdin)
+        try:
+            return stream.read(), name
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(name, 0, str(exc)) from None
+        finally:
+            if stream is not stdin:
+                stream.close()
+
+    text, name = await asyncio.to_thread(load)
+    return parse_body(text, name)
+
+
+async def read_recipients(stream: TextIO, name: str, block: int) -> AsyncIterator[pb.Recipient]:
+    """Recipients from JSON Lines, read `block` lines at a time off the event loop.
+
+    Blank lines are skipped. Raises InputError at the first bad line, after yielding
+    every recipient before it.
+    """
+    line = 0
+    while True:
+        try:
+            lines = await asyncio.to_thread(lambda: list(itertools.islice(stream, block)))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(name, line + 1, str(exc)) from None
+        if not lines:
+            return
+        for text in lines:
+            line += 1
+            if text.strip():
+                yield parse_recipient(text, name, line)
+
+
+def demo_recipients(count: int) -> Iterator[pb.Recipient]:
+    """`count` synthetic recipients `demo-user-<n>`, each with a small context."""
+    for n in range(count):
+        recipient = pb.Recipient(external_user_id=f"demo-user-{n}")
+        recipient.context.update({"demo_index": n, "greeting": f"Hello, demo user {n}"})
+        yield recipient
+
+
+def _json_line(msg: message.Message) -> str:
+    data = json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass
+class Tally:
+    """What the results of one command add up to, for its exit status and the demo summary."""
+
+    validate_only: bool
+    results: int = 0
+    all_ok: bool = True
+    dispatch_ids: list[str] = field(default_factory=list)
+    summary: pb.SendSummary = field(default_factory=pb.SendSummary)
+
+    def add(self, result: pb.BatchResult) -> None:
+        self.results += 1
+        if self.validate_only:
+            ok = result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.code == 0
+        else:
+            ok = result.outcome == pb.OUTCOME_SENT
+        self.all_ok = self.all_ok and ok
+        if result.dispatch_id and len(self.dispatch_ids) < 3:
+            self.dispatch_ids.append(result.dispatch_id)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.all_ok else EXIT_NOT_SENT
+
+
+@dataclass
+class Console:
+    """The CLI's output streams; every error text passes `redact` first."""
+
+    out: TextIO
+    err: TextIO
+    token: str = ""
+
+    def print(self, text: str) -> None:
+        print(text, file=self.out)
+
+    def error(self, text: str) -> None:
+        print(self.redact(text), file=self.err)
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.token, "[token]") if self.token else text
+
+
+async def cmd_send(args: argparse.Namespace, client: CanvasGatewayClient, io: Console, stdin: TextIO) -> int:
+    trigger = await read_body(args.file, stdin)
+    response = await client.send(trigger, validate_only=args.validate_only, timeout=args.timeout)
+    tally = Tally(args.validate_only)
+    for result in response.results:
+        tally.add(result)
+        io.print(_json_line(pb.SendStreamResponse(result=result)))
+    io.print(_json_line(pb.SendStreamResponse(summary=response.summary)))
+    return tally.exit_code
+
+
+async def cmd_send_stream(
+    args: argparse.Namespace, client: CanvasGatewayClient, io: Console, stdin: TextIO
+) -> int:
+    if args.header == "-" and args.recipients == "-":
+        raise InputError("<stdin>", 0, "--header and --recipients cannot both be stdin")
+    header = await read_body(args.header, stdin)
+    stream, name = await asyncio.to_thread(_open, args.recipients, stdin)
+    tally = Tally(args.validate_only)
+    try:
+        recipients = read_recipients(stream, name, args.chunk_size)
+        async for response in client.send_stream(
+            header,
+            recipients,
+            chunk_size=args.chunk_size,
+            validate_only=args.validate_only,
+            timeout=args.timeout,
+        ):
+            if response.HasField("result"):
+                tally.add(response.result)
+            io.print(_json_line(response))
+    finally:
+        if stream is not stdin:
+            stream.close()
+    return tally.exit_code
+
+
+async def cmd_send_demo(
+    args: argparse.Namespace, client: CanvasGatewayClient, io: Console, stdin: TextIO
+) -> int:
+    header = pb.CanvasTrigger(canvas_id=args.canvas_id)
+    header.context.update({"campaign": "canvas-gateway send-demo"})
+    tally = Tally(validate_only=False)
+    started = time.perf_counter()
+    async for response in client.send_stream(
+        header, demo_recipients(args.recipients), chunk_size=args.chunk_size, timeout=args.timeout
+    ):
+        if response.HasField("result"):
+            tally.add(response.result)
+        else:
+            tally.summary = response.summary
+    elapsed = time.perf_counter() - started
+    s = tally.summary
+    io.print(
+        f"send-demo: {s.recipients:,} recipients to canvas {args.canvas_id!r} in {tally.results:,} results"
+    )
+    io.print(
+        f"  sent {s.recipients_sent:,}, rejected {s.recipients_rejected:,}, "
+        f"unknown {s.recipients_unknown:,}, not attempted {s.recipients_not_attempted:,}"
+    )
+    more = tally.results - len(tally.dispatch_ids)
+    shown = ", ".join(tally.dispatch_ids) or "none"
+    io.print(f"  dispatch_ids: {shown}" + (f" (and {more:,} more results)" if more > 0 else ""))
+    rate = s.recipients / elapsed if elapsed > 0 else 0.0
+    io.print(f"  {elapsed:.2f} s, {rate:,.0f} recipients/s")
+    return tally.exit_code
+
+
+Command = Callable[[argparse.Namespace, CanvasGatewayClient, Console, TextIO], Awaitable[int]]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `canvas-gateway`."""
+    parser = argparse.ArgumentParser(
+        prog="canvas-gateway", description="Trigger Braze Canvases through canvas-gateway."
+    )
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"gateway address (default {DEFAULT_TARGET})"
+    )
+    parser.add_argument(
+        "--token", help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable, argv is visible to ps)"
+    )
+    parser.add_argument("--timeout", type=float, help="RPC deadline in seconds (default: none)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    send = commands.add_parser("send", help="send one Braze JSON body with the unary Send")
+    send.add_argument("--file", required=True, help="Braze /canvas/trigger/send JSON body (- for stdin)")
+    send.add_argument("--validate-only", action="store_true", help="validate and plan, send nothing")
+    send.set_defaults(run=cmd_send)
+
+    stream = commands.add_parser("send-stream", help="stream recipients from a JSON Lines file")
+    stream.add_argument("--header", required=True, help="Braze JSON body: canvas_id, context, audience...")
+    stream.add_argument(
+        "--recipients", required=True, help="JSON Lines, one Braze recipient per line (- for stdin)"
+    )
+    stream.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, help="recipients/message")
+    stream.add_argument("--validate-only", action="store_true", help="validate and plan, send nothing")
+    stream.set_defaults(run=cmd_send_stream)
+
+    demo = commands.add_parser("send-demo", help="stream synthetic recipients demo-user-<n>")
+    demo.add_argument("--recipients", type=_positive, default=1000, help="how many (default 1000)")
+    demo.add_argument("--canvas-id", default=DEMO_CANVAS_ID, help=f"Canvas id (default {DEMO_CANVAS_ID})")
+    demo.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, help="recipients/message")
+    demo.set_defaults(run=cmd_send_demo)
+    return parser
+
+
+def _report_rpc_error(io: Console, error: grpc.aio.AioRpcError) -> None:
+    io.error(f"error: {error.code().name}: {error.details() or ''}")
+    for violation in bad_request_violations(error):
+        io.error(f"  {violation.field}: {violation.description}")
+
+
+async def run(
+    argv: list[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the CLI in the current event loop; returns the exit status."""
+    environ = os.environ if environ is None else environ
+    stdin = sys.stdin if stdin is None else stdin
+    io = Console(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed by argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    token: str = args.token or environ.get(TOKEN_ENV, "")
+    io.token = token
+    if not token:
+        io.error(f"error: no token: set {TOKEN_ENV} or pass --token")
+        return EXIT_ERROR
+    try:
+        client = CanvasGatewayClient(args.target, token)
+    except ValueError as error:  # a malformed token; the text never quotes it
+        io.error(f"error: {error}")
+        return EXIT_ERROR
+    command: Command = args.run
+    try:
+        async with client:
+            return await command(args, client, io, stdin)
+    except grpc.aio.AioRpcError as error:
+        _report_rpc_error(io, error)
+    except InputError as error:
+        io.error(f"error: {error}")
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `canvas-gateway` console script."""
+    try:
+        return asyncio.run(run(argv))
+    except KeyboardInterrupt:
+        return 130
