@@ -9,7 +9,7 @@ PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
 TYPED := service/canvas_gateway_server clients/python/canvas_gateway_client
 
-.PHONY: install proto proto-check lint typecheck pytest test check run fake-braze demo bench clean
+.PHONY: install proto proto-check lint docker-lint typecheck pytest test check run fake-braze demo bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
+	$(MAKE) --no-print-directory docker-lint
+
+docker-lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 
 typecheck: $(STAMP)

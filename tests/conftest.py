@@ -22,9 +22,10 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from google.protobuf import json_format
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "braze" / "examples"
-if not EXAMPLES.is_dir():  # CI lays shared/ beside the clone
-    EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "braze" / "examples"
+# A copy of shared/braze/examples (Braze's documented bodies and responses), so that a
+# clone anywhere is self-contained; test_fixtures.py checks the copy is current.
+EXAMPLES = Path(__file__).resolve().parent / "fixtures" / "braze"
+SHARED_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "braze" / "examples"
 
 REQUEST_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.json") if not p.name.startswith("response_"))
 TOKENS = {"acme": "token-acme-4f1c", "globex": "token-globex-9b2e"}

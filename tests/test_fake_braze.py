@@ -28,8 +28,7 @@ from canvas_gateway_server.fake_braze import (
 from canvas_gateway_server.fake_braze.__main__ import config_from_args, is_loopback, main
 from multidict import CIMultiDictProxy
 
-# shared/braze/examples lies beside the clone, as in conftest.py.
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "shared" / "braze" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parent / "fixtures" / "braze"  # copy of shared/braze/examples
 EXAMPLES = {path.stem: path.read_bytes() for path in EXAMPLES_DIR.glob("*.json")}
 REQUEST_EXAMPLES = sorted(name for name in EXAMPLES if not name.startswith("response_"))
 assert len(REQUEST_EXAMPLES) >= 6, f"Braze examples not found in {EXAMPLES_DIR}"

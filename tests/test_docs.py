@@ -1,0 +1,72 @@
+"""The README, examples and deploy files stay true to the code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server import convert
+from canvas_gateway_server.planning import Intake
+from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.tenants import load_tenants
+from canvas_gateway_server.validate import check_recipient
+from google.protobuf import json_format
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_documents_every_setting_and_no_other() -> None:
+    names = {f"CGW_{field.name.upper()}" for field in dataclasses.fields(Settings)} | {"CGW_CONFIG_FILE"}
+    documented = set(re.findall(r"^\| `(CGW_[A-Z_]+)` \|", README, flags=re.MULTILINE))
+    assert documented == names
+
+
+def test_readme_defaults_match_the_code() -> None:
+    for field in dataclasses.fields(Settings):
+        row = re.search(rf"^\| `CGW_{field.name.upper()}` \| ([^|]*) \|", README, flags=re.MULTILINE)
+        assert row is not None, field.name
+        expected = f"`{field.default}`".lower() if field.default != "" else "unset"
+        assert row.group(1).lower() == expected, field.name
+
+
+def test_make_targets_named_in_the_readme_exist() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z-]+):", makefile, flags=re.MULTILINE))
+    for target in set(re.findall(r"make ([a-z-]+)", README)):
+        assert target in targets, target
+
+
+def test_example_request_files_are_valid() -> None:
+    body = json.loads((ROOT / "examples" / "recipients.json").read_text())
+    trigger = json_format.ParseDict(body, pb.CanvasTrigger())
+    Intake(convert.trigger_head(trigger))
+    header = json_format.ParseDict(
+        json.loads((ROOT / "examples" / "header.json").read_text()), pb.CanvasTrigger()
+    )
+    Intake(convert.trigger_head(header))
+    lines = (ROOT / "examples" / "recipients.jsonl").read_text().splitlines()
+    for index, line in enumerate(lines):
+        recipient = json_format.ParseDict(json.loads(line), pb.Recipient())
+        assert check_recipient(convert.recipient_to_dict(recipient), f"recipients[{index}]") == []
+
+
+def test_deploy_examples_load(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "deploy" / "tenants.example.toml", tmp_path / "tenants.toml")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "marketing-braze-key").write_text("marketing-key\n")
+    tenants = load_tenants(tmp_path / "tenants.toml", {"CHECKOUT_BRAZE_KEY": "checkout-key"})
+    assert tenants.secrets() == {"checkout-key", "marketing-key"}
+    settings = Settings.from_env({"CGW_CONFIG_FILE": str(ROOT / "deploy" / "gateway.example.toml")})
+    assert settings.grpc_address == "0.0.0.0:50051"
+
+
+@pytest.mark.parametrize("path", ["Dockerfile", ".ci/run"])
+def test_ci_and_container_files_exist(path: str) -> None:
+    assert (ROOT / path).is_file()
+    assert "make test" in (ROOT / ".ci/run").read_text()
