@@ -25,7 +25,8 @@ from canvas_gateway_server.fake_braze import (
     Fault,
     rules,
 )
-from canvas_gateway_server.fake_braze.__main__ import config_from_args, is_loopback, main
+from canvas_gateway_server.fake_braze.__main__ import config_from_args, main
+from canvas_gateway_server.loopback import is_loopback
 from multidict import CIMultiDictProxy
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "fixtures" / "braze"  # copy of shared/braze/examples

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 import tomllib
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .loopback import is_loopback
 
 _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -163,20 +163,11 @@ def _check_url(where: str, url: Any, allow_insecure_http: bool) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"{where}: braze_rest_url must be an http(s) base URL")
-    if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
+    if parts.scheme == "http" and not (allow_insecure_http or is_loopback(parts.hostname)):
         raise ConfigError(
             f"{where}: braze_rest_url must be https (http only to loopback or with allow_insecure_http)"
         )
     return url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_key(where: str, entry: Mapping[str, Any], environ: Mapping[str, str], base: Path) -> str:

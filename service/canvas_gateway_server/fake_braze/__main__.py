@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import signal
 from collections.abc import Sequence
 
+from ..loopback import is_loopback
 from .app import FakeBraze, FakeBrazeConfig
 
 
@@ -55,16 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-record", action="store_true", help="keep counters only, not every call")
     add("--allow-remote", action="store_true", help="allow a non-loopback --host")
     return parser
-
-
-def is_loopback(host: str) -> bool:
-    """True for `localhost` and loopback IP addresses."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def config_from_args(args: argparse.Namespace) -> FakeBrazeConfig:
