@@ -94,3 +94,36 @@ async def test_demo_mode_runs_against_the_embedded_fake() -> None:
         assert len(gateway.fake_braze.calls) == 2
     finally:
         await gateway.stop(grace=0)
+
+
+async def test_shutdown_ends_open_streams_with_every_read_recipient_accounted_for(harness: Harness) -> None:
+    harness.fake.faults.set_latency(0.2)
+    hold = asyncio.Event()
+
+    async def requests() -> object:
+        yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
+        recipients = [pb.Recipient(external_user_id=f"u{i}") for i in range(120)]
+        yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients))
+        await hold.wait()  # the caller keeps the stream open: more would come
+
+    results: list[pb.BatchResult] = []
+    call = harness.stub.SendStream(requests(), metadata=harness.auth())
+
+    async def read() -> None:
+        async for response in call:
+            results.append(response.result)
+
+    reading = asyncio.create_task(read())
+    while not harness.fake.calls:
+        await asyncio.sleep(0.01)
+    await harness.gateway.stop(grace=10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reading
+    hold.set()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "from position 120 on" in (caught.value.details() or "")
+    assert sorted(p for r in results for p in r.positions) == list(range(120))
+    assert sorted(len(r.positions) for r in results if r.outcome == pb.OUTCOME_SENT) == [50, 50]
+    (unsent,) = [r for r in results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED]
+    assert list(unsent.positions) == list(range(100, 120))
+    assert unsent.retryable

@@ -2,8 +2,10 @@
 
 Startup: settings -> tenants -> pooled HTTP session -> Braze client -> limiter ->
 dispatcher -> sender -> servicer -> gRPC server with health and reflection.
-Shutdown, in order: health NOT_SERVING, stop accepting, let in-flight RPCs finish within
-the grace period, close the HTTP session, stop the embedded fake Braze (demo only).
+Shutdown, in order: health NOT_SERVING; streams stop reading new recipients, finish the
+batches they hold and end with UNAVAILABLE saying where to resume; the server stops
+accepting RPCs and lets in-flight ones finish within the grace period; the HTTP session
+closes; the embedded fake Braze (demo only) stops.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Gateway:
     session: aiohttp.ClientSession
     tenants: TenantDirectory
     settings: Settings
+    servicer: CanvasGatewayServicer
+    shutting_down: asyncio.Event
     fake_braze: FakeBraze | None = None
 
     @classmethod
@@ -102,7 +106,9 @@ class Gateway:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_CanvasGatewayServiceServicer_to_server(CanvasGatewayServicer(tenants, sender), server)
+        shutting_down = asyncio.Event()
+        servicer = CanvasGatewayServicer(tenants, sender, shutting_down)
+        pb_grpc.add_CanvasGatewayServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -121,13 +127,21 @@ class Gateway:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("canvas-gateway listening on %s (port %d)", settings.grpc_address, port)
-        return cls(server, port, health_servicer, session, tenants, settings, fake)
+        return cls(server, port, health_servicer, session, tenants, settings, servicer, shutting_down, fake)
 
     async def stop(self, grace: float | None = None) -> None:
         """Ordered shutdown; in-flight RPCs get `grace` seconds (default from settings)."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        self.shutting_down.set()  # streams stop reading, finish what they hold, end UNAVAILABLE
+        stopping = asyncio.create_task(self.server.stop(grace))
+        try:
+            # Our RPCs done, the rest (health watchers) need not wait out the grace period.
+            await asyncio.wait_for(self.servicer.in_flight.idle(), grace)
+            await self.server.stop(0)
+        except TimeoutError:
+            log.warning("grace period over: cancelling the requests still in flight")
+        await stopping
         await self.session.close()
         if self.fake_braze is not None:
             await self.fake_braze.stop()

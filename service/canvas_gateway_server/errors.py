@@ -4,6 +4,7 @@
     +-- InvalidRequest       input breaks Braze's contract; carries violations -> INVALID_ARGUMENT
     +-- Unauthenticated      missing or unknown bearer token                   -> UNAUTHENTICATED
     +-- PermissionDenied     the tenant may not do this (e.g. broadcast)        -> PERMISSION_DENIED
+    +-- ShuttingDown         the gateway is draining; the caller should resume  -> UNAVAILABLE
     ConfigError              settings or tenants file invalid (boot or reload)
 
 Upstream failures are not exceptions: each becomes a BatchResult (see results.py).
@@ -39,6 +40,10 @@ class Unauthenticated(GatewayError):
 
 class PermissionDenied(GatewayError):
     """The tenant is known but may not make this request."""
+
+
+class ShuttingDown(GatewayError):
+    """The gateway stopped reading a stream to shut down; the text says where to resume."""
 
 
 class ConfigError(Exception):

@@ -21,7 +21,7 @@ from .tenants import Tenant
 from .validate import check_recipient_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
-ABANDONED = "the stream failed before this batch was full; nothing was sent"
+ABANDONED = "the stream ended before this batch was sent; nothing was sent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +120,11 @@ class StreamSend:
         self._fan = fan
         self._validate_only = validate_only
         self.summary = Summary()
+
+    @property
+    def received(self) -> int:
+        """Recipients read so far: the position the next one will have."""
+        return self._intake.received
 
     async def feed(self, recipients: Iterable[Mapping[str, Any]]) -> None:
         """Plan the next recipients; waits while the stream's batches are all in flight."""

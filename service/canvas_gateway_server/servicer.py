@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 
 from . import convert, status
-from .errors import InvalidRequest, Unauthenticated
+from .errors import InvalidRequest, ShuttingDown, Unauthenticated
 from .model import Violation
 from .sending import Sender
 from .tenants import Tenant, TenantDirectory
 
 Context = grpc.aio.ServicerContext[object, object]
+T = TypeVar("T")
 
 
 def bearer_token(context: Context) -> str:
@@ -32,28 +34,89 @@ def bearer_token(context: Context) -> str:
     raise Unauthenticated("missing bearer token in `authorization` metadata")
 
 
-async def drain(requests: AsyncIterator[object], seconds: float) -> None:
-    """Read and drop what a caller is still writing to a stream we are about to fail.
+class StreamReader(Generic[T]):
+    """Reads a request stream one message at a time, and stops early when the gateway shuts down.
 
-    grpcio's asyncio client reports INTERNAL instead of the server's status when one of its
-    writes fails because the server already ended the RPC (grpc/grpc#36066). Reading the
-    rest for a bounded time lets such clients see the real status.
+    A read cut short by shutdown stays pending, so `drain` can finish it: grpcio's request
+    iterator must never be read twice at once.
     """
-    try:
-        async with asyncio.timeout(seconds):
-            async for _ in requests:
-                pass
-    except (TimeoutError, grpc.RpcError):
-        pass
+
+    def __init__(self, messages: AsyncIterator[T], stop: asyncio.Event) -> None:
+        self._messages = messages
+        self._stop = stop
+        self._pending: asyncio.Future[T | None] | None = None
+
+    async def next(self) -> T | None:
+        """The next message, None at the caller's end of stream; ShuttingDown once `stop` is set."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(anext(self._messages, None))
+        if not self._pending.done():
+            stopping = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait((self._pending, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            if not self._pending.done():
+                raise ShuttingDown("the gateway is shutting down")
+        reading, self._pending = self._pending, None
+        return reading.result()
+
+    async def drain(self, seconds: float) -> None:
+        """Read and drop what the caller is still writing to a stream we are about to fail.
+
+        grpcio's asyncio client reports INTERNAL instead of the server's status when one of
+        its writes fails because the server already ended the RPC (grpc/grpc#36066). Reading
+        the rest for a bounded time lets such clients see the real status.
+        """
+        try:
+            async with asyncio.timeout(seconds):
+                if self._pending is not None:
+                    await self._pending
+                async for _ in self._messages:
+                    pass
+        except (TimeoutError, grpc.RpcError):
+            pass
+        finally:
+            if self._pending is not None:
+                self._pending.cancel()
+
+
+class InFlight:
+    """Counts the gateway's own RPCs in progress, so shutdown knows when they are done."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        self._count += 1
+        self._idle.clear()
+
+    def __exit__(self, *_: object) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
 class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
     """canvas_gateway.v1.CanvasGatewayService over `Sender`."""
 
-    def __init__(self, tenants: TenantDirectory, sender: Sender, drain_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        tenants: TenantDirectory,
+        sender: Sender,
+        shutting_down: asyncio.Event,
+        drain_seconds: float = 2.0,
+    ) -> None:
         self._tenants = tenants
         self._sender = sender
+        self._shutting_down = shutting_down
         self._drain_seconds = drain_seconds
+        self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:
         tenant = self._tenants.authenticate(bearer_token(context))
@@ -62,6 +125,10 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
         return tenant
 
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+        with self.in_flight:
+            return await self._send(request, context)
+
+    async def _send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
         try:
             tenant = self._authenticate(context)
             head = convert.trigger_head(request.trigger)
@@ -77,9 +144,18 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
     async def SendStream(
         self, request_iterator: AsyncIterator[pb.SendStreamRequest], context: Context
     ) -> AsyncIterator[pb.SendStreamResponse]:
+        with self.in_flight:
+            async for response in self._send_stream(
+                StreamReader(request_iterator, self._shutting_down), context
+            ):
+                yield response
+
+    async def _send_stream(
+        self, reader: StreamReader[pb.SendStreamRequest], context: Context
+    ) -> AsyncIterator[pb.SendStreamResponse]:
         try:
             tenant = self._authenticate(context)
-            first = await anext(aiter(request_iterator), None)
+            first = await reader.next()
             if first is None or first.WhichOneof("message") != "header":
                 raise InvalidRequest([Violation("header", "the first message of a stream must be a header")])
             header = first.header
@@ -87,7 +163,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                 tenant, convert.trigger_head(header.trigger), header.options.validate_only
             )
         except Exception as exc:
-            await drain(request_iterator, self._drain_seconds)
+            await reader.drain(self._drain_seconds)
             await status.abort(context, exc)
 
         failure: list[BaseException] = []
@@ -95,15 +171,24 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
         async def pump() -> None:
             try:
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
-                async for message in request_iterator:
+                while (message := await reader.next()) is not None:
                     if message.WhichOneof("message") != "chunk":
                         raise InvalidRequest([Violation("header", "only the first message may be a header")])
                     await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
                 session.check_complete()
+            except ShuttingDown:
+                failure.append(
+                    ShuttingDown(
+                        f"the gateway is shutting down: recipients from position {session.received} on "
+                        "were not read and NOT_ATTEMPTED batches were not sent; send them again"
+                    )
+                )
+                await session.close(send_rest=False)
+                await reader.drain(self._drain_seconds)
             except Exception as exc:  # ends the stream after the results so far; bugs become INTERNAL
                 failure.append(exc)
                 await session.close(send_rest=False)
-                await drain(request_iterator, self._drain_seconds)
+                await reader.drain(self._drain_seconds)
             else:
                 await session.close()
 

@@ -16,7 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .errors import GatewayError, InvalidRequest, PermissionDenied, Unauthenticated
+from .errors import GatewayError, InvalidRequest, PermissionDenied, ShuttingDown, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ _CODES: dict[type[GatewayError], int] = {
     InvalidRequest: code_pb2.INVALID_ARGUMENT,
     Unauthenticated: code_pb2.UNAUTHENTICATED,
     PermissionDenied: code_pb2.PERMISSION_DENIED,
+    ShuttingDown: code_pb2.UNAVAILABLE,
 }
 
 
