@@ -13,6 +13,7 @@ import grpc
 import pytest
 from canvas_gateway_client import CanvasGatewayClient, FieldViolation, bad_request_violations, pb, to_trigger
 from canvas_gateway_client.cli import main, run
+from canvas_gateway_server.fake_braze import PAUSED_NOTICE, FakeBrazeConfig
 from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
 from google.protobuf import json_format
 
@@ -382,3 +383,18 @@ async def test_cli_reports_a_bad_first_recipient_rather_than_the_empty_stream(
     assert code == 2
     assert cli.err.getvalue() == "error: <stdin>:1: expected a JSON object (one Braze recipient)\n"
     assert cli.harness.fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), paused_canvases=frozenset({CANVAS}))]
+)
+async def test_cli_warns_and_exits_1_when_the_canvas_is_inactive(cli: Cli, tmp_path: Path) -> None:
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"canvas_id": CANVAS, "recipients": list(recipients(3))}))
+
+    code = await cli("send", "--file", str(body))
+
+    assert code == 1
+    *results, _ = cli.lines()
+    assert results[0]["result"]["notice"] == PAUSED_NOTICE
+    assert "Canvas is inactive, so nothing was sent" in cli.err.getvalue()

@@ -9,20 +9,20 @@
 `{"summary": {...}}` (proto3 JSON, Braze field names). The token comes from `--token`
 or CANVAS_GATEWAY_TOKEN and is never printed.
 
-Exit status: 0 when every result is OUTCOME_SENT (with --validate-only: every result
-planned with code OK); 1 when some result is not; 2 for an RPC error or a bad input file.
+Exit status: 0 when every result is OUTCOME_SENT without a `notice` (with --validate-only:
+every result planned with code OK); 1 when some result is not (a `notice` means the Canvas
+is inactive and nothing was sent; a warning says so); 2 for an RPC error or a bad input file.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -31,97 +31,12 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf import json_format, message
 
 from .client import DEFAULT_CHUNK_SIZE, CanvasGatewayClient, bad_request_violations
+from .inputs import InputError, open_input, read_body, read_recipients
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_ENV = "CANVAS_GATEWAY_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 DEMO_CANVAS_ID = "canvas-gateway-demo"
 EXIT_OK, EXIT_NOT_SENT, EXIT_ERROR = 0, 1, 2
-
-
-class InputError(Exception):
-    """A bad input file: its name, the 1-based line (0 when unknown) and the reason."""
-
-    def __init__(self, path: str, line: int, reason: str) -> None:
-        super().__init__(f"{path}:{line}: {reason}" if line else f"{path}: {reason}")
-
-
-def _parse_error_reason(exc: json_format.ParseError) -> str:
-    # json_format appends a multi-line list of the available fields; the first line says it.
-    return str(exc).splitlines()[0].rstrip(".")
-
-
-def parse_body(text: str, path: str) -> pb.CanvasTrigger:
-    """A Braze `/canvas/trigger/send` JSON body as a CanvasTrigger, or InputError."""
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(path, exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(body, dict):
-        raise InputError(path, 1, "expected a JSON object (a Braze request body)")
-    try:
-        return json_format.ParseDict(body, pb.CanvasTrigger())
-    except json_format.ParseError as exc:
-        raise InputError(path, 0, _parse_error_reason(exc)) from None
-
-
-def parse_recipient(text: str, path: str, line: int) -> pb.Recipient:
-    """One JSON Lines line, a Braze recipient object, as a Recipient, or InputError."""
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(item, dict):
-        raise InputError(path, line, "expected a JSON object (one Braze recipient)")
-    try:
-        return json_format.ParseDict(item, pb.Recipient())
-    except json_format.ParseError as exc:
-        raise InputError(path, line, _parse_error_reason(exc)) from None
-
-
-def _open(path: str, stdin: TextIO) -> tuple[TextIO, str]:
-    if path == "-":
-        return stdin, "<stdin>"
-    try:
-        return open(path, encoding="utf-8"), path  # the caller closes it
-    except OSError as exc:
-        raise InputError(path, 0, exc.strerror or str(exc)) from None
-
-
-async def read_body(path: str, stdin: TextIO) -> pb.CanvasTrigger:
-    """Read and parse a Braze JSON body file (`-` is stdin)."""
-
-    def load() -> tuple[str, str]:
-        stream, name = _open(path, stdin)
-        try:
-            return stream.read(), name
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(name, 0, str(exc)) from None
-        finally:
-            if stream is not stdin:
-                stream.close()
-
-    text, name = await asyncio.to_thread(load)
-    return parse_body(text, name)
-
-
-async def read_recipients(stream: TextIO, name: str, block: int) -> AsyncIterator[pb.Recipient]:
-    """Recipients from JSON Lines, read `block` lines at a time off the event loop.
-
-    Blank lines are skipped. Raises InputError at the first bad line, after yielding
-    every recipient before it.
-    """
-    line = 0
-    while True:
-        try:
-            lines = await asyncio.to_thread(lambda: list(itertools.islice(stream, block)))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(name, line + 1, str(exc)) from None
-        if not lines:
-            return
-        for text in lines:
-            line += 1
-            if text.strip():
-                yield parse_recipient(text, name, line)
 
 
 def demo_recipients(count: int) -> Iterator[pb.Recipient]:
@@ -145,6 +60,7 @@ class Tally:
 
     validate_only: bool
     results: int = 0
+    notices: int = 0
     all_ok: bool = True
     dispatch_ids: list[str] = field(default_factory=list)
     summary: pb.SendSummary = field(default_factory=pb.SendSummary)
@@ -154,13 +70,19 @@ class Tally:
         if self.validate_only:
             ok = result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.code == 0
         else:
-            ok = result.outcome == pb.OUTCOME_SENT
+            ok = result.outcome == pb.OUTCOME_SENT and not result.notice
+        self.notices += bool(result.notice)
         self.all_ok = self.all_ok and ok
         if result.dispatch_id and len(self.dispatch_ids) < 3:
             self.dispatch_ids.append(result.dispatch_id)
 
-    @property
-    def exit_code(self) -> int:
+    def finish(self, io: Console) -> int:
+        """Warn about no-op acceptances; the command's exit status."""
+        if self.notices:
+            io.error(
+                f"warning: {self.notices:,} batches were accepted but their Canvas is inactive, "
+                "so nothing was sent (see `notice`)"
+            )
         return EXIT_OK if self.all_ok else EXIT_NOT_SENT
 
 
@@ -190,7 +112,7 @@ async def cmd_send(args: argparse.Namespace, client: CanvasGatewayClient, io: Co
         tally.add(result)
         io.print(_json_line(pb.SendStreamResponse(result=result)))
     io.print(_json_line(pb.SendStreamResponse(summary=response.summary)))
-    return tally.exit_code
+    return tally.finish(io)
 
 
 async def cmd_send_stream(
@@ -199,7 +121,7 @@ async def cmd_send_stream(
     if args.header == "-" and args.recipients == "-":
         raise InputError("<stdin>", 0, "--header and --recipients cannot both be stdin")
     header = await read_body(args.header, stdin)
-    stream, name = await asyncio.to_thread(_open, args.recipients, stdin)
+    stream, name = await asyncio.to_thread(open_input, args.recipients, stdin)
     tally = Tally(args.validate_only)
     try:
         recipients = read_recipients(stream, name, args.chunk_size)
@@ -216,7 +138,7 @@ async def cmd_send_stream(
     finally:
         if stream is not stdin:
             stream.close()
-    return tally.exit_code
+    return tally.finish(io)
 
 
 async def cmd_send_demo(
@@ -247,7 +169,7 @@ async def cmd_send_demo(
     io.print(f"  dispatch_ids: {shown}" + (f" (and {more:,} more results)" if more > 0 else ""))
     rate = s.recipients / elapsed if elapsed > 0 else 0.0
     io.print(f"  {elapsed:.2f} s, {rate:,.0f} recipients/s")
-    return tally.exit_code
+    return tally.finish(io)
 
 
 Command = Callable[[argparse.Namespace, CanvasGatewayClient, Console, TextIO], Awaitable[int]]
