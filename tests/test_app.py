@@ -74,6 +74,10 @@ async def test_graceful_shutdown_finishes_in_flight_batches(harness: Harness) ->
     stopping = asyncio.create_task(harness.gateway.stop(grace=5))
     update = await asyncio.wait_for(watch.read(), 5)
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # new work is turned away while draining
+        await harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (refused.value.details() or "")
     reply = await in_flight
     await stopping
     assert reply.summary.recipients_sent == 60  # finished, not cut off

@@ -259,9 +259,9 @@ async def test_cli_send_prints_results_then_summary(cli: Cli) -> None:
     assert code == 0, cli.err.getvalue()
     *results, summary = cli.lines()
     assert [r["result"]["outcome"] for r in results] == ["OUTCOME_SENT"]
-    assert results[0]["result"]["positions"] == ["0", "1"]
+    assert results[0]["result"]["positions"] == [0, 1]
     assert results[0]["result"]["code"] == 0  # every field is printed, defaults too
-    assert summary["summary"]["recipients_sent"] == "2"
+    assert summary["summary"]["recipients_sent"] == 2
     assert cli.err.getvalue() == ""
 
 
@@ -272,7 +272,7 @@ async def test_cli_send_reads_stdin_and_validates_only(cli: Cli) -> None:
     assert code == 0, cli.err.getvalue()
     *results, summary = cli.lines()
     assert [r["result"]["outcome"] for r in results] == ["OUTCOME_NOT_ATTEMPTED"]
-    assert summary["summary"]["recipients_not_attempted"] == "2"
+    assert summary["summary"]["recipients_not_attempted"] == 2
     assert cli.harness.fake.calls == []
 
 
@@ -286,8 +286,8 @@ async def test_cli_send_stream_from_a_jsonl_file(cli: Cli, tmp_path: Path) -> No
     assert code == 0, cli.err.getvalue()
     *results, summary = cli.lines()
     assert len(results) == 3
-    assert sorted(int(p) for r in results for p in r["result"]["positions"]) == list(range(120))
-    assert summary["summary"]["recipients_sent"] == "120"
+    assert sorted(p for r in results for p in r["result"]["positions"]) == list(range(120))
+    assert summary["summary"]["recipients_sent"] == 120
 
 
 async def test_cli_send_stream_exits_1_when_a_recipient_is_rejected(cli: Cli, tmp_path: Path) -> None:
@@ -301,7 +301,7 @@ async def test_cli_send_stream_exits_1_when_a_recipient_is_rejected(cli: Cli, tm
     *results, summary = cli.lines()
     outcomes = sorted(r["result"]["outcome"] for r in results)
     assert outcomes == ["OUTCOME_REJECTED", "OUTCOME_SENT"]
-    assert summary["summary"]["recipients_rejected"] == "1"
+    assert summary["summary"]["recipients_rejected"] == 1
 
 
 async def test_cli_reports_the_line_of_a_bad_recipient(cli: Cli, tmp_path: Path) -> None:
@@ -315,7 +315,7 @@ async def test_cli_reports_the_line_of_a_bad_recipient(cli: Cli, tmp_path: Path)
     assert cli.err.getvalue().startswith(f"error: {bad}:3: ")
     assert 'no field named "nope"' in cli.err.getvalue()
     *_, summary = cli.lines()  # what was read before the bad line was sent and reported
-    assert summary["summary"]["recipients_sent"] == "2"
+    assert summary["summary"]["recipients_sent"] == 2
 
 
 async def test_cli_reports_invalid_json_with_its_line(cli: Cli, tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ async def test_a_429_with_a_distant_reset_is_rejected_with_the_reset_time(harnes
     assert result.outcome == pb.OUTCOME_REJECTED and result.retryable
     assert result.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert result.http_status == 429 and result.attempts == 1
-    assert result.rate_limit_reset == next_clock_hour()
+    assert result.rate_limit_reset.seconds == next_clock_hour()
     assert result.message == "Rate Limited"
 
 
@@ -119,7 +119,7 @@ async def test_a_spent_budget_pauses_the_tenant_until_its_reset(harness: Harness
     second = await send_one(harness)  # so the gateway does not call Braze again before the reset
     assert second.outcome == pb.OUTCOME_REJECTED and second.retryable
     assert second.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-    assert second.attempts == 0 and second.rate_limit_reset == next_clock_hour()
+    assert second.attempts == 0 and second.rate_limit_reset.seconds == next_clock_hour()
     assert [c.status for c in harness.fake.calls] == [201]
     other = await send_one(harness, tenant="globex")  # another tenant's budget is its own
     assert other.outcome == pb.OUTCOME_SENT

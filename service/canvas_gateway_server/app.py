@@ -2,10 +2,11 @@
 
 Startup: settings -> tenants -> pooled HTTP session -> Braze client -> limiter ->
 dispatcher -> sender -> servicer -> gRPC server with health and reflection.
-Shutdown, in order: health NOT_SERVING; streams stop reading new recipients, finish the
-batches they hold and end with UNAVAILABLE saying where to resume; the server stops
-accepting RPCs and lets in-flight ones finish within the grace period; the HTTP session
-closes; the embedded fake Braze (demo only) stops.
+Shutdown, in order: health NOT_SERVING; new sends are refused with UNAVAILABLE; streams
+stop reading new recipients, finish the batches they hold and end with UNAVAILABLE saying
+where to resume; in-flight RPCs get the grace period to finish; the server stops (cancelling
+what is left, such as health watchers); the HTTP session closes; the embedded fake Braze
+(demo only) stops.
 """
 
 from __future__ import annotations
@@ -133,15 +134,16 @@ class Gateway:
         """Ordered shutdown; in-flight RPCs get `grace` seconds (default from settings)."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.shutting_down.set()  # streams stop reading, finish what they hold, end UNAVAILABLE
-        stopping = asyncio.create_task(self.server.stop(grace))
-        try:
-            # Our RPCs done, the rest (health watchers) need not wait out the grace period.
-            await asyncio.wait_for(self.servicer.in_flight.idle(), grace)
-            await self.server.stop(0)
-        except TimeoutError:
-            log.warning("grace period over: cancelling the requests still in flight")
-        await stopping
+        # From here new Send/SendStream calls get UNAVAILABLE, and open streams stop reading,
+        # finish the batches they hold and end UNAVAILABLE with where to resume.
+        self.shutting_down.set()
+        if self.servicer.in_flight.busy:
+            try:
+                await asyncio.wait_for(self.servicer.in_flight.idle(), grace)
+            except TimeoutError:
+                log.warning("grace period over: cancelling the requests still in flight")
+        # One stop, once our RPCs are done: health watchers need not wait out the grace period.
+        await self.server.stop(0)
         await self.session.close()
         if self.fake_braze is not None:
             await self.fake_braze.stop()

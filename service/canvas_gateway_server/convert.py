@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from .model import BatchResult, Outcome, Summary, Violation
 
@@ -144,7 +144,9 @@ def result_to_proto(result: BatchResult) -> pb.BatchResult:
         http_status=result.http_status,
         attempts=result.attempts,
         violations=violations_to_proto(result.violations),
-        rate_limit_reset=result.rate_limit_reset,
+        rate_limit_reset=timestamp_pb2.Timestamp(seconds=result.rate_limit_reset)
+        if result.rate_limit_reset
+        else None,
     )
 
 

@@ -98,6 +98,10 @@ class InFlight:
         if self._count == 0:
             self._idle.set()
 
+    @property
+    def busy(self) -> bool:
+        return self._count > 0
+
     async def idle(self) -> None:
         await self._idle.wait()
 
@@ -119,6 +123,8 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
         self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:
+        if self._shutting_down.is_set():
+            raise ShuttingDown("the gateway is shutting down: send again, to another instance")
         tenant = self._tenants.authenticate(bearer_token(context))
         if tenant is None:
             raise Unauthenticated("unknown bearer token")

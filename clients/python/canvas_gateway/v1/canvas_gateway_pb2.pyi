@@ -16,6 +16,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -603,10 +604,6 @@ class BatchResult(_message.Message):
     """HTTP status of the last attempt; 0 when no response was received."""
     attempts: _builtins.int
     """Calls made to Braze for this batch (0 when none)."""
-    rate_limit_reset: _builtins.int
-    """Braze's x-ratelimit-reset (UTC epoch seconds) when it was rate limited; 0
-    when unknown.
-    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The recipients the batch held: offsets in the caller's order, counted
@@ -620,6 +617,12 @@ class BatchResult(_message.Message):
     @_builtins.property
     def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
         """Why recipients were refused before sending (stream recipients only)."""
+
+    @_builtins.property
+    def rate_limit_reset(self) -> _timestamp_pb2.Timestamp:
+        """When the tenant's Braze rate limit resets (x-ratelimit-reset), for a
+        RESOURCE_EXHAUSTED result; unset when unknown.
+        """
 
     def __init__(
         self,
@@ -637,9 +640,9 @@ class BatchResult(_message.Message):
         http_status: _builtins.int = ...,
         attempts: _builtins.int = ...,
         violations: _abc.Iterable[Global___FieldViolation] | None = ...,
-        rate_limit_reset: _builtins.int = ...,
+        rate_limit_reset: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit_reset", b"rate_limit_reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_index", b"batch_index", "code", b"code", "dispatch_id", b"dispatch_id", "errors", b"errors", "http_status", b"http_status", "message", b"message", "notice", b"notice", "outcome", b"outcome", "positions", b"positions", "rate_limit_reset", b"rate_limit_reset", "retryable", b"retryable", "status_message", b"status_message", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
