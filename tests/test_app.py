@@ -63,14 +63,15 @@ async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tm
 
 
 async def test_graceful_shutdown_finishes_in_flight_batches(harness: Harness) -> None:
-    harness.fake.faults.set_latency(0.4)
+    harness.fake.faults.set_latency(1.0)
     health = health_pb2_grpc.HealthStub(harness.channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
     in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth()))
-    while len(harness.fake.calls) < 1 and not in_flight.done():
+    while not harness.gateway.servicer.in_flight.busy:
         await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # its batches are at the fake Braze now
     stopping = asyncio.create_task(harness.gateway.stop(grace=5))
     update = await asyncio.wait_for(watch.read(), 5)
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
