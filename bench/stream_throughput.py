@@ -165,6 +165,7 @@ async def main() -> None:
     parser.add_argument("--recipients", type=int, default=200_000)
     parser.add_argument("--chunk", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight (gateway: per request)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="fake Braze latency per call")
     args = parser.parse_args()
 
     fake_port, grpc_port = free_port(), free_port()
@@ -195,6 +196,8 @@ async def main() -> None:
                 "--no-record",
                 "--hourly-limit",
                 str(10**9),
+                "--latency-ms",
+                str(args.latency_ms),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -216,7 +219,7 @@ async def main() -> None:
                 process.terminate()
                 process.wait(timeout=30)
 
-    print(f"recipients per run              {n:>12,}")
+    print(f"recipients per run              {n:>12,}   (fake Braze latency {args.latency_ms:g} ms)")
     print(f"direct REST ceiling             {ceiling:>12,.0f} recipients/s")
     print(f"gateway SendStream              {rate:>12,.0f} recipients/s")
     print(f"gateway SendStream, 10,000      {stream_10k:>12,.0f} recipients/s")
