@@ -9,7 +9,7 @@ PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
 TYPED := service/canvas_gateway_server clients/python/canvas_gateway_client
 
-.PHONY: install proto proto-check lint docker-lint typecheck pytest test check run fake-braze demo bench clean
+.PHONY: install proto proto-check lint docker-lint typecheck client-check pytest test check run fake-braze demo bench clean
 
 install: $(STAMP)
 
@@ -47,12 +47,22 @@ docker-lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)
 
+## client-check: the Python client installs and runs alone, without the gateway's dependencies.
+client-check: $(STAMP)
+	rm -rf $(VENV)-client
+	$(PYTHON) -m venv $(VENV)-client
+	$(VENV)-client/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt ./clients/python
+	$(VENV)-client/bin/python -c "import canvas_gateway_client, canvas_gateway.v1.canvas_gateway_pb2_grpc"
+	! $(VENV)-client/bin/python -c "import aiohttp" 2>/dev/null
+	$(VENV)-client/bin/canvas-gateway --help > /dev/null
+	rm -rf $(VENV)-client
+
 ## pytest: the test suite alone (real gRPC and the fake Braze on 127.0.0.1).
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
 ## test: the whole suite: generated code fresh, lint, types, then tests.
-test: proto-check lint typecheck pytest
+test: proto-check lint typecheck client-check pytest
 
 check: test
 
