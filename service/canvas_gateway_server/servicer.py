@@ -182,16 +182,12 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                         raise InvalidRequest([Violation("header", "only the first message may be a header")])
                     await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
                 session.check_complete()
-            except ShuttingDown:
-                failure.append(
-                    ShuttingDown(
+            except Exception as exc:  # ends the stream after the results so far; bugs become INTERNAL
+                if isinstance(exc, ShuttingDown):
+                    exc = ShuttingDown(
                         f"the gateway is shutting down: recipients from position {session.received} on "
                         "were not read and NOT_ATTEMPTED batches were not sent; send them again"
                     )
-                )
-                await session.close(send_rest=False)
-                await reader.drain(self._drain_seconds)
-            except Exception as exc:  # ends the stream after the results so far; bugs become INTERNAL
                 failure.append(exc)
                 await session.close(send_rest=False)
                 await reader.drain(self._drain_seconds)
