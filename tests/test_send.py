@@ -190,6 +190,12 @@ async def test_every_violation_is_reported_at_once(harness: Harness) -> None:
     body = {"canvas_id": "c", "recipients": [{}, {"external_user_id": "ok"}, {"email": "a@b.c"}]}
     error = await refused(harness, body)
     assert [f for f, _ in violations_of(error)] == ["recipients[0]", "recipients[2].prioritization"]
+    error = await refused(harness, {**body, "canvas_id": ""})
+    assert [f for f, _ in violations_of(error)] == [
+        "canvas_id",
+        "recipients[0]",
+        "recipients[2].prioritization",
+    ]
 
 
 @pytest.mark.parametrize("settings_overrides", [{"unary_max_recipients": 100}])
