@@ -132,3 +132,21 @@ async def test_shutdown_ends_open_streams_with_every_read_recipient_accounted_fo
     (unsent,) = [r for r in results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED]
     assert list(unsent.positions) == list(range(100, 120))
     assert unsent.retryable
+
+
+async def test_a_reload_does_not_disturb_requests_in_flight(harness: Harness) -> None:
+    harness.fake.faults.set_latency(0.3)
+    in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth("acme")))
+    while not harness.gateway.servicer.in_flight.busy:
+        await asyncio.sleep(0.01)
+    text = tenants_toml(FAKE_URLS[id(harness.fake)])
+    globex_only = text[text.index("[tenants.globex]") :]
+    Path(harness.gateway.settings.tenants_file).write_text(globex_only)
+    harness.gateway.reload_tenants()  # acme is gone for new requests
+
+    reply = await in_flight
+    assert reply.summary.recipients_sent == 60
+    assert {c.api_key for c in harness.fake.calls} == {KEYS["acme"]}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Send(REQUEST, metadata=harness.auth("acme"))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
