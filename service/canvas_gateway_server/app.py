@@ -120,14 +120,15 @@ class Gateway:
             ),
             server,
         )
-        port = server.add_insecure_port(settings.grpc_address)
+        port = _listen(server, settings)
         if port == 0:
             await session.close()
             raise ConfigError(f"cannot listen on {settings.grpc_address}")
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("canvas-gateway listening on %s (port %d)", settings.grpc_address, port)
+        scheme = "TLS" if settings.tls_cert_file else "plaintext"
+        log.info("canvas-gateway listening on %s (port %d, %s)", settings.grpc_address, port, scheme)
         return cls(server, port, health_servicer, session, tenants, settings, servicer, shutting_down, fake)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -160,6 +161,18 @@ class Gateway:
             log.error("tenants reload failed, keeping the previous tenants: %s", exc)
         else:
             log.info("tenants reloaded")
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind the gRPC port: TLS when a certificate is configured, else plaintext."""
+    if not settings.tls_cert_file:
+        return server.add_insecure_port(settings.grpc_address)
+    try:
+        key = Path(settings.tls_key_file).read_bytes()
+        chain = Path(settings.tls_cert_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS certificate or key: {exc.strerror}") from None
+    return server.add_secure_port(settings.grpc_address, grpc.ssl_server_credentials([(key, chain)]))
 
 
 async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirectory]:

@@ -25,6 +25,10 @@ class Settings:
 
     grpc_address: str = "127.0.0.1:50051"
     """Where the gRPC server listens (host:port; port 0 picks a free one)."""
+    tls_cert_file: str = ""
+    """PEM certificate chain for TLS on the gRPC port; with tls_key_file. Unset: plaintext."""
+    tls_key_file: str = ""
+    """PEM private key for tls_cert_file."""
     tenants_file: str = ""
     """TOML file of tenants (see README). Required unless demo is true."""
     demo: bool = False
@@ -74,6 +78,8 @@ class Settings:
         for name in ("upstream_connect_timeout_seconds", "upstream_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be positive")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError(f"set both {ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE, or neither")
         if not self.demo and not self.tenants_file:
             raise ConfigError(f"set {ENV_PREFIX}TENANTS_FILE, or {ENV_PREFIX}DEMO=true for the demo")
 

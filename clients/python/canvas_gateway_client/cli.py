@@ -1,6 +1,6 @@
 """`canvas-gateway`: trigger Braze Canvases through canvas-gateway from the shell.
 
-    canvas-gateway [--target HOST:PORT] [--token TOKEN] [--timeout SECONDS] COMMAND
+    canvas-gateway [--target HOST:PORT] [--token TOKEN] [--timeout SECONDS] [--tls | --ca-file PEM] COMMAND
       send --file BODY.json [--validate-only]
       send-stream --header HEADER.json --recipients RECIPIENTS.jsonl [--chunk-size N] [--validate-only]
       send-demo [--recipients N] [--canvas-id ID] [--chunk-size N]
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable, argv is visible to ps)"
     )
     parser.add_argument("--timeout", type=float, help="RPC deadline in seconds (default: none)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system CA roots)")
+    parser.add_argument("--ca-file", help="PEM CA certificates to trust; implies --tls")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     send = commands.add_parser("send", help="send one Braze JSON body with the unary Send")
@@ -216,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, help="recipients/message")
     demo.set_defaults(run=cmd_send_demo)
     return parser
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if args.ca_file:
+        with open(args.ca_file, "rb") as roots:
+            return grpc.ssl_channel_credentials(root_certificates=roots.read())
+    return grpc.ssl_channel_credentials() if args.tls else None
 
 
 def _report_rpc_error(io: Console, error: grpc.aio.AioRpcError) -> None:
@@ -246,8 +255,8 @@ async def run(
         io.error(f"error: no token: set {TOKEN_ENV} or pass --token")
         return EXIT_ERROR
     try:
-        client = CanvasGatewayClient(args.target, token)
-    except ValueError as error:  # a malformed token; the text never quotes it
+        client = CanvasGatewayClient(args.target, token, credentials=_credentials(args))
+    except (ValueError, OSError) as error:  # a malformed token (never quoted) or an unreadable CA file
         io.error(f"error: {error}")
         return EXIT_ERROR
     command: Command = args.run
