@@ -376,6 +376,10 @@ Global___SendOptions: _TypeAlias = SendOptions  # noqa: Y015
 
 @_typing.final
 class SendRequest(_message.Message):
+    """SendRequest is one Braze body of any number of recipients (up to the
+    gateway's cap), split by the gateway into calls of at most 50.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRIGGER_FIELD_NUMBER: _builtins.int
@@ -400,6 +404,8 @@ Global___SendRequest: _TypeAlias = SendRequest  # noqa: Y015
 
 @_typing.final
 class SendResponse(_message.Message):
+    """SendResponse holds every batch's result: each recipient is in exactly one."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -426,6 +432,8 @@ Global___SendResponse: _TypeAlias = SendResponse  # noqa: Y015
 
 @_typing.final
 class SendStreamRequest(_message.Message):
+    """SendStreamRequest is one message of a SendStream: a header, then chunks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
@@ -458,6 +466,8 @@ Global___SendStreamRequest: _TypeAlias = SendStreamRequest  # noqa: Y015
 
 @_typing.final
 class StreamHeader(_message.Message):
+    """StreamHeader is the shared part of a stream: canvas, context, audience."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRIGGER_FIELD_NUMBER: _builtins.int
@@ -506,6 +516,8 @@ Global___RecipientChunk: _TypeAlias = RecipientChunk  # noqa: Y015
 
 @_typing.final
 class SendStreamResponse(_message.Message):
+    """SendStreamResponse is a batch result, or the closing summary."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
