@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -11,6 +12,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.app import DEMO_TOKEN, SERVICE_NAME, Gateway
+from canvas_gateway_server.fake_braze import Fault
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from conftest import FAKE_URLS, KEYS, Harness, tenants_toml
@@ -153,3 +155,56 @@ async def test_a_reload_does_not_disturb_requests_in_flight(harness: Harness) ->
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.Send(REQUEST, metadata=harness.auth("acme"))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("settings_overrides", [{"request_concurrency": 1}])
+async def test_past_the_grace_period_batches_are_abandoned_with_honest_results(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.delay(0), Fault.delay(5.0)])  # the second call hangs
+    request = pb.SendRequest(
+        trigger=pb.CanvasTrigger(
+            canvas_id="c", recipients=[pb.Recipient(external_user_id=f"u{i}") for i in range(150)]
+        )
+    )
+    in_flight = asyncio.ensure_future(harness.stub.Send(request, metadata=harness.auth()))
+    while len(harness.fake.calls) < 1:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the second call is now under way
+    began = time.monotonic()
+    await harness.gateway.stop(grace=0.5)
+    reply = await in_flight
+    assert time.monotonic() - began < 4  # did not wait for the hung call
+
+    outcomes = [(r.outcome, r.positions[0], r.retryable) for r in reply.results]
+    assert outcomes == [
+        (pb.OUTCOME_SENT, 0, False),
+        (pb.OUTCOME_UNKNOWN, 50, False),  # its call was under way: it may have reached Braze
+        (pb.OUTCOME_NOT_ATTEMPTED, 100, True),  # never sent: safe to send again
+    ]
+    assert sorted(p for r in reply.results for p in r.positions) == list(range(150))
+    assert "shut down" in reply.results[1].status_message
+
+
+async def test_an_abandoned_stream_batch_is_reported_not_dropped(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.delay(0), Fault.delay(5.0)])
+
+    async def requests() -> AsyncIterator[pb.SendStreamRequest]:
+        yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
+        recipients = [pb.Recipient(external_user_id=f"u{i}") for i in range(100)]
+        yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients))
+
+    responses: list[pb.SendStreamResponse] = []
+
+    async def read() -> None:
+        async for response in harness.stub.SendStream(requests(), metadata=harness.auth()):
+            responses.append(response)
+
+    reading = asyncio.create_task(read())
+    while len(harness.fake.calls) < 1:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    await harness.gateway.stop(grace=0.5)
+    await reading  # the caller had sent everything: the stream ends normally, with its summary
+    results = [r.result for r in responses if r.HasField("result")]
+    assert sorted(p for r in results for p in r.positions) == list(range(100))
+    assert sorted(r.outcome for r in results) == [pb.OUTCOME_SENT, pb.OUTCOME_UNKNOWN]
+    assert responses[-1].summary.recipients_unknown == 50

@@ -4,9 +4,10 @@ Startup: settings -> tenants -> pooled HTTP session -> Braze client -> limiter -
 dispatcher -> sender -> servicer -> gRPC server with health and reflection.
 Shutdown, in order: health NOT_SERVING; new sends are refused with UNAVAILABLE; streams
 stop reading new recipients, finish the batches they hold and end with UNAVAILABLE saying
-where to resume; in-flight RPCs get the grace period to finish; the server stops (cancelling
-what is left, such as health watchers); the HTTP session closes; the embedded fake Braze
-(demo only) stops.
+where to resume; in-flight RPCs get the grace period to finish, after which their remaining
+batches are abandoned with honest results (UNKNOWN if a call was under way, NOT_ATTEMPTED
+otherwise); the server stops (ending what is left, such as health watchers); the HTTP
+session closes; the embedded fake Braze (demo only) stops.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasGatewayService"].full_name
 DEMO_TOKEN = "demo-token"  # noqa: S105 - a documented demo credential for the embedded fake only
 DEMO_BRAZE_KEY = "demo-braze-key"
+ABANDON_SECONDS = 5.0
+"""After the grace period, how long abandoned RPCs get to report their results."""
+FLUSH_SECONDS = 1.0
+"""How long RPCs that have finished get to send their last response before the server stops."""
 
 
 @dataclass
@@ -58,7 +63,9 @@ class Gateway:
     settings: Settings
     servicer: CanvasGatewayServicer
     shutting_down: asyncio.Event
+    abandon: asyncio.Event
     fake_braze: FakeBraze | None = None
+    stopped: bool = False
 
     @classmethod
     async def start(
@@ -83,6 +90,7 @@ class Gateway:
                 total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
         )
+        abandon = asyncio.Event()
         dispatcher = Dispatcher(
             client,
             LocalLimiter(settings.tenant_concurrency),
@@ -91,6 +99,7 @@ class Gateway:
                 base_delay=settings.retry_base_delay_seconds,
                 max_wait=settings.max_retry_wait_seconds,
             ),
+            abandon=abandon,
         )
         sender = Sender(
             dispatcher,
@@ -129,26 +138,42 @@ class Gateway:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         scheme = "TLS" if settings.tls_cert_file else "plaintext"
         log.info("canvas-gateway listening on %s (port %d, %s)", settings.grpc_address, port, scheme)
-        return cls(server, port, health_servicer, session, tenants, settings, servicer, shutting_down, fake)
+        return cls(
+            server, port, health_servicer, session, tenants, settings, servicer, shutting_down, abandon, fake
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Ordered shutdown; in-flight RPCs get `grace` seconds (default from settings)."""
+        if self.stopped:
+            return
+        self.stopped = True
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         # From here new Send/SendStream calls get UNAVAILABLE, and open streams stop reading,
         # finish the batches they hold and end UNAVAILABLE with where to resume.
         self.shutting_down.set()
-        if self.servicer.in_flight.busy:
-            try:
-                await asyncio.wait_for(self.servicer.in_flight.idle(), grace)
-            except TimeoutError:
-                log.warning("grace period over: cancelling the requests still in flight")
-        # One stop, once our RPCs are done: health watchers need not wait out the grace period.
-        await self.server.stop(0)
+        if not await self._drained(grace):
+            # Past the grace period: batches still waiting or calling Braze end now, each with a
+            # result that says whether its call may have reached Braze, and the RPCs finish.
+            log.warning("grace period over: abandoning the batches still in flight")
+            self.abandon.set()
+            if not await self._drained(ABANDON_SECONDS):
+                log.error("requests still running after abandoning their batches: cancelling them")
+        # One stop (a second call can crash grpcio), once our RPCs are done; the short grace lets
+        # their last responses go out and ends the rest, such as health watchers.
+        await self.server.stop(FLUSH_SECONDS)
         await self.session.close()
         if self.fake_braze is not None:
             await self.fake_braze.stop()
         log.info("canvas-gateway stopped")
+
+    async def _drained(self, seconds: float) -> bool:
+        """Wait up to `seconds` for our own RPCs to finish; True when they have."""
+        try:
+            await asyncio.wait_for(self.servicer.in_flight.idle(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     def reload_tenants(self) -> None:
         """SIGHUP: reread the tenants file; on error keep the current tenants."""

@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from . import results
 from .limits import UpstreamLimiter
@@ -24,8 +25,20 @@ from .upstream import BrazeClient
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Progress:
+    """How far a batch got: what an abandoned batch's result must admit to."""
+
+    attempts: int = 0
+    calling: bool = False
+
+
 class Dispatcher:
-    """One batch in, one result out: rate limits, calls, and retries of what is safe."""
+    """One batch in, one result out: rate limits, calls, and retries of what is safe.
+
+    `abandon` is set when a shutdown's grace period is over: every batch still waiting or
+    calling then ends at once with a result that says whether its call may have reached Braze.
+    """
 
     def __init__(
         self,
@@ -33,6 +46,7 @@ class Dispatcher:
         limiter: UpstreamLimiter,
         policy: RetryPolicy,
         *,
+        abandon: asyncio.Event | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -40,12 +54,32 @@ class Dispatcher:
         self._client = client
         self._limiter = limiter
         self._policy = policy
+        self._abandon = abandon or asyncio.Event()
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
 
     async def send(self, tenant: Tenant, batch: Batch) -> BatchResult:
-        attempts = 0
+        progress = _Progress()
+        if self._abandon.is_set():
+            return results.abandoned(batch, progress.attempts, progress.calling)
+        attempt = asyncio.ensure_future(self._attempt(tenant, batch, progress))
+        abandoning = asyncio.ensure_future(self._abandon.wait())
+        try:
+            await asyncio.wait((attempt, abandoning), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            attempt.cancel()  # our caller went away: so does the call
+            raise
+        finally:
+            abandoning.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.wait((attempt,))  # let the cancellation land; it raises nothing here
+        if not attempt.cancelled():
+            return attempt.result()  # it finished after all
+        return results.abandoned(batch, progress.attempts, progress.calling)
+
+    async def _attempt(self, tenant: Tenant, batch: Batch, progress: _Progress) -> BatchResult:
         try:
             while True:
                 async with self._limiter.slot(tenant):
@@ -53,18 +87,20 @@ class Dispatcher:
                     if paused:
                         wait = paused - self._clock()
                         if wait > self._policy.max_wait:
-                            return results.rate_limited_locally(batch, attempts, int(paused))
+                            return results.rate_limited_locally(batch, progress.attempts, int(paused))
                         await self._sleep(max(0.0, wait))
-                    attempts += 1
+                    progress.attempts += 1
+                    progress.calling = True
                     reply = await self._client.trigger(tenant, batch.body)
+                    progress.calling = False
                     self._limiter.observe(tenant, batch.broadcast, reply)
-                delay = retry_delay(self._policy, reply, attempts, self._clock(), self._jitter())
+                delay = retry_delay(self._policy, reply, progress.attempts, self._clock(), self._jitter())
                 if delay is None:
-                    return results.from_reply(batch, reply, attempts)
+                    return results.from_reply(batch, reply, progress.attempts)
                 await self._sleep(delay)
         except Exception:
             log.exception("batch %d of tenant %s failed inside the gateway", batch.index, tenant.id)
-            return results.failed_inside_gateway(batch, attempts)
+            return results.failed_inside_gateway(batch, progress.attempts)
 
 
 _DONE = object()

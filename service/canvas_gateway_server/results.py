@@ -93,6 +93,15 @@ def failed_inside_gateway(batch: Batch, attempts: int) -> BatchResult:
     return _result(batch, Outcome.UNKNOWN, Code.INTERNAL, text, attempts=attempts)
 
 
+def abandoned(batch: Batch, attempts: int, calling: bool) -> BatchResult:
+    """Shutdown outlasted its grace period while this batch was waiting or calling Braze."""
+    if calling:
+        text = "outcome unknown: the gateway shut down while calling Braze"
+        return _result(batch, Outcome.UNKNOWN, Code.UNKNOWN, text, attempts=attempts)
+    text = "the gateway shut down before this batch was sent; nothing was sent"
+    return _result(batch, Outcome.NOT_ATTEMPTED, Code.UNAVAILABLE, text, retryable=True, attempts=attempts)
+
+
 def not_attempted(batch: Batch, reason: str, code: Code = Code.OK) -> BatchResult:
     """A planned batch that was not sent: validate_only (OK), or a stream that failed (ABORTED)."""
     return _result(batch, Outcome.NOT_ATTEMPTED, code, reason, retryable=code is not Code.OK)
