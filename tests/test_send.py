@@ -198,6 +198,15 @@ async def test_every_violation_is_reported_at_once(harness: Harness) -> None:
     ]
 
 
+async def test_hundreds_of_violations_still_arrive_as_invalid_argument(harness: Harness) -> None:
+    body = {"canvas_id": CANVAS, "recipients": [{"email": f"p{i}@example.com"} for i in range(3_000)]}
+    error = await refused(harness, body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # not a trailer too big for the client
+    found = violations_of(error)
+    assert [f for f, _ in found] == [f"recipients[{i}].prioritization" for i in range(25)]
+    assert "the first 25 of 3000 violations" in (error.details() or "")
+
+
 @pytest.mark.parametrize("settings_overrides", [{"unary_max_recipients": 100}])
 async def test_unary_recipient_cap(harness: Harness) -> None:
     error = await refused(harness, {"canvas_id": CANVAS, "recipients": recipients(101)})

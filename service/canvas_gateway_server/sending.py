@@ -46,11 +46,7 @@ class Sender:
         validate_only: bool,
     ) -> tuple[list[BatchResult], Summary]:
         """Validate the whole request, then send it; results in batch order."""
-        cap = self._limits.unary_max_recipients
-        if len(recipients) > cap:
-            raise InvalidRequest(
-                [Violation("recipients", f"at most {cap:,} per Send; use SendStream for more")]
-            )
+        self.check_unary_count(len(recipients))
         try:
             intake = Intake(head)
         except InvalidRequest as invalid:  # report the recipients' violations too, all at once
@@ -86,6 +82,14 @@ class Sender:
         for result in done:
             summary.add(result)
         return done, summary
+
+    def check_unary_count(self, count: int) -> None:
+        """Refuse a Send over the cap, before its recipients cost any work."""
+        cap = self._limits.unary_max_recipients
+        if count > cap:
+            raise InvalidRequest(
+                [Violation("recipients", f"at most {cap:,} per Send; use SendStream for more")]
+            )
 
     async def _run_all(self, tenant: Tenant, batches: list[Batch]) -> list[BatchResult]:
         fan = FanOut(self._dispatcher, tenant, self._limits.request_concurrency, len(batches) + 1)

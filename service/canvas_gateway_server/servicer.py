@@ -137,15 +137,16 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
     async def _send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
         try:
             tenant = self._authenticate(context)
+            self._sender.check_unary_count(len(request.trigger.recipients))
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
             done, summary = await self._sender.send(tenant, head, recipients, request.options.validate_only)
+            return pb.SendResponse(
+                results=[convert.result_to_proto(result) for result in done],
+                summary=convert.summary_to_proto(summary),
+            )
         except Exception as exc:  # every failure of the whole RPC is mapped in one place
             await status.abort(context, exc)
-        return pb.SendResponse(
-            results=[convert.result_to_proto(result) for result in done],
-            summary=convert.summary_to_proto(summary),
-        )
 
     async def SendStream(
         self, request_iterator: AsyncIterator[pb.SendStreamRequest], context: Context

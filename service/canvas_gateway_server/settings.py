@@ -55,8 +55,8 @@ class Settings:
     """Longest a batch waits for a rate-limit reset before giving up with RESOURCE_EXHAUSTED."""
     result_queue_size: int = 64
     """Results buffered per stream before batches wait for the caller to read."""
-    max_message_bytes: int = 64 * 1024 * 1024
-    """Largest gRPC message accepted (one Send, or one stream chunk)."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest gRPC message accepted or sent (one Send, or one stream chunk)."""
     shutdown_grace_seconds: float = 25.0
     """On SIGTERM, how long in-flight requests may finish before they are cancelled."""
     log_level: str = "INFO"

@@ -28,20 +28,31 @@ _CODES: dict[type[GatewayError], int] = {
 }
 
 
+MAX_DETAILED_VIOLATIONS = 25
+"""Violations carried in the status details. They travel in a trailer, and clients refuse
+trailers over 8-16 KB (as RESOURCE_EXHAUSTED, losing the real status), so the rest are
+only counted in the message."""
+
+
 def to_status(error: GatewayError) -> grpc.Status:
     """A GatewayError as a rich gRPC status."""
-    status = status_pb2.Status(code=_CODES.get(type(error), code_pb2.UNKNOWN), message=str(error))
+    message = str(error)
+    status = status_pb2.Status(code=_CODES.get(type(error), code_pb2.UNKNOWN))
     if isinstance(error, InvalidRequest):
+        shown = error.violations[:MAX_DETAILED_VIOLATIONS]
+        if len(error.violations) > len(shown):
+            message += f"; the details list the first {len(shown)} of {len(error.violations)} violations"
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.violations
+                    for v in shown
                 ]
             )
         )
         status.details.append(detail)
+    status.message = message
     return rpc_status.to_status(status)
 
 
