@@ -57,6 +57,7 @@ def test_key_from_env_and_file(tmp_path: Path) -> None:
     [
         (entry(url="http://rest.iad-01.braze.com"), "must be https"),
         (entry(url="ftp://example.com"), "http(s) base URL"),
+        (entry(url="https://user:pw@rest.iad-01.braze.com"), "must not carry credentials"),
         (entry(key=""), "exactly one of"),
         (entry(key='braze_api_key = "a"\nbraze_api_key_env = "B"'), "exactly one of"),
         (entry(key='braze_api_key_env = "MISSING"'), "MISSING is unset"),

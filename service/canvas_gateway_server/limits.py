@@ -17,6 +17,9 @@ from typing import Protocol
 from .tenants import Tenant
 from .upstream import Delivery, Reply
 
+MAX_PAUSE_SECONDS = 3600.0
+"""The longest a tenant is paused on one reply: Braze's longest window is a clock hour."""
+
 
 class UpstreamLimiter(Protocol):
     """What the dispatcher asks before and tells after each Braze call."""
@@ -56,8 +59,11 @@ class LocalLimiter:
     def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
         if reply.delivery is not Delivery.RESPONDED:
             return
+        key = (tenant.id, broadcast)
+        now = self._clock()
         spent = reply.status == 429 or reply.rate.remaining == 0
-        if spent and reply.rate.reset is not None and reply.rate.reset > self._clock():
-            self._pauses[(tenant.id, broadcast)] = float(reply.rate.reset)
-        elif not spent:
-            self._pauses.pop((tenant.id, broadcast), None)
+        if spent and reply.rate.reset is not None and reply.rate.reset > now:
+            # Braze's windows are a clock hour at most: a later reset is a bad header, not a plan.
+            self._pauses[key] = min(float(reply.rate.reset), now + MAX_PAUSE_SECONDS)
+        elif reply.rate.remaining is not None and reply.rate.remaining > 0:
+            self._pauses.pop(key, None)  # only a known budget lifts a pause

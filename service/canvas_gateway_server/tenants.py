@@ -163,6 +163,8 @@ def _check_url(where: str, url: Any, allow_insecure_http: bool) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"{where}: braze_rest_url must be an http(s) base URL")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{where}: braze_rest_url must not carry credentials (user:password@)")
     if parts.scheme == "http" and not (allow_insecure_http or is_loopback(parts.hostname)):
         raise ConfigError(
             f"{where}: braze_rest_url must be https (http only to loopback or with allow_insecure_http)"

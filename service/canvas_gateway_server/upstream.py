@@ -21,6 +21,8 @@ from .redaction import REDACTED
 from .tenants import Tenant
 
 TRIGGER_PATH: Final = "/canvas/trigger/send"
+_EPOCH_MIN: Final = 1_000_000_000  # 2001
+_EPOCH_MAX: Final = 10_000_000_000  # 2286; milliseconds are far above it
 
 
 class Delivery(enum.Enum):
@@ -65,8 +67,13 @@ def _header_number(headers: Mapping[str, str], name: str) -> int | None:
         return None
 
 
+def _plausible_epoch(seconds: int | None) -> int | None:
+    return seconds if seconds is not None and _EPOCH_MIN <= seconds <= _EPOCH_MAX else None
+
+
 def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit:
-    """Read x-ratelimit-* (any case). Braze sends empty strings on a 401: those are unknown."""
+    """Read x-ratelimit-* (any case). Braze sends empty strings on a 401: those are unknown,
+    and so is a reset that is not plausibly epoch seconds (milliseconds, say)."""
     retry_after: float | None = None
     for name in ("retry-after", "x-ratelimit-retry-after"):
         raw = headers.get(name, "").strip()
@@ -77,7 +84,7 @@ def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit:
     return RateLimit(
         limit=_header_number(headers, "x-ratelimit-limit"),
         remaining=_header_number(headers, "x-ratelimit-remaining"),
-        reset=_header_number(headers, "x-ratelimit-reset"),
+        reset=_plausible_epoch(_header_number(headers, "x-ratelimit-reset")),
         retry_after=retry_after,
     )
 
@@ -102,7 +109,7 @@ class BrazeClient:
             ) as response:
                 raw = await response.read()
                 return _reply(response.status, response.headers, raw, tenant.braze_api_key)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL) as exc:
             return Reply(Delivery.NOT_SENT, failure=type(exc).__name__)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Reply(Delivery.UNKNOWN, failure=type(exc).__name__)
