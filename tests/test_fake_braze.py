@@ -940,3 +940,40 @@ async def test_cli_serves_until_sigterm(session: aiohttp.ClientSession) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        {"user_alias": {"alias_name": "n", "alias_label": "l"}, "send_to_existing_only": True},
+        {
+            "user_alias": {"alias_name": "n", "alias_label": "l"},
+            "send_to_existing_only": False,
+            "attributes": {"a": 1},
+        },
+    ],
+)
+def test_send_to_existing_only_is_refused_with_any_alias(recipient: dict[str, object]) -> None:
+    rejection = rules.check_recipient(recipient)
+    assert rejection is not None
+    status, message = rejection
+    assert status == 400
+    assert "send_to_existing_only" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("2019-07-22T13:17:55+0000", True),
+        ("2019-07-22T13:17:55Z", True),
+        ("2019-07-22T13:17:55.123+02:00", True),
+        ("2019-07-22", False),
+        ("2019-07-22T13:17:55", False),  # no time zone
+        ("2019-07-22 13:17:55+0000", False),
+        ("yesterday", False),
+        ("2019-13-45T13:17:55Z", False),
+    ],
+)
+def test_last_used_app_needs_an_iso_datetime_with_a_zone(value: str, accepted: bool) -> None:
+    audience = {"last_used_app": {"comparison": "after", "value": value}}
+    assert (rules.check_audience(audience) is None) is accepted

@@ -168,7 +168,10 @@ def test_audience_examples_pass() -> None:
             ["audience.last_used_app.comparison", "audience.last_used_app.value"],
         ),
         (
-            {"AND": [{"last_used_app": {"comparison": "after", "value": "2020-01-01"}}], "OR": [{}]},
+            {
+                "AND": [{"last_used_app": {"comparison": "after", "value": "2020-01-01T00:00:00Z"}}],
+                "OR": [{}],
+            },
             ["audience"],
         ),
     ],
@@ -178,8 +181,32 @@ def test_audience_rules(audience: dict[str, Any], expected: list[str]) -> None:
 
 
 def test_audience_depth_is_bounded() -> None:
-    node: dict[str, Any] = {"last_used_app": {"comparison": "after", "value": "2020-01-01"}}
+    node: dict[str, Any] = {"last_used_app": {"comparison": "after", "value": "2020-01-01T00:00:00Z"}}
     for _ in range(MAX_AUDIENCE_DEPTH + 1):
         node = {"AND": [node]}
     found = check_audience(node, "audience")
     assert len(found) == 1 and "deeper" in found[0].description
+
+
+def test_send_to_existing_only_is_refused_with_any_alias() -> None:
+    recipient = {"user_alias": {"alias_name": "n", "alias_label": "l"}, "send_to_existing_only": True}
+    assert fields(check_recipient(recipient, "recipients[0]")) == ["recipients[0].send_to_existing_only"]
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("2019-07-22T13:17:55+0000", True),
+        ("2019-07-22T13:17:55Z", True),
+        ("2019-07-22T13:17:55.123+02:00", True),
+        ("2019-07-22", False),
+        ("20190722", False),
+        ("2011-W01-2", False),
+        ("2019-07-22T13:17:55", False),
+        ("2019-07-22 13:17:55+0000", False),
+        ("2019-13-45T13:17:55Z", False),
+    ],
+)
+def test_last_used_app_needs_an_iso_datetime_with_a_zone(value: str, accepted: bool) -> None:
+    found = check_audience({"last_used_app": {"comparison": "after", "value": value}}, "audience")
+    assert (found == []) is accepted

@@ -9,6 +9,7 @@ bytes exist.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
@@ -30,6 +31,7 @@ AUDIENCE_KEYS: Final = (
     "email_subscription_status",
     "last_used_app",
 )
+ISO_DATETIME: Final = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$")
 MAX_AUDIENCE_DEPTH: Final = 32
 """Braze documents no depth limit; this guard only keeps recursion bounded."""
 
@@ -72,11 +74,11 @@ def check_recipient(recipient: Mapping[str, Any], path: str) -> list[Violation]:
         for part in ("alias_name", "alias_label"):
             if not alias.get(part):
                 found.append(Violation(f"{path}.user_alias.{part}", "is required"))
-        if recipient.get("send_to_existing_only") is False:
+        if "send_to_existing_only" in recipient:
             found.append(
                 Violation(
                     f"{path}.send_to_existing_only",
-                    "cannot be false for a user_alias recipient: Braze does not create alias users",
+                    "cannot be used with user_alias (alias users must already exist): leave it out",
                 )
             )
     if "email" in recipient:
@@ -171,8 +173,19 @@ def _check_last_used_app(filter_: Mapping[str, Any], path: str) -> list[Violatio
     found: list[Violation] = []
     if filter_.get("comparison") not in LAST_USED_APP_COMPARISONS:
         found.append(Violation(f"{path}.comparison", "must be after or before"))
-    try:
-        datetime.fromisoformat(str(filter_.get("value", "")))
-    except ValueError:
-        found.append(Violation(f"{path}.value", "must be an ISO 8601 time, e.g. 2019-07-22T13:17:55+0000"))
+    if not _is_iso_datetime(str(filter_.get("value", ""))):
+        example = "2019-07-22T13:17:55+0000"
+        found.append(
+            Violation(f"{path}.value", f"must be an ISO 8601 date-time with a time zone, e.g. {example}")
+        )
     return found
+
+
+def _is_iso_datetime(value: str) -> bool:
+    if not ISO_DATETIME.match(value):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True

@@ -10,6 +10,8 @@ are silent these rules take the stricter reading (CONTRACT.md section 8).
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
@@ -39,6 +41,7 @@ RECIPIENT_FIELDS: Final = frozenset(
     }
 )
 IDENTIFIERS: Final = ("external_user_id", "user_alias", "email")
+ISO_DATETIME: Final = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$")
 PRIORITIZATION_VALUES: Final = frozenset(
     {"identified", "unidentified", "most_recently_updated", "least_recently_updated"}
 )
@@ -201,11 +204,10 @@ def _check_existing_only(recipient: dict[str, Any], where: str) -> Rejection | N
     attributes = recipient.get("attributes")
     if "attributes" in recipient and not isinstance(attributes, dict):
         return _bad(f"{where}.attributes must be an object")
-    if not existing_only:
-        if "user_alias" in recipient:
-            return _bad(f"{where}: send_to_existing_only false cannot be used with user_alias")
-        if not attributes:
-            return _bad(f"{where}: send_to_existing_only false needs a non-empty attributes object")
+    if "user_alias" in recipient and "send_to_existing_only" in recipient:
+        return _bad(f"{where}: send_to_existing_only cannot be used with user_alias")
+    if not existing_only and not attributes:
+        return _bad(f"{where}: send_to_existing_only false needs a non-empty attributes object")
     return None
 
 
@@ -231,7 +233,7 @@ def check_audience(node: Any, depth: int = 1) -> Rejection | None:
     if key == "custom_attribute":
         return _check_custom_attribute(value)
     if key == "last_used_app":
-        return _check_pair(value, key, LAST_USED_APP_COMPARISONS, None)
+        return _check_pair(value, key, LAST_USED_APP_COMPARISONS, None) or _check_time(value["value"])
     return _check_pair(value, key, SUBSCRIPTION_COMPARISONS, SUBSCRIPTION_VALUES)
 
 
@@ -250,6 +252,17 @@ def _check_custom_attribute(spec: dict[str, Any]) -> Rejection | None:
     if not isinstance(spec.get("value"), str | int | float):
         return _bad("custom_attribute value must be a string, number or boolean")
     return None
+
+
+def _check_time(value: str) -> Rejection | None:
+    """Braze documents an ISO 8601 date-time with its offset, e.g. 2019-07-22T13:17:55+0000."""
+    if ISO_DATETIME.match(value):
+        try:
+            datetime.fromisoformat(value)
+            return None
+        except ValueError:
+            pass
+    return _bad("last_used_app value must be an ISO 8601 date-time with a time zone")
 
 
 def _check_pair(
