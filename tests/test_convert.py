@@ -61,7 +61,7 @@ def test_empty_context_is_forwarded_as_given() -> None:
     assert convert.trigger_head(trigger) == {"canvas_id": "c", "context": {}}
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 2.0**53, -(2.0**53), 1234567890123456789])
 def test_numbers_json_cannot_carry_are_refused_with_their_field(bad: float) -> None:
     recipient = pb.Recipient(external_user_id="u")
     recipient.context.update({"score": bad})

@@ -110,7 +110,27 @@ async def test_validate_only_still_validates(harness: Harness) -> None:
     assert [f for f, _ in violations_of(caught.value)] == ["recipients[0].prioritization"]
 
 
+ONE = [{"external_user_id": "u"}]
 INVALID = [
+    (
+        {
+            "canvas_id": "c",
+            "context": {"a": 1},
+            "recipients": [
+                {"external_user_id": "u"},
+                {"external_user_id": "v", "canvas_entry_properties": {}},
+            ],
+        },
+        ["recipients[1].canvas_entry_properties"],
+    ),
+    (
+        {
+            "canvas_id": "c",
+            "context": {"order_id": 1234567890123456789},
+            "recipients": [{"external_user_id": "u"}],
+        },
+        ["context"],
+    ),
     ({"canvas_id": "", "recipients": [{"external_user_id": "u"}]}, ["canvas_id"]),
     ({"canvas_id": "c", "broadcast": True, "recipients": [{"external_user_id": "u"}]}, ["broadcast"]),
     (

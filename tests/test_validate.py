@@ -8,6 +8,7 @@ import pytest
 from canvas_gateway_server.model import Violation
 from canvas_gateway_server.validate import (
     MAX_AUDIENCE_DEPTH,
+    ContextNames,
     check_audience,
     check_head,
     check_recipient,
@@ -210,3 +211,14 @@ def test_send_to_existing_only_is_refused_with_any_alias() -> None:
 def test_last_used_app_needs_an_iso_datetime_with_a_zone(value: str, accepted: bool) -> None:
     found = check_audience({"last_used_app": {"comparison": "after", "value": value}}, "audience")
     assert (found == []) is accepted
+
+
+def test_one_context_name_throughout_a_request() -> None:
+    names = ContextNames({"canvas_id": "c", "context": {}})
+    assert fields(names.check({"external_user_id": "a", "context": {}}, "recipients[0]")) == []
+    legacy = {"external_user_id": "b", "canvas_entry_properties": {}}
+    assert fields(names.check(legacy, "recipients[1]")) == ["recipients[1].canvas_entry_properties"]
+    first_wins = ContextNames({"canvas_id": "c"})
+    assert fields(first_wins.check(legacy, "recipients[0]")) == []
+    later = {"external_user_id": "c", "context": {}}
+    assert fields(first_wins.check(later, "recipients[1]")) == ["recipients[1].context"]

@@ -17,7 +17,10 @@ from .model import MAX_BODY_BYTES, MAX_CONTEXT_BYTES, MAX_RECIPIENTS_PER_CALL, B
 _RECIPIENTS_KEY: Final = b',"recipients":['
 _CLOSE: Final = b"]}"
 _CONTEXT_KEYS: Final = ("context", "canvas_entry_properties")
-_NOT_JSON: Final = "holds a number JSON cannot carry (NaN or infinity)"
+_NOT_JSON: Final = (
+    "holds a number that cannot be sent exactly: NaN, infinity, or a whole number of 2^53 or more "
+    "(protobuf's Struct keeps numbers as doubles; send such values as strings)"
+)
 
 
 def _too_big(limit: int) -> str:

@@ -5,8 +5,9 @@ exactly the JSON Braze receives, so validation and batching never see protobuf.
 
 Numbers: google.protobuf.Struct stores every number as a double; an integral value is
 turned back into an int so that a caller's `12` reaches Braze as `12`, not `12.0`.
-A NaN or infinity cannot be written as JSON; it becomes NOT_JSON, which the encoder
-refuses, and the request is rejected naming the field.
+A NaN or infinity cannot be written as JSON, and a whole number of magnitude 2^53 or more
+has already lost digits in the double; both become NOT_JSON, which the encoder refuses,
+and the request is rejected naming the field (such numbers must travel as strings).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def value_to_py(value: struct_pb2.Value) -> Any:
         return value.string_value
     if kind == "number_value":
         number = value.number_value
-        if number.is_integer() and -_EXACT_INT_LIMIT < number < _EXACT_INT_LIMIT:
-            return int(number)
+        if number.is_integer():
+            # Past 2^53 a double has already lost digits: refuse rather than send a different number.
+            return int(number) if -_EXACT_INT_LIMIT < number < _EXACT_INT_LIMIT else NOT_JSON
         return number if math.isfinite(number) else NOT_JSON
     if kind == "bool_value":
         return value.bool_value

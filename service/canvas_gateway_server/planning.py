@@ -13,7 +13,7 @@ from .batching import BatchPlanner, broadcast_batch, encode_head
 from .errors import InvalidRequest, PermissionDenied
 from .model import Batch, Violation
 from .tenants import Tenant
-from .validate import check_head, check_recipient
+from .validate import ContextNames, check_head, check_recipient
 
 
 def authorize(tenant: Tenant, head: Mapping[str, Any]) -> None:
@@ -35,6 +35,7 @@ class Intake:
             raise InvalidRequest(encoded)
         self.head = head
         self.head_json = encoded
+        self._context_names = ContextNames(head)
         self._planner = BatchPlanner(encoded)
         self.received = 0
         """Recipients taken so far, valid or not: the next recipient's position."""
@@ -44,7 +45,7 @@ class Intake:
         position = self.received
         self.received += 1
         path = f"recipients[{position}]"
-        found = check_recipient(recipient, path)
+        found = check_recipient(recipient, path) or self._context_names.check(recipient, path)
         if found:
             return position, found
         encoded = self._planner.encode(recipient, path)

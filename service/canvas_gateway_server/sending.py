@@ -18,7 +18,7 @@ from .errors import InvalidRequest
 from .model import Batch, BatchResult, Code, Summary, Violation
 from .planning import Intake, authorize
 from .tenants import Tenant
-from .validate import check_recipient, check_recipient_count
+from .validate import ContextNames, check_recipient, check_recipient_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
 ABANDONED = "the stream ended before this batch was sent; nothing was sent"
@@ -50,13 +50,12 @@ class Sender:
         try:
             intake = Intake(head)
         except InvalidRequest as invalid:  # report the recipients' violations too, all at once
-            raise InvalidRequest(
-                [
-                    *invalid.violations,
-                    *check_recipient_count(head, len(recipients)),
-                    *(v for i, r in enumerate(recipients) for v in check_recipient(r, f"recipients[{i}]")),
-                ]
-            ) from None
+            names = ContextNames(head)
+            found = [*invalid.violations, *check_recipient_count(head, len(recipients))]
+            for index, recipient in enumerate(recipients):
+                path = f"recipients[{index}]"
+                found.extend(check_recipient(recipient, path) or names.check(recipient, path))
+            raise InvalidRequest(found) from None
         violations = check_recipient_count(head, len(recipients))
         batches: list[Batch] = []
         for recipient in recipients:

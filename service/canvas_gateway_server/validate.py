@@ -36,6 +36,7 @@ MAX_AUDIENCE_DEPTH: Final = 32
 """Braze documents no depth limit; this guard only keeps recursion bounded."""
 
 _IDENTIFIERS: Final = ("external_user_id", "user_alias", "email")
+_CONTEXT_NAMES: Final = ("context", "canvas_entry_properties")
 _LEGACY_CONTEXT: Final = "set `context` or its legacy name `canvas_entry_properties`, not both"
 
 
@@ -59,6 +60,27 @@ def check_recipient_count(head: Mapping[str, Any], count: int) -> list[Violation
         what = "an audience without recipients" if "audience" in head else "no recipients"
         return [Violation("recipients", f"at least one recipient is required ({what} needs broadcast: true)")]
     return []
+
+
+class ContextNames:
+    """One request uses one name for its context, `context` or the legacy
+    `canvas_entry_properties`, throughout, so Braze never gets both (CONTRACT.md section 8.2).
+    The top level fixes the name, or else the first recipient that uses one."""
+
+    def __init__(self, head: Mapping[str, Any]) -> None:
+        self.name = next((name for name in _CONTEXT_NAMES if name in head), None)
+
+    def check(self, recipient: Mapping[str, Any], path: str) -> list[Violation]:
+        used = [name for name in _CONTEXT_NAMES if name in recipient]
+        if len(used) != 1:
+            return []  # none, or both (which check_recipient reports)
+        if self.name is None:
+            self.name = used[0]
+        elif used[0] != self.name:
+            return [
+                Violation(f"{path}.{used[0]}", f"this request uses `{self.name}`: use that name throughout")
+            ]
+        return []
 
 
 def check_recipient(recipient: Mapping[str, Any], path: str) -> list[Violation]:
