@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
+from canvas_gateway_server.app import configure_logging
 from canvas_gateway_server.redaction import REDACTED, SecretFilter, redact
+from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.tenants import StaticTenantDirectory, Tenant, token_digest
 
 SECRET = "braze-key-abc123"
 
@@ -37,3 +41,19 @@ def test_the_log_filter_scrubs_messages_args_and_tracebacks() -> None:
     assert output.count(REDACTED) == 2
     assert "RuntimeError" in output
     assert "nothing secret here" in output
+
+
+def test_the_gateway_log_handler_redacts_every_tenant_key(capsys: pytest.CaptureFixture[str]) -> None:
+    tenant = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key=SECRET)
+    directory = StaticTenantDirectory([(tenant, [token_digest("t")])])
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(Settings.from_env({}, demo=True), directory)
+        logging.getLogger("canvas_gateway_server.test").warning("Braze said: Invalid API key: %s", SECRET)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "Invalid API key: [REDACTED]" in err
+    assert SECRET not in err
