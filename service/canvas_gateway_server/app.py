@@ -63,7 +63,7 @@ class Gateway:
     settings: Settings
     servicer: CanvasGatewayServicer
     shutting_down: asyncio.Event
-    abandon: asyncio.Event
+    dispatcher: Dispatcher
     fake_braze: FakeBraze | None = None
     stopped: bool = False
 
@@ -90,7 +90,6 @@ class Gateway:
                 total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
         )
-        abandon = asyncio.Event()
         dispatcher = Dispatcher(
             client,
             LocalLimiter(settings.tenant_concurrency),
@@ -99,7 +98,6 @@ class Gateway:
                 base_delay=settings.retry_base_delay_seconds,
                 max_wait=settings.max_retry_wait_seconds,
             ),
-            abandon=abandon,
         )
         sender = Sender(
             dispatcher,
@@ -139,7 +137,16 @@ class Gateway:
         scheme = "TLS" if settings.tls_cert_file else "plaintext"
         log.info("canvas-gateway listening on %s (port %d, %s)", settings.grpc_address, port, scheme)
         return cls(
-            server, port, health_servicer, session, tenants, settings, servicer, shutting_down, abandon, fake
+            server=server,
+            port=port,
+            health=health_servicer,
+            session=session,
+            tenants=tenants,
+            settings=settings,
+            servicer=servicer,
+            shutting_down=shutting_down,
+            dispatcher=dispatcher,
+            fake_braze=fake,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -156,7 +163,7 @@ class Gateway:
             # Past the grace period: batches still waiting or calling Braze end now, each with a
             # result that says whether its call may have reached Braze, and the RPCs finish.
             log.warning("grace period over: abandoning the batches still in flight")
-            self.abandon.set()
+            self.dispatcher.abandon()
             if not await self._drained(ABANDON_SECONDS):
                 log.error("requests still running after abandoning their batches: cancelling them")
         # One stop (a second call can crash grpcio), once our RPCs are done; the short grace lets

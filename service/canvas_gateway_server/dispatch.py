@@ -36,7 +36,7 @@ class _Progress:
 class Dispatcher:
     """One batch in, one result out: rate limits, calls, and retries of what is safe.
 
-    `abandon` is set when a shutdown's grace period is over: every batch still waiting or
+    `abandon()` is called when a shutdown's grace period is over: every batch still waiting or
     calling then ends at once with a result that says whether its call may have reached Braze.
     """
 
@@ -46,7 +46,6 @@ class Dispatcher:
         limiter: UpstreamLimiter,
         policy: RetryPolicy,
         *,
-        abandon: asyncio.Event | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -54,30 +53,37 @@ class Dispatcher:
         self._client = client
         self._limiter = limiter
         self._policy = policy
-        self._abandon = abandon or asyncio.Event()
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
+        self._abandoned = False
+        self._running: set[asyncio.Task[object]] = set()
+
+    def abandon(self) -> None:
+        """End every batch in progress now, and every later one before it starts."""
+        self._abandoned = True
+        for task in list(self._running):
+            task.cancel()
 
     async def send(self, tenant: Tenant, batch: Batch) -> BatchResult:
         progress = _Progress()
-        if self._abandon.is_set():
+        task = asyncio.current_task()
+        if self._abandoned or task is None:
             return results.abandoned(batch, progress.attempts, progress.calling)
-        attempt = asyncio.ensure_future(self._attempt(tenant, batch, progress))
-        abandoning = asyncio.ensure_future(self._abandon.wait())
+        self._running.add(task)
         try:
-            await asyncio.wait((attempt, abandoning), return_when=asyncio.FIRST_COMPLETED)
+            return await self._attempt(tenant, batch, progress)
         except asyncio.CancelledError:
-            attempt.cancel()  # our caller went away: so does the call
+            if self._consume_abandon_cancel(task):
+                return results.abandoned(batch, progress.attempts, progress.calling)
             raise
         finally:
-            abandoning.cancel()
-        if not attempt.done():
-            attempt.cancel()
-            await asyncio.wait((attempt,))  # let the cancellation land; it raises nothing here
-        if not attempt.cancelled():
-            return attempt.result()  # it finished after all
-        return results.abandoned(batch, progress.attempts, progress.calling)
+            self._running.discard(task)
+
+    def _consume_abandon_cancel(self, task: asyncio.Task[object]) -> bool:
+        """True when a cancellation is abandon()'s alone: it becomes a result. Any other
+        cancellation (the caller went away) goes on."""
+        return self._abandoned and task.uncancel() == 0
 
     async def _attempt(self, tenant: Tenant, batch: Batch, progress: _Progress) -> BatchResult:
         try:
