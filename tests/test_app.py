@@ -208,3 +208,19 @@ async def test_an_abandoned_stream_batch_is_reported_not_dropped(harness: Harnes
     assert sorted(p for r in results for p in r.positions) == list(range(100))
     assert sorted(r.outcome for r in results) == [pb.OUTCOME_SENT, pb.OUTCOME_UNKNOWN]
     assert responses[-1].summary.recipients_unknown == 50
+
+
+@pytest.mark.parametrize("settings_overrides", [{"upstream_pool_size": 1, "request_concurrency": 4}])
+async def test_batches_still_waiting_for_a_connection_are_known_unsent(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.delay(5.0)])  # holds the only pooled connection
+    recipients = [pb.Recipient(external_user_id=f"u{i}") for i in range(200)]
+    request = pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=recipients))
+    in_flight = asyncio.ensure_future(harness.stub.Send(request, metadata=harness.auth()))
+    while not harness.gateway.servicer.in_flight.busy:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # one call is on the wire, three wait for the pool
+    await harness.gateway.stop(grace=0.3)
+    reply = await in_flight
+    outcomes = sorted(r.outcome for r in reply.results)
+    assert outcomes == [pb.OUTCOME_UNKNOWN] + [pb.OUTCOME_NOT_ATTEMPTED] * 3
+    assert all(r.retryable for r in reply.results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED)

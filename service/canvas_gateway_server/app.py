@@ -38,7 +38,7 @@ from .sending import Sender, SendLimits
 from .servicer import CanvasGatewayServicer
 from .settings import Settings
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
-from .upstream import BrazeClient
+from .upstream import BrazeClient, sent_trace
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class Gateway:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.upstream_pool_size, keepalive_timeout=30),
             skip_auto_headers=("User-Agent",),
+            trace_configs=[sent_trace()],
         )
         client = BrazeClient(
             session,

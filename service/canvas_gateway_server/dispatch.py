@@ -30,7 +30,8 @@ class _Progress:
     """How far a batch got: what an abandoned batch's result must admit to."""
 
     attempts: int = 0
-    calling: bool = False
+    sent: bool = False
+    """The current call's request has started going out (set by upstream's trace hook)."""
 
 
 class Dispatcher:
@@ -69,13 +70,13 @@ class Dispatcher:
         progress = _Progress()
         task = asyncio.current_task()
         if self._abandoned or task is None:
-            return results.abandoned(batch, progress.attempts, progress.calling)
+            return results.abandoned(batch, progress.attempts, progress.sent)
         self._running.add(task)
         try:
             return await self._attempt(tenant, batch, progress)
         except asyncio.CancelledError:
             if self._consume_abandon_cancel(task):
-                return results.abandoned(batch, progress.attempts, progress.calling)
+                return results.abandoned(batch, progress.attempts, progress.sent)
             raise
         finally:
             self._running.discard(task)
@@ -96,9 +97,8 @@ class Dispatcher:
                             return results.rate_limited_locally(batch, progress.attempts, int(paused))
                         await self._sleep(max(0.0, wait))
                     progress.attempts += 1
-                    progress.calling = True
-                    reply = await self._client.trigger(tenant, batch.body)
-                    progress.calling = False
+                    reply = await self._client.trigger(tenant, batch.body, progress)
+                    progress.sent = False  # the reply settled that call
                     self._limiter.observe(tenant, batch.broadcast, reply)
                 delay = retry_delay(self._policy, reply, progress.attempts, self._clock(), self._jitter())
                 if delay is None:

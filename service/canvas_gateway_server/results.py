@@ -93,9 +93,9 @@ def failed_inside_gateway(batch: Batch, attempts: int) -> BatchResult:
     return _result(batch, Outcome.UNKNOWN, Code.INTERNAL, text, attempts=attempts)
 
 
-def abandoned(batch: Batch, attempts: int, calling: bool) -> BatchResult:
+def abandoned(batch: Batch, attempts: int, sent: bool) -> BatchResult:
     """Shutdown outlasted its grace period while this batch was waiting or calling Braze."""
-    if calling:
+    if sent:
         text = "outcome unknown: the gateway shut down while calling Braze"
         return _result(batch, Outcome.UNKNOWN, Code.UNKNOWN, text, attempts=attempts)
     text = "the gateway shut down before this batch was sent; nothing was sent"

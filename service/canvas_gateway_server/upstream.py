@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from types import SimpleNamespace
+from typing import Any, Final, Protocol
 
 import aiohttp
 import orjson
@@ -89,23 +90,58 @@ def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit:
     )
 
 
+class Progress(Protocol):
+    """Told when a call's request starts going out: from then on it may reach Braze."""
+
+    sent: bool
+
+
+async def _mark_sent(_: object, context: SimpleNamespace, __: object) -> None:
+    progress = context.trace_request_ctx
+    if progress is not None:
+        progress.sent = True
+
+
+def sent_trace() -> aiohttp.TraceConfig:
+    """The session's trace hook that tells a call's Progress when its headers are written.
+
+    Waiting for a pooled connection, connecting and the TLS handshake send nothing, so a call
+    cut short there is known not to have reached Braze.
+    """
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_mark_sent)
+    return trace
+
+
 class BrazeClient:
-    """Sends trigger bodies for tenants over one shared, pooled aiohttp session."""
+    """Sends trigger bodies for tenants over one shared, pooled aiohttp session.
+
+    Build the session with `trace_configs=[sent_trace()]`; without it every call counts as
+    sent from its start, which is safe but reports more outcomes as unknown.
+    """
 
     def __init__(self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
         self._session = session
         self._timeout = timeout
+        self._traced = any(_mark_sent in trace.on_request_headers_sent for trace in session.trace_configs)
 
-    async def trigger(self, tenant: Tenant, body: bytes) -> Reply:
+    async def trigger(self, tenant: Tenant, body: bytes, progress: Progress | None = None) -> Reply:
         """POST one batch body with the tenant's key; never raises for network failures."""
         headers = {
             "Authorization": f"Bearer {tenant.braze_api_key}",
             "Content-Type": "application/json",
         }
         url = tenant.braze_rest_url + TRIGGER_PATH
+        if progress is not None and not self._traced:
+            progress.sent = True
         try:
             async with self._session.post(
-                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                trace_request_ctx=progress,
             ) as response:
                 raw = await response.read()
                 return _reply(response.status, response.headers, raw, tenant.braze_api_key)
