@@ -23,29 +23,34 @@ def headers(name: str) -> CIMultiDict[str]:
 
 
 def test_braze_headers_as_recorded() -> None:
-    rate = parse_rate_limit(headers("response_429.headers.json"))
+    rate = parse_rate_limit(headers("response_429.headers.json"), NOW)
     assert rate == RateLimit(limit=250_000, remaining=0, reset=1_750_194_000)
-    assert parse_rate_limit(headers("response_401.headers.json")) == RateLimit()  # empty strings: unknown
+    assert (
+        parse_rate_limit(headers("response_401.headers.json"), NOW) == RateLimit()
+    )  # empty strings: unknown
     upper = CIMultiDict({"X-RateLimit-Remaining": "7"})  # aiohttp's headers match any case
-    assert parse_rate_limit(upper).remaining == 7
-    assert parse_rate_limit({"retry-after": "7"}).retry_after == 7.0
-    assert parse_rate_limit({"x-ratelimit-retry-after": "3.5"}).retry_after == 3.5
+    assert parse_rate_limit(upper, NOW).remaining == 7
+    assert parse_rate_limit({"retry-after": "7"}, NOW).retry_after == 7.0
+    assert parse_rate_limit({"x-ratelimit-retry-after": "3.5"}, NOW).retry_after == 3.5
 
 
-def test_a_reset_that_is_not_epoch_seconds_is_unknown() -> None:
-    assert parse_rate_limit({"x-ratelimit-reset": "1750194000000"}).reset is None  # milliseconds
-    assert parse_rate_limit({"x-ratelimit-reset": "100000000000000000000"}).reset is None
-    assert parse_rate_limit({"x-ratelimit-reset": "soon"}).reset is None
+def test_a_reset_that_is_not_epoch_seconds_near_now_is_unknown() -> None:
+    for bad in ("1750194000000", "100000000000000000000", "9999999999", "1000000000", "soon"):
+        assert parse_rate_limit({"x-ratelimit-reset": bad}, NOW).reset is None, bad
+    assert parse_rate_limit({"x-ratelimit-reset": "1750194000"}, NOW).reset == 1_750_194_000
 
 
-def test_a_spent_budget_pauses_until_the_reset_and_a_known_budget_lifts_it() -> None:
-    limiter = LocalLimiter(4, clock=lambda: NOW)
+def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early() -> None:
+    now = [NOW]
+    limiter = LocalLimiter(4, clock=lambda: now[0])
     limiter.observe(TENANT, False, reply(201, remaining=0, reset=1_750_194_000))
     assert limiter.paused_until(TENANT, False) == 1_750_194_000
     assert limiter.paused_until(TENANT, True) == 0  # broadcasts have their own budget
     limiter.observe(TENANT, False, reply(503))  # no headers: says nothing about the budget
+    limiter.observe(TENANT, False, reply(201, remaining=3, reset=1_750_194_000))  # a stale reply
+    limiter.observe(TENANT, False, reply(429, remaining=5))
     assert limiter.paused_until(TENANT, False) == 1_750_194_000
-    limiter.observe(TENANT, False, reply(201, remaining=10, reset=1_750_194_000))
+    now[0] = 1_750_194_000.5  # the window has reset
     assert limiter.paused_until(TENANT, False) == 0
 
 

@@ -1,8 +1,8 @@
 """Per-tenant limits on calls to Braze, behind an interface so a shared (Redis) one can follow.
 
 The in-process default bounds each tenant's concurrent batches and pauses a tenant whose
-Braze budget is spent (x-ratelimit-remaining 0, or a 429) until x-ratelimit-reset, as Braze
-advises. Recipient calls and broadcast calls have separate budgets in Braze, so they are
+Braze budget is spent (x-ratelimit-remaining 0, or a 429) until x-ratelimit-reset (at most an
+hour), as Braze advises. Recipient calls and broadcast calls have separate budgets in Braze, so they are
 tracked apart.
 """
 
@@ -59,11 +59,12 @@ class LocalLimiter:
     def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
         if reply.delivery is not Delivery.RESPONDED:
             return
-        key = (tenant.id, broadcast)
         now = self._clock()
         spent = reply.status == 429 or reply.rate.remaining == 0
         if spent and reply.rate.reset is not None and reply.rate.reset > now:
             # Braze's windows are a clock hour at most: a later reset is a bad header, not a plan.
-            self._pauses[key] = min(float(reply.rate.reset), now + MAX_PAUSE_SECONDS)
-        elif reply.rate.remaining is not None and reply.rate.remaining > 0:
-            self._pauses.pop(key, None)  # only a known budget lifts a pause
+            key = (tenant.id, broadcast)
+            until = min(float(reply.rate.reset), now + MAX_PAUSE_SECONDS)
+            self._pauses[key] = max(until, self._pauses.get(key, 0.0))
+        # A pause is never lifted early: within a window the budget only shrinks, so a reply
+        # showing budget left was sent before the one that spent it. It ends at its reset.

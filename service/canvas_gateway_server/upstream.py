@@ -10,6 +10,7 @@ tenant's key before it is parsed.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -22,8 +23,7 @@ from .redaction import REDACTED
 from .tenants import Tenant
 
 TRIGGER_PATH: Final = "/canvas/trigger/send"
-_EPOCH_MIN: Final = 1_000_000_000  # 2001
-_EPOCH_MAX: Final = 10_000_000_000  # 2286; milliseconds are far above it
+_RESET_SLACK: Final = 2 * 3600  # Braze's longest window is an hour; allow for clock skew
 
 
 class Delivery(enum.Enum):
@@ -68,13 +68,12 @@ def _header_number(headers: Mapping[str, str], name: str) -> int | None:
         return None
 
 
-def _plausible_epoch(seconds: int | None) -> int | None:
-    return seconds if seconds is not None and _EPOCH_MIN <= seconds <= _EPOCH_MAX else None
-
-
-def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit:
+def parse_rate_limit(headers: Mapping[str, str], now: float) -> RateLimit:
     """Read x-ratelimit-* (any case). Braze sends empty strings on a 401: those are unknown,
-    and so is a reset that is not plausibly epoch seconds (milliseconds, say)."""
+    and so is a reset that is not epoch seconds within Braze's windows (an hour) of `now`."""
+    reset = _header_number(headers, "x-ratelimit-reset")
+    if reset is not None and not now - _RESET_SLACK <= reset <= now + _RESET_SLACK:
+        reset = None
     retry_after: float | None = None
     for name in ("retry-after", "x-ratelimit-retry-after"):
         raw = headers.get(name, "").strip()
@@ -85,7 +84,7 @@ def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit:
     return RateLimit(
         limit=_header_number(headers, "x-ratelimit-limit"),
         remaining=_header_number(headers, "x-ratelimit-remaining"),
-        reset=_plausible_epoch(_header_number(headers, "x-ratelimit-reset")),
+        reset=reset,
         retry_after=retry_after,
     )
 
@@ -144,14 +143,14 @@ class BrazeClient:
                 trace_request_ctx=progress,
             ) as response:
                 raw = await response.read()
-                return _reply(response.status, response.headers, raw, tenant.braze_api_key)
+                return _reply(response.status, response.headers, raw, tenant.braze_api_key, time.time())
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL) as exc:
             return Reply(Delivery.NOT_SENT, failure=type(exc).__name__)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Reply(Delivery.UNKNOWN, failure=type(exc).__name__)
 
 
-def _reply(status: int, headers: Mapping[str, str], raw: bytes, api_key: str) -> Reply:
+def _reply(status: int, headers: Mapping[str, str], raw: bytes, api_key: str, now: float) -> Reply:
     secret = api_key.encode()
     if secret in raw:
         raw = raw.replace(secret, REDACTED.encode())
@@ -165,6 +164,6 @@ def _reply(status: int, headers: Mapping[str, str], raw: bytes, api_key: str) ->
         Delivery.RESPONDED,
         status=status,
         body=body,
-        rate=parse_rate_limit(headers),
+        rate=parse_rate_limit(headers, now),
         content_type=headers.get("content-type", ""),
     )
