@@ -218,13 +218,35 @@ async def test_every_violation_is_reported_at_once(harness: Harness) -> None:
     ]
 
 
-async def test_hundreds_of_violations_still_arrive_as_invalid_argument(harness: Harness) -> None:
+def trailer_bytes(error: grpc.aio.AioRpcError) -> int:
+    """What the status costs on the wire: details base64-encoded, plus the message."""
+    details = sum(len(v) for k, v in error.trailing_metadata() or () if k == "grpc-status-details-bin")
+    return details * 4 // 3 + len((error.details() or "").encode())
+
+
+async def test_thousands_of_violations_still_arrive_as_invalid_argument(harness: Harness) -> None:
     body = {"canvas_id": CANVAS, "recipients": [{"email": f"p{i}@example.com"} for i in range(3_000)]}
     error = await refused(harness, body)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # not a trailer too big for the client
     found = violations_of(error)
-    assert [f for f, _ in found] == [f"recipients[{i}].prioritization" for i in range(25)]
-    assert "the first 25 of 3000 violations" in (error.details() or "")
+    assert 20 <= len(found) < 3_000
+    assert [f for f, _ in found] == [f"recipients[{i}].prioritization" for i in range(len(found))]
+    assert f"the first {len(found)} of 3000 violations" in (error.details() or "")
+    assert trailer_bytes(error) < 8_192
+
+
+async def test_long_audience_paths_keep_the_status_small(harness: Harness) -> None:
+    def deep(levels: int) -> dict[str, Any]:
+        node: dict[str, Any] = {"push_subscription_status": {"comparison": "was", "value": "maybe"}}
+        for _ in range(levels):
+            node = {"AND": [node]}
+        return node
+
+    body = {"canvas_id": CANVAS, "broadcast": True, "audience": {"OR": [deep(30) for _ in range(30)]}}
+    error = await refused(harness, body, "globex")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations_of(error)
+    assert trailer_bytes(error) < 8_192
 
 
 @pytest.mark.parametrize("settings_overrides", [{"unary_max_recipients": 100}])

@@ -28,10 +28,11 @@ _CODES: dict[type[GatewayError], int] = {
 }
 
 
-MAX_DETAILED_VIOLATIONS = 25
-"""Violations carried in the status details. They travel in a trailer, and clients refuse
-trailers over 8-16 KB (as RESOURCE_EXHAUSTED, losing the real status), so the rest are
-only counted in the message."""
+MAX_DETAIL_BYTES = 3_000
+"""Budget for the BadRequest details. They travel base64-encoded in a trailer, and clients
+refuse trailers over 8 KB (grpc-java) to 16 KB (grpc-python) with RESOURCE_EXHAUSTED, losing
+the real status; violations past the budget are only counted in the message."""
+MAX_MESSAGE_CHARS = 500
 
 
 def to_status(error: GatewayError) -> grpc.Status:
@@ -39,20 +40,24 @@ def to_status(error: GatewayError) -> grpc.Status:
     message = str(error)
     status = status_pb2.Status(code=_CODES.get(type(error), code_pb2.UNKNOWN))
     if isinstance(error, InvalidRequest):
-        shown = error.violations[:MAX_DETAILED_VIOLATIONS]
-        if len(error.violations) > len(shown):
-            message += f"; the details list the first {len(shown)} of {len(error.violations)} violations"
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in shown
-                ]
+        bad_request = error_details_pb2.BadRequest()
+        for violation in error.violations:
+            entry = error_details_pb2.BadRequest.FieldViolation(
+                field=violation.field, description=violation.description
             )
-        )
+            if (
+                bad_request.field_violations
+                and bad_request.ByteSize() + entry.ByteSize() + 3 > MAX_DETAIL_BYTES
+            ):
+                break
+            bad_request.field_violations.append(entry)
+        shown, total = len(bad_request.field_violations), len(error.violations)
+        if shown < total:
+            message += f"; the details list the first {shown} of {total} violations"
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
         status.details.append(detail)
-    status.message = message
+    status.message = message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
     return rpc_status.to_status(status)
 
 
