@@ -977,3 +977,26 @@ def test_send_to_existing_only_is_refused_with_any_alias(recipient: dict[str, ob
 def test_last_used_app_needs_an_iso_datetime_with_a_zone(value: str, accepted: bool) -> None:
     audience = {"last_used_app": {"comparison": "after", "value": value}}
     assert (rules.check_audience(audience) is None) is accepted
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "canvas_id": "c",
+            "context": {},
+            "recipients": [{"external_user_id": "u", "canvas_entry_properties": {}}],
+        },
+        {
+            "canvas_id": "c",
+            "recipients": [
+                {"external_user_id": "u", "context": {}},
+                {"external_user_id": "v", "canvas_entry_properties": {}},
+            ],
+        },
+    ],
+)
+def test_one_body_never_mixes_context_names(body: dict[str, object]) -> None:
+    rejection = rules.check_request(body)
+    assert rejection is not None
+    assert "cannot both be used" in rejection[1]

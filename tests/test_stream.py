@@ -187,3 +187,13 @@ async def test_a_cancelled_stream_leaves_the_gateway_healthy(harness: Harness) -
     harness.fake.faults.clear()
     results, summary = await stream(harness, [header(), *chunks(100, 100)])
     assert covered(results) == list(range(100)) and summary is not None
+
+
+async def test_only_a_recipient_that_is_sent_fixes_the_context_name(harness: Harness) -> None:
+    bad_legacy = {"external_user_id": "u0", "canvas_entry_properties": {"blob": "x" * 60_000}}  # too big
+    rest = [{"external_user_id": f"u{i}", "context": {"i": i}} for i in range(1, 4)]
+    results, _ = await stream(harness, [header({"canvas_id": CANVAS}), chunk([bad_legacy, *rest])])
+    rejected = [r for r in results if r.outcome == pb.OUTCOME_REJECTED]
+    assert [list(r.positions) for r in rejected] == [[0]]
+    assert [v.field for v in rejected[0].violations] == ["recipients[0].canvas_entry_properties"]
+    assert sum(len(r.positions) for r in results if r.outcome == pb.OUTCOME_SENT) == 3

@@ -18,8 +18,8 @@ _RECIPIENTS_KEY: Final = b',"recipients":['
 _CLOSE: Final = b"]}"
 _CONTEXT_KEYS: Final = ("context", "canvas_entry_properties")
 _NOT_JSON: Final = (
-    "holds a number that cannot be sent exactly: NaN, infinity, or a whole number of 2^53 or more "
-    "(protobuf's Struct keeps numbers as doubles; send such values as strings)"
+    "holds a number that cannot be sent exactly: NaN, infinity, or a magnitude of 2^53 or more "
+    "(protobuf's Struct carries numbers as doubles, so big integers arrive rounded; send them as strings)"
 )
 
 

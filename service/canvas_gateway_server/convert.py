@@ -5,9 +5,10 @@ exactly the JSON Braze receives, so validation and batching never see protobuf.
 
 Numbers: google.protobuf.Struct stores every number as a double; an integral value is
 turned back into an int so that a caller's `12` reaches Braze as `12`, not `12.0`.
-A NaN or infinity cannot be written as JSON, and a whole number of magnitude 2^53 or more
-has already lost digits in the double; both become NOT_JSON, which the encoder refuses,
-and the request is rejected naming the field (such numbers must travel as strings).
+A NaN or infinity cannot be written as JSON, and at a magnitude of 2^53 or more a double
+cannot tell a caller's integer from its rounded neighbours (1234567890123456789 arrives as
+1234567890123456768); all become NOT_JSON, which the encoder refuses, and the request is
+rejected naming the field: such numbers must travel as strings.
 """
 
 from __future__ import annotations

@@ -45,12 +45,16 @@ class Intake:
         position = self.received
         self.received += 1
         path = f"recipients[{position}]"
-        found = check_recipient(recipient, path) or self._context_names.check(recipient, path)
+        found = check_recipient(recipient, path)
         if found:
             return position, found
         encoded = self._planner.encode(recipient, path)
         if isinstance(encoded, list):
             return position, encoded
+        # Last, so that only a recipient that will be sent can fix the request's context name.
+        found = self._context_names.check(recipient, path)
+        if found:
+            return position, found
         return position, self._planner.add(position, encoded)
 
     def finish(self) -> Batch | None:

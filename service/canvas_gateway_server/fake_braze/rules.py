@@ -109,7 +109,16 @@ def check_request(body: Any) -> Rejection | None:
         rejection = _bad("Either recipients must be provided or broadcast must be true")
     if rejection is None and "audience" in body:
         rejection = check_audience(body["audience"])
-    return rejection
+    return rejection or _check_one_context_name(body)
+
+
+def _check_one_context_name(body: dict[str, Any]) -> Rejection | None:
+    """A body names its context one way throughout (CONTRACT.md section 8, row 2: never both)."""
+    objects = [body, *body.get("recipients", ())]
+    names = {name for obj in objects for name in ("context", "canvas_entry_properties") if name in obj}
+    if len(names) > 1:
+        return _bad("context and canvas_entry_properties cannot both be used in one request")
+    return None
 
 
 def _check_contexts(obj: dict[str, Any], where: str) -> Rejection | None:
