@@ -2,8 +2,9 @@
 
 `Dispatcher.send` turns one batch into exactly one BatchResult, whatever happens short of
 cancellation. `FanOut` runs one request's batches concurrently and hands results back as
-they finish, through a bounded queue: a caller that stops reading stops the sending, and
-a stream's memory stays flat.
+they finish, through a bounded queue: a caller that stops reading stops the sending once
+gRPC's own buffers (flow-control windows, a few MB of results) are full, and a stream's
+memory stays flat. Results a caller can no longer receive are logged for reconciliation.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ class Dispatcher:
         except asyncio.CancelledError:
             if self._consume_abandon_cancel(task):
                 return results.abandoned(batch, progress.attempts, progress.sent)
+            if progress.sent:  # no result can reach the caller now: leave a trace to reconcile
+                log.warning(
+                    "batch %d of tenant %s (positions %s) was cancelled with its caller while "
+                    "calling Braze: outcome unknown",
+                    batch.index,
+                    tenant.id,
+                    _span(batch.positions),
+                )
             raise
         finally:
             self._running.discard(task)
@@ -132,7 +141,11 @@ class FanOut:
     async def _run(self, batch: Batch) -> None:
         try:
             result = await self._dispatcher.send(self._tenant, batch)
-            await self._queue.put(result)  # the slot is held until the caller can take it
+            try:
+                await self._queue.put(result)  # the slot is held until the caller can take it
+            except asyncio.CancelledError:
+                _log_undelivered(self._tenant, result)
+                raise
         finally:
             self._slots.release()
 
@@ -155,5 +168,26 @@ class FanOut:
             yield item
 
     def cancel(self) -> None:
+        """The caller is gone: stop the batches, and log the results it will never read."""
         for task in self._tasks:
             task.cancel()
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, BatchResult):
+                _log_undelivered(self._tenant, item)
+
+
+def _span(positions: tuple[int, ...]) -> str:
+    return f"{positions[0]}..{positions[-1]} ({len(positions)})" if positions else "none"
+
+
+def _log_undelivered(tenant: Tenant, result: BatchResult) -> None:
+    log.error(
+        "result of batch %d of tenant %s not delivered (the caller stopped reading or went away): "
+        "positions %s, outcome %s, dispatch_id %s",
+        result.batch_index,
+        tenant.id,
+        _span(result.positions),
+        result.outcome.name,
+        result.dispatch_id or "-",
+    )
