@@ -28,6 +28,21 @@ EXAMPLES = Path(__file__).resolve().parent / "fixtures" / "braze"
 SHARED_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "braze" / "examples"
 
 REQUEST_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.json") if not p.name.startswith("response_"))
+LAST_USED_APP_TIMES = [
+    ("2019-07-22T13:17:55+0000", True),
+    ("2019-07-22T13:17:55Z", True),
+    ("2019-07-22T13:17:55.123+02:00", True),
+    ("2019-07-22", False),
+    ("20190722", False),
+    ("2011-W01-2", False),
+    ("2019-07-22T13:17:55", False),  # no time zone
+    ("2019-07-22 13:17:55+0000", False),
+    ("2019-13-45T13:17:55Z", False),
+    ("yesterday", False),
+]
+"""`last_used_app` values: Braze documents an ISO 8601 date-time with its offset. The gateway
+and the fake Braze are checked against the same table."""
+
 TOKENS = {"acme": "token-acme-4f1c", "globex": "token-globex-9b2e"}
 FAKE_URLS: dict[int, str] = {}
 KEYS = {"acme": "braze-key-acme-1111", "globex": "braze-key-globex-2222"}

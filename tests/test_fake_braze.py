@@ -27,6 +27,7 @@ from canvas_gateway_server.fake_braze import (
 )
 from canvas_gateway_server.fake_braze.__main__ import config_from_args, main
 from canvas_gateway_server.loopback import is_loopback
+from conftest import LAST_USED_APP_TIMES
 from multidict import CIMultiDictProxy
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "fixtures" / "braze"  # copy of shared/braze/examples
@@ -961,19 +962,7 @@ def test_send_to_existing_only_is_refused_with_any_alias(recipient: dict[str, ob
     assert "send_to_existing_only" in message
 
 
-@pytest.mark.parametrize(
-    ("value", "accepted"),
-    [
-        ("2019-07-22T13:17:55+0000", True),
-        ("2019-07-22T13:17:55Z", True),
-        ("2019-07-22T13:17:55.123+02:00", True),
-        ("2019-07-22", False),
-        ("2019-07-22T13:17:55", False),  # no time zone
-        ("2019-07-22 13:17:55+0000", False),
-        ("yesterday", False),
-        ("2019-13-45T13:17:55Z", False),
-    ],
-)
+@pytest.mark.parametrize(("value", "accepted"), LAST_USED_APP_TIMES)
 def test_last_used_app_needs_an_iso_datetime_with_a_zone(value: str, accepted: bool) -> None:
     audience = {"last_used_app": {"comparison": "after", "value": value}}
     assert (rules.check_audience(audience) is None) is accepted

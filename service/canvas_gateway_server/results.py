@@ -49,17 +49,7 @@ def from_reply(batch: Batch, reply: Reply, attempts: int) -> BatchResult:
         dispatch_id = str(body.get("dispatch_id", ""))
         return _result(batch, Outcome.SENT, Code.OK, text, dispatch_id=dispatch_id, notice=notice, **common)
     if status == 429:
-        text = "Braze rate limit reached; nothing was sent"
-        reset = reply.rate.reset or 0
-        return _result(
-            batch,
-            Outcome.REJECTED,
-            Code.RESOURCE_EXHAUSTED,
-            text,
-            retryable=True,
-            rate_limit_reset=reset,
-            **common,
-        )
+        return _rate_limited(batch, "Braze rate limit reached", reply.rate.reset or 0, **common)
     if 400 <= status < 500:
         code, text = _REJECTED.get(status, (Code.FAILED_PRECONDITION, f"Braze answered {status}"))
         return _result(batch, Outcome.REJECTED, code, f"{text}; nothing was sent", **common)
@@ -72,16 +62,15 @@ def from_reply(batch: Batch, reply: Reply, attempts: int) -> BatchResult:
 
 def rate_limited_locally(batch: Batch, attempts: int, reset: int) -> BatchResult:
     """The tenant's Braze budget is spent until `reset`, further away than we may wait."""
-    text = "the tenant's Braze rate limit is spent until its reset; nothing was sent"
-    return _result(
-        batch,
-        Outcome.REJECTED,
-        Code.RESOURCE_EXHAUSTED,
-        text,
-        retryable=True,
-        attempts=attempts,
-        rate_limit_reset=reset,
+    return _rate_limited(
+        batch, "the tenant's Braze rate limit is spent until its reset", reset, attempts=attempts
     )
+
+
+def _rate_limited(batch: Batch, why: str, reset: int, **details: Any) -> BatchResult:
+    text = f"{why}; nothing was sent"
+    code = Code.RESOURCE_EXHAUSTED
+    return _result(batch, Outcome.REJECTED, code, text, retryable=True, rate_limit_reset=reset, **details)
 
 
 def failed_inside_gateway(batch: Batch, attempts: int) -> BatchResult:
