@@ -70,9 +70,9 @@ check: test
 run: $(STAMP)
 	$(PY) -m canvas_gateway_server --demo
 
-## fake-braze: the fake Braze alone on 127.0.0.1:9700.
+## fake-braze: the fake Braze alone on 127.0.0.1:9710 (beside `make run`, whose own fake uses 9700).
 fake-braze: $(STAMP)
-	$(PY) -m canvas_gateway_server.fake_braze --port 9700 --api-key demo-braze-key
+	$(PY) -m canvas_gateway_server.fake_braze --port 9710 --api-key demo-braze-key
 
 ## demo: stream 1,000 recipients to the gateway started by `make run`, printing results.
 demo: $(STAMP)

@@ -22,10 +22,11 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from google.protobuf import json_format
 
-# A copy of shared/braze/examples (Braze's documented bodies and responses), so that a
-# clone anywhere is self-contained; test_fixtures.py checks the copy is current.
-EXAMPLES = Path(__file__).resolve().parent / "fixtures" / "braze"
-SHARED_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "braze" / "examples"
+# docs/braze is a copy of shared/braze (the contract and Braze's documented bodies and
+# responses), so that a clone anywhere is self-contained; test_fixtures.py checks it is current.
+BRAZE_DOCS = Path(__file__).resolve().parents[1] / "docs" / "braze"
+SHARED_BRAZE = Path(__file__).resolve().parents[2] / "shared" / "braze"
+EXAMPLES = BRAZE_DOCS / "examples"
 
 REQUEST_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.json") if not p.name.startswith("response_"))
 LAST_USED_APP_TIMES = [

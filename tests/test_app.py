@@ -12,6 +12,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.app import DEMO_TOKEN, SERVICE_NAME, Gateway
+from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.fake_braze import Fault
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
@@ -224,3 +225,14 @@ async def test_batches_still_waiting_for_a_connection_are_known_unsent(harness: 
     outcomes = sorted(r.outcome for r in reply.results)
     assert outcomes == [pb.OUTCOME_UNKNOWN] + [pb.OUTCOME_NOT_ATTEMPTED] * 3
     assert all(r.retryable for r in reply.results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED)
+
+
+async def test_a_port_in_use_is_a_clear_boot_error(harness: Harness) -> None:
+    taken = harness.target  # the harness gateway holds it
+    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address=taken)
+    with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: the address is in use"):
+        await Gateway.start(settings)
+    fake_port = int(FAKE_URLS[id(harness.fake)].rsplit(":", 1)[1])
+    settings = Settings.from_env({}, demo=True, demo_braze_port=fake_port, grpc_address="127.0.0.1:0")
+    with pytest.raises(ConfigError, match="cannot start the demo fake Braze"):
+        await Gateway.start(settings)

@@ -398,3 +398,13 @@ async def test_cli_warns_and_exits_1_when_the_canvas_is_inactive(cli: Cli, tmp_p
     *results, _ = cli.lines()
     assert results[0]["result"]["notice"] == PAUSED_NOTICE
     assert "Canvas is inactive, so nothing was sent" in cli.err.getvalue()
+
+
+async def test_cli_reports_the_column_of_broken_json_in_a_recipients_line(cli: Cli, tmp_path: Path) -> None:
+    header = write_jsonl(tmp_path / "header.json", [{"canvas_id": CANVAS}])
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"external_user_id": "a"}\n{"external_user_id":"b"\n')
+
+    assert await cli("send-stream", "--header", str(header), "--recipients", str(bad)) == 2
+    assert f"error: {bad}:2: invalid JSON" in cli.err.getvalue()
+    assert "(column 24)" in cli.err.getvalue()

@@ -28,6 +28,13 @@ def test_environment_overrides_file_overrides_defaults(tmp_path: Path) -> None:
         ({"CGW_DEMO": "1", "CGW_REQUEST_CONCURRENCY": "many"}, "must be a int"),
         ({"CGW_DEMO": "1", "CGW_UPSTREAM_TIMEOUT_SECONDS": "-1"}, "must be positive"),
         ({"CGW_CONFIG_FILE": "/nonexistent/gateway.toml"}, "cannot read config file"),
+        ({"CGW_DEMO": "1", "CGW_LOG_LEVEL": "verbose"}, "CGW_LOG_LEVEL must be"),
+        ({"CGW_DEMO": "1", "CGW_SHUTDOWN_GRACE_SECONDS": "-5"}, "must not be negative"),
+        ({"CGW_DEMO": "1", "CGW_GRPC_ADDRESS": "bogus"}, "must be host:port"),
+        (
+            {"CGW_DEMO": "1", "CGW_GRPC_ADRESS": "127.0.0.1:1"},
+            "unknown settings in the environment: CGW_GRPC_ADRESS",
+        ),
     ],
 )
 def test_bad_settings_fail_at_boot(environ: dict[str, str], expected: str) -> None:

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from canvas_gateway_client import CanvasGatewayClient
 from canvas_gateway_client.cli import run
+from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
 from conftest import TOKENS, Harness
@@ -60,3 +61,18 @@ async def test_the_cli_trusts_a_ca_file(harness: Harness, tmp_path: Path) -> Non
 def test_a_certificate_needs_its_key() -> None:
     with pytest.raises(ConfigError, match="TLS_KEY_FILE"):
         Settings.from_env({"CGW_DEMO": "1", "CGW_TLS_CERT_FILE": str(CERT)})
+
+
+async def test_a_file_that_is_not_pem_is_a_clear_boot_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk")
+    settings = Settings.from_env(
+        {},
+        demo=True,
+        demo_braze_port=0,
+        grpc_address="127.0.0.1:0",
+        tls_cert_file=str(junk),
+        tls_key_file=str(junk),
+    )
+    with pytest.raises(ConfigError, match="PEM"):
+        await Gateway.start(settings)

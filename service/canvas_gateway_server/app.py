@@ -128,10 +128,17 @@ class Gateway:
             ),
             server,
         )
-        port = _listen(server, settings)
-        if port == 0:
+        try:
+            port = _listen(server, settings)
+        except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
             await session.close()
-            raise ConfigError(f"cannot listen on {settings.grpc_address}")
+            if fake is not None:
+                await fake.stop()
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(
+                f"cannot listen on {settings.grpc_address}: the address is in use or not host:port"
+            ) from None
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -205,12 +212,20 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
         chain = Path(settings.tls_cert_file).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the TLS certificate or key: {exc.strerror}") from None
+    if b"-----BEGIN" not in chain or b"PRIVATE KEY-----" not in key:
+        raise ConfigError("CGW_TLS_CERT_FILE and CGW_TLS_KEY_FILE must hold a PEM certificate chain and key")
     return server.add_secure_port(settings.grpc_address, grpc.ssl_server_credentials([(key, chain)]))
 
 
 async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirectory]:
     fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({DEMO_BRAZE_KEY})))
-    url = await fake.start("127.0.0.1", settings.demo_braze_port)
+    try:
+        url = await fake.start("127.0.0.1", settings.demo_braze_port)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot start the demo fake Braze on 127.0.0.1:{settings.demo_braze_port} ({exc.strerror}); "
+            "is another demo running? CGW_DEMO_BRAZE_PORT picks another port"
+        ) from None
     tenant = Tenant(id="demo", braze_rest_url=url, braze_api_key=DEMO_BRAZE_KEY, allow_broadcast=True)
     log.warning("DEMO MODE: sending to the embedded fake Braze at %s, not to Braze", url)
     return fake, StaticTenantDirectory([(tenant, [token_digest(DEMO_TOKEN)])])

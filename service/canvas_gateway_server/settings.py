@@ -8,6 +8,7 @@ tests pass a dict.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -78,6 +79,16 @@ class Settings:
         for name in ("upstream_connect_timeout_seconds", "upstream_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be positive")
+        for name in ("retry_base_delay_seconds", "max_retry_wait_seconds", "shutdown_grace_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must not be negative")
+        if not 0 <= self.demo_braze_port <= 65535:
+            raise ConfigError(f"{ENV_PREFIX}DEMO_BRAZE_PORT must be a port number")
+        host, _, port = self.grpc_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{ENV_PREFIX}GRPC_ADDRESS must be host:port, such as 127.0.0.1:50051")
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError(f"set both {ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE, or neither")
         if not self.demo and not self.tenants_file:
@@ -94,6 +105,10 @@ class Settings:
             value = environ.get(ENV_PREFIX + spec.name.upper())
             if value is not None:
                 raw[spec.name] = value
+        names = {ENV_PREFIX + spec.name.upper() for spec in fields(cls)} | {f"{ENV_PREFIX}CONFIG_FILE"}
+        mistyped = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in names)
+        if mistyped:
+            raise ConfigError(f"unknown settings in the environment: {', '.join(mistyped)}")
         raw.update(overrides)
         known = {spec.name: spec for spec in fields(cls)}
         unknown = sorted(set(raw) - set(known))

@@ -41,7 +41,7 @@ def parse_body(text: str, path: str) -> pb.CanvasTrigger:
 def parse_recipient(text: str, path: str, line: int) -> pb.Recipient:
     """One JSON Lines line, a Braze recipient object, as a Recipient, or InputError."""
     try:
-        item = json.loads(text)
+        item = json.loads(text.strip())
     except json.JSONDecodeError as exc:
         raise InputError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(item, dict):

@@ -77,7 +77,10 @@ def config_from_args(args: argparse.Namespace) -> FakeBrazeConfig:
 async def serve(config: FakeBrazeConfig, host: str, port: int) -> None:
     """Run until SIGINT or SIGTERM."""
     fake = FakeBraze(config)
-    url = await fake.start(host, port)
+    try:
+        url = await fake.start(host, port)
+    except OSError as exc:
+        raise SystemExit(f"fake-braze: cannot listen on {host}:{port} ({exc.strerror})") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
