@@ -63,13 +63,17 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     return {key: value_to_py(fields[key]) for key in fields}
 
 
+def _add_contexts(message: pb.CanvasTrigger | pb.Recipient, out: dict[str, Any]) -> None:
+    """Copy `context` and its legacy name, where set, at the top level or in a recipient."""
+    for name in ("context", "canvas_entry_properties"):
+        if message.HasField(name):
+            out[name] = struct_to_dict(getattr(message, name))
+
+
 def trigger_head(trigger: pb.CanvasTrigger) -> dict[str, Any]:
     """The top-level Braze body fields the caller set, without `recipients`."""
     body: dict[str, Any] = {"canvas_id": trigger.canvas_id}
-    if trigger.HasField("context"):
-        body["context"] = struct_to_dict(trigger.context)
-    if trigger.HasField("canvas_entry_properties"):
-        body["canvas_entry_properties"] = struct_to_dict(trigger.canvas_entry_properties)
+    _add_contexts(trigger, body)
     if trigger.HasField("broadcast"):
         body["broadcast"] = trigger.broadcast
     if trigger.HasField("audience"):
@@ -113,10 +117,7 @@ def recipient_to_dict(recipient: pb.Recipient) -> dict[str, Any]:
         out["user_alias"] = {"alias_name": alias.alias_name, "alias_label": alias.alias_label}
     if recipient.prioritization:
         out["prioritization"] = list(recipient.prioritization)
-    if recipient.HasField("context"):
-        out["context"] = struct_to_dict(recipient.context)
-    if recipient.HasField("canvas_entry_properties"):
-        out["canvas_entry_properties"] = struct_to_dict(recipient.canvas_entry_properties)
+    _add_contexts(recipient, out)
     if recipient.HasField("send_to_existing_only"):
         out["send_to_existing_only"] = recipient.send_to_existing_only
     if recipient.HasField("attributes"):
