@@ -22,10 +22,9 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from google.protobuf import json_format
 
-# docs/braze is a copy of shared/braze (the contract and Braze's documented bodies and
-# responses), so that a clone anywhere is self-contained; test_fixtures.py checks it is current.
+# docs/braze: the project's own record of Braze's contract (researched in shared/braze, then
+# kept true to the code here) and Braze's documented bodies and responses.
 BRAZE_DOCS = Path(__file__).resolve().parents[1] / "docs" / "braze"
-SHARED_BRAZE = Path(__file__).resolve().parents[2] / "shared" / "braze"
 EXAMPLES = BRAZE_DOCS / "examples"
 
 REQUEST_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.json") if not p.name.startswith("response_"))
@@ -43,6 +42,9 @@ LAST_USED_APP_TIMES = [
 ]
 """`last_used_app` values: Braze documents an ISO 8601 date-time with its offset. The gateway
 and the fake Braze are checked against the same table."""
+
+LOCAL: dict[str, Any] = {"admin_address": "127.0.0.1:0", "shutdown_delay_seconds": 0}
+"""Settings every test gateway uses: an admin port of its own, no not-ready delay at shutdown."""
 
 TOKENS = {"acme": "token-acme-4f1c", "globex": "token-globex-9b2e"}
 FAKE_URLS: dict[int, str] = {}
@@ -117,7 +119,7 @@ async def harness(
         grpc_address="127.0.0.1:0",
         tenants_file=str(tenants_file),
         retry_base_delay_seconds=0.01,
-        **settings_overrides,
+        **{**LOCAL, **settings_overrides},
     )
     gateway = await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
     target = f"127.0.0.1:{gateway.port}"

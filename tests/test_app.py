@@ -16,7 +16,7 @@ from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.fake_braze import Fault
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
-from conftest import FAKE_URLS, KEYS, Harness, tenants_toml
+from conftest import FAKE_URLS, KEYS, LOCAL, Harness, tenants_toml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -94,7 +94,7 @@ async def test_graceful_shutdown_finishes_in_flight_batches(harness: Harness) ->
 
 
 async def test_demo_mode_runs_against_the_embedded_fake() -> None:
-    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address="127.0.0.1:0")
+    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address="127.0.0.1:0", **LOCAL)
     gateway = await Gateway.start(settings)
     try:
         assert gateway.fake_braze is not None
@@ -229,10 +229,10 @@ async def test_batches_still_waiting_for_a_connection_are_known_unsent(harness: 
 
 async def test_a_port_in_use_is_a_clear_boot_error(harness: Harness) -> None:
     taken = harness.target  # the harness gateway holds it
-    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address=taken)
+    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address=taken, **LOCAL)
     with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: the address is in use"):
         await Gateway.start(settings)
     fake_port = int(FAKE_URLS[id(harness.fake)].rsplit(":", 1)[1])
-    settings = Settings.from_env({}, demo=True, demo_braze_port=fake_port, grpc_address="127.0.0.1:0")
+    settings = Settings.from_env({}, demo=True, demo_braze_port=fake_port, grpc_address="127.0.0.1:0", **LOCAL)
     with pytest.raises(ConfigError, match="cannot start the demo fake Braze"):
         await Gateway.start(settings)

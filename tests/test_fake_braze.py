@@ -30,7 +30,7 @@ from canvas_gateway_server.loopback import is_loopback
 from conftest import LAST_USED_APP_TIMES
 from multidict import CIMultiDictProxy
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "docs" / "braze" / "examples"  # shared/braze's copy
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "docs" / "braze" / "examples"
 EXAMPLES = {path.stem: path.read_bytes() for path in EXAMPLES_DIR.glob("*.json")}
 REQUEST_EXAMPLES = sorted(name for name in EXAMPLES if not name.startswith("response_"))
 assert len(REQUEST_EXAMPLES) >= 6, f"Braze examples not found in {EXAMPLES_DIR}"

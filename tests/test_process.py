@@ -45,6 +45,8 @@ async def process(
         "CGW_TENANTS_FILE": str(tenants),
         "CGW_GRPC_ADDRESS": address,
         "CGW_SHUTDOWN_GRACE_SECONDS": "5",
+        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
+        "CGW_ADMIN_ADDRESS": "127.0.0.1:0",
         "ACME_BRAZE_KEY": KEYS["acme"],
     }
     proc = await asyncio.create_subprocess_exec(

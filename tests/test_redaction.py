@@ -6,9 +6,9 @@ import io
 import logging
 
 import pytest
-from canvas_gateway_server.app import configure_logging
-from canvas_gateway_server.redaction import REDACTED, SecretFilter, redact
-from canvas_gateway_server.settings import Settings
+from canvas_gateway_server import logs
+from canvas_gateway_server.logs import SecretFilter
+from canvas_gateway_server.redaction import REDACTED, redact
 from canvas_gateway_server.tenants import StaticTenantDirectory, Tenant, token_digest
 
 SECRET = "braze-key-abc123"
@@ -49,7 +49,7 @@ def test_the_gateway_log_handler_redacts_every_tenant_key(capsys: pytest.Capture
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        configure_logging(Settings.from_env({}, demo=True), directory)
+        logs.configure("INFO", "text", directory.secrets)
         logging.getLogger("canvas_gateway_server.test").warning("Braze said: Invalid API key: %s", SECRET)
     finally:
         root.handlers[:], level = saved

@@ -12,7 +12,7 @@ from canvas_gateway_client.cli import run
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import TOKENS, Harness
+from conftest import LOCAL, TOKENS, Harness
 
 TLS = Path(__file__).resolve().parent / "fixtures" / "tls"  # a self-signed test certificate for localhost
 CERT, KEY = TLS / "localhost.crt", TLS / "localhost.key"
@@ -73,6 +73,7 @@ async def test_a_file_that_is_not_pem_is_a_clear_boot_error(tmp_path: Path) -> N
         grpc_address="127.0.0.1:0",
         tls_cert_file=str(junk),
         tls_key_file=str(junk),
+        **LOCAL,
     )
     with pytest.raises(ConfigError, match="PEM"):
         await Gateway.start(settings)

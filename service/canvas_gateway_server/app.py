@@ -1,13 +1,16 @@
 """The composition root: the one place that builds and wires the gateway's objects.
 
-Startup: settings -> tenants -> pooled HTTP session -> Braze client -> limiter ->
-dispatcher -> sender -> servicer -> gRPC server with health and reflection.
-Shutdown, in order: health NOT_SERVING; new sends are refused with UNAVAILABLE; streams
+Startup: settings -> tenants -> metrics registry -> pooled HTTP session -> Braze client ->
+limiter -> dispatcher -> sender -> servicer -> gRPC server with the call observer, health
+and reflection -> admin listener (/metrics, /healthz, /readyz).
+Shutdown, in order: health NOT_SERVING and /readyz 503 at once; after
+CGW_SHUTDOWN_DELAY_SECONDS (balancers stop routing here) new sends are refused with
+UNAVAILABLE; streams
 stop reading new recipients, finish the batches they hold and end with UNAVAILABLE saying
 where to resume; in-flight RPCs get the grace period to finish, after which their remaining
 batches are abandoned with honest results (UNKNOWN if a call was under way, NOT_ATTEMPTED
 otherwise); the server stops (ending what is left, such as health watchers); the HTTP
-session closes; the embedded fake Braze (demo only) stops.
+session closes; the embedded fake Braze (demo only) stops; the admin listener stops last.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import logging
 import os
 import signal
-import sys
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,16 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from . import __version__, logs
+from .admin import AdminServer
+from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .fake_braze import FakeBraze, FakeBrazeConfig
 from .limits import LocalLimiter
-from .redaction import SecretFilter
+from .metrics import Metrics, PrometheusMetrics
 from .retry import RetryPolicy
 from .sending import Sender, SendLimits
 from .servicer import CanvasGatewayServicer
@@ -64,7 +71,12 @@ class Gateway:
     servicer: CanvasGatewayServicer
     shutting_down: asyncio.Event
     dispatcher: Dispatcher
+    metrics: Metrics
+    registry: CollectorRegistry
+    admin: AdminServer
+    admin_port: int
     fake_braze: FakeBraze | None = None
+    draining: bool = False
     stopped: bool = False
 
     @classmethod
@@ -80,6 +92,11 @@ class Gateway:
             fake, tenants = await _start_demo_braze(settings)
         elif tenants is None:
             tenants = FileTenantDirectory(Path(settings.tenants_file), environ)
+        registry = CollectorRegistry()
+        metrics: Metrics = Metrics()
+        if settings.metrics_enabled:
+            metrics = PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ))
+        metrics.tenants_loaded(len(tenants.tenant_ids()))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.upstream_pool_size, keepalive_timeout=30),
             skip_auto_headers=("User-Agent",),
@@ -99,6 +116,7 @@ class Gateway:
                 base_delay=settings.retry_base_delay_seconds,
                 max_wait=settings.max_retry_wait_seconds,
             ),
+            metrics,
         )
         sender = Sender(
             dispatcher,
@@ -107,16 +125,18 @@ class Gateway:
                 request_concurrency=settings.request_concurrency,
                 result_queue_size=settings.result_queue_size,
             ),
+            metrics,
         )
         server = grpc.aio.server(
+            interceptors=[CallObserver(metrics, SERVICE_NAME)],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         shutting_down = asyncio.Event()
-        servicer = CanvasGatewayServicer(tenants, sender, shutting_down)
+        servicer = CanvasGatewayServicer(tenants, sender, shutting_down, metrics)
         pb_grpc.add_CanvasGatewayServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -128,8 +148,26 @@ class Gateway:
             ),
             server,
         )
+        gateway = cls(
+            server=server,
+            port=0,
+            health=health_servicer,
+            session=session,
+            tenants=tenants,
+            settings=settings,
+            servicer=servicer,
+            shutting_down=shutting_down,
+            dispatcher=dispatcher,
+            metrics=metrics,
+            registry=registry,
+            admin=AdminServer(registry, lambda: gateway.readiness()),
+            admin_port=0,
+            fake_braze=fake,
+        )
+        metrics.watch_readiness(lambda: gateway.readiness() is None)
         try:
-            port = _listen(server, settings)
+            gateway.port = _listen(server, settings)
+            gateway.admin_port = await _listen_admin(gateway.admin, settings)
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
             await session.close()
             if fake is not None:
@@ -143,19 +181,24 @@ class Gateway:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         scheme = "TLS" if settings.tls_cert_file else "plaintext"
-        log.info("canvas-gateway listening on %s (port %d, %s)", settings.grpc_address, port, scheme)
-        return cls(
-            server=server,
-            port=port,
-            health=health_servicer,
-            session=session,
-            tenants=tenants,
-            settings=settings,
-            servicer=servicer,
-            shutting_down=shutting_down,
-            dispatcher=dispatcher,
-            fake_braze=fake,
+        log.info(
+            "canvas-gateway listening on %s (port %d, %s); admin on port %d",
+            settings.grpc_address,
+            gateway.port,
+            scheme,
+            gateway.admin_port,
         )
+        return gateway
+
+    def readiness(self) -> str | None:
+        """None when the gateway should get traffic, else a one-line reason why not."""
+        if self.draining:
+            return "draining: the gateway is shutting down"
+        if self.session.closed:
+            return "the HTTP session to Braze is closed"
+        if not self.tenants.tenant_ids():
+            return "no tenants loaded"
+        return None
 
     async def stop(self, grace: float | None = None) -> None:
         """Ordered shutdown; in-flight RPCs get `grace` seconds (default from settings)."""
@@ -163,7 +206,10 @@ class Gateway:
             return
         self.stopped = True
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        # Not ready, on both channels at once; requests are still served while balancers notice.
+        self.draining = True
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.shutdown_delay_seconds)
         # From here new Send/SendStream calls get UNAVAILABLE, and open streams stop reading,
         # finish the batches they hold and end UNAVAILABLE with where to resume.
         self.shutting_down.set()
@@ -180,6 +226,7 @@ class Gateway:
         await self.session.close()
         if self.fake_braze is not None:
             await self.fake_braze.stop()
+        await self.admin.stop()
         log.info("canvas-gateway stopped")
 
     async def _drained(self, seconds: float) -> bool:
@@ -198,9 +245,12 @@ class Gateway:
         try:
             self.tenants.reload()
         except ConfigError as exc:
+            self.metrics.reload(ok=False)
             log.error("tenants reload failed, keeping the previous tenants: %s", exc)
         else:
-            log.info("tenants reloaded")
+            self.metrics.reload(ok=True)
+            self.metrics.tenants_loaded(len(self.tenants.tenant_ids()))
+            log.info("tenants reloaded: %d tenants", len(self.tenants.tenant_ids()))
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
@@ -217,6 +267,36 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     return server.add_secure_port(settings.grpc_address, grpc.ssl_server_credentials([(key, chain)]))
 
 
+async def _listen_admin(admin: AdminServer, settings: Settings) -> int:
+    host, _, port = settings.admin_address.rpartition(":")
+    try:
+        return await admin.start(host.strip("[]"), int(port))
+    except OSError:
+        raise ConfigError(
+            f"cannot listen on {settings.admin_address} (CGW_ADMIN_ADDRESS): the address is in use "
+            "or not this host's"
+        ) from None
+
+
+def git_commit(environ: Mapping[str, str]) -> str:
+    """The commit this build came from: CANVAS_GATEWAY_GIT_COMMIT (set in the image), else the
+    checkout the code runs from, else `unknown`."""
+    if environ.get("CANVAS_GATEWAY_GIT_COMMIT"):
+        return environ["CANVAS_GATEWAY_GIT_COMMIT"]
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],  # noqa: S607 - git from PATH, no input
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return found.stdout.strip() or "unknown"
+
+
 async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirectory]:
     fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({DEMO_BRAZE_KEY})))
     try:
@@ -231,21 +311,11 @@ async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirect
     return fake, StaticTenantDirectory([(tenant, [token_digest(DEMO_TOKEN)])])
 
 
-def configure_logging(settings: Settings, tenants: TenantDirectory | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    if tenants is not None:
-        handler.addFilter(SecretFilter(tenants.secrets))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-
-
 async def run(settings: Settings, environ: Mapping[str, str] = os.environ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file."""
-    configure_logging(settings)
+    logs.configure(settings.log_level, settings.log_format)
     gateway = await Gateway.start(settings, environ=environ)
-    configure_logging(settings, gateway.tenants)
+    logs.configure(settings.log_level, settings.log_format, gateway.tenants.secrets)
     if settings.demo:
         host = settings.grpc_address.rsplit(":", 1)[0]
         print(

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 
-from .model import MAX_BODY_BYTES, MAX_CONTEXT_BYTES, MAX_RECIPIENTS_PER_CALL, Batch, Violation
+from .model import MAX_BODY_BYTES, MAX_CONTEXT_BYTES, MAX_RECIPIENTS_PER_CALL, Batch, Rule, Violation
 
 _RECIPIENTS_KEY: Final = b',"recipients":['
 _CLOSE: Final = b"]}"
@@ -41,9 +41,9 @@ def _check_parts(obj: Mapping[str, Any], path: str) -> list[Violation]:
         where = f"{path}.{key}" if path else key
         encoded = _encode(value)
         if encoded is None:
-            found.append(Violation(where, _NOT_JSON))
+            found.append(Violation(where, _NOT_JSON, Rule.NUMBER_NOT_EXACT))
         elif key in _CONTEXT_KEYS and len(encoded) > MAX_CONTEXT_BYTES:
-            found.append(Violation(where, _too_big(MAX_CONTEXT_BYTES)))
+            found.append(Violation(where, _too_big(MAX_CONTEXT_BYTES), Rule.CONTEXT_TOO_LARGE))
     return found
 
 
@@ -55,7 +55,7 @@ def encode_head(head: Mapping[str, Any]) -> bytes | list[Violation]:
         return _check_parts(head, "")
     # A body is the head plus at least one recipient (or the head alone for broadcasts).
     if len(encoded) + len(_RECIPIENTS_KEY) + len(_CLOSE) > MAX_BODY_BYTES:
-        return [Violation("trigger", _too_big(MAX_BODY_BYTES))]
+        return [Violation("trigger", _too_big(MAX_BODY_BYTES), Rule.BODY_TOO_LARGE)]
     return encoded
 
 
@@ -83,7 +83,11 @@ class BatchPlanner:
                 return found
         assert encoded is not None
         if self._base_size + len(encoded) > MAX_BODY_BYTES:
-            return [Violation(path, "makes the request body larger than 4,000,000 bytes on its own")]
+            return [
+                Violation(
+                    path, "makes the request body larger than 4,000,000 bytes on its own", Rule.BODY_TOO_LARGE
+                )
+            ]
         return encoded
 
     def add(self, position: int, encoded: bytes) -> Batch | None:

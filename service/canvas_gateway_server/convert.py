@@ -155,9 +155,10 @@ def result_to_proto(result: BatchResult) -> pb.BatchResult:
     )
 
 
-def summary_to_proto(summary: Summary) -> pb.SendSummary:
+def summary_to_proto(summary: Summary, request_id: str = "") -> pb.SendSummary:
     counts = summary.by_outcome
     return pb.SendSummary(
+        request_id=request_id,
         recipients=summary.recipients,
         batches=summary.batches,
         recipients_sent=counts[Outcome.SENT],

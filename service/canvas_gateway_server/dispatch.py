@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from . import results
 from .limits import UpstreamLimiter
-from .model import Batch, BatchResult
+from .metrics import Metrics
+from .model import Batch, BatchResult, Code, Outcome
 from .retry import RetryPolicy, retry_delay
 from .tenants import Tenant
-from .upstream import BrazeClient
+from .upstream import BrazeClient, Delivery
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Dispatcher:
         client: BrazeClient,
         limiter: UpstreamLimiter,
         policy: RetryPolicy,
+        metrics: Metrics | None = None,
         *,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -55,6 +57,7 @@ class Dispatcher:
         self._client = client
         self._limiter = limiter
         self._policy = policy
+        self._metrics = metrics or Metrics()
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
@@ -73,6 +76,7 @@ class Dispatcher:
         if self._abandoned or task is None:
             return results.abandoned(batch, progress.attempts, progress.sent)
         self._running.add(task)
+        self._metrics.batch_started(tenant.id)
         try:
             return await self._attempt(tenant, batch, progress)
         except asyncio.CancelledError:
@@ -89,6 +93,7 @@ class Dispatcher:
             raise
         finally:
             self._running.discard(task)
+            self._metrics.batch_finished(tenant.id)
 
     def _consume_abandon_cancel(self, task: asyncio.Task[object]) -> bool:
         """True when a cancellation is abandon()'s alone: it becomes a result. Any other
@@ -96,23 +101,32 @@ class Dispatcher:
         return self._abandoned and task.uncancel() == 0
 
     async def _attempt(self, tenant: Tenant, batch: Batch, progress: _Progress) -> BatchResult:
+        metrics, broadcast = self._metrics, batch.broadcast
         try:
             while True:
                 async with self._limiter.slot(tenant):
-                    paused = self._limiter.paused_until(tenant, batch.broadcast)
+                    paused = self._limiter.paused_until(tenant, broadcast)
                     if paused:
                         wait = paused - self._clock()
                         if wait > self._policy.max_wait:
                             return results.rate_limited_locally(batch, progress.attempts, int(paused))
                         await self._sleep(max(0.0, wait))
+                        metrics.rate_limit_wait(tenant.id, max(0.0, wait))
                     progress.attempts += 1
+                    started = time.perf_counter()
                     reply = await self._client.trigger(tenant, batch.body, progress)
+                    metrics.braze_call(tenant.id, broadcast, reply, time.perf_counter() - started)
                     progress.sent = False  # the reply settled that call
-                    self._limiter.observe(tenant, batch.broadcast, reply)
+                    self._limiter.observe(tenant, broadcast, reply)
+                    metrics.paused(tenant.id, broadcast, self._limiter.paused_until(tenant, broadcast))
                 delay = retry_delay(self._policy, reply, progress.attempts, self._clock(), self._jitter())
                 if delay is None:
                     return results.from_reply(batch, reply, progress.attempts)
+                rate_limited = reply.delivery is Delivery.RESPONDED
+                metrics.retry(tenant.id, "rate_limited" if rate_limited else "connect_failed")
                 await self._sleep(delay)
+                if rate_limited:
+                    metrics.rate_limit_wait(tenant.id, delay)
         except Exception:
             log.exception("batch %d of tenant %s failed inside the gateway", batch.index, tenant.id)
             return results.failed_inside_gateway(batch, progress.attempts)
@@ -124,9 +138,17 @@ _DONE = object()
 class FanOut:
     """Runs one request's batches, at most `concurrency` at once; results come back as they finish."""
 
-    def __init__(self, dispatcher: Dispatcher, tenant: Tenant, concurrency: int, queue_size: int) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        tenant: Tenant,
+        concurrency: int,
+        queue_size: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
         self._tenant = tenant
+        self._metrics = metrics or Metrics()
         self._slots = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[BatchResult | object] = asyncio.Queue(queue_size)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -142,7 +164,7 @@ class FanOut:
         try:
             result = await self._dispatcher.send(self._tenant, batch)
             try:
-                await self._queue.put(result)  # the slot is held until the caller can take it
+                await self.put(result)  # the slot is held until the caller can take it
             except asyncio.CancelledError:
                 _log_undelivered(self._tenant, result)
                 raise
@@ -150,8 +172,10 @@ class FanOut:
             self._slots.release()
 
     async def put(self, result: BatchResult) -> None:
-        """Hand back a result that needed no call (validation, validate_only)."""
+        """Hand back a result: a batch's, or one that needed no call (validation, validate_only)."""
+        report(self._metrics, self._tenant, result)
         await self._queue.put(result)
+        self._metrics.buffered(self._tenant.id, 1)
 
     async def close(self) -> None:
         """No more batches: wait for those in flight, then end `results`."""
@@ -165,6 +189,7 @@ class FanOut:
             if item is _DONE:
                 return
             assert isinstance(item, BatchResult)
+            self._metrics.buffered(self._tenant.id, -1)
             yield item
 
     def cancel(self) -> None:
@@ -174,11 +199,35 @@ class FanOut:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, BatchResult):
+                self._metrics.buffered(self._tenant.id, -1)
                 _log_undelivered(self._tenant, item)
 
 
 def _span(positions: tuple[int, ...]) -> str:
     return f"{positions[0]}..{positions[-1]} ({len(positions)})" if positions else "none"
+
+
+def report(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
+    """Count a result when it is made, delivered or not, and log one that did not end SENT."""
+    metrics.result(tenant.id, result)
+    if result.outcome is Outcome.SENT or (result.outcome is Outcome.NOT_ATTEMPTED and result.code is Code.OK):
+        return  # sent, or planned by validate_only
+    log.warning(
+        "batch %d %s: %s",
+        result.batch_index,
+        result.outcome.name,
+        result.status_message,
+        extra={
+            "tenant": tenant.id,
+            "batch_index": result.batch_index,
+            "positions": _span(result.positions),
+            "outcome": result.outcome.name,
+            "code": result.code.name,
+            "http_status": result.http_status,
+            "attempts": result.attempts,
+            "braze_message": result.message,
+        },
+    )
 
 
 def _log_undelivered(tenant: Tenant, result: BatchResult) -> None:

@@ -39,12 +39,46 @@ class Code(enum.IntEnum):
     UNAVAILABLE = 14
 
 
+class Rule(enum.StrEnum):
+    """The rule a violation breaks: a bounded name, safe as a metric label (never a path or value)."""
+
+    CANVAS_ID_REQUIRED = "canvas_id_required"
+    CONTEXT_BOTH_NAMES = "context_both_names"
+    CONTEXT_MIXED_NAMES = "context_mixed_names"
+    CONTEXT_TOO_LARGE = "context_too_large"
+    NUMBER_NOT_EXACT = "number_not_exact"
+    BODY_TOO_LARGE = "body_too_large"
+    BROADCAST_WITH_RECIPIENTS = "broadcast_with_recipients"
+    RECIPIENTS_REQUIRED = "recipients_required"
+    TOO_MANY_RECIPIENTS = "too_many_recipients"
+    IDENTIFIER_COUNT = "identifier_count"
+    EXTERNAL_USER_ID_EMPTY = "external_user_id_empty"
+    USER_ALIAS_INCOMPLETE = "user_alias_incomplete"
+    EXISTING_ONLY_WITH_ALIAS = "existing_only_with_alias"
+    ATTRIBUTES_REQUIRED = "attributes_required"
+    EMAIL_FORMAT = "email_format"
+    PRIORITIZATION_REQUIRED = "prioritization_required"
+    PRIORITIZATION_WITHOUT_EMAIL = "prioritization_without_email"
+    PRIORITIZATION_VALUE = "prioritization_value"
+    PRIORITIZATION_REPEATED = "prioritization_repeated"
+    PRIORITIZATION_CONFLICT = "prioritization_conflict"
+    AUDIENCE_DEPTH = "audience_depth"
+    AUDIENCE_NODE = "audience_node"
+    AUDIENCE_EMPTY_GROUP = "audience_empty_group"
+    AUDIENCE_ATTRIBUTE_NAME = "audience_attribute_name"
+    AUDIENCE_COMPARISON = "audience_comparison"
+    AUDIENCE_VALUE = "audience_value"
+    STREAM_HEADER = "stream_header"
+    STREAM_BROADCAST = "stream_broadcast"
+
+
 @dataclass(frozen=True, slots=True)
 class Violation:
     """One invalid field. `field` is a path in Braze's JSON names: `recipients[3].email`."""
 
     field: str
     description: str
+    rule: Rule
 
 
 @dataclass(frozen=True, slots=True)

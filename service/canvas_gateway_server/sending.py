@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import results
-from .dispatch import Dispatcher, FanOut
+from .dispatch import Dispatcher, FanOut, report
 from .errors import InvalidRequest
-from .model import Batch, BatchResult, Code, Summary, Violation
+from .metrics import Metrics
+from .model import Batch, BatchResult, Code, Rule, Summary, Violation
 from .planning import Intake, authorize
 from .tenants import Tenant
 from .validate import ContextNames, check_recipient, check_recipient_count
@@ -34,9 +35,10 @@ class SendLimits:
 class Sender:
     """Runs Send and SendStream requests for authenticated tenants."""
 
-    def __init__(self, dispatcher: Dispatcher, limits: SendLimits) -> None:
+    def __init__(self, dispatcher: Dispatcher, limits: SendLimits, metrics: Metrics | None = None) -> None:
         self._dispatcher = dispatcher
         self._limits = limits
+        self._metrics = metrics or Metrics()
 
     async def send(
         self,
@@ -74,6 +76,8 @@ class Sender:
             batches = [intake.broadcast()]
         if validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
+            for result in done:
+                report(self._metrics, tenant, result)
         else:
             done = await self._run_all(tenant, batches)
         done.sort(key=lambda result: result.batch_index)
@@ -87,11 +91,19 @@ class Sender:
         cap = self._limits.unary_max_recipients
         if count > cap:
             raise InvalidRequest(
-                [Violation("recipients", f"at most {cap:,} per Send; use SendStream for more")]
+                [
+                    Violation(
+                        "recipients",
+                        f"at most {cap:,} per Send; use SendStream for more",
+                        Rule.TOO_MANY_RECIPIENTS,
+                    )
+                ]
             )
 
     async def _run_all(self, tenant: Tenant, batches: list[Batch]) -> list[BatchResult]:
-        fan = FanOut(self._dispatcher, tenant, self._limits.request_concurrency, len(batches) + 1)
+        fan = FanOut(
+            self._dispatcher, tenant, self._limits.request_concurrency, len(batches) + 1, self._metrics
+        )
 
         async def produce() -> None:
             try:
@@ -112,7 +124,9 @@ class Sender:
     def open_stream(self, tenant: Tenant, head: Mapping[str, Any], validate_only: bool) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
         if head.get("broadcast") is True:
-            raise InvalidRequest([Violation("broadcast", "SendStream does not broadcast; use Send")])
+            raise InvalidRequest(
+                [Violation("broadcast", "SendStream does not broadcast; use Send", Rule.STREAM_BROADCAST)]
+            )
         intake = Intake(head)
         authorize(tenant, head)
         fan = FanOut(
@@ -120,6 +134,7 @@ class Sender:
             tenant,
             self._limits.request_concurrency,
             self._limits.result_queue_size,
+            self._metrics,
         )
         return StreamSend(intake, fan, validate_only)
 

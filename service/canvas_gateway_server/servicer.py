@@ -1,37 +1,41 @@
 """The gRPC edge: authenticate, convert, call `sending`, convert back.
 
-Only this module and `convert` touch generated code. Every expected failure is raised as
-a GatewayError and turned into a status by `status.abort`.
+Every expected failure is raised as a GatewayError and turned into a status by
+`status.abort`, through `_abort`, which counts the violations of refused requests. What the
+access line should say (tenant, summary) is noted on the current `calls.Call`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
-from typing import Generic, TypeVar
+from typing import Generic, NoReturn, TypeVar
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 
-from . import convert, status
+from . import calls, convert, status
 from .errors import InvalidRequest, ShuttingDown, Unauthenticated
-from .model import Violation
-from .sending import Sender
+from .metrics import Metrics
+from .model import Rule, Violation
+from .sending import Sender, StreamSend
 from .tenants import Tenant, TenantDirectory
 
 Context = grpc.aio.ServicerContext[object, object]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def bearer_token(context: Context) -> str:
-    """The token of `authorization: Bearer <token>`; raises Unauthenticated if absent."""
+    """The token of `authorization: Bearer <token>`; empty if there is none."""
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-    raise Unauthenticated("missing bearer token in `authorization` metadata")
+    return ""
 
 
 class StreamReader(Generic[T]):
@@ -114,21 +118,37 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
         tenants: TenantDirectory,
         sender: Sender,
         shutting_down: asyncio.Event,
+        metrics: Metrics | None = None,
         drain_seconds: float = 2.0,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
         self._shutting_down = shutting_down
+        self._metrics = metrics or Metrics()
         self._drain_seconds = drain_seconds
         self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:
         if self._shutting_down.is_set():
             raise ShuttingDown("the gateway is shutting down: send again, to another instance")
-        tenant = self._tenants.authenticate(bearer_token(context))
+        token = bearer_token(context)
+        tenant = self._tenants.authenticate(token) if token else None
         if tenant is None:
-            raise Unauthenticated("unknown bearer token")
+            reason = "unknown_token" if token else "missing_token"
+            self._metrics.auth_failure(reason)
+            log.warning("refused a call: %s", reason, extra={"peer": context.peer(), "reason": reason})
+            if token:
+                raise Unauthenticated("unknown bearer token")
+            raise Unauthenticated("missing bearer token in `authorization` metadata")
+        call = calls.current()
+        if call is not None:
+            call.tenant = tenant.id
         return tenant
+
+    async def _abort(self, context: Context, error: BaseException) -> NoReturn:
+        if isinstance(error, InvalidRequest):
+            self._metrics.invalid(error.violations)
+        await status.abort(context, error)
 
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
         with self.in_flight:
@@ -141,12 +161,15 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
             done, summary = await self._sender.send(tenant, head, recipients, request.options.validate_only)
+            call = calls.current()
+            if call is not None:
+                call.summary = summary
             return pb.SendResponse(
                 results=[convert.result_to_proto(result) for result in done],
-                summary=convert.summary_to_proto(summary),
+                summary=convert.summary_to_proto(summary, _request_id()),
             )
         except Exception as exc:  # every failure of the whole RPC is mapped in one place
-            await status.abort(context, exc)
+            await self._abort(context, exc)
 
     async def SendStream(
         self, request_iterator: AsyncIterator[pb.SendStreamRequest], context: Context
@@ -164,14 +187,32 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             tenant = self._authenticate(context)
             first = await reader.next()
             if first is None or first.WhichOneof("message") != "header":
-                raise InvalidRequest([Violation("header", "the first message of a stream must be a header")])
+                raise _bad_stream("the first message of a stream must be a header")
             header = first.header
             session = self._sender.open_stream(
                 tenant, convert.trigger_head(header.trigger), header.options.validate_only
             )
         except Exception as exc:
             await reader.drain(self._drain_seconds)
-            await status.abort(context, exc)
+            await self._abort(context, exc)
+        call = calls.current()
+        if call is not None:
+            call.summary = session.summary
+        self._metrics.stream_opened(tenant.id)
+        try:
+            async for response in self._stream_results(session, reader, header, context):
+                yield response
+        finally:
+            self._metrics.stream_closed(tenant.id)
+
+    async def _stream_results(
+        self,
+        session: StreamSend,
+        reader: StreamReader[pb.SendStreamRequest],
+        header: pb.StreamHeader,
+        context: Context,
+    ) -> AsyncIterator[pb.SendStreamResponse]:
+        """Feed the session from the caller while its results go back, then the summary."""
 
         failure: list[BaseException] = []
 
@@ -180,7 +221,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
                 while (message := await reader.next()) is not None:
                     if message.WhichOneof("message") != "chunk":
-                        raise InvalidRequest([Violation("header", "only the first message may be a header")])
+                        raise _bad_stream("only the first message may be a header")
                     await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
                 session.check_complete()
             except Exception as exc:  # ends the stream after the results so far; bugs become INTERNAL
@@ -201,10 +242,19 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                 yield pb.SendStreamResponse(result=convert.result_to_proto(result))
             await pumping
         except Exception as exc:
-            await status.abort(context, exc)
+            await self._abort(context, exc)
         finally:
             pumping.cancel()
             session.cancel()
         if failure:
-            await status.abort(context, failure[0])
-        yield pb.SendStreamResponse(summary=convert.summary_to_proto(session.summary))
+            await self._abort(context, failure[0])
+        yield pb.SendStreamResponse(summary=convert.summary_to_proto(session.summary, _request_id()))
+
+
+def _request_id() -> str:
+    call = calls.current()
+    return call.request_id if call is not None else ""
+
+
+def _bad_stream(why: str) -> InvalidRequest:
+    return InvalidRequest([Violation("header", why, Rule.STREAM_HEADER)])

@@ -26,6 +26,10 @@ class Settings:
 
     grpc_address: str = "127.0.0.1:50051"
     """Where the gRPC server listens (host:port; port 0 picks a free one)."""
+    admin_address: str = "127.0.0.1:8081"
+    """Where the admin HTTP listener serves /metrics, /healthz and /readyz (host:port; port 0 picks one)."""
+    metrics_enabled: bool = True
+    """Count Prometheus metrics. Off, /metrics is empty: the benchmark's baseline, not for production."""
     tls_cert_file: str = ""
     """PEM certificate chain for TLS on the gRPC port; with tls_key_file. Unset: plaintext."""
     tls_key_file: str = ""
@@ -58,10 +62,14 @@ class Settings:
     """Results buffered per stream before batches wait for the caller to read."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message accepted or sent (one Send, or one stream chunk)."""
+    shutdown_delay_seconds: float = 5.0
+    """On SIGTERM, how long not-ready is announced (health, /readyz) before new requests are refused."""
     shutdown_grace_seconds: float = 25.0
-    """On SIGTERM, how long in-flight requests may finish before they are cancelled."""
+    """Then, how long in-flight requests may finish before their batches are abandoned with results."""
     log_level: str = "INFO"
     """Python logging level."""
+    log_format: str = "text"
+    """`text` (one line a record) or `json` (one JSON object a line)."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -79,16 +87,24 @@ class Settings:
         for name in ("upstream_connect_timeout_seconds", "upstream_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be positive")
-        for name in ("retry_base_delay_seconds", "max_retry_wait_seconds", "shutdown_grace_seconds"):
+        for name in (
+            "retry_base_delay_seconds",
+            "max_retry_wait_seconds",
+            "shutdown_delay_seconds",
+            "shutdown_grace_seconds",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must not be negative")
         if not 0 <= self.demo_braze_port <= 65535:
             raise ConfigError(f"{ENV_PREFIX}DEMO_BRAZE_PORT must be a port number")
-        host, _, port = self.grpc_address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"{ENV_PREFIX}GRPC_ADDRESS must be host:port, such as 127.0.0.1:50051")
+        for name, example in (("grpc_address", "127.0.0.1:50051"), ("admin_address", "127.0.0.1:8081")):
+            host, _, port = getattr(self, name).rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be host:port, such as {example}")
         if self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be text or json")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError(f"set both {ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE, or neither")
         if not self.demo and not self.tenants_file:

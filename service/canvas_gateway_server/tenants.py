@@ -57,6 +57,10 @@ class TenantDirectory(Protocol):
         """Every Braze key it holds, for log redaction."""
         ...
 
+    def tenant_ids(self) -> frozenset[str]:
+        """The ids of the tenants it holds (readiness, metrics)."""
+        ...
+
 
 def token_digest(token: str) -> str:
     """The SHA-256 hex digest under which a bearer token is configured."""
@@ -75,6 +79,7 @@ class StaticTenantDirectory:
                 pairs.append((digest.encode(), tenant))
         self._pairs = tuple(pairs)
         self._secrets = frozenset(tenant.braze_api_key for _, tenant in pairs)
+        self._ids = frozenset(tenant.id for _, tenant in pairs)
 
     def authenticate(self, token: str) -> Tenant | None:
         presented = token_digest(token).encode()
@@ -86,6 +91,9 @@ class StaticTenantDirectory:
 
     def secrets(self) -> frozenset[str]:
         return self._secrets
+
+    def tenant_ids(self) -> frozenset[str]:
+        return self._ids
 
 
 class FileTenantDirectory:
@@ -105,6 +113,9 @@ class FileTenantDirectory:
 
     def secrets(self) -> frozenset[str]:
         return self._current.secrets()
+
+    def tenant_ids(self) -> frozenset[str]:
+        return self._current.tenant_ids()
 
 
 def load_tenants(path: Path, environ: Mapping[str, str]) -> StaticTenantDirectory:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
-from .model import Violation
+from .model import Rule, Violation
 
 PRIORITIZATION_VALUES: Final = frozenset(
     {"identified", "unidentified", "most_recently_updated", "least_recently_updated"}
@@ -44,9 +44,9 @@ def check_head(head: Mapping[str, Any]) -> list[Violation]:
     """Top-level rules that do not depend on the recipients."""
     found: list[Violation] = []
     if not head.get("canvas_id"):
-        found.append(Violation("canvas_id", "is required"))
+        found.append(Violation("canvas_id", "is required", Rule.CANVAS_ID_REQUIRED))
     if "context" in head and "canvas_entry_properties" in head:
-        found.append(Violation("canvas_entry_properties", _LEGACY_CONTEXT))
+        found.append(Violation("canvas_entry_properties", _LEGACY_CONTEXT, Rule.CONTEXT_BOTH_NAMES))
     if "audience" in head:
         found.extend(check_audience(head["audience"], "audience"))
     return found
@@ -55,10 +55,20 @@ def check_head(head: Mapping[str, Any]) -> list[Violation]:
 def check_recipient_count(head: Mapping[str, Any], count: int) -> list[Violation]:
     """`broadcast` XOR `recipients` (an audience alone also needs broadcast: true)."""
     if head.get("broadcast") is True and count > 0:
-        return [Violation("broadcast", "must not be true when recipients are given")]
+        return [
+            Violation(
+                "broadcast", "must not be true when recipients are given", Rule.BROADCAST_WITH_RECIPIENTS
+            )
+        ]
     if head.get("broadcast") is not True and count == 0:
         what = "an audience without recipients" if "audience" in head else "no recipients"
-        return [Violation("recipients", f"at least one recipient is required ({what} needs broadcast: true)")]
+        return [
+            Violation(
+                "recipients",
+                f"at least one recipient is required ({what} needs broadcast: true)",
+                Rule.RECIPIENTS_REQUIRED,
+            )
+        ]
     return []
 
 
@@ -78,7 +88,11 @@ class ContextNames:
             self.name = used[0]
         elif used[0] != self.name:
             return [
-                Violation(f"{path}.{used[0]}", f"this request uses `{self.name}`: use that name throughout")
+                Violation(
+                    f"{path}.{used[0]}",
+                    f"this request uses `{self.name}`: use that name throughout",
+                    Rule.CONTEXT_MIXED_NAMES,
+                )
             ]
         return []
 
@@ -88,32 +102,44 @@ def check_recipient(recipient: Mapping[str, Any], path: str) -> list[Violation]:
     found: list[Violation] = []
     present = [name for name in _IDENTIFIERS if name in recipient]
     if len(present) != 1:
-        found.append(Violation(path, "exactly one of external_user_id, user_alias, email is required"))
+        found.append(
+            Violation(
+                path, "exactly one of external_user_id, user_alias, email is required", Rule.IDENTIFIER_COUNT
+            )
+        )
     if "external_user_id" in recipient and not recipient["external_user_id"]:
-        found.append(Violation(f"{path}.external_user_id", "must not be empty"))
+        found.append(Violation(f"{path}.external_user_id", "must not be empty", Rule.EXTERNAL_USER_ID_EMPTY))
     if "user_alias" in recipient:
         alias = recipient["user_alias"]
         for part in ("alias_name", "alias_label"):
             if not alias.get(part):
-                found.append(Violation(f"{path}.user_alias.{part}", "is required"))
+                found.append(
+                    Violation(f"{path}.user_alias.{part}", "is required", Rule.USER_ALIAS_INCOMPLETE)
+                )
         if "send_to_existing_only" in recipient:
             found.append(
                 Violation(
                     f"{path}.send_to_existing_only",
                     "cannot be used with user_alias (alias users must already exist): leave it out",
+                    Rule.EXISTING_ONLY_WITH_ALIAS,
                 )
             )
     if "email" in recipient:
         found.extend(_check_email(recipient, path))
     elif "prioritization" in recipient:
-        found.append(Violation(f"{path}.prioritization", "is only allowed with email"))
+        found.append(
+            Violation(
+                f"{path}.prioritization", "is only allowed with email", Rule.PRIORITIZATION_WITHOUT_EMAIL
+            )
+        )
     if "context" in recipient and "canvas_entry_properties" in recipient:
-        found.append(Violation(f"{path}.canvas_entry_properties", _LEGACY_CONTEXT))
+        found.append(Violation(f"{path}.canvas_entry_properties", _LEGACY_CONTEXT, Rule.CONTEXT_BOTH_NAMES))
     if recipient.get("send_to_existing_only") is False and not recipient.get("attributes"):
         found.append(
             Violation(
                 f"{path}.attributes",
                 "a non-empty object is required when send_to_existing_only is false",
+                Rule.ATTRIBUTES_REQUIRED,
             )
         )
     return found
@@ -123,37 +149,41 @@ def _check_email(recipient: Mapping[str, Any], path: str) -> list[Violation]:
     found: list[Violation] = []
     local, at, domain = str(recipient["email"]).partition("@")
     if not (local and at and domain) or "@" in domain:
-        found.append(Violation(f"{path}.email", "must be an email address (name@domain)"))
+        found.append(Violation(f"{path}.email", "must be an email address (name@domain)", Rule.EMAIL_FORMAT))
     order = recipient.get("prioritization") or []
     field = f"{path}.prioritization"
     if not order:
-        found.append(Violation(field, "is required with email"))
+        found.append(Violation(field, "is required with email", Rule.PRIORITIZATION_REQUIRED))
     for index, value in enumerate(order):
         if value not in PRIORITIZATION_VALUES:
             allowed = ", ".join(sorted(PRIORITIZATION_VALUES))
-            found.append(Violation(f"{field}[{index}]", f"must be one of {allowed}"))
+            found.append(
+                Violation(f"{field}[{index}]", f"must be one of {allowed}", Rule.PRIORITIZATION_VALUE)
+            )
     if len(set(order)) != len(order):
-        found.append(Violation(field, "must not repeat a value"))
+        found.append(Violation(field, "must not repeat a value", Rule.PRIORITIZATION_REPEATED))
     if "identified" in order and "unidentified" in order:
-        found.append(Violation(field, "may hold only one of identified and unidentified"))
+        found.append(
+            Violation(field, "may hold only one of identified and unidentified", Rule.PRIORITIZATION_CONFLICT)
+        )
     return found
 
 
 def check_audience(node: Any, path: str, depth: int = 0) -> list[Violation]:
     """The Connected Audience grammar: one key per node; AND / OR nest."""
     if depth > MAX_AUDIENCE_DEPTH:
-        return [Violation(path, f"nests deeper than {MAX_AUDIENCE_DEPTH} levels")]
+        return [Violation(path, f"nests deeper than {MAX_AUDIENCE_DEPTH} levels", Rule.AUDIENCE_DEPTH)]
     if not isinstance(node, Mapping):
-        return [Violation(path, "must be an object")]
+        return [Violation(path, "must be an object", Rule.AUDIENCE_NODE)]
     keys = [key for key in node if key in AUDIENCE_KEYS]
     if len(keys) != 1 or len(node) != 1:
-        return [Violation(path, "must hold exactly one of " + ", ".join(AUDIENCE_KEYS))]
+        return [Violation(path, "must hold exactly one of " + ", ".join(AUDIENCE_KEYS), Rule.AUDIENCE_NODE)]
     key = keys[0]
     inner = node[key]
     here = f"{path}.{key}"
     if key in ("AND", "OR"):
         if not inner:
-            return [Violation(here, "must list at least one filter")]
+            return [Violation(here, "must list at least one filter", Rule.AUDIENCE_EMPTY_GROUP)]
         found: list[Violation] = []
         for index, child in enumerate(inner):
             found.extend(check_audience(child, f"{here}[{index}]", depth + 1))
@@ -168,37 +198,45 @@ def check_audience(node: Any, path: str, depth: int = 0) -> list[Violation]:
 def _check_custom_attribute(attr: Mapping[str, Any], path: str) -> list[Violation]:
     found: list[Violation] = []
     if not attr.get("custom_attribute_name"):
-        found.append(Violation(f"{path}.custom_attribute_name", "is required"))
+        found.append(Violation(f"{path}.custom_attribute_name", "is required", Rule.AUDIENCE_ATTRIBUTE_NAME))
     comparison = attr.get("comparison")
     if not comparison:
-        found.append(Violation(f"{path}.comparison", "is required"))
+        found.append(Violation(f"{path}.comparison", "is required", Rule.AUDIENCE_COMPARISON))
     if comparison in VALUELESS_COMPARISONS:
         if "value" in attr:
-            found.append(Violation(f"{path}.value", f"must be omitted with {comparison}"))
+            found.append(
+                Violation(f"{path}.value", f"must be omitted with {comparison}", Rule.AUDIENCE_VALUE)
+            )
     elif "value" not in attr:
-        found.append(Violation(f"{path}.value", "is required"))
+        found.append(Violation(f"{path}.value", "is required", Rule.AUDIENCE_VALUE))
     elif isinstance(attr["value"], (dict, list)) or attr["value"] is None:
-        found.append(Violation(f"{path}.value", "must be a string, number or boolean"))
+        found.append(Violation(f"{path}.value", "must be a string, number or boolean", Rule.AUDIENCE_VALUE))
     return found
 
 
 def _check_subscription(status: Mapping[str, Any], path: str) -> list[Violation]:
     found: list[Violation] = []
     if status.get("comparison") not in SUBSCRIPTION_COMPARISONS:
-        found.append(Violation(f"{path}.comparison", "must be is or is_not"))
+        found.append(Violation(f"{path}.comparison", "must be is or is_not", Rule.AUDIENCE_COMPARISON))
     if status.get("value") not in SUBSCRIPTION_VALUES:
-        found.append(Violation(f"{path}.value", "must be opted_in, subscribed or unsubscribed"))
+        found.append(
+            Violation(f"{path}.value", "must be opted_in, subscribed or unsubscribed", Rule.AUDIENCE_VALUE)
+        )
     return found
 
 
 def _check_last_used_app(filter_: Mapping[str, Any], path: str) -> list[Violation]:
     found: list[Violation] = []
     if filter_.get("comparison") not in LAST_USED_APP_COMPARISONS:
-        found.append(Violation(f"{path}.comparison", "must be after or before"))
+        found.append(Violation(f"{path}.comparison", "must be after or before", Rule.AUDIENCE_COMPARISON))
     if not _is_iso_datetime(str(filter_.get("value", ""))):
         example = "2019-07-22T13:17:55+0000"
         found.append(
-            Violation(f"{path}.value", f"must be an ISO 8601 date-time with a time zone, e.g. {example}")
+            Violation(
+                f"{path}.value",
+                f"must be an ISO 8601 date-time with a time zone, e.g. {example}",
+                Rule.AUDIENCE_VALUE,
+            )
         )
     return found
 

@@ -674,12 +674,18 @@ class SendSummary(_message.Message):
     RECIPIENTS_REJECTED_FIELD_NUMBER: _builtins.int
     RECIPIENTS_UNKNOWN_FIELD_NUMBER: _builtins.int
     RECIPIENTS_NOT_ATTEMPTED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     recipients: _builtins.int
     batches: _builtins.int
     recipients_sent: _builtins.int
     recipients_rejected: _builtins.int
     recipients_unknown: _builtins.int
     recipients_not_attempted: _builtins.int
+    request_id: _builtins.str
+    """The request id the gateway logged this request under: the caller's `x-request-id`
+    metadata when it sent a valid one, else one the gateway made. Also returned in the
+    response's initial metadata as `x-request-id`, so failed calls can be quoted too.
+    """
     def __init__(
         self,
         *,
@@ -689,10 +695,11 @@ class SendSummary(_message.Message):
         recipients_rejected: _builtins.int = ...,
         recipients_unknown: _builtins.int = ...,
         recipients_not_attempted: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "recipients", b"recipients", "recipients_not_attempted", b"recipients_not_attempted", "recipients_rejected", b"recipients_rejected", "recipients_sent", b"recipients_sent", "recipients_unknown", b"recipients_unknown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "recipients", b"recipients", "recipients_not_attempted", b"recipients_not_attempted", "recipients_rejected", b"recipients_rejected", "recipients_sent", b"recipients_sent", "recipients_unknown", b"recipients_unknown", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

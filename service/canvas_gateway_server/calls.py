@@ -1,0 +1,233 @@
+"""Every RPC observed: a request id, gRPC server metrics, and one access line.
+
+`CallObserver` is a grpc.aio server interceptor. It wraps each method's behavior so that,
+inside the RPC's own task, it
+- picks the request id (the caller's valid `x-request-id`, else a new one), returns it in the
+  initial metadata and makes it the current one for logs (`logs.REQUEST_ID`);
+- counts the RPC the go-grpc-prometheus way: started, messages received and sent, handled by
+  code, handling time;
+- logs one access line for the gateway's own service when the RPC ends, with what the servicer
+  noted on the `Call` (tenant, summary).
+
+Messages are counted where the behavior reads and yields them; a handler that writes with
+`context.write` (grpc's health Watch) is counted as started and handled, not per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import grpc
+
+from .logs import REQUEST_ID
+from .metrics import Metrics
+from .model import Outcome, Summary
+
+log = logging.getLogger("canvas_gateway_server.access")
+
+REQUEST_ID_KEY: Final = "x-request-id"
+_VALID_REQUEST_ID: Final = re.compile(r"^[\x21-\x7e]{1,128}$")
+"""A caller's request id is kept when it is 1-128 printable ASCII characters without spaces."""
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # not subscriptable at run time
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(slots=True)
+class Call:
+    """One RPC in progress, as its access line will report it."""
+
+    request_id: str
+    method: str
+    peer: str
+    tenant: str = "-"
+    summary: Summary | None = None
+
+
+_CALL: ContextVar[Call | None] = ContextVar("call", default=None)
+
+
+def current() -> Call | None:
+    """The RPC being served by this task, if any."""
+    return _CALL.get()
+
+
+def request_id(metadata: Any) -> str:
+    """The caller's `x-request-id` when it is valid, else a new random one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def status_code(error: BaseException | None, context: Context) -> str:
+    """The name of the code an RPC ended with."""
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code: object = context.code()  # None unless the handler aborted or set one
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is not None:
+        return "UNKNOWN"  # what grpc answers for an exception that escapes a handler
+    return "OK"
+
+
+def _grpc_type(handler: Handler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+class CallObserver(grpc.aio.ServerInterceptor):
+    """Request ids, gRPC metrics and access lines for every RPC; access lines for `logged_service` only."""
+
+    def __init__(self, metrics: Metrics, logged_service: str) -> None:
+        self._metrics = metrics
+        self._logged_service = logged_service
+        self._wrapped: dict[str, Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:
+            return handler
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:  # one wrapper per method: the handlers themselves never change
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        service, _, name = method.lstrip("/").rpartition("/")
+        rpc = (_grpc_type(handler), service, name)
+        logged = service == self._logged_service
+        observe = _Observation(self._metrics, rpc, method, logged)
+        kinds = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "stream_stream": grpc.stream_stream_rpc_method_handler,
+        }
+        for kind, make in kinds.items():
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return make(
+                    observe.wrap(behavior, handler.request_streaming, handler.response_streaming),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+
+class _Observation:
+    """Wraps one method's behavior; each call runs `_begin` and `_end` around it."""
+
+    def __init__(self, metrics: Metrics, rpc: tuple[str, str, str], method: str, logged: bool) -> None:
+        self._metrics = metrics
+        self._rpc = rpc
+        self._method = method
+        self._logged = logged
+
+    def wrap(
+        self, behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool
+    ) -> Callable[..., Any]:
+        metrics, rpc = self._metrics, self._rpc
+
+        async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for message in requests:
+                metrics.rpc_received(rpc)
+                yield message
+
+        def requests_of(request: Any) -> Any:
+            if request_streaming:
+                return counted(request)
+            metrics.rpc_received(rpc)
+            return request
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+                call, started = await self._begin(context)
+                error: BaseException | None = None
+                try:
+                    async for response in behavior(requests_of(request), context):
+                        metrics.rpc_sent(rpc)
+                        yield response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    self._end(call, started, error, context)
+
+            return streaming
+
+        async def returning(request: Any, context: Context) -> Any:
+            call, started = await self._begin(context)
+            error: BaseException | None = None
+            try:
+                response = await behavior(requests_of(request), context)
+                if not response_streaming:
+                    metrics.rpc_sent(rpc)
+                return response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._end(call, started, error, context)
+
+        return returning
+
+    async def _begin(self, context: Context) -> tuple[Call, float]:
+        started = time.perf_counter()
+        call = Call(request_id(context.invocation_metadata()), self._method, context.peer() or "-")
+        _CALL.set(call)
+        REQUEST_ID.set(call.request_id)
+        self._metrics.rpc_started(self._rpc)
+        if self._logged:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+        return call, started
+
+    def _end(self, call: Call, started: float, error: BaseException | None, context: Context) -> None:
+        seconds = time.perf_counter() - started
+        code = status_code(error, context)
+        self._metrics.rpc_handled(self._rpc, code, seconds)
+        if self._logged:
+            access_line(call, code, seconds)
+
+
+def access_line(call: Call, code: str, seconds: float) -> None:
+    """One line per RPC of the gateway's service: who, what, how it ended, how long."""
+    summary = call.summary or Summary()
+    outcomes = " ".join(f"{o.name.lower()}:{summary.by_outcome[o]}" for o in Outcome)
+    log.log(
+        logging.INFO if code == "OK" else logging.WARNING,
+        "rpc %s %s",
+        call.method.rpartition("/")[2],
+        code,
+        extra={
+            "tenant": call.tenant,
+            "method": call.method,
+            "peer": call.peer,
+            "grpc_code": code,
+            "recipients": summary.recipients,
+            "batches": summary.batches,
+            "outcomes": outcomes,
+            "duration_ms": round(seconds * 1000, 1),
+        },
+    )

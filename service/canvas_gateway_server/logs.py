@@ -1,0 +1,113 @@
+"""Logging: one line a record, as text or JSON, each tagged with its request's id, secrets redacted.
+
+Records that describe an event (an RPC, a batch that did not end SENT, a refused token) pass
+their fields as `extra`: JSON output puts them at the top level of the object, text output
+appends them as `key=value`. The request id comes from a context variable that the RPC
+observer (`calls`) sets, so every record made while serving a request, in any task it
+started, carries it without being handed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, Final
+
+from pythonjsonlogger.json import JsonFormatter
+
+from .redaction import redact
+
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+"""The id of the request being served; `-` outside any request."""
+
+_STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "taskName",
+}
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+JSON_FIELDS: Final = ("asctime", "levelname", "name", "request_id", "message")
+
+
+def event_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The `extra` fields a record was logged with."""
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD}
+
+
+class SecretFilter(logging.Filter):
+    """Redacts the secrets a callable returns (read per record) from the message, the
+    traceback and every string field of a record."""
+
+    def __init__(self, secrets: Callable[[], frozenset[str]]) -> None:
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self._secrets()
+        message = record.getMessage()
+        cleaned = redact(message, secrets)
+        if cleaned != message or record.exc_info:
+            if record.exc_info:
+                cleaned += "\n" + redact(logging.Formatter().formatException(record.exc_info), secrets)
+                record.exc_info = None
+                record.exc_text = None
+            record.msg = cleaned
+            record.args = None
+        for key, value in event_fields(record).items():
+            if isinstance(value, str):
+                setattr(record, key, redact(value, secrets))
+        return True
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the current request id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """The classic line, then the event's fields as `key=value` (values with spaces quoted)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = event_fields(record)
+        if not fields:
+            return line
+        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+        head, newline, trace = line.partition("\n")  # keep a traceback below the fields
+        return f"{head} {pairs}{newline}{trace}"
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    return repr(text) if (not text or any(ch.isspace() or ch in "\"'=" for ch in text)) else text
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """`text` or `json` (python-json-logger: one object a line, fields at the top level)."""
+    if log_format == "json":
+        return JsonFormatter(
+            JSON_FIELDS,
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+    return TextFormatter()
+
+
+def configure(level: str, log_format: str, secrets: Callable[[], frozenset[str]] | None = None) -> None:
+    """Route the root logger to stderr in `log_format`, redacting `secrets()` when given."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(log_format))
+    handler.addFilter(RequestIdFilter())
+    if secrets is not None:
+        handler.addFilter(SecretFilter(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,324 @@
+"""What the gateway counts, in one module, on an injected Prometheus registry.
+
+`Metrics` is what the rest of the gateway reports to. This base class records nothing: it
+serves when metrics are off and in tests of parts that do not look at them.
+`PrometheusMetrics` counts into a `CollectorRegistry` that the admin listener exposes.
+
+Naming follows prometheus.io: base units (seconds), `_total` for counters, `canvas_gateway_`
+for the gateway's own. gRPC server metrics keep the names of go-grpc-prometheus
+(`grpc_server_handled_total` and friends), which existing dashboards chart (README: Metrics).
+
+Label values come from bounded sets only: tenant ids (from configuration), outcomes, gRPC
+code names, HTTP statuses, budgets, rule names and reasons. Canvas ids, user ids, tokens,
+keys and field paths are never labels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, Generic, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .model import BatchResult, Violation
+from .upstream import Delivery, Reply
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+BRAZE_SECONDS_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
+"""Braze calls: 10 ms (a fast answer) to 30 s (the default call timeout)."""
+RPC_SECONDS_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+"""RPCs: a small Send takes milliseconds, a bulk stream minutes."""
+
+
+def budget(broadcast: bool) -> str:
+    """Braze keeps separate budgets for recipient calls and broadcast calls."""
+    return "broadcast" if broadcast else "recipients"
+
+
+class Metrics:
+    """Every event the gateway reports. This base ignores them all."""
+
+    def rpc_started(self, rpc: tuple[str, str, str]) -> None:
+        """`rpc` is (grpc_type, grpc_service, grpc_method)."""
+
+    def rpc_received(self, rpc: tuple[str, str, str]) -> None: ...
+
+    def rpc_sent(self, rpc: tuple[str, str, str]) -> None: ...
+
+    def rpc_handled(self, rpc: tuple[str, str, str], code: str, seconds: float) -> None: ...
+
+    def auth_failure(self, reason: str) -> None: ...
+
+    def invalid(self, violations: Iterable[Violation]) -> None: ...
+
+    def stream_opened(self, tenant: str) -> None: ...
+
+    def stream_closed(self, tenant: str) -> None: ...
+
+    def batch_started(self, tenant: str) -> None: ...
+
+    def batch_finished(self, tenant: str) -> None: ...
+
+    def braze_call(self, tenant: str, broadcast: bool, reply: Reply, seconds: float) -> None: ...
+
+    def retry(self, tenant: str, reason: str) -> None: ...
+
+    def rate_limit_wait(self, tenant: str, seconds: float) -> None: ...
+
+    def paused(self, tenant: str, broadcast: bool, until: float) -> None:
+        """The tenant's budget is spent until `until` (epoch seconds; 0: not paused)."""
+
+    def result(self, tenant: str, result: BatchResult) -> None: ...
+
+    def buffered(self, tenant: str, delta: int) -> None:
+        """Results handed to a stream's queue (+1) or taken by its caller (-1)."""
+
+    def tenants_loaded(self, count: int) -> None: ...
+
+    def reload(self, ok: bool) -> None: ...
+
+    def watch_readiness(self, ready: Callable[[], bool]) -> None: ...
+
+
+class _Family(Generic[M]):
+    """A labelled metric with its children cached: `labels()` costs a lock and a tuple each time."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+class _PauseCollector(Collector):
+    """Tenants paused until a rate-limit reset, judged against the clock at scrape time."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.until: dict[tuple[str, str], float] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        paused = GaugeMetricFamily(
+            "canvas_gateway_tenant_paused",
+            "1 while the tenant's Braze budget is spent and no call is made until its reset.",
+            labels=("tenant", "budget"),
+        )
+        until = GaugeMetricFamily(
+            "canvas_gateway_tenant_paused_until_timestamp_seconds",
+            "When the tenant's pause ends (epoch seconds); 0 when it is not paused.",
+            labels=("tenant", "budget"),
+        )
+        for (tenant, which), end in sorted(self.until.items()):
+            active = end > now
+            paused.add_metric((tenant, which), 1.0 if active else 0.0)
+            until.add_metric((tenant, which), end if active else 0.0)
+        yield paused
+        yield until
+
+
+class PrometheusMetrics(Metrics):
+    """Counts into `registry`; one instance per gateway, so tests get a fresh registry each."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        version: str,
+        git_commit: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Family[Counter]:
+            return _Family(Counter(name, doc, labels, registry=registry))
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> _Family[Gauge]:
+            return _Family(Gauge(name, doc, labels, registry=registry))
+
+        rpc = ("grpc_type", "grpc_service", "grpc_method")
+        self._rpc_started = counter("grpc_server_started_total", "RPCs started on the server.", rpc)
+        self._rpc_handled = counter(
+            "grpc_server_handled_total", "RPCs completed on the server, by code.", (*rpc, "grpc_code")
+        )
+        self._rpc_received = counter(
+            "grpc_server_msg_received_total", "Stream messages received from callers.", rpc
+        )
+        self._rpc_sent = counter("grpc_server_msg_sent_total", "Stream messages sent to callers.", rpc)
+        self._rpc_seconds = _Family(
+            Histogram(
+                "grpc_server_handling_seconds",
+                "Time from an RPC's start to its end on the server.",
+                rpc,
+                buckets=RPC_SECONDS_BUCKETS,
+                registry=registry,
+            )
+        )
+        self._auth_failures = counter(
+            "canvas_gateway_auth_failures_total",
+            "Calls refused for a missing or unknown bearer token (the caller is unknown: no tenant).",
+            ("reason",),
+        )
+        self._violations = counter(
+            "canvas_gateway_validation_failures_total",
+            "Violations of Braze's request rules found, by rule.",
+            ("rule",),
+        )
+        self._streams = gauge("canvas_gateway_streams_open", "SendStream calls open.", ("tenant",))
+        self._in_flight = gauge(
+            "canvas_gateway_batches_in_flight",
+            "Batches waiting for a rate-limit slot or calling Braze.",
+            ("tenant",),
+        )
+        self._braze_requests = counter(
+            "canvas_gateway_braze_requests_total",
+            "Calls to Braze, by HTTP status; status_class `failed` for calls without an answer "
+            "(status `not_sent`: could not connect; `unknown`: failed after sending).",
+            ("tenant", "status_class", "status"),
+        )
+        self._braze_seconds = _Family(
+            Histogram(
+                "canvas_gateway_braze_request_duration_seconds",
+                "Time of one call to Braze, to the end of its response body.",
+                ("tenant",),
+                buckets=BRAZE_SECONDS_BUCKETS,
+                registry=registry,
+            )
+        )
+        self._remaining = gauge(
+            "canvas_gateway_braze_ratelimit_remaining",
+            "The last x-ratelimit-remaining Braze sent for the tenant's budget.",
+            ("tenant", "budget"),
+        )
+        self._limit = gauge(
+            "canvas_gateway_braze_ratelimit_limit",
+            "The last x-ratelimit-limit Braze sent for the tenant's budget.",
+            ("tenant", "budget"),
+        )
+        self._retries = counter(
+            "canvas_gateway_retries_total",
+            "Calls made again: after a 429 (rate_limited) or a connection that never opened "
+            "(connect_failed).",
+            ("tenant", "reason"),
+        )
+        self._waited = counter(
+            "canvas_gateway_rate_limit_wait_seconds_total",
+            "Time batches spent waiting for a rate-limit reset or a Retry-After.",
+            ("tenant",),
+        )
+        self._recipients = counter(
+            "canvas_gateway_recipients_total",
+            "Recipients with a result, by outcome (sent, rejected, unknown, not_attempted).",
+            ("tenant", "outcome"),
+        )
+        self._inactive = counter(
+            "canvas_gateway_recipients_canvas_inactive_total",
+            "Recipients whose call Braze accepted with a notice (Canvas paused or archived): nothing sent.",
+            ("tenant",),
+        )
+        self._batches = counter(
+            "canvas_gateway_batches_total",
+            "Batch results, by outcome and google.rpc.Code name.",
+            ("tenant", "outcome", "code"),
+        )
+        self._buffered = gauge(
+            "canvas_gateway_results_buffered",
+            "Results waiting in streams' queues for their callers to read them.",
+            ("tenant",),
+        )
+        self._tenants = Gauge("canvas_gateway_tenants", "Tenants loaded.", registry=registry)
+        self._reloads = counter(
+            "canvas_gateway_tenant_reloads_total", "Tenants-file reloads, by result.", ("result",)
+        )
+        self._ready = Gauge(
+            "canvas_gateway_ready", "1 when /readyz answers ready, 0 otherwise.", registry=registry
+        )
+        Info("canvas_gateway_build", "The running build.", registry=registry).info(
+            {"version": version, "git_commit": git_commit}
+        )
+        self._pauses = _PauseCollector(clock)
+        registry.register(self._pauses)
+
+    def rpc_started(self, rpc: tuple[str, str, str]) -> None:
+        self._rpc_started(*rpc).inc()
+
+    def rpc_received(self, rpc: tuple[str, str, str]) -> None:
+        self._rpc_received(*rpc).inc()
+
+    def rpc_sent(self, rpc: tuple[str, str, str]) -> None:
+        self._rpc_sent(*rpc).inc()
+
+    def rpc_handled(self, rpc: tuple[str, str, str], code: str, seconds: float) -> None:
+        self._rpc_handled(*rpc, code).inc()
+        self._rpc_seconds(*rpc).observe(seconds)
+
+    def auth_failure(self, reason: str) -> None:
+        self._auth_failures(reason).inc()
+
+    def invalid(self, violations: Iterable[Violation]) -> None:
+        for violation in violations:
+            self._violations(violation.rule.value).inc()
+
+    def stream_opened(self, tenant: str) -> None:
+        self._streams(tenant).inc()
+
+    def stream_closed(self, tenant: str) -> None:
+        self._streams(tenant).dec()
+
+    def batch_started(self, tenant: str) -> None:
+        self._in_flight(tenant).inc()
+
+    def batch_finished(self, tenant: str) -> None:
+        self._in_flight(tenant).dec()
+
+    def braze_call(self, tenant: str, broadcast: bool, reply: Reply, seconds: float) -> None:
+        if reply.delivery is Delivery.RESPONDED:
+            status_class, status = f"{reply.status // 100}xx", str(reply.status)
+        else:
+            status_class, status = "failed", reply.delivery.value
+        self._braze_requests(tenant, status_class, status).inc()
+        self._braze_seconds(tenant).observe(seconds)
+        which = budget(broadcast)
+        if reply.rate.remaining is not None:
+            self._remaining(tenant, which).set(reply.rate.remaining)
+        if reply.rate.limit is not None:
+            self._limit(tenant, which).set(reply.rate.limit)
+
+    def retry(self, tenant: str, reason: str) -> None:
+        self._retries(tenant, reason).inc()
+
+    def rate_limit_wait(self, tenant: str, seconds: float) -> None:
+        self._waited(tenant).inc(seconds)
+
+    def paused(self, tenant: str, broadcast: bool, until: float) -> None:
+        self._pauses.until[(tenant, budget(broadcast))] = until
+
+    def result(self, tenant: str, result: BatchResult) -> None:
+        outcome = result.outcome.name.lower()
+        count = len(result.positions)
+        self._recipients(tenant, outcome).inc(count)
+        self._batches(tenant, outcome, result.code.name).inc()
+        if result.notice:
+            self._inactive(tenant).inc(count)
+        if result.violations:
+            self.invalid(result.violations)
+
+    def buffered(self, tenant: str, delta: int) -> None:
+        self._buffered(tenant).inc(delta)
+
+    def tenants_loaded(self, count: int) -> None:
+        self._tenants.set(count)
+
+    def reload(self, ok: bool) -> None:
+        self._reloads("success" if ok else "failure").inc()
+
+    def watch_readiness(self, ready: Callable[[], bool]) -> None:
+        self._ready.set_function(lambda: 1.0 if ready() else 0.0)
