@@ -233,6 +233,8 @@ async def test_a_port_in_use_is_a_clear_boot_error(harness: Harness) -> None:
     with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: the address is in use"):
         await Gateway.start(settings)
     fake_port = int(FAKE_URLS[id(harness.fake)].rsplit(":", 1)[1])
-    settings = Settings.from_env({}, demo=True, demo_braze_port=fake_port, grpc_address="127.0.0.1:0", **LOCAL)
+    settings = Settings.from_env(
+        {}, demo=True, demo_braze_port=fake_port, grpc_address="127.0.0.1:0", **LOCAL
+    )
     with pytest.raises(ConfigError, match="cannot start the demo fake Braze"):
         await Gateway.start(settings)
