@@ -169,6 +169,7 @@ class Gateway:
             gateway.port = _listen(server, settings)
             gateway.admin_port = await _listen_admin(gateway.admin, settings)
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
+            await server.stop(None)  # releases a gRPC port bound before the admin port failed
             await session.close()
             if fake is not None:
                 await fake.stop()

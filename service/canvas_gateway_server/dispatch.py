@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import results
 from .limits import UpstreamLimiter
@@ -84,11 +85,9 @@ class Dispatcher:
                 return results.abandoned(batch, progress.attempts, progress.sent)
             if progress.sent:  # no result can reach the caller now: leave a trace to reconcile
                 log.warning(
-                    "batch %d of tenant %s (positions %s) was cancelled with its caller while "
-                    "calling Braze: outcome unknown",
+                    "batch %d was cancelled with its caller while calling Braze: outcome unknown",
                     batch.index,
-                    tenant.id,
-                    _span(batch.positions),
+                    extra=_fields(tenant, batch.index, batch.positions, Outcome.UNKNOWN),
                 )
             raise
         finally:
@@ -217,26 +216,28 @@ def report(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
         result.batch_index,
         result.outcome.name,
         result.status_message,
-        extra={
-            "tenant": tenant.id,
-            "batch_index": result.batch_index,
-            "positions": _span(result.positions),
-            "outcome": result.outcome.name,
-            "code": result.code.name,
-            "http_status": result.http_status,
-            "attempts": result.attempts,
-            "braze_message": result.message,
-        },
+        extra=_result_fields(tenant, result),
     )
 
 
 def _log_undelivered(tenant: Tenant, result: BatchResult) -> None:
     log.error(
-        "result of batch %d of tenant %s not delivered (the caller stopped reading or went away): "
-        "positions %s, outcome %s, dispatch_id %s",
+        "result of batch %d not delivered (the caller stopped reading or went away)",
         result.batch_index,
-        tenant.id,
-        _span(result.positions),
-        result.outcome.name,
-        result.dispatch_id or "-",
+        extra={**_result_fields(tenant, result), "dispatch_id": result.dispatch_id or "-"},
     )
+
+
+def _fields(tenant: Tenant, index: int, positions: tuple[int, ...], outcome: Outcome) -> dict[str, Any]:
+    return {"tenant": tenant.id, "batch_index": index, "positions": _span(positions), "outcome": outcome.name}
+
+
+def _result_fields(tenant: Tenant, result: BatchResult) -> dict[str, Any]:
+    """What a log line says of a result, for reconciliation: never a secret (Braze's text is scrubbed)."""
+    return {
+        **_fields(tenant, result.batch_index, result.positions, result.outcome),
+        "code": result.code.name,
+        "http_status": result.http_status,
+        "attempts": result.attempts,
+        "braze_message": result.message,
+    }

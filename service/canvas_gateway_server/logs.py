@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -101,9 +101,14 @@ def formatter(log_format: str) -> logging.Formatter:
     return TextFormatter()
 
 
-def configure(level: str, log_format: str, secrets: Callable[[], frozenset[str]] | None = None) -> None:
-    """Route the root logger to stderr in `log_format`, redacting `secrets()` when given."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure(
+    level: str,
+    log_format: str,
+    secrets: Callable[[], frozenset[str]] | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """Route the root logger to `stream` (stderr) in `log_format`, redacting `secrets()` when given."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(log_format))
     handler.addFilter(RequestIdFilter())
     if secrets is not None:

@@ -126,6 +126,7 @@ class FakeBraze:
         self.calls: list[ReceivedCall] = []
         self.status_counts: Counter[int] = Counter()
         self.recipients_sent = 0  # recipients in 201 answers for active Canvases
+        self.in_progress = 0  # trigger requests received and not yet answered
         self.faults = FaultState(
             random.Random(config.seed),
             config.error_rates,
@@ -199,6 +200,13 @@ class FakeBraze:
         self.recipients_sent = 0
 
     async def _trigger(self, request: web.Request) -> web.StreamResponse:
+        self.in_progress += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_progress -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         received_at = self.config.clock()
         if self.faults.latency_seconds:
             await asyncio.sleep(self.faults.latency_seconds)

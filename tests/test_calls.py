@@ -1,0 +1,169 @@
+"""Request ids and logs as an operator reads them: one access line per RPC, one line per batch
+that did not end SENT, refused tokens, reconciliation lines, all carrying the request id."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server import logs
+from canvas_gateway_server.fake_braze import FakeBrazeConfig
+from conftest import KEYS, TOKENS, Harness
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REQUEST = pb.SendRequest(
+    trigger=pb.CanvasTrigger(
+        canvas_id="c", recipients=[pb.Recipient(external_user_id=f"u{i}") for i in range(120)]
+    )
+)
+
+
+class Captured:
+    """What the gateway's configured log handler wrote."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
+
+    def matching(self, message: str) -> list[dict[str, Any]]:
+        return [r for r in self.records() if re.search(message, r["message"])]
+
+
+@pytest.fixture
+def captured(harness: Harness) -> Iterator[Captured]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = Captured()
+    logs.configure("INFO", "json", harness.gateway.tenants.secrets, stream=out.stream)
+    try:
+        yield out
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+async def test_the_callers_request_id_is_returned_and_on_the_access_line(
+    harness: Harness, captured: Captured
+) -> None:
+    metadata = (*harness.auth(), ("x-request-id", "order-7f3a"))
+    call = harness.stub.Send(REQUEST, metadata=metadata)
+    assert (await call.initial_metadata())["x-request-id"] == "order-7f3a"
+    reply = await call
+    assert reply.summary.request_id == "order-7f3a"
+
+    (line,) = captured.matching("^rpc Send")
+    assert line["request_id"] == "order-7f3a" and line["level"] == "INFO"
+    assert line["logger"] == "canvas_gateway_server.access"
+    assert line["tenant"] == "acme" and line["grpc_code"] == "OK"
+    assert line["method"] == "/canvas_gateway.v1.CanvasGatewayService/Send"
+    assert line["peer"].startswith("ipv4:127.0.0.1:")
+    assert (line["recipients"], line["batches"]) == (120, 3)
+    assert line["outcomes"] == "sent:120 rejected:0 unknown:0 not_attempted:0"
+    assert line["duration_ms"] > 0
+
+
+@pytest.mark.parametrize("given", ["has space", "x" * 129, ""])
+async def test_an_unusable_request_id_is_replaced(harness: Harness, captured: Captured, given: str) -> None:
+    call = harness.stub.Send(REQUEST, metadata=(*harness.auth(), ("x-request-id", given)))
+    made = (await call.initial_metadata())["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert (await call).summary.request_id == made
+    assert captured.matching("^rpc Send")[0]["request_id"] == made
+
+
+async def test_a_refused_token_logs_the_peer_and_reason_never_the_token(
+    harness: Harness, captured: Captured
+) -> None:
+    wrong = "Bearer " + TOKENS["acme"] + "-wrong"
+    call = harness.stub.Send(REQUEST, metadata=(("authorization", wrong), ("x-request-id", "r-1")))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await call.initial_metadata())["x-request-id"] == "r-1"  # failed calls can be quoted too
+    (refusal,) = captured.matching("^refused a call")
+    assert refusal["reason"] == "unknown_token" and refusal["request_id"] == "r-1"
+    assert refusal["peer"].startswith("ipv4:127.0.0.1:")
+    (access,) = captured.matching("^rpc Send")
+    assert access["grpc_code"] == "UNAUTHENTICATED" and access["level"] == "WARNING"
+    assert access["tenant"] == "-"
+    assert TOKENS["acme"] not in captured.stream.getvalue()
+
+
+@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset({KEYS["globex"]}))])
+async def test_every_batch_that_was_not_sent_has_a_line_with_brazes_scrubbed_words(
+    harness: Harness, captured: Captured
+) -> None:
+    await harness.stub.Send(REQUEST, metadata=(*harness.auth(), ("x-request-id", "revoked-1")))
+    lines = captured.matching(r"^batch \d+ REJECTED")
+    assert sorted(line["batch_index"] for line in lines) == [0, 1, 2]
+    first = next(line for line in lines if line["batch_index"] == 0)
+    assert first["request_id"] == "revoked-1" and first["tenant"] == "acme"
+    assert first["positions"] == "0..49 (50)" and first["outcome"] == "REJECTED"
+    assert (first["http_status"], first["attempts"], first["code"]) == (401, 1, "INTERNAL")
+    assert first["braze_message"] == "Invalid API key: [REDACTED]"  # Braze's 401 echoes the key
+    assert KEYS["acme"] not in captured.stream.getvalue()
+
+
+async def test_sent_batches_and_health_checks_add_no_lines(harness: Harness, captured: Captured) -> None:
+    await harness.stub.Send(REQUEST, metadata=harness.auth())
+    await health_pb2_grpc.HealthStub(harness.channel).Check(health_pb2.HealthCheckRequest())
+    assert [r["message"] for r in captured.records()] == ["rpc Send OK"]
+
+
+async def test_a_call_cut_off_with_its_caller_is_logged_under_its_request_id(
+    harness: Harness, captured: Captured
+) -> None:
+    harness.fake.faults.set_latency(2.0)
+
+    async def one_chunk() -> AsyncIterator[pb.SendStreamRequest]:
+        yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=REQUEST.trigger))
+        await asyncio.sleep(30)  # the caller goes away before it ends its input
+
+    call = harness.stub.SendStream(one_chunk(), metadata=(*harness.auth(), ("x-request-id", "gone-1")))
+    async with asyncio.timeout(10):
+        while harness.fake.in_progress < 2:  # both full batches are at the fake Braze (20 wait for more)
+            await asyncio.sleep(0.01)
+    call.cancel()
+    async with asyncio.timeout(10):
+        while len(captured.matching("was cancelled with its caller")) < 2:
+            await asyncio.sleep(0.01)
+    cut = captured.matching("was cancelled with its caller")
+    assert sorted(line["batch_index"] for line in cut) == [0, 1]
+    assert all(line["request_id"] == "gone-1" for line in cut)
+    async with asyncio.timeout(10):
+        while not captured.matching("^rpc SendStream"):
+            await asyncio.sleep(0.01)
+    (access,) = captured.matching("^rpc SendStream")
+    assert access["grpc_code"] == "CANCELLED" and access["request_id"] == "gone-1"
+
+
+def test_text_lines_carry_the_request_id_and_the_event_fields() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    try:
+        logs.configure("INFO", "text", lambda: frozenset({"s3cret"}), stream=out)
+        token = logs.REQUEST_ID.set("req-9")
+        try:
+            logging.getLogger("t").warning(
+                "batch %d REJECTED", 4, extra={"tenant": "acme", "said": "bad s3cret"}
+            )
+        finally:
+            logs.REQUEST_ID.reset(token)
+        logging.getLogger("t").info("outside")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("WARNING t [req-9] batch 4 REJECTED tenant=acme said='bad [REDACTED]'")
+    assert second.endswith("INFO t [-] outside")

@@ -1,0 +1,253 @@
+"""Metrics: exact values on each gateway's fresh registry after known traffic, through real gRPC
+to the gateway and real HTTP to the fake Braze."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server import __version__
+from canvas_gateway_server.fake_braze import FakeBrazeConfig, Fault
+from conftest import KEYS, TOKENS, Harness
+
+SERVICE = "canvas_gateway.v1.CanvasGatewayService"
+PAUSED = "paused-canvas"
+
+
+def value(h: Harness, name: str, **labels: str) -> float:
+    """A sample's value; 0 when the series does not exist (yet)."""
+    found = h.gateway.registry.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def unary(count: int, canvas_id: str = "c", first: int = 0) -> pb.SendRequest:
+    recipients = [pb.Recipient(external_user_id=f"u{i}") for i in range(first, first + count)]
+    return pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id=canvas_id, recipients=recipients))
+
+
+async def chunks(
+    count: int, per_chunk: int, bad: tuple[int, ...] = ()
+) -> AsyncIterator[pb.SendStreamRequest]:
+    yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
+    for start in range(0, count, per_chunk):
+        recipients = [
+            pb.Recipient() if i in bad else pb.Recipient(external_user_id=f"u{i}")
+            for i in range(start, min(start + per_chunk, count))
+        ]
+        yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients))
+
+
+async def test_120_recipients_are_3_batches_3_calls_and_one_unary_rpc(harness: Harness) -> None:
+    await harness.stub.Send(unary(120), metadata=harness.auth())
+
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="sent") == 120
+    assert value(harness, "canvas_gateway_batches_total", tenant="acme", outcome="sent", code="OK") == 3
+    calls = {"tenant": "acme", "status_class": "2xx", "status": "201"}
+    assert value(harness, "canvas_gateway_braze_requests_total", **calls) == 3
+    assert value(harness, "canvas_gateway_braze_request_duration_seconds_count", tenant="acme") == 3
+    # the fake's hourly budget counts down per call; the gauge holds the last one seen
+    limit = value(harness, "canvas_gateway_braze_ratelimit_limit", tenant="acme", budget="recipients")
+    remaining = value(harness, "canvas_gateway_braze_ratelimit_remaining", tenant="acme", budget="recipients")
+    assert limit == 250_000 and remaining == 250_000 - 3
+    assert value(harness, "canvas_gateway_tenant_paused", tenant="acme", budget="recipients") == 0
+    for outcome in ("rejected", "unknown", "not_attempted"):
+        assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome=outcome) == 0
+
+    rpc = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "Send"}
+    assert value(harness, "grpc_server_started_total", **rpc) == 1
+    assert value(harness, "grpc_server_handled_total", **rpc, grpc_code="OK") == 1
+    assert value(harness, "grpc_server_msg_received_total", **rpc) == 1
+    assert value(harness, "grpc_server_msg_sent_total", **rpc) == 1
+    assert value(harness, "grpc_server_handling_seconds_count", **rpc) == 1
+    assert value(harness, "canvas_gateway_batches_in_flight", tenant="acme") == 0
+
+
+@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset({KEYS["globex"]}))])
+async def test_a_revoked_key_is_one_rejected_batch_with_status_401(harness: Harness) -> None:
+    reply = await harness.stub.Send(unary(20), metadata=harness.auth())
+    assert reply.results[0].http_status == 401
+
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="rejected") == 20
+    labels = {"tenant": "acme", "outcome": "rejected", "code": "INTERNAL"}
+    assert value(harness, "canvas_gateway_batches_total", **labels) == 1
+    calls = {"tenant": "acme", "status_class": "4xx", "status": "401"}
+    assert value(harness, "canvas_gateway_braze_requests_total", **calls) == 1
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="sent") == 0
+
+
+async def test_5xx_resets_and_a_429_retry_are_counted_by_kind(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.status(503), Fault.reset(), Fault.status(429)])
+    for first in (0, 10, 20):  # one call each, one after the other, so the script's order holds
+        await harness.stub.Send(unary(10, first=first), metadata=harness.auth())
+
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="unknown") == 20
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="sent") == 10
+    assert (
+        value(harness, "canvas_gateway_batches_total", tenant="acme", outcome="unknown", code="UNKNOWN") == 2
+    )
+    requests = "canvas_gateway_braze_requests_total"
+    assert value(harness, requests, tenant="acme", status_class="5xx", status="503") == 1
+    assert value(harness, requests, tenant="acme", status_class="failed", status="unknown") == 1
+    assert value(harness, requests, tenant="acme", status_class="4xx", status="429") == 1
+    assert value(harness, requests, tenant="acme", status_class="2xx", status="201") == 1
+    assert value(harness, "canvas_gateway_retries_total", tenant="acme", reason="rate_limited") == 1
+    assert value(harness, "canvas_gateway_rate_limit_wait_seconds_total", tenant="acme") > 0
+
+
+@pytest.mark.parametrize(
+    "fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), paused_canvases=frozenset({PAUSED}))]
+)
+async def test_recipients_of_an_inactive_canvas_are_counted_apart(harness: Harness) -> None:
+    await harness.stub.Send(unary(7, canvas_id=PAUSED), metadata=harness.auth())
+    await harness.stub.Send(unary(5), metadata=harness.auth())
+    assert value(harness, "canvas_gateway_recipients_canvas_inactive_total", tenant="acme") == 7
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="sent") == 12
+
+
+@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=2)])
+async def test_a_spent_budget_pauses_the_tenant_until_its_reset(harness: Harness) -> None:
+    reply = await harness.stub.Send(unary(150), metadata=harness.auth())
+    outcomes = sorted(r.outcome for r in reply.results)
+    assert outcomes == [pb.OUTCOME_SENT, pb.OUTCOME_SENT, pb.OUTCOME_REJECTED]
+
+    budget = {"tenant": "acme", "budget": "recipients"}
+    assert value(harness, "canvas_gateway_braze_ratelimit_remaining", **budget) == 0
+    assert value(harness, "canvas_gateway_tenant_paused", **budget) == 1
+    reset = value(harness, "canvas_gateway_tenant_paused_until_timestamp_seconds", **budget)
+    assert reset == max(r.rate_limit_reset.seconds for r in reply.results)
+    labels = {"tenant": "acme", "outcome": "rejected", "code": "RESOURCE_EXHAUSTED"}
+    assert value(harness, "canvas_gateway_batches_total", **labels) == 1
+    assert (
+        value(harness, "canvas_gateway_braze_requests_total", tenant="acme", status_class="2xx", status="201")
+        == 2
+    )
+
+
+async def test_a_stream_counts_its_messages_and_rejected_recipients(harness: Harness) -> None:
+    results = 0
+    call = harness.stub.SendStream(chunks(230, 100, bad=(3, 150)), metadata=harness.auth())
+    async for response in call:
+        results += response.HasField("result")
+    # 228 valid recipients: 4 full batches and one of 28, plus 2 rejected recipients
+    assert results == 7
+
+    rpc = {"grpc_type": "bidi_stream", "grpc_service": SERVICE, "grpc_method": "SendStream"}
+    assert value(harness, "grpc_server_msg_received_total", **rpc) == 1 + 3
+    assert value(harness, "grpc_server_msg_sent_total", **rpc) == results + 1  # and the summary
+    assert value(harness, "grpc_server_handled_total", **rpc, grpc_code="OK") == 1
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="sent") == 228
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="rejected") == 2
+    labels = {"tenant": "acme", "outcome": "rejected", "code": "INVALID_ARGUMENT"}
+    assert value(harness, "canvas_gateway_batches_total", **labels) == 2
+    assert value(harness, "canvas_gateway_validation_failures_total", rule="identifier_count") == 2
+    # nothing is left open or buffered once the stream is over
+    assert value(harness, "canvas_gateway_streams_open", tenant="acme") == 0
+    assert value(harness, "canvas_gateway_results_buffered", tenant="acme") == 0
+    assert value(harness, "canvas_gateway_batches_in_flight", tenant="acme") == 0
+
+
+@pytest.mark.parametrize("settings_overrides", [{"result_queue_size": 4}])
+async def test_an_open_stream_and_its_unread_results_are_visible(harness: Harness) -> None:
+    call = harness.stub.SendStream(chunks(100_000, 1000), metadata=harness.auth())
+    assert (await call.read()).HasField("result")
+    assert value(harness, "canvas_gateway_streams_open", tenant="acme") == 1
+    # the caller stops reading: once gRPC's own buffers are full, results wait in the stream's queue
+    await wait_for(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") == 4)
+    while (response := await call.read()) is not grpc.aio.EOF:
+        assert isinstance(response, pb.SendStreamResponse)
+    assert value(harness, "canvas_gateway_streams_open", tenant="acme") == 0
+    assert value(harness, "canvas_gateway_results_buffered", tenant="acme") == 0
+
+
+async def test_a_refused_request_counts_each_rule_it_broke(harness: Harness) -> None:
+    request = unary(3, canvas_id="")
+    request.trigger.recipients[1].ClearField("external_user_id")
+    request.trigger.recipients[2].email = "not-an-address"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Send(request, metadata=harness.auth())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    failures = "canvas_gateway_validation_failures_total"
+    assert value(harness, failures, rule="canvas_id_required") == 1
+    assert value(harness, failures, rule="identifier_count") == 1
+    assert value(harness, failures, rule="email_format") == 1
+    assert value(harness, failures, rule="prioritization_required") == 1
+    rpc = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "Send"}
+    assert value(harness, "grpc_server_handled_total", **rpc, grpc_code="INVALID_ARGUMENT") == 1
+    assert harness.fake.calls == []
+
+
+async def test_refused_tokens_are_counted_without_a_tenant(harness: Harness) -> None:
+    for metadata in ((), (("authorization", "Bearer not-a-token"),), (("authorization", "Basic x"),)):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await harness.stub.Send(unary(1), metadata=metadata)
+    assert value(harness, "canvas_gateway_auth_failures_total", reason="missing_token") == 2
+    assert value(harness, "canvas_gateway_auth_failures_total", reason="unknown_token") == 1
+    rpc = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "Send"}
+    assert value(harness, "grpc_server_handled_total", **rpc, grpc_code="UNAUTHENTICATED") == 3
+
+
+async def test_reloads_and_tenants_build_info_and_readiness(harness: Harness) -> None:
+    assert value(harness, "canvas_gateway_tenants") == 2
+    assert value(harness, "canvas_gateway_ready") == 1
+    info = list(harness.gateway.registry.collect())
+    build = next(m for m in info if m.name == "canvas_gateway_build")
+    (sample,) = build.samples
+    assert sample.labels["version"] == __version__ and sample.labels["git_commit"]
+
+    tenants_file = Path(harness.gateway.settings.tenants_file)
+    good = tenants_file.read_text()
+    tenants_file.write_text(good.split("\n[tenants.globex]")[0])
+    harness.gateway.reload_tenants()
+    tenants_file.write_text("broken [")
+    harness.gateway.reload_tenants()
+    assert value(harness, "canvas_gateway_tenant_reloads_total", result="success") == 1
+    assert value(harness, "canvas_gateway_tenant_reloads_total", result="failure") == 1
+    assert value(harness, "canvas_gateway_tenants") == 1  # a failed reload keeps what was loaded
+
+
+@pytest.mark.parametrize(
+    "fake_config",
+    [FakeBrazeConfig(api_keys=frozenset({KEYS["globex"]}), error_rates={503: 0.2, 429: 0.2}, seed=7)],
+)
+async def test_no_label_anywhere_holds_a_key_or_a_token(harness: Harness) -> None:
+    # acme's key is refused (Braze's 401 echoes it); globex meets random 503s and 429s
+    for tenant in ("acme", "globex"):
+        await harness.stub.Send(unary(200), metadata=harness.auth(tenant))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await harness.stub.Send(unary(1), metadata=(("authorization", f"Bearer {KEYS['acme']}"),))
+    text = await scrape(harness)
+    labels = " ".join(re.findall(r"\{([^}]*)\}", text))
+    assert 'status="401"' in labels and 'status="503"' in labels  # the faults did happen
+    for secret in (*KEYS.values(), *TOKENS.values()):
+        assert secret not in text
+
+
+@pytest.mark.parametrize("settings_overrides", [{"metrics_enabled": False}])
+async def test_metrics_can_be_turned_off(harness: Harness) -> None:
+    await harness.stub.Send(unary(60), metadata=harness.auth())
+    assert "canvas_gateway_" not in await scrape(harness)
+    assert "grpc_server_" not in await scrape(harness)
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
+    """Wait, bounded, until `condition()` holds."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def scrape(h: Harness, **headers: Any) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{h.gateway.admin_port}/metrics", headers=headers) as reply,
+    ):
+        assert reply.status == 200
+        return await reply.text()
