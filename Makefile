@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
 TYPED := service/canvas_gateway_server clients/python/canvas_gateway_client
+PROMTOOL ?= promtool
 
-.PHONY: install proto proto-check lint docker-lint typecheck client-check pytest test check run fake-braze demo bench clean
+.PHONY: install proto proto-check lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
 
 install: $(STAMP)
 
@@ -57,12 +58,22 @@ client-check: $(STAMP)
 	$(VENV)-client/bin/canvas-gateway --help > /dev/null
 	rm -rf $(VENV)-client
 
-## pytest: the test suite alone (real gRPC and the fake Braze on 127.0.0.1).
-pytest: $(STAMP)
+## prometheus-install: Prometheus and promtool from Debian's `prometheus` package (root or sudo; idempotent).
+prometheus-install:
+	.ci/prometheus-install
+
+## prometheus-check: the sample Prometheus config, the alert rules and their unit tests, by promtool.
+prometheus-check: prometheus-install
+	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
+	$(PROMTOOL) check rules deploy/prometheus/alerts.yml
+	$(PROMTOOL) test rules deploy/prometheus/alerts_test.yml
+
+## pytest: the test suite alone (real gRPC, the fake Braze and a real Prometheus on 127.0.0.1).
+pytest: $(STAMP) prometheus-install
 	$(BIN)/pytest -q
 
-## test: the whole suite: generated code fresh, lint, types, then tests.
-test: proto-check lint typecheck client-check pytest
+## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
+test: proto-check lint typecheck client-check prometheus-check pytest
 
 check: test
 
@@ -78,8 +89,10 @@ fake-braze: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/canvas-gateway --target 127.0.0.1:50051 --token demo-token send-demo --recipients 1000
 
+## bench: throughput, CPU and memory against the direct-REST ceiling; then the cost of metrics and logs.
 bench: $(STAMP)
 	$(PY) bench/stream_throughput.py
+	$(PY) bench/observability_cost.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

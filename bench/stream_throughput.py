@@ -62,6 +62,16 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def write_tenants(folder: Path, url: str) -> Path:
+    """A tenants file with the one benchmark tenant, sending to `url`."""
+    tenants = folder / "tenants.toml"
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    tenants.write_text(
+        f'[tenants.bench]\ntoken_sha256 = ["{digest}"]\nbraze_rest_url = "{url}"\nbraze_api_key = "{KEY}"\n'
+    )
+    return tenants
+
+
 def recipient(i: int) -> dict[str, object]:
     return {"external_user_id": f"user-{i}", "context": {"order": i}}
 
@@ -171,16 +181,12 @@ async def main() -> None:
     fake_port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{fake_port}"
     with tempfile.TemporaryDirectory() as tmp:
-        tenants = Path(tmp) / "tenants.toml"
-        digest = hashlib.sha256(TOKEN.encode()).hexdigest()
-        tenants.write_text(
-            f'[tenants.bench]\ntoken_sha256 = ["{digest}"]\n'
-            f'braze_rest_url = "{url}"\nbraze_api_key = "{KEY}"\n'
-        )
+        tenants = write_tenants(Path(tmp), url)
         env = {
             **os.environ,
             "CGW_TENANTS_FILE": str(tenants),
             "CGW_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+            "CGW_ADMIN_ADDRESS": "127.0.0.1:0",
             "CGW_REQUEST_CONCURRENCY": str(args.concurrency),
             "CGW_LOG_LEVEL": "WARNING",
         }

@@ -56,6 +56,10 @@ async def test_shutdown_turns_not_ready_first_and_refuses_new_work_only_after_th
     watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
+    harness.fake.faults.set_latency(1.0)  # a call in flight keeps the server up while it drains
+    in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=10))
+    while not harness.gateway.servicer.in_flight.busy:
+        await asyncio.sleep(0.01)
     stopping = asyncio.create_task(harness.gateway.stop(grace=5))
     update = await asyncio.wait_for(watch.read(), 5)
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -69,6 +73,7 @@ async def test_shutdown_turns_not_ready_first_and_refuses_new_work_only_after_th
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await in_flight).summary.recipients_sent == 1
     await stopping
 
 

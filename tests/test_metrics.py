@@ -197,6 +197,16 @@ async def test_refused_tokens_are_counted_without_a_tenant(harness: Harness) -> 
 async def test_reloads_and_tenants_build_info_and_readiness(harness: Harness) -> None:
     assert value(harness, "canvas_gateway_tenants") == 2
     assert value(harness, "canvas_gateway_ready") == 1
+    # the series alerts take increase() of exist at 0 before the first event, so it is seen
+    registry = harness.gateway.registry
+    for tenant in ("acme", "globex"):
+        for outcome in ("sent", "rejected", "unknown", "not_attempted"):
+            labels = {"tenant": tenant, "outcome": outcome}
+            assert registry.get_sample_value("canvas_gateway_recipients_total", labels) == 0
+    for result in ("success", "failure"):
+        assert registry.get_sample_value("canvas_gateway_tenant_reloads_total", {"result": result}) == 0
+    for reason in ("missing_token", "unknown_token"):
+        assert registry.get_sample_value("canvas_gateway_auth_failures_total", {"reason": reason}) == 0
     info = list(harness.gateway.registry.collect())
     build = next(m for m in info if m.name == "canvas_gateway_build")
     (sample,) = build.samples

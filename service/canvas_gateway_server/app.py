@@ -77,7 +77,7 @@ class Gateway:
     admin_port: int
     fake_braze: FakeBraze | None = None
     draining: bool = False
-    stopped: bool = False
+    stopping: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
@@ -96,7 +96,7 @@ class Gateway:
         metrics: Metrics = Metrics()
         if settings.metrics_enabled:
             metrics = PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ))
-        metrics.tenants_loaded(len(tenants.tenant_ids()))
+        metrics.tenants_loaded(tenants.tenant_ids())
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.upstream_pool_size, keepalive_timeout=30),
             skip_auto_headers=("User-Agent",),
@@ -202,10 +202,14 @@ class Gateway:
         return None
 
     async def stop(self, grace: float | None = None) -> None:
-        """Ordered shutdown; in-flight RPCs get `grace` seconds (default from settings)."""
-        if self.stopped:
-            return
-        self.stopped = True
+        """Ordered shutdown; in-flight RPCs get `grace` seconds (default from settings).
+
+        A second call waits for the first to finish (a second grpc stop can crash grpcio)."""
+        if self.stopping is None:
+            self.stopping = asyncio.create_task(self._stop(grace))
+        await asyncio.shield(self.stopping)
+
+    async def _stop(self, grace: float | None) -> None:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         # Not ready, on both channels at once; requests are still served while balancers notice.
         self.draining = True
@@ -250,7 +254,7 @@ class Gateway:
             log.error("tenants reload failed, keeping the previous tenants: %s", exc)
         else:
             self.metrics.reload(ok=True)
-            self.metrics.tenants_loaded(len(self.tenants.tenant_ids()))
+            self.metrics.tenants_loaded(self.tenants.tenant_ids())
             log.info("tenants reloaded: %d tenants", len(self.tenants.tenant_ids()))
 
 

@@ -16,14 +16,15 @@ keys and field paths are never labels.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .model import BatchResult, Violation
+from .model import BatchResult, Outcome, Violation
 from .upstream import Delivery, Reply
 
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -32,6 +33,9 @@ BRAZE_SECONDS_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 """Braze calls: 10 ms (a fast answer) to 30 s (the default call timeout)."""
 RPC_SECONDS_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 """RPCs: a small Send takes milliseconds, a bulk stream minutes."""
+
+
+AUTH_FAILURE_REASONS: Final = ("missing_token", "unknown_token")
 
 
 def budget(broadcast: bool) -> str:
@@ -77,7 +81,7 @@ class Metrics:
     def buffered(self, tenant: str, delta: int) -> None:
         """Results handed to a stream's queue (+1) or taken by its caller (-1)."""
 
-    def tenants_loaded(self, count: int) -> None: ...
+    def tenants_loaded(self, tenants: Collection[str]) -> None: ...
 
     def reload(self, ok: bool) -> None: ...
 
@@ -100,31 +104,66 @@ class _Family(Generic[M]):
         return child
 
 
-class _PauseCollector(Collector):
-    """Tenants paused until a rate-limit reset, judged against the clock at scrape time."""
+class _Levels(Collector):
+    """Gauges that move on every batch, kept as plain numbers and read at scrape time.
+
+    A prometheus_client gauge takes a lock per change; these change several times per batch,
+    so the hot path only updates dicts (one event loop thread writes them) and `collect`
+    turns them into samples. Pauses are judged against the clock at scrape time.
+    """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self.until: dict[tuple[str, str], float] = {}
+        self.streams: defaultdict[str, int] = defaultdict(int)
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.buffered: defaultdict[str, int] = defaultdict(int)
+        self.remaining: dict[tuple[str, str], int] = {}
+        self.limit: dict[tuple[str, str], int] = {}
+        self.paused_until: dict[tuple[str, str], float] = {}
 
     def collect(self) -> Iterator[Metric]:
+        yield _gauge("canvas_gateway_streams_open", "SendStream calls open.", self.streams)
+        yield _gauge(
+            "canvas_gateway_batches_in_flight",
+            "Batches waiting for a rate-limit slot or calling Braze.",
+            self.in_flight,
+        )
+        yield _gauge(
+            "canvas_gateway_results_buffered",
+            "Results waiting in streams' queues for their callers to read them.",
+            self.buffered,
+        )
+        yield _gauge(
+            "canvas_gateway_braze_ratelimit_remaining",
+            "The last x-ratelimit-remaining Braze sent for the tenant's budget.",
+            self.remaining,
+        )
+        yield _gauge(
+            "canvas_gateway_braze_ratelimit_limit",
+            "The last x-ratelimit-limit Braze sent for the tenant's budget.",
+            self.limit,
+        )
         now = self._clock()
-        paused = GaugeMetricFamily(
+        active = {key: until for key, until in self.paused_until.items() if until > now}
+        yield _gauge(
             "canvas_gateway_tenant_paused",
             "1 while the tenant's Braze budget is spent and no call is made until its reset.",
-            labels=("tenant", "budget"),
+            {key: 1 if key in active else 0 for key in self.paused_until},
         )
-        until = GaugeMetricFamily(
+        yield _gauge(
             "canvas_gateway_tenant_paused_until_timestamp_seconds",
             "When the tenant's pause ends (epoch seconds); 0 when it is not paused.",
-            labels=("tenant", "budget"),
+            {key: active.get(key, 0.0) for key in self.paused_until},
         )
-        for (tenant, which), end in sorted(self.until.items()):
-            active = end > now
-            paused.add_metric((tenant, which), 1.0 if active else 0.0)
-            until.add_metric((tenant, which), end if active else 0.0)
-        yield paused
-        yield until
+
+
+def _gauge(name: str, doc: str, values: Mapping[str, int] | Mapping[tuple[str, str], float]) -> Metric:
+    """A gauge family from {tenant: value} or {(tenant, budget): value}."""
+    labels = ("tenant",) if all(isinstance(key, str) for key in values) else ("tenant", "budget")
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key, number in sorted(values.items()):
+        family.add_metric((key,) if isinstance(key, str) else key, float(number))
+    return family
 
 
 class PrometheusMetrics(Metrics):
@@ -140,9 +179,6 @@ class PrometheusMetrics(Metrics):
     ) -> None:
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Family[Counter]:
             return _Family(Counter(name, doc, labels, registry=registry))
-
-        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> _Family[Gauge]:
-            return _Family(Gauge(name, doc, labels, registry=registry))
 
         rpc = ("grpc_type", "grpc_service", "grpc_method")
         self._rpc_started = counter("grpc_server_started_total", "RPCs started on the server.", rpc)
@@ -172,12 +208,6 @@ class PrometheusMetrics(Metrics):
             "Violations of Braze's request rules found, by rule.",
             ("rule",),
         )
-        self._streams = gauge("canvas_gateway_streams_open", "SendStream calls open.", ("tenant",))
-        self._in_flight = gauge(
-            "canvas_gateway_batches_in_flight",
-            "Batches waiting for a rate-limit slot or calling Braze.",
-            ("tenant",),
-        )
         self._braze_requests = counter(
             "canvas_gateway_braze_requests_total",
             "Calls to Braze, by HTTP status; status_class `failed` for calls without an answer "
@@ -192,16 +222,6 @@ class PrometheusMetrics(Metrics):
                 buckets=BRAZE_SECONDS_BUCKETS,
                 registry=registry,
             )
-        )
-        self._remaining = gauge(
-            "canvas_gateway_braze_ratelimit_remaining",
-            "The last x-ratelimit-remaining Braze sent for the tenant's budget.",
-            ("tenant", "budget"),
-        )
-        self._limit = gauge(
-            "canvas_gateway_braze_ratelimit_limit",
-            "The last x-ratelimit-limit Braze sent for the tenant's budget.",
-            ("tenant", "budget"),
         )
         self._retries = counter(
             "canvas_gateway_retries_total",
@@ -229,11 +249,6 @@ class PrometheusMetrics(Metrics):
             "Batch results, by outcome and google.rpc.Code name.",
             ("tenant", "outcome", "code"),
         )
-        self._buffered = gauge(
-            "canvas_gateway_results_buffered",
-            "Results waiting in streams' queues for their callers to read them.",
-            ("tenant",),
-        )
         self._tenants = Gauge("canvas_gateway_tenants", "Tenants loaded.", registry=registry)
         self._reloads = counter(
             "canvas_gateway_tenant_reloads_total", "Tenants-file reloads, by result.", ("result",)
@@ -244,8 +259,12 @@ class PrometheusMetrics(Metrics):
         Info("canvas_gateway_build", "The running build.", registry=registry).info(
             {"version": version, "git_commit": git_commit}
         )
-        self._pauses = _PauseCollector(clock)
-        registry.register(self._pauses)
+        self._levels = _Levels(clock)
+        registry.register(self._levels)
+        for reason in AUTH_FAILURE_REASONS:  # series at 0 from the start: see tenants_loaded
+            self._auth_failures(reason)
+        for result in ("success", "failure"):
+            self._reloads(result)
 
     def rpc_started(self, rpc: tuple[str, str, str]) -> None:
         self._rpc_started(*rpc).inc()
@@ -268,16 +287,16 @@ class PrometheusMetrics(Metrics):
             self._violations(violation.rule.value).inc()
 
     def stream_opened(self, tenant: str) -> None:
-        self._streams(tenant).inc()
+        self._levels.streams[tenant] += 1
 
     def stream_closed(self, tenant: str) -> None:
-        self._streams(tenant).dec()
+        self._levels.streams[tenant] -= 1
 
     def batch_started(self, tenant: str) -> None:
-        self._in_flight(tenant).inc()
+        self._levels.in_flight[tenant] += 1
 
     def batch_finished(self, tenant: str) -> None:
-        self._in_flight(tenant).dec()
+        self._levels.in_flight[tenant] -= 1
 
     def braze_call(self, tenant: str, broadcast: bool, reply: Reply, seconds: float) -> None:
         if reply.delivery is Delivery.RESPONDED:
@@ -286,11 +305,11 @@ class PrometheusMetrics(Metrics):
             status_class, status = "failed", reply.delivery.value
         self._braze_requests(tenant, status_class, status).inc()
         self._braze_seconds(tenant).observe(seconds)
-        which = budget(broadcast)
-        if reply.rate.remaining is not None:
-            self._remaining(tenant, which).set(reply.rate.remaining)
-        if reply.rate.limit is not None:
-            self._limit(tenant, which).set(reply.rate.limit)
+        rate = reply.rate
+        if rate.remaining is not None:
+            self._levels.remaining[(tenant, budget(broadcast))] = rate.remaining
+        if rate.limit is not None:
+            self._levels.limit[(tenant, budget(broadcast))] = rate.limit
 
     def retry(self, tenant: str, reason: str) -> None:
         self._retries(tenant, reason).inc()
@@ -299,7 +318,7 @@ class PrometheusMetrics(Metrics):
         self._waited(tenant).inc(seconds)
 
     def paused(self, tenant: str, broadcast: bool, until: float) -> None:
-        self._pauses.until[(tenant, budget(broadcast))] = until
+        self._levels.paused_until[(tenant, budget(broadcast))] = until
 
     def result(self, tenant: str, result: BatchResult) -> None:
         outcome = result.outcome.name.lower()
@@ -312,10 +331,13 @@ class PrometheusMetrics(Metrics):
             self.invalid(result.violations)
 
     def buffered(self, tenant: str, delta: int) -> None:
-        self._buffered(tenant).inc(delta)
+        self._levels.buffered[tenant] += delta
 
-    def tenants_loaded(self, count: int) -> None:
-        self._tenants.set(count)
+    def tenants_loaded(self, tenants: Collection[str]) -> None:
+        self._tenants.set(len(tenants))
+        for tenant in tenants:  # at 0 from the start, so increase() sees a tenant's first outcome
+            for outcome in Outcome:
+                self._recipients(tenant, outcome.name.lower())
 
     def reload(self, ok: bool) -> None:
         self._reloads("success" if ok else "failure").inc()

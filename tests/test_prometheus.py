@@ -1,0 +1,259 @@
+"""The dashboard and the alerts against a real Prometheus scraping a real gateway.
+
+A gateway (the harness of conftest.py) sends real traffic through gRPC to the fake Braze:
+sends, a Canvas that is paused, a 503 (UNKNOWN), 429s that are retried, a stream, a tenant
+whose Braze key the fake refuses (401), calls without or with an unknown token, an invalid
+request, tenants reloads that fail, a budget spent to the last call (paused, then refused
+locally), and a shutdown whose not-ready delay Prometheus scrapes. Each kind of traffic runs
+twice, with a scrape between, because a counter's first sample gives rate() nothing.
+
+Then every expression of deploy/grafana/canvas-gateway.json and deploy/prometheus/alerts.yml
+must return data over the test's window, every metric they name must be in the gateway's
+/metrics, and no label value may hold a token or a Braze key.
+
+Needs the `prometheus` binary: `.ci/prometheus-install`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import prometheus_server
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server.fake_braze import FakeBrazeConfig, Fault
+from conftest import KEYS, TOKENS, Harness
+from google.rpc import code_pb2
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "canvas-gateway.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+
+HOURLY_LIMIT = 16
+"""acme's Braze budget: two rounds of traffic make 14 calls, the last step spends the rest."""
+INACTIVE_CANVAS = "canvas-paused-in-braze"
+UNKNOWN_TOKEN = "token-nobody-0000"
+SHUTDOWN_DELAY = 3.0
+"""Seconds the gateway reports not ready before it stops: Prometheus scrapes it 2 or 3 times."""
+TEST_SECONDS = 60.0
+"""A bound on the whole test; it takes about 14 s."""
+SECRETS = (*TOKENS.values(), *KEYS.values(), UNKNOWN_TOKEN)
+DASHBOARD_VARIABLES = {
+    "$tenant": ".+",
+    "${tenant}": ".+",
+    "$__rate_interval": "1m",
+    "${__rate_interval}": "1m",
+}
+METRIC_NAME = re.compile(r"\b(?:canvas_gateway|grpc_server)_[a-zA-Z0-9_]+")
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def next_hour_clock() -> Callable[[], float]:
+    """The fake Braze's clock: it starts at the next clock hour and runs in real time, so its
+    hourly budget cannot roll over during the test and its reset is an hour or more away."""
+    offset = (time.time() // 3600 + 1) * 3600 - time.time()
+    return lambda: time.time() + offset
+
+
+@pytest.fixture
+def fake_config() -> FakeBrazeConfig:
+    # globex's key is not among the fake's keys: each of its calls is answered 401.
+    return FakeBrazeConfig(
+        api_keys=frozenset({KEYS["acme"]}),
+        hourly_limit=HOURLY_LIMIT,
+        paused_canvases=frozenset({INACTIVE_CANVAS}),
+        clock=next_hour_clock(),
+    )
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"shutdown_delay_seconds": SHUTDOWN_DELAY}
+
+
+def unary(count: int, canvas_id: str = "canvas-1") -> pb.SendRequest:
+    recipients = [pb.Recipient(external_user_id=f"user-{i}") for i in range(count)]
+    return pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id=canvas_id, recipients=recipients))
+
+
+async def chunks(count: int, per_chunk: int) -> AsyncIterator[pb.SendStreamRequest]:
+    yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="canvas-1")))
+    for start in range(0, count, per_chunk):
+        recipients = [pb.Recipient(external_user_id=f"user-{i}") for i in range(start, start + per_chunk)]
+        yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients))
+
+
+async def refused(
+    h: Harness, request: pb.SendRequest, metadata: tuple[tuple[str, str], ...]
+) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.stub.Send(request, metadata=metadata, timeout=10)
+    code: grpc.StatusCode = caught.value.code()
+    return code
+
+
+async def one_round(h: Harness) -> None:
+    """Each kind of traffic once. acme makes 7 calls that count against its budget."""
+    acme = h.auth("acme")
+    reply = await h.stub.Send(unary(60), metadata=acme, timeout=10)  # 2 calls
+    assert reply.summary.recipients_sent == 60
+
+    reply = await h.stub.Send(unary(10, INACTIVE_CANVAS), metadata=acme, timeout=10)  # 1 call
+    assert reply.results[0].notice
+
+    h.fake.faults.script([Fault.status(503)])  # faults use no budget
+    reply = await h.stub.Send(unary(10), metadata=acme, timeout=10)
+    assert reply.results[0].outcome == pb.OUTCOME_UNKNOWN
+
+    h.fake.faults.script([Fault.status(429), Fault.status(429)])
+    reply = await h.stub.Send(unary(10), metadata=acme, timeout=10)  # 1 call
+    assert reply.results[0].outcome == pb.OUTCOME_SENT and reply.results[0].attempts == 3
+
+    sent = 0
+    async for response in h.stub.SendStream(chunks(120, 40), metadata=acme, timeout=10):  # 3 calls
+        if response.HasField("summary"):
+            sent = response.summary.recipients_sent
+    assert sent == 120
+
+    reply = await h.stub.Send(unary(10), metadata=h.auth("globex"), timeout=10)
+    assert reply.results[0].http_status == 401
+
+    assert await refused(h, unary(1), ()) == grpc.StatusCode.UNAUTHENTICATED
+    unknown = (("authorization", f"Bearer {UNKNOWN_TOKEN}"),)
+    assert await refused(h, unary(1), unknown) == grpc.StatusCode.UNAUTHENTICATED
+    assert await refused(h, unary(3, canvas_id=""), acme) == grpc.StatusCode.INVALID_ARGUMENT
+
+    tenants_file = Path(h.gateway.settings.tenants_file)
+    good = tenants_file.read_text()
+    tenants_file.write_text("broken [")
+    h.gateway.reload_tenants()  # fails, keeps the tenants
+    tenants_file.write_text(good)
+
+
+async def spend_the_budget(h: Harness) -> None:
+    """acme's last calls leave remaining 0: the tenant pauses until the reset, its batch after
+    the last is refused (by Braze's 429 or locally), and a later Send is refused locally."""
+    reply = await h.stub.Send(unary(150), metadata=h.auth("acme"), timeout=10)
+    assert reply.summary.recipients_sent == 100
+    assert {r.code for r in reply.results if r.outcome != pb.OUTCOME_SENT} == {code_pb2.RESOURCE_EXHAUSTED}
+
+
+async def refused_locally(h: Harness) -> None:
+    reply = await h.stub.Send(unary(10), metadata=h.auth("acme"), timeout=10)
+    assert reply.results[0].attempts == 0
+    assert reply.results[0].code == code_pb2.RESOURCE_EXHAUSTED
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = list(dashboard["panels"])
+    for panel in dashboard["panels"]:
+        panels.extend(panel.get("panels", ()))  # panels inside collapsed rows
+    found = []
+    for panel in panels:
+        for target in panel.get("targets", ()):
+            expr = target["expr"]
+            for variable, value in DASHBOARD_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"panel {panel['title']!r}: unknown variable in {target['expr']}"
+            found.append(expr)
+    return found
+
+
+async def exposition(h: Harness) -> str:
+    url = f"http://127.0.0.1:{h.gateway.admin_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as reply:
+        assert reply.status == 200
+        return await reply.text()
+
+
+def samples(text: str) -> tuple[set[str], set[str]]:
+    """The sample names and the label values of a text exposition."""
+    names: set[str] = set()
+    values: set[str] = set()
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match is None:
+            continue
+        names.add(match.group(1))
+        values.update(value for _, value in LABEL.findall(match.group(2) or ""))
+    return names, values
+
+
+async def data_problem(prometheus: prometheus_server.Prometheus, expr: str, start: float, end: float) -> str:
+    """Why `expr` has no data from `start` to `end`, or "" when it has."""
+    try:
+        series = await prometheus.query_range(expr, start, end)
+    except AssertionError as error:  # Prometheus refused the query
+        return str(error)
+    if not series:
+        return "no series"
+    return (
+        "" if prometheus_server.has_data(series) else f"only NaN or infinite values in {len(series)} series"
+    )
+
+
+async def test_every_dashboard_and_alert_expression_has_data(harness: Harness, tmp_path: Path) -> None:
+    target = f"127.0.0.1:{harness.gateway.admin_port}"
+    async with (
+        asyncio.timeout(TEST_SECONDS),
+        prometheus_server.running(tmp_path / "prometheus", target, [ALERTS]) as prometheus,
+    ):
+        began = time.time()
+        await prometheus.wait_for('up{job="canvas-gateway"} == 1', "a scrape of the gateway")
+        for _ in range(2):
+            await one_round(harness)
+            await prometheus.wait_for_scrape_after(time.time())
+        await spend_the_budget(harness)
+        await prometheus.wait_for('canvas_gateway_tenant_paused{tenant="acme"} == 1', "acme paused")
+        await refused_locally(harness)
+        harness.gateway.reload_tenants()  # the file is good again
+        text = await exposition(harness)
+        await prometheus.wait_for_scrape_after(time.time())
+
+        stopping = asyncio.create_task(harness.gateway.stop(grace=1))  # not ready for SHUTDOWN_DELAY s
+        await prometheus.wait_for("canvas_gateway_ready == 0", "a not-ready scrape", SHUTDOWN_DELAY + 2)
+        await stopping
+        await prometheus.wait_for('up{job="canvas-gateway"} == 0', "a failed scrape of the stopped gateway")
+        ended = time.time() + 1  # a step after the last scrape: query_range steps start at `began`
+
+        rules = await prometheus.rules()
+        in_file = re.findall(r"^\s*- alert: (\S+)", ALERTS.read_text(), re.MULTILINE)
+        assert sorted(rule["name"] for rule in rules) == sorted(in_file), (
+            "Prometheus did not load every alert"
+        )
+        assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
+
+        expressions = {f"dashboard: {expr}": expr for expr in dashboard_expressions()}
+        expressions |= {f"alert {rule['name']}: {rule['query']}": rule["query"] for rule in rules}
+        failing = [
+            f"{label}\n    {problem}"
+            for label, expr in expressions.items()
+            if (problem := await data_problem(prometheus, expr, began, ended))
+        ]
+        assert not failing, "expressions without data over the test's window:\n" + "\n".join(failing)
+
+        # Alerts without a `for:` must also have fired through Prometheus's rule engine.
+        fired = await prometheus.query_range('ALERTS{alertstate="firing"}', began, ended)
+        firing = {(alert["metric"]["alertname"], alert["metric"].get("tenant", "")) for alert in fired}
+        assert {rule["name"] for rule in rules if rule["duration"] == 0} <= {name for name, _ in firing}
+        assert {
+            ("CanvasGatewayUnknownOutcomes", "acme"),
+            ("CanvasGatewayBrazeUnauthorized", "globex"),
+        } <= firing
+
+    names, values = samples(text)
+    used = {name for expr in expressions.values() for name in METRIC_NAME.findall(expr)}
+    assert used - names == set(), f"metrics used by the dashboard or alerts but not exposed: {used - names}"
+    leaked = sorted({secret for secret in SECRETS for value in values if secret in value})
+    assert not leaked, f"label values hold secrets: {leaked}"
+    assert not [secret for secret in SECRETS if secret in text], "the exposition holds a token or a Braze key"
