@@ -10,13 +10,19 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ./clients/python .
 
 FROM python:3.11.7-slim-bookworm
+# The commit the image was built from, shown by canvas_gateway_build_info: --build-arg GIT_COMMIT=...
+ARG GIT_COMMIT=unknown
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    CGW_GRPC_ADDRESS=0.0.0.0:50051
+    CGW_GRPC_ADDRESS=0.0.0.0:50051 \
+    CGW_ADMIN_ADDRESS=0.0.0.0:8081 \
+    CANVAS_GATEWAY_GIT_COMMIT=$GIT_COMMIT
 USER 10001
-EXPOSE 50051
+# 50051: gRPC. 8081: admin HTTP (/metrics, /healthz, /readyz).
+EXPOSE 50051 8081
+HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=2)"]
 STOPSIGNAL SIGTERM
 # Production: mount a tenants file and set CGW_TENANTS_FILE. `docker run IMAGE --demo` runs the demo.
 ENTRYPOINT ["canvas-gateway-server"]

@@ -4,7 +4,9 @@ Two gateway processes serve the same fake Braze on 127.0.0.1: one as shipped (me
 INFO logs: access lines), one with CGW_METRICS_ENABLED=false and CGW_LOG_LEVEL=WARNING.
 The same SendStream goes to each in turn, `--rounds` times, alternating which goes first,
 and each process's CPU (utime + stime from /proc) is divided by the recipients it handled.
-Machines here are noisy, so the figure to read is the ratio of the medians from this run.
+With two or more cores the gateways run on the last core and this client and the fake on
+the others, so they do not disturb each other's caches. Machines here are noisy, so the
+figure to read is the ratio of the medians from this run.
 
     .venv/bin/python bench/observability_cost.py --recipients 200000 --rounds 5
 """
@@ -20,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stream_throughput import KEY, free_port, stream, wait_port, write_tenants
+from stream_throughput import fake_braze_command, free_port, stream, wait_port, write_tenants
 
 
 async def main() -> None:
@@ -32,6 +34,10 @@ async def main() -> None:
     parser.add_argument("--chunk", type=int, default=500)
     args = parser.parse_args()
 
+    cores = sorted(os.sched_getaffinity(0))
+    gateway_cores = {cores[-1]} if len(cores) > 1 else set(cores)
+    if len(cores) > 1:
+        os.sched_setaffinity(0, set(cores[:-1]))  # this client, and the fake it starts
     fake_port = free_port()
     url = f"http://127.0.0.1:{fake_port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,9 +47,7 @@ async def main() -> None:
             "off": {"CGW_METRICS_ENABLED": "false", "CGW_LOG_LEVEL": "WARNING"},
         }
         fake = subprocess.Popen(  # noqa: ASYNC220 - started once, before any measuring
-            [sys.executable, "-m", "canvas_gateway_server.fake_braze", "--port", str(fake_port)]
-            + ["--api-key", KEY, "--no-record", "--hourly-limit", str(10**9)],
-            stdout=subprocess.DEVNULL,
+            fake_braze_command(fake_port), stdout=subprocess.DEVNULL
         )
         gateways: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         try:
@@ -58,7 +62,10 @@ async def main() -> None:
                     **extra,
                 }
                 process = subprocess.Popen(  # noqa: ASYNC220
-                    [sys.executable, "-m", "canvas_gateway_server"], env=env, stderr=subprocess.DEVNULL
+                    [sys.executable, "-m", "canvas_gateway_server"],
+                    env=env,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=lambda: os.sched_setaffinity(0, gateway_cores),
                 )
                 gateways[name] = (process, f"127.0.0.1:{port}")
             await wait_port(fake_port)

@@ -62,6 +62,14 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def fake_braze_command(port: int, latency_ms: float = 0.0) -> list[str]:
+    """The fake Braze as its own process: the benchmark key, no recording, no real budget."""
+    return [
+        *(sys.executable, "-m", "canvas_gateway_server.fake_braze", "--port", str(port)),
+        *("--api-key", KEY, "--no-record", "--hourly-limit", str(10**9), "--latency-ms", str(latency_ms)),
+    ]
+
+
 def write_tenants(folder: Path, url: str) -> Path:
     """A tenants file with the one benchmark tenant, sending to `url`."""
     tenants = folder / "tenants.toml"
@@ -191,21 +199,7 @@ async def main() -> None:
             "CGW_LOG_LEVEL": "WARNING",
         }
         fake = subprocess.Popen(  # noqa: ASYNC220 - started once, before any measuring
-            [
-                sys.executable,
-                "-m",
-                "canvas_gateway_server.fake_braze",
-                "--port",
-                str(fake_port),
-                "--api-key",
-                KEY,
-                "--no-record",
-                "--hourly-limit",
-                str(10**9),
-                "--latency-ms",
-                str(args.latency_ms),
-            ],
-            stdout=subprocess.DEVNULL,
+            fake_braze_command(fake_port, args.latency_ms), stdout=subprocess.DEVNULL
         )
         gateway = subprocess.Popen([sys.executable, "-m", "canvas_gateway_server"], env=env)  # noqa: ASYNC220
         try:

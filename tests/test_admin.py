@@ -12,6 +12,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
+from canvas_gateway_server.fake_braze import Fault
 from canvas_gateway_server.settings import Settings
 from conftest import LOCAL, Harness
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,9 +57,9 @@ async def test_shutdown_turns_not_ready_first_and_refuses_new_work_only_after_th
     watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
-    harness.fake.faults.set_latency(1.0)  # a call in flight keeps the server up while it drains
+    harness.fake.faults.script([Fault.delay(3.0)])  # this call, in flight, keeps the server draining
     in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=10))
-    while not harness.gateway.servicer.in_flight.busy:
+    while harness.fake.in_progress < 1:
         await asyncio.sleep(0.01)
     stopping = asyncio.create_task(harness.gateway.stop(grace=5))
     update = await asyncio.wait_for(watch.read(), 5)

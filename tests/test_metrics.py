@@ -14,6 +14,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
+from canvas_gateway_server.app import git_commit
 from canvas_gateway_server.fake_braze import FakeBrazeConfig, Fault
 from conftest import KEYS, TOKENS, Harness
 
@@ -211,6 +212,7 @@ async def test_reloads_and_tenants_build_info_and_readiness(harness: Harness) ->
     build = next(m for m in info if m.name == "canvas_gateway_build")
     (sample,) = build.samples
     assert sample.labels["version"] == __version__ and sample.labels["git_commit"]
+    assert git_commit({"CANVAS_GATEWAY_GIT_COMMIT": "0c3081e5"}) == "0c3081e5"  # the image's build arg
 
     tenants_file = Path(harness.gateway.settings.tenants_file)
     good = tenants_file.read_text()

@@ -337,5 +337,9 @@ async def run(settings: Settings, environ: Mapping[str, str] = os.environ) -> No
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants)
     await stopping.wait()
-    log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_seconds)
+    log.info(
+        "shutting down: not ready for %gs, then draining for up to %gs",
+        settings.shutdown_delay_seconds,
+        settings.shutdown_grace_seconds,
+    )
     await gateway.stop()

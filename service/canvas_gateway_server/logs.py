@@ -29,7 +29,7 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
     "taskName",
 }
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-JSON_FIELDS: Final = ("asctime", "levelname", "name", "request_id", "message")
+JSON_FIELDS: Final = ("levelname", "name", "request_id", "message")
 
 
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -96,7 +96,8 @@ def formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
         return JsonFormatter(
             JSON_FIELDS,
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",  # ISO 8601, UTC
         )
     return TextFormatter()
 
