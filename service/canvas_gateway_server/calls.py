@@ -22,6 +22,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -136,7 +137,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
 
 
 class _Observation:
-    """Wraps one method's behavior; each call runs `_begin` and `_end` around it."""
+    """Wraps one method's behavior; each call runs inside `_observed`."""
 
     def __init__(self, metrics: Metrics, rpc: tuple[str, str, str], method: str, logged: bool) -> None:
         self._metrics = metrics
@@ -163,37 +164,25 @@ class _Observation:
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-                call, started = await self._begin(context)
-                error: BaseException | None = None
-                try:
+                async with self._observed(context):
                     async for response in behavior(requests_of(request), context):
                         metrics.rpc_sent(rpc)
                         yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._end(call, started, error, context)
 
             return streaming
 
         async def returning(request: Any, context: Context) -> Any:
-            call, started = await self._begin(context)
-            error: BaseException | None = None
-            try:
+            async with self._observed(context):
                 response = await behavior(requests_of(request), context)
                 if not response_streaming:
                     metrics.rpc_sent(rpc)
                 return response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._end(call, started, error, context)
 
         return returning
 
-    async def _begin(self, context: Context) -> tuple[Call, float]:
+    @asynccontextmanager
+    async def _observed(self, context: Context) -> AsyncIterator[None]:
+        """Around one call: its request id and `Call` first; its code, time and access line last."""
         started = time.perf_counter()
         call = Call(request_id(context.invocation_metadata()), self._method, context.peer() or "-")
         _CALL.set(call)
@@ -201,14 +190,18 @@ class _Observation:
         self._metrics.rpc_started(self._rpc)
         if self._logged:
             await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
-        return call, started
-
-    def _end(self, call: Call, started: float, error: BaseException | None, context: Context) -> None:
-        seconds = time.perf_counter() - started
-        code = status_code(error, context)
-        self._metrics.rpc_handled(self._rpc, code, seconds)
-        if self._logged:
-            access_line(call, code, seconds)
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            code = status_code(error, context)
+            self._metrics.rpc_handled(self._rpc, code, seconds)
+            if self._logged:
+                access_line(call, code, seconds)
 
 
 def access_line(call: Call, code: str, seconds: float) -> None:
