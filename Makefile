@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
-TYPED := service/canvas_gateway_server clients/python/canvas_gateway_client
+TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_gateway_client
 PROMTOOL ?= promtool
 
 .PHONY: install proto proto-check lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
@@ -83,7 +83,7 @@ run: $(STAMP)
 
 ## fake-braze: the fake Braze alone on 127.0.0.1:9710 (beside `make run`, whose own fake uses 9700).
 fake-braze: $(STAMP)
-	$(PY) -m canvas_gateway_server.fake_braze --port 9710 --api-key demo-braze-key
+	$(PY) -m fake_braze --port 9710 --api-key demo-braze-key
 
 ## demo: stream 1,000 recipients to the gateway started by `make run`, printing results.
 demo: $(STAMP)

@@ -65,7 +65,7 @@ def rss_mib(pid: int) -> float:
 def fake_braze_command(port: int, latency_ms: float = 0.0) -> list[str]:
     """The fake Braze as its own process: the benchmark key, no recording, no real budget."""
     return [
-        *(sys.executable, "-m", "canvas_gateway_server.fake_braze", "--port", str(port)),
+        *(sys.executable, "-m", "fake_braze", "--port", str(port)),
         *("--api-key", KEY, "--no-record", "--hourly-limit", str(10**9), "--latency-ms", str(latency_ms)),
     ]
 

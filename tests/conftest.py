@@ -17,9 +17,9 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.app import Gateway
-from canvas_gateway_server.fake_braze import FakeBraze, FakeBrazeConfig
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
+from fake_braze import FakeBraze, FakeBrazeConfig
 from google.protobuf import json_format
 
 # docs/braze: the project's own record of Braze's contract (researched in shared/braze, then

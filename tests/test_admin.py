@@ -12,9 +12,9 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
-from canvas_gateway_server.fake_braze import Fault
 from canvas_gateway_server.settings import Settings
 from conftest import LOCAL, Harness
+from fake_braze import Fault
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REQUEST = pb.SendRequest(

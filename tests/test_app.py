@@ -13,10 +13,10 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.app import DEMO_TOKEN, SERVICE_NAME, Gateway
 from canvas_gateway_server.errors import ConfigError
-from canvas_gateway_server.fake_braze import Fault
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from conftest import FAKE_URLS, KEYS, LOCAL, Harness, tenants_toml
+from fake_braze import Fault
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import logs
-from canvas_gateway_server.fake_braze import FakeBrazeConfig
 from conftest import KEYS, TOKENS, Harness
+from fake_braze import FakeBrazeConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REQUEST = pb.SendRequest(

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from canvas_gateway_client import CanvasGatewayClient, FieldViolation, bad_request_violations, pb, to_trigger
 from canvas_gateway_client.cli import main, run
-from canvas_gateway_server.fake_braze import PAUSED_NOTICE, FakeBrazeConfig
 from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
+from fake_braze import PAUSED_NOTICE, FakeBrazeConfig
 from google.protobuf import json_format
 
 TIMEOUT = 30.0

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.fake_braze import FakeBrazeConfig
 from conftest import KEYS, Harness
+from fake_braze import FakeBrazeConfig
 
 TOTAL = 5_000
 FAULTY = FakeBrazeConfig(

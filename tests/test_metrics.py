@@ -15,8 +15,8 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
 from canvas_gateway_server.app import git_commit
-from canvas_gateway_server.fake_braze import FakeBrazeConfig, Fault
 from conftest import KEYS, TOKENS, Harness
+from fake_braze import FakeBrazeConfig, Fault
 
 SERVICE = "canvas_gateway.v1.CanvasGatewayService"
 PAUSED = "paused-canvas"

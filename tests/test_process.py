@@ -14,9 +14,9 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.fake_braze import FakeBraze
 from canvas_gateway_server.tenants import token_digest
 from conftest import FAKE_URLS, KEYS, TOKENS, tenants_toml
+from fake_braze import FakeBraze
 
 Running = tuple[asyncio.subprocess.Process, str, Path]
 REQUEST = pb.SendRequest(

@@ -29,8 +29,8 @@ import grpc
 import prometheus_server
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.fake_braze import FakeBrazeConfig, Fault
 from conftest import KEYS, TOKENS, Harness
+from fake_braze import FakeBrazeConfig, Fault
 from google.rpc import code_pb2
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.fake_braze import FakeBrazeConfig, Fault
 from conftest import KEYS, TOKENS, Harness, trigger_from_json
+from fake_braze import FakeBrazeConfig, Fault
 
 BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"external_user_id": "u2"}]}
 

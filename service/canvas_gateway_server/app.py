@@ -23,6 +23,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
@@ -37,7 +38,6 @@ from .admin import AdminServer
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
-from .fake_braze import FakeBraze, FakeBrazeConfig
 from .limits import LocalLimiter
 from .metrics import Metrics, PrometheusMetrics
 from .retry import RetryPolicy
@@ -46,6 +46,9 @@ from .servicer import CanvasGatewayServicer
 from .settings import Settings
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 from .upstream import BrazeClient, sent_trace
+
+if TYPE_CHECKING:
+    from fake_braze import FakeBraze
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class Gateway:
     registry: CollectorRegistry
     admin: AdminServer
     admin_port: int
-    fake_braze: FakeBraze | None = None
+    fake_braze: FakeBraze | None = None  # demo mode only
     draining: bool = False
     stopping: asyncio.Task[None] | None = None
 
@@ -303,6 +306,8 @@ def git_commit(environ: Mapping[str, str]) -> str:
 
 
 async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirectory]:
+    from fake_braze import FakeBraze, FakeBrazeConfig  # demo only: production never loads the fake
+
     fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({DEMO_BRAZE_KEY})))
     try:
         url = await fake.start("127.0.0.1", settings.demo_braze_port)

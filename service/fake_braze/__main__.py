@@ -1,6 +1,6 @@
 """Run the fake Braze alone (console script `fake-braze`).
 
-    python -m canvas_gateway_server.fake_braze --port 9700 --api-key demo-braze-key \\
+    python -m fake_braze --port 9700 --api-key demo-braze-key \\
         [--paused-canvas ID] [--archived-canvas ID] [--hourly-limit N] \\
         [--latency-ms N] [--error-rate 503=0.1 ...] [--reset-rate 0.05] [--seed N]
 
@@ -16,7 +16,8 @@ import asyncio
 import signal
 from collections.abc import Sequence
 
-from ..loopback import is_loopback
+from canvas_gateway_server.loopback import is_loopback
+
 from .app import FakeBraze, FakeBrazeConfig
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import orjson
 import pytest
-from canvas_gateway_server.fake_braze import Fault, FaultError
-from canvas_gateway_server.fake_braze.faults import Action, FaultState
-from canvas_gateway_server.fake_braze.ratelimit import FixedWindow, RateLimiter, audience_key
-from canvas_gateway_server.fake_braze.rules import (
+from fake_braze import Fault, FaultError
+from fake_braze.faults import Action, FaultState
+from fake_braze.ratelimit import FixedWindow, RateLimiter, audience_key
+from fake_braze.rules import (
     MAX_AUDIENCE_DEPTH,
     MAX_BODY_BYTES,
     TOO_MANY_RECIPIENTS,

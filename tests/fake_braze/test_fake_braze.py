@@ -17,7 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from canvas_gateway_server.fake_braze import (
+from canvas_gateway_server.braze import MAX_AUDIENCE_DEPTH
+from canvas_gateway_server.loopback import is_loopback
+from conftest import LAST_USED_APP_TIMES
+from fake_braze import (
     ARCHIVED_NOTICE,
     PAUSED_NOTICE,
     FakeBraze,
@@ -25,12 +28,10 @@ from canvas_gateway_server.fake_braze import (
     Fault,
     rules,
 )
-from canvas_gateway_server.fake_braze.__main__ import config_from_args, main
-from canvas_gateway_server.loopback import is_loopback
-from conftest import LAST_USED_APP_TIMES
+from fake_braze.__main__ import config_from_args, main
 from multidict import CIMultiDictProxy
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "docs" / "braze" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "docs" / "braze" / "examples"
 EXAMPLES = {path.stem: path.read_bytes() for path in EXAMPLES_DIR.glob("*.json")}
 REQUEST_EXAMPLES = sorted(name for name in EXAMPLES if not name.startswith("response_"))
 assert len(REQUEST_EXAMPLES) >= 6, f"Braze examples not found in {EXAMPLES_DIR}"
@@ -234,7 +235,7 @@ ACCEPTED = [
         custom(custom_attribute_name="n", comparison="less_than_x_days_ago", value=2.5),
         id="number-value",
     ),
-    pytest.param(audience(nested(99)), id="audience-depth-100"),
+    pytest.param(audience(nested(MAX_AUDIENCE_DEPTH - 1)), id="audience-at-the-depth-limit"),
     pytest.param(
         audience({"last_used_app": {"comparison": "before", "value": "2019-07-22T13:17:55+0000"}}),
         id="last-used-app",
@@ -412,7 +413,7 @@ INVALID = [
         id="last-used-number",
     ),
     pytest.param(audience({"last_used_app": {"comparison": "after"}}), id="last-used-no-value"),
-    pytest.param(audience(nested(100)), id="audience-depth-101"),
+    pytest.param(audience(nested(MAX_AUDIENCE_DEPTH)), id="audience-past-the-depth-limit"),
 ]
 
 
@@ -895,7 +896,7 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 
 def test_cli_builds_config_from_flags() -> None:
-    from canvas_gateway_server.fake_braze.__main__ import build_parser
+    from fake_braze.__main__ import build_parser
 
     flags = "--api-key a --api-key b --paused-canvas p --archived-canvas x --hourly-limit 9"
     rates = "--latency-ms 20 --error-rate 503=0.1 --error-rate 500=0.2 --reset-rate 0.05 --seed 3"
@@ -920,7 +921,7 @@ async def test_cli_serves_until_sigterm(session: aiohttp.ClientSession) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "canvas_gateway_server.fake_braze",
+        "fake_braze",
         "--port",
         "0",
         "--api-key",

@@ -10,48 +10,34 @@ are silent these rules take the stricter reading (CONTRACT.md section 8).
 
 from __future__ import annotations
 
-import re
-from datetime import datetime
 from typing import Any, Final
 
 import orjson
+from canvas_gateway_server.braze import (
+    AUDIENCE_FILTERS,
+    CONTEXT_NAMES,
+    IDENTIFIERS,
+    LAST_USED_APP_COMPARISONS,
+    MAX_AUDIENCE_DEPTH,
+    MAX_BODY_BYTES,
+    MAX_CONTEXT_BYTES,
+    MAX_RECIPIENTS_PER_CALL,
+    PRIORITIZATION_VALUES,
+    RECIPIENT_FIELDS,
+    SUBSCRIPTION_COMPARISONS,
+    SUBSCRIPTION_VALUES,
+    TOP_LEVEL_FIELDS,
+    VALUELESS_COMPARISONS,
+    is_iso_datetime,
+)
 
 Rejection = tuple[int, str]
 
-MAX_BODY_BYTES: Final = 4_000_000
-MAX_CONTEXT_BYTES: Final = 50_000
-MAX_RECIPIENTS: Final = 50
-MAX_AUDIENCE_DEPTH: Final = 100
+MAX_RECIPIENTS: Final = MAX_RECIPIENTS_PER_CALL
 
 TOO_MANY_RECIPIENTS: Final = "The max number of external_ids and aliases per request was exceeded"
 
-TOP_LEVEL_FIELDS: Final = frozenset(
-    {"canvas_id", "context", "canvas_entry_properties", "broadcast", "audience", "recipients"}
-)
-RECIPIENT_FIELDS: Final = frozenset(
-    {
-        "external_user_id",
-        "user_alias",
-        "email",
-        "prioritization",
-        "context",
-        "canvas_entry_properties",
-        "send_to_existing_only",
-        "attributes",
-    }
-)
-IDENTIFIERS: Final = ("external_user_id", "user_alias", "email")
-ISO_DATETIME: Final = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$")
-PRIORITIZATION_VALUES: Final = frozenset(
-    {"identified", "unidentified", "most_recently_updated", "least_recently_updated"}
-)
-VALUELESS_COMPARISONS: Final = frozenset({"exists", "does_not_exist"})
-SUBSCRIPTION_COMPARISONS: Final = frozenset({"is", "is_not"})
-SUBSCRIPTION_VALUES: Final = frozenset({"opted_in", "subscribed", "unsubscribed"})
-LAST_USED_APP_COMPARISONS: Final = frozenset({"after", "before"})
-FILTER_KEYS: Final = frozenset(
-    {"custom_attribute", "push_subscription_status", "email_subscription_status", "last_used_app"}
-)
+FILTER_KEYS: Final = frozenset(AUDIENCE_FILTERS)
 
 
 def _bad(message: str) -> Rejection:
@@ -115,7 +101,7 @@ def check_request(body: Any) -> Rejection | None:
 def _check_one_context_name(body: dict[str, Any]) -> Rejection | None:
     """A body names its context one way throughout (CONTRACT.md section 8, row 2: never both)."""
     objects = [body, *body.get("recipients", ())]
-    names = {name for obj in objects for name in ("context", "canvas_entry_properties") if name in obj}
+    names = {name for obj in objects for name in CONTEXT_NAMES if name in obj}
     if len(names) > 1:
         return _bad("context and canvas_entry_properties cannot both be used in one request")
     return None
@@ -125,7 +111,7 @@ def _check_contexts(obj: dict[str, Any], where: str) -> Rejection | None:
     if "context" in obj and "canvas_entry_properties" in obj:
         both = f"{_at(where, 'context')} and {_at(where, 'canvas_entry_properties')}"
         return _bad(f"{both} cannot both be provided")
-    for name in ("context", "canvas_entry_properties"):
+    for name in CONTEXT_NAMES:
         if name not in obj:
             continue
         value = obj[name]
@@ -265,12 +251,8 @@ def _check_custom_attribute(spec: dict[str, Any]) -> Rejection | None:
 
 def _check_time(value: str) -> Rejection | None:
     """Braze documents an ISO 8601 date-time with its offset, e.g. 2019-07-22T13:17:55+0000."""
-    if ISO_DATETIME.match(value):
-        try:
-            datetime.fromisoformat(value)
-            return None
-        except ValueError:
-            pass
+    if is_iso_datetime(value):
+        return None
     return _bad("last_used_app value must be an ISO 8601 date-time with a time zone")
 
 

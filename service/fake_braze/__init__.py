@@ -15,7 +15,9 @@ Module map: `rules` (body rules, pure), `ratelimit` (counters, injected
 clock), `faults` (fault state), `app` (the aiohttp server), `__main__` (CLI).
 """
 
-from .app import ARCHIVED_NOTICE, PAUSED_NOTICE, FakeBraze, FakeBrazeConfig, ReceivedCall
+from canvas_gateway_server.braze import ARCHIVED_NOTICE, PAUSED_NOTICE
+
+from .app import FakeBraze, FakeBrazeConfig, ReceivedCall
 from .faults import Fault, FaultError
 
 __all__ = [

@@ -33,15 +33,12 @@ from typing import Any, Final, NamedTuple, Self
 
 import orjson
 from aiohttp import hdrs, web
+from canvas_gateway_server.braze import ARCHIVED_NOTICE, MAX_BODY_BYTES, PAUSED_NOTICE, TRIGGER_PATH
 
 from . import rules
 from .faults import Action, FaultError, FaultState
 from .ratelimit import RateLimiter
 
-PAUSED_NOTICE: Final = "The Canvas is paused. Resume the Canvas to ensure trigger requests will take effect."
-ARCHIVED_NOTICE: Final = (
-    "The Canvas is archived. Unarchive the Canvas to ensure trigger requests will take effect."
-)
 # Braze sends the rate-limit headers on a 401, but with empty values.
 _UNKNOWN_LIMIT_HEADERS: Final = {
     "x-ratelimit-limit": "",
@@ -144,8 +141,8 @@ class FakeBraze:
 
     def app(self) -> web.Application:
         """A new aiohttp application serving this fake, for embedding in another server."""
-        app = web.Application(client_max_size=rules.MAX_BODY_BYTES)
-        app.router.add_post("/canvas/trigger/send", self._trigger)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_post(TRIGGER_PATH, self._trigger)
         app.router.add_route("*", "/_fake/faults", self._admin_faults)
         app.router.add_route("*", "/_fake/calls", self._admin_calls)
         app.router.add_get("/_fake/stats", self._admin_stats)
@@ -314,7 +311,7 @@ async def _read_body(request: web.Request) -> tuple[bytes, int]:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return b"", max(request.content_length or 0, rules.MAX_BODY_BYTES + 1)
+        return b"", max(request.content_length or 0, MAX_BODY_BYTES + 1)
     return raw, len(raw)
 
 
