@@ -1,7 +1,8 @@
 """Shared fixtures: a real fake Braze and a real gateway, both on 127.0.0.1.
 
-Two tenants: `acme` (recipients only) and `globex` (may broadcast), each with its own
-bearer token and its own Braze key, loaded from a tenants file like production.
+Three tenants, each with its own bearer token and Braze key, loaded from a tenants file like
+production: `acme` (recipients only), `globex` (may broadcast), and `initech`, whose workspace
+takes the context object under its legacy name `canvas_entry_properties`.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ and the fake Braze are checked against the same table."""
 LOCAL: dict[str, Any] = {"admin_address": "127.0.0.1:0", "shutdown_delay_seconds": 0}
 """Settings every test gateway uses: an admin port of its own, no not-ready delay at shutdown."""
 
-TOKENS = {"acme": "token-acme-4f1c", "globex": "token-globex-9b2e"}
+TOKENS = {"acme": "token-acme-4f1c", "globex": "token-globex-9b2e", "initech": "token-initech-77d0"}
 FAKE_URLS: dict[int, str] = {}
-KEYS = {"acme": "braze-key-acme-1111", "globex": "braze-key-globex-2222"}
+KEYS = {"acme": "braze-key-acme-1111", "globex": "braze-key-globex-2222", "initech": "braze-key-initech-3333"}
 
 
 @dataclass
@@ -75,6 +76,11 @@ def tenants_toml(url: str) -> str:
         f'braze_rest_url = "{url}/"\n'
         f'braze_api_key = "{KEYS["globex"]}"\n'
         "allow_broadcast = true\n"
+        "\n[tenants.initech]\n"
+        f'token_sha256 = ["{token_digest(TOKENS["initech"])}"]\n'
+        f'braze_rest_url = "{url}"\n'
+        f'braze_api_key = "{KEYS["initech"]}"\n'
+        'context_name = "canvas_entry_properties"\n'
     )
 
 

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import orjson
-from canvas_gateway_server.batching import BatchPlanner, encode_head
-from canvas_gateway_server.model import MAX_BODY_BYTES, MAX_CONTEXT_BYTES, Batch
+from canvas_gateway_server.braze import MAX_BODY_BYTES, MAX_CONTEXT_BYTES
+from canvas_gateway_server.model import Batch
+from canvas_gateway_server.planning import Intake
+from canvas_gateway_server.validate import encode_head, encode_recipient
 
 
-def plan(head: dict[str, object], recipients: list[dict[str, object]]) -> list[Batch]:
-    head_json = encode_head(head)
-    assert isinstance(head_json, bytes)
-    planner = BatchPlanner(head_json)
+def plan(
+    head: dict[str, object], recipients: list[dict[str, object]], context_name: str = "context"
+) -> list[Batch]:
+    intake = Intake(head, context_name)
+    assert intake.head_violations == ()
     batches = []
-    for position, recipient in enumerate(recipients):
-        encoded = planner.encode(recipient, f"recipients[{position}]")
-        assert isinstance(encoded, bytes)
-        closed = planner.add(position, encoded)
-        if closed:
-            batches.append(closed)
-    last = planner.flush()
+    for recipient in recipients:
+        taken = intake.take(recipient)
+        assert taken.violations == ()
+        if taken.closed:
+            batches.append(taken.closed)
+    last = intake.finish()
     if last:
         batches.append(last)
     return batches
+
+
+def fields(found: tuple[bytes, list[Any]]) -> list[str]:
+    encoded, violations = found
+    assert (encoded == b"") == bool(violations)
+    return [v.field for v in violations]
 
 
 def test_batches_hold_at_most_50_in_order_and_bodies_are_the_request_restricted() -> None:
@@ -48,29 +59,52 @@ def test_a_batch_closes_early_rather_than_pass_4_mb() -> None:
 
 
 def test_oversized_context_is_named() -> None:
-    head_json = encode_head({"canvas_id": "c"})
-    assert isinstance(head_json, bytes)
-    planner = BatchPlanner(head_json)
-    found = planner.encode(
-        {"external_user_id": "u", "context": {"k": "x" * MAX_CONTEXT_BYTES}}, "recipients[2]"
-    )
-    assert isinstance(found, list)
-    assert [v.field for v in found] == ["recipients[2].context"]
-    head_found = encode_head({"canvas_id": "c", "context": {"k": "x" * MAX_CONTEXT_BYTES}})
-    assert isinstance(head_found, list) and head_found[0].field == "context"
+    recipient = {"external_user_id": "u", "context": {"k": "x" * MAX_CONTEXT_BYTES}}
+    assert fields(encode_recipient(recipient, "recipients[2]", 20)) == ["recipients[2].context"]
+    assert fields(encode_head({"canvas_id": "c", "context": {"k": "x" * MAX_CONTEXT_BYTES}})) == ["context"]
 
 
 def test_context_just_under_the_limit_is_accepted() -> None:
     value = "x" * (MAX_CONTEXT_BYTES - len(b'{"k":""}'))
     assert len(orjson.dumps({"k": value})) == MAX_CONTEXT_BYTES
-    head = encode_head({"canvas_id": "c", "context": {"k": value}})
-    assert isinstance(head, bytes)
+    assert fields(encode_head({"canvas_id": "c", "context": {"k": value}})) == []
 
 
 def test_a_recipient_too_big_for_any_body_is_refused() -> None:
-    head_json = encode_head({"canvas_id": "c"})
-    assert isinstance(head_json, bytes)
-    found = BatchPlanner(head_json).encode(
-        {"external_user_id": "u", "attributes": {"a": "x" * MAX_BODY_BYTES}}, "recipients[0]"
-    )
-    assert isinstance(found, list) and found[0].field == "recipients[0]"
+    recipient = {"external_user_id": "u", "attributes": {"a": "x" * MAX_BODY_BYTES}}
+    assert fields(encode_recipient(recipient, "recipients[0]", 20)) == ["recipients[0]"]
+
+
+def test_a_recipient_that_exactly_fills_a_body_alone_is_accepted() -> None:
+    head: Mapping[str, Any] = {"canvas_id": "c"}
+    head_json = encode_head(head)[0]
+    frame = len(head_json) + len(b',"recipients":[]}') - 1
+    filler = MAX_BODY_BYTES - frame - len(b'{"external_user_id":"u","attributes":{"a":""}}')
+    recipient = {"external_user_id": "u", "attributes": {"a": "x" * filler}}
+    (batch,) = plan(dict(head), [recipient])
+    assert len(batch.body) == MAX_BODY_BYTES
+    bigger = {"external_user_id": "u", "attributes": {"a": "x" * (filler + 1)}}
+    assert fields(encode_recipient(bigger, "recipients[0]", len(head_json))) == ["recipients[0]"]
+
+
+def test_the_context_goes_out_under_the_tenants_name() -> None:
+    head = {"canvas_id": "c", "canvas_entry_properties": {"a": 1}}
+    recipients: list[dict[str, object]] = [
+        {"external_user_id": "u0", "context": {"b": 2}},
+        {"external_user_id": "u1", "canvas_entry_properties": {"b": 3}},
+    ]
+    (modern,) = plan(head, recipients)
+    assert orjson.loads(modern.body) == {
+        "canvas_id": "c",
+        "context": {"a": 1},
+        "recipients": [
+            {"external_user_id": "u0", "context": {"b": 2}},
+            {"external_user_id": "u1", "context": {"b": 3}},
+        ],
+    }
+    (legacy,) = plan(head, recipients, context_name="canvas_entry_properties")
+    assert b'"context"' not in legacy.body
+    assert orjson.loads(legacy.body)["recipients"][0] == {
+        "external_user_id": "u0",
+        "canvas_entry_properties": {"b": 2},
+    }

@@ -68,7 +68,7 @@ async def test_the_callers_request_id_is_returned_and_on_the_access_line(
     assert line["method"] == "/canvas_gateway.v1.CanvasGatewayService/Send"
     assert line["peer"].startswith("ipv4:127.0.0.1:")
     assert (line["recipients"], line["batches"]) == (120, 3)
-    assert line["outcomes"] == "sent:120 rejected:0 unknown:0 not_attempted:0"
+    assert line["outcomes"] == "sent:120 rejected:0 unknown:0 not_attempted:0 canvas_inactive:0"
     assert line["duration_ms"] > 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", line["time"])
 

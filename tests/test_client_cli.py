@@ -352,7 +352,7 @@ async def test_cli_send_demo_prints_a_human_summary(cli: Cli) -> None:
     assert code == 0, cli.err.getvalue()
     text = cli.out.getvalue()
     assert "120 recipients" in text
-    assert "sent 120, rejected 0, unknown 0" in text
+    assert "sent 120, canvas inactive 0, rejected 0, unknown 0" in text
     assert "recipients/s" in text
     assert TOKEN not in text
     ids = [r["external_user_id"] for call in cli.harness.fake.calls for r in call.body["recipients"]]
@@ -395,8 +395,10 @@ async def test_cli_warns_and_exits_1_when_the_canvas_is_inactive(cli: Cli, tmp_p
     code = await cli("send", "--file", str(body))
 
     assert code == 1
-    *results, _ = cli.lines()
+    *results, summary = cli.lines()
     assert results[0]["result"]["notice"] == PAUSED_NOTICE
+    assert results[0]["result"]["outcome"] == "OUTCOME_CANVAS_INACTIVE"
+    assert summary["summary"]["recipients_canvas_inactive"] == 3 and summary["summary"]["recipients_sent"] == 0
     assert "Canvas is inactive, so nothing was sent" in cli.err.getvalue()
 
 

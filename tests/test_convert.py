@@ -9,7 +9,8 @@ import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import convert
-from canvas_gateway_server.batching import BatchPlanner, encode_head
+from canvas_gateway_server.model import Rule
+from canvas_gateway_server.validate import encode_head, encode_recipient
 from conftest import EXAMPLES, example, trigger_from_json
 from google.protobuf import struct_pb2
 
@@ -65,15 +66,12 @@ def test_empty_context_is_forwarded_as_given() -> None:
 def test_numbers_json_cannot_carry_are_refused_with_their_field(bad: float) -> None:
     recipient = pb.Recipient(external_user_id="u")
     recipient.context.update({"score": bad})
-    head = encode_head({"canvas_id": "c"})
-    assert isinstance(head, bytes)
-    found = BatchPlanner(head).encode(convert.recipient_to_dict(recipient), "recipients[5]")
-    assert isinstance(found, list)
-    assert [v.field for v in found] == ["recipients[5].context"]
+    _, found = encode_recipient(convert.recipient_to_dict(recipient), "recipients[5]", 20)
+    assert [(v.field, v.rule) for v in found] == [("recipients[5].context", Rule.NUMBER_NOT_EXACT)]
     trigger = pb.CanvasTrigger(canvas_id="c")
     trigger.context.update({"score": bad})
-    head_found = encode_head(convert.trigger_head(trigger))
-    assert isinstance(head_found, list) and [v.field for v in head_found] == ["context"]
+    _, head_found = encode_head(convert.trigger_head(trigger))
+    assert [v.field for v in head_found] == ["context"]
 
 
 def test_results_carry_braze_errors_as_json_values() -> None:

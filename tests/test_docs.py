@@ -45,11 +45,11 @@ def test_make_targets_named_in_the_readme_exist() -> None:
 def test_example_request_files_are_valid() -> None:
     body = json.loads((ROOT / "examples" / "recipients.json").read_text())
     trigger = json_format.ParseDict(body, pb.CanvasTrigger())
-    Intake(convert.trigger_head(trigger))
+    assert Intake(convert.trigger_head(trigger)).head_violations == ()
     header = json_format.ParseDict(
         json.loads((ROOT / "examples" / "header.json").read_text()), pb.CanvasTrigger()
     )
-    Intake(convert.trigger_head(header))
+    assert Intake(convert.trigger_head(header)).head_violations == ()
     lines = (ROOT / "examples" / "recipients.jsonl").read_text().splitlines()
     for index, line in enumerate(lines):
         recipient = json_format.ParseDict(json.loads(line), pb.Recipient())

@@ -108,8 +108,10 @@ async def test_5xx_resets_and_a_429_retry_are_counted_by_kind(harness: Harness) 
 async def test_recipients_of_an_inactive_canvas_are_counted_apart(harness: Harness) -> None:
     await harness.stub.Send(unary(7, canvas_id=PAUSED), metadata=harness.auth())
     await harness.stub.Send(unary(5), metadata=harness.auth())
-    assert value(harness, "canvas_gateway_recipients_canvas_inactive_total", tenant="acme") == 7
-    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="sent") == 12
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="canvas_inactive") == 7
+    assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="sent") == 5
+    labels = {"tenant": "acme", "outcome": "canvas_inactive", "code": "FAILED_PRECONDITION"}
+    assert value(harness, "canvas_gateway_batches_total", **labels) == 1
 
 
 @pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=2)])
@@ -196,12 +198,12 @@ async def test_refused_tokens_are_counted_without_a_tenant(harness: Harness) -> 
 
 
 async def test_reloads_and_tenants_build_info_and_readiness(harness: Harness) -> None:
-    assert value(harness, "canvas_gateway_tenants") == 2
+    assert value(harness, "canvas_gateway_tenants") == 3
     assert value(harness, "canvas_gateway_ready") == 1
     # the series alerts take increase() of exist at 0 before the first event, so it is seen
     registry = harness.gateway.registry
-    for tenant in ("acme", "globex"):
-        for outcome in ("sent", "rejected", "unknown", "not_attempted"):
+    for tenant in ("acme", "globex", "initech"):
+        for outcome in ("sent", "rejected", "unknown", "not_attempted", "canvas_inactive"):
             labels = {"tenant": tenant, "outcome": outcome}
             assert registry.get_sample_value("canvas_gateway_recipients_total", labels) == 0
     for result in ("success", "failure"):

@@ -118,7 +118,7 @@ INVALID = [
             "context": {"a": 1},
             "recipients": [
                 {"external_user_id": "u"},
-                {"external_user_id": "v", "canvas_entry_properties": {}},
+                {"external_user_id": "v", "canvas_entry_properties": {}, "context": {}},
             ],
         },
         ["recipients[1].canvas_entry_properties"],
@@ -283,13 +283,62 @@ async def test_missing_or_unknown_tokens_are_refused(
 @pytest.mark.parametrize(
     "fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), paused_canvases=frozenset({"paused"}))]
 )
-async def test_paused_canvas_returns_the_notice(harness: Harness) -> None:
+async def test_paused_canvas_is_accepted_but_not_counted_as_sent(harness: Harness) -> None:
     response = await send(harness, {"canvas_id": "paused", "recipients": recipients(2)})
     (result,) = response.results
-    assert result.outcome == pb.OUTCOME_SENT
-    assert result.notice == PAUSED_NOTICE
+    assert result.outcome == pb.OUTCOME_CANVAS_INACTIVE
+    assert result.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and not result.retryable
+    assert result.notice == PAUSED_NOTICE and result.http_status == 201
     assert result.dispatch_id == harness.fake.calls[0].dispatch_id != ""
     assert "nothing was sent" in result.status_message
+    assert (response.summary.recipients_sent, response.summary.recipients_canvas_inactive) == (0, 2)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_refused_naming_the_base_url(harness: Harness, status: int) -> None:
+    harness.fake.faults.script([Fault.status(status, b"")])
+    (result,) = (await send(harness, {"canvas_id": CANVAS, "recipients": recipients(3)})).results
+    assert result.outcome == pb.OUTCOME_REJECTED and result.http_status == status
+    assert result.code == grpc.StatusCode.INTERNAL.value[0] and not result.retryable
+    assert "braze_rest_url" in result.status_message and result.attempts == 1
+
+
+async def test_a_legacy_workspace_gets_canvas_entry_properties(harness: Harness) -> None:
+    body = {
+        "canvas_id": CANVAS,
+        "context": {"shared": 1},
+        "recipients": [{"external_user_id": "u0", "context": {"i": 0}}],
+    }
+    assert (await send(harness, body, tenant="initech")).summary.recipients_sent == 1
+    (call,) = harness.fake.calls
+    assert call.api_key == KEYS["initech"]
+    assert call.body == {
+        "canvas_id": CANVAS,
+        "canvas_entry_properties": {"shared": 1},
+        "recipients": [{"external_user_id": "u0", "canvas_entry_properties": {"i": 0}}],
+    }
+
+
+async def test_either_context_name_goes_out_under_the_tenants_one(harness: Harness) -> None:
+    body = {
+        "canvas_id": CANVAS,
+        "canvas_entry_properties": {"shared": 1},
+        "recipients": [
+            {"external_user_id": "u0", "context": {"i": 0}},
+            {"external_user_id": "u1", "canvas_entry_properties": {"i": 1}},
+        ],
+    }
+    response = await send(harness, body)
+    assert response.summary.recipients_sent == 2
+    (call,) = harness.fake.calls
+    assert call.body == {
+        "canvas_id": CANVAS,
+        "context": {"shared": 1},
+        "recipients": [
+            {"external_user_id": "u0", "context": {"i": 0}},
+            {"external_user_id": "u1", "context": {"i": 1}},
+        ],
+    }
 
 
 async def test_braze_non_fatal_errors_are_passed_through(harness: Harness) -> None:
@@ -299,3 +348,36 @@ async def test_braze_non_fatal_errors_are_passed_through(harness: Harness) -> No
     assert result.outcome == pb.OUTCOME_SENT and result.dispatch_id == "d1"
     assert result.errors[0].string_value == "minor"
     assert result.errors[1].struct_value["code"] == 7
+
+
+TOP_LEVEL_FAULTS: dict[str, tuple[dict[str, Any], str]] = {
+    "canvas_id_required": ({"canvas_id": ""}, "canvas_id"),
+    "context_both_names": ({"context": {}, "canvas_entry_properties": {}}, "canvas_entry_properties"),
+    "context_too_large": ({"context": {"blob": "x" * 50_001}}, "context"),
+    "number_not_exact": ({"context": {"id": 2**60}}, "context"),
+    "broadcast_with_recipients": ({"broadcast": True}, "broadcast"),
+}
+RECIPIENT_FAULTS: dict[str, tuple[dict[str, Any], str]] = {
+    "identifier_count": ({"context": {"a": 1}}, ""),  # none: two cannot be expressed (a oneof)
+    "email_format": ({"email": "nope", "prioritization": ["identified"]}, ".email"),
+    "prioritization_required": ({"email": "a@b.c"}, ".prioritization"),
+    "context_too_large": ({"external_user_id": "u", "context": {"blob": "x" * 60_000}}, ".context"),
+    "number_not_exact": ({"external_user_id": "u", "attributes": {"n": 2**60}}, ".attributes"),
+    "attributes_required": ({"external_user_id": "u", "send_to_existing_only": False}, ".attributes"),
+}
+
+
+@pytest.mark.parametrize("recipient_rule", sorted(RECIPIENT_FAULTS))
+@pytest.mark.parametrize("top_rule", sorted(TOP_LEVEL_FAULTS))
+async def test_send_reports_a_top_level_and_a_recipient_violation_together(
+    harness: Harness, top_rule: str, recipient_rule: str
+) -> None:
+    top, top_field = TOP_LEVEL_FAULTS[top_rule]
+    bad, bad_field = RECIPIENT_FAULTS[recipient_rule]
+    body = {"canvas_id": CANVAS, **top, "recipients": [{"external_user_id": "ok"}, bad]}
+    error = await refused(harness, body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = [field for field, _ in violations_of(error)]
+    assert top_field in found
+    assert f"recipients[1]{bad_field}" in found
+    assert harness.fake.calls == []

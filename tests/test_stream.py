@@ -196,11 +196,13 @@ async def test_a_cancelled_stream_leaves_the_gateway_healthy(
     assert covered(results) == list(range(100)) and summary is not None
 
 
-async def test_only_a_recipient_that_is_sent_fixes_the_context_name(harness: Harness) -> None:
+async def test_a_violation_names_the_context_field_the_caller_used(harness: Harness) -> None:
     bad_legacy = {"external_user_id": "u0", "canvas_entry_properties": {"blob": "x" * 60_000}}  # too big
-    rest = [{"external_user_id": f"u{i}", "context": {"i": i}} for i in range(1, 4)]
+    rest = [{"external_user_id": f"u{i}", "canvas_entry_properties": {"i": i}} for i in range(1, 4)]
     results, _ = await stream(harness, [header({"canvas_id": CANVAS}), chunk([bad_legacy, *rest])])
     rejected = [r for r in results if r.outcome == pb.OUTCOME_REJECTED]
     assert [list(r.positions) for r in rejected] == [[0]]
     assert [v.field for v in rejected[0].violations] == ["recipients[0].canvas_entry_properties"]
     assert sum(len(r.positions) for r in results if r.outcome == pb.OUTCOME_SENT) == 3
+    (call,) = harness.fake.calls  # the accepted ones went out under the tenant's name, `context`
+    assert [r["context"] for r in call.body["recipients"]] == [{"i": 1}, {"i": 2}, {"i": 3}]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from canvas_gateway_server.model import Violation
+from canvas_gateway_server.braze import MAX_AUDIENCE_DEPTH
+from canvas_gateway_server.model import Rule, Violation
 from canvas_gateway_server.validate import (
-    MAX_AUDIENCE_DEPTH,
-    ContextNames,
     check_audience,
     check_head,
     check_recipient,
@@ -75,11 +74,6 @@ def test_broadcast_without_recipients_and_recipients_without_broadcast_pass() ->
             {"email": "a@b.c", "prioritization": ["identified", "unidentified"]},
             ["recipients[3].prioritization"],
         ),
-        (
-            {"email": "a@b.c", "prioritization": ["most_recently_updated", "most_recently_updated"]},
-            ["recipients[3].prioritization"],
-        ),
-        ({"external_user_id": "u", "prioritization": ["identified"]}, ["recipients[3].prioritization"]),
         (
             {
                 "user_alias": {"alias_name": "n", "alias_label": "l"},
@@ -150,10 +144,6 @@ def test_audience_examples_pass() -> None:
             ["audience.custom_attribute.custom_attribute_name"],
         ),
         (
-            {"custom_attribute": {"custom_attribute_name": "n", "comparison": "exists", "value": 1}},
-            ["audience.custom_attribute.value"],
-        ),
-        (
             {"custom_attribute": {"custom_attribute_name": "n", "comparison": "equals", "value": {"a": 1}}},
             ["audience.custom_attribute.value"],
         ),
@@ -201,12 +191,29 @@ def test_last_used_app_needs_an_iso_datetime_with_a_zone(value: str, accepted: b
     assert (found == []) is accepted
 
 
-def test_one_context_name_throughout_a_request() -> None:
-    names = ContextNames({"canvas_id": "c", "context": {}})
-    assert fields(names.check({"external_user_id": "a", "context": {}}, "recipients[0]")) == []
-    legacy = {"external_user_id": "b", "canvas_entry_properties": {}}
-    assert fields(names.check(legacy, "recipients[1]")) == ["recipients[1].canvas_entry_properties"]
-    first_wins = ContextNames({"canvas_id": "c"})
-    assert fields(first_wins.check(legacy, "recipients[0]")) == []
-    later = {"external_user_id": "c", "context": {}}
-    assert fields(first_wins.check(later, "recipients[1]")) == ["recipients[1].context"]
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        {"external_user_id": "u", "prioritization": ["identified"]},
+        {"user_alias": {"alias_name": "n", "alias_label": "l"}, "prioritization": ["most_recently_updated"]},
+        {"email": "a@b.c", "prioritization": ["most_recently_updated", "most_recently_updated"]},
+    ],
+)
+def test_what_braze_does_not_document_as_an_error_passes_through(recipient: dict[str, Any]) -> None:
+    """CONTRACT.md 8, point 22: prioritization without email, and repeated values."""
+    assert check_recipient(recipient, "recipients[0]") == []
+
+
+def test_a_value_with_exists_passes_through() -> None:
+    """CONTRACT.md 8, point 23: Braze says `value` is omitted for exists, not that one is an error."""
+    node = {"custom_attribute": {"custom_attribute_name": "a", "comparison": "exists", "value": 1}}
+    assert check_audience(node, "audience") == []
+
+
+def test_every_violation_names_a_rule_from_the_bounded_set() -> None:
+    found = check_recipient({"email": "nope", "prioritization": ["x", "identified", "unidentified"]}, "r")
+    assert {v.rule for v in found} == {
+        Rule.EMAIL_FORMAT,
+        Rule.PRIORITIZATION_VALUE,
+        Rule.PRIORITIZATION_CONFLICT,
+    }

@@ -1,7 +1,7 @@
 """The protobuf edge: requests become Braze JSON (plain dicts), results become messages.
 
-Only this module and the servicer import generated code. The dicts produced here are
-exactly the JSON Braze receives, so validation and batching never see protobuf.
+The dicts produced here are exactly the JSON Braze receives, so validation and batching never
+see protobuf; past this module the core works on them and on the dataclasses of `model`.
 
 Numbers: google.protobuf.Struct stores every number as a double; an integral value is
 turned back into an int so that a caller's `12` reaches Braze as `12`, not `12.0`.
@@ -20,6 +20,7 @@ from typing import Any, Final
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from .braze import CONTEXT_NAMES
 from .model import BatchResult, Outcome, Summary, Violation
 
 _EXACT_INT_LIMIT: Final = 2**53
@@ -65,7 +66,7 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 def _add_contexts(message: pb.CanvasTrigger | pb.Recipient, out: dict[str, Any]) -> None:
     """Copy `context` and its legacy name, where set, at the top level or in a recipient."""
-    for name in ("context", "canvas_entry_properties"):
+    for name in CONTEXT_NAMES:
         if message.HasField(name):
             out[name] = struct_to_dict(getattr(message, name))
 
@@ -165,4 +166,5 @@ def summary_to_proto(summary: Summary, request_id: str = "") -> pb.SendSummary:
         recipients_rejected=counts[Outcome.REJECTED],
         recipients_unknown=counts[Outcome.UNKNOWN],
         recipients_not_attempted=counts[Outcome.NOT_ATTEMPTED],
+        recipients_canvas_inactive=counts[Outcome.CANVAS_INACTIVE],
     )

@@ -236,13 +236,8 @@ class PrometheusMetrics(Metrics):
         )
         self._recipients = counter(
             "canvas_gateway_recipients_total",
-            "Recipients with a result, by outcome (sent, rejected, unknown, not_attempted).",
+            "Recipients with a result, by outcome (sent, canvas_inactive, rejected, unknown, not_attempted).",
             ("tenant", "outcome"),
-        )
-        self._inactive = counter(
-            "canvas_gateway_recipients_canvas_inactive_total",
-            "Recipients whose call Braze accepted with a notice (Canvas paused or archived): nothing sent.",
-            ("tenant",),
         )
         self._batches = counter(
             "canvas_gateway_batches_total",
@@ -325,8 +320,6 @@ class PrometheusMetrics(Metrics):
         count = len(result.positions)
         self._recipients(tenant, outcome).inc(count)
         self._batches(tenant, outcome, result.code.name).inc()
-        if result.notice:
-            self._inactive(tenant).inc(count)
         if result.violations:
             self.invalid(result.violations)
 

@@ -6,15 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_RECIPIENTS_PER_CALL = 50
-"""Braze's limit on `recipients` per REST call."""
-
-MAX_BODY_BYTES = 4_000_000
-"""Braze's request body limit (4 MB), read conservatively as decimal bytes."""
-
-MAX_CONTEXT_BYTES = 50_000
-"""Braze's limit on each serialized context object (50 KB), read conservatively."""
-
 
 class Outcome(enum.Enum):
     """Whether Braze acted on a batch. Mirrors canvas_gateway.v1.Outcome."""
@@ -23,6 +14,8 @@ class Outcome(enum.Enum):
     REJECTED = 2
     UNKNOWN = 3
     NOT_ATTEMPTED = 4
+    CANVAS_INACTIVE = 5
+    """Braze accepted the call with a notice (Canvas paused or archived): nothing was sent."""
 
 
 class Code(enum.IntEnum):
@@ -44,7 +37,6 @@ class Rule(enum.StrEnum):
 
     CANVAS_ID_REQUIRED = "canvas_id_required"
     CONTEXT_BOTH_NAMES = "context_both_names"
-    CONTEXT_MIXED_NAMES = "context_mixed_names"
     CONTEXT_TOO_LARGE = "context_too_large"
     NUMBER_NOT_EXACT = "number_not_exact"
     BODY_TOO_LARGE = "body_too_large"
@@ -58,9 +50,7 @@ class Rule(enum.StrEnum):
     ATTRIBUTES_REQUIRED = "attributes_required"
     EMAIL_FORMAT = "email_format"
     PRIORITIZATION_REQUIRED = "prioritization_required"
-    PRIORITIZATION_WITHOUT_EMAIL = "prioritization_without_email"
     PRIORITIZATION_VALUE = "prioritization_value"
-    PRIORITIZATION_REPEATED = "prioritization_repeated"
     PRIORITIZATION_CONFLICT = "prioritization_conflict"
     AUDIENCE_DEPTH = "audience_depth"
     AUDIENCE_NODE = "audience_node"

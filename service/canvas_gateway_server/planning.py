@@ -1,19 +1,27 @@
-"""One request's way from Braze JSON to batches: validate, authorize, encode, cut.
+"""One request's way from Braze JSON to batches: check and encode each part once, then cut.
 
-Pure: no I/O. `Intake` takes recipients one at a time, in caller order, so a stream of
-any length is planned with memory for one open batch.
+Pure: no I/O. `Intake` takes recipients one at a time, in caller order, so a stream of any
+length is planned with memory for one open batch. It never raises for bad input: the head's
+violations are in `head_violations`, and each recipient's come back on its `Taken`, so a
+caller can report every violation of a request at once (unary `Send`) or reject recipients
+one by one (`SendStream`).
+
+The context object goes out under the tenant's name for it: `context`, or the legacy
+`canvas_entry_properties` for workspaces that still use it (CONTRACT.md section 8, point 2).
+Callers may use either name; one object naming both is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
-from .batching import BatchPlanner, broadcast_batch, encode_head
-from .errors import InvalidRequest, PermissionDenied
+from .batching import BatchPlanner, broadcast_batch
+from .braze import CONTEXT_NAMES
+from .errors import PermissionDenied
 from .model import Batch, Violation
 from .tenants import Tenant
-from .validate import ContextNames, check_head, check_recipient
+from .validate import check_head, check_recipient, encode_head, encode_recipient
 
 
 def authorize(tenant: Tenant, head: Mapping[str, Any]) -> None:
@@ -22,40 +30,49 @@ def authorize(tenant: Tenant, head: Mapping[str, Any]) -> None:
         raise PermissionDenied("this tenant may not send broadcast or audience requests")
 
 
-class Intake:
-    """Validated, encoded recipients cut into batches of at most 50 and 4 MB.
+class Taken(NamedTuple):
+    """What taking one recipient did: accepted (no violations), or rejected with its violations.
 
-    Raises InvalidRequest at construction when the top-level fields are invalid.
+    An accepted recipient may have completed a batch: `closed` is that batch. (A NamedTuple:
+    one is made per recipient, and it is cheaper to build than a frozen dataclass.)
     """
 
-    def __init__(self, head: Mapping[str, Any]) -> None:
-        violations = check_head(head)
-        encoded = violations or encode_head(head)
-        if isinstance(encoded, list):
-            raise InvalidRequest(encoded)
+    position: int
+    violations: tuple[Violation, ...] = ()
+    closed: Batch | None = None
+
+
+class Intake:
+    """Checked, encoded recipients cut into batches of at most 50 and 4 MB."""
+
+    def __init__(self, head: Mapping[str, Any], context_name: str = "context") -> None:
+        self._context_name = context_name
         self.head = head
-        self.head_json = encoded
-        self._context_names = ContextNames(head)
-        self._planner = BatchPlanner(encoded)
+        encoded, found = _encode_as(head, context_name, encode_head)
+        self.head_violations = (*check_head(head), *found)
+        """Top-level violations: while there are any, nothing is batched (recipients are still checked)."""
+        self.head_json = encoded or b"{}"
+        self._planner = BatchPlanner(self.head_json)
         self.received = 0
         """Recipients taken so far, valid or not: the next recipient's position."""
 
-    def take(self, recipient: Mapping[str, Any]) -> tuple[int, Batch | list[Violation] | None]:
-        """Take the next recipient: its position, and the batch it closed or its violations."""
+    def take(self, recipient: Mapping[str, Any]) -> Taken:
+        """Check and encode the next recipient, and batch it when it and the head are valid."""
         position = self.received
         self.received += 1
         path = f"recipients[{position}]"
         found = check_recipient(recipient, path)
         if found:
-            return position, found
-        encoded = self._planner.encode(recipient, path)
-        if isinstance(encoded, list):
-            return position, encoded
-        # Last, so that only a recipient that will be sent can fix the request's context name.
-        found = self._context_names.check(recipient, path)
+            return Taken(position, tuple(found))
+        head_size = len(self.head_json)
+        encoded, found = _encode_as(
+            recipient, self._context_name, lambda r: encode_recipient(r, path, head_size)
+        )
         if found:
-            return position, found
-        return position, self._planner.add(position, encoded)
+            return Taken(position, tuple(found))
+        if self.head_violations:
+            return Taken(position)
+        return Taken(position, closed=self._planner.add(position, encoded))
 
     def finish(self) -> Batch | None:
         """The last, partly filled batch, if any."""
@@ -68,3 +85,25 @@ class Intake:
     def broadcast(self) -> Batch:
         """The single call of a broadcast request."""
         return broadcast_batch(self.head_json)
+
+
+def _encode_as(
+    obj: Mapping[str, Any],
+    context_name: str,
+    encode: Callable[[Mapping[str, Any]], tuple[bytes, list[Violation]]],
+) -> tuple[bytes, list[Violation]]:
+    """Encode `obj` with its context under `context_name`. Violations name the caller's own
+    fields, so `obj` is checked as given, and encoded again only when it must be renamed."""
+    encoded, found = encode(obj)
+    named = _named(obj, context_name)
+    if found or named is obj:
+        return encoded, found
+    return encode(named)
+
+
+def _named(obj: Mapping[str, Any], context_name: str) -> Mapping[str, Any]:
+    """`obj` with its context under `context_name` (a copy only when it must be renamed)."""
+    other = CONTEXT_NAMES[1] if context_name == CONTEXT_NAMES[0] else CONTEXT_NAMES[0]
+    if other not in obj or context_name in obj:  # nothing to rename, or both (a violation)
+        return obj
+    return {(context_name if key == other else key): value for key, value in obj.items()}

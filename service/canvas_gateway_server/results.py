@@ -1,8 +1,9 @@
 """The one place where what happened to a batch becomes an outcome and a status code.
 
-CONTRACT.md sections 4 and 6: 2xx is SENT; 400/401/403/404/413 and 429 are REJECTED
-(nothing sent); 5xx, timeouts and connections lost after writing are UNKNOWN (may have
-been sent, never auto-retried); a connection that could not be opened is NOT_ATTEMPTED.
+CONTRACT.md sections 4 and 6: 2xx is SENT, or CANVAS_INACTIVE when Braze adds a `notice`
+(accepted, nothing sent); 3xx, 400/401/403/404/413 and 429 are REJECTED (nothing sent);
+5xx, timeouts and connections lost after writing are UNKNOWN (may have been sent, never
+auto-retried); a connection that could not be opened is NOT_ATTEMPTED.
 """
 
 from __future__ import annotations
@@ -44,10 +45,22 @@ def from_reply(batch: Batch, reply: Reply, attempts: int) -> BatchResult:
     common["errors"] = tuple(errors) if isinstance(errors, list) else ()
     status = reply.status
     if 200 <= status < 300:
+        common["dispatch_id"] = str(body.get("dispatch_id", ""))
         notice = str(body.get("notice", ""))
-        text = "accepted, but the Canvas is inactive: nothing was sent" if notice else "accepted"
-        dispatch_id = str(body.get("dispatch_id", ""))
-        return _result(batch, Outcome.SENT, Code.OK, text, dispatch_id=dispatch_id, notice=notice, **common)
+        if notice:
+            text = "Braze accepted the call, but the Canvas is paused or archived: nothing was sent"
+            return _result(
+                batch, Outcome.CANVAS_INACTIVE, Code.FAILED_PRECONDITION, text, notice=notice, **common
+            )
+        return _result(batch, Outcome.SENT, Code.OK, "accepted", **common)
+    if 300 <= status < 400:
+        # Braze's API does not redirect: a redirect comes from a wrong host or scheme, and the
+        # request was not processed where it went (it is not followed).
+        text = (
+            f"Braze's URL answered {status} (a redirect): the tenant's braze_rest_url is wrong, "
+            "use the instance's REST base URL such as https://rest.iad-01.braze.com; nothing was sent"
+        )
+        return _result(batch, Outcome.REJECTED, Code.INTERNAL, text, **common)
     if status == 429:
         return _rate_limited(batch, "Braze rate limit reached", reply.rate.reset or 0, **common)
     if 400 <= status < 500:

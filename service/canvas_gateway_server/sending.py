@@ -1,8 +1,12 @@
 """The send use cases, free of gRPC: a unary Send, and a SendStream session.
 
-Both follow the same path: Intake (validate, encode, batch) -> tenant authorization ->
-FanOut (limits, retries, REST) -> results. Unary validates everything before sending
-anything; a stream validates its header first, then each recipient as it arrives.
+Both run the same loop over one `Intake` (check, encode, batch each recipient once) with a
+policy for what to do with a batch and with a rejected recipient:
+- unary Send is all-or-nothing: it collects every violation of the request (top level and
+  recipients, all at once) and sends nothing unless there are none;
+- a stream checks its header first, then sends each batch as it closes and answers each
+  rejected recipient with a result of its own.
+Then FanOut (limits, retries, REST) turns batches into results.
 """
 
 from __future__ import annotations
@@ -10,16 +14,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import results
 from .dispatch import Dispatcher, FanOut, report
 from .errors import InvalidRequest
 from .metrics import Metrics
-from .model import Batch, BatchResult, Code, Rule, Summary, Violation
-from .planning import Intake, authorize
+from .model import Batch, BatchResult, Code, Summary, Violation
+from .planning import Intake, Taken, authorize
 from .tenants import Tenant
-from .validate import ContextNames, check_recipient, check_recipient_count
+from .validate import check_recipient_count, check_stream_head, check_unary_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
 ABANDONED = "the stream ended before this batch was sent; nothing was sent"
@@ -30,6 +34,38 @@ class SendLimits:
     unary_max_recipients: int = 10_000
     request_concurrency: int = 8
     result_queue_size: int = 64
+
+
+class _Policy(Protocol):
+    """What `_take_all` does with each closed batch and each rejected recipient."""
+
+    async def batch(self, batch: Batch) -> None: ...
+
+    async def rejected(self, taken: Taken) -> None: ...
+
+
+async def _take_all(intake: Intake, recipients: Iterable[Mapping[str, Any]], policy: _Policy) -> None:
+    """The one loop both use cases share: every recipient checked, encoded and batched once."""
+    for recipient in recipients:
+        taken = intake.take(recipient)
+        if taken.violations:
+            await policy.rejected(taken)
+        elif taken.closed is not None:
+            await policy.batch(taken.closed)
+
+
+class _AllOrNothing:
+    """Unary Send's policy: gather the batches and every violation; decide at the end."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.violations: list[Violation] = []
+
+    async def batch(self, batch: Batch) -> None:
+        self.batches.append(batch)
+
+    async def rejected(self, taken: Taken) -> None:
+        self.violations.extend(taken.violations)
 
 
 class Sender:
@@ -47,33 +83,23 @@ class Sender:
         recipients: Sequence[Mapping[str, Any]],
         validate_only: bool,
     ) -> tuple[list[BatchResult], Summary]:
-        """Validate the whole request, then send it; results in batch order."""
+        """Check the whole request, reporting every violation at once; then send it."""
         self.check_unary_count(len(recipients))
-        try:
-            intake = Intake(head)
-        except InvalidRequest as invalid:  # report the recipients' violations too, all at once
-            names = ContextNames(head)
-            found = [*invalid.violations, *check_recipient_count(head, len(recipients))]
-            for index, recipient in enumerate(recipients):
-                path = f"recipients[{index}]"
-                found.extend(check_recipient(recipient, path) or names.check(recipient, path))
-            raise InvalidRequest(found) from None
-        violations = check_recipient_count(head, len(recipients))
-        batches: list[Batch] = []
-        for recipient in recipients:
-            _, out = intake.take(recipient)
-            if isinstance(out, list):
-                violations.extend(out)
-            elif out is not None:
-                batches.append(out)
+        intake = Intake(head, tenant.context_name)
+        plan = _AllOrNothing()
+        await _take_all(intake, recipients, plan)
         last = intake.finish()
         if last is not None:
-            batches.append(last)
+            plan.batches.append(last)
+        violations = [
+            *intake.head_violations,
+            *check_recipient_count(head, len(recipients)),
+            *plan.violations,
+        ]
         if violations:
             raise InvalidRequest(violations)
         authorize(tenant, head)
-        if not recipients:
-            batches = [intake.broadcast()]
+        batches = plan.batches or [intake.broadcast()]
         if validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
             for result in done:
@@ -88,17 +114,9 @@ class Sender:
 
     def check_unary_count(self, count: int) -> None:
         """Refuse a Send over the cap, before its recipients cost any work."""
-        cap = self._limits.unary_max_recipients
-        if count > cap:
-            raise InvalidRequest(
-                [
-                    Violation(
-                        "recipients",
-                        f"at most {cap:,} per Send; use SendStream for more",
-                        Rule.TOO_MANY_RECIPIENTS,
-                    )
-                ]
-            )
+        violations = check_unary_count(count, self._limits.unary_max_recipients)
+        if violations:
+            raise InvalidRequest(violations)
 
     async def _run_all(self, tenant: Tenant, batches: list[Batch]) -> list[BatchResult]:
         fan = FanOut(
@@ -123,11 +141,10 @@ class Sender:
 
     def open_stream(self, tenant: Tenant, head: Mapping[str, Any], validate_only: bool) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
-        if head.get("broadcast") is True:
-            raise InvalidRequest(
-                [Violation("broadcast", "SendStream does not broadcast; use Send", Rule.STREAM_BROADCAST)]
-            )
-        intake = Intake(head)
+        intake = Intake(head, tenant.context_name)
+        violations = [*check_stream_head(head), *intake.head_violations]
+        if violations:
+            raise InvalidRequest(violations)
         authorize(tenant, head)
         fan = FanOut(
             self._dispatcher,
@@ -140,7 +157,11 @@ class Sender:
 
 
 class StreamSend:
-    """One SendStream: `feed` recipients in order, then `close`; read `results` meanwhile."""
+    """One SendStream: `feed` recipients in order, then `close`; read `results` meanwhile.
+
+    It is its own policy for the shared loop: batches go out as they close, and a rejected
+    recipient gets a result of its own while the others go on.
+    """
 
     def __init__(self, intake: Intake, fan: FanOut, validate_only: bool) -> None:
         self._intake = intake
@@ -155,21 +176,17 @@ class StreamSend:
 
     async def feed(self, recipients: Iterable[Mapping[str, Any]]) -> None:
         """Plan the next recipients; waits while the stream's batches are all in flight."""
-        intake = self._intake
-        for recipient in recipients:
-            position, out = intake.take(recipient)
-            if out is None:
-                continue
-            if isinstance(out, list):
-                await self._fan.put(results.rejected_recipient(intake.reserve_index(), position, tuple(out)))
-            else:
-                await self._dispatch(out)
+        await _take_all(self._intake, recipients, self)
 
-    async def _dispatch(self, batch: Batch) -> None:
+    async def batch(self, batch: Batch) -> None:
         if self._validate_only:
             await self._fan.put(results.not_attempted(batch, VALIDATE_ONLY))
         else:
             await self._fan.submit(batch)
+
+    async def rejected(self, taken: Taken) -> None:
+        result = results.rejected_recipient(self._intake.reserve_index(), taken.position, taken.violations)
+        await self._fan.put(result)
 
     def check_complete(self) -> None:
         """At the caller's end of input: a stream must have carried recipients."""
@@ -182,7 +199,7 @@ class StreamSend:
         try:
             last = self._intake.finish()
             if last is not None and send_rest:
-                await self._dispatch(last)
+                await self.batch(last)
             elif last is not None:
                 await self._fan.put(results.not_attempted(last, ABANDONED, code=Code.ABORTED))
         finally:

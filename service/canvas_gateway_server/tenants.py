@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from .braze import CONTEXT_NAMES
 from .errors import ConfigError
 from .loopback import is_loopback
 
@@ -32,6 +33,7 @@ _FIELDS = frozenset(
         "allow_broadcast",
         "allow_insecure_http",
         "max_concurrent_batches",
+        "context_name",
     }
     | set(_KEY_SOURCES)
 )
@@ -46,6 +48,9 @@ class Tenant:
     braze_api_key: str = field(repr=False)
     allow_broadcast: bool = False
     max_concurrent_batches: int | None = None
+    context_name: str = "context"
+    """The name the context object goes out under: `context`, or the legacy
+    `canvas_entry_properties` for workspaces that still use it (CONTRACT.md 8, point 2)."""
 
 
 class TenantDirectory(Protocol):
@@ -158,12 +163,16 @@ def parse_tenant(
     allow_broadcast = entry.get("allow_broadcast", False)
     if not isinstance(allow_broadcast, bool):
         raise ConfigError(f"{where}: allow_broadcast must be true or false")
+    context_name = entry.get("context_name", "context")
+    if context_name not in CONTEXT_NAMES:
+        raise ConfigError(f"{where}: context_name must be one of {', '.join(CONTEXT_NAMES)}")
     tenant = Tenant(
         id=tenant_id,
         braze_rest_url=url,
         braze_api_key=_read_key(where, entry, environ, base),
         allow_broadcast=allow_broadcast,
         max_concurrent_batches=limit,
+        context_name=context_name,
     )
     return tenant, tuple(digests)
 

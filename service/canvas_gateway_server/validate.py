@@ -1,43 +1,50 @@
-"""Braze's request rules (CONTRACT.md sections 2 and 3), checked before anything is sent.
+"""Every request rule, in one place: Braze's (CONTRACT.md sections 2 and 3) and the gateway's own.
 
-Pure functions over the Braze JSON produced by `convert`: no I/O, no protobuf. Each
-returns violations whose `field` is a path in Braze's JSON names, such as
-`recipients[3].email` or `audience.AND[2].OR[0].custom_attribute.comparison`.
-Sizes are checked where the JSON is encoded (`batching`), since that is where the
-bytes exist.
+Pure functions over the Braze JSON produced by `convert`: no I/O, no protobuf. Violations
+name a path in Braze's JSON names, such as `recipients[3].email` or
+`audience.AND[2].OR[0].custom_attribute.comparison`, and a bounded `Rule`.
+
+Rules that need the JSON bytes (sizes, and numbers JSON cannot carry exactly) are checked
+where each object is encoded, once: `encode_head` and `encode_recipient` return the bytes
+that `batching` will join, or the violations.
+
+Strict only where Braze is: what Braze documents as an error is refused here, before any
+call; what it does not (a `prioritization` without `email`, repeated prioritization values,
+a `value` with `exists`) is passed through for Braze to answer (docs/braze/CONTRACT.md,
+section 8, points 22 on).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, Final
 
+import orjson
+
+from .braze import (
+    AUDIENCE_KEYS,
+    CONTEXT_NAMES,
+    IDENTIFIERS,
+    LAST_USED_APP_COMPARISONS,
+    MAX_AUDIENCE_DEPTH,
+    MAX_BODY_BYTES,
+    MAX_CONTEXT_BYTES,
+    PRIORITIZATION_VALUES,
+    SUBSCRIPTION_COMPARISONS,
+    SUBSCRIPTION_VALUES,
+    VALUELESS_COMPARISONS,
+    is_iso_datetime,
+)
 from .model import Rule, Violation
 
-PRIORITIZATION_VALUES: Final = frozenset(
-    {"identified", "unidentified", "most_recently_updated", "least_recently_updated"}
+BODY_FRAME: Final = len(b',"recipients":[]}') - len(b"}")
+"""What a body adds to the head's JSON besides the recipients (and the commas between them):
+the head's closing brace becomes `,"recipients":[` ... `]}`."""
+_BOTH_NAMES: Final = "set `context` or its legacy name `canvas_entry_properties`, not both"
+_NOT_JSON: Final = (
+    "holds a number that cannot be sent exactly: NaN, infinity, or a magnitude of 2^53 or more "
+    "(protobuf's Struct carries numbers as doubles, so big integers arrive rounded; send them as strings)"
 )
-SUBSCRIPTION_COMPARISONS: Final = frozenset({"is", "is_not"})
-SUBSCRIPTION_VALUES: Final = frozenset({"opted_in", "subscribed", "unsubscribed"})
-LAST_USED_APP_COMPARISONS: Final = frozenset({"after", "before"})
-VALUELESS_COMPARISONS: Final = frozenset({"exists", "does_not_exist"})
-AUDIENCE_KEYS: Final = (
-    "AND",
-    "OR",
-    "custom_attribute",
-    "push_subscription_status",
-    "email_subscription_status",
-    "last_used_app",
-)
-ISO_DATETIME: Final = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$")
-MAX_AUDIENCE_DEPTH: Final = 32
-"""Braze documents no depth limit; this guard only keeps recursion bounded."""
-
-_IDENTIFIERS: Final = ("external_user_id", "user_alias", "email")
-_CONTEXT_NAMES: Final = ("context", "canvas_entry_properties")
-_LEGACY_CONTEXT: Final = "set `context` or its legacy name `canvas_entry_properties`, not both"
 
 
 def check_head(head: Mapping[str, Any]) -> list[Violation]:
@@ -45,11 +52,26 @@ def check_head(head: Mapping[str, Any]) -> list[Violation]:
     found: list[Violation] = []
     if not head.get("canvas_id"):
         found.append(Violation("canvas_id", "is required", Rule.CANVAS_ID_REQUIRED))
-    if "context" in head and "canvas_entry_properties" in head:
-        found.append(Violation("canvas_entry_properties", _LEGACY_CONTEXT, Rule.CONTEXT_BOTH_NAMES))
+    if all(name in head for name in CONTEXT_NAMES):
+        found.append(Violation("canvas_entry_properties", _BOTH_NAMES, Rule.CONTEXT_BOTH_NAMES))
     if "audience" in head:
         found.extend(check_audience(head["audience"], "audience"))
     return found
+
+
+def check_unary_count(count: int, cap: int) -> list[Violation]:
+    """The gateway's own cap on one unary Send (CGW_UNARY_MAX_RECIPIENTS)."""
+    if count > cap:
+        why = f"at most {cap:,} per Send; use SendStream for more"
+        return [Violation("recipients", why, Rule.TOO_MANY_RECIPIENTS)]
+    return []
+
+
+def check_stream_head(head: Mapping[str, Any]) -> list[Violation]:
+    """A stream carries recipients: a broadcast is one call, and belongs in Send."""
+    if head.get("broadcast") is True:
+        return [Violation("broadcast", "SendStream does not broadcast; use Send", Rule.STREAM_BROADCAST)]
+    return []
 
 
 def check_recipient_count(head: Mapping[str, Any], count: int) -> list[Violation]:
@@ -72,35 +94,10 @@ def check_recipient_count(head: Mapping[str, Any], count: int) -> list[Violation
     return []
 
 
-class ContextNames:
-    """One request uses one name for its context, `context` or the legacy
-    `canvas_entry_properties`, throughout, so Braze never gets both (CONTRACT.md section 8.2).
-    The top level fixes the name, or else the first recipient that uses one."""
-
-    def __init__(self, head: Mapping[str, Any]) -> None:
-        self.name = next((name for name in _CONTEXT_NAMES if name in head), None)
-
-    def check(self, recipient: Mapping[str, Any], path: str) -> list[Violation]:
-        used = [name for name in _CONTEXT_NAMES if name in recipient]
-        if len(used) != 1:
-            return []  # none, or both (which check_recipient reports)
-        if self.name is None:
-            self.name = used[0]
-        elif used[0] != self.name:
-            return [
-                Violation(
-                    f"{path}.{used[0]}",
-                    f"this request uses `{self.name}`: use that name throughout",
-                    Rule.CONTEXT_MIXED_NAMES,
-                )
-            ]
-        return []
-
-
 def check_recipient(recipient: Mapping[str, Any], path: str) -> list[Violation]:
     """Rules for one recipient; `path` is its own path, e.g. `recipients[7]`."""
     found: list[Violation] = []
-    present = [name for name in _IDENTIFIERS if name in recipient]
+    present = [name for name in IDENTIFIERS if name in recipient]
     if len(present) != 1:
         found.append(
             Violation(
@@ -126,14 +123,8 @@ def check_recipient(recipient: Mapping[str, Any], path: str) -> list[Violation]:
             )
     if "email" in recipient:
         found.extend(_check_email(recipient, path))
-    elif "prioritization" in recipient:
-        found.append(
-            Violation(
-                f"{path}.prioritization", "is only allowed with email", Rule.PRIORITIZATION_WITHOUT_EMAIL
-            )
-        )
-    if "context" in recipient and "canvas_entry_properties" in recipient:
-        found.append(Violation(f"{path}.canvas_entry_properties", _LEGACY_CONTEXT, Rule.CONTEXT_BOTH_NAMES))
+    if all(name in recipient for name in CONTEXT_NAMES):
+        found.append(Violation(f"{path}.canvas_entry_properties", _BOTH_NAMES, Rule.CONTEXT_BOTH_NAMES))
     if recipient.get("send_to_existing_only") is False and not recipient.get("attributes"):
         found.append(
             Violation(
@@ -160,8 +151,6 @@ def _check_email(recipient: Mapping[str, Any], path: str) -> list[Violation]:
             found.append(
                 Violation(f"{field}[{index}]", f"must be one of {allowed}", Rule.PRIORITIZATION_VALUE)
             )
-    if len(set(order)) != len(order):
-        found.append(Violation(field, "must not repeat a value", Rule.PRIORITIZATION_REPEATED))
     if "identified" in order and "unidentified" in order:
         found.append(
             Violation(field, "may hold only one of identified and unidentified", Rule.PRIORITIZATION_CONFLICT)
@@ -203,10 +192,7 @@ def _check_custom_attribute(attr: Mapping[str, Any], path: str) -> list[Violatio
     if not comparison:
         found.append(Violation(f"{path}.comparison", "is required", Rule.AUDIENCE_COMPARISON))
     if comparison in VALUELESS_COMPARISONS:
-        if "value" in attr:
-            found.append(
-                Violation(f"{path}.value", f"must be omitted with {comparison}", Rule.AUDIENCE_VALUE)
-            )
+        pass  # Braze says `value` is omitted here, not that one is an error: passed through (point 23)
     elif "value" not in attr:
         found.append(Violation(f"{path}.value", "is required", Rule.AUDIENCE_VALUE))
     elif isinstance(attr["value"], (dict, list)) or attr["value"] is None:
@@ -229,7 +215,7 @@ def _check_last_used_app(filter_: Mapping[str, Any], path: str) -> list[Violatio
     found: list[Violation] = []
     if filter_.get("comparison") not in LAST_USED_APP_COMPARISONS:
         found.append(Violation(f"{path}.comparison", "must be after or before", Rule.AUDIENCE_COMPARISON))
-    if not _is_iso_datetime(str(filter_.get("value", ""))):
+    if not is_iso_datetime(filter_.get("value")):
         example = "2019-07-22T13:17:55+0000"
         found.append(
             Violation(
@@ -241,11 +227,59 @@ def _check_last_used_app(filter_: Mapping[str, Any], path: str) -> list[Violatio
     return found
 
 
-def _is_iso_datetime(value: str) -> bool:
-    if not ISO_DATETIME.match(value):
-        return False
+def encode_head(head: Mapping[str, Any]) -> tuple[bytes, list[Violation]]:
+    """The top-level body as JSON, or why it cannot be sent (sizes, numbers)."""
+    encoded = _encode(head)
+    if encoded is None or any(
+        len(_encode(head[name]) or b"") > MAX_CONTEXT_BYTES for name in _contexts(head)
+    ):
+        return b"", _check_parts(head, "")
+    # A body is the head plus at least one recipient (or the head alone for broadcasts).
+    if len(encoded) + BODY_FRAME > MAX_BODY_BYTES:
+        return b"", [Violation("trigger", _too_big(MAX_BODY_BYTES), Rule.BODY_TOO_LARGE)]
+    return encoded, []
+
+
+def encode_recipient(
+    recipient: Mapping[str, Any], path: str, head_size: int
+) -> tuple[bytes, list[Violation]]:
+    """One recipient as JSON, or why it cannot be sent: sizes (against a head of `head_size`
+    bytes) and numbers JSON cannot carry exactly."""
+    encoded = _encode(recipient)
+    if encoded is None or len(encoded) > MAX_CONTEXT_BYTES:
+        found = _check_parts(recipient, path)
+        if found:
+            return b"", found
+    assert encoded is not None
+    if head_size + BODY_FRAME + len(encoded) > MAX_BODY_BYTES:
+        why = f"makes the request body larger than {MAX_BODY_BYTES:,} bytes on its own"
+        return b"", [Violation(path, why, Rule.BODY_TOO_LARGE)]
+    return encoded, []
+
+
+def _contexts(obj: Mapping[str, Any]) -> list[str]:
+    return [name for name in CONTEXT_NAMES if name in obj]
+
+
+def _encode(value: Any) -> bytes | None:
     try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # convert's NOT_JSON marker, or a NaN or infinity
+        return None
+
+
+def _too_big(limit: int) -> str:
+    return f"is larger than {limit:,} bytes as JSON"
+
+
+def _check_parts(obj: Mapping[str, Any], path: str) -> list[Violation]:
+    """Which part of `obj` failed to encode or is oversized, for a precise path."""
+    found: list[Violation] = []
+    for key, value in obj.items():
+        where = f"{path}.{key}" if path else key
+        encoded = _encode(value)
+        if encoded is None:
+            found.append(Violation(where, _NOT_JSON, Rule.NUMBER_NOT_EXACT))
+        elif key in CONTEXT_NAMES and len(encoded) > MAX_CONTEXT_BYTES:
+            found.append(Violation(where, _too_big(MAX_CONTEXT_BYTES), Rule.CONTEXT_TOO_LARGE))
+    return found

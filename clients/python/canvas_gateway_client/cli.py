@@ -70,8 +70,8 @@ class Tally:
         if self.validate_only:
             ok = result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.code == 0
         else:
-            ok = result.outcome == pb.OUTCOME_SENT and not result.notice
-        self.notices += bool(result.notice)
+            ok = result.outcome == pb.OUTCOME_SENT
+        self.notices += result.outcome == pb.OUTCOME_CANVAS_INACTIVE
         self.all_ok = self.all_ok and ok
         if result.dispatch_id and len(self.dispatch_ids) < 3:
             self.dispatch_ids.append(result.dispatch_id)
@@ -161,8 +161,9 @@ async def cmd_send_demo(
         f"send-demo: {s.recipients:,} recipients to canvas {args.canvas_id!r} in {tally.results:,} results"
     )
     io.print(
-        f"  sent {s.recipients_sent:,}, rejected {s.recipients_rejected:,}, "
-        f"unknown {s.recipients_unknown:,}, not attempted {s.recipients_not_attempted:,}"
+        f"  sent {s.recipients_sent:,}, canvas inactive {s.recipients_canvas_inactive:,}, "
+        f"rejected {s.recipients_rejected:,}, unknown {s.recipients_unknown:,}, "
+        f"not attempted {s.recipients_not_attempted:,}"
     )
     more = tally.results - len(tally.dispatch_ids)
     shown = ", ".join(tally.dispatch_ids) or "none"

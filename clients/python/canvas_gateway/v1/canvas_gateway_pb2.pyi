@@ -38,9 +38,7 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     DESCRIPTOR: _descriptor.EnumDescriptor
     OUTCOME_UNSPECIFIED: _Outcome.ValueType  # 0
     OUTCOME_SENT: _Outcome.ValueType  # 1
-    """Braze accepted the call (2xx). A `notice` means the Canvas is inactive
-    and nothing was sent.
-    """
+    """Braze accepted the call (2xx) for an active Canvas: the recipients entered it."""
     OUTCOME_REJECTED: _Outcome.ValueType  # 2
     """Refused (by the gateway's validation or by Braze): nothing was sent."""
     OUTCOME_UNKNOWN: _Outcome.ValueType  # 3
@@ -51,15 +49,18 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """Nothing reached Braze: validate_only, a connection that could not be
     opened, or a request that ended before this batch went. Safe to retry.
     """
+    OUTCOME_CANVAS_INACTIVE: _Outcome.ValueType  # 5
+    """Braze accepted the call (201) with a `notice`: the Canvas is paused or
+    archived, and nothing was sent. Sending again after the Canvas is
+    resumed (or unarchived) does send.
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Outcome says whether Braze acted on a batch."""
 
 OUTCOME_UNSPECIFIED: Outcome.ValueType  # 0
 OUTCOME_SENT: Outcome.ValueType  # 1
-"""Braze accepted the call (2xx). A `notice` means the Canvas is inactive
-and nothing was sent.
-"""
+"""Braze accepted the call (2xx) for an active Canvas: the recipients entered it."""
 OUTCOME_REJECTED: Outcome.ValueType  # 2
 """Refused (by the gateway's validation or by Braze): nothing was sent."""
 OUTCOME_UNKNOWN: Outcome.ValueType  # 3
@@ -69,6 +70,11 @@ request was written). Retrying may message someone twice.
 OUTCOME_NOT_ATTEMPTED: Outcome.ValueType  # 4
 """Nothing reached Braze: validate_only, a connection that could not be
 opened, or a request that ended before this batch went. Safe to retry.
+"""
+OUTCOME_CANVAS_INACTIVE: Outcome.ValueType  # 5
+"""Braze accepted the call (201) with a `notice`: the Canvas is paused or
+archived, and nothing was sent. Sending again after the Canvas is
+resumed (or unarchived) does send.
 """
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
@@ -674,6 +680,7 @@ class SendSummary(_message.Message):
     RECIPIENTS_REJECTED_FIELD_NUMBER: _builtins.int
     RECIPIENTS_UNKNOWN_FIELD_NUMBER: _builtins.int
     RECIPIENTS_NOT_ATTEMPTED_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_CANVAS_INACTIVE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     recipients: _builtins.int
     batches: _builtins.int
@@ -681,6 +688,10 @@ class SendSummary(_message.Message):
     recipients_rejected: _builtins.int
     recipients_unknown: _builtins.int
     recipients_not_attempted: _builtins.int
+    recipients_canvas_inactive: _builtins.int
+    """Recipients of calls Braze accepted for a paused or archived Canvas: nothing
+    was sent to them, and they are not counted in recipients_sent.
+    """
     request_id: _builtins.str
     """The request id the gateway logged this request under: the caller's `x-request-id`
     metadata when it sent a valid one, else one the gateway made. Also returned in the
@@ -695,11 +706,12 @@ class SendSummary(_message.Message):
         recipients_rejected: _builtins.int = ...,
         recipients_unknown: _builtins.int = ...,
         recipients_not_attempted: _builtins.int = ...,
+        recipients_canvas_inactive: _builtins.int = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "recipients", b"recipients", "recipients_not_attempted", b"recipients_not_attempted", "recipients_rejected", b"recipients_rejected", "recipients_sent", b"recipients_sent", "recipients_unknown", b"recipients_unknown", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "recipients", b"recipients", "recipients_canvas_inactive", b"recipients_canvas_inactive", "recipients_not_attempted", b"recipients_not_attempted", "recipients_rejected", b"recipients_rejected", "recipients_sent", b"recipients_sent", "recipients_unknown", b"recipients_unknown", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
