@@ -45,7 +45,7 @@ from .sending import Sender, SendLimits
 from .servicer import CanvasGatewayServicer
 from .settings import Settings
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
-from .upstream import BrazeClient, sent_trace
+from .upstream import BrazeClient, open_session
 
 if TYPE_CHECKING:
     from fake_braze import FakeBraze
@@ -100,11 +100,7 @@ class Gateway:
         if settings.metrics_enabled:
             metrics = PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ))
         metrics.tenants_loaded(tenants.tenant_ids())
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.upstream_pool_size, keepalive_timeout=30),
-            skip_auto_headers=("User-Agent",),
-            trace_configs=[sent_trace()],
-        )
+        session = open_session(settings.upstream_pool_size)
         client = BrazeClient(
             session,
             aiohttp.ClientTimeout(
@@ -247,11 +243,10 @@ class Gateway:
 
     def reload_tenants(self) -> None:
         """SIGHUP: reread the tenants file; on error keep the current tenants."""
-        if not isinstance(self.tenants, FileTenantDirectory):
-            log.info("tenants are not file-backed; nothing to reload")
-            return
         try:
-            self.tenants.reload()
+            if not self.tenants.reload():
+                log.info("tenants are not file-backed; nothing to reload")
+                return
         except ConfigError as exc:
             self.metrics.reload(ok=False)
             log.error("tenants reload failed, keeping the previous tenants: %s", exc)

@@ -8,7 +8,8 @@
     ConfigError              settings or tenants file invalid (boot or reload)
 
 Upstream failures are not exceptions: each becomes a BatchResult (see results.py).
-Anything else that escapes is a bug: it is logged and answered with INTERNAL, with no text.
+Anything else that escapes is a bug: it is logged and answered with INTERNAL and the text
+"internal error", nothing more.
 Texts never contain a secret.
 """
 
@@ -20,7 +21,7 @@ from .model import Violation
 
 
 class GatewayError(Exception):
-    """An expected failure of a whole RPC, mapped to a gRPC status in servicer_errors."""
+    """An expected failure of a whole RPC, mapped to a gRPC status in `status`."""
 
 
 class InvalidRequest(GatewayError):

@@ -2,8 +2,8 @@
 
 InvalidRequest carries google.rpc.BadRequest field violations in the status details
 (grpc-status-details-bin), readable with grpc_status.rpc_status.from_call in any
-language. Unexpected exceptions become INTERNAL with no text: their details stay in the
-(redacted) log.
+language. Unexpected exceptions become INTERNAL with the text "internal error" and
+nothing more: their details stay in the (redacted) log.
 """
 
 from __future__ import annotations

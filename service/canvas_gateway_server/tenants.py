@@ -66,6 +66,11 @@ class TenantDirectory(Protocol):
         """The ids of the tenants it holds (readiness, metrics)."""
         ...
 
+    def reload(self) -> bool:
+        """Read the tenants again where they come from; False when there is nothing to reread.
+        Raises ConfigError, keeping the tenants it had, when the new ones are invalid."""
+        ...
+
 
 def token_digest(token: str) -> str:
     """The SHA-256 hex digest under which a bearer token is configured."""
@@ -100,6 +105,9 @@ class StaticTenantDirectory:
     def tenant_ids(self) -> frozenset[str]:
         return self._ids
 
+    def reload(self) -> bool:
+        return False  # held in memory: nothing to reread
+
 
 class FileTenantDirectory:
     """Tenants from a TOML file, reloaded on demand (SIGHUP)."""
@@ -109,9 +117,10 @@ class FileTenantDirectory:
         self._environ = environ
         self._current = load_tenants(path, environ)
 
-    def reload(self) -> None:
+    def reload(self) -> bool:
         """Read the file again; on error keep the tenants we have and raise ConfigError."""
         self._current = load_tenants(self._path, self._environ)
+        return True
 
     def authenticate(self, token: str) -> Tenant | None:
         return self._current.authenticate(token)

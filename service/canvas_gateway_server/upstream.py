@@ -1,6 +1,7 @@
 """The one I/O seam to Braze: POST {tenant url}/canvas/trigger/send on a pooled session.
 
-The session (keep-alive TCPConnector pool) is built once in `app` and handed in. A call
+The session (keep-alive TCPConnector pool, with the trace hook that tells when a request
+has gone out) is made once by `open_session`, called from `app`, and handed in. A call
 never raises for network trouble: it returns a Reply that says whether anything can have
 reached Braze, because that decides what is safe to retry (CONTRACT.md section 6).
 Braze's 401 text echoes the key it was sent, so every response body is scrubbed of the
@@ -19,10 +20,10 @@ from typing import Any, Final, Protocol
 import aiohttp
 import orjson
 
+from .braze import TRIGGER_PATH
 from .redaction import REDACTED
 from .tenants import Tenant
 
-TRIGGER_PATH: Final = "/canvas/trigger/send"
 _RESET_SLACK: Final = 2 * 3600  # Braze's longest window is an hour; allow for clock skew
 
 
@@ -101,28 +102,28 @@ async def _mark_sent(_: object, context: SimpleNamespace, __: object) -> None:
         progress.sent = True
 
 
-def sent_trace() -> aiohttp.TraceConfig:
-    """The session's trace hook that tells a call's Progress when its headers are written.
+def open_session(pool_size: int, keepalive_seconds: float = 30.0) -> aiohttp.ClientSession:
+    """The one pooled keep-alive session to every tenant's Braze, with the trace hook that tells
+    a call's Progress when its headers are written.
 
     Waiting for a pooled connection, connecting and the TLS handshake send nothing, so a call
     cut short there is known not to have reached Braze.
     """
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_mark_sent)
-    return trace
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=pool_size, keepalive_timeout=keepalive_seconds),
+        skip_auto_headers=("User-Agent",),
+        trace_configs=[trace],
+    )
 
 
 class BrazeClient:
-    """Sends trigger bodies for tenants over one shared, pooled aiohttp session.
-
-    Build the session with `trace_configs=[sent_trace()]`; without it every call counts as
-    sent from its start, which is safe but reports more outcomes as unknown.
-    """
+    """Sends trigger bodies for tenants over one shared, pooled session from `open_session`."""
 
     def __init__(self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
         self._session = session
         self._timeout = timeout
-        self._traced = any(_mark_sent in trace.on_request_headers_sent for trace in session.trace_configs)
 
     async def trigger(self, tenant: Tenant, body: bytes, progress: Progress | None = None) -> Reply:
         """POST one batch body with the tenant's key; never raises for network failures."""
@@ -131,8 +132,6 @@ class BrazeClient:
             "Content-Type": "application/json",
         }
         url = tenant.braze_rest_url + TRIGGER_PATH
-        if progress is not None and not self._traced:
-            progress.sent = True
         try:
             async with self._session.post(
                 url,
