@@ -13,7 +13,7 @@ Callers may use either name; one object naming both is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from .batching import BatchPlanner, broadcast_batch
@@ -48,7 +48,10 @@ class Intake:
     def __init__(self, head: Mapping[str, Any], context_name: str = "context") -> None:
         self._context_name = context_name
         self.head = head
-        encoded, found = _encode_as(head, context_name, encode_head)
+        # Violations name the caller's own fields: check as given, rename (and encode again) after.
+        encoded, found = encode_head(head)
+        if not found and _named(head, context_name) is not head:
+            encoded, found = encode_head(_named(head, context_name))
         self.head_violations = (*check_head(head), *found)
         """Top-level violations: while there are any, nothing is batched (recipients are still checked)."""
         self.head_json = encoded or b"{}"
@@ -64,10 +67,10 @@ class Intake:
         found = check_recipient(recipient, path)
         if found:
             return Taken(position, tuple(found))
-        head_size = len(self.head_json)
-        encoded, found = _encode_as(
-            recipient, self._context_name, lambda r: encode_recipient(r, path, head_size)
-        )
+        encoded, found = encode_recipient(recipient, path, len(self.head_json))
+        named = _named(recipient, self._context_name)
+        if not found and named is not recipient:
+            encoded, found = encode_recipient(named, path, len(self.head_json))
         if found:
             return Taken(position, tuple(found))
         if self.head_violations:
@@ -85,20 +88,6 @@ class Intake:
     def broadcast(self) -> Batch:
         """The single call of a broadcast request."""
         return broadcast_batch(self.head_json)
-
-
-def _encode_as(
-    obj: Mapping[str, Any],
-    context_name: str,
-    encode: Callable[[Mapping[str, Any]], tuple[bytes, list[Violation]]],
-) -> tuple[bytes, list[Violation]]:
-    """Encode `obj` with its context under `context_name`. Violations name the caller's own
-    fields, so `obj` is checked as given, and encoded again only when it must be renamed."""
-    encoded, found = encode(obj)
-    named = _named(obj, context_name)
-    if found or named is obj:
-        return encoded, found
-    return encode(named)
 
 
 def _named(obj: Mapping[str, Any], context_name: str) -> Mapping[str, Any]:
