@@ -10,7 +10,7 @@ PY_GEN := clients/python/canvas_gateway
 TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_gateway_client
 PROMTOOL ?= promtool
 
-.PHONY: install proto proto-check lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
+.PHONY: install proto proto-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
 
 install: $(STAMP)
 
@@ -31,16 +31,26 @@ proto: $(STAMP)
 	cp $(PY_GEN)/__init__.py $(PY_GEN)/v1/__init__.py
 	touch $(PY_GEN)/py.typed
 
-## proto-check: fail when the committed generated code differs from what `make proto` makes.
-proto-check: proto
-	@git add -N $(PY_GEN) 2>/dev/null || true
-	@git diff --exit-code --stat -- $(PY_GEN) || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+## proto-check: fail when $(PY_GEN) differs from what `make proto` makes: a file changed, missing or extra.
+## `make proto` runs in a temporary directory, so neither the work tree nor git's index is touched.
+proto-check: $(STAMP)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cp -R protos "$$tmp/"; \
+	$(MAKE) --no-print-directory -s -C "$$tmp" -f $(CURDIR)/Makefile proto VENV=$(abspath $(VENV)) STAMP=; \
+	diff -rq -x __pycache__ -x '*.pyc' "$$tmp/$(PY_GEN)" $(PY_GEN) \
+	  || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(MAKE) --no-print-directory docker-lint
+
+## fmt: apply ruff's fixes and formatting to the repo, then show what is left for `make lint`.
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix --exit-zero --silent .
+	$(BIN)/ruff format .
+	$(BIN)/ruff check .
 
 docker-lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
@@ -70,7 +80,7 @@ prometheus-check: prometheus-install
 
 ## pytest: the test suite alone (real gRPC, the fake Braze and a real Prometheus on 127.0.0.1).
 pytest: $(STAMP) prometheus-install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
 test: proto-check lint typecheck client-check prometheus-check pytest

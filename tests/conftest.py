@@ -22,6 +22,7 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from fake_braze import FakeBraze, FakeBrazeConfig
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2
 
 # docs/braze: the project's own record of Braze's contract (researched in shared/braze, then
 # kept true to the code here) and Braze's documented bodies and responses.
@@ -57,7 +58,7 @@ class Harness:
     gateway: Gateway
     fake: FakeBraze
     channel: grpc.aio.Channel
-    stub: pb_grpc.CanvasGatewayServiceStub
+    stub: pb_grpc.CanvasGatewayServiceAsyncStub
     target: str
 
     @staticmethod
@@ -144,10 +145,30 @@ def violations_of(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
-            found = []
+            found: list[tuple[str, str]] = []
             for detail in status.details:
                 bad = error_details_pb2.BadRequest()
                 if detail.Unpack(bad):
                     found.extend((v.field, v.description) for v in bad.field_violations)
             return found
     return []
+
+
+# The typeshed stubs of grpcio-health-checking and grpcio-reflection give their client stubs no
+# methods, so the standard services are called by name here, with their message types.
+async def health_check(harness: Harness, service: str) -> health_pb2.HealthCheckResponse:
+    check = harness.channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    return await check(health_pb2.HealthCheckRequest(service=service))
+
+
+def health_watch(harness: Harness) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    watch = harness.channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    return aiter(watch(health_pb2.HealthCheckRequest(service="")))

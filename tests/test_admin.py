@@ -13,9 +13,9 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import LOCAL, Harness
+from conftest import LOCAL, Harness, health_watch
 from fake_braze import Fault
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 REQUEST = pb.SendRequest(
     trigger=pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id="u1")])
@@ -53,16 +53,15 @@ async def test_liveness_and_readiness(harness: Harness) -> None:
 async def test_shutdown_turns_not_ready_first_and_refuses_new_work_only_after_the_delay(
     harness: Harness,
 ) -> None:
-    health = health_pb2_grpc.HealthStub(harness.channel)
-    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
-    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    watch = health_watch(harness)
+    assert (await anext(watch)).status == health_pb2.HealthCheckResponse.SERVING
 
     harness.fake.faults.script([Fault.delay(3.0)])  # this call, in flight, keeps the server draining
     in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=10))
     while harness.fake.in_progress < 1:
         await asyncio.sleep(0.01)
     stopping = asyncio.create_task(harness.gateway.stop(grace=5))
-    update = await asyncio.wait_for(watch.read(), 5)
+    update = await asyncio.wait_for(anext(watch), 5)
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
     status, _, text = await get(harness, "/readyz")  # at the same moment as gRPC health
     assert (status, text) == (503, "not ready: draining: the gateway is shutting down\n")

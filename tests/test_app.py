@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -15,32 +15,48 @@ from canvas_gateway_server.app import DEMO_TOKEN, SERVICE_NAME, Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
-from conftest import FAKE_URLS, KEYS, LOCAL, Harness, tenants_toml
+from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, tenants_toml
 from fake_braze import Fault
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 REQUEST = pb.SendRequest(
     trigger=pb.CanvasTrigger(
         canvas_id="c", recipients=[pb.Recipient(external_user_id=f"u{i}") for i in range(60)]
     )
 )
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait for a state, polling; the test fails with TimeoutError if it has not come in `seconds`."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def batches_in_flight(harness: Harness) -> float | None:
+    """acme's batches waiting for a rate-limit slot or calling Braze, from the gateway's metrics."""
+    return harness.gateway.registry.get_sample_value("canvas_gateway_batches_in_flight", {"tenant": "acme"})
 
 
 async def test_health_reports_serving(harness: Harness) -> None:
-    health = health_pb2_grpc.HealthStub(harness.channel)
     for service in ("", SERVICE_NAME):
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert (await health_check(harness, service)).status == SERVING
 
 
 async def test_reflection_lists_the_services(harness: Harness) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+    info = harness.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
 
-    async def ask() -> object:
+    async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
         yield reflection_pb2.ServerReflectionRequest(list_services="")
 
-    async for reply in stub.ServerReflectionInfo(ask()):
+    async for reply in info(ask()):
         names = {s.name for s in reply.list_services_response.service}
         assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
         break
@@ -68,18 +84,15 @@ async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tm
 
 async def test_graceful_shutdown_finishes_in_flight_batches(harness: Harness) -> None:
     harness.fake.faults.set_latency(1.0)
-    health = health_pb2_grpc.HealthStub(harness.channel)
-    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
-    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    watch = health_watch(harness)
+    assert (await anext(watch)).status == SERVING
 
     in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth()))
-    while not harness.gateway.servicer.in_flight.busy:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)  # its batches are at the fake Braze now
+    await until(lambda: harness.fake.in_progress == 2)  # both its batches are at the fake Braze
     began = time.monotonic()
     stopping = asyncio.create_task(harness.gateway.stop(grace=30))
-    update = await asyncio.wait_for(watch.read(), 5)
-    assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    update = await asyncio.wait_for(anext(watch), 5)
+    assert update.status == NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as refused:  # new work is turned away while draining
         await harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=2)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -111,7 +124,7 @@ async def test_shutdown_ends_open_streams_with_every_read_recipient_accounted_fo
     harness.fake.faults.set_latency(0.2)
     hold = asyncio.Event()
 
-    async def requests() -> object:
+    async def requests() -> AsyncIterator[pb.SendStreamRequest]:
         yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
         recipients = [pb.Recipient(external_user_id=f"u{i}") for i in range(120)]
         yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients))
@@ -125,8 +138,7 @@ async def test_shutdown_ends_open_streams_with_every_read_recipient_accounted_fo
             results.append(response.result)
 
     reading = asyncio.create_task(read())
-    while not harness.fake.calls:
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(harness.fake.calls))
     await harness.gateway.stop(grace=10)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await reading
@@ -143,8 +155,7 @@ async def test_shutdown_ends_open_streams_with_every_read_recipient_accounted_fo
 async def test_a_reload_does_not_disturb_requests_in_flight(harness: Harness) -> None:
     harness.fake.faults.set_latency(0.3)
     in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth("acme")))
-    while not harness.gateway.servicer.in_flight.busy:
-        await asyncio.sleep(0.01)
+    await until(lambda: harness.gateway.servicer.in_flight.busy)
     text = tenants_toml(FAKE_URLS[id(harness.fake)])
     globex_only = text[text.index("[tenants.globex]") :]
     Path(harness.gateway.settings.tenants_file).write_text(globex_only)
@@ -167,9 +178,8 @@ async def test_past_the_grace_period_batches_are_abandoned_with_honest_results(h
         )
     )
     in_flight = asyncio.ensure_future(harness.stub.Send(request, metadata=harness.auth()))
-    while len(harness.fake.calls) < 1:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)  # the second call is now under way
+    # the first call is answered and the second is at the fake Braze (the third waits for it)
+    await until(lambda: len(harness.fake.calls) == 1 and harness.fake.in_progress == 1)
     began = time.monotonic()
     await harness.gateway.stop(grace=0.5)
     reply = await in_flight
@@ -200,9 +210,8 @@ async def test_an_abandoned_stream_batch_is_reported_not_dropped(harness: Harnes
             responses.append(response)
 
     reading = asyncio.create_task(read())
-    while len(harness.fake.calls) < 1:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
+    # one call is answered and the other, its batch's only chance, is at the fake Braze
+    await until(lambda: len(harness.fake.calls) == 1 and harness.fake.in_progress == 1)
     await harness.gateway.stop(grace=0.5)
     await reading  # the caller had sent everything: the stream ends normally, with its summary
     results = [r.result for r in responses if r.HasField("result")]
@@ -217,9 +226,8 @@ async def test_batches_still_waiting_for_a_connection_are_known_unsent(harness: 
     recipients = [pb.Recipient(external_user_id=f"u{i}") for i in range(200)]
     request = pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=recipients))
     in_flight = asyncio.ensure_future(harness.stub.Send(request, metadata=harness.auth()))
-    while not harness.gateway.servicer.in_flight.busy:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # one call is on the wire, three wait for the pool
+    # one call is on the wire, the three other batches are under way too: waiting for the pool
+    await until(lambda: harness.fake.in_progress == 1 and batches_in_flight(harness) == 4)
     await harness.gateway.stop(grace=0.3)
     reply = await in_flight
     outcomes = sorted(r.outcome for r in reply.results)

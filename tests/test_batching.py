@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -13,7 +13,7 @@ from canvas_gateway_server.validate import encode_head, encode_recipient
 
 
 def plan(
-    head: dict[str, object], recipients: list[dict[str, object]], context_name: str = "context"
+    head: Mapping[str, Any], recipients: Sequence[Mapping[str, Any]], context_name: str = "context"
 ) -> list[Batch]:
     intake = Intake(head, context_name)
     assert intake.head_violations == ()

@@ -398,7 +398,9 @@ async def test_cli_warns_and_exits_1_when_the_canvas_is_inactive(cli: Cli, tmp_p
     *results, summary = cli.lines()
     assert results[0]["result"]["notice"] == PAUSED_NOTICE
     assert results[0]["result"]["outcome"] == "OUTCOME_CANVAS_INACTIVE"
-    assert summary["summary"]["recipients_canvas_inactive"] == 3 and summary["summary"]["recipients_sent"] == 0
+    assert (
+        summary["summary"]["recipients_canvas_inactive"] == 3 and summary["summary"]["recipients_sent"] == 0
+    )
     assert "Canvas is inactive, so nothing was sent" in cli.err.getvalue()
 
 

@@ -159,7 +159,8 @@ async def test_a_stream_counts_its_messages_and_rejected_recipients(harness: Har
 @pytest.mark.parametrize("settings_overrides", [{"result_queue_size": 4}])
 async def test_an_open_stream_and_its_unread_results_are_visible(harness: Harness) -> None:
     call = harness.stub.SendStream(chunks(100_000, 1000), metadata=harness.auth())
-    assert (await call.read()).HasField("result")
+    first = await call.read()
+    assert isinstance(first, pb.SendStreamResponse) and first.HasField("result")
     assert value(harness, "canvas_gateway_streams_open", tenant="acme") == 1
     # the caller stops reading: once gRPC's own buffers are full, results wait in the stream's queue
     await wait_for(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") == 4)

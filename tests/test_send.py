@@ -34,7 +34,11 @@ async def refused(h: Harness, body: dict[str, Any], tenant: str = "acme") -> grp
 async def test_recipients_are_split_into_calls_of_at_most_50(
     harness: Harness, count: int, calls: list[int]
 ) -> None:
-    body = {"canvas_id": CANVAS, "context": {"shared": 12, "price": 9.99}, "recipients": recipients(count)}
+    body: dict[str, Any] = {
+        "canvas_id": CANVAS,
+        "context": {"shared": 12, "price": 9.99},
+        "recipients": recipients(count),
+    }
     response = await send(harness, body)
 
     sent = harness.fake.calls

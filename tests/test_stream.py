@@ -184,11 +184,16 @@ async def test_a_cancelled_stream_leaves_the_gateway_healthy(
 ) -> None:
     harness.fake.faults.set_latency(0.3)
     call = harness.stub.SendStream(requests([header(), *chunks(2_000, 500)]), metadata=harness.auth())
-    await asyncio.sleep(0.1)  # batches are at the fake Braze now
+    async with asyncio.timeout(10):
+        while harness.fake.in_progress < 1:  # batches are at the fake Braze now
+            await asyncio.sleep(0.01)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call.read()
-    await asyncio.sleep(0.2)
+    acme = {"tenant": "acme"}
+    async with asyncio.timeout(10):  # until every cancelled batch has ended, leaving its trace
+        while harness.gateway.registry.get_sample_value("canvas_gateway_batches_in_flight", acme) != 0:
+            await asyncio.sleep(0.01)
     # The caller can no longer be told; the gateway leaves a trace of each call under way.
     assert "cancelled with its caller while calling Braze: outcome unknown" in caplog.text
     harness.fake.faults.clear()

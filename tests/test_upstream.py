@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from conftest import KEYS, TOKENS, Harness, trigger_from_json
 from fake_braze import FakeBrazeConfig, Fault
 
@@ -20,7 +21,8 @@ BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"externa
 
 
 async def send_one(h: Harness, body: dict[str, Any] = BODY, tenant: str = "acme") -> pb.BatchResult:
-    response = await h.stub.Send(
+    stub = pb_grpc.CanvasGatewayServiceStub(h.channel)  # typed for grpc.aio, unlike `Harness.stub`
+    response = await stub.Send(
         pb.SendRequest(trigger=trigger_from_json(body)), metadata=h.auth(tenant), timeout=30
     )
     (result,) = response.results
