@@ -104,3 +104,17 @@ def test_reload_swaps_tenants_and_a_bad_file_keeps_the_old_ones(tmp_path: Path) 
     with pytest.raises(ConfigError):
         directory.reload()
     assert directory.authenticate("rotated-token") is not None
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [("", "context"), ('context_name = "canvas_entry_properties"', "canvas_entry_properties")],
+)
+def test_the_context_name_a_workspace_takes(tmp_path: Path, extra: str, expected: str) -> None:
+    tenant = load_tenants(write(tmp_path, entry(extra=extra)), {}).authenticate("caller-token")
+    assert tenant is not None and tenant.context_name == expected
+
+
+def test_an_unknown_context_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tenant 'acme': context_name must be one of"):
+        load_tenants(write(tmp_path, entry(extra='context_name = "ctx"')), {})

@@ -11,7 +11,7 @@ that `batching` will join, or the violations.
 Strict only where Braze is: what Braze documents as an error is refused here, before any
 call; what it does not (a `prioritization` without `email`, repeated prioritization values,
 a `value` with `exists`) is passed through for Braze to answer (docs/braze/CONTRACT.md,
-section 8, points 22 on).
+section 8, points 22 to 25).
 """
 
 from __future__ import annotations
