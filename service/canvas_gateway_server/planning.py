@@ -47,6 +47,7 @@ class Intake:
 
     def __init__(self, head: Mapping[str, Any], context_name: str = "context") -> None:
         self._context_name = context_name
+        self._other_name = CONTEXT_NAMES[1] if context_name == CONTEXT_NAMES[0] else CONTEXT_NAMES[0]
         self.head = head
         # Violations name the caller's own fields: check as given, rename (and encode again) after.
         encoded, found = encode_head(head)
@@ -66,16 +67,18 @@ class Intake:
         path = f"recipients[{position}]"
         found = check_recipient(recipient, path)
         if found:
-            return Taken(position, tuple(found))
+            return Taken(position, tuple(found), None)
         encoded, found = encode_recipient(recipient, path, len(self.head_json))
-        named = _named(recipient, self._context_name)
-        if not found and named is not recipient:
-            encoded, found = encode_recipient(named, path, len(self.head_json))
+        if not found and self._other_name in recipient:  # the caller used the other name: rename
+            encoded, found = encode_recipient(
+                _named(recipient, self._context_name), path, len(self.head_json)
+            )
         if found:
-            return Taken(position, tuple(found))
+            return Taken(position, tuple(found), None)
         if self.head_violations:
-            return Taken(position)
-        return Taken(position, closed=self._planner.add(position, encoded))
+            return Taken(position, (), None)
+        # Positional: a NamedTuple built with keywords costs twice as much, once per recipient.
+        return Taken(position, (), self._planner.add(position, encoded))
 
     def finish(self) -> Batch | None:
         """The last, partly filled batch, if any."""

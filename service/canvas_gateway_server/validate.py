@@ -123,7 +123,7 @@ def check_recipient(recipient: Mapping[str, Any], path: str) -> list[Violation]:
             )
     if "email" in recipient:
         found.extend(_check_email(recipient, path))
-    if all(name in recipient for name in CONTEXT_NAMES):
+    if "context" in recipient and "canvas_entry_properties" in recipient:  # per recipient: no generator
         found.append(Violation(f"{path}.canvas_entry_properties", _BOTH_NAMES, Rule.CONTEXT_BOTH_NAMES))
     if recipient.get("send_to_existing_only") is False and not recipient.get("attributes"):
         found.append(
