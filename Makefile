@@ -56,7 +56,7 @@ docker-lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 
 typecheck: $(STAMP)
-	$(BIN)/mypy $(TYPED)
+	$(BIN)/mypy $(TYPED) tests
 
 ## client-check: the Python client installs and runs alone, without the gateway's dependencies.
 client-check: $(STAMP)

@@ -37,6 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     add("--port", type=int, default=9700, help="listen port, 0 for any free port (default 9700)")
     add("--api-key", action="append", required=True, help="a valid REST API key (repeatable)")
+    add(
+        "--key-without-permission",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key that authenticates but lacks canvas.trigger.send: 403 (repeatable)",
+    )
+    add(
+        "--canvas",
+        action="append",
+        metavar="ID",
+        help="an API-triggered canvas (repeatable); without any, every canvas id is one",
+    )
+    add(
+        "--other-canvas",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a canvas that exists but is not API-triggered: 400 (repeatable)",
+    )
     add("--paused-canvas", action="append", default=[], metavar="ID", help="repeatable")
     add("--archived-canvas", action="append", default=[], metavar="ID", help="repeatable")
     add("--hourly-limit", type=int, default=250_000, help="recipient requests per key per hour")
@@ -62,6 +82,9 @@ def config_from_args(args: argparse.Namespace) -> FakeBrazeConfig:
     """Build the config; raises ValueError on a bad combination."""
     return FakeBrazeConfig(
         api_keys=frozenset(args.api_key),
+        keys_without_permission=frozenset(args.key_without_permission),
+        canvases=None if args.canvas is None else frozenset(args.canvas),
+        other_canvases=frozenset(args.other_canvas),
         paused_canvases=frozenset(args.paused_canvas),
         archived_canvases=frozenset(args.archived_canvas),
         hourly_limit=args.hourly_limit,

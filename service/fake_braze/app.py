@@ -1,19 +1,22 @@
 """The fake Braze server: an aiohttp application for `POST /canvas/trigger/send`.
 
-A request goes through the same steps, in the same order, as it would at Braze:
+A request goes through the checks in the order Braze's edge and API most plausibly apply
+them (the order is not documented: docs/braze/CONTRACT.md section 8, point 26):
 
-    latency -> fault (script or random) -> auth (401) -> rate limit (429)
-    -> size (413) -> content type, JSON, body rules (400) -> 201
+    latency -> fault (script or random)
+    -> size (413) and routing (404, 405): at the edge, before the key is looked at
+    -> authentication (401) -> permission `canvas.trigger.send` (403) -> rate limit (429)
+    -> content type, JSON, body rules (400) -> canvas lookup (400) -> 201
 
-Every request to the endpoint is recorded as a `ReceivedCall`. The admin API
-lives under `/_fake/` on the same server (see `faults.py` for the fault format):
+Every error is Braze's JSON shape, `{"message": ...}`. Every request to the endpoint is
+recorded as a `ReceivedCall`. The admin API lives under `/_fake/` on the same server (see
+`faults.py` for the fault format):
 
     POST /_fake/faults      add script entries and/or replace rates and latency
     GET /_fake/faults       the current fault state
     DELETE /_fake/faults    remove every fault, rate and latency
     GET /_fake/calls        recorded calls, API keys reduced to a fingerprint
     DELETE /_fake/calls     forget recorded calls and counters
-    GET /_fake/stats        counters: requests by status and recipients sent
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Final, NamedTuple, Self
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 from canvas_gateway_server.braze import ARCHIVED_NOTICE, MAX_BODY_BYTES, PAUSED_NOTICE, TRIGGER_PATH
 
 from . import rules
@@ -53,6 +57,9 @@ class FakeBrazeConfig:
     """Everything that shapes one fake Braze workspace. Validated on construction."""
 
     api_keys: frozenset[str]  # keys that authenticate; anything else gets 401
+    keys_without_permission: frozenset[str] = frozenset()  # authenticate, lack canvas.trigger.send: 403
+    canvases: frozenset[str] | None = None  # API-triggered canvases; None: any canvas id is one
+    other_canvases: frozenset[str] = frozenset()  # exist but are not API-triggered: 400
     paused_canvases: frozenset[str] = frozenset()  # answered 201 with the paused notice
     archived_canvases: frozenset[str] = frozenset()  # answered 201 with the archived notice
     hourly_limit: int = 250_000  # recipient-targeted requests per key per clock hour
@@ -66,7 +73,16 @@ class FakeBrazeConfig:
     clock: Callable[[], float] = time.time  # UTC epoch seconds; tests inject their own
 
     def __post_init__(self) -> None:
-        for name in ("api_keys", "paused_canvases", "archived_canvases"):
+        names = [
+            "api_keys",
+            "keys_without_permission",
+            "other_canvases",
+            "paused_canvases",
+            "archived_canvases",
+        ]
+        if self.canvases is not None:
+            names.append("canvases")
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, str):
                 raise ValueError(f"{name} must be a collection of strings, not a string")
@@ -141,11 +157,10 @@ class FakeBraze:
 
     def app(self) -> web.Application:
         """A new aiohttp application serving this fake, for embedding in another server."""
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
         app.router.add_post(TRIGGER_PATH, self._trigger)
         app.router.add_route("*", "/_fake/faults", self._admin_faults)
         app.router.add_route("*", "/_fake/calls", self._admin_calls)
-        app.router.add_get("/_fake/stats", self._admin_stats)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -211,8 +226,9 @@ class FakeBraze:
         raw, size = await _read_body(request)
         api_key, bearer = _presented_key(request.headers.get(hdrs.AUTHORIZATION))
         body: Any = None
-        rejection = rules.check_size(size)
-        if rejection is None:
+        too_large = rules.check_size(size)
+        rejection: rules.Rejection | None = None
+        if too_large is None:
             body, rejection = rules.parse_json(raw)
             rejection = rules.check_content_type(request.content_type) or rejection
         if fault is not None and fault.delay_seconds:
@@ -227,7 +243,7 @@ class FakeBraze:
             content_type = {hdrs.CONTENT_TYPE: fault.content_type}
             return web.Response(status=fault.status_code, body=fault.body, headers=content_type)
 
-        reply = self._reply(api_key, bearer, body, rejection)
+        reply = self._reply(api_key, bearer, body, too_large or rejection)
         call = ReceivedCall(api_key, body, raw, reply.status, received_at, reply.dispatch_id, reply.notice)
         self._record(call)
         if reply.status == 201 and reply.notice is None:
@@ -238,14 +254,20 @@ class FakeBraze:
         self, api_key: str | None, bearer: bool, body: Any, rejection: rules.Rejection | None
     ) -> _Reply:
         """Braze's answer once faults are out of the way; `rejection` is the pre-parse verdict."""
-        if not bearer or api_key not in self.config.api_keys:
+        config = self.config
+        if rejection is not None and rejection[0] == 413:  # the edge refuses it: no key, no budget
+            return _Reply(413, {"message": rejection[1]}, {})
+        if not bearer or api_key not in config.api_keys | config.keys_without_permission:
             message = f"Invalid API key: {api_key or ''}"
             return _Reply(401, {"message": message}, _UNKNOWN_LIMIT_HEADERS)
+        if api_key in config.keys_without_permission:
+            # CONTRACT 4.2 names the text "Access Denied"; the exact body is not documented (point 27).
+            return _Reply(403, {"message": "Access Denied"}, _UNKNOWN_LIMIT_HEADERS)
         verdict = self.limiter.hit(api_key, body)
         headers = verdict.headers()
         if not verdict.allowed:
             return _Reply(429, {"message": "Rate Limited"}, headers)
-        rejection = rejection or rules.check_request(body)
+        rejection = rejection or rules.check_request(body) or self._check_canvas(body["canvas_id"])
         if rejection is not None:
             return _Reply(rejection[0], {"message": rejection[1]}, headers)
         canvas_id = body["canvas_id"]
@@ -261,6 +283,17 @@ class FakeBraze:
         if notice is not None:
             payload["notice"] = notice
         return _Reply(201, payload, headers, dispatch_id, notice)
+
+    def _check_canvas(self, canvas_id: str) -> rules.Rejection | None:
+        """An unknown or not API-triggered canvas. Braze's answer to these is not documented
+        (CONTRACT 8, point 8): 400 with its JSON shape is the most plausible (point 27)."""
+        config = self.config
+        if canvas_id in config.other_canvases:
+            return (400, f"Canvas {canvas_id} does not use API-triggered delivery")
+        known = config.paused_canvases | config.archived_canvases
+        if config.canvases is not None and canvas_id not in config.canvases | known:
+            return (400, "canvas_id must be a string of the Canvas api identifier")
+        return None
 
     def _record(self, call: ReceivedCall) -> None:
         self.status_counts[call.status] += 1
@@ -288,14 +321,20 @@ class FakeBraze:
             raise web.HTTPMethodNotAllowed(request.method, ["GET", "DELETE"])
         return _json(200, {"calls": [call.to_json() for call in self.calls]})
 
-    async def _admin_stats(self, request: web.Request) -> web.Response:
-        by_status = {str(status): count for status, count in sorted(self.status_counts.items())}
-        stats = {
-            "requests": self.status_counts.total(),
-            "by_status": by_status,
-            "recipients_sent": self.recipients_sent,
-        }
-        return _json(200, stats)
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp answers an unknown path (404) or method (405) in plain text; Braze in JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json(
+            exc.status,
+            {"message": exc.reason},
+            {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None,
+        )
 
 
 class _Reply(NamedTuple):

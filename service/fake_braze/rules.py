@@ -4,8 +4,9 @@ Pure functions, no I/O. Each check returns `None` when the input passes, or the
 `(status, message)` pair Braze would answer. The first failing rule wins, so a
 request is rejected with one message, as Braze does.
 
-The fake must never accept anything real Braze would reject, so where the docs
-are silent these rules take the stricter reading (CONTRACT.md section 8).
+The fake refuses what Braze documents as an error and accepts what Braze documents as
+accepted; where the docs are silent it follows the project's decisions, recorded in
+CONTRACT.md section 8 (points 22 to 27), the same ones the gateway's validation follows.
 """
 
 from __future__ import annotations
@@ -95,16 +96,9 @@ def check_request(body: Any) -> Rejection | None:
         rejection = _bad("Either recipients must be provided or broadcast must be true")
     if rejection is None and "audience" in body:
         rejection = check_audience(body["audience"])
-    return rejection or _check_one_context_name(body)
-
-
-def _check_one_context_name(body: dict[str, Any]) -> Rejection | None:
-    """A body names its context one way throughout (CONTRACT.md section 8, row 2: never both)."""
-    objects = [body, *body.get("recipients", ())]
-    names = {name for obj in objects for name in CONTEXT_NAMES if name in obj}
-    if len(names) > 1:
-        return _bad("context and canvas_entry_properties cannot both be used in one request")
-    return None
+    # The two context names in different objects of one request are accepted: Braze documents
+    # them as the same thing (CONTRACT 8, point 24); both in one object is refused above.
+    return rejection
 
 
 def _check_contexts(obj: dict[str, Any], where: str) -> Rejection | None:
@@ -174,8 +168,7 @@ def _check_identifier(recipient: dict[str, Any], kind: str, where: str) -> Rejec
         if not (local and at and domain) or "@" in domain:
             return _bad(f"{where}.email must be a valid email address")
         return _check_prioritization(recipient.get("prioritization"), where)
-    if "prioritization" in recipient:
-        return _bad(f"{where}.prioritization can only be used with email")
+    # `prioritization` without email: Braze requires it with email, forbids it nowhere (point 22).
     return None
 
 
@@ -185,8 +178,6 @@ def _check_prioritization(value: Any, where: str) -> Rejection | None:
         return _bad(f"{field} is required with email and must be a non-empty array")
     if not all(isinstance(item, str) and item in PRIORITIZATION_VALUES for item in value):
         return _bad(f"{field} values must be among: {', '.join(sorted(PRIORITIZATION_VALUES))}")
-    if len(set(value)) != len(value):
-        return _bad(f"{field} must not repeat a value")
     if "identified" in value and "unidentified" in value:
         return _bad(f"{field} may contain only one of identified and unidentified")
     return None
@@ -241,9 +232,7 @@ def _check_custom_attribute(spec: dict[str, Any]) -> Rejection | None:
     if not isinstance(comparison, str) or not comparison:
         return _bad("custom_attribute comparison must be a non-empty string")
     if comparison in VALUELESS_COMPARISONS:
-        if "value" in spec:
-            return _bad(f"custom_attribute value must be omitted with {comparison}")
-        return None
+        return None  # a `value` here is not documented as an error: accepted (point 23)
     if not isinstance(spec.get("value"), str | int | float):
         return _bad("custom_attribute value must be a string, number or boolean")
     return None

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from canvas_gateway_server.braze import MAX_AUDIENCE_DEPTH
+from canvas_gateway_server.braze import MAX_AUDIENCE_DEPTH, MAX_BODY_BYTES
 from canvas_gateway_server.loopback import is_loopback
 from conftest import LAST_USED_APP_TIMES
 from fake_braze import (
@@ -225,6 +225,24 @@ ACCEPTED = [
         id="existing-only-empty-attributes",
     ),
     pytest.param(custom(custom_attribute_name="n", comparison="exists"), id="exists"),
+    # Not documented as errors, so accepted as Braze would (CONTRACT 8, points 22 to 25):
+    pytest.param(custom(custom_attribute_name="n", comparison="exists", value=True), id="exists-with-value"),
+    pytest.param(
+        email(prioritization=["most_recently_updated", "most_recently_updated"]),
+        id="prioritization-duplicate",
+    ),
+    pytest.param(
+        recipient(external_user_id="u", prioritization=["identified"]), id="prioritization-without-email"
+    ),
+    pytest.param(body(context={"id": 2**60}), id="integer-past-2-53"),
+    pytest.param(
+        {
+            "canvas_id": CANVAS,
+            "context": {},
+            "recipients": [{"external_user_id": "u", "canvas_entry_properties": {}}],
+        },
+        id="both-context-names-in-different-objects",
+    ),
     pytest.param(custom(custom_attribute_name="n", comparison="does_not_exist"), id="not-exists"),
     pytest.param(custom(custom_attribute_name="b", comparison="not_equal", value=False), id="not-equal"),
     pytest.param(
@@ -321,15 +339,7 @@ INVALID = [
     pytest.param(email(prioritization="identified"), id="prioritization-string"),
     pytest.param(email(prioritization=["newest"]), id="prioritization-unknown"),
     pytest.param(email(prioritization=[["identified"]]), id="prioritization-nested"),
-    pytest.param(
-        email(prioritization=["most_recently_updated", "most_recently_updated"]),
-        id="prioritization-duplicate",
-    ),
     pytest.param(email(prioritization=["identified", "unidentified"]), id="identified-both"),
-    pytest.param(
-        recipient(external_user_id="u", prioritization=["identified"]),
-        id="prioritization-without-email",
-    ),
     # send_to_existing_only and attributes
     pytest.param(recipient(external_user_id="u", send_to_existing_only="false"), id="existing-only-string"),
     pytest.param(recipient(external_user_id="u", send_to_existing_only=None), id="existing-null"),
@@ -379,7 +389,6 @@ INVALID = [
     pytest.param(custom(custom_attribute_name="n", comparison="equals", value=None), id="value-null"),
     pytest.param(custom(custom_attribute_name="n", comparison="equals", value=[1]), id="value-list"),
     pytest.param(custom(custom_attribute_name="n", comparison="equals", value={"a": 1}), id="value-object"),
-    pytest.param(custom(custom_attribute_name="n", comparison="exists", value=True), id="exists-with-value"),
     pytest.param(custom(custom_attribute_name="n", comparison="equals", value=1, extra=1), id="custom-extra"),
     pytest.param(
         audience({"push_subscription_status": {"comparison": "equals", "value": "opted_in"}}),
@@ -471,13 +480,15 @@ async def test_body_over_4mb_is_413_and_4mb_exactly_is_fine(
     session: aiohttp.ClientSession, fake: FakeBraze
 ) -> None:
     valid = json.dumps(body()).encode()
-    exact = valid + b" " * (rules.MAX_BODY_BYTES - len(valid))  # trailing whitespace is valid JSON
+    exact = valid + b" " * (MAX_BODY_BYTES - len(valid))  # trailing whitespace is valid JSON
     assert (await post(session, fake, raw=exact)).status == 201
     answer = await post(session, fake, raw=exact + b" ")
     assert answer.status == 413
     assert set(answer.json) == {"message"}
-    assert answer.headers["x-ratelimit-remaining"]
+    assert "x-ratelimit-remaining" not in answer.headers  # refused at the edge: no budget used
     assert [call.status for call in fake.calls] == [201, 413]
+    wrong_key = await post(session, fake, raw=exact + b" ", key="not-a-key")
+    assert wrong_key.status == 413  # before the key is looked at
 
 
 async def test_chunked_body_over_4mb_is_413(session: aiohttp.ClientSession, fake: FakeBraze) -> None:
@@ -784,12 +795,6 @@ async def test_admin_calls_redacts_key_and_clears(session: aiohttp.ClientSession
     assert calls[0]["api_key"].startswith("sha256:")
     assert calls[0]["api_key"] != calls[1]["api_key"]
     assert calls[1]["raw"] == "junk"
-    async with session.get(f"{fake.url}/_fake/stats") as resp:
-        assert await resp.json() == {
-            "requests": 2,
-            "by_status": {"201": 1, "401": 1},
-            "recipients_sent": 1,
-        }
     async with session.delete(f"{fake.url}/_fake/calls") as resp:
         assert await resp.json() == {"cleared": 2}
     assert fake.calls == []
@@ -907,6 +912,11 @@ def test_cli_builds_config_from_flags() -> None:
     assert config.archived_canvases == {"x"}
     assert (config.hourly_limit, config.latency_seconds, config.seed) == (9, 0.02, 3)
     assert (dict(config.error_rates), config.reset_rate) == ({503: 0.1, 500: 0.2}, 0.05)
+    assert config.canvases is None  # any canvas id is an API-triggered one
+    known = "--api-key a --key-without-permission n --canvas c1 --canvas c2 --other-canvas s"
+    config = config_from_args(build_parser().parse_args(known.split()))
+    assert config.keys_without_permission == {"n"} and config.other_canvases == {"s"}
+    assert config.canvases == frozenset({"c1", "c2"})
 
 
 def test_cli_rejects_bad_error_rate(capsys: pytest.CaptureFixture[str]) -> None:
@@ -969,24 +979,77 @@ def test_last_used_app_needs_an_iso_datetime_with_a_zone(value: str, accepted: b
     assert (rules.check_audience(audience) is None) is accepted
 
 
+KNOWN = "api-triggered-canvas"
+SCHEDULED = "scheduled-canvas"
+NO_PERMISSION = "key-without-permission"
+
+
+@pytest.fixture
+def strict_config(clock: Clock) -> FakeBrazeConfig:
+    return FakeBrazeConfig(
+        api_keys=frozenset({KEY}),
+        keys_without_permission=frozenset({NO_PERMISSION}),
+        canvases=frozenset({KNOWN}),
+        other_canvases=frozenset({SCHEDULED}),
+        paused_canvases=frozenset({"paused-canvas"}),
+        clock=clock,
+    )
+
+
+@pytest.fixture
+async def strict(strict_config: FakeBrazeConfig) -> AsyncIterator[FakeBraze]:
+    async with FakeBraze(strict_config) as running:
+        yield running
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("canvas_id", "status", "text"),
     [
-        {
-            "canvas_id": "c",
-            "context": {},
-            "recipients": [{"external_user_id": "u", "canvas_entry_properties": {}}],
-        },
-        {
-            "canvas_id": "c",
-            "recipients": [
-                {"external_user_id": "u", "context": {}},
-                {"external_user_id": "v", "canvas_entry_properties": {}},
-            ],
-        },
+        (KNOWN, 201, "success"),
+        ("paused-canvas", 201, "success"),  # paused canvases are known ones
+        (SCHEDULED, 400, f"Canvas {SCHEDULED} does not use API-triggered delivery"),
+        ("no-such-canvas", 400, "canvas_id must be a string of the Canvas api identifier"),
     ],
 )
-def test_one_body_never_mixes_context_names(body: dict[str, object]) -> None:
-    rejection = rules.check_request(body)
-    assert rejection is not None
-    assert "cannot both be used" in rejection[1]
+async def test_only_known_api_triggered_canvases_are_triggered(
+    session: aiohttp.ClientSession, strict: FakeBraze, canvas_id: str, status: int, text: str
+) -> None:
+    answer = await post(session, strict, body(canvas_id=canvas_id))
+    assert (answer.status, answer.json["message"]) == (status, text)
+
+
+async def test_by_default_any_canvas_id_is_a_known_one(
+    session: aiohttp.ClientSession, fake: FakeBraze
+) -> None:
+    assert (await post(session, fake, body(canvas_id="anything-at-all"))).status == 201
+
+
+async def test_a_key_without_the_permission_is_403_after_authentication(
+    session: aiohttp.ClientSession, strict: FakeBraze
+) -> None:
+    denied = await post(session, strict, body(canvas_id=KNOWN), key=NO_PERMISSION)
+    assert (denied.status, denied.json) == (403, {"message": "Access Denied"})
+    bad_body = await post(session, strict, {"canvas_id": KNOWN}, key=NO_PERMISSION)
+    assert bad_body.status == 403  # the permission is checked before the body
+    assert (await post(session, strict, body(canvas_id=KNOWN), key="unknown")).status == 401
+    assert NO_PERMISSION not in (await post(session, strict, body(canvas_id=KNOWN), key=NO_PERMISSION)).text
+
+
+async def test_checks_run_in_order(session: aiohttp.ClientSession, strict: FakeBraze) -> None:
+    """Authentication before validation before the canvas lookup: each answer names the first failure."""
+    assert (await post(session, strict, {"canvas_id": "no-such-canvas"}, key="unknown")).status == 401
+    invalid = await post(session, strict, {"canvas_id": "no-such-canvas"})
+    assert invalid.status == 400 and "recipients" in invalid.json["message"].lower()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/canvas/trigger/send", 405), ("POST", "/canvas/trigger/nope", 404), ("GET", "/", 404)],
+)
+async def test_unknown_paths_and_methods_answer_in_brazes_json_shape(
+    session: aiohttp.ClientSession, fake: FakeBraze, method: str, path: str, status: int
+) -> None:
+    async with session.request(method, f"{fake.url}{path}") as resp:
+        assert resp.status == status
+        assert resp.content_type == "application/json"
+        assert set(await resp.json()) == {"message"}

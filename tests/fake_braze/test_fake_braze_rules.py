@@ -7,12 +7,11 @@ from typing import Any
 
 import orjson
 import pytest
+from canvas_gateway_server.braze import MAX_AUDIENCE_DEPTH, MAX_BODY_BYTES
 from fake_braze import Fault, FaultError
 from fake_braze.faults import Action, FaultState
 from fake_braze.ratelimit import FixedWindow, RateLimiter, audience_key
 from fake_braze.rules import (
-    MAX_AUDIENCE_DEPTH,
-    MAX_BODY_BYTES,
     TOO_MANY_RECIPIENTS,
     check_audience,
     check_content_type,
