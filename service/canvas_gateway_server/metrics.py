@@ -157,9 +157,19 @@ class _Levels(Collector):
         )
 
 
+_BY_BUDGET: Final = frozenset(
+    {
+        "canvas_gateway_braze_ratelimit_remaining",
+        "canvas_gateway_braze_ratelimit_limit",
+        "canvas_gateway_tenant_paused",
+        "canvas_gateway_tenant_paused_until_timestamp_seconds",
+    }
+)
+
+
 def _gauge(name: str, doc: str, values: Mapping[str, int] | Mapping[tuple[str, str], float]) -> Metric:
     """A gauge family from {tenant: value} or {(tenant, budget): value}."""
-    labels = ("tenant",) if all(isinstance(key, str) for key in values) else ("tenant", "budget")
+    labels = ("tenant", "budget") if name in _BY_BUDGET else ("tenant",)
     family = GaugeMetricFamily(name, doc, labels=labels)
     for key, number in sorted(values.items()):
         family.add_metric((key,) if isinstance(key, str) else key, float(number))
