@@ -1,9 +1,11 @@
 """A fake Braze `POST /canvas/trigger/send` for tests, benchmarks and `make run`.
 
-It answers as Braze would (CONTRACT.md): 401 for unknown keys, 413 for large
-bodies, 400 for any body Braze would refuse, 429 from real per-key counters,
-201 with a `dispatch_id` otherwise. It records every call and can be scripted
-to fail (`Fault`), from Python or over its `/_fake/` admin API.
+It answers as Braze would (CONTRACT.md), in this order (see `app`): 413 for
+large bodies, 401 for unknown keys, 403 for keys without `canvas.trigger.send`,
+429 from real per-key counters, 400 for any body Braze would refuse and for a
+canvas that is unknown or not API-triggered, 201 with a `dispatch_id` otherwise.
+It records every call and can be scripted to fail (`Fault`), from Python or over
+its `/_fake/` admin API.
 
     fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({"key"})))
     base_url = await fake.start()  # http://127.0.0.1:<free port>

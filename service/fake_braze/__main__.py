@@ -1,10 +1,12 @@
 """Run the fake Braze alone (console script `fake-braze`).
 
     python -m fake_braze --port 9700 --api-key demo-braze-key \\
+        [--key-without-permission KEY] [--canvas ID] [--other-canvas ID] \\
         [--paused-canvas ID] [--archived-canvas ID] [--hourly-limit N] \\
         [--latency-ms N] [--error-rate 503=0.1 ...] [--reset-rate 0.05] [--seed N]
 
-It prints `fake Braze listening on <url>` once it accepts connections and stops
+Without `--canvas`, any canvas id is a known API-triggered Canvas (the demo relies on
+this). It prints `fake Braze listening on <url>` once it accepts connections and stops
 cleanly on SIGINT or SIGTERM. It refuses a non-loopback host unless
 `--allow-remote` is given, because it has no real authentication.
 """

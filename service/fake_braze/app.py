@@ -3,11 +3,12 @@
 A request goes through the checks in the order Braze's edge and API most plausibly apply
 them (the order is not documented: docs/braze/CONTRACT.md section 8, point 26):
 
-    latency -> fault (script or random)
-    -> size (413) and routing (404, 405): at the edge, before the key is looked at
+    routing (404, 405) -> latency -> fault (script or random) -> size (413)
     -> authentication (401) -> permission `canvas.trigger.send` (403) -> rate limit (429)
     -> content type, JSON, body rules (400) -> canvas lookup (400) -> 201
 
+Routing and size belong to Braze's edge: they look at no key and use no budget. An injected
+fault stands for a failing load balancer in front of Braze, so it acts before the size check.
 Every error is Braze's JSON shape, `{"message": ...}`. Every request to the endpoint is
 recorded as a `ReceivedCall`. The admin API lives under `/_fake/` on the same server (see
 `faults.py` for the fault format):
@@ -89,6 +90,11 @@ class FakeBrazeConfig:
             object.__setattr__(self, name, frozenset(value))
         if not self.api_keys or not all(isinstance(k, str) and k for k in self.api_keys):
             raise ValueError("api_keys must hold at least one non-empty string")
+        if self.api_keys & self.keys_without_permission:
+            raise ValueError("a key cannot both have and lack canvas.trigger.send")
+        triggered = (self.canvases or frozenset()) | self.paused_canvases | self.archived_canvases
+        if self.other_canvases & triggered:
+            raise ValueError("a canvas cannot be both API-triggered and not API-triggered")
         for name in ("hourly_limit", "broadcast_per_minute", "broadcast_per_minute_per_audience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -262,6 +268,7 @@ class FakeBraze:
             return _Reply(401, {"message": message}, _UNKNOWN_LIMIT_HEADERS)
         if api_key in config.keys_without_permission:
             # CONTRACT 4.2 names the text "Access Denied"; the exact body is not documented (point 27).
+            # Its rate-limit headers are not recorded either: empty, as on a 401, since no budget is used.
             return _Reply(403, {"message": "Access Denied"}, _UNKNOWN_LIMIT_HEADERS)
         verdict = self.limiter.hit(api_key, body)
         headers = verdict.headers()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import signal
@@ -872,6 +873,13 @@ async def test_app_can_be_embedded(session: aiohttp.ClientSession, config: FakeB
         {"api_keys": frozenset({KEY}), "hourly_limit": -1},
         {"api_keys": frozenset({KEY}), "error_rates": {503: 0.8}, "reset_rate": 0.3},
         {"api_keys": frozenset({KEY}), "latency_seconds": -1},
+        {"api_keys": frozenset({KEY}), "keys_without_permission": frozenset({KEY})},
+        {"api_keys": frozenset({KEY}), "canvases": frozenset({"c"}), "other_canvases": frozenset({"c"})},
+        {
+            "api_keys": frozenset({KEY}),
+            "paused_canvases": frozenset({"c"}),
+            "other_canvases": frozenset({"c"}),
+        },
     ],
 )
 def test_config_fails_fast(kwargs: dict[str, Any]) -> None:
@@ -1035,11 +1043,62 @@ async def test_a_key_without_the_permission_is_403_after_authentication(
     assert NO_PERMISSION not in (await post(session, strict, body(canvas_id=KNOWN), key=NO_PERMISSION)).text
 
 
-async def test_checks_run_in_order(session: aiohttp.ClientSession, strict: FakeBraze) -> None:
-    """Authentication before validation before the canvas lookup: each answer names the first failure."""
-    assert (await post(session, strict, {"canvas_id": "no-such-canvas"}, key="unknown")).status == 401
-    invalid = await post(session, strict, {"canvas_id": "no-such-canvas"})
-    assert invalid.status == 400 and "recipients" in invalid.json["message"].lower()
+async def test_checks_run_in_order(
+    session: aiohttp.ClientSession, strict_config: FakeBrazeConfig, clock: Clock
+) -> None:
+    """Size, routing, key, permission, rate limit, body, canvas: each answer names the first failure.
+
+    Each step repairs one more fault of the request; a check that moved later would answer first."""
+    invalid = {"canvas_id": "no-such-canvas"}  # no recipients, and an unknown canvas
+    async with FakeBraze(dataclasses.replace(strict_config, hourly_limit=1)) as fake:
+        too_large = await post(session, fake, raw=b"x" * (MAX_BODY_BYTES + 1), key="unknown")
+        assert (too_large.status, set(too_large.json)) == (413, {"message"})
+        async with session.post(f"{fake.url}/canvas/trigger/nope", json=invalid) as resp:
+            assert (resp.status, set(await resp.json())) == (404, {"message"})  # no key sent
+        assert (await post(session, fake, invalid, key="unknown")).status == 401
+        for _ in range(2):  # twice: past the hourly budget of 1, still 403, never 429
+            assert (await post(session, fake, invalid, key=NO_PERMISSION)).status == 403
+        assert (await post(session, fake, body(canvas_id=KNOWN))).status == 201  # spends the hour
+        assert (await post(session, fake, invalid)).status == 429
+        clock.now += 3600
+        refused = await post(session, fake, invalid)
+        assert refused.status == 400 and "recipients" in refused.json["message"]
+        clock.now += 3600
+        unknown = await post(session, fake, body(canvas_id="no-such-canvas"))
+        assert unknown.json == {"message": "canvas_id must be a string of the Canvas api identifier"}
+        clock.now += 3600
+        assert (await post(session, fake, body(canvas_id=KNOWN))).status == 201
+        assert [call.status for call in fake.calls] == [413, 401, 403, 403, 201, 429, 400, 400, 201]
+
+
+async def test_in_progress_counts_requests_not_yet_answered(
+    session: aiohttp.ClientSession, fake: FakeBraze
+) -> None:
+    """A request whose body is still arriving is in progress; once answered it is not."""
+    release = asyncio.Event()
+    payload = json.dumps(body()).encode()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield payload[:10]
+        await release.wait()
+        yield payload[10:]
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    async def send() -> int:
+        url = f"{fake.url}/canvas/trigger/send"
+        async with session.post(url, data=slow_body(), headers=headers) as resp:
+            return resp.status
+
+    task = asyncio.create_task(send())
+    for _ in range(1000):  # bounded wait on the state itself
+        if fake.in_progress == 1:
+            break
+        await asyncio.sleep(0.005)
+    assert (fake.in_progress, fake.calls) == (1, [])
+    release.set()
+    assert await task == 201
+    assert fake.in_progress == 0
 
 
 @pytest.mark.parametrize(
