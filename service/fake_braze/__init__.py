@@ -1,9 +1,11 @@
 """A fake Braze `POST /canvas/trigger/send` for tests, benchmarks and `make run`.
 
-It answers as Braze would (CONTRACT.md), in this order (see `app`): 413 for
-large bodies, 401 for unknown keys, 403 for keys without `canvas.trigger.send`,
-429 from real per-key counters, 400 for any body Braze would refuse and for a
-canvas that is unknown or not API-triggered, 201 with a `dispatch_id` otherwise.
+It answers as Braze would (CONTRACT.md), in this order (see `app`): 404 / 405
+for an unknown path or method and 413 for large bodies (Braze's edge), 401 for
+unknown keys, 403 for keys without `canvas.trigger.send`, 429 from real per-key
+counters, 400 for any body Braze would refuse and for a canvas that is unknown
+or not API-triggered, 201 with a `dispatch_id` otherwise; every error as
+`{"message": ...}`.
 It records every call and can be scripted to fail (`Fault`), from Python or over
 its `/_fake/` admin API.
 
@@ -14,7 +16,8 @@ its `/_fake/` admin API.
     await fake.stop()
 
 Module map: `rules` (body rules, pure), `ratelimit` (counters, injected
-clock), `faults` (fault state), `app` (the aiohttp server), `__main__` (CLI).
+clock), `faults` (fault state), `app` (the aiohttp server and its check order),
+`admin` (the `/_fake/` API), `__main__` (CLI).
 """
 
 from canvas_gateway_server.braze import ARCHIVED_NOTICE, PAUSED_NOTICE

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     add("--port", type=int, default=9700, help="listen port, 0 for any free port (default 9700)")
-    add("--api-key", action="append", required=True, help="a valid REST API key (repeatable)")
+    add("--api-key", action="append", required=True, metavar="KEY", help="a valid REST API key (repeatable)")
     add(
         "--key-without-permission",
         action="append",

@@ -10,20 +10,12 @@ them (the order is not documented: docs/braze/CONTRACT.md section 8, point 26):
 Routing and size belong to Braze's edge: they look at no key and use no budget. An injected
 fault stands for a failing load balancer in front of Braze, so it acts before the size check.
 Every error is Braze's JSON shape, `{"message": ...}`. Every request to the endpoint is
-recorded as a `ReceivedCall`. The admin API lives under `/_fake/` on the same server (see
-`faults.py` for the fault format):
-
-    POST /_fake/faults      add script entries and/or replace rates and latency
-    GET /_fake/faults       the current fault state
-    DELETE /_fake/faults    remove every fault, rate and latency
-    GET /_fake/calls        recorded calls, API keys reduced to a fingerprint
-    DELETE /_fake/calls     forget recorded calls and counters
+recorded as a `ReceivedCall`. The admin API (`/_fake/faults`, `/_fake/calls`) is in `admin`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import secrets
 import socket
@@ -40,8 +32,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from canvas_gateway_server.braze import ARCHIVED_NOTICE, MAX_BODY_BYTES, PAUSED_NOTICE, TRIGGER_PATH
 
-from . import rules
-from .faults import Action, FaultError, FaultState
+from . import admin, rules
+from .faults import Action, FaultState
 from .ratelimit import RateLimiter
 
 # Braze sends the rate-limit headers on a 401, but with empty values.
@@ -66,7 +58,7 @@ class FakeBrazeConfig:
     hourly_limit: int = 250_000  # recipient-targeted requests per key per clock hour
     broadcast_per_minute: int = 250  # broadcast requests per key per minute
     broadcast_per_minute_per_audience: int = 10  # per key, canvas_id and audience
-    latency_seconds: float = 0.0  # added to every request
+    latency_seconds: float = 0.0  # added to every request to the trigger path
     error_rates: Mapping[int, float] = field(default_factory=dict)  # {503: 0.1}: 10% get 503
     reset_rate: float = 0.0  # share of requests whose connection is dropped
     seed: int | None = None  # seeds the random fault draws
@@ -114,28 +106,6 @@ class ReceivedCall:
     dispatch_id: str | None = None  # set on 201
     notice: str | None = None  # set on 201 for a paused or archived Canvas
 
-    def to_json(self) -> dict[str, Any]:
-        """The admin JSON form; the API key is reduced to a fingerprint."""
-        data: dict[str, Any] = {
-            "api_key": fingerprint(self.api_key),
-            "status": self.status,
-            "received_at": self.received_at,
-            "body": self.body,
-            "raw_bytes": len(self.raw),
-            "dispatch_id": self.dispatch_id,
-            "notice": self.notice,
-        }
-        if self.body is None:
-            data["raw"] = self.raw.decode(errors="replace")
-        return data
-
-
-def fingerprint(api_key: str | None) -> str | None:
-    """A short, stable, non-reversible stand-in for an API key."""
-    if api_key is None:
-        return None
-    return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
-
 
 class FakeBraze:
     """A fake Braze REST endpoint that validates, rate-limits, records and misbehaves on cue."""
@@ -165,8 +135,7 @@ class FakeBraze:
         """A new aiohttp application serving this fake, for embedding in another server."""
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
         app.router.add_post(TRIGGER_PATH, self._trigger)
-        app.router.add_route("*", "/_fake/faults", self._admin_faults)
-        app.router.add_route("*", "/_fake/calls", self._admin_calls)
+        admin.add_routes(app, self)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -202,10 +171,6 @@ class FakeBraze:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-    def bodies(self) -> list[Any]:
-        """The parsed body of every recorded call, in arrival order."""
-        return [call.body for call in self.calls]
 
     def sent(self) -> list[ReceivedCall]:
         """Calls answered 201 for an active Canvas: the ones Braze would act on."""
@@ -306,27 +271,6 @@ class FakeBraze:
         self.status_counts[call.status] += 1
         if self.config.record:
             self.calls.append(call)
-
-    async def _admin_faults(self, request: web.Request) -> web.Response:
-        if request.method == hdrs.METH_POST:
-            try:
-                self.faults.apply_json(orjson.loads(await request.read()))
-            except (orjson.JSONDecodeError, FaultError) as exc:
-                return _json(400, {"message": str(exc)})
-        elif request.method == hdrs.METH_DELETE:
-            self.faults.clear()
-        elif request.method != hdrs.METH_GET:
-            raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST", "DELETE"])
-        return _json(200, self.faults.to_json())
-
-    async def _admin_calls(self, request: web.Request) -> web.Response:
-        if request.method == hdrs.METH_DELETE:
-            cleared = len(self.calls)
-            self.clear()
-            return _json(200, {"cleared": cleared})
-        if request.method != hdrs.METH_GET:
-            raise web.HTTPMethodNotAllowed(request.method, ["GET", "DELETE"])
-        return _json(200, {"calls": [call.to_json() for call in self.calls]})
 
 
 @web.middleware

@@ -197,8 +197,12 @@ def _check_existing_only(recipient: dict[str, Any], where: str) -> Rejection | N
     return None
 
 
-def check_audience(node: Any, depth: int = 1) -> Rejection | None:
-    """Check a Connected Audience node against the grammar of CONTRACT.md section 3.1."""
+def check_audience(node: Any, depth: int = 0) -> Rejection | None:
+    """Check a Connected Audience node against the grammar of CONTRACT.md section 3.1.
+
+    `depth` counts the AND / OR groups around `node`, as the gateway's `validate` counts it:
+    the guard must refuse exactly what the gateway refuses, or a request the gateway
+    sends would fail here (Braze itself documents no limit: CONTRACT 8, point 25)."""
     if depth > MAX_AUDIENCE_DEPTH:
         return _bad(f"audience is nested deeper than {MAX_AUDIENCE_DEPTH} levels")
     if not isinstance(node, dict) or len(node) != 1:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import signal
 import sys
 import time
@@ -96,7 +97,7 @@ def custom(**spec: Any) -> dict[str, Any]:
 
 
 def nested(levels: int) -> dict[str, Any]:
-    """`levels` ANDs around one filter, so the filter sits at depth levels + 1."""
+    """`levels` ANDs around one filter: the filter sits at depth `levels`."""
     node: dict[str, Any] = {"push_subscription_status": {"comparison": "is", "value": "opted_in"}}
     for _ in range(levels):
         node = {"AND": [node]}
@@ -254,7 +255,7 @@ ACCEPTED = [
         custom(custom_attribute_name="n", comparison="less_than_x_days_ago", value=2.5),
         id="number-value",
     ),
-    pytest.param(audience(nested(MAX_AUDIENCE_DEPTH - 1)), id="audience-at-the-depth-limit"),
+    pytest.param(audience(nested(MAX_AUDIENCE_DEPTH)), id="audience-at-the-depth-limit"),
     pytest.param(
         audience({"last_used_app": {"comparison": "before", "value": "2019-07-22T13:17:55+0000"}}),
         id="last-used-app",
@@ -423,7 +424,7 @@ INVALID = [
         id="last-used-number",
     ),
     pytest.param(audience({"last_used_app": {"comparison": "after"}}), id="last-used-no-value"),
-    pytest.param(audience(nested(MAX_AUDIENCE_DEPTH)), id="audience-past-the-depth-limit"),
+    pytest.param(audience(nested(MAX_AUDIENCE_DEPTH + 1)), id="audience-past-the-depth-limit"),
 ]
 
 
@@ -786,18 +787,20 @@ async def test_admin_rejects_bad_fault_specs_without_changing_state(
 async def test_admin_calls_redacts_key_and_clears(session: aiohttp.ClientSession, fake: FakeBraze) -> None:
     await post(session, fake, body())
     await post(session, fake, raw=b"junk", key="secret-wrong-key")
+    await post(session, fake, body(), key=None)
     async with session.get(f"{fake.url}/_fake/calls") as resp:
         text = await resp.text()
     assert KEY not in text
     assert "secret-wrong-key" not in text
     calls = json.loads(text)["calls"]
-    assert [call["status"] for call in calls] == [201, 401]
+    assert [call["status"] for call in calls] == [201, 401, 401]
     assert calls[0]["body"] == body()
     assert calls[0]["api_key"].startswith("sha256:")
     assert calls[0]["api_key"] != calls[1]["api_key"]
     assert calls[1]["raw"] == "junk"
+    assert calls[2]["api_key"] is None  # no key sent
     async with session.delete(f"{fake.url}/_fake/calls") as resp:
-        assert await resp.json() == {"cleared": 2}
+        assert await resp.json() == {"cleared": 3}
     assert fake.calls == []
     async with session.get(f"{fake.url}/_fake/calls") as resp:
         assert await resp.json() == {"calls": []}
@@ -927,6 +930,21 @@ def test_cli_builds_config_from_flags() -> None:
     assert config.canvases == frozenset({"c1", "c2"})
 
 
+def test_readme_names_every_key_and_canvas_flag_and_no_other() -> None:
+    """The README's section on the fake lists each flag that gives a key or canvas a role, and
+    every flag it mentions exists."""
+    from fake_braze.__main__ import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## The fake Braze\n", 1)[1].split("\n## ", 1)[0]
+    actions = build_parser()._actions
+    roles = {flag for a in actions if a.metavar in ("KEY", "ID") for flag in a.option_strings}
+    assert roles >= {"--api-key", "--key-without-permission", "--canvas", "--other-canvas"}
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", section)) - {"--demo"}  # the gateway's
+    assert roles <= mentioned
+    assert mentioned <= {flag for a in actions for flag in a.option_strings}
+
+
 def test_cli_rejects_bad_error_rate(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--api-key", KEY, "--error-rate", "503"])
@@ -1037,6 +1055,7 @@ async def test_a_key_without_the_permission_is_403_after_authentication(
 ) -> None:
     denied = await post(session, strict, body(canvas_id=KNOWN), key=NO_PERMISSION)
     assert (denied.status, denied.json) == (403, {"message": "Access Denied"})
+    assert all(denied.headers[name] == "" for name in LIMIT_HEADERS)  # as on a 401 (point 28)
     bad_body = await post(session, strict, {"canvas_id": KNOWN}, key=NO_PERMISSION)
     assert bad_body.status == 403  # the permission is checked before the body
     assert (await post(session, strict, body(canvas_id=KNOWN), key="unknown")).status == 401
@@ -1103,7 +1122,14 @@ async def test_in_progress_counts_requests_not_yet_answered(
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/canvas/trigger/send", 405), ("POST", "/canvas/trigger/nope", 404), ("GET", "/", 404)],
+    [
+        ("GET", "/canvas/trigger/send", 405),
+        ("POST", "/canvas/trigger/nope", 404),
+        ("GET", "/", 404),
+        ("PUT", "/_fake/faults", 405),
+        ("POST", "/_fake/calls", 405),
+        ("GET", "/_fake/stats", 404),  # the admin API is faults and calls, nothing else
+    ],
 )
 async def test_unknown_paths_and_methods_answer_in_brazes_json_shape(
     session: aiohttp.ClientSession, fake: FakeBraze, method: str, path: str, status: int

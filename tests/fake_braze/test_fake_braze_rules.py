@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 from canvas_gateway_server.braze import MAX_AUDIENCE_DEPTH, MAX_BODY_BYTES
+from canvas_gateway_server.validate import check_audience as gateway_check_audience
 from fake_braze import Fault, FaultError
 from fake_braze.faults import Action, FaultState
 from fake_braze.ratelimit import FixedWindow, RateLimiter, audience_key
@@ -80,12 +81,20 @@ def test_check_recipient_alone() -> None:
 
 
 def test_audience_depth_guard() -> None:
-    assert check_audience(chain(MAX_AUDIENCE_DEPTH - 1)) is None
-    rejection = check_audience(chain(MAX_AUDIENCE_DEPTH))
+    assert check_audience(chain(MAX_AUDIENCE_DEPTH)) is None
+    rejection = check_audience(chain(MAX_AUDIENCE_DEPTH + 1))
     assert rejection is not None
     assert rejection[0] == 400
     # Far deeper than Python's recursion limit still answers 400 rather than crashing.
     assert check_audience(chain(50_000)) == rejection
+
+
+@pytest.mark.parametrize("levels", range(MAX_AUDIENCE_DEPTH - 1, MAX_AUDIENCE_DEPTH + 3))
+def test_audience_depth_line_is_the_gateways(levels: int) -> None:
+    """The guard is the project's, not Braze's: the fake must refuse exactly what the gateway
+    refuses, or an audience the gateway sends would come back 400 from the fake."""
+    gateway_accepts = gateway_check_audience(chain(levels), "audience") == []
+    assert (check_audience(chain(levels)) is None) is gateway_accepts
 
 
 def test_context_size_counts_utf8_bytes() -> None:
