@@ -57,9 +57,19 @@ class Call:
 _CALL: ContextVar[Call | None] = ContextVar("call", default=None)
 
 
-def current() -> Call | None:
-    """The RPC being served by this task, if any."""
-    return _CALL.get()
+def note(*, tenant: str | None = None, summary: Summary | None = None) -> None:
+    """Note on the current RPC's access line who called and what it did (nothing outside an RPC)."""
+    call = _CALL.get()
+    if call is not None and tenant is not None:
+        call.tenant = tenant
+    if call is not None and summary is not None:
+        call.summary = summary
+
+
+def current_request_id() -> str:
+    """The request id of the RPC being served; empty outside one."""
+    call = _CALL.get()
+    return call.request_id if call is not None else ""
 
 
 def request_id(metadata: Any) -> str:

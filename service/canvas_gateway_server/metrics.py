@@ -122,57 +122,54 @@ class _Levels(Collector):
         self.paused_until: dict[tuple[str, str], float] = {}
 
     def collect(self) -> Iterator[Metric]:
-        yield _gauge("canvas_gateway_streams_open", "SendStream calls open.", self.streams)
-        yield _gauge(
+        yield _by_tenant("canvas_gateway_streams_open", "SendStream calls open.", self.streams)
+        yield _by_tenant(
             "canvas_gateway_batches_in_flight",
             "Batches waiting for a rate-limit slot or calling Braze.",
             self.in_flight,
         )
-        yield _gauge(
+        yield _by_tenant(
             "canvas_gateway_results_buffered",
             "Results waiting in streams' queues for their callers to read them.",
             self.buffered,
         )
-        yield _gauge(
+        yield _by_budget(
             "canvas_gateway_braze_ratelimit_remaining",
             "The last x-ratelimit-remaining Braze sent for the tenant's budget.",
             self.remaining,
         )
-        yield _gauge(
+        yield _by_budget(
             "canvas_gateway_braze_ratelimit_limit",
             "The last x-ratelimit-limit Braze sent for the tenant's budget.",
             self.limit,
         )
         now = self._clock()
         active = {key: until for key, until in self.paused_until.items() if until > now}
-        yield _gauge(
+        yield _by_budget(
             "canvas_gateway_tenant_paused",
             "1 while the tenant's Braze budget is spent and no call is made until its reset.",
             {key: 1 if key in active else 0 for key in self.paused_until},
         )
-        yield _gauge(
+        yield _by_budget(
             "canvas_gateway_tenant_paused_until_timestamp_seconds",
             "When the tenant's pause ends (epoch seconds); 0 when it is not paused.",
             {key: active.get(key, 0.0) for key in self.paused_until},
         )
 
 
-_BY_BUDGET: Final = frozenset(
-    {
-        "canvas_gateway_braze_ratelimit_remaining",
-        "canvas_gateway_braze_ratelimit_limit",
-        "canvas_gateway_tenant_paused",
-        "canvas_gateway_tenant_paused_until_timestamp_seconds",
-    }
-)
+def _by_tenant(name: str, doc: str, values: Mapping[str, int]) -> Metric:
+    """A gauge family from {tenant: value}."""
+    family = GaugeMetricFamily(name, doc, labels=("tenant",))
+    for tenant, number in sorted(values.items()):
+        family.add_metric((tenant,), float(number))
+    return family
 
 
-def _gauge(name: str, doc: str, values: Mapping[str, int] | Mapping[tuple[str, str], float]) -> Metric:
-    """A gauge family from {tenant: value} or {(tenant, budget): value}."""
-    labels = ("tenant", "budget") if name in _BY_BUDGET else ("tenant",)
-    family = GaugeMetricFamily(name, doc, labels=labels)
+def _by_budget(name: str, doc: str, values: Mapping[tuple[str, str], float]) -> Metric:
+    """A gauge family from {(tenant, budget): value}."""
+    family = GaugeMetricFamily(name, doc, labels=("tenant", "budget"))
     for key, number in sorted(values.items()):
-        family.add_metric((key,) if isinstance(key, str) else key, float(number))
+        family.add_metric(key, float(number))
     return family
 
 

@@ -140,9 +140,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             if token:
                 raise Unauthenticated("unknown bearer token")
             raise Unauthenticated("missing bearer token in `authorization` metadata")
-        call = calls.current()
-        if call is not None:
-            call.tenant = tenant.id
+        calls.note(tenant=tenant.id)
         return tenant
 
     async def _abort(self, context: Context, error: BaseException) -> NoReturn:
@@ -161,12 +159,10 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
             done, summary = await self._sender.send(tenant, head, recipients, request.options.validate_only)
-            call = calls.current()
-            if call is not None:
-                call.summary = summary
+            calls.note(summary=summary)
             return pb.SendResponse(
                 results=[convert.result_to_proto(result) for result in done],
-                summary=convert.summary_to_proto(summary, _request_id()),
+                summary=convert.summary_to_proto(summary, calls.current_request_id()),
             )
         except Exception as exc:  # every failure of the whole RPC is mapped in one place
             await self._abort(context, exc)
@@ -195,9 +191,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
         except Exception as exc:
             await reader.drain(self._drain_seconds)
             await self._abort(context, exc)
-        call = calls.current()
-        if call is not None:
-            call.summary = session.summary
+        calls.note(summary=session.summary)
         self._metrics.stream_opened(tenant.id)
         try:
             async for response in self._stream_results(session, reader, header, context):
@@ -248,12 +242,9 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             session.cancel()
         if failure:
             await self._abort(context, failure[0])
-        yield pb.SendStreamResponse(summary=convert.summary_to_proto(session.summary, _request_id()))
-
-
-def _request_id() -> str:
-    call = calls.current()
-    return call.request_id if call is not None else ""
+        yield pb.SendStreamResponse(
+            summary=convert.summary_to_proto(session.summary, calls.current_request_id())
+        )
 
 
 def _bad_stream(why: str) -> InvalidRequest:

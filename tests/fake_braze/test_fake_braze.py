@@ -1011,14 +1011,13 @@ NO_PERMISSION = "key-without-permission"
 
 
 @pytest.fixture
-def strict_config(clock: Clock) -> FakeBrazeConfig:
-    return FakeBrazeConfig(
-        api_keys=frozenset({KEY}),
+def strict_config(config: FakeBrazeConfig) -> FakeBrazeConfig:
+    """The usual workspace, with a key lacking the permission and only known canvases."""
+    return dataclasses.replace(
+        config,
         keys_without_permission=frozenset({NO_PERMISSION}),
         canvases=frozenset({KNOWN}),
         other_canvases=frozenset({SCHEDULED}),
-        paused_canvases=frozenset({"paused-canvas"}),
-        clock=clock,
     )
 
 
