@@ -31,7 +31,8 @@ proto: $(STAMP)
 	cp $(PY_GEN)/__init__.py $(PY_GEN)/v1/__init__.py
 	touch $(PY_GEN)/py.typed
 
-## proto-check: fail when $(PY_GEN) differs from what `make proto` makes: a file changed, missing or extra.
+## proto-check: fail when $(PY_GEN) differs from what `make proto` makes: a file changed, missing or extra;
+## or when the vendored google/rpc protos differ from the pinned googleapis-common-protos' copies.
 ## `make proto` runs in a temporary directory, so neither the work tree nor git's index is touched.
 proto-check: $(STAMP)
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
@@ -39,6 +40,11 @@ proto-check: $(STAMP)
 	$(MAKE) --no-print-directory -s -C "$$tmp" -f $(CURDIR)/Makefile proto VENV=$(abspath $(VENV)) STAMP=; \
 	diff -rq -x __pycache__ -x '*.pyc' "$$tmp/$(PY_GEN)" $(PY_GEN) \
 	  || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+	@rpc=$$($(PY) -c 'import os, google.rpc.code_pb2 as m; print(os.path.dirname(m.__file__))'); \
+	for f in code error_details; do \
+	  cmp -s protos/google/rpc/$$f.proto "$$rpc/$$f.proto" \
+	    || { echo "protos/google/rpc/$$f.proto differs from googleapis-common-protos' copy: copy it again"; exit 1; }; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

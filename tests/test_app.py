@@ -17,6 +17,8 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, tenants_toml
 from fake_braze import Fault
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
@@ -46,20 +48,31 @@ async def test_health_reports_serving(harness: Harness) -> None:
         assert (await health_check(harness, service)).status == SERVING
 
 
-async def test_reflection_lists_the_services(harness: Harness) -> None:
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_lists_and_describes_the_services(harness: Harness, version: str) -> None:
+    """Both protocol names answer (their messages are the same on the wire), v1 describing itself too."""
     info = harness.channel.stream_stream(
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
     )
+    symbols = (SERVICE_NAME, "canvas_gateway.v1.BatchResult", "grpc.reflection.v1.ServerReflection")
 
     async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
         yield reflection_pb2.ServerReflectionRequest(list_services="")
+        for symbol in symbols:
+            yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
 
-    async for reply in info(ask()):
-        names = {s.name for s in reply.list_services_response.service}
-        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
-        break
+    replies = [reply async for reply in info(ask())]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+    for symbol, reply in zip(symbols, replies[1:], strict=True):
+        assert not reply.HasField("error_response"), symbol
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        assert symbol.rsplit(".", 1)[0] in {f.package for f in files}
 
 
 async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tmp_path: Path) -> None:
@@ -145,6 +158,16 @@ async def test_shutdown_ends_open_streams_with_every_read_recipient_accounted_fo
     hold.set()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "from position 120 on" in (caught.value.details() or "")
+    (details,) = [v for k, v in caught.value.trailing_metadata() or () if k == "grpc-status-details-bin"]
+    assert isinstance(details, bytes)
+    (packed,) = status_pb2.Status.FromString(details).details
+    info = error_details_pb2.ErrorInfo()
+    assert packed.Unpack(info)
+    assert (info.domain, info.reason, dict(info.metadata)) == (
+        "canvas-gateway.internal",
+        "DRAINING",
+        {"resume_position": "120"},
+    )
     assert sorted(p for r in results for p in r.positions) == list(range(120))
     assert sorted(len(r.positions) for r in results if r.outcome == pb.OUTCOME_SENT) == [50, 50]
     (unsent,) = [r for r in results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED]

@@ -49,7 +49,7 @@ async def test_send_posts_an_example_body(harness: Harness) -> None:
         response = await client.send(body, timeout=TIMEOUT)
 
     assert [r.outcome for r in response.results] == [pb.OUTCOME_SENT]
-    assert response.results[0].dispatch_id
+    assert response.results[0].braze.dispatch_id
     assert response.summary.recipients_sent == 2
     [call] = harness.fake.calls
     assert call.api_key == KEYS["acme"]
@@ -121,8 +121,8 @@ async def test_send_stream_reports_every_position_once(harness: Harness) -> None
         ]
 
     *results, last = responses
-    assert all(r.WhichOneof("message") == "result" for r in results)
-    assert last.WhichOneof("message") == "summary"
+    assert all(r.WhichOneof("part") == "result" for r in results)
+    assert last.WhichOneof("part") == "summary"
     batches = [r.result for r in results]
     assert len(batches) == 25
     assert positions(batches) == list(range(1234))
@@ -260,7 +260,7 @@ async def test_cli_send_prints_results_then_summary(cli: Cli) -> None:
     *results, summary = cli.lines()
     assert [r["result"]["outcome"] for r in results] == ["OUTCOME_SENT"]
     assert results[0]["result"]["positions"] == [0, 1]
-    assert results[0]["result"]["code"] == 0  # every field is printed, defaults too
+    assert results[0]["result"]["code"] == "OK"  # every field is printed, defaults too, enums by name
     assert summary["summary"]["recipients_sent"] == 2
     assert cli.err.getvalue() == ""
 
@@ -396,7 +396,7 @@ async def test_cli_warns_and_exits_1_when_the_canvas_is_inactive(cli: Cli, tmp_p
 
     assert code == 1
     *results, summary = cli.lines()
-    assert results[0]["result"]["notice"] == PAUSED_NOTICE
+    assert results[0]["result"]["braze"]["notice"] == PAUSED_NOTICE
     assert results[0]["result"]["outcome"] == "OUTCOME_CANVAS_INACTIVE"
     assert (
         summary["summary"]["recipients_canvas_inactive"] == 3 and summary["summary"]["recipients_sent"] == 0

@@ -77,9 +77,18 @@ def test_numbers_json_cannot_carry_are_refused_with_their_field(bad: float) -> N
 def test_results_carry_braze_errors_as_json_values() -> None:
     from canvas_gateway_server.model import BatchResult, Code, Outcome
 
-    result = BatchResult(0, (0, 1), Outcome.SENT, Code.OK, errors=("minor", {"code": 7}))
+    result = BatchResult(0, (0, 1), Outcome.SENT, Code.OK, errors=("minor", {"code": 7}), http_status=201)
     message = convert.result_to_proto(result)
-    assert message.errors[0].string_value == "minor"
-    assert message.errors[1].struct_value["code"] == 7
+    assert message.braze.http_status == 201
+    assert message.braze.errors[0].string_value == "minor"
+    assert message.braze.errors[1].struct_value["code"] == 7
     assert list(message.positions) == [0, 1]
     assert message.outcome == pb.OUTCOME_SENT
+
+
+def test_a_result_without_a_response_has_no_braze_reply() -> None:
+    from canvas_gateway_server.model import BatchResult, Code, Outcome
+
+    result = BatchResult(0, (0,), Outcome.UNKNOWN, Code.UNKNOWN, attempts=1)
+    message = convert.result_to_proto(result)
+    assert not message.HasField("braze") and message.code == Code.UNKNOWN

@@ -59,7 +59,7 @@ async def test_every_recipient_has_one_truthful_result_under_faults(harness: Har
         outcomes[result.outcome] += 1
         if result.outcome == pb.OUTCOME_SENT:
             assert statuses[-1] == 201
-            assert result.dispatch_id
+            assert result.braze.dispatch_id
         elif result.outcome == pb.OUTCOME_UNKNOWN:
             assert statuses[-1] in (0, 500, 503), "UNKNOWN only where the call may have been processed"
             assert not result.retryable

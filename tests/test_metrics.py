@@ -73,7 +73,7 @@ async def test_120_recipients_are_3_batches_3_calls_and_one_unary_rpc(harness: H
 @pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset({KEYS["globex"]}))])
 async def test_a_revoked_key_is_one_rejected_batch_with_status_401(harness: Harness) -> None:
     reply = await harness.stub.Send(unary(20), metadata=harness.auth())
-    assert reply.results[0].http_status == 401
+    assert reply.results[0].braze.http_status == 401
 
     assert value(harness, "canvas_gateway_recipients_total", tenant="acme", outcome="rejected") == 20
     labels = {"tenant": "acme", "outcome": "rejected", "code": "INTERNAL"}

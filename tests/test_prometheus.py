@@ -108,7 +108,7 @@ async def one_round(h: Harness) -> None:
     assert reply.summary.recipients_sent == 60
 
     reply = await h.stub.Send(unary(10, INACTIVE_CANVAS), metadata=acme, timeout=10)  # 1 call
-    assert reply.results[0].notice
+    assert reply.results[0].braze.notice
 
     h.fake.faults.script([Fault.status(503)])  # faults use no budget
     reply = await h.stub.Send(unary(10), metadata=acme, timeout=10)
@@ -125,7 +125,7 @@ async def one_round(h: Harness) -> None:
     assert sent == 120
 
     reply = await h.stub.Send(unary(10), metadata=h.auth("globex"), timeout=10)
-    assert reply.results[0].http_status == 401
+    assert reply.results[0].braze.http_status == 401
 
     assert await refused(h, unary(1), ()) == grpc.StatusCode.UNAUTHENTICATED
     unknown = (("authorization", f"Bearer {UNKNOWN_TOKEN}"),)

@@ -47,12 +47,12 @@ async def test_recipients_are_split_into_calls_of_at_most_50(
     # every body is the caller's body restricted to the batch's recipients, integers intact
     by_dispatch = {c.dispatch_id: c for c in sent}
     for result in response.results:
-        call = by_dispatch[result.dispatch_id]
+        call = by_dispatch[result.braze.dispatch_id]
         expected = {**body, "recipients": [body["recipients"][p] for p in result.positions]}
         assert call.body == expected
         assert b'"shared":12,' in call.raw or b'"shared":12}' in call.raw
-        assert result.outcome == pb.OUTCOME_SENT and result.code == 0 and result.http_status == 201
-        assert result.attempts == 1 and result.message == "success"
+        assert result.outcome == pb.OUTCOME_SENT and result.code == 0 and result.braze.http_status == 201
+        assert result.attempts == 1 and result.braze.message == "success"
     positions = [p for r in response.results for p in r.positions]
     assert sorted(positions) == list(range(count))
     assert [r.batch_index for r in response.results] == list(range(len(calls)))
@@ -76,7 +76,7 @@ async def test_doc_examples_end_to_end(harness: Harness, name: str) -> None:
     assert [c.api_key for c in harness.fake.calls] == [KEYS[tenant]]
     (result,) = response.results
     assert result.outcome == pb.OUTCOME_SENT
-    assert result.dispatch_id == harness.fake.calls[0].dispatch_id
+    assert result.braze.dispatch_id == harness.fake.calls[0].dispatch_id
     assert list(result.positions) == list(range(len(body.get("recipients", []))))
 
 
@@ -292,8 +292,8 @@ async def test_paused_canvas_is_accepted_but_not_counted_as_sent(harness: Harnes
     (result,) = response.results
     assert result.outcome == pb.OUTCOME_CANVAS_INACTIVE
     assert result.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and not result.retryable
-    assert result.notice == PAUSED_NOTICE and result.http_status == 201
-    assert result.dispatch_id == harness.fake.calls[0].dispatch_id != ""
+    assert result.braze.notice == PAUSED_NOTICE and result.braze.http_status == 201
+    assert result.braze.dispatch_id == harness.fake.calls[0].dispatch_id != ""
     assert "nothing was sent" in result.status_message
     assert (response.summary.recipients_sent, response.summary.recipients_canvas_inactive) == (0, 2)
 
@@ -302,7 +302,7 @@ async def test_paused_canvas_is_accepted_but_not_counted_as_sent(harness: Harnes
 async def test_a_redirect_is_refused_naming_the_base_url(harness: Harness, status: int) -> None:
     harness.fake.faults.script([Fault.status(status, b"")])
     (result,) = (await send(harness, {"canvas_id": CANVAS, "recipients": recipients(3)})).results
-    assert result.outcome == pb.OUTCOME_REJECTED and result.http_status == status
+    assert result.outcome == pb.OUTCOME_REJECTED and result.braze.http_status == status
     assert result.code == grpc.StatusCode.INTERNAL.value[0] and not result.retryable
     assert "braze_rest_url" in result.status_message and result.attempts == 1
 
@@ -349,9 +349,9 @@ async def test_braze_non_fatal_errors_are_passed_through(harness: Harness) -> No
     reply = {"dispatch_id": "d1", "message": "success", "errors": ["minor", {"code": 7}]}
     harness.fake.faults.script([Fault.status(201, orjson.dumps(reply))])
     (result,) = (await send(harness, {"canvas_id": CANVAS, "recipients": recipients(1)})).results
-    assert result.outcome == pb.OUTCOME_SENT and result.dispatch_id == "d1"
-    assert result.errors[0].string_value == "minor"
-    assert result.errors[1].struct_value["code"] == 7
+    assert result.outcome == pb.OUTCOME_SENT and result.braze.dispatch_id == "d1"
+    assert result.braze.errors[0].string_value == "minor"
+    assert result.braze.errors[1].struct_value["code"] == 7
 
 
 TOP_LEVEL_FAULTS: dict[str, tuple[dict[str, Any], str]] = {

@@ -72,13 +72,15 @@ async def test_ten_thousand_recipients_in_chunks(harness: Harness) -> None:
     assert len(results) == 200
     assert covered(results) == list(range(10_000))  # each position exactly once
     assert sorted(r.batch_index for r in results) == list(range(200))
-    assert all(r.outcome == pb.OUTCOME_SENT and len(r.positions) == 50 and r.dispatch_id for r in results)
+    assert all(
+        r.outcome == pb.OUTCOME_SENT and len(r.positions) == 50 and r.braze.dispatch_id for r in results
+    )
     assert summary is not None and summary.recipients_sent == 10_000 and summary.batches == 200
     calls = harness.fake.calls
     assert len(calls) == 200 and all(c.api_key == KEYS["acme"] for c in calls)
     by_dispatch = {c.dispatch_id: c.body for c in calls}
     for result in results[:20]:
-        body = by_dispatch[result.dispatch_id]
+        body = by_dispatch[result.braze.dispatch_id]
         assert body["context"] == HEADER["context"]
         assert [r["external_user_id"] for r in body["recipients"]] == [f"user-{p}" for p in result.positions]
 

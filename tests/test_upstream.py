@@ -48,7 +48,7 @@ async def test_refusals_are_rejected_with_the_matching_code_and_not_retried(
     result = await send_one(harness)
     assert result.outcome == pb.OUTCOME_REJECTED
     assert result.code == code.value[0]
-    assert result.http_status == status and result.attempts == 1 and not result.retryable
+    assert result.braze.http_status == status and result.attempts == 1 and not result.retryable
     assert "nothing was sent" in result.status_message
     assert len(harness.fake.calls) == 1
 
@@ -59,20 +59,20 @@ async def test_5xx_is_unknown_and_never_retried(harness: Harness, status: int) -
     result = await send_one(harness)
     assert result.outcome == pb.OUTCOME_UNKNOWN
     assert result.code == grpc.StatusCode.UNKNOWN.value[0]
-    assert result.http_status == status and result.attempts == 1 and not result.retryable
+    assert result.braze.http_status == status and result.attempts == 1 and not result.retryable
     assert len(harness.fake.calls) == 1
 
 
 async def test_non_json_error_page_is_tolerated(harness: Harness) -> None:
     harness.fake.faults.script([Fault.status(502, b"<html>bad gateway</html>", "text/html")])
     result = await send_one(harness)
-    assert result.outcome == pb.OUTCOME_UNKNOWN and result.message == "non-JSON response (text/html)"
+    assert result.outcome == pb.OUTCOME_UNKNOWN and result.braze.message == "non-JSON response (text/html)"
 
 
 async def test_dropped_connection_after_sending_is_unknown(harness: Harness) -> None:
     harness.fake.faults.script([Fault.reset()])
     result = await send_one(harness)
-    assert result.outcome == pb.OUTCOME_UNKNOWN and result.http_status == 0 and result.attempts == 1
+    assert result.outcome == pb.OUTCOME_UNKNOWN and result.braze.http_status == 0 and result.attempts == 1
     assert len(harness.fake.calls) == 1
 
 
@@ -88,7 +88,7 @@ async def test_429_is_retried_and_then_sent(harness: Harness) -> None:
     harness.fake.faults.script([Fault.status(429), Fault.status(429)])
     result = await send_one(harness)
     assert result.outcome == pb.OUTCOME_SENT and result.attempts == 3
-    assert result.dispatch_id == harness.fake.calls[-1].dispatch_id
+    assert result.braze.dispatch_id == harness.fake.calls[-1].dispatch_id
     assert [c.status for c in harness.fake.calls] == [429, 429, 201]
 
 
@@ -109,9 +109,9 @@ async def test_a_429_with_a_distant_reset_is_rejected_with_the_reset_time(harnes
     result = await send_one(harness)
     assert result.outcome == pb.OUTCOME_REJECTED and result.retryable
     assert result.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-    assert result.http_status == 429 and result.attempts == 1
+    assert result.braze.http_status == 429 and result.attempts == 1
     assert result.rate_limit_reset.seconds == next_clock_hour()
-    assert result.message == "Rate Limited"
+    assert result.braze.message == "Rate Limited"
 
 
 @pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=1)])
@@ -133,7 +133,7 @@ async def test_a_connection_that_never_opens_is_retried_then_not_attempted(harne
     result = await send_one(harness)
     assert result.outcome == pb.OUTCOME_NOT_ATTEMPTED
     assert result.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert result.retryable and result.attempts == 3 and result.http_status == 0
+    assert result.retryable and result.attempts == 3 and result.braze.http_status == 0
 
 
 @pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset({KEYS["globex"]}))])
@@ -146,7 +146,7 @@ async def test_a_braze_key_never_reaches_results_errors_or_logs(
     assert call.status == 401 and call.api_key == KEYS["acme"]  # sent in the header only
     assert KEYS["acme"].encode() not in call.raw
     assert result.outcome == pb.OUTCOME_REJECTED and result.code == grpc.StatusCode.INTERNAL.value[0]
-    assert result.message == "Invalid API key: [REDACTED]"
+    assert result.braze.message == "Invalid API key: [REDACTED]"
     for secret in (KEYS["acme"], TOKENS["acme"]):
         assert secret.encode() not in result.SerializeToString()
         assert secret not in caplog.text

@@ -14,11 +14,11 @@ rejected naming the field: such numbers must travel as strings.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any, Final
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2
 
 from .braze import CONTEXT_NAMES
 from .model import BatchResult, Outcome, Summary, Violation
@@ -130,28 +130,34 @@ def _json_to_value(item: Any) -> struct_pb2.Value:
     return json_format.ParseDict(item, struct_pb2.Value())
 
 
-def violations_to_proto(violations: Iterable[Violation]) -> list[pb.FieldViolation]:
-    return [pb.FieldViolation(field=v.field, description=v.description) for v in violations]
+def violation_to_proto(violation: Violation) -> error_details_pb2.BadRequest.FieldViolation:
+    return error_details_pb2.BadRequest.FieldViolation(
+        field=violation.field, description=violation.description
+    )
 
 
 def result_to_proto(result: BatchResult) -> pb.BatchResult:
-    """A core BatchResult as the wire message."""
+    """A core BatchResult as the wire message: Braze's answer, when there was one, in `braze`."""
     return pb.BatchResult(
         batch_index=result.batch_index,
         positions=result.positions,
         outcome=result.outcome.value,  # type: ignore[arg-type]  # same numbers as pb.Outcome
-        code=int(result.code),
+        code=int(result.code),  # model.Code holds google.rpc.Code's numbers
         status_message=result.status_message,
         retryable=result.retryable,
-        dispatch_id=result.dispatch_id,
-        message=result.message,
-        notice=result.notice,
-        errors=[_json_to_value(item) for item in result.errors],
-        http_status=result.http_status,
         attempts=result.attempts,
-        violations=violations_to_proto(result.violations),
+        violations=[violation_to_proto(v) for v in result.violations],
         rate_limit_reset=timestamp_pb2.Timestamp(seconds=result.rate_limit_reset)
         if result.rate_limit_reset
+        else None,
+        braze=pb.BrazeReply(
+            http_status=result.http_status,
+            dispatch_id=result.dispatch_id,
+            message=result.message,
+            notice=result.notice,
+            errors=[_json_to_value(item) for item in result.errors],
+        )
+        if result.http_status
         else None,
     )
 

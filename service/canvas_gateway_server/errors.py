@@ -44,7 +44,12 @@ class PermissionDenied(GatewayError):
 
 
 class ShuttingDown(GatewayError):
-    """The gateway stopped reading a stream to shut down; the text says where to resume."""
+    """The gateway is draining. For a stream it stopped reading, `resume_position` is the first
+    position it did not read: every earlier one has a result."""
+
+    def __init__(self, message: str, resume_position: int | None = None) -> None:
+        super().__init__(message)
+        self.resume_position = resume_position
 
 
 class ConfigError(Exception):

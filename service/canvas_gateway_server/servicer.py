@@ -182,7 +182,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
         try:
             tenant = self._authenticate(context)
             first = await reader.next()
-            if first is None or first.WhichOneof("message") != "header":
+            if first is None or first.WhichOneof("part") != "header":
                 raise _bad_stream("the first message of a stream must be a header")
             header = first.header
             session = self._sender.open_stream(
@@ -214,7 +214,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             try:
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
                 while (message := await reader.next()) is not None:
-                    if message.WhichOneof("message") != "chunk":
+                    if message.WhichOneof("part") != "chunk":
                         raise _bad_stream("only the first message may be a header")
                     await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
                 session.check_complete()
@@ -222,7 +222,8 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                 if isinstance(exc, ShuttingDown):
                     exc = ShuttingDown(
                         f"the gateway is shutting down: recipients from position {session.received} on "
-                        "were not read and NOT_ATTEMPTED batches were not sent; send them again"
+                        "were not read and NOT_ATTEMPTED batches were not sent; send them again",
+                        resume_position=session.received,
                     )
                 failure.append(exc)
                 await session.close(send_rest=False)

@@ -2,8 +2,10 @@
 
 InvalidRequest carries google.rpc.BadRequest field violations in the status details
 (grpc-status-details-bin), readable with grpc_status.rpc_status.from_call in any
-language. Unexpected exceptions become INTERNAL with the text "internal error" and
-nothing more: their details stay in the (redacted) log.
+language. A stream cut short by draining carries a google.rpc.ErrorInfo (domain
+ERROR_DOMAIN, reason "DRAINING") whose metadata "resume_position" says where to resume.
+Unexpected exceptions become INTERNAL with the text "internal error" and nothing more: their
+details stay in the (redacted) log.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -27,6 +30,9 @@ _CODES: dict[type[GatewayError], int] = {
     ShuttingDown: code_pb2.UNAVAILABLE,
 }
 
+
+ERROR_DOMAIN = "canvas-gateway.internal"
+"""google.rpc.ErrorInfo.domain of the gateway's own error details (see the proto's SendStream)."""
 
 MAX_DETAIL_BYTES = 3_000
 """Budget for the BadRequest details. They travel base64-encoded in a trailer, and clients
@@ -54,11 +60,22 @@ def to_status(error: GatewayError) -> grpc.Status:
         shown, total = len(bad_request.field_violations), len(error.violations)
         if shown < total:
             message += f"; the details list the first {shown} of {total} violations"
-        detail = any_pb2.Any()
-        detail.Pack(bad_request)
-        status.details.append(detail)
+        _attach(status, bad_request)
+    if isinstance(error, ShuttingDown) and error.resume_position is not None:
+        info = error_details_pb2.ErrorInfo(
+            reason="DRAINING",
+            domain=ERROR_DOMAIN,
+            metadata={"resume_position": str(error.resume_position)},
+        )
+        _attach(status, info)
     status.message = message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
     return rpc_status.to_status(status)
+
+
+def _attach(status: status_pb2.Status, detail: Message) -> None:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status.details.append(packed)
 
 
 async def abort(context: grpc.aio.ServicerContext[object, object], error: BaseException) -> NoReturn:

@@ -24,11 +24,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf import json_format, message
+from google.protobuf.descriptor import FieldDescriptor
 
 from .client import DEFAULT_CHUNK_SIZE, CanvasGatewayClient, bad_request_violations
 from .inputs import InputError, open_input, read_body, read_recipients
@@ -51,7 +52,30 @@ def _json_line(msg: message.Message) -> str:
     data = json_format.MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(_int64_as_numbers(msg, data), separators=(",", ":"), ensure_ascii=False)
+
+
+_INT64_TYPES = frozenset(
+    {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64}
+)
+
+
+def _int64_as_numbers(msg: message.Message, data: dict[str, Any]) -> dict[str, Any]:
+    """proto3 JSON writes 64-bit integers as strings (for JavaScript); the CLI's lines keep
+    them numbers, as positions and counts are. Nested messages of ours are walked too."""
+    for descriptor in msg.DESCRIPTOR.fields:
+        key = descriptor.name
+        if key not in data:
+            continue
+        if descriptor.type in _INT64_TYPES:
+            data[key] = [int(v) for v in data[key]] if isinstance(data[key], list) else int(data[key])
+        elif descriptor.message_type is not None and descriptor.message_type.full_name.startswith(
+            "canvas_gateway."
+        ):
+            value = getattr(msg, key)
+            if isinstance(value, message.Message):
+                _int64_as_numbers(value, data[key])
+    return data
 
 
 @dataclass
@@ -73,8 +97,8 @@ class Tally:
             ok = result.outcome == pb.OUTCOME_SENT
         self.notices += result.outcome == pb.OUTCOME_CANVAS_INACTIVE
         self.all_ok = self.all_ok and ok
-        if result.dispatch_id and len(self.dispatch_ids) < 3:
-            self.dispatch_ids.append(result.dispatch_id)
+        if result.braze.dispatch_id and len(self.dispatch_ids) < 3:
+            self.dispatch_ids.append(result.braze.dispatch_id)
 
     def finish(self, io: Console) -> int:
         """Warn about no-op acceptances; the command's exit status."""

@@ -3,11 +3,20 @@
 isort:skip_file
 canvas_gateway.v1: trigger Braze API-triggered Canvases through the gateway.
 
+Contract v1 is frozen: `make test` runs `buf breaking` against the commit
+named in protos/FROZEN, so fields and values may be added but never
+renamed, renumbered, retyped or removed.
+
 CanvasTrigger mirrors the JSON body of Braze's POST /canvas/trigger/send
 field for field: every field's JSON name is Braze's JSON name, so a Braze
 body parses into CanvasTrigger with any proto3 JSON parser, and the body the
 gateway posts for one batch is the caller's body restricted to that batch's
-recipients. No Braze API key appears anywhere here: callers authenticate to
+recipients.
+
+JSON: every field of this API, requests and responses alike, has a
+snake_case JSON name (Braze's spelling for Braze's fields), so proto3 JSON
+reads and prints `dispatch_id`, never `dispatchId`. (Audience's `AND` and
+`OR` are Braze's own names.) No Braze API key appears anywhere here: callers authenticate to
 the gateway with a bearer token in the `authorization` metadata, and the
 gateway holds each tenant's Braze key.
 """
@@ -19,6 +28,8 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import code_pb2 as _code_pb2
+from google.rpc import error_details_pb2 as _error_details_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -460,13 +471,13 @@ class SendStreamRequest(_message.Message):
         header: Global___StreamHeader | None = ...,
         chunk: Global___RecipientChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
-    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___SendStreamRequest: _TypeAlias = SendStreamRequest  # noqa: Y015
 
@@ -542,45 +553,21 @@ class SendStreamResponse(_message.Message):
         result: Global___BatchResult | None = ...,
         summary: Global___SendSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["result", "summary"]  # noqa: Y015
-    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["result", "summary"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___SendStreamResponse: _TypeAlias = SendStreamResponse  # noqa: Y015
 
 @_typing.final
-class FieldViolation(_message.Message):
-    """FieldViolation names one invalid field, as in google.rpc.BadRequest."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FIELD_FIELD_NUMBER: _builtins.int
-    DESCRIPTION_FIELD_NUMBER: _builtins.int
-    field: _builtins.str
-    """Path in Braze's JSON names, e.g. "recipients[3].email"."""
-    description: _builtins.str
-    def __init__(
-        self,
-        *,
-        field: _builtins.str = ...,
-        description: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
-
-@_typing.final
 class BatchResult(_message.Message):
     """BatchResult is the outcome of one Braze call (or of one recipient that
-    failed validation inside a stream).
+    failed validation inside a stream). The gateway's verdict is here; what
+    Braze itself answered is in `braze`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -591,35 +578,21 @@ class BatchResult(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
-    DISPATCH_ID_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    NOTICE_FIELD_NUMBER: _builtins.int
-    ERRORS_FIELD_NUMBER: _builtins.int
-    HTTP_STATUS_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     VIOLATIONS_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_RESET_FIELD_NUMBER: _builtins.int
+    BRAZE_FIELD_NUMBER: _builtins.int
     batch_index: _builtins.int
     """Index of the batch in formation order, starting at 0."""
     outcome: Global___Outcome.ValueType
-    code: _builtins.int
-    """google.rpc.Code of this batch: OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
-    UNKNOWN, ...
-    """
+    code: _code_pb2.Code.ValueType
+    """The batch's status: OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNKNOWN, ..."""
     status_message: _builtins.str
     """Human-readable status text (never contains a secret)."""
     retryable: _builtins.bool
     """True when sending the same batch again cannot message anyone twice and
     may succeed (for example after a 429 or a refused connection).
     """
-    dispatch_id: _builtins.str
-    """Braze's receipt for the call, verbatim. Opaque; not per recipient."""
-    message: _builtins.str
-    """Braze's `message` ("success", or the error text with secrets redacted)."""
-    notice: _builtins.str
-    """Braze's `notice`: set when the Canvas is inactive and nothing was sent."""
-    http_status: _builtins.int
-    """HTTP status of the last attempt; 0 when no response was received."""
     attempts: _builtins.int
     """Calls made to Braze for this batch (0 when none)."""
     @_builtins.property
@@ -629,12 +602,10 @@ class BatchResult(_message.Message):
         """
 
     @_builtins.property
-    def errors(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
-        """Braze's non-fatal `errors`, passed through."""
-
-    @_builtins.property
-    def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
-        """Why recipients were refused before sending (stream recipients only)."""
+    def violations(self) -> _containers.RepeatedCompositeFieldContainer[_error_details_pb2.BadRequest.FieldViolation]:
+        """Why recipients were refused before sending (stream recipients only),
+        with `field` a path in Braze's JSON names, e.g. "recipients[3].email".
+        """
 
     @_builtins.property
     def rate_limit_reset(self) -> _timestamp_pb2.Timestamp:
@@ -642,31 +613,73 @@ class BatchResult(_message.Message):
         RESOURCE_EXHAUSTED result; unset when unknown.
         """
 
+    @_builtins.property
+    def braze(self) -> Global___BrazeReply:
+        """Braze's answer to the last attempt; unset when no response was received."""
+
     def __init__(
         self,
         *,
         batch_index: _builtins.int = ...,
         positions: _abc.Iterable[_builtins.int] | None = ...,
         outcome: Global___Outcome.ValueType = ...,
-        code: _builtins.int = ...,
+        code: _code_pb2.Code.ValueType = ...,
         status_message: _builtins.str = ...,
         retryable: _builtins.bool = ...,
-        dispatch_id: _builtins.str = ...,
-        message: _builtins.str = ...,
-        notice: _builtins.str = ...,
-        errors: _abc.Iterable[_struct_pb2.Value] | None = ...,
-        http_status: _builtins.int = ...,
         attempts: _builtins.int = ...,
-        violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+        violations: _abc.Iterable[_error_details_pb2.BadRequest.FieldViolation] | None = ...,
         rate_limit_reset: _timestamp_pb2.Timestamp | None = ...,
+        braze: Global___BrazeReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit_reset", b"rate_limit_reset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["braze", b"braze", "rate_limit_reset", b"rate_limit_reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_index", b"batch_index", "code", b"code", "dispatch_id", b"dispatch_id", "errors", b"errors", "http_status", b"http_status", "message", b"message", "notice", b"notice", "outcome", b"outcome", "positions", b"positions", "rate_limit_reset", b"rate_limit_reset", "retryable", b"retryable", "status_message", b"status_message", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_index", b"batch_index", "braze", b"braze", "code", b"code", "outcome", b"outcome", "positions", b"positions", "rate_limit_reset", b"rate_limit_reset", "retryable", b"retryable", "status_message", b"status_message", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchResult: _TypeAlias = BatchResult  # noqa: Y015
+
+@_typing.final
+class BrazeReply(_message.Message):
+    """BrazeReply is what Braze answered, verbatim except that secrets are
+    redacted from its texts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    DISPATCH_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    http_status: _builtins.int
+    """HTTP status of the response."""
+    dispatch_id: _builtins.str
+    """Braze's receipt for the call. Opaque; not per recipient."""
+    message: _builtins.str
+    """Braze's `message`: "success", or the error text."""
+    notice: _builtins.str
+    """Braze's `notice`: set when the Canvas is inactive and nothing was sent."""
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
+        """Braze's non-fatal `errors`, passed through."""
+
+    def __init__(
+        self,
+        *,
+        http_status: _builtins.int = ...,
+        dispatch_id: _builtins.str = ...,
+        message: _builtins.str = ...,
+        notice: _builtins.str = ...,
+        errors: _abc.Iterable[_struct_pb2.Value] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_id", b"dispatch_id", "errors", b"errors", "http_status", b"http_status", "message", b"message", "notice", b"notice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BrazeReply: _TypeAlias = BrazeReply  # noqa: Y015
 
 @_typing.final
 class SendSummary(_message.Message):
@@ -693,9 +706,10 @@ class SendSummary(_message.Message):
     was sent to them, and they are not counted in recipients_sent.
     """
     request_id: _builtins.str
-    """The request id the gateway logged this request under: the caller's `x-request-id`
-    metadata when it sent a valid one, else one the gateway made. Also returned in the
-    response's initial metadata as `x-request-id`, so failed calls can be quoted too.
+    """The request id the gateway logged this request under: the caller's
+    `x-request-id` metadata when it sent a valid one, else one the gateway
+    made. Also returned in the response's initial metadata as
+    `x-request-id`, so failed calls can be quoted too.
     """
     def __init__(
         self,

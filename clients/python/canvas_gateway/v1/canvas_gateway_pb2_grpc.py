@@ -69,6 +69,14 @@ class CanvasGatewayServiceServicer:
         summary closes the stream. An invalid header aborts the stream before
         anything is sent; an invalid recipient gets a REJECTED result of its own
         and the valid ones go on.
+
+        When the gateway drains (deploys, scale-in) it stops reading, finishes the
+        batches it holds, and ends the stream UNAVAILABLE with a
+        google.rpc.ErrorInfo detail (domain "canvas-gateway.internal", reason
+        "DRAINING") whose metadata "resume_position" is the first position it did
+        not read. Every position before it has a result (a retryable
+        NOT_ATTEMPTED one was not sent); open a new stream and send the
+        recipients without a result, and those NOT_ATTEMPTED, again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

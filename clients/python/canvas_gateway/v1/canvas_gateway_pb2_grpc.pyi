@@ -3,11 +3,20 @@
 isort:skip_file
 canvas_gateway.v1: trigger Braze API-triggered Canvases through the gateway.
 
+Contract v1 is frozen: `make test` runs `buf breaking` against the commit
+named in protos/FROZEN, so fields and values may be added but never
+renamed, renumbered, retyped or removed.
+
 CanvasTrigger mirrors the JSON body of Braze's POST /canvas/trigger/send
 field for field: every field's JSON name is Braze's JSON name, so a Braze
 body parses into CanvasTrigger with any proto3 JSON parser, and the body the
 gateway posts for one batch is the caller's body restricted to that batch's
-recipients. No Braze API key appears anywhere here: callers authenticate to
+recipients.
+
+JSON: every field of this API, requests and responses alike, has a
+snake_case JSON name (Braze's spelling for Braze's fields), so proto3 JSON
+reads and prints `dispatch_id`, never `dispatchId`. (Audience's `AND` and
+`OR` are Braze's own names.) No Braze API key appears anywhere here: callers authenticate to
 the gateway with a bearer token in the `authorization` metadata, and the
 gateway holds each tenant's Braze key.
 """
@@ -56,6 +65,14 @@ class CanvasGatewayServiceStub:
     summary closes the stream. An invalid header aborts the stream before
     anything is sent; an invalid recipient gets a REJECTED result of its own
     and the valid ones go on.
+
+    When the gateway drains (deploys, scale-in) it stops reading, finishes the
+    batches it holds, and ends the stream UNAVAILABLE with a
+    google.rpc.ErrorInfo detail (domain "canvas-gateway.internal", reason
+    "DRAINING") whose metadata "resume_position" is the first position it did
+    not read. Every position before it has a result (a retryable
+    NOT_ATTEMPTED one was not sent); open a new stream and send the
+    recipients without a result, and those NOT_ATTEMPTED, again.
     """
 
 @_typing.type_check_only
@@ -77,6 +94,14 @@ class CanvasGatewayServiceAsyncStub(CanvasGatewayServiceStub):
     summary closes the stream. An invalid header aborts the stream before
     anything is sent; an invalid recipient gets a REJECTED result of its own
     and the valid ones go on.
+
+    When the gateway drains (deploys, scale-in) it stops reading, finishes the
+    batches it holds, and ends the stream UNAVAILABLE with a
+    google.rpc.ErrorInfo detail (domain "canvas-gateway.internal", reason
+    "DRAINING") whose metadata "resume_position" is the first position it did
+    not read. Every position before it has a result (a retryable
+    NOT_ATTEMPTED one was not sent); open a new stream and send the
+    recipients without a result, and those NOT_ATTEMPTED, again.
     """
 
 class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +132,14 @@ class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         summary closes the stream. An invalid header aborts the stream before
         anything is sent; an invalid recipient gets a REJECTED result of its own
         and the valid ones go on.
+
+        When the gateway drains (deploys, scale-in) it stops reading, finishes the
+        batches it holds, and ends the stream UNAVAILABLE with a
+        google.rpc.ErrorInfo detail (domain "canvas-gateway.internal", reason
+        "DRAINING") whose metadata "resume_position" is the first position it did
+        not read. Every position before it has a result (a retryable
+        NOT_ATTEMPTED one was not sent); open a new stream and send the
+        recipients without a result, and those NOT_ATTEMPTED, again.
         """
 
 def add_CanvasGatewayServiceServicer_to_server(servicer: CanvasGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
