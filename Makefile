@@ -9,8 +9,9 @@ PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
 TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_gateway_client
 PROMTOOL ?= promtool
+FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
-.PHONY: install proto proto-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
+.PHONY: install proto proto-check proto-breaking fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
 
 install: $(STAMP)
 
@@ -45,6 +46,16 @@ proto-check: $(STAMP)
 	  cmp -s protos/google/rpc/$$f.proto "$$rpc/$$f.proto" \
 	    || { echo "protos/google/rpc/$$f.proto differs from googleapis-common-protos' copy: copy it again"; exit 1; }; \
 	done
+
+## proto-breaking: contract v1 is frozen: no change may break a generated client (see protos/FROZEN).
+proto-breaking: $(STAMP)
+	$(BIN)/buf breaking --against protos/FROZEN.binpb
+	@if git cat-file -e '$(FROZEN_COMMIT)^{commit}' 2>/dev/null; then \
+	  tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  $(BIN)/buf build '.git#ref=$(FROZEN_COMMIT)' --exclude-source-info -o "$$tmp/frozen.binpb" \
+	  && cmp -s "$$tmp/frozen.binpb" protos/FROZEN.binpb \
+	  || { echo "protos/FROZEN.binpb is not the image of the frozen commit $(FROZEN_COMMIT)"; exit 1; }; \
+	else echo "frozen commit $(FROZEN_COMMIT) is not in this clone: checked against protos/FROZEN.binpb alone"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -89,7 +100,7 @@ pytest: $(STAMP) prometheus-install
 	$(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
-test: proto-check lint typecheck client-check prometheus-check pytest
+test: proto-check proto-breaking lint typecheck client-check prometheus-check pytest
 
 check: test
 
