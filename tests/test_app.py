@@ -11,8 +11,9 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.app import DEMO_TOKEN, SERVICE_NAME, Gateway
+from canvas_gateway_server.app import DEMO_TOKEN, Gateway
 from canvas_gateway_server.errors import ConfigError
+from canvas_gateway_server.servicer import SERVICE_NAME
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, tenants_toml

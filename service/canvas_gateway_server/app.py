@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
-from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -41,7 +39,7 @@ from .limits import LocalLimiter
 from .metrics import Metrics, PrometheusMetrics
 from .retry import RetryPolicy
 from .sending import Sender, SendLimits
-from .servicer import CanvasGatewayServicer
+from .servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .settings import Settings
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 from .upstream import BrazeClient, open_session
@@ -51,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasGatewayService"].full_name
 DEMO_TOKEN = "demo-token"  # noqa: S105 - a documented demo credential for the embedded fake only
 DEMO_BRAZE_KEY = "demo-braze-key"
 ABANDON_SECONDS = 5.0
@@ -135,7 +132,7 @@ class Gateway:
         )
         shutting_down = asyncio.Event()
         servicer = CanvasGatewayServicer(tenants, sender, shutting_down, metrics)
-        pb_grpc.add_CanvasGatewayServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))

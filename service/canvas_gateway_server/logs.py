@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Final, TextIO
@@ -117,3 +118,24 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class Throttled:
+    """At most one line per `interval` seconds through `logger`, for lines a caller can cause at
+    will (garbage requests): the next line that passes counts the ones dropped meanwhile."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._next = 0.0
+        self._dropped = 0
+
+    def warning(self, message: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._dropped += 1
+            return
+        self._next = now + self._interval
+        dropped, self._dropped = self._dropped, 0
+        suffix = f" ({dropped} more like it not logged)" if dropped else ""
+        self._logger.warning(message + suffix, extra={**fields, "dropped": dropped})

@@ -58,6 +58,7 @@ class Rule(enum.StrEnum):
     AUDIENCE_ATTRIBUTE_NAME = "audience_attribute_name"
     AUDIENCE_COMPARISON = "audience_comparison"
     AUDIENCE_VALUE = "audience_value"
+    UNDECODABLE = "undecodable"
     STREAM_HEADER = "stream_header"
     STREAM_BROADCAST = "stream_broadcast"
 

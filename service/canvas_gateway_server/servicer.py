@@ -1,4 +1,9 @@
-"""The gRPC edge: authenticate, convert, call `sending`, convert back.
+"""The gRPC edge: authenticate, decode, convert, call `sending`, convert back.
+
+The service is registered with raw-bytes requests (`add_to_server`) and decodes them here,
+after authentication: a message that does not decode (bad bytes, invalid UTF-8, nesting past
+protobuf's limit) is the caller's error, INVALID_ARGUMENT with a short fixed text, where
+grpcio's own decoding would answer UNKNOWN with Python's exception text and log a traceback.
 
 Every expected failure is raised as a GatewayError and turned into a status by
 `status.abort`, through `_abort`, which counts the violations of refused requests. What the
@@ -10,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Generic, NoReturn, TypeVar
+from typing import Final, Generic, NoReturn, TypeVar
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError, Message
 
-from . import calls, convert, status
+from . import calls, convert, logs, status
 from .errors import InvalidRequest, ShuttingDown, Unauthenticated
 from .metrics import Metrics
 from .model import Rule, Violation
@@ -25,7 +30,24 @@ from .tenants import Tenant, TenantDirectory
 
 Context = grpc.aio.ServicerContext[object, object]
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
+_undecodable_log = logs.Throttled(log)
+SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["CanvasGatewayService"].full_name
+
+
+def decode(message_type: type[M], raw: bytes, field: str, context: Context) -> M:
+    """`raw` as a `message_type`; a message that does not decode is the caller's error."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        name = message_type.DESCRIPTOR.name
+        _undecodable_log.warning(
+            "refused a message that does not decode", peer=context.peer(), message_type=name
+        )
+        raise InvalidRequest(
+            [Violation(field, f"not a valid {name} message: it does not decode", Rule.UNDECODABLE)]
+        ) from None
 
 
 def bearer_token(context: Context) -> str:
@@ -110,8 +132,8 @@ class InFlight:
         await self._idle.wait()
 
 
-class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
-    """canvas_gateway.v1.CanvasGatewayService over `Sender`."""
+class CanvasGatewayServicer:
+    """canvas_gateway.v1.CanvasGatewayService over `Sender`, taking requests as raw bytes."""
 
     def __init__(
         self,
@@ -148,13 +170,14 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             self._metrics.invalid(error.violations)
         await status.abort(context, error)
 
-    async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+    async def Send(self, raw: bytes, context: Context) -> pb.SendResponse:
         with self.in_flight:
-            return await self._send(request, context)
+            return await self._send(raw, context)
 
-    async def _send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+    async def _send(self, raw: bytes, context: Context) -> pb.SendResponse:
         try:
             tenant = self._authenticate(context)
+            request = decode(pb.SendRequest, raw, "request", context)
             self._sender.check_unary_count(len(request.trigger.recipients))
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
@@ -168,7 +191,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
             await self._abort(context, exc)
 
     async def SendStream(
-        self, request_iterator: AsyncIterator[pb.SendStreamRequest], context: Context
+        self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[pb.SendStreamResponse]:
         with self.in_flight:
             async for response in self._send_stream(
@@ -177,11 +200,12 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
                 yield response
 
     async def _send_stream(
-        self, reader: StreamReader[pb.SendStreamRequest], context: Context
+        self, reader: StreamReader[bytes], context: Context
     ) -> AsyncIterator[pb.SendStreamResponse]:
         try:
             tenant = self._authenticate(context)
-            first = await reader.next()
+            raw = await reader.next()
+            first = None if raw is None else decode(pb.SendStreamRequest, raw, "messages[0]", context)
             if first is None or first.WhichOneof("part") != "header":
                 raise _bad_stream("the first message of a stream must be a header")
             header = first.header
@@ -202,7 +226,7 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
     async def _stream_results(
         self,
         session: StreamSend,
-        reader: StreamReader[pb.SendStreamRequest],
+        reader: StreamReader[bytes],
         header: pb.StreamHeader,
         context: Context,
     ) -> AsyncIterator[pb.SendStreamResponse]:
@@ -213,7 +237,10 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
         async def pump() -> None:
             try:
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
-                while (message := await reader.next()) is not None:
+                index = 0
+                while (raw := await reader.next()) is not None:
+                    index += 1
+                    message = decode(pb.SendStreamRequest, raw, f"messages[{index}]", context)
                     if message.WhichOneof("part") != "chunk":
                         raise _bad_stream("only the first message may be a header")
                     await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
@@ -250,3 +277,16 @@ class CanvasGatewayServicer(pb_grpc.CanvasGatewayServiceServicer):
 
 def _bad_stream(why: str) -> InvalidRequest:
     return InvalidRequest([Violation("header", why, Rule.STREAM_HEADER)])
+
+
+def add_to_server(servicer: CanvasGatewayServicer, server: grpc.aio.Server) -> None:
+    """Register the service with raw-bytes requests, which the servicer decodes itself."""
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, Message]] = {
+        "Send": grpc.unary_unary_rpc_method_handler(
+            servicer.Send, response_serializer=pb.SendResponse.SerializeToString
+        ),
+        "SendStream": grpc.stream_stream_rpc_method_handler(
+            servicer.SendStream, response_serializer=pb.SendStreamResponse.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
