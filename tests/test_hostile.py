@@ -3,7 +3,9 @@ with a short fixed text, after authentication, with no traceback and a throttled
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -115,3 +117,21 @@ async def test_a_chunk_that_does_not_decode_ends_the_stream_after_the_results_un
     sent = sum(len(call.body["recipients"]) for call in harness.fake.calls)
     assert sent == sum(len(r.positions) for r in results if r.outcome == pb.OUTCOME_SENT)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("settings_overrides", [{"stream_header_timeout_seconds": 0.3}])
+async def test_a_stream_that_sends_no_header_in_time_ends_deadline_exceeded(harness: Harness) -> None:
+    never = asyncio.Event()
+
+    async def messages() -> AsyncIterator[bytes]:
+        await never.wait()  # an authenticated caller that opens a stream and says nothing
+        yield b""
+
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in _stream(harness)(messages(), metadata=harness.auth(), timeout=20):
+            pass
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert caught.value.details() == "no stream header within 0.3 s; nothing was sent"
+    assert time.monotonic() - started < 10  # the header timeout and the 2 s drain, not the call's 20 s
+    assert not harness.gateway.servicer.in_flight.busy

@@ -131,7 +131,13 @@ class Gateway:
             ],
         )
         shutting_down = asyncio.Event()
-        servicer = CanvasGatewayServicer(tenants, sender, shutting_down, metrics)
+        servicer = CanvasGatewayServicer(
+            tenants,
+            sender,
+            shutting_down,
+            metrics,
+            header_timeout_seconds=settings.stream_header_timeout_seconds,
+        )
         add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

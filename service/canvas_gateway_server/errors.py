@@ -5,6 +5,7 @@
     +-- Unauthenticated      missing or unknown bearer token                   -> UNAUTHENTICATED
     +-- PermissionDenied     the tenant may not do this (e.g. broadcast)        -> PERMISSION_DENIED
     +-- ShuttingDown         the gateway is draining; the caller should resume  -> UNAVAILABLE
+    +-- HeaderTimeout        a stream sent no header in time                    -> DEADLINE_EXCEEDED
     ConfigError              settings or tenants file invalid (boot or reload)
 
 Upstream failures are not exceptions: each becomes a BatchResult (see results.py).
@@ -50,6 +51,10 @@ class ShuttingDown(GatewayError):
     def __init__(self, message: str, resume_position: int | None = None) -> None:
         super().__init__(message)
         self.resume_position = resume_position
+
+
+class HeaderTimeout(GatewayError):
+    """A stream sent no header within the configured time; nothing was sent."""
 
 
 class ConfigError(Exception):

@@ -22,7 +22,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf.message import DecodeError, Message
 
 from . import calls, convert, logs, status
-from .errors import InvalidRequest, ShuttingDown, Unauthenticated
+from .errors import HeaderTimeout, InvalidRequest, ShuttingDown, Unauthenticated
 from .metrics import Metrics
 from .model import Rule, Violation
 from .sending import Sender, StreamSend
@@ -142,12 +142,14 @@ class CanvasGatewayServicer:
         shutting_down: asyncio.Event,
         metrics: Metrics | None = None,
         drain_seconds: float = 2.0,
+        header_timeout_seconds: float = 10.0,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
         self._shutting_down = shutting_down
         self._metrics = metrics or Metrics()
         self._drain_seconds = drain_seconds
+        self._header_timeout_seconds = header_timeout_seconds
         self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:
@@ -204,7 +206,13 @@ class CanvasGatewayServicer:
     ) -> AsyncIterator[pb.SendStreamResponse]:
         try:
             tenant = self._authenticate(context)
-            raw = await reader.next()
+            try:
+                async with asyncio.timeout(self._header_timeout_seconds):
+                    raw = await reader.next()
+            except TimeoutError:
+                raise HeaderTimeout(
+                    f"no stream header within {self._header_timeout_seconds:g} s; nothing was sent"
+                ) from None
             first = None if raw is None else decode(pb.SendStreamRequest, raw, "messages[0]", context)
             if first is None or first.WhichOneof("part") != "header":
                 raise _bad_stream("the first message of a stream must be a header")

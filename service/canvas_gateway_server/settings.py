@@ -60,6 +60,8 @@ class Settings:
     """Longest a batch waits for a rate-limit reset before giving up with RESOURCE_EXHAUSTED."""
     result_queue_size: int = 64
     """Results buffered per stream before batches wait for the caller to read."""
+    stream_header_timeout_seconds: float = 10.0
+    """Time a SendStream has to send its header; past it the stream ends DEADLINE_EXCEEDED."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message accepted or sent (one Send, or one stream chunk)."""
     shutdown_delay_seconds: float = 5.0
@@ -84,7 +86,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least 1")
-        for name in ("upstream_connect_timeout_seconds", "upstream_timeout_seconds"):
+        for name in (
+            "upstream_connect_timeout_seconds",
+            "upstream_timeout_seconds",
+            "stream_header_timeout_seconds",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be positive")
         for name in (

@@ -19,7 +19,14 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .errors import GatewayError, InvalidRequest, PermissionDenied, ShuttingDown, Unauthenticated
+from .errors import (
+    GatewayError,
+    HeaderTimeout,
+    InvalidRequest,
+    PermissionDenied,
+    ShuttingDown,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,7 @@ _CODES: dict[type[GatewayError], int] = {
     Unauthenticated: code_pb2.UNAUTHENTICATED,
     PermissionDenied: code_pb2.PERMISSION_DENIED,
     ShuttingDown: code_pb2.UNAVAILABLE,
+    HeaderTimeout: code_pb2.DEADLINE_EXCEEDED,
 }
 
 
