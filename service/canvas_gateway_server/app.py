@@ -110,6 +110,7 @@ class Gateway:
                 max_attempts=settings.max_attempts,
                 base_delay=settings.retry_base_delay_seconds,
                 max_wait=settings.max_retry_wait_seconds,
+                min_time_left=settings.min_call_seconds,
             ),
             metrics,
         )
@@ -137,6 +138,7 @@ class Gateway:
             shutting_down,
             metrics,
             header_timeout_seconds=settings.stream_header_timeout_seconds,
+            deadline_margin_seconds=settings.deadline_margin_seconds,
         )
         add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,7 +72,9 @@ class Dispatcher:
         for task in list(self._running):
             task.cancel()
 
-    async def send(self, tenant: Tenant, batch: Batch) -> BatchResult:
+    async def send(self, tenant: Tenant, batch: Batch, deadline: float | None = None) -> BatchResult:
+        """The batch's result. `deadline` (time.monotonic) is the caller's, less a margin: no call
+        starts with less than the policy's `min_time_left` before it, and none outlasts it."""
         progress = _Progress()
         task = asyncio.current_task()
         if self._abandoned or task is None:
@@ -79,7 +82,7 @@ class Dispatcher:
         self._running.add(task)
         self._metrics.batch_started(tenant.id)
         try:
-            return await self._attempt(tenant, batch, progress)
+            return await self._attempt(tenant, batch, progress, deadline)
         except asyncio.CancelledError:
             if self._consume_abandon_cancel(task):
                 return results.abandoned(batch, progress.attempts, progress.sent)
@@ -99,27 +102,36 @@ class Dispatcher:
         cancellation (the caller went away) goes on."""
         return self._abandoned and task.uncancel() == 0
 
-    async def _attempt(self, tenant: Tenant, batch: Batch, progress: _Progress) -> BatchResult:
-        metrics, broadcast = self._metrics, batch.broadcast
+    async def _attempt(
+        self, tenant: Tenant, batch: Batch, progress: _Progress, deadline: float | None
+    ) -> BatchResult:
+        metrics, broadcast, policy = self._metrics, batch.broadcast, self._policy
+
+        def left() -> float:
+            return math.inf if deadline is None else deadline - time.monotonic()
+
         try:
             while True:
                 async with self._limiter.slot(tenant):
                     paused = self._limiter.paused_until(tenant, broadcast)
                     if paused:
                         wait = paused - self._clock()
-                        if wait > self._policy.max_wait:
+                        if wait > min(policy.max_wait, left() - policy.min_time_left):
                             return results.rate_limited_locally(batch, progress.attempts, int(paused))
                         await self._sleep(max(0.0, wait))
                         metrics.rate_limit_wait(tenant.id, max(0.0, wait))
+                    time_left = left()
+                    if time_left < policy.min_time_left:
+                        return results.deadline_cut(batch, progress.attempts)
                     progress.attempts += 1
                     started = time.perf_counter()
-                    reply = await self._client.trigger(tenant, batch.body, progress)
+                    reply = await self._client.trigger(tenant, batch.body, progress, time_left)
                     metrics.braze_call(tenant.id, broadcast, reply, time.perf_counter() - started)
                     progress.sent = False  # the reply settled that call
                     self._limiter.observe(tenant, broadcast, reply)
                     metrics.paused(tenant.id, broadcast, self._limiter.paused_until(tenant, broadcast))
-                delay = retry_delay(self._policy, reply, progress.attempts, self._clock(), self._jitter())
-                if delay is None:
+                delay = retry_delay(policy, reply, progress.attempts, self._clock(), self._jitter())
+                if delay is None or delay > left() - policy.min_time_left:
                     return results.from_reply(batch, reply, progress.attempts)
                 rate_limited = reply.delivery is Delivery.RESPONDED
                 metrics.retry(tenant.id, "rate_limited" if rate_limited else "connect_failed")
@@ -144,9 +156,11 @@ class FanOut:
         concurrency: int,
         queue_size: int,
         metrics: Metrics | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._tenant = tenant
+        self._deadline = deadline
         self._metrics = metrics or Metrics()
         self._slots = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[BatchResult | object] = asyncio.Queue(queue_size)
@@ -161,7 +175,7 @@ class FanOut:
 
     async def _run(self, batch: Batch) -> None:
         try:
-            result = await self._dispatcher.send(self._tenant, batch)
+            result = await self._dispatcher.send(self._tenant, batch, self._deadline)
             try:
                 await self.put(result)  # the slot is held until the caller can take it
             except asyncio.CancelledError:

@@ -86,6 +86,14 @@ def _rate_limited(batch: Batch, why: str, reset: int, **details: Any) -> BatchRe
     return _result(batch, Outcome.REJECTED, code, text, retryable=True, rate_limit_reset=reset, **details)
 
 
+def deadline_cut(batch: Batch, attempts: int) -> BatchResult:
+    """Too little of the caller's deadline was left to call Braze."""
+    text = "the caller's deadline left too little time to call Braze; nothing was sent"
+    return _result(
+        batch, Outcome.NOT_ATTEMPTED, Code.DEADLINE_EXCEEDED, text, retryable=True, attempts=attempts
+    )
+
+
 def failed_inside_gateway(batch: Batch, attempts: int) -> BatchResult:
     """A gateway bug interrupted the batch; if a call had started, it may have been sent."""
     if attempts == 0:

@@ -22,6 +22,8 @@ class RetryPolicy:
     """Cap on one backoff."""
     max_wait: float = 30.0
     """Longest wait for a rate-limit reset; past it the batch is returned as rate limited."""
+    min_time_left: float = 0.2
+    """Under a caller's deadline, a call starts only with at least this long left."""
 
 
 def retry_delay(policy: RetryPolicy, reply: Reply, attempts: int, now: float, jitter: float) -> float | None:

@@ -82,8 +82,10 @@ class Sender:
         head: Mapping[str, Any],
         recipients: Sequence[Mapping[str, Any]],
         validate_only: bool,
+        deadline: float | None = None,
     ) -> tuple[list[BatchResult], Summary]:
-        """Check the whole request, reporting every violation at once; then send it."""
+        """Check the whole request, reporting every violation at once; then send it, within
+        `deadline` (time.monotonic, see Dispatcher.send)."""
         self.check_unary_count(len(recipients))
         intake = Intake(head, tenant.context_name)
         plan = _AllOrNothing()
@@ -105,7 +107,7 @@ class Sender:
             for result in done:
                 report(self._metrics, tenant, result)
         else:
-            done = await self._run_all(tenant, batches)
+            done = await self._run_all(tenant, batches, deadline)
         done.sort(key=lambda result: result.batch_index)
         summary = Summary()
         for result in done:
@@ -118,9 +120,16 @@ class Sender:
         if violations:
             raise InvalidRequest(violations)
 
-    async def _run_all(self, tenant: Tenant, batches: list[Batch]) -> list[BatchResult]:
+    async def _run_all(
+        self, tenant: Tenant, batches: list[Batch], deadline: float | None
+    ) -> list[BatchResult]:
         fan = FanOut(
-            self._dispatcher, tenant, self._limits.request_concurrency, len(batches) + 1, self._metrics
+            self._dispatcher,
+            tenant,
+            self._limits.request_concurrency,
+            len(batches) + 1,
+            self._metrics,
+            deadline,
         )
 
         async def produce() -> None:
@@ -139,7 +148,9 @@ class Sender:
             producer.cancel()
             fan.cancel()
 
-    def open_stream(self, tenant: Tenant, head: Mapping[str, Any], validate_only: bool) -> StreamSend:
+    def open_stream(
+        self, tenant: Tenant, head: Mapping[str, Any], validate_only: bool, deadline: float | None = None
+    ) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
         intake = Intake(head, tenant.context_name)
         violations = [*check_stream_head(head), *intake.head_violations]
@@ -152,6 +163,7 @@ class Sender:
             self._limits.request_concurrency,
             self._limits.result_queue_size,
             self._metrics,
+            deadline,
         )
         return StreamSend(intake, fan, validate_only)
 

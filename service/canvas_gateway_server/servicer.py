@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Final, Generic, NoReturn, TypeVar
 
@@ -143,6 +144,7 @@ class CanvasGatewayServicer:
         metrics: Metrics | None = None,
         drain_seconds: float = 2.0,
         header_timeout_seconds: float = 10.0,
+        deadline_margin_seconds: float = 0.1,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
@@ -150,6 +152,7 @@ class CanvasGatewayServicer:
         self._metrics = metrics or Metrics()
         self._drain_seconds = drain_seconds
         self._header_timeout_seconds = header_timeout_seconds
+        self._deadline_margin_seconds = deadline_margin_seconds
         self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:
@@ -167,6 +170,13 @@ class CanvasGatewayServicer:
         calls.note(tenant=tenant.id)
         return tenant
 
+    def _deadline(self, context: Context) -> float | None:
+        """The caller's deadline on time.monotonic, less the margin its results need to get back."""
+        remaining: float | None = context.time_remaining()  # None without a deadline (the stubs say float)
+        if remaining is None:
+            return None
+        return time.monotonic() + remaining - self._deadline_margin_seconds
+
     async def _abort(self, context: Context, error: BaseException) -> NoReturn:
         if isinstance(error, InvalidRequest):
             self._metrics.invalid(error.violations)
@@ -183,7 +193,9 @@ class CanvasGatewayServicer:
             self._sender.check_unary_count(len(request.trigger.recipients))
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
-            done, summary = await self._sender.send(tenant, head, recipients, request.options.validate_only)
+            done, summary = await self._sender.send(
+                tenant, head, recipients, request.options.validate_only, self._deadline(context)
+            )
             calls.note(summary=summary)
             return pb.SendResponse(
                 results=[convert.result_to_proto(result) for result in done],
@@ -218,7 +230,10 @@ class CanvasGatewayServicer:
                 raise _bad_stream("the first message of a stream must be a header")
             header = first.header
             session = self._sender.open_stream(
-                tenant, convert.trigger_head(header.trigger), header.options.validate_only
+                tenant,
+                convert.trigger_head(header.trigger),
+                header.options.validate_only,
+                self._deadline(context),
             )
         except Exception as exc:
             await reader.drain(self._drain_seconds)

@@ -56,6 +56,10 @@ class Settings:
     """Calls per batch, counting retries; only safe failures are retried."""
     retry_base_delay_seconds: float = 0.2
     """First backoff after a connection that could not be opened; doubles each time."""
+    min_call_seconds: float = 0.2
+    """Under a caller's deadline, a Braze call starts only with at least this long left."""
+    deadline_margin_seconds: float = 0.1
+    """Of a caller's deadline, the time kept back for its results to reach it."""
     max_retry_wait_seconds: float = 30.0
     """Longest a batch waits for a rate-limit reset before giving up with RESOURCE_EXHAUSTED."""
     result_queue_size: int = 64
@@ -96,6 +100,8 @@ class Settings:
         for name in (
             "retry_base_delay_seconds",
             "max_retry_wait_seconds",
+            "min_call_seconds",
+            "deadline_margin_seconds",
             "shutdown_delay_seconds",
             "shutdown_grace_seconds",
         ):

@@ -11,6 +11,7 @@ tenant's key before it is parsed.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -125,8 +126,15 @@ class BrazeClient:
         self._session = session
         self._timeout = timeout
 
-    async def trigger(self, tenant: Tenant, body: bytes, progress: Progress | None = None) -> Reply:
-        """POST one batch body with the tenant's key; never raises for network failures."""
+    async def trigger(
+        self, tenant: Tenant, body: bytes, progress: Progress | None = None, time_left: float = math.inf
+    ) -> Reply:
+        """POST one batch body with the tenant's key; never raises for network failures.
+
+        `time_left` (a caller's deadline) shortens the call's total timeout when it is sooner."""
+        timeout = self._timeout
+        if time_left < (timeout.total or math.inf):
+            timeout = aiohttp.ClientTimeout(total=time_left, connect=timeout.connect)
         headers = {
             "Authorization": f"Bearer {tenant.braze_api_key}",
             "Content-Type": "application/json",
@@ -137,7 +145,7 @@ class BrazeClient:
                 url,
                 data=body,
                 headers=headers,
-                timeout=self._timeout,
+                timeout=timeout,
                 allow_redirects=False,
                 trace_request_ctx=progress,
             ) as response:
