@@ -11,7 +11,7 @@ TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_
 PROMTOOL ?= promtool
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
-.PHONY: install proto proto-check proto-breaking fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
+.PHONY: install proto proto-check proto-breaking clients proto-clients fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
 
 install: $(STAMP)
 
@@ -95,9 +95,22 @@ prometheus-check: prometheus-install
 	$(PROMTOOL) check rules deploy/prometheus/alerts.yml
 	$(PROMTOOL) test rules deploy/prometheus/alerts_test.yml
 
-## pytest: the test suite alone (real gRPC, the fake Braze and a real Prometheus on 127.0.0.1).
-pytest: $(STAMP) prometheus-install
-	$(BIN)/pytest -q --cov --cov-report=term
+## clients: the Go, TypeScript and Java clients: generated code fresh (gen-check), then built with their
+## examples, which tests/test_polyglot.py runs against a real gateway. Toolchains: go, node/npm, java/mvn.
+clients: $(STAMP)
+	$(MAKE) -C clients/go tools gen-check build BUF=$(abspath $(BIN))/buf
+	$(MAKE) -C clients/node deps gen-check build BUF=$(abspath $(BIN))/buf
+	$(MAKE) -C clients/java gen-check build
+
+## proto-clients: regenerate the committed Go and TypeScript code from protos/ (Java generates at build time).
+proto-clients: $(STAMP)
+	$(MAKE) -C clients/go tools gen BUF=$(abspath $(BIN))/buf
+	$(MAKE) -C clients/node deps gen BUF=$(abspath $(BIN))/buf
+
+## pytest: the test suite (real gRPC, the fake Braze and a real Prometheus on 127.0.0.1, every client's
+## examples); the clients are built first, and a missing one fails rather than skips.
+pytest: $(STAMP) prometheus-install clients
+	CGW_REQUIRE_CLIENTS=1 $(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
 test: proto-check proto-breaking lint typecheck client-check prometheus-check pytest
