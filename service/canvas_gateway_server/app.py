@@ -125,11 +125,7 @@ class Gateway:
         )
         server = grpc.aio.server(
             interceptors=[CallObserver(metrics, SERVICE_NAME)],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=settings.grpc_options(),
         )
         shutting_down = asyncio.Event()
         servicer = CanvasGatewayServicer(

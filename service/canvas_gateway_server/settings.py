@@ -68,6 +68,17 @@ class Settings:
     """Time a SendStream has to send its header; past it the stream ends DEADLINE_EXCEEDED."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message accepted or sent (one Send, or one stream chunk)."""
+    keepalive_time_seconds: float = 60.0
+    """Idle time after which the server pings a connection, to find dead peers."""
+    keepalive_timeout_seconds: float = 20.0
+    """Time a keepalive ping has to be answered before the connection is closed."""
+    keepalive_min_client_interval_seconds: float = 10.0
+    """Shortest interval between a client's keepalive pings the server tolerates."""
+    max_connection_age_seconds: float = 300.0
+    """Age at which a client connection is asked to reconnect (GOAWAY), so clients behind a
+    balancer spread over new replicas; 0: never. Calls under way finish first."""
+    max_connection_age_grace_seconds: float = 0.0
+    """After a connection's max age, time its calls under way still get; 0: as long as they take."""
     shutdown_delay_seconds: float = 5.0
     """On SIGTERM, how long not-ready is announced (health, /readyz) before new requests are refused."""
     shutdown_grace_seconds: float = 25.0
@@ -94,6 +105,9 @@ class Settings:
             "upstream_connect_timeout_seconds",
             "upstream_timeout_seconds",
             "stream_header_timeout_seconds",
+            "keepalive_time_seconds",
+            "keepalive_timeout_seconds",
+            "keepalive_min_client_interval_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be positive")
@@ -104,6 +118,8 @@ class Settings:
             "deadline_margin_seconds",
             "shutdown_delay_seconds",
             "shutdown_grace_seconds",
+            "max_connection_age_seconds",
+            "max_connection_age_grace_seconds",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must not be negative")
@@ -121,6 +137,30 @@ class Settings:
             raise ConfigError(f"set both {ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE, or neither")
         if not self.demo and not self.tenants_file:
             raise ConfigError(f"set {ENV_PREFIX}TENANTS_FILE, or {ENV_PREFIX}DEMO=true for the demo")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments: message sizes, keepalive, connection age."""
+
+        def ms(seconds: float) -> int:
+            return round(seconds * 1000)
+
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time_seconds)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_seconds)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.keepalive_min_client_interval_seconds)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.max_connection_age_seconds:
+            options.append(("grpc.max_connection_age_ms", ms(self.max_connection_age_seconds)))
+            if self.max_connection_age_grace_seconds:
+                options.append(
+                    ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_seconds))
+                )
+        return options
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
