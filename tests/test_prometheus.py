@@ -1,7 +1,7 @@
 """The dashboard and the alerts against a real Prometheus scraping a real gateway.
 
 A gateway (the harness of conftest.py) sends real traffic through gRPC to the fake Braze:
-sends, a Canvas that is paused, a 503 (UNKNOWN), 429s that are retried, a stream, a tenant
+sends, a Canvas that is paused, a 503 (UNKNOWN, and the circuit breaker opens), 429s that are retried, a stream, a tenant
 whose Braze key the fake refuses (401), calls without or with an unknown token, an invalid
 request, tenants reloads that fail, a budget spent to the last call (paused, then refused
 locally), and a shutdown whose not-ready delay Prometheus scrapes. Each kind of traffic runs
@@ -75,9 +75,17 @@ def fake_config() -> FakeBrazeConfig:
     )
 
 
+BREAKER_COOLDOWN = 1.5
+"""One failed call opens the breaker for this long: a scrape (every second) sees it open."""
+
+
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
-    return {"shutdown_delay_seconds": SHUTDOWN_DELAY}
+    return {
+        "shutdown_delay_seconds": SHUTDOWN_DELAY,
+        "breaker_failures": 1,
+        "breaker_cooldown_seconds": BREAKER_COOLDOWN,
+    }
 
 
 def unary(count: int, canvas_id: str = "canvas-1") -> pb.SendRequest:
@@ -113,6 +121,7 @@ async def one_round(h: Harness) -> None:
     h.fake.faults.script([Fault.status(503)])  # faults use no budget
     reply = await h.stub.Send(unary(10), metadata=acme, timeout=10)
     assert reply.results[0].outcome == pb.OUTCOME_UNKNOWN
+    await asyncio.sleep(BREAKER_COOLDOWN + 0.1)  # the 503 opened the breaker; the next call probes
 
     h.fake.faults.script([Fault.status(429), Fault.status(429)])
     reply = await h.stub.Send(unary(10), metadata=acme, timeout=10)  # 1 call

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__, logs, reflection
 from .admin import AdminServer
+from .breaker import LocalBreaker
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
@@ -113,6 +114,11 @@ class Gateway:
                 min_time_left=settings.min_call_seconds,
             ),
             metrics,
+            breaker=LocalBreaker(
+                settings.breaker_failures, settings.breaker_cooldown_seconds, metrics.breaker_state
+            )
+            if settings.breaker_failures
+            else None,
         )
         sender = Sender(
             dispatcher,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import results
+from .breaker import CircuitBreaker, NoBreaker, host_of
 from .limits import UpstreamLimiter
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
@@ -52,6 +53,7 @@ class Dispatcher:
         policy: RetryPolicy,
         metrics: Metrics | None = None,
         *,
+        breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -60,6 +62,7 @@ class Dispatcher:
         self._limiter = limiter
         self._policy = policy
         self._metrics = metrics or Metrics()
+        self._breaker = breaker or NoBreaker()
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
@@ -123,10 +126,15 @@ class Dispatcher:
                     time_left = left()
                     if time_left < policy.min_time_left:
                         return results.deadline_cut(batch, progress.attempts)
+                    url = tenant.braze_rest_url
+                    blocked = self._breaker.blocked_until(url)
+                    if blocked:
+                        return results.circuit_open(batch, progress.attempts, host_of(url), blocked)
                     progress.attempts += 1
                     started = time.perf_counter()
                     reply = await self._client.trigger(tenant, batch.body, progress, time_left)
                     metrics.braze_call(tenant.id, broadcast, reply, time.perf_counter() - started)
+                    self._breaker.record(url, reply)
                     progress.sent = False  # the reply settled that call
                     self._limiter.observe(tenant, broadcast, reply)
                     metrics.paused(tenant.id, broadcast, self._limiter.paused_until(tenant, broadcast))

@@ -73,6 +73,9 @@ class Metrics:
 
     def rate_limit_wait(self, tenant: str, seconds: float) -> None: ...
 
+    def breaker_state(self, braze_host: str, state: int) -> None:
+        """A Braze URL's circuit changed state (0 closed, 1 open, 2 half-open)."""
+
     def paused(self, tenant: str, broadcast: bool, until: float) -> None:
         """The tenant's budget is spent until `until` (epoch seconds; 0: not paused)."""
 
@@ -251,6 +254,20 @@ class PrometheusMetrics(Metrics):
             "Batch results, by outcome and google.rpc.Code name.",
             ("tenant", "outcome", "code"),
         )
+        self._breaker_state = _Family(
+            Gauge(
+                "canvas_gateway_braze_breaker_state",
+                "Circuit breaker of a Braze instance: 0 closed, 1 open (its batches end "
+                "NOT_ATTEMPTED), 2 half-open (one probe call).",
+                ("braze_host",),
+                registry=registry,
+            )
+        )
+        self._breaker_opened = counter(
+            "canvas_gateway_braze_breaker_opened_total",
+            "Times a Braze instance's circuit opened after consecutive failed calls.",
+            ("braze_host",),
+        )
         self._tenants = Gauge("canvas_gateway_tenants", "Tenants loaded.", registry=registry)
         self._reloads = counter(
             "canvas_gateway_tenant_reloads_total", "Tenants-file reloads, by result.", ("result",)
@@ -318,6 +335,11 @@ class PrometheusMetrics(Metrics):
 
     def rate_limit_wait(self, tenant: str, seconds: float) -> None:
         self._waited(tenant).inc(seconds)
+
+    def breaker_state(self, braze_host: str, state: int) -> None:
+        self._breaker_state(braze_host).set(state)
+        if state == 1:
+            self._breaker_opened(braze_host).inc()
 
     def paused(self, tenant: str, broadcast: bool, until: float) -> None:
         self._levels.paused_until[(tenant, budget(broadcast))] = until

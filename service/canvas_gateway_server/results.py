@@ -8,6 +8,7 @@ auto-retried); a connection that could not be opened is NOT_ATTEMPTED.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -84,6 +85,15 @@ def _rate_limited(batch: Batch, why: str, reset: int, **details: Any) -> BatchRe
     text = f"{why}; nothing was sent"
     code = Code.RESOURCE_EXHAUSTED
     return _result(batch, Outcome.REJECTED, code, text, retryable=True, rate_limit_reset=reset, **details)
+
+
+def circuit_open(batch: Batch, attempts: int, host: str, until: float) -> BatchResult:
+    """The circuit breaker for the tenant's Braze instance is open: no call is made."""
+    text = (
+        f"Braze at {host} keeps failing: calls to it are paused (circuit breaker open) "
+        f"until {time.strftime('%H:%M:%S', time.gmtime(until))} UTC; nothing was sent"
+    )
+    return _result(batch, Outcome.NOT_ATTEMPTED, Code.UNAVAILABLE, text, retryable=True, attempts=attempts)
 
 
 def deadline_cut(batch: Batch, attempts: int) -> BatchResult:

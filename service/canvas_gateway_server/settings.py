@@ -60,6 +60,11 @@ class Settings:
     """Under a caller's deadline, a Braze call starts only with at least this long left."""
     deadline_margin_seconds: float = 0.1
     """Of a caller's deadline, the time kept back for its results to reach it."""
+    breaker_failures: int = 5
+    """Consecutive failed calls (no connection, timeout, 5xx) to one Braze URL that open its
+    circuit: its batches then end NOT_ATTEMPTED at once; 0 turns the breaker off."""
+    breaker_cooldown_seconds: float = 10.0
+    """How long an open circuit stays open before one probe call may test Braze again."""
     max_retry_wait_seconds: float = 30.0
     """Longest a batch waits for a rate-limit reset before giving up with RESOURCE_EXHAUSTED."""
     result_queue_size: int = 64
@@ -116,6 +121,8 @@ class Settings:
             "max_retry_wait_seconds",
             "min_call_seconds",
             "deadline_margin_seconds",
+            "breaker_failures",
+            "breaker_cooldown_seconds",
             "shutdown_delay_seconds",
             "shutdown_grace_seconds",
             "max_connection_age_seconds",
