@@ -1,11 +1,12 @@
 """The dashboard and the alerts against a real Prometheus scraping a real gateway.
 
-A gateway (the harness of conftest.py) sends real traffic through gRPC to the fake Braze:
-sends, a Canvas that is paused, a 503 (UNKNOWN, and the circuit breaker opens), 429s that
-are retried, a stream, a tenant whose Braze key the fake refuses (401), calls without or with
-an unknown token, an invalid request, tenants reloads that fail, a budget spent to the last
-call (paused, then refused locally), and a shutdown whose not-ready delay Prometheus scrapes. Each kind of traffic runs
-twice, with a scrape between, because a counter's first sample gives rate() nothing.
+A gateway (the harness of conftest.py) sends real traffic through gRPC to the fake Braze: sends,
+a Canvas that is paused, a 503 (UNKNOWN, and the circuit breaker opens), 429s that are retried,
+a stream, a tenant whose Braze key the fake refuses (401), calls without or with an unknown
+token, an invalid request, tenants reloads that fail, a budget spent to the last call (paused,
+then refused locally), and a shutdown whose not-ready delay Prometheus scrapes. Each kind of
+traffic runs twice, with a scrape between, because a counter's first sample gives rate()
+nothing.
 
 Then every expression of deploy/grafana/canvas-gateway.json and deploy/prometheus/alerts.yml
 must return data over the test's window, every metric they name must be in the gateway's
