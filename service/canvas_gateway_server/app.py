@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__, logs, reflection
 from .admin import AdminServer
 from .breaker import LocalBreaker
+from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
@@ -119,6 +120,7 @@ class Gateway:
             )
             if settings.breaker_failures
             else None,
+            budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
         )
         sender = Sender(
             dispatcher,

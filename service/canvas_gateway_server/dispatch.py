@@ -20,6 +20,7 @@ from typing import Any
 
 from . import results
 from .breaker import CircuitBreaker, NoBreaker, host_of
+from .budget import RetryBudget, Unlimited
 from .limits import UpstreamLimiter
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
@@ -54,6 +55,7 @@ class Dispatcher:
         metrics: Metrics | None = None,
         *,
         breaker: CircuitBreaker | None = None,
+        budget: RetryBudget | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -63,6 +65,7 @@ class Dispatcher:
         self._policy = policy
         self._metrics = metrics or Metrics()
         self._breaker = breaker or NoBreaker()
+        self._budget = budget or Unlimited()
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
@@ -130,6 +133,8 @@ class Dispatcher:
                     blocked = self._breaker.blocked_until(url)
                     if blocked:
                         return results.circuit_open(batch, progress.attempts, host_of(url), blocked)
+                    if progress.attempts == 0:
+                        self._budget.called(tenant.id)
                     progress.attempts += 1
                     started = time.perf_counter()
                     reply = await self._client.trigger(tenant, batch.body, progress, time_left)
@@ -140,6 +145,9 @@ class Dispatcher:
                     metrics.paused(tenant.id, broadcast, self._limiter.paused_until(tenant, broadcast))
                 delay = retry_delay(policy, reply, progress.attempts, self._clock(), self._jitter())
                 if delay is None or delay > left() - policy.min_time_left:
+                    return results.from_reply(batch, reply, progress.attempts)
+                if not self._budget.try_retry(tenant.id):
+                    metrics.retry_denied(tenant.id)
                     return results.from_reply(batch, reply, progress.attempts)
                 rate_limited = reply.delivery is Delivery.RESPONDED
                 metrics.retry(tenant.id, "rate_limited" if rate_limited else "connect_failed")

@@ -71,6 +71,9 @@ class Metrics:
 
     def retry(self, tenant: str, reason: str) -> None: ...
 
+    def retry_denied(self, tenant: str) -> None:
+        """A retry the tenant's retry budget refused: its batch ended with the last call's result."""
+
     def rate_limit_wait(self, tenant: str, seconds: float) -> None: ...
 
     def breaker_state(self, braze_host: str, state: int) -> None:
@@ -239,6 +242,12 @@ class PrometheusMetrics(Metrics):
             "(connect_failed).",
             ("tenant", "reason"),
         )
+        self._retries_denied = counter(
+            "canvas_gateway_retries_denied_total",
+            "Retries the tenant's retry budget refused (retries above its share of calls): the batch "
+            "ended with the result of the call before.",
+            ("tenant",),
+        )
         self._waited = counter(
             "canvas_gateway_rate_limit_wait_seconds_total",
             "Time batches spent waiting for a rate-limit reset or a Retry-After.",
@@ -332,6 +341,9 @@ class PrometheusMetrics(Metrics):
 
     def retry(self, tenant: str, reason: str) -> None:
         self._retries(tenant, reason).inc()
+
+    def retry_denied(self, tenant: str) -> None:
+        self._retries_denied(tenant).inc()
 
     def rate_limit_wait(self, tenant: str, seconds: float) -> None:
         self._waited(tenant).inc(seconds)

@@ -60,6 +60,11 @@ class Settings:
     """Under a caller's deadline, a Braze call starts only with at least this long left."""
     deadline_margin_seconds: float = 0.1
     """Of a caller's deadline, the time kept back for its results to reach it."""
+    retry_budget_ratio: float = 0.2
+    """A tenant's retries may be at most this share of its first calls over 10 s (plus the minimum)."""
+    retry_budget_minimum: int = 10
+    """Retries a tenant may always make in 10 s, whatever its share; with the ratio, 0 and 0
+    allow none."""
     breaker_failures: int = 5
     """Consecutive failed calls (no connection, timeout, 5xx) to one Braze URL that open its
     circuit: its batches then end NOT_ATTEMPTED at once; 0 turns the breaker off."""
@@ -122,6 +127,8 @@ class Settings:
             "min_call_seconds",
             "deadline_margin_seconds",
             "breaker_failures",
+            "retry_budget_ratio",
+            "retry_budget_minimum",
             "breaker_cooldown_seconds",
             "shutdown_delay_seconds",
             "shutdown_grace_seconds",
