@@ -23,7 +23,8 @@ class BatchPlanner:
     takes an index too (`reserve_index`): indices are unique and follow input order.
     """
 
-    def __init__(self, head_json: bytes) -> None:
+    def __init__(self, head_json: bytes, broadcast_budget: bool = False) -> None:
+        self._broadcast_budget = broadcast_budget
         self._prefix = head_json[:-1] + _RECIPIENTS_KEY
         self._base_size = len(self._prefix) + len(_CLOSE)
         self._positions: list[int] = []
@@ -48,7 +49,7 @@ class BatchPlanner:
         if not self._parts:
             return None
         body = self._prefix + b",".join(self._parts) + _CLOSE
-        batch = Batch(index=self.reserve_index(), positions=tuple(self._positions), body=body)
+        batch = Batch(self.reserve_index(), tuple(self._positions), body, self._broadcast_budget)
         self._positions = []
         self._parts = []
         self._size = self._base_size

@@ -81,6 +81,9 @@ class Batch:
     positions: tuple[int, ...]
     body: bytes
     broadcast: bool = False
+    """The call draws on Braze's per-minute broadcast budgets, not the hourly recipient pool: a
+    broadcast (no recipients), or a call with an `audience` when the tenant's `audience_budget`
+    is `any_audience` (CONTRACT.md 8, point 21)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,9 @@ class Taken(NamedTuple):
 class Intake:
     """Checked, encoded recipients cut into batches of at most 50 and 4 MB."""
 
-    def __init__(self, head: Mapping[str, Any], context_name: str = "context") -> None:
+    def __init__(
+        self, head: Mapping[str, Any], context_name: str = "context", audience_budget: str = "any_audience"
+    ) -> None:
         self._context_name = context_name
         self._other_name = CONTEXT_NAMES[1] if context_name == CONTEXT_NAMES[0] else CONTEXT_NAMES[0]
         self.head = head
@@ -56,7 +58,9 @@ class Intake:
         self.head_violations = (*check_head(head), *found)
         """Top-level violations: while there are any, nothing is batched (recipients are still checked)."""
         self.head_json = encoded or b"{}"
-        self._planner = BatchPlanner(self.head_json)
+        self._planner = BatchPlanner(
+            self.head_json, broadcast_budget="audience" in head and audience_budget == "any_audience"
+        )
         self.received = 0
         """Recipients taken so far, valid or not: the next recipient's position."""
 

@@ -87,7 +87,7 @@ class Sender:
         """Check the whole request, reporting every violation at once; then send it, within
         `deadline` (time.monotonic, see Dispatcher.send)."""
         self.check_unary_count(len(recipients))
-        intake = Intake(head, tenant.context_name)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget)
         plan = _AllOrNothing()
         await _take_all(intake, recipients, plan)
         last = intake.finish()
@@ -152,7 +152,7 @@ class Sender:
         self, tenant: Tenant, head: Mapping[str, Any], validate_only: bool, deadline: float | None = None
     ) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
-        intake = Intake(head, tenant.context_name)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget)
         violations = [*check_stream_head(head), *intake.head_violations]
         if violations:
             raise InvalidRequest(violations)

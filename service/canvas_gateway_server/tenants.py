@@ -26,6 +26,7 @@ from .loopback import is_loopback
 _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _KEY_SOURCES = ("braze_api_key", "braze_api_key_env", "braze_api_key_file")
+AUDIENCE_BUDGETS = ("any_audience", "broadcast_only")
 _FIELDS = frozenset(
     {
         "token_sha256",
@@ -34,6 +35,7 @@ _FIELDS = frozenset(
         "allow_insecure_http",
         "max_concurrent_batches",
         "context_name",
+        "audience_budget",
     }
     | set(_KEY_SOURCES)
 )
@@ -51,6 +53,10 @@ class Tenant:
     context_name: str = "context"
     """The name the context object goes out under: `context`, or the legacy
     `canvas_entry_properties` for workspaces that still use it (CONTRACT.md 8, point 2)."""
+    audience_budget: str = "any_audience"
+    """Which calls draw on Braze's per-minute broadcast budgets (CONTRACT.md 8, point 21):
+    `any_audience` (every call with an `audience`, the safer reading) or `broadcast_only`
+    (only calls without recipients)."""
 
 
 class TenantDirectory(Protocol):
@@ -172,6 +178,9 @@ def parse_tenant(
     allow_broadcast = entry.get("allow_broadcast", False)
     if not isinstance(allow_broadcast, bool):
         raise ConfigError(f"{where}: allow_broadcast must be true or false")
+    audience_budget = entry.get("audience_budget", "any_audience")
+    if audience_budget not in AUDIENCE_BUDGETS:
+        raise ConfigError(f"{where}: audience_budget must be one of {', '.join(AUDIENCE_BUDGETS)}")
     context_name = entry.get("context_name", "context")
     if context_name not in CONTEXT_NAMES:
         raise ConfigError(f"{where}: context_name must be one of {', '.join(CONTEXT_NAMES)}")
@@ -182,6 +191,7 @@ def parse_tenant(
         allow_broadcast=allow_broadcast,
         max_concurrent_batches=limit,
         context_name=context_name,
+        audience_budget=audience_budget,
     )
     return tenant, tuple(digests)
 

@@ -58,6 +58,8 @@ class FakeBrazeConfig:
     hourly_limit: int = 250_000  # recipient-targeted requests per key per clock hour
     broadcast_per_minute: int = 250  # broadcast requests per key per minute
     broadcast_per_minute_per_audience: int = 10  # per key, canvas_id and audience
+    audience_calls_on_broadcast_budget: bool = False  # a call with `audience` and recipients draws on
+    # the broadcast budgets too (CONTRACT.md 8, point 21: Braze's pages disagree; False: only broadcasts)
     latency_seconds: float = 0.0  # added to every request to the trigger path
     error_rates: Mapping[int, float] = field(default_factory=dict)  # {503: 0.1}: 10% get 503
     reset_rate: float = 0.0  # share of requests whose connection is dropped
@@ -127,6 +129,7 @@ class FakeBraze:
             config.hourly_limit,
             config.broadcast_per_minute,
             config.broadcast_per_minute_per_audience,
+            config.audience_calls_on_broadcast_budget,
         )
         self.url: str | None = None
         self._runner: web.AppRunner | None = None

@@ -87,8 +87,10 @@ class RateLimiter:
         hourly_limit: int,
         broadcast_per_minute: int,
         broadcast_per_minute_per_audience: int,
+        audience_calls_on_broadcast_budget: bool = False,
     ) -> None:
         self._clock = clock
+        self._audience_calls = audience_calls_on_broadcast_budget
         self._hourly = FixedWindow(hourly_limit, HOUR)
         self._broadcast = FixedWindow(broadcast_per_minute, MINUTE)
         self._audience = FixedWindow(broadcast_per_minute_per_audience, MINUTE)
@@ -96,7 +98,9 @@ class RateLimiter:
     def hit(self, api_key: str, body: Any) -> Verdict:
         """Count one authenticated request; `body` is the parsed JSON, or None."""
         now = self._clock()
-        if isinstance(body, dict) and body.get("broadcast") is True:
+        if isinstance(body, dict) and (
+            body.get("broadcast") is True or (self._audience_calls and "audience" in body)
+        ):
             audience = audience_key(body.get("canvas_id"), body.get("audience"))
             per_key = self._broadcast.hit(api_key, now)
             per_audience = self._audience.hit((api_key, audience), now)
