@@ -40,7 +40,7 @@ async def test_a_bulk_stream_does_not_starve_another_tenant(harness: Harness) ->
     bulk = asyncio.create_task(_bulk(harness, done))
     while len(harness.fake.calls) < 20:  # the stream is in full flow
         await asyncio.sleep(0.01)
-    latencies = []
+    latencies: list[float] = []
     while not done.is_set() and len(latencies) < 40:
         started = time.perf_counter()
         reply = await harness.stub.Send(request, metadata=harness.auth("globex"), timeout=10)
