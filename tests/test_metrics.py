@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,14 @@ async def scrape(h: Harness, **headers: Any) -> str:
     ):
         assert reply.status == 200
         return await reply.text()
+
+
+async def test_the_event_loop_lag_is_sampled_twice_a_second(harness: Harness) -> None:
+    await asyncio.sleep(1.2)
+    assert value(harness, "canvas_gateway_event_loop_lag_seconds_count") >= 2
+    assert value(harness, "canvas_gateway_event_loop_lag_seconds_sum") < 0.5  # an idle loop is on time
+    asyncio.get_running_loop().call_soon(time.sleep, 0.7)  # a callback blocks the loop past a sample
+    await asyncio.sleep(1.2)
+    assert value(harness, "canvas_gateway_event_loop_lag_seconds_bucket", le="0.1") < value(
+        harness, "canvas_gateway_event_loop_lag_seconds_count"
+    )

@@ -38,7 +38,7 @@ from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .limits import LocalLimiter
-from .metrics import Metrics, PrometheusMetrics
+from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
 from .sending import Sender, SendLimits
 from .servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
@@ -79,6 +79,7 @@ class Gateway:
     fake_braze: FakeBraze | None = None  # demo mode only
     draining: bool = False
     stopping: asyncio.Task[None] | None = None
+    lag_watch: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
@@ -179,6 +180,8 @@ class Gateway:
                 f"cannot listen on {settings.grpc_address}: the address is in use or not host:port"
             ) from None
         await server.start()
+        if settings.metrics_enabled:
+            gateway.lag_watch = asyncio.create_task(watch_loop_lag(metrics))
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         scheme = "TLS" if settings.tls_cert_file else "plaintext"
@@ -232,6 +235,8 @@ class Gateway:
         if self.fake_braze is not None:
             await self.fake_braze.stop()
         await self.admin.stop()
+        if self.lag_watch is not None:
+            self.lag_watch.cancel()
         log.info("canvas-gateway stopped")
 
     async def _drained(self, seconds: float) -> bool:

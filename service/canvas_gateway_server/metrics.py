@@ -15,6 +15,7 @@ keys and field paths are never labels.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -31,6 +32,10 @@ M = TypeVar("M", Counter, Gauge, Histogram)
 
 BRAZE_SECONDS_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
 """Braze calls: 10 ms (a fast answer) to 30 s (the default call timeout)."""
+LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Event-loop lag: how late a timer fires. Past 100 ms every RPC and Braze call is held up."""
+LOOP_LAG_INTERVAL: Final = 0.5
+"""Seconds between two lag samples."""
 RPC_SECONDS_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 """RPCs: a small Send takes milliseconds, a bulk stream minutes."""
 
@@ -78,6 +83,9 @@ class Metrics:
 
     def breaker_state(self, braze_host: str, state: int) -> None:
         """A Braze URL's circuit changed state (0 closed, 1 open, 2 half-open)."""
+
+    def loop_lag(self, seconds: float) -> None:
+        """How late a timer on the event loop fired: time the loop spent on other work."""
 
     def paused(self, tenant: str, broadcast: bool, until: float) -> None:
         """The tenant's budget is spent until `until` (epoch seconds; 0: not paused)."""
@@ -277,6 +285,13 @@ class PrometheusMetrics(Metrics):
             "Times a Braze instance's circuit opened after consecutive failed calls.",
             ("braze_host",),
         )
+        self._loop_lag = Histogram(
+            "canvas_gateway_event_loop_lag_seconds",
+            f"How late a timer on the event loop fires, sampled every {LOOP_LAG_INTERVAL:g} s: time the "
+            "loop was busy with other work, by which every RPC and Braze call was held up.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
         self._tenants = Gauge("canvas_gateway_tenants", "Tenants loaded.", registry=registry)
         self._reloads = counter(
             "canvas_gateway_tenant_reloads_total", "Tenants-file reloads, by result.", ("result",)
@@ -348,6 +363,9 @@ class PrometheusMetrics(Metrics):
     def rate_limit_wait(self, tenant: str, seconds: float) -> None:
         self._waited(tenant).inc(seconds)
 
+    def loop_lag(self, seconds: float) -> None:
+        self._loop_lag.observe(seconds)
+
     def breaker_state(self, braze_host: str, state: int) -> None:
         self._breaker_state(braze_host).set(state)
         if state == 1:
@@ -378,3 +396,12 @@ class PrometheusMetrics(Metrics):
 
     def watch_readiness(self, ready: Callable[[], bool]) -> None:
         self._ready.set_function(lambda: 1.0 if ready() else 0.0)
+
+
+async def watch_loop_lag(metrics: Metrics, interval: float = LOOP_LAG_INTERVAL) -> None:
+    """Until cancelled, sample the event loop's lag into `metrics` every `interval` seconds."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval)
+        metrics.loop_lag(max(0.0, loop.time() - started - interval))
