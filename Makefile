@@ -11,7 +11,7 @@ TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_
 PROMTOOL ?= promtool
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
-.PHONY: install proto proto-check proto-breaking clients proto-clients fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench clean
+.PHONY: install proto proto-check proto-breaking clients proto-clients fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench soak clean
 
 install: $(STAMP)
 
@@ -130,6 +130,10 @@ demo: $(STAMP)
 	$(BIN)/canvas-gateway --target 127.0.0.1:50051 --token demo-token send-demo --recipients 1000
 
 ## bench: throughput, CPU and memory against the direct-REST ceiling; then the cost of metrics and logs.
+## soak: 10 minutes of mixed load with random faults: memory, descriptors, event-loop lag, accounting.
+soak: $(STAMP)
+	$(PY) bench/soak.py
+
 bench: $(STAMP)
 	$(PY) bench/stream_throughput.py
 	$(PY) bench/observability_cost.py
