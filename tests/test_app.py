@@ -161,9 +161,10 @@ async def test_shutdown_ends_open_streams_with_every_read_recipient_accounted_fo
     assert "from position 120 on" in (caught.value.details() or "")
     (details,) = [v for k, v in caught.value.trailing_metadata() or () if k == "grpc-status-details-bin"]
     assert isinstance(details, bytes)
-    (packed,) = status_pb2.Status.FromString(details).details
-    info = error_details_pb2.ErrorInfo()
-    assert packed.Unpack(info)
+    retry, packed = status_pb2.Status.FromString(details).details
+    info, retry_info = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert packed.Unpack(info) and retry.Unpack(retry_info)
+    assert retry_info.retry_delay.ToSeconds() == 0
     assert (info.domain, info.reason, dict(info.metadata)) == (
         "canvas-gateway.internal",
         "DRAINING",

@@ -3,7 +3,8 @@
 InvalidRequest carries google.rpc.BadRequest field violations in the status details
 (grpc-status-details-bin), readable with grpc_status.rpc_status.from_call in any
 language. A stream cut short by draining carries a google.rpc.ErrorInfo (domain
-ERROR_DOMAIN, reason "DRAINING") whose metadata "resume_position" says where to resume.
+ERROR_DOMAIN, reason "DRAINING") whose metadata "resume_position" says where to resume, and
+every UNAVAILABLE of a draining gateway a google.rpc.RetryInfo of 0 s: retry now, elsewhere.
 Unexpected exceptions become INTERNAL with the text "internal error" and nothing more: their
 details stay in the (redacted) log.
 """
@@ -14,7 +15,7 @@ import logging
 from typing import NoReturn
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -69,13 +70,16 @@ def to_status(error: GatewayError) -> grpc.Status:
         if shown < total:
             message += f"; the details list the first {shown} of {total} violations"
         _attach(status, bad_request)
-    if isinstance(error, ShuttingDown) and error.resume_position is not None:
-        info = error_details_pb2.ErrorInfo(
-            reason="DRAINING",
-            domain=ERROR_DOMAIN,
-            metadata={"resume_position": str(error.resume_position)},
-        )
-        _attach(status, info)
+    if isinstance(error, ShuttingDown):
+        # Another instance can take the call at once: retry now (on a new connection).
+        _attach(status, error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=0)))
+        if error.resume_position is not None:
+            info = error_details_pb2.ErrorInfo(
+                reason="DRAINING",
+                domain=ERROR_DOMAIN,
+                metadata={"resume_position": str(error.resume_position)},
+            )
+            _attach(status, info)
     status.message = message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
     return rpc_status.to_status(status)
 
