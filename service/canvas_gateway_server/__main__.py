@@ -1,4 +1,5 @@
-"""Entrypoint: `python -m canvas_gateway_server [--demo]` (console script canvas-gateway-server)."""
+"""Entrypoint: `python -m canvas_gateway_server [--demo | --check-config | --version]`
+(console script canvas-gateway-server)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
+from . import __version__
 from .app import run
 from .errors import ConfigError
 from .settings import ENV_PREFIX, Settings
+from .tenants import load_tenants
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,12 +28,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--demo", action="store_true", help="run against an embedded fake Braze with one demo tenant"
     )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="load the settings and the tenants file, resolve every Braze key, print the tenant ids "
+        "that would be served, and exit 0 (or 1 with the reason) without serving",
+    )
+    parser.add_argument("--version", action="version", version=f"canvas-gateway-server {__version__}")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ, **({"demo": True} if args.demo else {}))
+        if args.check_config:
+            check_config(settings)
+            return
         asyncio.run(run(settings))
     except ConfigError as exc:
         sys.exit(f"canvas-gateway: {exc}")
+
+
+def check_config(settings: Settings) -> None:
+    """What --check-config prints: the configuration is valid, and the tenants it serves."""
+    if settings.demo:
+        print("configuration valid: demo mode (one tenant, 'demo', against an embedded fake Braze)")
+        return
+    tenants = load_tenants(Path(settings.tenants_file), os.environ)
+    ids = sorted(tenants.tenant_ids())
+    print(f"configuration valid: {len(ids)} tenant(s): {', '.join(ids)}")
 
 
 if __name__ == "__main__":

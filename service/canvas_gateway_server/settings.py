@@ -149,6 +149,11 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be text or json")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError(f"set both {ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE, or neither")
+        if self.demo and self.tenants_file:
+            raise ConfigError(
+                f"{ENV_PREFIX}DEMO and {ENV_PREFIX}TENANTS_FILE are both set: demo mode would replace the "
+                "tenants with the public demo token and a fake Braze; unset one of them"
+            )
         if not self.demo and not self.tenants_file:
             raise ConfigError(f"set {ENV_PREFIX}TENANTS_FILE, or {ENV_PREFIX}DEMO=true for the demo")
 

@@ -1,0 +1,59 @@
+"""The server's command line: --check-config, --version, and refusing demo mode beside tenants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from canvas_gateway_server import __version__
+from canvas_gateway_server.__main__ import main
+from conftest import KEYS, tenants_toml
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    for name in ("CGW_DEMO", "CGW_TENANTS_FILE", "CGW_CONFIG_FILE", "ACME_BRAZE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_check_config_lists_the_tenants_it_would_serve(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml("https://rest.iad-01.braze.com"))
+    _env(monkeypatch, CGW_TENANTS_FILE=str(tenants), ACME_BRAZE_KEY=KEYS["acme"])
+    main(["--check-config"])
+    assert capsys.readouterr().out == "configuration valid: 3 tenant(s): acme, globex, initech\n"
+
+
+def test_check_config_fails_with_the_reason_and_no_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml("https://rest.iad-01.braze.com"))
+    _env(monkeypatch, CGW_TENANTS_FILE=str(tenants))  # acme's key variable is missing
+    with pytest.raises(SystemExit) as exited:
+        main(["--check-config"])
+    reason = str(exited.value.code)
+    assert reason.startswith("canvas-gateway: tenant 'acme'") and "ACME_BRAZE_KEY" in reason
+    assert not any(key in reason for key in KEYS.values())
+    assert capsys.readouterr().out == ""
+
+
+def test_demo_mode_beside_a_tenants_file_refuses_to_boot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml("https://rest.iad-01.braze.com"))
+    _env(monkeypatch, CGW_TENANTS_FILE=str(tenants), CGW_DEMO="true")
+    with pytest.raises(SystemExit) as exited:
+        main(["--check-config"])
+    assert "CGW_DEMO and CGW_TENANTS_FILE are both set" in str(exited.value.code)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"canvas-gateway-server {__version__}\n"
