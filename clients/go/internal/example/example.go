@@ -1,0 +1,181 @@
+// Package example holds what the two example programs share: flags, the channel and token, the
+// request, and the output lines of clients/README.md.
+package example
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	rpccode "google.golang.org/genproto/googleapis/rpc/code"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	v1 "canvas-gateway.internal/clients/go/canvasgatewayv1"
+)
+
+// Exit statuses of clients/README.md.
+const (
+	ExitSent      = 0 // every result SENT
+	ExitNotSent   = 1 // some result not SENT
+	ExitUsage     = 2 // a bad flag, or no CANVAS_GATEWAY_TOKEN
+	ExitRPCFailed = 3 // the RPC failed
+)
+
+// Options are the flags and the token.
+type Options struct {
+	Target     string
+	TLS        bool
+	CAFile     string
+	CanvasID   string
+	Recipients int
+	ChunkSize  int
+	BadEmail   bool
+	Token      string
+}
+
+// Parse reads the flags of `program` ("send-stream" or "send") and the token from
+// CANVAS_GATEWAY_TOKEN; on a usage error it prints it and exits 2.
+func Parse(program string, args []string) Options {
+	var o Options
+	set := flag.NewFlagSet(program, flag.ContinueOnError)
+	set.SetOutput(os.Stderr)
+	set.StringVar(&o.Target, "target", "127.0.0.1:50051", "the gateway, host:port")
+	set.BoolVar(&o.TLS, "tls", false, "dial with TLS, trusting the system's roots")
+	set.StringVar(&o.CAFile, "ca-file", "", "dial with TLS, trusting this CA (PEM)")
+	set.StringVar(&o.CanvasID, "canvas-id", "canvas-gateway-demo", "the Canvas to trigger")
+	defaultCount := 1000
+	if program == "send" {
+		defaultCount = 120
+		set.BoolVar(&o.BadEmail, "bad-email", false, "add a recipient with an invalid email")
+	} else {
+		set.IntVar(&o.ChunkSize, "chunk-size", 500, "recipients per stream message")
+	}
+	set.IntVar(&o.Recipients, "recipients", defaultCount, "recipients user-0 ... user-<N-1>")
+	if err := set.Parse(args); err != nil {
+		os.Exit(ExitUsage)
+	}
+	usage := func(why string) {
+		fmt.Fprintf(os.Stderr, "%s: %s\n", program, why)
+		set.Usage()
+		os.Exit(ExitUsage)
+	}
+	if set.NArg() > 0 {
+		usage("unexpected arguments: " + strings.Join(set.Args(), " "))
+	}
+	if o.Recipients < 0 || (program == "send-stream" && o.ChunkSize < 1) {
+		usage("--recipients must be >= 0 and --chunk-size >= 1")
+	}
+	o.TLS = o.TLS || o.CAFile != ""
+	o.Token = os.Getenv("CANVAS_GATEWAY_TOKEN")
+	if o.Token == "" {
+		usage("set CANVAS_GATEWAY_TOKEN to the gateway's bearer token")
+	}
+	return o
+}
+
+// Dial opens a channel: plaintext, or TLS trusting the system's roots or --ca-file.
+func Dial(o Options) (*grpc.ClientConn, error) {
+	creds := insecure.NewCredentials()
+	if o.TLS {
+		config := &tls.Config{MinVersion: tls.VersionTLS12}
+		if o.CAFile != "" {
+			pem, err := os.ReadFile(o.CAFile)
+			if err != nil {
+				return nil, err
+			}
+			config.RootCAs = x509.NewCertPool()
+			if !config.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("%s holds no PEM certificate", o.CAFile)
+			}
+		}
+		creds = credentials.NewTLS(config)
+	}
+	return grpc.NewClient(o.Target, grpc.WithTransportCredentials(creds))
+}
+
+// WithToken returns a context whose calls carry `authorization: Bearer <token>`.
+func WithToken(ctx context.Context, token string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+}
+
+// Recipients returns `count` recipients user-<i> from i = `from`, each with the context {"index": i}.
+func Recipients(from, count int) []*v1.Recipient {
+	people := make([]*v1.Recipient, count)
+	for k := range people {
+		i := from + k
+		people[k] = &v1.Recipient{
+			Identifier: &v1.Recipient_ExternalUserId{ExternalUserId: fmt.Sprintf("user-%d", i)},
+			Context:    &structpb.Struct{Fields: map[string]*structpb.Value{"index": structpb.NewNumberValue(float64(i))}},
+		}
+	}
+	return people
+}
+
+// Trigger is the Canvas, the top-level context and the recipients given.
+func Trigger(canvasID string, people []*v1.Recipient) *v1.CanvasTrigger {
+	return &v1.CanvasTrigger{
+		CanvasId:   canvasID,
+		Context:    &structpb.Struct{Fields: map[string]*structpb.Value{"campaign": structpb.NewStringValue("example")}},
+		Recipients: people,
+	}
+}
+
+// PrintResult prints one `result ...` line.
+func PrintResult(w io.Writer, r *v1.BatchResult) {
+	first, dispatchID := "-", r.GetBraze().GetDispatchId()
+	if len(r.GetPositions()) > 0 {
+		first = fmt.Sprint(r.GetPositions()[0])
+	}
+	if dispatchID == "" {
+		dispatchID = "-"
+	}
+	fmt.Fprintf(w, "result batch=%d outcome=%s code=%s recipients=%d first=%s dispatch_id=%s\n",
+		r.GetBatchIndex(), r.GetOutcome(), r.GetCode(), len(r.GetPositions()), first, dispatchID)
+}
+
+// PrintSummary prints the `summary ...` line.
+func PrintSummary(w io.Writer, s *v1.SendSummary) {
+	requestID := s.GetRequestId()
+	if requestID == "" {
+		requestID = "-"
+	}
+	fmt.Fprintf(w, "summary recipients=%d batches=%d sent=%d request_id=%s\n",
+		s.GetRecipients(), s.GetBatches(), s.GetRecipientsSent(), requestID)
+}
+
+// ExitStatus is ExitSent when every result is SENT, else ExitNotSent.
+func ExitStatus(results []*v1.BatchResult) int {
+	for _, r := range results {
+		if r.GetOutcome() != v1.Outcome_OUTCOME_SENT {
+			return ExitNotSent
+		}
+	}
+	return ExitSent
+}
+
+// ReportError prints a failed RPC and its google.rpc.BadRequest field violations to stderr and
+// returns ExitRPCFailed.
+func ReportError(w io.Writer, err error) int {
+	st := status.Convert(err)
+	// google.rpc.Code names the gRPC codes the way every language prints them: INVALID_ARGUMENT.
+	fmt.Fprintf(w, "error code=%s message=%s\n", rpccode.Code(st.Code()), strings.Join(strings.Fields(st.Message()), " "))
+	for _, detail := range st.Details() {
+		if badRequest, ok := detail.(*errdetails.BadRequest); ok {
+			for _, v := range badRequest.GetFieldViolations() {
+				fmt.Fprintf(w, "violation field=%s description=%s\n", v.GetField(), v.GetDescription())
+			}
+		}
+	}
+	return ExitRPCFailed
+}

@@ -1,0 +1,180 @@
+"""The generated clients of every language, run end to end: each language's example programs
+(clients/README.md) against a real gateway and the fake Braze on 127.0.0.1, their printed
+results checked against what the fake Braze received.
+
+The Go, TypeScript and Java examples must be built first (`make clients`, which `make test`
+runs). A missing build skips their tests, unless CGW_REQUIRE_CLIENTS=1 (set by `make test`),
+when it fails them: CI can never pass with a client unbuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import TOKENS, Harness
+from fake_braze.faults import Fault
+
+CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+BUILT = {
+    "python": CLIENTS / "python" / "examples" / "send_stream.py",
+    "go": CLIENTS / "go" / "bin" / "send-stream",
+    "node": CLIENTS / "node" / "dist" / "examples" / "send-stream.js",
+    "java": CLIENTS / "java" / "target" / "canvas-gateway-client.jar",
+}
+LANGUAGES = list(BUILT)
+TLS = Path(__file__).resolve().parent / "fixtures" / "tls"
+RUN_SECONDS = 60
+RESULT = re.compile(
+    r"result batch=(\d+) outcome=(OUTCOME_\w+) code=(\w+) recipients=(\d+) first=(\d+) dispatch_id=(\S+)"
+)
+SUMMARY = re.compile(r"summary recipients=(\d+) batches=(\d+) sent=(\d+) request_id=(\S+)")
+
+
+@dataclass
+class Run:
+    code: int
+    results: list[tuple[int, str, str, int, int, str]]
+    summary: tuple[int, int, int, str] | None
+    stderr: str
+
+
+async def example(language: str, program: str, *args: str, token: str | None = TOKENS["acme"]) -> Run:
+    """Run clients/<language>/example <program> <args> and parse what it prints."""
+    if not BUILT[language].exists():
+        if os.environ.get("CGW_REQUIRE_CLIENTS") == "1":
+            pytest.fail(f"the {language} example is not built: run `make clients`")
+        pytest.skip(f"the {language} example is not built (make clients)")
+    environ = {k: v for k, v in os.environ.items() if k != "CANVAS_GATEWAY_TOKEN"}
+    if token is not None:
+        environ["CANVAS_GATEWAY_TOKEN"] = token
+    process = await asyncio.create_subprocess_exec(
+        str(CLIENTS / language / "example"),
+        program,
+        *args,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), RUN_SECONDS)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    results, summary = [], None
+    for line in out.decode().splitlines():
+        if found := RESULT.fullmatch(line):
+            batch, outcome, code, count, first, dispatch_id = found.groups()
+            results.append((int(batch), outcome, code, int(count), int(first), dispatch_id))
+        elif found := SUMMARY.fullmatch(line):
+            recipients, batches, sent, request_id = found.groups()
+            summary = (int(recipients), int(batches), int(sent), request_id)
+        else:
+            pytest.fail(f"{language} {program} printed a line outside the spec: {line!r}")
+    assert process.returncode is not None
+    return Run(process.returncode, results, summary, err.decode())
+
+
+def _sent_users(harness: Harness) -> list[str]:
+    return sorted(r["external_user_id"] for call in harness.fake.calls for r in call.body["recipients"])
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_send_stream_prints_every_batch_with_braze_s_dispatch_id(
+    harness: Harness, language: str
+) -> None:
+    run = await example(
+        language, "send-stream", "--target", harness.target, "--recipients", "1234", "--chunk-size", "300"
+    )
+    assert run.code == 0, run.stderr
+    calls = harness.fake.calls
+    assert len(calls) == 25
+    assert {r[5] for r in run.results} == {call.dispatch_id for call in calls}
+    assert sorted(r[0] for r in run.results) == list(range(25))
+    assert all(r[1:3] == ("OUTCOME_SENT", "OK") for r in run.results)
+    assert sorted((r[4], r[3]) for r in run.results) == [(i, min(50, 1234 - i)) for i in range(0, 1234, 50)]
+    assert run.summary is not None and run.summary[:3] == (1234, 25, 1234) and run.summary[3]
+    assert _sent_users(harness) == sorted(f"user-{i}" for i in range(1234))
+    first = next(call.body for call in calls if call.body["recipients"][0]["external_user_id"] == "user-0")
+    assert first["canvas_id"] == "canvas-gateway-demo" and first["context"] == {"campaign": "example"}
+    assert first["recipients"][0]["context"] == {"index": 0}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_send_prints_results_in_batch_order(harness: Harness, language: str) -> None:
+    run = await example(language, "send", "--target", harness.target)
+    assert run.code == 0, run.stderr
+    assert [(r[0], r[3], r[4]) for r in run.results] == [(0, 50, 0), (1, 50, 50), (2, 20, 100)]
+    assert {r[5] for r in run.results} == {call.dispatch_id for call in harness.fake.calls}
+    assert run.summary is not None and run.summary[:3] == (120, 3, 120)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_an_invalid_recipient_prints_the_bad_request_details_and_sends_nothing(
+    harness: Harness, language: str
+) -> None:
+    run = await example(language, "send", "--target", harness.target, "--bad-email")
+    assert run.code == 3
+    assert run.results == [] and run.summary is None
+    lines = run.stderr.splitlines()
+    assert any(line.startswith("error code=INVALID_ARGUMENT message=") for line in lines), run.stderr
+    violations = sorted(line for line in lines if line.startswith("violation "))
+    assert [v.split(" description=")[0] for v in violations] == [
+        "violation field=recipients[120].email",
+        "violation field=recipients[120].prioritization",
+    ]
+    assert harness.fake.calls == []
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_a_batch_not_sent_makes_the_exit_status_1(harness: Harness, language: str) -> None:
+    harness.fake.faults.script([Fault.status(500)])  # the first call's outcome is unknown
+    run = await example(language, "send-stream", "--target", harness.target, "--recipients", "200")
+    assert run.code == 1, run.stderr
+    outcomes = sorted(r[1:3] for r in run.results)
+    assert outcomes == [("OUTCOME_SENT", "OK")] * 3 + [("OUTCOME_UNKNOWN", "UNKNOWN")]
+    unknown = next(r for r in run.results if r[1] == "OUTCOME_UNKNOWN")
+    assert unknown[5] == "-"  # a 500 carries no dispatch_id
+    assert run.summary is not None and run.summary[:3] == (200, 4, 150)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_without_a_token_the_example_refuses_to_start(harness: Harness, language: str) -> None:
+    run = await example(language, "send-stream", "--target", harness.target, token=None)
+    assert run.code == 2 and run.results == []
+    assert harness.fake.calls == []
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_an_unknown_token_fails_the_rpc(harness: Harness, language: str) -> None:
+    run = await example(language, "send", "--target", harness.target, token="not-a-token")
+    assert run.code == 3
+    assert "error code=UNAUTHENTICATED" in run.stderr
+    assert "not-a-token" not in run.stderr
+    assert harness.fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"tls_cert_file": str(TLS / "localhost.crt"), "tls_key_file": str(TLS / "localhost.key")}],
+)
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_the_example_dials_tls_trusting_a_ca_file(harness: Harness, language: str) -> None:
+    target = f"localhost:{harness.gateway.port}"
+    run = await example(
+        language,
+        "send-stream",
+        "--target",
+        target,
+        "--ca-file",
+        str(TLS / "localhost.crt"),
+        "--recipients",
+        "60",
+    )
+    assert run.code == 0, run.stderr
+    assert run.summary is not None and run.summary[:3] == (60, 2, 60)
