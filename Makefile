@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
-TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_gateway_client
+TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_gateway_client clients/python/examples
 PROMTOOL ?= promtool
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
