@@ -157,7 +157,9 @@ class CanvasGatewayServicer:
 
     def _authenticate(self, context: Context) -> Tenant:
         if self._shutting_down.is_set():
-            raise ShuttingDown("the gateway is shutting down: send again, to another instance")
+            raise ShuttingDown(
+                "the gateway is shutting down: send again, to another instance", resume_position=0
+            )
         token = bearer_token(context)
         tenant = self._tenants.authenticate(token) if token else None
         if tenant is None:

@@ -16,6 +16,7 @@ from .client import (
     CanvasGatewayClient,
     FieldViolation,
     bad_request_violations,
+    resume_position,
     to_recipient,
     to_trigger,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "FieldViolation",
     "bad_request_violations",
     "pb",
+    "resume_position",
     "to_recipient",
     "to_trigger",
 ]
