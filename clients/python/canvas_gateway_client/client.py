@@ -2,23 +2,24 @@
 
     async with CanvasGatewayClient("127.0.0.1:50051", token) as client:
         response = await client.send(braze_body)
-        async for message in client.send_stream(header, recipients, chunk_size=500):
+        async for message in client.send_stream(header, recipients, chunk_size=500, resumes=5):
             ...
 
 Requests take either generated messages or Braze JSON bodies (Mappings, parsed with
 `json_format`; an unknown field raises `json_format.ParseError`). RPC failures are
 `grpc.aio.AioRpcError`; `bad_request_violations` reads the field violations the gateway
-attaches to INVALID_ARGUMENT, and `resume_position` where a draining gateway stopped reading a
-stream (`send_stream(..., resumes=N)` resumes on its own). The bearer token is sent as metadata
-on every call and is kept out of every repr and exception text.
+attaches to INVALID_ARGUMENT, and `error_info` / `resume_position` the google.rpc.ErrorInfo of a
+stream ended by a draining gateway. The bearer token is sent as metadata on every call and is
+kept out of every repr and exception text.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+import collections
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple, Self, TypeAlias
+from typing import Any, Final, NamedTuple, Self, TypeAlias
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -30,11 +31,17 @@ DEFAULT_CHUNK_SIZE = 500
 """Recipients per stream message: hundreds per message keep the gateway's CPU cost low."""
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
-RESUME_BACKOFF = 0.2
-"""Seconds before the n-th resumed stream, times n: a draining gateway refuses new streams
-until it has stopped, and its successor (or another replica) takes them."""
-ERROR_DOMAIN = "canvas-gateway.internal"
+REQUEST_ID_KEY = "x-request-id"
+ERROR_DOMAIN: Final = "canvas-gateway.internal"
 """google.rpc.ErrorInfo.domain of the gateway's own error details."""
+DRAINING: Final = "DRAINING"
+"""ErrorInfo.reason of a stream ended because the gateway drains (metadata `resume_position`)."""
+
+MAX_HELD_RESULTS = 64
+"""Retryable NOT_ATTEMPTED results held back for a resume at most (<= 3,200 recipients kept):
+past it the oldest is yielded as it is, so memory stays flat even when Braze is down."""
+RESUME_BACKOFF_SECONDS = 0.25
+"""The first pause before a resume; it doubles with each resume, up to 5 seconds."""
 
 TriggerLike: TypeAlias = pb.CanvasTrigger | Mapping[str, Any]
 RecipientLike: TypeAlias = pb.Recipient | Mapping[str, Any]
@@ -50,38 +57,58 @@ class FieldViolation(NamedTuple):
     description: str
 
 
-def _status_details(error: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+class Tracked(NamedTuple):
+    """A stream response with the recipients of its result, in the order of `result.positions`
+    (empty for the summary). Yielded by `CanvasGatewayClient.send_stream_tracked`."""
+
+    response: pb.SendStreamResponse
+    recipients: tuple[pb.Recipient, ...]
+
+
+def _details(error: grpc.aio.AioRpcError) -> Iterator[any_pb2.Any]:
     """The google.rpc.Status details of `error`, read from the `grpc-status-details-bin` trailer
     directly, so grpcio-status is not needed."""
     for key, value in error.trailing_metadata() or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            try:
-                return list(status_pb2.Status.FromString(value).details)
-            except message.DecodeError:
-                return []
-    return []
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            yield from status_pb2.Status.FromString(value).details
+        except message.DecodeError:
+            continue
 
 
 def bad_request_violations(error: grpc.aio.AioRpcError) -> list[FieldViolation]:
     """The google.rpc.BadRequest field violations carried by `error` (empty if none)."""
     found: list[FieldViolation] = []
-    for detail in _status_details(error):
+    for detail in _details(error):
         bad_request = error_details_pb2.BadRequest()
         if detail.Unpack(bad_request):
             found.extend(FieldViolation(v.field, v.description) for v in bad_request.field_violations)
     return found
 
 
-def resume_position(error: grpc.aio.AioRpcError) -> int | None:
-    """Where a draining gateway stopped reading a stream: the first position it did not read
-    (every earlier one has a result), from its google.rpc.ErrorInfo (reason DRAINING). None when
-    `error` is not a drain."""
-    for detail in _status_details(error):
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The first google.rpc.ErrorInfo carried by `error`, or None."""
+    for detail in _details(error):
         info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info) and (info.domain, info.reason) == (ERROR_DOMAIN, "DRAINING"):
-            position = info.metadata.get("resume_position", "")
-            return int(position) if position.isdigit() else None
+        if detail.Unpack(info):
+            return info
     return None
+
+
+def resume_position(error: grpc.aio.AioRpcError) -> int | None:
+    """Where to resume a stream the gateway ended by draining: the first position it did not read
+    (every earlier one has a result). None when `error` is not such an ending.
+
+    The position counts in the stream that failed: after `send_stream` resumed, that is the last
+    stream, not your order (the results carry your positions)."""
+    info = error_info(error)
+    if error.code() != grpc.StatusCode.UNAVAILABLE or info is None:
+        return None
+    if (info.domain, info.reason) != (ERROR_DOMAIN, DRAINING):
+        return None
+    text = info.metadata.get("resume_position", "")
+    return int(text) if text.isdigit() else None
 
 
 def _as_dict(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,27 +142,201 @@ async def _aiter_any(items: Recipients) -> AsyncIterator[RecipientLike]:
             yield item
 
 
-async def chunked(recipients: Recipients, size: int) -> AsyncIterator[pb.RecipientChunk]:
-    """Lazily group `recipients` into chunks of `size`.
+async def chunked(recipients: Recipients, size: int) -> AsyncIterator[list[pb.Recipient]]:
+    """Lazily group `recipients` into lists of `size`.
 
-    A chunk is yielded as soon as it is full, before the next recipient is pulled, so
-    at most one chunk is held in memory and a slow source never delays a full chunk.
+    A list is yielded as soon as it is full, before the next recipient is pulled, so
+    at most one is held in memory and a slow source never delays a full one.
     If the source (or parsing an item) raises, the recipients before the failing one
     are yielded first, then the error propagates.
     """
-    chunk = pb.RecipientChunk()
+    chunk: list[pb.Recipient] = []
     try:
         async for item in _aiter_any(recipients):
-            chunk.recipients.append(to_recipient(item))
-            if len(chunk.recipients) >= size:
+            chunk.append(to_recipient(item))
+            if len(chunk) >= size:
                 yield chunk
-                chunk = pb.RecipientChunk()
+                chunk = []
     except Exception:
-        if chunk.recipients:
+        if chunk:
             yield chunk
         raise
-    if chunk.recipients:
+    if chunk:
         yield chunk
+
+
+class _Source:
+    """The caller's recipients in chunks, read by one stream after another.
+
+    A read cut short because its stream ended stays pending for the next stream, so no
+    recipient is lost or read twice. A failure to read or parse ends the input; it is kept in
+    `failure`, to be raised once the stream has drained.
+    """
+
+    def __init__(self, recipients: Recipients, size: int) -> None:
+        self._chunks = chunked(recipients, size)
+        self._pending: asyncio.Future[list[pb.Recipient]] | None = None
+        self.position = 0  # the caller's position of the next recipient
+        self.ended = False
+        self.failure: Exception | None = None
+
+    async def next(self, stop: asyncio.Event) -> list[tuple[int, pb.Recipient]] | None:
+        """The next chunk with the caller's positions; None at the end, or once `stop` is set."""
+        if self.ended:
+            return None
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(anext(self._chunks))
+        if not self._pending.done():
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((self._pending, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+        if stop.is_set() or not self._pending.done():
+            return None  # the read stays pending for the next stream
+        reading, self._pending = self._pending, None
+        try:
+            chunk = reading.result()
+        except StopAsyncIteration:
+            self.ended = True
+            return None
+        except Exception as exc:  # raised to the caller once the stream has drained
+            self.ended, self.failure = True, exc
+            return None
+        start, self.position = self.position, self.position + len(chunk)
+        return list(enumerate(chunk, start))
+
+    def close(self) -> None:
+        """Stop a read still under way (the send is over)."""
+        if self._pending is None:
+            return
+        if self._pending.done() and not self._pending.cancelled():
+            self._pending.exception()  # retrieved: a failure no stream read is not worth a warning
+        self._pending.cancel()
+
+
+_OUTCOME_COUNTS = {
+    pb.OUTCOME_SENT: "recipients_sent",
+    pb.OUTCOME_REJECTED: "recipients_rejected",
+    pb.OUTCOME_UNKNOWN: "recipients_unknown",
+    pb.OUTCOME_NOT_ATTEMPTED: "recipients_not_attempted",
+    pb.OUTCOME_CANVAS_INACTIVE: "recipients_canvas_inactive",
+}
+
+
+class _Stream:
+    """One stream's recipients without a result yet: its position -> (the caller's position,
+    the recipient). It holds what is in flight, no more, so memory stays flat."""
+
+    def __init__(self, batch_offset: int) -> None:
+        self.pending: dict[int, tuple[int, pb.Recipient]] = {}
+        self.sent = 0
+        self.batch_offset = batch_offset
+        self.stop = asyncio.Event()
+
+    def track(self, entries: Sequence[tuple[int, pb.Recipient]]) -> pb.SendStreamRequest:
+        """A chunk of `entries` (the caller's position, recipient), noted as sent."""
+        for entry in entries:
+            self.pending[self.sent] = entry
+            self.sent += 1
+        return pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=[r for _, r in entries]))
+
+
+class _Resumable:
+    """The state of one `send_stream` across the streams it takes.
+
+    Results are rewritten to the caller's positions (and to batch indexes that go on across
+    streams); retryable NOT_ATTEMPTED ones are held back while a resume is possible, to be sent
+    again rather than reported.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.resumes = 0
+        self.stream = _Stream(0)
+        self.next_batch = 0
+        self.held: collections.deque[Tracked] = collections.deque()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.request_ids: list[str] = []
+
+    def new_stream(self) -> _Stream:
+        self.stream = _Stream(self.next_batch)
+        return self.stream
+
+    def take(self, result: pb.BatchResult) -> Iterator[Tracked]:
+        """The result in the caller's terms, unless it is held back (then maybe an older one)."""
+        entries = [self.stream.pending.pop(p) for p in result.positions]
+        for old, (new, _) in zip(result.positions, entries, strict=True):
+            if old != new:  # a rejected recipient's violations name it by its position
+                _rename(result, f"recipients[{old}]", f"recipients[{new}]")
+        del result.positions[:]
+        result.positions.extend(position for position, _ in entries)
+        result.batch_index += self.stream.batch_offset
+        self.next_batch = max(self.next_batch, result.batch_index + 1)
+        tracked = Tracked(pb.SendStreamResponse(result=result), tuple(r for _, r in entries))
+        retry = result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.retryable
+        if retry and self.resumes < self.limit:
+            self.held.append(tracked)
+            if len(self.held) > MAX_HELD_RESULTS:
+                yield self.count(self.held.popleft())
+        else:
+            yield self.count(tracked)
+
+    def count(self, tracked: Tracked) -> Tracked:
+        result = tracked.response.result
+        self.counts["recipients"] += len(result.positions)
+        self.counts["batches"] += 1
+        self.counts[_OUTCOME_COUNTS.get(result.outcome, "")] += len(result.positions)
+        return tracked
+
+    def release(self) -> Iterator[Tracked]:
+        """The held results as they are: no resume will send their recipients again."""
+        while self.held:
+            yield self.count(self.held.popleft())
+
+    def can_resume(self, resume_at: int | None) -> bool:
+        """A drain at `resume_at` can be resumed: resumes are left, and every recipient the
+        gateway read has its result (one read without a result is never sent again)."""
+        return (
+            resume_at is not None
+            and self.resumes < self.limit
+            and all(p >= resume_at for p in self.stream.pending)
+        )
+
+    def resume(self) -> list[tuple[int, pb.Recipient]]:
+        """What the next stream sends first, in the caller's order: the recipients of the held
+        results and those the gateway did not read."""
+        self.resumes += 1
+        entries = list(self.stream.pending.values())
+        for held in self.held:
+            entries.extend(zip(held.response.result.positions, held.recipients, strict=True))
+        self.held.clear()
+        return sorted(entries, key=lambda entry: entry[0])
+
+    def summary(self, last: pb.SendSummary | None) -> Tracked:
+        """The gateway's summary; after a resume, the counts of every stream's results and
+        each stream's request id, comma-separated."""
+        if not self.resumes and last is not None:
+            return Tracked(pb.SendStreamResponse(summary=last), ())
+        summary = pb.SendSummary(request_id=",".join(filter(None, self.request_ids)))
+        for name in ("recipients", "batches", *_OUTCOME_COUNTS.values()):
+            setattr(summary, name, self.counts[name])
+        return Tracked(pb.SendStreamResponse(summary=summary), ())
+
+
+def _rename(result: pb.BatchResult, old: str, new: str) -> None:
+    for violation in result.violations:
+        if violation.field.startswith(old):
+            violation.field = new + violation.field[len(old) :]
+    if result.status_message.startswith(old):
+        result.status_message = new + result.status_message[len(old) :]
+
+
+async def _request_id(call: grpc.aio.StreamStreamCall[Any, Any]) -> str:
+    for key, value in await call.initial_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            return value
+    return ""
 
 
 def _check_token(token: str) -> None:
@@ -177,9 +378,9 @@ class CanvasGatewayClient:
         """The gRPC target this client connects to."""
         return self._target
 
-    def _service(self) -> pb_grpc.CanvasGatewayServiceAsyncStub:
+    def _service(self) -> tuple[grpc.aio.Channel, pb_grpc.CanvasGatewayServiceAsyncStub]:
         # The channel is opened on first use, inside the running event loop.
-        if self._stub is None:
+        if self._channel is None or self._stub is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
             else:
@@ -187,7 +388,7 @@ class CanvasGatewayClient:
                     self._target, self._credentials, options=self._options
                 )
             self._stub = pb_grpc.CanvasGatewayServiceStub(self._channel)
-        return self._stub
+        return self._channel, self._stub
 
     async def __aenter__(self) -> Self:
         self._service()
@@ -222,7 +423,8 @@ class CanvasGatewayClient:
         request = pb.SendRequest(
             trigger=to_trigger(trigger), options=pb.SendOptions(validate_only=validate_only)
         )
-        return await self._service().Send(request, metadata=self._metadata, timeout=timeout)
+        _, stub = self._service()
+        return await stub.Send(request, metadata=self._metadata, timeout=timeout)
 
     async def send_stream(
         self,
@@ -233,6 +435,7 @@ class CanvasGatewayClient:
         validate_only: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
         resumes: int = 0,
+        resume_wait: float = 60.0,
     ) -> AsyncIterator[pb.SendStreamResponse]:
         """Stream `recipients` (after any in `header`) and yield the gateway's responses.
 
@@ -240,14 +443,15 @@ class CanvasGatewayClient:
         offsets in the caller's order across header and `recipients`), then a `summary`.
         `recipients` is read lazily, one chunk ahead of the network, so memory stays flat.
 
-        With `resumes` > 0, a stream that a draining gateway ends (UNAVAILABLE with a DRAINING
-        ErrorInfo) is continued, up to that many times, on a new stream (the channel reconnects,
-        to another replica behind a balancer or to the restarted gateway): the recipients
-        without a result, and those of retryable NOT_ATTEMPTED results, are sent again, then the
-        rest. Every position still gets exactly one result, in the caller's numbering; batch
-        indexes stay unique; the last `summary` counts the whole send. Retryable NOT_ATTEMPTED
-        results are held back until the send ends, since a resume may replace them. Only the
-        recipients in flight are kept for this, so memory stays flat.
+        With `resumes` > 0, a stream the gateway ends by draining (UNAVAILABLE with the
+        DRAINING ErrorInfo) goes on in a new stream, up to that many times: the recipients
+        without a result are sent again, never one that has a result. Retryable NOT_ATTEMPTED
+        results are held back meanwhile, and their recipients sent again on a resume (they are
+        yielded when the stream ends otherwise). Every position gets exactly one result, in the
+        caller's positions, and batch indexes go on across streams. A resume waits up to
+        `resume_wait` seconds for the gateway to accept connections; `timeout` bounds the whole
+        send. After a resume the summary is the client's count of the results it yielded, and
+        its `request_id` lists each stream's request id, comma-separated.
 
         If reading or parsing `recipients` raises, every recipient before the failing one
         is sent and nothing after it is read; the stream is closed normally, so each of
@@ -255,177 +459,114 @@ class CanvasGatewayClient:
         gateway then fails the stream, for example because no recipient came, in place
         of its AioRpcError). A failed RPC raises grpc.aio.AioRpcError.
         """
+        async for tracked in self.send_stream_tracked(
+            header,
+            recipients,
+            chunk_size=chunk_size,
+            validate_only=validate_only,
+            timeout=timeout,
+            resumes=resumes,
+            resume_wait=resume_wait,
+        ):
+            yield tracked.response
+
+    async def send_stream_tracked(
+        self,
+        header: TriggerLike,
+        recipients: Recipients,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        validate_only: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+        resumes: int = 0,
+        resume_wait: float = 60.0,
+    ) -> AsyncIterator[Tracked]:
+        """`send_stream`, each response with the recipients its result holds (see `Tracked`)."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         if resumes < 0:
             raise ValueError("resumes must not be negative")
-        stream = _Resumable(self, to_trigger(header), recipients, chunk_size, validate_only, timeout)
-        async for response in stream.run(resumes):
-            yield response
-
-
-class _Resumable:
-    """One caller's send over one or more streams, mapping each stream's positions back to the
-    caller's. A resumed stream sends first the recipients that need sending again (`retry`,
-    caller positions in order), then the rest from the source, from caller position `base`."""
-
-    def __init__(
-        self,
-        client: CanvasGatewayClient,
-        trigger: pb.CanvasTrigger,
-        recipients: Recipients,
-        chunk_size: int,
-        validate_only: bool,
-        timeout: float | None,
-    ) -> None:
-        self._client = client
+        trigger = to_trigger(header)
         head = pb.CanvasTrigger()
         head.CopyFrom(trigger)
-        del head.recipients[:]  # the header's own recipients come first in the source
-        self._header = pb.SendStreamRequest(
-            header=pb.StreamHeader(trigger=head, options=pb.SendOptions(validate_only=validate_only))
-        )
-        self._source = chunked(_then(trigger.recipients, recipients), chunk_size)
-        self._chunks: asyncio.Queue[pb.RecipientChunk | None] = asyncio.Queue(1)
-        self._chunk_size = chunk_size
-        self._timeout = timeout
-        self._failure: list[Exception] = []
-        self._tracking = False
-        self._next = 0  # the caller position of the next recipient taken from the source
-        self._unanswered: dict[int, pb.Recipient] = {}  # sent, without a final result yet
-        self._retry: list[int] = []
-        self._base = 0
-        self._index_base = 0
-        self._next_index = 0
-        self._summary = pb.SendSummary()
-
-    def _requests(self) -> AsyncIterator[pb.SendStreamRequest]:
-        retry = [self._unanswered[position] for position in self._retry]
-        return self._stream_messages(retry)
-
-    async def _stream_messages(self, retry: list[pb.Recipient]) -> AsyncIterator[pb.SendStreamRequest]:
-        yield self._header
-        for start in range(0, len(retry), self._chunk_size):
-            yield pb.SendStreamRequest(
-                chunk=pb.RecipientChunk(recipients=retry[start : start + self._chunk_size])
-            )
-        while (chunk := await self._chunks.get()) is not None:
-            if self._tracking:  # kept until answered, in case it must be sent again
-                for recipient in chunk.recipients:
-                    self._unanswered[self._next] = recipient
-                    self._next += 1
-            else:
-                self._next += len(chunk.recipients)
-            yield pb.SendStreamRequest(chunk=chunk)
-        self._chunks.put_nowait(None)  # the end stays visible to a resumed stream
-
-    async def _read_source(self) -> None:
-        """Read the source one chunk ahead, in a task of its own: a stream that ends (and so
-        cancels its request iterator) never cancels the caller's source mid-read, and a resumed
-        stream goes on from where the last one stopped."""
+        del head.recipients[:]  # the header's recipients go first, in chunks like the others
+        first = pb.StreamHeader(trigger=head, options=pb.SendOptions(validate_only=validate_only))
+        source = _Source(recipients, chunk_size)
+        state = _Resumable(resumes)
+        backlog: list[tuple[int, pb.Recipient]] = list(enumerate(trigger.recipients))
+        source.position = len(backlog)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        channel, stub = self._service()
         try:
-            async for chunk in self._source:
-                await self._chunks.put(chunk)
-        except Exception as exc:  # raised to the caller once the stream has drained
-            self._failure.append(exc)
-        await self._chunks.put(None)
-
-    def _caller_position(self, position: int) -> int:
-        retried = len(self._retry)
-        return self._retry[position] if position < retried else self._base + position - retried
-
-    def _remap(self, result: pb.BatchResult) -> pb.BatchResult:
-        if self._retry or self._base or self._index_base:
-            mapped = pb.BatchResult()
-            mapped.CopyFrom(result)
-            mapped.batch_index = result.batch_index + self._index_base
-            mapped.positions[:] = [self._caller_position(p) for p in result.positions]
-            result = mapped
-        self._next_index = max(self._next_index, result.batch_index + 1)
-        return result
-
-    def _count(self, result: pb.BatchResult) -> None:
-        counts = self._summary
-        count = len(result.positions)
-        counts.recipients += count
-        counts.batches += 1
-        field = _SUMMARY_FIELDS.get(result.outcome)
-        if field:
-            setattr(counts, field, getattr(counts, field) + count)
-
-    async def run(self, resumes: int) -> AsyncIterator[pb.SendStreamResponse]:
-        self._tracking = resumes > 0
-        reader = asyncio.create_task(self._read_source())
-        try:
-            async for response in self._streams(resumes):
-                yield response
+            while True:
+                stream = state.new_stream()
+                call = stub.SendStream(
+                    self._requests(first, backlog, source, stream, chunk_size),
+                    metadata=self._metadata,
+                    timeout=None if deadline is None else max(0.0, deadline - loop.time()),
+                    wait_for_ready=bool(state.resumes),
+                )
+                last: pb.SendSummary | None = None
+                error: grpc.aio.AioRpcError | None = None
+                try:
+                    async for response in call:
+                        if response.HasField("result"):
+                            for tracked in state.take(response.result):
+                                yield tracked
+                        else:
+                            last = response.summary
+                except grpc.aio.AioRpcError as exc:
+                    error = exc
+                finally:
+                    stream.stop.set()  # this stream's requests read no further
+                    call.cancel()  # a no-op once the call is done; stops the RPC if the caller left early
+                state.request_ids.append(await _request_id(call))
+                if error is None:
+                    break
+                wait = resume_wait if deadline is None else min(resume_wait, deadline - loop.time())
+                if not state.can_resume(resume_position(error)) or not await _ready(
+                    channel, state.resumes, wait
+                ):
+                    for tracked in state.release():
+                        yield tracked
+                    if (
+                        source.failure is not None
+                    ):  # e.g. no recipient was readable: the input error is the cause
+                        raise source.failure from error
+                    raise error
+                backlog = state.resume() or await source.next(asyncio.Event()) or []
+                if not backlog:
+                    break  # the drain came after the last recipient had its result: nothing left
+            for tracked in state.release():
+                yield tracked
+            yield state.summary(last if error is None else None)
         finally:
-            reader.cancel()
+            source.close()
+        if source.failure is not None:
+            raise source.failure
 
-    async def _streams(self, resumes: int) -> AsyncIterator[pb.SendStreamResponse]:
-        attempt = 0
-        while True:
-            held: list[pb.BatchResult] = []
-            summary: pb.SendSummary | None = None
-            call = self._client._service().SendStream(
-                self._requests(),
-                metadata=self._client._metadata,
-                timeout=self._timeout,
-                wait_for_ready=attempt > 0 or None,  # a resumed stream waits for a gateway
-            )
-            try:
-                async for response in call:
-                    if not response.HasField("result"):
-                        summary = response.summary
-                        continue
-                    result = self._remap(response.result)
-                    if self._tracking and result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.retryable:
-                        held.append(result)  # a resume would send these again
-                        continue
-                    for position in result.positions:
-                        self._unanswered.pop(position, None)
-                    self._count(result)
-                    yield pb.SendStreamResponse(result=result) if result is not response.result else response
-            except grpc.aio.AioRpcError as error:
-                if attempt < resumes and resume_position(error) is not None and not self._failure:
-                    attempt += 1
-                    self._retry = sorted(self._unanswered)
-                    self._base, self._index_base = self._next, self._next_index
-                    await asyncio.sleep(RESUME_BACKOFF * attempt)  # the old gateway may still answer
-                    continue
-                for result in held:
-                    yield pb.SendStreamResponse(result=result)
-                if self._failure:  # e.g. no recipient was readable: the input error is the cause
-                    raise self._failure[0] from error
-                raise
-            finally:
-                call.cancel()  # a no-op once the call is done; stops the RPC if the caller left early
-            for result in held:
-                for position in result.positions:
-                    self._unanswered.pop(position, None)
-                self._count(result)
-                yield pb.SendStreamResponse(result=result)
-            if summary is not None:
-                if attempt:  # the counts of every stream, with the last one's request id
-                    self._summary.request_id = summary.request_id
-                    summary = self._summary
-                yield pb.SendStreamResponse(summary=summary)
-            if self._failure:
-                raise self._failure[0]
-            return
+    @staticmethod
+    async def _requests(
+        first: pb.StreamHeader,
+        backlog: list[tuple[int, pb.Recipient]],
+        source: _Source,
+        stream: _Stream,
+        chunk_size: int,
+    ) -> AsyncIterator[pb.SendStreamRequest]:
+        yield pb.SendStreamRequest(header=first)
+        for start in range(0, len(backlog), chunk_size):
+            yield stream.track(backlog[start : start + chunk_size])
+        while (entries := await source.next(stream.stop)) is not None:
+            yield stream.track(entries)
 
 
-_SUMMARY_FIELDS = {
-    pb.OUTCOME_SENT: "recipients_sent",
-    pb.OUTCOME_REJECTED: "recipients_rejected",
-    pb.OUTCOME_UNKNOWN: "recipients_unknown",
-    pb.OUTCOME_NOT_ATTEMPTED: "recipients_not_attempted",
-    pb.OUTCOME_CANVAS_INACTIVE: "recipients_canvas_inactive",
-}
-
-
-async def _then(first: Iterable[RecipientLike], rest: Recipients) -> AsyncIterator[RecipientLike]:
-    for recipient in first:
-        yield recipient
-    async for recipient in _aiter_any(rest):
-        yield recipient
+async def _ready(channel: grpc.aio.Channel, resumes: int, wait: float) -> bool:
+    """Pause (longer after each resume), then wait up to `wait` seconds for the gateway."""
+    await asyncio.sleep(min(RESUME_BACKOFF_SECONDS * 2**resumes, 5.0))
+    try:
+        async with asyncio.timeout(max(0.0, wait)):
+            await channel.channel_ready()
+    except TimeoutError:
+        return False
+    return True

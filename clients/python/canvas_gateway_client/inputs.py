@@ -1,15 +1,37 @@
-"""The CLI's input files: Braze JSON bodies and JSON Lines of recipients, read lazily."""
+"""The CLI's input files: Braze JSON bodies, and recipients as JSON Lines or CSV, read lazily.
+
+Recipients come as `Row`s: the line and either the Recipient or why the row is bad, so that a
+bad row is reported with its line number.
+
+CSV: a header row names the columns; each row after it is one recipient:
+
+    external_user_id, email, alias_name + alias_label   exactly one identifier a row
+    prioritization                                      values separated by `|`
+    send_to_existing_only                               `true` or `false`
+    context.<key>, attributes.<key>,                    one key of that object each
+    canvas_entry_properties.<key>
+
+Cells are strings, and an empty cell is left out. A column named `<column>:json` (for example
+`context.total:json`) holds JSON values, so numbers, booleans, lists and objects keep their type.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import csv
 import itertools
 import json
-from collections.abc import AsyncIterator
-from typing import TextIO
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, NamedTuple, TextIO
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf import json_format
+
+IDENTIFIERS = ("external_user_id", "email", "user_alias")
+FORMATS = ("jsonl", "csv")
+_FIELD_COLUMNS = ("external_user_id", "email", "alias_name", "alias_label", "prioritization")
+_OBJECT_COLUMNS = ("context", "canvas_entry_properties", "attributes")
 
 
 class InputError(Exception):
@@ -17,6 +39,37 @@ class InputError(Exception):
 
     def __init__(self, path: str, line: int, reason: str) -> None:
         super().__init__(f"{path}:{line}: {reason}" if line else f"{path}: {reason}")
+        self.line = line
+
+
+class Row(NamedTuple):
+    """One input row: its first line, and its recipient or why it is bad."""
+
+    line: int
+    recipient: pb.Recipient | None
+    error: InputError | None = None
+
+
+class LineMap:
+    """Which input line each position came from, in memory that grows only where lines stop
+    following positions (a blank line, a bad row, a CSV cell over several lines)."""
+
+    def __init__(self, first_position: int) -> None:
+        self._starts: list[int] = []
+        self._offsets: list[int] = []
+        self._next = first_position
+
+    def add(self, line: int) -> None:
+        """The next position came from `line`."""
+        if not self._offsets or self._offsets[-1] != line - self._next:
+            self._starts.append(self._next)
+            self._offsets.append(line - self._next)
+        self._next += 1
+
+    def line(self, position: int) -> int | None:
+        """The line of `position`; None for a position not read from the file."""
+        at = bisect.bisect_right(self._starts, position) - 1
+        return None if at < 0 or position >= self._next else position + self._offsets[at]
 
 
 def _parse_error_reason(exc: json_format.ParseError) -> str:
@@ -38,25 +91,34 @@ def parse_body(text: str, path: str) -> pb.CanvasTrigger:
         raise InputError(path, 0, _parse_error_reason(exc)) from None
 
 
-def parse_recipient(text: str, path: str, line: int) -> pb.Recipient:
-    """One JSON Lines line, a Braze recipient object, as a Recipient, or InputError."""
-    try:
-        item = json.loads(text.strip())
-    except json.JSONDecodeError as exc:
-        raise InputError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+def recipient_from_json(item: Any, path: str, line: int) -> pb.Recipient:
+    """One Braze recipient object as a Recipient, or InputError (also for two identifiers)."""
     if not isinstance(item, dict):
         raise InputError(path, line, "expected a JSON object (one Braze recipient)")
+    named = [name for name in IDENTIFIERS if item.get(name) is not None]
+    if len(named) > 1:
+        reason = f"names {' and '.join(named)}: a recipient names exactly one identifier"
+        raise InputError(path, line, reason)
     try:
         return json_format.ParseDict(item, pb.Recipient())
     except json_format.ParseError as exc:
         raise InputError(path, line, _parse_error_reason(exc)) from None
 
 
+def parse_recipient(text: str, path: str, line: int) -> pb.Recipient:
+    """One JSON Lines line, a Braze recipient object, as a Recipient, or InputError."""
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    return recipient_from_json(item, path, line)
+
+
 def open_input(path: str, stdin: TextIO) -> tuple[TextIO, str]:
     if path == "-":
         return stdin, "<stdin>"
     try:
-        return open(path, encoding="utf-8"), path  # the caller closes it
+        return open(path, encoding="utf-8", newline=""), path  # the caller closes it
     except OSError as exc:
         raise InputError(path, 0, exc.strerror or str(exc)) from None
 
@@ -78,21 +140,113 @@ async def read_body(path: str, stdin: TextIO) -> pb.CanvasTrigger:
     return parse_body(text, name)
 
 
-async def read_recipients(stream: TextIO, name: str, block: int) -> AsyncIterator[pb.Recipient]:
-    """Recipients from JSON Lines, read `block` lines at a time off the event loop.
+def _jsonl_rows(stream: TextIO, name: str) -> Iterator[Row]:
+    for line, text in enumerate(stream, start=1):
+        if text.strip():
+            try:
+                yield Row(line, parse_recipient(text, name, line))
+            except InputError as error:
+                yield Row(line, None, error)
 
-    Blank lines are skipped. Raises InputError at the first bad line, after yielding
-    every recipient before it.
-    """
+
+class _Column(NamedTuple):
+    field: str  # a recipient field, or the object a key belongs to
+    key: str | None  # the key inside the object
+    typed: bool  # cells hold JSON
+
+
+def _column(title: str, name: str) -> _Column:
+    spelled = title.strip()
+    typed = spelled.endswith(":json")
+    field, dot, key = spelled.removesuffix(":json").partition(".")
+    if dot and key and field in _OBJECT_COLUMNS:
+        return _Column(field, key, typed)
+    if not dot and not typed and field in (*_FIELD_COLUMNS, "send_to_existing_only"):
+        return _Column(field, None, False)
+    raise InputError(name, 1, f"unknown column {title!r} (see the CSV layout: canvas-gateway --help)")
+
+
+def _csv_item(columns: list[_Column], cells: list[str], name: str, line: int) -> dict[str, Any]:
+    """A CSV row as a Braze recipient object."""
+    item: dict[str, Any] = {}
+    for column, cell in zip(columns, cells, strict=True):
+        if cell == "":
+            continue
+        if column.key is not None:
+            try:
+                value = json.loads(cell) if column.typed else cell
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    name, line, f"{column.field}.{column.key}: invalid JSON: {exc.msg}"
+                ) from None
+            item.setdefault(column.field, {})[column.key] = value
+        elif column.field in ("alias_name", "alias_label"):
+            item.setdefault("user_alias", {})[column.field] = cell
+        elif column.field == "prioritization":
+            item[column.field] = [part.strip() for part in cell.split("|") if part.strip()]
+        elif column.field == "send_to_existing_only":
+            if cell.lower() not in ("true", "false"):
+                raise InputError(name, line, f"send_to_existing_only must be true or false, not {cell!r}")
+            item[column.field] = cell.lower() == "true"
+        else:
+            item[column.field] = cell
+    return item
+
+
+def _csv_rows(stream: TextIO, name: str) -> Iterator[Row]:
+    reader = csv.reader(stream, strict=True)
+    header = next(reader, None)
+    if header is None:
+        return
+    columns = [_column(title, name) for title in header]
+    if len({(c.field, c.key) for c in columns}) < len(columns):
+        raise InputError(name, 1, "a column is named twice")
+    end = reader.line_num
+    for cells in reader:
+        line, end = end + 1, reader.line_num
+        if not any(cells):
+            continue
+        try:
+            if len(cells) != len(columns):
+                raise InputError(name, line, f"{len(cells)} cells for {len(columns)} columns")
+            yield Row(line, recipient_from_json(_csv_item(columns, cells, name, line), name, line))
+        except InputError as error:
+            yield Row(line, None, error)
+
+
+async def read_rows(stream: TextIO, name: str, kind: str, block: int) -> AsyncIterator[Row]:
+    """The rows of a recipients file of `kind` (jsonl or csv), read `block` at a time off the
+    event loop; blank lines are skipped. A file that cannot be read on (I/O, encoding, a CSV
+    quote left open, or a bad CSV header) raises InputError after the rows before it."""
+    rows = _csv_rows(stream, name) if kind == "csv" else _jsonl_rows(stream, name)
     line = 0
     while True:
         try:
-            lines = await asyncio.to_thread(lambda: list(itertools.islice(stream, block)))
-        except (OSError, UnicodeDecodeError) as exc:
+            batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, block)))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise InputError(name, line + 1, str(exc)) from None
-        if not lines:
+        if not batch:
             return
-        for text in lines:
-            line += 1
-            if text.strip():
-                yield parse_recipient(text, name, line)
+        for row in batch:
+            line = row.line
+            yield row
+
+
+def count_rows(path: str, kind: str) -> int | None:
+    """About how many recipients a file holds (its non-blank lines, less a CSV header), for a
+    progress bar's total; None for stdin or an unreadable file."""
+    if path == "-":
+        return None
+    try:
+        with open(path, "rb") as stream:
+            lines = sum(1 for text in stream if text.strip())
+    except OSError:
+        return None
+    return max(0, lines - 1) if kind == "csv" else lines
+
+
+def format_of(path: str, chosen: str | None) -> str:
+    """`csv` or `jsonl`: as chosen, else by the file's extension (JSON Lines by default)."""
+    if chosen:
+        return chosen
+    return "csv" if path.lower().endswith(".csv") else "jsonl"
