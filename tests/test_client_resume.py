@@ -30,6 +30,15 @@ def _free_port() -> int:
         return port
 
 
+def _settings(fake: FakeBraze, tmp_path: Path) -> Settings:
+    """A gateway on a port of its own, fixed so that a restart takes the same one; the fake slowed
+    down so that a drain falls mid-stream."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    fake.faults.set_latency(0.02)
+    return Settings.from_env({}, grpc_address=f"127.0.0.1:{_free_port()}", tenants_file=str(tenants), **LOCAL)
+
+
 async def _start(settings: Settings) -> Gateway:
     return await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
 
@@ -42,12 +51,7 @@ async def _recipients() -> AsyncIterator[dict[str, Any]]:
 
 
 async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_path: Path) -> None:
-    tenants = tmp_path / "tenants.toml"
-    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    settings = Settings.from_env(
-        {}, grpc_address=f"127.0.0.1:{_free_port()}", tenants_file=str(tenants), **LOCAL
-    )
-    fake.faults.set_latency(0.02)
+    settings = _settings(fake, tmp_path)
     first = await _start(settings)
     results: list[pb.BatchResult] = []
     summaries: list[pb.SendSummary] = []
@@ -92,12 +96,7 @@ async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_pa
 
 
 async def test_without_resumes_the_drain_is_the_caller_s_to_handle(fake: FakeBraze, tmp_path: Path) -> None:
-    tenants = tmp_path / "tenants.toml"
-    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    settings = Settings.from_env(
-        {}, grpc_address=f"127.0.0.1:{_free_port()}", tenants_file=str(tenants), **LOCAL
-    )
-    fake.faults.set_latency(0.02)
+    settings = _settings(fake, tmp_path)
     gateway = await _start(settings)
     results: list[pb.BatchResult] = []
     async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
