@@ -144,6 +144,7 @@ class Gateway:
             metrics,
             header_timeout_seconds=settings.stream_header_timeout_seconds,
             deadline_margin_seconds=settings.deadline_margin_seconds,
+            reconcile_tail=settings.reconcile_tail_results,
         )
         add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +221,10 @@ class FanOut:
             self._metrics.buffered(self._tenant.id, -1)
             yield item
 
+    def log_unread(self, handed: Iterable[BatchResult]) -> None:
+        """Log results already handed to the caller's RPC that it may never have read."""
+        log_unread(self._tenant, handed)
+
     def cancel(self) -> None:
         """The caller is gone: stop the batches, and log the results it will never read."""
         for task in self._tasks:
@@ -256,6 +260,27 @@ def _log_undelivered(tenant: Tenant, result: BatchResult) -> None:
         result.batch_index,
         extra={**_result_fields(tenant, result), "dispatch_id": result.dispatch_id or "-"},
     )
+
+
+def log_unread(tenant: Tenant, handed: Iterable[BatchResult]) -> None:
+    """Results handed to a stream that was then cut off: its caller may not have read them (gRPC
+    drops what it buffered when a call is cancelled). Only the stream's last results are kept for
+    this (CGW_RECONCILE_TAIL_RESULTS); the first line says from which batch on they are listed."""
+    kept = list(handed)
+    if not kept:
+        return
+    log.error(
+        "stream cut off: the last %d results handed to the caller may not have been read; "
+        "each is logged, earlier ones are presumed read",
+        len(kept),
+        extra={"tenant": tenant.id, "results": len(kept)},
+    )
+    for result in kept:
+        log.error(
+            "result of batch %d may not have been read (the stream was cut off)",
+            result.batch_index,
+            extra={**_result_fields(tenant, result), "dispatch_id": result.dispatch_id or "-"},
+        )
 
 
 def _fields(tenant: Tenant, index: int, positions: tuple[int, ...], outcome: Outcome) -> dict[str, Any]:

@@ -200,6 +200,11 @@ class StreamSend:
         result = results.rejected_recipient(self._intake.reserve_index(), taken.position, taken.violations)
         await self._fan.put(result)
 
+    def log_unread(self, handed: Iterable[BatchResult]) -> None:
+        """The stream was cut off: log the last results handed to gRPC, which its caller may not
+        have read, for reconciliation."""
+        self._fan.log_unread(handed)
+
     def check_complete(self) -> None:
         """At the caller's end of input: a stream must have carried recipients."""
         violations = check_recipient_count(self._intake.head, self._intake.received)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Final, Generic, NoReturn, TypeVar
 
@@ -25,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from . import calls, convert, logs, status
 from .errors import HeaderTimeout, InvalidRequest, ShuttingDown, Unauthenticated
 from .metrics import Metrics
-from .model import Rule, Violation
+from .model import BatchResult, Rule, Violation
 from .sending import Sender, StreamSend
 from .tenants import Tenant, TenantDirectory
 
@@ -145,6 +146,7 @@ class CanvasGatewayServicer:
         drain_seconds: float = 2.0,
         header_timeout_seconds: float = 10.0,
         deadline_margin_seconds: float = 0.1,
+        reconcile_tail: int = 2048,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
@@ -153,6 +155,7 @@ class CanvasGatewayServicer:
         self._drain_seconds = drain_seconds
         self._header_timeout_seconds = header_timeout_seconds
         self._deadline_margin_seconds = deadline_margin_seconds
+        self._reconcile_tail = reconcile_tail
         self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:
@@ -284,20 +287,29 @@ class CanvasGatewayServicer:
                 await session.close()
 
         pumping = asyncio.create_task(pump())
+        handed: deque[BatchResult] = deque(maxlen=self._reconcile_tail)
         try:
-            async for result in session.results():
-                yield pb.SendStreamResponse(result=convert.result_to_proto(result))
-            await pumping
-        except Exception as exc:
-            await self._abort(context, exc)
-        finally:
-            pumping.cancel()
-            session.cancel()
-        if failure:
-            await self._abort(context, failure[0])
-        yield pb.SendStreamResponse(
-            summary=convert.summary_to_proto(session.summary, calls.current_request_id())
-        )
+            try:
+                async for result in session.results():
+                    handed.append(result)  # before the write: a write cut short may have gone out
+                    yield pb.SendStreamResponse(result=convert.result_to_proto(result))
+                await pumping
+            except Exception as exc:
+                await self._abort(context, exc)
+            finally:
+                pumping.cancel()
+                session.cancel()
+            if failure:
+                await self._abort(context, failure[0])
+            yield pb.SendStreamResponse(
+                summary=convert.summary_to_proto(session.summary, calls.current_request_id())
+            )
+        except (asyncio.CancelledError, GeneratorExit):
+            # The RPC was cut off (the caller went away, or shutdown outlasted its grace): what gRPC
+            # still buffered is lost, and a caller that had stopped reading never saw the last
+            # results handed over. Log them, so that they can be reconciled.
+            session.log_unread(handed)
+            raise
 
 
 def _bad_stream(why: str) -> InvalidRequest:

@@ -74,6 +74,10 @@ class Settings:
     """Longest a batch waits for a rate-limit reset before giving up with RESOURCE_EXHAUSTED."""
     result_queue_size: int = 64
     """Results buffered per stream before batches wait for the caller to read."""
+    reconcile_tail_results: int = 2048
+    """Results a stream remembers after handing them to gRPC: if the stream is then cut off
+    (caller gone, or shutdown past its grace), these are logged for reconciliation, since a
+    caller that had stopped reading never saw them."""
     stream_header_timeout_seconds: float = 10.0
     """Time a SendStream has to send its header; past it the stream ends DEADLINE_EXCEEDED."""
     max_message_bytes: int = 16 * 1024 * 1024
@@ -106,6 +110,7 @@ class Settings:
             "upstream_pool_size",
             "max_attempts",
             "result_queue_size",
+            "reconcile_tail_results",
             "max_message_bytes",
         )
         for name in positive:
