@@ -40,7 +40,7 @@ def _logged_batches(caplog: pytest.LogCaptureFixture) -> set[int]:
     """Batches logged for reconciliation: results queued or handed over but not read, and
     calls cut off while under way."""
     return {
-        record.batch_index  # type: ignore[attr-defined]
+        record.batch_index
         for record in caplog.records
         if record.name == "canvas_gateway_server.dispatch" and hasattr(record, "batch_index")
     }
