@@ -162,7 +162,8 @@ export interface Recipient {
    * Exactly one identifier, as Braze requires. In binary protobuf the last one
    * set wins. In proto3 JSON a recipient naming two of them is an error for
    * Python's json_format, Go's protojson, Java's JsonFormat and the project's
-   * CLI, but some tools (grpcurl) keep one silently, and the gateway cannot
+   * CLI, but some tools keep one silently (grpcurl, and ts-proto's generated
+   * fromJSON, which keeps the first in field order), and the gateway cannot
    * see the one dropped: build JSON bodies with a parser that refuses them.
    */
   identifier:
