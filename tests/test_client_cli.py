@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import json
+import os
+import signal
+import socket
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +20,7 @@ import grpc
 import pytest
 from canvas_gateway_client import CanvasGatewayClient, FieldViolation, bad_request_violations, pb, to_trigger
 from canvas_gateway_client.cli import main, run
+from canvas_gateway_client.report import COLUMNS
 from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
 from fake_braze import PAUSED_NOTICE, FakeBrazeConfig
 from google.protobuf import json_format
@@ -261,8 +269,13 @@ async def test_cli_send_prints_results_then_summary(cli: Cli) -> None:
     assert [r["result"]["outcome"] for r in results] == ["OUTCOME_SENT"]
     assert results[0]["result"]["positions"] == [0, 1]
     assert results[0]["result"]["code"] == "OK"  # every field is printed, defaults too, enums by name
+    assert list(results[0]["result"]) == [  # in the proto's order, batch_index 0 too
+        *("batch_index", "positions", "outcome", "code", "status_message", "retryable", "attempts"),
+        *("violations", "braze"),
+    ]
+    assert isinstance(summary["summary"]["recipients"], int)
     assert summary["summary"]["recipients_sent"] == 2
-    assert cli.err.getvalue() == ""
+    assert cli.err.getvalue().startswith("summary: 2 recipients in 1 batches: sent 2, canvas inactive 0")
 
 
 async def test_cli_send_reads_stdin_and_validates_only(cli: Cli) -> None:
@@ -341,7 +354,7 @@ async def test_cli_reports_an_rpc_error_with_violations(cli: Cli, tmp_path: Path
 
 async def test_cli_never_prints_a_rejected_token(harness: Harness) -> None:
     cli = Cli(harness, token="wrong-token-123")
-    assert await cli("send", "--file", str(EXAMPLES / "recipients_alias.json")) == 2
+    assert await cli("send", "--file", str(EXAMPLES / "recipients_alias.json")) == 3
     assert cli.err.getvalue().startswith("error: UNAUTHENTICATED: ")
     assert "wrong-token-123" not in cli.err.getvalue() + cli.out.getvalue()
 
@@ -359,9 +372,9 @@ async def test_cli_send_demo_prints_a_human_summary(cli: Cli) -> None:
     assert sorted(ids) == sorted(f"demo-user-{n}" for n in range(120))
 
 
-def test_main_without_a_token_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+def test_main_without_a_token_exits_3(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     monkeypatch.delenv("CANVAS_GATEWAY_TOKEN", raising=False)
-    assert main(["send", "--file", "body.json"]) == 2
+    assert main(["send", "--file", "body.json"]) == 3
     assert "no token" in capsys.readouterr().err
 
 
@@ -412,3 +425,309 @@ async def test_cli_reports_the_column_of_broken_json_in_a_recipients_line(cli: C
     assert await cli("send-stream", "--header", str(header), "--recipients", str(bad)) == 2
     assert f"error: {bad}:2: invalid JSON" in cli.err.getvalue()
     assert "(column 24)" in cli.err.getvalue()
+
+
+# --- CLI: bulk sends ------------------------------------------------------------
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as stream:
+        csv.writer(stream).writerows(rows)
+    return path
+
+
+def header_file(tmp_path: Path) -> str:
+    return str(write_jsonl(tmp_path / "header.json", [{"canvas_id": CANVAS}]))
+
+
+def sent_ids(harness: Harness) -> list[str]:
+    return [r.get("external_user_id", "") for call in harness.fake.calls for r in call.body["recipients"]]
+
+
+async def test_cli_streams_csv_keeping_strings_and_typed_columns(cli: Cli, tmp_path: Path) -> None:
+    table = write_csv(
+        tmp_path / "r.csv",
+        [
+            [
+                "external_user_id",
+                "email",
+                "alias_name",
+                "alias_label",
+                "prioritization",
+                "send_to_existing_only",
+                "context.order_id",
+                "context.total:json",
+                "attributes.tier",
+            ],
+            ["user-1", "", "", "", "", "false", "007", "12.5", "gold"],
+            ["", "ann@example.com", "", "", "identified|most_recently_updated", "", "A-1", "", ""],
+            ["", "", "nick", "vip", "", "", "", '{"a": [1, true]}', ""],
+        ],
+    )
+    results = tmp_path / "out.csv"
+
+    code = await cli(
+        "send-stream",
+        "--header",
+        header_file(tmp_path),
+        "--recipients",
+        str(table),
+        "--results",
+        str(results),
+    )
+
+    assert code == 0, cli.err.getvalue()
+    [call] = cli.harness.fake.calls
+    assert call.body["recipients"] == [
+        {
+            "external_user_id": "user-1",
+            "send_to_existing_only": False,
+            "context": {"order_id": "007", "total": 12.5},  # a string stays a string
+            "attributes": {"tier": "gold"},
+        },
+        {
+            "email": "ann@example.com",
+            "prioritization": ["identified", "most_recently_updated"],
+            "context": {"order_id": "A-1"},
+        },
+        {"user_alias": {"alias_name": "nick", "alias_label": "vip"}, "context": {"total": {"a": [1, True]}}},
+    ]
+    with results.open(newline="") as stream:
+        rows = list(csv.reader(stream))
+    assert rows == [
+        list(COLUMNS),
+        ["0", "2", "external_user_id:user-1", "0", call.dispatch_id, "SENT", ""],
+        ["1", "3", "email:ann@example.com", "0", call.dispatch_id, "SENT", ""],
+        ["2", "4", "user_alias:vip/nick", "0", call.dispatch_id, "SENT", ""],
+    ]
+
+
+async def test_cli_refuses_a_csv_row_naming_two_identifiers_with_its_line(cli: Cli, tmp_path: Path) -> None:
+    table = write_csv(
+        tmp_path / "r.csv",
+        [["external_user_id", "email"], ["u1", ""], ["u2", "u2@example.com"], ["u3", ""]],
+    )
+    results = tmp_path / "out.jsonl"
+
+    code = await cli(
+        "send-stream", "--header", header_file(tmp_path), "--recipients", str(table),
+        "--max-bad-rows", "5", "--results", str(results),
+    )  # fmt: skip
+
+    assert code == 2  # invalid input, though the good rows were sent
+    refusal = f"error: {table}:3: names external_user_id and email: a recipient names exactly one identifier"
+    assert cli.err.getvalue().count(refusal) == 1
+    assert "  bad rows: 1 (not sent)" in cli.err.getvalue()
+    assert sent_ids(cli.harness) == ["u1", "u3"]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert all(list(row) == list(COLUMNS) for row in rows)  # every key, in a stable order
+    bad = [row for row in rows if row["outcome"] == "INVALID_INPUT"]
+    assert bad == [
+        {
+            "position": None,
+            "line": 3,
+            "recipient": None,
+            "batch": None,
+            "dispatch_id": None,
+            "outcome": "INVALID_INPUT",
+            "error": "names external_user_id and email: a recipient names exactly one identifier",
+        }
+    ]
+    assert sorted((row["position"], row["line"]) for row in rows if row["position"] is not None) == [
+        (0, 2),
+        (1, 4),
+    ]
+
+
+async def test_cli_refuses_a_json_recipient_naming_two_identifiers(cli: Cli, tmp_path: Path) -> None:
+    lines = tmp_path / "r.jsonl"
+    lines.write_text(
+        '{"external_user_id": "u0"}\n{"external_user_id": "u1", "email": "u1@example.com"}\n'
+        '{"external_user_id": "u2"}\n'
+    )
+
+    code = await cli("send-stream", "--header", header_file(tmp_path), "--recipients", str(lines))
+
+    assert code == 2
+    err = cli.err.getvalue()
+    assert err.startswith(
+        f"error: {lines}:2: names external_user_id and email: a recipient names exactly one identifier\n"
+    )
+    assert err.count("names external_user_id and email") == 1
+    assert sent_ids(cli.harness) == ["u0"]  # the input ends at the bad row; what came before is sent
+
+
+async def test_cli_results_rows_keep_json_types_and_map_rejections_to_lines(cli: Cli, tmp_path: Path) -> None:
+    lines = tmp_path / "r.jsonl"
+    lines.write_text(
+        '{"external_user_id": "u0"}\n\n{"email": "sam.patel@example.com"}\n{"external_user_id": "u2"}\n'
+    )
+    results = tmp_path / "out.jsonl"
+
+    code = await cli(
+        "send-stream",
+        "--header",
+        header_file(tmp_path),
+        "--recipients",
+        str(lines),
+        "--results",
+        str(results),
+    )
+
+    assert code == 1  # a recipient was not sent
+    rejected = f"rejected: {lines}:3: prioritization: "
+    assert cli.err.getvalue().count(rejected) == 1  # each violation once, at its line
+    text = results.read_text().splitlines()
+    rows = sorted((json.loads(line) for line in text), key=lambda row: row["position"])
+    assert [list(row) for row in rows] == [list(COLUMNS)] * 3
+    assert [(row["position"], row["line"], row["outcome"]) for row in rows] == [
+        (0, 1, "SENT"),
+        (1, 3, "REJECTED"),
+        (2, 4, "SENT"),
+    ]
+    assert all(isinstance(row["position"], int) and isinstance(row["batch"], int) for row in rows)
+    assert rows[1]["recipient"] == "email:sam.patel@example.com"
+    assert rows[1]["error"].startswith("recipients[1].prioritization: ") and rows[1]["dispatch_id"] is None
+    assert rows[0]["error"] == "" and rows[0]["dispatch_id"] == cli.harness.fake.calls[0].dispatch_id
+
+
+async def test_cli_dry_run_validates_and_sends_nothing(cli: Cli, tmp_path: Path) -> None:
+    table = write_csv(tmp_path / "r.csv", [["external_user_id"], *([f"u{i}"] for i in range(60))])
+
+    code = await cli(
+        "send-stream", "--header", header_file(tmp_path), "--recipients", str(table), "--dry-run"
+    )
+
+    assert code == 0, cli.err.getvalue()
+    *results, summary = cli.lines()
+    assert {r["result"]["outcome"] for r in results} == {"OUTCOME_NOT_ATTEMPTED"}
+    assert summary["summary"]["recipients_not_attempted"] == 60
+    assert cli.harness.fake.calls == []
+
+
+def test_main_prints_its_version(capsys: Any) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"canvas-gateway {metadata.version('canvas-gateway-client')}\n"
+
+
+def test_an_unreachable_gateway_exits_4(capsys: Any) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{closed.getsockname()[1]}"
+        code = main(
+            ["--target", target, "--token", TOKEN, "send", "--file", str(EXAMPLES / "recipients_alias.json")]
+        )
+    assert code == 4
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+async def test_a_deadline_exceeded_exits_5(harness: Harness, tmp_path: Path) -> None:
+    """Another failure of the RPC: the deadline passes while stdin has sent nothing yet."""
+    read, write = os.pipe()
+    stdin = os.fdopen(read)
+    err = io.StringIO()
+    argv = ["--target", harness.target, "--timeout", "0.5", "send-stream", "--header", header_file(tmp_path)]
+    try:
+        code = await run(
+            [*argv, "--recipients", "-"],
+            environ={"CANVAS_GATEWAY_TOKEN": TOKEN},
+            stdin=stdin,
+            stdout=io.StringIO(),
+            stderr=err,
+        )
+    finally:
+        os.close(write)  # the reader's thread sees the end of input, and then the pipe may close
+        stdin.close()
+    assert code == 5
+    assert err.getvalue().startswith("error: DEADLINE_EXCEEDED: ")
+
+
+async def test_cli_prints_each_violation_once(cli: Cli, tmp_path: Path) -> None:
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"canvas_id": CANVAS, "recipients": [{"email": "a@example.com"}] * 2}))
+
+    assert await cli("send", "--file", str(body)) == 2
+    err = cli.err.getvalue()
+    assert err.startswith("error: INVALID_ARGUMENT: 2 invalid fields:\n")
+    for n in (0, 1):
+        assert err.count(f"recipients[{n}].prioritization") == 1
+
+
+async def test_cli_prints_plain_progress_lines_when_not_on_a_terminal(cli: Cli, tmp_path: Path) -> None:
+    table = write_csv(tmp_path / "r.csv", [["external_user_id"], *([f"u{i}"] for i in range(120))])
+
+    code = await cli(
+        "send-stream", "--header", header_file(tmp_path), "--recipients", str(table),
+        "--chunk-size", "40", "--progress-every", "0",
+    )  # fmt: skip
+
+    assert code == 0, cli.err.getvalue()
+    progress = [line for line in cli.err.getvalue().splitlines() if line.startswith("progress: ")]
+    assert len(progress) == 3  # a line for each result, as every 0 seconds asks
+    assert progress[-1].startswith("progress: 120 of about 120 recipients (100%), ")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_cli_draws_a_progress_bar_on_a_terminal(harness: Harness, tmp_path: Path) -> None:
+    table = write_csv(tmp_path / "r.csv", [["external_user_id"], *([f"u{i}"] for i in range(120))])
+    out, err = io.StringIO(), Terminal()
+    argv = [
+        "--target",
+        harness.target,
+        "send-stream",
+        "--header",
+        header_file(tmp_path),
+        "--recipients",
+        str(table),
+    ]
+
+    code = await run(argv, environ={"CANVAS_GATEWAY_TOKEN": TOKEN}, stdout=out, stderr=err)
+
+    assert code == 0, err.getvalue()
+    bar = err.getvalue()
+    assert "120/120" in bar and "100%" in bar and " recipients/s" in bar
+    assert "progress: " not in bar
+
+
+async def test_ctrl_c_says_what_may_have_been_sent_and_keeps_the_results(
+    harness: Harness, tmp_path: Path
+) -> None:
+    harness.fake.faults.set_latency(0.3)
+    lines = write_jsonl(tmp_path / "r.jsonl", list(recipients(3000)))
+    results = tmp_path / "out.jsonl"
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "canvas-gateway"),
+        "--target", harness.target,
+        "send-stream", "--header", header_file(tmp_path), "--recipients", str(lines),
+        "--results", str(results), "--chunk-size", "100",
+        env={**os.environ, "CANVAS_GATEWAY_TOKEN": TOKEN},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30):
+            while len(harness.fake.calls) < 4:
+                await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 130, err.decode()
+    text = err.decode()
+    message = next(line for line in text.splitlines() if line.startswith("interrupted: "))
+    assert "more were sent to the gateway without a result yet" in message
+    assert "may have reached Braze" in message
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    had_result = int(message.removeprefix("interrupted: ").split(" ")[0].replace(",", ""))
+    assert 0 < len(rows) == had_result < 3000  # what was known is in the file, and no more
+    assert Counter(row["position"] for row in rows).most_common(1)[0][1] == 1
+    dispatched = {call.dispatch_id for call in harness.fake.calls}
+    assert {row["dispatch_id"] for row in rows if row["outcome"] == "SENT"} <= dispatched
+    assert TOKEN not in text

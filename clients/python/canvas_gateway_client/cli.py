@@ -1,17 +1,15 @@
 """`canvas-gateway`: trigger Braze Canvases through canvas-gateway from the shell.
 
-    canvas-gateway [--target HOST:PORT] [--token TOKEN] [--timeout SECONDS] [--tls | --ca-file PEM] COMMAND
-      send --file BODY.json [--validate-only]
-      send-stream --header HEADER.json --recipients RECIPIENTS.jsonl [--chunk-size N] [--validate-only]
+    canvas-gateway [--target HOST:PORT] [--token TOKEN] [--timeout S] [--tls | --ca-file PEM] COMMAND
+      send --file BODY.json [--results FILE] [--dry-run]
+      send-stream --header HEADER.json --recipients FILE|- [--format jsonl|csv] [--results FILE] ...
       send-demo [--recipients N] [--canvas-id ID] [--chunk-size N]
 
 `send` and `send-stream` print one JSON line per batch result, `{"result": {...}}`, then
-`{"summary": {...}}` (proto3 JSON, Braze field names). The token comes from `--token`
-or CANVAS_GATEWAY_TOKEN and is never printed.
-
-Exit status: 0 when every result is OUTCOME_SENT without a `notice` (with --validate-only:
-every result planned with code OK); 1 when some result is not (a `notice` means the Canvas
-is inactive and nothing was sent; a warning says so); 2 for an RPC error or a bad input file.
+`{"summary": {...}}` (proto3 JSON, Braze field names, keys in the proto's field order, 64-bit
+integers as numbers), and a summary for people on stderr. The token comes from
+CANVAS_GATEWAY_TOKEN (or `--token`) and is never printed. The exit status says how it went
+(EXIT_STATUS below).
 """
 
 from __future__ import annotations
@@ -19,11 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, TextIO
 
 import grpc
@@ -32,12 +34,45 @@ from google.protobuf import json_format, message
 from google.protobuf.descriptor import FieldDescriptor
 
 from .client import DEFAULT_CHUNK_SIZE, CanvasGatewayClient, bad_request_violations
-from .inputs import InputError, open_input, read_body, read_recipients
+from .inputs import FORMATS, InputError, LineMap, Row, count_rows, format_of, open_input, read_body, read_rows
+from .report import Progress, ResultsFile
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_ENV = "CANVAS_GATEWAY_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 DEMO_CANVAS_ID = "canvas-gateway-demo"
-EXIT_OK, EXIT_NOT_SENT, EXIT_ERROR = 0, 1, 2
+BATCH_SIZE = 50  # Braze's recipients per call, so the gateway's most per batch
+
+EXIT_OK, EXIT_NOT_SENT, EXIT_INVALID, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_FAILED = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+EXIT_STATUS = """\
+exit status:
+  0    every recipient sent (with --dry-run: every batch planned)
+  1    some recipient not sent: rejected, unknown, not attempted, or its Canvas inactive
+  2    invalid input: a bad flag, file or row, or the gateway refused the request
+       (INVALID_ARGUMENT)
+  3    authentication: no token, or the gateway refused it (UNAUTHENTICATED,
+       PERMISSION_DENIED)
+  4    gateway unavailable (UNAVAILABLE: unreachable, or draining with no resume left)
+  5    any other RPC failure (DEADLINE_EXCEEDED, INTERNAL, ...)
+  130  interrupted (Ctrl-C): what had a result is in the results file
+"""
+CSV_LAYOUT = """\
+CSV recipients (--format csv, or a .csv file): a header row, then one recipient a row.
+  external_user_id | email | alias_name + alias_label   exactly one identifier a row
+  prioritization                                      values separated by |
+  send_to_existing_only                               true or false
+  context.<key>, attributes.<key>,                    one key of that object each
+  canvas_entry_properties.<key>
+Cells are strings; an empty cell is left out. A column <name>:json (context.total:json)
+holds JSON values, so numbers, booleans, lists and objects keep their type.
+"""
+_RPC_EXITS = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_AUTH,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+}
+_POSITION = re.compile(r"recipients\[(\d+)\]\.?")
 
 
 def demo_recipients(count: int) -> Iterator[pb.Recipient]:
@@ -52,7 +87,7 @@ def _json_line(msg: message.Message) -> str:
     data = json_format.MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    return json.dumps(_int64_as_numbers(msg, data), separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(_stable(msg, data), separators=(",", ":"), ensure_ascii=False)
 
 
 _INT64_TYPES = frozenset(
@@ -60,54 +95,26 @@ _INT64_TYPES = frozenset(
 )
 
 
-def _int64_as_numbers(msg: message.Message, data: dict[str, Any]) -> dict[str, Any]:
-    """proto3 JSON writes 64-bit integers as strings (for JavaScript); the CLI's lines keep
-    them numbers, as positions and counts are. Nested messages of ours are walked too."""
+def _stable(msg: message.Message, data: dict[str, Any]) -> dict[str, Any]:
+    """Keys in the proto's field order, whatever their values (json_format puts default values
+    last), and 64-bit integers as numbers, as positions and counts are (proto3 JSON writes them
+    as strings, for JavaScript). Nested messages of ours are walked too."""
+    ordered: dict[str, Any] = {}
     for descriptor in msg.DESCRIPTOR.fields:
         key = descriptor.name
         if key not in data:
             continue
+        value = data[key]
         if descriptor.type in _INT64_TYPES:
-            data[key] = [int(v) for v in data[key]] if isinstance(data[key], list) else int(data[key])
+            value = [int(v) for v in value] if isinstance(value, list) else int(value)
         elif descriptor.message_type is not None and descriptor.message_type.full_name.startswith(
             "canvas_gateway."
         ):
-            value = getattr(msg, key)
-            if isinstance(value, message.Message):
-                _int64_as_numbers(value, data[key])
-    return data
-
-
-@dataclass
-class Tally:
-    """What the results of one command add up to, for its exit status and the demo summary."""
-
-    validate_only: bool
-    results: int = 0
-    notices: int = 0
-    all_ok: bool = True
-    dispatch_ids: list[str] = field(default_factory=list)
-    summary: pb.SendSummary = field(default_factory=pb.SendSummary)
-
-    def add(self, result: pb.BatchResult) -> None:
-        self.results += 1
-        if self.validate_only:
-            ok = result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.code == 0
-        else:
-            ok = result.outcome == pb.OUTCOME_SENT
-        self.notices += result.outcome == pb.OUTCOME_CANVAS_INACTIVE
-        self.all_ok = self.all_ok and ok
-        if result.braze.dispatch_id and len(self.dispatch_ids) < 3:
-            self.dispatch_ids.append(result.braze.dispatch_id)
-
-    def finish(self, io: Console) -> int:
-        """Warn about no-op acceptances; the command's exit status."""
-        if self.notices:
-            io.error(
-                f"warning: {self.notices:,} batches were accepted but their Canvas is inactive, "
-                "so nothing was sent (see `notice`)"
-            )
-        return EXIT_OK if self.all_ok else EXIT_NOT_SENT
+            nested = getattr(msg, key)
+            if isinstance(nested, message.Message):
+                value = _stable(nested, value)
+        ordered[key] = value
+    return ordered
 
 
 @dataclass
@@ -128,76 +135,222 @@ class Console:
         return text.replace(self.token, "[token]") if self.token else text
 
 
-async def cmd_send(args: argparse.Namespace, client: CanvasGatewayClient, io: Console, stdin: TextIO) -> int:
+@dataclass
+class Report:
+    """Everything one command reports: its results (JSON lines, results file, progress, the
+    lines of rejected recipients), bad rows, and at the end a summary and the exit status."""
+
+    io: Console
+    validate_only: bool
+    json_lines: bool = True  # one JSON line per message on stdout (not for send-demo)
+    results_file: ResultsFile | None = None
+    progress: Progress | None = None
+    source: str = ""  # the recipients file, for line numbers
+    lines: LineMap = field(default_factory=lambda: LineMap(0))
+    sent_out: int = 0  # recipients handed to the gateway; those without a result may be in flight
+    resolved: int = 0  # recipients with a result
+    batches: int = 0
+    bad_rows: int = 0
+    notices: int = 0
+    all_ok: bool = True
+    dispatch_ids: list[str] = field(default_factory=list)
+    by_outcome: Counter[int] = field(default_factory=Counter)
+    summary: pb.SendSummary | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def result(self, result: pb.BatchResult, recipients: Sequence[pb.Recipient]) -> None:
+        self.batches += 1
+        self.resolved += len(result.positions)
+        self.by_outcome[result.outcome] += len(result.positions)
+        if self.validate_only:
+            ok = result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.code == 0
+        else:
+            ok = result.outcome == pb.OUTCOME_SENT
+        self.all_ok = self.all_ok and ok
+        self.notices += result.outcome == pb.OUTCOME_CANVAS_INACTIVE
+        if result.braze.dispatch_id and len(self.dispatch_ids) < 3:
+            self.dispatch_ids.append(result.braze.dispatch_id)
+        for violation in result.violations:  # a recipient the gateway refused: where it is
+            self.io.error(f"rejected: {self._where(violation.field)}: {violation.description}")
+        if self.json_lines:
+            self.io.print(_json_line(pb.SendStreamResponse(result=result)))
+        if self.results_file is not None:
+            lines = [self.lines.line(p) for p in result.positions]
+            self.results_file.result(result, recipients, lines)
+        if self.progress is not None:
+            self.progress.advance(len(result.positions))
+
+    def _where(self, path: str) -> str:
+        """`recipients[7].email` as `file:line: email` when recipient 7 came from a file line."""
+        found = _POSITION.match(path)
+        line = self.lines.line(int(found.group(1))) if found else None
+        return path if found is None or line is None else f"{self.source}:{line}: {path[found.end() :]}"
+
+    def bad_row(self, error: InputError, *, last: bool) -> None:
+        """A row that could not be read; the error is printed here unless it ends the input."""
+        self.bad_rows += 1
+        if self.results_file is not None:
+            self.results_file.bad_row(error.line, error.reason)
+        if not last:
+            self.io.error(f"error: {error}")
+
+    def end(self, summary: pb.SendSummary) -> None:
+        self.summary = summary
+        if self.json_lines:
+            self.io.print(_json_line(pb.SendStreamResponse(summary=summary)))
+
+    def interrupted(self) -> None:
+        """Ctrl-C: what may have been sent without a result."""
+        waiting = self.sent_out - self.resolved
+        text = f"interrupted: {self.resolved:,} recipients have a result"
+        if waiting > 0:
+            text += (
+                f"; {waiting:,} more were sent to the gateway without a result yet (about "
+                f"{math.ceil(waiting / BATCH_SIZE):,} batches): they may have reached Braze, "
+                "check before sending them again"
+            )
+        self.io.error(text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.results_file is not None:
+            self.results_file.close()
+
+    def finish(self, failed: int | None, out: TextIO) -> int:
+        """Print the summary for people on `out`; the exit status (`failed` when set)."""
+        if self.summary is not None or self.batches:
+            self._print_summary(out)
+        if self.notices:
+            self.io.error(
+                f"warning: {self.notices:,} batches were accepted but their Canvas is inactive, "
+                "so nothing was sent (see `notice`)"
+            )
+        if failed is not None:
+            return failed
+        if self.bad_rows:
+            return EXIT_INVALID
+        return EXIT_OK if self.all_ok else EXIT_NOT_SENT
+
+    def _print_summary(self, out: TextIO) -> None:
+        s = self.summary or pb.SendSummary(  # cut short: what the results so far add up to
+            recipients=self.resolved,
+            batches=self.batches,
+            recipients_sent=self.by_outcome[pb.OUTCOME_SENT],
+            recipients_rejected=self.by_outcome[pb.OUTCOME_REJECTED],
+            recipients_unknown=self.by_outcome[pb.OUTCOME_UNKNOWN],
+            recipients_not_attempted=self.by_outcome[pb.OUTCOME_NOT_ATTEMPTED],
+            recipients_canvas_inactive=self.by_outcome[pb.OUTCOME_CANVAS_INACTIVE],
+        )
+        lines = [
+            f"summary: {s.recipients:,} recipients in {s.batches:,} batches: sent {s.recipients_sent:,}, "
+            f"canvas inactive {s.recipients_canvas_inactive:,}, rejected {s.recipients_rejected:,}, "
+            f"unknown {s.recipients_unknown:,}, not attempted {s.recipients_not_attempted:,}"
+        ]
+        if self.bad_rows:
+            lines.append(f"  bad rows: {self.bad_rows:,} (not sent)")
+        more = self.batches - len(self.dispatch_ids)
+        shown = ", ".join(self.dispatch_ids) or "none"
+        lines.append(f"  dispatch_ids: {shown}" + (f" (and {more:,} more results)" if more > 0 else ""))
+        elapsed = time.monotonic() - self.started
+        rate = self.resolved / elapsed if elapsed > 0 else 0.0
+        lines.append(f"  {elapsed:.2f} s, {rate:,.0f} recipients/s; request_id {s.request_id or '-'}")
+        if self.results_file is not None:
+            lines.append(f"  results: {self.results_file.rows:,} rows")
+        print("\n".join(lines), file=out)
+
+
+async def cmd_send(
+    args: argparse.Namespace, client: CanvasGatewayClient, report: Report, stdin: TextIO
+) -> None:
     trigger = await read_body(args.file, stdin)
+    report.sent_out = len(trigger.recipients)
     response = await client.send(trigger, validate_only=args.validate_only, timeout=args.timeout)
-    tally = Tally(args.validate_only)
     for result in response.results:
-        tally.add(result)
-        io.print(_json_line(pb.SendStreamResponse(result=result)))
-    io.print(_json_line(pb.SendStreamResponse(summary=response.summary)))
-    return tally.finish(io)
+        report.result(result, [trigger.recipients[p] for p in result.positions])
+    report.end(response.summary)
+
+
+async def _rows_to_recipients(
+    rows: AsyncIterator[Row], report: Report, max_bad_rows: int
+) -> AsyncIterator[pb.Recipient]:
+    """The good rows' recipients, noting their lines; bad rows are reported, and the one past
+    `max_bad_rows` ends the input (raised, after the recipients before it are sent)."""
+    async for row in rows:
+        if row.recipient is not None:
+            report.lines.add(row.line)
+            report.sent_out += 1
+            yield row.recipient
+        elif row.error is not None:
+            last = report.bad_rows >= max_bad_rows
+            report.bad_row(row.error, last=last)
+            if last:
+                raise row.error
+
+
+async def _stream(
+    args: argparse.Namespace,
+    client: CanvasGatewayClient,
+    report: Report,
+    header: pb.CanvasTrigger,
+    recipients: AsyncIterator[pb.Recipient] | Iterator[pb.Recipient],
+) -> None:
+    async for tracked in client.send_stream_tracked(
+        header,
+        recipients,
+        chunk_size=args.chunk_size,
+        validate_only=args.validate_only,
+        timeout=args.timeout,
+        resumes=args.resumes,
+    ):
+        response = tracked.response
+        if response.HasField("result"):
+            report.result(response.result, tracked.recipients)
+        else:
+            report.end(response.summary)
 
 
 async def cmd_send_stream(
-    args: argparse.Namespace, client: CanvasGatewayClient, io: Console, stdin: TextIO
-) -> int:
+    args: argparse.Namespace, client: CanvasGatewayClient, report: Report, stdin: TextIO
+) -> None:
     if args.header == "-" and args.recipients == "-":
         raise InputError("<stdin>", 0, "--header and --recipients cannot both be stdin")
     header = await read_body(args.header, stdin)
-    stream, name = await asyncio.to_thread(open_input, args.recipients, stdin)
-    tally = Tally(args.validate_only)
+    kind = format_of(args.recipients, args.format)
+    stream, report.source = await asyncio.to_thread(open_input, args.recipients, stdin)
+    report.lines = LineMap(len(header.recipients))
+    report.sent_out = len(header.recipients)
     try:
-        recipients = read_recipients(stream, name, args.chunk_size)
-        async for response in client.send_stream(
-            header,
-            recipients,
-            chunk_size=args.chunk_size,
-            validate_only=args.validate_only,
-            timeout=args.timeout,
-        ):
-            if response.HasField("result"):
-                tally.add(response.result)
-            io.print(_json_line(response))
+        if args.progress:
+            total = await asyncio.to_thread(count_rows, args.recipients, kind)
+            report.progress = Progress(
+                report.io.err, total and total + len(header.recipients), args.progress_every
+            )
+        rows = read_rows(stream, report.source, kind, args.chunk_size)
+        await _stream(args, client, report, header, _rows_to_recipients(rows, report, args.max_bad_rows))
     finally:
         if stream is not stdin:
             stream.close()
-    return tally.finish(io)
 
 
 async def cmd_send_demo(
-    args: argparse.Namespace, client: CanvasGatewayClient, io: Console, stdin: TextIO
-) -> int:
+    args: argparse.Namespace, client: CanvasGatewayClient, report: Report, stdin: TextIO
+) -> None:
     header = pb.CanvasTrigger(canvas_id=args.canvas_id)
     header.context.update({"campaign": "canvas-gateway send-demo"})
-    tally = Tally(validate_only=False)
-    started = time.perf_counter()
-    async for response in client.send_stream(
-        header, demo_recipients(args.recipients), chunk_size=args.chunk_size, timeout=args.timeout
-    ):
-        if response.HasField("result"):
-            tally.add(response.result)
-        else:
-            tally.summary = response.summary
-    elapsed = time.perf_counter() - started
-    s = tally.summary
-    io.print(
-        f"send-demo: {s.recipients:,} recipients to canvas {args.canvas_id!r} in {tally.results:,} results"
-    )
-    io.print(
-        f"  sent {s.recipients_sent:,}, canvas inactive {s.recipients_canvas_inactive:,}, "
-        f"rejected {s.recipients_rejected:,}, unknown {s.recipients_unknown:,}, "
-        f"not attempted {s.recipients_not_attempted:,}"
-    )
-    more = tally.results - len(tally.dispatch_ids)
-    shown = ", ".join(tally.dispatch_ids) or "none"
-    io.print(f"  dispatch_ids: {shown}" + (f" (and {more:,} more results)" if more > 0 else ""))
-    rate = s.recipients / elapsed if elapsed > 0 else 0.0
-    io.print(f"  {elapsed:.2f} s, {rate:,.0f} recipients/s")
-    return tally.finish(io)
+    report.json_lines = False
+    report.io.print(f"send-demo: {args.recipients:,} recipients to canvas {args.canvas_id!r}")
+    report.progress = Progress(report.io.err, args.recipients, every=10.0)
+
+    def counted() -> Iterator[pb.Recipient]:
+        for recipient in demo_recipients(args.recipients):
+            report.sent_out += 1
+            yield recipient
+
+    await _stream(args, client, report, header, counted())
 
 
-Command = Callable[[argparse.Namespace, CanvasGatewayClient, Console, TextIO], Awaitable[int]]
+Command = Callable[[argparse.Namespace, CanvasGatewayClient, Report, TextIO], Awaitable[None]]
 
 
 def _positive(text: str) -> int:
@@ -207,41 +360,112 @@ def _positive(text: str) -> int:
     return value
 
 
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _version() -> str:
+    try:
+        return metadata.version("canvas-gateway-client")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
+
+
+def _stream_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, help="recipients a message"
+    )
+    parser.add_argument(
+        "--resumes",
+        type=_not_negative,
+        default=5,
+        help="streams a draining gateway may end before the send gives up (default 5); on each, "
+        "the recipients without a result go on in a new stream, none sent twice",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `canvas-gateway`."""
     parser = argparse.ArgumentParser(
-        prog="canvas-gateway", description="Trigger Braze Canvases through canvas-gateway."
+        prog="canvas-gateway",
+        description="Trigger Braze Canvases through canvas-gateway.",
+        epilog=EXIT_STATUS + "\n" + CSV_LAYOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--target", default=DEFAULT_TARGET, help=f"gateway address (default {DEFAULT_TARGET})"
     )
     parser.add_argument(
         "--token", help=f"bearer token (default: ${TOKEN_ENV}; prefer the variable, argv is visible to ps)"
     )
-    parser.add_argument("--timeout", type=float, help="RPC deadline in seconds (default: none)")
+    parser.add_argument("--timeout", type=float, help="deadline of the whole send in seconds (default: none)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system CA roots)")
     parser.add_argument("--ca-file", help="PEM CA certificates to trust; implies --tls")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    send = commands.add_parser("send", help="send one Braze JSON body with the unary Send")
+    def results_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--results", help="write one row per recipient to FILE (JSON Lines, or CSV for .csv)"
+        )
+        command.add_argument("--results-format", choices=FORMATS, help="the results file's format")
+        command.add_argument(
+            "--dry-run",
+            "--validate-only",
+            dest="validate_only",
+            action="store_true",
+            help="validate and plan the batches, send nothing",
+        )
+
+    send = commands.add_parser(
+        "send",
+        help="send one Braze JSON body with the unary Send",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     send.add_argument("--file", required=True, help="Braze /canvas/trigger/send JSON body (- for stdin)")
-    send.add_argument("--validate-only", action="store_true", help="validate and plan, send nothing")
+    results_options(send)
     send.set_defaults(run=cmd_send)
 
-    stream = commands.add_parser("send-stream", help="stream recipients from a JSON Lines file")
+    stream = commands.add_parser(
+        "send-stream",
+        help="stream recipients from a JSON Lines or CSV file",
+        epilog=EXIT_STATUS + "\n" + CSV_LAYOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     stream.add_argument("--header", required=True, help="Braze JSON body: canvas_id, context, audience...")
     stream.add_argument(
-        "--recipients", required=True, help="JSON Lines, one Braze recipient per line (- for stdin)"
+        "--recipients", required=True, help="JSON Lines or CSV, a recipient a row (- for stdin)"
     )
-    stream.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, help="recipients/message")
-    stream.add_argument("--validate-only", action="store_true", help="validate and plan, send nothing")
+    stream.add_argument(
+        "--format", choices=FORMATS, help="the recipients' format (default: by extension, else jsonl)"
+    )
+    stream.add_argument(
+        "--max-bad-rows",
+        type=_not_negative,
+        default=0,
+        help="rows that cannot be read to report and skip; the one after ends the input there (default 0)",
+    )
+    stream.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
+    stream.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal, a progress line this often (default 10)",
+    )
+    results_options(stream)
+    _stream_options(stream)
     stream.set_defaults(run=cmd_send_stream)
 
     demo = commands.add_parser("send-demo", help="stream synthetic recipients demo-user-<n>")
     demo.add_argument("--recipients", type=_positive, default=1000, help="how many (default 1000)")
     demo.add_argument("--canvas-id", default=DEMO_CANVAS_ID, help=f"Canvas id (default {DEMO_CANVAS_ID})")
-    demo.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE, help="recipients/message")
-    demo.set_defaults(run=cmd_send_demo)
+    _stream_options(demo)
+    demo.set_defaults(run=cmd_send_demo, validate_only=False)
     return parser
 
 
@@ -252,10 +476,30 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials() if args.tls else None
 
 
-def _report_rpc_error(io: Console, error: grpc.aio.AioRpcError) -> None:
-    io.error(f"error: {error.code().name}: {error.details() or ''}")
-    for violation in bad_request_violations(error):
-        io.error(f"  {violation.field}: {violation.description}")
+def _report_rpc_error(io: Console, error: grpc.aio.AioRpcError) -> int:
+    """Print a failed RPC (each violation once); its exit status."""
+    violations = bad_request_violations(error)
+    if violations:
+        io.error(f"error: {error.code().name}: {len(violations)} invalid fields:")
+        for violation in violations:
+            io.error(f"  {violation.field}: {violation.description}")
+        listed = re.search(r"the details list the first \d+ of (\d+) violations", error.details() or "")
+        if listed:
+            io.error(f"  (and {int(listed.group(1)) - len(violations):,} more not listed)")
+    else:
+        io.error(f"error: {error.code().name}: {error.details() or ''}")
+    return _RPC_EXITS.get(error.code(), EXIT_FAILED)
+
+
+def _open_results(args: argparse.Namespace) -> ResultsFile | None:
+    path: str | None = getattr(args, "results", None)
+    if path is None:
+        return None
+    try:
+        stream = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed by Report
+    except OSError as exc:
+        raise InputError(path, 0, exc.strerror or str(exc)) from None
+    return ResultsFile(stream, format_of(path, args.results_format))
 
 
 async def run(
@@ -266,38 +510,50 @@ async def run(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
-    """Run the CLI in the current event loop; returns the exit status."""
+    """Run the CLI in the current event loop; returns the exit status (EXIT_STATUS)."""
     environ = os.environ if environ is None else environ
     stdin = sys.stdin if stdin is None else stdin
     io = Console(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr)
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed by argparse
-        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except SystemExit as exc:  # --help, --version, or a usage error already printed by argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
     token: str = args.token or environ.get(TOKEN_ENV, "")
     io.token = token
     if not token:
         io.error(f"error: no token: set {TOKEN_ENV} or pass --token")
-        return EXIT_ERROR
+        return EXIT_AUTH
     try:
         client = CanvasGatewayClient(args.target, token, credentials=_credentials(args))
-    except (ValueError, OSError) as error:  # a malformed token (never quoted) or an unreadable CA file
+    except ValueError as error:  # a malformed token, never quoted
         io.error(f"error: {error}")
-        return EXIT_ERROR
+        return EXIT_AUTH
+    except OSError as error:  # an unreadable CA file
+        io.error(f"error: {error}")
+        return EXIT_INVALID
+    report = Report(io, args.validate_only)
+    failed: int | None = None
     command: Command = args.run
     try:
+        report.results_file = _open_results(args)
         async with client:
-            return await command(args, client, io, stdin)
+            await command(args, client, report, stdin)
     except grpc.aio.AioRpcError as error:
-        _report_rpc_error(io, error)
+        failed = _report_rpc_error(io, error)
     except InputError as error:
         io.error(f"error: {error}")
-    return EXIT_ERROR
+        failed = EXIT_INVALID
+    except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels the main task
+        report.interrupted()
+        failed = EXIT_INTERRUPTED
+    finally:
+        report.close()
+    return report.finish(failed, io.out if args.command == "send-demo" else io.err)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `canvas-gateway` console script."""
     try:
         return asyncio.run(run(argv))
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the event loop
+        return EXIT_INTERRUPTED

@@ -39,7 +39,7 @@ class InputError(Exception):
 
     def __init__(self, path: str, line: int, reason: str) -> None:
         super().__init__(f"{path}:{line}: {reason}" if line else f"{path}: {reason}")
-        self.line = line
+        self.line, self.reason = line, reason
 
 
 class Row(NamedTuple):
@@ -108,7 +108,7 @@ def recipient_from_json(item: Any, path: str, line: int) -> pb.Recipient:
 def parse_recipient(text: str, path: str, line: int) -> pb.Recipient:
     """One JSON Lines line, a Braze recipient object, as a Recipient, or InputError."""
     try:
-        item = json.loads(text)
+        item = json.loads(text.strip())
     except json.JSONDecodeError as exc:
         raise InputError(path, line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     return recipient_from_json(item, path, line)
