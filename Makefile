@@ -110,7 +110,7 @@ proto-clients: $(STAMP)
 ## pytest: the test suite (real gRPC, the fake Braze and a real Prometheus on 127.0.0.1, every client's
 ## examples); the clients are built first, and a missing one fails rather than skips.
 pytest: $(STAMP) prometheus-install clients
-	CGW_REQUIRE_CLIENTS=1 $(BIN)/pytest -q --cov --cov-report=term
+	REQUIRE_CLIENT_BUILDS=1 $(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
 test: proto-check proto-breaking lint typecheck client-check prometheus-check pytest

@@ -3,7 +3,8 @@
 results checked against what the fake Braze received.
 
 The Go, TypeScript and Java examples must be built first (`make clients`, which `make test`
-runs). A missing build skips their tests, unless CGW_REQUIRE_CLIENTS=1 (set by `make test`),
+runs). A missing build skips their tests, unless REQUIRE_CLIENT_BUILDS=1 (set by `make test`;
+not a CGW_ variable, which the gateway would refuse as unknown),
 when it fails them: CI can never pass with a client unbuilt.
 """
 
@@ -46,7 +47,7 @@ class Run:
 async def example(language: str, program: str, *args: str, token: str | None = TOKENS["acme"]) -> Run:
     """Run clients/<language>/example <program> <args> and parse what it prints."""
     if not BUILT[language].exists():
-        if os.environ.get("CGW_REQUIRE_CLIENTS") == "1":
+        if os.environ.get("REQUIRE_CLIENT_BUILDS") == "1":
             pytest.fail(f"the {language} example is not built: run `make clients`")
         pytest.skip(f"the {language} example is not built (make clients)")
     environ = {k: v for k, v in os.environ.items() if k != "CANVAS_GATEWAY_TOKEN"}
