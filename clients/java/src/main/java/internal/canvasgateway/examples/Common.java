@@ -1,0 +1,311 @@
+package internal.canvasgateway.examples;
+
+import com.google.protobuf.Any;
+import com.google.protobuf.InvalidProtocolBufferException;
+import com.google.protobuf.Struct;
+import com.google.protobuf.Value;
+import com.google.rpc.BadRequest;
+import io.grpc.ChannelCredentials;
+import io.grpc.ClientInterceptor;
+import io.grpc.Grpc;
+import io.grpc.InsecureChannelCredentials;
+import io.grpc.ManagedChannel;
+import io.grpc.Metadata;
+import io.grpc.Status;
+import io.grpc.TlsChannelCredentials;
+import io.grpc.protobuf.StatusProto;
+import io.grpc.stub.MetadataUtils;
+import internal.canvasgateway.v1.BatchResult;
+import internal.canvasgateway.v1.CanvasTrigger;
+import internal.canvasgateway.v1.Outcome;
+import internal.canvasgateway.v1.Recipient;
+import internal.canvasgateway.v1.SendSummary;
+import java.io.ByteArrayInputStream;
+import java.io.IOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.concurrent.TimeUnit;
+import java.util.regex.Pattern;
+
+/**
+ * What the two examples share: flags, the channel and token, the request, and the output lines of
+ * clients/README.md.
+ */
+final class Common {
+  static final int EXIT_SENT = 0;
+  static final int EXIT_NOT_SENT = 1;
+  static final int EXIT_USAGE = 2;
+  static final int EXIT_RPC_FAILED = 3;
+
+  static final String SEND_STREAM = "send-stream";
+  static final String SEND = "send";
+
+  private static final Pattern DIGITS = Pattern.compile("\\d+");
+  private static final Pattern LINE_BREAKS = Pattern.compile("\\s*[\\r\\n]+\\s*");
+
+  /** The "authorization" metadata key of the bearer token. */
+  static final Metadata.Key<String> AUTHORIZATION =
+      Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
+
+  private Common() {}
+
+  /** The flags of clients/README.md and the token from CANVAS_GATEWAY_TOKEN. */
+  record Options(
+      String target,
+      boolean tls,
+      byte[] caCert, // the --ca-file PEM, or null
+      String canvasId,
+      int recipients,
+      int chunkSize,
+      boolean badEmail,
+      String token) {}
+
+  /** A bad flag or a missing token: the program prints it and exits 2. */
+  static final class UsageError extends Exception {
+    private static final long serialVersionUID = 1L;
+
+    UsageError(String message) {
+      super(message);
+    }
+  }
+
+  /** The body of an example: returns the exit status. */
+  @FunctionalInterface
+  interface Program {
+    int run(Options options) throws Exception;
+  }
+
+  private static String usage(String program) {
+    return SEND.equals(program)
+        ? "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email]"
+        : "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N]";
+  }
+
+  private static int integer(String flag, String value, int fallback, int min) throws UsageError {
+    if (value == null) {
+      return fallback;
+    }
+    try {
+      if (DIGITS.matcher(value).matches()) {
+        int parsed = Integer.parseInt(value);
+        if (parsed >= min) {
+          return parsed;
+        }
+      }
+    } catch (NumberFormatException tooLarge) {
+      // reported below
+    }
+    throw new UsageError("--" + flag + " must be an integer >= " + min + ", not \"" + value + "\"");
+  }
+
+  /** Reads the flags (--flag value or --flag=value) and the token. */
+  static Options parseOptions(String program, String[] args) throws UsageError {
+    String target = "127.0.0.1:50051";
+    boolean tls = false;
+    String caFile = null;
+    String canvasId = "canvas-gateway-demo";
+    String recipients = null;
+    String chunkSize = null;
+    boolean badEmail = false;
+    for (int i = 0; i < args.length; i++) {
+      String arg = args[i];
+      String name = arg;
+      String inline = null;
+      int equals = arg.indexOf('=');
+      if (arg.startsWith("--") && equals > 0) {
+        name = arg.substring(0, equals);
+        inline = arg.substring(equals + 1);
+      }
+      switch (name) {
+        case "--tls", "--bad-email" -> {
+          if (inline != null) {
+            throw new UsageError(name + " takes no value");
+          }
+          if (name.equals("--tls")) {
+            tls = true;
+          } else if (SEND.equals(program)) {
+            badEmail = true;
+          } else {
+            throw new UsageError("--bad-email is a send flag");
+          }
+        }
+        case "--target", "--ca-file", "--canvas-id", "--recipients", "--chunk-size" -> {
+          String value = inline;
+          if (value == null) {
+            if (i + 1 >= args.length) {
+              throw new UsageError(name + " needs a value");
+            }
+            value = args[++i];
+          }
+          switch (name) {
+            case "--target" -> target = value;
+            case "--ca-file" -> caFile = value;
+            case "--canvas-id" -> canvasId = value;
+            case "--recipients" -> recipients = value;
+            default -> {
+              if (SEND.equals(program)) {
+                throw new UsageError("--chunk-size is a send-stream flag");
+              }
+              chunkSize = value;
+            }
+          }
+        }
+        default -> throw new UsageError("unknown argument " + arg);
+      }
+    }
+    byte[] caCert = null;
+    if (caFile != null) {
+      try {
+        caCert = Files.readAllBytes(Path.of(caFile));
+      } catch (IOException | RuntimeException error) {
+        throw new UsageError("--ca-file: cannot read " + caFile + ": " + error);
+      }
+    }
+    String token = System.getenv("CANVAS_GATEWAY_TOKEN");
+    if (token == null || token.isEmpty()) {
+      throw new UsageError("set CANVAS_GATEWAY_TOKEN to the gateway's bearer token");
+    }
+    return new Options(
+        target,
+        tls || caCert != null,
+        caCert,
+        canvasId,
+        integer("recipients", recipients, SEND.equals(program) ? 120 : 1000, 0),
+        integer("chunk-size", chunkSize, 500, 1),
+        badEmail,
+        token);
+  }
+
+  /** Opens a channel: plaintext, or TLS trusting the system's roots or the CA file. */
+  static ManagedChannel dial(Options options) throws IOException {
+    ChannelCredentials credentials;
+    if (options.caCert() != null) {
+      credentials =
+          TlsChannelCredentials.newBuilder()
+              .trustManager(new ByteArrayInputStream(options.caCert()))
+              .build();
+    } else if (options.tls()) {
+      credentials = TlsChannelCredentials.create();
+    } else {
+      credentials = InsecureChannelCredentials.create();
+    }
+    return Grpc.newChannelBuilder(options.target(), credentials).build();
+  }
+
+  /** A ClientInterceptor that adds "authorization: Bearer <token>" to every call. */
+  static ClientInterceptor bearer(String token) {
+    Metadata metadata = new Metadata();
+    metadata.put(AUTHORIZATION, "Bearer " + token);
+    return MetadataUtils.newAttachHeadersInterceptor(metadata);
+  }
+
+  /** Closes the channel, waiting a moment for it to finish. */
+  static void close(ManagedChannel channel) throws InterruptedException {
+    channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
+  }
+
+  /** {@code count} recipients user-i from i = {@code from}, each with the context {"index": i}. */
+  static List<Recipient> recipients(int count, int from) {
+    List<Recipient> people = new ArrayList<>(count);
+    for (int i = from; i < from + count; i++) {
+      people.add(
+          Recipient.newBuilder()
+              .setExternalUserId("user-" + i)
+              .setContext(
+                  Struct.newBuilder().putFields("index", Value.newBuilder().setNumberValue(i).build()))
+              .build());
+    }
+    return people;
+  }
+
+  /** The Canvas, the top-level context {"campaign": "example"} and the recipients given. */
+  static CanvasTrigger trigger(String canvasId, List<Recipient> people) {
+    return CanvasTrigger.newBuilder()
+        .setCanvasId(canvasId)
+        .setContext(
+            Struct.newBuilder()
+                .putFields("campaign", Value.newBuilder().setStringValue("example").build()))
+        .addAllRecipients(people)
+        .build();
+  }
+
+  private static String orDash(String value) {
+    return value.isEmpty() ? "-" : value;
+  }
+
+  static String resultLine(BatchResult result) {
+    return String.join(
+        " ",
+        "result",
+        "batch=" + result.getBatchIndex(),
+        "outcome=" + result.getOutcome().name(),
+        "code=" + result.getCode().name(),
+        "recipients=" + result.getPositionsCount(),
+        "first=" + (result.getPositionsCount() > 0 ? Long.toString(result.getPositions(0)) : "-"),
+        "dispatch_id=" + orDash(result.getBraze().getDispatchId()));
+  }
+
+  static String summaryLine(SendSummary summary) {
+    return String.join(
+        " ",
+        "summary",
+        "recipients=" + summary.getRecipients(),
+        "batches=" + summary.getBatches(),
+        "sent=" + summary.getRecipientsSent(),
+        "request_id=" + orDash(summary.getRequestId()));
+  }
+
+  /** 0 when every result is SENT (or there is none), else 1. */
+  static int exitStatus(List<BatchResult> results) {
+    return results.stream().allMatch(r -> r.getOutcome() == Outcome.OUTCOME_SENT)
+        ? EXIT_SENT
+        : EXIT_NOT_SENT;
+  }
+
+  /** Prints a failed RPC and its google.rpc.BadRequest field violations to stderr; returns 3. */
+  static int reportError(Throwable error) {
+    Status status = Status.fromThrowable(error);
+    String description = status.getDescription() == null ? "" : status.getDescription();
+    String message = LINE_BREAKS.matcher(description).replaceAll(" ").trim();
+    System.err.println("error code=" + status.getCode().name() + " message=" + message);
+    com.google.rpc.Status details = StatusProto.fromThrowable(error);
+    if (details != null) {
+      for (Any detail : details.getDetailsList()) {
+        if (!detail.is(BadRequest.class)) {
+          continue;
+        }
+        try {
+          for (BadRequest.FieldViolation violation :
+              detail.unpack(BadRequest.class).getFieldViolationsList()) {
+            System.err.println(
+                "violation field=" + violation.getField()
+                    + " description=" + violation.getDescription());
+          }
+        } catch (InvalidProtocolBufferException unreadable) {
+          System.err.println("unreadable BadRequest detail: " + unreadable.getMessage());
+        }
+      }
+    }
+    return EXIT_RPC_FAILED;
+  }
+
+  /** Runs an example: a usage error exits 2, anything else with what {@code body} returns. */
+  static void main(String program, String[] args, Program body) {
+    int code;
+    try {
+      code = body.run(parseOptions(program, args));
+    } catch (UsageError error) {
+      System.err.println(program + ": " + error.getMessage());
+      System.err.println(usage(program));
+      code = EXIT_USAGE;
+    } catch (Exception error) {
+      System.err.println(program + ": " + error);
+      code = EXIT_RPC_FAILED;
+    }
+    System.out.flush();
+    System.err.flush();
+    System.exit(code);
+  }
+}
