@@ -8,6 +8,7 @@ takes the context object under its legacy name `canvas_entry_properties`.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,19 @@ class Harness:
     @staticmethod
     def auth(tenant: str = "acme") -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {TOKENS[tenant]}"),)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a gateway that must come back on the same one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def start_gateway(settings: Settings) -> Gateway:
+    """A gateway of `settings`, with acme's Braze key in its environment as the harness has."""
+    return await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
 
 
 def tenants_toml(url: str) -> str:

@@ -5,7 +5,6 @@ twice."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,17 +16,10 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_client import CanvasGatewayClient, resume_position
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, KEYS, LOCAL, TOKENS, tenants_toml
+from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 from fake_braze import FakeBraze
 
 COUNT = 4_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _settings(fake: FakeBraze, tmp_path: Path) -> Settings:
@@ -36,11 +28,7 @@ def _settings(fake: FakeBraze, tmp_path: Path) -> Settings:
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
     fake.faults.set_latency(0.02)
-    return Settings.from_env({}, grpc_address=f"127.0.0.1:{_free_port()}", tenants_file=str(tenants), **LOCAL)
-
-
-async def _start(settings: Settings) -> Gateway:
-    return await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
+    return Settings.from_env({}, grpc_address=f"127.0.0.1:{free_port()}", tenants_file=str(tenants), **LOCAL)
 
 
 async def _recipients() -> AsyncIterator[dict[str, Any]]:
@@ -52,7 +40,7 @@ async def _recipients() -> AsyncIterator[dict[str, Any]]:
 
 async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_path: Path) -> None:
     settings = _settings(fake, tmp_path)
-    first = await _start(settings)
+    first = await start_gateway(settings)
     results: list[pb.BatchResult] = []
     summaries: list[pb.SendSummary] = []
     second: Gateway | None = None
@@ -73,7 +61,7 @@ async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_pa
                 await asyncio.sleep(0.01)
             await first.stop(grace=5)  # drains: the stream ends UNAVAILABLE with where to resume
             before_restart = len(fake.calls)
-            second = await _start(settings)  # the same port, a new process state
+            second = await start_gateway(settings)  # the same port, a new process state
             async with asyncio.timeout(60):
                 await consuming
         finally:
@@ -97,7 +85,7 @@ async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_pa
 
 async def test_without_resumes_the_drain_is_the_caller_s_to_handle(fake: FakeBraze, tmp_path: Path) -> None:
     settings = _settings(fake, tmp_path)
-    gateway = await _start(settings)
+    gateway = await start_gateway(settings)
     results: list[pb.BatchResult] = []
     async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
 

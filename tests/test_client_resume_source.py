@@ -16,18 +16,11 @@ from canvas_gateway_client import CanvasGatewayClient, error_info, pb, resume_po
 from canvas_gateway_client.client import MAX_HELD_RESULTS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, KEYS, LOCAL, TOKENS, tenants_toml
+from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 from fake_braze import FakeBraze
 
 GATED_AT = 1_030  # the source waits here; chunks of 70: the gateway reads 980, sends 950, cuts 30
 COUNT = 2_030
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _settings(tmp_path: Path, braze_url: str) -> Settings:
@@ -35,15 +28,11 @@ def _settings(tmp_path: Path, braze_url: str) -> Settings:
     tenants.write_text(tenants_toml(braze_url))
     return Settings.from_env(
         {},
-        grpc_address=f"127.0.0.1:{_free_port()}",
+        grpc_address=f"127.0.0.1:{free_port()}",
         tenants_file=str(tenants),
         retry_base_delay_seconds=0.01,
         **LOCAL,
     )
-
-
-async def _start(settings: Settings) -> Gateway:
-    return await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
 
 
 def _sent(fake: FakeBraze) -> Counter[str]:
@@ -76,7 +65,7 @@ async def test_the_source_goes_on_in_the_resumed_stream(fake: FakeBraze, tmp_pat
     the read it was waiting on is not lost to the old stream but goes on in the new one."""
     settings = _settings(tmp_path, FAKE_URLS[id(fake)])
     fake.faults.set_latency(0.02)
-    first = await _start(settings)
+    first = await start_gateway(settings)
     second: Gateway | None = None
     source = Gated()
     responses: list[pb.SendStreamResponse] = []
@@ -91,7 +80,7 @@ async def test_the_source_goes_on_in_the_resumed_stream(fake: FakeBraze, tmp_pat
             await _until(lambda: sum(_sent(fake).values()) == 950)  # 19 batches: the 20th is open
             await first.stop(grace=5)
             assert sum(_sent(fake).values()) == 950  # the open batch of 30 was not sent: cut
-            second = await _start(settings)
+            second = await start_gateway(settings)
             source.gate.set()
             async with asyncio.timeout(60):
                 await consuming
@@ -119,7 +108,7 @@ async def test_when_no_gateway_comes_back_the_held_results_are_yielded(
     fake: FakeBraze, tmp_path: Path
 ) -> None:
     settings = _settings(tmp_path, FAKE_URLS[id(fake)])
-    gateway = await _start(settings)
+    gateway = await start_gateway(settings)
     source = Gated()
     results: list[pb.BatchResult] = []
     async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
@@ -152,7 +141,7 @@ async def test_results_held_for_a_resume_are_yielded_once_when_the_stream_ends(t
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    gateway = await _start(_settings(tmp_path, url))
+    gateway = await start_gateway(_settings(tmp_path, url))
     count = (MAX_HELD_RESULTS + 6) * 50
     try:
         async with CanvasGatewayClient(f"127.0.0.1:{gateway.port}", TOKENS["acme"]) as client:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.tenants import token_digest
-from conftest import FAKE_URLS, KEYS, TOKENS, tenants_toml
+from conftest import FAKE_URLS, KEYS, TOKENS, free_port, tenants_toml
 from fake_braze import FakeBraze
 
 Running = tuple[asyncio.subprocess.Process, str, Path]
@@ -24,13 +23,6 @@ REQUEST = pb.SendRequest(
         canvas_id="c", recipients=[pb.Recipient(external_user_id=f"u{i}") for i in range(3)]
     )
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
