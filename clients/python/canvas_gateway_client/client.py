@@ -345,12 +345,21 @@ def _check_token(token: str) -> None:
         raise ValueError("token must be non-empty printable ASCII without whitespace")
 
 
+DEFAULT_OPTIONS: ChannelOptions = (("grpc.http2.bdp_probe", 0),)
+"""Channel arguments every client starts with. Without window auto-tuning (BDP) the receive
+window stays at HTTP/2's 64 KB, about a thousand results: if this process stalls and the stream is
+then cut off, that many results at most were handed over unread (about 18,000 with it, measured),
+and the gateway logs them for reconciliation. Results are small: 300,000 recipients streamed on
+loopback at about 68,000 a second either way (one run each, twice).
+Pass ("grpc.http2.bdp_probe", 1) in `options` to turn auto-tuning back on."""
+
+
 class CanvasGatewayClient:
     """An async client for one gateway; use it as an async context manager.
 
     `target` is a gRPC target such as "127.0.0.1:50051". Without `credentials` the channel
     is plaintext (loopback and tests); pass `grpc.ssl_channel_credentials()` otherwise.
-    `options` are gRPC channel arguments.
+    `options` are gRPC channel arguments, on top of `DEFAULT_OPTIONS`.
     """
 
     def __init__(
@@ -365,7 +374,7 @@ class CanvasGatewayClient:
         self._target = target
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._credentials = credentials
-        self._options = tuple(options)
+        self._options = (*DEFAULT_OPTIONS, *options)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CanvasGatewayServiceAsyncStub | None = None
 
