@@ -11,6 +11,7 @@ from canvas_gateway_server.breaker import LocalBreaker, State
 from canvas_gateway_server.upstream import Delivery, Reply
 from conftest import FAKE_URLS, Harness
 from fake_braze import Fault
+from google.rpc import error_details_pb2
 
 URL = "https://rest.iad-01.braze.com"
 ANSWER = {status: Reply(Delivery.RESPONDED, status=status) for status in (201, 400, 429, 500, 503)}
@@ -86,6 +87,9 @@ async def test_a_failing_braze_is_left_alone_then_probed(harness: Harness) -> No
     assert outcomes == [(pb.OUTCOME_UNKNOWN, 2, False)] * 3 + [unavailable] * 3
     assert len(harness.fake.calls) == 3  # the last three batches were not sent
     assert "circuit breaker open" in reply.results[3].status_message
+    retry_info = error_details_pb2.RetryInfo()
+    (detail,) = reply.results[3].details
+    assert detail.Unpack(retry_info) and 0 < retry_info.retry_delay.seconds <= 1  # the cool-down's end
     assert all(r.attempts == 0 for r in reply.results[3:])
     host = FAKE_URLS[id(harness.fake)].split("//")[1]
     registry = harness.gateway.registry

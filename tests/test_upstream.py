@@ -16,6 +16,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from conftest import KEYS, TOKENS, Harness, trigger_from_json
 from fake_braze import FakeBrazeConfig, Fault
+from google.rpc import error_details_pb2
 
 BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"external_user_id": "u2"}]}
 
@@ -112,6 +113,11 @@ async def test_a_429_with_a_distant_reset_is_rejected_with_the_reset_time(harnes
     assert result.braze.http_status == 429 and result.attempts == 1
     assert result.rate_limit_reset.seconds == next_clock_hour()
     assert result.braze.message == "Rate Limited"
+    retry, quota = result.details
+    retry_info, quota_failure = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert retry.Unpack(retry_info) and quota.Unpack(quota_failure)
+    assert 0 < retry_info.retry_delay.seconds <= next_clock_hour() - time.time() + 1  # until the reset
+    assert [v.subject for v in quota_failure.violations] == ["braze:recipients"]
 
 
 @pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=1)])

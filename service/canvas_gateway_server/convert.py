@@ -14,10 +14,12 @@ rejected naming the field: such numbers must travel as strings.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Final
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
 from .braze import CONTEXT_NAMES
@@ -159,7 +161,35 @@ def result_to_proto(result: BatchResult) -> pb.BatchResult:
         )
         if result.http_status
         else None,
+        details=_details(result),
     )
+
+
+QUOTA_DESCRIPTIONS: Final = {
+    "recipients": "the tenant's Braze budget for calls with recipients (250,000 an hour by default) is spent",
+    "broadcast": "the tenant's Braze budget for broadcast and audience calls (per minute) is spent",
+}
+
+
+def _details(result: BatchResult) -> list[any_pb2.Any]:
+    """A result's google.rpc error details: when to retry, and which budget is spent."""
+    details: list[any_pb2.Any] = []
+    if result.retry_at:
+        delay = max(0.0, result.retry_at - time.time())
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=math.ceil(delay)))
+        details.append(_packed(retry))
+    if result.quota:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"braze:{result.quota}", description=QUOTA_DESCRIPTIONS[result.quota]
+        )
+        details.append(_packed(error_details_pb2.QuotaFailure(violations=[violation])))
+    return details
+
+
+def _packed(detail: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 def summary_to_proto(summary: Summary, request_id: str = "") -> pb.SendSummary:

@@ -104,6 +104,10 @@ class BatchResult:
     attempts: int = 0
     violations: tuple[Violation, ...] = ()
     rate_limit_reset: int = 0
+    retry_at: float = 0.0
+    """When trying again may succeed (epoch seconds; 0: no advice): a RetryInfo on the wire."""
+    quota: str = ""
+    """The Braze budget that is spent (`recipients` or `broadcast`): a QuotaFailure on the wire."""
 
 
 @dataclass(slots=True)

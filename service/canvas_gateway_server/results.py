@@ -84,7 +84,18 @@ def rate_limited_locally(batch: Batch, attempts: int, reset: int) -> BatchResult
 def _rate_limited(batch: Batch, why: str, reset: int, **details: Any) -> BatchResult:
     text = f"{why}; nothing was sent"
     code = Code.RESOURCE_EXHAUSTED
-    return _result(batch, Outcome.REJECTED, code, text, retryable=True, rate_limit_reset=reset, **details)
+    quota = "broadcast" if batch.broadcast else "recipients"
+    return _result(
+        batch,
+        Outcome.REJECTED,
+        code,
+        text,
+        retryable=True,
+        rate_limit_reset=reset,
+        retry_at=float(reset),
+        quota=quota,
+        **details,
+    )
 
 
 def circuit_open(batch: Batch, attempts: int, host: str, until: float) -> BatchResult:
@@ -93,7 +104,15 @@ def circuit_open(batch: Batch, attempts: int, host: str, until: float) -> BatchR
         f"Braze at {host} keeps failing: calls to it are paused (circuit breaker open) "
         f"until {time.strftime('%H:%M:%S', time.gmtime(until))} UTC; nothing was sent"
     )
-    return _result(batch, Outcome.NOT_ATTEMPTED, Code.UNAVAILABLE, text, retryable=True, attempts=attempts)
+    return _result(
+        batch,
+        Outcome.NOT_ATTEMPTED,
+        Code.UNAVAILABLE,
+        text,
+        retryable=True,
+        attempts=attempts,
+        retry_at=until,
+    )
 
 
 def deadline_cut(batch: Batch, attempts: int) -> BatchResult:

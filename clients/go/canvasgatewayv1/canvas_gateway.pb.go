@@ -30,6 +30,7 @@ import (
 	errdetails "google.golang.org/genproto/googleapis/rpc/errdetails"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	structpb "google.golang.org/protobuf/types/known/structpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
@@ -1127,7 +1128,13 @@ type BatchResult struct {
 	// RESOURCE_EXHAUSTED result; unset when unknown.
 	RateLimitReset *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=rate_limit_reset,proto3" json:"rate_limit_reset,omitempty"`
 	// Braze's answer to the last attempt; unset when no response was received.
-	Braze         *BrazeReply `protobuf:"bytes,15,opt,name=braze,proto3" json:"braze,omitempty"`
+	Braze *BrazeReply `protobuf:"bytes,15,opt,name=braze,proto3" json:"braze,omitempty"`
+	// google.rpc error details of this batch's status, as in google.rpc.Status:
+	// a RetryInfo when trying again later may succeed (until the rate limit's
+	// reset, or the end of the circuit breaker's cool-down), and with
+	// RESOURCE_EXHAUSTED a QuotaFailure naming the Braze budget that is spent
+	// (subject "braze:recipients" or "braze:broadcast").
+	Details       []*anypb.Any `protobuf:"bytes,16,rep,name=details,proto3" json:"details,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1228,6 +1235,13 @@ func (x *BatchResult) GetRateLimitReset() *timestamppb.Timestamp {
 func (x *BatchResult) GetBraze() *BrazeReply {
 	if x != nil {
 		return x.Braze
+	}
+	return nil
+}
+
+func (x *BatchResult) GetDetails() []*anypb.Any {
+	if x != nil {
+		return x.Details
 	}
 	return nil
 }
@@ -1426,7 +1440,7 @@ var File_canvas_gateway_v1_canvas_gateway_proto protoreflect.FileDescriptor
 
 const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\n" +
-	"&canvas_gateway/v1/canvas_gateway.proto\x12\x11canvas_gateway.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x1egoogle/rpc/error_details.proto\"\xdb\x02\n" +
+	"&canvas_gateway/v1/canvas_gateway.proto\x12\x11canvas_gateway.v1\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x1egoogle/rpc/error_details.proto\"\xdb\x02\n" +
 	"\rCanvasTrigger\x12\x1c\n" +
 	"\tcanvas_id\x18\x01 \x01(\tR\tcanvas_id\x121\n" +
 	"\acontext\x18\x02 \x01(\v2\x17.google.protobuf.StructR\acontext\x12Q\n" +
@@ -1504,7 +1518,7 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\x12SendStreamResponse\x128\n" +
 	"\x06result\x18\x01 \x01(\v2\x1e.canvas_gateway.v1.BatchResultH\x00R\x06result\x12:\n" +
 	"\asummary\x18\x02 \x01(\v2\x1e.canvas_gateway.v1.SendSummaryH\x00R\asummaryB\x06\n" +
-	"\x04part\"\x88\x04\n" +
+	"\x04part\"\xb8\x04\n" +
 	"\vBatchResult\x12 \n" +
 	"\vbatch_index\x18\x01 \x01(\x03R\vbatch_index\x12\x1c\n" +
 	"\tpositions\x18\x02 \x03(\x03R\tpositions\x124\n" +
@@ -1517,7 +1531,8 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"violations\x18\r \x03(\v2%.google.rpc.BadRequest.FieldViolationR\n" +
 	"violations\x12F\n" +
 	"\x10rate_limit_reset\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\x10rate_limit_reset\x123\n" +
-	"\x05braze\x18\x0f \x01(\v2\x1d.canvas_gateway.v1.BrazeReplyR\x05brazeJ\x04\b\a\x10\fR\vdispatch_idR\amessageR\x06noticeR\x06errorsR\vhttp_status\"\xb2\x01\n" +
+	"\x05braze\x18\x0f \x01(\v2\x1d.canvas_gateway.v1.BrazeReplyR\x05braze\x12.\n" +
+	"\adetails\x18\x10 \x03(\v2\x14.google.protobuf.AnyR\adetailsJ\x04\b\a\x10\fR\vdispatch_idR\amessageR\x06noticeR\x06errorsR\vhttp_status\"\xb2\x01\n" +
 	"\n" +
 	"BrazeReply\x12 \n" +
 	"\vhttp_status\x18\x01 \x01(\x05R\vhttp_status\x12 \n" +
@@ -1589,6 +1604,7 @@ var file_canvas_gateway_v1_canvas_gateway_proto_goTypes = []any{
 	(code.Code)(0),                               // 20: google.rpc.Code
 	(*errdetails.BadRequest_FieldViolation)(nil), // 21: google.rpc.BadRequest.FieldViolation
 	(*timestamppb.Timestamp)(nil),                // 22: google.protobuf.Timestamp
+	(*anypb.Any)(nil),                            // 23: google.protobuf.Any
 }
 var file_canvas_gateway_v1_canvas_gateway_proto_depIdxs = []int32{
 	18, // 0: canvas_gateway.v1.CanvasTrigger.context:type_name -> google.protobuf.Struct
@@ -1622,16 +1638,17 @@ var file_canvas_gateway_v1_canvas_gateway_proto_depIdxs = []int32{
 	21, // 28: canvas_gateway.v1.BatchResult.violations:type_name -> google.rpc.BadRequest.FieldViolation
 	22, // 29: canvas_gateway.v1.BatchResult.rate_limit_reset:type_name -> google.protobuf.Timestamp
 	16, // 30: canvas_gateway.v1.BatchResult.braze:type_name -> canvas_gateway.v1.BrazeReply
-	19, // 31: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
-	9,  // 32: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
-	11, // 33: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
-	10, // 34: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
-	14, // 35: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
-	34, // [34:36] is the sub-list for method output_type
-	32, // [32:34] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	23, // 31: canvas_gateway.v1.BatchResult.details:type_name -> google.protobuf.Any
+	19, // 32: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
+	9,  // 33: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
+	11, // 34: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
+	10, // 35: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
+	14, // 36: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
+	35, // [35:37] is the sub-list for method output_type
+	33, // [33:35] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_canvas_gateway_v1_canvas_gateway_proto_init() }

@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import code_pb2 as google_dot_rpc_dot_code__pb2
 from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&canvas_gateway/v1/canvas_gateway.proto\x12\x11\x63\x61nvas_gateway.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x1egoogle/rpc/error_details.proto\"\xdb\x02\n\rCanvasTrigger\x12\x1c\n\tcanvas_id\x18\x01 \x01(\tR\tcanvas_id\x12\x31\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x63ontext\x12Q\n\x17\x63\x61nvas_entry_properties\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x17\x63\x61nvas_entry_properties\x12!\n\tbroadcast\x18\x04 \x01(\x08H\x00R\tbroadcast\x88\x01\x01\x12\x37\n\x08\x61udience\x18\x05 \x01(\x0b\x32\x1b.canvas_gateway.v1.AudienceR\x08\x61udience\x12<\n\nrecipients\x18\x06 \x03(\x0b\x32\x1c.canvas_gateway.v1.RecipientR\nrecipientsB\x0c\n\n_broadcast\"\xdb\x03\n\tRecipient\x12,\n\x10\x65xternal_user_id\x18\x01 \x01(\tH\x00R\x10\x65xternal_user_id\x12>\n\nuser_alias\x18\x02 \x01(\x0b\x32\x1c.canvas_gateway.v1.UserAliasH\x00R\nuser_alias\x12\x16\n\x05\x65mail\x18\x03 \x01(\tH\x00R\x05\x65mail\x12&\n\x0eprioritization\x18\x04 \x03(\tR\x0eprioritization\x12\x31\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x63ontext\x12Q\n\x17\x63\x61nvas_entry_properties\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\x17\x63\x61nvas_entry_properties\x12\x39\n\x15send_to_existing_only\x18\x07 \x01(\x08H\x01R\x15send_to_existing_only\x88\x01\x01\x12\x37\n\nattributes\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructR\nattributesB\x0c\n\nidentifierB\x18\n\x16_send_to_existing_only\"M\n\tUserAlias\x12\x1e\n\nalias_name\x18\x01 \x01(\tR\nalias_name\x12 \n\x0b\x61lias_label\x18\x02 \x01(\tR\x0b\x61lias_label\"\xe3\x03\n\x08\x41udience\x12\x30\n\x06\x61ll_of\x18\x01 \x03(\x0b\x32\x1b.canvas_gateway.v1.AudienceR\x03\x41ND\x12/\n\x06\x61ny_of\x18\x02 \x03(\x0b\x32\x1b.canvas_gateway.v1.AudienceR\x02OR\x12T\n\x10\x63ustom_attribute\x18\x03 \x01(\x0b\x32(.canvas_gateway.v1.CustomAttributeFilterR\x10\x63ustom_attribute\x12g\n\x18push_subscription_status\x18\x04 \x01(\x0b\x32+.canvas_gateway.v1.SubscriptionStatusFilterR\x18push_subscription_status\x12i\n\x19\x65mail_subscription_status\x18\x05 \x01(\x0b\x32+.canvas_gateway.v1.SubscriptionStatusFilterR\x19\x65mail_subscription_status\x12J\n\rlast_used_app\x18\x06 \x01(\x0b\x32$.canvas_gateway.v1.LastUsedAppFilterR\rlast_used_app\"\x9b\x01\n\x15\x43ustomAttributeFilter\x12\x34\n\x15\x63ustom_attribute_name\x18\x01 \x01(\tR\x15\x63ustom_attribute_name\x12\x1e\n\ncomparison\x18\x02 \x01(\tR\ncomparison\x12,\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueR\x05value\"P\n\x18SubscriptionStatusFilter\x12\x1e\n\ncomparison\x18\x01 \x01(\tR\ncomparison\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value\"I\n\x11LastUsedAppFilter\x12\x1e\n\ncomparison\x18\x01 \x01(\tR\ncomparison\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value\"3\n\x0bSendOptions\x12$\n\rvalidate_only\x18\x01 \x01(\x08R\rvalidate_only\"\x83\x01\n\x0bSendRequest\x12:\n\x07trigger\x18\x01 \x01(\x0b\x32 .canvas_gateway.v1.CanvasTriggerR\x07trigger\x12\x38\n\x07options\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendOptionsR\x07options\"\x82\x01\n\x0cSendResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\x1e.canvas_gateway.v1.BatchResultR\x07results\x12\x38\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendSummaryR\x07summary\"\x91\x01\n\x11SendStreamRequest\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32\x1f.canvas_gateway.v1.StreamHeaderH\x00R\x06header\x12\x39\n\x05\x63hunk\x18\x02 \x01(\x0b\x32!.canvas_gateway.v1.RecipientChunkH\x00R\x05\x63hunkB\x06\n\x04part\"\x84\x01\n\x0cStreamHeader\x12:\n\x07trigger\x18\x01 \x01(\x0b\x32 .canvas_gateway.v1.CanvasTriggerR\x07trigger\x12\x38\n\x07options\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendOptionsR\x07options\"N\n\x0eRecipientChunk\x12<\n\nrecipients\x18\x01 \x03(\x0b\x32\x1c.canvas_gateway.v1.RecipientR\nrecipients\"\x92\x01\n\x12SendStreamResponse\x12\x38\n\x06result\x18\x01 \x01(\x0b\x32\x1e.canvas_gateway.v1.BatchResultH\x00R\x06result\x12:\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendSummaryH\x00R\x07summaryB\x06\n\x04part\"\x88\x04\n\x0b\x42\x61tchResult\x12 \n\x0b\x62\x61tch_index\x18\x01 \x01(\x03R\x0b\x62\x61tch_index\x12\x1c\n\tpositions\x18\x02 \x03(\x03R\tpositions\x12\x34\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.canvas_gateway.v1.OutcomeR\x07outcome\x12$\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x10.google.rpc.CodeR\x04\x63ode\x12&\n\x0estatus_message\x18\x05 \x01(\tR\x0estatus_message\x12\x1c\n\tretryable\x18\x06 \x01(\x08R\tretryable\x12\x1a\n\x08\x61ttempts\x18\x0c \x01(\x05R\x08\x61ttempts\x12\x45\n\nviolations\x18\r \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolationR\nviolations\x12\x46\n\x10rate_limit_reset\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x10rate_limit_reset\x12\x33\n\x05\x62raze\x18\x0f \x01(\x0b\x32\x1d.canvas_gateway.v1.BrazeReplyR\x05\x62razeJ\x04\x08\x07\x10\x0cR\x0b\x64ispatch_idR\x07messageR\x06noticeR\x06\x65rrorsR\x0bhttp_status\"\xb2\x01\n\nBrazeReply\x12 \n\x0bhttp_status\x18\x01 \x01(\x05R\x0bhttp_status\x12 \n\x0b\x64ispatch_id\x18\x02 \x01(\tR\x0b\x64ispatch_id\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12\x16\n\x06notice\x18\x04 \x01(\tR\x06notice\x12.\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x16.google.protobuf.ValueR\x06\x65rrors\"\xef\x02\n\x0bSendSummary\x12\x1e\n\nrecipients\x18\x01 \x01(\x03R\nrecipients\x12\x18\n\x07\x62\x61tches\x18\x02 \x01(\x03R\x07\x62\x61tches\x12(\n\x0frecipients_sent\x18\x03 \x01(\x03R\x0frecipients_sent\x12\x30\n\x13recipients_rejected\x18\x04 \x01(\x03R\x13recipients_rejected\x12.\n\x12recipients_unknown\x18\x05 \x01(\x03R\x12recipients_unknown\x12:\n\x18recipients_not_attempted\x18\x06 \x01(\x03R\x18recipients_not_attempted\x12>\n\x1arecipients_canvas_inactive\x18\x08 \x01(\x03R\x1arecipients_canvas_inactive\x12\x1e\n\nrequest_id\x18\x07 \x01(\tR\nrequest_id*\x97\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTCOME_SENT\x10\x01\x12\x14\n\x10OUTCOME_REJECTED\x10\x02\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x03\x12\x19\n\x15OUTCOME_NOT_ATTEMPTED\x10\x04\x12\x1b\n\x17OUTCOME_CANVAS_INACTIVE\x10\x05\x32\xbe\x01\n\x14\x43\x61nvasGatewayService\x12G\n\x04Send\x12\x1e.canvas_gateway.v1.SendRequest\x1a\x1f.canvas_gateway.v1.SendResponse\x12]\n\nSendStream\x12$.canvas_gateway.v1.SendStreamRequest\x1a%.canvas_gateway.v1.SendStreamResponse(\x01\x30\x01\x42u\n\x19internal.canvasgateway.v1B\x12\x43\x61nvasGatewayProtoP\x01ZBcanvas-gateway.internal/clients/go/canvasgatewayv1;canvasgatewayv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&canvas_gateway/v1/canvas_gateway.proto\x12\x11\x63\x61nvas_gateway.v1\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x1egoogle/rpc/error_details.proto\"\xdb\x02\n\rCanvasTrigger\x12\x1c\n\tcanvas_id\x18\x01 \x01(\tR\tcanvas_id\x12\x31\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x63ontext\x12Q\n\x17\x63\x61nvas_entry_properties\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x17\x63\x61nvas_entry_properties\x12!\n\tbroadcast\x18\x04 \x01(\x08H\x00R\tbroadcast\x88\x01\x01\x12\x37\n\x08\x61udience\x18\x05 \x01(\x0b\x32\x1b.canvas_gateway.v1.AudienceR\x08\x61udience\x12<\n\nrecipients\x18\x06 \x03(\x0b\x32\x1c.canvas_gateway.v1.RecipientR\nrecipientsB\x0c\n\n_broadcast\"\xdb\x03\n\tRecipient\x12,\n\x10\x65xternal_user_id\x18\x01 \x01(\tH\x00R\x10\x65xternal_user_id\x12>\n\nuser_alias\x18\x02 \x01(\x0b\x32\x1c.canvas_gateway.v1.UserAliasH\x00R\nuser_alias\x12\x16\n\x05\x65mail\x18\x03 \x01(\tH\x00R\x05\x65mail\x12&\n\x0eprioritization\x18\x04 \x03(\tR\x0eprioritization\x12\x31\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x63ontext\x12Q\n\x17\x63\x61nvas_entry_properties\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\x17\x63\x61nvas_entry_properties\x12\x39\n\x15send_to_existing_only\x18\x07 \x01(\x08H\x01R\x15send_to_existing_only\x88\x01\x01\x12\x37\n\nattributes\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructR\nattributesB\x0c\n\nidentifierB\x18\n\x16_send_to_existing_only\"M\n\tUserAlias\x12\x1e\n\nalias_name\x18\x01 \x01(\tR\nalias_name\x12 \n\x0b\x61lias_label\x18\x02 \x01(\tR\x0b\x61lias_label\"\xe3\x03\n\x08\x41udience\x12\x30\n\x06\x61ll_of\x18\x01 \x03(\x0b\x32\x1b.canvas_gateway.v1.AudienceR\x03\x41ND\x12/\n\x06\x61ny_of\x18\x02 \x03(\x0b\x32\x1b.canvas_gateway.v1.AudienceR\x02OR\x12T\n\x10\x63ustom_attribute\x18\x03 \x01(\x0b\x32(.canvas_gateway.v1.CustomAttributeFilterR\x10\x63ustom_attribute\x12g\n\x18push_subscription_status\x18\x04 \x01(\x0b\x32+.canvas_gateway.v1.SubscriptionStatusFilterR\x18push_subscription_status\x12i\n\x19\x65mail_subscription_status\x18\x05 \x01(\x0b\x32+.canvas_gateway.v1.SubscriptionStatusFilterR\x19\x65mail_subscription_status\x12J\n\rlast_used_app\x18\x06 \x01(\x0b\x32$.canvas_gateway.v1.LastUsedAppFilterR\rlast_used_app\"\x9b\x01\n\x15\x43ustomAttributeFilter\x12\x34\n\x15\x63ustom_attribute_name\x18\x01 \x01(\tR\x15\x63ustom_attribute_name\x12\x1e\n\ncomparison\x18\x02 \x01(\tR\ncomparison\x12,\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueR\x05value\"P\n\x18SubscriptionStatusFilter\x12\x1e\n\ncomparison\x18\x01 \x01(\tR\ncomparison\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value\"I\n\x11LastUsedAppFilter\x12\x1e\n\ncomparison\x18\x01 \x01(\tR\ncomparison\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value\"3\n\x0bSendOptions\x12$\n\rvalidate_only\x18\x01 \x01(\x08R\rvalidate_only\"\x83\x01\n\x0bSendRequest\x12:\n\x07trigger\x18\x01 \x01(\x0b\x32 .canvas_gateway.v1.CanvasTriggerR\x07trigger\x12\x38\n\x07options\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendOptionsR\x07options\"\x82\x01\n\x0cSendResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\x1e.canvas_gateway.v1.BatchResultR\x07results\x12\x38\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendSummaryR\x07summary\"\x91\x01\n\x11SendStreamRequest\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32\x1f.canvas_gateway.v1.StreamHeaderH\x00R\x06header\x12\x39\n\x05\x63hunk\x18\x02 \x01(\x0b\x32!.canvas_gateway.v1.RecipientChunkH\x00R\x05\x63hunkB\x06\n\x04part\"\x84\x01\n\x0cStreamHeader\x12:\n\x07trigger\x18\x01 \x01(\x0b\x32 .canvas_gateway.v1.CanvasTriggerR\x07trigger\x12\x38\n\x07options\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendOptionsR\x07options\"N\n\x0eRecipientChunk\x12<\n\nrecipients\x18\x01 \x03(\x0b\x32\x1c.canvas_gateway.v1.RecipientR\nrecipients\"\x92\x01\n\x12SendStreamResponse\x12\x38\n\x06result\x18\x01 \x01(\x0b\x32\x1e.canvas_gateway.v1.BatchResultH\x00R\x06result\x12:\n\x07summary\x18\x02 \x01(\x0b\x32\x1e.canvas_gateway.v1.SendSummaryH\x00R\x07summaryB\x06\n\x04part\"\xb8\x04\n\x0b\x42\x61tchResult\x12 \n\x0b\x62\x61tch_index\x18\x01 \x01(\x03R\x0b\x62\x61tch_index\x12\x1c\n\tpositions\x18\x02 \x03(\x03R\tpositions\x12\x34\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.canvas_gateway.v1.OutcomeR\x07outcome\x12$\n\x04\x63ode\x18\x04 \x01(\x0e\x32\x10.google.rpc.CodeR\x04\x63ode\x12&\n\x0estatus_message\x18\x05 \x01(\tR\x0estatus_message\x12\x1c\n\tretryable\x18\x06 \x01(\x08R\tretryable\x12\x1a\n\x08\x61ttempts\x18\x0c \x01(\x05R\x08\x61ttempts\x12\x45\n\nviolations\x18\r \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolationR\nviolations\x12\x46\n\x10rate_limit_reset\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x10rate_limit_reset\x12\x33\n\x05\x62raze\x18\x0f \x01(\x0b\x32\x1d.canvas_gateway.v1.BrazeReplyR\x05\x62raze\x12.\n\x07\x64\x65tails\x18\x10 \x03(\x0b\x32\x14.google.protobuf.AnyR\x07\x64\x65tailsJ\x04\x08\x07\x10\x0cR\x0b\x64ispatch_idR\x07messageR\x06noticeR\x06\x65rrorsR\x0bhttp_status\"\xb2\x01\n\nBrazeReply\x12 \n\x0bhttp_status\x18\x01 \x01(\x05R\x0bhttp_status\x12 \n\x0b\x64ispatch_id\x18\x02 \x01(\tR\x0b\x64ispatch_id\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12\x16\n\x06notice\x18\x04 \x01(\tR\x06notice\x12.\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x16.google.protobuf.ValueR\x06\x65rrors\"\xef\x02\n\x0bSendSummary\x12\x1e\n\nrecipients\x18\x01 \x01(\x03R\nrecipients\x12\x18\n\x07\x62\x61tches\x18\x02 \x01(\x03R\x07\x62\x61tches\x12(\n\x0frecipients_sent\x18\x03 \x01(\x03R\x0frecipients_sent\x12\x30\n\x13recipients_rejected\x18\x04 \x01(\x03R\x13recipients_rejected\x12.\n\x12recipients_unknown\x18\x05 \x01(\x03R\x12recipients_unknown\x12:\n\x18recipients_not_attempted\x18\x06 \x01(\x03R\x18recipients_not_attempted\x12>\n\x1arecipients_canvas_inactive\x18\x08 \x01(\x03R\x1arecipients_canvas_inactive\x12\x1e\n\nrequest_id\x18\x07 \x01(\tR\nrequest_id*\x97\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTCOME_SENT\x10\x01\x12\x14\n\x10OUTCOME_REJECTED\x10\x02\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x03\x12\x19\n\x15OUTCOME_NOT_ATTEMPTED\x10\x04\x12\x1b\n\x17OUTCOME_CANVAS_INACTIVE\x10\x05\x32\xbe\x01\n\x14\x43\x61nvasGatewayService\x12G\n\x04Send\x12\x1e.canvas_gateway.v1.SendRequest\x1a\x1f.canvas_gateway.v1.SendResponse\x12]\n\nSendStream\x12$.canvas_gateway.v1.SendStreamRequest\x1a%.canvas_gateway.v1.SendStreamResponse(\x01\x30\x01\x42u\n\x19internal.canvasgateway.v1B\x12\x43\x61nvasGatewayProtoP\x01ZBcanvas-gateway.internal/clients/go/canvasgatewayv1;canvasgatewayv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,42 +37,42 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'canvas_gateway.v1.canvas_ga
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\031internal.canvasgateway.v1B\022CanvasGatewayProtoP\001ZBcanvas-gateway.internal/clients/go/canvasgatewayv1;canvasgatewayv1'
-  _globals['_OUTCOME']._serialized_start=3794
-  _globals['_OUTCOME']._serialized_end=3945
-  _globals['_CANVASTRIGGER']._serialized_start=180
-  _globals['_CANVASTRIGGER']._serialized_end=527
-  _globals['_RECIPIENT']._serialized_start=530
-  _globals['_RECIPIENT']._serialized_end=1005
-  _globals['_USERALIAS']._serialized_start=1007
-  _globals['_USERALIAS']._serialized_end=1084
-  _globals['_AUDIENCE']._serialized_start=1087
-  _globals['_AUDIENCE']._serialized_end=1570
-  _globals['_CUSTOMATTRIBUTEFILTER']._serialized_start=1573
-  _globals['_CUSTOMATTRIBUTEFILTER']._serialized_end=1728
-  _globals['_SUBSCRIPTIONSTATUSFILTER']._serialized_start=1730
-  _globals['_SUBSCRIPTIONSTATUSFILTER']._serialized_end=1810
-  _globals['_LASTUSEDAPPFILTER']._serialized_start=1812
-  _globals['_LASTUSEDAPPFILTER']._serialized_end=1885
-  _globals['_SENDOPTIONS']._serialized_start=1887
-  _globals['_SENDOPTIONS']._serialized_end=1938
-  _globals['_SENDREQUEST']._serialized_start=1941
-  _globals['_SENDREQUEST']._serialized_end=2072
-  _globals['_SENDRESPONSE']._serialized_start=2075
-  _globals['_SENDRESPONSE']._serialized_end=2205
-  _globals['_SENDSTREAMREQUEST']._serialized_start=2208
-  _globals['_SENDSTREAMREQUEST']._serialized_end=2353
-  _globals['_STREAMHEADER']._serialized_start=2356
-  _globals['_STREAMHEADER']._serialized_end=2488
-  _globals['_RECIPIENTCHUNK']._serialized_start=2490
-  _globals['_RECIPIENTCHUNK']._serialized_end=2568
-  _globals['_SENDSTREAMRESPONSE']._serialized_start=2571
-  _globals['_SENDSTREAMRESPONSE']._serialized_end=2717
-  _globals['_BATCHRESULT']._serialized_start=2720
-  _globals['_BATCHRESULT']._serialized_end=3240
-  _globals['_BRAZEREPLY']._serialized_start=3243
-  _globals['_BRAZEREPLY']._serialized_end=3421
-  _globals['_SENDSUMMARY']._serialized_start=3424
-  _globals['_SENDSUMMARY']._serialized_end=3791
-  _globals['_CANVASGATEWAYSERVICE']._serialized_start=3948
-  _globals['_CANVASGATEWAYSERVICE']._serialized_end=4138
+  _globals['_OUTCOME']._serialized_start=3869
+  _globals['_OUTCOME']._serialized_end=4020
+  _globals['_CANVASTRIGGER']._serialized_start=207
+  _globals['_CANVASTRIGGER']._serialized_end=554
+  _globals['_RECIPIENT']._serialized_start=557
+  _globals['_RECIPIENT']._serialized_end=1032
+  _globals['_USERALIAS']._serialized_start=1034
+  _globals['_USERALIAS']._serialized_end=1111
+  _globals['_AUDIENCE']._serialized_start=1114
+  _globals['_AUDIENCE']._serialized_end=1597
+  _globals['_CUSTOMATTRIBUTEFILTER']._serialized_start=1600
+  _globals['_CUSTOMATTRIBUTEFILTER']._serialized_end=1755
+  _globals['_SUBSCRIPTIONSTATUSFILTER']._serialized_start=1757
+  _globals['_SUBSCRIPTIONSTATUSFILTER']._serialized_end=1837
+  _globals['_LASTUSEDAPPFILTER']._serialized_start=1839
+  _globals['_LASTUSEDAPPFILTER']._serialized_end=1912
+  _globals['_SENDOPTIONS']._serialized_start=1914
+  _globals['_SENDOPTIONS']._serialized_end=1965
+  _globals['_SENDREQUEST']._serialized_start=1968
+  _globals['_SENDREQUEST']._serialized_end=2099
+  _globals['_SENDRESPONSE']._serialized_start=2102
+  _globals['_SENDRESPONSE']._serialized_end=2232
+  _globals['_SENDSTREAMREQUEST']._serialized_start=2235
+  _globals['_SENDSTREAMREQUEST']._serialized_end=2380
+  _globals['_STREAMHEADER']._serialized_start=2383
+  _globals['_STREAMHEADER']._serialized_end=2515
+  _globals['_RECIPIENTCHUNK']._serialized_start=2517
+  _globals['_RECIPIENTCHUNK']._serialized_end=2595
+  _globals['_SENDSTREAMRESPONSE']._serialized_start=2598
+  _globals['_SENDSTREAMRESPONSE']._serialized_end=2744
+  _globals['_BATCHRESULT']._serialized_start=2747
+  _globals['_BATCHRESULT']._serialized_end=3315
+  _globals['_BRAZEREPLY']._serialized_start=3318
+  _globals['_BRAZEREPLY']._serialized_end=3496
+  _globals['_SENDSUMMARY']._serialized_start=3499
+  _globals['_SENDSUMMARY']._serialized_end=3866
+  _globals['_CANVASGATEWAYSERVICE']._serialized_start=4023
+  _globals['_CANVASGATEWAYSERVICE']._serialized_end=4213
 # @@protoc_insertion_point(module_scope)

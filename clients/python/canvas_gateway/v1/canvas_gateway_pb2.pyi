@@ -22,6 +22,7 @@ gateway holds each tenant's Braze key.
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -582,6 +583,7 @@ class BatchResult(_message.Message):
     VIOLATIONS_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_RESET_FIELD_NUMBER: _builtins.int
     BRAZE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     batch_index: _builtins.int
     """Index of the batch in formation order, starting at 0."""
     outcome: Global___Outcome.ValueType
@@ -617,6 +619,15 @@ class BatchResult(_message.Message):
     def braze(self) -> Global___BrazeReply:
         """Braze's answer to the last attempt; unset when no response was received."""
 
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]:
+        """google.rpc error details of this batch's status, as in google.rpc.Status:
+        a RetryInfo when trying again later may succeed (until the rate limit's
+        reset, or the end of the circuit breaker's cool-down), and with
+        RESOURCE_EXHAUSTED a QuotaFailure naming the Braze budget that is spent
+        (subject "braze:recipients" or "braze:broadcast").
+        """
+
     def __init__(
         self,
         *,
@@ -630,10 +641,11 @@ class BatchResult(_message.Message):
         violations: _abc.Iterable[_error_details_pb2.BadRequest.FieldViolation] | None = ...,
         rate_limit_reset: _timestamp_pb2.Timestamp | None = ...,
         braze: Global___BrazeReply | None = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["braze", b"braze", "rate_limit_reset", b"rate_limit_reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_index", b"batch_index", "braze", b"braze", "code", b"code", "outcome", b"outcome", "positions", b"positions", "rate_limit_reset", b"rate_limit_reset", "retryable", b"retryable", "status_message", b"status_message", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_index", b"batch_index", "braze", b"braze", "code", b"code", "details", b"details", "outcome", b"outcome", "positions", b"positions", "rate_limit_reset", b"rate_limit_reset", "retryable", b"retryable", "status_message", b"status_message", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
+import { Any } from "../../google/protobuf/any";
 import { Struct, Value } from "../../google/protobuf/struct";
 import { Timestamp } from "../../google/protobuf/timestamp";
 import { Code, codeFromJSON, codeToJSON } from "../../google/rpc/code";
@@ -350,7 +351,17 @@ export interface BatchResult {
     | Date
     | undefined;
   /** Braze's answer to the last attempt; unset when no response was received. */
-  braze: BrazeReply | undefined;
+  braze:
+    | BrazeReply
+    | undefined;
+  /**
+   * google.rpc error details of this batch's status, as in google.rpc.Status:
+   * a RetryInfo when trying again later may succeed (until the rate limit's
+   * reset, or the end of the circuit breaker's cool-down), and with
+   * RESOURCE_EXHAUSTED a QuotaFailure naming the Braze budget that is spent
+   * (subject "braze:recipients" or "braze:broadcast").
+   */
+  details: Any[];
 }
 
 /**
@@ -1918,6 +1929,7 @@ function createBaseBatchResult(): BatchResult {
     violations: [],
     rateLimitReset: undefined,
     braze: undefined,
+    details: [],
   };
 }
 
@@ -1956,6 +1968,9 @@ export const BatchResult: MessageFns<BatchResult> = {
     }
     if (message.braze !== undefined) {
       BrazeReply.encode(message.braze, writer.uint32(122).fork()).join();
+    }
+    for (const v of message.details) {
+      Any.encode(v!, writer.uint32(130).fork()).join();
     }
     return writer;
   },
@@ -2063,6 +2078,14 @@ export const BatchResult: MessageFns<BatchResult> = {
             message.braze = BrazeReply.decode(reader, reader.uint32());
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.details.push(Any.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2091,6 +2114,7 @@ export const BatchResult: MessageFns<BatchResult> = {
         : [],
       rateLimitReset: isSet(object.rate_limit_reset) ? fromJsonTimestamp(object.rate_limit_reset) : undefined,
       braze: isSet(object.braze) ? BrazeReply.fromJSON(object.braze) : undefined,
+      details: globalThis.Array.isArray(object?.details) ? object.details.map((e: any) => Any.fromJSON(e)) : [],
     };
   },
 
@@ -2126,6 +2150,9 @@ export const BatchResult: MessageFns<BatchResult> = {
     if (message.braze !== undefined) {
       obj.braze = BrazeReply.toJSON(message.braze);
     }
+    if (message.details?.length) {
+      obj.details = message.details.map((e) => Any.toJSON(e));
+    }
     return obj;
   },
 
@@ -2146,6 +2173,7 @@ export const BatchResult: MessageFns<BatchResult> = {
     message.braze = (object.braze !== undefined && object.braze !== null)
       ? BrazeReply.fromPartial(object.braze)
       : undefined;
+    message.details = object.details?.map((e) => Any.fromPartial(e)) || [];
     return message;
   },
 };
