@@ -8,8 +8,6 @@ import (
 	"errors"
 	"io"
 	"os"
-	"os/signal"
-	"syscall"
 
 	v1 "canvas-gateway.internal/clients/go/canvasgatewayv1"
 	"canvas-gateway.internal/clients/go/internal/example"
@@ -20,17 +18,14 @@ func main() {
 }
 
 func run(o example.Options) int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	conn, err := example.Dial(o)
+	ctx, client, closeClient, err := example.Connect(o)
 	if err != nil {
 		return example.ReportError(os.Stderr, err)
 	}
-	defer conn.Close()
-
-	ctx, cancel := context.WithCancel(example.WithToken(ctx, o.Token))
+	defer closeClient()
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := v1.NewCanvasGatewayServiceClient(conn).SendStream(ctx)
+	stream, err := client.SendStream(ctx)
 	if err != nil {
 		return example.ReportError(os.Stderr, err)
 	}

@@ -6,8 +6,6 @@ package main
 import (
 	"context"
 	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	v1 "canvas-gateway.internal/clients/go/canvasgatewayv1"
@@ -19,21 +17,19 @@ func main() {
 }
 
 func run(o example.Options) int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	conn, err := example.Dial(o)
+	ctx, client, closeClient, err := example.Connect(o)
 	if err != nil {
 		return example.ReportError(os.Stderr, err)
 	}
-	defer conn.Close()
+	defer closeClient()
 
 	people := example.Recipients(0, o.Recipients)
 	if o.BadEmail {
 		people = append(people, &v1.Recipient{Identifier: &v1.Recipient_Email{Email: "not-an-email"}})
 	}
-	ctx, cancel := context.WithTimeout(example.WithToken(ctx, o.Token), time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	reply, err := v1.NewCanvasGatewayServiceClient(conn).Send(ctx, &v1.SendRequest{
+	reply, err := client.Send(ctx, &v1.SendRequest{
 		Trigger: example.Trigger(o.CanvasID, people),
 	})
 	if err != nil {

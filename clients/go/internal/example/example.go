@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 
 	rpccode "google.golang.org/genproto/googleapis/rpc/code"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -82,6 +84,17 @@ func Parse(program string, args []string) Options {
 		usage("set CANVAS_GATEWAY_TOKEN to the gateway's bearer token")
 	}
 	return o
+}
+
+// Connect returns the service's client on a new channel and a context that carries the token
+// and ends on Ctrl-C or SIGTERM; call close when done.
+func Connect(o Options) (ctx context.Context, client v1.CanvasGatewayServiceClient, close func(), err error) {
+	conn, err := Dial(o)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	return WithToken(ctx, o.Token), v1.NewCanvasGatewayServiceClient(conn), func() { stop(); conn.Close() }, nil
 }
 
 // Dial opens a channel: plaintext, or TLS trusting the system's roots or --ca-file.
