@@ -9,9 +9,11 @@ PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
 TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_gateway_client clients/python/examples
 PROMTOOL ?= promtool
+KUSTOMIZE_VERSION := v5.7.1
+K8S_VERSION := 1.33.0
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
-.PHONY: install proto proto-check proto-breaking clients proto-clients fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench soak clean
+.PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench soak clean
 
 install: $(STAMP)
 
@@ -85,6 +87,17 @@ client-check: $(STAMP)
 	$(VENV)-client/bin/canvas-gateway --help > /dev/null
 	rm -rf $(VENV)-client
 
+## k8s-check: render deploy/k8s with kustomize (pinned, built from the Go module proxy into the venv)
+## and validate every object against Kubernetes' $(K8S_VERSION) schemas, offline, strictly.
+k8s-check: $(STAMP) $(BIN)/kustomize
+	@set -e; tmp=$$(mktemp); trap 'rm -f "$$tmp"' EXIT; \
+	$(BIN)/kustomize build deploy/k8s > "$$tmp"; \
+	$(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) "$$tmp"; \
+	echo "deploy/k8s: $$(grep -c '^kind:' "$$tmp") objects valid against Kubernetes $(K8S_VERSION)"
+
+$(BIN)/kustomize: | $(STAMP)
+	GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
 ## prometheus-install: Prometheus and promtool from Debian's `prometheus` package (root or sudo; idempotent).
 prometheus-install:
 	.ci/prometheus-install
@@ -113,7 +126,7 @@ pytest: $(STAMP) prometheus-install clients
 	REQUIRE_CLIENT_BUILDS=1 $(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
-test: proto-check proto-breaking lint typecheck client-check prometheus-check pytest
+test: proto-check proto-breaking lint typecheck client-check prometheus-check k8s-check pytest
 
 check: test
 
