@@ -1,15 +1,22 @@
 # canvas-gateway: multi-stage, slim, non-root. No secrets are baked in: tenants (and
 # their Braze keys, by env var or file) are mounted at run time.
-FROM python:3.11.7-slim-bookworm AS build
+#
+# BASE_IMAGE is the official Python image by default. CI builds on a Debian bookworm base it
+# makes itself with debootstrap (no registry is reachable there): `make image-check`.
+ARG BASE_IMAGE=python:3.11.7-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+# Set only where a TLS-intercepting proxy signs PyPI's certificate (CI passes the system bundle).
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY constraints.txt pyproject.toml ./
 COPY clients/python ./clients/python
 COPY service ./service
-RUN python -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ./clients/python .
 
-FROM python:3.11.7-slim-bookworm
+FROM ${BASE_IMAGE}
 # The commit the image was built from, shown by canvas_gateway_build_info: --build-arg GIT_COMMIT=...
 ARG GIT_COMMIT=unknown
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway
@@ -22,7 +29,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001
 # 50051: gRPC. 8081: admin HTTP (/metrics, /healthz, /readyz).
 EXPOSE 50051 8081
+# For plain Docker; Kubernetes uses its own probes on the admin port (deploy/k8s).
 HEALTHCHECK --interval=10s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=2)"]
 STOPSIGNAL SIGTERM
-# Production: mount a tenants file and set CGW_TENANTS_FILE. `docker run IMAGE --demo` runs the demo.
+# Production: mount a tenants file and set CGW_TENANTS_FILE. `docker run IMAGE --demo` runs the demo
+# (the fake Braze is in the image for it, and loads only in demo mode).
 ENTRYPOINT ["canvas-gateway-server"]

@@ -13,7 +13,7 @@ KUSTOMIZE_VERSION := v5.7.1
 K8S_VERSION := 1.33.0
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
-.PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench soak clean
+.PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check image image-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench soak clean
 
 install: $(STAMP)
 
@@ -98,6 +98,15 @@ k8s-check: $(STAMP) $(BIN)/kustomize
 $(BIN)/kustomize: | $(STAMP)
 	GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
+## image: the gateway's image, on the official Python base, with your Docker.
+image:
+	docker build --build-arg GIT_COMMIT=$$(git rev-parse --short=12 HEAD) -t canvas-gateway:0.1.0 .
+
+## image-check: build the image on a Debian base made here with debootstrap, under a private Docker
+## daemon, and smoke-test it: health, a demo send, uid 10001, no sources, a clean drain (root).
+image-check:
+	.ci/image-check
+
 ## prometheus-install: Prometheus and promtool from Debian's `prometheus` package (root or sudo; idempotent).
 prometheus-install:
 	.ci/prometheus-install
@@ -126,7 +135,7 @@ pytest: $(STAMP) prometheus-install clients
 	REQUIRE_CLIENT_BUILDS=1 $(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
-test: proto-check proto-breaking lint typecheck client-check prometheus-check k8s-check pytest
+test: proto-check proto-breaking lint typecheck client-check prometheus-check k8s-check image-check pytest
 
 check: test
 
