@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -44,6 +45,7 @@ type Options struct {
 	ChunkSize  int
 	BadEmail   bool
 	Token      string
+	RootCAs    *x509.CertPool // from CAFile; nil for the system's roots
 }
 
 // Parse reads the flags of `program` ("send-stream" or "send") and the token from
@@ -65,6 +67,9 @@ func Parse(program string, args []string) Options {
 	}
 	set.IntVar(&o.Recipients, "recipients", defaultCount, "recipients user-0 ... user-<N-1>")
 	if err := set.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0) // -h, --help: asked for, not a usage error
+		}
 		os.Exit(ExitUsage)
 	}
 	usage := func(why string) {
@@ -79,6 +84,17 @@ func Parse(program string, args []string) Options {
 		usage("--recipients must be >= 0 and --chunk-size >= 1")
 	}
 	o.TLS = o.TLS || o.CAFile != ""
+	if o.CAFile != "" {
+		// Read now, so a bad --ca-file is a usage error (2), not a failed RPC (3).
+		pem, err := os.ReadFile(o.CAFile)
+		if err != nil {
+			usage(err.Error())
+		}
+		o.RootCAs = x509.NewCertPool()
+		if !o.RootCAs.AppendCertsFromPEM(pem) {
+			usage(o.CAFile + " holds no PEM certificate")
+		}
+	}
 	o.Token = os.Getenv("CANVAS_GATEWAY_TOKEN")
 	if o.Token == "" {
 		usage("set CANVAS_GATEWAY_TOKEN to the gateway's bearer token")
@@ -101,18 +117,8 @@ func Connect(o Options) (ctx context.Context, client v1.CanvasGatewayServiceClie
 func Dial(o Options) (*grpc.ClientConn, error) {
 	creds := insecure.NewCredentials()
 	if o.TLS {
-		config := &tls.Config{MinVersion: tls.VersionTLS12}
-		if o.CAFile != "" {
-			pem, err := os.ReadFile(o.CAFile)
-			if err != nil {
-				return nil, err
-			}
-			config.RootCAs = x509.NewCertPool()
-			if !config.RootCAs.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("%s holds no PEM certificate", o.CAFile)
-			}
-		}
-		creds = credentials.NewTLS(config)
+		// RootCAs nil trusts the system's roots.
+		creds = credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12, RootCAs: o.RootCAs})
 	}
 	return grpc.NewClient(o.Target, grpc.WithTransportCredentials(creds))
 }
