@@ -46,11 +46,7 @@ def value_to_py(value: struct_pb2.Value) -> Any:
     if kind == "string_value":
         return value.string_value
     if kind == "number_value":
-        number = value.number_value
-        if number.is_integer():
-            # Past 2^53 a double has already lost digits: refuse rather than send a different number.
-            return int(number) if -_EXACT_INT_LIMIT < number < _EXACT_INT_LIMIT else NOT_JSON
-        return number if math.isfinite(number) else NOT_JSON
+        return _number(value.number_value)
     if kind == "bool_value":
         return value.bool_value
     if kind == "struct_value":
@@ -60,10 +56,31 @@ def value_to_py(value: struct_pb2.Value) -> Any:
     return None
 
 
+def _number(number: float) -> Any:
+    if number.is_integer():
+        # Past 2^53 a double has already lost digits: refuse rather than send a different number.
+        return int(number) if -_EXACT_INT_LIMIT < number < _EXACT_INT_LIMIT else NOT_JSON
+    return number if math.isfinite(number) else NOT_JSON
+
+
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A google.protobuf.Struct as a JSON object."""
-    fields = struct.fields  # indexing beats .items(), which goes through the Mapping ABC
-    return {key: value_to_py(fields[key]) for key in fields}
+    """A google.protobuf.Struct as a JSON object.
+
+    The hot path of every recipient's context: strings and numbers, the common values, are
+    read here without a call per value (indexing the map beats .items(), which goes through
+    the Mapping ABC)."""
+    fields = struct.fields
+    out: dict[str, Any] = {}
+    for key in fields:
+        value = fields[key]
+        kind = value.WhichOneof("kind")
+        if kind == "string_value":
+            out[key] = value.string_value
+        elif kind == "number_value":
+            out[key] = _number(value.number_value)
+        else:
+            out[key] = value_to_py(value)
+    return out
 
 
 def _add_contexts(message: pb.CanvasTrigger | pb.Recipient, out: dict[str, Any]) -> None:
@@ -108,24 +125,25 @@ def audience_to_dict(node: pb.Audience) -> dict[str, Any]:
 
 
 def recipient_to_dict(recipient: pb.Recipient) -> dict[str, Any]:
-    """One recipient in Braze's JSON shape, with only the fields the caller set."""
+    """One recipient in Braze's JSON shape, with only the fields the caller set.
+
+    Run once per recipient, so it asks for the fields that are set in one call (ListFields)
+    rather than testing each of them."""
     out: dict[str, Any] = {}
-    identifier = recipient.WhichOneof("identifier")
-    if identifier == "external_user_id":
-        out["external_user_id"] = recipient.external_user_id
-    elif identifier == "email":
-        out["email"] = recipient.email
-    elif identifier == "user_alias":
-        alias = recipient.user_alias
-        out["user_alias"] = {"alias_name": alias.alias_name, "alias_label": alias.alias_label}
-    if recipient.prioritization:
-        out["prioritization"] = list(recipient.prioritization)
-    _add_contexts(recipient, out)
-    if recipient.HasField("send_to_existing_only"):
-        out["send_to_existing_only"] = recipient.send_to_existing_only
-    if recipient.HasField("attributes"):
-        out["attributes"] = struct_to_dict(recipient.attributes)
+    for field, value in recipient.ListFields():
+        name = field.name
+        if name in _STRUCT_FIELDS:
+            out[name] = struct_to_dict(value)
+        elif name == "user_alias":
+            out[name] = {"alias_name": value.alias_name, "alias_label": value.alias_label}
+        elif name == "prioritization":
+            out[name] = list(value)
+        else:  # external_user_id, email, send_to_existing_only: as they are
+            out[name] = value
     return out
+
+
+_STRUCT_FIELDS: Final = frozenset({"context", "canvas_entry_properties", "attributes"})
 
 
 def _json_to_value(item: Any) -> struct_pb2.Value:

@@ -21,7 +21,7 @@ from .braze import CONTEXT_NAMES
 from .errors import PermissionDenied
 from .model import Batch, Violation
 from .tenants import Tenant
-from .validate import check_head, check_recipient, encode_head, encode_recipient
+from .validate import check_and_encode, check_head, encode_head
 
 
 def authorize(tenant: Tenant, head: Mapping[str, Any]) -> None:
@@ -58,6 +58,7 @@ class Intake:
         self.head_violations = (*check_head(head), *found)
         """Top-level violations: while there are any, nothing is batched (recipients are still checked)."""
         self.head_json = encoded or b"{}"
+        self._head_size = len(self.head_json)
         self._planner = BatchPlanner(
             self.head_json, broadcast_budget="audience" in head and audience_budget == "any_audience"
         )
@@ -68,14 +69,10 @@ class Intake:
         """Check and encode the next recipient, and batch it when it and the head are valid."""
         position = self.received
         self.received += 1
-        path = f"recipients[{position}]"
-        found = check_recipient(recipient, path)
-        if found:
-            return Taken(position, tuple(found), None)
-        encoded, found = encode_recipient(recipient, path, len(self.head_json))
+        encoded, found = check_and_encode(recipient, position, self._head_size)
         if not found and self._other_name in recipient:  # the caller used the other name: rename
-            encoded, found = encode_recipient(
-                _named(recipient, self._context_name), path, len(self.head_json)
+            encoded, found = check_and_encode(
+                _named(recipient, self._context_name), position, self._head_size
             )
         if found:
             return Taken(position, tuple(found), None)

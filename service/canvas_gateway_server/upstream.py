@@ -20,12 +20,14 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 import orjson
+import yarl
 
 from .braze import TRIGGER_PATH
 from .redaction import REDACTED
 from .tenants import Tenant
 
 _RESET_SLACK: Final = 2 * 3600  # Braze's longest window is an hour; allow for clock skew
+_MAX_TARGETS: Final = 4096
 
 
 class Delivery(enum.Enum):
@@ -116,6 +118,9 @@ def open_session(pool_size: int, keepalive_seconds: float = 30.0) -> aiohttp.Cli
         connector=aiohttp.TCPConnector(limit=pool_size, keepalive_timeout=keepalive_seconds),
         skip_auto_headers=("User-Agent",),
         trace_configs=[trace],
+        # One session serves every tenant: a cookie one tenant's Braze set must never travel
+        # with another tenant's call (and Braze's API uses none).
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 
@@ -125,6 +130,19 @@ class BrazeClient:
     def __init__(self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
         self._session = session
         self._timeout = timeout
+        self._targets: dict[tuple[str, str], tuple[yarl.URL, Mapping[str, str]]] = {}
+
+    def _target(self, tenant: Tenant) -> tuple[yarl.URL, Mapping[str, str]]:
+        """The tenant's parsed endpoint URL and headers, made once (parsing a URL on every call
+        costs more than the rest of the request's setup)."""
+        key = (tenant.braze_rest_url, tenant.braze_api_key)
+        target = self._targets.get(key)
+        if target is None:
+            if len(self._targets) >= _MAX_TARGETS:  # reloads that change every key: start over
+                self._targets.clear()
+            headers = {"Authorization": f"Bearer {tenant.braze_api_key}", "Content-Type": "application/json"}
+            target = self._targets[key] = (yarl.URL(tenant.braze_rest_url + TRIGGER_PATH), headers)
+        return target
 
     async def trigger(
         self, tenant: Tenant, body: bytes, progress: Progress | None = None, time_left: float = math.inf
@@ -135,11 +153,7 @@ class BrazeClient:
         timeout = self._timeout
         if time_left < (timeout.total or math.inf):
             timeout = aiohttp.ClientTimeout(total=time_left, connect=timeout.connect)
-        headers = {
-            "Authorization": f"Bearer {tenant.braze_api_key}",
-            "Content-Type": "application/json",
-        }
-        url = tenant.braze_rest_url + TRIGGER_PATH
+        url, headers = self._target(tenant)
         try:
             async with self._session.post(
                 url,

@@ -257,6 +257,35 @@ def encode_recipient(
     return encoded, []
 
 
+def check_and_encode(
+    recipient: Mapping[str, Any], position: int, head_size: int
+) -> tuple[bytes, list[Violation]]:
+    """Recipient `position` checked and encoded in one pass: its JSON bytes, or its violations.
+
+    The common recipient (a non-empty `external_user_id`, perhaps a `context`) breaks no rule
+    of `check_recipient`, so it goes straight to the encoder; its path is only spelled out
+    when something is wrong."""
+    if not _is_plain(recipient):
+        found = check_recipient(recipient, f"recipients[{position}]")
+        if found:
+            return b"", found
+    encoded = _encode(recipient)
+    if (
+        encoded is None
+        or len(encoded) > MAX_CONTEXT_BYTES
+        or head_size + BODY_FRAME + len(encoded) > MAX_BODY_BYTES
+    ):
+        return encode_recipient(recipient, f"recipients[{position}]", head_size)  # names the culprit
+    return encoded, []
+
+
+_PLAIN_KEYS: Final = frozenset({"external_user_id", "context"})
+
+
+def _is_plain(recipient: Mapping[str, Any]) -> bool:
+    return recipient.keys() <= _PLAIN_KEYS and bool(recipient.get("external_user_id"))
+
+
 def _contexts(obj: Mapping[str, Any]) -> list[str]:
     return [name for name in CONTEXT_NAMES if name in obj]
 
