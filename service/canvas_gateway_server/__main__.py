@@ -9,11 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, logs
 from .app import run
 from .errors import ConfigError
 from .settings import ENV_PREFIX, Settings
 from .tenants import load_tenants
+from .workers import supervise, worker_count
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.check_config:
             check_config(settings)
             return
+        if worker_count(settings) > 1 and not settings.is_worker:
+            if not settings.demo:
+                load_tenants(
+                    Path(settings.tenants_file), os.environ
+                )  # refuse a bad file once, not per worker
+            logs.configure(settings.log_level, settings.log_format)
+            sys.exit(asyncio.run(supervise(settings, os.environ)))
         asyncio.run(run(settings))
     except ConfigError as exc:
         sys.exit(f"canvas-gateway: {exc}")

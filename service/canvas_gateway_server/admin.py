@@ -40,6 +40,11 @@ class AdminServer:
         bound: int = self._runner.addresses[0][1]
         return bound
 
+    async def start_unix(self, path: str) -> None:
+        """Listen on a Unix socket: a worker's admin, which only its supervisor reads."""
+        await self._runner.setup()
+        await web.UnixSite(self._runner, path).start()
+
     async def stop(self) -> None:
         await self._runner.cleanup()
 

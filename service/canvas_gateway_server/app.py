@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
-from .limits import LocalLimiter
+from .limits import LocalLimiter, UpstreamLimiter
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
 from .sending import Sender, SendLimits
@@ -45,6 +46,7 @@ from .servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .settings import Settings
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 from .upstream import BrazeClient, open_session
+from .workers import PauseBoard, WorkerLimiter, admin_socket, board_path, worker_concurrency
 
 if TYPE_CHECKING:
     from fake_braze import FakeBraze
@@ -108,7 +110,7 @@ class Gateway:
         )
         dispatcher = Dispatcher(
             client,
-            LocalLimiter(settings.tenant_concurrency),
+            _limiter(settings),
             RetryPolicy(
                 max_attempts=settings.max_attempts,
                 base_delay=settings.retry_base_delay_seconds,
@@ -186,13 +188,22 @@ class Gateway:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         scheme = "TLS" if settings.tls_cert_file else "plaintext"
-        log.info(
-            "canvas-gateway listening on %s (port %d, %s); admin on port %d",
-            settings.grpc_address,
-            gateway.port,
-            scheme,
-            gateway.admin_port,
-        )
+        if settings.is_worker:
+            log.info(
+                "canvas-gateway worker %d of %d listening on %s (%s)",
+                settings.worker_index,
+                settings.workers,
+                settings.grpc_address,
+                scheme,
+            )
+        else:
+            log.info(
+                "canvas-gateway listening on %s (port %d, %s); admin on port %d",
+                settings.grpc_address,
+                gateway.port,
+                scheme,
+                gateway.admin_port,
+            )
         return gateway
 
     def readiness(self) -> str | None:
@@ -277,7 +288,19 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     return server.add_secure_port(settings.grpc_address, grpc.ssl_server_credentials([(key, chain)]))
 
 
+def _limiter(settings: Settings) -> UpstreamLimiter:
+    """In-process limits; a worker's share of them, with pauses shared among the workers."""
+    limiter = LocalLimiter(worker_concurrency(settings))
+    if not settings.is_worker:
+        return limiter
+    board = PauseBoard(board_path(settings.worker_dir))
+    return WorkerLimiter(limiter, board, settings.workers, time.time)
+
+
 async def _listen_admin(admin: AdminServer, settings: Settings) -> int:
+    if settings.is_worker:  # the supervisor serves the admin address and reads this socket
+        await admin.start_unix(admin_socket(settings.worker_dir, settings.worker_index))
+        return 0
     host, _, port = settings.admin_address.rpartition(":")
     try:
         return await admin.start(host.strip("[]"), int(port))

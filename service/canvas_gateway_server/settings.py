@@ -97,6 +97,13 @@ class Settings:
     """On SIGTERM, how long not-ready is announced (health, /readyz) before new requests are refused."""
     shutdown_grace_seconds: float = 25.0
     """Then, how long in-flight requests may finish before their batches are abandoned with results."""
+    workers: int = 0
+    """Worker processes serving the gRPC port (SO_REUSEPORT) behind one admin port; 0: one per
+    core (CPU affinity, capped by a cgroup CPU quota). 1 runs a single process, as does the demo."""
+    worker_index: int = -1
+    """Set by the supervisor for each worker it starts (-1: not a worker). Not for operators."""
+    worker_dir: str = ""
+    """Set by the supervisor: its private folder (admin sockets, shared pauses). Not for operators."""
     log_level: str = "INFO"
     """Python logging level."""
     log_format: str = "text"
@@ -139,6 +146,7 @@ class Settings:
             "shutdown_grace_seconds",
             "max_connection_age_seconds",
             "max_connection_age_grace_seconds",
+            "workers",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must not be negative")
@@ -159,8 +167,17 @@ class Settings:
                 f"{ENV_PREFIX}DEMO and {ENV_PREFIX}TENANTS_FILE are both set: demo mode would replace the "
                 "tenants with the public demo token and a fake Braze; unset one of them"
             )
+        if self.is_worker and not self.worker_dir:
+            raise ConfigError(
+                f"{ENV_PREFIX}WORKER_INDEX is set by the supervisor, with {ENV_PREFIX}WORKER_DIR"
+            )
         if not self.demo and not self.tenants_file:
             raise ConfigError(f"set {ENV_PREFIX}TENANTS_FILE, or {ENV_PREFIX}DEMO=true for the demo")
+
+    @property
+    def is_worker(self) -> bool:
+        """Started by a supervisor, as one of several workers sharing the port."""
+        return self.worker_index >= 0
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The gRPC server's channel arguments: message sizes, keepalive, connection age."""
@@ -171,7 +188,8 @@ class Settings:
         options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # A second gateway on a bound port must fail, unless it is a worker of the same set.
+            ("grpc.so_reuseport", 1 if self.is_worker else 0),
             ("grpc.keepalive_time_ms", ms(self.keepalive_time_seconds)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_seconds)),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -1,0 +1,349 @@
+"""Several worker processes on one host: one gRPC port, one admin port, budgets kept right.
+
+A Python process runs on one core, so with `CGW_WORKERS` above 1 `__main__` runs `supervise`
+instead of a gateway. The supervisor starts that many workers (each a whole gateway, started
+as a fresh `python -m canvas_gateway_server`, never forked: gRPC cannot survive a fork) and:
+
+- the workers all listen on the gRPC port with SO_REUSEPORT; the kernel gives each new
+  *connection* to one of them, so a caller spreads over the workers only with several
+  connections (see the README's "Workers");
+- each worker's admin listener is a Unix socket in a private folder; the supervisor serves
+  the admin address: `/metrics` is every worker's exposition with a `worker` label added,
+  `/readyz` is ready when every worker is, `/healthz` when every worker is alive;
+- SIGTERM and SIGINT drain every worker (each drains as a single gateway does), SIGHUP
+  reloads every worker's tenants; when a worker dies unbidden, the others are drained and the
+  supervisor exits 1, so that the orchestrator restarts the whole set;
+- per-tenant limits stay right: concurrency is divided (each worker allows its share, at
+  least one), and a pause learned from Braze's headers (budget spent until the reset) is
+  shared through `PauseBoard`, a small file every worker maps, so one worker's 429 or
+  `x-ratelimit-remaining: 0` stops all of them before they call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import mmap
+import os
+import signal
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from .limits import UpstreamLimiter
+from .settings import ENV_PREFIX, Settings
+from .tenants import Tenant
+from .upstream import Reply
+
+log = logging.getLogger(__name__)
+
+STOP_SECONDS: Final = 60.0
+"""How long the supervisor waits for a worker to exit after SIGTERM before it kills it; longer
+than a worker's own drain (shutdown delay + grace + abandon)."""
+_SLOTS: Final = 4096
+_SLOT: Final = struct.Struct("<Q")
+
+
+def cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup (v2) CPU quota."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def worker_count(settings: Settings) -> int:
+    """How many workers to run: CGW_WORKERS, 0 meaning one per core; the demo runs one."""
+    if settings.demo:
+        return 1
+    return settings.workers or cores()
+
+
+def admin_socket(folder: str, index: int) -> str:
+    return os.path.join(folder, f"admin-{index}.sock")
+
+
+def board_path(folder: str) -> str:
+    return os.path.join(folder, "pauses")
+
+
+# --- shared pauses --------------------------------------------------------------------------
+
+
+class PauseBoard:
+    """Pauses shared by the workers of one host: until when a (tenant, budget) must not call.
+
+    A file of 4,096 slots that every worker maps. A slot is one aligned 64-bit word holding the
+    pause's end (epoch seconds, high 32 bits) and a hash of its key (low 32 bits), so a reader
+    never sees half of a write. Two keys that share a slot overwrite each other: a pause can
+    be lost (that worker learns it from its own next reply), never invented for another key.
+    """
+
+    def __init__(self, path: str) -> None:
+        with open(path, "r+b") as file:
+            self._map = mmap.mmap(file.fileno(), _SLOTS * _SLOT.size)
+        self._slots: dict[tuple[str, bool], tuple[int, int]] = {}
+
+    @staticmethod
+    def create(path: str) -> None:
+        with open(path, "wb") as file:
+            file.truncate(_SLOTS * _SLOT.size)
+
+    def _slot(self, tenant: str, broadcast: bool) -> tuple[int, int]:
+        found = self._slots.get((tenant, broadcast))
+        if found is None:
+            digest = hashlib.blake2b(f"{tenant}\0{broadcast}".encode(), digest_size=8).digest()
+            number = int.from_bytes(digest, "little")
+            found = self._slots[(tenant, broadcast)] = (
+                (number >> 32) % _SLOTS * _SLOT.size,
+                number & 0xFFFFFFFF,
+            )
+        return found
+
+    def until(self, tenant: str, broadcast: bool) -> float:
+        offset, tag = self._slot(tenant, broadcast)
+        (word,) = _SLOT.unpack_from(self._map, offset)
+        return float(word >> 32) if word & 0xFFFFFFFF == tag else 0.0
+
+    def pause(self, tenant: str, broadcast: bool, until: float) -> None:
+        offset, tag = self._slot(tenant, broadcast)
+        seconds = min(math.ceil(until), 0xFFFFFFFF)
+        if self.until(tenant, broadcast) < seconds:
+            _SLOT.pack_into(self._map, offset, seconds << 32 | tag)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class WorkerLimiter:
+    """One worker's limiter: its own in-process limiter, over its share of each tenant's
+    concurrency, plus the pauses every worker shares.
+
+    The in-process limiter is built with the worker's share of CGW_TENANT_CONCURRENCY; a
+    tenant's own `max_concurrent_batches` is divided here, so that the workers together never
+    run more of a tenant's calls at once than it allows (each runs at least one)."""
+
+    def __init__(
+        self, inner: UpstreamLimiter, board: PauseBoard, workers: int, clock: Callable[[], float]
+    ) -> None:
+        self._inner = inner
+        self._board = board
+        self._workers = workers
+        self._clock = clock
+        self._shares: dict[Tenant, Tenant] = {}
+
+    def _share(self, tenant: Tenant) -> Tenant:
+        if tenant.max_concurrent_batches is None:
+            return tenant
+        share = self._shares.get(tenant)
+        if share is None:
+            if len(self._shares) > 4096:  # reloads that changed every tenant: start over
+                self._shares.clear()
+            divided = max(1, tenant.max_concurrent_batches // self._workers)
+            share = self._shares[tenant] = dataclasses.replace(tenant, max_concurrent_batches=divided)
+        return share
+
+    def slot(self, tenant: Tenant) -> AbstractAsyncContextManager[None]:
+        return self._inner.slot(self._share(tenant))
+
+    def paused_until(self, tenant: Tenant, broadcast: bool) -> float:
+        own = self._inner.paused_until(tenant, broadcast)
+        shared = self._board.until(tenant.id, broadcast)
+        return max(own, shared if shared > self._clock() else 0.0)
+
+    def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
+        self._inner.observe(tenant, broadcast, reply)
+        until = self._inner.paused_until(tenant, broadcast)
+        if until:
+            self._board.pause(tenant.id, broadcast, until)
+
+
+def worker_concurrency(settings: Settings) -> int:
+    """A worker's share of CGW_TENANT_CONCURRENCY (all of it outside a set of workers)."""
+    if not settings.is_worker:
+        return settings.tenant_concurrency
+    return max(1, settings.tenant_concurrency // max(1, settings.workers))
+
+
+# --- the supervisor -------------------------------------------------------------------------
+
+
+class _Workers:
+    def __init__(self, count: int, folder: str, environ: Mapping[str, str]) -> None:
+        self.count = count
+        self.folder = folder
+        self._environ = environ
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.stopping = False
+
+    async def start(self) -> None:
+        for index in range(self.count):
+            env = {
+                **self._environ,
+                f"{ENV_PREFIX}WORKERS": str(self.count),
+                f"{ENV_PREFIX}WORKER_INDEX": str(index),
+                f"{ENV_PREFIX}WORKER_DIR": self.folder,
+            }
+            self.processes.append(
+                await asyncio.create_subprocess_exec(sys.executable, "-m", "canvas_gateway_server", env=env)
+            )
+
+    def signal(self, number: int) -> None:
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(number)
+
+    def alive(self) -> bool:
+        return all(process.returncode is None for process in self.processes)
+
+    async def wait_all(self) -> list[int]:
+        codes = []
+        for process in self.processes:
+            try:
+                codes.append(await asyncio.wait_for(process.wait(), STOP_SECONDS))
+            except TimeoutError:
+                log.error("worker %d did not stop within %gs: killing it", process.pid, STOP_SECONDS)
+                process.kill()
+                codes.append(await process.wait())
+        return codes
+
+
+class SupervisorAdmin:
+    """The admin address of a set of workers: their metrics merged, their readiness combined."""
+
+    def __init__(self, workers: _Workers) -> None:
+        self._workers = workers
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True).start()
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _get(self, index: int, path: str) -> tuple[int, str]:
+        """One worker's admin answer; (0, why) when it cannot be reached."""
+        connector = aiohttp.UnixConnector(path=admin_socket(self._workers.folder, index))
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(f"http://worker{path}", timeout=aiohttp.ClientTimeout(total=5)) as reply,
+            ):
+                return reply.status, await reply.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 0, f"worker {index} unreachable ({type(exc).__name__})"
+
+    async def _all(self, path: str) -> list[tuple[int, str]]:
+        return await asyncio.gather(*(self._get(index, path) for index in range(self._workers.count)))
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        answers = await self._all("/metrics")
+        text = merge_expositions([body if status == 200 else "" for status, body in answers])
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        if not self._workers.alive():
+            return web.Response(status=503, text="a worker has exited\n")
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        if self._workers.stopping:
+            return web.Response(status=503, text="not ready: draining: the gateway is shutting down\n")
+        for index, (status, body) in enumerate(await self._all("/readyz")):
+            if status != 200:
+                why = body.strip().removeprefix("not ready: ")
+                return web.Response(status=503, text=f"not ready: worker {index}: {why}\n")
+        return web.Response(text="ready\n")
+
+
+def merge_expositions(texts: Sequence[str]) -> str:
+    """Prometheus text expositions of the workers as one, each sample labelled with its worker.
+
+    Families keep their HELP and TYPE once; a worker that could not be reached adds nothing
+    (its series go missing, which `up`-style alerts on the supervisor's series would show)."""
+    families: dict[str, tuple[str, str, list[Sample]]] = {}
+    for index, text in enumerate(texts):
+        for family in text_string_to_metric_families(text):
+            kept = families.setdefault(family.name, (family.documentation, family.type, []))
+            for sample in family.samples:
+                kept[2].append(sample._replace(labels={**sample.labels, "worker": str(index)}))
+    lines: list[str] = []
+    for name, (documentation, kind, samples) in families.items():
+        exposed = f"{name}_total" if kind == "counter" else name
+        text_kind = "gauge" if kind in ("info", "stateset") else kind
+        if kind == "info":
+            exposed = f"{name}_info"
+        help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
+        lines.append(f"# HELP {exposed} {help_text}")
+        lines.append(f"# TYPE {exposed} {text_kind}")
+        for sample in samples:
+            pairs = ",".join(f'{key}="{_escape(value)}"' for key, value in sample.labels.items())
+            lines.append(f"{sample.name}{{{pairs}}} {_number(sample.value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    return repr(float(value))
+
+
+async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
+    """Run `worker_count(settings)` workers until SIGTERM or SIGINT; the exit status."""
+    count = worker_count(settings)
+    with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
+        PauseBoard.create(board_path(folder))
+        workers = _Workers(count, folder, environ)
+        admin = SupervisorAdmin(workers)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)
+        await admin.start(settings.admin_address)
+        await workers.start()
+        log.info("canvas-gateway supervising %d workers on %s", count, settings.grpc_address)
+        exits = [asyncio.create_task(process.wait()) for process in workers.processes]
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopped, *exits], return_when=asyncio.FIRST_COMPLETED)
+        failed = not stop.is_set()
+        if failed:
+            log.error("a worker exited unbidden: draining the others and exiting 1")
+        workers.stopping = True
+        workers.signal(signal.SIGTERM)
+        codes = await workers.wait_all()
+        stopped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopped
+        await admin.stop()
+        log.info("canvas-gateway workers stopped (exit codes %s)", codes)
+        return 1 if failed or any(codes) else 0

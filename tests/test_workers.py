@@ -1,0 +1,220 @@
+"""Several workers behind one port: the real entrypoint as a process tree, a real fake Braze.
+
+Connections spread over the workers (the kernel's SO_REUSEPORT), the admin port merges their
+metrics with a `worker` label, a spent Braze budget learned by one worker stops every worker
+before it calls, and SIGTERM drains them all to exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.limits import LocalLimiter
+from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.tenants import Tenant
+from canvas_gateway_server.workers import (
+    PauseBoard,
+    WorkerLimiter,
+    merge_expositions,
+    worker_concurrency,
+    worker_count,
+)
+from conftest import FAKE_URLS, KEYS, TOKENS, free_port, tenants_toml
+from fake_braze import FakeBraze, FakeBrazeConfig
+from prometheus_client.parser import text_string_to_metric_families
+
+AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
+CONNECTIONS = 16
+"""Each on its own connection: all 16 on one of 2 workers has a chance of 2 in 65,536."""
+
+
+def request(recipients: int, first: int = 0) -> pb.SendRequest:
+    users = [pb.Recipient(external_user_id=f"u{first + i}") for i in range(recipients)]
+    return pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users))
+
+
+@pytest.fixture
+async def workers(
+    fake: FakeBraze, tmp_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
+        "CGW_WORKERS": "2",
+        "CGW_TENANTS_FILE": str(tenants),
+        "CGW_GRPC_ADDRESS": address,
+        "CGW_ADMIN_ADDRESS": admin,
+        "CGW_SHUTDOWN_GRACE_SECONDS": "5",
+        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
+        "CGW_MAX_RETRY_WAIT_SECONDS": "0",  # a paused budget answers at once, never waits
+        "ACME_BRAZE_KEY": KEYS["acme"],
+    }
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "canvas_gateway_server", env=env)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://{admin}/readyz") as reply:
+                        if reply.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the workers never became ready")
+        yield proc, address, admin
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def send_on_own_connections(address: str, requests: list[pb.SendRequest]) -> list[pb.SendResponse]:
+    """Each request on a channel of its own; a local subchannel pool keeps gRPC from sharing
+    one connection among channels to the same address (which is what it does by default)."""
+
+    async def one(message: pb.SendRequest) -> pb.SendResponse:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            stub = pb_grpc.CanvasGatewayServiceStub(channel)
+            reply: pb.SendResponse = await stub.Send(message, metadata=AUTH, timeout=10)
+            return reply
+
+    return list(await asyncio.gather(*(one(message) for message in requests)))
+
+
+async def rpcs_by_worker(admin: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{admin}/metrics") as reply:
+        text = await reply.text()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "grpc_server_handled":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["grpc_method"] == "Send":
+                    worker = sample.labels["worker"]
+                    counts[worker] = counts.get(worker, 0) + sample.value
+    return counts
+
+
+async def test_connections_spread_over_workers_and_metrics_say_which(
+    workers: tuple[asyncio.subprocess.Process, str, str], fake: FakeBraze
+) -> None:
+    _, address, admin = workers
+    replies = await send_on_own_connections(address, [request(3, 10 * i) for i in range(CONNECTIONS)])
+    assert [reply.summary.recipients_sent for reply in replies] == [3] * CONNECTIONS
+    assert len(fake.sent()) == CONNECTIONS
+    by_worker = await rpcs_by_worker(admin)
+    assert set(by_worker) == {"0", "1"}, by_worker
+    assert sum(by_worker.values()) == CONNECTIONS
+    assert min(by_worker.values()) >= 1
+
+
+@pytest.fixture
+def fake_config(request: pytest.FixtureRequest) -> FakeBrazeConfig:
+    return FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=getattr(request, "param", 250_000))
+
+
+@pytest.mark.parametrize("fake_config", [2], indirect=True)
+async def test_a_budget_spent_on_one_worker_stops_every_worker(
+    workers: tuple[asyncio.subprocess.Process, str, str], fake: FakeBraze
+) -> None:
+    _, address, _ = workers
+    # Two calls spend the budget of 2: the second reply says x-ratelimit-remaining 0.
+    (first,) = await send_on_own_connections(address, [request(100)])
+    assert [result.braze.http_status for result in first.results] == [201, 201]
+    # Whichever worker each connection reaches, none calls Braze again until the reset.
+    replies = await send_on_own_connections(address, [request(3, 1000 + 10 * i) for i in range(CONNECTIONS)])
+    results = [result for reply in replies for result in reply.results]
+    assert {(result.outcome, result.code) for result in results} == {
+        (pb.OUTCOME_REJECTED, 8)  # google.rpc.Code RESOURCE_EXHAUSTED: nothing was sent
+    }
+    assert len(fake.calls) == 2, [call.status for call in fake.calls]  # not one 429
+
+
+async def test_sigterm_drains_every_worker_and_exits_0(
+    workers: tuple[asyncio.subprocess.Process, str, str],
+) -> None:
+    proc, address, admin = workers
+    await send_on_own_connections(address, [request(1)])
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    with pytest.raises(aiohttp.ClientError):
+        async with aiohttp.ClientSession() as session, session.get(f"http://{admin}/healthz"):
+            pass
+
+
+def test_worker_count_is_the_setting_or_the_cores_and_one_for_the_demo() -> None:
+    assert worker_count(Settings.from_env({}, tenants_file="t", workers=3)) == 3
+    assert worker_count(Settings.from_env({}, tenants_file="t")) == min(
+        len(os.sched_getaffinity(0)), worker_count(Settings.from_env({}, tenants_file="t", workers=0))
+    )
+    assert worker_count(Settings.from_env({}, demo=True, workers=4)) == 1
+
+
+def test_pause_board_is_shared_through_its_file_and_keys_do_not_mix(tmp_path: Path) -> None:
+    path = str(tmp_path / "pauses")
+    PauseBoard.create(path)
+    one, other = PauseBoard(path), PauseBoard(path)
+    one.pause("acme", False, 2_000_000_000.4)
+    assert other.until("acme", False) == 2_000_000_001
+    assert other.until("acme", True) == 0.0
+    assert other.until("globex", False) == 0.0
+    other.pause("acme", False, 1_000_000_000)  # an earlier end never shortens a pause
+    assert one.until("acme", False) == 2_000_000_001
+
+
+def test_merged_exposition_labels_every_sample_with_its_worker() -> None:
+    worker = (
+        "# HELP calls_total Calls.\n# TYPE calls_total counter\n"
+        'calls_total{tenant="a"} 2.0\n'
+        "# HELP lag_seconds Lag.\n# TYPE lag_seconds histogram\n"
+        'lag_seconds_bucket{le="0.1"} 1.0\nlag_seconds_bucket{le="+Inf"} 1.0\n'
+        "lag_seconds_count 1.0\nlag_seconds_sum 0.05\n"
+    )
+    merged = merge_expositions([worker, worker.replace("2.0", "5.0"), ""])
+    families = {family.name: family for family in text_string_to_metric_families(merged)}
+    calls = {(s.labels["worker"], s.value) for s in families["calls"].samples}
+    assert calls == {("0", 2.0), ("1", 5.0)}
+    assert families["lag_seconds"].type == "histogram"
+    assert {s.labels["worker"] for s in families["lag_seconds"].samples} == {"0", "1"}
+
+
+async def test_each_worker_runs_its_share_of_a_tenants_concurrency(tmp_path: Path) -> None:
+    path = str(tmp_path / "pauses")
+    PauseBoard.create(path)
+    limiter = WorkerLimiter(LocalLimiter(default_concurrency=3), PauseBoard(path), workers=2, clock=time.time)
+    tenant = Tenant("acme", "http://127.0.0.1:1", "key", max_concurrent_batches=5)
+
+    async def hold(slot: AbstractAsyncContextManager[None], held: asyncio.Event) -> None:
+        async with slot:
+            held.set()
+            await asyncio.sleep(3600)
+
+    events = [asyncio.Event() for _ in range(3)]
+    tasks = [asyncio.create_task(hold(limiter.slot(tenant), event)) for event in events]
+    await asyncio.sleep(0.05)
+    try:
+        assert [event.is_set() for event in events] == [True, True, False]  # 5 // 2 workers = 2
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert worker_concurrency(Settings.from_env({}, tenants_file="t", tenant_concurrency=32)) == 32
+    worker = Settings.from_env(
+        {}, tenants_file="t", tenant_concurrency=5, workers=2, worker_index=1, worker_dir="d"
+    )
+    assert worker_concurrency(worker) == 2
