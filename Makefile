@@ -151,14 +151,15 @@ fake-braze: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/canvas-gateway --target 127.0.0.1:50051 --token demo-token send-demo --recipients 1000
 
-## bench: throughput, CPU and memory against the direct-REST ceiling; then the cost of metrics and logs.
+## bench: every measure of issue 9 in one run (CPU per recipient against a hand-written client and
+##   where it goes, workers, unary overhead, memory, budget use, peers, metrics and logs on/off),
+##   written to BENCHMARKS.md (about 10 minutes).
 ## soak: 10 minutes of mixed load with random faults: memory, descriptors, event-loop lag, accounting.
 soak: $(STAMP)
 	$(PY) bench/soak.py
 
 bench: $(STAMP)
-	$(PY) bench/stream_throughput.py
-	$(PY) bench/observability_cost.py
+	$(PY) bench/suite.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -132,6 +132,21 @@ async def wait_port(port: int, seconds: float = 30) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
+async def wait_ready(admin: str, seconds: float = 30) -> None:
+    """Until the gateway's /readyz says ready (every worker, with several)."""
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"http://{admin}/readyz") as reply:
+                    if reply.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"the gateway at {admin} never became ready")
+
+
 def fake_braze_command(port: int, latency_ms: float = 0.0, extra: Sequence[str] = ()) -> list[str]:
     """The fake Braze as its own process: the benchmark key, no recording, no real budget
     unless `extra` sets one."""
@@ -153,13 +168,17 @@ def write_tenants(folder: Path, url: str, extra: str = "") -> Path:
     return tenants
 
 
-def gateway_env(tenants: Path, grpc_port: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a benchmark gateway: the caller's, without its CGW_ settings."""
+def gateway_env(
+    tenants: Path, grpc_port: int, extra: Mapping[str, str] | None = None, admin_port: int = 0
+) -> dict[str, str]:
+    """The environment of a benchmark gateway: the caller's, without its CGW_ settings; one
+    worker unless `extra` says otherwise (CGW_WORKERS)."""
     return {
         **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
         "CGW_TENANTS_FILE": str(tenants),
         "CGW_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
-        "CGW_ADMIN_ADDRESS": "127.0.0.1:0",
+        "CGW_ADMIN_ADDRESS": f"127.0.0.1:{admin_port}",
+        "CGW_WORKERS": "1",
         "CGW_LOG_LEVEL": "WARNING",
         "CGW_SHUTDOWN_DELAY_SECONDS": "0",
         **(extra or {}),
@@ -176,6 +195,8 @@ class Stack:
     gateway: subprocess.Popen[bytes]
     folder: Path
     grpc_port: int
+    admin: str
+    """host:port of the gateway's admin listener (/metrics, /readyz)"""
     extra_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
@@ -187,7 +208,7 @@ async def stack(
     tenant_toml: str = "",
 ) -> AsyncIterator[Stack]:
     """Start the fake Braze and a gateway (settings in `gateway`); stop both after."""
-    fake_port, grpc_port = free_port(), free_port()
+    fake_port, grpc_port, admin_port = free_port(), free_port(), free_port()
     url = f"http://127.0.0.1:{fake_port}"
     with tempfile.TemporaryDirectory() as tmp:
         tenants = write_tenants(Path(tmp), url, tenant_toml)
@@ -195,12 +216,14 @@ async def stack(
             fake_braze_command(fake_port, latency_ms, fake_args), stdout=subprocess.DEVNULL
         )
         process = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "canvas_gateway_server"], env=gateway_env(tenants, grpc_port, gateway)
+            [sys.executable, "-m", "canvas_gateway_server"],
+            env=gateway_env(tenants, grpc_port, gateway, admin_port),
         )
-        running = Stack(url, f"127.0.0.1:{grpc_port}", fake, process, Path(tmp), grpc_port)
+        admin = f"127.0.0.1:{admin_port}"
+        running = Stack(url, f"127.0.0.1:{grpc_port}", fake, process, Path(tmp), grpc_port, admin)
         try:
             await wait_port(fake_port)
-            await wait_port(grpc_port)
+            await wait_ready(admin)
             yield running
         finally:
             for each in (process, fake, *running.extra_processes):

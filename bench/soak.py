@@ -35,7 +35,7 @@ import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from fake_braze import FakeBraze, FakeBrazeConfig
-from stream_throughput import AUTH, KEY, free_port, rss_mib, wait_port, write_tenants
+from harness import AUTH, KEY, free_port, rss_mib, wait_port, write_tenants
 
 OUTCOMES = {value: name.removeprefix("OUTCOME_").lower() for name, value in pb.Outcome.items()}
 
@@ -155,6 +155,7 @@ async def main() -> None:
             "CGW_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
             "CGW_ADMIN_ADDRESS": f"127.0.0.1:{admin_port}",
             "CGW_LOG_LEVEL": "ERROR",
+            "CGW_WORKERS": "1",  # one process: its memory, descriptors and lag are the figures
         }
         gateway = subprocess.Popen([sys.executable, "-m", "canvas_gateway_server"], env=env)  # noqa: ASYNC220
         try:

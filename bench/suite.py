@@ -28,6 +28,7 @@ from harness import Figure
 
 MEASURES = (
     "stream_throughput",
+    "breakdown",
     "workers",
     "unary_overhead",
     "memory",

@@ -1,0 +1,113 @@
+"""Where a recipient's CPU goes in the gateway: each stage timed alone, in microseconds.
+
+The profile behind the headline ratio (py-spy on a gateway under `stream_throughput` points
+at the same stages). Each stage is the gateway's own code, run here in a loop over the
+benchmark's recipients (an external_user_id and a one-key context), best of 5:
+
+  parse       protobuf decode of 500-recipient chunks (upb, C)
+  to JSON     `convert.recipient_to_dict`: protobuf Struct values into Python objects
+  check+cut   `Intake.take`: the rules, orjson, and cutting batches of 50
+  result      a batch's result message, built and serialised, per recipient
+  gRPC write  a bare grpc.aio server streaming 300-byte messages, server CPU per message
+              divided by 50: what each result costs gRPC itself, whatever the gateway does
+
+The direct client's whole CPU per recipient (`stream_throughput`) is the yardstick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import timeit
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server import convert
+from canvas_gateway_server.model import BatchResult, Code, Outcome
+from canvas_gateway_server.planning import Intake
+from harness import CANVAS, CONTEXT, Figure, chunk, cpu_seconds, free_port
+
+MEASURE = "breakdown"
+
+
+def _best(run: Callable[[], object], per: int) -> float:
+    return min(timeit.repeat(run, number=1, repeat=5)) / per * 1e6
+
+
+def _serve(port: int) -> None:
+    async def main() -> None:
+        async def messages(request: bytes, _: object) -> AsyncIterator[bytes]:
+            payload = b"x" * 300
+            for _ in range(int.from_bytes(request, "big")):
+                yield payload
+
+        handler = grpc.unary_stream_rpc_method_handler(messages)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("b.B", {"M": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+async def grpc_message_cost(messages: int) -> float:
+    """Server CPU per streamed message of a bare grpc.aio server, in its own process."""
+    port = free_port()
+    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(port,), daemon=True)
+    server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            call = channel.unary_stream("/b.B/M")
+            async for _ in call((1_000).to_bytes(4, "big")):  # warm up
+                pass
+            assert server.pid is not None
+            before = cpu_seconds(server.pid)
+            async for _ in call(messages.to_bytes(4, "big")):
+                pass
+            return (cpu_seconds(server.pid) - before) / messages * 1e6
+    finally:
+        server.terminate()
+        server.join(10)
+
+
+async def measure(smoke: bool) -> list[Figure]:
+    n = 2_000 if smoke else 50_000
+    chunks = [chunk(range(start, start + 500)).SerializeToString() for start in range(0, n, 500)]
+    parsed = [pb.SendStreamRequest.FromString(raw) for raw in chunks]
+    recipients = [recipient for message in parsed for recipient in message.chunk.recipients]
+    dicts = [convert.recipient_to_dict(recipient) for recipient in recipients]
+
+    def take_all() -> None:
+        intake = Intake({"canvas_id": CANVAS, "context": CONTEXT})
+        for each in dicts:
+            intake.take(each)
+
+    result = BatchResult(
+        7, tuple(range(350, 400)), Outcome.SENT, Code.OK, "accepted",
+        dispatch_id="0123456789abcdef0123456789abcdef", message="success", http_status=201, attempts=1,
+    )  # fmt: skip
+
+    def results() -> None:
+        for _ in range(n // 50):
+            pb.SendStreamResponse(result=convert.result_to_proto(result)).SerializeToString()
+
+    def parse() -> None:
+        for raw in chunks:
+            pb.SendStreamRequest.FromString(raw)
+
+    def to_json() -> None:
+        for recipient in recipients:
+            convert.recipient_to_dict(recipient)
+
+    figures = [
+        Figure(MEASURE, "parse: protobuf chunks", _best(parse, n), "us"),
+        Figure(MEASURE, "to JSON: Struct and fields to Python", _best(to_json, n), "us"),
+        Figure(MEASURE, "check+cut: rules, orjson, batches of 50", _best(take_all, n), "us"),
+        Figure(MEASURE, "result: message per batch, per recipient", _best(results, n), "us"),
+    ]
+    per_message = await grpc_message_cost(500 if smoke else 20_000)
+    figures.append(Figure(MEASURE, "gRPC write: bare grpc.aio, per result / 50", per_message / 50, "us"))
+    return figures
