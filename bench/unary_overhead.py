@@ -1,0 +1,169 @@
+"""Unary overhead: what a 50-recipient `Send` through the gateway costs in latency over posting
+the same body straight to Braze (the fake, on 127.0.0.1), at concurrency 1 and 16.
+
+One fake Braze and one gateway. The request is built and serialised once, before anything is
+timed: a `SendRequest` for the gateway and the identical Braze JSON body (orjson) for the direct
+POST, so the client's own encoding is in neither figure. The direct client is one aiohttp session
+with a pooled keep-alive connector; the gateway client is one shared grpc.aio channel (gRPC
+multiplexes calls on it, as a service would). Every reply is checked: 201 with a dispatch_id,
+or a summary with 50 recipients sent.
+
+At each concurrency, after a warm-up, latencies are taken in blocks that alternate between the
+gateway and the direct POST (which goes first alternates too), so that drift on a noisy machine
+hits both; sampling stops at K calls a side or after a time bound. The figures are p50 and p99
+of each and their differences (gateway - direct): the overhead. The issue's bar is a p50
+overhead of at most 1 ms at concurrency 1.
+
+    .venv/bin/python bench/suite.py --only unary_overhead --out -
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+import orjson
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from harness import AUTH, CANVAS, CONTEXT, HEADERS, TRIGGER_PATH, Figure, recipient, stack
+
+MEASURE = "unary_overhead"
+RECIPIENTS = 50
+SEND = "/canvas_gateway.v1.CanvasGatewayService/Send"
+TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many calls to take at one concurrency."""
+
+    concurrency: int
+    warmup: int
+    """calls per worker, per side, before anything is kept"""
+    block: int
+    """calls per worker in one block"""
+    calls: int
+    """calls to keep per side (K)"""
+    seconds: float
+    """stop sampling after this long, even short of K (at least one block a side is taken)"""
+
+
+FULL = (Plan(1, 200, 200, 2_000, 60.0), Plan(16, 20, 30, 16 * 300, 90.0))
+SMOKE = (Plan(1, 5, 10, 20, 10.0), Plan(16, 1, 1, 32, 10.0))
+
+
+def send_request() -> pb.SendRequest:
+    trigger = pb.CanvasTrigger(canvas_id=CANVAS)
+    trigger.context.update(CONTEXT)
+    for i in range(RECIPIENTS):
+        trigger.recipients.add(external_user_id=f"user-{i}").context.update({"order": i})
+    return pb.SendRequest(trigger=trigger)
+
+
+def braze_body() -> bytes:
+    """The Braze JSON of the same trigger, as the gateway would send it."""
+    return orjson.dumps(
+        {"canvas_id": CANVAS, "context": CONTEXT, "recipients": [recipient(i) for i in range(RECIPIENTS)]}
+    )
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    """Nearest rank: the smallest value with at least `share` of the values at or below it."""
+    rank = max(1, math.ceil(share * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+Call = Callable[[], Awaitable[None]]
+
+
+async def block(call: Call, concurrency: int, per_worker: int, into: list[float] | None) -> None:
+    """`concurrency` workers, each making `per_worker` calls one after another; each call's
+    latency (seconds) goes to `into` (None: a warm-up, nothing kept)."""
+
+    async def worker() -> None:
+        for _ in range(per_worker):
+            began = time.perf_counter()
+            await call()
+            elapsed = time.perf_counter() - began
+            if into is not None:
+                into.append(elapsed)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def sample(gateway: Call, direct: Call, plan: Plan) -> tuple[list[float], list[float]]:
+    """Latencies of the gateway and of the direct POST at `plan.concurrency`, in alternating blocks."""
+    for call in (gateway, direct):
+        await block(call, plan.concurrency, plan.warmup, None)
+    taken: dict[str, list[float]] = {"gateway": [], "direct": []}
+    calls = {"gateway": gateway, "direct": direct}
+    order = ["gateway", "direct"]
+    began = time.monotonic()
+    while min(len(each) for each in taken.values()) < plan.calls:
+        for name in order:
+            await block(calls[name], plan.concurrency, plan.block, taken[name])
+        order.reverse()
+        if time.monotonic() - began > plan.seconds:
+            break
+    return sorted(taken["gateway"]), sorted(taken["direct"])
+
+
+def figures(plan: Plan, gateway: list[float], direct: list[float]) -> list[Figure]:
+    c = plan.concurrency
+    out: list[Figure] = []
+    for label, share in (("p50", 0.50), ("p99", 0.99)):
+        through, straight = percentile(gateway, share) * 1e3, percentile(direct, share) * 1e3
+        target = "<= 1 ms" if (label, c) == ("p50", 1) else ""
+        out += [
+            Figure(MEASURE, f"Send (50 recipients) {label}, concurrency {c}", through, "ms"),
+            Figure(MEASURE, f"direct POST (50 recipients) {label}, concurrency {c}", straight, "ms"),
+            Figure(
+                MEASURE,
+                f"{label} overhead (Send - direct), concurrency {c}",
+                through - straight,
+                "ms",
+                target,
+            ),
+            Figure(MEASURE, f"{label} ratio Send / direct, concurrency {c}", through / straight, "x"),
+        ]
+    out.append(
+        Figure(MEASURE, f"calls measured per side, concurrency {c}", min(len(gateway), len(direct)), "calls")
+    )
+    return out
+
+
+async def measure(smoke: bool) -> list[Figure]:
+    plans = SMOKE if smoke else FULL
+    request = send_request().SerializeToString()
+    body = braze_body()
+    found: list[Figure] = []
+    async with stack() as running:
+        connector = aiohttp.TCPConnector(limit=max(plan.concurrency for plan in plans))
+        timeout = aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            grpc.aio.insecure_channel(running.target) as channel,
+        ):
+            send = channel.unary_unary(
+                SEND, request_serializer=None, response_deserializer=pb.SendResponse.FromString
+            )
+            url = running.url + TRIGGER_PATH
+
+            async def gateway() -> None:
+                reply = await send(request, metadata=AUTH, timeout=TIMEOUT_SECONDS)
+                assert reply.summary.recipients_sent == RECIPIENTS, reply.summary
+
+            async def direct() -> None:
+                async with session.post(url, data=body, headers=HEADERS) as reply:
+                    answer = await reply.read()
+                    assert reply.status == 201, (reply.status, answer)
+                assert orjson.loads(answer)["dispatch_id"], answer
+
+            for plan in plans:
+                through, straight = await sample(gateway, direct, plan)
+                found += figures(plan, through, straight)
+    return found
