@@ -218,3 +218,33 @@ async def test_each_worker_runs_its_share_of_a_tenants_concurrency(tmp_path: Pat
         {}, tenants_file="t", tenant_concurrency=5, workers=2, worker_index=1, worker_dir="d"
     )
     assert worker_concurrency(worker) == 2
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+    workers: tuple[asyncio.subprocess.Process, str, str],
+) -> None:
+    proc, _, _ = workers
+    pids = children(proc.pid)
+    assert len(pids) == 2
+    proc.kill()  # SIGKILL: the supervisor cannot stop its workers itself
+    await proc.wait()
+    for _ in range(200):
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        if not alive:
+            break
+        await asyncio.sleep(0.05)
+    assert alive == [], "workers outlived their supervisor"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -123,6 +123,10 @@ class Sender:
     async def _run_all(
         self, tenant: Tenant, batches: list[Batch], deadline: float | None
     ) -> list[BatchResult]:
+        if len(batches) == 1:  # most Sends: one call, no fan-out (its tasks and queue cost latency)
+            result = await self._dispatcher.send(tenant, batches[0], deadline)
+            report(self._metrics, tenant, result)
+            return [result]
         fan = FanOut(
             self._dispatcher,
             tenant,

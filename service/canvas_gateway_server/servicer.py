@@ -185,6 +185,7 @@ class CanvasGatewayServicer:
     async def _abort(self, context: Context, error: BaseException) -> NoReturn:
         if isinstance(error, InvalidRequest):
             self._metrics.invalid(error.violations)
+        await calls.header_sent()
         await status.abort(context, error)
 
     async def Send(self, raw: bytes, context: Context) -> pb.SendResponse:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import logging
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 STOP_SECONDS: Final = 60.0
 """How long the supervisor waits for a worker to exit after SIGTERM before it kills it; longer
 than a worker's own drain (shutdown delay + grace + abandon)."""
+_PR_SET_PDEATHSIG: Final = 1
 _SLOTS: Final = 4096
 _SLOT: Final = struct.Struct("<Q")
 
@@ -202,7 +204,9 @@ class _Workers:
                 f"{ENV_PREFIX}WORKER_DIR": self.folder,
             }
             self.processes.append(
-                await asyncio.create_subprocess_exec(sys.executable, "-m", "canvas_gateway_server", env=env)
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "canvas_gateway_server", env=env, preexec_fn=_die_with_parent
+                )
             )
 
     def signal(self, number: int) -> None:
@@ -223,6 +227,13 @@ class _Workers:
                 process.kill()
                 codes.append(await process.wait())
         return codes
+
+
+def _die_with_parent() -> None:
+    """In a new worker, before it runs: SIGTERM it (a drain) if the supervisor dies, even by
+    SIGKILL, so that no worker outlives its set and keeps the port (Linux's PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class SupervisorAdmin:
