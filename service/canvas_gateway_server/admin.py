@@ -2,26 +2,48 @@
 
 - `/metrics`: the Prometheus registry, in the text format or in OpenMetrics when the
   scraper's Accept header asks for it.
-- `/healthz`: liveness. Answering at all proves the event loop runs.
+- `/healthz`: liveness. Answering at all proves the event loop runs (a supervisor also checks
+  that every worker is alive).
 - `/readyz`: readiness. 200 `ready`, or 503 with a one-line reason (no tenants, upstream
   session closed, draining), so a balancer stops routing here before the gateway stops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+Exposition = Callable[[str], Awaitable[tuple[bytes, str]]]
+"""Given the scraper's Accept header: the metrics, and their content type."""
+Check = Callable[[], Awaitable[str | None]]
+"""None when fine, else a one-line reason why not."""
+
+
+def registry_exposition(registry: CollectorRegistry) -> Exposition:
+    """A registry's metrics, in the text format or in OpenMetrics when the scraper asks for it."""
+
+    async def expose(accept: str) -> tuple[bytes, str]:
+        encode, content_type = choose_encoder(accept)
+        return encode(registry), content_type
+
+    return expose
+
+
+async def _alive() -> str | None:
+    return None
+
 
 class AdminServer:
-    """Serves the admin endpoints on one address. `readiness()` is None when ready, else why not."""
+    """Serves the admin endpoints on one address (or a Unix socket): what `/metrics` shows, what
+    `/readyz` and `/healthz` check, are given (a gateway's own, or a supervisor's of its workers)."""
 
-    def __init__(self, registry: CollectorRegistry, readiness: Callable[[], str | None]) -> None:
-        self._registry = registry
+    def __init__(self, metrics: Exposition, readiness: Check, liveness: Check = _alive) -> None:
+        self._expose = metrics
         self._readiness = readiness
+        self._liveness = liveness
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -49,14 +71,17 @@ class AdminServer:
         await self._runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encode(self._registry), headers={"Content-Type": content_type})
+        body, content_type = await self._expose(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        reason = await self._liveness()
+        if reason is None:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=f"{reason}\n")
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        reason = self._readiness()
+        reason = await self._readiness()
         if reason is None:
             return web.Response(text="ready\n")
         return web.Response(status=503, text=f"not ready: {reason}\n")

@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from . import __version__, logs, reflection
-from .admin import AdminServer
+from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
 from .budget import LocalRetryBudget
 from .calls import CallObserver
@@ -164,7 +164,7 @@ class Gateway:
             dispatcher=dispatcher,
             metrics=metrics,
             registry=registry,
-            admin=AdminServer(registry, lambda: gateway.readiness()),
+            admin=AdminServer(registry_exposition(registry), lambda: _now(gateway.readiness())),
             admin_port=0,
             fake_braze=fake,
         )
@@ -286,6 +286,10 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     if b"-----BEGIN" not in chain or b"PRIVATE KEY-----" not in key:
         raise ConfigError("CGW_TLS_CERT_FILE and CGW_TLS_KEY_FILE must hold a PEM certificate chain and key")
     return server.add_secure_port(settings.grpc_address, grpc.ssl_server_credentials([(key, chain)]))
+
+
+async def _now(value: str | None) -> str | None:
+    return value
 
 
 def _limiter(settings: Settings) -> UpstreamLimiter:

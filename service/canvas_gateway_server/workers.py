@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Final
 
 import aiohttp
-from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from .admin import AdminServer
 from .limits import UpstreamLimiter
 from .settings import ENV_PREFIX, Settings
 from .tenants import Tenant
@@ -236,24 +237,13 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class SupervisorAdmin:
-    """The admin address of a set of workers: their metrics merged, their readiness combined."""
+class WorkerAdmin:
+    """What the supervisor's admin address shows of its workers: their metrics merged, their
+    readiness combined, their liveness."""
 
     def __init__(self, workers: _Workers) -> None:
         self._workers = workers
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-
-    async def start(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True).start()
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
+        self.server = AdminServer(self.metrics, self.readiness, self.liveness)
 
     async def _get(self, index: int, path: str) -> tuple[int, str]:
         """One worker's admin answer; (0, why) when it cannot be reached."""
@@ -270,24 +260,21 @@ class SupervisorAdmin:
     async def _all(self, path: str) -> list[tuple[int, str]]:
         return await asyncio.gather(*(self._get(index, path) for index in range(self._workers.count)))
 
-    async def _metrics(self, _: web.Request) -> web.Response:
+    async def metrics(self, _: str) -> tuple[bytes, str]:
         answers = await self._all("/metrics")
         text = merge_expositions([body if status == 200 else "" for status, body in answers])
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+        return text.encode(), CONTENT_TYPE_LATEST
 
-    async def _healthz(self, _: web.Request) -> web.Response:
-        if not self._workers.alive():
-            return web.Response(status=503, text="a worker has exited\n")
-        return web.Response(text="ok\n")
+    async def liveness(self) -> str | None:
+        return None if self._workers.alive() else "a worker has exited"
 
-    async def _readyz(self, _: web.Request) -> web.Response:
+    async def readiness(self) -> str | None:
         if self._workers.stopping:
-            return web.Response(status=503, text="not ready: draining: the gateway is shutting down\n")
+            return "draining: the gateway is shutting down"
         for index, (status, body) in enumerate(await self._all("/readyz")):
             if status != 200:
-                why = body.strip().removeprefix("not ready: ")
-                return web.Response(status=503, text=f"not ready: worker {index}: {why}\n")
-        return web.Response(text="ready\n")
+                return f"worker {index}: {body.strip().removeprefix('not ready: ')}"
+        return None
 
 
 def merge_expositions(texts: Sequence[str]) -> str:
@@ -334,13 +321,18 @@ async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
         PauseBoard.create(board_path(folder))
         workers = _Workers(count, folder, environ)
-        admin = SupervisorAdmin(workers)
+        admin = WorkerAdmin(workers).server
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)
-        await admin.start(settings.admin_address)
+        host, _, port = settings.admin_address.rpartition(":")
+        try:
+            await admin.start(host.strip("[]"), int(port))
+        except OSError:
+            log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): the address is in use", settings.admin_address)
+            return 1
         await workers.start()
         log.info("canvas-gateway supervising %d workers on %s", count, settings.grpc_address)
         exits = [asyncio.create_task(process.wait()) for process in workers.processes]
