@@ -331,7 +331,7 @@ async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
         try:
             await admin.start(host.strip("[]"), int(port))
         except OSError:
-            log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): the address is in use", settings.admin_address)
+            log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): in use", settings.admin_address)
             return 1
         await workers.start()
         log.info("canvas-gateway supervising %d workers on %s", count, settings.grpc_address)
