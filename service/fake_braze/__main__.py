@@ -2,7 +2,7 @@
 
     python -m fake_braze --port 9700 --api-key demo-braze-key \\
         [--key-without-permission KEY] [--canvas ID] [--other-canvas ID] \\
-        [--paused-canvas ID] [--archived-canvas ID] [--hourly-limit N] \\
+        [--paused-canvas ID] [--archived-canvas ID] [--hourly-limit N] [--hourly-window-seconds S] \\
         [--latency-ms N] [--error-rate 503=0.1 ...] [--reset-rate 0.05] [--seed N]
 
 Without `--canvas`, any canvas id is a known API-triggered Canvas (the demo relies on
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--paused-canvas", action="append", default=[], metavar="ID", help="repeatable")
     add("--archived-canvas", action="append", default=[], metavar="ID", help="repeatable")
     add("--hourly-limit", type=int, default=250_000, help="recipient requests per key per hour")
+    add(
+        "--hourly-window-seconds",
+        type=int,
+        default=3600,
+        help="the length of that window, aligned to the epoch like the hour (benchmarks: e.g. 5)",
+    )
     add("--broadcast-per-minute", type=int, default=250, help="broadcast requests per key")
     add("--broadcast-per-audience", type=int, default=10, help="per minute per unique audience")
     add("--latency-ms", type=float, default=0.0, help="added to every request")
@@ -90,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> FakeBrazeConfig:
         paused_canvases=frozenset(args.paused_canvas),
         archived_canvases=frozenset(args.archived_canvas),
         hourly_limit=args.hourly_limit,
+        hourly_window_seconds=args.hourly_window_seconds,
         broadcast_per_minute=args.broadcast_per_minute,
         broadcast_per_minute_per_audience=args.broadcast_per_audience,
         latency_seconds=args.latency_ms / 1000,

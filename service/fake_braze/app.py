@@ -34,7 +34,7 @@ from canvas_gateway_server.braze import ARCHIVED_NOTICE, MAX_BODY_BYTES, PAUSED_
 
 from . import admin, rules
 from .faults import Action, FaultState
-from .ratelimit import RateLimiter
+from .ratelimit import HOUR, RateLimiter
 
 # Braze sends the rate-limit headers on a 401, but with empty values.
 _UNKNOWN_LIMIT_HEADERS: Final = {
@@ -56,6 +56,7 @@ class FakeBrazeConfig:
     paused_canvases: frozenset[str] = frozenset()  # answered 201 with the paused notice
     archived_canvases: frozenset[str] = frozenset()  # answered 201 with the archived notice
     hourly_limit: int = 250_000  # recipient-targeted requests per key per clock hour
+    hourly_window_seconds: int = HOUR  # that window's length: shorter only for benchmarks and tests
     broadcast_per_minute: int = 250  # broadcast requests per key per minute
     broadcast_per_minute_per_audience: int = 10  # per key, canvas_id and audience
     audience_calls_on_broadcast_budget: bool = False  # a call with `audience` and recipients draws on
@@ -92,6 +93,8 @@ class FakeBrazeConfig:
         for name in ("hourly_limit", "broadcast_per_minute", "broadcast_per_minute_per_audience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if not 1 <= self.hourly_window_seconds <= HOUR:
+            raise ValueError("hourly_window_seconds must be from 1 to 3600")
         # FaultState validates rates and latency; build one to fail here, not at start.
         FaultState(random.Random(0), self.error_rates, self.reset_rate, self.latency_seconds)
 
@@ -130,6 +133,7 @@ class FakeBraze:
             config.broadcast_per_minute,
             config.broadcast_per_minute_per_audience,
             config.audience_calls_on_broadcast_budget,
+            config.hourly_window_seconds,
         )
         self.url: str | None = None
         self._runner: web.AppRunner | None = None

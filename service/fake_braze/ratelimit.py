@@ -88,10 +88,11 @@ class RateLimiter:
         broadcast_per_minute: int,
         broadcast_per_minute_per_audience: int,
         audience_calls_on_broadcast_budget: bool = False,
+        hourly_window_seconds: int = HOUR,
     ) -> None:
         self._clock = clock
         self._audience_calls = audience_calls_on_broadcast_budget
-        self._hourly = FixedWindow(hourly_limit, HOUR)
+        self._hourly = FixedWindow(hourly_limit, hourly_window_seconds)
         self._broadcast = FixedWindow(broadcast_per_minute, MINUTE)
         self._audience = FixedWindow(broadcast_per_minute_per_audience, MINUTE)
 

@@ -579,6 +579,24 @@ async def test_hourly_budget_headers_then_429_then_clock_hour_reset(
         assert fake.status_counts[429] == 2
 
 
+async def test_a_shorter_hourly_window_resets_on_its_own_boundaries(
+    session: aiohttp.ClientSession, clock: Clock
+) -> None:
+    config = FakeBrazeConfig(api_keys=frozenset({KEY}), hourly_limit=2, hourly_window_seconds=5, clock=clock)
+    async with FakeBraze(config) as fake:
+        clock.now = 1_000_000_002.5  # windows of 5 s aligned to the epoch: this one ends at ...005
+        first = await post(session, fake, body())
+        assert (first.headers["x-ratelimit-remaining"], first.headers["x-ratelimit-reset"]) == (
+            "1",
+            "1000000005",
+        )
+        assert (await post(session, fake, body())).status == 201
+        assert (await post(session, fake, body())).status == 429
+        clock.now = 1_000_000_005.0
+        fresh = await post(session, fake, body())
+        assert (fresh.status, fresh.headers["x-ratelimit-reset"]) == (201, "1000000010")
+
+
 async def test_broadcast_limited_per_audience_and_per_key(
     session: aiohttp.ClientSession, clock: Clock
 ) -> None:
@@ -874,6 +892,8 @@ async def test_app_can_be_embedded(session: aiohttp.ClientSession, config: FakeB
         {"api_keys": "key"},
         {"api_keys": frozenset({""})},
         {"api_keys": frozenset({KEY}), "hourly_limit": -1},
+        {"api_keys": frozenset({KEY}), "hourly_window_seconds": 0},
+        {"api_keys": frozenset({KEY}), "hourly_window_seconds": 7200},
         {"api_keys": frozenset({KEY}), "error_rates": {503: 0.8}, "reset_rate": 0.3},
         {"api_keys": frozenset({KEY}), "latency_seconds": -1},
         {"api_keys": frozenset({KEY}), "keys_without_permission": frozenset({KEY})},
