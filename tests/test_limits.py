@@ -1,13 +1,17 @@
-"""Rate-limit headers and the per-tenant pause, without a server (an injected clock)."""
+"""Rate-limit headers, the per-tenant pause and the bound on calls under way: with an injected
+clock, and through a real gateway and fake Braze."""
 
 from __future__ import annotations
 
 import json
 
-from canvas_gateway_server.limits import MAX_PAUSE_SECONDS, LocalLimiter
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server.limits import MAX_PAUSE_SECONDS, RECHECK_SECONDS, LocalLimiter
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
-from conftest import EXAMPLES
+from conftest import EXAMPLES, KEYS, Harness
+from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
@@ -58,3 +62,63 @@ def test_a_pause_never_outlasts_an_hour() -> None:
     limiter = LocalLimiter(4, clock=lambda: NOW)
     limiter.observe(TENANT, False, reply(429, reset=9_999_999_999))
     assert limiter.paused_until(TENANT, False) == NOW + MAX_PAUSE_SECONDS
+
+
+def test_no_call_starts_that_the_calls_under_way_would_leave_without_budget() -> None:
+    now = [NOW]
+    limiter = LocalLimiter(8, clock=lambda: now[0])
+    reset = 1_750_194_000
+    assert limiter.start_at(TENANT, False) == 0  # nothing known: no holding
+    limiter.observe(TENANT, False, reply(201, remaining=2, reset=reset))
+    with limiter.calling(TENANT, False):
+        assert limiter.start_at(TENANT, False) == 0  # 1 under way, 2 left: room for one more
+        with limiter.calling(TENANT, False):
+            held = limiter.start_at(TENANT, False)
+            assert NOW < held <= NOW + RECHECK_SECONDS  # ask again soon, not at the reset
+            assert limiter.start_at(TENANT, True) == 0  # the broadcast budget is another
+            assert limiter.paused_until(TENANT, False) == 0  # a hold is not a pause
+    assert limiter.start_at(TENANT, False) == 0
+    limiter.observe(TENANT, False, reply(201, remaining=5, reset=reset))  # older news: ignored
+    with limiter.calling(TENANT, False), limiter.calling(TENANT, False):
+        assert limiter.start_at(TENANT, False) > 0
+    limiter.observe(TENANT, False, reply(201, remaining=0, reset=reset))
+    assert limiter.start_at(TENANT, False) == reset  # spent: wait for the reset
+    now[0] = reset + 0.5  # a new window: not known until a reply says
+    assert limiter.start_at(TENANT, False) == 0
+    limiter.observe(TENANT, False, reply(201, remaining=1, reset=reset + 3600))
+    with limiter.calling(TENANT, False):
+        assert limiter.start_at(TENANT, False) > 0
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "settings_overrides"),
+    [
+        (
+            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30),
+            {"request_concurrency": 8, "max_retry_wait_seconds": 0},
+        )
+    ],
+)
+async def test_eight_calls_in_flight_spend_a_budget_to_the_last_call_without_a_429(harness: Harness) -> None:
+    users = [pb.Recipient(external_user_id=f"u{i}") for i in range(50 * 40)]  # 40 calls, budget 30
+    reply = await harness.stub.Send(
+        pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users)),
+        metadata=harness.auth(),
+    )
+    statuses = [call.status for call in harness.fake.calls]
+    assert statuses.count(201) == 30, statuses  # every call the budget allowed was made
+    assert 429 not in statuses
+    outcomes = [(result.outcome, result.braze.http_status) for result in reply.results]
+    assert outcomes.count((pb.OUTCOME_SENT, 201)) == 30
+    assert outcomes.count((pb.OUTCOME_REJECTED, 0)) == 10  # answered here: nothing was sent
+    positions = sorted(p for result in reply.results for p in result.positions)
+    assert positions == list(range(len(users)))
+
+
+def test_a_worker_keeps_its_calls_under_way_to_its_share_of_what_is_left() -> None:
+    limiter = LocalLimiter(8, clock=lambda: NOW, share=2)  # one of 2 workers
+    limiter.observe(TENANT, False, reply(201, remaining=4, reset=1_750_194_000))
+    with limiter.calling(TENANT, False):
+        assert limiter.start_at(TENANT, False) == 0  # 1 of its 2
+        with limiter.calling(TENANT, False):
+            assert limiter.start_at(TENANT, False) > 0  # the other worker may take the other 2

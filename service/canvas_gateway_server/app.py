@@ -294,9 +294,9 @@ async def _now(value: str | None) -> str | None:
 
 def _limiter(settings: Settings) -> UpstreamLimiter:
     """In-process limits; a worker's share of them, with pauses shared among the workers."""
-    limiter = LocalLimiter(worker_concurrency(settings))
     if not settings.is_worker:
-        return limiter
+        return LocalLimiter(settings.tenant_concurrency)
+    limiter = LocalLimiter(worker_concurrency(settings), share=settings.workers)
     board = PauseBoard(board_path(settings.worker_dir))
     return WorkerLimiter(limiter, board, settings.workers, time.time)
 

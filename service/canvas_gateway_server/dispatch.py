@@ -119,11 +119,10 @@ class Dispatcher:
         try:
             while True:
                 async with self._limiter.slot(tenant):
-                    paused = self._limiter.paused_until(tenant, broadcast)
-                    if paused:
-                        wait = paused - self._clock()
+                    while start_at := self._limiter.start_at(tenant, broadcast):
+                        wait = start_at - self._clock()
                         if wait > min(policy.max_wait, left() - policy.min_time_left):
-                            return results.rate_limited_locally(batch, progress.attempts, int(paused))
+                            return results.rate_limited_locally(batch, progress.attempts, int(start_at))
                         await self._sleep(max(0.0, wait))
                         metrics.rate_limit_wait(tenant.id, max(0.0, wait))
                     time_left = left()
@@ -137,7 +136,8 @@ class Dispatcher:
                         self._budget.called(tenant.id)
                     progress.attempts += 1
                     started = time.perf_counter()
-                    reply = await self._client.trigger(tenant, batch.body, progress, time_left)
+                    with self._limiter.calling(tenant, broadcast):
+                        reply = await self._client.trigger(tenant, batch.body, progress, time_left)
                     metrics.braze_call(tenant.id, broadcast, reply, time.perf_counter() - started)
                     self._breaker.record(url, reply)
                     progress.sent = False  # the reply settled that call

@@ -35,7 +35,7 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 from typing import Final
 
@@ -166,10 +166,18 @@ class WorkerLimiter:
     def slot(self, tenant: Tenant) -> AbstractAsyncContextManager[None]:
         return self._inner.slot(self._share(tenant))
 
+    def _shared(self, tenant: Tenant, broadcast: bool) -> float:
+        until = self._board.until(tenant.id, broadcast)
+        return until if until > self._clock() else 0.0
+
     def paused_until(self, tenant: Tenant, broadcast: bool) -> float:
-        own = self._inner.paused_until(tenant, broadcast)
-        shared = self._board.until(tenant.id, broadcast)
-        return max(own, shared if shared > self._clock() else 0.0)
+        return max(self._inner.paused_until(tenant, broadcast), self._shared(tenant, broadcast))
+
+    def start_at(self, tenant: Tenant, broadcast: bool) -> float:
+        return self._shared(tenant, broadcast) or self._inner.start_at(tenant, broadcast)
+
+    def calling(self, tenant: Tenant, broadcast: bool) -> AbstractContextManager[None]:
+        return self._inner.calling(tenant, broadcast)
 
     def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
         self._inner.observe(tenant, broadcast, reply)
