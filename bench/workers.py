@@ -1,7 +1,7 @@
 """All cores: SendStream throughput with 1 worker and with one per core, over several connections.
 
 The kernel hands each new connection to one worker (SO_REUSEPORT), so the load is
-`--connections` streams, each on a connection of its own (a channel with a local subchannel
+several streams (8), each on a connection of its own (a channel with a local subchannel
 pool: by default gRPC shares one connection among channels to the same address). For each
 worker count, in one run: recipients/s over all streams, the gateway's CPU per recipient (all
 its processes), and how the connections fell on the workers (the busiest worker's share of
