@@ -11,9 +11,8 @@ covered from start to end (not the first, which it entered part-way, nor the las
   avoidable    429s received after the window's last 201 (whose x-ratelimit-remaining said 0):
                an upper bound on the calls made after the headers said the budget was spent
 
-Run with 1 worker (the target), and with 2 workers over 2 connections: workers share a spent
-budget's pause, but each bounds only its own calls under way, so near a window's end the two
-together may start more calls than are left (counted, not hidden).
+Run with 1 worker, and with 2 workers over 2 connections (the workers share what each budget has
+left and their calls under way).
 """
 
 from __future__ import annotations

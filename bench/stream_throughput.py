@@ -79,5 +79,5 @@ async def measure(smoke: bool) -> list[Figure]:
         Figure(MEASURE, "CPU per recipient gateway / direct", sent.gateway_cpu_us / hand, "x", "<= 1.5"),
         Figure(
             MEASURE, f"throughput gateway / direct, {LATENCY_MS:g} ms a call", slow.rate / slow_direct, "x"
-        ),  # noqa: E501
+        ),
     ]

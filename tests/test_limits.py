@@ -68,26 +68,27 @@ def test_no_call_starts_that_the_calls_under_way_would_leave_without_budget() ->
     now = [NOW]
     limiter = LocalLimiter(8, clock=lambda: now[0])
     reset = 1_750_194_000
-    assert limiter.start_at(TENANT, False) == 0  # nothing known: no holding
+    assert limiter.reserve(TENANT, False) == 0  # nothing known: no holding (and 1 under way)
     limiter.observe(TENANT, False, reply(201, remaining=2, reset=reset))
-    with limiter.calling(TENANT, False):
-        assert limiter.start_at(TENANT, False) == 0  # 1 under way, 2 left: room for one more
-        with limiter.calling(TENANT, False):
-            held = limiter.start_at(TENANT, False)
-            assert NOW < held <= NOW + RECHECK_SECONDS  # ask again soon, not at the reset
-            assert limiter.start_at(TENANT, True) == 0  # the broadcast budget is another
-            assert limiter.paused_until(TENANT, False) == 0  # a hold is not a pause
-    assert limiter.start_at(TENANT, False) == 0
+    limiter.release(TENANT, False)
+    assert limiter.reserve(TENANT, False) == 0  # 2 left: room for two
+    assert limiter.reserve(TENANT, False) == 0
+    held = limiter.reserve(TENANT, False)
+    assert NOW < held <= NOW + RECHECK_SECONDS  # ask again soon, not at the reset
+    assert limiter.reserve(TENANT, True) == 0  # the broadcast budget is another
+    assert limiter.paused_until(TENANT, False) == 0  # a hold is not a pause
+    limiter.release(TENANT, False)
+    assert limiter.reserve(TENANT, False) == 0  # a call ended: room again
     limiter.observe(TENANT, False, reply(201, remaining=5, reset=reset))  # older news: ignored
-    with limiter.calling(TENANT, False), limiter.calling(TENANT, False):
-        assert limiter.start_at(TENANT, False) > 0
+    assert limiter.reserve(TENANT, False) > 0
     limiter.observe(TENANT, False, reply(201, remaining=0, reset=reset))
-    assert limiter.start_at(TENANT, False) == reset  # spent: wait for the reset
+    assert limiter.reserve(TENANT, False) == reset  # spent: wait for the reset
+    for _ in range(3):
+        limiter.release(TENANT, False)
     now[0] = reset + 0.5  # a new window: not known until a reply says
-    assert limiter.start_at(TENANT, False) == 0
+    assert limiter.reserve(TENANT, False) == 0
     limiter.observe(TENANT, False, reply(201, remaining=1, reset=reset + 3600))
-    with limiter.calling(TENANT, False):
-        assert limiter.start_at(TENANT, False) > 0
+    assert limiter.reserve(TENANT, False) > 0  # the one under way takes what is left
 
 
 @pytest.mark.parametrize(
@@ -113,12 +114,3 @@ async def test_eight_calls_in_flight_spend_a_budget_to_the_last_call_without_a_4
     assert outcomes.count((pb.OUTCOME_REJECTED, 0)) == 10  # answered here: nothing was sent
     positions = sorted(p for result in reply.results for p in result.positions)
     assert positions == list(range(len(users)))
-
-
-def test_a_worker_keeps_its_calls_under_way_to_its_share_of_what_is_left() -> None:
-    limiter = LocalLimiter(8, clock=lambda: NOW, share=2)  # one of 2 workers
-    limiter.observe(TENANT, False, reply(201, remaining=4, reset=1_750_194_000))
-    with limiter.calling(TENANT, False):
-        assert limiter.start_at(TENANT, False) == 0  # 1 of its 2
-        with limiter.calling(TENANT, False):
-            assert limiter.start_at(TENANT, False) > 0  # the other worker may take the other 2

@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -24,13 +23,8 @@ from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.limits import LocalLimiter
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import Tenant
-from canvas_gateway_server.workers import (
-    PauseBoard,
-    WorkerLimiter,
-    merge_expositions,
-    worker_concurrency,
-    worker_count,
-)
+from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
+from canvas_gateway_server.workers import SharedBudgets, merge_expositions, worker_count
 from conftest import FAKE_URLS, KEYS, TOKENS, free_port, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
@@ -165,16 +159,25 @@ def test_worker_count_is_the_setting_or_the_cores_and_one_for_the_demo() -> None
     assert worker_count(Settings.from_env({}, demo=True, workers=4)) == 1
 
 
-def test_pause_board_is_shared_through_its_file_and_keys_do_not_mix(tmp_path: Path) -> None:
-    path = str(tmp_path / "pauses")
-    PauseBoard.create(path)
-    one, other = PauseBoard(path), PauseBoard(path)
-    one.pause("acme", False, 2_000_000_000.4)
-    assert other.until("acme", False) == 2_000_000_001
-    assert other.until("acme", True) == 0.0
-    assert other.until("globex", False) == 0.0
-    other.pause("acme", False, 1_000_000_000)  # an earlier end never shortens a pause
-    assert one.until("acme", False) == 2_000_000_001
+def test_budgets_are_shared_through_their_file_and_keys_do_not_mix(tmp_path: Path) -> None:
+    path = str(tmp_path / "budgets")
+    SharedBudgets.create(path)
+    now = 2_000_000_000.0
+    stores = [SharedBudgets(path), SharedBudgets(path)]
+    one, other = (LocalLimiter(8, clock=lambda: now, budgets=store, workers=2) for store in stores)
+    acme, globex = Tenant("acme", "http://127.0.0.1:1", "k"), Tenant("globex", "http://127.0.0.1:1", "k")
+    reset = int(now) + 60
+    assert one.reserve(acme, False) == 0
+    one.observe(acme, False, Reply(Delivery.RESPONDED, 201, rate=RateLimit(remaining=2, reset=reset)))
+    assert other.reserve(acme, False) == 0  # 1 under way in one, 2 left: room for one more
+    assert one.reserve(acme, False) > 0  # none: whichever worker asks
+    assert other.reserve(globex, False) == 0  # another tenant's budget
+    assert other.reserve(acme, True) == 0  # and acme's broadcast budget
+    other.observe(acme, False, Reply(Delivery.RESPONDED, 429, rate=RateLimit(remaining=0, reset=reset)))
+    assert one.paused_until(acme, False) == reset  # learned by one, known to all
+    assert one.reserve(acme, False) == reset
+    for store in stores:
+        store.close()
 
 
 def test_merged_exposition_labels_every_sample_with_its_worker() -> None:
@@ -193,10 +196,8 @@ def test_merged_exposition_labels_every_sample_with_its_worker() -> None:
     assert {s.labels["worker"] for s in families["lag_seconds"].samples} == {"0", "1"}
 
 
-async def test_each_worker_runs_its_share_of_a_tenants_concurrency(tmp_path: Path) -> None:
-    path = str(tmp_path / "pauses")
-    PauseBoard.create(path)
-    limiter = WorkerLimiter(LocalLimiter(default_concurrency=3), PauseBoard(path), workers=2, clock=time.time)
+async def test_each_worker_runs_its_share_of_a_tenants_concurrency() -> None:
+    limiter = LocalLimiter(default_concurrency=3, workers=2)
     tenant = Tenant("acme", "http://127.0.0.1:1", "key", max_concurrent_batches=5)
 
     async def hold(slot: AbstractAsyncContextManager[None], held: asyncio.Event) -> None:
@@ -204,20 +205,19 @@ async def test_each_worker_runs_its_share_of_a_tenants_concurrency(tmp_path: Pat
             held.set()
             await asyncio.sleep(3600)
 
-    events = [asyncio.Event() for _ in range(3)]
-    tasks = [asyncio.create_task(hold(limiter.slot(tenant), event)) for event in events]
-    await asyncio.sleep(0.05)
-    try:
-        assert [event.is_set() for event in events] == [True, True, False]  # 5 // 2 workers = 2
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    assert worker_concurrency(Settings.from_env({}, tenants_file="t", tenant_concurrency=32)) == 32
-    worker = Settings.from_env(
-        {}, tenants_file="t", tenant_concurrency=5, workers=2, worker_index=1, worker_dir="d"
-    )
-    assert worker_concurrency(worker) == 2
+    for who, expected in (
+        (tenant, [True, True, False]),
+        (Tenant("b", "http://127.0.0.1:1", "k"), [True, False, False]),
+    ):
+        events = [asyncio.Event() for _ in range(3)]
+        tasks = [asyncio.create_task(hold(limiter.slot(who), event)) for event in events]
+        await asyncio.sleep(0.05)
+        try:
+            assert [event.is_set() for event in events] == expected  # 5 // 2 = 2; 3 // 2 = 1
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def children(pid: int) -> list[int]:

@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
-from .limits import LocalLimiter, UpstreamLimiter
+from .limits import LocalLimiter
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
 from .sending import Sender, SendLimits
@@ -46,7 +45,7 @@ from .servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .settings import Settings
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 from .upstream import BrazeClient, open_session
-from .workers import PauseBoard, WorkerLimiter, admin_socket, board_path, worker_concurrency
+from .workers import SharedBudgets, admin_socket, budgets_path
 
 if TYPE_CHECKING:
     from fake_braze import FakeBraze
@@ -292,13 +291,12 @@ async def _now(value: str | None) -> str | None:
     return value
 
 
-def _limiter(settings: Settings) -> UpstreamLimiter:
-    """In-process limits; a worker's share of them, with pauses shared among the workers."""
+def _limiter(settings: Settings) -> LocalLimiter:
+    """In-process limits; with workers, a worker's share of them over budgets the workers share."""
     if not settings.is_worker:
         return LocalLimiter(settings.tenant_concurrency)
-    limiter = LocalLimiter(worker_concurrency(settings), share=settings.workers)
-    board = PauseBoard(board_path(settings.worker_dir))
-    return WorkerLimiter(limiter, board, settings.workers, time.time)
+    budgets = SharedBudgets(budgets_path(settings.worker_dir))
+    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=settings.workers)
 
 
 async def _listen_admin(admin: AdminServer, settings: Settings) -> int:

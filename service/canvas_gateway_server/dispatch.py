@@ -119,29 +119,31 @@ class Dispatcher:
         try:
             while True:
                 async with self._limiter.slot(tenant):
-                    while start_at := self._limiter.start_at(tenant, broadcast):
+                    while start_at := self._limiter.reserve(tenant, broadcast):
                         wait = start_at - self._clock()
                         if wait > min(policy.max_wait, left() - policy.min_time_left):
                             return results.rate_limited_locally(batch, progress.attempts, int(start_at))
                         await self._sleep(max(0.0, wait))
                         metrics.rate_limit_wait(tenant.id, max(0.0, wait))
-                    time_left = left()
-                    if time_left < policy.min_time_left:
-                        return results.deadline_cut(batch, progress.attempts)
-                    url = tenant.braze_rest_url
-                    blocked = self._breaker.blocked_until(url)
-                    if blocked:
-                        return results.circuit_open(batch, progress.attempts, host_of(url), blocked)
-                    if progress.attempts == 0:
-                        self._budget.called(tenant.id)
-                    progress.attempts += 1
-                    started = time.perf_counter()
-                    with self._limiter.calling(tenant, broadcast):
+                    try:  # reserved: counted against what the budget has left until released
+                        time_left = left()
+                        if time_left < policy.min_time_left:
+                            return results.deadline_cut(batch, progress.attempts)
+                        url = tenant.braze_rest_url
+                        blocked = self._breaker.blocked_until(url)
+                        if blocked:
+                            return results.circuit_open(batch, progress.attempts, host_of(url), blocked)
+                        if progress.attempts == 0:
+                            self._budget.called(tenant.id)
+                        progress.attempts += 1
+                        started = time.perf_counter()
                         reply = await self._client.trigger(tenant, batch.body, progress, time_left)
+                        self._limiter.observe(tenant, broadcast, reply)  # before the release
+                    finally:
+                        self._limiter.release(tenant, broadcast)
                     metrics.braze_call(tenant.id, broadcast, reply, time.perf_counter() - started)
                     self._breaker.record(url, reply)
                     progress.sent = False  # the reply settled that call
-                    self._limiter.observe(tenant, broadcast, reply)
                     metrics.paused(tenant.id, broadcast, self._limiter.paused_until(tenant, broadcast))
                 delay = retry_delay(policy, reply, progress.attempts, self._clock(), self._jitter())
                 if delay is None or delay > left() - policy.min_time_left:

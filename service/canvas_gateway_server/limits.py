@@ -8,16 +8,18 @@ tracked apart.
 It also never starts more calls than the budget has left: it keeps the lowest
 x-ratelimit-remaining of the current window (the same reset) and the calls under way, and a
 call that would find the budget spent by those under way waits for one of them to answer
-(docs/braze/CONTRACT.md, section 8: the gateway's own rate-limit decisions).
+(docs/braze/CONTRACT.md, section 8, point 30). What is known of each budget (`Budget`) lives
+in a `BudgetStore`: this process's, or one shared by a host's workers (`workers`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
-from typing import Protocol
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from .tenants import Tenant
 from .upstream import Delivery, Reply
@@ -39,13 +41,14 @@ class UpstreamLimiter(Protocol):
         """Epoch seconds before which the tenant's budget is spent; 0 when not paused."""
         ...
 
-    def start_at(self, tenant: Tenant, broadcast: bool) -> float:
-        """When a call may start: 0 now; else epoch seconds at which to ask again (the pause's
-        end, or shortly, while the calls under way would spend what the budget has left)."""
+    def reserve(self, tenant: Tenant, broadcast: bool) -> float:
+        """0 when a call may start, and it is then counted as under way until `release`; else
+        epoch seconds at which to ask again (the pause's end, or shortly, while the calls under
+        way would spend what the budget has left)."""
         ...
 
-    def calling(self, tenant: Tenant, broadcast: bool) -> AbstractContextManager[None]:
-        """Held around one call to Braze: counts it against what the budget has left."""
+    def release(self, tenant: Tenant, broadcast: bool) -> None:
+        """A reserved call has ended (answered or not)."""
         ...
 
     def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
@@ -53,76 +56,109 @@ class UpstreamLimiter(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class Budget:
+    """What is known of one (tenant, budget): a pause, the current window, the calls under way."""
+
+    paused_until: float = 0.0
+    reset: int = 0
+    """x-ratelimit-reset of the current window; 0: unknown"""
+    left: int = 0
+    """the lowest x-ratelimit-remaining seen with that reset"""
+    under_way: int = 0
+
+    def reserve(self, now: float) -> float:
+        if self.paused_until > now:
+            return self.paused_until
+        if self.reset and self.reset <= now:  # a new window: unknown until a reply says
+            self.reset = self.left = 0
+        if self.reset and self.under_way >= self.left:
+            return min(float(self.reset), now + RECHECK_SECONDS)
+        self.under_way += 1
+        return 0.0
+
+    def release(self) -> None:
+        self.under_way = max(0, self.under_way - 1)
+
+    def observe(self, reply: Reply, now: float) -> None:
+        rate = reply.rate
+        if rate.remaining is not None and rate.reset is not None:
+            if rate.reset > self.reset:  # a later window: start counting it
+                self.reset, self.left = rate.reset, rate.remaining
+            elif rate.reset == self.reset:  # within a window it only shrinks
+                self.left = min(self.left, rate.remaining)
+        spent = reply.status == 429 or rate.remaining == 0
+        if spent and rate.reset is not None and rate.reset > now:
+            # Braze's windows are a clock hour at most: a later reset is a bad header, not a plan.
+            # A pause is never lifted early: within a window the budget only shrinks, so a reply
+            # showing budget left was sent before the one that spent it. It ends at its reset.
+            self.paused_until = max(self.paused_until, min(float(rate.reset), now + MAX_PAUSE_SECONDS))
+
+
+T = TypeVar("T")
+
+
+class BudgetStore(Protocol):
+    """Where the `Budget`s live: this process, or shared by the workers of a host."""
+
+    def update(self, key: tuple[str, bool], change: Callable[[Budget], T]) -> T:
+        """Apply `change` to the key's Budget as one step no other process interleaves with,
+        keep the Budget it leaves, and return what `change` returned."""
+        ...
+
+
+class LocalBudgets:
+    """The in-process store."""
+
+    def __init__(self) -> None:
+        self._budgets: dict[tuple[str, bool], Budget] = {}
+
+    def update(self, key: tuple[str, bool], change: Callable[[Budget], T]) -> T:
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = Budget()
+        return change(budget)
+
+
 class LocalLimiter:
-    """In-process limiter: one semaphore per tenant and a pause per (tenant, budget)."""
+    """A semaphore per tenant for its concurrent calls, and its Braze budgets in a `BudgetStore`.
+
+    With `workers` above 1 (several processes spending the same budgets, through a shared
+    store) each process allows its share of a tenant's concurrency, at least one."""
 
     def __init__(
-        self, default_concurrency: int, clock: Callable[[], float] = time.time, share: int = 1
+        self,
+        default_concurrency: int,
+        clock: Callable[[], float] = time.time,
+        budgets: BudgetStore | None = None,
+        workers: int = 1,
     ) -> None:
-        """`share`: how many processes spend the same budgets (workers); each keeps its calls under
-        way to its part of what the last headers said is left."""
         self._default = default_concurrency
         self._clock = clock
-        self._share = share
+        self._budgets = budgets or LocalBudgets()
+        self._workers = workers
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
-        self._pauses: dict[tuple[str, bool], float] = {}
-        self._left: dict[tuple[str, bool], tuple[int, int]] = {}
-        """(reset, lowest x-ratelimit-remaining seen with that reset) per budget"""
-        self._under_way: dict[tuple[str, bool], int] = {}
 
     def slot(self, tenant: Tenant) -> AbstractAsyncContextManager[None]:
-        size = tenant.max_concurrent_batches or self._default
+        size = max(1, (tenant.max_concurrent_batches or self._default) // self._workers)
         # Keyed by size too: after a reload changes it, new calls use the new bound.
         semaphore = self._slots.setdefault((tenant.id, size), asyncio.Semaphore(size))
         return semaphore
 
     def paused_until(self, tenant: Tenant, broadcast: bool) -> float:
-        until = self._pauses.get((tenant.id, broadcast), 0.0)
-        return until if until > self._clock() else 0.0
-
-    def start_at(self, tenant: Tenant, broadcast: bool) -> float:
-        paused = self.paused_until(tenant, broadcast)
-        if paused:
-            return paused
-        key = (tenant.id, broadcast)
-        window = self._left.get(key)
-        if window is None:
-            return 0.0
-        reset, left = window
         now = self._clock()
-        if reset <= now:  # a new window: what is left is not known until a reply says
-            del self._left[key]
-            return 0.0
-        if self._under_way.get(key, 0) * self._share >= left:
-            return min(float(reset), now + RECHECK_SECONDS)
-        return 0.0
+        until = self._budgets.update((tenant.id, broadcast), lambda budget: budget.paused_until)
+        return until if until > now else 0.0
 
-    @contextmanager
-    def calling(self, tenant: Tenant, broadcast: bool) -> Iterator[None]:
-        key = (tenant.id, broadcast)
-        self._under_way[key] = self._under_way.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            self._under_way[key] -= 1
+    def reserve(self, tenant: Tenant, broadcast: bool) -> float:
+        now = self._clock()
+        return self._budgets.update((tenant.id, broadcast), lambda budget: budget.reserve(now))
+
+    def release(self, tenant: Tenant, broadcast: bool) -> None:
+        self._budgets.update((tenant.id, broadcast), Budget.release)
 
     def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
         if reply.delivery is not Delivery.RESPONDED:
             return
-        rate = reply.rate
-        if rate.remaining is not None and rate.reset is not None:
-            key = (tenant.id, broadcast)
-            reset, left = self._left.get(key, (0, 0))
-            if rate.reset > reset:  # a later window: start counting it
-                self._left[key] = (rate.reset, rate.remaining)
-            elif rate.reset == reset and rate.remaining < left:  # within a window it only shrinks
-                self._left[key] = (reset, rate.remaining)
         now = self._clock()
-        spent = reply.status == 429 or reply.rate.remaining == 0
-        if spent and reply.rate.reset is not None and reply.rate.reset > now:
-            # Braze's windows are a clock hour at most: a later reset is a bad header, not a plan.
-            key = (tenant.id, broadcast)
-            until = min(float(reply.rate.reset), now + MAX_PAUSE_SECONDS)
-            self._pauses[key] = max(until, self._pauses.get(key, 0.0))
-        # A pause is never lifted early: within a window the budget only shrinks, so a reply
-        # showing budget left was sent before the one that spent it. It ends at its reset.
+        self._budgets.update((tenant.id, broadcast), lambda budget: budget.observe(reply, now))

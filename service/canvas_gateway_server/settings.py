@@ -103,7 +103,7 @@ class Settings:
     worker_index: int = -1
     """Set by the supervisor for each worker it starts (-1: not a worker). Not for operators."""
     worker_dir: str = ""
-    """Set by the supervisor: its private folder (admin sockets, shared pauses). Not for operators."""
+    """Set by the supervisor: its private folder (admin sockets, shared budgets). Not for operators."""
     log_level: str = "INFO"
     """Python logging level."""
     log_format: str = "text"

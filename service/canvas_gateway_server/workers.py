@@ -14,9 +14,9 @@ as a fresh `python -m canvas_gateway_server`, never forked: gRPC cannot survive 
   reloads every worker's tenants; when a worker dies unbidden, the others are drained and the
   supervisor exits 1, so that the orchestrator restarts the whole set;
 - per-tenant limits stay right: concurrency is divided (each worker allows its share, at
-  least one), and a pause learned from Braze's headers (budget spent until the reset) is
-  shared through `PauseBoard`, a small file every worker maps, so one worker's 429 or
-  `x-ratelimit-remaining: 0` stops all of them before they call.
+  least one), and what is known of each Braze budget (a pause until the reset, what the last
+  headers said is left, the calls under way) is shared through `SharedBudgets`, a small file
+  every worker maps, so the workers together never start more calls than a budget has left.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
+import fcntl
 import hashlib
 import logging
 import math
@@ -35,9 +35,8 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import aiohttp
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -45,10 +44,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from .admin import AdminServer
-from .limits import UpstreamLimiter
+from .limits import Budget
 from .settings import ENV_PREFIX, Settings
-from .tenants import Tenant
-from .upstream import Reply
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +54,8 @@ STOP_SECONDS: Final = 60.0
 than a worker's own drain (shutdown delay + grace + abandon)."""
 _PR_SET_PDEATHSIG: Final = 1
 _SLOTS: Final = 4096
-_SLOT: Final = struct.Struct("<Q")
+_RECORD: Final = struct.Struct("<Qdqqq")
+T = TypeVar("T")
 
 
 def cores() -> int:
@@ -83,114 +81,58 @@ def admin_socket(folder: str, index: int) -> str:
     return os.path.join(folder, f"admin-{index}.sock")
 
 
-def board_path(folder: str) -> str:
-    return os.path.join(folder, "pauses")
+def budgets_path(folder: str) -> str:
+    return os.path.join(folder, "budgets")
 
 
-# --- shared pauses --------------------------------------------------------------------------
+# --- shared budgets -------------------------------------------------------------------------
 
 
-class PauseBoard:
-    """Pauses shared by the workers of one host: until when a (tenant, budget) must not call.
+class SharedBudgets:
+    """The `Budget`s of a host's workers, in a file each of them maps (a `BudgetStore`).
 
-    A file of 4,096 slots that every worker maps. A slot is one aligned 64-bit word holding the
-    pause's end (epoch seconds, high 32 bits) and a hash of its key (low 32 bits), so a reader
-    never sees half of a write. Two keys that share a slot overwrite each other: a pause can
-    be lost (that worker learns it from its own next reply), never invented for another key.
+    4,096 slots of (key hash, pause, reset, left, calls under way); every update is one
+    read-modify-write under an exclusive `flock` on the file, a few microseconds, so the workers
+    together never start more calls than a budget has left. Two keys that hash to one slot take
+    it from each other: the one that loses it knows nothing of its budget until its next reply
+    (it behaves as at start-up), and nothing is ever invented for the other.
     """
 
     def __init__(self, path: str) -> None:
-        with open(path, "r+b") as file:
-            self._map = mmap.mmap(file.fileno(), _SLOTS * _SLOT.size)
+        self._file = open(path, "r+b")  # noqa: SIM115 - held for the life of the worker
+        self._map = mmap.mmap(self._file.fileno(), _SLOTS * _RECORD.size)
         self._slots: dict[tuple[str, bool], tuple[int, int]] = {}
 
     @staticmethod
     def create(path: str) -> None:
         with open(path, "wb") as file:
-            file.truncate(_SLOTS * _SLOT.size)
+            file.truncate(_SLOTS * _RECORD.size)
 
-    def _slot(self, tenant: str, broadcast: bool) -> tuple[int, int]:
-        found = self._slots.get((tenant, broadcast))
+    def _slot(self, key: tuple[str, bool]) -> tuple[int, int]:
+        found = self._slots.get(key)
         if found is None:
-            digest = hashlib.blake2b(f"{tenant}\0{broadcast}".encode(), digest_size=8).digest()
-            number = int.from_bytes(digest, "little")
-            found = self._slots[(tenant, broadcast)] = (
-                (number >> 32) % _SLOTS * _SLOT.size,
-                number & 0xFFFFFFFF,
-            )
+            digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
+            tag = int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
+            found = self._slots[key] = (tag % _SLOTS * _RECORD.size, tag)
         return found
 
-    def until(self, tenant: str, broadcast: bool) -> float:
-        offset, tag = self._slot(tenant, broadcast)
-        (word,) = _SLOT.unpack_from(self._map, offset)
-        return float(word >> 32) if word & 0xFFFFFFFF == tag else 0.0
-
-    def pause(self, tenant: str, broadcast: bool, until: float) -> None:
-        offset, tag = self._slot(tenant, broadcast)
-        seconds = min(math.ceil(until), 0xFFFFFFFF)
-        if self.until(tenant, broadcast) < seconds:
-            _SLOT.pack_into(self._map, offset, seconds << 32 | tag)
+    def update(self, key: tuple[str, bool], change: Callable[[Budget], T]) -> T:
+        offset, tag = self._slot(key)
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        try:
+            found, paused, reset, left, under_way = _RECORD.unpack_from(self._map, offset)
+            budget = Budget(paused, reset, left, under_way) if found == tag else Budget()
+            result = change(budget)
+            _RECORD.pack_into(
+                self._map, offset, tag, budget.paused_until, budget.reset, budget.left, budget.under_way
+            )
+            return result
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._map.close()
-
-
-class WorkerLimiter:
-    """One worker's limiter: its own in-process limiter, over its share of each tenant's
-    concurrency, plus the pauses every worker shares.
-
-    The in-process limiter is built with the worker's share of CGW_TENANT_CONCURRENCY; a
-    tenant's own `max_concurrent_batches` is divided here, so that the workers together never
-    run more of a tenant's calls at once than it allows (each runs at least one)."""
-
-    def __init__(
-        self, inner: UpstreamLimiter, board: PauseBoard, workers: int, clock: Callable[[], float]
-    ) -> None:
-        self._inner = inner
-        self._board = board
-        self._workers = workers
-        self._clock = clock
-        self._shares: dict[Tenant, Tenant] = {}
-
-    def _share(self, tenant: Tenant) -> Tenant:
-        if tenant.max_concurrent_batches is None:
-            return tenant
-        share = self._shares.get(tenant)
-        if share is None:
-            if len(self._shares) > 4096:  # reloads that changed every tenant: start over
-                self._shares.clear()
-            divided = max(1, tenant.max_concurrent_batches // self._workers)
-            share = self._shares[tenant] = dataclasses.replace(tenant, max_concurrent_batches=divided)
-        return share
-
-    def slot(self, tenant: Tenant) -> AbstractAsyncContextManager[None]:
-        return self._inner.slot(self._share(tenant))
-
-    def _shared(self, tenant: Tenant, broadcast: bool) -> float:
-        until = self._board.until(tenant.id, broadcast)
-        return until if until > self._clock() else 0.0
-
-    def paused_until(self, tenant: Tenant, broadcast: bool) -> float:
-        return max(self._inner.paused_until(tenant, broadcast), self._shared(tenant, broadcast))
-
-    def start_at(self, tenant: Tenant, broadcast: bool) -> float:
-        return self._shared(tenant, broadcast) or self._inner.start_at(tenant, broadcast)
-
-    def calling(self, tenant: Tenant, broadcast: bool) -> AbstractContextManager[None]:
-        return self._inner.calling(tenant, broadcast)
-
-    def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
-        self._inner.observe(tenant, broadcast, reply)
-        until = self._inner.paused_until(tenant, broadcast)
-        if until:
-            self._board.pause(tenant.id, broadcast, until)
-
-
-def worker_concurrency(settings: Settings) -> int:
-    """A worker's share of CGW_TENANT_CONCURRENCY (all of it outside a set of workers)."""
-    if not settings.is_worker:
-        return settings.tenant_concurrency
-    return max(1, settings.tenant_concurrency // max(1, settings.workers))
+        self._file.close()
 
 
 # --- the supervisor -------------------------------------------------------------------------
@@ -327,7 +269,7 @@ async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
     """Run `worker_count(settings)` workers until SIGTERM or SIGINT; the exit status."""
     count = worker_count(settings)
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
-        PauseBoard.create(board_path(folder))
+        SharedBudgets.create(budgets_path(folder))
         workers = _Workers(count, folder, environ)
         admin = WorkerAdmin(workers).server
         stop = asyncio.Event()
