@@ -114,3 +114,33 @@ async def test_eight_calls_in_flight_spend_a_budget_to_the_last_call_without_a_4
     assert outcomes.count((pb.OUTCOME_REJECTED, 0)) == 10  # answered here: nothing was sent
     positions = sorted(p for result in reply.results for p in result.positions)
     assert positions == list(range(len(users)))
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "settings_overrides"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=30,
+                hourly_window_seconds=1,
+                latency_seconds=0.01,  # 8 calls are under way when the budget runs low
+            ),
+            {"request_concurrency": 8, "max_retry_wait_seconds": 5},
+        )
+    ],
+)
+async def test_held_calls_wait_and_a_job_larger_than_a_window_is_sent_without_a_429(harness: Harness) -> None:
+    """A call held for the calls under way, or paused at 0, waits for a reply or the reset and is
+    then sent: 70 calls over windows of 30 all end SENT, each recipient once, and no call is 429'd."""
+    users = [pb.Recipient(external_user_id=f"u{i}") for i in range(50 * 70)]
+    reply = await harness.stub.Send(
+        pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users)),
+        metadata=harness.auth(),
+        timeout=15,
+    )
+    statuses = [call.status for call in harness.fake.calls]
+    assert statuses == [201] * 70, statuses
+    assert all(result.outcome == pb.OUTCOME_SENT for result in reply.results)
+    positions = sorted(p for result in reply.results for p in result.positions)
+    assert positions == list(range(len(users)))

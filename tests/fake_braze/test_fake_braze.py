@@ -935,13 +935,15 @@ def test_cli_builds_config_from_flags() -> None:
     from fake_braze.__main__ import build_parser
 
     flags = "--api-key a --api-key b --paused-canvas p --archived-canvas x --hourly-limit 9"
-    rates = "--latency-ms 20 --error-rate 503=0.1 --error-rate 500=0.2 --reset-rate 0.05 --seed 3"
-    args = build_parser().parse_args([*flags.split(), *rates.split()])
+    rates = "--hourly-window-seconds 5 --latency-ms 20 --error-rate 503=0.1 --error-rate 500=0.2"
+    args = build_parser().parse_args([*flags.split(), *rates.split(), "--reset-rate", "0.05", "--seed", "3"])
     config = config_from_args(args)
     assert config.api_keys == {"a", "b"}
     assert config.paused_canvases == {"p"}
     assert config.archived_canvases == {"x"}
-    assert (config.hourly_limit, config.latency_seconds, config.seed) == (9, 0.02, 3)
+    assert (config.hourly_limit, config.hourly_window_seconds) == (9, 5)
+    assert (config.latency_seconds, config.seed) == (0.02, 3)
+    assert build_parser().parse_args(["--api-key", "a"]).hourly_window_seconds == 3600  # the clock hour
     assert (dict(config.error_rates), config.reset_rate) == ({503: 0.1, 500: 0.2}, 0.05)
     assert config.canvases is None  # any canvas id is an API-triggered one
     known = "--api-key a --key-without-permission n --canvas c1 --canvas c2 --other-canvas s"
