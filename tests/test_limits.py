@@ -4,6 +4,7 @@ clock, and through a real gateway and fake Braze."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -14,6 +15,7 @@ from conftest import EXAMPLES, KEYS, Harness
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 
+START = time.time()
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
 
@@ -95,7 +97,8 @@ def test_no_call_starts_that_the_calls_under_way_would_leave_without_budget() ->
     ("fake_config", "settings_overrides"),
     [
         (
-            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30),
+            # The fake's clock stands still: the budget's window cannot turn during the test.
+            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30, clock=lambda: START),
             {"request_concurrency": 8, "max_retry_wait_seconds": 0},
         )
     ],
@@ -112,6 +115,8 @@ async def test_eight_calls_in_flight_spend_a_budget_to_the_last_call_without_a_4
     outcomes = [(result.outcome, result.braze.http_status) for result in reply.results]
     assert outcomes.count((pb.OUTCOME_SENT, 201)) == 30
     assert outcomes.count((pb.OUTCOME_REJECTED, 0)) == 10  # answered here: nothing was sent
+    resets = {r.rate_limit_reset.seconds for r in reply.results if r.outcome == pb.OUTCOME_REJECTED}
+    assert resets == {(int(START) // 3600 + 1) * 3600}  # the window's reset, not a re-check time
     positions = sorted(p for result in reply.results for p in result.positions)
     assert positions == list(range(len(users)))
 

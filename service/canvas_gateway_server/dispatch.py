@@ -121,8 +121,13 @@ class Dispatcher:
                 async with self._limiter.slot(tenant):
                     while start_at := self._limiter.reserve(tenant, broadcast):
                         wait = start_at - self._clock()
-                        if wait > min(policy.max_wait, left() - policy.min_time_left):
-                            return results.rate_limited_locally(batch, progress.attempts, int(start_at))
+                        paused = self._limiter.paused_until(tenant, broadcast)
+                        # A spent budget waits at most max_wait for its reset; a call held while
+                        # others are under way waits for them, within the deadline only.
+                        allowed = left() - policy.min_time_left
+                        if wait > (min(policy.max_wait, allowed) if paused else allowed):
+                            reset = int(paused or start_at)
+                            return results.rate_limited_locally(batch, progress.attempts, reset)
                         await self._sleep(max(0.0, wait))
                         metrics.rate_limit_wait(tenant.id, max(0.0, wait))
                     try:  # reserved: counted against what the budget has left until released
