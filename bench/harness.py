@@ -308,7 +308,6 @@ class StreamRun:
     gateway_cpu_us: float
     """gateway CPU (all its processes) per recipient"""
     sent: int
-    peak_rss_mib: float = 0.0
 
 
 async def stream(

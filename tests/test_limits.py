@@ -8,7 +8,15 @@ import time
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.limits import MAX_PAUSE_SECONDS, RECHECK_SECONDS, LocalLimiter
+from canvas_gateway_server.limits import (
+    MAX_PAUSE_SECONDS,
+    RECHECK_SECONDS,
+    BudgetStore,
+    Hold,
+    LocalLimiter,
+    TableBudgets,
+    Ticket,
+)
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
 from conftest import EXAMPLES, KEYS, Harness
@@ -18,6 +26,12 @@ from multidict import CIMultiDict
 START = time.time()
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
+
+
+@pytest.fixture(params=["local"])
+def budgets(request: pytest.FixtureRequest) -> BudgetStore:
+    """Every store keeps budgets by the same rules."""
+    return TableBudgets()
 
 
 def reply(status: int, **rate: int | None) -> Reply:
@@ -46,51 +60,68 @@ def test_a_reset_that_is_not_epoch_seconds_near_now_is_unknown() -> None:
     assert parse_rate_limit({"x-ratelimit-reset": "1750194000"}, NOW).reset == 1_750_194_000
 
 
-def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early() -> None:
+KEY = (TENANT.id, False)
+
+
+async def held(limiter: LocalLimiter, broadcast: bool = False) -> Hold:
+    hold = await limiter.reserve(TENANT, broadcast)
+    assert isinstance(hold, Hold), hold
+    return hold
+
+
+async def start(limiter: LocalLimiter, broadcast: bool = False) -> Ticket:
+    ticket = await limiter.reserve(TENANT, broadcast)
+    assert isinstance(ticket, Ticket), ticket
+    return ticket
+
+
+async def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early(budgets: BudgetStore) -> None:
     now = [NOW]
-    limiter = LocalLimiter(4, clock=lambda: now[0])
-    limiter.observe(TENANT, False, reply(201, remaining=0, reset=1_750_194_000))
-    assert limiter.paused_until(TENANT, False) == 1_750_194_000
-    assert limiter.paused_until(TENANT, True) == 0  # broadcasts have their own budget
-    limiter.observe(TENANT, False, reply(503))  # no headers: says nothing about the budget
-    limiter.observe(TENANT, False, reply(201, remaining=3, reset=1_750_194_000))  # a stale reply
-    limiter.observe(TENANT, False, reply(429, remaining=5))
-    assert limiter.paused_until(TENANT, False) == 1_750_194_000
+    limiter = LocalLimiter(4, clock=lambda: now[0], budgets=budgets)
+    paused = await limiter.settle(await start(limiter), reply(201, remaining=0, reset=1_750_194_000))
+    assert paused == 1_750_194_000
+    assert await held(limiter) == Hold(1_750_194_000, spent=True)
+    await limiter.settle(await start(limiter, broadcast=True), None)  # broadcasts have their own budget
+    assert await limiter.settle(Ticket(KEY), reply(503)) == 1_750_194_000  # no headers: says nothing
+    stale = reply(201, remaining=3, reset=1_750_194_000)
+    assert await limiter.settle(Ticket(KEY), stale) == 1_750_194_000  # a stale reply lifts nothing
+    assert await limiter.settle(Ticket(KEY), reply(429, remaining=5)) == 1_750_194_000
     now[0] = 1_750_194_000.5  # the window has reset
-    assert limiter.paused_until(TENANT, False) == 0
+    await limiter.settle(await start(limiter), None)
 
 
-def test_a_pause_never_outlasts_an_hour() -> None:
-    limiter = LocalLimiter(4, clock=lambda: NOW)
-    limiter.observe(TENANT, False, reply(429, reset=9_999_999_999))
-    assert limiter.paused_until(TENANT, False) == NOW + MAX_PAUSE_SECONDS
+async def test_a_pause_never_outlasts_an_hour(budgets: BudgetStore) -> None:
+    limiter = LocalLimiter(4, clock=lambda: NOW, budgets=budgets)
+    assert (
+        await limiter.settle(await start(limiter), reply(429, reset=9_999_999_999)) == NOW + MAX_PAUSE_SECONDS
+    )
+    assert (await held(limiter)).until == NOW + MAX_PAUSE_SECONDS
 
 
-def test_no_call_starts_that_the_calls_under_way_would_leave_without_budget() -> None:
+async def test_no_call_starts_that_the_calls_under_way_would_leave_without_budget(
+    budgets: BudgetStore,
+) -> None:
     now = [NOW]
-    limiter = LocalLimiter(8, clock=lambda: now[0])
+    limiter = LocalLimiter(8, clock=lambda: now[0], budgets=budgets)
     reset = 1_750_194_000
-    assert limiter.reserve(TENANT, False) == 0  # nothing known: no holding (and 1 under way)
-    limiter.observe(TENANT, False, reply(201, remaining=2, reset=reset))
-    limiter.release(TENANT, False)
-    assert limiter.reserve(TENANT, False) == 0  # 2 left: room for two
-    assert limiter.reserve(TENANT, False) == 0
-    held = limiter.reserve(TENANT, False)
-    assert NOW < held <= NOW + RECHECK_SECONDS  # ask again soon, not at the reset
-    assert limiter.reserve(TENANT, True) == 0  # the broadcast budget is another
-    assert limiter.paused_until(TENANT, False) == 0  # a hold is not a pause
-    limiter.release(TENANT, False)
-    assert limiter.reserve(TENANT, False) == 0  # a call ended: room again
-    limiter.observe(TENANT, False, reply(201, remaining=5, reset=reset))  # older news: ignored
-    assert limiter.reserve(TENANT, False) > 0
-    limiter.observe(TENANT, False, reply(201, remaining=0, reset=reset))
-    assert limiter.reserve(TENANT, False) == reset  # spent: wait for the reset
-    for _ in range(3):
-        limiter.release(TENANT, False)
+    first = await start(limiter)  # nothing known: no holding (and 1 under way)
+    assert await limiter.settle(first, reply(201, remaining=2, reset=reset)) == 0
+    one, two = await start(limiter), await start(limiter)  # 2 left: room for two
+    hold = await held(limiter)
+    assert not hold.spent and NOW < hold.until <= NOW + RECHECK_SECONDS  # ask again soon, not at the reset
+    await start(limiter, broadcast=True)  # the broadcast budget is another
+    await limiter.settle(one, reply(201, remaining=5, reset=reset))  # older news: ignored
+    three = await start(limiter)  # a call ended: room again
+    assert not (await held(limiter)).spent  # two and three under way, 2 left
+    assert await limiter.settle(two, reply(201, remaining=0, reset=reset)) == reset
+    assert await held(limiter) == Hold(reset, spent=True)  # spent: wait for the reset
+    await limiter.settle(three, None)
     now[0] = reset + 0.5  # a new window: not known until a reply says
-    assert limiter.reserve(TENANT, False) == 0
-    limiter.observe(TENANT, False, reply(201, remaining=1, reset=reset + 3600))
-    assert limiter.reserve(TENANT, False) > 0  # the one under way takes what is left
+    four, five = await start(limiter), await start(limiter)
+    await limiter.settle(five, reply(201, remaining=1, reset=reset + 3600))
+    assert not (await held(limiter)).spent  # the one under way takes what is left
+    await limiter.settle(four, None)
+    await start(limiter)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.limits import LocalLimiter
+from canvas_gateway_server.limits import Hold, LocalLimiter, TableBudgets, Ticket
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
@@ -159,23 +159,27 @@ def test_worker_count_is_the_setting_or_the_cores_and_one_for_the_demo() -> None
     assert worker_count(Settings.from_env({}, demo=True, workers=4)) == 1
 
 
-def test_budgets_are_shared_through_their_file_and_keys_do_not_mix(tmp_path: Path) -> None:
+async def test_budgets_are_shared_through_their_file_and_keys_do_not_mix(tmp_path: Path) -> None:
     path = str(tmp_path / "budgets")
     SharedBudgets.create(path)
     now = 2_000_000_000.0
     stores = [SharedBudgets(path), SharedBudgets(path)]
-    one, other = (LocalLimiter(8, clock=lambda: now, budgets=store, workers=2) for store in stores)
+    one, other = (
+        LocalLimiter(8, clock=lambda: now, budgets=TableBudgets(store), workers=2) for store in stores
+    )
     acme, globex = Tenant("acme", "http://127.0.0.1:1", "k"), Tenant("globex", "http://127.0.0.1:1", "k")
     reset = int(now) + 60
-    assert one.reserve(acme, False) == 0
-    one.observe(acme, False, Reply(Delivery.RESPONDED, 201, rate=RateLimit(remaining=2, reset=reset)))
-    assert other.reserve(acme, False) == 0  # 1 under way in one, 2 left: room for one more
-    assert one.reserve(acme, False) > 0  # none: whichever worker asks
-    assert other.reserve(globex, False) == 0  # another tenant's budget
-    assert other.reserve(acme, True) == 0  # and acme's broadcast budget
-    other.observe(acme, False, Reply(Delivery.RESPONDED, 429, rate=RateLimit(remaining=0, reset=reset)))
-    assert one.paused_until(acme, False) == reset  # learned by one, known to all
-    assert one.reserve(acme, False) == reset
+    first = await one.reserve(acme, False)
+    assert isinstance(first, Ticket)
+    await one.settle(first, Reply(Delivery.RESPONDED, 201, rate=RateLimit(remaining=2, reset=reset)))
+    assert isinstance(await one.reserve(acme, False), Ticket)
+    assert isinstance(await other.reserve(acme, False), Ticket)  # 1 under way in one, 1 in other
+    assert isinstance(await one.reserve(acme, False), Hold)  # none left: whichever worker asks
+    assert isinstance(await other.reserve(globex, False), Ticket)  # another tenant's budget
+    assert isinstance(await other.reserve(acme, True), Ticket)  # and acme's broadcast budget
+    spent = Reply(Delivery.RESPONDED, 429, rate=RateLimit(remaining=0, reset=reset))
+    assert await other.settle(Ticket(("acme", False)), spent) == reset
+    assert await one.reserve(acme, False) == Hold(reset, spent=True)  # learned by one, known to all
     for store in stores:
         store.close()
 

@@ -37,7 +37,7 @@ from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
-from .limits import LocalLimiter
+from .limits import LocalLimiter, TableBudgets
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
 from .sending import Sender, SendLimits
@@ -295,7 +295,7 @@ def _limiter(settings: Settings) -> LocalLimiter:
     """In-process limits; with workers, a worker's share of them over budgets the workers share."""
     if not settings.is_worker:
         return LocalLimiter(settings.tenant_concurrency)
-    budgets = SharedBudgets(budgets_path(settings.worker_dir))
+    budgets = TableBudgets(SharedBudgets(budgets_path(settings.worker_dir)))
     return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=settings.workers)
 
 
@@ -303,9 +303,8 @@ async def _listen_admin(admin: AdminServer, settings: Settings) -> int:
     if settings.is_worker:  # the supervisor serves the admin address and reads this socket
         await admin.start_unix(admin_socket(settings.worker_dir, settings.worker_index))
         return 0
-    host, _, port = settings.admin_address.rpartition(":")
     try:
-        return await admin.start(host.strip("[]"), int(port))
+        return await admin.start(*settings.admin_host_port)
     except OSError:
         raise ConfigError(
             f"cannot listen on {settings.admin_address} (CGW_ADMIN_ADDRESS): the address is in use "

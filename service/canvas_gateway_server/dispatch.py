@@ -21,7 +21,7 @@ from typing import Any
 from . import results
 from .breaker import CircuitBreaker, NoBreaker, host_of
 from .budget import RetryBudget, Unlimited
-from .limits import UpstreamLimiter
+from .limits import Hold, StoreUnavailable, UpstreamLimiter
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
 from .retry import RetryPolicy, retry_delay
@@ -119,18 +119,17 @@ class Dispatcher:
         try:
             while True:
                 async with self._limiter.slot(tenant):
-                    while start_at := self._limiter.reserve(tenant, broadcast):
-                        wait = start_at - self._clock()
-                        paused = self._limiter.paused_until(tenant, broadcast)
+                    while isinstance(hold := await self._limiter.reserve(tenant, broadcast), Hold):
+                        wait = hold.until - self._clock()
                         # A spent budget waits at most max_wait for its reset; a call held while
                         # others are under way waits for them, within the deadline only.
                         allowed = left() - policy.min_time_left
-                        if wait > (min(policy.max_wait, allowed) if paused else allowed):
-                            reset = int(paused or start_at)
-                            return results.rate_limited_locally(batch, progress.attempts, reset)
+                        if wait > (min(policy.max_wait, allowed) if hold.spent else allowed):
+                            return results.rate_limited_locally(batch, progress.attempts, int(hold.until))
                         await self._sleep(max(0.0, wait))
                         metrics.rate_limit_wait(tenant.id, max(0.0, wait))
-                    try:  # reserved: counted against what the budget has left until released
+                    reply = None
+                    try:  # reserved: counted against what the budget has left until settled
                         time_left = left()
                         if time_left < policy.min_time_left:
                             return results.deadline_cut(batch, progress.attempts)
@@ -143,13 +142,12 @@ class Dispatcher:
                         progress.attempts += 1
                         started = time.perf_counter()
                         reply = await self._client.trigger(tenant, batch.body, progress, time_left)
-                        self._limiter.observe(tenant, broadcast, reply)  # before the release
                     finally:
-                        self._limiter.release(tenant, broadcast)
+                        paused = await self._limiter.settle(hold, reply)
                     metrics.braze_call(tenant.id, broadcast, reply, time.perf_counter() - started)
                     self._breaker.record(url, reply)
                     progress.sent = False  # the reply settled that call
-                    metrics.paused(tenant.id, broadcast, self._limiter.paused_until(tenant, broadcast))
+                    metrics.paused(tenant.id, broadcast, paused)
                 delay = retry_delay(policy, reply, progress.attempts, self._clock(), self._jitter())
                 if delay is None or delay > left() - policy.min_time_left:
                     return results.from_reply(batch, reply, progress.attempts)
@@ -161,6 +159,8 @@ class Dispatcher:
                 await self._sleep(delay)
                 if rate_limited:
                     metrics.rate_limit_wait(tenant.id, delay)
+        except StoreUnavailable as exc:
+            return results.store_unavailable(batch, progress.attempts, str(exc))
         except Exception:
             log.exception("batch %d of tenant %s failed inside the gateway", batch.index, tenant.id)
             return results.failed_inside_gateway(batch, progress.attempts)

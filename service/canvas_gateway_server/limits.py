@@ -1,4 +1,4 @@
-"""Per-tenant limits on calls to Braze, behind an interface so a shared (Redis) one can follow.
+"""Per-tenant limits on calls to Braze, behind an interface; budgets in a store that may be shared.
 
 The in-process default bounds each tenant's concurrent batches and pauses a tenant whose
 Braze budget is spent (x-ratelimit-remaining 0, or a 429) until x-ratelimit-reset (at most an
@@ -9,7 +9,8 @@ It also never starts more calls than the budget has left: it keeps the lowest
 x-ratelimit-remaining of the current window (the same reset) and the calls under way, and a
 call that would find the budget spent by those under way waits for one of them to answer
 (docs/braze/CONTRACT.md, section 8, point 30). What is known of each budget (`Budget`) lives
-in a `BudgetStore`: this process's, or one shared by a host's workers (`workers`).
+in a `BudgetStore`: this process's, one shared by a host's workers (`workers`), or Redis,
+shared by every replica (`shared`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from .tenants import Tenant
 from .upstream import Delivery, Reply
@@ -30,6 +31,27 @@ RECHECK_SECONDS = 0.02
 """While the calls under way would spend what a budget has left, how soon a call asks again."""
 
 
+class Hold(NamedTuple):
+    """A call may not start yet: ask again at `until` (epoch seconds)."""
+
+    until: float
+    spent: bool
+    """The budget is spent until `until`, its reset; else the calls under way would spend
+    what it has left, and `until` is when to ask again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A reserved call: counted as under way until it is settled."""
+
+    key: tuple[str, bool]
+    """(tenant id, broadcast budget)"""
+    token: str = ""
+    """A shared store's name for the reservation (it lapses by itself if never settled)."""
+    shared: bool = False
+    """Reserved in the shared store, not in the fallback of a `FailoverBudgets`."""
+
+
 class UpstreamLimiter(Protocol):
     """What the dispatcher asks before and tells after each Braze call."""
 
@@ -37,23 +59,19 @@ class UpstreamLimiter(Protocol):
         """Held for the duration of one call: bounds a tenant's concurrent calls."""
         ...
 
-    def paused_until(self, tenant: Tenant, broadcast: bool) -> float:
-        """Epoch seconds before which the tenant's budget is spent; 0 when not paused."""
+    async def reserve(self, tenant: Tenant, broadcast: bool) -> Ticket | Hold:
+        """A Ticket when a call may start (it is then under way until `settle`), else a Hold.
+        Raises StoreUnavailable when the budgets cannot be read and the deployment fails closed."""
         ...
 
-    def reserve(self, tenant: Tenant, broadcast: bool) -> float:
-        """0 when a call may start, and it is then counted as under way until `release`; else
-        epoch seconds at which to ask again (the pause's end, or shortly, while the calls under
-        way would spend what the budget has left)."""
+    async def settle(self, ticket: Ticket, reply: Reply | None) -> float:
+        """A reserved call has ended: learn from its reply (None: no call was made) and release
+        it, in one step. Returns when the budget's pause ends (epoch seconds), 0 when not paused."""
         ...
 
-    def release(self, tenant: Tenant, broadcast: bool) -> None:
-        """A reserved call has ended (answered or not)."""
-        ...
 
-    def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
-        """Learn from a reply's status and rate-limit headers."""
-        ...
+class StoreUnavailable(Exception):
+    """A shared store did not answer in time (the message names the store, never its URL)."""
 
 
 @dataclass(slots=True)
@@ -67,18 +85,24 @@ class Budget:
     """the lowest x-ratelimit-remaining seen with that reset"""
     under_way: int = 0
 
-    def reserve(self, now: float) -> float:
+    def reserve(self, now: float) -> Hold | None:
+        """None when a call may start (it is counted as under way), else when to ask again.
+        The Lua script in `shared.py` is this method for Redis; they change together."""
         if self.paused_until > now:
-            return self.paused_until
+            return Hold(self.paused_until, True)
         if self.reset and self.reset <= now:  # a new window: unknown until a reply says
             self.reset = self.left = 0
         if self.reset and self.under_way >= self.left:
-            return min(float(self.reset), now + RECHECK_SECONDS)
+            return Hold(min(float(self.reset), now + RECHECK_SECONDS), False)
         self.under_way += 1
-        return 0.0
+        return None
 
-    def release(self) -> None:
+    def settle(self, reply: Reply | None, now: float) -> float:
+        """Release a call, learning from its reply; the pause's end, or 0."""
         self.under_way = max(0, self.under_way - 1)
+        if reply is not None and reply.delivery is Delivery.RESPONDED:
+            self.observe(reply, now)
+        return self.paused_until if self.paused_until > now else 0.0
 
     def observe(self, reply: Reply, now: float) -> None:
         rate = reply.rate
@@ -99,7 +123,15 @@ T = TypeVar("T")
 
 
 class BudgetStore(Protocol):
-    """Where the `Budget`s live: this process, or shared by the workers of a host."""
+    """Where the `Budget`s live: this process, a host's workers (`workers`), or Redis (`shared`)."""
+
+    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold: ...
+
+    async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float: ...
+
+
+class BudgetTable(Protocol):
+    """Budgets kept in memory this process can lock: a dict, or a file the workers map."""
 
     def update(self, key: tuple[str, bool], change: Callable[[Budget], T]) -> T:
         """Apply `change` to the key's Budget as one step no other process interleaves with,
@@ -107,8 +139,8 @@ class BudgetStore(Protocol):
         ...
 
 
-class LocalBudgets:
-    """The in-process store."""
+class LocalTable:
+    """This process's budgets."""
 
     def __init__(self) -> None:
         self._budgets: dict[tuple[str, bool], Budget] = {}
@@ -118,6 +150,19 @@ class LocalBudgets:
         if budget is None:
             budget = self._budgets[key] = Budget()
         return change(budget)
+
+
+class TableBudgets:
+    """A `BudgetStore` over a `BudgetTable`: one locked update per reserve and per settle."""
+
+    def __init__(self, table: BudgetTable | None = None) -> None:
+        self._table = table or LocalTable()
+
+    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+        return self._table.update(key, lambda budget: budget.reserve(now)) or Ticket(key)
+
+    async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
+        return self._table.update(ticket.key, lambda budget: budget.settle(reply, now))
 
 
 class LocalLimiter:
@@ -135,7 +180,7 @@ class LocalLimiter:
     ) -> None:
         self._default = default_concurrency
         self._clock = clock
-        self._budgets = budgets or LocalBudgets()
+        self._budgets = budgets or TableBudgets()
         self._workers = workers
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
 
@@ -145,20 +190,8 @@ class LocalLimiter:
         semaphore = self._slots.setdefault((tenant.id, size), asyncio.Semaphore(size))
         return semaphore
 
-    def paused_until(self, tenant: Tenant, broadcast: bool) -> float:
-        now = self._clock()
-        until = self._budgets.update((tenant.id, broadcast), lambda budget: budget.paused_until)
-        return until if until > now else 0.0
+    async def reserve(self, tenant: Tenant, broadcast: bool) -> Ticket | Hold:
+        return await self._budgets.reserve((tenant.id, broadcast), self._clock())
 
-    def reserve(self, tenant: Tenant, broadcast: bool) -> float:
-        now = self._clock()
-        return self._budgets.update((tenant.id, broadcast), lambda budget: budget.reserve(now))
-
-    def release(self, tenant: Tenant, broadcast: bool) -> None:
-        self._budgets.update((tenant.id, broadcast), Budget.release)
-
-    def observe(self, tenant: Tenant, broadcast: bool, reply: Reply) -> None:
-        if reply.delivery is not Delivery.RESPONDED:
-            return
-        now = self._clock()
-        self._budgets.update((tenant.id, broadcast), lambda budget: budget.observe(reply, now))
+    async def settle(self, ticket: Ticket, reply: Reply | None) -> float:
+        return await self._budgets.settle(ticket, reply, self._clock())

@@ -123,6 +123,12 @@ def deadline_cut(batch: Batch, attempts: int) -> BatchResult:
     )
 
 
+def store_unavailable(batch: Batch, attempts: int, why: str) -> BatchResult:
+    """A shared store the deployment relies on (budgets, kept results) did not answer."""
+    text = f"{why}; nothing was sent"
+    return _result(batch, Outcome.NOT_ATTEMPTED, Code.UNAVAILABLE, text, retryable=True, attempts=attempts)
+
+
 def failed_inside_gateway(batch: Batch, attempts: int) -> BatchResult:
     """A gateway bug interrupted the batch; if a call had started, it may have been sent."""
     if attempts == 0:

@@ -175,6 +175,12 @@ class Settings:
             raise ConfigError(f"set {ENV_PREFIX}TENANTS_FILE, or {ENV_PREFIX}DEMO=true for the demo")
 
     @property
+    def admin_host_port(self) -> tuple[str, int]:
+        """CGW_ADMIN_ADDRESS split for listening: an IPv6 host loses its brackets."""
+        host, _, port = self.admin_address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
     def is_worker(self) -> bool:
         """Started by a supervisor, as one of several workers sharing the port."""
         return self.worker_index >= 0

@@ -240,13 +240,10 @@ def merge_expositions(texts: Sequence[str]) -> str:
                 kept[2].append(sample._replace(labels={**sample.labels, "worker": str(index)}))
     lines: list[str] = []
     for name, (documentation, kind, samples) in families.items():
-        exposed = f"{name}_total" if kind == "counter" else name
-        text_kind = "gauge" if kind in ("info", "stateset") else kind
-        if kind == "info":
-            exposed = f"{name}_info"
+        exposed = f"{name}_total" if kind == "counter" else name  # the parser reads info as gauge
         help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
         lines.append(f"# HELP {exposed} {help_text}")
-        lines.append(f"# TYPE {exposed} {text_kind}")
+        lines.append(f"# TYPE {exposed} {kind}")
         for sample in samples:
             pairs = ",".join(f'{key}="{_escape(value)}"' for key, value in sample.labels.items())
             lines.append(f"{sample.name}{{{pairs}}} {_number(sample.value)}")
@@ -277,9 +274,8 @@ async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)
-        host, _, port = settings.admin_address.rpartition(":")
         try:
-            await admin.start(host.strip("[]"), int(port))
+            await admin.start(*settings.admin_host_port)
         except OSError:
             log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): in use", settings.admin_address)
             return 1
