@@ -13,7 +13,7 @@ KUSTOMIZE_VERSION := v5.7.1
 K8S_VERSION := 1.33.0
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
-.PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check image image-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check pytest test check run fake-braze demo bench soak clean
+.PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check image image-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check servers-install pytest test check run fake-braze demo bench soak clean
 
 install: $(STAMP)
 
@@ -111,6 +111,11 @@ image-check:
 prometheus-install:
 	.ci/prometheus-install
 
+## servers-install: redis-server and haproxy from Debian's packages, for the scale-out tests (root or sudo;
+## idempotent; no system daemon is left running).
+servers-install:
+	.ci/servers-install
+
 ## prometheus-check: the sample Prometheus config, the alert rules and their unit tests, by promtool.
 prometheus-check: prometheus-install
 	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
@@ -131,7 +136,7 @@ proto-clients: $(STAMP)
 
 ## pytest: the test suite (real gRPC, the fake Braze and a real Prometheus on 127.0.0.1, every client's
 ## examples); the clients are built first, and a missing one fails rather than skips.
-pytest: $(STAMP) prometheus-install clients
+pytest: $(STAMP) prometheus-install servers-install clients
 	REQUIRE_CLIENT_BUILDS=1 $(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.

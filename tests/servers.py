@@ -1,0 +1,269 @@
+"""Real Redis and HAProxy servers on 127.0.0.1 for tests and benchmarks (issue 11: scale-out).
+
+`redis_server()` starts Debian's `redis-server` on a free port with nothing persisted, and can stop,
+start and restart it on the same port. `haproxy(backends)` starts `haproxy` in the foreground with
+the deployment's own config, deploy/haproxy/haproxy.cfg, its addresses given through the
+environment variables that file documents, and returns once HAProxy accepts connections and
+reports every backend UP. Both stop their process whatever happens.
+
+The binaries are `$REDIS_SERVER_BIN` / `$HAPROXY_BIN`, else found on PATH; when one is missing a
+RuntimeError names the install script (`.ci/servers-install`, or `make servers-install`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parents[1]
+HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+MAX_BACKENDS = 3
+"""Server lines in HAProxy's config: CGW_BACKEND_1 .. CGW_BACKEND_3."""
+START_SECONDS = 15.0
+"""How long a server may take to answer (Redis: PING; HAProxy: its port and every backend UP)."""
+STOP_SECONDS = 10.0
+"""How long a server may take to exit on SIGTERM before it is killed."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (as conftest's; here so benchmarks need no conftest)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def binary(name: str, variable: str) -> str:
+    found = os.environ.get(variable) or shutil.which(name)
+    if not found:
+        raise RuntimeError(
+            f"the `{name}` binary is not on PATH (nor in ${variable}): run .ci/servers-install "
+            "(as root, or `make servers-install`) to install Debian's redis-server and haproxy packages"
+        )
+    return found
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+async def stop_process(process: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> int:
+    """Signal a process and wait for it; kill it if it outlives STOP_SECONDS. Its exit code."""
+    if process.returncode is None:
+        with suppress(ProcessLookupError):
+            process.send_signal(sig)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_SECONDS)
+        except TimeoutError:
+            with suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode
+
+
+@dataclass
+class RedisServer:
+    """One redis-server on 127.0.0.1:`port`, storing nothing on disk; `directory` holds its log."""
+
+    port: int
+    directory: Path
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "redis.log"
+
+    async def start(self) -> None:
+        """Start it (on the same port as before) and wait until it answers PING."""
+        if self.process is not None and self.process.returncode is None:
+            raise RuntimeError(f"redis-server is already running on port {self.port}")
+        self.process = await asyncio.create_subprocess_exec(
+            binary("redis-server", "REDIS_SERVER_BIN"),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--logfile", str(self.log),
+            "--daemonize", "no",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_SECONDS
+        client = aioredis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            while True:
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"redis-server exited ({self.process.returncode}):\n{tail(self.log)}")
+                try:
+                    if await client.ping():
+                        return
+                except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise RuntimeError(f"redis-server never answered PING:\n{tail(self.log)}")
+                await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        """Stop it (SIGTERM; killed if it takes too long). Nothing was saved: it starts empty."""
+        if self.process is not None:
+            await stop_process(self.process)
+
+    async def restart(self) -> None:
+        """A Redis restart: stop, then start again on the same port, empty."""
+        await self.stop()
+        await self.start()
+
+
+@asynccontextmanager
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A redis-server on a free 127.0.0.1 port, answering PING; stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="cgw-redis-") as directory:
+        server = RedisServer(free_port(), Path(directory))
+        try:
+            await server.start()
+            yield server
+        finally:
+            await server.stop()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def haproxy_environment(
+    bind: str, backends: Sequence[tuple[str, str]], admin_bind: str | None = None
+) -> dict[str, str]:
+    """deploy/haproxy/haproxy.cfg's variables for `backends`, (gRPC address, admin address) pairs."""
+    if not 1 <= len(backends) <= MAX_BACKENDS:
+        raise ValueError(f"haproxy.cfg takes 1 to {MAX_BACKENDS} backends, not {len(backends)}")
+    env = {"CGW_LB_BIND": bind}
+    if admin_bind is not None:
+        env["CGW_LB_ADMIN_BIND"] = admin_bind
+    for number, (grpc_address, admin_address) in enumerate(backends, start=1):
+        admin_host, admin_port = split_address(admin_address)
+        if admin_host != split_address(grpc_address)[0]:
+            raise ValueError(f"the config checks the admin port on the gRPC host: {backends}")
+        env[f"CGW_BACKEND_{number}"] = grpc_address
+        env[f"CGW_BACKEND_{number}_ADMIN_PORT"] = str(admin_port)
+    return env
+
+
+@dataclass
+class Balancer:
+    """A running HAProxy: callers use `address`; `admin` serves its stats, metrics and /healthz."""
+
+    address: str
+    admin: str
+    process: asyncio.subprocess.Process
+    log: Path
+    session: aiohttp.ClientSession = field(repr=False)
+
+    async def stats(self) -> list[dict[str, str]]:
+        """HAProxy's stats CSV (/stats;csv): one row per frontend, backend and server."""
+        async with self.session.get(f"http://{self.admin}/stats;csv") as reply:
+            reply.raise_for_status()
+            text = (await reply.text()).lstrip("# ")
+        return list(csv.DictReader(io.StringIO(text)))
+
+    async def servers(self) -> dict[str, str]:
+        """Each backend server's state as HAProxy sees it: "UP", "DOWN", "UP 1/2", ..."""
+        return {
+            row["svname"]: row["status"]
+            for row in await self.stats()
+            if row["pxname"] == "gateways" and row["svname"] != "BACKEND"
+        }
+
+    async def frontend_connections(self) -> int:
+        """Connections the gRPC frontend has accepted so far."""
+        (row,) = [r for r in await self.stats() if r["pxname"] == "grpc" and r["svname"] == "FRONTEND"]
+        return int(row["conn_tot"])
+
+    async def wait_for(self, states: Mapping[str, str], within: float = START_SECONDS) -> None:
+        """Wait until every named server is in its state (e.g. {"gateway-1": "DOWN"})."""
+        deadline = time.monotonic() + within
+        while True:
+            if self.process.returncode is not None:
+                raise RuntimeError(f"haproxy exited ({self.process.returncode}):\n{tail(self.log)}")
+            seen: dict[str, str] = {}
+            with suppress(aiohttp.ClientError, OSError):
+                seen = await self.servers()
+            if all(seen.get(name) == state for name, state in states.items()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy's servers are {seen}, not {dict(states)}:\n{tail(self.log)}")
+            await asyncio.sleep(0.05)
+
+
+async def wait_for_port(address: str, process: asyncio.subprocess.Process, log: Path) -> None:
+    host, port = split_address(address)
+    deadline = time.monotonic() + START_SECONDS
+    while True:
+        if process.returncode is not None:
+            raise RuntimeError(f"haproxy exited ({process.returncode}):\n{tail(log)}")
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy never accepted on {address}:\n{tail(log)}") from None
+            await asyncio.sleep(0.02)
+        else:
+            writer.close()
+            with suppress(OSError):
+                await writer.wait_closed()
+            return
+
+
+@asynccontextmanager
+async def haproxy(backends: Sequence[tuple[str, str]]) -> AsyncIterator[Balancer]:
+    """HAProxy with deploy/haproxy/haproxy.cfg in front of `backends`, (gRPC address, admin
+    address) pairs of gateways on 127.0.0.1; yields once it accepts and every backend is UP
+    (its /readyz answered twice), and stops it on exit. Its log (stdout) is `Balancer.log`."""
+    address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {**os.environ, **haproxy_environment(address, backends, admin)}
+    with tempfile.TemporaryDirectory(prefix="cgw-haproxy-") as directory:
+        log = Path(directory) / "haproxy.log"
+        with log.open("wb") as output:
+            process = await asyncio.create_subprocess_exec(
+                binary("haproxy", "HAPROXY_BIN"),
+                "-db",  # foreground, no daemon, no master process: SIGTERM stops it
+                "-f", str(HAPROXY_CONFIG),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+                balancer = Balancer(address, admin, process, log, session)
+                await wait_for_port(address, process, log)
+                await wait_for_port(admin, process, log)
+                await balancer.wait_for({f"gateway-{n}": "UP" for n in range(1, len(backends) + 1)})
+                yield balancer
+        finally:
+            await stop_process(process)
