@@ -271,7 +271,7 @@ async def test_cli_send_prints_results_then_summary(cli: Cli) -> None:
     assert results[0]["result"]["code"] == "OK"  # every field is printed, defaults too, enums by name
     assert list(results[0]["result"]) == [  # in the proto's order, batch_index 0 too
         *("batch_index", "positions", "outcome", "code", "status_message", "retryable", "attempts"),
-        *("violations", "braze", "details"),
+        *("violations", "braze", "details", "replayed"),
     ]
     assert isinstance(summary["summary"]["recipients"], int)
     assert summary["summary"]["recipients_sent"] == 2

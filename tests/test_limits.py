@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -17,21 +18,31 @@ from canvas_gateway_server.limits import (
     TableBudgets,
     Ticket,
 )
+from canvas_gateway_server.shared import RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
 from conftest import EXAMPLES, KEYS, Harness
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
+from servers import redis_server
 
 START = time.time()
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
 
 
-@pytest.fixture(params=["local"])
-def budgets(request: pytest.FixtureRequest) -> BudgetStore:
-    """Every store keeps budgets by the same rules."""
-    return TableBudgets()
+@pytest.fixture(params=["local", "redis"])
+async def budgets(request: pytest.FixtureRequest) -> AsyncIterator[BudgetStore]:
+    """Every store keeps budgets by the same rules: the Lua scripts are Budget's methods."""
+    if request.param == "local":
+        yield TableBudgets()
+        return
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        try:
+            yield RedisBudgets(client, lease=60.0)
+        finally:
+            await client.aclose()
 
 
 def reply(status: int, **rate: int | None) -> Reply:

@@ -18,7 +18,7 @@ def recipients(n: int) -> list[dict[str, Any]]:
     return [{"external_user_id": f"user-{i}", "context": {"i": i}} for i in range(n)]
 
 
-async def send(h: Harness, body: dict[str, Any], tenant: str = "acme", **options: bool) -> pb.SendResponse:
+async def send(h: Harness, body: dict[str, Any], tenant: str = "acme", **options: Any) -> pb.SendResponse:
     request = pb.SendRequest(trigger=trigger_from_json(body), options=pb.SendOptions(**options))
     response: pb.SendResponse = await h.stub.Send(request, metadata=h.auth(tenant), timeout=30)
     return response

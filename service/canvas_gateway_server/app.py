@@ -27,22 +27,26 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
-from . import __version__, logs, reflection
+from . import __version__, logs, reflection, shared
 from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
 from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
-from .limits import LocalLimiter, TableBudgets
+from .idempotency import Ledger, LocalResults, ResultStore
+from .limits import BudgetStore, LocalLimiter, TableBudgets
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
 from .sending import Sender, SendLimits
 from .servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .settings import Settings
+from .shared import FailoverBudgets, RedisBudgets, RedisResults
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 from .upstream import BrazeClient, open_session
 from .workers import SharedBudgets, admin_socket, budgets_path
@@ -56,6 +60,9 @@ DEMO_TOKEN = "demo-token"  # noqa: S105 - a documented demo credential for the e
 DEMO_BRAZE_KEY = "demo-braze-key"
 ABANDON_SECONDS = 5.0
 """After the grace period, how long abandoned RPCs get to report their results."""
+LEASE_MARGIN_SECONDS = 10.0
+"""A Redis reservation of a budget outlives the longest Braze call by this much: a replica that
+dies with calls under way holds the budget no longer."""
 FLUSH_SECONDS = 1.0
 """How long RPCs that have finished get to send their last response before the server stops."""
 
@@ -81,6 +88,8 @@ class Gateway:
     draining: bool = False
     stopping: asyncio.Task[None] | None = None
     lag_watch: asyncio.Task[None] | None = None
+    redis: aioredis.Redis | None = None
+    shared_results: RedisResults | None = None
 
     @classmethod
     async def start(
@@ -100,6 +109,10 @@ class Gateway:
         if settings.metrics_enabled:
             metrics = PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ))
         metrics.tenants_loaded(tenants.tenant_ids())
+        redis = (
+            shared.connect(settings.redis_url, settings.redis_timeout_seconds) if settings.redis_url else None
+        )
+        results = _results(settings, redis, metrics)
         session = open_session(settings.upstream_pool_size)
         client = BrazeClient(
             session,
@@ -109,7 +122,7 @@ class Gateway:
         )
         dispatcher = Dispatcher(
             client,
-            _limiter(settings),
+            _limiter(settings, redis, metrics),
             RetryPolicy(
                 max_attempts=settings.max_attempts,
                 base_delay=settings.retry_base_delay_seconds,
@@ -123,6 +136,7 @@ class Gateway:
             if settings.breaker_failures
             else None,
             budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
+            ledger=Ledger(results, metrics),
         )
         sender = Sender(
             dispatcher,
@@ -130,6 +144,7 @@ class Gateway:
                 unary_max_recipients=settings.unary_max_recipients,
                 request_concurrency=settings.request_concurrency,
                 result_queue_size=settings.result_queue_size,
+                keys_refused=_keys_refused(settings),
             ),
             metrics,
         )
@@ -166,6 +181,8 @@ class Gateway:
             admin=AdminServer(registry_exposition(registry), lambda: _now(gateway.readiness())),
             admin_port=0,
             fake_braze=fake,
+            redis=redis,
+            shared_results=results if isinstance(results, RedisResults) else None,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         try:
@@ -182,6 +199,10 @@ class Gateway:
                 f"cannot listen on {settings.grpc_address}: the address is in use or not host:port"
             ) from None
         await server.start()
+        if gateway.shared_results is not None:
+            gateway.shared_results.start(lambda: metrics.store_failure("results", "heartbeat"))
+        if redis is not None:
+            await _check_redis(redis)
         if settings.metrics_enabled:
             gateway.lag_watch = asyncio.create_task(watch_loop_lag(metrics))
         for name in ("", SERVICE_NAME):
@@ -242,6 +263,11 @@ class Gateway:
         # One stop (a second call can crash grpcio), once our RPCs are done; the short grace lets
         # their last responses go out and ends the rest, such as health watchers.
         await self.server.stop(FLUSH_SECONDS)
+        await self.dispatcher.ledger.settled()
+        if self.shared_results is not None:
+            await self.shared_results.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.session.close()
         if self.fake_braze is not None:
             await self.fake_braze.stop()
@@ -291,12 +317,48 @@ async def _now(value: str | None) -> str | None:
     return value
 
 
-def _limiter(settings: Settings) -> LocalLimiter:
-    """In-process limits; with workers, a worker's share of them over budgets the workers share."""
-    if not settings.is_worker:
-        return LocalLimiter(settings.tenant_concurrency)
-    budgets = TableBudgets(SharedBudgets(budgets_path(settings.worker_dir)))
-    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=settings.workers)
+def _limiter(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> LocalLimiter:
+    """Concurrency per process (a worker's share of it); budgets in this process, shared by the
+    host's workers, or shared by every replica through Redis, failing open to the host's."""
+    local = TableBudgets(SharedBudgets(budgets_path(settings.worker_dir)) if settings.is_worker else None)
+    budgets: BudgetStore = local
+    if redis is not None:
+        lease = settings.upstream_timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
+        fallback = local if settings.redis_failure == "open" else None
+        budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
+    workers = settings.workers if settings.is_worker else 1
+    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=workers)
+
+
+def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:
+    """Where idempotency keys' results are kept: Redis, or this process."""
+    if redis is not None:
+        return RedisResults(redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds)
+    return LocalResults(
+        settings.idempotency_ttl_seconds,
+        settings.idempotency_capacity,
+        settings.idempotency_lease_seconds,
+        on_evict=lambda tenant: metrics.idempotency(tenant, "evicted"),
+    )
+
+
+def _keys_refused(settings: Settings) -> str:
+    if settings.is_worker and not settings.redis_url:
+        return (
+            f"idempotency keys need one store for every process that may take the call: this gateway "
+            f"runs {settings.workers} workers without CGW_REDIS_URL; nothing was sent"
+        )
+    return ""
+
+
+async def _check_redis(redis: aioredis.Redis) -> None:
+    """Say at start whether Redis answers; a gateway starts either way (CGW_REDIS_FAILURE applies)."""
+    try:
+        await redis.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.error("Redis (CGW_REDIS_URL) does not answer (%s): CGW_REDIS_FAILURE applies", type(exc).__name__)
+    else:
+        log.info("Redis (CGW_REDIS_URL) answers: budgets and idempotency keys are shared")
 
 
 async def _listen_admin(admin: AdminServer, settings: Settings) -> int:

@@ -180,6 +180,7 @@ def result_to_proto(result: BatchResult) -> pb.BatchResult:
         if result.http_status
         else None,
         details=_details(result),
+        replayed=result.replayed,
     )
 
 

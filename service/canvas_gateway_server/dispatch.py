@@ -21,6 +21,7 @@ from typing import Any
 from . import results
 from .breaker import CircuitBreaker, NoBreaker, host_of
 from .budget import RetryBudget, Unlimited
+from .idempotency import DEFAULT_CAPACITY, DEFAULT_LEASE, DEFAULT_TTL, Ledger, LocalResults
 from .limits import Hold, StoreUnavailable, UpstreamLimiter
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
@@ -56,6 +57,7 @@ class Dispatcher:
         *,
         breaker: CircuitBreaker | None = None,
         budget: RetryBudget | None = None,
+        ledger: Ledger | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -66,11 +68,20 @@ class Dispatcher:
         self._metrics = metrics or Metrics()
         self._breaker = breaker or NoBreaker()
         self._budget = budget or Unlimited()
+        self._ledger = ledger or Ledger(LocalResults(DEFAULT_TTL, DEFAULT_CAPACITY, DEFAULT_LEASE), metrics)
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
         self._abandoned = False
         self._running: set[asyncio.Task[object]] = set()
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
 
     def abandon(self) -> None:
         """End every batch in progress now, and every later one before it starts."""
@@ -78,30 +89,47 @@ class Dispatcher:
         for task in list(self._running):
             task.cancel()
 
-    async def send(self, tenant: Tenant, batch: Batch, deadline: float | None = None) -> BatchResult:
+    async def send(
+        self, tenant: Tenant, batch: Batch, deadline: float | None = None, key: str | None = None
+    ) -> BatchResult:
         """The batch's result. `deadline` (time.monotonic) is the caller's, less a margin: no call
-        starts with less than the policy's `min_time_left` before it, and none outlasts it."""
+        starts with less than the policy's `min_time_left` before it, and none outlasts it.
+        With an idempotency `key` the batch is claimed first, and its result kept (`idempotency`)."""
         progress = _Progress()
         task = asyncio.current_task()
         if self._abandoned or task is None:
             return results.abandoned(batch, progress.attempts, progress.sent)
+        claimed = None
+        if key is not None:
+            found = await self._ledger.claim(tenant, key, batch)
+            if isinstance(found, BatchResult):
+                return found
+            claimed = found
         self._running.add(task)
         self._metrics.batch_started(tenant.id)
         try:
-            return await self._attempt(tenant, batch, progress, deadline)
+            if self.abandoned:  # while the claim was made
+                result = results.abandoned(batch, progress.attempts, progress.sent)
+            else:
+                result = await self._attempt(tenant, batch, progress, deadline)
         except asyncio.CancelledError:
-            if self._consume_abandon_cancel(task):
-                return results.abandoned(batch, progress.attempts, progress.sent)
-            if progress.sent:  # no result can reach the caller now: leave a trace to reconcile
-                log.warning(
-                    "batch %d was cancelled with its caller while calling Braze: outcome unknown",
-                    batch.index,
-                    extra=_fields(tenant, batch.index, batch.positions, Outcome.UNKNOWN),
-                )
-            raise
+            if not self._consume_abandon_cancel(task):
+                if claimed is not None:
+                    self._ledger.keep_soon(claimed, progress.sent)
+                if progress.sent:  # no result can reach the caller now: leave a trace to reconcile
+                    log.warning(
+                        "batch %d was cancelled with its caller while calling Braze: outcome unknown",
+                        batch.index,
+                        extra=_fields(tenant, batch.index, batch.positions, Outcome.UNKNOWN),
+                    )
+                raise
+            result = results.abandoned(batch, progress.attempts, progress.sent)
         finally:
             self._running.discard(task)
             self._metrics.batch_finished(tenant.id)
+        if claimed is not None:
+            await self._ledger.keep(claimed, result)
+        return result
 
     def _consume_abandon_cancel(self, task: asyncio.Task[object]) -> bool:
         """True when a cancellation is abandon()'s alone: it becomes a result. Any other
@@ -180,10 +208,12 @@ class FanOut:
         queue_size: int,
         metrics: Metrics | None = None,
         deadline: float | None = None,
+        key: str | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._tenant = tenant
         self._deadline = deadline
+        self._key = key
         self._metrics = metrics or Metrics()
         self._slots = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[BatchResult | object] = asyncio.Queue(queue_size)
@@ -198,7 +228,7 @@ class FanOut:
 
     async def _run(self, batch: Batch) -> None:
         try:
-            result = await self._dispatcher.send(self._tenant, batch, self._deadline)
+            result = await self._dispatcher.send(self._tenant, batch, self._deadline, self._key)
             try:
                 await self.put(result)  # the slot is held until the caller can take it
             except asyncio.CancelledError:

@@ -92,6 +92,15 @@ class Metrics:
 
     def result(self, tenant: str, result: BatchResult) -> None: ...
 
+    def idempotency(self, tenant: str, verdict: str) -> None:
+        """A batch under an idempotency key: claimed (sent now), kept (replayed), mismatch, busy, lost."""
+
+    def store_failure(self, store: str, op: str) -> None:
+        """A shared store (Redis) did not answer in time; `store` is budgets or results."""
+
+    def store_fallback(self, store: str, active: bool) -> None:
+        """A shared store is replaced by the in-process one (fail open) while it does not answer."""
+
     def buffered(self, tenant: str, delta: int) -> None:
         """Results handed to a stream's queue (+1) or taken by its caller (-1)."""
 
@@ -292,6 +301,28 @@ class PrometheusMetrics(Metrics):
             buckets=LOOP_LAG_BUCKETS,
             registry=registry,
         )
+        self._idempotency = counter(
+            "canvas_gateway_idempotency_total",
+            "Batches under an idempotency key, by verdict: claimed (sent now), kept (a kept result "
+            "replayed), mismatch (another body under the key), busy (in flight elsewhere), lost (its "
+            "gateway stopped while it was in flight: UNKNOWN).",
+            ("tenant", "verdict"),
+        )
+        self._store_failures = counter(
+            "canvas_gateway_shared_store_failures_total",
+            "Operations on the shared store (Redis) that failed or timed out, by store (budgets, "
+            "results) and operation.",
+            ("store", "op"),
+        )
+        self._store_fallback = _Family(
+            Gauge(
+                "canvas_gateway_shared_store_fallback",
+                "1 while a shared store does not answer and this process uses its in-process one "
+                "instead (CGW_REDIS_FAILURE=open): budgets are then not shared. Alert on it.",
+                ("store",),
+                registry=registry,
+            )
+        )
         self._tenants = Gauge("canvas_gateway_tenants", "Tenants loaded.", registry=registry)
         self._reloads = counter(
             "canvas_gateway_tenant_reloads_total", "Tenants-file reloads, by result.", ("result",)
@@ -381,6 +412,15 @@ class PrometheusMetrics(Metrics):
         self._batches(tenant, outcome, result.code.name).inc()
         if result.violations:
             self.invalid(result.violations)
+
+    def idempotency(self, tenant: str, verdict: str) -> None:
+        self._idempotency(tenant, verdict).inc()
+
+    def store_failure(self, store: str, op: str) -> None:
+        self._store_failures(store, op).inc()
+
+    def store_fallback(self, store: str, active: bool) -> None:
+        self._store_fallback(store).set(1 if active else 0)
 
     def buffered(self, tenant: str, delta: int) -> None:
         self._levels.buffered[tenant] += delta

@@ -62,6 +62,7 @@ class Rule(enum.StrEnum):
     UNDECODABLE = "undecodable"
     STREAM_HEADER = "stream_header"
     STREAM_BROADCAST = "stream_broadcast"
+    IDEMPOTENCY_KEY = "idempotency_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,8 @@ class BatchResult:
     """When trying again may succeed (epoch seconds; 0: no advice): a RetryInfo on the wire."""
     quota: str = ""
     """The Braze budget that is spent (`recipients` or `broadcast`): a QuotaFailure on the wire."""
+    replayed: bool = False
+    """Kept from an earlier call under the same idempotency key: Braze was not called for it now."""
 
 
 @dataclass(slots=True)

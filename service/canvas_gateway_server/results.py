@@ -129,6 +129,21 @@ def store_unavailable(batch: Batch, attempts: int, why: str) -> BatchResult:
     return _result(batch, Outcome.NOT_ATTEMPTED, Code.UNAVAILABLE, text, retryable=True, attempts=attempts)
 
 
+def key_reused(batch: Batch) -> BatchResult:
+    """The idempotency key already holds another body for this batch."""
+    text = (
+        f"batch {batch.index} differs from the batch kept under this idempotency key (other "
+        "recipients, order or context); use a new key for a new request; nothing was sent"
+    )
+    return _result(batch, Outcome.REJECTED, Code.FAILED_PRECONDITION, text)
+
+
+def key_busy(batch: Batch, retry_at: float) -> BatchResult:
+    """Another call is sending this batch under the same idempotency key."""
+    text = f"batch {batch.index} is being sent by another call with this idempotency key; nothing was sent"
+    return _result(batch, Outcome.NOT_ATTEMPTED, Code.ABORTED, text, retryable=True, retry_at=retry_at)
+
+
 def failed_inside_gateway(batch: Batch, attempts: int) -> BatchResult:
     """A gateway bug interrupted the batch; if a call had started, it may have been sent."""
     if attempts == 0:

@@ -18,12 +18,12 @@ from typing import Any, Protocol
 
 from . import results
 from .dispatch import Dispatcher, FanOut, report
-from .errors import InvalidRequest
+from .errors import InvalidRequest, KeysUnavailable
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
 from .planning import Intake, Taken, authorize
 from .tenants import Tenant
-from .validate import check_recipient_count, check_stream_head, check_unary_count
+from .validate import check_idempotency_key, check_recipient_count, check_stream_head, check_unary_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
 ABANDONED = "the stream ended before this batch was sent; nothing was sent"
@@ -34,6 +34,8 @@ class SendLimits:
     unary_max_recipients: int = 10_000
     request_concurrency: int = 8
     result_queue_size: int = 64
+    keys_refused: str = ""
+    """Why idempotency keys cannot be honoured here (several workers, no shared store); "": they can."""
 
 
 class _Policy(Protocol):
@@ -83,6 +85,7 @@ class Sender:
         recipients: Sequence[Mapping[str, Any]],
         validate_only: bool,
         deadline: float | None = None,
+        key: str | None = None,
     ) -> tuple[list[BatchResult], Summary]:
         """Check the whole request, reporting every violation at once; then send it, within
         `deadline` (time.monotonic, see Dispatcher.send)."""
@@ -97,22 +100,28 @@ class Sender:
             *intake.head_violations,
             *check_recipient_count(head, len(recipients)),
             *plan.violations,
+            *check_idempotency_key(key or ""),
         ]
         if violations:
             raise InvalidRequest(violations)
         authorize(tenant, head)
+        self._check_key(key, validate_only)
         batches = plan.batches or [intake.broadcast()]
         if validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
             for result in done:
                 report(self._metrics, tenant, result)
         else:
-            done = await self._run_all(tenant, batches, deadline)
+            done = await self._run_all(tenant, batches, deadline, key)
         done.sort(key=lambda result: result.batch_index)
         summary = Summary()
         for result in done:
             summary.add(result)
         return done, summary
+
+    def _check_key(self, key: str | None, validate_only: bool) -> None:
+        if key and not validate_only and self._limits.keys_refused:
+            raise KeysUnavailable(self._limits.keys_refused)
 
     def check_unary_count(self, count: int) -> None:
         """Refuse a Send over the cap, before its recipients cost any work."""
@@ -121,10 +130,10 @@ class Sender:
             raise InvalidRequest(violations)
 
     async def _run_all(
-        self, tenant: Tenant, batches: list[Batch], deadline: float | None
+        self, tenant: Tenant, batches: list[Batch], deadline: float | None, key: str | None
     ) -> list[BatchResult]:
         if len(batches) == 1:  # most Sends: one call, no fan-out (its tasks and queue cost latency)
-            result = await self._dispatcher.send(tenant, batches[0], deadline)
+            result = await self._dispatcher.send(tenant, batches[0], deadline, key)
             report(self._metrics, tenant, result)
             return [result]
         fan = FanOut(
@@ -134,6 +143,7 @@ class Sender:
             len(batches) + 1,
             self._metrics,
             deadline,
+            key,
         )
 
         async def produce() -> None:
@@ -153,14 +163,20 @@ class Sender:
             fan.cancel()
 
     def open_stream(
-        self, tenant: Tenant, head: Mapping[str, Any], validate_only: bool, deadline: float | None = None
+        self,
+        tenant: Tenant,
+        head: Mapping[str, Any],
+        validate_only: bool,
+        deadline: float | None = None,
+        key: str | None = None,
     ) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
         intake = Intake(head, tenant.context_name, tenant.audience_budget)
-        violations = [*check_stream_head(head), *intake.head_violations]
+        violations = [*check_stream_head(head), *intake.head_violations, *check_idempotency_key(key or "")]
         if violations:
             raise InvalidRequest(violations)
         authorize(tenant, head)
+        self._check_key(key, validate_only)
         fan = FanOut(
             self._dispatcher,
             tenant,
@@ -168,6 +184,7 @@ class Sender:
             self._limits.result_queue_size,
             self._metrics,
             deadline,
+            key,
         )
         return StreamSend(intake, fan, validate_only)
 

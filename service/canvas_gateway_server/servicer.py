@@ -199,8 +199,14 @@ class CanvasGatewayServicer:
             self._sender.check_unary_count(len(request.trigger.recipients))
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
+            options = request.options
             done, summary = await self._sender.send(
-                tenant, head, recipients, request.options.validate_only, self._deadline(context)
+                tenant,
+                head,
+                recipients,
+                options.validate_only,
+                self._deadline(context),
+                options.idempotency_key or None,
             )
             calls.note(summary=summary)
             return pb.SendResponse(
@@ -240,6 +246,7 @@ class CanvasGatewayServicer:
                 convert.trigger_head(header.trigger),
                 header.options.validate_only,
                 self._deadline(context),
+                header.options.idempotency_key or None,
             )
         except Exception as exc:
             await reader.drain(self._drain_seconds)

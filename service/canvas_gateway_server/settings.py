@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,21 @@ class Settings:
     """Set by the supervisor for each worker it starts (-1: not a worker). Not for operators."""
     worker_dir: str = ""
     """Set by the supervisor: its private folder (admin sockets, shared budgets). Not for operators."""
+    redis_url: str = field(default="", repr=False)
+    """Redis shared by every replica and worker: Braze budgets and idempotency keys' results
+    (redis://[:password@]host:port/db; rediss:// for TLS). Empty: this process's own. Never logged."""
+    redis_timeout_seconds: float = 0.25
+    """Longest wait for one Redis operation before it counts as failed (see redis_failure)."""
+    redis_failure: str = "open"
+    """While Redis does not answer, budgets `open`: each process keeps its own (a metric and a log
+    line say so), or `closed`: batches end NOT_ATTEMPTED / UNAVAILABLE. Keys' results always
+    fail closed."""
+    idempotency_ttl_seconds: float = 86_400.0
+    """How long a batch's kept result answers for its idempotency key."""
+    idempotency_capacity: int = 200_000
+    """Batches the in-process store keeps (least recently used go first); not used with Redis."""
+    idempotency_lease_seconds: float = 900.0
+    """The longest a claimed batch counts as in flight while its gateway runs; then it is UNKNOWN."""
     log_level: str = "INFO"
     """Python logging level."""
     log_format: str = "text"
@@ -119,6 +134,7 @@ class Settings:
             "result_queue_size",
             "reconcile_tail_results",
             "max_message_bytes",
+            "idempotency_capacity",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -130,6 +146,9 @@ class Settings:
             "keepalive_time_seconds",
             "keepalive_timeout_seconds",
             "keepalive_min_client_interval_seconds",
+            "redis_timeout_seconds",
+            "idempotency_ttl_seconds",
+            "idempotency_lease_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be positive")
@@ -158,6 +177,10 @@ class Settings:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be host:port, such as {example}")
         if self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.redis_failure not in ("open", "closed"):
+            raise ConfigError(f"{ENV_PREFIX}REDIS_FAILURE must be open or closed")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{ENV_PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be text or json")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -24,6 +24,7 @@ from .errors import (
     GatewayError,
     HeaderTimeout,
     InvalidRequest,
+    KeysUnavailable,
     PermissionDenied,
     ShuttingDown,
     Unauthenticated,
@@ -37,6 +38,7 @@ _CODES: dict[type[GatewayError], int] = {
     PermissionDenied: code_pb2.PERMISSION_DENIED,
     ShuttingDown: code_pb2.UNAVAILABLE,
     HeaderTimeout: code_pb2.DEADLINE_EXCEEDED,
+    KeysUnavailable: code_pb2.FAILED_PRECONDITION,
 }
 
 

@@ -67,6 +67,18 @@ def check_unary_count(count: int, cap: int) -> list[Violation]:
     return []
 
 
+_KEY_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+MAX_KEY_LENGTH: Final = 128
+
+
+def check_idempotency_key(key: str) -> list[Violation]:
+    """SendOptions.idempotency_key: empty (none), or 1 to 128 of [A-Za-z0-9._:-]."""
+    if len(key) > MAX_KEY_LENGTH or not _KEY_CHARS.issuperset(key):
+        why = f"at most {MAX_KEY_LENGTH} characters from A-Z, a-z, 0-9 and . _ : -"
+        return [Violation("options.idempotency_key", why, Rule.IDEMPOTENCY_KEY)]
+    return []
+
+
 def check_stream_head(head: Mapping[str, Any]) -> list[Violation]:
     """A stream carries recipients: a broadcast is one call, and belongs in Send."""
     if head.get("broadcast") is True:

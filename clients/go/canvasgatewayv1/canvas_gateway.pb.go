@@ -677,9 +677,23 @@ type SendOptions struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Validate and plan the batches, send nothing: every result is
 	// NOT_ATTEMPTED with code OK.
-	ValidateOnly  bool `protobuf:"varint,1,opt,name=validate_only,proto3" json:"validate_only,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ValidateOnly bool `protobuf:"varint,1,opt,name=validate_only,proto3" json:"validate_only,omitempty"`
+	// Makes sending again safe (Braze itself has none). When set, the gateway
+	// keeps each batch's final result under (tenant, key, batch index) with a
+	// hash of the batch's body, for 24 hours by default. A request with a key
+	// already used, for the same recipients in the same order, returns the kept
+	// results (`replayed` true) without calling Braze, and sends only the
+	// batches with no kept result: after a lost connection, a drain or a
+	// restart, send the whole request again with the same key. A batch whose
+	// outcome was UNKNOWN stays UNKNOWN; NOT_ATTEMPTED, CANVAS_INACTIVE and
+	// retryable REJECTED batches are not kept, so they are sent again. A batch
+	// whose body differs from the kept one ends REJECTED with
+	// FAILED_PRECONDITION; one still being sent under the key by another call
+	// ends NOT_ATTEMPTED with ABORTED and a RetryInfo. Scoped to the tenant;
+	// 1 to 128 characters from [A-Za-z0-9._:-]. Ignored with validate_only.
+	IdempotencyKey string `protobuf:"bytes,2,opt,name=idempotency_key,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SendOptions) Reset() {
@@ -717,6 +731,13 @@ func (x *SendOptions) GetValidateOnly() bool {
 		return x.ValidateOnly
 	}
 	return false
+}
+
+func (x *SendOptions) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
 }
 
 // SendRequest is one Braze body of any number of recipients (up to the
@@ -1134,7 +1155,10 @@ type BatchResult struct {
 	// reset, or the end of the circuit breaker's cool-down), and with
 	// RESOURCE_EXHAUSTED a QuotaFailure naming the Braze budget that is spent
 	// (subject "braze:recipients" or "braze:broadcast").
-	Details       []*anypb.Any `protobuf:"bytes,16,rep,name=details,proto3" json:"details,omitempty"`
+	Details []*anypb.Any `protobuf:"bytes,16,rep,name=details,proto3" json:"details,omitempty"`
+	// True when this result was kept from an earlier call under the same
+	// idempotency key: this call did not call Braze for the batch.
+	Replayed      bool `protobuf:"varint,17,opt,name=replayed,proto3" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1244,6 +1268,13 @@ func (x *BatchResult) GetDetails() []*anypb.Any {
 		return x.Details
 	}
 	return nil
+}
+
+func (x *BatchResult) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
 }
 
 // BrazeReply is what Braze answered, verbatim except that secrets are
@@ -1495,9 +1526,10 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\n" +
 	"comparison\x18\x01 \x01(\tR\n" +
 	"comparison\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"3\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"]\n" +
 	"\vSendOptions\x12$\n" +
-	"\rvalidate_only\x18\x01 \x01(\bR\rvalidate_only\"\x83\x01\n" +
+	"\rvalidate_only\x18\x01 \x01(\bR\rvalidate_only\x12(\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0fidempotency_key\"\x83\x01\n" +
 	"\vSendRequest\x12:\n" +
 	"\atrigger\x18\x01 \x01(\v2 .canvas_gateway.v1.CanvasTriggerR\atrigger\x128\n" +
 	"\aoptions\x18\x02 \x01(\v2\x1e.canvas_gateway.v1.SendOptionsR\aoptions\"\x82\x01\n" +
@@ -1518,7 +1550,7 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\x12SendStreamResponse\x128\n" +
 	"\x06result\x18\x01 \x01(\v2\x1e.canvas_gateway.v1.BatchResultH\x00R\x06result\x12:\n" +
 	"\asummary\x18\x02 \x01(\v2\x1e.canvas_gateway.v1.SendSummaryH\x00R\asummaryB\x06\n" +
-	"\x04part\"\xb8\x04\n" +
+	"\x04part\"\xd4\x04\n" +
 	"\vBatchResult\x12 \n" +
 	"\vbatch_index\x18\x01 \x01(\x03R\vbatch_index\x12\x1c\n" +
 	"\tpositions\x18\x02 \x03(\x03R\tpositions\x124\n" +
@@ -1532,7 +1564,8 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"violations\x12F\n" +
 	"\x10rate_limit_reset\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\x10rate_limit_reset\x123\n" +
 	"\x05braze\x18\x0f \x01(\v2\x1d.canvas_gateway.v1.BrazeReplyR\x05braze\x12.\n" +
-	"\adetails\x18\x10 \x03(\v2\x14.google.protobuf.AnyR\adetailsJ\x04\b\a\x10\fR\vdispatch_idR\amessageR\x06noticeR\x06errorsR\vhttp_status\"\xb2\x01\n" +
+	"\adetails\x18\x10 \x03(\v2\x14.google.protobuf.AnyR\adetails\x12\x1a\n" +
+	"\breplayed\x18\x11 \x01(\bR\breplayedJ\x04\b\a\x10\fR\vdispatch_idR\amessageR\x06noticeR\x06errorsR\vhttp_status\"\xb2\x01\n" +
 	"\n" +
 	"BrazeReply\x12 \n" +
 	"\vhttp_status\x18\x01 \x01(\x05R\vhttp_status\x12 \n" +

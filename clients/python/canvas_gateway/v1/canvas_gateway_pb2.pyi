@@ -375,18 +375,35 @@ class SendOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     validate_only: _builtins.bool
     """Validate and plan the batches, send nothing: every result is
     NOT_ATTEMPTED with code OK.
+    """
+    idempotency_key: _builtins.str
+    """Makes sending again safe (Braze itself has none). When set, the gateway
+    keeps each batch's final result under (tenant, key, batch index) with a
+    hash of the batch's body, for 24 hours by default. A request with a key
+    already used, for the same recipients in the same order, returns the kept
+    results (`replayed` true) without calling Braze, and sends only the
+    batches with no kept result: after a lost connection, a drain or a
+    restart, send the whole request again with the same key. A batch whose
+    outcome was UNKNOWN stays UNKNOWN; NOT_ATTEMPTED, CANVAS_INACTIVE and
+    retryable REJECTED batches are not kept, so they are sent again. A batch
+    whose body differs from the kept one ends REJECTED with
+    FAILED_PRECONDITION; one still being sent under the key by another call
+    ends NOT_ATTEMPTED with ABORTED and a RetryInfo. Scoped to the tenant;
+    1 to 128 characters from [A-Za-z0-9._:-]. Ignored with validate_only.
     """
     def __init__(
         self,
         *,
         validate_only: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["validate_only", b"validate_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -584,6 +601,7 @@ class BatchResult(_message.Message):
     RATE_LIMIT_RESET_FIELD_NUMBER: _builtins.int
     BRAZE_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     batch_index: _builtins.int
     """Index of the batch in formation order, starting at 0."""
     outcome: Global___Outcome.ValueType
@@ -597,6 +615,10 @@ class BatchResult(_message.Message):
     """
     attempts: _builtins.int
     """Calls made to Braze for this batch (0 when none)."""
+    replayed: _builtins.bool
+    """True when this result was kept from an earlier call under the same
+    idempotency key: this call did not call Braze for the batch.
+    """
     @_builtins.property
     def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The recipients the batch held: offsets in the caller's order, counted
@@ -642,10 +664,11 @@ class BatchResult(_message.Message):
         rate_limit_reset: _timestamp_pb2.Timestamp | None = ...,
         braze: Global___BrazeReply | None = ...,
         details: _abc.Iterable[_any_pb2.Any] | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["braze", b"braze", "rate_limit_reset", b"rate_limit_reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_index", b"batch_index", "braze", b"braze", "code", b"code", "details", b"details", "outcome", b"outcome", "positions", b"positions", "rate_limit_reset", b"rate_limit_reset", "retryable", b"retryable", "status_message", b"status_message", "violations", b"violations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch_index", b"batch_index", "braze", b"braze", "code", b"code", "details", b"details", "outcome", b"outcome", "positions", b"positions", "rate_limit_reset", b"rate_limit_reset", "replayed", b"replayed", "retryable", b"retryable", "status_message", b"status_message", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

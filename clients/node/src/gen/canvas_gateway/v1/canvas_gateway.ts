@@ -252,6 +252,22 @@ export interface SendOptions {
    * NOT_ATTEMPTED with code OK.
    */
   validateOnly: boolean;
+  /**
+   * Makes sending again safe (Braze itself has none). When set, the gateway
+   * keeps each batch's final result under (tenant, key, batch index) with a
+   * hash of the batch's body, for 24 hours by default. A request with a key
+   * already used, for the same recipients in the same order, returns the kept
+   * results (`replayed` true) without calling Braze, and sends only the
+   * batches with no kept result: after a lost connection, a drain or a
+   * restart, send the whole request again with the same key. A batch whose
+   * outcome was UNKNOWN stays UNKNOWN; NOT_ATTEMPTED, CANVAS_INACTIVE and
+   * retryable REJECTED batches are not kept, so they are sent again. A batch
+   * whose body differs from the kept one ends REJECTED with
+   * FAILED_PRECONDITION; one still being sent under the key by another call
+   * ends NOT_ATTEMPTED with ABORTED and a RetryInfo. Scoped to the tenant;
+   * 1 to 128 characters from [A-Za-z0-9._:-]. Ignored with validate_only.
+   */
+  idempotencyKey: string;
 }
 
 /**
@@ -362,6 +378,11 @@ export interface BatchResult {
    * (subject "braze:recipients" or "braze:broadcast").
    */
   details: Any[];
+  /**
+   * True when this result was kept from an earlier call under the same
+   * idempotency key: this call did not call Braze for the batch.
+   */
+  replayed: boolean;
 }
 
 /**
@@ -1313,13 +1334,16 @@ export const LastUsedAppFilter: MessageFns<LastUsedAppFilter> = {
 };
 
 function createBaseSendOptions(): SendOptions {
-  return { validateOnly: false };
+  return { validateOnly: false, idempotencyKey: "" };
 }
 
 export const SendOptions: MessageFns<SendOptions> = {
   encode(message: SendOptions, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.validateOnly !== false) {
       writer.uint32(8).bool(message.validateOnly);
+    }
+    if (message.idempotencyKey !== "") {
+      writer.uint32(18).string(message.idempotencyKey);
     }
     return writer;
   },
@@ -1345,6 +1369,14 @@ export const SendOptions: MessageFns<SendOptions> = {
             message.validateOnly = reader.bool();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.idempotencyKey = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1358,13 +1390,19 @@ export const SendOptions: MessageFns<SendOptions> = {
   },
 
   fromJSON(object: any): SendOptions {
-    return { validateOnly: isSet(object.validate_only) ? globalThis.Boolean(object.validate_only) : false };
+    return {
+      validateOnly: isSet(object.validate_only) ? globalThis.Boolean(object.validate_only) : false,
+      idempotencyKey: isSet(object.idempotency_key) ? globalThis.String(object.idempotency_key) : "",
+    };
   },
 
   toJSON(message: SendOptions): unknown {
     const obj: any = {};
     if (message.validateOnly !== false) {
       obj.validate_only = message.validateOnly;
+    }
+    if (message.idempotencyKey !== "") {
+      obj.idempotency_key = message.idempotencyKey;
     }
     return obj;
   },
@@ -1375,6 +1413,7 @@ export const SendOptions: MessageFns<SendOptions> = {
   fromPartial<I extends Exact<DeepPartial<SendOptions>, I>>(object: I): SendOptions {
     const message = createBaseSendOptions();
     message.validateOnly = object.validateOnly ?? false;
+    message.idempotencyKey = object.idempotencyKey ?? "";
     return message;
   },
 };
@@ -1930,6 +1969,7 @@ function createBaseBatchResult(): BatchResult {
     rateLimitReset: undefined,
     braze: undefined,
     details: [],
+    replayed: false,
   };
 }
 
@@ -1971,6 +2011,9 @@ export const BatchResult: MessageFns<BatchResult> = {
     }
     for (const v of message.details) {
       Any.encode(v!, writer.uint32(130).fork()).join();
+    }
+    if (message.replayed !== false) {
+      writer.uint32(136).bool(message.replayed);
     }
     return writer;
   },
@@ -2086,6 +2129,14 @@ export const BatchResult: MessageFns<BatchResult> = {
             message.details.push(Any.decode(reader, reader.uint32()));
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.replayed = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2115,6 +2166,7 @@ export const BatchResult: MessageFns<BatchResult> = {
       rateLimitReset: isSet(object.rate_limit_reset) ? fromJsonTimestamp(object.rate_limit_reset) : undefined,
       braze: isSet(object.braze) ? BrazeReply.fromJSON(object.braze) : undefined,
       details: globalThis.Array.isArray(object?.details) ? object.details.map((e: any) => Any.fromJSON(e)) : [],
+      replayed: isSet(object.replayed) ? globalThis.Boolean(object.replayed) : false,
     };
   },
 
@@ -2153,6 +2205,9 @@ export const BatchResult: MessageFns<BatchResult> = {
     if (message.details?.length) {
       obj.details = message.details.map((e) => Any.toJSON(e));
     }
+    if (message.replayed !== false) {
+      obj.replayed = message.replayed;
+    }
     return obj;
   },
 
@@ -2174,6 +2229,7 @@ export const BatchResult: MessageFns<BatchResult> = {
       ? BrazeReply.fromPartial(object.braze)
       : undefined;
     message.details = object.details?.map((e) => Any.fromPartial(e)) || [];
+    message.replayed = object.replayed ?? false;
     return message;
   },
 };

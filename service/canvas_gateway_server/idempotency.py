@@ -1,0 +1,265 @@
+"""Idempotency keys: a batch's final result is kept, so that sending again sends nothing twice.
+
+Braze has no idempotency key (CONTRACT.md section 6): a trigger sent again is a second
+message. A caller that gives a key (SendOptions.idempotency_key) has each batch claimed before
+it is sent, under (tenant, key, batch index) with a digest of the batch's body, and its result
+kept once it ends. A later call with the key:
+
+- gets the kept result of a batch (`replayed`), and Braze is not called;
+- gets REJECTED / FAILED_PRECONDITION for a batch whose body differs from the kept one;
+- gets NOT_ATTEMPTED / ABORTED with a RetryInfo for a batch another call is still sending;
+- gets UNKNOWN for a batch whose gateway stopped while it was in flight (it may have been sent).
+
+Only results that must not be sent again are kept: SENT, UNKNOWN and REJECTED that is not
+retryable. NOT_ATTEMPTED, CANVAS_INACTIVE (nothing was sent) and retryable REJECTED (a 429)
+release the claim, so a later call sends them. `ResultStore` is where claims live: in this
+process (`LocalResults`, TTL and LRU) or in Redis for every replica (`shared.RedisResults`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Final, Protocol
+
+import orjson
+
+from . import results
+from .limits import StoreUnavailable
+from .metrics import Metrics
+from .model import Batch, BatchResult, Code, Outcome
+from .tenants import Tenant
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL: Final = 24 * 3600.0
+"""CGW_IDEMPOTENCY_TTL_SECONDS: how long a kept result answers for its key."""
+DEFAULT_CAPACITY: Final = 200_000
+"""CGW_IDEMPOTENCY_CAPACITY: batches the in-process store keeps (10 million recipients)."""
+DEFAULT_LEASE: Final = 900.0
+"""CGW_IDEMPOTENCY_LEASE_SECONDS: the longest a claim counts as in flight while its process runs."""
+BUSY_RETRY_SECONDS: Final = 1.0
+"""When a caller told that a batch is in flight elsewhere should try again."""
+LOST_TEXT: Final = (
+    "outcome unknown: an earlier call under this idempotency key was sending this batch when its "
+    "gateway stopped; it is not sent again"
+)
+
+
+class Verdict(enum.Enum):
+    CLAIMED = "claimed"
+    """Nothing kept: this call sends the batch, and must keep or release its result."""
+    KEPT = "kept"
+    MISMATCH = "mismatch"
+    BUSY = "busy"
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    verdict: Verdict
+    kept: bytes = b""
+    """The kept result (KEPT)."""
+
+
+class ResultStore(Protocol):
+    """Claims and kept results, each under (scope, batch index); scope is tenant and key."""
+
+    async def claim(self, scope: str, index: int, digest: str) -> Claim:
+        """Claim the batch for this process unless it is kept, claimed, or has another digest.
+        A claim whose process stopped (or that outlived the lease) becomes a kept UNKNOWN: LOST."""
+        ...
+
+    async def keep(self, scope: str, index: int, digest: str, kept: bytes | None) -> None:
+        """End this process's claim: keep `kept`, or (None) release the claim."""
+        ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    digest: str
+    expires: float
+    kept: bytes | None = None
+    """None while claimed."""
+    claimed_at: float = 0.0
+
+
+class LocalResults:
+    """This process's claims and results: kept `ttl` seconds, the `capacity` most recent.
+
+    Past the capacity the least recently used entry is forgotten (counted in
+    canvas_gateway_idempotency_total{verdict="evicted"}): a key's guarantee lasts as long as its
+    entries are kept. Every claim is this process's, so a claim is BUSY until it ends or its
+    lease runs out (then LOST)."""
+
+    def __init__(
+        self,
+        ttl: float,
+        capacity: int,
+        lease: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[str], None] = lambda tenant: None,
+    ) -> None:
+        self._ttl = ttl
+        self._capacity = capacity
+        self._lease = lease
+        self._clock = clock
+        self._on_evict = on_evict
+        self._entries: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def claim(self, scope: str, index: int, digest: str) -> Claim:
+        now = self._clock()
+        key = (scope, index)
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires <= now:
+            del self._entries[key]
+            entry = None
+        if entry is None:
+            self._entries[key] = _Entry(digest, now + self._ttl, claimed_at=now)
+            while len(self._entries) > self._capacity:
+                (evicted, _), _ = self._entries.popitem(last=False)
+                self._on_evict(evicted.partition("/")[0])
+            return Claim(Verdict.CLAIMED)
+        self._entries.move_to_end(key)
+        if entry.digest != digest:
+            return Claim(Verdict.MISMATCH)
+        if entry.kept is not None:
+            return Claim(Verdict.KEPT, entry.kept)
+        if now - entry.claimed_at < self._lease:
+            return Claim(Verdict.BUSY)
+        entry.kept = b""
+        return Claim(Verdict.LOST)
+
+    async def keep(self, scope: str, index: int, digest: str, kept: bytes | None) -> None:
+        key = (scope, index)
+        entry = self._entries.get(key)
+        if kept is None:
+            if entry is not None and entry.kept is None and entry.digest == digest:
+                del self._entries[key]
+            return
+        self._entries[key] = _Entry(digest, self._clock() + self._ttl, kept)
+        self._entries.move_to_end(key)
+
+
+def digest(batch: Batch) -> str:
+    """What a batch is: its body (canvas, context, recipients in order) as sent to Braze."""
+    return hashlib.blake2b(batch.body, digest_size=16).hexdigest()
+
+
+def kept(result: BatchResult) -> bool:
+    """Whether a result must be kept: sending the batch again could message someone twice, or
+    would be refused the same way. The others are sent again by a later call."""
+    if result.outcome in (Outcome.SENT, Outcome.UNKNOWN):
+        return True
+    return result.outcome is Outcome.REJECTED and not result.retryable
+
+
+_FIELDS: Final = (
+    "status_message",
+    "retryable",
+    "dispatch_id",
+    "message",
+    "notice",
+    "errors",
+    "http_status",
+    "attempts",
+)
+
+
+def encode(result: BatchResult) -> bytes:
+    fields: dict[str, Any] = {name: getattr(result, name) for name in _FIELDS}
+    fields["outcome"], fields["code"] = result.outcome.value, int(result.code)
+    return orjson.dumps(fields)
+
+
+def decode(data: bytes, batch: Batch) -> BatchResult:
+    """A kept result as this batch's (its index and positions are this call's)."""
+    if not data:  # LOST: kept as UNKNOWN without a result
+        return replace(_lost(batch), replayed=True)
+    fields = orjson.loads(data)
+    outcome, code = Outcome(fields.pop("outcome")), Code(fields.pop("code"))
+    fields["errors"] = tuple(fields["errors"])
+    return BatchResult(batch.index, batch.positions, outcome, code, replayed=True, **fields)
+
+
+def _lost(batch: Batch) -> BatchResult:
+    return BatchResult(batch.index, batch.positions, Outcome.UNKNOWN, Code.UNKNOWN, LOST_TEXT)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A batch this call sends; its result goes back to the store with `Ledger.keep`."""
+
+    tenant: Tenant
+    scope: str
+    batch: Batch
+    digest: str
+
+
+class Ledger:
+    """The dispatcher's view of a `ResultStore`: a claim, or the result that stands for the batch."""
+
+    def __init__(self, store: ResultStore, metrics: Metrics | None = None) -> None:
+        self._store = store
+        self._metrics = metrics or Metrics()
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def claim(self, tenant: Tenant, key: str, batch: Batch) -> Claimed | BatchResult:
+        scope, fingerprint = f"{tenant.id}/{key}", digest(batch)
+        try:
+            claim = await self._store.claim(scope, batch.index, fingerprint)
+        except StoreUnavailable as exc:
+            return results.store_unavailable(batch, 0, str(exc))
+        self._metrics.idempotency(tenant.id, claim.verdict.value)
+        match claim.verdict:
+            case Verdict.CLAIMED:
+                return Claimed(tenant, scope, batch, fingerprint)
+            case Verdict.KEPT:
+                return decode(claim.kept, batch)
+            case Verdict.LOST:
+                return replace(_lost(batch), replayed=True)
+            case Verdict.MISMATCH:
+                return results.key_reused(batch)
+            case Verdict.BUSY:
+                return results.key_busy(batch, time.time() + BUSY_RETRY_SECONDS)
+
+    async def keep(self, claimed: Claimed, result: BatchResult) -> None:
+        """Keep the result, or release the claim; a store that fails leaves the claim to lapse
+        into LOST (never into a second send), and the result is logged for reconciliation."""
+        data = encode(result) if kept(result) else None
+        try:
+            await self._store.keep(claimed.scope, claimed.batch.index, claimed.digest, data)
+        except StoreUnavailable:
+            log.error(
+                "the result of batch %d could not be kept under its idempotency key: "
+                "a call with the key gets UNKNOWN for it once the claim lapses",
+                claimed.batch.index,
+                extra={
+                    "tenant": claimed.tenant.id,
+                    "batch_index": claimed.batch.index,
+                    "outcome": result.outcome.name,
+                    "dispatch_id": result.dispatch_id or "-",
+                },
+            )
+
+    def keep_soon(self, claimed: Claimed, sent: bool) -> None:
+        """The call was cancelled: keep UNKNOWN if the batch may have gone out, else release it,
+        in a task of its own (the cancelled one cannot wait)."""
+        result = _lost(claimed.batch) if sent else results.not_attempted(claimed.batch, "cancelled")
+        task = asyncio.get_running_loop().create_task(self.keep(claimed, result))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def settled(self) -> None:
+        """Wait for the results kept in the background (at shutdown)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)

@@ -1,0 +1,298 @@
+"""Redis: the budgets and the kept results every replica shares (CGW_REDIS_URL).
+
+Each operation is one Lua script, so it is atomic and costs one round trip:
+
+- budgets: `reserve` and `settle` are `limits.Budget.reserve` and `Budget.settle` in Lua, on a
+  hash per (tenant, budget) (pause, window reset, what is left) and a sorted set of the calls
+  under way, each with a lease: a replica that dies with calls under way does not hold the
+  budget past their lease (the longest a call can take).
+- results: `claim` and `keep` of `idempotency.ResultStore`, on a hash per (tenant, key, batch).
+  A claim names its process; each process keeps a heartbeat key alive while it runs, so a
+  claim whose process is gone is seen as LOST at once, not after the lease.
+
+Why not the `limits` library: its Redis strategies count hits in windows we would have to
+configure, while Braze tells us what is left (x-ratelimit-remaining and -reset) and a call
+must not start while the calls under way would spend it; neither that nor a pause until a
+reset fits a hit counter. The scripts are short and are tested against the same cases as the
+in-process stores.
+
+When Redis does not answer within CGW_REDIS_TIMEOUT_SECONDS the store raises
+`StoreUnavailable`. `FailoverBudgets` then fails closed (the batch ends NOT_ATTEMPTED /
+UNAVAILABLE) or open (this process's own budgets, a metric and a log line) as configured;
+the results store always fails closed: a key is a promise not to send twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .idempotency import Claim, Verdict
+from .limits import MAX_PAUSE_SECONDS, RECHECK_SECONDS, BudgetStore, Hold, StoreUnavailable, Ticket
+from .metrics import Metrics
+from .upstream import Delivery, Reply
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PREFIX: Final = "cgw:"
+HEARTBEAT_SECONDS: Final = 1.0
+"""How often a process renews its heartbeat key."""
+HEARTBEAT_TTL_MS: Final = 5000
+"""How long a heartbeat lasts unrenewed: a process silent this long is taken as gone."""
+BUDGET_TTL_SECONDS: Final = 7300
+"""Budget keys outlive Braze's longest window (an hour) when unused, then go."""
+
+_RESERVE: Final = """
+local now = tonumber(ARGV[1])
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left')
+local paused = tonumber(b[1]) or 0
+if paused > now then return {'spent', string.format('%.17g', paused)} end
+local reset = tonumber(b[2]) or 0
+local left = tonumber(b[3]) or 0
+if reset > 0 and reset <= now then
+  reset = 0
+  left = 0
+  redis.call('HSET', KEYS[1], 'reset', '0', 'left', '0')
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if reset > 0 and redis.call('ZCARD', KEYS[2]) >= left then
+  return {'held', string.format('%.17g', math.min(reset, now + tonumber(ARGV[4])))}
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return {'go', ''}
+"""
+
+_SETTLE: Final = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local now = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left')
+local paused = tonumber(b[1]) or 0
+if ARGV[3] == '1' then
+  local remaining = tonumber(ARGV[5])
+  local reset = tonumber(ARGV[6])
+  if remaining and reset then
+    local current = tonumber(b[2]) or 0
+    if reset > current then
+      redis.call('HSET', KEYS[1], 'reset', string.format('%d', reset), 'left', string.format('%d', remaining))
+    elseif reset == current then
+      redis.call('HSET', KEYS[1], 'left', string.format('%d', math.min(tonumber(b[3]) or 0, remaining)))
+    end
+  end
+  if (ARGV[4] == '429' or remaining == 0) and reset and reset > now then
+    paused = math.max(paused, math.min(reset, now + tonumber(ARGV[7])))
+    redis.call('HSET', KEYS[1], 'paused', string.format('%.17g', paused))
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+end
+if paused > now then return string.format('%.17g', paused) end
+return '0'
+"""
+
+_CLAIM: Final = """
+local v = redis.call('HMGET', KEYS[1], 'digest', 'owner', 'at', 'kept')
+if not v[1] then
+  redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'owner', ARGV[1], 'at', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return {'claimed', ''}
+end
+if v[1] ~= ARGV[2] then return {'mismatch', ''} end
+if v[4] then return {'kept', v[4]} end
+local alive = v[2] == ARGV[1] or redis.call('EXISTS', ARGV[6] .. v[2]) == 1
+if alive and tonumber(v[3]) + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return {'busy', ''} end
+redis.call('HSET', KEYS[1], 'kept', '')
+return {'lost', ''}
+"""
+
+_KEEP: Final = """
+if ARGV[3] == '0' then
+  local v = redis.call('HMGET', KEYS[1], 'digest', 'owner', 'kept')
+  if v[1] == ARGV[1] and v[2] == ARGV[2] and not v[3] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'kept', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+def connect(url: str, timeout: float) -> aioredis.Redis:
+    """A client that gives up after `timeout` and never retries on its own (the stores decide)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+async def _call(what: str, operation: Awaitable[T]) -> T:
+    try:
+        return await operation
+    except (RedisError, OSError, TimeoutError) as exc:
+        # The message never carries the URL (it may hold a password) nor Redis' own text.
+        raise StoreUnavailable(
+            f"the shared {what} store (Redis) did not answer ({type(exc).__name__})"
+        ) from None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBudgets:
+    """A `BudgetStore` in Redis: every replica's calls count against one budget."""
+
+    def __init__(self, client: aioredis.Redis, lease: float) -> None:
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+        self._lease = lease
+
+    @staticmethod
+    def _keys(key: tuple[str, bool]) -> list[str]:
+        base = f"{PREFIX}budget:{key[0]}:{'broadcast' if key[1] else 'recipients'}"
+        return [base, base + ":calls"]
+
+    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+        token = uuid.uuid4().hex
+        args: list[str | int] = [
+            repr(now),
+            token,
+            repr(now + self._lease),
+            repr(RECHECK_SECONDS),
+            BUDGET_TTL_SECONDS,
+        ]
+        kind, until = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
+        if _text(kind) == "go":
+            return Ticket(key, token, shared=True)
+        return Hold(float(_text(until)), _text(kind) == "spent")
+
+    async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
+        responded = reply is not None and reply.delivery is Delivery.RESPONDED
+        rate = reply.rate if reply is not None else None
+        args: list[str | int] = [
+            ticket.token,
+            repr(now),
+            "1" if responded else "0",
+            str(reply.status if reply is not None else 0),
+            "" if rate is None or rate.remaining is None else str(rate.remaining),
+            "" if rate is None or rate.reset is None else str(rate.reset),
+            repr(MAX_PAUSE_SECONDS),
+            BUDGET_TTL_SECONDS,
+        ]
+        paused = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
+        return float(_text(paused))
+
+
+class FailoverBudgets:
+    """The shared budgets, and what to do while they do not answer: with a `fallback` (fail
+    open) this process's own budgets, loudly; without one (fail closed) StoreUnavailable."""
+
+    def __init__(
+        self, shared: BudgetStore, fallback: BudgetStore | None, metrics: Metrics | None = None
+    ) -> None:
+        self._shared = shared
+        self._fallback = fallback
+        self._metrics = metrics or Metrics()
+        self._failing = False
+
+    def _failed(self, op: str, exc: StoreUnavailable) -> None:
+        self._metrics.store_failure("budgets", op)
+        if not self._failing:
+            self._failing = True
+            if self._fallback is not None:
+                self._metrics.store_fallback("budgets", True)
+                log.error("%s: budgets are this process's own until it answers (fail open)", exc)
+            else:
+                log.error("%s: batches end NOT_ATTEMPTED until it answers (fail closed)", exc)
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            self._metrics.store_fallback("budgets", False)
+            log.warning("the shared budgets store (Redis) answers again: budgets are shared again")
+
+    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+        try:
+            found = await self._shared.reserve(key, now)
+        except StoreUnavailable as exc:
+            self._failed("reserve", exc)
+            if self._fallback is None:
+                raise
+            return await self._fallback.reserve(key, now)
+        self._recovered()
+        return found
+
+    async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
+        if not ticket.shared:
+            return await self._fallback.settle(ticket, reply, now) if self._fallback else 0.0
+        try:
+            return await self._shared.settle(ticket, reply, now)
+        except StoreUnavailable as exc:  # the reservation lapses by its lease; the reply is lost
+            self._failed("settle", exc)
+            return 0.0
+
+
+class RedisResults:
+    """An `idempotency.ResultStore` in Redis, with this process's heartbeat."""
+
+    def __init__(self, client: aioredis.Redis, ttl: float, lease: float) -> None:
+        self._client = client
+        self._claim = client.register_script(_CLAIM)
+        self._keep = client.register_script(_KEEP)
+        self._ttl_ms = str(int(ttl * 1000))
+        self._lease = repr(lease)
+        self.owner = uuid.uuid4().hex
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _key(scope: str, index: int) -> list[str]:
+        return [f"{PREFIX}result:{scope}:{index}"]
+
+    async def claim(self, scope: str, index: int, digest: str) -> Claim:
+        args = [self.owner, digest, repr(time.time()), self._lease, self._ttl_ms, PREFIX + "owner:"]
+        verdict, kept = await _call("results", self._claim(keys=self._key(scope, index), args=args))
+        return Claim(Verdict(_text(verdict)), kept if isinstance(kept, bytes) else b"")
+
+    async def keep(self, scope: str, index: int, digest: str, kept: bytes | None) -> None:
+        args: list[str | bytes] = [
+            digest,
+            self.owner,
+            "0" if kept is None else "1",
+            kept or b"",
+            self._ttl_ms,
+        ]
+        await _call("results", self._keep(keys=self._key(scope, index), args=args))
+
+    def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
+        """Keep this process's heartbeat alive until `stop`."""
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(on_failure))
+
+    async def _beat(self, on_failure: Callable[[], None]) -> None:
+        key = f"{PREFIX}owner:{self.owner}"
+        while True:
+            try:
+                await self._client.set(key, b"1", px=HEARTBEAT_TTL_MS)
+            except (RedisError, OSError, TimeoutError):
+                on_failure()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        # Gone at once: claims left behind are LOST now, not in HEARTBEAT_TTL_MS.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self._client.delete(f"{PREFIX}owner:{self.owner}")

@@ -1,0 +1,241 @@
+"""Idempotency keys: a repeat sends nothing twice; through real gRPC and the fake Braze, and the
+stores (this process's and Redis) held to the same rules."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server.idempotency import LocalResults, ResultStore, Verdict
+from canvas_gateway_server.shared import RedisResults, connect
+from conftest import Harness, violations_of
+from fake_braze import Fault
+from google.rpc import error_details_pb2
+from servers import redis_server
+
+TENANT_KEY = "order-2026-11-29.a"
+
+
+def trigger(first: int, count: int, canvas: str = "c") -> pb.CanvasTrigger:
+    users = [pb.Recipient(external_user_id=f"u{first + i}") for i in range(count)]
+    return pb.CanvasTrigger(canvas_id=canvas, recipients=users)
+
+
+def request(count: int, key: str = TENANT_KEY, first: int = 0, **options: Any) -> pb.SendRequest:
+    return pb.SendRequest(
+        trigger=trigger(first, count), options=pb.SendOptions(idempotency_key=key, **options)
+    )
+
+
+def sent_to(harness: Harness) -> Counter[str]:
+    """How many 201 calls of the fake carried each user."""
+    return Counter(r["external_user_id"] for call in harness.fake.sent() for r in call.body["recipients"])
+
+
+def outcomes(response: pb.SendResponse) -> list[tuple[int, str, str, bool]]:
+    return [
+        (r.batch_index, pb.Outcome.Name(r.outcome), grpc.StatusCode(_code(r.code)).name, r.replayed)
+        for r in response.results
+    ]
+
+
+def _code(number: int) -> tuple[int, str]:
+    return next(code.value for code in grpc.StatusCode if code.value[0] == number)
+
+
+async def test_a_repeat_returns_the_kept_results_and_calls_braze_no_more(harness: Harness) -> None:
+    first = await harness.stub.Send(request(120), metadata=harness.auth())
+    calls = len(harness.fake.calls)
+    again = await harness.stub.Send(request(120), metadata=harness.auth())
+
+    assert len(harness.fake.calls) == calls == 3
+    assert [r.outcome for r in again.results] == [pb.OUTCOME_SENT] * 3
+    assert all(r.replayed for r in again.results) and not any(r.replayed for r in first.results)
+    assert [r.braze.dispatch_id for r in again.results] == [r.braze.dispatch_id for r in first.results]
+    assert [list(r.positions) for r in again.results] == [list(r.positions) for r in first.results]
+    assert again.summary.recipients_sent == 120
+    assert set(sent_to(harness).values()) == {1}
+    # Another tenant's key of the same name is its own.
+    other = await harness.stub.Send(request(10), metadata=harness.auth("initech"))
+    assert [r.replayed for r in other.results] == [False]
+
+
+async def test_the_same_key_with_another_body_is_refused_per_batch(harness: Harness) -> None:
+    await harness.stub.Send(request(60), metadata=harness.auth())  # batches of 50 and 10
+    calls = len(harness.fake.calls)
+    changed = request(60)
+    changed.trigger.recipients[55].external_user_id = "someone-else"
+    response = await harness.stub.Send(changed, metadata=harness.auth())
+
+    assert len(harness.fake.calls) == calls  # nothing sent
+    assert outcomes(response) == [
+        (0, "OUTCOME_SENT", "OK", True),
+        (1, "OUTCOME_REJECTED", "FAILED_PRECONDITION", False),
+    ]
+    assert "batch 1 differs" in response.results[1].status_message
+
+
+async def test_unknown_stays_unknown_and_what_was_not_sent_is_sent_on_replay(harness: Harness) -> None:
+    # Batch 0 answers 500 (may have been sent: never again), batch 1 answers 429 (nothing sent).
+    harness.fake.faults.script([Fault.status(500), Fault.status(429)])
+    response = await harness.stub.Send(request(100), metadata=harness.auth())
+    assert [r.outcome for r in response.results] == [pb.OUTCOME_UNKNOWN, pb.OUTCOME_REJECTED]
+    assert response.results[1].retryable
+
+    again = await harness.stub.Send(request(100), metadata=harness.auth())
+    assert outcomes(again) == [(0, "OUTCOME_UNKNOWN", "UNKNOWN", True), (1, "OUTCOME_SENT", "OK", False)]
+    assert len(harness.fake.calls) == 3  # the 500, the 429, and batch 1 once more
+    third = await harness.stub.Send(request(100), metadata=harness.auth())
+    assert outcomes(third) == [(0, "OUTCOME_UNKNOWN", "UNKNOWN", True), (1, "OUTCOME_SENT", "OK", True)]
+    assert len(harness.fake.calls) == 3
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"max_attempts": 1}  # a 429 ends its batch at once, REJECTED and retryable
+
+
+async def test_a_batch_in_flight_elsewhere_is_aborted_with_retry_info(harness: Harness) -> None:
+    harness.fake.faults.script([Fault.delay(1.0)])
+    slow = asyncio.ensure_future(harness.stub.Send(request(10), metadata=harness.auth()))
+    await asyncio.sleep(0.3)  # claimed, and calling the fake (which records a call when it answers)
+    assert not slow.done()
+    busy = await harness.stub.Send(request(10), metadata=harness.auth())
+    result = busy.results[0]
+    assert (pb.Outcome.Name(result.outcome), result.code, result.retryable) == (
+        "OUTCOME_NOT_ATTEMPTED",
+        10,
+        True,
+    )
+    retry = error_details_pb2.RetryInfo()
+    assert any(detail.Unpack(retry) for detail in result.details)
+    assert (await slow).results[0].outcome == pb.OUTCOME_SENT
+    assert len(harness.fake.calls) == 1
+
+
+async def test_a_stream_cut_off_is_resumed_with_its_key_and_nobody_gets_it_twice(harness: Harness) -> None:
+    harness.fake.faults.set_latency(0.02)
+
+    def messages(count: int) -> list[pb.SendStreamRequest]:
+        header = pb.StreamHeader(
+            trigger=pb.CanvasTrigger(canvas_id="c"), options=pb.SendOptions(idempotency_key="bulk-1")
+        )
+        chunks = [pb.RecipientChunk(recipients=trigger(i, 100).recipients) for i in range(0, count, 100)]
+        return [pb.SendStreamRequest(header=header), *(pb.SendStreamRequest(chunk=chunk) for chunk in chunks)]
+
+    call = harness.stub.SendStream(iter(messages(1000)), metadata=harness.auth())
+    seen = 0
+    async for message in call:
+        seen += message.HasField("result")
+        if seen == 5:
+            call.cancel()  # the caller goes away mid-stream
+            break
+    await asyncio.sleep(0.3)  # batches cancelled with it settle their claims
+
+    results: dict[int, pb.BatchResult] = {}
+    async for message in harness.stub.SendStream(iter(messages(1000)), metadata=harness.auth()):
+        if message.HasField("result"):
+            assert message.result.batch_index not in results
+            results[message.result.batch_index] = message.result
+    positions = sorted(p for r in results.values() for p in r.positions)
+    assert positions == list(range(1000))
+    assert sum(r.replayed for r in results.values()) >= 5
+    # Nobody twice; a batch the cancel caught in flight is UNKNOWN, never sent again.
+    got = sent_to(harness)
+    assert max(got.values()) == 1
+    for result in results.values():
+        users = {f"u{p}" for p in result.positions}
+        if result.outcome == pb.OUTCOME_SENT:
+            assert all(got[user] == 1 for user in users)
+        else:
+            assert (result.outcome, result.replayed) == (pb.OUTCOME_UNKNOWN, True)
+
+
+async def test_a_bad_key_is_invalid_and_validate_only_keeps_nothing(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Send(request(3, key="no spaces allowed"), metadata=harness.auth())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in violations_of(caught.value)] == ["options.idempotency_key"]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await harness.stub.Send(request(3, key="k" * 129), metadata=harness.auth())
+
+    planned = await harness.stub.Send(request(3, validate_only=True), metadata=harness.auth())
+    assert planned.results[0].outcome == pb.OUTCOME_NOT_ATTEMPTED
+    sent = await harness.stub.Send(request(3), metadata=harness.auth())
+    assert (sent.results[0].outcome, sent.results[0].replayed) == (pb.OUTCOME_SENT, False)
+
+
+# --- the stores --------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResultStore]:
+    if request.param == "local":
+        yield LocalResults(ttl=60.0, capacity=100, lease=60.0)
+        return
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        results = RedisResults(client, ttl=60.0, lease=60.0)
+        results.start()
+        try:
+            yield results
+        finally:
+            await results.stop()
+            await client.aclose()
+
+
+async def test_a_store_claims_keeps_refuses_and_releases(store: ResultStore) -> None:
+    assert (await store.claim("acme/k", 0, "d0")).verdict is Verdict.CLAIMED
+    assert (await store.claim("acme/k", 0, "d0")).verdict is Verdict.BUSY  # claimed, not kept yet
+    assert (await store.claim("acme/k", 0, "other")).verdict is Verdict.MISMATCH
+    await store.keep("acme/k", 0, "d0", b'{"kept": 1}')
+    kept = await store.claim("acme/k", 0, "d0")
+    assert (kept.verdict, kept.kept) == (Verdict.KEPT, b'{"kept": 1}')
+    assert (await store.claim("acme/k", 0, "other")).verdict is Verdict.MISMATCH
+
+    assert (await store.claim("acme/k", 1, "d1")).verdict is Verdict.CLAIMED
+    await store.keep("acme/k", 1, "d1", None)  # released: nothing was sent
+    assert (await store.claim("acme/k", 1, "d1")).verdict is Verdict.CLAIMED
+    assert (await store.claim("globex/k", 0, "x")).verdict is Verdict.CLAIMED  # scopes apart
+
+
+async def test_a_claim_whose_gateway_is_gone_is_lost_and_stays_lost() -> None:
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        gone, alive = RedisResults(client, 60.0, 60.0), RedisResults(client, 60.0, 60.0)
+        gone.start()
+        alive.start()
+        try:
+            assert (await gone.claim("acme/k", 0, "d")).verdict is Verdict.CLAIMED
+            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.BUSY  # its gateway runs
+            await gone.stop()  # its heartbeat is gone: the claim's outcome is unknown
+            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.LOST
+            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.KEPT  # as UNKNOWN, for good
+            await gone.keep("acme/k", 0, "d", None)  # a late release does not reopen it
+            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.KEPT
+        finally:
+            await alive.stop()
+            await client.aclose()
+
+
+async def test_the_local_store_forgets_by_ttl_and_lru_and_a_stale_claim_is_lost() -> None:
+    now = [0.0]
+    evicted: list[str] = []
+    store = LocalResults(ttl=10.0, capacity=2, lease=5.0, clock=lambda: now[0], on_evict=evicted.append)
+    await store.claim("acme/k", 0, "d")
+    now[0] = 6.0  # past the lease, within the TTL
+    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.LOST
+    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.KEPT
+    now[0] = 17.0  # past the TTL
+    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.CLAIMED
+    await store.keep("acme/k", 0, "d", b"r")
+    await store.claim("acme/k", 1, "d")
+    await store.claim("acme/k", 0, "d")  # used: now the most recent
+    await store.claim("globex/k", 0, "d")  # over capacity: acme/k 1 goes
+    assert evicted == ["acme"] and len(store) == 2
+    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.KEPT
