@@ -83,6 +83,9 @@ class RedisServer:
 
     port: int
     directory: Path
+    persistent: bool = False
+    """Write every change to an append-only file (fsync always) in `directory`, as production
+    should: a restart then keeps what was written."""
     process: asyncio.subprocess.Process | None = None
 
     @property
@@ -102,7 +105,8 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "always",
             "--dir", str(self.directory),
             "--logfile", str(self.log),
             "--daemonize", "no",
@@ -129,21 +133,21 @@ class RedisServer:
             await client.aclose()
 
     async def stop(self) -> None:
-        """Stop it (SIGTERM; killed if it takes too long). Nothing was saved: it starts empty."""
+        """Stop it (SIGTERM; killed if it takes too long). Unless persistent, nothing was saved."""
         if self.process is not None:
             await stop_process(self.process)
 
     async def restart(self) -> None:
-        """A Redis restart: stop, then start again on the same port, empty."""
+        """A Redis restart: stop, then start again on the same port (empty, unless persistent)."""
         await self.stop()
         await self.start()
 
 
 @asynccontextmanager
-async def redis_server() -> AsyncIterator[RedisServer]:
+async def redis_server(persistent: bool = False) -> AsyncIterator[RedisServer]:
     """A redis-server on a free 127.0.0.1 port, answering PING; stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="cgw-redis-") as directory:
-        server = RedisServer(free_port(), Path(directory))
+        server = RedisServer(free_port(), Path(directory), persistent)
         try:
             await server.start()
             yield server

@@ -52,7 +52,8 @@ class Cluster:
     stub: pb_grpc.CanvasGatewayServiceAsyncStub
 
 
-async def start_replica(tenants: Path, session: aiohttp.ClientSession) -> Replica:
+async def start_replica(tenants: Path, session: aiohttp.ClientSession, **settings: str) -> Replica:
+    """A gateway process (`settings`: more CGW_ variables), once its /readyz answers."""
     address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {
         **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
@@ -63,6 +64,7 @@ async def start_replica(tenants: Path, session: aiohttp.ClientSession) -> Replic
         "CGW_SHUTDOWN_GRACE_SECONDS": "5",
         "CGW_SHUTDOWN_DELAY_SECONDS": str(SHUTDOWN_DELAY),
         "ACME_BRAZE_KEY": KEYS["acme"],
+        **settings,
     }
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "canvas_gateway_server", env=env)
     replica = Replica(process, address, admin)

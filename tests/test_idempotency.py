@@ -190,18 +190,20 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResultStore]:
 
 
 async def test_a_store_claims_keeps_refuses_and_releases(store: ResultStore) -> None:
-    assert (await store.claim("acme/k", 0, "d0")).verdict is Verdict.CLAIMED
-    assert (await store.claim("acme/k", 0, "d0")).verdict is Verdict.BUSY  # claimed, not kept yet
-    assert (await store.claim("acme/k", 0, "other")).verdict is Verdict.MISMATCH
-    await store.keep("acme/k", 0, "d0", b'{"kept": 1}')
-    kept = await store.claim("acme/k", 0, "d0")
+    assert (await store.claim("acme/k", 0, "d0", "t0")).verdict is Verdict.CLAIMED
+    assert (await store.claim("acme/k", 0, "d0", "t0")).verdict is Verdict.BUSY  # claimed, not kept yet
+    assert (await store.claim("acme/k", 0, "other", "t0")).verdict is Verdict.MISMATCH
+    await store.keep("acme/k", 0, "d0", "t0", b'{"kept": 1}')
+    kept = await store.claim("acme/k", 0, "d0", "t0")
     assert (kept.verdict, kept.kept) == (Verdict.KEPT, b'{"kept": 1}')
-    assert (await store.claim("acme/k", 0, "other")).verdict is Verdict.MISMATCH
+    assert (await store.claim("acme/k", 0, "other", "t0")).verdict is Verdict.MISMATCH
 
-    assert (await store.claim("acme/k", 1, "d1")).verdict is Verdict.CLAIMED
-    await store.keep("acme/k", 1, "d1", None)  # released: nothing was sent
-    assert (await store.claim("acme/k", 1, "d1")).verdict is Verdict.CLAIMED
-    assert (await store.claim("globex/k", 0, "x")).verdict is Verdict.CLAIMED  # scopes apart
+    assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
+    await store.keep("acme/k", 1, "d1", "an-earlier-claim", None)  # not its claim: no release
+    assert (await store.claim("acme/k", 1, "d1", "t2")).verdict is Verdict.BUSY
+    await store.keep("acme/k", 1, "d1", "t1", None)  # released: nothing was sent
+    assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
+    assert (await store.claim("globex/k", 0, "x", "t0")).verdict is Verdict.CLAIMED  # scopes apart
 
 
 async def test_a_claim_whose_gateway_is_gone_is_lost_and_stays_lost() -> None:
@@ -211,13 +213,13 @@ async def test_a_claim_whose_gateway_is_gone_is_lost_and_stays_lost() -> None:
         gone.start()
         alive.start()
         try:
-            assert (await gone.claim("acme/k", 0, "d")).verdict is Verdict.CLAIMED
-            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.BUSY  # its gateway runs
+            assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.BUSY  # its gateway runs
             await gone.stop()  # its heartbeat is gone: the claim's outcome is unknown
-            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.LOST
-            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.KEPT  # as UNKNOWN, for good
-            await gone.keep("acme/k", 0, "d", None)  # a late release does not reopen it
-            assert (await alive.claim("acme/k", 0, "d")).verdict is Verdict.KEPT
+            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
+            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT  # as UNKNOWN, for good
+            await gone.keep("acme/k", 0, "d", "t0", None)  # a late release does not reopen it
+            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
         finally:
             await alive.stop()
             await client.aclose()
@@ -227,15 +229,15 @@ async def test_the_local_store_forgets_by_ttl_and_lru_and_a_stale_claim_is_lost(
     now = [0.0]
     evicted: list[str] = []
     store = LocalResults(ttl=10.0, capacity=2, lease=5.0, clock=lambda: now[0], on_evict=evicted.append)
-    await store.claim("acme/k", 0, "d")
+    await store.claim("acme/k", 0, "d", "t0")
     now[0] = 6.0  # past the lease, within the TTL
-    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.LOST
-    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.KEPT
+    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
+    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
     now[0] = 17.0  # past the TTL
-    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.CLAIMED
-    await store.keep("acme/k", 0, "d", b"r")
-    await store.claim("acme/k", 1, "d")
-    await store.claim("acme/k", 0, "d")  # used: now the most recent
-    await store.claim("globex/k", 0, "d")  # over capacity: acme/k 1 goes
+    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+    await store.keep("acme/k", 0, "d", "t0", b"r")
+    await store.claim("acme/k", 1, "d", "t1")
+    await store.claim("acme/k", 0, "d", "t0")  # used: now the most recent
+    await store.claim("globex/k", 0, "d", "t0")  # over capacity: acme/k 1 goes
     assert evicted == ["acme"] and len(store) == 2
-    assert (await store.claim("acme/k", 0, "d")).verdict is Verdict.KEPT
+    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT

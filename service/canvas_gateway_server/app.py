@@ -60,6 +60,9 @@ DEMO_TOKEN = "demo-token"  # noqa: S105 - a documented demo credential for the e
 DEMO_BRAZE_KEY = "demo-braze-key"
 ABANDON_SECONDS = 5.0
 """After the grace period, how long abandoned RPCs get to report their results."""
+KEEP_SECONDS = 5.0
+"""At shutdown, how long results not yet kept under their idempotency keys (the store did not
+answer) are still offered to it."""
 LEASE_MARGIN_SECONDS = 10.0
 """A Redis reservation of a budget outlives the longest Braze call by this much: a replica that
 dies with calls under way holds the budget no longer."""
@@ -136,7 +139,7 @@ class Gateway:
             if settings.breaker_failures
             else None,
             budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
-            ledger=Ledger(results, metrics),
+            ledger=Ledger(results, metrics, settings.idempotency_lease_seconds),
         )
         sender = Sender(
             dispatcher,
@@ -263,7 +266,7 @@ class Gateway:
         # One stop (a second call can crash grpcio), once our RPCs are done; the short grace lets
         # their last responses go out and ends the rest, such as health watchers.
         await self.server.stop(FLUSH_SECONDS)
-        await self.dispatcher.ledger.settled()
+        await self.dispatcher.ledger.settled(KEEP_SECONDS)
         if self.shared_results is not None:
             await self.shared_results.stop()
         if self.redis is not None:

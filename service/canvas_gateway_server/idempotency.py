@@ -23,8 +23,9 @@ import enum
 import hashlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
@@ -45,6 +46,8 @@ DEFAULT_CAPACITY: Final = 200_000
 DEFAULT_LEASE: Final = 900.0
 """CGW_IDEMPOTENCY_LEASE_SECONDS: the longest a claim counts as in flight while its process runs."""
 BUSY_RETRY_SECONDS: Final = 1.0
+KEEP_RETRY_SECONDS: Final = 1.0
+"""How often a result the store did not take is offered again."""
 """When a caller told that a batch is in flight elsewhere should try again."""
 LOST_TEXT: Final = (
     "outcome unknown: an earlier call under this idempotency key was sending this batch when its "
@@ -71,13 +74,14 @@ class Claim:
 class ResultStore(Protocol):
     """Claims and kept results, each under (scope, batch index); scope is tenant and key."""
 
-    async def claim(self, scope: str, index: int, digest: str) -> Claim:
-        """Claim the batch for this process unless it is kept, claimed, or has another digest.
+    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        """Claim the batch as `token` unless it is kept, claimed, or has another digest.
         A claim whose process stopped (or that outlived the lease) becomes a kept UNKNOWN: LOST."""
         ...
 
-    async def keep(self, scope: str, index: int, digest: str, kept: bytes | None) -> None:
-        """End this process's claim: keep `kept`, or (None) release the claim."""
+    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+        """End the claim `token`: keep `kept`; or (None) release the claim if it is still
+        `token`'s, so that a later call sends the batch."""
         ...
 
 
@@ -88,6 +92,7 @@ class _Entry:
     kept: bytes | None = None
     """None while claimed."""
     claimed_at: float = 0.0
+    token: str = ""
 
 
 class LocalResults:
@@ -116,7 +121,7 @@ class LocalResults:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def claim(self, scope: str, index: int, digest: str) -> Claim:
+    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
         now = self._clock()
         key = (scope, index)
         entry = self._entries.get(key)
@@ -124,7 +129,7 @@ class LocalResults:
             del self._entries[key]
             entry = None
         if entry is None:
-            self._entries[key] = _Entry(digest, now + self._ttl, claimed_at=now)
+            self._entries[key] = _Entry(digest, now + self._ttl, claimed_at=now, token=token)
             while len(self._entries) > self._capacity:
                 (evicted, _), _ = self._entries.popitem(last=False)
                 self._on_evict(evicted.partition("/")[0])
@@ -139,11 +144,11 @@ class LocalResults:
         entry.kept = b""
         return Claim(Verdict.LOST)
 
-    async def keep(self, scope: str, index: int, digest: str, kept: bytes | None) -> None:
+    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
         key = (scope, index)
         entry = self._entries.get(key)
         if kept is None:
-            if entry is not None and entry.kept is None and entry.digest == digest:
+            if entry is not None and entry.kept is None and entry.token == token:
                 del self._entries[key]
             return
         self._entries[key] = _Entry(digest, self._clock() + self._ttl, kept)
@@ -203,26 +208,33 @@ class Claimed:
     scope: str
     batch: Batch
     digest: str
+    token: str
+    """This claim's name: only it may release the claim."""
 
 
 class Ledger:
     """The dispatcher's view of a `ResultStore`: a claim, or the result that stands for the batch."""
 
-    def __init__(self, store: ResultStore, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, store: ResultStore, metrics: Metrics | None = None, lease: float = DEFAULT_LEASE
+    ) -> None:
         self._store = store
+        self._lease = lease
         self._metrics = metrics or Metrics()
         self._pending: set[asyncio.Task[None]] = set()
 
     async def claim(self, tenant: Tenant, key: str, batch: Batch) -> Claimed | BatchResult:
-        scope, fingerprint = f"{tenant.id}/{key}", digest(batch)
+        claimed = Claimed(tenant, f"{tenant.id}/{key}", batch, digest(batch), uuid.uuid4().hex)
         try:
-            claim = await self._store.claim(scope, batch.index, fingerprint)
+            claim = await self._store.claim(claimed.scope, batch.index, claimed.digest, claimed.token)
         except StoreUnavailable as exc:
+            # The claim may have been made with its answer lost: release it once the store answers.
+            self._later(self._keep_until_kept(claimed, None))
             return results.store_unavailable(batch, 0, str(exc))
         self._metrics.idempotency(tenant.id, claim.verdict.value)
         match claim.verdict:
             case Verdict.CLAIMED:
-                return Claimed(tenant, scope, batch, fingerprint)
+                return claimed
             case Verdict.KEPT:
                 return decode(claim.kept, batch)
             case Verdict.LOST:
@@ -233,15 +245,16 @@ class Ledger:
                 return results.key_busy(batch, time.time() + BUSY_RETRY_SECONDS)
 
     async def keep(self, claimed: Claimed, result: BatchResult) -> None:
-        """Keep the result, or release the claim; a store that fails leaves the claim to lapse
-        into LOST (never into a second send), and the result is logged for reconciliation."""
+        """Keep the result, or release the claim. While the store does not answer this goes on
+        in the background (every KEEP_RETRY_SECONDS, for as long as the lease), so the claim
+        does not stay in flight; the result is logged for reconciliation meanwhile."""
         data = encode(result) if kept(result) else None
         try:
-            await self._store.keep(claimed.scope, claimed.batch.index, claimed.digest, data)
+            await self._store.keep(claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data)
         except StoreUnavailable:
             log.error(
-                "the result of batch %d could not be kept under its idempotency key: "
-                "a call with the key gets UNKNOWN for it once the claim lapses",
+                "the result of batch %d is not kept yet under its idempotency key (the store does "
+                "not answer): calls with the key get ABORTED for it until it is",
                 claimed.batch.index,
                 extra={
                     "tenant": claimed.tenant.id,
@@ -250,16 +263,45 @@ class Ledger:
                     "dispatch_id": result.dispatch_id or "-",
                 },
             )
+            self._later(self._keep_until_kept(claimed, data))
+
+    async def _keep_until_kept(self, claimed: Claimed, data: bytes | None) -> None:
+        deadline = time.monotonic() + self._lease
+        while time.monotonic() < deadline:
+            await asyncio.sleep(KEEP_RETRY_SECONDS)
+            try:
+                await self._store.keep(
+                    claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data
+                )
+            except StoreUnavailable:
+                continue
+            if data is None:
+                return
+            log.info(
+                "the result of batch %d is kept now", claimed.batch.index, extra={"tenant": claimed.tenant.id}
+            )
+            return
+        log.error(
+            "the result of batch %d was never kept: its claim lapses into UNKNOWN",
+            claimed.batch.index,
+            extra={"tenant": claimed.tenant.id, "batch_index": claimed.batch.index},
+        )
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def keep_soon(self, claimed: Claimed, sent: bool) -> None:
         """The call was cancelled: keep UNKNOWN if the batch may have gone out, else release it,
         in a task of its own (the cancelled one cannot wait)."""
         result = _lost(claimed.batch) if sent else results.not_attempted(claimed.batch, "cancelled")
-        task = asyncio.get_running_loop().create_task(self.keep(claimed, result))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._later(self.keep(claimed, result))
 
-    async def settled(self) -> None:
-        """Wait for the results kept in the background (at shutdown)."""
-        while self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+    async def settled(self, within: float) -> None:
+        """Wait up to `within` seconds for the results kept in the background (at shutdown);
+        what is still not kept then lapses into UNKNOWN with its claim."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=within)
+        for task in self._pending:
+            task.cancel()

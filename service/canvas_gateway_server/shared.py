@@ -35,6 +35,7 @@ from typing import Any, Final, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .idempotency import Claim, Verdict
@@ -103,7 +104,7 @@ return '0'
 _CLAIM: Final = """
 local v = redis.call('HMGET', KEYS[1], 'digest', 'owner', 'at', 'kept')
 if not v[1] then
-  redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'owner', ARGV[1], 'at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'owner', ARGV[1], 'at', ARGV[3], 'token', ARGV[7])
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   return {'claimed', ''}
 end
@@ -117,8 +118,8 @@ return {'lost', ''}
 
 _KEEP: Final = """
 if ARGV[3] == '0' then
-  local v = redis.call('HMGET', KEYS[1], 'digest', 'owner', 'kept')
-  if v[1] == ARGV[1] and v[2] == ARGV[2] and not v[3] then redis.call('DEL', KEYS[1]) end
+  local v = redis.call('HMGET', KEYS[1], 'token', 'kept')
+  if v[1] == ARGV[2] and not v[2] then redis.call('DEL', KEYS[1]) end
   return 0
 end
 redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'kept', ARGV[4])
@@ -128,12 +129,14 @@ return 1
 
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
-    """A client that gives up after `timeout` and never retries on its own (the stores decide)."""
+    """A client that gives up after `timeout`. It tries once more only when a pooled connection
+    turns out closed (after a Redis restart), never after a timeout: every script is safe to run
+    twice anyway (a second claim is BUSY, a second reservation lapses, a second keep is the same)."""
     return aioredis.Redis.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=0,
     )
 
@@ -261,15 +264,15 @@ class RedisResults:
     def _key(scope: str, index: int) -> list[str]:
         return [f"{PREFIX}result:{scope}:{index}"]
 
-    async def claim(self, scope: str, index: int, digest: str) -> Claim:
-        args = [self.owner, digest, repr(time.time()), self._lease, self._ttl_ms, PREFIX + "owner:"]
+    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        args = [self.owner, digest, repr(time.time()), self._lease, self._ttl_ms, PREFIX + "owner:", token]
         verdict, kept = await _call("results", self._claim(keys=self._key(scope, index), args=args))
         return Claim(Verdict(_text(verdict)), kept if isinstance(kept, bytes) else b"")
 
-    async def keep(self, scope: str, index: int, digest: str, kept: bytes | None) -> None:
+    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
         args: list[str | bytes] = [
             digest,
-            self.owner,
+            token,
             "0" if kept is None else "1",
             kept or b"",
             self._ttl_ms,

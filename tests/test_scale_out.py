@@ -1,0 +1,298 @@
+"""The scale-out proof on loopback: 3 replicas of 2 workers each behind the real HAProxy
+(deploy/haproxy/haproxy.cfg), sharing budgets and idempotency keys through a real Redis, all
+sending to one fake Braze.
+
+- A tenant limited at the fake to N calls a window, and streams on several connections that need
+  more: no window gets more than N calls (0 429s), and >= 95% of N is used in every full window.
+- A replica SIGKILLed mid-stream: the caller resumes through the balancer with its key; nobody
+  gets the Canvas twice (the fake's record), every recipient ends with exactly one result,
+  UNKNOWN where the kill left it unknown.
+- Redis restarted mid-stream: budgets fail open (this process's own), keys fail closed (those
+  batches end NOT_ATTEMPTED), and the caller's repeat with its key sends each of those once.
+And, in one process: a closed budget store ends batches NOT_ATTEMPTED / UNAVAILABLE while Redis
+is down, an open one sends and says so in its metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from conftest import FAKE_URLS, KEYS, TOKENS, Harness, tenants_toml
+from fake_braze import FakeBraze, FakeBrazeConfig
+from prometheus_client.parser import text_string_to_metric_families
+from servers import RedisServer, haproxy, redis_server, stop_process
+from test_balancer import Replica, start_replica
+
+AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
+REPLICAS = 3
+WINDOW = 2
+"""Seconds in the fake's shortened 'hour'."""
+LIMIT = 50
+"""Calls per window for acme at the fake."""
+
+
+CUT_OFF = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
+"""How a stream ends when its replica dies, directly and through HAProxy."""
+
+
+@dataclass
+class Cluster:
+    replicas: list[Replica]
+    redis: RedisServer
+    target: str
+
+
+@pytest.fixture
+def fake_config() -> FakeBrazeConfig:
+    return FakeBrazeConfig(
+        api_keys=frozenset(KEYS.values()), hourly_limit=LIMIT, hourly_window_seconds=WINDOW
+    )
+
+
+@pytest.fixture
+async def cluster(fake: FakeBraze, tmp_path: Path) -> AsyncIterator[Cluster]:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    async with redis_server(persistent=True) as redis:
+        settings = {
+            "CGW_WORKERS": "2",
+            "CGW_REDIS_URL": redis.url,
+            "CGW_REQUEST_CONCURRENCY": "4",  # 6 streams x 4 < LIMIT: a window's opening is unknown
+            "CGW_MAX_RETRY_WAIT_SECONDS": str(WINDOW + 3),
+            "CGW_SHUTDOWN_DELAY_SECONDS": "0",
+        }
+        async with aiohttp.ClientSession() as session:
+            started = await asyncio.gather(
+                *(start_replica(tenants, session, **settings) for _ in range(REPLICAS)),
+                return_exceptions=True,
+            )
+        replicas = [replica for replica in started if isinstance(replica, Replica)]
+        try:
+            for outcome in started:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            async with haproxy([(r.address, r.admin) for r in replicas]) as balancer:
+                yield Cluster(replicas, redis, balancer.address)
+        finally:
+            await asyncio.gather(*(stop_process(r.process, signal.SIGKILL) for r in replicas))
+
+
+def messages(first: int, count: int, key: str = "") -> list[pb.SendStreamRequest]:
+    header = pb.StreamHeader(
+        trigger=pb.CanvasTrigger(canvas_id="c"), options=pb.SendOptions(idempotency_key=key)
+    )
+    users = [pb.Recipient(external_user_id=f"u{first + i}") for i in range(count)]
+    chunks = [pb.RecipientChunk(recipients=users[i : i + 250]) for i in range(0, count, 250)]
+    return [pb.SendStreamRequest(header=header), *(pb.SendStreamRequest(chunk=c) for c in chunks)]
+
+
+async def stream(target: str, first: int, count: int, key: str = "") -> list[pb.BatchResult]:
+    """One SendStream on a connection of its own; its results."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.CanvasGatewayServiceStub(channel)
+        call = stub.SendStream(iter(messages(first, count, key)), metadata=AUTH, timeout=60)
+        return [message.result async for message in call if message.HasField("result")]
+
+
+def sent_to(fake: FakeBraze) -> Counter[str]:
+    return Counter(r["external_user_id"] for call in fake.sent() for r in call.body["recipients"])
+
+
+async def metric(admin: str, name: str, **labels: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{admin}/metrics") as reply:
+        text = await reply.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def test_replicas_share_the_budget_spend_it_and_never_overspend_it(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(WINDOW - loop.time() % WINDOW)  # roughly: start early in a window
+    streams = 6
+    done = await asyncio.gather(*(stream(cluster.target, i * 1500, 1500) for i in range(streams)))
+
+    for each in done:  # positions count within each stream
+        assert sorted(p for r in each for p in r.positions) == list(range(1500))
+        assert {r.outcome for r in each} == {pb.OUTCOME_SENT}
+    assert set(sent_to(fake).values()) == {1} and len(sent_to(fake)) == streams * 1500
+    by_window: dict[int, Counter[int]] = {}
+    for call in fake.calls:
+        by_window.setdefault(math.floor(call.received_at / WINDOW), Counter())[call.status] += 1
+    assert sum(c[429] for c in by_window.values()) == 0  # never more than the budget: 0 over-send
+    full = sorted(by_window)[1:-1]
+    assert len(full) >= 2, by_window
+    use = sum(by_window[w][201] for w in full) / (LIMIT * len(full))
+    assert use >= 0.95, (use, by_window)
+    # Every replica took part (its workers take connections as the kernel deals them: README).
+    for replica in cluster.replicas:
+        assert await metric(replica.admin, "canvas_gateway_braze_requests_total") > 0
+
+
+async def replica_with_stream(cluster: Cluster) -> Replica:
+    for _ in range(100):
+        for replica in cluster.replicas:
+            if await metric(replica.admin, "canvas_gateway_streams_open") > 0:
+                return replica
+        await asyncio.sleep(0.02)
+    raise AssertionError("no replica has the stream open")
+
+
+async def kill_replica(replica: Replica) -> None:
+    """SIGKILL the replica's workers and its supervisor at once, as a crash or a lost node would
+    (SIGKILL to the supervisor alone would leave its workers a SIGTERM, and time to drain)."""
+    pid = replica.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 2, children
+    for child in children:
+        os.kill(int(child), signal.SIGKILL)
+    await stop_process(replica.process, signal.SIGKILL)
+
+
+async def resume(target: str, count: int, key: str, results: dict[int, pb.BatchResult]) -> None:
+    """Reopen the stream with the key until every batch has a final result, as a caller does: a
+    NOT_ATTEMPTED batch is sent again; one in flight on a replica that is gone is ABORTED until
+    its heartbeat lapses, then UNKNOWN."""
+    for _ in range(20):
+        try:
+            for result in await stream(target, 0, count, key):
+                known = results.get(result.batch_index)
+                if known is None or known.outcome == pb.OUTCOME_NOT_ATTEMPTED:  # the first final one
+                    results[result.batch_index] = result
+        except grpc.aio.AioRpcError as error:  # through the balancer, a replica going away
+            if error.code() not in CUT_OFF:
+                raise
+        again = [r for r in results.values() if r.outcome == pb.OUTCOME_NOT_ATTEMPTED]
+        if len(results) == math.ceil(count / 50) and not again:
+            return
+        await asyncio.sleep(1.0)
+    raise AssertionError(f"no final result for every batch: {Counter(r.code for r in results.values())}")
+
+
+async def test_a_replica_killed_mid_stream_is_resumed_with_the_key_and_nobody_gets_it_twice(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    fake.faults.set_latency(0.05)
+    count, key = 2000, "kill-test"
+    results: dict[int, pb.BatchResult] = {}
+    async with grpc.aio.insecure_channel(cluster.target) as channel:
+        stub = pb_grpc.CanvasGatewayServiceStub(channel)
+        call = stub.SendStream(iter(messages(0, count, key)), metadata=AUTH, timeout=60)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            async for message in call:
+                if message.HasField("result"):
+                    results[message.result.batch_index] = message.result
+                    if len(results) == 6:
+                        await kill_replica(await replica_with_stream(cluster))
+    # HAProxy ends the stream without trailers when its replica dies: UNKNOWN ("Stream removed");
+    # a direct connection would say UNAVAILABLE. With a key either is safe to resume.
+    assert cut.value.code() in CUT_OFF, cut.value
+    before = dict(results)
+
+    results = {}
+    await resume(cluster.target, count, key, results)
+    assert sorted(p for r in results.values() for p in r.positions) == list(range(count))
+    for index, result in before.items():  # what the caller had stands, replayed
+        assert (results[index].outcome, results[index].replayed) == (result.outcome, True)
+    got = sent_to(fake)
+    assert max(got.values()) == 1  # nobody twice
+    unknown = [r for r in results.values() if r.outcome == pb.OUTCOME_UNKNOWN]
+    assert 0 < len(unknown) <= 2 * 4  # the dead replica's batches in flight: 2 workers x 4
+    for result in results.values():
+        users = {f"u{p}" for p in result.positions}
+        if result.outcome == pb.OUTCOME_SENT:
+            assert all(got[user] == 1 for user in users)
+        else:
+            assert (result.outcome, result.replayed) == (pb.OUTCOME_UNKNOWN, True)
+
+
+async def test_a_redis_restart_mid_stream_fails_keys_closed_and_budgets_open(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    fake.faults.set_latency(0.1)
+    count, key = 3000, "redis-restart"
+
+    async def restart() -> None:
+        await asyncio.sleep(0.3)
+        await cluster.redis.stop()
+        await asyncio.sleep(0.6)
+        await cluster.redis.start()
+
+    first, _ = await asyncio.gather(stream(cluster.target, 0, count, key), restart())
+    outcomes = Counter(pb.Outcome.Name(r.outcome) for r in first)
+    assert outcomes["OUTCOME_NOT_ATTEMPTED"] > 0 and outcomes["OUTCOME_SENT"] > 0, outcomes
+    assert set(outcomes) <= {"OUTCOME_SENT", "OUTCOME_NOT_ATTEMPTED"}
+    failures = [await metric(r.admin, "canvas_gateway_shared_store_failures_total") for r in cluster.replicas]
+    assert sum(failures) > 0
+
+    results: dict[int, pb.BatchResult] = {}
+    await resume(cluster.target, count, key, results)
+    assert sorted(p for r in results.values() for p in r.positions) == list(range(count))
+    assert {r.outcome for r in results.values()} == {pb.OUTCOME_SENT}
+    sent_before = {r.batch_index for r in first if r.outcome == pb.OUTCOME_SENT}
+    assert {i for i, r in results.items() if r.replayed} == sent_before  # kept through the restart
+    assert set(sent_to(fake).values()) == {1} and len(sent_to(fake)) == count
+
+
+# --- the failure policy, in one process ----------------------------------------------------
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    async with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["open", "closed"])
+def settings_overrides(request: pytest.FixtureRequest, redis: RedisServer) -> dict[str, Any]:
+    return {"redis_url": redis.url, "redis_failure": request.param, "redis_timeout_seconds": 0.2}
+
+
+async def test_while_redis_is_down_budgets_fail_as_configured(
+    harness: Harness, redis: RedisServer, settings_overrides: dict[str, Any]
+) -> None:
+    request = pb.SendRequest(
+        trigger=pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id="a")])
+    )
+    assert (await harness.stub.Send(request, metadata=harness.auth())).results[0].outcome == pb.OUTCOME_SENT
+    await redis.stop()
+    down = (await harness.stub.Send(request, metadata=harness.auth())).results[0]
+    fallback = harness.gateway.registry.get_sample_value(
+        "canvas_gateway_shared_store_fallback", {"store": "budgets"}
+    )
+    if settings_overrides["redis_failure"] == "closed":
+        assert (down.outcome, down.code, down.retryable) == (pb.OUTCOME_NOT_ATTEMPTED, 14, True)
+        assert "shared budgets store (Redis) did not answer" in down.status_message
+        assert redis.url not in down.status_message
+        assert fallback in (None, 0)
+    else:
+        assert down.outcome == pb.OUTCOME_SENT
+        assert fallback == 1
+    failures = harness.gateway.registry.get_sample_value(
+        "canvas_gateway_shared_store_failures_total", {"store": "budgets", "op": "reserve"}
+    )
+    assert failures and failures >= 1
+    await redis.start()
+    again = (await harness.stub.Send(request, metadata=harness.auth())).results[0]
+    assert again.outcome == pb.OUTCOME_SENT
+    assert harness.gateway.registry.get_sample_value(
+        "canvas_gateway_shared_store_fallback", {"store": "budgets"}
+    ) in (None, 0)
