@@ -151,6 +151,22 @@ async def test_sigterm_drains_every_worker_and_exits_0(
             pass
 
 
+async def test_workers_without_redis_refuse_idempotency_keys_and_send_nothing(
+    workers: tuple[asyncio.subprocess.Process, str, str], fake: FakeBraze
+) -> None:
+    _, address, _ = workers
+    keyed = request(3)
+    keyed.options.idempotency_key = "k1"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send_on_own_connections(address, [keyed])
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "CGW_REDIS_URL" in (refused.value.details() or "")
+    assert fake.calls == []
+    assert [r.outcome for r in (await send_on_own_connections(address, [request(3)]))[0].results] == [
+        pb.OUTCOME_SENT
+    ]
+
+
 def test_worker_count_is_the_setting_or_the_cores_and_one_for_the_demo() -> None:
     assert worker_count(Settings.from_env({}, tenants_file="t", workers=3)) == 3
     assert worker_count(Settings.from_env({}, tenants_file="t")) == min(
