@@ -3,7 +3,8 @@
 A gateway (the harness of conftest.py) sends real traffic through gRPC to the fake Braze: sends,
 a Canvas that is paused, a 503 (UNKNOWN, and the circuit breaker opens), 429s that are retried,
 a stream, a tenant whose Braze key the fake refuses (401), calls without or with an unknown
-token, an invalid request, tenants reloads that fail, a budget spent to the last call (paused,
+token, an invalid request, tenants reloads that fail, Redis (the shared budgets) stopped and
+started again, a budget spent to the last call (paused,
 then refused locally), and a shutdown whose not-ready delay Prometheus scrapes. Each kind of
 traffic runs twice, with a scrape between, because a counter's first sample gives rate()
 nothing.
@@ -33,6 +34,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from conftest import KEYS, TOKENS, Harness
 from fake_braze import FakeBrazeConfig, Fault
 from google.rpc import code_pb2
+from servers import RedisServer, redis_server
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "canvas-gateway.json"
@@ -81,8 +83,15 @@ BREAKER_COOLDOWN = 1.5
 
 
 @pytest.fixture
-def settings_overrides() -> dict[str, Any]:
+async def redis() -> AsyncIterator[RedisServer]:
+    async with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def settings_overrides(redis: RedisServer) -> dict[str, Any]:
     return {
+        "redis_url": redis.url,  # shared budgets; an outage in each round (fail open)
         "shutdown_delay_seconds": SHUTDOWN_DELAY,
         "breaker_failures": 1,
         "breaker_cooldown_seconds": BREAKER_COOLDOWN,
@@ -110,7 +119,7 @@ async def refused(
     return code
 
 
-async def one_round(h: Harness) -> None:
+async def one_round(h: Harness, redis: RedisServer) -> None:
     """Each kind of traffic once. acme makes 7 calls that count against its budget."""
     acme = h.auth("acme")
     reply = await h.stub.Send(unary(60), metadata=acme, timeout=10)  # 2 calls
@@ -147,6 +156,11 @@ async def one_round(h: Harness) -> None:
     tenants_file.write_text("broken [")
     h.gateway.reload_tenants()  # fails, keeps the tenants
     tenants_file.write_text(good)
+
+    await redis.stop()  # budgets fall back to the process's own (fail open), and say so
+    refused_key = await h.stub.Send(unary(2), metadata=h.auth("globex"), timeout=10)  # not acme's budget
+    assert refused_key.results[0].braze.http_status == 401
+    await redis.start()
 
 
 async def spend_the_budget(h: Harness) -> None:
@@ -212,7 +226,9 @@ async def data_problem(prometheus: prometheus_server.Prometheus, expr: str, star
     )
 
 
-async def test_every_dashboard_and_alert_expression_has_data(harness: Harness, tmp_path: Path) -> None:
+async def test_every_dashboard_and_alert_expression_has_data(
+    harness: Harness, redis: RedisServer, tmp_path: Path
+) -> None:
     target = f"127.0.0.1:{harness.gateway.admin_port}"
     async with (
         asyncio.timeout(TEST_SECONDS),
@@ -221,7 +237,7 @@ async def test_every_dashboard_and_alert_expression_has_data(harness: Harness, t
         began = time.time()
         await prometheus.wait_for('up{job="canvas-gateway"} == 1', "a scrape of the gateway")
         for _ in range(2):
-            await one_round(harness)
+            await one_round(harness, redis)
             await prometheus.wait_for_scrape_after(time.time())
         await spend_the_budget(harness)
         await prometheus.wait_for('canvas_gateway_tenant_paused{tenant="acme"} == 1', "acme paused")
