@@ -76,7 +76,9 @@ class CanvasGatewayServiceServicer:
         "DRAINING") whose metadata "resume_position" is the first position it did
         not read. Every position before it has a result (a retryable
         NOT_ATTEMPTED one was not sent); open a new stream and send the
-        recipients without a result, and those NOT_ATTEMPTED, again.
+        recipients without a result, and those NOT_ATTEMPTED, again. With an
+        idempotency key (SendOptions), send the whole stream again instead, with
+        the same key: kept results come back replayed and only the rest is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

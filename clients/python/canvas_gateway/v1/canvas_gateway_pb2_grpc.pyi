@@ -72,7 +72,9 @@ class CanvasGatewayServiceStub:
     "DRAINING") whose metadata "resume_position" is the first position it did
     not read. Every position before it has a result (a retryable
     NOT_ATTEMPTED one was not sent); open a new stream and send the
-    recipients without a result, and those NOT_ATTEMPTED, again.
+    recipients without a result, and those NOT_ATTEMPTED, again. With an
+    idempotency key (SendOptions), send the whole stream again instead, with
+    the same key: kept results come back replayed and only the rest is sent.
     """
 
 @_typing.type_check_only
@@ -101,7 +103,9 @@ class CanvasGatewayServiceAsyncStub(CanvasGatewayServiceStub):
     "DRAINING") whose metadata "resume_position" is the first position it did
     not read. Every position before it has a result (a retryable
     NOT_ATTEMPTED one was not sent); open a new stream and send the
-    recipients without a result, and those NOT_ATTEMPTED, again.
+    recipients without a result, and those NOT_ATTEMPTED, again. With an
+    idempotency key (SendOptions), send the whole stream again instead, with
+    the same key: kept results come back replayed and only the rest is sent.
     """
 
 class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -139,7 +143,9 @@ class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         "DRAINING") whose metadata "resume_position" is the first position it did
         not read. Every position before it has a result (a retryable
         NOT_ATTEMPTED one was not sent); open a new stream and send the
-        recipients without a result, and those NOT_ATTEMPTED, again.
+        recipients without a result, and those NOT_ATTEMPTED, again. With an
+        idempotency key (SendOptions), send the whole stream again instead, with
+        the same key: kept results come back replayed and only the rest is sent.
         """
 
 def add_CanvasGatewayServiceServicer_to_server(servicer: CanvasGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2594,7 +2594,9 @@ export const CanvasGatewayServiceService = {
    * "DRAINING") whose metadata "resume_position" is the first position it did
    * not read. Every position before it has a result (a retryable
    * NOT_ATTEMPTED one was not sent); open a new stream and send the
-   * recipients without a result, and those NOT_ATTEMPTED, again.
+   * recipients without a result, and those NOT_ATTEMPTED, again. With an
+   * idempotency key (SendOptions), send the whole stream again instead, with
+   * the same key: kept results come back replayed and only the rest is sent.
    */
   sendStream: {
     path: "/canvas_gateway.v1.CanvasGatewayService/SendStream" as const,
@@ -2630,7 +2632,9 @@ export interface CanvasGatewayServiceServer extends UntypedServiceImplementation
    * "DRAINING") whose metadata "resume_position" is the first position it did
    * not read. Every position before it has a result (a retryable
    * NOT_ATTEMPTED one was not sent); open a new stream and send the
-   * recipients without a result, and those NOT_ATTEMPTED, again.
+   * recipients without a result, and those NOT_ATTEMPTED, again. With an
+   * idempotency key (SendOptions), send the whole stream again instead, with
+   * the same key: kept results come back replayed and only the rest is sent.
    */
   sendStream: handleBidiStreamingCall<SendStreamRequest, SendStreamResponse>;
 }
@@ -2669,7 +2673,9 @@ export interface CanvasGatewayServiceClient extends Client {
    * "DRAINING") whose metadata "resume_position" is the first position it did
    * not read. Every position before it has a result (a retryable
    * NOT_ATTEMPTED one was not sent); open a new stream and send the
-   * recipients without a result, and those NOT_ATTEMPTED, again.
+   * recipients without a result, and those NOT_ATTEMPTED, again. With an
+   * idempotency key (SendOptions), send the whole stream again instead, with
+   * the same key: kept results come back replayed and only the rest is sent.
    */
   sendStream(): ClientDuplexStream<SendStreamRequest, SendStreamResponse>;
   sendStream(options: Partial<CallOptions>): ClientDuplexStream<SendStreamRequest, SendStreamResponse>;
