@@ -227,9 +227,12 @@ class Ledger:
         claimed = Claimed(tenant, f"{tenant.id}/{key}", batch, digest(batch), uuid.uuid4().hex)
         try:
             claim = await self._store.claim(claimed.scope, batch.index, claimed.digest, claimed.token)
-        except StoreUnavailable as exc:
-            # The claim may have been made with its answer lost: release it once the store answers.
-            self._later(self._keep_until_kept(claimed, None))
+        except (StoreUnavailable, asyncio.CancelledError) as exc:
+            # The claim may have been made with its answer lost (or the caller gone while it was
+            # made): release it, once the store answers. Nothing was sent.
+            self._later(self._keep_until_kept(claimed, None, first=True))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return results.store_unavailable(batch, 0, str(exc))
         self._metrics.idempotency(tenant.id, claim.verdict.value)
         match claim.verdict:
@@ -265,10 +268,12 @@ class Ledger:
             )
             self._later(self._keep_until_kept(claimed, data))
 
-    async def _keep_until_kept(self, claimed: Claimed, data: bytes | None) -> None:
+    async def _keep_until_kept(self, claimed: Claimed, data: bytes | None, first: bool = False) -> None:
         deadline = time.monotonic() + self._lease
         while time.monotonic() < deadline:
-            await asyncio.sleep(KEEP_RETRY_SECONDS)
+            if not first:
+                await asyncio.sleep(KEEP_RETRY_SECONDS)
+            first = False
             try:
                 await self._store.keep(
                     claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data
