@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,22 @@ def health_watch(harness: Harness) -> AsyncIterator[health_pb2.HealthCheckRespon
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
     return aiter(watch(health_pb2.HealthCheckRequest(service="")))
+
+
+def sent_to(fake: FakeBraze) -> Counter[str]:
+    """How many calls the fake accepted (201, no notice) carried each external_user_id."""
+    return Counter(r["external_user_id"] for call in fake.sent() for r in call.body["recipients"])
+
+
+def check_sent_once(results: Iterable[pb.BatchResult], fake: FakeBraze) -> None:
+    """Nobody got the Canvas twice, and each result says what happened to its users u<position>:
+    SENT ones were sent once; any other is UNKNOWN and replayed (in flight when its call was cut
+    off, and never sent again)."""
+    got = sent_to(fake)
+    assert max(got.values()) == 1
+    for result in results:
+        users = {f"u{p}" for p in result.positions}
+        if result.outcome == pb.OUTCOME_SENT:
+            assert all(got[user] == 1 for user in users)
+        else:
+            assert (result.outcome, result.replayed) == (pb.OUTCOME_UNKNOWN, True)

@@ -4,7 +4,6 @@ stores (this process's and Redis) held to the same rules."""
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.idempotency import LocalResults, ResultStore, Verdict
 from canvas_gateway_server.shared import RedisResults, connect
-from conftest import Harness, violations_of
+from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
 from servers import redis_server
@@ -30,11 +29,6 @@ def request(count: int, key: str = TENANT_KEY, first: int = 0, **options: Any) -
     return pb.SendRequest(
         trigger=trigger(first, count), options=pb.SendOptions(idempotency_key=key, **options)
     )
-
-
-def sent_to(harness: Harness) -> Counter[str]:
-    """How many 201 calls of the fake carried each user."""
-    return Counter(r["external_user_id"] for call in harness.fake.sent() for r in call.body["recipients"])
 
 
 def outcomes(response: pb.SendResponse) -> list[tuple[int, str, str, bool]]:
@@ -59,7 +53,7 @@ async def test_a_repeat_returns_the_kept_results_and_calls_braze_no_more(harness
     assert [r.braze.dispatch_id for r in again.results] == [r.braze.dispatch_id for r in first.results]
     assert [list(r.positions) for r in again.results] == [list(r.positions) for r in first.results]
     assert again.summary.recipients_sent == 120
-    assert set(sent_to(harness).values()) == {1}
+    assert set(sent_to(harness.fake).values()) == {1}
     # Another tenant's key of the same name is its own.
     other = await harness.stub.Send(request(10), metadata=harness.auth("initech"))
     assert [r.replayed for r in other.results] == [False]
@@ -145,15 +139,7 @@ async def test_a_stream_cut_off_is_resumed_with_its_key_and_nobody_gets_it_twice
     positions = sorted(p for r in results.values() for p in r.positions)
     assert positions == list(range(1000))
     assert sum(r.replayed for r in results.values()) >= 5
-    # Nobody twice; a batch the cancel caught in flight is UNKNOWN, never sent again.
-    got = sent_to(harness)
-    assert max(got.values()) == 1
-    for result in results.values():
-        users = {f"u{p}" for p in result.positions}
-        if result.outcome == pb.OUTCOME_SENT:
-            assert all(got[user] == 1 for user in users)
-        else:
-            assert (result.outcome, result.replayed) == (pb.OUTCOME_UNKNOWN, True)
+    check_sent_once(results.values(), harness.fake)  # a batch the cancel caught in flight: UNKNOWN
 
 
 async def test_a_bad_key_is_invalid_and_validate_only_keeps_nothing(harness: Harness) -> None:

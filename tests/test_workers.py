@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -25,9 +24,10 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
 from canvas_gateway_server.workers import SharedBudgets, merge_expositions, worker_count
-from conftest import FAKE_URLS, KEYS, TOKENS, free_port, tenants_toml
+from conftest import FAKE_URLS, KEYS, TOKENS, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
+from test_balancer import start_replica
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 CONNECTIONS = 16
@@ -45,36 +45,20 @@ async def workers(
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
-        "CGW_WORKERS": "2",
-        "CGW_TENANTS_FILE": str(tenants),
-        "CGW_GRPC_ADDRESS": address,
-        "CGW_ADMIN_ADDRESS": admin,
-        "CGW_SHUTDOWN_GRACE_SECONDS": "5",
-        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
-        "CGW_MAX_RETRY_WAIT_SECONDS": "0",  # a paused budget answers at once, never waits
-        "ACME_BRAZE_KEY": KEYS["acme"],
-    }
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "canvas_gateway_server", env=env)
+    async with aiohttp.ClientSession() as session:
+        replica = await start_replica(
+            tenants,
+            session,
+            CGW_WORKERS="2",
+            CGW_SHUTDOWN_DELAY_SECONDS="0",
+            CGW_MAX_RETRY_WAIT_SECONDS="0",  # a paused budget answers at once, never waits
+        )
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://{admin}/readyz") as reply:
-                        if reply.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the workers never became ready")
-        yield proc, address, admin
+        yield replica.process, replica.address, replica.admin
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if replica.process.returncode is None:
+            replica.process.kill()
+            await replica.process.wait()
 
 
 async def send_on_own_connections(address: str, requests: list[pb.SendRequest]) -> list[pb.SendResponse]:
