@@ -35,6 +35,8 @@ MEASURES = (
     "budget_use",
     "peers",
     "observability_cost",
+    "replicas",
+    "redis_cost",
 )
 
 

@@ -1,0 +1,316 @@
+"""Redis cost: what the round trips to a shared Redis (CGW_REDIS_URL) cost per batch of 50.
+
+Each batch a gateway sends costs two budget operations (reserve before the Braze call, settle
+after it) and, with an idempotency key, two result operations (claim before, keep after). In
+process they are a dict update; with Redis each is one Lua script, one round trip to a
+redis-server on 127.0.0.1 (tests/servers.py starts Debian's). Measured in one run:
+
+  stores     the gateway's own classes called in a loop from this process, N batches: reserve +
+             settle on TableBudgets (in-process) and on RedisBudgets; claim + keep (a SENT
+             result kept) on LocalResults and on RedisResults. Sequentially (one batch after
+             another: the latency of the round trips) and from 8 tasks at once (the gateway's
+             default request concurrency: how far pipelining over 8 connections hides them).
+             Rounds alternate in-process and Redis; figures are medians over the rounds: wall time
+             per batch, this process's CPU per batch (the client's share, which a gateway pays)
+             and redis-server's CPU per batch. Every reservation must be a Ticket and every
+             claim CLAIMED, and the last batch's result must come back KEPT.
+  end to end one SendStream of 20,000 recipients (400 batches) through one gateway process,
+             with and without CGW_REDIS_URL, and with and without an idempotency key (a new key
+             each run, so every batch is claimed and kept, none replayed), against a fake Braze
+             that answers at once (so the CPU, not Braze, sets the pace). The four variants run
+             in turn, the order rotating each round; every result must be SENT and not
+             replayed. Figures: throughput as a ratio to the gateway without Redis and without a
+             key (the median of each round's ratio), and the gateway's and redis-server's CPU per
+             batch, totals over every round (/proc counts CPU in 10 ms ticks), with what Redis
+             budgets and then a key in Redis add to the gateway's.
+
+Machines here are noisy and have 2 cores, which the gateway, the fake Braze, redis-server and
+this client share: read the ratios and the CPU per batch, not the absolute rates.
+
+    .venv/bin/python bench/suite.py --only redis_cost --out -
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import grpc
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway_server import idempotency, shared
+from canvas_gateway_server.idempotency import LocalResults, ResultStore, Verdict
+from canvas_gateway_server.limits import BudgetStore, TableBudgets, Ticket
+from canvas_gateway_server.model import BatchResult, Code, Outcome
+from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
+from harness import (
+    AUTH,
+    CANVAS,
+    CONTEXT,
+    Figure,
+    cpu_seconds,
+    encoded_chunks,
+    fake_braze_command,
+    free_port,
+    wait_port,
+    wait_ready,
+    write_tenants,
+)
+from replicas import start_gateway
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from servers import redis_server, stop_process  # tests/ is on the path now
+
+MEASURE = "redis_cost"
+BATCH = 50
+CONCURRENCY = 8
+TIMEOUT_SECONDS = 5.0
+"""Redis timeout of the stores called here: generous, a slow answer on a busy machine is a figure."""
+BUDGET = ("bench", False)
+DIGEST = "0" * 32
+KEPT = idempotency.encode(
+    BatchResult(
+        0,
+        tuple(range(BATCH)),
+        Outcome.SENT,
+        Code.OK,
+        dispatch_id="bench-dispatch",
+        message="success",
+        http_status=201,
+        attempts=1,
+    )
+)
+
+
+def reply() -> Reply:
+    """A 201 as the fake gives it: a large budget left in the current clock hour."""
+    now = time.time()
+    return Reply(Delivery.RESPONDED, 201, rate=RateLimit(10**9, 10**9 - 1, int(now - now % 3600) + 3600))
+
+
+def budget_batch(store: BudgetStore) -> Callable[[int], Awaitable[None]]:
+    answer = reply()
+
+    async def one(_: int) -> None:
+        ticket = await store.reserve(BUDGET, time.time())
+        assert isinstance(ticket, Ticket), ticket
+        assert await store.settle(ticket, answer, time.time()) == 0.0
+
+    return one
+
+
+def result_batch(store: ResultStore, scope: str) -> Callable[[int], Awaitable[None]]:
+    async def one(index: int) -> None:
+        token = uuid.uuid4().hex
+        claim = await store.claim(scope, index, DIGEST, token)
+        assert claim.verdict is Verdict.CLAIMED, claim
+        await store.keep(scope, index, DIGEST, token, KEPT)
+
+    return one
+
+
+async def loop(
+    batch: Callable[[int], Awaitable[None]], n: int, concurrency: int, redis: int
+) -> tuple[float, float, float]:
+    """N batches from `concurrency` tasks: (wall us, this process's CPU us, Redis CPU us) per batch."""
+
+    async def worker(first: int) -> None:
+        for index in range(first, n, concurrency):
+            await batch(index)
+
+    cpu, redis_cpu, began = time.process_time(), cpu_seconds(redis), time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    cpu, redis_cpu = time.process_time() - cpu, cpu_seconds(redis) - redis_cpu
+    return elapsed / n * 1e6, cpu / n * 1e6, redis_cpu / n * 1e6
+
+
+async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure]:
+    client = shared.connect(redis_url, TIMEOUT_SECONDS)
+    figures = []
+    try:
+        table, remote = TableBudgets(), shared.RedisBudgets(client, lease=60.0)
+        kinds: dict[str, dict[str, Callable[[], Callable[[int], Awaitable[None]]]]] = {
+            "budgets reserve+settle": {
+                "in-process": lambda: budget_batch(table),
+                "Redis": lambda: budget_batch(remote),
+            },
+        }
+        local = LocalResults(ttl=3600.0, capacity=10**6, lease=60.0)
+        results = shared.RedisResults(client, ttl=3600.0, lease=60.0)
+        scopes: dict[str, str] = {}
+
+        def fresh(way: str, store: ResultStore) -> Callable[[int], Awaitable[None]]:
+            """A new scope for every loop: each claim is of a batch nobody claimed."""
+            scopes[way] = f"bench/{uuid.uuid4().hex}"
+            return result_batch(store, scopes[way])
+
+        kinds["results claim+keep"] = {
+            "in-process": lambda: fresh("in-process", local),
+            "Redis": lambda: fresh("Redis", results),
+        }
+        for kind, ways in kinds.items():
+            for concurrency in (1, CONCURRENCY):
+                for make in ways.values():  # warm up: connections, scripts loaded
+                    await loop(make(), min(n, 50), concurrency, redis)
+                taken: dict[str, list[tuple[float, float, float]]] = {way: [] for way in ways}
+                order = list(ways)
+                for _ in range(rounds):
+                    for way in order:
+                        taken[way].append(await loop(ways[way](), n, concurrency, redis))
+                    order.reverse()
+                how = "sequential" if concurrency == 1 else f"{concurrency} concurrent"
+                wall, cpu, server = (statistics.median(each) for each in zip(*taken["Redis"], strict=True))
+                figures += [
+                    Figure(
+                        MEASURE,
+                        f"{kind}, in-process, {how}: time per batch",
+                        statistics.median(t[0] for t in taken["in-process"]),
+                        "us",
+                    ),
+                    Figure(MEASURE, f"{kind}, Redis, {how}: time per batch", wall, "us"),
+                    Figure(MEASURE, f"{kind}, Redis, {how}: caller CPU per batch", cpu, "us"),
+                    Figure(MEASURE, f"{kind}, Redis, {how}: redis-server CPU per batch", server, "us"),
+                ]
+        # What was kept can be read back: the last batch of the last loop, from each store.
+        for name, store in (("in-process", local), ("Redis", results)):
+            found = await store.claim(scopes[name], n - 1, DIGEST, uuid.uuid4().hex)
+            assert (found.verdict, found.kept) == (Verdict.KEPT, KEPT), found
+    finally:
+        await client.aclose()
+    return figures
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+def header(key: str) -> bytes:
+    trigger = pb.CanvasTrigger(canvas_id=CANVAS)
+    trigger.context.update(CONTEXT)
+    options = pb.SendOptions(idempotency_key=key)
+    message = pb.SendStreamRequest(header=pb.StreamHeader(trigger=trigger, options=options))
+    data: bytes = message.SerializeToString()
+    return data
+
+
+async def send(channel: grpc.aio.Channel, n: int, parts: Sequence[bytes], key: str) -> tuple[float, int]:
+    """One SendStream of N recipients (with `key`, if any): (seconds, batches). Every result
+    must be SENT and not replayed, every recipient get one result, the summary count N."""
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield header(key)
+        for part in parts:
+            yield part
+
+    method = channel.stream_stream(
+        "/canvas_gateway.v1.CanvasGatewayService/SendStream",
+        request_serializer=None,
+        response_deserializer=pb.SendStreamResponse.FromString,
+    )
+    seen = batches = 0
+    began = time.perf_counter()
+    async for response in method(requests(), metadata=AUTH):
+        if response.HasField("result"):
+            result = response.result
+            assert (result.outcome, result.replayed) == (pb.OUTCOME_SENT, False), result
+            seen += len(result.positions)
+            batches += 1
+        else:
+            assert response.summary.recipients == n, response.summary
+    elapsed = time.perf_counter() - began
+    assert seen == n, (seen, n)
+    return elapsed, batches
+
+
+VARIANTS = {
+    "no Redis, no key": (False, False),
+    "no Redis, key": (False, True),  # the key's results in-process (LocalResults)
+    "Redis, no key": (True, False),
+    "Redis, key": (True, True),
+}
+BASELINE = "no Redis, no key"
+
+
+async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure]:
+    parts = encoded_chunks(n, 500)
+    fake_port = free_port()
+    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu_used = {name: {"gateway": 0.0, "redis": 0.0, "batches": 0.0} for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        tenants = write_tenants(Path(tmp), f"http://127.0.0.1:{fake_port}")
+        async with AsyncExitStack() as started:
+            fake = await asyncio.create_subprocess_exec(
+                *fake_braze_command(fake_port), stdout=asyncio.subprocess.DEVNULL
+            )
+            started.push_async_callback(stop_process, fake)
+            plain = await start_gateway(started, tenants, {})
+            with_redis = await start_gateway(started, tenants, {"CGW_REDIS_URL": redis_url})
+            await wait_port(fake_port)
+            await asyncio.gather(wait_ready(plain.admin), wait_ready(with_redis.admin))
+            gateways = {False: plain, True: with_redis}
+            channels = {uses: grpc.aio.insecure_channel(g.target) for uses, g in gateways.items()}
+            started.push_async_callback(asyncio.gather, *(c.close() for c in channels.values()))
+            warm = encoded_chunks(2_000, 500)
+            for uses, keyed in VARIANTS.values():
+                await send(channels[uses], 2_000, warm, f"warm-{uuid.uuid4()}" if keyed else "")
+            order = list(VARIANTS)
+            for turn in range(rounds):
+                shift = turn % len(order)
+                taken = {}
+                for name in order[shift:] + order[:shift]:
+                    uses, keyed = VARIANTS[name]
+                    pid = gateways[uses].process.pid
+                    key = f"bench-{uuid.uuid4()}" if keyed else ""
+                    cpu, server = cpu_seconds(pid), cpu_seconds(redis)
+                    elapsed, batches = await send(channels[uses], n, parts, key)
+                    cpu, server = cpu_seconds(pid) - cpu, cpu_seconds(redis) - server
+                    assert batches == -(-n // BATCH), batches
+                    taken[name] = n / elapsed
+                    used = cpu_used[name]
+                    used["gateway"], used["redis"] = used["gateway"] + cpu, used["redis"] + server
+                    used["batches"] += batches
+                for name, rate in taken.items():
+                    rates[name].append(rate)
+                    ratios[name].append(rate / taken[BASELINE])
+
+    # CPU is counted in clock ticks (10 ms): per batch, it is the total over every round.
+    per_batch = {
+        name: {what: used[what] / used["batches"] * 1e6 for what in ("gateway", "redis")}
+        for name, used in cpu_used.items()
+    }
+    stream = f"{n:,}-recipient SendStream"
+    figures = [Figure(MEASURE, f"{stream}, {BASELINE}", statistics.median(rates[BASELINE]), "recipients/s")]
+    for name in VARIANTS:
+        if name != BASELINE:
+            ratio = statistics.median(ratios[name])
+            figures.append(Figure(MEASURE, f"{stream}: throughput ({name}) / ({BASELINE})", ratio, "x"))
+    for name in VARIANTS:
+        cpu = per_batch[name]["gateway"]
+        figures.append(Figure(MEASURE, f"{stream}: gateway CPU per batch, {name}", cpu, "us"))
+    added = {
+        "Redis budgets (no key)": per_batch["Redis, no key"]["gateway"] - per_batch[BASELINE]["gateway"],
+        "a key in Redis": per_batch["Redis, key"]["gateway"] - per_batch["Redis, no key"]["gateway"],
+    }
+    for what, cpu in added.items():
+        figures.append(Figure(MEASURE, f"{stream}: gateway CPU per batch added by {what}", cpu, "us"))
+    for name, (uses, _) in VARIANTS.items():
+        if uses:
+            cpu = per_batch[name]["redis"]
+            figures.append(Figure(MEASURE, f"{stream}: redis-server CPU per batch, {name}", cpu, "us"))
+    return figures
+
+
+async def measure(smoke: bool) -> list[Figure]:
+    n, rounds, recipients, streams = (40, 1, 1_000, 1) if smoke else (2_000, 3, 20_000, 9)
+    async with redis_server() as redis:
+        assert redis.process is not None
+        figures = await stores(redis.url, redis.process.pid, n, rounds)
+        figures += await end_to_end(redis.url, redis.process.pid, recipients, streams)
+    return figures
