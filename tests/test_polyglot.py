@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TOKENS, Harness
+from fake_braze.app import ReceivedCall
 from fake_braze.faults import Fault
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
@@ -28,10 +29,14 @@ BUILT = {
     "java": CLIENTS / "java" / "target" / "canvas-gateway-client.jar",
 }
 LANGUAGES = list(BUILT)
+# The examples that take --idempotency-key (clients/README.md); Python's take it not yet (the
+# Python client's keys are tested in test_client_keys.py).
+KEYED = [language for language in LANGUAGES if language != "python"]
 TLS = Path(__file__).resolve().parent / "fixtures" / "tls"
 RUN_SECONDS = 60
 RESULT = re.compile(
     r"result batch=(\d+) outcome=(OUTCOME_\w+) code=(\w+) recipients=(\d+) first=(\d+) dispatch_id=(\S+)"
+    r"( replayed=true)?"
 )
 SUMMARY = re.compile(r"summary recipients=(\d+) batches=(\d+) sent=(\d+) request_id=(\S+)")
 
@@ -39,7 +44,7 @@ SUMMARY = re.compile(r"summary recipients=(\d+) batches=(\d+) sent=(\d+) request
 @dataclass
 class Run:
     code: int
-    results: list[tuple[int, str, str, int, int, str]]
+    results: list[tuple[int, str, str, int, int, str, bool]]
     summary: tuple[int, int, int, str] | None
     stderr: str
 
@@ -70,8 +75,8 @@ async def example(language: str, program: str, *args: str, token: str | None = T
     results, summary = [], None
     for line in out.decode().splitlines():
         if found := RESULT.fullmatch(line):
-            batch, outcome, code, count, first, dispatch_id = found.groups()
-            results.append((int(batch), outcome, code, int(count), int(first), dispatch_id))
+            batch, outcome, code, count, first, dispatch_id, replayed = found.groups()
+            results.append((int(batch), outcome, code, int(count), int(first), dispatch_id, bool(replayed)))
         elif found := SUMMARY.fullmatch(line):
             recipients, batches, sent, request_id = found.groups()
             summary = (int(recipients), int(batches), int(sent), request_id)
@@ -104,6 +109,44 @@ async def test_send_stream_prints_every_batch_with_braze_s_dispatch_id(
     first = next(call.body for call in calls if call.body["recipients"][0]["external_user_id"] == "user-0")
     assert first["canvas_id"] == "canvas-gateway-demo" and first["context"] == {"campaign": "example"}
     assert first["recipients"][0]["context"] == {"index": 0}
+
+
+@pytest.mark.parametrize("program", ["send", "send-stream"])
+@pytest.mark.parametrize("language", KEYED)
+async def test_run_again_with_its_idempotency_key_the_example_prints_replayed_results_and_sends_nothing(
+    harness: Harness, language: str, program: str
+) -> None:
+    args: tuple[str, ...] = ("--target", harness.target, "--recipients", "120")
+    if program == "send-stream":
+        args += ("--chunk-size", "70")
+    key = ("--idempotency-key", f"polyglot-{language}-{program}.1")
+
+    first = await example(language, program, *args, *key)
+    assert first.code == 0, first.stderr
+    calls = len(harness.fake.calls)
+    assert calls == 3
+    dispatched = {_first_index(call): call.dispatch_id for call in harness.fake.calls}
+    assert sorted(r[:6] for r in first.results) == [
+        (i, "OUTCOME_SENT", "OK", n, 50 * i, dispatched[50 * i]) for i, n in enumerate([50, 50, 20])
+    ]
+    assert not any(r[6] for r in first.results)
+
+    again = await example(language, program, *args, *key)
+    assert again.code == 0, again.stderr
+    assert len(harness.fake.calls) == calls  # Braze was not called again
+    assert sorted(r[:6] for r in again.results) == sorted(r[:6] for r in first.results)
+    assert all(r[6] for r in again.results)  # every line ends replayed=true
+    assert again.summary is not None and again.summary[:3] == (120, 3, 120)
+
+    unkeyed = await example(language, program, *args)  # without the key: sent again
+    assert unkeyed.code == 0, unkeyed.stderr
+    assert len(harness.fake.calls) == 2 * calls and not any(r[6] for r in unkeyed.results)
+
+
+def _first_index(call: ReceivedCall) -> int:
+    """The context index of a Braze call's first recipient (its batch's first position)."""
+    index: int = call.body["recipients"][0]["context"]["index"]
+    return index
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

@@ -33,7 +33,7 @@ func run(o example.Options) int {
 	// The header first (canvas and shared context), then the recipients in chunks.
 	go func() {
 		header := &v1.SendStreamRequest{Part: &v1.SendStreamRequest_Header{
-			Header: &v1.StreamHeader{Trigger: example.Trigger(o.CanvasID, nil)},
+			Header: &v1.StreamHeader{Trigger: example.Trigger(o.CanvasID, nil), Options: o.SendOptions()},
 		}}
 		if stream.Send(header) != nil {
 			return // the stream failed: Recv reports why

@@ -31,6 +31,7 @@ func run(o example.Options) int {
 	defer cancel()
 	reply, err := client.Send(ctx, &v1.SendRequest{
 		Trigger: example.Trigger(o.CanvasID, people),
+		Options: o.SendOptions(),
 	})
 	if err != nil {
 		return example.ReportError(os.Stderr, err)

@@ -44,8 +44,10 @@ type Options struct {
 	Recipients int
 	ChunkSize  int
 	BadEmail   bool
-	Token      string
-	RootCAs    *x509.CertPool // from CAFile; nil for the system's roots
+	// IdempotencyKey is SendOptions.idempotency_key; empty sends without one.
+	IdempotencyKey string
+	Token          string
+	RootCAs        *x509.CertPool // from CAFile; nil for the system's roots
 }
 
 // Parse reads the flags of `program` ("send-stream" or "send") and the token from
@@ -66,6 +68,8 @@ func Parse(program string, args []string) Options {
 		set.IntVar(&o.ChunkSize, "chunk-size", 500, "recipients per stream message")
 	}
 	set.IntVar(&o.Recipients, "recipients", defaultCount, "recipients user-0 ... user-<N-1>")
+	set.StringVar(&o.IdempotencyKey, "idempotency-key", "",
+		"send under this key: run again with it, kept results come back replayed and Braze is not called again")
 	if err := set.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0) // -h, --help: asked for, not a usage error
@@ -150,7 +154,16 @@ func Trigger(canvasID string, people []*v1.Recipient) *v1.CanvasTrigger {
 	}
 }
 
-// PrintResult prints one `result ...` line.
+// SendOptions is the request's SendOptions: the idempotency key, if any.
+func (o Options) SendOptions() *v1.SendOptions {
+	if o.IdempotencyKey == "" {
+		return nil
+	}
+	return &v1.SendOptions{IdempotencyKey: o.IdempotencyKey}
+}
+
+// PrintResult prints one `result ...` line, ending ` replayed=true` when the result was kept
+// from an earlier call under the same idempotency key.
 func PrintResult(w io.Writer, r *v1.BatchResult) {
 	first, dispatchID := "-", r.GetBraze().GetDispatchId()
 	if len(r.GetPositions()) > 0 {
@@ -159,8 +172,12 @@ func PrintResult(w io.Writer, r *v1.BatchResult) {
 	if dispatchID == "" {
 		dispatchID = "-"
 	}
-	fmt.Fprintf(w, "result batch=%d outcome=%s code=%s recipients=%d first=%s dispatch_id=%s\n",
-		r.GetBatchIndex(), r.GetOutcome(), r.GetCode(), len(r.GetPositions()), first, dispatchID)
+	replayed := ""
+	if r.GetReplayed() {
+		replayed = " replayed=true"
+	}
+	fmt.Fprintf(w, "result batch=%d outcome=%s code=%s recipients=%d first=%s dispatch_id=%s%s\n",
+		r.GetBatchIndex(), r.GetOutcome(), r.GetCode(), len(r.GetPositions()), first, dispatchID, replayed)
 }
 
 // PrintSummary prints the `summary ...` line.

@@ -10,6 +10,7 @@ import {
   Outcome,
   outcomeToJSON,
   Recipient,
+  SendOptions,
   type SendSummary,
 } from "../gen/canvas_gateway/v1/canvas_gateway";
 import { codeToJSON } from "../gen/google/rpc/code";
@@ -31,6 +32,7 @@ export interface Options {
   recipients: number;
   chunkSize: number;
   badEmail: boolean;
+  idempotencyKey: string; // SendOptions.idempotency_key; "" sends without one
   token: string;
 }
 
@@ -39,8 +41,8 @@ export class UsageError extends Error {}
 
 const USAGE: Record<Program, string> = {
   "send-stream":
-    "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N]",
-  send: "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email]",
+    "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N] [--idempotency-key KEY]",
+  send: "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email] [--idempotency-key KEY]",
 };
 
 function integer(flag: string, value: string | undefined, fallback: number, min: number): number {
@@ -67,6 +69,7 @@ export function parseOptions(program: Program, args: string[]): Options {
         recipients: { type: "string" },
         "chunk-size": { type: "string" },
         "bad-email": { type: "boolean", default: false },
+        "idempotency-key": { type: "string", default: "" },
       },
     }));
   } catch (error) {
@@ -98,6 +101,7 @@ export function parseOptions(program: Program, args: string[]): Options {
     recipients: integer("recipients", values.recipients, program === "send" ? 120 : 1000, 0),
     chunkSize: integer("chunk-size", values["chunk-size"], 500, 1),
     badEmail: values["bad-email"],
+    idempotencyKey: values["idempotency-key"],
     token,
   };
 }
@@ -130,8 +134,15 @@ export function trigger(canvasId: string, people: Recipient[] = []): CanvasTrigg
   return CanvasTrigger.create({ canvasId, context: { campaign: "example" }, recipients: people });
 }
 
+/** sendOptions is the request's SendOptions: the idempotency key, if any. */
+export function sendOptions(options: Options): SendOptions | undefined {
+  return options.idempotencyKey ? SendOptions.create({ idempotencyKey: options.idempotencyKey }) : undefined;
+}
+
+/** resultLine ends with ` replayed=true` when the result was kept from an earlier call under the
+ * same idempotency key. */
 export function resultLine(result: BatchResult): string {
-  return [
+  const fields = [
     "result",
     `batch=${result.batchIndex}`,
     `outcome=${outcomeToJSON(result.outcome)}`,
@@ -139,7 +150,11 @@ export function resultLine(result: BatchResult): string {
     `recipients=${result.positions.length}`,
     `first=${result.positions[0] ?? "-"}`,
     `dispatch_id=${result.braze?.dispatchId || "-"}`,
-  ].join(" ");
+  ];
+  if (result.replayed) {
+    fields.push("replayed=true");
+  }
+  return fields.join(" ");
 }
 
 export function summaryLine(summary: SendSummary): string {

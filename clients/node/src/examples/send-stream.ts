@@ -17,6 +17,7 @@ import {
   recipients,
   reportError,
   resultLine,
+  sendOptions,
   summaryLine,
   trigger,
 } from "./common";
@@ -48,7 +49,7 @@ async function sendStream(options: Options): Promise<number> {
 
   // The header, then the chunks, waiting for 'drain' whenever write() returns false.
   try {
-    const header = StreamHeader.create({ trigger: trigger(options.canvasId) });
+    const header = StreamHeader.create({ trigger: trigger(options.canvasId), options: sendOptions(options) });
     stream.write({ part: { $case: "header", value: header } });
     for (let start = 0; start < options.recipients; start += options.chunkSize) {
       const size = Math.min(options.chunkSize, options.recipients - start);

@@ -10,6 +10,7 @@ import {
   recipients,
   reportError,
   resultLine,
+  sendOptions,
   summaryLine,
   trigger,
 } from "./common";
@@ -20,7 +21,7 @@ async function send(options: Options): Promise<number> {
     // An email recipient without `prioritization`: the gateway refuses the whole call.
     people.push(Recipient.create({ identifier: { $case: "email", value: "not-an-email" } }));
   }
-  const request = SendRequest.create({ trigger: trigger(options.canvasId, people) });
+  const request = SendRequest.create({ trigger: trigger(options.canvasId, people), options: sendOptions(options) });
   const client = dial(options);
   try {
     const response = await new Promise<SendResponse>((resolve, reject) => {

@@ -19,6 +19,7 @@ import internal.canvasgateway.v1.BatchResult;
 import internal.canvasgateway.v1.CanvasTrigger;
 import internal.canvasgateway.v1.Outcome;
 import internal.canvasgateway.v1.Recipient;
+import internal.canvasgateway.v1.SendOptions;
 import internal.canvasgateway.v1.SendSummary;
 import java.io.ByteArrayInputStream;
 import java.io.IOException;
@@ -60,6 +61,7 @@ final class Common {
       int recipients,
       int chunkSize,
       boolean badEmail,
+      String idempotencyKey, // SendOptions.idempotency_key; "" sends without one
       String token) {}
 
   /** A bad flag or a missing token: the program prints it and exits 2. */
@@ -79,8 +81,8 @@ final class Common {
 
   private static String usage(String program) {
     return SEND.equals(program)
-        ? "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email]"
-        : "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N]";
+        ? "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email] [--idempotency-key KEY]"
+        : "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N] [--idempotency-key KEY]";
   }
 
   private static int integer(String flag, String value, int fallback, int min) throws UsageError {
@@ -109,6 +111,7 @@ final class Common {
     String recipients = null;
     String chunkSize = null;
     boolean badEmail = false;
+    String idempotencyKey = "";
     for (int i = 0; i < args.length; i++) {
       String arg = args[i];
       String name = arg;
@@ -131,7 +134,12 @@ final class Common {
             throw new UsageError("--bad-email is a send flag");
           }
         }
-        case "--target", "--ca-file", "--canvas-id", "--recipients", "--chunk-size" -> {
+        case "--target",
+            "--ca-file",
+            "--canvas-id",
+            "--recipients",
+            "--chunk-size",
+            "--idempotency-key" -> {
           String value = inline;
           if (value == null) {
             if (i + 1 >= args.length) {
@@ -144,6 +152,7 @@ final class Common {
             case "--ca-file" -> caFile = value;
             case "--canvas-id" -> canvasId = value;
             case "--recipients" -> recipients = value;
+            case "--idempotency-key" -> idempotencyKey = value;
             default -> {
               if (SEND.equals(program)) {
                 throw new UsageError("--chunk-size is a send-stream flag");
@@ -175,6 +184,7 @@ final class Common {
         integer("recipients", recipients, SEND.equals(program) ? 120 : 1000, 0),
         integer("chunk-size", chunkSize, 500, 1),
         badEmail,
+        idempotencyKey,
         token);
   }
 
@@ -231,20 +241,34 @@ final class Common {
         .build();
   }
 
+  /** The request's SendOptions (the idempotency key), or null when there is none to send. */
+  static SendOptions sendOptions(Options options) {
+    return options.idempotencyKey().isEmpty()
+        ? null
+        : SendOptions.newBuilder().setIdempotencyKey(options.idempotencyKey()).build();
+  }
+
   private static String orDash(String value) {
     return value.isEmpty() ? "-" : value;
   }
 
+  /**
+   * One {@code result ...} line, ending {@code replayed=true} when the result was kept from an
+   * earlier call under the same idempotency key.
+   */
   static String resultLine(BatchResult result) {
-    return String.join(
-        " ",
-        "result",
-        "batch=" + result.getBatchIndex(),
-        "outcome=" + result.getOutcome().name(),
-        "code=" + result.getCode().name(),
-        "recipients=" + result.getPositionsCount(),
-        "first=" + (result.getPositionsCount() > 0 ? Long.toString(result.getPositions(0)) : "-"),
-        "dispatch_id=" + orDash(result.getBraze().getDispatchId()));
+    String line =
+        String.join(
+            " ",
+            "result",
+            "batch=" + result.getBatchIndex(),
+            "outcome=" + result.getOutcome().name(),
+            "code=" + result.getCode().name(),
+            "recipients=" + result.getPositionsCount(),
+            "first="
+                + (result.getPositionsCount() > 0 ? Long.toString(result.getPositions(0)) : "-"),
+            "dispatch_id=" + orDash(result.getBraze().getDispatchId()));
+    return result.getReplayed() ? line + " replayed=true" : line;
   }
 
   static String summaryLine(SendSummary summary) {

@@ -3,6 +3,7 @@ package internal.canvasgateway.examples;
 import internal.canvasgateway.v1.BatchResult;
 import internal.canvasgateway.v1.CanvasGatewayServiceGrpc;
 import internal.canvasgateway.v1.Recipient;
+import internal.canvasgateway.v1.SendOptions;
 import internal.canvasgateway.v1.SendRequest;
 import internal.canvasgateway.v1.SendResponse;
 import io.grpc.ManagedChannel;
@@ -19,8 +20,13 @@ public final class Send {
       // An email recipient without `prioritization`: the gateway refuses the whole call.
       people.add(Recipient.newBuilder().setEmail("not-an-email").build());
     }
-    SendRequest request =
-        SendRequest.newBuilder().setTrigger(Common.trigger(options.canvasId(), people)).build();
+    SendRequest.Builder builder =
+        SendRequest.newBuilder().setTrigger(Common.trigger(options.canvasId(), people));
+    SendOptions sendOptions = Common.sendOptions(options);
+    if (sendOptions != null) {
+      builder.setOptions(sendOptions);
+    }
+    SendRequest request = builder.build();
     ManagedChannel channel = Common.dial(options);
     try {
       CanvasGatewayServiceGrpc.CanvasGatewayServiceBlockingStub stub =

@@ -3,6 +3,7 @@ package internal.canvasgateway.examples;
 import internal.canvasgateway.v1.BatchResult;
 import internal.canvasgateway.v1.CanvasGatewayServiceGrpc;
 import internal.canvasgateway.v1.RecipientChunk;
+import internal.canvasgateway.v1.SendOptions;
 import internal.canvasgateway.v1.SendStreamRequest;
 import internal.canvasgateway.v1.SendStreamResponse;
 import internal.canvasgateway.v1.StreamHeader;
@@ -50,10 +51,12 @@ public final class SendStream {
     private void write() {
       while (!halfClosed && !finished && requests.isReady()) {
         if (!headerSent) {
-          StreamHeader header =
-              StreamHeader.newBuilder()
-                  .setTrigger(Common.trigger(options.canvasId(), List.of()))
-                  .build();
+          StreamHeader.Builder header =
+              StreamHeader.newBuilder().setTrigger(Common.trigger(options.canvasId(), List.of()));
+          SendOptions sendOptions = Common.sendOptions(options);
+          if (sendOptions != null) {
+            header.setOptions(sendOptions);
+          }
           requests.onNext(SendStreamRequest.newBuilder().setHeader(header).build());
           headerSent = true;
         } else if (next < options.recipients()) {
