@@ -1,15 +1,17 @@
 """`canvas-gateway`: trigger Braze Canvases through canvas-gateway from the shell.
 
     canvas-gateway [--target HOST:PORT] [--token TOKEN] [--timeout S] [--tls | --ca-file PEM] COMMAND
-      send --file BODY.json [--results FILE] [--dry-run]
-      send-stream --header HEADER.json --recipients FILE|- [--format jsonl|csv] [--results FILE] ...
-      send-demo [--recipients N] [--canvas-id ID] [--chunk-size N]
+      send --file BODY.json [--results FILE] [--dry-run] [--idempotency-key KEY]
+      send-stream --header HEADER.json --recipients FILE|- [--format jsonl|csv] [--results FILE]
+                  [--idempotency-key KEY] ...
+      send-demo [--recipients N] [--canvas-id ID] [--chunk-size N] [--idempotency-key KEY]
 
 `send` and `send-stream` print one JSON line per batch result, `{"result": {...}}`, then
 `{"summary": {...}}` (proto3 JSON, Braze field names, keys in the proto's field order, 64-bit
 integers as numbers), and a summary for people on stderr. The token comes from
 CANVAS_GATEWAY_TOKEN (or `--token`) and is never printed. The exit status says how it went
-(EXIT_STATUS below).
+(EXIT_STATUS below). With `--idempotency-key KEY` the same command run again with the same key
+after a failure sends nothing twice: what was sent comes back with `"replayed": true`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf import json_format, message
 from google.protobuf.descriptor import FieldDescriptor
 
-from .client import DEFAULT_CHUNK_SIZE, CanvasGatewayClient, bad_request_violations
+from .client import DEFAULT_CHUNK_SIZE, CanvasGatewayClient, RecipientSource, bad_request_violations
 from .inputs import FORMATS, InputError, LineMap, Row, count_rows, format_of, open_input, read_body, read_rows
 from .report import Progress, ResultsFile
 
@@ -55,6 +57,15 @@ exit status:
   4    gateway unavailable (UNAVAILABLE: unreachable, or draining with no resume left)
   5    any other RPC failure (DEADLINE_EXCEEDED, INTERNAL, ...)
   130  interrupted (Ctrl-C): what had a result is in the results file
+"""
+IDEMPOTENCY = """\
+idempotency keys (--idempotency-key KEY, 1 to 128 of A-Z a-z 0-9 . _ : -, your tenant's own):
+  the gateway keeps each batch's final result under the key (24 h by default). After a
+  failure (exit 4 or 5, Ctrl-C, a crash), run the same command again with the same KEY and
+  the same input: nothing is sent twice. Batches that had a result come back with
+  "replayed": true (UNKNOWN stays UNKNOWN: it may have been sent); only the others are sent.
+  A new request needs a new key: another body under a used key is REJECTED
+  (FAILED_PRECONDITION) and not sent.
 """
 CSV_LAYOUT = """\
 CSV recipients (--format csv, or a .csv file): a header row, then one recipient a row.
@@ -142,6 +153,7 @@ class Report:
 
     io: Console
     validate_only: bool
+    keyed: bool = False  # sent under an idempotency key
     json_lines: bool = True  # one JSON line per message on stdout (not for send-demo)
     results_file: ResultsFile | None = None
     progress: Progress | None = None
@@ -149,7 +161,9 @@ class Report:
     lines: LineMap = field(default_factory=lambda: LineMap(0))
     sent_out: int = 0  # recipients handed to the gateway; those without a result may be in flight
     resolved: int = 0  # recipients with a result
+    read_to: int = 0  # the last line read from the recipients file (a resume reads it again)
     batches: int = 0
+    replayed: int = 0  # batches whose result the gateway kept under the key from an earlier call
     bad_rows: int = 0
     notices: int = 0
     all_ok: bool = True
@@ -160,6 +174,7 @@ class Report:
 
     def result(self, result: pb.BatchResult, recipients: Sequence[pb.Recipient]) -> None:
         self.batches += 1
+        self.replayed += result.replayed
         self.resolved += len(result.positions)
         self.by_outcome[result.outcome] += len(result.positions)
         if self.validate_only:
@@ -206,9 +221,11 @@ class Report:
         if waiting > 0:
             text += (
                 f"; {waiting:,} more were sent to the gateway without a result yet (about "
-                f"{math.ceil(waiting / BATCH_SIZE):,} batches): they may have reached Braze, "
-                "check before sending them again"
+                f"{math.ceil(waiting / BATCH_SIZE):,} batches): they may have reached Braze"
             )
+            text += "" if self.keyed else ", check before sending them again"
+        if self.keyed:
+            text += "; run the same command again with the same --idempotency-key: nothing is sent twice"
         self.io.error(text)
 
     def close(self) -> None:
@@ -249,6 +266,11 @@ class Report:
         ]
         if self.bad_rows:
             lines.append(f"  bad rows: {self.bad_rows:,} (not sent)")
+        if self.replayed:
+            lines.append(
+                f"  replayed: {self.replayed:,} batches had a result under the idempotency key "
+                "already: not sent again"
+            )
         more = self.batches - len(self.dispatch_ids)
         shown = ", ".join(self.dispatch_ids) or "none"
         lines.append(f"  dispatch_ids: {shown}" + (f" (and {more:,} more results)" if more > 0 else ""))
@@ -265,7 +287,9 @@ async def cmd_send(
 ) -> None:
     trigger = await read_body(args.file, stdin)
     report.sent_out = len(trigger.recipients)
-    response = await client.send(trigger, validate_only=args.validate_only, timeout=args.timeout)
+    response = await client.send(
+        trigger, validate_only=args.validate_only, timeout=args.timeout, idempotency_key=args.idempotency_key
+    )
     for result in response.results:
         report.result(result, [trigger.recipients[p] for p in result.positions])
     report.end(response.summary)
@@ -275,15 +299,23 @@ async def _rows_to_recipients(
     rows: AsyncIterator[Row], report: Report, max_bad_rows: int
 ) -> AsyncIterator[pb.Recipient]:
     """The good rows' recipients, noting their lines; bad rows are reported, and the one past
-    `max_bad_rows` ends the input (raised, after the recipients before it are sent)."""
+    `max_bad_rows` ends the input (raised, after the recipients before it are sent). When the
+    file is read again (a resume with an idempotency key), rows an earlier reading met are
+    neither noted nor reported again."""
+    bad = 0
     async for row in rows:
+        again = row.line <= report.read_to
+        report.read_to = max(report.read_to, row.line)
         if row.recipient is not None:
-            report.lines.add(row.line)
-            report.sent_out += 1
+            if not again:
+                report.lines.add(row.line)
+                report.sent_out += 1
             yield row.recipient
         elif row.error is not None:
-            last = report.bad_rows >= max_bad_rows
-            report.bad_row(row.error, last=last)
+            last = bad >= max_bad_rows
+            bad += 1
+            if not again:
+                report.bad_row(row.error, last=last)
             if last:
                 raise row.error
 
@@ -293,7 +325,7 @@ async def _stream(
     client: CanvasGatewayClient,
     report: Report,
     header: pb.CanvasTrigger,
-    recipients: AsyncIterator[pb.Recipient] | Iterator[pb.Recipient],
+    recipients: RecipientSource,
 ) -> None:
     async for tracked in client.send_stream_tracked(
         header,
@@ -302,6 +334,7 @@ async def _stream(
         validate_only=args.validate_only,
         timeout=args.timeout,
         resumes=args.resumes,
+        idempotency_key=args.idempotency_key,
     ):
         response = tracked.response
         if response.HasField("result"):
@@ -320,17 +353,39 @@ async def cmd_send_stream(
     stream, report.source = await asyncio.to_thread(open_input, args.recipients, stdin)
     report.lines = LineMap(len(header.recipients))
     report.sent_out = len(header.recipients)
+    opened = [stream]
+    unread = [stream]  # the file opened above serves the first reading
+
+    async def from_file() -> AsyncIterator[pb.Recipient]:
+        """The file's recipients, from the first; each call after the first opens it again."""
+        if unread:
+            source = unread.pop()
+        else:
+            source, _ = await asyncio.to_thread(open_input, args.recipients, stdin)
+            opened.append(source)
+        rows = read_rows(source, report.source, kind, args.chunk_size)
+        async for recipient in _rows_to_recipients(rows, report, args.max_bad_rows):
+            yield recipient
+
     try:
         if args.progress:
             total = await asyncio.to_thread(count_rows, args.recipients, kind)
             report.progress = Progress(
                 report.io.err, total and total + len(header.recipients), args.progress_every
             )
-        rows = read_rows(stream, report.source, kind, args.chunk_size)
-        await _stream(args, client, report, header, _rows_to_recipients(rows, report, args.max_bad_rows))
+        recipients: RecipientSource = from_file  # a resume under a key reads it again from the first
+        if not args.idempotency_key or stream is stdin:
+            recipients = from_file()  # read once
+        if args.idempotency_key and stream is stdin and args.resumes:
+            report.io.error(
+                "warning: recipients from stdin are read once: a stream the gateway ends is not "
+                "resumed; run the command again with the same --idempotency-key and input instead"
+            )
+        await _stream(args, client, report, header, recipients)
     finally:
-        if stream is not stdin:
-            stream.close()
+        for each in opened:
+            if each is not stdin:
+                each.close()
 
 
 async def cmd_send_demo(
@@ -343,11 +398,11 @@ async def cmd_send_demo(
     report.progress = Progress(report.io.err, args.recipients, every=10.0)
 
     def counted() -> Iterator[pb.Recipient]:
-        for recipient in demo_recipients(args.recipients):
-            report.sent_out += 1
+        for n, recipient in enumerate(demo_recipients(args.recipients), start=1):
+            report.sent_out = max(report.sent_out, n)  # a resume under a key reads them again
             yield recipient
 
-    await _stream(args, client, report, header, counted())
+    await _stream(args, client, report, header, counted)
 
 
 Command = Callable[[argparse.Namespace, CanvasGatewayClient, Report, TextIO], Awaitable[None]]
@@ -383,8 +438,23 @@ def _stream_options(parser: argparse.ArgumentParser) -> None:
         type=_not_negative,
         default=5,
         help="streams a draining gateway may end before the send gives up (default 5); on each, "
-        "the recipients without a result go on in a new stream, none sent twice",
+        "the recipients without a result go on in a new stream, none sent twice. With "
+        "--idempotency-key (and not from stdin), after a drain or a lost connection the whole "
+        "input is sent again from the start under the key instead (batches with a result come "
+        "back replayed and are not printed twice), and a batch another call is sending is "
+        "tried again after the delay the gateway gives",
     )
+    _key_option(
+        parser,
+        "makes running the command again safe: after a failure, run it again with the same KEY "
+        "and input, and nothing is sent twice (results the gateway kept come back with "
+        '"replayed": true); also lets a stream the gateway ends resume from the start '
+        "(--resumes)",
+    )
+
+
+def _key_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--idempotency-key", metavar="KEY", help=text + "; see below")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="canvas-gateway",
         description="Trigger Braze Canvases through canvas-gateway.",
-        epilog=EXIT_STATUS + "\n" + CSV_LAYOUT,
+        epilog=EXIT_STATUS + "\n" + IDEMPOTENCY + "\n" + CSV_LAYOUT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -423,17 +493,22 @@ def build_parser() -> argparse.ArgumentParser:
     send = commands.add_parser(
         "send",
         help="send one Braze JSON body with the unary Send",
-        epilog=EXIT_STATUS,
+        epilog=EXIT_STATUS + "\n" + IDEMPOTENCY,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     send.add_argument("--file", required=True, help="Braze /canvas/trigger/send JSON body (- for stdin)")
     results_options(send)
+    _key_option(
+        send,
+        "makes running the command again safe: after a failure, run it again with the same KEY "
+        'and body, and nothing is sent twice (results the gateway kept come back with "replayed": true)',
+    )
     send.set_defaults(run=cmd_send)
 
     stream = commands.add_parser(
         "send-stream",
         help="stream recipients from a JSON Lines or CSV file",
-        epilog=EXIT_STATUS + "\n" + CSV_LAYOUT,
+        epilog=EXIT_STATUS + "\n" + IDEMPOTENCY + "\n" + CSV_LAYOUT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     stream.add_argument("--header", required=True, help="Braze JSON body: canvas_id, context, audience...")
@@ -461,7 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     _stream_options(stream)
     stream.set_defaults(run=cmd_send_stream)
 
-    demo = commands.add_parser("send-demo", help="stream synthetic recipients demo-user-<n>")
+    demo = commands.add_parser(
+        "send-demo",
+        help="stream synthetic recipients demo-user-<n>",
+        epilog=IDEMPOTENCY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.add_argument("--recipients", type=_positive, default=1000, help="how many (default 1000)")
     demo.add_argument("--canvas-id", default=DEMO_CANVAS_ID, help=f"Canvas id (default {DEMO_CANVAS_ID})")
     _stream_options(demo)
@@ -531,7 +611,7 @@ async def run(
     except OSError as error:  # an unreadable CA file
         io.error(f"error: {error}")
         return EXIT_INVALID
-    report = Report(io, args.validate_only)
+    report = Report(io, args.validate_only, keyed=bool(args.idempotency_key))
     failed: int | None = None
     command: Command = args.run
     try:

@@ -4,6 +4,11 @@
         response = await client.send(braze_body)
         async for message in client.send_stream(header, recipients, chunk_size=500, resumes=5):
             ...
+        # Safe to send again, and resumed from the start on a lost connection too:
+        async for message in client.send_stream(
+            header, recipient_list, idempotency_key="order-2026-11-29", resumes=5
+        ):
+            ...
 
 Requests take either generated messages or Braze JSON bodies (Mappings, parsed with
 `json_format`; an unknown field raises `json_format.ParseError`). RPC failures are
@@ -17,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, NamedTuple, Self, TypeAlias
 
@@ -42,10 +48,23 @@ MAX_HELD_RESULTS = 64
 past it the oldest is yielded as it is, so memory stays flat even when Braze is down."""
 RESUME_BACKOFF_SECONDS = 0.25
 """The first pause before a resume; it doubles with each resume, up to 5 seconds."""
+KEYED_RESUME_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
+"""How a stream with an idempotency key may end and be sent again from the start: a drain, a
+lost connection (UNAVAILABLE), or a proxy's stream reset when its replica dies (UNKNOWN,
+"Stream removed": the gateway itself never ends an RPC UNKNOWN). The key makes it safe."""
+CORE_INTERNAL_DETAILS: Final = "Internal error from Core"
+"""The details of the INTERNAL that grpcio's asyncio client reports itself when writing a request
+fails, as on a connection lost mid-stream (the gateway's own INTERNAL says "internal error"): with
+an idempotency key, resumed like KEYED_RESUME_CODES."""
+
+log = logging.getLogger(__name__)
 
 TriggerLike: TypeAlias = pb.CanvasTrigger | Mapping[str, Any]
 RecipientLike: TypeAlias = pb.Recipient | Mapping[str, Any]
 Recipients: TypeAlias = Iterable[RecipientLike] | AsyncIterable[RecipientLike]
+RecipientSource: TypeAlias = Recipients | Callable[[], Recipients]
+"""Recipients, or a function of no arguments that returns them afresh on each call (a stream
+with an idempotency key is resumed by reading them again from the first)."""
 ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
 
 
@@ -324,6 +343,138 @@ class _Resumable:
         return Tracked(pb.SendStreamResponse(summary=summary), ())
 
 
+_UNSEEN, _STANDS, _OPEN = 0, 1, 2
+"""What `_Keyed` has yielded for a batch index: nothing, a result that stands, one that may not."""
+
+
+def _stands(result: pb.BatchResult) -> bool:
+    """Whether the gateway keeps the result under the key, so that every later stream replays it:
+    SENT, UNKNOWN, and REJECTED that is not retryable. The others (NOT_ATTEMPTED, CANVAS_INACTIVE,
+    a retryable REJECTED) are sent again by a later stream with the key."""
+    if result.outcome in (pb.OUTCOME_SENT, pb.OUTCOME_UNKNOWN):
+        return True
+    return result.outcome == pb.OUTCOME_REJECTED and not result.retryable
+
+
+def _retry_delay(result: pb.BatchResult) -> float | None:
+    """The google.rpc.RetryInfo delay of a result, in seconds; None without one."""
+    for detail in result.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
+
+
+class _Keyed:
+    """The state of one `send_stream` with an idempotency key across the streams it takes.
+
+    Every stream sends every recipient from position 0, in the same order, under the same key, so
+    positions and batch indexes are the gateway's own and the same in each stream: a batch that
+    already has a result that stands comes back replayed and is dropped here. Retryable
+    NOT_ATTEMPTED results are held back, by batch index, while a resume is possible (the next
+    stream gives the batch its next result). A result that did not stand and was yielded anyway
+    (held past MAX_HELD_RESULTS, CANVAS_INACTIVE, a retryable REJECTED) is followed by the batch's
+    later result if a later stream sends it (SENT, UNKNOWN...): the only batch yielded twice, and
+    counted once, by its last result. Memory: a byte per batch, and the held results.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.resumes = 0
+        self.yielded = bytearray()  # batch index -> _UNSEEN, _STANDS or _OPEN
+        self.open: dict[int, tuple[pb.Outcome.ValueType, int]] = {}  # _OPEN index -> outcome, recipients
+        self.held: dict[int, Tracked] = {}  # batch index -> result held back, oldest first
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.request_ids: list[str] = []
+
+    def take(self, stream: _Stream, result: pb.BatchResult) -> Iterator[Tracked]:
+        """The result, unless its batch has one already or it is held back (then maybe an older one)."""
+        entries = [stream.pending.pop(p) for p in result.positions]
+        index = result.batch_index
+        if index >= len(self.yielded):
+            self.yielded.extend(bytes(index + 1 - len(self.yielded)))
+        seen = self.yielded[index]
+        if seen == _STANDS:
+            if not result.replayed and result.outcome in (pb.OUTCOME_SENT, pb.OUTCOME_UNKNOWN):
+                log.warning(
+                    "batch %d was sent again under its idempotency key: the gateway no longer had its "
+                    "result (kept for a limited time): its recipients may have been messaged twice",
+                    index,
+                )
+            return
+        tracked = Tracked(pb.SendStreamResponse(result=result), tuple(r for _, r in entries))
+        if seen == _OPEN:
+            if _stands(result):  # sent after all (or by another call): it replaces the result yielded
+                outcome, count = self.open.pop(index)
+                self.counts[_OUTCOME_COUNTS.get(outcome, "")] -= count
+                self.counts[_OUTCOME_COUNTS.get(result.outcome, "")] += count
+                self.yielded[index] = _STANDS
+                yield tracked
+            return
+        self.held.pop(index, None)
+        if result.outcome == pb.OUTCOME_NOT_ATTEMPTED and result.retryable and self.resumes < self.limit:
+            self.held[index] = tracked
+            if len(self.held) > MAX_HELD_RESULTS:
+                oldest = next(iter(self.held))
+                yield self.count(self.held.pop(oldest))
+        else:
+            yield self.count(tracked)
+
+    def count(self, tracked: Tracked) -> Tracked:
+        result = tracked.response.result
+        size = len(result.positions)
+        self.counts["recipients"] += size
+        self.counts["batches"] += 1
+        self.counts[_OUTCOME_COUNTS.get(result.outcome, "")] += size
+        if _stands(result):
+            self.yielded[result.batch_index] = _STANDS
+        else:
+            self.yielded[result.batch_index] = _OPEN
+            self.open[result.batch_index] = (result.outcome, size)
+        return tracked
+
+    def release(self) -> Iterator[Tracked]:
+        """The held results as they are: no resume will send their batches again."""
+        while self.held:
+            yield self.count(self.held.pop(next(iter(self.held))))
+
+    def busy_delay(self) -> float | None:
+        """When a held batch that another call was sending (ABORTED) may be tried again: the
+        longest of their RetryInfo delays; None when no held batch is one of those."""
+        delays = [
+            _retry_delay(held.response.result) or RESUME_BACKOFF_SECONDS
+            for held in self.held.values()
+            if held.response.result.code == grpc.StatusCode.ABORTED.value[0]
+        ]
+        return max(delays) if delays else None
+
+    def summary(self, last: pb.SendSummary | None) -> Tracked:
+        """The gateway's summary; after a resume, the count of every batch's result, once each,
+        and each stream's request id, comma-separated."""
+        if not self.resumes and last is not None:
+            return Tracked(pb.SendStreamResponse(summary=last), ())
+        summary = pb.SendSummary(request_id=",".join(filter(None, self.request_ids)))
+        for name in ("recipients", "batches", *_OUTCOME_COUNTS.values()):
+            setattr(summary, name, self.counts[name])
+        return Tracked(pb.SendStreamResponse(summary=summary), ())
+
+
+def _rereadable(recipients: RecipientSource) -> Callable[[], Recipients] | None:
+    """How to read `recipients` again from the first: a Sequence, or a function that returns
+    them afresh; None for anything else (an iterator or generator reads once)."""
+    if isinstance(recipients, Iterable | AsyncIterable):
+        if isinstance(recipients, Sequence) and not isinstance(recipients, str | bytes | bytearray):
+            return lambda: recipients
+        return None
+    return recipients
+
+
+def _once(recipients: RecipientSource) -> Recipients:
+    if isinstance(recipients, Iterable | AsyncIterable):
+        return recipients
+    return recipients()
+
+
 def _rename(result: pb.BatchResult, old: str, new: str) -> None:
     for violation in result.violations:
         if violation.field.startswith(old):
@@ -423,14 +574,20 @@ class CanvasGatewayClient:
         *,
         validate_only: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+        idempotency_key: str | None = None,
     ) -> pb.SendResponse:
         """Send one request (unary Send): one result per batch of at most 50, in batch order.
+
+        With `idempotency_key` (1 to 128 of [A-Za-z0-9._:-], scoped to your tenant) the gateway
+        keeps each batch's final result: after a failure, send the same request again with the
+        same key and nothing is sent twice; results it had kept come back with `replayed` true.
 
         Raises grpc.aio.AioRpcError; for INVALID_ARGUMENT nothing was sent and
         `bad_request_violations` names the fields.
         """
         request = pb.SendRequest(
-            trigger=to_trigger(trigger), options=pb.SendOptions(validate_only=validate_only)
+            trigger=to_trigger(trigger),
+            options=pb.SendOptions(validate_only=validate_only, idempotency_key=idempotency_key or ""),
         )
         _, stub = self._service()
         return await stub.Send(request, metadata=self._metadata, timeout=timeout)
@@ -438,13 +595,14 @@ class CanvasGatewayClient:
     async def send_stream(
         self,
         header: TriggerLike,
-        recipients: Recipients,
+        recipients: RecipientSource,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         validate_only: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
         resumes: int = 0,
         resume_wait: float = 60.0,
+        idempotency_key: str | None = None,
     ) -> AsyncIterator[pb.SendStreamResponse]:
         """Stream `recipients` (after any in `header`) and yield the gateway's responses.
 
@@ -462,6 +620,22 @@ class CanvasGatewayClient:
         send. After a resume the summary is the client's count of the results it yielded, and
         its `request_id` lists each stream's request id, comma-separated.
 
+        With `idempotency_key` the gateway keeps each batch's final result under the key, so
+        the same stream sent again with the same key sends nothing twice (kept results come back
+        with `replayed` true). A resume then sends the whole stream again from position 0 under
+        the key, instead of only what has no result: after a drain, and after any UNAVAILABLE
+        (a lost connection, a gateway that died), UNKNOWN (a proxy's reset stream) or grpcio's
+        own INTERNAL "Internal error from Core" (a write on a lost connection). Each batch's
+        result is yielded once: one that comes back again is dropped. A batch another call was
+        sending (NOT_ATTEMPTED, ABORTED) is tried again by a resume after its RetryInfo delay.
+        Positions and batch indexes are the gateway's, the same in every stream. For this the
+        recipients must be readable again from the first, in the same order: pass a Sequence,
+        or a function of no arguments that returns them afresh (an iterable or async iterable)
+        each time it is called. An iterator or generator is read once: with a key it is never
+        resumed (the error is raised, as with `resumes=0`); send it again yourself, with the key.
+        A batch whose result did not stand (held past 64, CANVAS_INACTIVE, a retryable REJECTED)
+        and that a later stream sends gets its later result too: the one batch yielded twice.
+
         If reading or parsing `recipients` raises, every recipient before the failing one
         is sent and nothing after it is read; the stream is closed normally, so each of
         them gets its result, and the error is raised after the summary (or, when the
@@ -476,19 +650,21 @@ class CanvasGatewayClient:
             timeout=timeout,
             resumes=resumes,
             resume_wait=resume_wait,
+            idempotency_key=idempotency_key,
         ):
             yield tracked.response
 
     async def send_stream_tracked(
         self,
         header: TriggerLike,
-        recipients: Recipients,
+        recipients: RecipientSource,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         validate_only: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
         resumes: int = 0,
         resume_wait: float = 60.0,
+        idempotency_key: str | None = None,
     ) -> AsyncIterator[Tracked]:
         """`send_stream`, each response with the recipients its result holds (see `Tracked`)."""
         if chunk_size < 1:
@@ -499,8 +675,18 @@ class CanvasGatewayClient:
         head = pb.CanvasTrigger()
         head.CopyFrom(trigger)
         del head.recipients[:]  # the header's recipients go first, in chunks like the others
-        first = pb.StreamHeader(trigger=head, options=pb.SendOptions(validate_only=validate_only))
-        source = _Source(recipients, chunk_size)
+        options = pb.SendOptions(validate_only=validate_only, idempotency_key=idempotency_key or "")
+        first = pb.StreamHeader(trigger=head, options=options)
+        again = _rereadable(recipients)
+        if idempotency_key and resumes and again is not None:
+            async for tracked in self._send_keyed(
+                first, tuple(trigger.recipients), again, chunk_size, timeout, _Keyed(resumes), resume_wait
+            ):
+                yield tracked
+            return
+        if idempotency_key:
+            resumes = 0  # read once: a resume of what has no result would not match the kept batches
+        source = _Source(_once(recipients), chunk_size)
         state = _Resumable(resumes)
         backlog: list[tuple[int, pb.Recipient]] = list(enumerate(trigger.recipients))
         source.position = len(backlog)
@@ -555,6 +741,64 @@ class CanvasGatewayClient:
         if source.failure is not None:
             raise source.failure
 
+    async def _send_keyed(
+        self,
+        first: pb.StreamHeader,
+        head_recipients: tuple[pb.Recipient, ...],
+        recipients: Callable[[], Recipients],
+        chunk_size: int,
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+        state: _Keyed,
+        resume_wait: float,
+    ) -> AsyncIterator[Tracked]:
+        """`send_stream_tracked` with an idempotency key and resumes: each stream sends the
+        whole sequence from position 0 (see `_Keyed`)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        channel, stub = self._service()
+        while True:
+            source = _Source(recipients(), chunk_size)
+            source.position = len(head_recipients)
+            stream = _Stream(0)
+            last: pb.SendSummary | None = None
+            error: grpc.aio.AioRpcError | None = None
+            try:
+                call = stub.SendStream(
+                    self._requests(first, list(enumerate(head_recipients)), source, stream, chunk_size),
+                    metadata=self._metadata,
+                    timeout=None if deadline is None else max(0.0, deadline - loop.time()),
+                    wait_for_ready=bool(state.resumes),
+                )
+                try:
+                    async for response in call:
+                        if response.HasField("result"):
+                            for tracked in state.take(stream, response.result):
+                                yield tracked
+                        else:
+                            last = response.summary
+                except grpc.aio.AioRpcError as exc:
+                    error = exc
+                finally:
+                    stream.stop.set()  # this stream's requests read no further
+                    call.cancel()  # a no-op once the call is done; stops the RPC if the caller left early
+                state.request_ids.append(await _request_id(call))
+            finally:
+                source.close()
+            left = None if deadline is None else deadline - loop.time()
+            if await _resume_keyed(channel, state, error, left, resume_wait):
+                state.resumes += 1
+                continue
+            for tracked in state.release():
+                yield tracked
+            if error is not None:
+                if source.failure is not None:  # e.g. no recipient was readable: the input error is the cause
+                    raise source.failure from error
+                raise error
+            yield state.summary(last)
+            if source.failure is not None:
+                raise source.failure
+            return
+
     @staticmethod
     async def _requests(
         first: pb.StreamHeader,
@@ -570,9 +814,44 @@ class CanvasGatewayClient:
             yield stream.track(entries)
 
 
+def _connection_lost(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a stream ended by `error` may go on, with its key, in a new one: the gateway drained,
+    or the connection to it was lost (KEYED_RESUME_CODES, CORE_INTERNAL_DETAILS)."""
+    if error.code() in KEYED_RESUME_CODES:
+        return True
+    return error.code() == grpc.StatusCode.INTERNAL and error.details() == CORE_INTERNAL_DETAILS
+
+
+async def _resume_keyed(
+    channel: grpc.aio.Channel,
+    state: _Keyed,
+    error: grpc.aio.AioRpcError | None,
+    left: float | None,
+    resume_wait: float,
+) -> bool:
+    """Whether a keyed stream that ended with `error` (None: normally) goes on in a new one, once
+    the gateway is ready: when resumes and time (`left`, None: no deadline) remain, after a
+    drain or a lost connection, or after a normal end holding batches another call was
+    sending (after their RetryInfo delay)."""
+    if state.resumes >= state.limit or (left is not None and left <= 0):
+        return False
+    wait = resume_wait if left is None else min(resume_wait, left)
+    if error is not None:
+        return _connection_lost(error) and await _ready(channel, state.resumes, wait)
+    delay = state.busy_delay()
+    if delay is None or (left is not None and delay >= left):
+        return False
+    return await _ready_after(channel, delay, wait)
+
+
 async def _ready(channel: grpc.aio.Channel, resumes: int, wait: float) -> bool:
     """Pause (longer after each resume), then wait up to `wait` seconds for the gateway."""
-    await asyncio.sleep(min(RESUME_BACKOFF_SECONDS * 2**resumes, 5.0))
+    return await _ready_after(channel, min(RESUME_BACKOFF_SECONDS * 2**resumes, 5.0), wait)
+
+
+async def _ready_after(channel: grpc.aio.Channel, pause: float, wait: float) -> bool:
+    """Pause `pause` seconds, then wait up to `wait` seconds for the gateway."""
+    await asyncio.sleep(pause)
     try:
         async with asyncio.timeout(max(0.0, wait)):
             await channel.channel_ready()
