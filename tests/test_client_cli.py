@@ -712,6 +712,7 @@ async def test_ctrl_c_says_what_may_have_been_sent_and_keeps_the_results(
         async with asyncio.timeout(30):
             while len(harness.fake.calls) < 4:
                 await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the fake records a call as it answers: let the results reach the CLI
         process.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(process.communicate(), 30)
     finally:
