@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from canvas_gateway_client import CanvasGatewayClient, pb, resume_position
+from canvas_gateway_client import CanvasGatewayClient, KeyForgotten, pb, resume_position
 from canvas_gateway_client.cli import run
 from canvas_gateway_client.client import MAX_HELD_RESULTS, _Keyed, _Stream
 from canvas_gateway_server.app import Gateway
@@ -458,3 +458,44 @@ def test_a_batch_yielded_early_as_not_attempted_gets_its_later_result_and_is_cou
     summary = state.summary(None).response.summary
     assert (summary.batches, summary.recipients, summary.recipients_sent) == (held + 1, held + 1, 3)
     assert summary.recipients_not_attempted == held - 2
+
+
+# --- a gateway that forgot the key -------------------------------------------------------------------
+
+
+async def test_a_resume_that_finds_the_key_forgotten_stops_at_once(fake: FakeBraze, tmp_path: Path) -> None:
+    """Without Redis a gateway keeps keys in its own process: the one started after a drain has
+    none, so the resumed stream would send every batch again. The client stops at the first batch
+    that had a result and comes back sent again, and raises KeyForgotten."""
+    settings = settings_on_a_port(fake, tmp_path)  # no redis_url
+    fake.faults.set_latency(0.02)
+    source = Gated(3_000, gate_at=1_030)
+    first = await start_gateway(settings)
+    second: Gateway | None = None
+    results: list[pb.BatchResult] = []
+    async with CanvasGatewayClient(settings.grpc_address, TOKEN) as client:
+
+        async def consume() -> None:
+            stream = client.send_stream(HEADER, source, chunk_size=70, resumes=3, idempotency_key="lost-1")
+            async for response in stream:
+                results.append(response.result)
+
+        consuming = asyncio.create_task(consume())
+        try:
+            await until(lambda: len(fake.calls) >= 10)
+            await drain(first, source)
+            sent_by_first = len(fake.sent())
+            second = await start_gateway(settings)
+            with pytest.raises(KeyForgotten):
+                async with asyncio.timeout(30):
+                    await consuming
+            await asyncio.sleep(0.2)  # what the cancel left in flight settles
+        finally:
+            consuming.cancel()
+            if second is not None:
+                await second.stop(grace=0)
+
+    twice = sum(1 for times in sent_to(fake).values() if times > 1)
+    assert 0 < twice <= 50 * 10  # the batches in flight when it was found out, not all of them
+    assert twice < 50 * sent_by_first
+    assert len({r.batch_index for r in results}) == len(results)  # still yielded once each

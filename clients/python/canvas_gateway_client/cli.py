@@ -35,7 +35,13 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf import json_format, message
 from google.protobuf.descriptor import FieldDescriptor
 
-from .client import DEFAULT_CHUNK_SIZE, CanvasGatewayClient, RecipientSource, bad_request_violations
+from .client import (
+    DEFAULT_CHUNK_SIZE,
+    CanvasGatewayClient,
+    KeyForgotten,
+    RecipientSource,
+    bad_request_violations,
+)
 from .inputs import FORMATS, InputError, LineMap, Row, count_rows, format_of, open_input, read_body, read_rows
 from .report import Progress, ResultsFile
 
@@ -55,7 +61,8 @@ exit status:
   3    authentication: no token, or the gateway refused it (UNAUTHENTICATED,
        PERMISSION_DENIED)
   4    gateway unavailable (UNAVAILABLE: unreachable, or draining with no resume left)
-  5    any other RPC failure (DEADLINE_EXCEEDED, INTERNAL, ...)
+  5    any other RPC failure (DEADLINE_EXCEEDED, INTERNAL, ...), or a resume under
+       --idempotency-key that found the gateway had forgotten the key (stopped at once)
   130  interrupted (Ctrl-C): what had a result is in the results file
 """
 IDEMPOTENCY = """\
@@ -623,6 +630,9 @@ async def run(
     except InputError as error:
         io.error(f"error: {error}")
         failed = EXIT_INVALID
+    except KeyForgotten as error:
+        io.error(f"error: {error}")
+        failed = EXIT_FAILED
     except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels the main task
         report.interrupted()
         failed = EXIT_INTERRUPTED

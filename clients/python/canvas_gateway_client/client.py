@@ -68,6 +68,23 @@ with an idempotency key is resumed by reading them again from the first)."""
 ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
 
 
+class KeyForgotten(Exception):
+    """A stream resumed under an idempotency key found a batch sent again: the gateway no longer
+    had the result it had given for it (a gateway that keeps keys in its own process, without
+    CGW_REDIS_URL, forgets them when it restarts; or the key's results expired). The send was
+    stopped there: the recipients of `batch_index`, and of batches in flight with it, may have
+    been messaged twice."""
+
+    def __init__(self, batch_index: int) -> None:
+        super().__init__(
+            f"batch {batch_index} was sent again under the idempotency key: the gateway no longer "
+            "had its result (keys kept in a gateway's own process, without CGW_REDIS_URL, are lost "
+            "when it restarts); the send was stopped: its recipients, and those of batches in "
+            "flight with it, may have been messaged twice"
+        )
+        self.batch_index = batch_index
+
+
 class FieldViolation(NamedTuple):
     """One invalid field of a rejected request, as in google.rpc.BadRequest."""
 
@@ -386,6 +403,8 @@ class _Keyed:
         self.held: dict[int, Tracked] = {}  # batch index -> result held back, oldest first
         self.counts: collections.Counter[str] = collections.Counter()
         self.request_ids: list[str] = []
+        self.forgotten: int | None = None
+        """A batch whose result stood and that came back sent again: the gateway lost the key."""
 
     def take(self, stream: _Stream, result: pb.BatchResult) -> Iterator[Tracked]:
         """The result, unless its batch has one already or it is held back (then maybe an older one)."""
@@ -396,11 +415,7 @@ class _Keyed:
         seen = self.yielded[index]
         if seen == _STANDS:
             if not result.replayed and result.outcome in (pb.OUTCOME_SENT, pb.OUTCOME_UNKNOWN):
-                log.warning(
-                    "batch %d was sent again under its idempotency key: the gateway no longer had its "
-                    "result (kept for a limited time): its recipients may have been messaged twice",
-                    index,
-                )
+                self.forgotten = index if self.forgotten is None else self.forgotten
             return
         tracked = Tracked(pb.SendStreamResponse(result=result), tuple(r for _, r in entries))
         if seen == _OPEN:
@@ -635,6 +650,9 @@ class CanvasGatewayClient:
         resumed (the error is raised, as with `resumes=0`); send it again yourself, with the key.
         A batch whose result did not stand (held past 64, CANVAS_INACTIVE, a retryable REJECTED)
         and that a later stream sends gets its later result too: the one batch yielded twice.
+        The gateway must still hold the key's results (Redis shared by every replica; a gateway
+        without CGW_REDIS_URL forgets them when it restarts): a batch whose result stood that
+        comes back sent again stops the send at once with KeyForgotten.
 
         If reading or parsing `recipients` raises, every recipient before the failing one
         is sent and nothing after it is read; the stream is closed normally, so each of
@@ -774,6 +792,8 @@ class CanvasGatewayClient:
                         if response.HasField("result"):
                             for tracked in state.take(stream, response.result):
                                 yield tracked
+                            if state.forgotten is not None:
+                                break  # every later batch would be sent again too: stop now
                         else:
                             last = response.summary
                 except grpc.aio.AioRpcError as exc:
@@ -784,6 +804,11 @@ class CanvasGatewayClient:
                 state.request_ids.append(await _request_id(call))
             finally:
                 source.close()
+            if state.forgotten is not None:
+                log.error("%s", KeyForgotten(state.forgotten))
+                for tracked in state.release():
+                    yield tracked
+                raise KeyForgotten(state.forgotten)
             left = None if deadline is None else deadline - loop.time()
             if await _resume_keyed(channel, state, error, left, resume_wait):
                 state.resumes += 1
