@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from conftest import KEYS, Harness, trigger_from_json, violations_of
 
 CANVAS = "3d46f207-f0f3-499c-8285-ea987998f700"
@@ -213,3 +214,31 @@ async def test_a_violation_names_the_context_field_the_caller_used(harness: Harn
     assert sum(len(r.positions) for r in results if r.outcome == pb.OUTCOME_SENT) == 3
     (call,) = harness.fake.calls  # the accepted ones went out under the tenant's name, `context`
     assert [r["context"] for r in call.body["recipients"]] == [{"i": 1}, {"i": 2}, {"i": 3}]
+
+
+async def test_a_caller_cut_off_mid_stream_gets_no_partial_last_batch_sent(harness: Harness) -> None:
+    """grpcio ends a stream's requests alike when the caller half-closes and when its connection is
+    lost; the gateway must not then send its open batch, cut short, for a caller who is gone."""
+    from test_client_keys import Cutter
+
+    opened = asyncio.Event()
+
+    async def requests() -> AsyncIterator[pb.SendStreamRequest]:
+        yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
+        for start in range(0, 70 * 200, 70):  # still sending when the connection goes
+            users = [pb.Recipient(external_user_id=f"u{i}") for i in range(start, start + 70)]
+            yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=users))
+            await asyncio.sleep(0.002)
+        await opened.wait()  # never half-closes
+
+    async with (
+        Cutter(harness.gateway.port) as cutter,
+        grpc.aio.insecure_channel(f"127.0.0.1:{cutter.port}") as channel,
+    ):
+        call = pb_grpc.CanvasGatewayServiceStub(channel).SendStream(requests(), metadata=harness.auth())
+        first = await call.read()
+        assert isinstance(first, pb.SendStreamResponse) and first.result.outcome == pb.OUTCOME_SENT
+        cutter.cut()
+        await asyncio.sleep(0.5)
+        opened.set()
+    assert {len(c.body["recipients"]) for c in harness.fake.calls} == {50}

@@ -44,6 +44,11 @@ class BatchPlanner:
             return self.flush()
         return closed
 
+    @property
+    def open(self) -> bool:
+        """A batch holds recipients that no call has taken yet."""
+        return bool(self._parts)
+
     def flush(self) -> Batch | None:
         """Close the open batch, if it holds anyone."""
         if not self._parts:

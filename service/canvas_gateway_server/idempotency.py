@@ -45,6 +45,10 @@ DEFAULT_CAPACITY: Final = 200_000
 """CGW_IDEMPOTENCY_CAPACITY: batches the in-process store keeps (10 million recipients)."""
 DEFAULT_LEASE: Final = 900.0
 """CGW_IDEMPOTENCY_LEASE_SECONDS: the longest a claim counts as in flight while its process runs."""
+CUT_OFF_TEXT: Final = (
+    "outcome unknown: the call that sent this batch under this idempotency key was cut off (its "
+    "caller went away) while Braze was being called; it is not sent again"
+)
 BUSY_RETRY_SECONDS: Final = 1.0
 KEEP_RETRY_SECONDS: Final = 1.0
 """How often a result the store did not take is offered again."""
@@ -196,8 +200,8 @@ def decode(data: bytes, batch: Batch) -> BatchResult:
     return BatchResult(batch.index, batch.positions, outcome, code, replayed=True, **fields)
 
 
-def _lost(batch: Batch) -> BatchResult:
-    return BatchResult(batch.index, batch.positions, Outcome.UNKNOWN, Code.UNKNOWN, LOST_TEXT)
+def _lost(batch: Batch, text: str = LOST_TEXT) -> BatchResult:
+    return BatchResult(batch.index, batch.positions, Outcome.UNKNOWN, Code.UNKNOWN, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +304,10 @@ class Ledger:
     def keep_soon(self, claimed: Claimed, sent: bool) -> None:
         """The call was cancelled: keep UNKNOWN if the batch may have gone out, else release it,
         in a task of its own (the cancelled one cannot wait)."""
-        result = _lost(claimed.batch) if sent else results.not_attempted(claimed.batch, "cancelled")
+        if sent:
+            result = _lost(claimed.batch, CUT_OFF_TEXT)
+        else:
+            result = results.not_attempted(claimed.batch, "cancelled")
         self._later(self.keep(claimed, result))
 
     async def settled(self, within: float) -> None:

@@ -81,6 +81,11 @@ class Intake:
         # Positional: a NamedTuple built with keywords costs twice as much, once per recipient.
         return Taken(position, (), self._planner.add(position, encoded))
 
+    @property
+    def open(self) -> bool:
+        """Recipients wait in a batch that is not full yet."""
+        return self._planner.open
+
     def finish(self) -> Batch | None:
         """The last, partly filled batch, if any."""
         return self._planner.flush()

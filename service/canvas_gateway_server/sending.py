@@ -226,6 +226,11 @@ class StreamSend:
         have read, for reconciliation."""
         self._fan.log_unread(handed)
 
+    @property
+    def holds_partial_batch(self) -> bool:
+        """`close` would send a batch of fewer than 50 that is still open."""
+        return self._intake.open
+
     def check_complete(self) -> None:
         """At the caller's end of input: a stream must have carried recipients."""
         violations = check_recipient_count(self._intake.head, self._intake.received)

@@ -292,7 +292,13 @@ class CanvasGatewayServicer:
                 await session.close(send_rest=False)
                 await reader.drain(self._drain_seconds)
             else:
-                await session.close()
+                if session.holds_partial_batch:
+                    # grpcio ends the requests the same way when the caller half-closes and when
+                    # its connection is lost; the cancellation of a lost one follows at once. The
+                    # last batch must not go out cut short for a caller who is gone (nor, under an
+                    # idempotency key, be kept as another body than a repeat's).
+                    await asyncio.sleep(CUT_OFF_SECONDS)
+                await session.close(send_rest=not context.done())
 
         pumping = asyncio.create_task(pump())
         handed: deque[BatchResult] = deque(maxlen=self._reconcile_tail)
@@ -318,6 +324,11 @@ class CanvasGatewayServicer:
             # results handed over. Log them, so that they can be reconciled.
             session.log_unread(handed)
             raise
+
+
+CUT_OFF_SECONDS = 0.05
+"""How long a stream's end waits, when it holds a partial last batch, for a lost connection's
+cancellation to show before sending that batch."""
 
 
 def _bad_stream(why: str) -> InvalidRequest:

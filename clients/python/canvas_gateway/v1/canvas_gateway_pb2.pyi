@@ -386,8 +386,11 @@ class SendOptions(_message.Message):
     hash of the batch's body, for 24 hours by default. A request with a key
     already used, for the same recipients in the same order, returns the kept
     results (`replayed` true) without calling Braze, and sends only the
-    batches with no kept result: after a lost connection, a drain or a
-    restart, send the whole request again with the same key. A batch whose
+    batches with no kept result: after a lost connection or a drain, send
+    the whole request again with the same key. Keys outlive a gateway's
+    restart, and reach its other replicas, only when the gateway keeps them
+    in Redis (CGW_REDIS_URL); otherwise a repeat that reaches another
+    process sends again. A batch whose
     outcome was UNKNOWN stays UNKNOWN; NOT_ATTEMPTED, CANVAS_INACTIVE and
     retryable REJECTED batches are not kept, so they are sent again. A batch
     whose body differs from the kept one ends REJECTED with
