@@ -31,7 +31,6 @@ BUILT = {
 LANGUAGES = list(BUILT)
 # The examples that take --idempotency-key (clients/README.md); Python's take it not yet (the
 # Python client's keys are tested in test_client_keys.py).
-KEYED = [language for language in LANGUAGES if language != "python"]
 TLS = Path(__file__).resolve().parent / "fixtures" / "tls"
 RUN_SECONDS = 60
 RESULT = re.compile(
@@ -112,7 +111,7 @@ async def test_send_stream_prints_every_batch_with_braze_s_dispatch_id(
 
 
 @pytest.mark.parametrize("program", ["send", "send-stream"])
-@pytest.mark.parametrize("language", KEYED)
+@pytest.mark.parametrize("language", LANGUAGES)
 async def test_run_again_with_its_idempotency_key_the_example_prints_replayed_results_and_sends_nothing(
     harness: Harness, language: str, program: str
 ) -> None:

@@ -25,6 +25,7 @@ def parse(program: str, argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ca-file")
     parser.add_argument("--canvas-id", default="canvas-gateway-demo")
     parser.add_argument("--recipients", type=int, default=120 if program == "send" else 1000)
+    parser.add_argument("--idempotency-key")
     if program == "send":
         parser.add_argument("--bad-email", action="store_true")
     else:
@@ -74,7 +75,7 @@ def print_result(result: pb.BatchResult) -> None:
     print(
         f"result batch={result.batch_index} outcome={pb.Outcome.Name(result.outcome)} "
         f"code={code_pb2.Code.Name(result.code)} recipients={len(result.positions)} first={first} "
-        f"dispatch_id={result.braze.dispatch_id or '-'}"
+        f"dispatch_id={result.braze.dispatch_id or '-'}" + (" replayed=true" if result.replayed else "")
     )
 
 

@@ -20,7 +20,7 @@ async def main() -> int:
         trigger.recipients.append(pb.Recipient(email="not-an-email"))
     async with common.client(args) as client:
         try:
-            reply = await client.send(trigger, timeout=60)
+            reply = await client.send(trigger, timeout=60, idempotency_key=args.idempotency_key)
         except grpc.aio.AioRpcError as error:
             return common.report_error(error)
     for result in reply.results:

@@ -18,7 +18,10 @@ async def main() -> int:
     async with common.client(args) as client:
         try:
             async for response in client.send_stream(
-                common.trigger(args.canvas_id), common.recipients(args.recipients), chunk_size=args.chunk_size
+                common.trigger(args.canvas_id),
+                common.recipients(args.recipients),
+                chunk_size=args.chunk_size,
+                idempotency_key=args.idempotency_key,
             ):
                 if response.HasField("result"):
                     results.append(response.result)
