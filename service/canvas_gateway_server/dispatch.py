@@ -127,8 +127,8 @@ class Dispatcher:
         finally:
             self._running.discard(task)
             self._metrics.batch_finished(tenant.id)
-        if claimed is not None:
-            await self._ledger.keep(claimed, result)
+        if claimed is not None:  # kept even if the caller goes while it is being kept
+            await asyncio.shield(self._ledger.keep(claimed, result))
         return result
 
     def _consume_abandon_cancel(self, task: asyncio.Task[object]) -> bool:
