@@ -234,7 +234,7 @@ class Ledger:
         except (StoreUnavailable, asyncio.CancelledError) as exc:
             # The claim may have been made with its answer lost (or the caller gone while it was
             # made): release it, once the store answers. Nothing was sent.
-            self._later(self._keep_until_kept(claimed, None, first=True))
+            self._later(self._keep_until_kept(claimed, None))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return results.store_unavailable(batch, 0, str(exc))
@@ -272,23 +272,23 @@ class Ledger:
             )
             self._later(self._keep_until_kept(claimed, data))
 
-    async def _keep_until_kept(self, claimed: Claimed, data: bytes | None, first: bool = False) -> None:
+    async def _keep_until_kept(self, claimed: Claimed, data: bytes | None) -> None:
+        """Offer `data` (None: the claim's release) until the store takes it, for the lease."""
         deadline = time.monotonic() + self._lease
         while time.monotonic() < deadline:
-            if not first:
-                await asyncio.sleep(KEEP_RETRY_SECONDS)
-            first = False
             try:
                 await self._store.keep(
                     claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data
                 )
             except StoreUnavailable:
+                await asyncio.sleep(KEEP_RETRY_SECONDS)
                 continue
-            if data is None:
-                return
-            log.info(
-                "the result of batch %d is kept now", claimed.batch.index, extra={"tenant": claimed.tenant.id}
-            )
+            if data is not None:
+                log.info(
+                    "the result of batch %d is kept now",
+                    claimed.batch.index,
+                    extra={"tenant": claimed.tenant.id},
+                )
             return
         log.error(
             "the result of batch %d was never kept: its claim lapses into UNKNOWN",
