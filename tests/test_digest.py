@@ -4,10 +4,10 @@ Protobuf leaves the order of map entries on the wire to the encoder (grpc-go wri
 random order), and upb iterates a decoded map in an order that depends on the order the entries
 came in and on a hash seeded per process. Every google.protobuf.Struct of the contract is such a
 map: the trigger's and each recipient's context (under either name), a recipient's attributes,
-and every Struct nested in them, directly or in a list. Here the same request is encoded by hand
-with the entries of every map (and the fields of every message) in another order, decoded as
-the servicer decodes it, and cut into batches: every encoding must give the same bodies and the
-same digests. Across processes: two gateway processes on one Redis, a keyed request sent to one
+and every Struct nested in them, directly or in a list (an audience filter's `value` is a Value
+that may not hold one: refused). Here the same request is encoded by hand with the entries of
+every map (and the fields of every message) in another order, decoded as the servicer decodes
+it, and cut into batches: every encoding must give the same bodies and the same digests. Across processes: two gateway processes on one Redis, a keyed request sent to one
 and sent again, its maps in another order, to the other, is replayed and Braze is not called.
 """
 
@@ -142,7 +142,12 @@ def batches(raw: bytes, context_name: str = "context") -> list[tuple[bytes, str]
     return [(batch.body, digest(batch)) for batch in [*closed, *([last] if last else [])]]
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,  # the same examples every run: a failure reproduces
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(request=requests(), seeds=st.lists(st.integers(), min_size=2, max_size=4), legacy=st.booleans())
 def test_map_entries_in_any_order_at_any_depth_give_one_body_and_one_digest(
     request: pb.SendRequest, seeds: list[int], legacy: bool
