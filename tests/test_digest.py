@@ -7,8 +7,9 @@ map: the trigger's and each recipient's context (under either name), a recipient
 and every Struct nested in them, directly or in a list (an audience filter's `value` is a Value
 that may not hold one: refused). Here the same request is encoded by hand with the entries of
 every map (and the fields of every message) in another order, decoded as the servicer decodes
-it, and cut into batches: every encoding must give the same bodies and the same digests. Across processes: two gateway processes on one Redis, a keyed request sent to one
-and sent again, its maps in another order, to the other, is replayed and Braze is not called.
+it, and cut into batches: every encoding must give the same bodies and the same digests. Across
+processes: two gateway processes on one Redis, a keyed request sent to one and sent again, its
+maps in another order, to the other, is replayed and Braze is not called.
 """
 
 from __future__ import annotations
