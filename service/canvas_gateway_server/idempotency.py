@@ -160,7 +160,11 @@ class LocalResults:
 
 
 def digest(batch: Batch) -> str:
-    """What a batch is: its body (canvas, context, recipients in order) as sent to Braze."""
+    """What a batch is: its body (canvas, context, recipients in order) as sent to Braze.
+
+    The body is canonical JSON (`validate` sorts keys at every depth; the head's keys all sort
+    before `recipients`, which `batching` appends last): map entries in any order, decoded in
+    any process, give one body and one digest (tests/test_digest.py)."""
     return hashlib.blake2b(batch.body, digest_size=16).hexdigest()
 
 
