@@ -142,8 +142,8 @@ async def test_run_again_with_its_idempotency_key_the_example_prints_replayed_re
     assert len(harness.fake.calls) == 2 * calls and not any(r[6] for r in unkeyed.results)
 
 
-CONTEXT_KEYS = ("go", "node", "python")
-"""The examples that take --context-keys (clients/README.md); Java's does not yet."""
+CONTEXT_KEYS = ("go", "java", "node", "python")
+"""The examples that take --context-keys (clients/README.md): all four."""
 
 
 @pytest.mark.parametrize("program", ["send", "send-stream"])
