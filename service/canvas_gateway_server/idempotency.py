@@ -13,7 +13,8 @@ kept once it ends. A later call with the key:
 Only results that must not be sent again are kept: SENT, UNKNOWN and REJECTED that is not
 retryable. NOT_ATTEMPTED, CANVAS_INACTIVE (nothing was sent) and retryable REJECTED (a 429)
 release the claim, so a later call sends them. `ResultStore` is where claims live: in this
-process (`LocalResults`, TTL and LRU) or in Redis for every replica (`shared.RedisResults`).
+process (`LocalResults`, TTL, a capacity shared fairly by tenants), in a file every worker of
+the host shares (`host_results.HostResults`), or in Redis for every replica (`shared.RedisResults`).
 """
 
 from __future__ import annotations
