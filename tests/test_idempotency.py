@@ -438,3 +438,22 @@ def test_an_entry_of_the_local_store_is_about_half_a_kilobyte() -> None:
     assert len(store) == count
     assert 300 < per_entry < 800, per_entry  # orjson's 4 KB buffer, kept as is, made it 4.5 KB
     assert DEFAULT_CAPACITY * per_entry < 40 * 2**20
+
+
+async def test_the_local_store_counts_each_entry_once_whatever_replaces_it() -> None:
+    now = [0.0]
+    store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
+    await store.stop()  # never started: nothing to stop
+    await store.keep("acme/k", 0, "d", "t0", b"first")
+    await store.keep("acme/k", 1, "d", "t0", b"other")
+    await store.keep("acme/k", 0, "d", "t1", b"again")  # kept twice: one entry, the later result
+    await store.keep("globex/k", 0, "d", "t0", b"r")
+    assert (store.held("acme"), len(store)) == (2, 3)
+    assert (await store.claim("acme/k", 0, "d", "t2")).kept == b"again"
+    now[0] = 11.0  # expired, not swept yet: a claim takes its place
+    assert (await store.claim("acme/k", 1, "d", "t3")).verdict is Verdict.CLAIMED
+    assert (await store.claim("acme/k", 0, "d", "t3")).verdict is Verdict.CLAIMED
+    assert (store.held("acme"), len(store)) == (2, 3)
+    await store.keep("initech/k", 0, "d", "t0", b"r")  # kept at 11: not expired at 15
+    now[0] = 15.0
+    assert store.expire() == 1 and (store.held("globex"), store.held("initech")) == (0, 1)
