@@ -133,3 +133,26 @@ def test_redis_persists_every_write_and_has_probes_a_volume_and_a_disruption_bud
         selected = selector.get("selector", {})
         selected = selected.get("matchLabels", selected)
         assert not selected.items() <= pod_labels.items(), kind
+
+
+ENTRY_BYTES = 800
+"""An upper bound of what the in-process key store keeps a batch (tests/test_idempotency.py
+measures about 580 B with tracemalloc and holds it under this)."""
+GATEWAY_BYTES = 64 * 2**20
+"""The gateway's own resident memory, rounded up (BENCHMARKS.md: 55-61 MiB over a soak)."""
+
+
+def _bytes(quantity: str) -> int:
+    number, unit = quantity[:-2], quantity[-2:]
+    return int(number) * {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[unit]
+
+
+def test_the_in_process_key_store_at_its_default_capacity_fits_the_pod_s_memory() -> None:
+    """A pod without Redis (an overlay that removes it) keeps keys in memory only on port 0, but
+    the default must fit anyway: 50,000 batches x 800 B = 38 MiB, with the gateway's 64 MiB
+    within the 128 MiB request (the old 200,000 x 4.7 KB = 900 MiB was far over the 256 MiB limit)."""
+    (gateway,) = _load("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    request = _bytes(gateway["resources"]["requests"]["memory"])
+    limit = _bytes(gateway["resources"]["limits"]["memory"])
+    capacity = Settings.from_env(_load("configmap.yaml")["data"]).idempotency_capacity
+    assert GATEWAY_BYTES + capacity * ENTRY_BYTES <= request < limit
