@@ -284,9 +284,10 @@ async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_
         assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.BUSY  # beat 0 s ago
         now[0] += host_results.HEARTBEAT_LAPSE_SECONDS
         assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
-        now[0] += 60.0  # past the TTL: the background purge deletes both rows, unused
-        assert await again.beat() == 2
+        now[0] += 60.0  # past the TTL: an expired row is claimed anew, the purge deletes the other
         assert (await again.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await again.beat() == 1
+        assert (await again.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
     finally:
         await again.stop()
 
@@ -320,6 +321,11 @@ async def test_a_broken_host_file_is_a_store_that_does_not_answer(tmp_path: Path
     path = tmp_path / "keys.sqlite3"
     host_results.create(str(path), private_folder=False)
     broken = HostResults(str(path), ttl=60.0, lease=60.0)
+    assert (await broken.claim("acme/k", 1, "d", "t")).verdict is Verdict.CLAIMED
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE owners")
+    with pytest.raises(StoreUnavailable):  # fails within the transaction: rolled back
+        await broken.claim("acme/k", 1, "d", "t2")
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE results")
     failures: list[str] = []

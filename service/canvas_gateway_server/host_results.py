@@ -10,8 +10,9 @@ restart on the host finds what was kept. It is `idempotency.ResultStore` with th
   was claimed, the kept result (NULL while claimed, b"" for LOST) and when it expires;
 - each process beats a row of `owners` every HEARTBEAT_SECONDS; a claim whose owner has not
   beaten for HEARTBEAT_LAPSE_SECONDS (a worker killed, a gateway restarted) is LOST at once;
-- a claim is one `BEGIN IMMEDIATE` transaction (the write lock first, so that two workers
-  claiming one batch are ordered, never both CLAIMED); a keep is one statement;
+- a claim of a batch nobody holds is one INSERT; of one that is held, one `BEGIN IMMEDIATE`
+  transaction (the write lock first): two workers claiming one batch are ordered, never both
+  CLAIMED; a keep is one statement;
 - expired rows are deleted in the background, a slice at a time.
 
 Why SQLite: it is in the standard library, it locks across processes, and in WAL mode with
@@ -68,6 +69,11 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_expiry ON results (expires);
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL) WITHOUT ROWID;
 """
+
+
+_CLAIM_NEW: Final = (
+    "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (scope, idx) DO NOTHING"
+)
 
 
 def default_path(port: int) -> str:
@@ -142,9 +148,14 @@ class HostResults:
         return await self._run(self._claim, scope, index, digest, token)
 
     def _claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        now = self._clock()
+        row = (scope, index, digest, self.owner, token, now, now + self._ttl)
+        # The usual case, a batch nobody holds, in one statement; else one transaction decides.
+        if self._db.execute(_CLAIM_NEW, row).rowcount == 1:
+            return Claim(Verdict.CLAIMED)
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            claim = self._decide(scope, index, digest, token, self._clock())
+            claim = self._decide(scope, index, digest, token, now)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
@@ -158,7 +169,7 @@ class HostResults:
             "SELECT digest, owner, at, kept, expires FROM results WHERE scope = ? AND idx = ?",
             (scope, index),
         ).fetchone()
-        if row is None or row[4] <= now:
+        if row is None or row[4] <= now:  # gone since, or expired and not purged yet
             db.execute(
                 "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
                 (scope, index, digest, self.owner, token, now, now + self._ttl),
