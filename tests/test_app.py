@@ -260,9 +260,12 @@ async def test_batches_still_waiting_for_a_connection_are_known_unsent(harness: 
     assert all(r.retryable for r in reply.results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED)
 
 
-async def test_a_port_in_use_is_a_clear_boot_error(harness: Harness) -> None:
+async def test_a_port_in_use_is_a_clear_boot_error(harness: Harness, tmp_path: Path) -> None:
     taken = harness.target  # the harness gateway holds it
-    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address=taken, **LOCAL)
+    keys = str(tmp_path / "keys.sqlite3")  # a fixed port keeps keys in a file: not the host's /tmp
+    settings = Settings.from_env(
+        {}, demo=True, demo_braze_port=0, grpc_address=taken, idempotency_file=keys, **LOCAL
+    )
     with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: the address is in use"):
         await Gateway.start(settings)
     fake_port = int(FAKE_URLS[id(harness.fake)].rsplit(":", 1)[1])

@@ -32,13 +32,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
-from . import __version__, logs, reflection, shared
+from . import __version__, host_results, logs, reflection, shared
 from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
 from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
+from .host_results import HostResults
 from .idempotency import Ledger, LocalResults, ResultStore
 from .limits import BudgetStore, LocalLimiter, TableBudgets
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
@@ -93,6 +94,8 @@ class Gateway:
     lag_watch: asyncio.Task[None] | None = None
     redis: aioredis.Redis | None = None
     shared_results: RedisResults | None = None
+    own_results: LocalResults | HostResults | None = None
+    """The store of keys' results without Redis: this host's file, or this process's memory."""
 
     @classmethod
     async def start(
@@ -147,7 +150,6 @@ class Gateway:
                 unary_max_recipients=settings.unary_max_recipients,
                 request_concurrency=settings.request_concurrency,
                 result_queue_size=settings.result_queue_size,
-                keys_refused=_keys_refused(settings),
             ),
             metrics,
         )
@@ -186,6 +188,7 @@ class Gateway:
             fake_braze=fake,
             redis=redis,
             shared_results=results if isinstance(results, RedisResults) else None,
+            own_results=results if isinstance(results, LocalResults | HostResults) else None,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         try:
@@ -194,6 +197,8 @@ class Gateway:
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
             await server.stop(None)  # releases a gRPC port bound before the admin port failed
             await session.close()
+            if isinstance(results, HostResults):
+                await results.stop()
             if fake is not None:
                 await fake.stop()
             if isinstance(exc, ConfigError):
@@ -204,6 +209,10 @@ class Gateway:
         await server.start()
         if gateway.shared_results is not None:
             gateway.shared_results.start(lambda: metrics.store_failure("results", "heartbeat"))
+        if isinstance(results, HostResults):
+            results.start(lambda: metrics.store_failure("results", "heartbeat"))
+        elif isinstance(results, LocalResults):
+            results.start()
         if redis is not None:
             await _check_redis(redis)
         if settings.metrics_enabled:
@@ -269,6 +278,8 @@ class Gateway:
         await self.dispatcher.ledger.settled(KEEP_SECONDS)
         if self.shared_results is not None:
             await self.shared_results.stop()
+        if self.own_results is not None:
+            await self.own_results.stop()
         if self.redis is not None:
             await self.redis.aclose()
         await self.session.close()
@@ -334,24 +345,21 @@ def _limiter(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics)
 
 
 def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:
-    """Where idempotency keys' results are kept: Redis, or this process."""
+    """Where idempotency keys' results are kept: Redis; else the host's file, shared by its
+    workers and kept across restarts; else (one process on port 0) this process's memory."""
     if redis is not None:
         return RedisResults(redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds)
+    path = host_results.keys_file(settings)
+    if path:
+        if not settings.is_worker:  # a worker's file is the supervisor's, made before it started
+            host_results.create(path, private_folder=not settings.idempotency_file)
+        return HostResults(path, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds)
     return LocalResults(
         settings.idempotency_ttl_seconds,
         settings.idempotency_capacity,
         settings.idempotency_lease_seconds,
         on_evict=lambda tenant: metrics.idempotency(tenant, "evicted"),
     )
-
-
-def _keys_refused(settings: Settings) -> str:
-    if settings.is_worker and not settings.redis_url:
-        return (
-            f"idempotency keys need one store for every process that may take the call: this gateway "
-            f"runs {settings.workers} workers without CGW_REDIS_URL; nothing was sent"
-        )
-    return ""
 
 
 async def _check_redis(redis: aioredis.Redis) -> None:
