@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -21,6 +22,7 @@ from canvas_gateway_server.limits import (
 from canvas_gateway_server.shared import RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
+from canvas_gateway_server.workers import SharedBudgets
 from conftest import EXAMPLES, KEYS, Harness
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
@@ -31,11 +33,19 @@ NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.heade
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
 
 
-@pytest.fixture(params=["local", "redis"])
-async def budgets(request: pytest.FixtureRequest) -> AsyncIterator[BudgetStore]:
-    """Every store keeps budgets by the same rules: the Lua scripts are Budget's methods."""
+@pytest.fixture(params=["local", "workers", "redis"])
+async def budgets(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetStore]:
+    """Every store keeps budgets by the same rules: the Lua scripts are Budget's methods, and a
+    host's workers keep every field of Budget in their file."""
     if request.param == "local":
         yield TableBudgets()
+        return
+    if request.param == "workers":
+        path = str(tmp_path / "budgets")
+        SharedBudgets.create(path)
+        table = SharedBudgets(path)
+        yield TableBudgets(table)
+        table.close()
         return
     async with redis_server() as server:
         client = connect(server.url, 1.0)
@@ -191,3 +201,52 @@ async def test_held_calls_wait_and_a_job_larger_than_a_window_is_sent_without_a_
     assert all(result.outcome == pb.OUTCOME_SENT for result in reply.results)
     positions = sorted(p for result in reply.results for p in result.positions)
     assert positions == list(range(len(users)))
+
+
+async def test_a_new_window_opens_at_the_last_known_limit_with_the_calls_under_way_counted(
+    budgets: BudgetStore,
+) -> None:
+    """A budget smaller than the concurrency: when the window turns, only `limit` calls start,
+    less those still under way, although no reply has told of the new window yet."""
+    now = [NOW]
+    limiter = LocalLimiter(16, clock=lambda: now[0], budgets=budgets)
+    reset = 1_750_192_900  # within the store's lease of 60 s: `two` is still under way
+    await limiter.settle(await start(limiter), reply(201, limit=3, remaining=2, reset=reset))
+    one, two = await start(limiter), await start(limiter)
+    await held(limiter)
+    assert await limiter.settle(one, reply(201, limit=3, remaining=0, reset=reset)) == reset
+    assert await held(limiter) == Hold(reset, spent=True)
+
+    now[0] = reset + 0.25  # the window turns with `two` still under way: 3 - 1 may start
+    three, four = await start(limiter), await start(limiter)
+    hold = await held(limiter)
+    assert not hold.spent and hold.until == now[0] + RECHECK_SECONDS
+    await limiter.settle(two, reply(201, limit=3, remaining=0, reset=reset))  # the old window's news
+    five = await start(limiter)  # `two` ended: its place is free, and no more
+    await held(limiter)
+    await limiter.settle(three, reply(201, limit=3, remaining=1, reset=reset + 3600))
+    await held(limiter)  # 1 left, four and five under way
+    await limiter.settle(four, reply(201, limit=3, remaining=0, reset=reset + 3600))
+    assert await held(limiter) == Hold(reset + 3600, spent=True)
+    await limiter.settle(five, None)
+
+    now[0] = reset + 3600.5  # a window turns with nothing under way: the limit, and no more
+    started = [await start(limiter) for _ in range(3)]
+    await held(limiter)
+    for ticket in started:
+        await limiter.settle(ticket, None)
+
+
+async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: BudgetStore) -> None:
+    """A Braze (or a proxy) that sends no x-ratelimit-limit: a window it has not counted yet is
+    not bounded, as before (only a window's own remaining is)."""
+    now = [NOW]
+    limiter = LocalLimiter(16, clock=lambda: now[0], budgets=budgets)
+    reset = 1_750_192_900
+    await limiter.settle(await start(limiter), reply(201, remaining=9, reset=reset))
+    tickets = [await start(limiter) for _ in range(9)]
+    await held(limiter)
+    for ticket in tickets:
+        await limiter.settle(ticket, None)
+    now[0] = reset + 0.5
+    tickets = [await start(limiter) for _ in range(20)]

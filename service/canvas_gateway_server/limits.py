@@ -16,6 +16,7 @@ shared by every replica (`shared`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -76,24 +77,33 @@ class StoreUnavailable(Exception):
 
 @dataclass(slots=True)
 class Budget:
-    """What is known of one (tenant, budget): a pause, the current window, the calls under way."""
+    """What is known of one (tenant, budget): a pause, the current window, the calls under way.
+
+    A window Braze has not yet answered in opens at the last limit Braze gave (x-ratelimit-limit),
+    with the calls under way counted against it: a fleet that can start more calls at once than a
+    window allows starts no more than the limit when the window turns."""
 
     paused_until: float = 0.0
     reset: int = 0
     """x-ratelimit-reset of the current window; 0: unknown"""
     left: int = 0
-    """the lowest x-ratelimit-remaining seen with that reset"""
+    """the lowest x-ratelimit-remaining seen with that reset; while the reset is unknown, the
+    last known limit (0: none)"""
     under_way: int = 0
+    limit: int = 0
+    """the last x-ratelimit-limit Braze gave; 0: none yet"""
 
     def reserve(self, now: float) -> Hold | None:
         """None when a call may start (it is counted as under way), else when to ask again.
         The Lua script in `shared.py` is this method for Redis; they change together."""
         if self.paused_until > now:
             return Hold(self.paused_until, True)
-        if self.reset and self.reset <= now:  # a new window: unknown until a reply says
-            self.reset = self.left = 0
-        if self.reset and self.under_way >= self.left:
-            return Hold(min(float(self.reset), now + RECHECK_SECONDS), False)
+        if self.reset and self.reset <= now:  # a new window: it opens at the last known limit
+            self.reset, self.left = 0, self.limit
+        # Known when a reply told of this window, or the window opened at the last limit; a
+        # budget never answered, or whose replies carry no limit, is not bounded until one does.
+        if (self.reset or self.left) and self.under_way >= self.left:
+            return Hold(min(float(self.reset or math.inf), now + RECHECK_SECONDS), False)
         self.under_way += 1
         return None
 
@@ -106,7 +116,9 @@ class Budget:
 
     def observe(self, reply: Reply, now: float) -> None:
         rate = reply.rate
-        if rate.remaining is not None and rate.reset is not None:
+        if rate.limit is not None and rate.limit > 0:
+            self.limit = rate.limit
+        if rate.remaining is not None and rate.reset is not None and rate.reset > now:
             if rate.reset > self.reset:  # a later window: start counting it
                 self.reset, self.left = rate.reset, rate.remaining
             elif rate.reset == self.reset:  # within a window it only shrinks

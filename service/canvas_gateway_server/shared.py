@@ -56,19 +56,22 @@ BUDGET_TTL_SECONDS: Final = 7300
 
 _RESERVE: Final = """
 local now = tonumber(ARGV[1])
-local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left')
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
 local paused = tonumber(b[1]) or 0
 if paused > now then return {'spent', string.format('%.17g', paused)} end
 local reset = tonumber(b[2]) or 0
 local left = tonumber(b[3]) or 0
+local limit = tonumber(b[4]) or 0
 if reset > 0 and reset <= now then
   reset = 0
-  left = 0
-  redis.call('HSET', KEYS[1], 'reset', '0', 'left', '0')
+  left = limit
+  redis.call('HSET', KEYS[1], 'reset', '0', 'left', string.format('%d', left))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if reset > 0 and redis.call('ZCARD', KEYS[2]) >= left then
-  return {'held', string.format('%.17g', math.min(reset, now + tonumber(ARGV[4])))}
+if (reset > 0 or left > 0) and redis.call('ZCARD', KEYS[2]) >= left then
+  local again = now + tonumber(ARGV[4])
+  if reset > 0 then again = math.min(reset, again) end
+  return {'held', string.format('%.17g', again)}
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -81,9 +84,13 @@ local now = tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left')
 local paused = tonumber(b[1]) or 0
 if ARGV[3] == '1' then
+  local limit = tonumber(ARGV[9])
+  if limit and limit > 0 then
+    redis.call('HSET', KEYS[1], 'limit', string.format('%d', limit))
+  end
   local remaining = tonumber(ARGV[5])
   local reset = tonumber(ARGV[6])
-  if remaining and reset then
+  if remaining and reset and reset > now then
     local current = tonumber(b[2]) or 0
     if reset > current then
       redis.call('HSET', KEYS[1], 'reset', string.format('%d', reset), 'left', string.format('%d', remaining))
@@ -194,6 +201,7 @@ class RedisBudgets:
             "" if rate is None or rate.reset is None else str(rate.reset),
             repr(MAX_PAUSE_SECONDS),
             BUDGET_TTL_SECONDS,
+            "" if rate is None or rate.limit is None else str(rate.limit),
         ]
         paused = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
         return float(_text(paused))
