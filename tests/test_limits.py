@@ -3,6 +3,7 @@ clock, and through a real gateway and fake Braze."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from canvas_gateway_server.limits import (
     TableBudgets,
     Ticket,
 )
-from canvas_gateway_server.shared import RedisBudgets, connect
+from canvas_gateway_server.shared import FailoverBudgets, RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
 from canvas_gateway_server.workers import SharedBudgets
@@ -250,3 +251,78 @@ async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: Bud
         await limiter.settle(ticket, None)
     now[0] = reset + 0.5
     tickets = [await start(limiter) for _ in range(20)]
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "settings_overrides"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=1,
+                hourly_window_seconds=1,
+                latency_seconds=0.05,
+            ),
+            # One attempt each: a 429 that spent an attempt would end its batch REJECTED.
+            {"request_concurrency": 4, "max_attempts": 1, "max_retry_wait_seconds": 5},
+        )
+    ],
+)
+async def test_a_429_that_happens_anyway_pauses_until_the_reset_and_spends_no_attempt(
+    harness: Harness,
+) -> None:
+    """Nothing is known of the budget when 4 calls start together against 1 a window: 3 are
+    answered 429 with the window's reset. They wait for it, and each window then starts one."""
+    users = [pb.Recipient(external_user_id=f"u{i}") for i in range(50 * 4)]
+    reply = await harness.stub.Send(
+        pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users)),
+        metadata=harness.auth(),
+        timeout=15,
+    )
+    assert [result.outcome for result in reply.results] == [pb.OUTCOME_SENT] * 4
+    statuses = [call.status for call in harness.fake.calls]
+    assert statuses.count(201) == 4 and statuses.count(429) <= 3, statuses
+    assert sorted(p for result in reply.results for p in result.positions) == list(range(len(users)))
+
+
+class CountingStore:
+    """A BudgetStore that counts the settles it passes to the store it wraps."""
+
+    def __init__(self, store: BudgetStore) -> None:
+        self.store = store
+        self.settles = 0
+
+    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+        return await self.store.reserve(key, now)
+
+    async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
+        self.settles += 1
+        return await self.store.settle(ticket, reply, now)
+
+
+async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_that_backs_off() -> None:
+    """Calls that ended while Redis was away are released as soon as it is back, not at the end
+    of their lease (60 s here); meanwhile 200 failed settles cost a few tries, not 200 a second."""
+    async with redis_server(persistent=True) as server:  # the reservations outlive its restart
+        client = connect(server.url, 0.2)
+        counting = CountingStore(RedisBudgets(client, lease=60.0))
+        store = FailoverBudgets(counting, TableBudgets())
+        try:
+            now = time.time()
+            found = [await store.reserve(KEY, now) for _ in range(200)]
+            tickets = [t for t in found if isinstance(t, Ticket) and t.shared]
+            assert len(tickets) == 200
+            await server.stop()
+            assert await asyncio.gather(*(store.settle(t, None, now) for t in tickets)) == [0.0] * 200
+            assert counting.settles == 200
+            await asyncio.sleep(1.0)
+            assert counting.settles - 200 <= 5  # 0.1 s, doubling: one task, one try at a time
+            await server.start()
+            assert isinstance(await store.reserve(KEY, time.time()), Ticket)  # Redis answers: settle now
+            async with asyncio.timeout(2):  # only the new call is under way
+                while await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") > 1:
+                    await asyncio.sleep(0.01)
+            assert store.unsettled == 0
+        finally:
+            await store.stop()
+            await client.aclose()

@@ -93,6 +93,7 @@ class Gateway:
     lag_watch: asyncio.Task[None] | None = None
     redis: aioredis.Redis | None = None
     shared_results: RedisResults | None = None
+    shared_budgets: FailoverBudgets | None = None
 
     @classmethod
     async def start(
@@ -123,9 +124,10 @@ class Gateway:
                 total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
         )
+        limiter, shared_budgets = _limiter(settings, redis, metrics)
         dispatcher = Dispatcher(
             client,
-            _limiter(settings, redis, metrics),
+            limiter,
             RetryPolicy(
                 max_attempts=settings.max_attempts,
                 base_delay=settings.retry_base_delay_seconds,
@@ -186,6 +188,7 @@ class Gateway:
             fake_braze=fake,
             redis=redis,
             shared_results=results if isinstance(results, RedisResults) else None,
+            shared_budgets=shared_budgets,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         try:
@@ -269,6 +272,8 @@ class Gateway:
         await self.dispatcher.ledger.settled(KEEP_SECONDS)
         if self.shared_results is not None:
             await self.shared_results.stop()
+        if self.shared_budgets is not None:
+            await self.shared_budgets.stop()
         if self.redis is not None:
             await self.redis.aclose()
         await self.session.close()
@@ -320,17 +325,20 @@ async def _now(value: str | None) -> str | None:
     return value
 
 
-def _limiter(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> LocalLimiter:
+def _limiter(
+    settings: Settings, redis: aioredis.Redis | None, metrics: Metrics
+) -> tuple[LocalLimiter, FailoverBudgets | None]:
     """Concurrency per process (a worker's share of it); budgets in this process, shared by the
     host's workers, or shared by every replica through Redis, failing open to the host's."""
     local = TableBudgets(SharedBudgets(budgets_path(settings.worker_dir)) if settings.is_worker else None)
     budgets: BudgetStore = local
+    shared_budgets = None
     if redis is not None:
         lease = settings.upstream_timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
         fallback = local if settings.redis_failure == "open" else None
-        budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
+        budgets = shared_budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
     workers = settings.workers if settings.is_worker else 1
-    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=workers)
+    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=workers), shared_budgets
 
 
 def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:
