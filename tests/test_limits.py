@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.limits import (
@@ -24,12 +25,12 @@ from canvas_gateway_server.shared import FailoverBudgets, RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
 from canvas_gateway_server.workers import SharedBudgets
-from conftest import EXAMPLES, KEYS, Harness
+from conftest import EXAMPLES, FAKE_URLS, KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 from servers import redis_server
 
-START = time.time()
+STILL = standing_clock()
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
 
@@ -147,12 +148,13 @@ async def test_no_call_starts_that_the_calls_under_way_would_leave_without_budge
 
 
 @pytest.mark.parametrize(
-    ("fake_config", "settings_overrides"),
+    ("fake_config", "settings_overrides", "clock"),
     [
         (
-            # The fake's clock stands still: the budget's window cannot turn during the test.
-            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30, clock=lambda: START),
+            # The fake's clock and the gateway's stand still: the budget's window cannot turn.
+            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30, clock=STILL),
             {"request_concurrency": 8, "max_retry_wait_seconds": 0},
+            STILL,
         )
     ],
 )
@@ -169,7 +171,7 @@ async def test_eight_calls_in_flight_spend_a_budget_to_the_last_call_without_a_4
     assert outcomes.count((pb.OUTCOME_SENT, 201)) == 30
     assert outcomes.count((pb.OUTCOME_REJECTED, 0)) == 10  # answered here: nothing was sent
     resets = {r.rate_limit_reset.seconds for r in reply.results if r.outcome == pb.OUTCOME_REJECTED}
-    assert resets == {(int(START) // 3600 + 1) * 3600}  # the window's reset, not a re-check time
+    assert resets == {(int(STILL()) // 3600 + 1) * 3600}  # the window's reset, not a re-check time
     positions = sorted(p for result in reply.results for p in result.positions)
     assert positions == list(range(len(users)))
 
@@ -259,7 +261,7 @@ async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: Bud
         (
             FakeBrazeConfig(
                 api_keys=frozenset(KEYS.values()),
-                hourly_limit=1,
+                hourly_limit=2,
                 hourly_window_seconds=1,
                 latency_seconds=0.05,
             ),
@@ -271,8 +273,18 @@ async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: Bud
 async def test_a_429_that_happens_anyway_pauses_until_the_reset_and_spends_no_attempt(
     harness: Harness,
 ) -> None:
-    """Nothing is known of the budget when 4 calls start together against 1 a window: 3 are
-    answered 429 with the window's reset. They wait for it, and each window then starts one."""
+    """Another program on the same Braze key spends the window first: the gateway's first call
+    (it knows nothing of the budget yet, so it asks alone) is answered 429 with the reset. Every
+    batch then waits for it, the next windows each start 2, and all 4 end SENT."""
+    await asyncio.sleep(1 - time.time() % 1)  # early in a window of the fake's (1 s, real clock)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                f"{FAKE_URLS[id(harness.fake)]}/canvas/trigger/send",
+                json={"canvas_id": "c", "recipients": [{"external_user_id": "other"}]},
+                headers={"Authorization": f"Bearer {KEYS['acme']}"},
+            ) as spent:
+                assert spent.status == 201
     users = [pb.Recipient(external_user_id=f"u{i}") for i in range(50 * 4)]
     reply = await harness.stub.Send(
         pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users)),
@@ -281,8 +293,9 @@ async def test_a_429_that_happens_anyway_pauses_until_the_reset_and_spends_no_at
     )
     assert [result.outcome for result in reply.results] == [pb.OUTCOME_SENT] * 4
     statuses = [call.status for call in harness.fake.calls]
-    assert statuses.count(201) == 4 and statuses.count(429) <= 3, statuses
+    assert statuses == [201, 201, 429, 201, 201, 201, 201], statuses
     assert sorted(p for result in reply.results for p in result.positions) == list(range(len(users)))
+    assert [result.attempts for result in reply.results].count(2) == 1  # the 429, then its call
 
 
 class CountingStore:
@@ -309,14 +322,17 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
         store = FailoverBudgets(counting, TableBudgets())
         try:
             now = time.time()
+            first = await store.reserve(KEY, now)
+            assert isinstance(first, Ticket)
+            await store.settle(first, reply(201), now)  # replies without a limit: nothing bounds it
             found = [await store.reserve(KEY, now) for _ in range(200)]
             tickets = [t for t in found if isinstance(t, Ticket) and t.shared]
             assert len(tickets) == 200
             await server.stop()
             assert await asyncio.gather(*(store.settle(t, None, now) for t in tickets)) == [0.0] * 200
-            assert counting.settles == 200
+            assert counting.settles == 201
             await asyncio.sleep(1.0)
-            assert counting.settles - 200 <= 5  # 0.1 s, doubling: one task, one try at a time
+            assert counting.settles - 201 <= 5  # 0.1 s, doubling: one task, one try at a time
             await server.start()
             assert isinstance(await store.reserve(KEY, time.time()), Ticket)  # Redis answers: settle now
             async with asyncio.timeout(2):  # only the new call is under way
@@ -326,3 +342,19 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
         finally:
             await store.stop()
             await client.aclose()
+
+
+async def test_a_budget_never_answered_lets_one_call_ask_first(budgets: BudgetStore) -> None:
+    """Even the first window is not overspent by a fleet that starts together: until Braze has
+    answered once, one call is under way at a time."""
+    limiter = LocalLimiter(16, clock=lambda: NOW, budgets=budgets)
+    first = await start(limiter)
+    hold = await held(limiter)
+    assert not hold.spent and hold.until == NOW + RECHECK_SECONDS
+    await start(limiter, broadcast=True)  # each budget asks for itself
+    await limiter.settle(first, None)  # no call was made: still never answered
+    second = await start(limiter)
+    await held(limiter)
+    await limiter.settle(second, reply(503))  # an answer without a limit: nothing bounds it
+    for _ in range(10):
+        await start(limiter)

@@ -20,7 +20,8 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,7 +103,10 @@ class Gateway:
         *,
         tenants: TenantDirectory | None = None,
         environ: Mapping[str, str] = os.environ,
+        clock: Callable[[], float] = time.time,
     ) -> Gateway:
+        """`clock` (epoch seconds) is what Braze's budgets and pauses are judged by: tests stand it
+        still with the fake Braze's, so no window turns during them."""
         fake: FakeBraze | None = None
         if tenants is None and settings.demo:
             fake, tenants = await _start_demo_braze(settings)
@@ -111,7 +115,9 @@ class Gateway:
         registry = CollectorRegistry()
         metrics: Metrics = Metrics()
         if settings.metrics_enabled:
-            metrics = PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ))
+            metrics = PrometheusMetrics(
+                registry, version=__version__, git_commit=git_commit(environ), clock=clock
+            )
         metrics.tenants_loaded(tenants.tenant_ids())
         redis = (
             shared.connect(settings.redis_url, settings.redis_timeout_seconds) if settings.redis_url else None
@@ -124,7 +130,7 @@ class Gateway:
                 total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
         )
-        limiter, shared_budgets = _limiter(settings, redis, metrics)
+        limiter, shared_budgets = _limiter(settings, redis, metrics, clock)
         dispatcher = Dispatcher(
             client,
             limiter,
@@ -142,6 +148,7 @@ class Gateway:
             else None,
             budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
             ledger=Ledger(results, metrics, settings.idempotency_lease_seconds),
+            clock=clock,
         )
         sender = Sender(
             dispatcher,
@@ -326,7 +333,7 @@ async def _now(value: str | None) -> str | None:
 
 
 def _limiter(
-    settings: Settings, redis: aioredis.Redis | None, metrics: Metrics
+    settings: Settings, redis: aioredis.Redis | None, metrics: Metrics, clock: Callable[[], float]
 ) -> tuple[LocalLimiter, FailoverBudgets | None]:
     """Concurrency per process (a worker's share of it); budgets in this process, shared by the
     host's workers, or shared by every replica through Redis, failing open to the host's."""
@@ -338,7 +345,8 @@ def _limiter(
         fallback = local if settings.redis_failure == "open" else None
         budgets = shared_budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
     workers = settings.workers if settings.is_worker else 1
-    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=workers), shared_budgets
+    limiter = LocalLimiter(settings.tenant_concurrency, clock, budgets, workers)
+    return limiter, shared_budgets
 
 
 def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:

@@ -81,7 +81,8 @@ class Budget:
 
     A window Braze has not yet answered in opens at the last limit Braze gave (x-ratelimit-limit),
     with the calls under way counted against it: a fleet that can start more calls at once than a
-    window allows starts no more than the limit when the window turns."""
+    window allows starts no more than the limit when the window turns. A budget never answered
+    lets one call ask first, so that even the first window is not overspent."""
 
     paused_until: float = 0.0
     reset: int = 0
@@ -91,7 +92,7 @@ class Budget:
     last known limit (0: none)"""
     under_way: int = 0
     limit: int = 0
-    """the last x-ratelimit-limit Braze gave; 0: none yet"""
+    """the last x-ratelimit-limit Braze gave; 0: never answered; -1: its replies carry none"""
 
     def reserve(self, now: float) -> Hold | None:
         """None when a call may start (it is counted as under way), else when to ask again.
@@ -99,10 +100,11 @@ class Budget:
         if self.paused_until > now:
             return Hold(self.paused_until, True)
         if self.reset and self.reset <= now:  # a new window: it opens at the last known limit
-            self.reset, self.left = 0, self.limit
-        # Known when a reply told of this window, or the window opened at the last limit; a
-        # budget never answered, or whose replies carry no limit, is not bounded until one does.
-        if (self.reset or self.left) and self.under_way >= self.left:
+            self.reset, self.left = 0, max(self.limit, 0)
+        # Known when a reply told of this window, or the window opened at the last limit. A budget
+        # never answered lets one call ask first; one whose replies carry no limit is not bounded.
+        room = self.left if self.reset or self.left else 1 if self.limit == 0 else None
+        if room is not None and self.under_way >= room:
             return Hold(min(float(self.reset or math.inf), now + RECHECK_SECONDS), False)
         self.under_way += 1
         return None
@@ -118,6 +120,8 @@ class Budget:
         rate = reply.rate
         if rate.limit is not None and rate.limit > 0:
             self.limit = rate.limit
+        elif self.limit == 0:
+            self.limit = -1
         if rate.remaining is not None and rate.reset is not None and rate.reset > now:
             if rate.reset > self.reset:  # a later window: start counting it
                 self.reset, self.left = rate.reset, rate.remaining

@@ -70,11 +70,17 @@ local left = tonumber(b[3]) or 0
 local limit = tonumber(b[4]) or 0
 if reset > 0 and reset <= now then
   reset = 0
-  left = limit
+  left = math.max(limit, 0)
   redis.call('HSET', KEYS[1], 'reset', '0', 'left', string.format('%d', left))
 end
+local room = nil
+if reset > 0 or left > 0 then
+  room = left
+elseif limit == 0 then
+  room = 1
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if (reset > 0 or left > 0) and redis.call('ZCARD', KEYS[2]) >= left then
+if room and redis.call('ZCARD', KEYS[2]) >= room then
   local again = now + tonumber(ARGV[4])
   if reset > 0 then again = math.min(reset, again) end
   return {'held', string.format('%.17g', again)}
@@ -87,12 +93,14 @@ return {'go', ''}
 _SETTLE: Final = """
 redis.call('ZREM', KEYS[2], ARGV[1])
 local now = tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left')
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
 local paused = tonumber(b[1]) or 0
 if ARGV[3] == '1' then
   local limit = tonumber(ARGV[9])
   if limit and limit > 0 then
     redis.call('HSET', KEYS[1], 'limit', string.format('%d', limit))
+  elseif (tonumber(b[4]) or 0) == 0 then
+    redis.call('HSET', KEYS[1], 'limit', '-1')
   end
   local remaining = tonumber(ARGV[5])
   local reset = tonumber(ARGV[6])
