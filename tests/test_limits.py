@@ -315,11 +315,12 @@ class CountingStore:
 
 async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_that_backs_off() -> None:
     """Calls that ended while Redis was away are released as soon as it is back, not at the end
-    of their lease (60 s here); meanwhile 200 failed settles cost a few tries, not 200 a second."""
+    of their lease (60 s here); meanwhile 200 failed settles cost a few tries, not 200 a second.
+    At most `capacity` settles are kept: past them the oldest are left to their lease."""
     async with redis_server(persistent=True) as server:  # the reservations outlive its restart
         client = connect(server.url, 0.2)
         counting = CountingStore(RedisBudgets(client, lease=60.0))
-        store = FailoverBudgets(counting, TableBudgets())
+        store = FailoverBudgets(counting, TableBudgets(), capacity=150)
         try:
             now = time.time()
             first = await store.reserve(KEY, now)
@@ -335,10 +336,11 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
             assert counting.settles - 201 <= 5  # 0.1 s, doubling: one task, one try at a time
             await server.start()
             assert isinstance(await store.reserve(KEY, time.time()), Ticket)  # Redis answers: settle now
-            async with asyncio.timeout(2):  # only the new call is under way
-                while await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") > 1:
+            async with asyncio.timeout(2):  # the new call, and the 50 oldest left to their lease
+                while await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") > 51:
                     await asyncio.sleep(0.01)
             assert store.unsettled == 0
+            assert await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") == 51
         finally:
             await store.stop()
             await client.aclose()

@@ -237,12 +237,14 @@ class FailoverBudgets:
         fallback: BudgetStore | None,
         metrics: Metrics | None = None,
         retry_seconds: tuple[float, float] = (RESETTLE_FIRST_SECONDS, RESETTLE_MAX_SECONDS),
+        capacity: int = MAX_UNSETTLED,
     ) -> None:
         self._shared = shared
         self._fallback = fallback
         self._metrics = metrics or Metrics()
         self._failing = False
         self._retry_seconds = retry_seconds
+        self._capacity = capacity
         self._unsettled: dict[str, tuple[Ticket, Reply | None, float]] = {}
         """Settles Redis did not take, by token, oldest first."""
         self._answered = asyncio.Event()
@@ -292,7 +294,7 @@ class FailoverBudgets:
             return 0.0
 
     def _keep_unsettled(self, ticket: Ticket, reply: Reply | None, now: float) -> None:
-        if len(self._unsettled) >= MAX_UNSETTLED:  # the oldest is left to its lease
+        if len(self._unsettled) >= self._capacity:  # the oldest is left to its lease
             del self._unsettled[next(iter(self._unsettled))]
         self._unsettled[ticket.token] = (ticket, reply, now)
         if self._resettling is None or self._resettling.done():
