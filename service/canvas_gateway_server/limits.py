@@ -10,9 +10,9 @@ x-ratelimit-remaining of the current window (the same reset) and the calls under
 call that would find the budget spent by those under way waits for one of them to answer
 (docs/braze/CONTRACT.md, section 8, point 30). A window no reply has told of yet opens at the last
 x-ratelimit-limit, and a budget never answered lets one call ask first, so that a fleet able to
-start more calls at once than a window allows does not overspend it when a window opens. What is known of each budget (`Budget`) lives
-in a `BudgetStore`: this process's, one shared by a host's workers (`workers`), or Redis,
-shared by every replica (`shared`).
+start more calls at once than a window allows does not overspend it when a window opens. What
+is known of each budget (`Budget`) lives in a `BudgetStore`: this process's, one shared by a
+host's workers (`workers`), or Redis, shared by every replica (`shared`).
 """
 
 from __future__ import annotations
