@@ -16,7 +16,7 @@ from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.servicer import SERVICE_NAME
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
-from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, tenants_toml
+from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, learn_budget, tenants_toml
 from fake_braze import Fault
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -97,6 +97,7 @@ async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tm
 
 
 async def test_graceful_shutdown_finishes_in_flight_batches(harness: Harness) -> None:
+    await learn_budget(harness)  # then both batches go at once
     harness.fake.faults.set_latency(1.0)
     watch = health_watch(harness)
     assert (await anext(watch)).status == SERVING

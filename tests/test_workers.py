@@ -26,7 +26,7 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
 from canvas_gateway_server.workers import SharedBudgets, merge_expositions, worker_count
-from conftest import FAKE_URLS, KEYS, TOKENS, tenants_toml
+from conftest import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
 from servers import stop_process
@@ -106,7 +106,9 @@ async def test_connections_spread_over_workers_and_metrics_say_which(
 
 @pytest.fixture
 def fake_config(request: pytest.FixtureRequest) -> FakeBrazeConfig:
-    return FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=getattr(request, "param", 250_000))
+    # The fake's window stands still (the workers' clock is real; its reset is an hour or more ahead).
+    limit = getattr(request, "param", 250_000)
+    return FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=limit, clock=standing_clock())
 
 
 @pytest.mark.parametrize("fake_config", [2], indirect=True)

@@ -20,7 +20,8 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +97,7 @@ class Gateway:
     shared_results: RedisResults | None = None
     own_results: LocalResults | HostResults | None = None
     """The store of keys' results without Redis: this host's file, or this process's memory."""
+    shared_budgets: FailoverBudgets | None = None
 
     @classmethod
     async def start(
@@ -104,7 +106,10 @@ class Gateway:
         *,
         tenants: TenantDirectory | None = None,
         environ: Mapping[str, str] = os.environ,
+        clock: Callable[[], float] = time.time,
     ) -> Gateway:
+        """`clock` (epoch seconds) is what Braze's budgets and pauses are judged by: tests stand it
+        still with the fake Braze's, so no window turns during them."""
         fake: FakeBraze | None = None
         if tenants is None and settings.demo:
             fake, tenants = await _start_demo_braze(settings)
@@ -113,7 +118,9 @@ class Gateway:
         registry = CollectorRegistry()
         metrics: Metrics = Metrics()
         if settings.metrics_enabled:
-            metrics = PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ))
+            metrics = PrometheusMetrics(
+                registry, version=__version__, git_commit=git_commit(environ), clock=clock
+            )
         metrics.tenants_loaded(tenants.tenant_ids())
         redis = (
             shared.connect(settings.redis_url, settings.redis_timeout_seconds) if settings.redis_url else None
@@ -126,9 +133,10 @@ class Gateway:
                 total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
         )
+        limiter, shared_budgets = _limiter(settings, redis, metrics, clock)
         dispatcher = Dispatcher(
             client,
-            _limiter(settings, redis, metrics),
+            limiter,
             RetryPolicy(
                 max_attempts=settings.max_attempts,
                 base_delay=settings.retry_base_delay_seconds,
@@ -143,6 +151,7 @@ class Gateway:
             else None,
             budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
             ledger=Ledger(results, metrics, settings.idempotency_lease_seconds),
+            clock=clock,
         )
         sender = Sender(
             dispatcher,
@@ -189,6 +198,7 @@ class Gateway:
             redis=redis,
             shared_results=results if isinstance(results, RedisResults) else None,
             own_results=results if isinstance(results, LocalResults | HostResults) else None,
+            shared_budgets=shared_budgets,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         try:
@@ -280,6 +290,8 @@ class Gateway:
             await self.shared_results.stop()
         if self.own_results is not None:
             await self.own_results.stop()
+        if self.shared_budgets is not None:
+            await self.shared_budgets.stop()
         if self.redis is not None:
             await self.redis.aclose()
         await self.session.close()
@@ -331,17 +343,21 @@ async def _now(value: str | None) -> str | None:
     return value
 
 
-def _limiter(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> LocalLimiter:
+def _limiter(
+    settings: Settings, redis: aioredis.Redis | None, metrics: Metrics, clock: Callable[[], float]
+) -> tuple[LocalLimiter, FailoverBudgets | None]:
     """Concurrency per process (a worker's share of it); budgets in this process, shared by the
     host's workers, or shared by every replica through Redis, failing open to the host's."""
     local = TableBudgets(SharedBudgets(budgets_path(settings.worker_dir)) if settings.is_worker else None)
     budgets: BudgetStore = local
+    shared_budgets = None
     if redis is not None:
         lease = settings.upstream_timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
         fallback = local if settings.redis_failure == "open" else None
-        budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
+        budgets = shared_budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
     workers = settings.workers if settings.is_worker else 1
-    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=workers)
+    limiter = LocalLimiter(settings.tenant_concurrency, clock, budgets, workers)
+    return limiter, shared_budgets
 
 
 def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:

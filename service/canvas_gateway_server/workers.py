@@ -58,7 +58,7 @@ STOP_SECONDS: Final = 60.0
 than a worker's own drain (shutdown delay + grace + abandon)."""
 _PR_SET_PDEATHSIG: Final = 1
 _SLOTS: Final = 4096
-_RECORD: Final = struct.Struct("<Qdqqq")
+_RECORD: Final = struct.Struct("<Qdqqqq")
 T = TypeVar("T")
 
 
@@ -95,7 +95,7 @@ def budgets_path(folder: str) -> str:
 class SharedBudgets:
     """The `Budget`s of a host's workers, in a file each of them maps (a `BudgetStore`).
 
-    4,096 slots of (key hash, pause, reset, left, calls under way); every update is one
+    4,096 slots of (key hash, pause, reset, left, calls under way, limit); every update is one
     read-modify-write under an exclusive `flock` on the file, a few microseconds, so the workers
     together never start more calls than a budget has left. Two keys that hash to one slot take
     it from each other: the one that loses it knows nothing of its budget until its next reply
@@ -124,11 +124,18 @@ class SharedBudgets:
         offset, tag = self._slot(key)
         fcntl.flock(self._file, fcntl.LOCK_EX)
         try:
-            found, paused, reset, left, under_way = _RECORD.unpack_from(self._map, offset)
-            budget = Budget(paused, reset, left, under_way) if found == tag else Budget()
+            found, paused, reset, left, under_way, limit = _RECORD.unpack_from(self._map, offset)
+            budget = Budget(paused, reset, left, under_way, limit) if found == tag else Budget()
             result = change(budget)
             _RECORD.pack_into(
-                self._map, offset, tag, budget.paused_until, budget.reset, budget.left, budget.under_way
+                self._map,
+                offset,
+                tag,
+                budget.paused_until,
+                budget.reset,
+                budget.left,
+                budget.under_way,
+                budget.limit,
             )
             return result
         finally:
