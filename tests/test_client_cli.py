@@ -643,6 +643,7 @@ async def test_a_deadline_exceeded_exits_5(harness: Harness, tmp_path: Path) -> 
         stdin.close()
     assert code == 5
     assert err.getvalue().startswith("error: DEADLINE_EXCEEDED: ")
+    assert "not read: every row of <stdin>\n" in err.getvalue()  # the send stopped before any row
 
 
 async def test_cli_prints_each_violation_once(cli: Cli, tmp_path: Path) -> None:

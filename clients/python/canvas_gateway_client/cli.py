@@ -98,6 +98,9 @@ CSV recipients (--format csv, or a .csv file): a header row, then one recipient 
   canvas_entry_properties.<key>
 Cells are strings; an empty cell is left out. A column <name>:json (context.total:json)
 holds JSON values, so numbers, booleans, lists and objects keep their type.
+Every row ends sent, a bad row (INVALID_INPUT) or not read (NOT_READ), with its line in the
+--results file; blank lines and rows of empty cells are skipped. A quote that does not close
+where a row could end makes its row bad and the lines it swallowed NOT_READ.
 """
 _RPC_EXITS = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
@@ -184,6 +187,7 @@ class Report:
     sent_out: int = 0  # recipients handed to the gateway; those without a result may be in flight
     resolved: int = 0  # recipients with a result
     read_to: int = 0  # the last line read from the recipients file (a resume reads it again)
+    read_all: bool = False  # the recipients file was read to its end (or to where it stopped)
     batches: int = 0
     replayed: int = 0  # batches whose result the gateway kept under the key from an earlier call
     bad_rows: int = 0
@@ -271,8 +275,14 @@ class Report:
                 f"warning: {self.notices:,} batches were accepted but their Canvas is inactive, "
                 "so nothing was sent (see `notice`)"
             )
-        if failed is not None:
-            return failed
+        if failed not in (None, EXIT_INVALID) and self.source and not self.read_all:
+            self.io.error(  # the send failed before the whole file was read
+                f"not read: the rows of {self.source} after line {self.read_to:,}"
+                if self.read_to
+                else f"not read: every row of {self.source}"
+            )
+        if failed is not None and not (failed == EXIT_INVALID and self.not_read):
+            return failed  # but rows not read say so, also when the gateway refused what was read
         if self.not_read:
             return EXIT_NOT_READ
         if self.bad_rows:
@@ -356,6 +366,7 @@ async def _rows_to_recipients(
         if row.error is None:  # pragma: no cover - a Row has one or the other
             continue
         if row.end:
+            report.read_all = True
             if not again:
                 report.io.error(f"error: {row.error}")
                 report.unread(row.line, row.error.reason)
@@ -366,9 +377,11 @@ async def _rows_to_recipients(
             for line in row.unread:
                 report.unread(line, f"not read: inside a quoted cell of the bad row at line {row.line}")
         if bad > max_bad_rows:
+            report.read_all = True  # the rest is reported not read
             raise InputStopped(
                 row.line, f"the input ended at the bad row at line {row.line} (--max-bad-rows {max_bad_rows})"
             )
+    report.read_all = True
 
 
 async def _report_the_rest(rows: AsyncIterator[Row], report: Report, stopped: InputStopped) -> None:
@@ -593,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bad-rows",
         type=_not_negative,
         default=0,
-        help="rows that cannot be read to report and skip; the one after ends the input there (default 0)",
+        help="bad rows to report and skip; the one after ends the input there, and the rows after it "
+        "are reported not read (exit status 6) (default 0)",
     )
     stream.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
     stream.add_argument(

@@ -192,7 +192,7 @@ def _jsonl_rows(stream: TextIO, name: str) -> Iterator[Row]:
     line = 0
     try:
         for line, text in enumerate(stream, start=1):
-            if text.strip():
+            if text.strip(" \t\r\n"):  # JSON's own whitespace
                 yield _jsonl_row(text, name, line)
     except (OSError, UnicodeDecodeError) as exc:
         error = InputError(name, line + 1, f"cannot be read from this line on: {exc}")
@@ -308,9 +308,10 @@ def _csv_rows(stream: TextIO, name: str) -> Iterator[Row]:
             continue
         try:
             for offset, text in enumerate(taken):
-                bad = _not_utf8(text, name, line + offset)
+                bad = _not_utf8(text, name, line)
                 if bad is not None:
-                    raise bad
+                    where = f"line {line + offset}: " if offset else ""
+                    raise InputError(name, line, where + bad.reason)
             if len(cells) != len(columns):
                 raise InputError(name, line, f"{len(cells)} cells for {len(columns)} columns")
             yield Row(line, recipient_from_json(_csv_item(columns, cells, name, line), name, line))
@@ -338,7 +339,7 @@ def _broken(lines: _Taken, name: str, line: int, why: str) -> Iterator[Row]:
             break
         quotes += text.count('"')
     taken.extend(lines.take())
-    unread = tuple(line + offset for offset, text in enumerate(taken) if offset and text.strip())
+    unread = tuple(line + offset for offset, text in enumerate(taken) if offset and text.rstrip("\r\n"))
     if unread:
         why += (
             f": a quoted cell of this row does not close where a row could end, so lines "
@@ -347,11 +348,16 @@ def _broken(lines: _Taken, name: str, line: int, why: str) -> Iterator[Row]:
     yield Row(line, None, InputError(name, line, why), unread)
 
 
+def iter_rows(stream: TextIO, name: str, kind: str) -> Iterator[Row]:
+    """The rows of a recipients file of `kind` (jsonl or csv); blank lines are skipped. Every
+    non-blank line is accounted for by one Row (see the module's docstring); only a bad CSV
+    header raises InputError, before any row."""
+    return _csv_rows(stream, name) if kind == "csv" else _jsonl_rows(stream, name)
+
+
 async def read_rows(stream: TextIO, name: str, kind: str, block: int) -> AsyncIterator[Row]:
-    """The rows of a recipients file of `kind` (jsonl or csv), read `block` at a time off the
-    event loop; blank lines are skipped. Every non-blank line ends in one Row (see the module's
-    docstring); only a bad CSV header raises InputError, before any row."""
-    rows = _csv_rows(stream, name) if kind == "csv" else _jsonl_rows(stream, name)
+    """`iter_rows`, read `block` rows at a time off the event loop."""
+    rows = iter_rows(stream, name, kind)
     while batch := await asyncio.to_thread(lambda: list(itertools.islice(rows, block))):
         for row in batch:
             yield row
