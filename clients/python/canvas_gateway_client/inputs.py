@@ -274,6 +274,11 @@ class _Taken:
         taken, self._taken = self._taken, []
         return taken
 
+    def skip(self) -> str:
+        """The next line, not kept (StopIteration at the end)."""
+        self.count += 1
+        return next(self._stream)
+
 
 def _csv_rows(stream: TextIO, name: str) -> Iterator[Row]:
     lines = _Taken(stream)
@@ -332,20 +337,24 @@ def _broken(lines: _Taken, name: str, line: int, why: str) -> Iterator[Row]:
             why += f" (in this row, lines {line}-{line + len(taken) - 1})"
         yield Row(line, None, InputError(name, line, why))
         return
-    while quotes % 2:
+    unread = [line + offset for offset, text in enumerate(taken) if offset and text.rstrip("\r\n")]
+    end = line + len(taken) - 1
+    while quotes % 2:  # the lines are not kept: a quote left open may run to the end of a big file
         try:
-            text = next(lines)
+            text = lines.skip()
         except (StopIteration, OSError, UnicodeDecodeError):
+            lines.count -= 1
             break
+        end += 1
         quotes += text.count('"')
-    taken.extend(lines.take())
-    unread = tuple(line + offset for offset, text in enumerate(taken) if offset and text.rstrip("\r\n"))
+        if text.rstrip("\r\n"):
+            unread.append(end)
     if unread:
         why += (
             f": a quoted cell of this row does not close where a row could end, so lines "
-            f"{line + 1}-{line + len(taken) - 1} are not read"
+            f"{line + 1}-{end} are not read"
         )
-    yield Row(line, None, InputError(name, line, why), unread)
+    yield Row(line, None, InputError(name, line, why), tuple(unread))
 
 
 def iter_rows(stream: TextIO, name: str, kind: str) -> Iterator[Row]:
