@@ -548,13 +548,16 @@ async def test_cli_refuses_a_json_recipient_naming_two_identifiers(cli: Cli, tmp
 
     code = await cli("send-stream", "--header", header_file(tmp_path), "--recipients", str(lines))
 
-    assert code == 2
+    assert code == 6  # a row was not read
     err = cli.err.getvalue()
     assert err.startswith(
         f"error: {lines}:2: names external_user_id and email: a recipient names exactly one identifier\n"
+        f"error: {lines}: 1 row from line 3 on not read: the input ended at the bad row at line 2 "
+        "(--max-bad-rows 0)\n"
     )
     assert err.count("names external_user_id and email") == 1
     assert sent_ids(cli.harness) == ["u0"]  # the input ends at the bad row; what came before is sent
+    assert "  rows not read: 1 (not sent; NOT_READ in the results file)" in err
 
 
 async def test_cli_results_rows_keep_json_types_and_map_rejections_to_lines(cli: Cli, tmp_path: Path) -> None:
@@ -640,6 +643,7 @@ async def test_a_deadline_exceeded_exits_5(harness: Harness, tmp_path: Path) -> 
         stdin.close()
     assert code == 5
     assert err.getvalue().startswith("error: DEADLINE_EXCEEDED: ")
+    assert "not read: every row of <stdin>\n" in err.getvalue()  # the send stopped before any row
 
 
 async def test_cli_prints_each_violation_once(cli: Cli, tmp_path: Path) -> None:

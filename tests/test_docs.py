@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import convert
+from canvas_gateway_server.metrics import PrometheusMetrics
 from canvas_gateway_server.planning import Intake
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import load_tenants
 from canvas_gateway_server.validate import check_recipient
 from google.protobuf import json_format
+from prometheus_client import CollectorRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -33,6 +35,19 @@ def test_readme_defaults_match_the_code() -> None:
         assert row is not None, field.name
         expected = f"`{field.default}`".lower() if field.default != "" else "unset"
         assert row.group(1).lower() == expected, field.name
+
+
+def test_readme_metrics_table_names_every_metric_and_no_other() -> None:
+    registry = CollectorRegistry()
+    PrometheusMetrics(registry, version="test", git_commit="test")
+    suffix = {"counter": "_total", "info": "_info"}
+    exposed = {family.name + suffix.get(family.type, "") for family in registry.collect()}
+    section = README.split("### Metrics", 1)[1].split("\n### ", 1)[0]
+    documented = set(
+        re.findall(r"^\| `((?:canvas_gateway|grpc_server)_[a-z0-9_]+)` \|", section, re.MULTILINE)
+    )
+    only_code, only_readme = sorted(exposed - documented), sorted(documented - exposed)
+    assert documented == exposed, f"in the code only: {only_code}; in the README only: {only_readme}"
 
 
 def test_make_targets_named_in_the_readme_exist() -> None:

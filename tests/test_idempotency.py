@@ -20,14 +20,25 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import host_results
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.host_results import HostResults
-from canvas_gateway_server.idempotency import DEFAULT_CAPACITY, LocalResults, ResultStore, Verdict, encode
+from canvas_gateway_server.idempotency import (
+    DEFAULT_CAPACITY,
+    Claimed,
+    Ledger,
+    LocalResults,
+    ResultStore,
+    Verdict,
+    encode,
+)
 from canvas_gateway_server.limits import StoreUnavailable
-from canvas_gateway_server.model import BatchResult, Code, Outcome
+from canvas_gateway_server.metrics import PrometheusMetrics
+from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.shared import RedisResults, connect
+from canvas_gateway_server.tenants import Tenant
 from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
+from prometheus_client import CollectorRegistry
 from servers import redis_server
 
 TENANT_KEY = "order-2026-11-29.a"
@@ -463,3 +474,33 @@ async def test_the_local_store_counts_each_entry_once_whatever_replaces_it() -> 
     await store.keep("initech/k", 0, "d", "t0", b"r")  # kept at 11: not expired at 15
     now[0] = 15.0
     assert store.expire() == 1 and (store.held("globex"), store.held("initech")) == (0, 1)
+
+
+async def test_a_lost_or_cut_off_batch_is_counted_once_when_decided_and_its_replays_apart() -> None:
+    """No call reports these outcomes to the metrics: a lost batch's gateway stopped, a cut-off
+    batch's caller went away. They are counted when decided; a repeat that gets them is a replay."""
+    now = [0.0]
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry, version="test", git_commit="test")
+    ledger = Ledger(LocalResults(ttl=60.0, capacity=10, lease=5.0, clock=lambda: now[0]), metrics)
+    tenant = Tenant("acme", "http://127.0.0.1:1", "k")
+
+    def count(name: str, outcome: str) -> float:
+        return registry.get_sample_value(name, {"tenant": "acme", "outcome": outcome}) or 0.0
+
+    lost, cut = Batch(0, tuple(range(50)), b"{}"), Batch(1, tuple(range(50, 60)), b"{}")
+    assert isinstance(await ledger.claim(tenant, "k", lost), Claimed)  # never kept: as if its gateway died
+    claimed = await ledger.claim(tenant, "k", cut)
+    assert isinstance(claimed, Claimed)
+    ledger.keep_soon(claimed, sent=True)  # its caller went away while Braze was being called
+    await ledger.settled(5.0)
+    now[0] = 6.0  # past the lost one's lease
+    for _ in range(3):
+        for batch in (lost, cut):
+            result = await ledger.claim(tenant, "k", batch)
+            assert isinstance(result, BatchResult) and result.replayed
+            assert result.outcome is Outcome.UNKNOWN
+            metrics.result(tenant.id, result)  # as the dispatcher reports each result it hands back
+
+    assert count("canvas_gateway_recipients_total", "unknown") == 60  # each once
+    assert count("canvas_gateway_replayed_recipients_total", "unknown") == 3 * 60

@@ -103,6 +103,32 @@ async def test_5xx_resets_and_a_429_retry_are_counted_by_kind(harness: Harness) 
     assert value(harness, "canvas_gateway_rate_limit_wait_seconds_total", tenant="acme") > 0
 
 
+async def test_replays_under_a_key_are_counted_apart_from_what_happened(harness: Harness) -> None:
+    """One keyed send and two repeats: the outcome counters count what happened (the Braze calls),
+    once; the replays have counters of their own. Without it, sent batches counted 9 for 3 calls."""
+    harness.fake.faults.script([Fault.status(500)])  # batch 0 UNKNOWN (kept), batches 1 and 2 sent
+    request = unary(120)
+    request.options.idempotency_key = "metrics-replays-1"
+    for _ in range(3):
+        await harness.stub.Send(request, metadata=harness.auth())
+
+    assert len(harness.fake.calls) == 3
+    batches, recipients = "canvas_gateway_batches_total", "canvas_gateway_recipients_total"
+    assert value(harness, batches, tenant="acme", outcome="sent", code="OK") == 2
+    assert value(harness, batches, tenant="acme", outcome="unknown", code="UNKNOWN") == 1
+    assert value(harness, recipients, tenant="acme", outcome="sent") == 70
+    assert value(harness, recipients, tenant="acme", outcome="unknown") == 50  # alerted on once
+    replayed = "canvas_gateway_replayed_batches_total"
+    assert value(harness, replayed, tenant="acme", outcome="sent", code="OK") == 4
+    assert value(harness, replayed, tenant="acme", outcome="unknown", code="UNKNOWN") == 2
+    again = "canvas_gateway_replayed_recipients_total"
+    assert value(harness, again, tenant="acme", outcome="sent") == 140
+    assert value(harness, again, tenant="acme", outcome="unknown") == 100
+    verdicts = "canvas_gateway_idempotency_total"
+    assert value(harness, verdicts, tenant="acme", verdict="claimed") == 3
+    assert value(harness, verdicts, tenant="acme", verdict="kept") == 6
+
+
 @pytest.mark.parametrize(
     "fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), paused_canvases=frozenset({PAUSED}))]
 )

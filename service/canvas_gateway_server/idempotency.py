@@ -352,8 +352,10 @@ class Ledger:
                 return claimed
             case Verdict.KEPT:
                 return decode(claim.kept, batch)
-            case Verdict.LOST:
-                return replace(_lost(batch), replayed=True)
+            case Verdict.LOST:  # decided now (its gateway stopped first): counted once, as new
+                lost = _lost(batch)
+                self._metrics.result(tenant.id, lost)
+                return replace(lost, replayed=True)
             case Verdict.MISMATCH:
                 return results.key_reused(batch)
             case Verdict.BUSY:
@@ -416,6 +418,7 @@ class Ledger:
             result = _lost(claimed.batch, CUT_OFF_TEXT)
         else:
             result = results.not_attempted(claimed.batch, "cancelled")
+        self._metrics.result(claimed.tenant.id, result)  # no caller reports it; repeats replay it
         self._later(self.keep(claimed, result))
 
     async def settled(self, within: float) -> None:

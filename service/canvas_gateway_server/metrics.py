@@ -90,7 +90,9 @@ class Metrics:
     def paused(self, tenant: str, broadcast: bool, until: float) -> None:
         """The tenant's budget is spent until `until` (epoch seconds; 0: not paused)."""
 
-    def result(self, tenant: str, result: BatchResult) -> None: ...
+    def result(self, tenant: str, result: BatchResult) -> None:
+        """A batch's result handed back. One `replayed` (kept under an idempotency key by an earlier
+        call) is counted apart: its outcome was counted when it was decided."""
 
     def idempotency(self, tenant: str, verdict: str) -> None:
         """A batch under an idempotency key: claimed (sent now), kept (replayed), mismatch, busy, lost."""
@@ -280,6 +282,18 @@ class PrometheusMetrics(Metrics):
             "Batch results, by outcome and google.rpc.Code name.",
             ("tenant", "outcome", "code"),
         )
+        self._replayed_recipients = counter(
+            "canvas_gateway_replayed_recipients_total",
+            "Recipients of results replayed under an idempotency key (kept from an earlier call, "
+            "Braze not called), by outcome; not in canvas_gateway_recipients_total.",
+            ("tenant", "outcome"),
+        )
+        self._replayed_batches = counter(
+            "canvas_gateway_replayed_batches_total",
+            "Batch results replayed under an idempotency key, by outcome and google.rpc.Code name; "
+            "not in canvas_gateway_batches_total.",
+            ("tenant", "outcome", "code"),
+        )
         self._breaker_state = _Family(
             Gauge(
                 "canvas_gateway_braze_breaker_state",
@@ -408,6 +422,10 @@ class PrometheusMetrics(Metrics):
     def result(self, tenant: str, result: BatchResult) -> None:
         outcome = result.outcome.name.lower()
         count = len(result.positions)
+        if result.replayed:  # counted when its outcome was decided, by whichever call decided it
+            self._replayed_recipients(tenant, outcome).inc(count)
+            self._replayed_batches(tenant, outcome, result.code.name).inc()
+            return
         self._recipients(tenant, outcome).inc(count)
         self._batches(tenant, outcome, result.code.name).inc()
         if result.violations:

@@ -42,7 +42,18 @@ from .client import (
     RecipientSource,
     bad_request_violations,
 )
-from .inputs import FORMATS, InputError, LineMap, Row, count_rows, format_of, open_input, read_body, read_rows
+from .inputs import (
+    FORMATS,
+    InputError,
+    LineMap,
+    Row,
+    close_recipients,
+    count_rows,
+    format_of,
+    open_recipients,
+    read_body,
+    read_rows,
+)
 from .report import Progress, ResultsFile
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -51,6 +62,7 @@ DEMO_CANVAS_ID = "canvas-gateway-demo"
 BATCH_SIZE = 50  # Braze's recipients per call, so the gateway's most per batch
 
 EXIT_OK, EXIT_NOT_SENT, EXIT_INVALID, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_FAILED = 0, 1, 2, 3, 4, 5
+EXIT_NOT_READ = 6
 EXIT_INTERRUPTED = 130
 EXIT_STATUS = """\
 exit status:
@@ -63,6 +75,9 @@ exit status:
   4    gateway unavailable (UNAVAILABLE: unreachable, or draining with no resume left)
   5    any other RPC failure (DEADLINE_EXCEEDED, INTERNAL, ...), or a resume under
        --idempotency-key that found the gateway had forgotten the key (stopped at once)
+  6    some rows of the recipients file were not read (after more bad rows than
+       --max-bad-rows, inside a CSV quote that does not close, or past a read error):
+       each is in the results file as NOT_READ with its line; the rows read were sent
   130  interrupted (Ctrl-C): what had a result is in the results file
 """
 IDEMPOTENCY = """\
@@ -83,6 +98,9 @@ CSV recipients (--format csv, or a .csv file): a header row, then one recipient 
   canvas_entry_properties.<key>
 Cells are strings; an empty cell is left out. A column <name>:json (context.total:json)
 holds JSON values, so numbers, booleans, lists and objects keep their type.
+Every row ends sent, a bad row (INVALID_INPUT) or not read (NOT_READ), with its line in the
+--results file; blank lines and rows of empty cells are skipped. A quote that does not close
+where a row could end makes its row bad and the lines it swallowed NOT_READ.
 """
 _RPC_EXITS = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
@@ -169,9 +187,11 @@ class Report:
     sent_out: int = 0  # recipients handed to the gateway; those without a result may be in flight
     resolved: int = 0  # recipients with a result
     read_to: int = 0  # the last line read from the recipients file (a resume reads it again)
+    read_all: bool = False  # the recipients file was read to its end (or to where it stopped)
     batches: int = 0
     replayed: int = 0  # batches whose result the gateway kept under the key from an earlier call
     bad_rows: int = 0
+    not_read: int = 0  # rows of the recipients file not read: NOT_READ in the results file
     notices: int = 0
     all_ok: bool = True
     dispatch_ids: list[str] = field(default_factory=list)
@@ -208,13 +228,18 @@ class Report:
         line = self.lines.line(int(found.group(1))) if found else None
         return path if found is None or line is None else f"{self.source}:{line}: {path[found.end() :]}"
 
-    def bad_row(self, error: InputError, *, last: bool) -> None:
-        """A row that could not be read; the error is printed here unless it ends the input."""
+    def bad_row(self, error: InputError) -> None:
+        """A row that could not be read as a recipient: printed, and INVALID_INPUT in the results."""
         self.bad_rows += 1
         if self.results_file is not None:
             self.results_file.bad_row(error.line, error.reason)
-        if not last:
-            self.io.error(f"error: {error}")
+        self.io.error(f"error: {error}")
+
+    def unread(self, line: int, reason: str) -> None:
+        """A row (or line) of the recipients file that was not read: NOT_READ in the results."""
+        self.not_read += 1
+        if self.results_file is not None:
+            self.results_file.not_read(line, reason)
 
     def end(self, summary: pb.SendSummary) -> None:
         self.summary = summary
@@ -250,8 +275,16 @@ class Report:
                 f"warning: {self.notices:,} batches were accepted but their Canvas is inactive, "
                 "so nothing was sent (see `notice`)"
             )
-        if failed is not None:
-            return failed
+        if failed not in (None, EXIT_INVALID) and self.source and not self.read_all:
+            self.io.error(  # the send failed before the whole file was read
+                f"not read: the rows of {self.source} after line {self.read_to:,}"
+                if self.read_to
+                else f"not read: every row of {self.source}"
+            )
+        if failed is not None and not (failed == EXIT_INVALID and self.not_read):
+            return failed  # but rows not read say so, also when the gateway refused what was read
+        if self.not_read:
+            return EXIT_NOT_READ
         if self.bad_rows:
             return EXIT_INVALID
         return EXIT_OK if self.all_ok else EXIT_NOT_SENT
@@ -273,6 +306,8 @@ class Report:
         ]
         if self.bad_rows:
             lines.append(f"  bad rows: {self.bad_rows:,} (not sent)")
+        if self.not_read:
+            lines.append(f"  rows not read: {self.not_read:,} (not sent; NOT_READ in the results file)")
         if self.replayed:
             lines.append(
                 f"  replayed: {self.replayed:,} batches had a result under the idempotency key "
@@ -302,29 +337,67 @@ async def cmd_send(
     report.end(response.summary)
 
 
+class InputStopped(Exception):
+    """The input ended early at a bad row (past --max-bad-rows) or a read error: the rows before
+    it are sent; those after it are reported not read."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(reason)
+        self.line, self.reason = line, reason
+
+
 async def _rows_to_recipients(
     rows: AsyncIterator[Row], report: Report, max_bad_rows: int
 ) -> AsyncIterator[pb.Recipient]:
-    """The good rows' recipients, noting their lines; bad rows are reported, and the one past
-    `max_bad_rows` ends the input (raised, after the recipients before it are sent). When the
-    file is read again (a resume with an idempotency key), rows an earlier reading met are
-    neither noted nor reported again."""
+    """The good rows' recipients, noting their lines; bad rows and lines not read are reported,
+    and the bad row past `max_bad_rows` (or a read error) ends the input: InputStopped is raised,
+    after the recipients before it are sent. When the file is read again (a resume with an
+    idempotency key), rows an earlier reading met are neither noted nor reported again."""
     bad = 0
     async for row in rows:
         again = row.line <= report.read_to
-        report.read_to = max(report.read_to, row.line)
+        report.read_to = max(report.read_to, row.line, *row.unread)
         if row.recipient is not None:
             if not again:
                 report.lines.add(row.line)
                 report.sent_out += 1
             yield row.recipient
-        elif row.error is not None:
-            last = bad >= max_bad_rows
-            bad += 1
+            continue
+        if row.error is None:  # pragma: no cover - a Row has one or the other
+            continue
+        if row.end:
+            report.read_all = True
             if not again:
-                report.bad_row(row.error, last=last)
-            if last:
-                raise row.error
+                report.io.error(f"error: {row.error}")
+                report.unread(row.line, row.error.reason)
+            raise InputStopped(row.line, f"the file cannot be read from line {row.line} on")
+        bad += 1
+        if not again:
+            report.bad_row(row.error)
+            for line in row.unread:
+                report.unread(line, f"not read: inside a quoted cell of the bad row at line {row.line}")
+        if bad > max_bad_rows:
+            report.read_all = True  # the rest is reported not read
+            raise InputStopped(
+                row.line, f"the input ended at the bad row at line {row.line} (--max-bad-rows {max_bad_rows})"
+            )
+    report.read_all = True
+
+
+async def _report_the_rest(rows: AsyncIterator[Row], report: Report, stopped: InputStopped) -> None:
+    """After the input stopped: each row left in the file, reported not read with its line."""
+    first = count = 0
+    async for row in rows:
+        for line in (row.line, *row.unread):
+            if line > report.read_to:
+                report.unread(line, f"not read: {stopped.reason}")
+                first, count = first or line, count + 1
+        report.read_to = max(report.read_to, row.line, *row.unread)
+    if count:
+        report.io.error(
+            f"error: {report.source}: {count:,} {'row' if count == 1 else 'rows'} from line {first:,} on "
+            f"not read: {stopped.reason}"
+        )
 
 
 async def _stream(
@@ -357,20 +430,22 @@ async def cmd_send_stream(
         raise InputError("<stdin>", 0, "--header and --recipients cannot both be stdin")
     header = await read_body(args.header, stdin)
     kind = format_of(args.recipients, args.format)
-    stream, report.source = await asyncio.to_thread(open_input, args.recipients, stdin)
+    stream, report.source = await asyncio.to_thread(open_recipients, args.recipients, stdin)
     report.lines = LineMap(len(header.recipients))
     report.sent_out = len(header.recipients)
     opened = [stream]
     unread = [stream]  # the file opened above serves the first reading
+    reading: list[AsyncIterator[Row]] = []  # the last reading's rows: those left when it stopped
 
     async def from_file() -> AsyncIterator[pb.Recipient]:
         """The file's recipients, from the first; each call after the first opens it again."""
         if unread:
             source = unread.pop()
         else:
-            source, _ = await asyncio.to_thread(open_input, args.recipients, stdin)
+            source, _ = await asyncio.to_thread(open_recipients, args.recipients, stdin)
             opened.append(source)
         rows = read_rows(source, report.source, kind, args.chunk_size)
+        reading[:] = [rows]
         async for recipient in _rows_to_recipients(rows, report, args.max_bad_rows):
             yield recipient
 
@@ -388,11 +463,13 @@ async def cmd_send_stream(
                 "warning: recipients from stdin are read once: a stream the gateway ends is not "
                 "resumed; run the command again with the same --idempotency-key and input instead"
             )
-        await _stream(args, client, report, header, recipients)
+        try:
+            await _stream(args, client, report, header, recipients)
+        except InputStopped as stopped:
+            await _report_the_rest(reading[0], report, stopped)
     finally:
         for each in opened:
-            if each is not stdin:
-                each.close()
+            close_recipients(each, stdin)
 
 
 async def cmd_send_demo(
@@ -529,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bad-rows",
         type=_not_negative,
         default=0,
-        help="rows that cannot be read to report and skip; the one after ends the input there (default 0)",
+        help="bad rows to report and skip; the one after ends the input there, and the rows after it "
+        "are reported not read (exit status 6) (default 0)",
     )
     stream.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
     stream.add_argument(

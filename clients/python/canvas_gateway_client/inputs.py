@@ -1,7 +1,13 @@
 """The CLI's input files: Braze JSON bodies, and recipients as JSON Lines or CSV, read lazily.
 
 Recipients come as `Row`s: the line and either the Recipient or why the row is bad, so that a
-bad row is reported with its line number.
+bad row is reported with its line number. Every non-blank line of a recipients file is
+accounted for by exactly one Row: as the first line of a recipient or of a bad row (a line
+that is not UTF-8 is a bad row of its own), as a later line of a row (a CSV row with a quoted
+cell over several lines), as one of a bad CSV row's `unread` lines (inside a quote that does
+not close where a row could end: they cannot be told apart from the cell's text, so they are
+never guessed into rows), or, after a read error, from the `end` Row's line on. Lines are
+counted as the file's own: `\n`, `\r\n` or `\r` ends one, also inside a quoted CSV cell.
 
 CSV: a header row names the columns; each row after it is one recipient:
 
@@ -20,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import csv
+import io
 import itertools
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple, TextIO
 
@@ -43,11 +51,26 @@ class InputError(Exception):
 
 
 class Row(NamedTuple):
-    """One input row: its first line, and its recipient or why it is bad."""
+    """One input row: its first line, and its recipient or why it is bad. A bad row may name
+    lines after it that are `unread`; an `end` Row says the file cannot be read from its line on."""
 
     line: int
     recipient: pb.Recipient | None
     error: InputError | None = None
+    unread: tuple[int, ...] = ()
+    end: bool = False
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as surrogateescape keeps them
+
+
+def _not_utf8(text: str, name: str, line: int) -> InputError | None:
+    """Why a line read with errors="surrogateescape" is not UTF-8, or None."""
+    found = _NOT_UTF8.search(text)
+    if found is None:
+        return None
+    byte = ord(found.group()) - 0xDC00
+    return InputError(name, line, f"not UTF-8: byte 0x{byte:02x} at column {found.start() + 1}")
 
 
 class LineMap:
@@ -123,6 +146,31 @@ def open_input(path: str, stdin: TextIO) -> tuple[TextIO, str]:
         raise InputError(path, 0, exc.strerror or str(exc)) from None
 
 
+def open_recipients(path: str, stdin: TextIO) -> tuple[TextIO, str]:
+    """A recipients file (`-` is stdin) as text whose bytes that are not UTF-8 are kept as
+    surrogates (a bad row each, not the end of the file), with its own line ends. Close it with
+    `close_recipients`."""
+    if path == "-":
+        binary = getattr(stdin, "buffer", None)
+        if binary is None:  # already text (a test's StringIO)
+            return stdin, "<stdin>"
+        return io.TextIOWrapper(binary, encoding="utf-8", errors="surrogateescape", newline=""), "<stdin>"
+    try:
+        return open(path, encoding="utf-8", errors="surrogateescape", newline=""), path
+    except OSError as exc:
+        raise InputError(path, 0, exc.strerror or str(exc)) from None
+
+
+def close_recipients(stream: TextIO, stdin: TextIO) -> None:
+    """Close a file of `open_recipients`; stdin itself stays open."""
+    if stream is stdin:
+        return
+    if isinstance(stream, io.TextIOWrapper) and stream.buffer is getattr(stdin, "buffer", None):
+        stream.detach()
+        return
+    stream.close()
+
+
 async def read_body(path: str, stdin: TextIO) -> pb.CanvasTrigger:
     """Read and parse a Braze JSON body file (`-` is stdin)."""
 
@@ -141,12 +189,24 @@ async def read_body(path: str, stdin: TextIO) -> pb.CanvasTrigger:
 
 
 def _jsonl_rows(stream: TextIO, name: str) -> Iterator[Row]:
-    for line, text in enumerate(stream, start=1):
-        if text.strip():
-            try:
-                yield Row(line, parse_recipient(text, name, line))
-            except InputError as error:
-                yield Row(line, None, error)
+    line = 0
+    try:
+        for line, text in enumerate(stream, start=1):
+            if text.strip(" \t\r\n"):  # JSON's own whitespace
+                yield _jsonl_row(text, name, line)
+    except (OSError, UnicodeDecodeError) as exc:
+        error = InputError(name, line + 1, f"cannot be read from this line on: {exc}")
+        yield Row(line + 1, None, error, end=True)
+
+
+def _jsonl_row(text: str, name: str, line: int) -> Row:
+    try:
+        bad = _not_utf8(text, name, line)
+        if bad is not None:
+            raise bad
+        return Row(line, parse_recipient(text, name, line))
+    except InputError as error:
+        return Row(line, None, error)
 
 
 class _Column(NamedTuple):
@@ -193,20 +253,70 @@ def _csv_item(columns: list[_Column], cells: list[str], name: str, line: int) ->
     return item
 
 
+class _Taken:
+    """The lines a csv.reader takes, kept until `take` hands them over (one record's)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = iter(stream)
+        self._taken: list[str] = []
+        self.count = 0
+
+    def __iter__(self) -> _Taken:
+        return self
+
+    def __next__(self) -> str:
+        text = next(self._stream)
+        self.count += 1
+        self._taken.append(text)
+        return text
+
+    def take(self) -> list[str]:
+        taken, self._taken = self._taken, []
+        return taken
+
+    def skip(self) -> str:
+        """The next line, not kept (StopIteration at the end)."""
+        self.count += 1
+        return next(self._stream)
+
+
 def _csv_rows(stream: TextIO, name: str) -> Iterator[Row]:
-    reader = csv.reader(stream, strict=True)
-    header = next(reader, None)
+    lines = _Taken(stream)
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise InputError(name, 1, f"the header row cannot be read: {exc}") from None
     if header is None:
         return
+    bad = _not_utf8("".join(lines.take()), name, 1)
+    if bad is not None:
+        raise InputError(name, 1, f"the header row is {bad.reason}")
     columns = [_column(title, name) for title in header]
     if len({(c.field, c.key) for c in columns}) < len(columns):
         raise InputError(name, 1, "a column is named twice")
-    end = reader.line_num
-    for cells in reader:
-        line, end = end + 1, reader.line_num
+    while True:
+        line = lines.count + 1
+        try:
+            cells = next(reader, None)
+        except csv.Error as exc:
+            yield from _broken(lines, name, line, str(exc))
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            error = InputError(name, line, f"cannot be read from this line on: {exc}")
+            yield Row(line, None, error, end=True)
+            return
+        if cells is None:
+            return
+        taken = lines.take()
         if not any(cells):
             continue
         try:
+            for offset, text in enumerate(taken):
+                bad = _not_utf8(text, name, line)
+                if bad is not None:
+                    where = f"line {line + offset}: " if offset else ""
+                    raise InputError(name, line, where + bad.reason)
             if len(cells) != len(columns):
                 raise InputError(name, line, f"{len(cells)} cells for {len(columns)} columns")
             yield Row(line, recipient_from_json(_csv_item(columns, cells, name, line), name, line))
@@ -214,21 +324,51 @@ def _csv_rows(stream: TextIO, name: str) -> Iterator[Row]:
             yield Row(line, None, error)
 
 
-async def read_rows(stream: TextIO, name: str, kind: str, block: int) -> AsyncIterator[Row]:
-    """The rows of a recipients file of `kind` (jsonl or csv), read `block` at a time off the
-    event loop; blank lines are skipped. A file that cannot be read on (I/O, encoding, a CSV
-    quote left open, or a bad CSV header) raises InputError after the rows before it."""
-    rows = _csv_rows(stream, name) if kind == "csv" else _jsonl_rows(stream, name)
-    line = 0
-    while True:
+def _broken(lines: _Taken, name: str, line: int, why: str) -> Iterator[Row]:
+    """A CSV row the csv module could not read (a quote left open, text after a closing quote, a
+    cell over the size limit): a bad row at its first line. Where its quotes leave a quoted cell
+    open, the lines after it up to the one that closes it (or to the end of the file) cannot be
+    told apart from the cell's text: they are the bad row's `unread` lines, never guessed into
+    rows."""
+    taken = lines.take()
+    quotes = sum(text.count('"') for text in taken)
+    if quotes % 2 == 0:  # its quotes close: one bad row, over the lines csv took for it
+        if len(taken) > 1:
+            why += f" (in this row, lines {line}-{line + len(taken) - 1})"
+        yield Row(line, None, InputError(name, line, why))
+        return
+    unread = [line + offset for offset, text in enumerate(taken) if offset and text.rstrip("\r\n")]
+    end = line + len(taken) - 1
+    while quotes % 2:  # the lines are not kept: a quote left open may run to the end of a big file
         try:
-            batch = await asyncio.to_thread(lambda: list(itertools.islice(rows, block)))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise InputError(name, line + 1, str(exc)) from None
-        if not batch:
-            return
+            text = lines.skip()
+        except (StopIteration, OSError, UnicodeDecodeError):
+            lines.count -= 1
+            break
+        end += 1
+        quotes += text.count('"')
+        if text.rstrip("\r\n"):
+            unread.append(end)
+    if unread:
+        why += (
+            f": a quoted cell of this row does not close where a row could end, so lines "
+            f"{line + 1}-{end} are not read"
+        )
+    yield Row(line, None, InputError(name, line, why), tuple(unread))
+
+
+def iter_rows(stream: TextIO, name: str, kind: str) -> Iterator[Row]:
+    """The rows of a recipients file of `kind` (jsonl or csv); blank lines are skipped. Every
+    non-blank line is accounted for by one Row (see the module's docstring); only a bad CSV
+    header raises InputError, before any row."""
+    return _csv_rows(stream, name) if kind == "csv" else _jsonl_rows(stream, name)
+
+
+async def read_rows(stream: TextIO, name: str, kind: str, block: int) -> AsyncIterator[Row]:
+    """`iter_rows`, read `block` rows at a time off the event loop."""
+    rows = iter_rows(stream, name, kind)
+    while batch := await asyncio.to_thread(lambda: list(itertools.islice(rows, block))):
         for row in batch:
-            line = row.line
             yield row
 
 

@@ -3,14 +3,15 @@
 The results file has one row per recipient, written as its result arrives, in JSON Lines or
 CSV, with these keys (columns) in this order:
 
-    position     its position in the send (header recipients first); null for a bad row
+    position     its position in the send (header recipients first); null for a row not sent
     line         its line in the recipients file; null for recipients of a JSON body
     recipient    its identifier: external_user_id:<id>, email:<address> or
-                 user_alias:<alias_label>/<alias_name>; null for a bad row
-    batch        the batch that held it (batch_index); null for a bad row
+                 user_alias:<alias_label>/<alias_name>; null for a row not sent
+    batch        the batch that held it (batch_index); null for a row not sent
     dispatch_id  Braze's receipt for that batch; null when Braze gave none
-    outcome      SENT, CANVAS_INACTIVE, REJECTED, UNKNOWN, NOT_ATTEMPTED, or INVALID_INPUT
-                 for a row of the file that could not be read (it was not sent)
+    outcome      SENT, CANVAS_INACTIVE, REJECTED, UNKNOWN, NOT_ATTEMPTED; INVALID_INPUT for a
+                 row of the file that is not a recipient, NOT_READ for one the CLI did not read
+                 (neither was sent)
     error        why it was not sent: the status message, or each violation; empty when SENT
 
 Numbers are JSON numbers; in CSV an absent value is an empty cell.
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 COLUMNS = ("position", "line", "recipient", "batch", "dispatch_id", "outcome", "error")
 INVALID_INPUT = "INVALID_INPUT"
+NOT_READ = "NOT_READ"
 
 
 def identify(recipient: pb.Recipient) -> str:
@@ -78,6 +80,9 @@ class ResultsFile:
 
     def bad_row(self, line: int, reason: str) -> None:
         self._write((None, line, None, None, None, INVALID_INPUT, reason))
+
+    def not_read(self, line: int, reason: str) -> None:
+        self._write((None, line, None, None, None, NOT_READ, reason))
 
     def _write(self, values: tuple[Any, ...]) -> None:
         if self._csv is not None:
