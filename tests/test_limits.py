@@ -357,6 +357,9 @@ async def test_a_budget_never_answered_lets_one_call_ask_first(budgets: BudgetSt
     await limiter.settle(first, None)  # no call was made: still never answered
     second = await start(limiter)
     await held(limiter)
-    await limiter.settle(second, reply(503))  # an answer without a limit: nothing bounds it
+    await limiter.settle(second, reply(503))  # a 5xx without headers (an edge) tells nothing
+    third = await start(limiter)
+    await held(limiter)
+    await limiter.settle(third, reply(201))  # Braze's own success without a limit: unbounded
     for _ in range(10):
         await start(limiter)

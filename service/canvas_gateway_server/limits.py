@@ -94,7 +94,7 @@ class Budget:
     last known limit (0: none)"""
     under_way: int = 0
     limit: int = 0
-    """the last x-ratelimit-limit Braze gave; 0: never answered; -1: its replies carry none"""
+    """the last x-ratelimit-limit Braze gave; 0: never answered with one; -1: a success carried none"""
 
     def reserve(self, now: float) -> Hold | None:
         """None when a call may start (it is counted as under way), else when to ask again.
@@ -122,7 +122,9 @@ class Budget:
         rate = reply.rate
         if rate.limit is not None and rate.limit > 0:
             self.limit = rate.limit
-        elif self.limit == 0:
+        elif self.limit == 0 and 200 <= reply.status < 300:
+            # Only Braze's own answer tells that its replies carry no limit: a 5xx from an edge
+            # (or a fault) has no headers and says nothing of the budget, so one call still asks.
             self.limit = -1
         if rate.remaining is not None and rate.reset is not None and rate.reset > now:
             if rate.reset > self.reset:  # a later window: start counting it

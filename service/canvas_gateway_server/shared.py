@@ -99,7 +99,7 @@ if ARGV[3] == '1' then
   local limit = tonumber(ARGV[9])
   if limit and limit > 0 then
     redis.call('HSET', KEYS[1], 'limit', string.format('%d', limit))
-  elseif (tonumber(b[4]) or 0) == 0 then
+  elseif (tonumber(b[4]) or 0) == 0 and tonumber(ARGV[4]) >= 200 and tonumber(ARGV[4]) < 300 then
     redis.call('HSET', KEYS[1], 'limit', '-1')
   end
   local remaining = tonumber(ARGV[5])
