@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import signal
 import socket
 import statistics
 import sys
@@ -22,7 +21,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.admin import BACKLOG, MAX_CONNECTIONS, AdminServer, registry_exposition
+from canvas_gateway_server.admin import BACKLOG, MAX_CONNECTIONS, PACING, AdminServer, registry_exposition
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
@@ -177,6 +176,7 @@ async def _gateway(fake: FakeBraze, tmp_path: Path) -> AsyncIterator[tuple[int, 
         "CGW_TENANTS_FILE": str(tenants),
         "CGW_GRPC_ADDRESS": address,
         "CGW_ADMIN_ADDRESS": admin,
+        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
         "ACME_BRAZE_KEY": KEYS["acme"],
     }
     with log.open("wb") as output:
@@ -191,7 +191,7 @@ async def _gateway(fake: FakeBraze, tmp_path: Path) -> AsyncIterator[tuple[int, 
                 await asyncio.sleep(0.05)
         yield process.pid, address, admin, log
     finally:
-        await stop_process(process, signal.SIGKILL)
+        await stop_process(process)
 
 
 async def _status(session: aiohttp.ClientSession, url: str, within: float) -> int:
@@ -281,3 +281,32 @@ async def test_a_flood_of_scrapes_barely_slows_another_tenant_s_calls(
     measured = f"unary p50 {quiet} ms quiet, {flooded} ms flooded (x{ratio:.2f}); {scrapes} scrapes"
     assert scrapes >= 50 * 3 * PHASE_SECONDS, measured  # a flood it was, and scrapes were answered
     assert ratio < 3, measured  # before issue 17: x27 (37-105 ms against 1.4-5.7 ms)
+
+
+async def test_scrapes_together_share_one_fresh_exposition_and_the_next_waits_its_turn() -> None:
+    loop = asyncio.get_running_loop()
+    state, produced = [0], list[tuple[float, float]]()
+
+    async def expose(_: str) -> tuple[bytes, str]:
+        start = loop.time()
+        await asyncio.sleep(0.02)
+        produced.append((start, loop.time()))
+        return str(state[0]).encode(), "text/plain"
+
+    admin = AdminServer(expose, _ready)
+    port = await admin.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def scrape() -> str:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                    return await reply.text()
+
+            assert await asyncio.gather(*(scrape() for _ in range(10))) == ["0"] * 10
+            state[0] = 1  # done before the next scrape asks: it must show
+            assert await scrape() == "1"
+    finally:
+        await admin.stop()
+    assert len(produced) <= 3  # 11 scrapes; the first may start alone, the rest share
+    (_, first_end), (second_start, _) = produced[-2:]
+    assert second_start - first_end >= PACING * 0.02

@@ -223,14 +223,11 @@ class AdminServer:
         """A new connection's protocol; room is made for it before it counts as connected."""
         server = self._runner.server
         assert server is not None
-        asyncio.get_running_loop().call_soon(self._make_room)  # runs before its connection_made
+        asyncio.get_running_loop().call_soon(self._make_room, server)  # before its connection_made
         return server()
 
-    def _make_room(self) -> None:
+    def _make_room(self, server: web.Server) -> None:
         """Close the oldest connections, so that one more keeps the count at most the limit."""
-        server = self._runner.server
-        if server is None:
-            return
         open_ = [handler for handler in server.connections if handler.transport is not None]
         for handler in open_[: max(0, len(open_) - self._max_connections + 1)]:
             handler.force_close()
