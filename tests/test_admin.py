@@ -310,3 +310,25 @@ async def test_scrapes_together_share_one_fresh_exposition_and_the_next_waits_it
     assert len(produced) <= 3  # 11 scrapes; the first may start alone, the rest share
     (_, first_end), (second_start, _) = produced[-2:]
     assert second_start - first_end >= PACING * 0.02
+
+
+async def test_a_slow_readiness_check_does_not_hold_up_liveness() -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_readiness() -> str | None:
+        entered.set()
+        await release.wait()
+        return None
+
+    admin = AdminServer(registry_exposition(CollectorRegistry()), slow_readiness)
+    port = await admin.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            readyz = asyncio.ensure_future(_status(session, f"http://127.0.0.1:{port}/readyz", 10))
+            await asyncio.wait_for(entered.wait(), 5)
+            assert await _status(session, f"http://127.0.0.1:{port}/healthz", 5) == 200
+            assert not readyz.done()
+            release.set()
+            assert await readyz == 200
+    finally:
+        await admin.stop()

@@ -13,10 +13,10 @@ The port is open to whoever reaches it, so what it costs is bounded (issue 17):
   HTTP never wait in the queue of the loop that serves gRPC. What an answer shows (the
   metrics, the checks) is still computed on the loop that started the server, its *owner*, so
   the state it reads has one thread.
-- Each answer is *paced* (`_Pacer`): a request gets an answer computed after it arrived;
-  requests that arrive together share one; the next one starts only after `PACING` times as
-  long as the last took on the owner loop. A flood of scrapes takes at most about
-  1 / (PACING + 1) of the owner loop's time, whatever its rate.
+- Each endpoint's answers are *paced* (`_Pacer`): a request gets an answer computed after it
+  arrived; requests that arrive together share one; the next one starts only after `PACING`
+  times as long as the last took on the owner loop (at least `MIN_SPACING_SECONDS`). A flood
+  of scrapes takes at most about 1 / (PACING + 1) of the owner loop's time, whatever its rate.
 - A connection that has not sent a whole request `IDLE_SECONDS` after it opened (or after its
   last answer) is closed (slowloris), and at most `MAX_CONNECTIONS` stay open: a new one closes
   the oldest, so stalled connections cannot hold the file descriptors probes need (the port
@@ -57,6 +57,8 @@ most descriptors the admin port holds."""
 PACING: Final = 9.0
 """After an answer took t seconds on the owner loop, the next starts no sooner than PACING * t
 later (at most MAX_SPACING_SECONDS): scrapes take at most about a tenth of the owner's time."""
+MIN_SPACING_SECONDS: Final = 0.005
+"""...and no sooner than this: a check that takes microseconds runs at most 200 times a second."""
 MAX_SPACING_SECONDS: Final = 1.0
 ACCEPT_WARNING_SECONDS: Final = 10.0
 """At most one warning this often while the process cannot accept for want of descriptors."""
@@ -112,7 +114,8 @@ class _Pacer:
                     asyncio.run_coroutine_threadsafe(_timed(produce, spent), self._owner)
                 )
             finally:
-                self._ready_at = self._clock() + min(PACING * spent[0], MAX_SPACING_SECONDS)
+                spacing = min(max(PACING * spent[0], MIN_SPACING_SECONDS), MAX_SPACING_SECONDS)
+                self._ready_at = self._clock() + spacing
 
 
 async def _timed(produce: Callable[[], Awaitable[T]], spent: list[float]) -> T:
@@ -159,8 +162,7 @@ class AdminServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._listener: asyncio.Server | None = None
-        self._metrics_pacer: _Pacer | None = None
-        self._checks_pacer: _Pacer | None = None
+        self._pacers: dict[str, _Pacer] = {}  # one per endpoint: a slow check delays no other
         self._accept_failures = 0
         self._warn_at = 0.0
 
@@ -194,8 +196,7 @@ class AdminServer:
         )
         thread.start()
         self._loop, self._thread = loop, thread
-        self._metrics_pacer = _Pacer(owner, loop.time)
-        self._checks_pacer = _Pacer(owner, loop.time)
+        self._pacers = {path: _Pacer(owner, loop.time) for path in ("/metrics", "/healthz", "/readyz")}
 
         async def listen() -> T:
             await self._runner.setup()
@@ -254,25 +255,20 @@ class AdminServer:
             )
             self._accept_failures = 0
 
-    async def _check(self, key: str, check: Check) -> str | None:
-        assert self._checks_pacer is not None
-        return await self._checks_pacer.get(key, check)
-
     async def _metrics(self, request: web.Request) -> web.Response:
-        assert self._metrics_pacer is not None
         accept = request.headers.get("Accept", "")
         key = choose_encoder(accept)[1]
-        body, content_type = await self._metrics_pacer.get(key, lambda: self._expose(accept))
+        body, content_type = await self._pacers["/metrics"].get(key, lambda: self._expose(accept))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        reason = await self._check("healthz", self._liveness)
+        reason = await self._pacers["/healthz"].get("", self._liveness)
         if reason is None:
             return web.Response(text="ok\n")
         return web.Response(status=503, text=f"{reason}\n")
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        reason = await self._check("readyz", self._readiness)
+        reason = await self._pacers["/readyz"].get("", self._readiness)
         if reason is None:
             return web.Response(text="ready\n")
         return web.Response(status=503, text=f"not ready: {reason}\n")
