@@ -229,3 +229,16 @@ def check_sent_once(results: Iterable[pb.BatchResult], fake: FakeBraze) -> None:
             assert all(got[user] == 1 for user in users)
         else:
             assert (result.outcome, result.replayed) == (pb.OUTCOME_UNKNOWN, True)
+
+
+SECRET_PIECES = ("Qz9", "Xv7k", "Jw3")
+"""Pieces of the passwords below, none of which any message may show."""
+UNESCAPED_PASSWORDS = [
+    "redis://:Qz9/Xv7k@127.0.0.1:6379/0",
+    "redis://:Qz9#Xv7k@127.0.0.1:6379/0",
+    "rediss://:Qz9?Xv7k@127.0.0.1:6380",
+    "redis://default:Qz9/Xv7k#Jw3?@127.0.0.1:6379/0",
+    "redis://default:1234/Xv7k@127.0.0.1:6379",  # would parse as host 'default', port 1234
+    "unix://:Qz9#Xv7k@/run/redis.sock",
+]
+"""Redis URLs whose password holds an unescaped '/', '#' or '?'."""

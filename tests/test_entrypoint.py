@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from canvas_gateway_server import __version__
 from canvas_gateway_server.__main__ import main
-from conftest import KEYS, tenants_toml
+from conftest import KEYS, SECRET_PIECES, UNESCAPED_PASSWORDS, tenants_toml
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
-    for name in ("CGW_DEMO", "CGW_TENANTS_FILE", "CGW_CONFIG_FILE", "ACME_BRAZE_KEY"):
+    for name in ("CGW_DEMO", "CGW_TENANTS_FILE", "CGW_CONFIG_FILE", "CGW_REDIS_URL", "ACME_BRAZE_KEY"):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -57,3 +57,22 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"canvas-gateway-server {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [*UNESCAPED_PASSWORDS, "redis://:Qz9Xv7k@127.0.0.1:6379/0?Jw3=1", "redis://:Qz9@h/0?socket_timeout=Jw3"],
+)
+def test_check_config_refuses_a_redis_url_that_would_not_parse_and_never_quotes_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml("https://rest.iad-01.braze.com"))
+    _env(monkeypatch, CGW_TENANTS_FILE=str(tenants), ACME_BRAZE_KEY=KEYS["acme"], CGW_REDIS_URL=url)
+    with pytest.raises(SystemExit) as exited:
+        main(["--check-config"])
+    reason = str(exited.value.code)  # what sys.exit prints, with exit status 1
+    assert reason.startswith("canvas-gateway: CGW_REDIS_URL ")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert not any(piece in text for piece in SECRET_PIECES for text in (reason, captured.out, captured.err))

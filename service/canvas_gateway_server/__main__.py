@@ -1,5 +1,8 @@
 """Entrypoint: `python -m canvas_gateway_server [--demo | --check-config | --version]`
-(console script canvas-gateway-server)."""
+(console script canvas-gateway-server).
+
+SIGHUP is caught before anything else (`hangups`); the modules that take about a second to import
+(gRPC, aiohttp, redis) are imported after it, where they are used."""
 
 from __future__ import annotations
 
@@ -10,14 +13,21 @@ import sys
 from pathlib import Path
 
 from . import __version__, logs
-from .app import run
 from .errors import ConfigError
+from .hangups import Hangups
 from .settings import ENV_PREFIX, Settings
 from .tenants import load_tenants
-from .workers import supervise, worker_count
 
 
 def main(argv: list[str] | None = None) -> None:
+    hangups = Hangups.catch()  # first: SIGHUP's default action would end the process while it starts
+    try:
+        _main(argv, hangups)
+    finally:
+        hangups.release()
+
+
+def _main(argv: list[str] | None, hangups: Hangups) -> None:
     parser = argparse.ArgumentParser(
         prog="canvas-gateway-server",
         description=(
@@ -42,20 +52,26 @@ def main(argv: list[str] | None = None) -> None:
         if args.check_config:
             check_config(settings)
             return
+        from .app import connect_redis, run
+        from .workers import supervise, worker_count
+
         if worker_count(settings) > 1 and not settings.is_worker:
+            # Refuse a bad tenants file or Redis URL once, not per worker.
+            connect_redis(settings)
             if not settings.demo:
-                load_tenants(
-                    Path(settings.tenants_file), os.environ
-                )  # refuse a bad file once, not per worker
+                load_tenants(Path(settings.tenants_file), os.environ)
             logs.configure(settings.log_level, settings.log_format)
-            sys.exit(asyncio.run(supervise(settings, os.environ)))
-        asyncio.run(run(settings))
+            sys.exit(asyncio.run(supervise(settings, os.environ, hangups)))
+        asyncio.run(run(settings, hangups=hangups))
     except ConfigError as exc:
         sys.exit(f"canvas-gateway: {exc}")
 
 
 def check_config(settings: Settings) -> None:
     """What --check-config prints: the configuration is valid, and the tenants it serves."""
+    from .app import connect_redis
+
+    connect_redis(settings)  # a URL redis-py would refuse is refused here too
     if settings.demo:
         print("configuration valid: demo mode (one tenant, 'demo', against an embedded fake Braze)")
         return

@@ -40,6 +40,7 @@ from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
+from .hangups import Hangups
 from .host_results import HostResults
 from .idempotency import Ledger, LocalResults, ResultStore
 from .limits import BudgetStore, LocalLimiter, TableBudgets
@@ -122,9 +123,7 @@ class Gateway:
                 registry, version=__version__, git_commit=git_commit(environ), clock=clock
             )
         metrics.tenants_loaded(tenants.tenant_ids())
-        redis = (
-            shared.connect(settings.redis_url, settings.redis_timeout_seconds) if settings.redis_url else None
-        )
+        redis = connect_redis(settings)
         results = _results(settings, redis, metrics)
         session = open_session(settings.upstream_pool_size)
         client = BrazeClient(
@@ -343,6 +342,23 @@ async def _now(value: str | None) -> str | None:
     return value
 
 
+def connect_redis(settings: Settings) -> aioredis.Redis | None:
+    """The client of CGW_REDIS_URL (None without one), connecting nothing yet. A URL redis-py
+    refuses, or takes but would fail on at every command (an unknown query parameter), is a
+    ConfigError that never quotes it (redis-py's own text may, and with it a password)."""
+    if not settings.redis_url:
+        return None
+    try:
+        client = shared.connect(settings.redis_url, settings.redis_timeout_seconds)
+        client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # an object, no I/O
+    except (ValueError, TypeError):
+        raise ConfigError(
+            "CGW_REDIS_URL is refused by redis-py: a query parameter it does not know, or a value it "
+            "cannot read (see the README's settings)"
+        ) from None
+    return client
+
+
 def _limiter(
     settings: Settings, redis: aioredis.Redis | None, metrics: Metrics, clock: Callable[[], float]
 ) -> tuple[LocalLimiter, FailoverBudgets | None]:
@@ -436,8 +452,11 @@ async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirect
     return fake, StaticTenantDirectory([(tenant, [token_digest(DEMO_TOKEN)])])
 
 
-async def run(settings: Settings, environ: Mapping[str, str] = os.environ) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file."""
+async def run(
+    settings: Settings, environ: Mapping[str, str] = os.environ, hangups: Hangups | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file (once after start-up if
+    `hangups` counted any during it)."""
     logs.configure(settings.log_level, settings.log_format)
     gateway = await Gateway.start(settings, environ=environ)
     logs.configure(settings.log_level, settings.log_format, gateway.tenants.secrets)
@@ -455,7 +474,7 @@ async def run(settings: Settings, environ: Mapping[str, str] = os.environ) -> No
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants)
+    (hangups or Hangups()).take_over(loop, gateway.reload_tenants)
     await stopping.wait()
     log.info(
         "shutting down: not ready for %gs, then draining for up to %gs",

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -184,8 +185,8 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         if self.redis_failure not in ("open", "closed"):
             raise ConfigError(f"{ENV_PREFIX}REDIS_FAILURE must be open or closed")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"{ENV_PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.redis_url:
+            _check_redis_url(self.redis_url)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be text or json")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -260,6 +261,29 @@ class Settings:
             raise ConfigError(f"unknown settings: {', '.join(unknown)}")
         kwargs = {name: _coerce(name, value, type(known[name].default)) for name, value in raw.items()}
         return cls(**kwargs)
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse a Redis URL that would not parse as meant, in words that never quote it: it may
+    hold a password, and a password with an unescaped `/`, `?` or `#` ends the host part early,
+    so that its pieces would be read as a port, a database or a query."""
+    name = f"{ENV_PREFIX}REDIS_URL"
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{name} must start with redis://, rediss:// or unix://")
+    rest = url.split("://", 1)[1]
+    host_end = min((at for at in map(rest.find, "/?#") if at >= 0), default=len(rest))
+    if "@" in rest[host_end:]:
+        raise ConfigError(
+            f"{name} is not a valid URL: its password (or user name) holds an unescaped '/', '?' or "
+            "'#'; percent-encode them (%2F, %3F, %23; an '@' as %40)"
+        )
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL: its port is not a number from 0 to 65535") from None
+    if parts.scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ConfigError(f"{name} is not a valid URL: its path must be a database number, such as /0")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -11,7 +11,8 @@ as a fresh `python -m canvas_gateway_server`, never forked: gRPC cannot survive 
   the admin address: `/metrics` is every worker's exposition with a `worker` label added,
   `/readyz` is ready when every worker is, `/healthz` when every worker is alive;
 - SIGTERM and SIGINT drain every worker (each drains as a single gateway does), SIGHUP
-  reloads every worker's tenants; when a worker dies unbidden, the others are drained and the
+  reloads every worker's tenants (a worker starts with it ignored until its `main` catches it,
+  see `hangups`); when a worker dies unbidden, the others are drained and the
   supervisor exits 1, so that the orchestrator restarts the whole set;
 - per-tenant limits stay right: concurrency is divided (each worker allows its share, at
   least one), and what is known of each Braze budget (a pause until the reset, what the last
@@ -48,6 +49,7 @@ from prometheus_client.samples import Sample
 
 from . import host_results
 from .admin import AdminServer
+from .hangups import Hangups
 from .limits import Budget
 from .settings import ENV_PREFIX, Settings
 
@@ -169,7 +171,7 @@ class _Workers:
             }
             self.processes.append(
                 await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "canvas_gateway_server", env=env, preexec_fn=_die_with_parent
+                    sys.executable, "-m", "canvas_gateway_server", env=env, preexec_fn=_prepare_worker
                 )
             )
 
@@ -193,11 +195,14 @@ class _Workers:
         return codes
 
 
-def _die_with_parent() -> None:
+def _prepare_worker() -> None:
     """In a new worker, before it runs: SIGTERM it (a drain) if the supervisor dies, even by
-    SIGKILL, so that no worker outlives its set and keeps the port (Linux's PR_SET_PDEATHSIG)."""
+    SIGKILL, so that no worker outlives its set and keeps the port (Linux's PR_SET_PDEATHSIG);
+    and ignore SIGHUP until its `main` catches it (see `hangups`): a reload forwarded while
+    Python starts would otherwise end it, and the worker has not read the tenants file yet."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 class WorkerAdmin:
@@ -275,8 +280,9 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
-    """Run `worker_count(settings)` workers until SIGTERM or SIGINT; the exit status."""
+async def supervise(settings: Settings, environ: Mapping[str, str], hangups: Hangups | None = None) -> int:
+    """Run `worker_count(settings)` workers until SIGTERM or SIGINT; the exit status. SIGHUP is
+    passed on to every worker (once after they are started if `hangups` counted any before)."""
     count = worker_count(settings)
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
         SharedBudgets.create(budgets_path(folder))
@@ -289,13 +295,13 @@ async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)
         try:
             await admin.start(*settings.admin_host_port)
         except OSError:
             log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): in use", settings.admin_address)
             return 1
         await workers.start()
+        (hangups or Hangups()).take_over(loop, lambda: workers.signal(signal.SIGHUP))
         log.info("canvas-gateway supervising %d workers on %s", count, settings.grpc_address)
         exits = [asyncio.create_task(process.wait()) for process in workers.processes]
         stopped = asyncio.create_task(stop.wait())
