@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.idempotency import LocalResults, ResultStore, Verdict
+from canvas_gateway_server.idempotency import Claim, LocalResults, ResultStore, Verdict
 from canvas_gateway_server.shared import RedisResults, connect
 from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
@@ -186,26 +186,43 @@ async def test_a_store_claims_keeps_refuses_and_releases(store: ResultStore) -> 
 
     assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
     await store.keep("acme/k", 1, "d1", "an-earlier-claim", None)  # not its claim: no release
+    await store.keep("acme/k", 1, "d1", "an-earlier-claim", b"x")  # nor does it keep over it
     assert (await store.claim("acme/k", 1, "d1", "t2")).verdict is Verdict.BUSY
+    assert await store.mark_sending("acme/k", 1, "an-earlier-claim") is False
+    assert await store.mark_sending("acme/k", 1, "t1") is True
     await store.keep("acme/k", 1, "d1", "t1", None)  # released: nothing was sent
     assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
     assert (await store.claim("globex/k", 0, "x", "t0")).verdict is Verdict.CLAIMED  # scopes apart
+    # Another body under the key is told what became of the kept one, or that it is in flight.
+    assert (await store.claim("acme/k", 1, "other", "t3")) == Claim(Verdict.MISMATCH, None)
+    assert (await store.claim("acme/k", 0, "other", "t3")) == Claim(Verdict.MISMATCH, b'{"kept": 1}')
+    assert await store.mark_sending("acme/k", 0, "t0") is False  # kept: no call leaves for it
 
 
-async def test_a_claim_whose_gateway_is_gone_is_lost_and_stays_lost() -> None:
+async def test_a_dead_claim_is_sent_again_unless_its_call_may_have_left() -> None:
+    """A claim whose gateway is gone (heartbeat lapsed) is claimed again by the next call if it
+    never reached `mark_sending`; past that mark it is LOST (UNKNOWN) for good."""
     async with redis_server() as server:
         client = connect(server.url, 1.0)
         gone, alive = RedisResults(client, 60.0, 60.0), RedisResults(client, 60.0, 60.0)
         gone.start()
         alive.start()
         try:
-            assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
-            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.BUSY  # its gateway runs
-            await gone.stop()  # its heartbeat is gone: the claim's outcome is unknown
-            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
-            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT  # as UNKNOWN, for good
-            await gone.keep("acme/k", 0, "d", "t0", None)  # a late release does not reopen it
-            assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
+            assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # waits
+            assert (await gone.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
+            assert await gone.mark_sending("acme/k", 1, "t0")  # its call may leave
+            assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.BUSY  # its gateway runs
+            await gone.stop()  # its heartbeat is gone
+            assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.RECLAIMED
+            assert (await alive.claim("acme/k", 0, "d", "t2")).verdict is Verdict.BUSY  # t1's now
+            assert not await gone.mark_sending("acme/k", 0, "t0")  # the dead claim sends nothing
+            await gone.keep("acme/k", 0, "d", "t0", None)  # nor releases t1's claim
+            assert await alive.mark_sending("acme/k", 0, "t1")
+
+            assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
+            assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT  # as UNKNOWN, for good
+            await gone.keep("acme/k", 1, "d", "t0", None)  # a late release does not reopen it
+            assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT
         finally:
             await alive.stop()
             await client.aclose()
@@ -216,10 +233,14 @@ async def test_the_local_store_forgets_by_ttl_and_lru_and_a_stale_claim_is_lost(
     evicted: list[str] = []
     store = LocalResults(ttl=10.0, capacity=2, lease=5.0, clock=lambda: now[0], on_evict=evicted.append)
     await store.claim("acme/k", 0, "d", "t0")
-    now[0] = 6.0  # past the lease, within the TTL
+    now[0] = 6.0  # past the lease, within the TTL; its call never left: claimed again
+    assert (await store.claim("acme/k", 0, "d", "t1")).verdict is Verdict.RECLAIMED
+    assert not await store.mark_sending("acme/k", 0, "t0")
+    assert await store.mark_sending("acme/k", 0, "t1")
+    now[0] = 12.0  # past the lease again, after its call may have left
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
-    now[0] = 17.0  # past the TTL
+    now[0] = 17.0  # past the TTL (counted from the last claim)
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
     await store.keep("acme/k", 0, "d", "t0", b"r")
     await store.claim("acme/k", 1, "d", "t1")

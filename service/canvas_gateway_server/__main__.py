@@ -1,4 +1,5 @@
-"""Entrypoint: `python -m canvas_gateway_server [--demo | --check-config | --version]`
+"""Entrypoint: `python -m canvas_gateway_server [--demo | --check-config | --accept-lost-keys |
+--version]`
 (console script canvas-gateway-server)."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__, logs
+from redis.exceptions import RedisError
+
+from . import __version__, logs, shared
 from .app import run
 from .errors import ConfigError
 from .settings import ENV_PREFIX, Settings
@@ -35,12 +38,22 @@ def main(argv: list[str] | None = None) -> None:
         help="load the settings and the tenants file, resolve every Braze key, print the tenant ids "
         "that would be served, and exit 0 (or 1 with the reason) without serving",
     )
+    parser.add_argument(
+        "--accept-lost-keys",
+        action="store_true",
+        help="acknowledge that Redis (CGW_REDIS_URL) lost the idempotency keys' results (it restarted "
+        "without its data): every gateway takes keys again, and a repeat of a key used before the "
+        "loss sends its batches again; then exit",
+    )
     parser.add_argument("--version", action="version", version=f"canvas-gateway-server {__version__}")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ, **({"demo": True} if args.demo else {}))
         if args.check_config:
             check_config(settings)
+            return
+        if args.accept_lost_keys:
+            print(asyncio.run(accept_lost_keys(settings)))
             return
         if worker_count(settings) > 1 and not settings.is_worker:
             if not settings.demo:
@@ -62,6 +75,19 @@ def check_config(settings: Settings) -> None:
     tenants = load_tenants(Path(settings.tenants_file), os.environ)
     ids = sorted(tenants.tenant_ids())
     print(f"configuration valid: {len(ids)} tenant(s): {', '.join(ids)}")
+
+
+async def accept_lost_keys(settings: Settings) -> str:
+    """What --accept-lost-keys prints, once Redis took the acknowledgement."""
+    if not settings.redis_url:
+        raise ConfigError("--accept-lost-keys needs CGW_REDIS_URL: keys are kept in Redis only then")
+    client = shared.connect(settings.redis_url, max(settings.redis_timeout_seconds, 5.0))
+    try:
+        return await shared.accept_lost_keys(client)
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise ConfigError(f"Redis (CGW_REDIS_URL) did not answer ({type(exc).__name__})") from None
+    finally:
+        await client.aclose()
 
 
 if __name__ == "__main__":

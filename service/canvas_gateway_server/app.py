@@ -336,7 +336,9 @@ def _limiter(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics)
 def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:
     """Where idempotency keys' results are kept: Redis, or this process."""
     if redis is not None:
-        return RedisResults(redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds)
+        return RedisResults(
+            redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds, metrics
+        )
     return LocalResults(
         settings.idempotency_ttl_seconds,
         settings.idempotency_capacity,
