@@ -4,18 +4,21 @@ stores (this process's and Redis) held to the same rules."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.idempotency import Claim, LocalResults, ResultStore, Verdict
 from canvas_gateway_server.shared import RedisResults, connect
 from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
-from servers import redis_server
+from servers import RedisServer, redis_server
 
 TENANT_KEY = "order-2026-11-29.a"
 
@@ -90,8 +93,21 @@ async def test_unknown_stays_unknown_and_what_was_not_sent_is_sent_on_replay(har
 
 
 @pytest.fixture
-def settings_overrides() -> dict[str, Any]:
-    return {"max_attempts": 1}  # a 429 ends its batch at once, REJECTED and retryable
+async def shared_redis(request: pytest.FixtureRequest) -> AsyncIterator[RedisServer | None]:
+    """A Redis for the gateway to keep keys in, when a test parametrizes this with True."""
+    if not getattr(request, "param", False):
+        yield None
+        return
+    async with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def settings_overrides(shared_redis: RedisServer | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"max_attempts": 1}  # a 429 ends its batch at once, REJECTED and retryable
+    if shared_redis is not None:
+        overrides |= {"redis_url": shared_redis.url, "redis_timeout_seconds": 0.1, "request_concurrency": 20}
+    return overrides
 
 
 async def test_a_batch_in_flight_elsewhere_is_aborted_with_retry_info(harness: Harness) -> None:
@@ -154,6 +170,111 @@ async def test_a_bad_key_is_invalid_and_validate_only_keeps_nothing(harness: Har
     assert planned.results[0].outcome == pb.OUTCOME_NOT_ATTEMPTED
     sent = await harness.stub.Send(request(3), metadata=harness.auth())
     assert (sent.results[0].outcome, sent.results[0].replayed) == (pb.OUTCOME_SENT, False)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 400])
+async def test_a_batch_braze_refused_is_released_so_the_repeat_after_a_fix_sends_it(
+    harness: Harness, status: int
+) -> None:
+    """A 401 (the tenant's key wrong), 403, 404 or 400 sent nothing: the claim is released, so
+    once the cause is fixed the repeat sends the batch instead of replaying the refusal for 24 h."""
+    harness.fake.faults.script([Fault.status(status)])
+    refused = (await harness.stub.Send(request(10), metadata=harness.auth())).results[0]
+    assert (refused.outcome, refused.retryable, refused.braze.http_status) == (pb.OUTCOME_REJECTED, False, status)
+
+    fixed = await harness.stub.Send(request(10), metadata=harness.auth())
+    assert outcomes(fixed) == [(0, "OUTCOME_SENT", "OK", False)]
+    assert len(harness.fake.calls) == 2 and set(sent_to(harness.fake).values()) == {1}
+
+
+async def test_a_repeat_whose_last_batch_grew_is_told_what_was_sent(harness: Harness) -> None:
+    first = await harness.stub.Send(request(70), metadata=harness.auth())  # batches of 50 and 20
+    grown = await harness.stub.Send(request(80), metadata=harness.auth())  # the last has 30 now
+
+    assert len(harness.fake.calls) == 2
+    result = grown.results[1]
+    assert (result.outcome, result.code) == (pb.OUTCOME_REJECTED, 9)  # FAILED_PRECONDITION
+    dispatch_id = first.results[1].braze.dispatch_id
+    assert dispatch_id and f"of 20 recipients ended SENT (dispatch_id {dispatch_id})" in result.status_message
+    assert "nothing was sent" not in result.status_message
+    assert "this call sent nothing for batch 1" in result.status_message
+
+
+@pytest.mark.parametrize("shared_redis", [True], indirect=True)
+async def test_a_redis_slower_than_its_timeout_gets_a_bounded_load_of_retried_releases(
+    harness: Harness, shared_redis: RedisServer
+) -> None:
+    """200 keyed batches whose claims time out (Redis paused) leave 200 releases to make: one
+    task offers them, backing off, so Redis sees a handful of new connections a second, not one
+    per failed batch; once it answers they are all released, and the repeat sends each once."""
+    control = aioredis.Redis.from_url(shared_redis.url)
+    try:
+        sends = [request(2500, key=f"slow-{n}", first=n * 2500) for n in range(4)]  # 200 batches
+        await control.execute_command("CLIENT", "PAUSE", "8000", "WRITE")  # scripts wait
+        failed = await asyncio.gather(*(harness.stub.Send(r, metadata=harness.auth()) for r in sends))
+        for response in failed:
+            assert {(r.outcome, r.code) for r in response.results} == {(pb.OUTCOME_NOT_ATTEMPTED, 14)}
+        before = (await control.info("stats"))["total_connections_received"]
+        await asyncio.sleep(3.0)  # still paused: the releases are retried
+        opened = (await control.info("stats"))["total_connections_received"] - before
+        assert opened <= 20, f"{opened} new connections to Redis in 3 s"
+        await control.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        await control.aclose()
+    results: dict[tuple[int, int], pb.BatchResult] = {}
+    async with asyncio.timeout(15):  # a batch is ABORTED (in flight) until its claim is released
+        while len(results) < 200:
+            for n, each in enumerate(sends):
+                for result in (await harness.stub.Send(each, metadata=harness.auth())).results:
+                    if result.outcome != pb.OUTCOME_NOT_ATTEMPTED:
+                        results.setdefault((n, result.batch_index), result)
+            await asyncio.sleep(0.1)
+    assert {(r.outcome, r.replayed) for r in results.values()} == {(pb.OUTCOME_SENT, False)}
+    assert len(harness.fake.calls) == 200 and len(sent_to(harness.fake)) == 10_000
+    assert set(sent_to(harness.fake).values()) == {1}
+
+
+@pytest.mark.parametrize("shared_redis", [True], indirect=True)
+async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_the_loss(
+    harness: Harness, shared_redis: RedisServer
+) -> None:
+    first = await harness.stub.Send(request(100), metadata=harness.auth())
+    assert [r.outcome for r in first.results] == [pb.OUTCOME_SENT] * 2
+    await shared_redis.restart()  # no append-only file: everything it kept is gone
+
+    refused = await harness.stub.Send(request(100), metadata=harness.auth())
+    for result in refused.results:
+        assert (result.outcome, result.code, result.retryable) == (pb.OUTCOME_NOT_ATTEMPTED, 9, False)
+        assert "(Redis) lost what it kept" in result.status_message
+        assert "--accept-lost-keys" in result.status_message
+        assert shared_redis.url not in result.status_message
+    assert len(harness.fake.calls) == 2  # nothing sent twice
+    registry = harness.gateway.registry
+    assert registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
+    assert registry.get_sample_value("canvas_gateway_idempotency_keys_refused") == 1
+    await asyncio.sleep(1.5)  # heartbeats: still refused, still counted once
+    other_key = await harness.stub.Send(request(10, key="after-the-loss"), metadata=harness.auth())
+    assert other_key.results[0].outcome == pb.OUTCOME_NOT_ATTEMPTED
+    unkeyed = pb.SendRequest(trigger=trigger(500, 10))
+    assert (await harness.stub.Send(unkeyed, metadata=harness.auth())).results[0].outcome == pb.OUTCOME_SENT
+    assert registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
+
+    accepted = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "canvas_gateway_server",
+        "--accept-lost-keys",
+        env={**os.environ, "CGW_REDIS_URL": shared_redis.url},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await accepted.communicate()
+    assert accepted.returncode == 0 and out.startswith(b"acknowledged")
+    async with asyncio.timeout(5):  # each gateway adopts it with its next heartbeat
+        while registry.get_sample_value("canvas_gateway_idempotency_keys_refused"):
+            await asyncio.sleep(0.05)
+    taken = await harness.stub.Send(request(10, key="after-the-loss"), metadata=harness.auth())
+    assert outcomes(taken) == [(0, "OUTCOME_SENT", "OK", False)]
+    assert max(sent_to(harness.fake).values()) == 1
 
 
 # --- the stores --------------------------------------------------------------------------------
