@@ -253,7 +253,7 @@ async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_th
     assert registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
     assert registry.get_sample_value("canvas_gateway_idempotency_keys_refused") == 1
     await asyncio.sleep(1.5)  # heartbeats: still refused, still counted once
-    other_key = await harness.stub.Send(request(10, key="after-the-loss"), metadata=harness.auth())
+    other_key = await harness.stub.Send(request(10, key="after-the-loss", first=1000), metadata=harness.auth())
     assert other_key.results[0].outcome == pb.OUTCOME_NOT_ATTEMPTED
     unkeyed = pb.SendRequest(trigger=trigger(500, 10))
     assert (await harness.stub.Send(unkeyed, metadata=harness.auth())).results[0].outcome == pb.OUTCOME_SENT
@@ -264,7 +264,11 @@ async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_th
         "-m",
         "canvas_gateway_server",
         "--accept-lost-keys",
-        env={**os.environ, "CGW_REDIS_URL": shared_redis.url},
+        env={
+            **os.environ,
+            "CGW_REDIS_URL": shared_redis.url,
+            "CGW_TENANTS_FILE": harness.gateway.settings.tenants_file,  # as the gateway's own settings
+        },
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await accepted.communicate()
@@ -272,7 +276,7 @@ async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_th
     async with asyncio.timeout(5):  # each gateway adopts it with its next heartbeat
         while registry.get_sample_value("canvas_gateway_idempotency_keys_refused"):
             await asyncio.sleep(0.05)
-    taken = await harness.stub.Send(request(10, key="after-the-loss"), metadata=harness.auth())
+    taken = await harness.stub.Send(request(10, key="after-the-loss", first=1000), metadata=harness.auth())
     assert outcomes(taken) == [(0, "OUTCOME_SENT", "OK", False)]
     assert max(sent_to(harness.fake).values()) == 1
 
