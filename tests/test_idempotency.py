@@ -13,11 +13,29 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.idempotency import Claim, LocalResults, ResultStore, Verdict
-from canvas_gateway_server.shared import RedisResults, connect
+from canvas_gateway_server import results
+from canvas_gateway_server.idempotency import (
+    Claim,
+    Claimed,
+    Ledger,
+    LocalResults,
+    ResultStore,
+    StoreLost,
+    Verdict,
+    decode,
+    describe,
+    encode,
+)
+from canvas_gateway_server.limits import StoreUnavailable
+from canvas_gateway_server.metrics import PrometheusMetrics
+from canvas_gateway_server.model import Batch, Code, Outcome
+from canvas_gateway_server.shared import RedisResults, accept_lost_keys, connect
+from canvas_gateway_server.tenants import Tenant
+from canvas_gateway_server.upstream import Delivery, Reply
 from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
+from prometheus_client import CollectorRegistry
 from servers import RedisServer, redis_server
 
 TENANT_KEY = "order-2026-11-29.a"
@@ -103,11 +121,17 @@ async def shared_redis(request: pytest.FixtureRequest) -> AsyncIterator[RedisSer
 
 
 @pytest.fixture
-def settings_overrides(shared_redis: RedisServer | None) -> dict[str, Any]:
+def extra_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """More settings, when a test parametrizes this."""
+    return dict(getattr(request, "param", {}))
+
+
+@pytest.fixture
+def settings_overrides(shared_redis: RedisServer | None, extra_settings: dict[str, Any]) -> dict[str, Any]:
     overrides: dict[str, Any] = {"max_attempts": 1}  # a 429 ends its batch at once, REJECTED and retryable
     if shared_redis is not None:
         overrides |= {"redis_url": shared_redis.url, "redis_timeout_seconds": 0.1, "request_concurrency": 20}
-    return overrides
+    return overrides | extra_settings
 
 
 async def test_a_batch_in_flight_elsewhere_is_aborted_with_retry_info(harness: Harness) -> None:
@@ -172,6 +196,33 @@ async def test_a_bad_key_is_invalid_and_validate_only_keeps_nothing(harness: Har
     assert (sent.results[0].outcome, sent.results[0].replayed) == (pb.OUTCOME_SENT, False)
 
 
+@pytest.mark.parametrize("shared_redis", [False, True], indirect=True)
+@pytest.mark.parametrize(
+    "extra_settings", [{"tenant_concurrency": 1, "idempotency_lease_seconds": 0.5}], indirect=True
+)
+async def test_a_claim_past_its_lease_is_sent_by_the_repeat_only_if_its_call_never_left(
+    harness: Harness, shared_redis: RedisServer | None
+) -> None:
+    """Both batches of a call are claimed; batch 0 calls a slow Braze, batch 1 waits for the one
+    slot. Past the lease, a repeat finds batch 0 UNKNOWN (its call left) and claims batch 1 again
+    (its call never did): one of the two calls sends batch 1, the other is told it is in flight."""
+    harness.fake.faults.set_latency(1.5)
+    first = asyncio.ensure_future(harness.stub.Send(request(100), metadata=harness.auth()))
+    async with asyncio.timeout(5):
+        while harness.fake.in_progress < 1:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.6)  # the claims' lease (0.5 s) is over
+    again = await harness.stub.Send(request(100), metadata=harness.auth())
+    done = await first
+
+    assert outcomes(again)[0] == (0, "OUTCOME_UNKNOWN", "UNKNOWN", True)
+    assert outcomes(done)[0] == (0, "OUTCOME_SENT", "OK", False)
+    sent, aborted = sorted([done.results[1], again.results[1]], key=lambda r: r.outcome != pb.OUTCOME_SENT)
+    assert (sent.outcome, sent.replayed) == (pb.OUTCOME_SENT, False)
+    assert (aborted.outcome, aborted.code) == (pb.OUTCOME_NOT_ATTEMPTED, 10)  # ABORTED: in flight
+    assert len(harness.fake.calls) == 2 and set(sent_to(harness.fake).values()) == {1}
+
+
 @pytest.mark.parametrize("status", [401, 403, 404, 400])
 async def test_a_batch_braze_refused_is_released_so_the_repeat_after_a_fix_sends_it(
     harness: Harness, status: int
@@ -180,7 +231,11 @@ async def test_a_batch_braze_refused_is_released_so_the_repeat_after_a_fix_sends
     once the cause is fixed the repeat sends the batch instead of replaying the refusal for 24 h."""
     harness.fake.faults.script([Fault.status(status)])
     refused = (await harness.stub.Send(request(10), metadata=harness.auth())).results[0]
-    assert (refused.outcome, refused.retryable, refused.braze.http_status) == (pb.OUTCOME_REJECTED, False, status)
+    assert (refused.outcome, refused.retryable, refused.braze.http_status) == (
+        pb.OUTCOME_REJECTED,
+        False,
+        status,
+    )
 
     fixed = await harness.stub.Send(request(10), metadata=harness.auth())
     assert outcomes(fixed) == [(0, "OUTCOME_SENT", "OK", False)]
@@ -210,7 +265,7 @@ async def test_a_redis_slower_than_its_timeout_gets_a_bounded_load_of_retried_re
     control = aioredis.Redis.from_url(shared_redis.url)
     try:
         sends = [request(2500, key=f"slow-{n}", first=n * 2500) for n in range(4)]  # 200 batches
-        await control.execute_command("CLIENT", "PAUSE", "8000", "WRITE")  # scripts wait
+        await control.client_pause(8000, all=False)  # scripts wait
         failed = await asyncio.gather(*(harness.stub.Send(r, metadata=harness.auth()) for r in sends))
         for response in failed:
             assert {(r.outcome, r.code) for r in response.results} == {(pb.OUTCOME_NOT_ATTEMPTED, 14)}
@@ -218,7 +273,7 @@ async def test_a_redis_slower_than_its_timeout_gets_a_bounded_load_of_retried_re
         await asyncio.sleep(3.0)  # still paused: the releases are retried
         opened = (await control.info("stats"))["total_connections_received"] - before
         assert opened <= 20, f"{opened} new connections to Redis in 3 s"
-        await control.execute_command("CLIENT", "UNPAUSE")
+        await control.client_unpause()
     finally:
         await control.aclose()
     results: dict[tuple[int, int], pb.BatchResult] = {}
@@ -253,7 +308,8 @@ async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_th
     assert registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
     assert registry.get_sample_value("canvas_gateway_idempotency_keys_refused") == 1
     await asyncio.sleep(1.5)  # heartbeats: still refused, still counted once
-    other_key = await harness.stub.Send(request(10, key="after-the-loss", first=1000), metadata=harness.auth())
+    after = request(10, key="after-the-loss", first=1000)
+    other_key = await harness.stub.Send(after, metadata=harness.auth())
     assert other_key.results[0].outcome == pb.OUTCOME_NOT_ATTEMPTED
     unkeyed = pb.SendRequest(trigger=trigger(500, 10))
     assert (await harness.stub.Send(unkeyed, metadata=harness.auth())).results[0].outcome == pb.OUTCOME_SENT
@@ -276,7 +332,7 @@ async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_th
     async with asyncio.timeout(5):  # each gateway adopts it with its next heartbeat
         while registry.get_sample_value("canvas_gateway_idempotency_keys_refused"):
             await asyncio.sleep(0.05)
-    taken = await harness.stub.Send(request(10, key="after-the-loss", first=1000), metadata=harness.auth())
+    taken = await harness.stub.Send(after, metadata=harness.auth())
     assert outcomes(taken) == [(0, "OUTCOME_SENT", "OK", False)]
     assert max(sent_to(harness.fake).values()) == 1
 
@@ -373,3 +429,127 @@ async def test_the_local_store_forgets_by_ttl_and_lru_and_a_stale_claim_is_lost(
     await store.claim("globex/k", 0, "d", "t0")  # over capacity: acme/k 1 goes
     assert evicted == ["acme"] and len(store) == 2
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
+
+
+class Unanswering:
+    """A store whose `keep` does not answer until `answering` (as a Redis slower than its
+    timeout), then is `LocalResults`; it counts the keeps and how many overlapped."""
+
+    def __init__(self) -> None:
+        self.store = LocalResults(ttl=60.0, capacity=1000, lease=60.0)
+        self.answering = False
+        self.keeps = 0
+        self.overlapping = 0
+        self._now = 0
+
+    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        return await self.store.claim(scope, index, digest, token)
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        return await self.store.mark_sending(scope, index, token)
+
+    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+        self.keeps += 1
+        self._now += 1
+        self.overlapping = max(self.overlapping, self._now)
+        try:
+            await asyncio.sleep(0)
+            if not self.answering:
+                raise StoreUnavailable("the shared results store (Redis) did not answer (TimeoutError)")
+            await self.store.keep(scope, index, digest, token, kept)
+        finally:
+            self._now -= 1
+
+
+TENANT = Tenant(id="acme", braze_rest_url="http://127.0.0.1:1", braze_api_key="k")
+
+
+def waiting(ledger: Ledger) -> int:
+    return ledger.backlog
+
+
+async def test_what_the_store_did_not_take_is_offered_again_by_one_task_backing_off() -> None:
+    store = Unanswering()
+    ledger = Ledger(store, lease=60.0, jitter=lambda: 0.0)  # delays 0.1, 0.2, 0.4, 0.8 s...
+    claims = []
+    for index in range(50):
+        claimed = await ledger.claim(TENANT, "k", Batch(index, (index,), b"body"))
+        assert isinstance(claimed, Claimed)
+        claims.append(claimed)
+    for claimed in claims:  # 50 releases the store does not take
+        await ledger.keep(claimed, results.not_attempted(claimed.batch, "unsent", Code.UNAVAILABLE))
+    assert ledger.backlog == 50 and store.keeps >= 50
+    tried = store.keeps
+    await asyncio.sleep(1.0)
+    assert store.keeps - tried <= 4  # backing off: about 0.1 + 0.2 + 0.4 s, not 50 a second
+    store.answering = True
+    async with asyncio.timeout(5):
+        while ledger.backlog:
+            await asyncio.sleep(0.01)
+    assert store.overlapping == 1  # one at a time
+    again = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    assert isinstance(again, Claimed)  # released
+
+
+async def test_what_the_store_never_takes_lapses_after_the_lease_and_shutdown_stops_trying() -> None:
+    now = [0.0]
+    store = Unanswering()
+    ledger = Ledger(store, lease=5.0, clock=lambda: now[0], jitter=lambda: 0.0)
+    claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    assert isinstance(claimed, Claimed)
+    await ledger.keep(claimed, results.not_attempted(claimed.batch, "unsent", Code.UNAVAILABLE))
+    await asyncio.sleep(0.15)  # one more try, after the first delay
+    now[0] = 6.0  # past the lease: dropped at its next turn
+    async with asyncio.timeout(5):
+        while ledger.backlog:
+            await asyncio.sleep(0.01)
+    ledger.keep_soon(claimed, sent=True)  # UNKNOWN to keep, still not taken
+    await ledger.settled(0.3)
+    assert waiting(ledger) == 1  # left to lapse with its claim
+
+
+def test_a_mismatch_says_what_became_of_the_batch_under_the_key() -> None:
+    batch = Batch(3, (150, 151), b"body")
+    unknown = encode(results.from_reply(batch, Reply(Delivery.UNKNOWN, failure="TimeoutError"), 1))
+    assert describe(unknown) == "that batch of 2 recipients ended UNKNOWN: it may have been sent"
+    assert "ended UNKNOWN (its gateway stopped" in describe(b"")
+    assert describe(None) == "that batch is being sent by another call now"
+    assert decode(unknown, batch).outcome is Outcome.UNKNOWN
+
+
+async def test_redis_found_empty_refuses_keys_in_every_gateway_until_the_loss_is_accepted() -> None:
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        early, registry = RedisResults(client, 60.0, 60.0), CollectorRegistry()
+        early_metrics = PrometheusMetrics(registry, version="t", git_commit="t")
+        watching = RedisResults(client, 60.0, 60.0, early_metrics)
+        try:
+            assert (await early.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # no start()
+            await watching.beat()
+            assert watching.generation == early.generation != ""
+            await client.flushall()  # as a restart without its data
+            with pytest.raises(StoreLost, match="lost what it kept"):
+                await early.mark_sending("acme/k", 0, "t0")  # found by the mark itself
+            await watching.beat()  # the others see it with their heartbeat
+            assert watching.lost and registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
+            with pytest.raises(StoreLost):
+                await watching.claim("acme/k", 1, "d", "t1")  # refused without a round trip
+            newcomer = RedisResults(client, 60.0, 60.0)
+            with pytest.raises(StoreLost):  # a gateway started after the loss refuses too
+                await newcomer.claim("acme/k", 1, "d", "t1")
+
+            assert (await accept_lost_keys(client)).startswith("acknowledged")
+            assert (await accept_lost_keys(client)).startswith("no loss")
+            for store in (early, watching, newcomer):
+                await store.beat()
+                assert not store.lost
+            assert registry.get_sample_value("canvas_gateway_idempotency_keys_refused") == 0
+            assert (await newcomer.claim("acme/k", 1, "d", "t1")).verdict is Verdict.CLAIMED
+
+            await client.set("cgw:generation", "another")  # a gateway started on an emptied Redis
+            with pytest.raises(StoreLost):
+                await early.claim("acme/k", 2, "d", "t2")
+            await newcomer.beat()
+            assert newcomer.lost  # flagged for every gateway
+        finally:
+            await client.aclose()

@@ -267,7 +267,9 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
         async with grpc.aio.insecure_channel(doomed.address) as channel:
             call = pb_grpc.CanvasGatewayServiceStub(channel).Send(request, metadata=AUTH, timeout=30)
             async with asyncio.timeout(10):  # 8 claimed; 2 at the fake, 6 waiting for a slot
-                while fake.in_progress < 2 or await metric(doomed.admin, "canvas_gateway_batches_in_flight") < 8:
+                while (
+                    fake.in_progress < 2 or await metric(doomed.admin, "canvas_gateway_batches_in_flight") < 8
+                ):
                     await asyncio.sleep(0.02)
             await stop_process(doomed.process, signal.SIGKILL)
             with pytest.raises(grpc.aio.AioRpcError):
