@@ -515,6 +515,36 @@ def test_a_mismatch_says_what_became_of_the_batch_under_the_key() -> None:
     assert "ended UNKNOWN (its gateway stopped" in describe(b"")
     assert describe(None) == "that batch is being sent by another call now"
     assert decode(unknown, batch).outcome is Outcome.UNKNOWN
+    assert decode(b"", batch).outcome is Outcome.UNKNOWN  # LOST
+    refused = encode(results.from_reply(batch, Reply(Delivery.RESPONDED, status=401), 1))  # kept by 0.x
+    assert describe(refused) == "that batch of 2 recipients ended REJECTED"
+
+
+class Unmarkable(Unanswering):
+    """Claims answer; the mark that a call leaves raises `failure`."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__()
+        self.failure = failure
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (StoreUnavailable("the shared results store (Redis) did not answer (TimeoutError)"), 14),
+        (StoreLost("lost"), 9),
+    ],
+)
+async def test_a_batch_whose_mark_fails_is_not_sent(failure: Exception, code: int) -> None:
+    ledger = Ledger(Unmarkable(failure))
+    claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    assert isinstance(claimed, Claimed)
+    unsent = await ledger.sending(claimed)
+    assert unsent is not None and (unsent.outcome, int(unsent.code)) == (Outcome.NOT_ATTEMPTED, code)
+    assert "nothing was sent" in unsent.status_message
 
 
 async def test_redis_found_empty_refuses_keys_in_every_gateway_until_the_loss_is_accepted() -> None:
