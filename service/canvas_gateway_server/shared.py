@@ -175,6 +175,13 @@ sets it to `lost`, and every gateway refuses keys until an operator sets a new g
 (`canvas-gateway-server --accept-lost-keys`), which a refusing process adopts. Claims and marks
 check it too, in their own round trip, so none is made in an emptied Redis."""
 
+_ACCEPT: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+"""A new generation, only in place of `lost` (two operators at once make one)."""
+
 LOST: Final = "lost"
 LOST_TEXT: Final = (
     "idempotency keys are refused: the shared results store (Redis) lost what it kept (it "
@@ -423,10 +430,9 @@ class RedisResults:
 async def accept_lost_keys(client: aioredis.Redis) -> str:
     """The operator's acknowledgement that Redis lost the keys' results: a new generation, which
     every gateway adopts within a heartbeat. What it says happened."""
-    found = await client.get(GENERATION_KEY)
-    if found is None or _text(found) != LOST:
+    accept = client.register_script(_ACCEPT)
+    if not await accept(keys=[GENERATION_KEY], args=[LOST, uuid.uuid4().hex]):
         return "no loss to acknowledge: idempotency keys are taken"
-    await client.set(GENERATION_KEY, uuid.uuid4().hex)
     return (
         "acknowledged: idempotency keys are taken again; results kept before the loss are gone, "
         "so a repeat of an earlier key sends its batches again"
