@@ -159,8 +159,11 @@ demo: $(STAMP)
 ## bench: every measure of issue 9 in one run (CPU per recipient against a hand-written client and
 ##   where it goes, workers, unary overhead, memory, budget use, peers, metrics and logs on/off),
 ##   written to BENCHMARKS.md (about 10 minutes).
-## soak: 10 minutes of mixed load with random faults: memory, descriptors, event-loop lag, accounting.
-soak: $(STAMP)
+## soak: the invariant test over SOAK_SEEDS seeds (fleets, kills, Redis stalls and restarts), then
+## 10 minutes of mixed load with random faults: memory, descriptors, event-loop lag, accounting.
+SOAK_SEEDS ?= 40
+soak: $(STAMP) servers-install
+	INVARIANT_SEEDS=$(SOAK_SEEDS) INVARIANT_FIRST_SEED=$$(date +%s) $(BIN)/pytest -q -p no:cacheprovider tests/test_invariant.py
 	$(PY) bench/soak.py
 
 bench: $(STAMP)

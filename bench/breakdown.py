@@ -10,6 +10,10 @@ benchmark's recipients (an external_user_id and a one-key context), best of 5:
   result      a batch's result message, built and serialised, per recipient
   gRPC write  a bare grpc.aio server streaming 300-byte messages, server CPU per message
               divided by 50: what each result costs gRPC itself, whatever the gateway does
+  sorted keys orjson with OPT_SORT_KEYS (the gateway's canonical bodies, which keep an
+              idempotency digest equal whatever the map order) against plain orjson, on the
+              benchmark's recipients and on recipients with a 12-key context: a ratio of one
+              run, and the microseconds it adds per recipient
 
 The direct client's whole CPU per recipient (`stream_throughput`) is the yardstick.
 """
@@ -17,11 +21,13 @@ The direct client's whole CPU per recipient (`stream_throughput`) is the yardsti
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import timeit
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+import orjson
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import convert
 from canvas_gateway_server.model import BatchResult, Code, Outcome
@@ -33,6 +39,15 @@ MEASURE = "breakdown"
 
 def _best(run: Callable[[], object], per: int) -> float:
     return min(timeit.repeat(run, number=1, repeat=5)) / per * 1e6
+
+
+def _alternating(one: Callable[[], object], other: Callable[[], object], per: int) -> tuple[float, float]:
+    """Two runs compared: rounds of each in turn, the best of 9 each (a busy core slows both)."""
+    best = [math.inf, math.inf]
+    for _ in range(9):
+        for slot, run in enumerate((one, other)):
+            best[slot] = min(best[slot], timeit.timeit(run, number=1) / per * 1e6)
+    return best[0], best[1]
 
 
 def _serve(port: int) -> None:
@@ -102,11 +117,28 @@ async def measure(smoke: bool) -> list[Figure]:
         for recipient in recipients:
             convert.recipient_to_dict(recipient)
 
+    many = [{**each, "context": {f"key{k}": f"v{k}" if k % 2 else k for k in range(12)}} for each in dicts]
+
+    def encoder(rows: list[dict[str, object]], option: int) -> Callable[[], None]:
+        def encode() -> None:
+            for row in rows:
+                orjson.dumps(row, option=option)
+
+        return encode
+
+    sorted_keys: list[Figure] = []
+    for shape, rows in (("1-key context", dicts), ("12-key context", many)):
+        plain, canonical = _alternating(encoder(rows, 0), encoder(rows, orjson.OPT_SORT_KEYS), n)
+        sorted_keys += [
+            Figure(MEASURE, f"sorted keys: orjson encode, {shape}, sorted / plain", canonical / plain, "x"),
+            Figure(MEASURE, f"sorted keys: added per recipient, {shape}", canonical - plain, "us"),
+        ]
     figures = [
         Figure(MEASURE, "parse: protobuf chunks", _best(parse, n), "us"),
         Figure(MEASURE, "to JSON: Struct and fields to Python", _best(to_json, n), "us"),
         Figure(MEASURE, "check+cut: rules, orjson, batches of 50", _best(take_all, n), "us"),
         Figure(MEASURE, "result: message per batch, per recipient", _best(results, n), "us"),
+        *sorted_keys,
     ]
     per_message = await grpc_message_cost(500 if smoke else 20_000)
     figures.append(Figure(MEASURE, "gRPC write: bare grpc.aio, per result / 50", per_message / 50, "us"))

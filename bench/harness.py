@@ -184,6 +184,7 @@ def gateway_env(
         "CGW_WORKERS": "1",
         "CGW_LOG_LEVEL": "WARNING",
         "CGW_SHUTDOWN_DELAY_SECONDS": "0",
+        "CGW_IDEMPOTENCY_FILE": str(tenants.parent / f"keys-{grpc_port}.sqlite3"),  # not in /tmp
         **(extra or {}),
     }
 

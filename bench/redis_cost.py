@@ -1,4 +1,5 @@
-"""Redis cost: what the round trips to a shared Redis (CGW_REDIS_URL) cost per batch of 50.
+"""Redis cost: what the round trips to a shared Redis (CGW_REDIS_URL) cost per batch of 50, and
+what the host's SQLite file (keys without Redis) costs beside the in-process store.
 
 Each batch a gateway sends costs two budget operations (reserve before the Braze call, settle
 after it) and, with an idempotency key, three result operations (claim before, the mark that its
@@ -8,15 +9,18 @@ redis-server on 127.0.0.1 (tests/servers.py starts Debian's). Measured in one ru
 
   stores     the gateway's own classes called in a loop from this process, N batches: reserve +
              settle on TableBudgets (in-process) and on RedisBudgets; claim + mark_sending +
-             keep (a SENT result kept) on LocalResults and on RedisResults. Sequentially (one batch after
-             another: the latency of the round trips) and from 8 tasks at once (the gateway's
-             default request concurrency: how far pipelining over 8 connections hides them).
+             keep (a SENT result kept) on LocalResults, on HostResults (a SQLite file in a
+             temporary folder, its calls on a thread of their own) and on RedisResults.
+             Sequentially (one batch after another: the latency of the round trips) and from 8
+             tasks at once (the gateway's default request concurrency: how far pipelining over 8
+             connections hides them).
              Rounds alternate in-process and Redis; figures are medians over the rounds: wall time
              per batch, this process's CPU per batch (the client's share, which a gateway pays)
              and redis-server's CPU per batch. Every reservation must be a Ticket and every
              claim CLAIMED, and the last batch's result must come back KEPT.
   end to end one SendStream of 20,000 recipients (400 batches) through one gateway process,
-             with and without CGW_REDIS_URL, and with and without an idempotency key (a new key
+             with and without CGW_REDIS_URL, and with and without an idempotency key (without
+             Redis its results go to the host's file, the default on a fixed port; a new key
              each run, so every batch is claimed and kept, none replayed), against a fake Braze
              that answers at once (so the CPU, not Braze, sets the pace). The four variants run
              in turn, the order rotating each round; every result must be SENT and not
@@ -45,7 +49,8 @@ from pathlib import Path
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import idempotency, shared
+from canvas_gateway_server import host_results, idempotency, shared
+from canvas_gateway_server.host_results import HostResults
 from canvas_gateway_server.idempotency import LocalResults, ResultStore, Verdict
 from canvas_gateway_server.limits import BudgetStore, TableBudgets, Ticket
 from canvas_gateway_server.model import BatchResult, Code, Outcome
@@ -135,6 +140,9 @@ async def loop(
 
 async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure]:
     client = shared.connect(redis_url, TIMEOUT_SECONDS)
+    folder = tempfile.TemporaryDirectory()
+    host_results.create(f"{folder.name}/keys.sqlite3", private_folder=False)
+    host = HostResults(f"{folder.name}/keys.sqlite3", ttl=3600.0, lease=60.0)
     figures = []
     try:
         table, remote = TableBudgets(), shared.RedisBudgets(client, lease=60.0)
@@ -155,6 +163,7 @@ async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure
 
         kinds["results claim+mark+keep"] = {
             "in-process": lambda: fresh("in-process", local),
+            "host file": lambda: fresh("host file", host),
             "Redis": lambda: fresh("Redis", results),
         }
         for kind, ways in kinds.items():
@@ -168,24 +177,35 @@ async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure
                         taken[way].append(await loop(ways[way](), n, concurrency, redis))
                     order.reverse()
                 how = "sequential" if concurrency == 1 else f"{concurrency} concurrent"
-                wall, cpu, server = (statistics.median(each) for each in zip(*taken["Redis"], strict=True))
-                figures += [
-                    Figure(
-                        MEASURE,
-                        f"{kind}, in-process, {how}: time per batch",
-                        statistics.median(t[0] for t in taken["in-process"]),
-                        "us",
-                    ),
-                    Figure(MEASURE, f"{kind}, Redis, {how}: time per batch", wall, "us"),
-                    Figure(MEASURE, f"{kind}, Redis, {how}: caller CPU per batch", cpu, "us"),
-                    Figure(MEASURE, f"{kind}, Redis, {how}: redis-server CPU per batch", server, "us"),
-                ]
+                local_wall = statistics.median(t[0] for t in taken["in-process"])
+                figures.append(
+                    Figure(MEASURE, f"{kind}, in-process, {how}: time per batch", local_wall, "us")
+                )
+                for way in ways:
+                    if way == "in-process":
+                        continue
+                    wall, cpu, server = (statistics.median(each) for each in zip(*taken[way], strict=True))
+                    figures += [
+                        Figure(MEASURE, f"{kind}, {way}, {how}: time per batch", wall, "us"),
+                        Figure(MEASURE, f"{kind}, {way}, {how}: caller CPU per batch", cpu, "us"),
+                    ]
+                    if way == "Redis":
+                        figures.append(
+                            Figure(MEASURE, f"{kind}, Redis, {how}: redis-server CPU per batch", server, "us")
+                        )
+                    else:
+                        ratio = wall / local_wall
+                        figures.append(
+                            Figure(MEASURE, f"{kind}, {way} / in-process, {how}: time", ratio, "x")
+                        )
         # What was kept can be read back: the last batch of the last loop, from each store.
-        for name, store in (("in-process", local), ("Redis", results)):
+        for name, store in (("in-process", local), ("host file", host), ("Redis", results)):
             found = await store.claim(scopes[name], n - 1, DIGEST, uuid.uuid4().hex)
             assert (found.verdict, found.kept) == (Verdict.KEPT, KEPT), found
     finally:
         await client.aclose()
+        await host.stop()
+        folder.cleanup()
     return figures
 
 
@@ -232,7 +252,7 @@ async def send(channel: grpc.aio.Channel, n: int, parts: Sequence[bytes], key: s
 
 VARIANTS = {
     "no Redis, no key": (False, False),
-    "no Redis, key": (False, True),  # the key's results in-process (LocalResults)
+    "no Redis, key": (False, True),  # the key's results in the host's file (HostResults)
     "Redis, no key": (True, False),
     "Redis, key": (True, True),
 }
@@ -252,7 +272,7 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
                 *fake_braze_command(fake_port), stdout=asyncio.subprocess.DEVNULL
             )
             started.push_async_callback(stop_process, fake)
-            plain = await start_gateway(started, tenants, {})
+            plain = await start_gateway(started, tenants, {"CGW_IDEMPOTENCY_FILE": f"{tmp}/keys.sqlite3"})
             with_redis = await start_gateway(started, tenants, {"CGW_REDIS_URL": redis_url})
             await wait_port(fake_port)
             await asyncio.gather(wait_ready(plain.admin), wait_ready(with_redis.admin))
@@ -299,6 +319,7 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
     added = {
         "Redis budgets (no key)": per_batch["Redis, no key"]["gateway"] - per_batch[BASELINE]["gateway"],
         "a key in Redis": per_batch["Redis, key"]["gateway"] - per_batch["Redis, no key"]["gateway"],
+        "a key in the host's file": per_batch["no Redis, key"]["gateway"] - per_batch[BASELINE]["gateway"],
     }
     for what, cpu in added.items():
         figures.append(Figure(MEASURE, f"{stream}: gateway CPU per batch added by {what}", cpu, "us"))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,21 @@ async def fake(fake_config: FakeBrazeConfig) -> AsyncIterator[FakeBraze]:
     FAKE_URLS.pop(id(braze), None)
 
 
+def standing_clock() -> Callable[[], float]:
+    """A clock that stands one second past the next clock hour, for a fake Braze and a gateway
+    together: no budget window turns during a test, whatever the wall clock's hour, minute or
+    second, and a window's reset (the hour after) is within what the gateway takes for a real one."""
+    moment = (time.time() // 3600 + 1) * 3600 + 1
+    return lambda: moment
+
+
+@pytest.fixture
+def clock() -> Callable[[], float]:
+    """The harness gateway's clock for budgets and pauses: real time, unless a test stands it still
+    with the fake's (`standing_clock`)."""
+    return time.time
+
+
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
     """Override in a test module to change the gateway's settings."""
@@ -131,7 +147,7 @@ def settings_overrides() -> dict[str, Any]:
 
 @pytest.fixture
 async def harness(
-    fake: FakeBraze, tmp_path: Path, settings_overrides: dict[str, Any]
+    fake: FakeBraze, tmp_path: Path, settings_overrides: dict[str, Any], clock: Callable[[], float]
 ) -> AsyncIterator[Harness]:
     url = FAKE_URLS[id(fake)]
     tenants_file = tmp_path / "tenants.toml"
@@ -143,7 +159,7 @@ async def harness(
         retry_base_delay_seconds=0.01,
         **{**LOCAL, **settings_overrides},
     )
-    gateway = await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
+    gateway = await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]}, clock=clock)
     target = f"127.0.0.1:{gateway.port}"
     channel = grpc.aio.insecure_channel(target)
     try:
@@ -151,6 +167,13 @@ async def harness(
     finally:
         await channel.close()
         await gateway.stop(grace=0)
+
+
+async def learn_budget(harness: Harness, tenant: str = "acme") -> None:
+    """One call for `tenant`, so that the gateway knows its Braze budget: until Braze has answered
+    once, a budget lets one call at a time ask (`limits.Budget`)."""
+    trigger = pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id="budget-probe")])
+    await harness.stub.Send(pb.SendRequest(trigger=trigger), metadata=harness.auth(tenant))
 
 
 def violations_of(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.servicer import SERVICE_NAME
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
-from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, tenants_toml
+from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, learn_budget, tenants_toml
 from fake_braze import Fault
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -97,6 +97,7 @@ async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tm
 
 
 async def test_graceful_shutdown_finishes_in_flight_batches(harness: Harness) -> None:
+    await learn_budget(harness)  # then both batches go at once
     harness.fake.faults.set_latency(1.0)
     watch = health_watch(harness)
     assert (await anext(watch)).status == SERVING
@@ -260,9 +261,12 @@ async def test_batches_still_waiting_for_a_connection_are_known_unsent(harness: 
     assert all(r.retryable for r in reply.results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED)
 
 
-async def test_a_port_in_use_is_a_clear_boot_error(harness: Harness) -> None:
+async def test_a_port_in_use_is_a_clear_boot_error(harness: Harness, tmp_path: Path) -> None:
     taken = harness.target  # the harness gateway holds it
-    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address=taken, **LOCAL)
+    keys = str(tmp_path / "keys.sqlite3")  # a fixed port keeps keys in a file: not the host's /tmp
+    settings = Settings.from_env(
+        {}, demo=True, demo_braze_port=0, grpc_address=taken, idempotency_file=keys, **LOCAL
+    )
     with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+: the address is in use"):
         await Gateway.start(settings)
     fake_port = int(FAKE_URLS[id(harness.fake)].rsplit(":", 1)[1])

@@ -10,17 +10,20 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.planning import Intake
 from canvas_gateway_server.tenants import parse_tenant
-from conftest import KEYS, Harness
+from conftest import KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig
 
 AUDIENCE = pb.Audience(
     custom_attribute=pb.CustomAttributeFilter(custom_attribute_name="tier", comparison="equals")
 )
 AUDIENCE.custom_attribute.value.string_value = "gold"
+STILL = standing_clock()
+"""The fake's minute windows and the gateway's clock stand still: no minute turns during a test."""
 SAFER_READING = FakeBrazeConfig(
     api_keys=frozenset(KEYS.values()),
     broadcast_per_minute_per_audience=2,
     audience_calls_on_broadcast_budget=True,
+    clock=STILL,
 )
 
 
@@ -30,7 +33,7 @@ def _request(count: int, audience: pb.Audience | None = None) -> pb.SendRequest:
     return pb.SendRequest(trigger=trigger)
 
 
-@pytest.mark.parametrize("fake_config", [SAFER_READING])
+@pytest.mark.parametrize(("fake_config", "clock"), [(SAFER_READING, STILL)])
 @pytest.mark.parametrize("settings_overrides", [{"max_retry_wait_seconds": 0.5, "request_concurrency": 1}])
 async def test_a_spent_audience_budget_pauses_audience_calls_only(harness: Harness) -> None:
     reply = await harness.stub.Send(_request(200, AUDIENCE), metadata=harness.auth("globex"))

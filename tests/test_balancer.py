@@ -58,6 +58,9 @@ async def start_replica(tenants: Path, session: aiohttp.ClientSession, **setting
     env = {
         **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
         "CGW_WORKERS": "1",
+        # Keys without Redis: each replica its own file, not the host's default in /tmp (a later
+        # run on the same port would find them).
+        "CGW_IDEMPOTENCY_FILE": str(tenants.parent / f"keys-{address.rpartition(':')[2]}.sqlite3"),
         "CGW_TENANTS_FILE": str(tenants),
         "CGW_GRPC_ADDRESS": address,
         "CGW_ADMIN_ADDRESS": admin,

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import logs
-from conftest import KEYS, TOKENS, Harness, health_check
+from conftest import KEYS, TOKENS, Harness, health_check, learn_budget
 from fake_braze import FakeBrazeConfig
 
 REQUEST = pb.SendRequest(
@@ -123,6 +123,7 @@ async def test_sent_batches_and_health_checks_add_no_lines(harness: Harness, cap
 async def test_a_call_cut_off_with_its_caller_is_logged_under_its_request_id(
     harness: Harness, captured: Captured
 ) -> None:
+    await learn_budget(harness)  # then both batches go at once
     harness.fake.faults.set_latency(2.0)
 
     async def one_chunk() -> AsyncIterator[pb.SendStreamRequest]:

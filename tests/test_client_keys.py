@@ -11,6 +11,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ def settings_on_a_port(fake: FakeBraze, tmp_path: Path, **overrides: Any) -> Set
         grpc_address=f"127.0.0.1:{free_port()}",
         tenants_file=str(tenants),
         retry_base_delay_seconds=0.01,
+        idempotency_file=str(tmp_path / "keys.sqlite3"),  # without Redis: the host's file
         **{**LOCAL, **overrides},
     )
 
@@ -483,9 +485,9 @@ def test_a_refusal_braze_gave_does_not_stand_so_its_later_send_is_no_forgotten_k
 
 
 async def test_a_resume_that_finds_the_key_forgotten_stops_at_once(fake: FakeBraze, tmp_path: Path) -> None:
-    """Without Redis a gateway keeps keys in its own process: the one started after a drain has
-    none, so the resumed stream would send every batch again. The client stops at the first batch
-    that had a result and comes back sent again, and raises KeyForgotten."""
+    """A gateway that lost its keys (without Redis, another host's, or its host's /tmp emptied by
+    a reboot): the resumed stream would send every batch again. The client stops at the first
+    batch that had a result and comes back sent again, and raises KeyForgotten."""
     settings = settings_on_a_port(fake, tmp_path)  # no redis_url
     fake.faults.set_latency(0.02)
     source = Gated(3_000, gate_at=1_030)
@@ -504,7 +506,7 @@ async def test_a_resume_that_finds_the_key_forgotten_stops_at_once(fake: FakeBra
             await until(lambda: len(fake.calls) >= 10)
             await drain(first, source)
             sent_by_first = len(fake.sent())
-            second = await start_gateway(settings)
+            second = await start_gateway(replace(settings, idempotency_file=str(tmp_path / "new.sqlite3")))
             with pytest.raises(KeyForgotten):
                 async with asyncio.timeout(30):
                     await consuming

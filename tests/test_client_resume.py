@@ -28,7 +28,13 @@ def _settings(fake: FakeBraze, tmp_path: Path) -> Settings:
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
     fake.faults.set_latency(0.02)
-    return Settings.from_env({}, grpc_address=f"127.0.0.1:{free_port()}", tenants_file=str(tenants), **LOCAL)
+    return Settings.from_env(
+        {},
+        grpc_address=f"127.0.0.1:{free_port()}",
+        tenants_file=str(tenants),
+        idempotency_file=str(tmp_path / "keys.sqlite3"),  # not the host's default, kept in /tmp
+        **LOCAL,
+    )
 
 
 async def _recipients() -> AsyncIterator[dict[str, Any]]:

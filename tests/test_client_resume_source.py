@@ -31,6 +31,7 @@ def _settings(tmp_path: Path, braze_url: str) -> Settings:
         grpc_address=f"127.0.0.1:{free_port()}",
         tenants_file=str(tenants),
         retry_base_delay_seconds=0.01,
+        idempotency_file=str(tmp_path / "keys.sqlite3"),  # not the host's default, kept in /tmp
         **LOCAL,
     )
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, Harness
+from conftest import KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig, Fault
 
 ONE_BY_ONE = {"request_concurrency": 1}
@@ -42,17 +42,24 @@ async def test_a_call_under_way_is_cut_at_the_deadline_and_reported_unknown(harn
     assert (result.outcome, result.attempts, result.retryable) == (pb.OUTCOME_UNKNOWN, 1, False)
 
 
-@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=1)])
+STILL = standing_clock()
+
+
+# The fake's window and the gateway's clock stand still: the hour cannot turn during the test.
+@pytest.mark.parametrize(
+    ("fake_config", "clock"),
+    [(FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=1, clock=STILL), STILL)],
+)
 @pytest.mark.parametrize("settings_overrides", [{"max_retry_wait_seconds": 7200}])
 async def test_a_rate_limit_pause_past_the_deadline_is_not_waited_for(harness: Harness) -> None:
     first = await harness.stub.Send(_request(1), metadata=harness.auth())  # spends the hour's budget
     assert first.results[0].outcome == pb.OUTCOME_SENT
     started = time.monotonic()
     reply = await harness.stub.Send(_request(1), metadata=harness.auth(), timeout=2.0)
-    assert time.monotonic() - started < 1.0  # the pause lasts to the clock hour: not waited for
+    assert time.monotonic() - started < 1.0  # the pause lasts to the fake's next hour: not waited for
     (result,) = reply.results
     assert (result.outcome, result.code, result.attempts) == (pb.OUTCOME_REJECTED, 8, 0)  # RESOURCE_EXHAUSTED
-    assert result.rate_limit_reset.seconds == (int(time.time()) // 3600 + 1) * 3600
+    assert result.rate_limit_reset.seconds == (int(STILL()) // 3600 + 1) * 3600
     assert len(harness.fake.calls) == 1
 
 

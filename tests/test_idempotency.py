@@ -1,20 +1,29 @@
 """Idempotency keys: a repeat sends nothing twice; through real gRPC and the fake Braze, and the
-stores (this process's and Redis) held to the same rules."""
+stores (this process's, the host's SQLite file and Redis) held to the same rules."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import results
+from canvas_gateway_server import host_results, results
+from canvas_gateway_server.errors import ConfigError
+from canvas_gateway_server.host_results import HostResults
 from canvas_gateway_server.idempotency import (
+    DEFAULT_CAPACITY,
     Claim,
     Claimed,
     Ledger,
@@ -28,7 +37,8 @@ from canvas_gateway_server.idempotency import (
 )
 from canvas_gateway_server.limits import StoreUnavailable
 from canvas_gateway_server.metrics import PrometheusMetrics
-from canvas_gateway_server.model import Batch, Code, Outcome
+from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome
+from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.shared import RedisResults, accept_lost_keys, connect
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, Reply
@@ -203,9 +213,9 @@ async def test_a_bad_key_is_invalid_and_validate_only_keeps_nothing(harness: Har
 async def test_a_claim_past_its_lease_is_sent_by_the_repeat_only_if_its_call_never_left(
     harness: Harness, shared_redis: RedisServer | None
 ) -> None:
-    """Both batches of a call are claimed; batch 0 calls a slow Braze, batch 1 waits for the one
-    slot. Past the lease, a repeat finds batch 0 UNKNOWN (its call left) and claims batch 1 again
-    (its call never did): one of the two calls sends batch 1, the other is told it is in flight."""
+    """Both batches of a call are claimed; one calls a slow Braze, the other waits for the one
+    slot. Past the lease, a repeat finds the first UNKNOWN (its call left) and claims the other
+    again (its call never did): one of the two calls sends it, the other is told it is in flight."""
     harness.fake.faults.set_latency(1.5)
     first = asyncio.ensure_future(harness.stub.Send(request(100), metadata=harness.auth()))
     async with asyncio.timeout(5):
@@ -215,9 +225,12 @@ async def test_a_claim_past_its_lease_is_sent_by_the_repeat_only_if_its_call_nev
     again = await harness.stub.Send(request(100), metadata=harness.auth())
     done = await first
 
-    assert outcomes(again)[0] == (0, "OUTCOME_UNKNOWN", "UNKNOWN", True)
-    assert outcomes(done)[0] == (0, "OUTCOME_SENT", "OK", False)
-    sent, aborted = sorted([done.results[1], again.results[1]], key=lambda r: r.outcome != pb.OUTCOME_SENT)
+    calling = 0 if b'"u0"' in harness.fake.arrived[0] else 1  # the batch that took the slot
+    waiting = 1 - calling
+    assert outcomes(again)[calling] == (calling, "OUTCOME_UNKNOWN", "UNKNOWN", True)
+    assert outcomes(done)[calling] == (calling, "OUTCOME_SENT", "OK", False)
+    pair = [done.results[waiting], again.results[waiting]]
+    sent, aborted = sorted(pair, key=lambda r: r.outcome != pb.OUTCOME_SENT)
     assert (sent.outcome, sent.replayed) == (pb.OUTCOME_SENT, False)
     assert (aborted.outcome, aborted.code) == (pb.OUTCOME_NOT_ATTEMPTED, 10)  # ABORTED: in flight
     assert len(harness.fake.calls) == 2 and set(sent_to(harness.fake).values()) == {1}
@@ -340,10 +353,19 @@ async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_th
 # --- the stores --------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[ResultStore]:
+@pytest.fixture(params=["local", "host", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResultStore]:
     if request.param == "local":
         yield LocalResults(ttl=60.0, capacity=100, lease=60.0)
+        return
+    if request.param == "host":
+        host_results.create(str(tmp_path / "keys.sqlite3"), private_folder=False)
+        host = HostResults(str(tmp_path / "keys.sqlite3"), ttl=60.0, lease=60.0)
+        host.start()
+        try:
+            yield host
+        finally:
+            await host.stop()
         return
     async with redis_server() as server:
         client = connect(server.url, 1.0)
@@ -380,55 +402,291 @@ async def test_a_store_claims_keeps_refuses_and_releases(store: ResultStore) -> 
     assert await store.mark_sending("acme/k", 0, "t0") is False  # kept: no call leaves for it
 
 
-async def test_a_dead_claim_is_sent_again_unless_its_call_may_have_left() -> None:
-    """A claim whose gateway is gone (heartbeat lapsed) is claimed again by the next call if it
-    never reached `mark_sending`; past that mark it is LOST (UNKNOWN) for good."""
+@asynccontextmanager
+async def two_redis_processes() -> AsyncIterator[tuple[RedisResults, RedisResults]]:
     async with redis_server() as server:
         client = connect(server.url, 1.0)
         gone, alive = RedisResults(client, 60.0, 60.0), RedisResults(client, 60.0, 60.0)
         gone.start()
         alive.start()
         try:
-            assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # waits
-            assert (await gone.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
-            assert await gone.mark_sending("acme/k", 1, "t0")  # its call may leave
-            assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.BUSY  # its gateway runs
-            await gone.stop()  # its heartbeat is gone
-            assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.RECLAIMED
-            assert (await alive.claim("acme/k", 0, "d", "t2")).verdict is Verdict.BUSY  # t1's now
-            assert not await gone.mark_sending("acme/k", 0, "t0")  # the dead claim sends nothing
-            await gone.keep("acme/k", 0, "d", "t0", None)  # nor releases t1's claim
-            assert await alive.mark_sending("acme/k", 0, "t1")
-
-            assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
-            assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT  # as UNKNOWN, for good
-            await gone.keep("acme/k", 1, "d", "t0", None)  # a late release does not reopen it
-            assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT
+            yield gone, alive
         finally:
             await alive.stop()
             await client.aclose()
 
 
-async def test_the_local_store_forgets_by_ttl_and_lru_and_a_stale_claim_is_lost() -> None:
+@asynccontextmanager
+async def two_host_processes() -> AsyncIterator[tuple[HostResults, HostResults]]:
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "keys.sqlite3")
+        host_results.create(path, private_folder=False)
+        gone, alive = HostResults(path, 60.0, 60.0), HostResults(path, 60.0, 60.0)
+        gone.start()
+        alive.start()
+        await asyncio.sleep(0)  # both beat
+        try:
+            yield gone, alive
+        finally:
+            await alive.stop()
+
+
+Processes = Callable[[], AbstractAsyncContextManager[tuple[Any, Any]]]
+
+
+@pytest.mark.parametrize("processes", [two_redis_processes, two_host_processes], ids=["redis", "host"])
+async def test_a_dead_claim_is_sent_again_unless_its_call_may_have_left(processes: Processes) -> None:
+    """A claim whose gateway is gone (heartbeat lapsed) is claimed again by the next call if it
+    never reached `mark_sending`; past that mark it is LOST (UNKNOWN) for good."""
+    async with processes() as (gone, alive):
+        assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # waits
+        assert (await gone.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await gone.mark_sending("acme/k", 1, "t0")  # its call may leave
+        assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.BUSY  # its gateway runs
+        if isinstance(gone, HostResults):
+            await gone.beat()
+        await gone.stop()  # its heartbeat is gone
+        assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.RECLAIMED
+        assert (await alive.claim("acme/k", 0, "d", "t2")).verdict is Verdict.BUSY  # t1's now
+        if isinstance(gone, RedisResults):  # (a stopped HostResults is closed)
+            assert not await gone.mark_sending("acme/k", 0, "t0")  # the dead claim sends nothing
+            await gone.keep("acme/k", 0, "d", "t0", None)  # nor releases t1's claim
+        assert not await alive.mark_sending("acme/k", 0, "t0")
+        await alive.keep("acme/k", 0, "d", "t0", None)
+        assert await alive.mark_sending("acme/k", 0, "t1")
+
+        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
+        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT  # as UNKNOWN, for good
+        await alive.keep("acme/k", 1, "d", "t0", None)  # a late release does not reopen it
+        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT
+
+
+# --- the host's file ---------------------------------------------------------------------------
+
+
+async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_lost(tmp_path: Path) -> None:
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    now = [1000.0]
+    first = HostResults(path, ttl=60.0, lease=30.0, clock=lambda: now[0])
+    await first.beat()
+    assert (await first.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+    await first.keep("acme/k", 0, "d", "t0", b"sent")
+    assert (await first.claim("acme/k", 1, "d", "t1")).verdict is Verdict.CLAIMED
+    assert await first.mark_sending("acme/k", 1, "t1")  # its call may have left
+    assert (await first.claim("acme/k", 2, "d", "t2")).verdict is Verdict.CLAIMED  # never left
+    await first._run(first._db.close)  # killed: no goodbye, its heartbeat row stays
+
+    again = HostResults(path, ttl=60.0, lease=30.0, clock=lambda: now[0])  # the gateway restarted
+    try:
+        assert (await again.claim("acme/k", 0, "d", "t0")) == (await again.claim("acme/k", 0, "d", "t9"))
+        assert (await again.claim("acme/k", 0, "d", "t0")).kept == b"sent"
+        assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.BUSY  # beat 0 s ago
+        now[0] += host_results.HEARTBEAT_LAPSE_SECONDS
+        assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
+        assert (await again.claim("acme/k", 2, "d", "t3")).verdict is Verdict.RECLAIMED
+        await again.keep("acme/k", 2, "d", "t3", None)
+        now[0] += 60.0  # past the TTL: an expired row is claimed anew, the purge deletes the other
+        assert (await again.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await again.beat() == 1
+        assert (await again.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
+    finally:
+        await again.stop()
+
+
+async def test_two_workers_claiming_one_batch_at_once_get_one_claim(tmp_path: Path) -> None:
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    workers = [HostResults(path, ttl=60.0, lease=60.0) for _ in range(2)]
+    try:
+        for worker in workers:
+            await worker.beat()  # alive: the other's claim is BUSY, not LOST
+        for index in range(20):
+            verdicts = await asyncio.gather(
+                *(
+                    worker.claim("acme/k", index, "d", uuid.uuid4().hex)
+                    for worker in workers
+                    for _ in range(4)
+                )
+            )
+            assert sorted(v.verdict.value for v in verdicts) == ["busy"] * 7 + ["claimed"]
+    finally:
+        for worker in workers:
+            await worker.stop()
+
+
+async def test_a_broken_host_file_is_a_store_that_does_not_answer(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(ConfigError, match="CGW_IDEMPOTENCY_FILE"):
+        host_results.create(str(garbage), private_folder=False)
+    path = tmp_path / "keys.sqlite3"
+    host_results.create(str(path), private_folder=False)
+    broken = HostResults(str(path), ttl=60.0, lease=60.0)
+    assert (await broken.claim("acme/k", 1, "d", "t")).verdict is Verdict.CLAIMED
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE owners")
+    with pytest.raises(StoreUnavailable):  # fails within the transaction: rolled back
+        await broken.claim("acme/k", 1, "d", "t2")
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE results")
+    failures: list[str] = []
+    broken.start(lambda: failures.append("beat"))
+    try:
+        with pytest.raises(StoreUnavailable, match=r"SQLite\) did not answer \(OperationalError\)"):
+            await broken.claim("acme/k", 0, "d", "t")
+        with pytest.raises(StoreUnavailable):
+            await broken.keep("acme/k", 0, "d", "t", b"r")
+        await asyncio.sleep(0.05)
+        assert failures == ["beat"]
+    finally:
+        await broken.stop()
+
+
+async def test_a_host_file_made_before_claims_were_marked_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "keys.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE results (scope TEXT NOT NULL, idx INTEGER NOT NULL, digest TEXT NOT NULL, "
+            "owner TEXT NOT NULL, token TEXT NOT NULL, at REAL NOT NULL, kept BLOB, expires REAL NOT NULL, "
+            "PRIMARY KEY (scope, idx)) WITHOUT ROWID"
+        )
+    host_results.create(str(path), private_folder=False)
+    store = HostResults(str(path), ttl=60.0, lease=60.0)
+    try:
+        assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await store.mark_sending("acme/k", 0, "t0")
+    finally:
+        await store.stop()
+
+
+def test_the_host_file_is_the_setting_or_a_private_folder_named_by_the_port(tmp_path: Path) -> None:
+    def settings(**values: Any) -> Settings:
+        return Settings.from_env({}, tenants_file="t", **values)
+
+    assert host_results.keys_file(settings(idempotency_file="/k.db"), "/run/x") == "/k.db"
+    default = host_results.keys_file(settings(grpc_address="0.0.0.0:50051"))
+    assert default == os.path.join(tempfile.gettempdir(), "canvas-gateway-50051", "keys.sqlite3")
+    # Port 0 is not found again by a restart: the supervisor's folder, or one process's memory.
+    assert host_results.keys_file(settings(grpc_address="127.0.0.1:0"), "/run/x") == "/run/x/keys.sqlite3"
+    assert host_results.keys_file(settings(grpc_address="127.0.0.1:0")) == ""
+
+    private = tmp_path / "canvas-gateway-1"
+    host_results.create(str(private / "keys.sqlite3"), private_folder=True)
+    assert private.stat().st_mode & 0o777 == 0o700
+    with sqlite3.connect(private / "keys.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    host_results.create(str(private / "keys.sqlite3"), private_folder=True)  # again: as it was
+    private.chmod(0o777)  # another local user could read or forge what is kept
+    with pytest.raises(ConfigError, match="closed to others"):
+        host_results.create(str(private / "keys.sqlite3"), private_folder=True)
+
+
+# --- this process's memory ---------------------------------------------------------------------
+
+
+async def test_the_local_store_forgets_by_ttl_in_the_background_and_a_stale_claim_is_lost() -> None:
     now = [0.0]
-    evicted: list[str] = []
-    store = LocalResults(ttl=10.0, capacity=2, lease=5.0, clock=lambda: now[0], on_evict=evicted.append)
+    store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
     await store.claim("acme/k", 0, "d", "t0")
-    now[0] = 6.0  # past the lease, within the TTL; its call never left: claimed again
-    assert (await store.claim("acme/k", 0, "d", "t1")).verdict is Verdict.RECLAIMED
-    assert not await store.mark_sending("acme/k", 0, "t0")
-    assert await store.mark_sending("acme/k", 0, "t1")
-    now[0] = 12.0  # past the lease again, after its call may have left
+    await store.claim("acme/k", 3, "d", "t0")
+    assert await store.mark_sending("acme/k", 0, "t0")  # its call may have left; 3's never did
+    now[0] = 6.0  # past the lease, within the TTL
+    assert (await store.claim("acme/k", 3, "d", "t3")).verdict is Verdict.RECLAIMED
+    assert not await store.mark_sending("acme/k", 3, "t0")
+    await store.keep("acme/k", 3, "d", "t3", None)  # released by the claim that holds it now
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
-    now[0] = 17.0  # past the TTL (counted from the last claim)
-    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
-    await store.keep("acme/k", 0, "d", "t0", b"r")
-    await store.claim("acme/k", 1, "d", "t1")
-    await store.claim("acme/k", 0, "d", "t0")  # used: now the most recent
-    await store.claim("globex/k", 0, "d", "t0")  # over capacity: acme/k 1 goes
-    assert evicted == ["acme"] and len(store) == 2
-    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
+    now[0] = 8.0
+    await store.claim("acme/k", 1, "d", "t1")  # in flight until its TTL
+    await store.keep("acme/k", 2, "d", "t2", b"r")
+    now[0] = 17.0
+    assert store.expire() == 1 and len(store) == 2  # the LOST one, never used again
+    assert (await store.claim("acme/k", 2, "d", "t0")).verdict is Verdict.KEPT
+    now[0] = 30.0
+    store.start()  # the sweep frees the rest, though no key is used again
+    try:
+        for _ in range(100):
+            if not len(store):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await store.stop()
+    assert len(store) == 0 and store.held("acme") == 0
+    assert (await store.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
+
+
+async def test_the_local_store_evicts_the_oldest_result_of_the_biggest_tenant_never_a_claim() -> None:
+    evicted: list[str] = []
+    store = LocalResults(ttl=60.0, capacity=10, lease=60.0, on_evict=evicted.append)
+    for index in range(3):  # globex: 3 results, within its share
+        await store.claim("globex/g", index, "d", "t")
+        await store.keep("globex/g", index, "d", "t", b"r")
+    for index in range(4):  # acme: 4 claims in flight
+        await store.claim("acme/busy", index, "d", "t")
+    for index in range(100):  # acme's heavy traffic
+        await store.claim("acme/k", index, "d", "t")
+        await store.keep("acme/k", index, "d", "t", b"r")
+    assert len(store) == 10 and evicted == ["acme"] * 97
+    assert (store.held("globex"), store.held("acme")) == (3, 7)
+    for index in range(3):  # none of globex's went
+        assert (await store.claim("globex/g", index, "d", "t")).verdict is Verdict.KEPT
+    for index in range(4):  # nor any claim in flight
+        assert (await store.claim("acme/busy", index, "d", "t")).verdict is Verdict.BUSY
+    assert [(await store.claim("acme/k", i, "d", "t")).verdict for i in (99, 97, 96)] == [
+        Verdict.KEPT,
+        Verdict.KEPT,
+        Verdict.CLAIMED,  # evicted: the oldest went first
+    ]
+    # More claims in flight than the capacity: results go, every claim stays (the store holds
+    # more than its capacity while they are in flight).
+    for index in range(20):
+        await store.claim("initech/k", index, "d", "t")
+    assert (store.held("initech"), store.held("acme"), store.held("globex")) == (20, 5, 0)
+    assert (await store.claim("initech/k", 0, "d", "t")).verdict is Verdict.BUSY
+
+
+def test_an_entry_of_the_local_store_is_about_half_a_kilobyte() -> None:
+    """The measured size behind the default capacity (settings, deploy/k8s' memory limit)."""
+    store = LocalResults(ttl=60.0, capacity=10**6, lease=60.0)
+    sent = BatchResult(0, tuple(range(50)), Outcome.SENT, Code.OK, "", dispatch_id=uuid.uuid4().hex)
+    count = 5000
+
+    async def fill() -> None:
+        for index in range(count):
+            scope, token = f"acme/order-{index // 20:08d}.a", uuid.uuid4().hex
+            await store.claim(scope, index % 20, uuid.uuid4().hex, token)
+            await store.keep(scope, index % 20, uuid.uuid4().hex, token, encode(sent))
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        asyncio.run(fill())
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    assert len(store) == count
+    assert 300 < per_entry < 800, per_entry  # orjson's 4 KB buffer, kept as is, made it 4.5 KB
+    assert DEFAULT_CAPACITY * per_entry < 40 * 2**20
+
+
+async def test_the_local_store_counts_each_entry_once_whatever_replaces_it() -> None:
+    now = [0.0]
+    store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
+    await store.stop()  # never started: nothing to stop
+    await store.keep("acme/k", 0, "d", "t0", b"first")
+    await store.keep("acme/k", 1, "d", "t0", b"other")
+    await store.keep("acme/k", 0, "d", "t1", b"again")  # kept twice: one entry, the later result
+    await store.keep("globex/k", 0, "d", "t0", b"r")
+    assert (store.held("acme"), len(store)) == (2, 3)
+    assert (await store.claim("acme/k", 0, "d", "t2")).kept == b"again"
+    now[0] = 11.0  # expired, not swept yet: a claim takes its place
+    assert (await store.claim("acme/k", 1, "d", "t3")).verdict is Verdict.CLAIMED
+    assert (await store.claim("acme/k", 0, "d", "t3")).verdict is Verdict.CLAIMED
+    assert (store.held("acme"), len(store)) == (2, 3)
+    await store.keep("initech/k", 0, "d", "t0", b"r")  # kept at 11: not expired at 15
+    now[0] = 15.0
+    assert store.expire() == 1 and (store.held("globex"), store.held("initech")) == (0, 1)
 
 
 class Unanswering:

@@ -3,10 +3,13 @@ clock, and through a real gateway and fake Braze."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.limits import (
@@ -18,24 +21,33 @@ from canvas_gateway_server.limits import (
     TableBudgets,
     Ticket,
 )
-from canvas_gateway_server.shared import RedisBudgets, connect
+from canvas_gateway_server.shared import FailoverBudgets, RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
-from conftest import EXAMPLES, KEYS, Harness
+from canvas_gateway_server.workers import SharedBudgets
+from conftest import EXAMPLES, FAKE_URLS, KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 from servers import redis_server
 
-START = time.time()
+STILL = standing_clock()
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
 
 
-@pytest.fixture(params=["local", "redis"])
-async def budgets(request: pytest.FixtureRequest) -> AsyncIterator[BudgetStore]:
-    """Every store keeps budgets by the same rules: the Lua scripts are Budget's methods."""
+@pytest.fixture(params=["local", "workers", "redis"])
+async def budgets(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetStore]:
+    """Every store keeps budgets by the same rules: the Lua scripts are Budget's methods, and a
+    host's workers keep every field of Budget in their file."""
     if request.param == "local":
         yield TableBudgets()
+        return
+    if request.param == "workers":
+        path = str(tmp_path / "budgets")
+        SharedBudgets.create(path)
+        table = SharedBudgets(path)
+        yield TableBudgets(table)
+        table.close()
         return
     async with redis_server() as server:
         client = connect(server.url, 1.0)
@@ -136,12 +148,13 @@ async def test_no_call_starts_that_the_calls_under_way_would_leave_without_budge
 
 
 @pytest.mark.parametrize(
-    ("fake_config", "settings_overrides"),
+    ("fake_config", "settings_overrides", "clock"),
     [
         (
-            # The fake's clock stands still: the budget's window cannot turn during the test.
-            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30, clock=lambda: START),
+            # The fake's clock and the gateway's stand still: the budget's window cannot turn.
+            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30, clock=STILL),
             {"request_concurrency": 8, "max_retry_wait_seconds": 0},
+            STILL,
         )
     ],
 )
@@ -158,7 +171,7 @@ async def test_eight_calls_in_flight_spend_a_budget_to_the_last_call_without_a_4
     assert outcomes.count((pb.OUTCOME_SENT, 201)) == 30
     assert outcomes.count((pb.OUTCOME_REJECTED, 0)) == 10  # answered here: nothing was sent
     resets = {r.rate_limit_reset.seconds for r in reply.results if r.outcome == pb.OUTCOME_REJECTED}
-    assert resets == {(int(START) // 3600 + 1) * 3600}  # the window's reset, not a re-check time
+    assert resets == {(int(STILL()) // 3600 + 1) * 3600}  # the window's reset, not a re-check time
     positions = sorted(p for result in reply.results for p in result.positions)
     assert positions == list(range(len(users)))
 
@@ -191,3 +204,159 @@ async def test_held_calls_wait_and_a_job_larger_than_a_window_is_sent_without_a_
     assert all(result.outcome == pb.OUTCOME_SENT for result in reply.results)
     positions = sorted(p for result in reply.results for p in result.positions)
     assert positions == list(range(len(users)))
+
+
+async def test_a_new_window_opens_at_the_last_known_limit_with_the_calls_under_way_counted(
+    budgets: BudgetStore,
+) -> None:
+    """A budget smaller than the concurrency: when the window turns, only `limit` calls start,
+    less those still under way, although no reply has told of the new window yet."""
+    now = [NOW]
+    limiter = LocalLimiter(16, clock=lambda: now[0], budgets=budgets)
+    reset = 1_750_192_900  # within the store's lease of 60 s: `two` is still under way
+    await limiter.settle(await start(limiter), reply(201, limit=3, remaining=2, reset=reset))
+    one, two = await start(limiter), await start(limiter)
+    await held(limiter)
+    assert await limiter.settle(one, reply(201, limit=3, remaining=0, reset=reset)) == reset
+    assert await held(limiter) == Hold(reset, spent=True)
+
+    now[0] = reset + 0.25  # the window turns with `two` still under way: 3 - 1 may start
+    three, four = await start(limiter), await start(limiter)
+    hold = await held(limiter)
+    assert not hold.spent and hold.until == now[0] + RECHECK_SECONDS
+    await limiter.settle(two, reply(201, limit=3, remaining=0, reset=reset))  # the old window's news
+    five = await start(limiter)  # `two` ended: its place is free, and no more
+    await held(limiter)
+    await limiter.settle(three, reply(201, limit=3, remaining=1, reset=reset + 3600))
+    await held(limiter)  # 1 left, four and five under way
+    await limiter.settle(four, reply(201, limit=3, remaining=0, reset=reset + 3600))
+    assert await held(limiter) == Hold(reset + 3600, spent=True)
+    await limiter.settle(five, None)
+
+    now[0] = reset + 3600.5  # a window turns with nothing under way: the limit, and no more
+    started = [await start(limiter) for _ in range(3)]
+    await held(limiter)
+    for ticket in started:
+        await limiter.settle(ticket, None)
+
+
+async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: BudgetStore) -> None:
+    """A Braze (or a proxy) that sends no x-ratelimit-limit: a window it has not counted yet is
+    not bounded, as before (only a window's own remaining is)."""
+    now = [NOW]
+    limiter = LocalLimiter(16, clock=lambda: now[0], budgets=budgets)
+    reset = 1_750_192_900
+    await limiter.settle(await start(limiter), reply(201, remaining=9, reset=reset))
+    tickets = [await start(limiter) for _ in range(9)]
+    await held(limiter)
+    for ticket in tickets:
+        await limiter.settle(ticket, None)
+    now[0] = reset + 0.5
+    tickets = [await start(limiter) for _ in range(20)]
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "settings_overrides"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=2,
+                hourly_window_seconds=1,
+                latency_seconds=0.05,
+            ),
+            # One attempt each: a 429 that spent an attempt would end its batch REJECTED.
+            {"request_concurrency": 4, "max_attempts": 1, "max_retry_wait_seconds": 5},
+        )
+    ],
+)
+async def test_a_429_that_happens_anyway_pauses_until_the_reset_and_spends_no_attempt(
+    harness: Harness,
+) -> None:
+    """Another program on the same Braze key spends the window first: the gateway's first call
+    (it knows nothing of the budget yet, so it asks alone) is answered 429 with the reset. Every
+    batch then waits for it, the next windows each start 2, and all 4 end SENT."""
+    await asyncio.sleep(1 - time.time() % 1)  # early in a window of the fake's (1 s, real clock)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                f"{FAKE_URLS[id(harness.fake)]}/canvas/trigger/send",
+                json={"canvas_id": "c", "recipients": [{"external_user_id": "other"}]},
+                headers={"Authorization": f"Bearer {KEYS['acme']}"},
+            ) as spent:
+                assert spent.status == 201
+    users = [pb.Recipient(external_user_id=f"u{i}") for i in range(50 * 4)]
+    reply = await harness.stub.Send(
+        pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users)),
+        metadata=harness.auth(),
+        timeout=15,
+    )
+    assert [result.outcome for result in reply.results] == [pb.OUTCOME_SENT] * 4
+    statuses = [call.status for call in harness.fake.calls]
+    assert statuses == [201, 201, 429, 201, 201, 201, 201], statuses
+    assert sorted(p for result in reply.results for p in result.positions) == list(range(len(users)))
+    assert [result.attempts for result in reply.results].count(2) == 1  # the 429, then its call
+
+
+class CountingStore:
+    """A BudgetStore that counts the settles it passes to the store it wraps."""
+
+    def __init__(self, store: BudgetStore) -> None:
+        self.store = store
+        self.settles = 0
+
+    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+        return await self.store.reserve(key, now)
+
+    async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
+        self.settles += 1
+        return await self.store.settle(ticket, reply, now)
+
+
+async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_that_backs_off() -> None:
+    """Calls that ended while Redis was away are released as soon as it is back, not at the end
+    of their lease (60 s here); meanwhile 200 failed settles cost a few tries, not 200 a second.
+    At most `capacity` settles are kept: past them the oldest are left to their lease."""
+    async with redis_server(persistent=True) as server:  # the reservations outlive its restart
+        client = connect(server.url, 0.2)
+        counting = CountingStore(RedisBudgets(client, lease=60.0))
+        store = FailoverBudgets(counting, TableBudgets(), capacity=150)
+        try:
+            now = time.time()
+            first = await store.reserve(KEY, now)
+            assert isinstance(first, Ticket)
+            await store.settle(first, reply(201), now)  # replies without a limit: nothing bounds it
+            found = [await store.reserve(KEY, now) for _ in range(200)]
+            tickets = [t for t in found if isinstance(t, Ticket) and t.shared]
+            assert len(tickets) == 200
+            await server.stop()
+            assert await asyncio.gather(*(store.settle(t, None, now) for t in tickets)) == [0.0] * 200
+            assert counting.settles == 201
+            await asyncio.sleep(1.0)
+            assert counting.settles - 201 <= 5  # 0.1 s, doubling: one task, one try at a time
+            await server.start()
+            assert isinstance(await store.reserve(KEY, time.time()), Ticket)  # Redis answers: settle now
+            async with asyncio.timeout(2):  # the new call, and the 50 oldest left to their lease
+                while await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") > 51:
+                    await asyncio.sleep(0.01)
+            assert store.unsettled == 0
+            assert await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") == 51
+        finally:
+            await store.stop()
+            await client.aclose()
+
+
+async def test_a_budget_never_answered_lets_one_call_ask_first(budgets: BudgetStore) -> None:
+    """Even the first window is not overspent by a fleet that starts together: until Braze has
+    answered once, one call is under way at a time."""
+    limiter = LocalLimiter(16, clock=lambda: NOW, budgets=budgets)
+    first = await start(limiter)
+    hold = await held(limiter)
+    assert not hold.spent and hold.until == NOW + RECHECK_SECONDS
+    await start(limiter, broadcast=True)  # each budget asks for itself
+    await limiter.settle(first, None)  # no call was made: still never answered
+    second = await start(limiter)
+    await held(limiter)
+    await limiter.settle(second, reply(503))  # an answer without a limit: nothing bounds it
+    for _ in range(10):
+        await start(limiter)

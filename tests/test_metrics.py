@@ -16,7 +16,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
 from canvas_gateway_server.app import git_commit
-from conftest import KEYS, TOKENS, Harness
+from conftest import KEYS, TOKENS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig, Fault
 
 SERVICE = "canvas_gateway.v1.CanvasGatewayService"
@@ -115,7 +115,14 @@ async def test_recipients_of_an_inactive_canvas_are_counted_apart(harness: Harne
     assert value(harness, "canvas_gateway_batches_total", **labels) == 1
 
 
-@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=2)])
+STILL = standing_clock()
+
+
+# The fake's window and the gateway's clock stand still: the hour cannot turn during the test.
+@pytest.mark.parametrize(
+    ("fake_config", "clock"),
+    [(FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=2, clock=STILL), STILL)],
+)
 async def test_a_spent_budget_pauses_the_tenant_until_its_reset(harness: Harness) -> None:
     reply = await harness.stub.Send(unary(150), metadata=harness.auth())
     outcomes = sorted(r.outcome for r in reply.results)

@@ -142,6 +142,38 @@ async def test_run_again_with_its_idempotency_key_the_example_prints_replayed_re
     assert len(harness.fake.calls) == 2 * calls and not any(r[6] for r in unkeyed.results)
 
 
+CONTEXT_KEYS = ("go", "java", "node", "python")
+"""The examples that take --context-keys (clients/README.md): all four."""
+
+
+@pytest.mark.parametrize("program", ["send", "send-stream"])
+@pytest.mark.parametrize("language", CONTEXT_KEYS)
+async def test_a_resend_with_a_many_key_context_in_another_map_order_is_replayed_each_time(
+    harness: Harness, language: str, program: str
+) -> None:
+    """Go writes a map's entries in random order, Python's protobuf in an order seeded per process,
+    and the TypeScript example inserts its keys in random order: each run is the same request
+    with its maps in another order, and a repeat under the key must be replayed, never 'differs'."""
+    args: tuple[str, ...] = ("--target", harness.target, "--recipients", "120", "--context-keys", "12")
+    if program == "send-stream":
+        args += ("--chunk-size", "70")
+    key = ("--idempotency-key", f"polyglot-{language}-{program}.keys")
+
+    first = await example(language, program, *args, *key)
+    assert first.code == 0, first.stderr
+    assert len(harness.fake.calls) == 3 and not any(r[6] for r in first.results)
+    for _ in range(3):
+        again = await example(language, program, *args, *key)
+        assert again.code == 0, (again.stderr, again.results)
+        assert len(harness.fake.calls) == 3  # Braze was not called again
+        assert sorted(r[:6] for r in again.results) == sorted(r[:6] for r in first.results)
+        assert all(r[6] for r in again.results)  # every line ends replayed=true
+    body = harness.fake.calls[0].body  # canonical: keys sorted at every depth
+    keys = sorted(["campaign", *(f"key-{j}" for j in range(12))])
+    assert list(body["context"]) == keys and body["context"]["key-11"] == 11
+    assert [list(r["context"]) for r in body["recipients"]] == [sorted(["index", *keys[1:]])] * 50
+
+
 def _first_index(call: ReceivedCall) -> int:
     """The context index of a Braze call's first recipient (its batch's first position)."""
     index: int = call.body["recipients"][0]["context"]["index"]

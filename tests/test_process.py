@@ -39,6 +39,7 @@ async def process(
         "CGW_SHUTDOWN_GRACE_SECONDS": "5",
         "CGW_SHUTDOWN_DELAY_SECONDS": "0",
         "CGW_ADMIN_ADDRESS": "127.0.0.1:0",
+        "CGW_IDEMPOTENCY_FILE": str(tmp_path / "keys.sqlite3"),  # not the host's default in /tmp
         "ACME_BRAZE_KEY": KEYS["acme"],
     }
     proc = await asyncio.create_subprocess_exec(

@@ -6,7 +6,7 @@ The numbers are powers of two so that every expected delay is exact in floating 
 from __future__ import annotations
 
 import pytest
-from canvas_gateway_server.retry import RetryPolicy, rate_limit_wait, retry_delay
+from canvas_gateway_server.retry import RetryPolicy, rate_limit_pause, rate_limit_wait, retry_delay
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
 
 POLICY = RetryPolicy(max_attempts=5, base_delay=0.25, max_delay=1.5, max_wait=10.0)
@@ -117,3 +117,18 @@ def test_rate_limit_wait_prefers_retry_after_then_reset_then_the_fallback() -> N
 def test_rate_limit_wait_is_never_negative() -> None:
     assert rate_limit_wait(rate_limited(retry_after=-1.0), NOW, 7.0) == 0.0
     assert rate_limit_wait(rate_limited(reset=int(NOW) - 1), NOW, 7.0) == 0.0
+
+
+def test_a_429_that_names_its_reset_pauses_until_it_without_spending_an_attempt() -> None:
+    reply = rate_limited(reset=int(NOW) + 4)
+    assert rate_limit_pause(POLICY, reply, NOW, 0, 0.0) == 4.0
+    assert rate_limit_pause(POLICY, reply, NOW, 0, 0.5) == 4.125
+    assert rate_limit_pause(POLICY, rate_limited(retry_after=2.0), NOW, 3, 0.0) == 2.0
+    assert rate_limit_pause(POLICY, rate_limited(reset=int(NOW) - 1), NOW, 0, 0.0) == 0.0  # the window turned
+    assert rate_limit_pause(POLICY, reply, NOW, POLICY.max_rate_limited, 0.0) is None  # then attempts count
+    assert rate_limit_pause(POLICY, rate_limited(reset=int(NOW) + 11), NOW, 0, 0.0) is None  # past max_wait
+
+
+@pytest.mark.parametrize("reply", [rate_limited(), NOT_SENT, UNKNOWN, Reply(Delivery.RESPONDED, 503)])
+def test_no_pause_for_a_429_that_does_not_say_when_nor_for_other_replies(reply: Reply) -> None:
+    assert rate_limit_pause(POLICY, reply, NOW, 0, 0.0) is None

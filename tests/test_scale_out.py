@@ -4,6 +4,8 @@ sending to one fake Braze.
 
 - A tenant limited at the fake to N calls a window, and streams on several connections that need
   more: no window gets more than N calls (0 429s), and >= 95% of N is used in every full window.
+  Also with N below the fleet's concurrency (48 calls at once, 30 a window): 0 429s from the first
+  window on, every recipient sent once, >= 90% of N used in every full window.
 - A replica SIGKILLed mid-stream: the caller resumes through the balancer with its key; nobody
   gets the Canvas twice (the fake's record), every recipient ends with exactly one result,
   UNKNOWN where the kill left it unknown.
@@ -29,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
@@ -65,17 +68,24 @@ def fake_config() -> FakeBrazeConfig:
 
 
 @pytest.fixture
-async def cluster(fake: FakeBraze, tmp_path: Path) -> AsyncIterator[Cluster]:
+def replica_settings() -> dict[str, str]:
+    """CGW_ settings of every replica, besides Redis."""
+    return {
+        "CGW_WORKERS": "2",
+        "CGW_REQUEST_CONCURRENCY": "4",
+        "CGW_MAX_RETRY_WAIT_SECONDS": str(WINDOW + 3),
+        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
+    }
+
+
+@pytest.fixture
+async def cluster(
+    fake: FakeBraze, tmp_path: Path, replica_settings: dict[str, str]
+) -> AsyncIterator[Cluster]:
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
     async with redis_server(persistent=True) as redis:
-        settings = {
-            "CGW_WORKERS": "2",
-            "CGW_REDIS_URL": redis.url,
-            "CGW_REQUEST_CONCURRENCY": "4",  # 6 streams x 4 < LIMIT: a window's opening is unknown
-            "CGW_MAX_RETRY_WAIT_SECONDS": str(WINDOW + 3),
-            "CGW_SHUTDOWN_DELAY_SECONDS": "0",
-        }
+        settings = {**replica_settings, "CGW_REDIS_URL": redis.url}
         async with aiohttp.ClientSession() as session:
             started = await asyncio.gather(
                 *(start_replica(tenants, session, **settings) for _ in range(REPLICAS)),
@@ -143,6 +153,50 @@ async def test_replicas_share_the_budget_spend_it_and_never_overspend_it(
     # Every replica took part (its workers take connections as the kernel deals them: README).
     for replica in cluster.replicas:
         assert await metric(replica.admin, "canvas_gateway_braze_requests_total") > 0
+
+
+TIGHT_LIMIT = 30
+"""Calls per window at the fake for the budget below the fleet's concurrency."""
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "replica_settings"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=TIGHT_LIMIT,
+                hourly_window_seconds=WINDOW,
+                latency_seconds=0.1,
+            ),
+            {
+                "CGW_WORKERS": "2",
+                "CGW_REQUEST_CONCURRENCY": "8",  # 6 streams x 8 = 48 calls at once, against 30 a window
+                "CGW_MAX_RETRY_WAIT_SECONDS": str(WINDOW + 3),
+                "CGW_SHUTDOWN_DELAY_SECONDS": "0",
+            },
+        )
+    ],
+)
+async def test_a_budget_below_the_fleet_s_concurrency_is_never_overspent_when_a_window_opens(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    """Issue 17's scenario: the fleet can start 48 calls at once, a window allows 30. When a window
+    turns, only what it allows starts (the last known limit), from the first window on: no 429,
+    every recipient sent once, and every full window used to at least 90%."""
+    streams, count = 6, 1500
+    done = await asyncio.gather(*(stream(cluster.target, i * count, count) for i in range(streams)))
+
+    statuses = Counter(call.status for call in fake.calls)
+    assert statuses[429] == 0, statuses
+    for each in done:
+        assert sorted(p for r in each for p in r.positions) == list(range(count))
+        assert Counter(pb.Outcome.Name(r.outcome) for r in each) == {"OUTCOME_SENT": count // 50}
+    assert set(sent_to(fake).values()) == {1} and len(sent_to(fake)) == streams * count
+    by_window = Counter(math.floor(call.received_at / WINDOW) for call in fake.calls)
+    full = sorted(by_window)[1:-1]
+    assert len(full) >= 3, by_window
+    assert all(by_window[w] >= 0.9 * TIGHT_LIMIT for w in full), by_window
 
 
 async def replica_with_stream(cluster: Cluster) -> Replica:
@@ -266,11 +320,10 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
     try:
         async with grpc.aio.insecure_channel(doomed.address) as channel:
             call = pb_grpc.CanvasGatewayServiceStub(channel).Send(request, metadata=AUTH, timeout=30)
-            async with asyncio.timeout(10):  # 8 claimed; 2 at the fake, 6 waiting for a slot
-                while (
-                    fake.in_progress < 2 or await metric(doomed.admin, "canvas_gateway_batches_in_flight") < 8
-                ):
+            async with asyncio.timeout(10):  # all 8 claimed; 2 at the fake, the others waiting
+                while fake.in_progress < 2:
                     await asyncio.sleep(0.02)
+            answered = fake.status_counts.total()  # batches done before the kill (SENT, replayed)
             await stop_process(doomed.process, signal.SIGKILL)
             with pytest.raises(grpc.aio.AioRpcError):
                 await call
@@ -290,7 +343,9 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
     unknown = [r for r in results.values() if r.outcome == pb.OUTCOME_UNKNOWN]
     # UNKNOWN: the 2 calls at the fake when the replica died (tenant concurrency 2), no more.
     assert len(unknown) == 2, Counter(pb.Outcome.Name(r.outcome) for r in results.values())
-    assert sum(not r.replayed and r.outcome == pb.OUTCOME_SENT for r in results.values()) == 6
+    arrived = {r["external_user_id"] for raw in fake.arrived for r in orjson.loads(raw)["recipients"]}
+    assert all(f"u{p}" in arrived for r in unknown for p in r.positions)  # they reached Braze
+    assert sum(not r.replayed and r.outcome == pb.OUTCOME_SENT for r in results.values()) == 6 - answered
     check_sent_once(results.values(), fake)
 
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import KEYS, TOKENS, Harness, trigger_from_json
+from conftest import KEYS, TOKENS, Harness, standing_clock, trigger_from_json
 from fake_braze import FakeBrazeConfig, Fault
 from google.rpc import error_details_pb2
 
@@ -101,11 +101,19 @@ async def test_429_past_the_last_attempt_is_rejected_as_retryable(harness: Harne
     assert result.retryable and result.attempts == 3
 
 
+STILL = standing_clock()
+"""The fake's window and the gateway's clock stand still: the hour cannot turn during a test."""
+
+
 def next_clock_hour() -> int:
-    return (int(time.time()) // 3600 + 1) * 3600
+    """The reset of the fake's window, an hour or two ahead of the wall clock."""
+    return (int(STILL()) // 3600 + 1) * 3600
 
 
-@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=0)])
+@pytest.mark.parametrize(
+    ("fake_config", "clock"),
+    [(FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=0, clock=STILL), STILL)],
+)
 async def test_a_429_with_a_distant_reset_is_rejected_with_the_reset_time(harness: Harness) -> None:
     result = await send_one(harness)
     assert result.outcome == pb.OUTCOME_REJECTED and result.retryable
@@ -120,7 +128,10 @@ async def test_a_429_with_a_distant_reset_is_rejected_with_the_reset_time(harnes
     assert [v.subject for v in quota_failure.violations] == ["braze:recipients"]
 
 
-@pytest.mark.parametrize("fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=1)])
+@pytest.mark.parametrize(
+    ("fake_config", "clock"),
+    [(FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=1, clock=STILL), STILL)],
+)
 async def test_a_spent_budget_pauses_the_tenant_until_its_reset(harness: Harness) -> None:
     first = await send_one(harness)  # accepted, with x-ratelimit-remaining: 0
     assert first.outcome == pb.OUTCOME_SENT

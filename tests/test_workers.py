@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -24,9 +26,10 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
 from canvas_gateway_server.workers import SharedBudgets, merge_expositions, worker_count
-from conftest import FAKE_URLS, KEYS, TOKENS, tenants_toml
+from conftest import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
+from servers import stop_process
 from test_balancer import start_replica
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
@@ -103,7 +106,9 @@ async def test_connections_spread_over_workers_and_metrics_say_which(
 
 @pytest.fixture
 def fake_config(request: pytest.FixtureRequest) -> FakeBrazeConfig:
-    return FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=getattr(request, "param", 250_000))
+    # The fake's window stands still (the workers' clock is real; its reset is an hour or more ahead).
+    limit = getattr(request, "param", 250_000)
+    return FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=limit, clock=standing_clock())
 
 
 @pytest.mark.parametrize("fake_config", [2], indirect=True)
@@ -135,20 +140,54 @@ async def test_sigterm_drains_every_worker_and_exits_0(
             pass
 
 
-async def test_workers_without_redis_refuse_idempotency_keys_and_send_nothing(
-    workers: tuple[asyncio.subprocess.Process, str, str], fake: FakeBraze
+async def test_workers_share_keys_on_the_host_and_keep_them_across_a_restart(
+    fake: FakeBraze, tmp_path: Path
 ) -> None:
-    _, address, _ = workers
-    keyed = request(3)
-    keyed.options.idempotency_key = "k1"
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await send_on_own_connections(address, [keyed])
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "CGW_REDIS_URL" in (refused.value.details() or "")
-    assert fake.calls == []
-    assert [r.outcome for r in (await send_on_own_connections(address, [request(3)]))[0].results] == [
-        pb.OUTCOME_SENT
-    ]
+    """Without Redis: a repeat that reaches another worker, and one after the gateway restarts
+    on its port, is replayed from the supervisor's file in the temporary directory (its
+    default); nothing is sent twice."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    temporary = tempfile.mkdtemp(prefix="cgw")  # short: the workers' admin sockets live there too
+    keyed = request(120)
+    keyed.options.idempotency_key = "order-7"
+    settings = {"CGW_WORKERS": "2", "CGW_SHUTDOWN_DELAY_SECONDS": "0", "CGW_IDEMPOTENCY_FILE": ""}
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = await start_replica(tenants, session, TMPDIR=temporary, **settings)
+        try:
+            (sent,) = await send_on_own_connections(first.address, [keyed])
+            repeats = await send_on_own_connections(first.address, [keyed] * CONNECTIONS)
+            assert [r.outcome for r in sent.results] == [pb.OUTCOME_SENT] * 3
+            assert len(fake.calls) == 3
+            assert {(r.outcome, r.replayed) for reply in repeats for r in reply.results} == {
+                (pb.OUTCOME_SENT, True)
+            }
+            assert len([n for n in (await rpcs_by_worker(first.admin)).values() if n]) == 2  # both answered
+        finally:
+            first.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(first.process.wait(), 30) == 0
+        port = first.address.rpartition(":")[2]
+        folder = Path(temporary, f"canvas-gateway-{port}")
+        assert (folder.stat().st_mode & 0o777, {p.name for p in folder.iterdir()} >= {"keys.sqlite3"}) == (
+            0o700,
+            True,
+        )
+
+        async with aiohttp.ClientSession() as session:  # the gateway again, on its port
+            again = await start_replica(
+                tenants, session, TMPDIR=temporary, CGW_GRPC_ADDRESS=first.address, **settings
+            )
+        try:
+            replies = await send_on_own_connections(first.address, [keyed] * 4)  # its own port
+            assert {(r.outcome, r.replayed) for reply in replies for r in reply.results} == {
+                (pb.OUTCOME_SENT, True)
+            }
+            assert len(fake.calls) == 3
+        finally:
+            await stop_process(again.process)
+    finally:
+        shutil.rmtree(temporary)
 
 
 def test_worker_count_is_the_setting_or_the_cores_and_one_for_the_demo() -> None:

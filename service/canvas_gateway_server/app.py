@@ -20,7 +20,8 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,13 +33,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
-from . import __version__, logs, reflection, shared
+from . import __version__, host_results, logs, reflection, shared
 from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
 from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
+from .host_results import HostResults
 from .idempotency import Ledger, LocalResults, ResultStore
 from .limits import BudgetStore, LocalLimiter, TableBudgets
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
@@ -93,6 +95,9 @@ class Gateway:
     lag_watch: asyncio.Task[None] | None = None
     redis: aioredis.Redis | None = None
     shared_results: RedisResults | None = None
+    own_results: LocalResults | HostResults | None = None
+    """The store of keys' results without Redis: this host's file, or this process's memory."""
+    shared_budgets: FailoverBudgets | None = None
 
     @classmethod
     async def start(
@@ -101,7 +106,10 @@ class Gateway:
         *,
         tenants: TenantDirectory | None = None,
         environ: Mapping[str, str] = os.environ,
+        clock: Callable[[], float] = time.time,
     ) -> Gateway:
+        """`clock` (epoch seconds) is what Braze's budgets and pauses are judged by: tests stand it
+        still with the fake Braze's, so no window turns during them."""
         fake: FakeBraze | None = None
         if tenants is None and settings.demo:
             fake, tenants = await _start_demo_braze(settings)
@@ -110,7 +118,9 @@ class Gateway:
         registry = CollectorRegistry()
         metrics: Metrics = Metrics()
         if settings.metrics_enabled:
-            metrics = PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ))
+            metrics = PrometheusMetrics(
+                registry, version=__version__, git_commit=git_commit(environ), clock=clock
+            )
         metrics.tenants_loaded(tenants.tenant_ids())
         redis = (
             shared.connect(settings.redis_url, settings.redis_timeout_seconds) if settings.redis_url else None
@@ -123,9 +133,10 @@ class Gateway:
                 total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
         )
+        limiter, shared_budgets = _limiter(settings, redis, metrics, clock)
         dispatcher = Dispatcher(
             client,
-            _limiter(settings, redis, metrics),
+            limiter,
             RetryPolicy(
                 max_attempts=settings.max_attempts,
                 base_delay=settings.retry_base_delay_seconds,
@@ -140,6 +151,7 @@ class Gateway:
             else None,
             budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
             ledger=Ledger(results, metrics, settings.idempotency_lease_seconds),
+            clock=clock,
         )
         sender = Sender(
             dispatcher,
@@ -147,7 +159,6 @@ class Gateway:
                 unary_max_recipients=settings.unary_max_recipients,
                 request_concurrency=settings.request_concurrency,
                 result_queue_size=settings.result_queue_size,
-                keys_refused=_keys_refused(settings),
             ),
             metrics,
         )
@@ -186,6 +197,8 @@ class Gateway:
             fake_braze=fake,
             redis=redis,
             shared_results=results if isinstance(results, RedisResults) else None,
+            own_results=results if isinstance(results, LocalResults | HostResults) else None,
+            shared_budgets=shared_budgets,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         try:
@@ -194,6 +207,8 @@ class Gateway:
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
             await server.stop(None)  # releases a gRPC port bound before the admin port failed
             await session.close()
+            if isinstance(results, HostResults):
+                await results.stop()
             if fake is not None:
                 await fake.stop()
             if isinstance(exc, ConfigError):
@@ -204,6 +219,10 @@ class Gateway:
         await server.start()
         if gateway.shared_results is not None:
             gateway.shared_results.start(lambda: metrics.store_failure("results", "heartbeat"))
+        if isinstance(results, HostResults):
+            results.start(lambda: metrics.store_failure("results", "heartbeat"))
+        elif isinstance(results, LocalResults):
+            results.start()
         if redis is not None:
             await _check_redis(redis)
         if settings.metrics_enabled:
@@ -269,6 +288,10 @@ class Gateway:
         await self.dispatcher.ledger.settled(KEEP_SECONDS)
         if self.shared_results is not None:
             await self.shared_results.stop()
+        if self.own_results is not None:
+            await self.own_results.stop()
+        if self.shared_budgets is not None:
+            await self.shared_budgets.stop()
         if self.redis is not None:
             await self.redis.aclose()
         await self.session.close()
@@ -320,40 +343,41 @@ async def _now(value: str | None) -> str | None:
     return value
 
 
-def _limiter(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> LocalLimiter:
+def _limiter(
+    settings: Settings, redis: aioredis.Redis | None, metrics: Metrics, clock: Callable[[], float]
+) -> tuple[LocalLimiter, FailoverBudgets | None]:
     """Concurrency per process (a worker's share of it); budgets in this process, shared by the
     host's workers, or shared by every replica through Redis, failing open to the host's."""
     local = TableBudgets(SharedBudgets(budgets_path(settings.worker_dir)) if settings.is_worker else None)
     budgets: BudgetStore = local
+    shared_budgets = None
     if redis is not None:
         lease = settings.upstream_timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
         fallback = local if settings.redis_failure == "open" else None
-        budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
+        budgets = shared_budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
     workers = settings.workers if settings.is_worker else 1
-    return LocalLimiter(settings.tenant_concurrency, budgets=budgets, workers=workers)
+    limiter = LocalLimiter(settings.tenant_concurrency, clock, budgets, workers)
+    return limiter, shared_budgets
 
 
 def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:
-    """Where idempotency keys' results are kept: Redis, or this process."""
+    """Where idempotency keys' results are kept: Redis; else the host's file, shared by its
+    workers and kept across restarts; else (one process on port 0) this process's memory."""
     if redis is not None:
         return RedisResults(
             redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds, metrics
         )
+    path = host_results.keys_file(settings)
+    if path:
+        if not settings.is_worker:  # a worker's file is the supervisor's, made before it started
+            host_results.create(path, private_folder=not settings.idempotency_file)
+        return HostResults(path, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds)
     return LocalResults(
         settings.idempotency_ttl_seconds,
         settings.idempotency_capacity,
         settings.idempotency_lease_seconds,
         on_evict=lambda tenant: metrics.idempotency(tenant, "evicted"),
     )
-
-
-def _keys_refused(settings: Settings) -> str:
-    if settings.is_worker and not settings.redis_url:
-        return (
-            f"idempotency keys need one store for every process that may take the call: this gateway "
-            f"runs {settings.workers} workers without CGW_REDIS_URL; nothing was sent"
-        )
-    return ""
 
 
 async def _check_redis(redis: aioredis.Redis) -> None:

@@ -25,7 +25,7 @@ from .idempotency import DEFAULT_CAPACITY, DEFAULT_LEASE, DEFAULT_TTL, Claimed, 
 from .limits import Hold, StoreUnavailable, UpstreamLimiter
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
-from .retry import RetryPolicy, retry_delay
+from .retry import RetryPolicy, rate_limit_pause, retry_delay
 from .tenants import Tenant
 from .upstream import BrazeClient, Delivery
 
@@ -149,6 +149,7 @@ class Dispatcher:
         def left() -> float:
             return math.inf if deadline is None else deadline - time.monotonic()
 
+        waited = 0  # 429s that said when the budget returns, waited out without spending attempts
         try:
             while True:
                 async with self._limiter.slot(tenant):
@@ -188,7 +189,15 @@ class Dispatcher:
                     self._breaker.record(url, reply)
                     progress.sent = False  # the reply settled that call
                     metrics.paused(tenant.id, broadcast, paused)
-                delay = retry_delay(policy, reply, progress.attempts, self._clock(), self._jitter())
+                now, jitter = self._clock(), self._jitter()
+                pause = rate_limit_pause(policy, reply, now, waited, jitter)
+                if pause is not None and pause <= left() - policy.min_time_left:
+                    waited += 1  # its budget returns in time: wait for it, as for a spent budget
+                    metrics.retry(tenant.id, "rate_limited")
+                    await self._sleep(pause)
+                    metrics.rate_limit_wait(tenant.id, pause)
+                    continue
+                delay = retry_delay(policy, reply, progress.attempts - waited, now, jitter)
                 if delay is None or delay > left() - policy.min_time_left:
                     return results.from_reply(batch, reply, progress.attempts)
                 if not self._budget.try_retry(tenant.id):

@@ -6,7 +6,6 @@
     +-- PermissionDenied     the tenant may not do this (e.g. broadcast)        -> PERMISSION_DENIED
     +-- ShuttingDown         the gateway is draining; the caller should resume  -> UNAVAILABLE
     +-- HeaderTimeout        a stream sent no header in time                    -> DEADLINE_EXCEEDED
-    +-- KeysUnavailable      an idempotency key this deployment cannot honour   -> FAILED_PRECONDITION
     ConfigError              settings or tenants file invalid (boot or reload)
 
 Upstream failures are not exceptions: each becomes a BatchResult (see results.py).
@@ -56,11 +55,6 @@ class ShuttingDown(GatewayError):
 
 class HeaderTimeout(GatewayError):
     """A stream sent no header within the configured time; nothing was sent."""
-
-
-class KeysUnavailable(GatewayError):
-    """Idempotency keys need one store for every process that may take the call: with several
-    workers that is Redis (CGW_REDIS_URL). Nothing was sent."""
 
 
 class ConfigError(Exception):

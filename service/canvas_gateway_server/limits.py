@@ -8,14 +8,17 @@ tracked apart.
 It also never starts more calls than the budget has left: it keeps the lowest
 x-ratelimit-remaining of the current window (the same reset) and the calls under way, and a
 call that would find the budget spent by those under way waits for one of them to answer
-(docs/braze/CONTRACT.md, section 8, point 30). What is known of each budget (`Budget`) lives
-in a `BudgetStore`: this process's, one shared by a host's workers (`workers`), or Redis,
-shared by every replica (`shared`).
+(docs/braze/CONTRACT.md, section 8, point 30). A window no reply has told of yet opens at the last
+x-ratelimit-limit, and a budget never answered lets one call ask first, so that a fleet able to
+start more calls at once than a window allows does not overspend it when a window opens. What
+is known of each budget (`Budget`) lives in a `BudgetStore`: this process's, one shared by a
+host's workers (`workers`), or Redis, shared by every replica (`shared`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -76,24 +79,35 @@ class StoreUnavailable(Exception):
 
 @dataclass(slots=True)
 class Budget:
-    """What is known of one (tenant, budget): a pause, the current window, the calls under way."""
+    """What is known of one (tenant, budget): a pause, the current window, the calls under way.
+
+    A window Braze has not yet answered in opens at the last limit Braze gave (x-ratelimit-limit),
+    with the calls under way counted against it: a fleet that can start more calls at once than a
+    window allows starts no more than the limit when the window turns. A budget never answered
+    lets one call ask first, so that even the first window is not overspent."""
 
     paused_until: float = 0.0
     reset: int = 0
     """x-ratelimit-reset of the current window; 0: unknown"""
     left: int = 0
-    """the lowest x-ratelimit-remaining seen with that reset"""
+    """the lowest x-ratelimit-remaining seen with that reset; while the reset is unknown, the
+    last known limit (0: none)"""
     under_way: int = 0
+    limit: int = 0
+    """the last x-ratelimit-limit Braze gave; 0: never answered; -1: its replies carry none"""
 
     def reserve(self, now: float) -> Hold | None:
         """None when a call may start (it is counted as under way), else when to ask again.
         The Lua script in `shared.py` is this method for Redis; they change together."""
         if self.paused_until > now:
             return Hold(self.paused_until, True)
-        if self.reset and self.reset <= now:  # a new window: unknown until a reply says
-            self.reset = self.left = 0
-        if self.reset and self.under_way >= self.left:
-            return Hold(min(float(self.reset), now + RECHECK_SECONDS), False)
+        if self.reset and self.reset <= now:  # a new window: it opens at the last known limit
+            self.reset, self.left = 0, max(self.limit, 0)
+        # Known when a reply told of this window, or the window opened at the last limit. A budget
+        # never answered lets one call ask first; one whose replies carry no limit is not bounded.
+        room = self.left if self.reset or self.left else 1 if self.limit == 0 else None
+        if room is not None and self.under_way >= room:
+            return Hold(min(float(self.reset or math.inf), now + RECHECK_SECONDS), False)
         self.under_way += 1
         return None
 
@@ -106,7 +120,11 @@ class Budget:
 
     def observe(self, reply: Reply, now: float) -> None:
         rate = reply.rate
-        if rate.remaining is not None and rate.reset is not None:
+        if rate.limit is not None and rate.limit > 0:
+            self.limit = rate.limit
+        elif self.limit == 0:
+            self.limit = -1
+        if rate.remaining is not None and rate.reset is not None and rate.reset > now:
             if rate.reset > self.reset:  # a later window: start counting it
                 self.reset, self.left = rate.reset, rate.remaining
             elif rate.reset == self.reset:  # within a window it only shrinks

@@ -3,6 +3,9 @@
 Only failures that cannot have sent anything are retried (CONTRACT.md section 6): a 429,
 and a connection that could not be opened. 5xx and timeouts may have been processed by
 Braze, which has no idempotency key, so they are returned as UNKNOWN instead.
+
+A 429 that says when its budget returns (Retry-After, or x-ratelimit-reset) is not a failure to
+give up on: the batch pauses until then (`rate_limit_pause`) and spends none of its attempts.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ class RetryPolicy:
     """Longest wait for a rate-limit reset; past it the batch is returned as rate limited."""
     min_time_left: float = 0.2
     """Under a caller's deadline, a call starts only with at least this long left."""
+    max_rate_limited: int = 10
+    """429s that say when the budget returns a batch waits out, spending none of max_attempts;
+    past them a 429 counts as an attempt again."""
 
 
 def retry_delay(policy: RetryPolicy, reply: Reply, attempts: int, now: float, jitter: float) -> float | None:
@@ -47,3 +53,17 @@ def rate_limit_wait(reply: Reply, now: float, fallback: float) -> float:
     if reply.rate.reset is not None:
         return max(0.0, reply.rate.reset - now)
     return fallback
+
+
+def rate_limit_pause(
+    policy: RetryPolicy, reply: Reply, now: float, paused: int, jitter: float
+) -> float | None:
+    """Seconds to pause before calling again after a 429 that says when the budget returns
+    (Retry-After or x-ratelimit-reset), without spending an attempt; None for any other reply,
+    past `max_wait`, or once the batch has `paused` max_rate_limited times. `jitter` is in [0, 1)."""
+    if reply.delivery is not Delivery.RESPONDED or reply.status != 429 or paused >= policy.max_rate_limited:
+        return None
+    if reply.rate.retry_after is None and reply.rate.reset is None:
+        return None
+    wait = rate_limit_wait(reply, now, 0.0) + jitter * policy.base_delay
+    return wait if wait <= policy.max_wait else None

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from . import results
 from .dispatch import Dispatcher, FanOut, report
-from .errors import InvalidRequest, KeysUnavailable
+from .errors import InvalidRequest
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
 from .planning import Intake, Taken, authorize
@@ -34,8 +34,6 @@ class SendLimits:
     unary_max_recipients: int = 10_000
     request_concurrency: int = 8
     result_queue_size: int = 64
-    keys_refused: str = ""
-    """Why idempotency keys cannot be honoured here (several workers, no shared store); "": they can."""
 
 
 class _Policy(Protocol):
@@ -105,7 +103,6 @@ class Sender:
         if violations:
             raise InvalidRequest(violations)
         authorize(tenant, head)
-        self._check_key(key, validate_only)
         batches = plan.batches or [intake.broadcast()]
         if validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
@@ -118,10 +115,6 @@ class Sender:
         for result in done:
             summary.add(result)
         return done, summary
-
-    def _check_key(self, key: str | None, validate_only: bool) -> None:
-        if key and not validate_only and self._limits.keys_refused:
-            raise KeysUnavailable(self._limits.keys_refused)
 
     def check_unary_count(self, count: int) -> None:
         """Refuse a Send over the cap, before its recipients cost any work."""
@@ -176,7 +169,6 @@ class Sender:
         if violations:
             raise InvalidRequest(violations)
         authorize(tenant, head)
-        self._check_key(key, validate_only)
         fan = FanOut(
             self._dispatcher,
             tenant,

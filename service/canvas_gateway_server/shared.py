@@ -56,22 +56,37 @@ HEARTBEAT_TTL_MS: Final = 5000
 GENERATION_KEY: Final = PREFIX + "generation"
 BUDGET_TTL_SECONDS: Final = 7300
 """Budget keys outlive Braze's longest window (an hour) when unused, then go."""
+RESETTLE_FIRST_SECONDS: Final = 0.1
+RESETTLE_MAX_SECONDS: Final = 5.0
+"""A settle Redis did not take is tried again after the first, doubling up to the most, and at
+once when Redis answers a reserve."""
+MAX_UNSETTLED: Final = 10_000
+"""Settles kept for Redis at most; past them the oldest is left to its lease."""
 
 _RESERVE: Final = """
 local now = tonumber(ARGV[1])
-local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left')
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
 local paused = tonumber(b[1]) or 0
 if paused > now then return {'spent', string.format('%.17g', paused)} end
 local reset = tonumber(b[2]) or 0
 local left = tonumber(b[3]) or 0
+local limit = tonumber(b[4]) or 0
 if reset > 0 and reset <= now then
   reset = 0
-  left = 0
-  redis.call('HSET', KEYS[1], 'reset', '0', 'left', '0')
+  left = math.max(limit, 0)
+  redis.call('HSET', KEYS[1], 'reset', '0', 'left', string.format('%d', left))
+end
+local room = nil
+if reset > 0 or left > 0 then
+  room = left
+elseif limit == 0 then
+  room = 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if reset > 0 and redis.call('ZCARD', KEYS[2]) >= left then
-  return {'held', string.format('%.17g', math.min(reset, now + tonumber(ARGV[4])))}
+if room and redis.call('ZCARD', KEYS[2]) >= room then
+  local again = now + tonumber(ARGV[4])
+  if reset > 0 then again = math.min(reset, again) end
+  return {'held', string.format('%.17g', again)}
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -81,12 +96,18 @@ return {'go', ''}
 _SETTLE: Final = """
 redis.call('ZREM', KEYS[2], ARGV[1])
 local now = tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left')
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
 local paused = tonumber(b[1]) or 0
 if ARGV[3] == '1' then
+  local limit = tonumber(ARGV[9])
+  if limit and limit > 0 then
+    redis.call('HSET', KEYS[1], 'limit', string.format('%d', limit))
+  elseif (tonumber(b[4]) or 0) == 0 then
+    redis.call('HSET', KEYS[1], 'limit', '-1')
+  end
   local remaining = tonumber(ARGV[5])
   local reset = tonumber(ARGV[6])
-  if remaining and reset then
+  if remaining and reset and reset > now then
     local current = tonumber(b[2]) or 0
     if reset > current then
       redis.call('HSET', KEYS[1], 'reset', string.format('%d', reset), 'left', string.format('%d', remaining))
@@ -256,6 +277,7 @@ class RedisBudgets:
             "" if rate is None or rate.reset is None else str(rate.reset),
             repr(MAX_PAUSE_SECONDS),
             BUDGET_TTL_SECONDS,
+            "" if rate is None or rate.limit is None else str(rate.limit),
         ]
         paused = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
         return float(_text(paused))
@@ -263,15 +285,37 @@ class RedisBudgets:
 
 class FailoverBudgets:
     """The shared budgets, and what to do while they do not answer: with a `fallback` (fail
-    open) this process's own budgets, loudly; without one (fail closed) StoreUnavailable."""
+    open) this process's own budgets, loudly; without one (fail closed) StoreUnavailable.
+
+    A call whose settle did not reach Redis would stay counted as under way there until its lease
+    ends (the longest call, 40 s by default), holding back every replica's calls. It is settled
+    again, with its reply, as soon as Redis answers: by one task of this process on the shared
+    client's pool, which tries the oldest first and backs off while Redis fails, so the load on a
+    struggling Redis does not grow with the number of failures."""
 
     def __init__(
-        self, shared: BudgetStore, fallback: BudgetStore | None, metrics: Metrics | None = None
+        self,
+        shared: BudgetStore,
+        fallback: BudgetStore | None,
+        metrics: Metrics | None = None,
+        retry_seconds: tuple[float, float] = (RESETTLE_FIRST_SECONDS, RESETTLE_MAX_SECONDS),
+        capacity: int = MAX_UNSETTLED,
     ) -> None:
         self._shared = shared
         self._fallback = fallback
         self._metrics = metrics or Metrics()
         self._failing = False
+        self._retry_seconds = retry_seconds
+        self._capacity = capacity
+        self._unsettled: dict[str, tuple[Ticket, Reply | None, float]] = {}
+        """Settles Redis did not take, by token, oldest first."""
+        self._answered = asyncio.Event()
+        self._resettling: asyncio.Task[None] | None = None
+
+    @property
+    def unsettled(self) -> int:
+        """Calls ended here whose settle Redis has not taken yet."""
+        return len(self._unsettled)
 
     def _failed(self, op: str, exc: StoreUnavailable) -> None:
         self._metrics.store_failure("budgets", op)
@@ -284,6 +328,7 @@ class FailoverBudgets:
                 log.error("%s: batches end NOT_ATTEMPTED until it answers (fail closed)", exc)
 
     def _recovered(self) -> None:
+        self._answered.set()  # settles left behind go now
         if self._failing:
             self._failing = False
             self._metrics.store_fallback("budgets", False)
@@ -305,9 +350,45 @@ class FailoverBudgets:
             return await self._fallback.settle(ticket, reply, now) if self._fallback else 0.0
         try:
             return await self._shared.settle(ticket, reply, now)
-        except StoreUnavailable as exc:  # the reservation lapses by its lease; the reply is lost
+        except StoreUnavailable as exc:
             self._failed("settle", exc)
+            self._keep_unsettled(ticket, reply, now)
             return 0.0
+
+    def _keep_unsettled(self, ticket: Ticket, reply: Reply | None, now: float) -> None:
+        if len(self._unsettled) >= self._capacity:  # the oldest is left to its lease
+            del self._unsettled[next(iter(self._unsettled))]
+        self._unsettled[ticket.token] = (ticket, reply, now)
+        if self._resettling is None or self._resettling.done():
+            self._resettling = asyncio.get_running_loop().create_task(self._resettle())
+
+    async def _resettle(self) -> None:
+        first, most = self._retry_seconds
+        delay = first
+        while self._unsettled:
+            self._answered.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), delay)
+            delay = first if await self._settle_unsettled() else min(most, delay * 2)
+
+    async def _settle_unsettled(self) -> bool:
+        """Settle what Redis did not take, oldest first; False at the first failure."""
+        while self._unsettled:
+            token, (ticket, reply, now) = next(iter(self._unsettled.items()))
+            try:
+                await self._shared.settle(ticket, reply, now)
+            except StoreUnavailable as exc:
+                self._failed("settle", exc)
+                return False
+            self._unsettled.pop(token, None)
+        return True
+
+    async def stop(self) -> None:
+        """At shutdown: stop trying in the background, and settle once more what is left."""
+        if self._resettling is not None:
+            self._resettling.cancel()
+            await asyncio.gather(self._resettling, return_exceptions=True)
+        await self._settle_unsettled()
 
 
 class RedisResults:

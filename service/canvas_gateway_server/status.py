@@ -24,7 +24,6 @@ from .errors import (
     GatewayError,
     HeaderTimeout,
     InvalidRequest,
-    KeysUnavailable,
     PermissionDenied,
     ShuttingDown,
     Unauthenticated,
@@ -38,7 +37,6 @@ _CODES: dict[type[GatewayError], int] = {
     PermissionDenied: code_pb2.PERMISSION_DENIED,
     ShuttingDown: code_pb2.UNAVAILABLE,
     HeaderTimeout: code_pb2.DEADLINE_EXCEEDED,
-    KeysUnavailable: code_pb2.FAILED_PRECONDITION,
 }
 
 

@@ -7,6 +7,8 @@ name a path in Braze's JSON names, such as `recipients[3].email` or
 Rules that need the JSON bytes (sizes, and numbers JSON cannot carry exactly) are checked
 where each object is encoded, once: `encode_head` and `encode_recipient` return the bytes
 that `batching` will join, or the violations.
+Those bytes are canonical (keys sorted at every depth), so a body depends on what the
+request means, not on the order its map entries came in.
 
 Strict only where Braze is: what Braze documents as an error is refused here, before any
 call; what it does not (a `prioritization` without `email`, repeated prioritization values,
@@ -303,8 +305,11 @@ def _contexts(obj: Mapping[str, Any]) -> list[str]:
 
 
 def _encode(value: Any) -> bytes | None:
+    """Canonical JSON: keys sorted at every depth. A Struct's keys arrive in the map order of
+    the caller's encoder and of upb's per-process hash, neither of which means anything; sorted,
+    the same request is the same body in every process, and so is its idempotency digest."""
     try:
-        return orjson.dumps(value)
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:  # convert's NOT_JSON marker, or a NaN or infinity
         return None
 

@@ -16,7 +16,10 @@ as a fresh `python -m canvas_gateway_server`, never forked: gRPC cannot survive 
 - per-tenant limits stay right: concurrency is divided (each worker allows its share, at
   least one), and what is known of each Braze budget (a pause until the reset, what the last
   headers said is left, the calls under way) is shared through `SharedBudgets`, a small file
-  every worker maps, so the workers together never start more calls than a budget has left.
+  every worker maps, so the workers together never start more calls than a budget has left;
+- idempotency keys work as with one process: without Redis the supervisor makes the host's
+  SQLite file (`host_results`) before the workers start, and every worker keeps its claims and
+  results there, so a repeat that reaches another worker finds them (and a restart too).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from . import host_results
 from .admin import AdminServer
 from .limits import Budget
 from .settings import ENV_PREFIX, Settings
@@ -54,7 +58,7 @@ STOP_SECONDS: Final = 60.0
 than a worker's own drain (shutdown delay + grace + abandon)."""
 _PR_SET_PDEATHSIG: Final = 1
 _SLOTS: Final = 4096
-_RECORD: Final = struct.Struct("<Qdqqq")
+_RECORD: Final = struct.Struct("<Qdqqqq")
 T = TypeVar("T")
 
 
@@ -91,7 +95,7 @@ def budgets_path(folder: str) -> str:
 class SharedBudgets:
     """The `Budget`s of a host's workers, in a file each of them maps (a `BudgetStore`).
 
-    4,096 slots of (key hash, pause, reset, left, calls under way); every update is one
+    4,096 slots of (key hash, pause, reset, left, calls under way, limit); every update is one
     read-modify-write under an exclusive `flock` on the file, a few microseconds, so the workers
     together never start more calls than a budget has left. Two keys that hash to one slot take
     it from each other: the one that loses it knows nothing of its budget until its next reply
@@ -120,11 +124,18 @@ class SharedBudgets:
         offset, tag = self._slot(key)
         fcntl.flock(self._file, fcntl.LOCK_EX)
         try:
-            found, paused, reset, left, under_way = _RECORD.unpack_from(self._map, offset)
-            budget = Budget(paused, reset, left, under_way) if found == tag else Budget()
+            found, paused, reset, left, under_way, limit = _RECORD.unpack_from(self._map, offset)
+            budget = Budget(paused, reset, left, under_way, limit) if found == tag else Budget()
             result = change(budget)
             _RECORD.pack_into(
-                self._map, offset, tag, budget.paused_until, budget.reset, budget.left, budget.under_way
+                self._map,
+                offset,
+                tag,
+                budget.paused_until,
+                budget.reset,
+                budget.left,
+                budget.under_way,
+                budget.limit,
             )
             return result
         finally:
@@ -139,10 +150,11 @@ class SharedBudgets:
 
 
 class _Workers:
-    def __init__(self, count: int, folder: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, count: int, folder: str, environ: Mapping[str, str], keys_file: str) -> None:
         self.count = count
         self.folder = folder
         self._environ = environ
+        self._keys = {f"{ENV_PREFIX}IDEMPOTENCY_FILE": keys_file} if keys_file else {}
         self.processes: list[asyncio.subprocess.Process] = []
         self.stopping = False
 
@@ -153,6 +165,7 @@ class _Workers:
                 f"{ENV_PREFIX}WORKERS": str(self.count),
                 f"{ENV_PREFIX}WORKER_INDEX": str(index),
                 f"{ENV_PREFIX}WORKER_DIR": self.folder,
+                **self._keys,
             }
             self.processes.append(
                 await asyncio.create_subprocess_exec(
@@ -267,7 +280,10 @@ async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
     count = worker_count(settings)
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
         SharedBudgets.create(budgets_path(folder))
-        workers = _Workers(count, folder, environ)
+        keys_file = "" if settings.redis_url else host_results.keys_file(settings, folder)
+        if keys_file:
+            host_results.create(keys_file, private_folder=not settings.idempotency_file)
+        workers = _Workers(count, folder, environ, keys_file)
         admin = WorkerAdmin(workers).server
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -121,6 +121,9 @@ class FakeBraze:
         self.status_counts: Counter[int] = Counter()
         self.recipients_sent = 0  # recipients in 201 answers for active Canvases
         self.in_progress = 0  # trigger requests received and not yet answered
+        self.arrived: list[bytes] = []
+        """The raw body of every trigger request, as soon as it was read (before any latency or
+        fault): what may have reached Braze, even if the caller never saw an answer."""
         self.faults = FaultState(
             random.Random(config.seed),
             config.error_rates,
@@ -186,6 +189,7 @@ class FakeBraze:
     def clear(self) -> None:
         """Forget recorded calls and counters (not faults or rate-limit budgets)."""
         self.calls.clear()
+        self.arrived.clear()
         self.status_counts.clear()
         self.recipients_sent = 0
 
@@ -198,10 +202,11 @@ class FakeBraze:
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         received_at = self.config.clock()
+        raw, size = await _read_body(request)
+        self.arrived.append(raw)
         if self.faults.latency_seconds:
             await asyncio.sleep(self.faults.latency_seconds)
         fault = self.faults.next_fault()
-        raw, size = await _read_body(request)
         api_key, bearer = _presented_key(request.headers.get(hdrs.AUTHORIZATION))
         body: Any = None
         too_large = rules.check_size(size)

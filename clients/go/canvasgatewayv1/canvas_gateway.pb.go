@@ -684,10 +684,10 @@ type SendOptions struct {
 	// already used, for the same recipients in the same order, returns the kept
 	// results (`replayed` true) without calling Braze, and sends only the
 	// batches with no kept result: after a lost connection or a drain, send
-	// the whole request again with the same key. Keys outlive a gateway's
-	// restart, and reach its other replicas, only when the gateway keeps them
-	// in Redis (CGW_REDIS_URL); otherwise a repeat that reaches another
-	// process sends again. A batch whose
+	// the whole request again with the same key. Keys reach a gateway's other
+	// hosts only when it keeps them in Redis (CGW_REDIS_URL); without it a
+	// host's workers share them in a file that outlives a restart, and a repeat
+	// that reaches another host sends again. A batch whose
 	// outcome was UNKNOWN stays UNKNOWN; NOT_ATTEMPTED, CANVAS_INACTIVE and
 	// retryable REJECTED batches are not kept, so they are sent again. A batch
 	// whose body differs from the kept one ends REJECTED with

@@ -70,16 +70,16 @@ ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
 
 class KeyForgotten(Exception):
     """A stream resumed under an idempotency key found a batch sent again: the gateway no longer
-    had the result it had given for it (a gateway that keeps keys in its own process, without
-    CGW_REDIS_URL, forgets them when it restarts; or the key's results expired). The send was
+    had the result it had given for it (without CGW_REDIS_URL a gateway keeps keys on its host:
+    one on another host has none; or the key's results expired). The send was
     stopped there: the recipients of `batch_index`, and of batches in flight with it, may have
     been messaged twice."""
 
     def __init__(self, batch_index: int) -> None:
         super().__init__(
             f"batch {batch_index} was sent again under the idempotency key: the gateway no longer "
-            "had its result (keys kept in a gateway's own process, without CGW_REDIS_URL, are lost "
-            "when it restarts); the send was stopped: its recipients, and those of batches in "
+            "had its result (without CGW_REDIS_URL a gateway keeps keys on its host only, and "
+            "results expire); the send was stopped: its recipients, and those of batches in "
             "flight with it, may have been messaged twice"
         )
         self.batch_index = batch_index
@@ -648,8 +648,8 @@ class CanvasGatewayClient:
         resumed (the error is raised, as with `resumes=0`); send it again yourself, with the key.
         A batch whose result did not stand (held past 64, CANVAS_INACTIVE, a REJECTED)
         and that a later stream sends gets its later result too: the one batch yielded twice.
-        The gateway must still hold the key's results (Redis shared by every replica; a gateway
-        without CGW_REDIS_URL forgets them when it restarts): a batch whose result stood that
+        The gateway must still hold the key's results (Redis shared by every replica; without
+        CGW_REDIS_URL, only the gateways of one host share them): a batch whose result stood that
         comes back sent again stops the send at once with KeyForgotten.
 
         If reading or parsing `recipients` raises, every recipient before the failing one

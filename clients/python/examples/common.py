@@ -26,6 +26,7 @@ def parse(program: str, argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--canvas-id", default="canvas-gateway-demo")
     parser.add_argument("--recipients", type=int, default=120 if program == "send" else 1000)
     parser.add_argument("--idempotency-key")
+    parser.add_argument("--context-keys", type=int, default=0)
     if program == "send":
         parser.add_argument("--bad-email", action="store_true")
     else:
@@ -36,6 +37,8 @@ def parse(program: str, argv: Sequence[str]) -> argparse.Namespace:
         usage(parser, "set CANVAS_GATEWAY_TOKEN to the gateway's bearer token")
     if args.recipients < 0 or getattr(args, "chunk_size", 1) < 1:
         usage(parser, "--recipients must be >= 0 and --chunk-size >= 1")
+    if args.context_keys < 0:
+        usage(parser, "--context-keys must be >= 0")
     return args
 
 
@@ -56,18 +59,24 @@ def client(args: argparse.Namespace) -> CanvasGatewayClient:
     return CanvasGatewayClient(args.target, args.token, credentials=credentials)
 
 
-def recipients(count: int) -> Iterator[pb.Recipient]:
-    """user-<i>, each with the context {"index": i}."""
+def recipients(count: int, keys: int = 0) -> Iterator[pb.Recipient]:
+    """user-<i>, each with the context {"index": i} and `keys` more keys (--context-keys)."""
     for i in range(count):
         recipient = pb.Recipient(external_user_id=f"user-{i}")
-        recipient.context.update({"index": i})
+        recipient.context.update({"index": i, **more_keys(keys)})
         yield recipient
 
 
-def trigger(canvas_id: str) -> pb.CanvasTrigger:
+def trigger(canvas_id: str, keys: int = 0) -> pb.CanvasTrigger:
     message = pb.CanvasTrigger(canvas_id=canvas_id)
-    message.context.update({"campaign": "example"})
+    message.context.update({"campaign": "example", **more_keys(keys)})
     return message
+
+
+def more_keys(count: int) -> dict[str, int]:
+    """key-<j>: j. Python's protobuf (upb) writes a map's entries in an order of its own, seeded
+    per process: a repeat is the same request in another order."""
+    return {f"key-{j}": j for j in range(count)}
 
 
 def print_result(result: pb.BatchResult) -> None:

@@ -14,8 +14,8 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 
 async def main() -> int:
     args = common.parse("send", sys.argv[1:])
-    trigger = common.trigger(args.canvas_id)
-    trigger.recipients.extend(common.recipients(args.recipients))
+    trigger = common.trigger(args.canvas_id, args.context_keys)
+    trigger.recipients.extend(common.recipients(args.recipients, args.context_keys))
     if args.bad_email:
         trigger.recipients.append(pb.Recipient(email="not-an-email"))
     async with common.client(args) as client:

@@ -18,8 +18,8 @@ async def main() -> int:
     async with common.client(args) as client:
         try:
             async for response in client.send_stream(
-                common.trigger(args.canvas_id),
-                common.recipients(args.recipients),
+                common.trigger(args.canvas_id, args.context_keys),
+                common.recipients(args.recipients, args.context_keys),
                 chunk_size=args.chunk_size,
                 idempotency_key=args.idempotency_key,
             ):

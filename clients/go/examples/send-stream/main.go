@@ -33,14 +33,14 @@ func run(o example.Options) int {
 	// The header first (canvas and shared context), then the recipients in chunks.
 	go func() {
 		header := &v1.SendStreamRequest{Part: &v1.SendStreamRequest_Header{
-			Header: &v1.StreamHeader{Trigger: example.Trigger(o.CanvasID, nil), Options: o.SendOptions()},
+			Header: &v1.StreamHeader{Trigger: example.Trigger(o.CanvasID, nil, o.ContextKeys), Options: o.SendOptions()},
 		}}
 		if stream.Send(header) != nil {
 			return // the stream failed: Recv reports why
 		}
 		for from := 0; from < o.Recipients; from += o.ChunkSize {
 			chunk := &v1.SendStreamRequest{Part: &v1.SendStreamRequest_Chunk{
-				Chunk: &v1.RecipientChunk{Recipients: example.Recipients(from, min(o.ChunkSize, o.Recipients-from))},
+				Chunk: &v1.RecipientChunk{Recipients: example.Recipients(from, min(o.ChunkSize, o.Recipients-from), o.ContextKeys)},
 			}}
 			if stream.Send(chunk) != nil {
 				return

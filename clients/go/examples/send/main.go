@@ -23,14 +23,14 @@ func run(o example.Options) int {
 	}
 	defer closeClient()
 
-	people := example.Recipients(0, o.Recipients)
+	people := example.Recipients(0, o.Recipients, o.ContextKeys)
 	if o.BadEmail {
 		people = append(people, &v1.Recipient{Identifier: &v1.Recipient_Email{Email: "not-an-email"}})
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	reply, err := client.Send(ctx, &v1.SendRequest{
-		Trigger: example.Trigger(o.CanvasID, people),
+		Trigger: example.Trigger(o.CanvasID, people, o.ContextKeys),
 		Options: o.SendOptions(),
 	})
 	if err != nil {

@@ -46,8 +46,10 @@ type Options struct {
 	BadEmail   bool
 	// IdempotencyKey is SendOptions.idempotency_key; empty sends without one.
 	IdempotencyKey string
-	Token          string
-	RootCAs        *x509.CertPool // from CAFile; nil for the system's roots
+	// ContextKeys more keys key-0 ... key-<N-1> in the top-level context and each recipient's.
+	ContextKeys int
+	Token       string
+	RootCAs     *x509.CertPool // from CAFile; nil for the system's roots
 }
 
 // Parse reads the flags of `program` ("send-stream" or "send") and the token from
@@ -70,6 +72,8 @@ func Parse(program string, args []string) Options {
 	set.IntVar(&o.Recipients, "recipients", defaultCount, "recipients user-0 ... user-<N-1>")
 	set.StringVar(&o.IdempotencyKey, "idempotency-key", "",
 		"send under this key: run again with it, kept results come back replayed and Braze is not called again")
+	set.IntVar(&o.ContextKeys, "context-keys", 0,
+		"add keys key-0 ... key-<N-1> to the top-level context and each recipient's (Go writes map entries in random order)")
 	if err := set.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0) // -h, --help: asked for, not a usage error
@@ -86,6 +90,9 @@ func Parse(program string, args []string) Options {
 	}
 	if o.Recipients < 0 || (program == "send-stream" && o.ChunkSize < 1) {
 		usage("--recipients must be >= 0 and --chunk-size >= 1")
+	}
+	if o.ContextKeys < 0 {
+		usage("--context-keys must be >= 0")
 	}
 	o.TLS = o.TLS || o.CAFile != ""
 	if o.CAFile != "" {
@@ -132,26 +139,37 @@ func WithToken(ctx context.Context, token string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 }
 
-// Recipients returns `count` recipients user-<i> from i = `from`, each with the context {"index": i}.
-func Recipients(from, count int) []*v1.Recipient {
+// Recipients returns `count` recipients user-<i> from i = `from`, each with the context {"index": i}
+// and `keys` more keys (--context-keys).
+func Recipients(from, count, keys int) []*v1.Recipient {
 	people := make([]*v1.Recipient, count)
 	for k := range people {
 		i := from + k
 		people[k] = &v1.Recipient{
 			Identifier: &v1.Recipient_ExternalUserId{ExternalUserId: fmt.Sprintf("user-%d", i)},
-			Context:    &structpb.Struct{Fields: map[string]*structpb.Value{"index": structpb.NewNumberValue(float64(i))}},
+			Context:    contextOf("index", structpb.NewNumberValue(float64(i)), keys),
 		}
 	}
 	return people
 }
 
-// Trigger is the Canvas, the top-level context and the recipients given.
-func Trigger(canvasID string, people []*v1.Recipient) *v1.CanvasTrigger {
+// Trigger is the Canvas, the top-level context (with `keys` more keys) and the recipients given.
+func Trigger(canvasID string, people []*v1.Recipient, keys int) *v1.CanvasTrigger {
 	return &v1.CanvasTrigger{
 		CanvasId:   canvasID,
-		Context:    &structpb.Struct{Fields: map[string]*structpb.Value{"campaign": structpb.NewStringValue("example")}},
+		Context:    contextOf("campaign", structpb.NewStringValue("example"), keys),
 		Recipients: people,
 	}
+}
+
+// contextOf is {name: value} and `keys` more keys key-<j>: j. A Go map: its entries go on the wire in
+// an order of their own each time, so a repeat is the same request in another order.
+func contextOf(name string, value *structpb.Value, keys int) *structpb.Struct {
+	fields := map[string]*structpb.Value{name: value}
+	for j := range keys {
+		fields[fmt.Sprintf("key-%d", j)] = structpb.NewNumberValue(float64(j))
+	}
+	return &structpb.Struct{Fields: fields}
 }
 
 // SendOptions is the request's SendOptions: the idempotency key, if any.

@@ -33,6 +33,7 @@ export interface Options {
   chunkSize: number;
   badEmail: boolean;
   idempotencyKey: string; // SendOptions.idempotency_key; "" sends without one
+  contextKeys: number; // more keys key-0 ... key-<N-1> in the top-level context and each recipient's
   token: string;
 }
 
@@ -41,8 +42,8 @@ export class UsageError extends Error {}
 
 const USAGE: Record<Program, string> = {
   "send-stream":
-    "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N] [--idempotency-key KEY]",
-  send: "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email] [--idempotency-key KEY]",
+    "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N] [--idempotency-key KEY] [--context-keys N]",
+  send: "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email] [--idempotency-key KEY] [--context-keys N]",
 };
 
 function integer(flag: string, value: string | undefined, fallback: number, min: number): number {
@@ -70,6 +71,7 @@ export function parseOptions(program: Program, args: string[]): Options {
         "chunk-size": { type: "string" },
         "bad-email": { type: "boolean", default: false },
         "idempotency-key": { type: "string", default: "" },
+        "context-keys": { type: "string" },
       },
     }));
   } catch (error) {
@@ -102,6 +104,7 @@ export function parseOptions(program: Program, args: string[]): Options {
     chunkSize: integer("chunk-size", values["chunk-size"], 500, 1),
     badEmail: values["bad-email"],
     idempotencyKey: values["idempotency-key"],
+    contextKeys: integer("context-keys", values["context-keys"], 0, 0),
     token,
   };
 }
@@ -121,17 +124,36 @@ export function authorization(token: string): Metadata {
   return metadata;
 }
 
-/** recipients returns `count` recipients user-<i> from i = `from`, each with the context {"index": i}. */
-export function recipients(count: number, from = 0): Recipient[] {
+/** recipients returns `count` recipients user-<i> from i = `from`, each with the context {"index": i}
+ * and `keys` more keys (--context-keys). */
+export function recipients(count: number, from = 0, keys = 0): Recipient[] {
   return Array.from({ length: count }, (_, k) => {
     const i = from + k;
-    return Recipient.create({ identifier: { $case: "externalUserId", value: `user-${i}` }, context: { index: i } });
+    return Recipient.create({
+      identifier: { $case: "externalUserId", value: `user-${i}` },
+      context: contextOf("index", i, keys),
+    });
   });
 }
 
-/** trigger is the Canvas, the top-level context and the recipients given. */
-export function trigger(canvasId: string, people: Recipient[] = []): CanvasTrigger {
-  return CanvasTrigger.create({ canvasId, context: { campaign: "example" }, recipients: people });
+/** trigger is the Canvas, the top-level context (with `keys` more keys) and the recipients given. */
+export function trigger(canvasId: string, people: Recipient[] = [], keys = 0): CanvasTrigger {
+  return CanvasTrigger.create({ canvasId, context: contextOf("campaign", "example", keys), recipients: people });
+}
+
+/** contextOf is {name: value} and `keys` more keys key-<j>: j, inserted in a random order: ts-proto
+ * writes a Struct's entries in insertion order, and a repeat is the same request in another order
+ * (as grpc-go writes maps). */
+function contextOf(name: string, value: unknown, keys: number): Record<string, unknown> {
+  const entries: [string, unknown][] = [[name, value]];
+  for (let j = 0; j < keys; j++) {
+    entries.push([`key-${j}`, j]);
+  }
+  for (let i = entries.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [entries[i], entries[j]] = [entries[j], entries[i]];
+  }
+  return Object.fromEntries(entries);
 }
 
 /** sendOptions is the request's SendOptions: the idempotency key, if any. */

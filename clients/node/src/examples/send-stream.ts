@@ -49,11 +49,11 @@ async function sendStream(options: Options): Promise<number> {
 
   // The header, then the chunks, waiting for 'drain' whenever write() returns false.
   try {
-    const header = StreamHeader.create({ trigger: trigger(options.canvasId), options: sendOptions(options) });
+    const header = StreamHeader.create({ trigger: trigger(options.canvasId, [], options.contextKeys), options: sendOptions(options) });
     stream.write({ part: { $case: "header", value: header } });
     for (let start = 0; start < options.recipients; start += options.chunkSize) {
       const size = Math.min(options.chunkSize, options.recipients - start);
-      const chunk = RecipientChunk.create({ recipients: recipients(size, start) });
+      const chunk = RecipientChunk.create({ recipients: recipients(size, start, options.contextKeys) });
       if (!stream.write({ part: { $case: "chunk", value: chunk } })) {
         await once(stream, "drain"); // rejects when the gateway ends the stream with an error
       }

@@ -16,12 +16,12 @@ import {
 } from "./common";
 
 async function send(options: Options): Promise<number> {
-  const people = recipients(options.recipients);
+  const people = recipients(options.recipients, 0, options.contextKeys);
   if (options.badEmail) {
     // An email recipient without `prioritization`: the gateway refuses the whole call.
     people.push(Recipient.create({ identifier: { $case: "email", value: "not-an-email" } }));
   }
-  const request = SendRequest.create({ trigger: trigger(options.canvasId, people), options: sendOptions(options) });
+  const request = SendRequest.create({ trigger: trigger(options.canvasId, people, options.contextKeys), options: sendOptions(options) });
   const client = dial(options);
   try {
     const response = await new Promise<SendResponse>((resolve, reject) => {

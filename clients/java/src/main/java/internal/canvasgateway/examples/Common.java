@@ -26,6 +26,7 @@ import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
+import java.util.Collections;
 import java.util.List;
 import java.util.concurrent.TimeUnit;
 import java.util.regex.Pattern;
@@ -62,6 +63,7 @@ final class Common {
       int chunkSize,
       boolean badEmail,
       String idempotencyKey, // SendOptions.idempotency_key; "" sends without one
+      int contextKeys, // more keys key-0 ... key-<N-1> in the top-level context and each recipient's
       String token) {}
 
   /** A bad flag or a missing token: the program prints it and exits 2. */
@@ -81,8 +83,8 @@ final class Common {
 
   private static String usage(String program) {
     return SEND.equals(program)
-        ? "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email] [--idempotency-key KEY]"
-        : "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N] [--idempotency-key KEY]";
+        ? "usage: send [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--bad-email] [--idempotency-key KEY] [--context-keys N]"
+        : "usage: send-stream [--target HOST:PORT] [--tls] [--ca-file PEM] [--canvas-id ID] [--recipients N] [--chunk-size N] [--idempotency-key KEY] [--context-keys N]";
   }
 
   private static int integer(String flag, String value, int fallback, int min) throws UsageError {
@@ -112,6 +114,7 @@ final class Common {
     String chunkSize = null;
     boolean badEmail = false;
     String idempotencyKey = "";
+    String contextKeys = null;
     for (int i = 0; i < args.length; i++) {
       String arg = args[i];
       String name = arg;
@@ -139,7 +142,8 @@ final class Common {
             "--canvas-id",
             "--recipients",
             "--chunk-size",
-            "--idempotency-key" -> {
+            "--idempotency-key",
+            "--context-keys" -> {
           String value = inline;
           if (value == null) {
             if (i + 1 >= args.length) {
@@ -153,6 +157,7 @@ final class Common {
             case "--canvas-id" -> canvasId = value;
             case "--recipients" -> recipients = value;
             case "--idempotency-key" -> idempotencyKey = value;
+            case "--context-keys" -> contextKeys = value;
             default -> {
               if (SEND.equals(program)) {
                 throw new UsageError("--chunk-size is a send-stream flag");
@@ -185,6 +190,7 @@ final class Common {
         integer("chunk-size", chunkSize, 500, 1),
         badEmail,
         idempotencyKey,
+        integer("context-keys", contextKeys, 0, 0),
         token);
   }
 
@@ -216,29 +222,51 @@ final class Common {
     channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
   }
 
-  /** {@code count} recipients user-i from i = {@code from}, each with the context {"index": i}. */
-  static List<Recipient> recipients(int count, int from) {
+  /**
+   * {@code count} recipients user-i from i = {@code from}, each with the context {"index": i} and
+   * {@code keys} more keys (--context-keys).
+   */
+  static List<Recipient> recipients(int count, int from, int keys) {
     List<Recipient> people = new ArrayList<>(count);
     for (int i = from; i < from + count; i++) {
       people.add(
           Recipient.newBuilder()
               .setExternalUserId("user-" + i)
-              .setContext(
-                  Struct.newBuilder().putFields("index", Value.newBuilder().setNumberValue(i).build()))
+              .setContext(contextOf("index", Value.newBuilder().setNumberValue(i).build(), keys))
               .build());
     }
     return people;
   }
 
-  /** The Canvas, the top-level context {"campaign": "example"} and the recipients given. */
-  static CanvasTrigger trigger(String canvasId, List<Recipient> people) {
+  /** The Canvas, the top-level context (with {@code keys} more keys) and the recipients given. */
+  static CanvasTrigger trigger(String canvasId, List<Recipient> people, int keys) {
     return CanvasTrigger.newBuilder()
         .setCanvasId(canvasId)
-        .setContext(
-            Struct.newBuilder()
-                .putFields("campaign", Value.newBuilder().setStringValue("example").build()))
+        .setContext(contextOf("campaign", Value.newBuilder().setStringValue("example").build(), keys))
         .addAllRecipients(people)
         .build();
+  }
+
+  /**
+   * {name: value} and {@code keys} more keys key-j: j, put in a random order: Java's protobuf
+   * writes a Struct's entries in the order they were put, and a repeat is the same request with
+   * its map in another order (as grpc-go writes maps).
+   */
+  private static Struct contextOf(String name, Value value, int keys) {
+    List<String> names = new ArrayList<>(List.of(name));
+    for (int j = 0; j < keys; j++) {
+      names.add("key-" + j);
+    }
+    Collections.shuffle(names);
+    Struct.Builder struct = Struct.newBuilder();
+    for (String key : names) {
+      struct.putFields(
+          key,
+          key.equals(name)
+              ? value
+              : Value.newBuilder().setNumberValue(Integer.parseInt(key.substring(4))).build());
+    }
+    return struct.build();
   }
 
   /** The request's SendOptions (the idempotency key), or null when there is none to send. */

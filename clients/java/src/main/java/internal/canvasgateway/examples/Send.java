@@ -15,13 +15,13 @@ public final class Send {
   private Send() {}
 
   static int send(Common.Options options) throws Exception {
-    List<Recipient> people = Common.recipients(options.recipients(), 0);
+    List<Recipient> people = Common.recipients(options.recipients(), 0, options.contextKeys());
     if (options.badEmail()) {
       // An email recipient without `prioritization`: the gateway refuses the whole call.
       people.add(Recipient.newBuilder().setEmail("not-an-email").build());
     }
     SendRequest.Builder builder =
-        SendRequest.newBuilder().setTrigger(Common.trigger(options.canvasId(), people));
+        SendRequest.newBuilder().setTrigger(Common.trigger(options.canvasId(), people, options.contextKeys()));
     SendOptions sendOptions = Common.sendOptions(options);
     if (sendOptions != null) {
       builder.setOptions(sendOptions);

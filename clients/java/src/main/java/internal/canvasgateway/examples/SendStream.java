@@ -52,7 +52,7 @@ public final class SendStream {
       while (!halfClosed && !finished && requests.isReady()) {
         if (!headerSent) {
           StreamHeader.Builder header =
-              StreamHeader.newBuilder().setTrigger(Common.trigger(options.canvasId(), List.of()));
+              StreamHeader.newBuilder().setTrigger(Common.trigger(options.canvasId(), List.of(), options.contextKeys()));
           SendOptions sendOptions = Common.sendOptions(options);
           if (sendOptions != null) {
             header.setOptions(sendOptions);
@@ -63,7 +63,7 @@ public final class SendStream {
           int size = Math.min(options.chunkSize(), options.recipients() - next);
           RecipientChunk chunk =
               RecipientChunk.newBuilder()
-                  .addAllRecipients(Common.recipients(size, next))
+                  .addAllRecipients(Common.recipients(size, next, options.contextKeys()))
                   .build();
           requests.onNext(SendStreamRequest.newBuilder().setChunk(chunk).build());
           next += size;

@@ -1,0 +1,269 @@
+"""The host's idempotency store: one SQLite file every worker of a gateway shares (no Redis).
+
+With several workers a repeat may reach another worker than the first call did, so the
+workers keep their claims and results in one file (CGW_IDEMPOTENCY_FILE, created by the
+supervisor), as their budgets share one mapped file. The file outlives the gateway: a
+restart on the host finds what was kept. It is `idempotency.ResultStore` with the rules of
+`shared.RedisResults`, held to the same tests:
+
+- one row per (scope, batch index): digest, the claiming process (owner) and token, when it
+  was claimed, the kept result (NULL while claimed, b"" for LOST), when it expires, and
+  whether its call may have left (`sending`, set by `mark_sending` in one statement);
+- each process beats a row of `owners` every HEARTBEAT_SECONDS; a claim whose owner has not
+  beaten for HEARTBEAT_LAPSE_SECONDS (a worker killed, a gateway restarted) is claimed again at
+  once if its call never left, else LOST;
+- a claim of a batch nobody holds is one INSERT; of one that is held, one `BEGIN IMMEDIATE`
+  transaction (the write lock first): two workers claiming one batch are ordered, never both
+  CLAIMED; a keep is one statement;
+- expired rows are deleted in the background, a slice at a time.
+
+Why SQLite: it is in the standard library, it locks across processes, and in WAL mode with
+`synchronous=NORMAL` a commit is a write to the OS, not a disk flush: a claim and a keep cost
+tens of microseconds (BENCHMARKS.md, `bench/redis_cost.py`). A gateway killed at any moment
+loses nothing committed; a power cut may lose the last commits, as a reboot empties /tmp
+anyway. Calls run on one thread of their own: a lock held by another worker or a slow disk
+then waits there, not on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import stat
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final, TypeVar
+
+from .errors import ConfigError
+from .idempotency import Claim, Verdict
+from .limits import StoreUnavailable
+from .settings import Settings
+
+T = TypeVar("T")
+
+HEARTBEAT_SECONDS: Final = 1.0
+"""How often a process renews its row in `owners`."""
+HEARTBEAT_LAPSE_SECONDS: Final = 5.0
+"""A process whose row is this old is taken as gone: its claims are LOST."""
+PURGE_ROWS: Final = 1000
+"""Expired rows deleted at each heartbeat, at most (a short transaction)."""
+BUSY_SECONDS: Final = 2.0
+"""Longest wait for another worker's write lock before the store counts as not answering."""
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS results (
+    scope TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    token TEXT NOT NULL,
+    at REAL NOT NULL,
+    kept BLOB,
+    expires REAL NOT NULL,
+    sending INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS results_expiry ON results (expires);
+CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL) WITHOUT ROWID;
+"""
+
+
+_CLAIM_NEW: Final = (
+    "INSERT INTO results (scope, idx, digest, owner, token, at, kept, expires) "
+    "VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (scope, idx) DO NOTHING"
+)
+
+
+def default_path(port: int) -> str:
+    """Where a gateway on `port` keeps its keys without CGW_IDEMPOTENCY_FILE: a private folder
+    in the temporary directory ($TMPDIR, else /tmp), named by the port, so that a restart on
+    the port finds them."""
+    return os.path.join(tempfile.gettempdir(), f"canvas-gateway-{port}", "keys.sqlite3")
+
+
+def keys_file(settings: Settings, folder: str = "") -> str:
+    """The file of a gateway's keys without Redis: CGW_IDEMPOTENCY_FILE; else the default path
+    for its port; on port 0 (a port that a restart does not find again) the supervisor's
+    `folder`, or "" for one process: its own memory (`LocalResults`)."""
+    if settings.idempotency_file:
+        return settings.idempotency_file
+    port = int(settings.grpc_address.rpartition(":")[2])
+    if port:
+        return default_path(port)
+    return os.path.join(folder, "keys.sqlite3") if folder else ""
+
+
+def create(path: str, private_folder: bool) -> None:
+    """Make the file (and, for the default path, its private folder) ready for the workers.
+
+    The default folder is in a shared temporary directory: it must be this user's own and
+    closed to others (else another local user could read or forge what is kept)."""
+    folder = Path(path).parent
+    if private_folder:
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+        found = folder.lstat()
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_mode & 0o077:
+            raise ConfigError(
+                f"{folder} (idempotency keys' store) must be a folder of this user's, closed to others; "
+                "remove it, or set CGW_IDEMPOTENCY_FILE"
+            )
+    try:
+        connection = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(results)")}
+            if "sending" not in columns:  # a file made before claims were marked
+                connection.execute("ALTER TABLE results ADD COLUMN sending INTEGER NOT NULL DEFAULT 0")
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(
+            f"cannot open {path} (CGW_IDEMPOTENCY_FILE) as the idempotency keys' store: {exc}"
+        ) from None
+
+
+class HostResults:
+    """An `idempotency.ResultStore` in a SQLite file shared by the host's workers."""
+
+    def __init__(self, path: str, ttl: float, lease: float, clock: Callable[[], float] = time.time) -> None:
+        self._ttl = ttl
+        self._lease = lease
+        self._clock = clock
+        self.owner = uuid.uuid4().hex
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="keys-sqlite")
+        self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def _run(self, operation: Callable[..., T], *args: object) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, operation, *args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the host's idempotency store (SQLite) did not answer ({type(exc).__name__})"
+            ) from None
+
+    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        return await self._run(self._claim, scope, index, digest, token)
+
+    def _claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        now = self._clock()
+        row = (scope, index, digest, self.owner, token, now, now + self._ttl)
+        # The usual case, a batch nobody holds, in one statement; else one transaction decides.
+        if self._db.execute(_CLAIM_NEW, row).rowcount == 1:
+            return Claim(Verdict.CLAIMED)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            claim = self._decide(scope, index, digest, token, now)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return claim
+
+    def _decide(self, scope: str, index: int, digest: str, token: str, now: float) -> Claim:
+        db = self._db
+        row = db.execute(
+            "SELECT digest, owner, at, kept, expires, sending FROM results WHERE scope = ? AND idx = ?",
+            (scope, index),
+        ).fetchone()
+        if row is None or row[4] <= now:  # gone since, or expired and not purged yet
+            db.execute(
+                "INSERT OR REPLACE INTO results (scope, idx, digest, owner, token, at, kept, expires) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                (scope, index, digest, self.owner, token, now, now + self._ttl),
+            )
+            return Claim(Verdict.CLAIMED)
+        found, owner, at, kept, _, sending = row
+        if found != digest:
+            return Claim(Verdict.MISMATCH, None if kept is None else bytes(kept))
+        if kept is not None:
+            return Claim(Verdict.KEPT, bytes(kept))
+        beat = db.execute(
+            "SELECT 1 FROM owners WHERE owner = ? AND beat > ?", (owner, now - HEARTBEAT_LAPSE_SECONDS)
+        ).fetchone()
+        if (owner == self.owner or beat is not None) and at + self._lease > now:
+            return Claim(Verdict.BUSY)
+        if not sending:  # its call never started: nothing can have reached Braze
+            db.execute(
+                "UPDATE results SET owner = ?, token = ?, at = ?, expires = ? WHERE scope = ? AND idx = ?",
+                (self.owner, token, now, now + self._ttl, scope, index),
+            )
+            return Claim(Verdict.RECLAIMED)
+        db.execute("UPDATE results SET kept = x'' WHERE scope = ? AND idx = ?", (scope, index))
+        return Claim(Verdict.LOST)
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        return await self._run(self._mark, scope, index, token)
+
+    def _mark(self, scope: str, index: int, token: str) -> bool:
+        marked: int = self._db.execute(
+            "UPDATE results SET sending = 1 WHERE scope = ? AND idx = ? AND token = ? AND kept IS NULL",
+            (scope, index, token),
+        ).rowcount
+        return marked == 1
+
+    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+        await self._run(self._keep, scope, index, digest, token, kept)
+
+    def _keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+        if kept is None:
+            self._db.execute(
+                "DELETE FROM results WHERE scope = ? AND idx = ? AND token = ? AND kept IS NULL",
+                (scope, index, token),
+            )
+            return
+        now = self._clock()
+        self._db.execute(  # unless another call's claim holds the batch now
+            "INSERT INTO results (scope, idx, digest, owner, token, at, kept, expires) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, idx) DO UPDATE "
+            "SET digest = excluded.digest, kept = excluded.kept, expires = excluded.expires "
+            "WHERE results.kept IS NOT NULL OR results.token = excluded.token",
+            (scope, index, digest, self.owner, token, now, kept, now + self._ttl),
+        )
+
+    def _beat(self) -> int:
+        """Renew this process's heartbeat and delete a slice of what has expired; how many rows."""
+        now = self._clock()
+        self._db.execute("INSERT OR REPLACE INTO owners VALUES (?, ?)", (self.owner, now))
+        purged = self._db.execute(
+            "DELETE FROM results WHERE (scope, idx) IN "
+            "(SELECT scope, idx FROM results WHERE expires <= ? LIMIT ?)",
+            (now, PURGE_ROWS),
+        ).rowcount
+        self._db.execute("DELETE FROM owners WHERE beat <= ?", (now - self._ttl,))
+        return purged
+
+    async def beat(self) -> int:
+        return await self._run(self._beat)
+
+    def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
+        """Keep this process's heartbeat alive (and purge) until `stop`."""
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beating(on_failure))
+
+    async def _beating(self, on_failure: Callable[[], None]) -> None:
+        while True:
+            try:
+                await self.beat()
+            except StoreUnavailable:
+                on_failure()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def stop(self) -> None:
+        """Stop beating and close; this process's claims left behind are LOST at once."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        with contextlib.suppress(StoreUnavailable):
+            await self._run(self._db.execute, "DELETE FROM owners WHERE owner = ?", (self.owner,))
+        await self._run(self._db.close)
+        self._thread.shutdown()
