@@ -2,16 +2,18 @@
 what the host's SQLite file (keys without Redis) costs beside the in-process store.
 
 Each batch a gateway sends costs two budget operations (reserve before the Braze call, settle
-after it) and, with an idempotency key, two result operations (claim before, keep after). In
+after it) and, with an idempotency key, three result operations (claim before, the mark that its
+call leaves just before the request is written, keep after). In
 process they are a dict update; with Redis each is one Lua script, one round trip to a
 redis-server on 127.0.0.1 (tests/servers.py starts Debian's). Measured in one run:
 
   stores     the gateway's own classes called in a loop from this process, N batches: reserve +
-             settle on TableBudgets (in-process) and on RedisBudgets; claim + keep (a SENT
-             result kept) on LocalResults, on HostResults (a SQLite file in a temporary folder,
-             its calls on a thread of their own) and on RedisResults. Sequentially (one batch after
-             another: the latency of the round trips) and from 8 tasks at once (the gateway's
-             default request concurrency: how far pipelining over 8 connections hides them).
+             settle on TableBudgets (in-process) and on RedisBudgets; claim + mark_sending +
+             keep (a SENT result kept) on LocalResults, on HostResults (a SQLite file in a
+             temporary folder, its calls on a thread of their own) and on RedisResults.
+             Sequentially (one batch after another: the latency of the round trips) and from 8
+             tasks at once (the gateway's default request concurrency: how far pipelining over 8
+             connections hides them).
              Rounds alternate in-process and Redis; figures are medians over the rounds: wall time
              per batch, this process's CPU per batch (the client's share, which a gateway pays)
              and redis-server's CPU per batch. Every reservation must be a Ticket and every
@@ -114,6 +116,7 @@ def result_batch(store: ResultStore, scope: str) -> Callable[[int], Awaitable[No
         token = uuid.uuid4().hex
         claim = await store.claim(scope, index, DIGEST, token)
         assert claim.verdict is Verdict.CLAIMED, claim
+        assert await store.mark_sending(scope, index, token)
         await store.keep(scope, index, DIGEST, token, KEPT)
 
     return one
@@ -158,7 +161,7 @@ async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure
             scopes[way] = f"bench/{uuid.uuid4().hex}"
             return result_batch(store, scopes[way])
 
-        kinds["results claim+keep"] = {
+        kinds["results claim+mark+keep"] = {
             "in-process": lambda: fresh("in-process", local),
             "host file": lambda: fresh("host file", host),
             "Redis": lambda: fresh("Redis", results),

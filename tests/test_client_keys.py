@@ -462,6 +462,25 @@ def test_a_batch_yielded_early_as_not_attempted_gets_its_later_result_and_is_cou
     assert summary.recipients_not_attempted == held - 2
 
 
+def test_a_refusal_braze_gave_does_not_stand_so_its_later_send_is_no_forgotten_key() -> None:
+    """A REJECTED batch (a 401 for a wrong key: nothing sent) is not kept by the gateway: once the
+    key is fixed a resumed stream sends it, and that SENT result follows the refusal instead of
+    being taken for a key the gateway forgot."""
+    state = _Keyed(limit=1)
+
+    def take(result: pb.BatchResult) -> list[pb.Outcome.ValueType]:
+        stream = _Stream(0)
+        stream.track([(0, pb.Recipient(external_user_id="u0"))])
+        return [t.response.result.outcome for t in state.take(stream, result)]
+
+    refused = pb.BatchResult(batch_index=0, positions=[0], outcome=pb.OUTCOME_REJECTED, retryable=False)
+    assert take(refused) == [pb.OUTCOME_REJECTED]
+    state.resumes = 1
+    assert take(pb.BatchResult(batch_index=0, positions=[0], outcome=pb.OUTCOME_SENT)) == [pb.OUTCOME_SENT]
+    assert state.forgotten is None
+    assert state.summary(None).response.summary.recipients_sent == 1
+
+
 # --- a gateway that forgot the key -------------------------------------------------------------------
 
 

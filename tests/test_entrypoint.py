@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from canvas_gateway_server import __version__
 from canvas_gateway_server.__main__ import main
-from conftest import KEYS, SECRET_PIECES, UNESCAPED_PASSWORDS, tenants_toml
+from conftest import KEYS, SECRET_PIECES, UNESCAPED_PASSWORDS, free_port, tenants_toml
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
@@ -76,3 +76,23 @@ def test_check_config_refuses_a_redis_url_that_would_not_parse_and_never_quotes_
     captured = capsys.readouterr()
     assert captured.out == ""
     assert not any(piece in text for piece in SECRET_PIECES for text in (reason, captured.out, captured.err))
+
+
+def test_accept_lost_keys_needs_redis_and_never_shows_its_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--accept-lost-keys (README: Scaling out; tested against Redis in test_idempotency)."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml("https://rest.iad-01.braze.com"))
+    _env(monkeypatch, CGW_TENANTS_FILE=str(tenants), ACME_BRAZE_KEY=KEYS["acme"])
+    monkeypatch.delenv("CGW_REDIS_URL", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["--accept-lost-keys"])
+    assert "--accept-lost-keys needs CGW_REDIS_URL" in str(exited.value.code)
+
+    url = f"redis://:pass-word-1@127.0.0.1:{free_port()}/0"  # nothing listens there
+    monkeypatch.setenv("CGW_REDIS_URL", url)
+    with pytest.raises(SystemExit) as exited:
+        main(["--accept-lost-keys"])
+    reason = str(exited.value.code)
+    assert "Redis (CGW_REDIS_URL) did not answer" in reason and "pass-word-1" not in reason

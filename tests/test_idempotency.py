@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import sys
 import tempfile
 import tracemalloc
 import uuid
@@ -16,30 +17,36 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import host_results
+from canvas_gateway_server import host_results, results
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.host_results import HostResults
 from canvas_gateway_server.idempotency import (
     DEFAULT_CAPACITY,
+    Claim,
     Claimed,
     Ledger,
     LocalResults,
     ResultStore,
+    StoreLost,
     Verdict,
+    decode,
+    describe,
     encode,
 )
 from canvas_gateway_server.limits import StoreUnavailable
 from canvas_gateway_server.metrics import PrometheusMetrics
 from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome
 from canvas_gateway_server.settings import Settings
-from canvas_gateway_server.shared import RedisResults, connect
+from canvas_gateway_server.shared import RedisResults, accept_lost_keys, connect
 from canvas_gateway_server.tenants import Tenant
+from canvas_gateway_server.upstream import Delivery, Reply
 from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
-from servers import redis_server
+from servers import RedisServer, redis_server
 
 TENANT_KEY = "order-2026-11-29.a"
 
@@ -114,8 +121,27 @@ async def test_unknown_stays_unknown_and_what_was_not_sent_is_sent_on_replay(har
 
 
 @pytest.fixture
-def settings_overrides() -> dict[str, Any]:
-    return {"max_attempts": 1}  # a 429 ends its batch at once, REJECTED and retryable
+async def shared_redis(request: pytest.FixtureRequest) -> AsyncIterator[RedisServer | None]:
+    """A Redis for the gateway to keep keys in, when a test parametrizes this with True."""
+    if not getattr(request, "param", False):
+        yield None
+        return
+    async with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def extra_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """More settings, when a test parametrizes this."""
+    return dict(getattr(request, "param", {}))
+
+
+@pytest.fixture
+def settings_overrides(shared_redis: RedisServer | None, extra_settings: dict[str, Any]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"max_attempts": 1}  # a 429 ends its batch at once, REJECTED and retryable
+    if shared_redis is not None:
+        overrides |= {"redis_url": shared_redis.url, "redis_timeout_seconds": 0.1, "request_concurrency": 20}
+    return overrides | extra_settings
 
 
 async def test_a_batch_in_flight_elsewhere_is_aborted_with_retry_info(harness: Harness) -> None:
@@ -180,6 +206,150 @@ async def test_a_bad_key_is_invalid_and_validate_only_keeps_nothing(harness: Har
     assert (sent.results[0].outcome, sent.results[0].replayed) == (pb.OUTCOME_SENT, False)
 
 
+@pytest.mark.parametrize("shared_redis", [False, True], indirect=True)
+@pytest.mark.parametrize(
+    "extra_settings", [{"tenant_concurrency": 1, "idempotency_lease_seconds": 0.5}], indirect=True
+)
+async def test_a_claim_past_its_lease_is_sent_by_the_repeat_only_if_its_call_never_left(
+    harness: Harness, shared_redis: RedisServer | None
+) -> None:
+    """Both batches of a call are claimed; one calls a slow Braze, the other waits for the one
+    slot. Past the lease, a repeat finds the first UNKNOWN (its call left) and claims the other
+    again (its call never did): one of the two calls sends it, the other is told it is in flight."""
+    harness.fake.faults.set_latency(1.5)
+    first = asyncio.ensure_future(harness.stub.Send(request(100), metadata=harness.auth()))
+    async with asyncio.timeout(5):
+        while harness.fake.in_progress < 1:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.6)  # the claims' lease (0.5 s) is over
+    again = await harness.stub.Send(request(100), metadata=harness.auth())
+    done = await first
+
+    calling = 0 if b'"u0"' in harness.fake.arrived[0] else 1  # the batch that took the slot
+    waiting = 1 - calling
+    assert outcomes(again)[calling] == (calling, "OUTCOME_UNKNOWN", "UNKNOWN", True)
+    assert outcomes(done)[calling] == (calling, "OUTCOME_SENT", "OK", False)
+    pair = [done.results[waiting], again.results[waiting]]
+    sent, aborted = sorted(pair, key=lambda r: r.outcome != pb.OUTCOME_SENT)
+    assert (sent.outcome, sent.replayed) == (pb.OUTCOME_SENT, False)
+    assert (aborted.outcome, aborted.code) == (pb.OUTCOME_NOT_ATTEMPTED, 10)  # ABORTED: in flight
+    assert len(harness.fake.calls) == 2 and set(sent_to(harness.fake).values()) == {1}
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 400])
+async def test_a_batch_braze_refused_is_released_so_the_repeat_after_a_fix_sends_it(
+    harness: Harness, status: int
+) -> None:
+    """A 401 (the tenant's key wrong), 403, 404 or 400 sent nothing: the claim is released, so
+    once the cause is fixed the repeat sends the batch instead of replaying the refusal for 24 h."""
+    harness.fake.faults.script([Fault.status(status)])
+    refused = (await harness.stub.Send(request(10), metadata=harness.auth())).results[0]
+    assert (refused.outcome, refused.retryable, refused.braze.http_status) == (
+        pb.OUTCOME_REJECTED,
+        False,
+        status,
+    )
+
+    fixed = await harness.stub.Send(request(10), metadata=harness.auth())
+    assert outcomes(fixed) == [(0, "OUTCOME_SENT", "OK", False)]
+    assert len(harness.fake.calls) == 2 and set(sent_to(harness.fake).values()) == {1}
+
+
+async def test_a_repeat_whose_last_batch_grew_is_told_what_was_sent(harness: Harness) -> None:
+    first = await harness.stub.Send(request(70), metadata=harness.auth())  # batches of 50 and 20
+    grown = await harness.stub.Send(request(80), metadata=harness.auth())  # the last has 30 now
+
+    assert len(harness.fake.calls) == 2
+    result = grown.results[1]
+    assert (result.outcome, result.code) == (pb.OUTCOME_REJECTED, 9)  # FAILED_PRECONDITION
+    dispatch_id = first.results[1].braze.dispatch_id
+    assert dispatch_id and f"of 20 recipients ended SENT (dispatch_id {dispatch_id})" in result.status_message
+    assert "nothing was sent" not in result.status_message
+    assert "this call sent nothing for batch 1" in result.status_message
+
+
+@pytest.mark.parametrize("shared_redis", [True], indirect=True)
+async def test_a_redis_slower_than_its_timeout_gets_a_bounded_load_of_retried_releases(
+    harness: Harness, shared_redis: RedisServer
+) -> None:
+    """200 keyed batches whose claims time out (Redis paused) leave 200 releases to make: one
+    task offers them, backing off, so Redis sees a handful of new connections a second, not one
+    per failed batch; once it answers they are all released, and the repeat sends each once."""
+    control = aioredis.Redis.from_url(shared_redis.url)
+    try:
+        sends = [request(2500, key=f"slow-{n}", first=n * 2500) for n in range(4)]  # 200 batches
+        await control.client_pause(8000, all=False)  # scripts wait
+        failed = await asyncio.gather(*(harness.stub.Send(r, metadata=harness.auth()) for r in sends))
+        for response in failed:
+            assert {(r.outcome, r.code) for r in response.results} == {(pb.OUTCOME_NOT_ATTEMPTED, 14)}
+        before = (await control.info("stats"))["total_connections_received"]
+        await asyncio.sleep(3.0)  # still paused: the releases are retried
+        opened = (await control.info("stats"))["total_connections_received"] - before
+        assert opened <= 20, f"{opened} new connections to Redis in 3 s"
+        await control.client_unpause()
+    finally:
+        await control.aclose()
+    results: dict[tuple[int, int], pb.BatchResult] = {}
+    async with asyncio.timeout(15):  # a batch is ABORTED (in flight) until its claim is released
+        while len(results) < 200:
+            for n, each in enumerate(sends):
+                for result in (await harness.stub.Send(each, metadata=harness.auth())).results:
+                    if result.outcome != pb.OUTCOME_NOT_ATTEMPTED:
+                        results.setdefault((n, result.batch_index), result)
+            await asyncio.sleep(0.1)
+    assert {(r.outcome, r.replayed) for r in results.values()} == {(pb.OUTCOME_SENT, False)}
+    assert len(harness.fake.calls) == 200 and len(sent_to(harness.fake)) == 10_000
+    assert set(sent_to(harness.fake).values()) == {1}
+
+
+@pytest.mark.parametrize("shared_redis", [True], indirect=True)
+async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_the_loss(
+    harness: Harness, shared_redis: RedisServer
+) -> None:
+    first = await harness.stub.Send(request(100), metadata=harness.auth())
+    assert [r.outcome for r in first.results] == [pb.OUTCOME_SENT] * 2
+    await shared_redis.restart()  # no append-only file: everything it kept is gone
+
+    refused = await harness.stub.Send(request(100), metadata=harness.auth())
+    for result in refused.results:
+        assert (result.outcome, result.code, result.retryable) == (pb.OUTCOME_NOT_ATTEMPTED, 9, False)
+        assert "(Redis) lost what it kept" in result.status_message
+        assert "--accept-lost-keys" in result.status_message
+        assert shared_redis.url not in result.status_message
+    assert len(harness.fake.calls) == 2  # nothing sent twice
+    registry = harness.gateway.registry
+    assert registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
+    assert registry.get_sample_value("canvas_gateway_idempotency_keys_refused") == 1
+    await asyncio.sleep(1.5)  # heartbeats: still refused, still counted once
+    after = request(10, key="after-the-loss", first=1000)
+    other_key = await harness.stub.Send(after, metadata=harness.auth())
+    assert other_key.results[0].outcome == pb.OUTCOME_NOT_ATTEMPTED
+    unkeyed = pb.SendRequest(trigger=trigger(500, 10))
+    assert (await harness.stub.Send(unkeyed, metadata=harness.auth())).results[0].outcome == pb.OUTCOME_SENT
+    assert registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
+
+    accepted = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "canvas_gateway_server",
+        "--accept-lost-keys",
+        env={
+            **os.environ,
+            "CGW_REDIS_URL": shared_redis.url,
+            "CGW_TENANTS_FILE": harness.gateway.settings.tenants_file,  # as the gateway's own settings
+        },
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await accepted.communicate()
+    assert accepted.returncode == 0 and out.startswith(b"acknowledged")
+    async with asyncio.timeout(5):  # each gateway adopts it with its next heartbeat
+        while registry.get_sample_value("canvas_gateway_idempotency_keys_refused"):
+            await asyncio.sleep(0.05)
+    taken = await harness.stub.Send(after, metadata=harness.auth())
+    assert outcomes(taken) == [(0, "OUTCOME_SENT", "OK", False)]
+    assert max(sent_to(harness.fake).values()) == 1
+
+
 # --- the stores --------------------------------------------------------------------------------
 
 
@@ -219,10 +389,17 @@ async def test_a_store_claims_keeps_refuses_and_releases(store: ResultStore) -> 
 
     assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
     await store.keep("acme/k", 1, "d1", "an-earlier-claim", None)  # not its claim: no release
+    await store.keep("acme/k", 1, "d1", "an-earlier-claim", b"x")  # nor does it keep over it
     assert (await store.claim("acme/k", 1, "d1", "t2")).verdict is Verdict.BUSY
+    assert await store.mark_sending("acme/k", 1, "an-earlier-claim") is False
+    assert await store.mark_sending("acme/k", 1, "t1") is True
     await store.keep("acme/k", 1, "d1", "t1", None)  # released: nothing was sent
     assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
     assert (await store.claim("globex/k", 0, "x", "t0")).verdict is Verdict.CLAIMED  # scopes apart
+    # Another body under the key is told what became of the kept one, or that it is in flight.
+    assert (await store.claim("acme/k", 1, "other", "t3")) == Claim(Verdict.MISMATCH, None)
+    assert (await store.claim("acme/k", 0, "other", "t3")) == Claim(Verdict.MISMATCH, b'{"kept": 1}')
+    assert await store.mark_sending("acme/k", 0, "t0") is False  # kept: no call leaves for it
 
 
 @asynccontextmanager
@@ -258,20 +435,30 @@ Processes = Callable[[], AbstractAsyncContextManager[tuple[Any, Any]]]
 
 
 @pytest.mark.parametrize("processes", [two_redis_processes, two_host_processes], ids=["redis", "host"])
-async def test_a_claim_whose_gateway_is_gone_is_lost_and_stays_lost(processes: Processes) -> None:
+async def test_a_dead_claim_is_sent_again_unless_its_call_may_have_left(processes: Processes) -> None:
+    """A claim whose gateway is gone (heartbeat lapsed) is claimed again by the next call if it
+    never reached `mark_sending`; past that mark it is LOST (UNKNOWN) for good."""
     async with processes() as (gone, alive):
-        assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
-        assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.BUSY  # its gateway runs
+        assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # waits
+        assert (await gone.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await gone.mark_sending("acme/k", 1, "t0")  # its call may leave
+        assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.BUSY  # its gateway runs
         if isinstance(gone, HostResults):
             await gone.beat()
-        await gone.stop()  # its heartbeat is gone: the claim's outcome is unknown
-        assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
-        assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT  # as UNKNOWN, for good
-        if isinstance(alive, RedisResults):
-            await gone.keep("acme/k", 0, "d", "t0", None)  # a late release does not reopen it
-        else:
-            await alive.keep("acme/k", 0, "d", "t0", None)
-        assert (await alive.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
+        await gone.stop()  # its heartbeat is gone
+        assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.RECLAIMED
+        assert (await alive.claim("acme/k", 0, "d", "t2")).verdict is Verdict.BUSY  # t1's now
+        if isinstance(gone, RedisResults):  # (a stopped HostResults is closed)
+            assert not await gone.mark_sending("acme/k", 0, "t0")  # the dead claim sends nothing
+            await gone.keep("acme/k", 0, "d", "t0", None)  # nor releases t1's claim
+        assert not await alive.mark_sending("acme/k", 0, "t0")
+        await alive.keep("acme/k", 0, "d", "t0", None)
+        assert await alive.mark_sending("acme/k", 0, "t1")
+
+        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
+        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT  # as UNKNOWN, for good
+        await alive.keep("acme/k", 1, "d", "t0", None)  # a late release does not reopen it
+        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT
 
 
 # --- the host's file ---------------------------------------------------------------------------
@@ -286,6 +473,8 @@ async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_
     assert (await first.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
     await first.keep("acme/k", 0, "d", "t0", b"sent")
     assert (await first.claim("acme/k", 1, "d", "t1")).verdict is Verdict.CLAIMED
+    assert await first.mark_sending("acme/k", 1, "t1")  # its call may have left
+    assert (await first.claim("acme/k", 2, "d", "t2")).verdict is Verdict.CLAIMED  # never left
     await first._run(first._db.close)  # killed: no goodbye, its heartbeat row stays
 
     again = HostResults(path, ttl=60.0, lease=30.0, clock=lambda: now[0])  # the gateway restarted
@@ -295,6 +484,8 @@ async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_
         assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.BUSY  # beat 0 s ago
         now[0] += host_results.HEARTBEAT_LAPSE_SECONDS
         assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
+        assert (await again.claim("acme/k", 2, "d", "t3")).verdict is Verdict.RECLAIMED
+        await again.keep("acme/k", 2, "d", "t3", None)
         now[0] += 60.0  # past the TTL: an expired row is claimed anew, the purge deletes the other
         assert (await again.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
         assert await again.beat() == 1
@@ -352,6 +543,23 @@ async def test_a_broken_host_file_is_a_store_that_does_not_answer(tmp_path: Path
         await broken.stop()
 
 
+async def test_a_host_file_made_before_claims_were_marked_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "keys.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE results (scope TEXT NOT NULL, idx INTEGER NOT NULL, digest TEXT NOT NULL, "
+            "owner TEXT NOT NULL, token TEXT NOT NULL, at REAL NOT NULL, kept BLOB, expires REAL NOT NULL, "
+            "PRIMARY KEY (scope, idx)) WITHOUT ROWID"
+        )
+    host_results.create(str(path), private_folder=False)
+    store = HostResults(str(path), ttl=60.0, lease=60.0)
+    try:
+        assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await store.mark_sending("acme/k", 0, "t0")
+    finally:
+        await store.stop()
+
+
 def test_the_host_file_is_the_setting_or_a_private_folder_named_by_the_port(tmp_path: Path) -> None:
     def settings(**values: Any) -> Settings:
         return Settings.from_env({}, tenants_file="t", **values)
@@ -381,7 +589,12 @@ async def test_the_local_store_forgets_by_ttl_in_the_background_and_a_stale_clai
     now = [0.0]
     store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
     await store.claim("acme/k", 0, "d", "t0")
+    await store.claim("acme/k", 3, "d", "t0")
+    assert await store.mark_sending("acme/k", 0, "t0")  # its call may have left; 3's never did
     now[0] = 6.0  # past the lease, within the TTL
+    assert (await store.claim("acme/k", 3, "d", "t3")).verdict is Verdict.RECLAIMED
+    assert not await store.mark_sending("acme/k", 3, "t0")
+    await store.keep("acme/k", 3, "d", "t3", None)  # released by the claim that holds it now
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
     assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
     now[0] = 8.0
@@ -489,7 +702,9 @@ async def test_a_lost_or_cut_off_batch_is_counted_once_when_decided_and_its_repl
         return registry.get_sample_value(name, {"tenant": "acme", "outcome": outcome}) or 0.0
 
     lost, cut = Batch(0, tuple(range(50)), b"{}"), Batch(1, tuple(range(50, 60)), b"{}")
-    assert isinstance(await ledger.claim(tenant, "k", lost), Claimed)  # never kept: as if its gateway died
+    never_kept = await ledger.claim(tenant, "k", lost)
+    assert isinstance(never_kept, Claimed)
+    assert await ledger.sending(never_kept) is None  # its call left, then its gateway died
     claimed = await ledger.claim(tenant, "k", cut)
     assert isinstance(claimed, Claimed)
     ledger.keep_soon(claimed, sent=True)  # its caller went away while Braze was being called
@@ -504,3 +719,157 @@ async def test_a_lost_or_cut_off_batch_is_counted_once_when_decided_and_its_repl
 
     assert count("canvas_gateway_recipients_total", "unknown") == 60  # each once
     assert count("canvas_gateway_replayed_recipients_total", "unknown") == 3 * 60
+
+
+class Unanswering:
+    """A store whose `keep` does not answer until `answering` (as a Redis slower than its
+    timeout), then is `LocalResults`; it counts the keeps and how many overlapped."""
+
+    def __init__(self) -> None:
+        self.store = LocalResults(ttl=60.0, capacity=1000, lease=60.0)
+        self.answering = False
+        self.keeps = 0
+        self.overlapping = 0
+        self._now = 0
+
+    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        return await self.store.claim(scope, index, digest, token)
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        return await self.store.mark_sending(scope, index, token)
+
+    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+        self.keeps += 1
+        self._now += 1
+        self.overlapping = max(self.overlapping, self._now)
+        try:
+            await asyncio.sleep(0)
+            if not self.answering:
+                raise StoreUnavailable("the shared results store (Redis) did not answer (TimeoutError)")
+            await self.store.keep(scope, index, digest, token, kept)
+        finally:
+            self._now -= 1
+
+
+TENANT = Tenant(id="acme", braze_rest_url="http://127.0.0.1:1", braze_api_key="k")
+
+
+def waiting(ledger: Ledger) -> int:
+    return ledger.backlog
+
+
+async def test_what_the_store_did_not_take_is_offered_again_by_one_task_backing_off() -> None:
+    store = Unanswering()
+    ledger = Ledger(store, lease=60.0, jitter=lambda: 0.0)  # delays 0.1, 0.2, 0.4, 0.8 s...
+    claims = []
+    for index in range(50):
+        claimed = await ledger.claim(TENANT, "k", Batch(index, (index,), b"body"))
+        assert isinstance(claimed, Claimed)
+        claims.append(claimed)
+    for claimed in claims:  # 50 releases the store does not take
+        await ledger.keep(claimed, results.not_attempted(claimed.batch, "unsent", Code.UNAVAILABLE))
+    assert ledger.backlog == 50 and store.keeps >= 50
+    tried = store.keeps
+    await asyncio.sleep(1.0)
+    assert store.keeps - tried <= 4  # backing off: about 0.1 + 0.2 + 0.4 s, not 50 a second
+    store.answering = True
+    async with asyncio.timeout(5):
+        while ledger.backlog:
+            await asyncio.sleep(0.01)
+    assert store.overlapping == 1  # one at a time
+    again = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    assert isinstance(again, Claimed)  # released
+
+
+async def test_what_the_store_never_takes_lapses_after_the_lease_and_shutdown_stops_trying() -> None:
+    now = [0.0]
+    store = Unanswering()
+    ledger = Ledger(store, lease=5.0, clock=lambda: now[0], jitter=lambda: 0.0)
+    claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    assert isinstance(claimed, Claimed)
+    await ledger.keep(claimed, results.not_attempted(claimed.batch, "unsent", Code.UNAVAILABLE))
+    await asyncio.sleep(0.15)  # one more try, after the first delay
+    now[0] = 6.0  # past the lease: dropped at its next turn
+    async with asyncio.timeout(5):
+        while ledger.backlog:
+            await asyncio.sleep(0.01)
+    ledger.keep_soon(claimed, sent=True)  # UNKNOWN to keep, still not taken
+    await ledger.settled(0.3)
+    assert waiting(ledger) == 1  # left to lapse with its claim
+
+
+def test_a_mismatch_says_what_became_of_the_batch_under_the_key() -> None:
+    batch = Batch(3, (150, 151), b"body")
+    unknown = encode(results.from_reply(batch, Reply(Delivery.UNKNOWN, failure="TimeoutError"), 1))
+    assert describe(unknown) == "that batch of 2 recipients ended UNKNOWN: it may have been sent"
+    assert "ended UNKNOWN (its gateway stopped" in describe(b"")
+    assert describe(None) == "that batch is being sent by another call now"
+    assert decode(unknown, batch).outcome is Outcome.UNKNOWN
+    assert decode(b"", batch).outcome is Outcome.UNKNOWN  # LOST
+    refused = encode(results.from_reply(batch, Reply(Delivery.RESPONDED, status=401), 1))  # kept by 0.x
+    assert describe(refused) == "that batch of 2 recipients ended REJECTED"
+
+
+class Unmarkable(Unanswering):
+    """Claims answer; the mark that a call leaves raises `failure`."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__()
+        self.failure = failure
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (StoreUnavailable("the shared results store (Redis) did not answer (TimeoutError)"), 14),
+        (StoreLost("lost"), 9),
+    ],
+)
+async def test_a_batch_whose_mark_fails_is_not_sent(failure: Exception, code: int) -> None:
+    ledger = Ledger(Unmarkable(failure))
+    claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    assert isinstance(claimed, Claimed)
+    unsent = await ledger.sending(claimed)
+    assert unsent is not None and (unsent.outcome, int(unsent.code)) == (Outcome.NOT_ATTEMPTED, code)
+    assert "nothing was sent" in unsent.status_message
+
+
+async def test_redis_found_empty_refuses_keys_in_every_gateway_until_the_loss_is_accepted() -> None:
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        early, registry = RedisResults(client, 60.0, 60.0), CollectorRegistry()
+        early_metrics = PrometheusMetrics(registry, version="t", git_commit="t")
+        watching = RedisResults(client, 60.0, 60.0, early_metrics)
+        try:
+            assert (await early.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # no start()
+            await watching.beat()
+            assert watching.generation == early.generation != ""
+            await client.flushall()  # as a restart without its data
+            with pytest.raises(StoreLost, match="lost what it kept"):
+                await early.mark_sending("acme/k", 0, "t0")  # found by the mark itself
+            await watching.beat()  # the others see it with their heartbeat
+            assert watching.lost and registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
+            with pytest.raises(StoreLost):
+                await watching.claim("acme/k", 1, "d", "t1")  # refused without a round trip
+            newcomer = RedisResults(client, 60.0, 60.0)
+            with pytest.raises(StoreLost):  # a gateway started after the loss refuses too
+                await newcomer.claim("acme/k", 1, "d", "t1")
+
+            assert (await accept_lost_keys(client)).startswith("acknowledged")
+            assert (await accept_lost_keys(client)).startswith("no loss")
+            for store in (early, watching, newcomer):
+                await store.beat()
+                assert not store.lost
+            assert registry.get_sample_value("canvas_gateway_idempotency_keys_refused") == 0
+            assert (await newcomer.claim("acme/k", 1, "d", "t1")).verdict is Verdict.CLAIMED
+
+            await client.set("cgw:generation", "another")  # a gateway started on an emptied Redis
+            with pytest.raises(StoreLost):
+                await early.claim("acme/k", 2, "d", "t2")
+            await newcomer.beat()
+            assert newcomer.lost  # flagged for every gateway
+        finally:
+            await client.aclose()

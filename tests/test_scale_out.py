@@ -9,6 +9,8 @@ sending to one fake Braze.
 - A replica SIGKILLed mid-stream: the caller resumes through the balancer with its key; nobody
   gets the Canvas twice (the fake's record), every recipient ends with exactly one result,
   UNKNOWN where the kill left it unknown.
+- A replica SIGKILLed while its keyed batches wait for a slot: the repeat sends them; only the
+  batches whose calls had left are UNKNOWN.
 - Redis restarted mid-stream: budgets fail open (this process's own), keys fail closed (those
   batches end NOT_ATTEMPTED), and the caller's repeat with its key sends each of those once.
 And, in one process: a closed budget store ends batches NOT_ATTEMPTED / UNAVAILABLE while Redis
@@ -29,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
@@ -292,6 +295,58 @@ async def test_a_redis_restart_mid_stream_fails_keys_closed_and_budgets_open(
     sent_before = {r.batch_index for r in first if r.outcome == pb.OUTCOME_SENT}
     assert {i for i, r in results.items() if r.replayed} == sent_before  # kept through the restart
     assert set(sent_to(fake).values()) == {1} and len(sent_to(fake)) == count
+
+
+async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_calls_unknown(
+    fake: FakeBraze, redis: RedisServer, tmp_path: Path
+) -> None:
+    """A replica SIGKILLed with 8 keyed batches claimed, 2 calling Braze (slow) and 6 waiting for
+    a slot: the repeat, through another replica, sends the 6 (they never left) once the dead
+    replica's heartbeat lapses; only the 2 whose calls had left are UNKNOWN. Nobody gets the
+    Canvas twice."""
+    fake.faults.set_latency(1.0)
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    settings = {"CGW_REDIS_URL": redis.url, "CGW_TENANT_CONCURRENCY": "2", "CGW_REQUEST_CONCURRENCY": "8"}
+    async with aiohttp.ClientSession() as session:
+        doomed, other = await asyncio.gather(
+            start_replica(tenants, session, **settings), start_replica(tenants, session, **settings)
+        )
+    users = [pb.Recipient(external_user_id=f"u{i}") for i in range(400)]
+    request = pb.SendRequest(
+        trigger=pb.CanvasTrigger(canvas_id="c", recipients=users),
+        options=pb.SendOptions(idempotency_key="killed-waiting"),
+    )
+    try:
+        async with grpc.aio.insecure_channel(doomed.address) as channel:
+            call = pb_grpc.CanvasGatewayServiceStub(channel).Send(request, metadata=AUTH, timeout=30)
+            async with asyncio.timeout(10):  # all 8 claimed; 2 at the fake, the others waiting
+                while fake.in_progress < 2:
+                    await asyncio.sleep(0.02)
+            answered = fake.status_counts.total()  # batches done before the kill (SENT, replayed)
+            await stop_process(doomed.process, signal.SIGKILL)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call
+        results: dict[int, pb.BatchResult] = {}
+        async with grpc.aio.insecure_channel(other.address) as channel, asyncio.timeout(20):
+            stub = pb_grpc.CanvasGatewayServiceStub(channel)
+            while len(results) < 8:  # ABORTED (in flight) until the dead replica's heartbeat lapses
+                for result in (await stub.Send(request, metadata=AUTH, timeout=30)).results:
+                    if result.outcome != pb.OUTCOME_NOT_ATTEMPTED:
+                        results.setdefault(result.batch_index, result)
+                await asyncio.sleep(0.5)
+        while fake.in_progress:  # the dead replica's calls end at the fake
+            await asyncio.sleep(0.05)
+    finally:
+        await asyncio.gather(*(stop_process(r.process, signal.SIGKILL) for r in (doomed, other)))
+
+    unknown = [r for r in results.values() if r.outcome == pb.OUTCOME_UNKNOWN]
+    # UNKNOWN: the 2 calls at the fake when the replica died (tenant concurrency 2), no more.
+    assert len(unknown) == 2, Counter(pb.Outcome.Name(r.outcome) for r in results.values())
+    arrived = {r["external_user_id"] for raw in fake.arrived for r in orjson.loads(raw)["recipients"]}
+    assert all(f"u{p}" in arrived for r in unknown for p in r.positions)  # they reached Braze
+    assert sum(not r.replayed and r.outcome == pb.OUTCOME_SENT for r in results.values()) == 6 - answered
+    check_sent_once(results.values(), fake)
 
 
 # --- the failure policy, in one process ----------------------------------------------------

@@ -1,5 +1,5 @@
-"""Entrypoint: `python -m canvas_gateway_server [--demo | --check-config | --version]`
-(console script canvas-gateway-server).
+"""Entrypoint: `python -m canvas_gateway_server [--demo | --check-config | --accept-lost-keys |
+--version]` (console script canvas-gateway-server).
 
 SIGHUP is caught before anything else (`hangups`); the modules that take about a second to import
 (gRPC, aiohttp, redis) are imported after it, where they are used."""
@@ -45,12 +45,22 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
         help="load the settings and the tenants file, resolve every Braze key, print the tenant ids "
         "that would be served, and exit 0 (or 1 with the reason) without serving",
     )
+    parser.add_argument(
+        "--accept-lost-keys",
+        action="store_true",
+        help="acknowledge that Redis (CGW_REDIS_URL) lost the idempotency keys' results (it restarted "
+        "without its data): every gateway takes keys again, and a repeat of a key used before the "
+        "loss sends its batches again; then exit",
+    )
     parser.add_argument("--version", action="version", version=f"canvas-gateway-server {__version__}")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ, **({"demo": True} if args.demo else {}))
         if args.check_config:
             check_config(settings)
+            return
+        if args.accept_lost_keys:
+            print(asyncio.run(accept_lost_keys(settings)))
             return
         from .app import connect_redis, run
         from .workers import supervise, worker_count
@@ -78,6 +88,23 @@ def check_config(settings: Settings) -> None:
     tenants = load_tenants(Path(settings.tenants_file), os.environ)
     ids = sorted(tenants.tenant_ids())
     print(f"configuration valid: {len(ids)} tenant(s): {', '.join(ids)}")
+
+
+async def accept_lost_keys(settings: Settings) -> str:
+    """What --accept-lost-keys prints, once Redis took the acknowledgement."""
+    from redis.exceptions import RedisError
+
+    from . import shared
+
+    if not settings.redis_url:
+        raise ConfigError("--accept-lost-keys needs CGW_REDIS_URL: keys are kept in Redis only then")
+    client = shared.connect(settings.redis_url, max(settings.redis_timeout_seconds, 5.0))
+    try:
+        return await shared.accept_lost_keys(client)
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise ConfigError(f"Redis (CGW_REDIS_URL) did not answer ({type(exc).__name__})") from None
+    finally:
+        await client.aclose()
 
 
 if __name__ == "__main__":

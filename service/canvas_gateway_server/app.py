@@ -380,7 +380,9 @@ def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics)
     """Where idempotency keys' results are kept: Redis; else the host's file, shared by its
     workers and kept across restarts; else (one process on port 0) this process's memory."""
     if redis is not None:
-        return RedisResults(redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds)
+        return RedisResults(
+            redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds, metrics
+        )
     path = host_results.keys_file(settings)
     if path:
         if not settings.is_worker:  # a worker's file is the supervisor's, made before it started

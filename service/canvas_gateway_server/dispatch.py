@@ -21,7 +21,7 @@ from typing import Any
 from . import results
 from .breaker import CircuitBreaker, NoBreaker, host_of
 from .budget import RetryBudget, Unlimited
-from .idempotency import DEFAULT_CAPACITY, DEFAULT_LEASE, DEFAULT_TTL, Ledger, LocalResults
+from .idempotency import DEFAULT_CAPACITY, DEFAULT_LEASE, DEFAULT_TTL, Claimed, Ledger, LocalResults
 from .limits import Hold, StoreUnavailable, UpstreamLimiter
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
@@ -111,7 +111,7 @@ class Dispatcher:
             if self.abandoned:  # while the claim was made
                 result = results.abandoned(batch, progress.attempts, progress.sent)
             else:
-                result = await self._attempt(tenant, batch, progress, deadline)
+                result = await self._attempt(tenant, batch, progress, deadline, claimed)
         except asyncio.CancelledError:
             if not self._consume_abandon_cancel(task):
                 if claimed is not None:
@@ -137,7 +137,12 @@ class Dispatcher:
         return self._abandoned and task.uncancel() == 0
 
     async def _attempt(
-        self, tenant: Tenant, batch: Batch, progress: _Progress, deadline: float | None
+        self,
+        tenant: Tenant,
+        batch: Batch,
+        progress: _Progress,
+        deadline: float | None,
+        claimed: Claimed | None = None,
     ) -> BatchResult:
         metrics, broadcast, policy = self._metrics, batch.broadcast, self._policy
 
@@ -159,6 +164,13 @@ class Dispatcher:
                         metrics.rate_limit_wait(tenant.id, max(0.0, wait))
                     reply = None
                     try:  # reserved: counted against what the budget has left until settled
+                        if claimed is not None and progress.attempts == 0:
+                            # Under a key, the claim records that its call may leave from here on:
+                            # a gateway that dies before this point leaves a batch that is sent by
+                            # the next call with the key, not one UNKNOWN for good.
+                            unsent = await self._ledger.sending(claimed)
+                            if unsent is not None:
+                                return unsent
                         time_left = left()
                         if time_left < policy.min_time_left:
                             return results.deadline_cut(batch, progress.attempts)

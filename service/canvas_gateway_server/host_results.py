@@ -7,9 +7,11 @@ restart on the host finds what was kept. It is `idempotency.ResultStore` with th
 `shared.RedisResults`, held to the same tests:
 
 - one row per (scope, batch index): digest, the claiming process (owner) and token, when it
-  was claimed, the kept result (NULL while claimed, b"" for LOST) and when it expires;
+  was claimed, the kept result (NULL while claimed, b"" for LOST), when it expires, and
+  whether its call may have left (`sending`, set by `mark_sending` in one statement);
 - each process beats a row of `owners` every HEARTBEAT_SECONDS; a claim whose owner has not
-  beaten for HEARTBEAT_LAPSE_SECONDS (a worker killed, a gateway restarted) is LOST at once;
+  beaten for HEARTBEAT_LAPSE_SECONDS (a worker killed, a gateway restarted) is claimed again at
+  once if its call never left, else LOST;
 - a claim of a batch nobody holds is one INSERT; of one that is held, one `BEGIN IMMEDIATE`
   transaction (the write lock first): two workers claiming one batch are ordered, never both
   CLAIMED; a keep is one statement;
@@ -64,6 +66,7 @@ CREATE TABLE IF NOT EXISTS results (
     at REAL NOT NULL,
     kept BLOB,
     expires REAL NOT NULL,
+    sending INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS results_expiry ON results (expires);
@@ -72,7 +75,8 @@ CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL) W
 
 
 _CLAIM_NEW: Final = (
-    "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (scope, idx) DO NOTHING"
+    "INSERT INTO results (scope, idx, digest, owner, token, at, kept, expires) "
+    "VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (scope, idx) DO NOTHING"
 )
 
 
@@ -115,6 +119,9 @@ def create(path: str, private_folder: bool) -> None:
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(results)")}
+            if "sending" not in columns:  # a file made before claims were marked
+                connection.execute("ALTER TABLE results ADD COLUMN sending INTEGER NOT NULL DEFAULT 0")
         finally:
             connection.close()
     except sqlite3.Error as exc:
@@ -166,18 +173,19 @@ class HostResults:
     def _decide(self, scope: str, index: int, digest: str, token: str, now: float) -> Claim:
         db = self._db
         row = db.execute(
-            "SELECT digest, owner, at, kept, expires FROM results WHERE scope = ? AND idx = ?",
+            "SELECT digest, owner, at, kept, expires, sending FROM results WHERE scope = ? AND idx = ?",
             (scope, index),
         ).fetchone()
         if row is None or row[4] <= now:  # gone since, or expired and not purged yet
             db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                "INSERT OR REPLACE INTO results (scope, idx, digest, owner, token, at, kept, expires) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
                 (scope, index, digest, self.owner, token, now, now + self._ttl),
             )
             return Claim(Verdict.CLAIMED)
-        found, owner, at, kept, _ = row
+        found, owner, at, kept, _, sending = row
         if found != digest:
-            return Claim(Verdict.MISMATCH)
+            return Claim(Verdict.MISMATCH, None if kept is None else bytes(kept))
         if kept is not None:
             return Claim(Verdict.KEPT, bytes(kept))
         beat = db.execute(
@@ -185,8 +193,24 @@ class HostResults:
         ).fetchone()
         if (owner == self.owner or beat is not None) and at + self._lease > now:
             return Claim(Verdict.BUSY)
+        if not sending:  # its call never started: nothing can have reached Braze
+            db.execute(
+                "UPDATE results SET owner = ?, token = ?, at = ?, expires = ? WHERE scope = ? AND idx = ?",
+                (self.owner, token, now, now + self._ttl, scope, index),
+            )
+            return Claim(Verdict.RECLAIMED)
         db.execute("UPDATE results SET kept = x'' WHERE scope = ? AND idx = ?", (scope, index))
         return Claim(Verdict.LOST)
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        return await self._run(self._mark, scope, index, token)
+
+    def _mark(self, scope: str, index: int, token: str) -> bool:
+        marked: int = self._db.execute(
+            "UPDATE results SET sending = 1 WHERE scope = ? AND idx = ? AND token = ? AND kept IS NULL",
+            (scope, index, token),
+        ).rowcount
+        return marked == 1
 
     async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
         await self._run(self._keep, scope, index, digest, token, kept)
@@ -199,9 +223,11 @@ class HostResults:
             )
             return
         now = self._clock()
-        self._db.execute(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, idx) DO UPDATE "
-            "SET digest = excluded.digest, kept = excluded.kept, expires = excluded.expires",
+        self._db.execute(  # unless another call's claim holds the batch now
+            "INSERT INTO results (scope, idx, digest, owner, token, at, kept, expires) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, idx) DO UPDATE "
+            "SET digest = excluded.digest, kept = excluded.kept, expires = excluded.expires "
+            "WHERE results.kept IS NOT NULL OR results.token = excluded.token",
             (scope, index, digest, self.owner, token, now, kept, now + self._ttl),
         )
 

@@ -8,25 +8,35 @@ kept once it ends. A later call with the key:
 - gets the kept result of a batch (`replayed`), and Braze is not called;
 - gets REJECTED / FAILED_PRECONDITION for a batch whose body differs from the kept one;
 - gets NOT_ATTEMPTED / ABORTED with a RetryInfo for a batch another call is still sending;
-- gets UNKNOWN for a batch whose gateway stopped while it was in flight (it may have been sent).
+- gets UNKNOWN for a batch whose gateway stopped while its call may have left (it may have been
+  sent); a batch whose gateway stopped before that (waiting for a slot or for budget) is claimed
+  again and sent.
 
-Only results that must not be sent again are kept: SENT, UNKNOWN and REJECTED that is not
-retryable. NOT_ATTEMPTED, CANVAS_INACTIVE (nothing was sent) and retryable REJECTED (a 429)
-release the claim, so a later call sends them. `ResultStore` is where claims live: in this
-process (`LocalResults`, TTL, a capacity shared fairly by tenants), in a file every worker of
-the host shares (`host_results.HostResults`), or in Redis for every replica (`shared.RedisResults`).
+A claim records the moment its call may leave (`ResultStore.mark_sending`, just before the first
+request is written): that is what tells a dead claim that may have reached Braze (UNKNOWN for
+good) from one that cannot have (released to the next call).
+
+Only results of batches that may have been sent are kept: SENT and UNKNOWN. Every other result
+says nothing was sent (NOT_ATTEMPTED, CANVAS_INACTIVE, REJECTED: a 429, a 401 for a wrong key, a
+400...), and releases the claim, so a later call sends the batch, after whatever fix the result
+asked for. `ResultStore` is where claims live: in this process (`LocalResults`, TTL, a capacity
+shared fairly by tenants), in a file every worker of the host shares (`host_results.HostResults`),
+or in Redis for every replica (`shared.RedisResults`). What the store did not take when asked (it
+did not answer) is offered again by one background task per process (`Ledger`), backing off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
+import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
@@ -52,9 +62,11 @@ CUT_OFF_TEXT: Final = (
     "caller went away) while Braze was being called; it is not sent again"
 )
 BUSY_RETRY_SECONDS: Final = 1.0
-KEEP_RETRY_SECONDS: Final = 1.0
-"""How often a result the store did not take is offered again."""
 """When a caller told that a batch is in flight elsewhere should try again."""
+RETRY_BASE_SECONDS: Final = 0.2
+RETRY_MAX_SECONDS: Final = 5.0
+"""What the store did not take is offered again after 0.2 s, doubling to at most 5 s (each with
+jitter) while it does not answer: one operation at a time, however many are waiting."""
 LOST_TEXT: Final = (
     "outcome unknown: an earlier call under this idempotency key was sending this batch when its "
     "gateway stopped; it is not sent again"
@@ -64,6 +76,8 @@ LOST_TEXT: Final = (
 class Verdict(enum.Enum):
     CLAIMED = "claimed"
     """Nothing kept: this call sends the batch, and must keep or release its result."""
+    RECLAIMED = "reclaimed"
+    """As CLAIMED: the claim before this one died before its call could leave."""
     KEPT = "kept"
     MISMATCH = "mismatch"
     BUSY = "busy"
@@ -73,21 +87,34 @@ class Verdict(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Claim:
     verdict: Verdict
-    kept: bytes = b""
-    """The kept result (KEPT)."""
+    kept: bytes | None = None
+    """The kept result (KEPT; with MISMATCH, the result kept for the other body, if any)."""
+
+
+class StoreLost(Exception):
+    """The store no longer holds what it kept (Redis restarted without its data): a repeat could
+    send again what was sent, so keys are refused until an operator acknowledges it. The text
+    names the reason and the remedy, never the store's address."""
 
 
 class ResultStore(Protocol):
-    """Claims and kept results, each under (scope, batch index); scope is tenant and key."""
+    """Claims and kept results, each under (scope, batch index); scope is tenant and key.
+    Any operation may raise `limits.StoreUnavailable` (no answer) or `StoreLost`."""
 
     async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
         """Claim the batch as `token` unless it is kept, claimed, or has another digest.
-        A claim whose process stopped (or that outlived the lease) becomes a kept UNKNOWN: LOST."""
+        A claim whose process stopped (or that outlived the lease) is claimed again (RECLAIMED)
+        if it never reached `mark_sending`, else becomes a kept UNKNOWN: LOST."""
+        ...
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        """Record that the claim `token`'s call may leave now. False: the claim is no longer
+        `token`'s (it lapsed and another call holds it), and the batch must not be sent."""
         ...
 
     async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
-        """End the claim `token`: keep `kept`; or (None) release the claim if it is still
-        `token`'s, so that a later call sends the batch."""
+        """End the claim `token`: keep `kept` (unless another call's claim holds the batch); or
+        (None) release the claim if it is still `token`'s, so that a later call sends the batch."""
         ...
 
 
@@ -104,6 +131,8 @@ class _Claimed:
     digest: str
     claimed_at: float
     token: str
+    sending: bool = False
+    """The claim's call may have left (mark_sending)."""
 
 
 SWEEP_SECONDS: Final = 1.0
@@ -128,7 +157,7 @@ class LocalResults:
       traffic.
 
     Every claim is this process's, so a claim is BUSY until it ends or its lease runs out
-    (then LOST)."""
+    (then claimed again if its call never left, else LOST)."""
 
     def __init__(
         self,
@@ -163,7 +192,7 @@ class LocalResults:
         kept = entries.get(key) if entries is not None else None
         if kept is not None and kept.expires > now:
             if kept.digest != digest:
-                return Claim(Verdict.MISMATCH)
+                return Claim(Verdict.MISMATCH, kept.kept)
             return Claim(Verdict.KEPT, kept.kept)
         claimed = self._claims.get(key)
         if claimed is not None and claimed.claimed_at + self._ttl > now:
@@ -171,6 +200,9 @@ class LocalResults:
                 return Claim(Verdict.MISMATCH)
             if now - claimed.claimed_at < self._lease:
                 return Claim(Verdict.BUSY)
+            if not claimed.sending:  # its call never started: nothing can have reached Braze
+                self._claims[key] = _Claimed(digest, now, token)
+                return Claim(Verdict.RECLAIMED)
             self._put(tenant, key, _Kept(digest, now + self._ttl, b""))
             return Claim(Verdict.LOST)
         self._drop(tenant, key)  # an expired entry, if any
@@ -179,13 +211,22 @@ class LocalResults:
         self._evict()
         return Claim(Verdict.CLAIMED)
 
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        claimed = self._claims.get((scope, index))
+        if claimed is None or claimed.token != token:
+            return False
+        claimed.sending = True
+        return True
+
     async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
         key, tenant = (scope, index), _tenant(scope)
+        claimed = self._claims.get(key)
         if kept is None:
-            claimed = self._claims.get(key)
             if claimed is not None and claimed.token == token:
                 self._drop(tenant, key)
             return
+        if claimed is not None and claimed.token != token:
+            return  # another call's claim holds the batch now
         # Copied to its length: orjson's bytes keep their whole (4 KB) buffer.
         self._put(tenant, key, _Kept(digest, self._clock() + self._ttl, bytes(memoryview(kept))))
         self._evict()
@@ -273,11 +314,11 @@ def digest(batch: Batch) -> str:
 
 
 def kept(result: BatchResult) -> bool:
-    """Whether a result must be kept: sending the batch again could message someone twice, or
-    would be refused the same way. The others are sent again by a later call."""
-    if result.outcome in (Outcome.SENT, Outcome.UNKNOWN):
-        return True
-    return result.outcome is Outcome.REJECTED and not result.retryable
+    """Whether a result must be kept: the batch may have been sent (SENT, UNKNOWN), so sending it
+    again could message someone twice. Every other result says that nothing was sent (a 429, a
+    401 for a wrong key, a 400, a paused Canvas, no connection...): the claim is released, and a
+    later call sends the batch, once the cause is fixed (CONTRACT.md point 31)."""
+    return result.outcome in (Outcome.SENT, Outcome.UNKNOWN)
 
 
 _FIELDS: Final = (
@@ -295,6 +336,7 @@ _FIELDS: Final = (
 def encode(result: BatchResult) -> bytes:
     fields: dict[str, Any] = {name: getattr(result, name) for name in _FIELDS}
     fields["outcome"], fields["code"] = result.outcome.value, int(result.code)
+    fields["recipients"] = len(result.positions)
     return orjson.dumps(fields)
 
 
@@ -304,8 +346,28 @@ def decode(data: bytes, batch: Batch) -> BatchResult:
         return replace(_lost(batch), replayed=True)
     fields = orjson.loads(data)
     outcome, code = Outcome(fields.pop("outcome")), Code(fields.pop("code"))
+    fields.pop("recipients", None)
     fields["errors"] = tuple(fields["errors"])
     return BatchResult(batch.index, batch.positions, outcome, code, replayed=True, **fields)
+
+
+def describe(data: bytes | None) -> str:
+    """What a repeat with another body is told of the batch under its key and index."""
+    if data is None:
+        return "that batch is being sent by another call now"
+    if not data:
+        return "that batch ended UNKNOWN (its gateway stopped while calling Braze): it may have been sent"
+    fields = orjson.loads(data)
+    outcome = Outcome(fields["outcome"]).name
+    count = fields.get("recipients")
+    text = f"that batch{f' of {count} recipients' if count else ''} ended {outcome}"
+    if fields.get("dispatch_id"):
+        text += f" (dispatch_id {fields['dispatch_id']})"
+    if outcome == "SENT":
+        text += ": its recipients were sent"
+    elif outcome == "UNKNOWN":
+        text += ": it may have been sent"
+    return text
 
 
 def _lost(batch: Batch, text: str = LOST_TEXT) -> BatchResult:
@@ -325,50 +387,111 @@ class Claimed:
 
 
 class Ledger:
-    """The dispatcher's view of a `ResultStore`: a claim, or the result that stands for the batch."""
+    """The dispatcher's view of a `ResultStore`: a claim, the mark that its call may leave, and
+    the result that stands for the batch.
+
+    What the store does not take when asked (a result, or the release of a claim whose answer
+    was lost) waits in one backlog, offered again by one task: one operation at a time, backing
+    off exponentially (with jitter, capped) while the store does not answer, and at once when it
+    answers anything again. The load it puts on a struggling store does not grow with failures.
+    """
 
     def __init__(
-        self, store: ResultStore, metrics: Metrics | None = None, lease: float = DEFAULT_LEASE
+        self,
+        store: ResultStore,
+        metrics: Metrics | None = None,
+        lease: float = DEFAULT_LEASE,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._store = store
         self._lease = lease
         self._metrics = metrics or Metrics()
-        self._pending: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        self._jitter = jitter
+        self._backlog: dict[tuple[str, int, str], tuple[Claimed, bytes | None, float]] = {}
+        """(scope, index, token) -> the claim, what to keep (None: release) and until when."""
+        self._failures = 0
+        """The store's failures in a row: how long the backlog waits before it tries again."""
+        self._wake = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def backlog(self) -> int:
+        """Results and releases waiting for the store to take them."""
+        return len(self._backlog)
 
     async def claim(self, tenant: Tenant, key: str, batch: Batch) -> Claimed | BatchResult:
         claimed = Claimed(tenant, f"{tenant.id}/{key}", batch, digest(batch), uuid.uuid4().hex)
         try:
             claim = await self._store.claim(claimed.scope, batch.index, claimed.digest, claimed.token)
+        except StoreLost as exc:  # refused before anything was claimed
+            self._metrics.idempotency(tenant.id, "refused")
+            return results.keys_refused(batch, str(exc))
         except (StoreUnavailable, asyncio.CancelledError) as exc:
             # The claim may have been made with its answer lost (or the caller gone while it was
             # made): release it, once the store answers. Nothing was sent.
-            self._later(self._keep_until_kept(claimed, None))
+            self._failed()
+            self._offer(claimed, None)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return results.store_unavailable(batch, 0, str(exc))
+        self._answered()
         self._metrics.idempotency(tenant.id, claim.verdict.value)
         match claim.verdict:
             case Verdict.CLAIMED:
                 return claimed
+            case Verdict.RECLAIMED:
+                log.warning(
+                    "batch %d was claimed under its idempotency key by a gateway that stopped before "
+                    "calling Braze: it is sent now",
+                    batch.index,
+                    extra={"tenant": tenant.id, "batch_index": batch.index},
+                )
+                return claimed
             case Verdict.KEPT:
-                return decode(claim.kept, batch)
+                return decode(claim.kept or b"", batch)
             case Verdict.LOST:  # decided now (its gateway stopped first): counted once, as new
                 lost = _lost(batch)
                 self._metrics.result(tenant.id, lost)
                 return replace(lost, replayed=True)
             case Verdict.MISMATCH:
-                return results.key_reused(batch)
+                return results.key_reused(batch, describe(claim.kept))
             case Verdict.BUSY:
                 return results.key_busy(batch, time.time() + BUSY_RETRY_SECONDS)
 
+    async def sending(self, claimed: Claimed) -> BatchResult | None:
+        """Record that the batch's first call leaves now. None: send it; else the result that
+        ends the batch unsent (the claim lapsed and another call holds it, or the store did not
+        answer)."""
+        try:
+            ours = await self._store.mark_sending(claimed.scope, claimed.batch.index, claimed.token)
+        except StoreLost as exc:
+            return results.keys_refused(claimed.batch, str(exc))
+        except StoreUnavailable as exc:
+            self._failed()
+            return results.store_unavailable(claimed.batch, 0, str(exc))
+        self._answered()
+        if ours:
+            return None
+        log.warning(
+            "batch %d was not sent: its claim under the idempotency key lapsed and another call holds it",
+            claimed.batch.index,
+            extra={"tenant": claimed.tenant.id, "batch_index": claimed.batch.index},
+        )
+        return results.key_busy(claimed.batch, time.time() + BUSY_RETRY_SECONDS)
+
     async def keep(self, claimed: Claimed, result: BatchResult) -> None:
-        """Keep the result, or release the claim. While the store does not answer this goes on
-        in the background (every KEEP_RETRY_SECONDS, for as long as the lease), so the claim
-        does not stay in flight; the result is logged for reconciliation meanwhile."""
+        """Keep the result, or release the claim. While the store does not answer this waits in
+        the backlog (for as long as the lease), so the claim does not stay in flight; the result
+        is logged for reconciliation meanwhile."""
         data = encode(result) if kept(result) else None
         try:
             await self._store.keep(claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data)
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreLost):
+            self._failed()
             log.error(
                 "the result of batch %d is not kept yet under its idempotency key (the store does "
                 "not answer): calls with the key get ABORTED for it until it is",
@@ -380,51 +503,83 @@ class Ledger:
                     "dispatch_id": result.dispatch_id or "-",
                 },
             )
-            self._later(self._keep_until_kept(claimed, data))
+            self._offer(claimed, data)
+        else:
+            self._answered()
 
-    async def _keep_until_kept(self, claimed: Claimed, data: bytes | None) -> None:
-        """Offer `data` (None: the claim's release) until the store takes it, for the lease."""
-        deadline = time.monotonic() + self._lease
-        while time.monotonic() < deadline:
+    def keep_soon(self, claimed: Claimed, sent: bool) -> None:
+        """The call was cancelled: keep UNKNOWN if the batch may have gone out, else release it,
+        through the backlog (the cancelled task cannot wait)."""
+        if sent:
+            result = _lost(claimed.batch, CUT_OFF_TEXT)
+        else:
+            result = results.not_attempted(claimed.batch, "cancelled")
+        self._metrics.result(claimed.tenant.id, result)  # no caller reports it; repeats replay it
+        self._offer(claimed, encode(result) if sent else None)
+
+    def _failed(self) -> None:
+        self._failures = max(self._failures, 1)
+
+    def _answered(self) -> None:
+        """The store answered: what waits in the backlog is offered again now."""
+        if self._failures:
+            self._failures = 0
+            self._wake.set()
+
+    def _offer(self, claimed: Claimed, data: bytes | None) -> None:
+        """Leave `data` (None: the claim's release) to the backlog, for the lease at most."""
+        key = (claimed.scope, claimed.batch.index, claimed.token)
+        self._backlog[key] = (claimed, data, self._clock() + self._lease)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        elif not self._failures:
+            self._wake.set()
+
+    def _delay(self) -> float:
+        if self._closing:
+            return RETRY_BASE_SECONDS
+        ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2.0 ** min(self._failures - 1, 16))
+        return ceiling * (0.5 + self._jitter() / 2)
+
+    async def _drain(self) -> None:
+        """The backlog's one task: offer each waiting operation, oldest first; after a failure,
+        wait (backing off) before the next try, or until the store answers another call."""
+        while self._backlog:
+            if self._failures:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._delay())
+            key, (claimed, data, until) = next(iter(self._backlog.items()))
+            if self._clock() >= until:
+                del self._backlog[key]
+                log.error(
+                    "the result of batch %d was never kept: its claim lapses into UNKNOWN",
+                    claimed.batch.index,
+                    extra={"tenant": claimed.tenant.id, "batch_index": claimed.batch.index},
+                )
+                continue
             try:
                 await self._store.keep(
                     claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data
                 )
-            except StoreUnavailable:
-                await asyncio.sleep(KEEP_RETRY_SECONDS)
+            except (StoreUnavailable, StoreLost):
+                self._failures += 1
                 continue
+            self._failures = 0
+            self._backlog.pop(key, None)
             if data is not None:
                 log.info(
                     "the result of batch %d is kept now",
                     claimed.batch.index,
                     extra={"tenant": claimed.tenant.id},
                 )
-            return
-        log.error(
-            "the result of batch %d was never kept: its claim lapses into UNKNOWN",
-            claimed.batch.index,
-            extra={"tenant": claimed.tenant.id, "batch_index": claimed.batch.index},
-        )
-
-    def _later(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    def keep_soon(self, claimed: Claimed, sent: bool) -> None:
-        """The call was cancelled: keep UNKNOWN if the batch may have gone out, else release it,
-        in a task of its own (the cancelled one cannot wait)."""
-        if sent:
-            result = _lost(claimed.batch, CUT_OFF_TEXT)
-        else:
-            result = results.not_attempted(claimed.batch, "cancelled")
-        self._metrics.result(claimed.tenant.id, result)  # no caller reports it; repeats replay it
-        self._later(self.keep(claimed, result))
 
     async def settled(self, within: float) -> None:
-        """Wait up to `within` seconds for the results kept in the background (at shutdown);
-        what is still not kept then lapses into UNKNOWN with its claim."""
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=within)
-        for task in self._pending:
-            task.cancel()
+        """Wait up to `within` seconds for the backlog to be taken (at shutdown, trying every
+        RETRY_BASE_SECONDS); what is still not kept then lapses into UNKNOWN with its claim."""
+        self._closing = True
+        self._wake.set()
+        if self._drainer is not None and not self._drainer.done():
+            await asyncio.wait({self._drainer}, timeout=within)
+            self._drainer.cancel()
+            await asyncio.gather(self._drainer, return_exceptions=True)

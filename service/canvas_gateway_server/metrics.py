@@ -95,7 +95,11 @@ class Metrics:
         call) is counted apart: its outcome was counted when it was decided."""
 
     def idempotency(self, tenant: str, verdict: str) -> None:
-        """A batch under an idempotency key: claimed (sent now), kept (replayed), mismatch, busy, lost."""
+        """A batch under an idempotency key: claimed (sent now), reclaimed (sent now: the claim's
+        gateway died before calling Braze), kept (replayed), mismatch, busy, lost, refused."""
+
+    def store_lost(self, active: bool) -> None:
+        """Redis lost the keys' results (restarted empty): keys refused (True) until acknowledged."""
 
     def store_failure(self, store: str, op: str) -> None:
         """A shared store (Redis) did not answer in time; `store` is budgets or results."""
@@ -319,7 +323,8 @@ class PrometheusMetrics(Metrics):
             "canvas_gateway_idempotency_total",
             "Batches under an idempotency key, by verdict: claimed (sent now), kept (a kept result "
             "replayed), mismatch (another body under the key), busy (in flight elsewhere), lost (its "
-            "gateway stopped while it was in flight: UNKNOWN).",
+            "gateway stopped while its call may have left: UNKNOWN), reclaimed (its gateway stopped "
+            "before calling Braze: sent now), refused (Redis lost what it kept: not sent).",
             ("tenant", "verdict"),
         )
         self._store_failures = counter(
@@ -336,6 +341,17 @@ class PrometheusMetrics(Metrics):
                 ("store",),
                 registry=registry,
             )
+        )
+        self._store_lost = Gauge(
+            "canvas_gateway_idempotency_keys_refused",
+            "1 while idempotency keys are refused because Redis lost the results it kept (it "
+            "restarted without its data), until an operator acknowledges it. Alert on it.",
+            registry=registry,
+        )
+        self._store_lost_total = Counter(
+            "canvas_gateway_shared_store_lost_total",
+            "Times this process found that Redis had lost the results it kept.",
+            registry=registry,
         )
         self._tenants = Gauge("canvas_gateway_tenants", "Tenants loaded.", registry=registry)
         self._reloads = counter(
@@ -439,6 +455,11 @@ class PrometheusMetrics(Metrics):
 
     def store_fallback(self, store: str, active: bool) -> None:
         self._store_fallback(store).set(1 if active else 0)
+
+    def store_lost(self, active: bool) -> None:
+        self._store_lost.set(1 if active else 0)
+        if active:
+            self._store_lost_total.inc()
 
     def buffered(self, tenant: str, delta: int) -> None:
         self._levels.buffered[tenant] += delta

@@ -129,13 +129,20 @@ def store_unavailable(batch: Batch, attempts: int, why: str) -> BatchResult:
     return _result(batch, Outcome.NOT_ATTEMPTED, Code.UNAVAILABLE, text, retryable=True, attempts=attempts)
 
 
-def key_reused(batch: Batch) -> BatchResult:
-    """The idempotency key already holds another body for this batch."""
+def key_reused(batch: Batch, earlier: str) -> BatchResult:
+    """The idempotency key already holds another body for this batch; `earlier` says what became
+    of that one (it may have been sent: "nothing was sent" would not be the whole truth)."""
     text = (
         f"batch {batch.index} differs from the batch kept under this idempotency key (other "
-        "recipients, order or context); use a new key for a new request; nothing was sent"
+        f"recipients, order or context): {earlier}; this call sent nothing for batch {batch.index}; "
+        "use a new key for a new request"
     )
     return _result(batch, Outcome.REJECTED, Code.FAILED_PRECONDITION, text)
+
+
+def keys_refused(batch: Batch, why: str) -> BatchResult:
+    """The key store lost what it kept: keys are refused until an operator acknowledges it."""
+    return _result(batch, Outcome.NOT_ATTEMPTED, Code.FAILED_PRECONDITION, f"{why}; nothing was sent")
 
 
 def key_busy(batch: Batch, retry_at: float) -> BatchResult:

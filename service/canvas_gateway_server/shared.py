@@ -6,9 +6,11 @@ Each operation is one Lua script, so it is atomic and costs one round trip:
   hash per (tenant, budget) (pause, window reset, what is left) and a sorted set of the calls
   under way, each with a lease: a replica that dies with calls under way does not hold the
   budget past their lease (the longest a call can take).
-- results: `claim` and `keep` of `idempotency.ResultStore`, on a hash per (tenant, key, batch).
-  A claim names its process; each process keeps a heartbeat key alive while it runs, so a
-  claim whose process is gone is seen as LOST at once, not after the lease.
+- results: `claim`, `mark_sending` and `keep` of `idempotency.ResultStore`, on a hash per
+  (tenant, key, batch). A claim names its process; each process keeps a heartbeat key alive
+  while it runs, so a claim whose process is gone is seen at once, not after the lease: sent
+  again if its call had not started (no `sending` mark), else LOST. The heartbeat also checks
+  that Redis still holds what it kept (`_BEAT`): one that restarted empty refuses keys.
 
 Why not the `limits` library: its Redis strategies count hits in windows we would have to
 configure, while Braze tells us what is left (x-ratelimit-remaining and -reset) and a call
@@ -38,7 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .idempotency import Claim, Verdict
+from .idempotency import Claim, StoreLost, Verdict
 from .limits import MAX_PAUSE_SECONDS, RECHECK_SECONDS, BudgetStore, Hold, StoreUnavailable, Ticket
 from .metrics import Metrics
 from .upstream import Delivery, Reply
@@ -51,6 +53,7 @@ HEARTBEAT_SECONDS: Final = 1.0
 """How often a process renews its heartbeat key."""
 HEARTBEAT_TTL_MS: Final = 5000
 """How long a heartbeat lasts unrenewed: a process silent this long is taken as gone."""
+GENERATION_KEY: Final = PREFIX + "generation"
 BUDGET_TTL_SECONDS: Final = 7300
 """Budget keys outlive Braze's longest window (an hour) when unused, then go."""
 RESETTLE_FIRST_SECONDS: Final = 0.1
@@ -123,30 +126,89 @@ return '0'
 """
 
 _CLAIM: Final = """
-local v = redis.call('HMGET', KEYS[1], 'digest', 'owner', 'at', 'kept')
+if redis.call('GET', KEYS[2]) ~= ARGV[8] then
+  redis.call('SET', KEYS[2], 'lost')
+  return {'refused'}
+end
+local v = redis.call('HMGET', KEYS[1], 'digest', 'owner', 'at', 'kept', 'sending')
 if not v[1] then
   redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'owner', ARGV[1], 'at', ARGV[3], 'token', ARGV[7])
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  return {'claimed', ''}
+  return {'claimed'}
 end
-if v[1] ~= ARGV[2] then return {'mismatch', ''} end
+if v[1] ~= ARGV[2] then
+  if v[4] then return {'mismatch', v[4]} end
+  return {'mismatch'}
+end
 if v[4] then return {'kept', v[4]} end
 local alive = v[2] == ARGV[1] or redis.call('EXISTS', ARGV[6] .. v[2]) == 1
-if alive and tonumber(v[3]) + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return {'busy', ''} end
+if alive and tonumber(v[3]) + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return {'busy'} end
+if not v[5] then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'at', ARGV[3], 'token', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return {'reclaimed'}
+end
 redis.call('HSET', KEYS[1], 'kept', '')
-return {'lost', ''}
+return {'lost'}
+"""
+
+_MARK: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  redis.call('SET', KEYS[2], 'lost')
+  return 'refused'
+end
+local v = redis.call('HMGET', KEYS[1], 'token', 'kept')
+if v[1] ~= ARGV[1] or v[2] then return 'taken' end
+redis.call('HSET', KEYS[1], 'sending', '1')
+return 'ok'
 """
 
 _KEEP: Final = """
+local v = redis.call('HMGET', KEYS[1], 'token', 'kept')
 if ARGV[3] == '0' then
-  local v = redis.call('HMGET', KEYS[1], 'token', 'kept')
   if v[1] == ARGV[2] and not v[2] then redis.call('DEL', KEYS[1]) end
   return 0
 end
+if v[1] and v[1] ~= ARGV[2] and not v[2] then return 0 end
 redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'kept', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+
+_BEAT: Final = """
+local m = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then
+  if not m then
+    m = ARGV[2]
+    redis.call('SET', KEYS[1], m)
+  end
+elseif m ~= ARGV[1] and not (ARGV[1] == 'lost' and m) then
+  m = 'lost'
+  redis.call('SET', KEYS[1], m)
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+return m
+"""
+"""The heartbeat, and the check that Redis still holds what it kept. `cgw:generation` names
+what Redis holds: set by the first gateway that finds none, remembered by each process. Gone
+or changed under a running process, Redis lost its data (it restarted without it): the process
+sets it to `lost`, and every gateway refuses keys until an operator sets a new generation
+(`canvas-gateway-server --accept-lost-keys`), which a refusing process adopts. Claims and marks
+check it too, in their own round trip, so none is made in an emptied Redis."""
+
+_ACCEPT: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+"""A new generation, only in place of `lost` (two operators at once make one)."""
+
+LOST: Final = "lost"
+LOST_TEXT: Final = (
+    "idempotency keys are refused: the shared results store (Redis) lost what it kept (it "
+    "restarted without its data), so a repeat could send again what was sent; an operator must "
+    "acknowledge it (canvas-gateway-server --accept-lost-keys) before keys are taken again"
+)
 
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
@@ -330,25 +392,68 @@ class FailoverBudgets:
 
 
 class RedisResults:
-    """An `idempotency.ResultStore` in Redis, with this process's heartbeat."""
+    """An `idempotency.ResultStore` in Redis, with this process's heartbeat and the check that
+    Redis still holds what it kept (`_BEAT`)."""
 
-    def __init__(self, client: aioredis.Redis, ttl: float, lease: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis, ttl: float, lease: float, metrics: Metrics | None = None
+    ) -> None:
         self._client = client
         self._claim = client.register_script(_CLAIM)
+        self._mark = client.register_script(_MARK)
         self._keep = client.register_script(_KEEP)
+        self._beat_script = client.register_script(_BEAT)
         self._ttl_ms = str(int(ttl * 1000))
         self._lease = repr(lease)
+        self._metrics = metrics or Metrics()
         self.owner = uuid.uuid4().hex
+        self.generation = ""
+        """The generation of Redis' data this process knows; "" before Redis first answers."""
         self._heartbeat: asyncio.Task[None] | None = None
 
+    @property
+    def lost(self) -> bool:
+        """Keys are refused: Redis lost what it kept, and no operator has acknowledged it yet."""
+        return self.generation == LOST
+
     @staticmethod
-    def _key(scope: str, index: int) -> list[str]:
-        return [f"{PREFIX}result:{scope}:{index}"]
+    def _keys(scope: str, index: int) -> list[str]:
+        return [f"{PREFIX}result:{scope}:{index}", GENERATION_KEY]
+
+    async def _known(self) -> str:
+        """The generation claims are made under; StoreLost while keys are refused."""
+        if not self.generation:
+            await self.beat()
+        if self.lost:
+            raise StoreLost(LOST_TEXT)
+        return self.generation
 
     async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
-        args = [self.owner, digest, repr(time.time()), self._lease, self._ttl_ms, PREFIX + "owner:", token]
-        verdict, kept = await _call("results", self._claim(keys=self._key(scope, index), args=args))
-        return Claim(Verdict(_text(verdict)), kept if isinstance(kept, bytes) else b"")
+        generation = await self._known()
+        args = [
+            self.owner,
+            digest,
+            repr(time.time()),
+            self._lease,
+            self._ttl_ms,
+            PREFIX + "owner:",
+            token,
+            generation,
+        ]
+        reply = await _call("results", self._claim(keys=self._keys(scope, index), args=args))
+        verdict = _text(reply[0])
+        if verdict == "refused":
+            self._found_lost()
+            raise StoreLost(LOST_TEXT)
+        return Claim(Verdict(verdict), reply[1] if len(reply) > 1 else None)
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        generation = await self._known()
+        reply = await _call("results", self._mark(keys=self._keys(scope, index), args=[token, generation]))
+        if _text(reply) == "refused":
+            self._found_lost()
+            raise StoreLost(LOST_TEXT)
+        return _text(reply) == "ok"
 
     async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
         args: list[str | bytes] = [
@@ -358,18 +463,39 @@ class RedisResults:
             kept or b"",
             self._ttl_ms,
         ]
-        await _call("results", self._keep(keys=self._key(scope, index), args=args))
+        await _call("results", self._keep(keys=self._keys(scope, index)[:1], args=args))
+
+    async def beat(self) -> None:
+        """Renew this process's heartbeat and check the generation (one round trip)."""
+        args = [self.generation, uuid.uuid4().hex, str(HEARTBEAT_TTL_MS)]
+        keys = [GENERATION_KEY, f"{PREFIX}owner:{self.owner}"]
+        found = _text(await _call("results", self._beat_script(keys=keys, args=args)))
+        if found == LOST:
+            self._found_lost()
+        elif found != self.generation:
+            if self.lost:
+                self._metrics.store_lost(False)
+                log.warning(
+                    "the loss of the shared results store's data was acknowledged: idempotency "
+                    "keys are taken again"
+                )
+            self.generation = found
+
+    def _found_lost(self) -> None:
+        if not self.lost:
+            self.generation = LOST
+            self._metrics.store_lost(True)
+            log.error("%s", LOST_TEXT)
 
     def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
         """Keep this process's heartbeat alive until `stop`."""
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat(on_failure))
 
     async def _beat(self, on_failure: Callable[[], None]) -> None:
-        key = f"{PREFIX}owner:{self.owner}"
         while True:
             try:
-                await self._client.set(key, b"1", px=HEARTBEAT_TTL_MS)
-            except (RedisError, OSError, TimeoutError):
+                await self.beat()
+            except StoreUnavailable:
                 on_failure()
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
@@ -380,3 +506,15 @@ class RedisResults:
         # Gone at once: claims left behind are LOST now, not in HEARTBEAT_TTL_MS.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await self._client.delete(f"{PREFIX}owner:{self.owner}")
+
+
+async def accept_lost_keys(client: aioredis.Redis) -> str:
+    """The operator's acknowledgement that Redis lost the keys' results: a new generation, which
+    every gateway adopts within a heartbeat. What it says happened."""
+    accept = client.register_script(_ACCEPT)
+    if not await accept(keys=[GENERATION_KEY], args=[LOST, uuid.uuid4().hex]):
+        return "no loss to acknowledge: idempotency keys are taken"
+    return (
+        "acknowledged: idempotency keys are taken again; results kept before the loss are gone, "
+        "so a repeat of an earlier key sends its batches again"
+    )

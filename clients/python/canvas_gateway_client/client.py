@@ -366,11 +366,9 @@ _UNSEEN, _STANDS, _OPEN = 0, 1, 2
 
 def _stands(result: pb.BatchResult) -> bool:
     """Whether the gateway keeps the result under the key, so that every later stream replays it:
-    SENT, UNKNOWN, and REJECTED that is not retryable. The others (NOT_ATTEMPTED, CANVAS_INACTIVE,
-    a retryable REJECTED) are sent again by a later stream with the key."""
-    if result.outcome in (pb.OUTCOME_SENT, pb.OUTCOME_UNKNOWN):
-        return True
-    return result.outcome == pb.OUTCOME_REJECTED and not result.retryable
+    SENT and UNKNOWN (it may have been sent). The others (NOT_ATTEMPTED, CANVAS_INACTIVE, REJECTED:
+    nothing was sent) are sent again by a later stream with the key."""
+    return result.outcome in (pb.OUTCOME_SENT, pb.OUTCOME_UNKNOWN)
 
 
 def _retry_delay(result: pb.BatchResult) -> float | None:
@@ -390,7 +388,7 @@ class _Keyed:
     already has a result that stands comes back replayed and is dropped here. Retryable
     NOT_ATTEMPTED results are held back, by batch index, while a resume is possible (the next
     stream gives the batch its next result). A result that did not stand and was yielded anyway
-    (held past MAX_HELD_RESULTS, CANVAS_INACTIVE, a retryable REJECTED) is followed by the batch's
+    (held past MAX_HELD_RESULTS, CANVAS_INACTIVE, a REJECTED) is followed by the batch's
     later result if a later stream sends it (SENT, UNKNOWN...): the only batch yielded twice, and
     counted once, by its last result. Memory: a byte per batch, and the held results.
     """
@@ -648,7 +646,7 @@ class CanvasGatewayClient:
         or a function of no arguments that returns them afresh (an iterable or async iterable)
         each time it is called. An iterator or generator is read once: with a key it is never
         resumed (the error is raised, as with `resumes=0`); send it again yourself, with the key.
-        A batch whose result did not stand (held past 64, CANVAS_INACTIVE, a retryable REJECTED)
+        A batch whose result did not stand (held past 64, CANVAS_INACTIVE, a REJECTED)
         and that a later stream sends gets its later result too: the one batch yielded twice.
         The gateway must still hold the key's results (Redis shared by every replica; without
         CGW_REDIS_URL, only the gateways of one host share them): a batch whose result stood that
