@@ -19,7 +19,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import host_results, results
+from canvas_gateway_server import host_results, results, shared
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.host_results import HostResults
 from canvas_gateway_server.idempotency import (
@@ -871,5 +871,23 @@ async def test_redis_found_empty_refuses_keys_in_every_gateway_until_the_loss_is
                 await early.claim("acme/k", 2, "d", "t2")
             await newcomer.beat()
             assert newcomer.lost  # flagged for every gateway
+        finally:
+            await client.aclose()
+
+
+async def test_more_operations_than_pooled_connections_wait_their_turn_within_the_timeout() -> None:
+    """redis-py's default pool refuses an operation past its 100 connections at once ("Too many
+    connections"): with 300 keyed batches in flight, 200 would end NOT_ATTEMPTED though Redis
+    answers. The pool waits for a connection instead, and opens no more than MAX_CONNECTIONS."""
+    async with redis_server() as server:
+        client = connect(server.url, 2.0)
+        store = RedisResults(client, ttl=60.0, lease=60.0)
+        try:
+            verdicts = await asyncio.gather(
+                *(store.claim("acme/many", index, "d", f"t{index}") for index in range(300))
+            )
+            assert {claim.verdict for claim in verdicts} == {Verdict.CLAIMED}
+            clients = await client.info("clients")
+            assert clients["connected_clients"] <= shared.MAX_CONNECTIONS
         finally:
             await client.aclose()

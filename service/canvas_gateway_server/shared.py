@@ -211,17 +211,29 @@ LOST_TEXT: Final = (
 )
 
 
+MAX_CONNECTIONS: Final = 100
+"""Connections to Redis one process opens at most; an operation beyond them waits for one."""
+
+
 def connect(url: str, timeout: float) -> aioredis.Redis:
     """A client that gives up after `timeout`. It tries once more only when a pooled connection
     turns out closed (after a Redis restart), never after a timeout: every script is safe to run
-    twice anyway (a second claim is BUSY, a second reservation lapses, a second keep is the same)."""
-    return aioredis.Redis.from_url(
+    twice anyway (a second claim is BUSY, a second reservation lapses, a second keep is the same).
+
+    Its pool holds MAX_CONNECTIONS, and an operation past them waits for a free one within the
+    same `timeout` (redis-py's default pool refuses it at once, "Too many connections"): more
+    batches in flight than connections wait their turn instead of failing, and the connections a
+    struggling Redis gets from one process do not grow with the batches waiting on it."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=0,
     )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 
 async def _call(what: str, operation: Awaitable[T]) -> T:
