@@ -227,7 +227,7 @@ def _fuzz_stream(target: str) -> Counter[str]:
                 for response in stream(iter(messages), metadata=AUTH, timeout=30):
                     if response.HasField("result"):
                         results.append(response.result)
-                    else:
+                    elif response.HasField("summary"):  # a message with no part is skipped
                         summary = response.summary
             except grpc.RpcError as failed:
                 error = failed

@@ -59,7 +59,7 @@ async def stream(
     async for response in h.stub.SendStream(requests(messages), metadata=h.auth(tenant), timeout=120):
         if response.HasField("result"):
             results.append(response.result)
-        else:
+        elif response.HasField("summary"):  # a message with no part is skipped
             summary = response.summary
     return results, summary
 

@@ -13,11 +13,12 @@ access line should say (tenant, summary) is noted on the current `calls.Call`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Final, Generic, NoReturn, TypeVar
+from typing import Final, Generic, Literal, NoReturn, TypeVar
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -73,10 +74,13 @@ class StreamReader(Generic[T]):
         self._messages = messages
         self._stop = stop
         self._pending: asyncio.Future[T | None] | None = None
+        self._draining: asyncio.Future[None] | None = None
 
     async def next(self) -> T | None:
         """The next message, None at the caller's end of stream; ShuttingDown once `stop` is set."""
         if self._pending is None:
+            if self._stop.is_set() or self._draining is not None:
+                raise ShuttingDown("the gateway is shutting down")
             self._pending = asyncio.ensure_future(anext(self._messages, None))
         if not self._pending.done():
             stopping = asyncio.ensure_future(self._stop.wait())
@@ -89,24 +93,32 @@ class StreamReader(Generic[T]):
         reading, self._pending = self._pending, None
         return reading.result()
 
-    async def drain(self, seconds: float) -> None:
-        """Read and drop what the caller is still writing to a stream we are about to fail.
+    def drain(self) -> asyncio.Future[None]:
+        """Read and drop, in a task of its own, what the caller still writes to a stream that
+        reads no further, until the caller stops or `close`; started once, later calls return
+        the same task.
 
         grpcio's asyncio client reports INTERNAL instead of the server's status when one of
-        its writes fails because the server already ended the RPC (grpc/grpc#36066). Reading
-        the rest for a bounded time lets such clients see the real status.
+        its writes fails because the server already ended the RPC (grpc/grpc#36066), and the
+        writes of a caller whose stream nobody reads wait on flow control until then. Reading
+        the rest lets such clients see the real status.
         """
-        try:
-            async with asyncio.timeout(seconds):
-                if self._pending is not None:
-                    await self._pending
-                async for _ in self._messages:
-                    pass
-        except (TimeoutError, grpc.RpcError):
-            pass
-        finally:
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        return self._draining
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
             if self._pending is not None:
-                self._pending.cancel()
+                await self._pending
+            async for _ in self._messages:
+                pass
+
+    def close(self) -> None:
+        """Read no more: the RPC is ending."""
+        for reading in (self._pending, self._draining):
+            if reading is not None:
+                reading.cancel()
 
 
 class InFlight:
@@ -249,7 +261,8 @@ class CanvasGatewayServicer:
                 header.options.idempotency_key or None,
             )
         except Exception as exc:
-            await reader.drain(self._drain_seconds)
+            await asyncio.wait((reader.drain(),), timeout=self._drain_seconds)
+            reader.close()
             await self._abort(context, exc)
         calls.note(summary=session.summary)
         self._metrics.stream_opened(tenant.id)
@@ -266,9 +279,16 @@ class CanvasGatewayServicer:
         header: pb.StreamHeader,
         context: Context,
     ) -> AsyncIterator[pb.SendStreamResponse]:
-        """Feed the session from the caller while its results go back, then the summary."""
+        """Feed the session from the caller while its results go back, then the summary.
+
+        The last, partial batch is sent only once a write to the caller has succeeded after its
+        requests ended (`StreamEnd`): a stream cut off sends none.
+        """
 
         failure: list[BaseException] = []
+        end = StreamEnd()
+        # The stubs type the callback as a class of theirs; grpcio calls any callable with the context.
+        context.add_done_callback(end.rpc_done)  # type: ignore[arg-type]
 
         async def pump() -> None:
             try:
@@ -289,29 +309,37 @@ class CanvasGatewayServicer:
                         resume_position=session.received,
                     )
                 failure.append(exc)
+                end.stopped.set()
+                reader.drain()
                 await session.close(send_rest=False)
-                await reader.drain(self._drain_seconds)
             else:
-                if session.holds_partial_batch:
-                    # grpcio ends the requests the same way when the caller half-closes and when
-                    # its connection is lost; the cancellation of a lost one follows at once. The
-                    # last batch must not go out cut short for a caller who is gone (nor, under an
-                    # idempotency key, be kept as another body than a repeat's).
-                    await asyncio.sleep(CUT_OFF_SECONDS)
-                await session.close(send_rest=not context.done())
+                await session.close(send_rest=await end.half_closed(session.holds_partial_batch))
+
+        async def drain_on_shutdown() -> None:
+            # From the start of a drain: the pump may be waiting for its batches, not reading, and
+            # a caller that does not read its results would stop it there until the stream is cut.
+            await self._shutting_down.wait()
+            reader.drain()
 
         pumping = asyncio.create_task(pump())
+        watching = asyncio.create_task(drain_on_shutdown())
         handed: deque[BatchResult] = deque(maxlen=self._reconcile_tail)
         try:
             try:
-                async for result in session.results():
-                    handed.append(result)  # before the write: a write cut short may have gone out
-                    yield pb.SendStreamResponse(result=convert.result_to_proto(result))
+                async for result in self._results_to_write(session, end, handed):
+                    if result is None:
+                        yield pb.SendStreamResponse()
+                    else:
+                        yield pb.SendStreamResponse(result=convert.result_to_proto(result))
                 await pumping
+                if failure:  # what the caller still writes is read: give it a while to stop
+                    await asyncio.wait((reader.drain(),), timeout=self._drain_seconds)
             except Exception as exc:
                 await self._abort(context, exc)
             finally:
                 pumping.cancel()
+                watching.cancel()
+                reader.close()
                 session.cancel()
             if failure:
                 await self._abort(context, failure[0])
@@ -325,10 +353,79 @@ class CanvasGatewayServicer:
             session.log_unread(handed)
             raise
 
+    async def _results_to_write(
+        self, session: StreamSend, end: StreamEnd, handed: deque[BatchResult]
+    ) -> AsyncIterator[BatchResult | None]:
+        """The session's results as they come, and None (an empty message) once the requests end
+        with a partial batch open. gRPC resumes this generator only after writing what it
+        yielded, so going on past the None proves the caller half-closed (`StreamEnd`)."""
+        results = aiter(session.results())
+        upcoming = asyncio.ensure_future(anext(results, None))
+        stopped: asyncio.Task[Literal[True]] | None = asyncio.ensure_future(end.stopped.wait())
+        try:
+            while True:
+                if stopped is not None:
+                    await asyncio.wait((upcoming, stopped), return_when=asyncio.FIRST_COMPLETED)
+                    if stopped.done():
+                        stopped = None
+                        if end.awaits_proof:
+                            yield None
+                            end.prove(alive=True)
+                        continue
+                if (result := await upcoming) is None:
+                    return
+                handed.append(result)  # before the write: a write cut short may have gone out
+                yield result
+                upcoming = asyncio.ensure_future(anext(results, None))
+        finally:
+            upcoming.cancel()
+            if stopped is not None:
+                stopped.cancel()
 
-CUT_OFF_SECONDS = 0.05
-"""How long a stream's end waits, when it holds a partial last batch, for a lost connection's
-cancellation to show before sending that batch."""
+
+class StreamEnd:
+    """Whether a stream's requests ended with the caller's half-close, told by a write.
+
+    grpcio ends the request iterator alike when the caller half-closes (END_STREAM) and when the
+    stream is reset or its connection lost, and gives the servicer nothing else to tell them
+    apart: the receive's outcome does not (grpc/grpc#26245: only C++ can ask core's
+    `grpc_call_failed_before_recv_message`) and grpcio drops it anyway; `context.done()` means
+    our own status went out and `context.cancelled()` that we set CANCELLED; the cancellation
+    itself (the RECV_CLOSE_ON_SERVER op, on which grpcio cancels the handler's task) completes in
+    a batch of its own, in no set order with the end of the requests, and when the task is
+    inside gRPC's write it never reaches our code. A timer that waits for it loses under load.
+
+    What gRPC does give: on a reset or a lost connection chttp2 closes the stream for writing
+    before it ends its reads, and fails every later write ("Attempt to send message after
+    stream was closed"). So a write begun after the requests ended that succeeds proves the end
+    was a half-close. When the requests end with a partial batch open, the stream writes an
+    empty `SendStreamResponse` (no part: clients skip it) and sends that batch only once the
+    write has succeeded. A cut-off stream's write fails, its RPC ends, and the batch is never
+    sent (with a key, the resume sends it). A half-closed caller that does not read may hold its
+    last batch until it reads, if its flow-control window is full.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
+        """The requests have ended, or reading them has stopped."""
+        self.awaits_proof = False
+        self._alive: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def half_closed(self, partial_batch: bool) -> bool:
+        """At the end of the requests: may the last, partial batch be sent? With one open, waits
+        until a write proves the caller there, or the RPC ends."""
+        self.awaits_proof = partial_batch
+        self.stopped.set()
+        return await self._alive if partial_batch else True
+
+    def prove(self, *, alive: bool) -> None:
+        """What the write after the requests' end told; the first word stands."""
+        if not self._alive.done():
+            self._alive.set_result(alive)
+
+    def rpc_done(self, _context: object) -> None:
+        """The RPC ended before a write proved the caller there: the batch is not to be sent."""
+        self.prove(alive=False)
 
 
 def _bad_stream(why: str) -> InvalidRequest:

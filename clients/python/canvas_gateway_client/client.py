@@ -725,7 +725,7 @@ class CanvasGatewayClient:
                         if response.HasField("result"):
                             for tracked in state.take(response.result):
                                 yield tracked
-                        else:
+                        elif response.HasField("summary"):  # a message with no part is skipped
                             last = response.summary
                 except grpc.aio.AioRpcError as exc:
                     error = exc
@@ -792,7 +792,7 @@ class CanvasGatewayClient:
                                 yield tracked
                             if state.forgotten is not None:
                                 break  # every later batch would be sent again too: stop now
-                        else:
+                        elif response.HasField("summary"):  # a message with no part is skipped
                             last = response.summary
                 except grpc.aio.AioRpcError as exc:
                     error = exc
