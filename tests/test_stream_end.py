@@ -148,6 +148,16 @@ async def test_half_closed_keyed_streams_send_their_partial_last_batch(harness: 
     assert sum(len(c.body["recipients"]) for c in harness.fake.calls) == STREAMS // 2 * count
 
 
+async def test_a_stream_without_a_key_never_gets_the_empty_message(harness: Harness) -> None:
+    """Callers written before the empty message (every message not a result is the summary)
+    stay right: only keyed streams wait for the proof."""
+    trigger = pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
+    call = harness.stub.SendStream(iter([trigger, _chunk(_users(0))]), metadata=harness.auth())
+    answers = [answer async for answer in call]
+    assert [a.WhichOneof("part") for a in answers] == ["result", "result", "summary"]
+    assert answers[-1].summary.recipients_sent == FULL + PARTIAL
+
+
 async def test_a_caller_that_never_reads_cut_off_by_shutdown_sees_unavailable(harness: Harness) -> None:
     """SIGTERM's drain (`Gateway.stop`) with a caller that never reads and writes on for 4 s
     into it, then half-closes. Its results fill its window, so its stream waits for its batches,

@@ -313,7 +313,11 @@ class CanvasGatewayServicer:
                 reader.drain()
                 await session.close(send_rest=False)
             else:
-                await session.close(send_rest=await end.half_closed(session.holds_partial_batch))
+                # Only a keyed stream waits for the proof: its short last batch would be kept under the
+                # key and refuse the resume. Without a key the end is taken as the caller's, and
+                # a cut-off stream sends its last batch like the others it had accepted.
+                keyed = bool(header.options.idempotency_key)
+                await session.close(send_rest=await end.half_closed(keyed and session.holds_partial_batch))
 
         async def drain_on_shutdown() -> None:
             # From the start of a drain: the pump may be waiting for its batches, not reading, and
@@ -398,11 +402,12 @@ class StreamEnd:
     What gRPC does give: on a reset or a lost connection chttp2 closes the stream for writing
     before it ends its reads, and fails every later write ("Attempt to send message after
     stream was closed"). So a write begun after the requests ended that succeeds proves the end
-    was a half-close. When the requests end with a partial batch open, the stream writes an
-    empty `SendStreamResponse` (no part: clients skip it) and sends that batch only once the
-    write has succeeded. A cut-off stream's write fails, its RPC ends, and the batch is never
-    sent (with a key, the resume sends it). A half-closed caller that does not read may hold its
-    last batch until it reads, if its flow-control window is full.
+    was a half-close. When a keyed stream's requests end with a partial batch open, the stream
+    writes an empty `SendStreamResponse` (no part: clients skip it) and sends that batch only
+    once the write has succeeded: a cut-off stream's write fails, its RPC ends, and the batch is
+    never sent (the resume sends it). Streams without a key never get the empty message (callers
+    written before it stay unaffected): their end is taken as the caller's. A half-closed caller
+    that does not read may hold its last batch until it reads, if its flow-control window is full.
     """
 
     def __init__(self) -> None:

@@ -556,7 +556,8 @@ Global___RecipientChunk: _TypeAlias = RecipientChunk  # noqa: Y015
 class SendStreamResponse(_message.Message):
     """SendStreamResponse is a batch result, or the closing summary. A message with
     neither part set carries nothing: skip it. The gateway writes one when a
-    stream's requests end with a batch of fewer than 50 still open, and sends
+    keyed stream's (SendOptions.idempotency_key) requests end with a batch of
+    fewer than 50 still open, and sends
     that batch only once the write has gone through: gRPC does not tell a caller
     that half-closed from one whose stream was cut off, but a write to the
     latter fails.
