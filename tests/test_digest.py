@@ -31,53 +31,11 @@ from canvas_gateway_server.planning import Intake
 from conftest import FAKE_URLS, TOKENS, check_sent_once, tenants_toml
 from fake_braze import FakeBraze
 from google.protobuf import struct_pb2
-from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from servers import RedisServer, redis_server, stop_process
 from test_balancer import Replica, start_replica
-
-# --- the wire, by hand ----------------------------------------------------------------------
-
-
-def _varint(number: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, number = number & 0x7F, number >> 7
-        if number:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _delimited(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def wire(message: Message, order: random.Random) -> bytes:
-    """`message` encoded with its fields, and the entries of each of its maps at every depth,
-    in the order `order` deals them (Python's protobuf writes one order of its own)."""
-    parts: list[bytes] = []
-    for field, value in message.ListFields():
-        if field.message_type is None:  # scalars, strings, enums: protobuf's own bytes for them
-            alone = type(message)()
-            if field.is_repeated:
-                getattr(alone, field.name).extend(value)
-            else:
-                setattr(alone, field.name, value)
-            parts.append(alone.SerializeToString())
-        elif field.message_type.GetOptions().map_entry:
-            entries = [_delimited(1, key.encode()) + _delimited(2, wire(value[key], order)) for key in value]
-            order.shuffle(entries)
-            parts.append(b"".join(_delimited(field.number, entry) for entry in entries))
-        elif field.is_repeated:  # items keep their order
-            parts.append(b"".join(_delimited(field.number, wire(item, order)) for item in value))
-        else:
-            parts.append(_delimited(field.number, wire(value, order)))
-    order.shuffle(parts)
-    return b"".join(parts)
-
+from wire import delimited, wire
 
 # --- requests -------------------------------------------------------------------------------
 
@@ -170,17 +128,17 @@ def test_a_many_key_context_in_two_orders_is_one_body() -> None:
     request.trigger.recipients.add(external_user_id="u0")
     entries = [_entry(key, number) for key, number in fields.items()]
     forward, backward = (
-        _delimited(2, b"".join(_delimited(1, e) for e in order)) for order in (entries, entries[::-1])
+        delimited(2, b"".join(delimited(1, e) for e in order)) for order in (entries, entries[::-1])
     )
     rest = pb.CanvasTrigger(canvas_id="c", recipients=request.trigger.recipients).SerializeToString()
-    one, other = (_delimited(1, rest + context) for context in (forward, backward))
+    one, other = (delimited(1, rest + context) for context in (forward, backward))
     assert pb.SendRequest.FromString(one) == pb.SendRequest.FromString(other) == request
     assert batches(one) == batches(other)
     assert batches(one)[0][0].startswith(b'{"canvas_id":"c","context":{"key0":0,"key1":1,"key10":10,')
 
 
 def _entry(key: str, number: int) -> bytes:
-    return _delimited(1, key.encode()) + _delimited(
+    return delimited(1, key.encode()) + delimited(
         2, struct_pb2.Value(number_value=number).SerializeToString()
     )
 

@@ -6,8 +6,8 @@ deployed) in front of one fake Braze whose window allows fewer calls than the fl
 once, with random 5xx answers and dropped connections. A caller streams recipients under an
 idempotency key; while it does, one or two things go wrong at a random moment: a gateway is
 SIGKILLed (and another started), Redis stalls past the gateways' timeout, or Redis restarts. The
-caller then resends the same request, its map entries (`Struct` fields at every depth) in another
-random order on the wire, to a random live gateway, until every batch has a final result.
+caller then resends the same request, its map entries (`Struct` fields at every depth) and fields in
+another random order on the wire, to a random live gateway, until every batch has a final result.
 
 What must hold, checked against the fake's own record:
 - every position has exactly one final result, and every repeat tells the same story (a batch
@@ -43,7 +43,7 @@ from conftest import FAKE_URLS, KEYS, TOKENS, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from servers import RedisServer, redis_server, stop_process
 from test_balancer import Replica, start_replica
-from wire import encode, shuffled
+from wire import wire
 
 FIRST_SEED = int(os.environ.get("INVARIANT_FIRST_SEED", "20261206"))
 SEEDS = range(FIRST_SEED, FIRST_SEED + int(os.environ.get("INVARIANT_SEEDS", "3")))
@@ -157,8 +157,8 @@ async def send(
     replica: Replica, messages: list[pb.SendStreamRequest], rng: random.Random
 ) -> list[pb.BatchResult]:
     """One SendStream with the messages' map entries in a random order on the wire."""
-    order = shuffled(random.Random(rng.random()))
-    raw = [encode(message, order) for message in messages]
+    order = random.Random(rng.random())
+    raw = [wire(message, order) for message in messages]
     async with grpc.aio.insecure_channel(replica.address) as channel:
         call = channel.stream_stream(
             METHOD, request_serializer=lambda b: b, response_deserializer=pb.SendStreamResponse.FromString
