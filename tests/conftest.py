@@ -8,6 +8,7 @@ takes the context object under its legacy name `canvas_entry_properties`.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -75,6 +76,24 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def gateway_env(tenants: Path, address: str, admin: str, **settings: str) -> dict[str, str]:
+    """The environment of a gateway process serving `address` (gRPC) and `admin`: this one's less
+    its CGW_ variables, with the tenants file, acme's Braze key, one worker, no not-ready delay, and
+    a keys file of its own beside the tenants file (not the host's default in the temporary
+    folder, which a later run on the same port would find); `settings`: more CGW_ variables."""
+    return {
+        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
+        "CGW_WORKERS": "1",
+        "CGW_IDEMPOTENCY_FILE": str(tenants.parent / f"keys-{address.rpartition(':')[2]}.sqlite3"),
+        "CGW_TENANTS_FILE": str(tenants),
+        "CGW_GRPC_ADDRESS": address,
+        "CGW_ADMIN_ADDRESS": admin,
+        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
+        "ACME_BRAZE_KEY": KEYS["acme"],
+        **settings,
+    }
 
 
 async def start_gateway(settings: Settings) -> Gateway:

@@ -25,7 +25,7 @@ from canvas_gateway_server.admin import BACKLOG, MAX_CONNECTIONS, PACING, AdminS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, KEYS, LOCAL, Harness, free_port, health_watch, tenants_toml
+from conftest import FAKE_URLS, LOCAL, Harness, free_port, gateway_env, health_watch, tenants_toml
 from fake_braze import FakeBraze, Fault
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
@@ -170,15 +170,7 @@ async def _gateway(fake: FakeBraze, tmp_path: Path) -> AsyncIterator[tuple[int, 
     tenants, log = tmp_path / "tenants.toml", tmp_path / "gateway.log"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
     address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
-        "CGW_WORKERS": "1",
-        "CGW_TENANTS_FILE": str(tenants),
-        "CGW_GRPC_ADDRESS": address,
-        "CGW_ADMIN_ADDRESS": admin,
-        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
-        "ACME_BRAZE_KEY": KEYS["acme"],
-    }
+    env = gateway_env(tenants, address, admin)
     with log.open("wb") as output:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "canvas_gateway_server", env=env, stderr=output

@@ -11,7 +11,6 @@ while it drains and exits, and later calls go to the others.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -24,7 +23,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import FAKE_URLS, KEYS, TOKENS, free_port, tenants_toml, violations_of
+from conftest import FAKE_URLS, TOKENS, free_port, gateway_env, tenants_toml, violations_of
 from fake_braze import FakeBraze
 from prometheus_client.parser import text_string_to_metric_families
 from servers import Balancer, haproxy, stop_process
@@ -55,20 +54,16 @@ class Cluster:
 async def start_replica(tenants: Path, session: aiohttp.ClientSession, **settings: str) -> Replica:
     """A gateway process (`settings`: more CGW_ variables), once its /readyz answers."""
     address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
-        "CGW_WORKERS": "1",
-        # Keys without Redis: each replica its own file, not the host's default in /tmp (a later
-        # run on the same port would find them).
-        "CGW_IDEMPOTENCY_FILE": str(tenants.parent / f"keys-{address.rpartition(':')[2]}.sqlite3"),
-        "CGW_TENANTS_FILE": str(tenants),
-        "CGW_GRPC_ADDRESS": address,
-        "CGW_ADMIN_ADDRESS": admin,
-        "CGW_SHUTDOWN_GRACE_SECONDS": "5",
-        "CGW_SHUTDOWN_DELAY_SECONDS": str(SHUTDOWN_DELAY),
-        "ACME_BRAZE_KEY": KEYS["acme"],
-        **settings,
-    }
+    env = gateway_env(
+        tenants,
+        address,
+        admin,
+        **{
+            "CGW_SHUTDOWN_GRACE_SECONDS": "5",
+            "CGW_SHUTDOWN_DELAY_SECONDS": str(SHUTDOWN_DELAY),
+            **settings,
+        },
+    )
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "canvas_gateway_server", env=env)
     replica = Replica(process, address, admin)
     deadline = time.monotonic() + READY_SECONDS

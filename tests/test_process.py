@@ -18,7 +18,16 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.tenants import token_digest
-from conftest import FAKE_URLS, KEYS, SECRET_PIECES, TOKENS, UNESCAPED_PASSWORDS, free_port, tenants_toml
+from conftest import (
+    FAKE_URLS,
+    KEYS,
+    SECRET_PIECES,
+    TOKENS,
+    UNESCAPED_PASSWORDS,
+    free_port,
+    gateway_env,
+    tenants_toml,
+)
 from fake_braze import FakeBraze
 
 Running = tuple[asyncio.subprocess.Process, str, Path]
@@ -165,15 +174,7 @@ async def test_sighup_again_and_again_during_start_up_neither_kills_nor_is_lost(
     tenants, log = tmp_path / "tenants.toml", tmp_path / "gateway.log"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
     address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
-        "CGW_WORKERS": workers,
-        "CGW_TENANTS_FILE": str(tenants),
-        "CGW_GRPC_ADDRESS": address,
-        "CGW_ADMIN_ADDRESS": admin,
-        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
-        "ACME_BRAZE_KEY": KEYS["acme"],
-    }
+    env = gateway_env(tenants, address, admin, CGW_WORKERS=workers)
     with log.open("wb") as output:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "canvas_gateway_server", env=env, stderr=output

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from .errors import ConfigError
-from .idempotency import Claim, Verdict
+from .idempotency import Claim, Verdict, keep_beating
 from .limits import StoreUnavailable
 from .settings import Settings
 
@@ -248,15 +248,8 @@ class HostResults:
 
     def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
         """Keep this process's heartbeat alive (and purge) until `stop`."""
-        self._heartbeat = asyncio.get_running_loop().create_task(self._beating(on_failure))
-
-    async def _beating(self, on_failure: Callable[[], None]) -> None:
-        while True:
-            try:
-                await self.beat()
-            except StoreUnavailable:
-                on_failure()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+        beating = keep_beating(self.beat, on_failure, HEARTBEAT_SECONDS)
+        self._heartbeat = asyncio.get_running_loop().create_task(beating)
 
     async def stop(self) -> None:
         """Stop beating and close; this process's claims left behind are LOST at once."""

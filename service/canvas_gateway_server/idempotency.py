@@ -36,7 +36,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
@@ -137,6 +137,19 @@ class _Claimed:
 
 SWEEP_SECONDS: Final = 1.0
 """How often `LocalResults` frees what has expired, whether or not its key is used again."""
+
+
+async def keep_beating(
+    beat: Callable[[], Awaitable[object]], on_failure: Callable[[], None], every: float
+) -> None:
+    """A shared store's heartbeat, until cancelled: `beat` every `every` seconds; a beat the store
+    did not take calls `on_failure` (the claims of a process silent too long are taken as dead)."""
+    while True:
+        try:
+            await beat()
+        except StoreUnavailable:
+            on_failure()
+        await asyncio.sleep(every)
 
 
 class LocalResults:

@@ -40,7 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .idempotency import Claim, StoreLost, Verdict
+from .idempotency import Claim, StoreLost, Verdict, keep_beating
 from .limits import MAX_PAUSE_SECONDS, RECHECK_SECONDS, BudgetStore, Hold, StoreUnavailable, Ticket
 from .metrics import Metrics
 from .upstream import Delivery, Reply
@@ -501,15 +501,8 @@ class RedisResults:
 
     def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
         """Keep this process's heartbeat alive until `stop`."""
-        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(on_failure))
-
-    async def _beat(self, on_failure: Callable[[], None]) -> None:
-        while True:
-            try:
-                await self.beat()
-            except StoreUnavailable:
-                on_failure()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+        beating = keep_beating(self.beat, on_failure, HEARTBEAT_SECONDS)
+        self._heartbeat = asyncio.get_running_loop().create_task(beating)
 
     async def stop(self) -> None:
         if self._heartbeat is not None:
