@@ -25,7 +25,16 @@ from canvas_gateway_server.admin import BACKLOG, MAX_CONNECTIONS, PACING, AdminS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, LOCAL, Harness, free_port, gateway_env, health_watch, tenants_toml
+from conftest import (
+    FAKE_URLS,
+    LOCAL,
+    Harness,
+    free_port,
+    gateway_env,
+    health_watch,
+    learn_budget,
+    tenants_toml,
+)
 from fake_braze import FakeBraze, Fault
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
@@ -67,6 +76,7 @@ async def test_liveness_and_readiness(harness: Harness) -> None:
 async def test_shutdown_turns_not_ready_first_and_refuses_new_work_only_after_the_delay(
     harness: Harness,
 ) -> None:
+    await learn_budget(harness)  # else the call below waits for the one in flight (cold start)
     watch = health_watch(harness)
     assert (await anext(watch)).status == health_pb2.HealthCheckResponse.SERVING
 
