@@ -43,6 +43,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from . import logs
 from .admin import AdminServer
 from .limits import Budget
 from .settings import ENV_PREFIX, Settings
@@ -265,6 +266,7 @@ def _number(value: float) -> str:
 async def supervise(settings: Settings, environ: Mapping[str, str]) -> int:
     """Run `worker_count(settings)` workers until SIGTERM or SIGINT; the exit status."""
     count = worker_count(settings)
+    logs.throttle_accept_errors(asyncio.get_running_loop())
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
         SharedBudgets.create(budgets_path(folder))
         workers = _Workers(count, folder, environ)
