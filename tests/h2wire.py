@@ -8,6 +8,7 @@ no HPACK state is needed to send them, and the server's header blocks are never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 from collections import Counter
@@ -116,7 +117,9 @@ class RawConnection:
         assert self.seen.closed_at is not None
         return self.seen.closed_at - self.opened_at
 
-    def start_call(self, path: str, token: str = "", message: bytes | None = None, *, reset: bool = False) -> None:
+    def start_call(
+        self, path: str, token: str = "", message: bytes | None = None, *, reset: bool = False
+    ) -> None:
         """Open a stream for a call: its headers, then its message (ending the stream) if given,
         then RST_STREAM (CANCEL) if `reset`. Buffered: `flush` sends."""
         stream, self._next_stream = self._next_stream, self._next_stream + 2
@@ -134,7 +137,5 @@ class RawConnection:
         if self._reading is not None:
             self._reading.cancel()
         self._writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
-        except ConnectionError:
-            pass

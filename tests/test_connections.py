@@ -20,6 +20,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.servicer import SERVICE_NAME
 from canvas_gateway_server.settings import Settings
 from conftest import FAKE_URLS, KEYS, TOKENS, Harness, free_port, tenants_toml
@@ -71,13 +72,34 @@ def test_keepalive_and_age_reach_the_server_s_options() -> None:
     assert options["grpc.max_connection_age_ms"] == 90_000
     assert options["grpc.max_connection_age_grace_ms"] == 5_000
     assert options["grpc.keepalive_time_ms"] == 60_000
-    unlimited = dict(Settings(demo=True, max_connection_age_seconds=0).grpc_options())
-    assert (
-        "grpc.max_connection_age_ms" not in unlimited and "grpc.max_connection_age_grace_ms" not in unlimited
+    # gRPC core waits ping_timeout_ms (60 s by default) for a ping's answer, whatever keepalive says.
+    assert options["grpc.keepalive_timeout_ms"] == options["grpc.http2.ping_timeout_ms"] == 20_000
+    assert options["grpc.server_handshake_timeout_ms"] == 10_000
+    assert options["grpc.max_connection_idle_ms"] == 60_000
+    assert options["grpc.max_concurrent_streams"] == 100
+    unlimited = dict(
+        Settings(demo=True, max_connection_age_seconds=0, max_connection_idle_seconds=0).grpc_options()
     )
+    assert not {
+        "grpc.max_connection_age_ms",
+        "grpc.max_connection_age_grace_ms",
+        "grpc.max_connection_idle_ms",
+        "grpc.max_allowed_incoming_connections",  # no open-file limit given: none derived
+    } & set(unlimited)
 
 
-@pytest.mark.parametrize("settings_overrides", [{"keepalive_time_seconds": 1.0, "keepalive_timeout_seconds": 0.5}])
+def test_the_connection_cap_leaves_files_for_braze_and_the_gateway() -> None:
+    settings = Settings(demo=True)
+    assert dict(settings.grpc_options(open_files=1024))["grpc.max_allowed_incoming_connections"] == 796
+    assert Settings(demo=True, max_connections=50).connection_cap(1024) == 50
+    with pytest.raises(ConfigError, match=r"limit \(200\) leaves no connections.*CGW_MAX_CONNECTIONS"):
+        settings.grpc_options(open_files=200)
+
+
+KEEPALIVE = {"keepalive_time_seconds": 1.0, "keepalive_timeout_seconds": 0.5}
+
+
+@pytest.mark.parametrize("settings_overrides", [KEEPALIVE])
 async def test_a_frozen_peer_is_dropped_after_keepalive_and_its_timeout(harness: Harness) -> None:
     # A peer that has stopped answering (frozen, or a path that drops packets) answers no ping.
     # gRPC core used to wait 60 s for the answer whatever the keepalive timeout: 61.5 s here.
@@ -149,9 +171,8 @@ async def test_rapid_reset_is_refused_and_another_tenant_is_unaffected(harness: 
         await victim  # raises if any of its calls failed (CANCELLED, as before)
         await attacker.close()
     refused = attacker.seen.resets[REFUSED_STREAM]
-    started = harness.gateway.registry.get_sample_value(
-        "grpc_server_started_total", {"grpc_type": "unary", "grpc_service": SERVICE_NAME, "grpc_method": "Send"}
-    )
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE_NAME, "grpc_method": "Send"}
+    started = harness.gateway.registry.get_sample_value("grpc_server_started_total", labels)
     assert started is not None
     assert refused >= streams * 0.9, refused
     assert started - len(latencies) <= streams * 0.1  # handlers the attack started (101 measured)
@@ -195,9 +216,10 @@ async def gateway_process(
 
 
 async def healthz(admin: str) -> int:
-    async with aiohttp.ClientSession() as session, session.get(
-        f"http://{admin}/healthz", timeout=aiohttp.ClientTimeout(total=3)
-    ) as reply:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{admin}/healthz", timeout=aiohttp.ClientTimeout(total=3)) as reply,
+    ):
         return reply.status
 
 
@@ -253,7 +275,8 @@ async def test_a_full_grpc_port_leaves_files_for_the_admin_port_or_one_log_line(
     make one throttled line."""
     held = {"handshake_timeout_seconds": "60", "max_connections": cap}
     async with gateway_process(fake, tmp_path, 300, held) as (address, admin, log):
-        stalled = [await RawConnection.open(int(address.rpartition(":")[2]), handshake=False) for _ in range(300)]
+        port = int(address.rpartition(":")[2])
+        stalled = [await RawConnection.open(port, handshake=False) for _ in range(300)]
         try:
             await asyncio.sleep(0.5)  # the server has accepted what it will
             if cap == "0":
