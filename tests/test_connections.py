@@ -20,6 +20,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server import logs
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.servicer import SERVICE_NAME
 from canvas_gateway_server.settings import Settings
@@ -291,3 +292,18 @@ async def test_a_full_grpc_port_leaves_files_for_the_admin_port_or_one_log_line(
         assert "Traceback" not in text and "socket.accept() out of system resource" not in text
         if cap != "0":
             assert 1 <= text.count("out of open files") <= 2
+
+
+def test_out_of_files_on_accept_is_one_throttled_line(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        logs.throttle_accept_errors(loop)
+        for _ in range(1000):  # what one second of CPython's accept retries looked like
+            loop.call_exception_handler({"message": logs.OUT_OF_FILES, "exception": OSError(24, "EMFILE")})
+        loop.call_exception_handler({"message": "something else"})
+    finally:
+        loop.close()
+    ours = [r for r in caplog.records if r.name == "canvas_gateway_server.connections"]
+    assert [(r.levelname, r.exc_info) for r in ours] == [("WARNING", None)]
+    assert "out of open files" in ours[0].getMessage()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == ["something else"]
