@@ -37,6 +37,14 @@ class Captured:
     def matching(self, message: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if re.search(message, r["message"])]
 
+    async def logged(self, message: str) -> list[dict[str, Any]]:
+        """`matching`, once there is a match: a call that fails sends its status before its
+        access line is written, so its caller may be told first."""
+        async with asyncio.timeout(5):
+            while not self.matching(message):
+                await asyncio.sleep(0.01)
+        return self.matching(message)
+
 
 @pytest.fixture
 def captured(harness: Harness) -> Iterator[Captured]:
@@ -93,7 +101,7 @@ async def test_a_refused_token_logs_the_peer_and_reason_never_the_token(
     (refusal,) = captured.matching("^refused a call")
     assert refusal["reason"] == "unknown_token" and refusal["request_id"] == "r-1"
     assert refusal["peer"].startswith("ipv4:127.0.0.1:")
-    (access,) = captured.matching("^rpc Send")
+    (access,) = await captured.logged("^rpc Send")
     assert access["grpc_code"] == "UNAUTHENTICATED" and access["level"] == "WARNING"
     assert access["tenant"] == "-"
     assert TOKENS["acme"] not in captured.stream.getvalue()
@@ -198,7 +206,7 @@ async def test_a_unary_call_whose_message_never_comes_ends_deadline_exceeded(
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert caught.value.details() == "no request message within 0.3 s; nothing was done"
     if method == SEND:
-        (line,) = captured.matching("^rpc Send")
+        (line,) = await captured.logged("^rpc Send")
         assert line["grpc_code"] == "DEADLINE_EXCEEDED"
     assert not harness.fake.calls
 
