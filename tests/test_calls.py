@@ -37,6 +37,14 @@ class Captured:
     def matching(self, message: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if re.search(message, r["message"])]
 
+    async def logged(self, message: str) -> list[dict[str, Any]]:
+        """`matching`, once there is a match: a call that fails sends its status before its
+        access line is written, so its caller may be told first."""
+        async with asyncio.timeout(5):
+            while not self.matching(message):
+                await asyncio.sleep(0.01)
+        return self.matching(message)
+
 
 @pytest.fixture
 def captured(harness: Harness) -> Iterator[Captured]:
@@ -93,7 +101,7 @@ async def test_a_refused_token_logs_the_peer_and_reason_never_the_token(
     (refusal,) = captured.matching("^refused a call")
     assert refusal["reason"] == "unknown_token" and refusal["request_id"] == "r-1"
     assert refusal["peer"].startswith("ipv4:127.0.0.1:")
-    (access,) = captured.matching("^rpc Send")
+    (access,) = await captured.logged("^rpc Send")
     assert access["grpc_code"] == "UNAUTHENTICATED" and access["level"] == "WARNING"
     assert access["tenant"] == "-"
     assert TOKENS["acme"] not in captured.stream.getvalue()
@@ -168,3 +176,58 @@ def test_text_lines_carry_the_request_id_and_the_event_fields() -> None:
     first, second = out.getvalue().splitlines()
     assert first.endswith("WARNING t [req-9] batch 4 REJECTED tenant=acme said='bad [REDACTED]'")
     assert second.endswith("INFO t [-] outside")
+
+
+SEND = "/canvas_gateway.v1.CanvasGatewayService/Send"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+async def _never() -> AsyncIterator[bytes]:
+    await asyncio.Event().wait()
+    yield b""  # pragma: no cover - never reached
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    nothing: tuple[bytes, ...] = ()
+    for message in nothing:
+        yield message
+
+
+@pytest.mark.parametrize("settings_overrides", [{"request_message_timeout_seconds": 0.3}])
+@pytest.mark.parametrize("method", [SEND, HEALTH_CHECK])
+async def test_a_unary_call_whose_message_never_comes_ends_deadline_exceeded(
+    harness: Harness, captured: Captured, method: str
+) -> None:
+    # grpcio waits for a unary call's message before its handler runs, with no limit of its own:
+    # such calls held their connection open for good. Opened as a stream that sends nothing.
+    multicallable: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = harness.channel.stream_unary(method)
+    call = multicallable(_never(), metadata=harness.auth())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call, 10)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert caught.value.details() == "no request message within 0.3 s; nothing was done"
+    if method == SEND:
+        (line,) = await captured.logged("^rpc Send")
+        assert line["grpc_code"] == "DEADLINE_EXCEEDED"
+    assert not harness.fake.calls
+
+
+async def test_a_unary_call_that_ends_without_its_message_is_invalid(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        # grpcio alone never answered such a call: it returned without a status.
+        multicallable: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = harness.channel.stream_unary(SEND)
+        await asyncio.wait_for(multicallable(_nothing(), metadata=harness.auth()), 10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "the call ended without its request message"
+
+
+async def test_unary_calls_keep_their_type_in_the_metrics(harness: Harness) -> None:
+    # Read as request streams inside the gateway, they are still unary to callers and dashboards.
+    await harness.stub.Send(REQUEST, metadata=harness.auth())
+    await health_check(harness, "")
+    registry = harness.gateway.registry
+    methods = (("canvas_gateway.v1.CanvasGatewayService", "Send"), ("grpc.health.v1.Health", "Check"))
+    for service, method in methods:
+        labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": method}
+        assert registry.get_sample_value("grpc_server_started_total", labels) == 1
+        assert registry.get_sample_value("grpc_server_msg_received_total", labels) == 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -35,6 +36,7 @@ from redis.exceptions import RedisError
 
 from . import __version__, host_results, logs, reflection, shared
 from .admin import AdminServer, registry_exposition
+from .admission import StreamSlots
 from .breaker import LocalBreaker
 from .budget import LocalRetryBudget
 from .calls import CallObserver
@@ -162,8 +164,8 @@ class Gateway:
             metrics,
         )
         server = grpc.aio.server(
-            interceptors=[CallObserver(metrics, SERVICE_NAME)],
-            options=settings.grpc_options(),
+            interceptors=[CallObserver(metrics, SERVICE_NAME, settings.request_message_timeout_seconds)],
+            options=settings.grpc_options(open_file_limit()),
         )
         shutting_down = asyncio.Event()
         servicer = CanvasGatewayServicer(
@@ -174,6 +176,8 @@ class Gateway:
             header_timeout_seconds=settings.stream_header_timeout_seconds,
             deadline_margin_seconds=settings.deadline_margin_seconds,
             reconcile_tail=settings.reconcile_tail_results,
+            idle_timeout_seconds=settings.stream_idle_timeout_seconds,
+            streams=StreamSlots(settings.max_streams, settings.max_streams_per_tenant),
         )
         add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
@@ -324,6 +328,12 @@ class Gateway:
             log.info("tenants reloaded: %d tenants", len(self.tenants.tenant_ids()))
 
 
+def open_file_limit() -> int | None:
+    """This process's soft limit on open files; None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     """Bind the gRPC port: TLS when a certificate is configured, else plaintext."""
     if not settings.tls_cert_file:
@@ -460,6 +470,7 @@ async def run(
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file (once after start-up if
     `hangups` counted any during it)."""
     logs.configure(settings.log_level, settings.log_format)
+    logs.throttle_accept_errors(asyncio.get_running_loop())
     gateway = await Gateway.start(settings, environ=environ)
     logs.configure(settings.log_level, settings.log_format, gateway.tenants.secrets)
     if settings.demo:

@@ -7,7 +7,11 @@ inside the RPC's own task, it
 - counts the RPC the go-grpc-prometheus way: started, messages received and sent, handled by
   code, handling time;
 - logs one access line for the gateway's own service when the RPC ends, with what the servicer
-  noted on the `Call` (tenant, summary).
+  noted on the `Call` (tenant, summary);
+- reads a unary call's request itself, within `request_timeout_seconds`: grpcio would wait for
+  it without a limit before running the handler, so a caller that opens calls and never sends
+  their message would hold them, and their connection, for good. Such methods are registered
+  with grpcio as request-streaming; their behavior still gets the one message.
 
 Messages are counted where the behavior reads and yields them; a handler that writes with
 `context.write` (grpc's health Watch) is counted as started and handled, not per message.
@@ -108,9 +112,12 @@ def _grpc_type(handler: Handler) -> str:
 class CallObserver(grpc.aio.ServerInterceptor):
     """Request ids, gRPC metrics and access lines for every RPC; access lines for `logged_service` only."""
 
-    def __init__(self, metrics: Metrics, logged_service: str) -> None:
+    def __init__(
+        self, metrics: Metrics, logged_service: str, request_timeout_seconds: float | None = None
+    ) -> None:
         self._metrics = metrics
         self._logged_service = logged_service
+        self._request_timeout_seconds = request_timeout_seconds
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -131,7 +138,8 @@ class CallObserver(grpc.aio.ServerInterceptor):
         service, _, name = method.lstrip("/").rpartition("/")
         rpc = (_grpc_type(handler), service, name)
         logged = service == self._logged_service
-        observe = _Observation(self._metrics, rpc, method, logged)
+        read_first = None if handler.request_streaming else self._request_timeout_seconds
+        observe = _Observation(self._metrics, rpc, method, logged, read_first)
         kinds = {
             "unary_unary": grpc.unary_unary_rpc_method_handler,
             "unary_stream": grpc.unary_stream_rpc_method_handler,
@@ -141,6 +149,8 @@ class CallObserver(grpc.aio.ServerInterceptor):
         for kind, make in kinds.items():
             behavior = getattr(handler, kind)
             if behavior is not None:
+                if read_first is not None:  # the request arrives as a stream of (one) message
+                    make = kinds[kind.replace("unary_", "stream_", 1)]
                 return make(
                     observe.wrap(behavior, handler.request_streaming, handler.response_streaming),
                     request_deserializer=handler.request_deserializer,
@@ -152,16 +162,24 @@ class CallObserver(grpc.aio.ServerInterceptor):
 class _Observation:
     """Wraps one method's behavior; each call runs inside `_observed`."""
 
-    def __init__(self, metrics: Metrics, rpc: tuple[str, str, str], method: str, logged: bool) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        rpc: tuple[str, str, str],
+        method: str,
+        logged: bool,
+        read_first: float | None = None,
+    ) -> None:
         self._metrics = metrics
         self._rpc = rpc
         self._method = method
         self._logged = logged
+        self._read_first = read_first
 
     def wrap(
         self, behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool
     ) -> Callable[..., Any]:
-        metrics, rpc = self._metrics, self._rpc
+        metrics, rpc, read_first = self._metrics, self._rpc, self._read_first
 
         async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for message in requests:
@@ -178,6 +196,8 @@ class _Observation:
 
             async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
                 async with self._observed(context):
+                    if read_first is not None:
+                        request = await first_message(request, context, read_first)
                     async for response in behavior(requests_of(request), context):
                         metrics.rpc_sent(rpc)
                         yield response
@@ -186,6 +206,8 @@ class _Observation:
 
         async def returning(request: Any, context: Context) -> Any:
             async with self._observed(context, overlap_header=True):
+                if read_first is not None:
+                    request = await first_message(request, context, read_first)
                 response = await behavior(requests_of(request), context)
                 if not response_streaming:
                     metrics.rpc_sent(rpc)
@@ -226,6 +248,22 @@ class _Observation:
             self._metrics.rpc_handled(self._rpc, code, seconds)
             if self._logged:
                 access_line(call, code, seconds)
+
+
+async def first_message(requests: AsyncIterator[Any], context: Context, seconds: float) -> Any:
+    """A unary call's request, read from its stream within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            message = await anext(requests, None)
+    except TimeoutError:
+        await header_sent()
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"no request message within {seconds:g} s; nothing was done"
+        )
+    if message is None:
+        await header_sent()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
+    return message
 
 
 async def header_sent() -> None:

@@ -239,6 +239,13 @@ class FanOut:
         self._slots = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[BatchResult | object] = asyncio.Queue(queue_size)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._quiet_since = 0.0
+
+    @property
+    def quiet_since(self) -> float | None:
+        """When the last batch in flight ended (time.monotonic; 0.0 if none ever was); None while
+        one is in flight."""
+        return None if self._tasks else self._quiet_since
 
     async def submit(self, batch: Batch) -> None:
         """Start a batch; waits while `concurrency` batches are in flight (backpressure)."""
@@ -257,6 +264,7 @@ class FanOut:
                 raise
         finally:
             self._slots.release()
+            self._quiet_since = time.monotonic()
 
     async def put(self, result: BatchResult) -> None:
         """Hand back a result: a batch's, or one that needed no call (validation, validate_only)."""

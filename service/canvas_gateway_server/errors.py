@@ -6,6 +6,8 @@
     +-- PermissionDenied     the tenant may not do this (e.g. broadcast)        -> PERMISSION_DENIED
     +-- ShuttingDown         the gateway is draining; the caller should resume  -> UNAVAILABLE
     +-- HeaderTimeout        a stream sent no header in time                    -> DEADLINE_EXCEEDED
+    +-- StreamIdle           a stream sent nothing for too long; where to resume -> DEADLINE_EXCEEDED
+    +-- TooManyStreams       the tenant, or the gateway, has the most streams open -> RESOURCE_EXHAUSTED
     ConfigError              settings or tenants file invalid (boot or reload)
 
 Upstream failures are not exceptions: each becomes a BatchResult (see results.py).
@@ -55,6 +57,19 @@ class ShuttingDown(GatewayError):
 
 class HeaderTimeout(GatewayError):
     """A stream sent no header within the configured time; nothing was sent."""
+
+
+class StreamIdle(GatewayError):
+    """A stream sent no message for the idle timeout while none of its batches was in flight.
+    Like ShuttingDown, `resume_position` is the first position not read."""
+
+    def __init__(self, message: str, resume_position: int) -> None:
+        super().__init__(message)
+        self.resume_position = resume_position
+
+
+class TooManyStreams(GatewayError):
+    """The tenant, or the whole gateway, already holds as many streams open as it may; nothing was sent."""
 
 
 class ConfigError(Exception):

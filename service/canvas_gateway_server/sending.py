@@ -219,6 +219,11 @@ class StreamSend:
         self._fan.log_unread(handed)
 
     @property
+    def quiet_since(self) -> float | None:
+        """When the stream's last batch in flight ended (time.monotonic); None while one is."""
+        return self._fan.quiet_since
+
+    @property
     def holds_partial_batch(self) -> bool:
         """`close` would send a batch of fewer than 50 that is still open."""
         return self._intake.open

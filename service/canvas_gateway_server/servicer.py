@@ -25,7 +25,8 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf.message import DecodeError, Message
 
 from . import calls, convert, logs, status
-from .errors import HeaderTimeout, InvalidRequest, ShuttingDown, Unauthenticated
+from .admission import StreamHold, StreamSlots
+from .errors import HeaderTimeout, InvalidRequest, ShuttingDown, StreamIdle, Unauthenticated
 from .metrics import Metrics
 from .model import BatchResult, Rule, Violation
 from .sending import Sender, StreamSend
@@ -159,6 +160,8 @@ class CanvasGatewayServicer:
         header_timeout_seconds: float = 10.0,
         deadline_margin_seconds: float = 0.1,
         reconcile_tail: int = 2048,
+        idle_timeout_seconds: float = 60.0,
+        streams: StreamSlots | None = None,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
@@ -168,6 +171,8 @@ class CanvasGatewayServicer:
         self._header_timeout_seconds = header_timeout_seconds
         self._deadline_margin_seconds = deadline_margin_seconds
         self._reconcile_tail = reconcile_tail
+        self._idle_timeout_seconds = idle_timeout_seconds
+        self.streams = streams or StreamSlots(1000, 100)
         self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:
@@ -231,17 +236,18 @@ class CanvasGatewayServicer:
     async def SendStream(
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[pb.SendStreamResponse]:
-        with self.in_flight:
+        with self.in_flight, self.streams.hold() as hold:
             async for response in self._send_stream(
-                StreamReader(request_iterator, self._shutting_down), context
+                StreamReader(request_iterator, self._shutting_down), context, hold
             ):
                 yield response
 
     async def _send_stream(
-        self, reader: StreamReader[bytes], context: Context
+        self, reader: StreamReader[bytes], context: Context, hold: StreamHold
     ) -> AsyncIterator[pb.SendStreamResponse]:
         try:
             tenant = self._authenticate(context)
+            hold.take(tenant.id)
             try:
                 async with asyncio.timeout(self._header_timeout_seconds):
                     raw = await reader.next()
@@ -272,6 +278,28 @@ class CanvasGatewayServicer:
         finally:
             self._metrics.stream_closed(tenant.id)
 
+    async def _next_message(self, reader: StreamReader[bytes], session: StreamSend) -> bytes | None:
+        """The caller's next message; StreamIdle once it has sent nothing for the idle timeout
+        while none of the stream's batches was in flight (a caller may wait for their results)."""
+        began = time.monotonic()
+        wait = self._idle_timeout_seconds
+        while True:
+            try:
+                async with asyncio.timeout(wait):
+                    return await reader.next()
+            except TimeoutError:
+                quiet = session.quiet_since
+                wait = self._idle_timeout_seconds
+                if quiet is not None:
+                    wait -= time.monotonic() - max(began, quiet)
+                    if wait <= 0:
+                        raise StreamIdle(
+                            f"the stream sent nothing for {self._idle_timeout_seconds:g} s: recipients from "
+                            f"position {session.received} on were not read and NOT_ATTEMPTED batches were "
+                            "not sent; send them again",
+                            resume_position=session.received,
+                        ) from None
+
     async def _stream_results(
         self,
         session: StreamSend,
@@ -294,7 +322,7 @@ class CanvasGatewayServicer:
             try:
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
                 index = 0
-                while (raw := await reader.next()) is not None:
+                while (raw := await self._next_message(reader, session)) is not None:
                     index += 1
                     message = decode(pb.SendStreamRequest, raw, f"messages[{index}]", context)
                     if message.WhichOneof("part") != "chunk":

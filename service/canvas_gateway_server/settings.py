@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 ENV_PREFIX = "CGW_"
+RESERVED_FILES = 128
+"""Open files a gateway process keeps beside its Braze pool when it derives its connection cap:
+Redis, the admin port, log and tenants files, gRPC's and asyncio's own (about 50 measured idle)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,16 @@ class Settings:
     caller that had stopped reading never saw them."""
     stream_header_timeout_seconds: float = 10.0
     """Time a SendStream has to send its header; past it the stream ends DEADLINE_EXCEEDED."""
+    stream_idle_timeout_seconds: float = 60.0
+    """Time a SendStream may send nothing while none of its batches is in flight; past it the
+    stream ends DEADLINE_EXCEEDED after the results of what it sent, saying where to resume."""
+    max_streams: int = 1000
+    """SendStreams this process holds open at once, all tenants; more are refused RESOURCE_EXHAUSTED."""
+    max_streams_per_tenant: int = 100
+    """SendStreams one tenant may hold open at once in this process; more are refused RESOURCE_EXHAUSTED."""
+    request_message_timeout_seconds: float = 30.0
+    """Time a unary call (Send, a health check) has to deliver its request message once started;
+    past it the call ends DEADLINE_EXCEEDED, nothing done."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message accepted or sent (one Send, or one stream chunk)."""
     keepalive_time_seconds: float = 60.0
@@ -89,6 +102,17 @@ class Settings:
     """Time a keepalive ping has to be answered before the connection is closed."""
     keepalive_min_client_interval_seconds: float = 10.0
     """Shortest interval between a client's keepalive pings the server tolerates."""
+    handshake_timeout_seconds: float = 10.0
+    """Time a new connection has to finish its handshake (TLS, then HTTP/2's preface and SETTINGS);
+    past it the connection is closed."""
+    max_connection_idle_seconds: float = 60.0
+    """Time a connection may stay open with no call under way before it is closed (GOAWAY); 0: never."""
+    max_connections: int = 0
+    """Client connections the gRPC port holds at once; more are closed on arrival. 0: the open-file
+    limit less what the gateway keeps for Braze (upstream_pool_size), Redis, the admin port and files."""
+    max_streams_per_connection: int = 100
+    """Calls (HTTP/2 streams) one connection may have open at once, counted until the gateway has
+    let go of them, so streams opened and reset at once are refused past it too (rapid reset)."""
     max_connection_age_seconds: float = 300.0
     """Age at which a client connection is asked to reconnect (GOAWAY), so clients behind a
     balancer spread over new replicas; 0: never. Calls under way finish first."""
@@ -141,6 +165,9 @@ class Settings:
             "reconcile_tail_results",
             "max_message_bytes",
             "idempotency_capacity",
+            "max_streams",
+            "max_streams_per_tenant",
+            "max_streams_per_connection",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -149,6 +176,9 @@ class Settings:
             "upstream_connect_timeout_seconds",
             "upstream_timeout_seconds",
             "stream_header_timeout_seconds",
+            "stream_idle_timeout_seconds",
+            "request_message_timeout_seconds",
+            "handshake_timeout_seconds",
             "keepalive_time_seconds",
             "keepalive_timeout_seconds",
             "keepalive_min_client_interval_seconds",
@@ -171,6 +201,8 @@ class Settings:
             "shutdown_grace_seconds",
             "max_connection_age_seconds",
             "max_connection_age_grace_seconds",
+            "max_connection_idle_seconds",
+            "max_connections",
             "workers",
         ):
             if getattr(self, name) < 0:
@@ -214,8 +246,11 @@ class Settings:
         """Started by a supervisor, as one of several workers sharing the port."""
         return self.worker_index >= 0
 
-    def grpc_options(self) -> list[tuple[str, int]]:
-        """The gRPC server's channel arguments: message sizes, keepalive, connection age."""
+    def grpc_options(self, open_files: int | None = None) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments: message sizes, keepalive, connection limits.
+
+        `open_files` is the process's open-file limit (None: unlimited), from which the
+        connection cap is derived when max_connections is 0."""
 
         def ms(seconds: float) -> int:
             return round(seconds * 1000)
@@ -227,10 +262,23 @@ class Settings:
             ("grpc.so_reuseport", 1 if self.is_worker else 0),
             ("grpc.keepalive_time_ms", ms(self.keepalive_time_seconds)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_seconds)),
+            # Since grpc/grpc#34647 gRPC core waits for any ping's answer for ping_timeout_ms
+            # (60 s by default) whatever keepalive_timeout_ms says: a frozen peer was dropped
+            # after 64 s with a 2 s keepalive timeout.
+            ("grpc.http2.ping_timeout_ms", ms(self.keepalive_timeout_seconds)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", ms(self.keepalive_min_client_interval_seconds)),
             ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout_seconds)),
+            # With gRPC core's overload protection (on by default), a stream counts against this
+            # until the server has released it, not only until the peer resets it.
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
         ]
+        if self.max_connection_idle_seconds:
+            options.append(("grpc.max_connection_idle_ms", ms(self.max_connection_idle_seconds)))
+        connections = self.connection_cap(open_files)
+        if connections is not None:
+            options.append(("grpc.max_allowed_incoming_connections", connections))
         if self.max_connection_age_seconds:
             options.append(("grpc.max_connection_age_ms", ms(self.max_connection_age_seconds)))
             if self.max_connection_age_grace_seconds:
@@ -238,6 +286,22 @@ class Settings:
                     ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_seconds))
                 )
         return options
+
+    def connection_cap(self, open_files: int | None) -> int | None:
+        """Most client connections on the gRPC port: max_connections, else what the open-file
+        limit leaves after the gateway's own files (None: no limit)."""
+        if self.max_connections:
+            return self.max_connections
+        if open_files is None:
+            return None
+        cap = open_files - self.upstream_pool_size - RESERVED_FILES
+        if cap < 1:
+            raise ConfigError(
+                f"the open-file limit ({open_files}) leaves no connections for the gRPC port once "
+                f"{self.upstream_pool_size} (CGW_UPSTREAM_POOL_SIZE) and {RESERVED_FILES} are kept for "
+                f"Braze and the gateway's own files: raise it (ulimit -n) or set {ENV_PREFIX}MAX_CONNECTIONS"
+            )
+        return cap
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:

@@ -3,8 +3,9 @@
 InvalidRequest carries google.rpc.BadRequest field violations in the status details
 (grpc-status-details-bin), readable with grpc_status.rpc_status.from_call in any
 language. A stream cut short by draining carries a google.rpc.ErrorInfo (domain
-ERROR_DOMAIN, reason "DRAINING") whose metadata "resume_position" says where to resume, and
-every UNAVAILABLE of a draining gateway a google.rpc.RetryInfo of 0 s: retry now, elsewhere.
+ERROR_DOMAIN, reason "DRAINING", or "STREAM_IDLE" for one ended by its idle timeout) whose
+metadata "resume_position" says where to resume, and every UNAVAILABLE of a draining gateway
+a google.rpc.RetryInfo of 0 s: retry now, elsewhere.
 Unexpected exceptions become INTERNAL with the text "internal error" and nothing more: their
 details stay in the (redacted) log.
 """
@@ -26,6 +27,8 @@ from .errors import (
     InvalidRequest,
     PermissionDenied,
     ShuttingDown,
+    StreamIdle,
+    TooManyStreams,
     Unauthenticated,
 )
 
@@ -37,6 +40,8 @@ _CODES: dict[type[GatewayError], int] = {
     PermissionDenied: code_pb2.PERMISSION_DENIED,
     ShuttingDown: code_pb2.UNAVAILABLE,
     HeaderTimeout: code_pb2.DEADLINE_EXCEEDED,
+    StreamIdle: code_pb2.DEADLINE_EXCEEDED,
+    TooManyStreams: code_pb2.RESOURCE_EXHAUSTED,
 }
 
 
@@ -70,6 +75,10 @@ def to_status(error: GatewayError) -> grpc.Status:
         if shown < total:
             message += f"; the details list the first {shown} of {total} violations"
         _attach(status, bad_request)
+    if isinstance(error, StreamIdle):
+        position = {"resume_position": str(error.resume_position)}
+        idle = error_details_pb2.ErrorInfo(reason="STREAM_IDLE", domain=ERROR_DOMAIN, metadata=position)
+        _attach(status, idle)
     if isinstance(error, ShuttingDown):
         # Another instance can take the call at once: retry now (on a new connection).
         _attach(status, error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=0)))

@@ -47,7 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from . import host_results
+from . import host_results, logs
 from .admin import AdminServer
 from .hangups import Hangups
 from .limits import Budget
@@ -284,6 +284,7 @@ async def supervise(settings: Settings, environ: Mapping[str, str], hangups: Han
     """Run `worker_count(settings)` workers until SIGTERM or SIGINT; the exit status. SIGHUP is
     passed on to every worker (once after they are started if `hangups` counted any before)."""
     count = worker_count(settings)
+    logs.throttle_accept_errors(asyncio.get_running_loop())
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
         SharedBudgets.create(budgets_path(folder))
         keys_file = "" if settings.redis_url else host_results.keys_file(settings, folder)
