@@ -22,8 +22,8 @@ The port is open to whoever reaches it, so what it costs is bounded (issue 17):
   the oldest, so stalled connections cannot hold the file descriptors probes need (the port
   holds at most MAX_CONNECTIONS + BACKLOG).
 - When the process is out of file descriptors, asyncio's one error record a failed accept
-  (with its traceback, up to a hundred a second) becomes one warning every
-  `ACCEPT_WARNING_SECONDS`, with a count.
+  (with its traceback, up to a hundred a second) becomes one warning every 10 s, with a count
+  (`logs.throttle_accept_errors`, as on the gateway's own loop).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+from . import logs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,9 +62,6 @@ later (at most MAX_SPACING_SECONDS): scrapes take at most about a tenth of the o
 MIN_SPACING_SECONDS: Final = 0.005
 """...and no sooner than this: a check that takes microseconds runs at most 200 times a second."""
 MAX_SPACING_SECONDS: Final = 1.0
-ACCEPT_WARNING_SECONDS: Final = 10.0
-"""At most one warning this often while the process cannot accept for want of descriptors."""
-_OUT_OF_RESOURCE: Final = "socket.accept() out of system resource"  # asyncio's message
 
 
 def registry_exposition(registry: CollectorRegistry) -> Exposition:
@@ -163,8 +162,6 @@ class AdminServer:
         self._thread: threading.Thread | None = None
         self._listener: asyncio.Server | None = None
         self._pacers: dict[str, _Pacer] = {}  # one per endpoint: a slow check delays no other
-        self._accept_failures = 0
-        self._warn_at = 0.0
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (useful with port 0). Raises OSError when it cannot."""
@@ -190,7 +187,7 @@ class AdminServer:
         """Start the admin thread and its loop, and listen there; on failure, end the thread."""
         owner = asyncio.get_running_loop()
         loop = asyncio.new_event_loop()
-        loop.set_exception_handler(self._exception)
+        logs.throttle_accept_errors(loop, "admin port")
         thread = threading.Thread(
             target=_serve_forever, args=(loop,), name="canvas-gateway-admin", daemon=True
         )
@@ -237,23 +234,6 @@ class AdminServer:
         if self._listener is not None:
             self._listener.close()
         await self._runner.cleanup()
-
-    def _exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """The admin loop's error handler: out of descriptors is one counted warning at a time."""
-        if context.get("message") != _OUT_OF_RESOURCE:
-            loop.default_exception_handler(context)
-            return
-        self._accept_failures += 1
-        now = loop.time()
-        if now >= self._warn_at:
-            self._warn_at = now + ACCEPT_WARNING_SECONDS
-            error = context.get("exception")
-            log.warning(
-                "admin port: cannot accept connections (%s); %d failed accepts since the last warning",
-                getattr(error, "strerror", None) or type(error).__name__,
-                self._accept_failures,
-            )
-            self._accept_failures = 0
 
     async def _metrics(self, request: web.Request) -> web.Response:
         accept = request.headers.get("Accept", "")

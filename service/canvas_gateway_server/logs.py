@@ -146,11 +146,11 @@ OUT_OF_FILES: Final = "socket.accept() out of system resource"
 """asyncio's message when a listener cannot accept a connection for want of a file (EMFILE)."""
 
 
-def throttle_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """Log a listener that runs out of open files as one throttled line, not asyncio's ERROR with
-    a traceback per try: CPython retries every slot of the backlog each time (no break after
-    EMFILE), and at an open-file limit of 1,024 that made 15,000-43,000 records in seconds.
-    Other loop errors keep asyncio's own handling."""
+def throttle_accept_errors(loop: asyncio.AbstractEventLoop, where: str = "a listener") -> None:
+    """Log `loop`'s listeners running out of open files as one throttled line (`where` names
+    them), not asyncio's ERROR with a traceback per try: CPython retries every slot of the backlog
+    each time (no break after EMFILE), and at an open-file limit of 1,024 that made 15,000-43,000
+    records in seconds. Other loop errors keep asyncio's own handling."""
     throttled = Throttled(logging.getLogger("canvas_gateway_server.connections"))
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -158,9 +158,10 @@ def throttle_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
             loop.default_exception_handler(context)
             return
         error = context.get("exception")
+        reason = getattr(error, "strerror", None) or (type(error).__name__ if error is not None else "-")
         throttled.warning(
-            "cannot accept a connection: this process is out of open files (raise its limit, "
-            "ulimit -n, or lower CGW_MAX_CONNECTIONS)",
+            f"{where}: cannot accept connections ({reason}): this process is out of open files (raise "
+            "its limit, ulimit -n, or lower CGW_MAX_CONNECTIONS)",
             error=type(error).__name__ if error is not None else "-",
         )
 
