@@ -20,7 +20,7 @@ import grpc
 import pytest
 from canvas_gateway_client import CanvasGatewayClient, FieldViolation, bad_request_violations, pb, to_trigger
 from canvas_gateway_client.cli import main, run
-from canvas_gateway_client.report import COLUMNS
+from canvas_gateway_client.report import COLUMNS, Reasons, reason
 from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
 from fake_braze import PAUSED_NOTICE, FakeBrazeConfig
 from google.protobuf import json_format
@@ -415,6 +415,51 @@ async def test_cli_warns_and_exits_1_when_the_canvas_is_inactive(cli: Cli, tmp_p
         summary["summary"]["recipients_canvas_inactive"] == 3 and summary["summary"]["recipients_sent"] == 0
     )
     assert "Canvas is inactive, so nothing was sent" in cli.err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fake_config", [FakeBrazeConfig(api_keys=frozenset(KEYS.values()) - {KEYS["acme"]})]
+)  # acme's Braze key is wrong: Braze answers 401 to every batch
+async def test_cli_summary_names_each_reason_with_its_recipients_and_batches(
+    cli: Cli, tmp_path: Path
+) -> None:
+    people = list(recipients(200))
+    for n in range(7):  # seven recipients the gateway refuses, each for its own field path
+        people[10 + 20 * n] = {"email": f"person-{n}@example.com"}
+    lines = write_jsonl(tmp_path / "r.jsonl", people)
+
+    code = await cli("send-stream", "--header", header_file(tmp_path), "--recipients", str(lines))
+
+    assert code == 1
+    err = cli.err.getvalue()
+    summary = err[err.index("summary: ") :].splitlines()
+    why = summary[summary.index("  not sent, by reason:") + 1 :]
+    assert why[0] == (
+        "    193 recipients in 4 batches: REJECTED (INTERNAL): Braze refused the tenant's API key "
+        "(wrong key or instance URL); nothing was sent"
+    )
+    assert why[1] == (  # one rule broken by seven recipients is one reason, wherever they are
+        "    7 recipients in 7 batches: REJECTED (INVALID_ARGUMENT): prioritization: is required with email"
+    )
+    assert why[2].startswith("  dispatch_ids: ")
+    assert err.count("is required with email") == 7 + 1  # each recipient's line, then the reason
+
+
+def test_the_summary_shows_the_reasons_with_most_recipients_then_how_many_more() -> None:
+    reasons = Reasons(shown=2)
+    for n in range(1, 5):
+        reasons.add(pb.BatchResult(positions=range(n), outcome=pb.OUTCOME_UNKNOWN, status_message=f"w{n}"))
+    reasons.add(pb.BatchResult(positions=[9], outcome=pb.OUTCOME_UNKNOWN, status_message="w4"))
+    reasons.add(pb.BatchResult(positions=[8], outcome=pb.OUTCOME_REJECTED, code=99))
+
+    assert reasons.lines() == [
+        "  not sent, by reason:",
+        "    5 recipients in 2 batches: UNKNOWN (OK): w4",
+        "    3 recipients in 1 batch: UNKNOWN (OK): w3",
+        "    and 3 more reasons: 4 recipients in 3 batches (each in the results file's `error`)",
+    ]
+    assert Reasons().lines() == []
+    assert "REJECTED (99)" in reason(pb.BatchResult(outcome=pb.OUTCOME_REJECTED, code=99))
 
 
 async def test_cli_reports_the_column_of_broken_json_in_a_recipients_line(cli: Cli, tmp_path: Path) -> None:

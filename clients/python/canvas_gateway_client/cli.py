@@ -54,7 +54,7 @@ from .inputs import (
     read_body,
     read_rows,
 )
-from .report import Progress, ResultsFile
+from .report import Progress, Reasons, ResultsFile
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_ENV = "CANVAS_GATEWAY_TOKEN"  # noqa: S105 - the name of the variable, not a secret
@@ -196,6 +196,7 @@ class Report:
     all_ok: bool = True
     dispatch_ids: list[str] = field(default_factory=list)
     by_outcome: Counter[int] = field(default_factory=Counter)
+    reasons: Reasons = field(default_factory=Reasons)  # why recipients were not sent
     summary: pb.SendSummary | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -209,6 +210,8 @@ class Report:
         else:
             ok = result.outcome == pb.OUTCOME_SENT
         self.all_ok = self.all_ok and ok
+        if not ok:
+            self.reasons.add(result)
         self.notices += result.outcome == pb.OUTCOME_CANVAS_INACTIVE
         if result.braze.dispatch_id and len(self.dispatch_ids) < 3:
             self.dispatch_ids.append(result.braze.dispatch_id)
@@ -304,6 +307,7 @@ class Report:
             f"canvas inactive {s.recipients_canvas_inactive:,}, rejected {s.recipients_rejected:,}, "
             f"unknown {s.recipients_unknown:,}, not attempted {s.recipients_not_attempted:,}"
         ]
+        lines.extend(self.io.redact(line) for line in self.reasons.lines())
         if self.bad_rows:
             lines.append(f"  bad rows: {self.bad_rows:,} (not sent)")
         if self.not_read:

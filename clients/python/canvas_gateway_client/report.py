@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from google.rpc import code_pb2
 from tqdm import tqdm
 
 COLUMNS = ("position", "line", "recipient", "batch", "dispatch_id", "outcome", "error")
@@ -55,6 +58,66 @@ def error_text(result: pb.BatchResult) -> str:
     if result.violations:
         return "; ".join(f"{v.field}: {v.description}" for v in result.violations)
     return result.status_message
+
+
+def counted(count: int, one: str, many: str = "") -> str:
+    """`1 batch`, `2 batches`: a count with its noun in the right number."""
+    return f"{count:,} {one if count == 1 else many or one + 's'}"
+
+
+_RECIPIENT = re.compile(r"^recipients\[\d+\]\.?")
+
+
+def reason(result: pb.BatchResult) -> str:
+    """A result's reason in one line: its outcome, its code and the gateway's status message, or
+    its violations without the recipient's position (so one rule broken by many is one reason)."""
+    code = code_pb2.Code.Name(result.code) if result.code in code_pb2.Code.values() else str(result.code)
+    text = f"{outcome_name(result.outcome)} ({code})"
+    if result.violations:
+        message = "; ".join(
+            f"{_RECIPIENT.sub('', v.field) or 'recipient'}: {v.description}" for v in result.violations
+        )
+    else:
+        message = result.status_message
+    message = " ".join(message.split())
+    return f"{text}: {message}" if message else text
+
+
+class Reasons:
+    """Why recipients were not sent, for the summary: each distinct `reason` with how many
+    recipients and batches it holds, the most recipients first, `shown` of them at most."""
+
+    def __init__(self, shown: int = 5) -> None:
+        self.shown = shown
+        self.recipients: Counter[str] = Counter()
+        self.batches: Counter[str] = Counter()
+
+    def add(self, result: pb.BatchResult) -> None:
+        key = reason(result)
+        self.recipients[key] += len(result.positions)
+        self.batches[key] += 1
+
+    def lines(self) -> list[str]:
+        """`  not sent, by reason:` and a line per reason (then `and N more reasons: ...`)."""
+        if not self.batches:
+            return []
+        ranked = sorted(self.batches, key=lambda key: (-self.recipients[key], -self.batches[key], key))
+        lines = ["  not sent, by reason:"]
+        for key in ranked[: self.shown]:
+            lines.append(f"    {self._counts(self.recipients[key], self.batches[key])}: {key}")
+        rest = ranked[self.shown :]
+        if rest:
+            recipients = sum(self.recipients[key] for key in rest)
+            batches = sum(self.batches[key] for key in rest)
+            lines.append(
+                f"    and {counted(len(rest), 'more reason')}: {self._counts(recipients, batches)} "
+                "(each in the results file's `error`)"
+            )
+        return lines
+
+    @staticmethod
+    def _counts(recipients: int, batches: int) -> str:
+        return f"{counted(recipients, 'recipient')} in {counted(batches, 'batch', 'batches')}"
 
 
 class ResultsFile:
