@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -18,9 +19,16 @@ from typing import Any
 
 import grpc
 import pytest
-from canvas_gateway_client import CanvasGatewayClient, FieldViolation, bad_request_violations, pb, to_trigger
-from canvas_gateway_client.cli import main, run
-from canvas_gateway_client.report import COLUMNS, Reasons, reason
+from canvas_gateway_client import (
+    CanvasGatewayClient,
+    FieldViolation,
+    Waiting,
+    bad_request_violations,
+    pb,
+    to_trigger,
+)
+from canvas_gateway_client.cli import Console, Report, main, run
+from canvas_gateway_client.report import COLUMNS, Progress, Reasons, reason
 from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
 from fake_braze import PAUSED_NOTICE, FakeBrazeConfig
 from google.protobuf import json_format
@@ -667,6 +675,53 @@ def test_an_unreachable_gateway_exits_4(capsys: Any) -> None:
         )
     assert code == 4
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+async def test_a_wrong_target_with_a_key_says_what_it_waits_for(tmp_path: Path) -> None:
+    """With a key a lost connection is waited for: the wait is said, and so is giving it up."""
+    lines = write_jsonl(tmp_path / "r.jsonl", list(recipients(3)))
+    err = io.StringIO()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{closed.getsockname()[1]}"
+        code = await run(
+            [
+                *("--target", target, "--timeout", "3"),
+                *("send-stream", "--header", header_file(tmp_path), "--recipients", str(lines)),
+                *("--idempotency-key", "k-1", "--no-progress"),
+            ],
+            environ={"CANVAS_GATEWAY_TOKEN": TOKEN},
+            stdout=io.StringIO(),
+            stderr=err,
+        )
+
+    assert code == 4
+    waiting, gave_up, error, *_ = err.getvalue().splitlines()
+    assert waiting.startswith(f"waiting to resume: the stream to {target} ended (UNAVAILABLE: ")
+    assert re.search(
+        rf"; resume 1 of 5 in 0.25 s, then up to [23] s for {target} to accept connections$", waiting
+    )
+    assert re.fullmatch(rf"gave up waiting: {target} did not accept connections within [23] s", gave_up)
+    assert error.startswith("error: UNAVAILABLE: ")
+
+
+def test_a_wait_to_resume_is_a_line_above_the_progress_bar() -> None:
+    err = Terminal()
+    report = Report(Console(io.StringIO(), err), validate_only=False, target="gw:50051")
+    report.progress = Progress(err, 100, every=10.0)
+    report.waiting(Waiting("draining", "UNAVAILABLE: the gateway is shutting down", 2, 5, 0.5, 60.0))
+    report.waiting(Waiting("busy", "3 batches", 3, 5, 1.5, 60.0))
+    report.close()
+
+    lines = [line.strip("\r") for line in err.getvalue().splitlines()]
+    assert (
+        "waiting to resume: the gateway is draining (shutting down); resume 2 of 5 in 0.50 s, "
+        "then up to 60 s for gw:50051 to accept connections"
+    ) in lines
+    assert (
+        "waiting to resume: 3 batches are being sent by another call under this key; resume 3 of 5 in 1.50 s"
+        in lines
+    )
 
 
 async def test_a_deadline_exceeded_exits_5(harness: Harness, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_client import CanvasGatewayClient, resume_position
+from canvas_gateway_client import CanvasGatewayClient, Waiting, resume_position
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
 from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
@@ -49,12 +49,13 @@ async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_pa
     first = await start_gateway(settings)
     results: list[pb.BatchResult] = []
     summaries: list[pb.SendSummary] = []
+    waits: list[Waiting] = []
     second: Gateway | None = None
     async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
 
         async def consume() -> None:
             async for response in client.send_stream(
-                {"canvas_id": "c"}, _recipients(), chunk_size=100, resumes=5
+                {"canvas_id": "c"}, _recipients(), chunk_size=100, resumes=5, on_wait=waits.append
             ):
                 if response.HasField("result"):
                     results.append(response.result)
@@ -85,6 +86,9 @@ async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_pa
     for result in results:  # the caller's numbering: position i is u<i>, whichever stream sent it
         call = next(c for c in fake.calls if c.dispatch_id == result.braze.dispatch_id)
         assert [r["context"]["n"] for r in call.body["recipients"]] == list(result.positions)
+    (wait,) = waits  # the caller was told what the send waited for, and for how long
+    assert (wait.cause, wait.resume, wait.limit, wait.pause, wait.wait) == ("draining", 1, 5, 0.25, 60.0)
+    assert wait.detail.startswith("UNAVAILABLE: ") and not wait.gave_up
     (summary,) = summaries
     assert (summary.recipients, summary.recipients_sent, summary.batches) == (COUNT, COUNT, len(results))
 

@@ -40,6 +40,7 @@ from .client import (
     CanvasGatewayClient,
     KeyForgotten,
     RecipientSource,
+    Waiting,
     bad_request_violations,
 )
 from .inputs import (
@@ -179,6 +180,7 @@ class Report:
     io: Console
     validate_only: bool
     keyed: bool = False  # sent under an idempotency key
+    target: str = ""  # the gateway's address, for what a wait waits for
     json_lines: bool = True  # one JSON line per message on stdout (not for send-demo)
     results_file: ResultsFile | None = None
     progress: Progress | None = None
@@ -224,6 +226,27 @@ class Report:
             self.results_file.result(result, recipients, lines)
         if self.progress is not None:
             self.progress.advance(len(result.positions))
+
+    def waiting(self, waiting: Waiting) -> None:
+        """A stream ended and the send waits to resume: say why, for what and for how long (the
+        progress would stand still without a word)."""
+        if waiting.gave_up:
+            text = f"gave up waiting: {self.target} did not accept connections within {waiting.wait:,.0f} s"
+        else:
+            why = {
+                "draining": "the gateway is draining (shutting down)",
+                "busy": f"{waiting.detail} are being sent by another call under this key",
+            }.get(waiting.cause, f"the stream to {self.target} ended ({waiting.detail})")
+            text = (
+                f"waiting to resume: {why}; resume {waiting.resume} of {waiting.limit} in "
+                f"{waiting.pause:,.2f} s"
+            )
+            if waiting.cause != "busy":
+                text += f", then up to {waiting.wait:,.0f} s for {self.target} to accept connections"
+        if self.progress is not None:
+            self.progress.note(self.io.redact(text))
+        else:
+            self.io.error(text)
 
     def _where(self, path: str) -> str:
         """`recipients[7].email` as `file:line: email` when recipient 7 came from a file line."""
@@ -419,6 +442,7 @@ async def _stream(
         timeout=args.timeout,
         resumes=args.resumes,
         idempotency_key=args.idempotency_key,
+        on_wait=report.waiting,
     ):
         response = tracked.response
         if response.HasField("result"):
@@ -700,7 +724,7 @@ async def run(
     except OSError as error:  # an unreadable CA file
         io.error(f"error: {error}")
         return EXIT_INVALID
-    report = Report(io, args.validate_only, keyed=bool(args.idempotency_key))
+    report = Report(io, args.validate_only, keyed=bool(args.idempotency_key), target=args.target)
     failed: int | None = None
     command: Command = args.run
     try:

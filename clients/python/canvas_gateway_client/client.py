@@ -85,6 +85,30 @@ class KeyForgotten(Exception):
         self.batch_index = batch_index
 
 
+class Waiting(NamedTuple):
+    """A send that waits before it goes on in a new stream, handed to `on_wait` (twice when the
+    gateway does not come back: then with `gave_up` true, before the error is raised)."""
+
+    cause: str
+    """Why: `draining` (the gateway shuts down), `lost` (UNAVAILABLE, UNKNOWN, or grpcio's own
+    INTERNAL: the connection was lost or refused) or `busy` (batches another call is sending
+    under the key)."""
+    detail: str
+    """The status that ended the stream (`UNAVAILABLE: ...`), or for `busy` how many batches."""
+    resume: int
+    """The resume it waits for, from 1, of `limit`."""
+    limit: int
+    pause: float
+    """Seconds it pauses first."""
+    wait: float
+    """Then at most this many seconds for the gateway to accept connections."""
+    gave_up: bool = False
+    """The gateway did not accept connections within `wait`: the send ends with its error."""
+
+
+OnWait: TypeAlias = Callable[[Waiting], None]
+
+
 class FieldViolation(NamedTuple):
     """One invalid field of a rejected request, as in google.rpc.BadRequest."""
 
@@ -616,6 +640,7 @@ class CanvasGatewayClient:
         resumes: int = 0,
         resume_wait: float = 60.0,
         idempotency_key: str | None = None,
+        on_wait: OnWait | None = None,
     ) -> AsyncIterator[pb.SendStreamResponse]:
         """Stream `recipients` (after any in `header`) and yield the gateway's responses.
 
@@ -630,7 +655,8 @@ class CanvasGatewayClient:
         yielded when the stream ends otherwise). Every position gets exactly one result, in the
         caller's positions, and batch indexes go on across streams. A resume waits up to
         `resume_wait` seconds for the gateway to accept connections; `timeout` bounds the whole
-        send. After a resume the summary is the client's count of the results it yielded, and
+        send; `on_wait`, when given, is told each wait before it starts (see `Waiting`). After a
+        resume the summary is the client's count of the results it yielded, and
         its `request_id` lists each stream's request id, comma-separated.
 
         With `idempotency_key` the gateway keeps each batch's final result under the key, so
@@ -667,6 +693,7 @@ class CanvasGatewayClient:
             resumes=resumes,
             resume_wait=resume_wait,
             idempotency_key=idempotency_key,
+            on_wait=on_wait,
         ):
             yield tracked.response
 
@@ -681,6 +708,7 @@ class CanvasGatewayClient:
         resumes: int = 0,
         resume_wait: float = 60.0,
         idempotency_key: str | None = None,
+        on_wait: OnWait | None = None,
     ) -> AsyncIterator[Tracked]:
         """`send_stream`, each response with the recipients its result holds (see `Tracked`)."""
         if chunk_size < 1:
@@ -696,7 +724,14 @@ class CanvasGatewayClient:
         again = _rereadable(recipients)
         if idempotency_key and resumes and again is not None:
             async for tracked in self._send_keyed(
-                first, tuple(trigger.recipients), again, chunk_size, timeout, _Keyed(resumes), resume_wait
+                first,
+                tuple(trigger.recipients),
+                again,
+                chunk_size,
+                timeout,
+                _Keyed(resumes),
+                resume_wait,
+                on_wait,
             ):
                 yield tracked
             return
@@ -737,7 +772,7 @@ class CanvasGatewayClient:
                     break
                 wait = resume_wait if deadline is None else min(resume_wait, deadline - loop.time())
                 if not state.can_resume(resume_position(error)) or not await _ready(
-                    channel, state.resumes, wait
+                    channel, _waiting(error, state.resumes, state.limit, wait), on_wait
                 ):
                     for tracked in state.release():
                         yield tracked
@@ -766,6 +801,7 @@ class CanvasGatewayClient:
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
         state: _Keyed,
         resume_wait: float,
+        on_wait: OnWait | None,
     ) -> AsyncIterator[Tracked]:
         """`send_stream_tracked` with an idempotency key and resumes: each stream sends the
         whole sequence from position 0 (see `_Keyed`)."""
@@ -808,7 +844,7 @@ class CanvasGatewayClient:
                     yield tracked
                 raise KeyForgotten(state.forgotten)
             left = None if deadline is None else deadline - loop.time()
-            if await _resume_keyed(channel, state, error, left, resume_wait):
+            if await _resume_keyed(channel, state, error, left, resume_wait, on_wait):
                 state.resumes += 1
                 continue
             for tracked in state.release():
@@ -851,6 +887,7 @@ async def _resume_keyed(
     error: grpc.aio.AioRpcError | None,
     left: float | None,
     resume_wait: float,
+    on_wait: OnWait | None = None,
 ) -> bool:
     """Whether a keyed stream that ended with `error` (None: normally) goes on in a new one, once
     the gateway is ready: when resumes and time (`left`, None: no deadline) remain, after a
@@ -860,16 +897,34 @@ async def _resume_keyed(
         return False
     wait = resume_wait if left is None else min(resume_wait, left)
     if error is not None:
-        return _connection_lost(error) and await _ready(channel, state.resumes, wait)
+        return _connection_lost(error) and await _ready(
+            channel, _waiting(error, state.resumes, state.limit, wait), on_wait
+        )
     delay = state.busy_delay()
     if delay is None or (left is not None and delay >= left):
         return False
-    return await _ready_after(channel, delay, wait)
+    busy = sum(held.response.result.code == grpc.StatusCode.ABORTED.value[0] for held in state.held.values())
+    waiting = Waiting("busy", f"{busy} batches", state.resumes + 1, state.limit, delay, wait)
+    return await _ready(channel, waiting, on_wait)
 
 
-async def _ready(channel: grpc.aio.Channel, resumes: int, wait: float) -> bool:
-    """Pause (longer after each resume), then wait up to `wait` seconds for the gateway."""
-    return await _ready_after(channel, min(RESUME_BACKOFF_SECONDS * 2**resumes, 5.0), wait)
+def _waiting(error: grpc.aio.AioRpcError, resumes: int, limit: int, wait: float) -> Waiting:
+    """The wait before resume `resumes + 1` after a stream ended by `error`: a pause that
+    doubles with each resume, then up to `wait` seconds for the gateway."""
+    cause = "draining" if resume_position(error) is not None else "lost"
+    detail = f"{error.code().name}: {error.details() or ''}"
+    return Waiting(cause, detail, resumes + 1, limit, min(RESUME_BACKOFF_SECONDS * 2**resumes, 5.0), wait)
+
+
+async def _ready(channel: grpc.aio.Channel, waiting: Waiting, on_wait: OnWait | None) -> bool:
+    """Tell `on_wait`, pause, then wait up to `waiting.wait` seconds for the gateway; tell
+    `on_wait` again when it does not come back."""
+    if on_wait is not None:
+        on_wait(waiting)
+    ready = await _ready_after(channel, waiting.pause, waiting.wait)
+    if not ready and on_wait is not None:
+        on_wait(waiting._replace(gave_up=True))
+    return ready
 
 
 async def _ready_after(channel: grpc.aio.Channel, pause: float, wait: float) -> bool:

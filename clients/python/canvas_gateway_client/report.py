@@ -182,6 +182,13 @@ class Progress:
         elif time.monotonic() - self._last >= self._every:
             self._line()
 
+    def note(self, text: str) -> None:
+        """A line of its own on the progress's stream (above the bar on a terminal)."""
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)
+        else:
+            print(text, file=self._stream, flush=True)
+
     def _line(self) -> None:
         self._last = now = time.monotonic()
         rate = self.done / max(now - self._started, 1e-9)
