@@ -283,7 +283,9 @@ async def test_cli_send_prints_results_then_summary(cli: Cli) -> None:
     ]
     assert isinstance(summary["summary"]["recipients"], int)
     assert summary["summary"]["recipients_sent"] == 2
-    assert cli.err.getvalue().startswith("summary: 2 recipients in 1 batches: sent 2, canvas inactive 0")
+    for line in cli.out.getvalue().splitlines():  # proto3 JSON: why outcomes keep OUTCOME_ here
+        json_format.Parse(line, pb.SendStreamResponse())
+    assert cli.err.getvalue().startswith("summary: 2 recipients in 1 batch: sent 2, canvas inactive 0")
 
 
 async def test_cli_send_reads_stdin_and_validates_only(cli: Cli) -> None:
@@ -375,9 +377,22 @@ async def test_cli_send_demo_prints_a_human_summary(cli: Cli) -> None:
     assert "120 recipients" in text
     assert "sent 120, canvas inactive 0, rejected 0, unknown 0" in text
     assert "recipients/s" in text
+    dispatched = {call.dispatch_id for call in cli.harness.fake.calls}
+    (shown,) = [line for line in text.splitlines() if line.startswith("  dispatch_ids: ")]
+    assert set(shown.removeprefix("  dispatch_ids: ").split(", ")) == dispatched  # 3 of 3: no "(and"
     assert TOKEN not in text
     ids = [r["external_user_id"] for call in cli.harness.fake.calls for r in call.body["recipients"]]
     assert sorted(ids) == sorted(f"demo-user-{n}" for n in range(120))
+
+
+async def test_cli_summary_shows_three_dispatch_ids_and_how_many_more(cli: Cli) -> None:
+    code = await cli("send-demo", "--recipients", "260", "--chunk-size", "50")
+
+    assert code == 0, cli.err.getvalue()
+    dispatched = {call.dispatch_id for call in cli.harness.fake.calls}
+    (shown,) = [line for line in cli.out.getvalue().splitlines() if line.startswith("  dispatch_ids: ")]
+    ids, more = shown.removeprefix("  dispatch_ids: ").split(" (and ")
+    assert len(set(ids.split(", ")) & dispatched) == 3 and more == "3 more)"  # 6 batches
 
 
 def test_main_without_a_token_exits_3(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
@@ -449,7 +464,7 @@ async def test_cli_summary_names_each_reason_with_its_recipients_and_batches(
     assert why[1] == (  # one rule broken by seven recipients is one reason, wherever they are
         "    7 recipients in 7 batches: REJECTED (INVALID_ARGUMENT): prioritization: is required with email"
     )
-    assert why[2].startswith("  dispatch_ids: ")
+    assert why[2] == "  dispatch_ids: none (Braze gave no batch one)"
     assert err.count("is required with email") == 7 + 1  # each recipient's line, then the reason
 
 

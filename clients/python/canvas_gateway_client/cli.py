@@ -8,7 +8,8 @@
 
 `send` and `send-stream` print one JSON line per batch result, `{"result": {...}}`, then
 `{"summary": {...}}` (proto3 JSON, Braze field names, keys in the proto's field order, 64-bit
-integers as numbers), and a summary for people on stderr. The token comes from
+integers as numbers, outcomes by the proto's names: OUTCOME_SENT), and a summary for people on
+stderr (outcomes without the prefix, as in the results file: SENT). The token comes from
 CANVAS_GATEWAY_TOKEN (or `--token`) and is never printed. The exit status says how it went
 (EXIT_STATUS below). With `--idempotency-key KEY` the same command run again with the same key
 after a failure sends nothing twice: what was sent comes back with `"replayed": true`.
@@ -55,7 +56,7 @@ from .inputs import (
     read_body,
     read_rows,
 )
-from .report import Progress, Reasons, ResultsFile
+from .report import Progress, Reasons, ResultsFile, counted
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_ENV = "CANVAS_GATEWAY_TOKEN"  # noqa: S105 - the name of the variable, not a secret
@@ -192,11 +193,13 @@ class Report:
     read_all: bool = False  # the recipients file was read to its end (or to where it stopped)
     batches: int = 0
     replayed: int = 0  # batches whose result the gateway kept under the key from an earlier call
+    replayed_by_outcome: Counter[int] = field(default_factory=Counter)  # their recipients
     bad_rows: int = 0
     not_read: int = 0  # rows of the recipients file not read: NOT_READ in the results file
     notices: int = 0
     all_ok: bool = True
-    dispatch_ids: list[str] = field(default_factory=list)
+    dispatch_ids: list[str] = field(default_factory=list)  # the first few
+    dispatched: int = 0  # batches with a dispatch_id
     by_outcome: Counter[int] = field(default_factory=Counter)
     reasons: Reasons = field(default_factory=Reasons)  # why recipients were not sent
     summary: pb.SendSummary | None = None
@@ -205,6 +208,8 @@ class Report:
     def result(self, result: pb.BatchResult, recipients: Sequence[pb.Recipient]) -> None:
         self.batches += 1
         self.replayed += result.replayed
+        if result.replayed:
+            self.replayed_by_outcome[result.outcome] += len(result.positions)
         self.resolved += len(result.positions)
         self.by_outcome[result.outcome] += len(result.positions)
         if self.validate_only:
@@ -215,8 +220,10 @@ class Report:
         if not ok:
             self.reasons.add(result)
         self.notices += result.outcome == pb.OUTCOME_CANVAS_INACTIVE
-        if result.braze.dispatch_id and len(self.dispatch_ids) < 3:
-            self.dispatch_ids.append(result.braze.dispatch_id)
+        if result.braze.dispatch_id:
+            self.dispatched += 1
+            if len(self.dispatch_ids) < 3:
+                self.dispatch_ids.append(result.braze.dispatch_id)
         for violation in result.violations:  # a recipient the gateway refused: where it is
             self.io.error(f"rejected: {self._where(violation.field)}: {violation.description}")
         if self.json_lines:
@@ -275,11 +282,13 @@ class Report:
     def interrupted(self) -> None:
         """Ctrl-C: what may have been sent without a result."""
         waiting = self.sent_out - self.resolved
-        text = f"interrupted: {self.resolved:,} recipients have a result"
+        have = "has" if self.resolved == 1 else "have"
+        text = f"interrupted: {counted(self.resolved, 'recipient')} {have} a result"
         if waiting > 0:
+            batches = counted(math.ceil(waiting / BATCH_SIZE), "batch", "batches")
             text += (
-                f"; {waiting:,} more were sent to the gateway without a result yet (about "
-                f"{math.ceil(waiting / BATCH_SIZE):,} batches): they may have reached Braze"
+                f"; {waiting:,} more {'was' if waiting == 1 else 'were'} sent to the gateway without a "
+                f"result yet (about {batches}): they may have reached Braze"
             )
             text += "" if self.keyed else ", check before sending them again"
         if self.keyed:
@@ -298,7 +307,8 @@ class Report:
             self._print_summary(out)
         if self.notices:
             self.io.error(
-                f"warning: {self.notices:,} batches were accepted but their Canvas is inactive, "
+                f"warning: {counted(self.notices, 'batch', 'batches')} "
+                f"{'was' if self.notices == 1 else 'were'} accepted but their Canvas is inactive, "
                 "so nothing was sent (see `notice`)"
             )
         if failed not in (None, EXIT_INVALID) and self.source and not self.read_all:
@@ -326,7 +336,8 @@ class Report:
             recipients_canvas_inactive=self.by_outcome[pb.OUTCOME_CANVAS_INACTIVE],
         )
         lines = [
-            f"summary: {s.recipients:,} recipients in {s.batches:,} batches: sent {s.recipients_sent:,}, "
+            f"summary: {counted(s.recipients, 'recipient')} in {counted(s.batches, 'batch', 'batches')}: "
+            f"sent {s.recipients_sent:,}, "
             f"canvas inactive {s.recipients_canvas_inactive:,}, rejected {s.recipients_rejected:,}, "
             f"unknown {s.recipients_unknown:,}, not attempted {s.recipients_not_attempted:,}"
         ]
@@ -336,19 +347,46 @@ class Report:
         if self.not_read:
             lines.append(f"  rows not read: {self.not_read:,} (not sent; NOT_READ in the results file)")
         if self.replayed:
-            lines.append(
-                f"  replayed: {self.replayed:,} batches had a result under the idempotency key "
-                "already: not sent again"
+            lines.append(self._replayed_line())
+        if self.dispatch_ids:
+            more = self.dispatched - len(self.dispatch_ids)
+            shown = ", ".join(self.dispatch_ids) + (f" (and {more:,} more)" if more > 0 else "")
+        else:
+            shown = (
+                "none (a dry run does not call Braze)"
+                if self.validate_only
+                else "none (Braze gave no batch one)"
             )
-        more = self.batches - len(self.dispatch_ids)
-        shown = ", ".join(self.dispatch_ids) or "none"
-        lines.append(f"  dispatch_ids: {shown}" + (f" (and {more:,} more results)" if more > 0 else ""))
+        lines.append(f"  dispatch_ids: {shown}")
         elapsed = time.monotonic() - self.started
         rate = self.resolved / elapsed if elapsed > 0 else 0.0
         lines.append(f"  {elapsed:.2f} s, {rate:,.0f} recipients/s; request_id {s.request_id or '-'}")
         if self.results_file is not None:
-            lines.append(f"  results: {self.results_file.rows:,} rows")
+            lines.append(f"  results: {counted(self.results_file.rows, 'row')}")
         print("\n".join(lines), file=out)
+
+    def _replayed_line(self) -> str:
+        """What the idempotency key replayed, apart from what this run sent."""
+        earlier = self.replayed_by_outcome
+        recipients = sum(earlier.values())
+        outcomes = ", ".join(
+            f"{_WORDS[outcome]} {earlier[outcome]:,}" for outcome in _WORDS if earlier[outcome]
+        )
+        now = self.by_outcome[pb.OUTCOME_SENT] - earlier[pb.OUTCOME_SENT]
+        return (
+            f"  replayed: {counted(recipients, 'recipient')} in {counted(self.replayed, 'batch', 'batches')} "
+            f"had their result from an earlier run under this idempotency key ({outcomes}): Braze was "
+            f"not called for them; sent now: {now:,}"
+        )
+
+
+_WORDS = {  # an outcome in the summary's words, in its order
+    pb.OUTCOME_SENT: "sent",
+    pb.OUTCOME_CANVAS_INACTIVE: "canvas inactive",
+    pb.OUTCOME_REJECTED: "rejected",
+    pb.OUTCOME_UNKNOWN: "unknown",
+    pb.OUTCOME_NOT_ATTEMPTED: "not attempted",
+}
 
 
 async def cmd_send(
@@ -673,7 +711,7 @@ def _report_rpc_error(io: Console, error: grpc.aio.AioRpcError) -> int:
     """Print a failed RPC (each violation once); its exit status."""
     violations = bad_request_violations(error)
     if violations:
-        io.error(f"error: {error.code().name}: {len(violations)} invalid fields:")
+        io.error(f"error: {error.code().name}: {counted(len(violations), 'invalid field')}:")
         for violation in violations:
             io.error(f"  {violation.field}: {violation.description}")
         listed = re.search(r"the details list the first \d+ of (\d+) violations", error.details() or "")
