@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from canvas_gateway_client import cli
 from conftest import TOKENS, Harness
 from fake_braze.app import ReceivedCall
 from fake_braze.faults import Fault
@@ -38,6 +41,28 @@ RESULT = re.compile(
     r"( replayed=true)?"
 )
 SUMMARY = re.compile(r"summary recipients=(\d+) batches=(\d+) sent=(\d+) request_id=(\S+)")
+
+
+def _exit_table() -> dict[str, dict[str, int | None]]:
+    """clients/README.md's exit-status table: each row's first cell -> {column: status, or None}."""
+    text = (CLIENTS / "README.md").read_text()
+    lines = text[text.index("## Exit status: one table") :].split("\n\n| ", 1)[1].split("\n\n")[0]
+    header, _, *rows = ("| " + lines).splitlines()
+    columns = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    table = {}
+    for row in rows:
+        first, *cells = (cell.strip() for cell in row.strip().strip("|").split("|"))
+        table[first] = {c: None if v == "-" else int(v) for c, v in zip(columns, cells, strict=True)}
+    return table
+
+
+EXIT_TABLE = _exit_table()
+
+
+def exit_status(row_start: str, column: str = "Examples") -> int | None:
+    """The status clients/README.md's exit table gives in `column` for the row that starts so."""
+    (row,) = [cells for first, cells in EXIT_TABLE.items() if first.startswith(row_start)]
+    return row[column]
 
 
 @dataclass
@@ -180,10 +205,32 @@ def _first_index(call: ReceivedCall) -> int:
     return index
 
 
+def test_the_exit_table_holds_the_cli() -> None:
+    """The CLI column of clients/README.md's exit table is what the Python CLI returns."""
+    rpc = cli._RPC_EXITS
+    statuses = {
+        "every result": cli.EXIT_OK,
+        "some result not": cli.EXIT_NOT_SENT,
+        "a bad flag": cli.EXIT_INVALID,
+        "no `CANVAS_GATEWAY_TOKEN`": cli.EXIT_AUTH,
+        "the gateway refused the request": rpc[grpc.StatusCode.INVALID_ARGUMENT],
+        "the gateway refused the token": rpc[grpc.StatusCode.UNAUTHENTICATED],
+        "the gateway is unreachable": rpc[grpc.StatusCode.UNAVAILABLE],
+        "any other RPC failure": rpc.get(grpc.StatusCode.DEADLINE_EXCEEDED, cli.EXIT_FAILED),
+        "rows of the recipients file": cli.EXIT_NOT_READ,
+        "interrupted": cli.EXIT_INTERRUPTED,
+    }
+    assert rpc[grpc.StatusCode.PERMISSION_DENIED] == rpc[grpc.StatusCode.UNAUTHENTICATED]
+    assert len(EXIT_TABLE) == len(statuses)
+    for row, status in statuses.items():
+        assert exit_status(row, "CLI") == status, row
+        assert f"\n  {status:<4} " in cli.EXIT_STATUS, status  # and its --help lists it
+
+
 @pytest.mark.parametrize("language", LANGUAGES)
 async def test_send_prints_results_in_batch_order(harness: Harness, language: str) -> None:
     run = await example(language, "send", "--target", harness.target)
-    assert run.code == 0, run.stderr
+    assert run.code == exit_status("every result"), run.stderr
     assert [(r[0], r[3], r[4]) for r in run.results] == [(0, 50, 0), (1, 50, 50), (2, 20, 100)]
     assert {r[5] for r in run.results} == {call.dispatch_id for call in harness.fake.calls}
     assert run.summary is not None and run.summary[:3] == (120, 3, 120)
@@ -194,7 +241,7 @@ async def test_an_invalid_recipient_prints_the_bad_request_details_and_sends_not
     harness: Harness, language: str
 ) -> None:
     run = await example(language, "send", "--target", harness.target, "--bad-email")
-    assert run.code == 3
+    assert run.code == exit_status("the gateway refused the request")
     assert run.results == [] and run.summary is None
     lines = run.stderr.splitlines()
     assert any(line.startswith("error code=INVALID_ARGUMENT message=") for line in lines), run.stderr
@@ -210,7 +257,7 @@ async def test_an_invalid_recipient_prints_the_bad_request_details_and_sends_not
 async def test_a_batch_not_sent_makes_the_exit_status_1(harness: Harness, language: str) -> None:
     harness.fake.faults.script([Fault.status(500)])  # the first call's outcome is unknown
     run = await example(language, "send-stream", "--target", harness.target, "--recipients", "200")
-    assert run.code == 1, run.stderr
+    assert run.code == exit_status("some result not"), run.stderr
     outcomes = sorted(r[1:3] for r in run.results)
     assert outcomes == [("OUTCOME_SENT", "OK")] * 3 + [("OUTCOME_UNKNOWN", "UNKNOWN")]
     unknown = next(r for r in run.results if r[1] == "OUTCOME_UNKNOWN")
@@ -221,14 +268,14 @@ async def test_a_batch_not_sent_makes_the_exit_status_1(harness: Harness, langua
 @pytest.mark.parametrize("language", LANGUAGES)
 async def test_without_a_token_the_example_refuses_to_start(harness: Harness, language: str) -> None:
     run = await example(language, "send-stream", "--target", harness.target, token=None)
-    assert run.code == 2 and run.results == []
+    assert run.code == exit_status("no `CANVAS_GATEWAY_TOKEN`") and run.results == []
     assert harness.fake.calls == []
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
 async def test_an_unknown_token_fails_the_rpc(harness: Harness, language: str) -> None:
     run = await example(language, "send", "--target", harness.target, token="not-a-token")
-    assert run.code == 3
+    assert run.code == exit_status("the gateway refused the token")
     assert "error code=UNAUTHENTICATED" in run.stderr
     assert "not-a-token" not in run.stderr
     assert harness.fake.calls == []
@@ -251,5 +298,20 @@ async def test_the_example_dials_tls_trusting_a_ca_file(harness: Harness, langua
         "--recipients",
         "60",
     )
-    assert run.code == 0, run.stderr
+    assert run.code == exit_status("every result"), run.stderr
     assert run.summary is not None and run.summary[:3] == (60, 2, 60)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_an_unreachable_gateway_fails_the_rpc(language: str) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        run = await example(language, "send", "--target", f"127.0.0.1:{closed.getsockname()[1]}")
+    assert run.code == exit_status("the gateway is unreachable"), run.stderr
+    assert "error code=UNAVAILABLE" in run.stderr and run.results == []
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_a_bad_flag_is_a_usage_error(language: str) -> None:
+    run = await example(language, "send", "--no-such-flag")
+    assert run.code == exit_status("a bad flag") and run.results == []
