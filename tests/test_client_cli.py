@@ -738,6 +738,12 @@ def test_a_wait_to_resume_is_a_line_above_the_progress_bar() -> None:
         in lines
     )
 
+    plain = io.StringIO()  # not a terminal: a line between the progress lines
+    report = Report(Console(io.StringIO(), plain), validate_only=False, target="gw:50051")
+    report.progress = Progress(plain, 100, every=10.0)
+    report.waiting(Waiting("lost", "UNAVAILABLE: Connection reset", 1, 5, 0.25, 60.0, gave_up=True))
+    assert plain.getvalue() == "gave up waiting: gw:50051 did not accept connections within 60 s\n"
+
 
 async def test_a_deadline_exceeded_exits_5(harness: Harness, tmp_path: Path) -> None:
     """Another failure of the RPC: the deadline passes while stdin has sent nothing yet."""
