@@ -25,7 +25,7 @@ import collections
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Self, TypeAlias
+from typing import Any, Final, Literal, NamedTuple, Self, TypeAlias
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -89,7 +89,7 @@ class Waiting(NamedTuple):
     """A send that waits before it goes on in a new stream, handed to `on_wait` (twice when the
     gateway does not come back: then with `gave_up` true, before the error is raised)."""
 
-    cause: str
+    cause: Literal["draining", "lost", "busy"]
     """Why: `draining` (the gateway shuts down), `lost` (UNAVAILABLE, UNKNOWN, or grpcio's own
     INTERNAL: the connection was lost or refused) or `busy` (batches another call is sending
     under the key)."""
@@ -911,7 +911,7 @@ async def _resume_keyed(
 def _waiting(error: grpc.aio.AioRpcError, resumes: int, limit: int, wait: float) -> Waiting:
     """The wait before resume `resumes + 1` after a stream ended by `error`: a pause that
     doubles with each resume, then up to `wait` seconds for the gateway."""
-    cause = "draining" if resume_position(error) is not None else "lost"
+    cause: Literal["draining", "lost"] = "draining" if resume_position(error) is not None else "lost"
     detail = f"{error.code().name}: {error.details() or ''}"
     return Waiting(cause, detail, resumes + 1, limit, min(RESUME_BACKOFF_SECONDS * 2**resumes, 5.0), wait)
 
