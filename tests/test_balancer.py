@@ -11,10 +11,11 @@ while it drains and exits, and later calls go to the others.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,13 @@ class Cluster:
 
 async def start_replica(tenants: Path, session: aiohttp.ClientSession, **settings: str) -> Replica:
     """A gateway process (`settings`: more CGW_ variables), once its /readyz answers."""
+    return await start_logged_replica(tenants, session, None, settings)
+
+
+async def start_logged_replica(
+    tenants: Path, session: aiohttp.ClientSession, log_file: Path | None, settings: Mapping[str, str]
+) -> Replica:
+    """`start_replica`, its stderr (its logs) appended to `log_file` when given."""
     address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = gateway_env(
         tenants,
@@ -64,7 +72,14 @@ async def start_replica(tenants: Path, session: aiohttp.ClientSession, **setting
             **settings,
         },
     )
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "canvas_gateway_server", env=env)
+    log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if log_file else None
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "canvas_gateway_server", env=env, stderr=log
+        )
+    finally:
+        if log is not None:
+            os.close(log)  # the child has its own copy
     replica = Replica(process, address, admin)
     deadline = time.monotonic() + READY_SECONDS
     while True:

@@ -75,7 +75,9 @@ async def test_the_callers_request_id_is_returned_and_on_the_access_line(
     assert line["method"] == "/canvas_gateway.v1.CanvasGatewayService/Send"
     assert line["peer"].startswith("ipv4:127.0.0.1:")
     assert (line["recipients"], line["batches"]) == (120, 3)
-    assert line["outcomes"] == "sent:120 rejected:0 unknown:0 not_attempted:0 canvas_inactive:0"
+    outcomes = {"sent": 120, "rejected": 0, "unknown": 0, "not_attempted": 0, "canvas_inactive": 0}
+    assert line["outcomes"] == outcomes
+    assert "grpc_message" not in line  # an OK call has no reason to give
     assert line["duration_ms"] > 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", line["time"])
 
@@ -103,6 +105,7 @@ async def test_a_refused_token_logs_the_peer_and_reason_never_the_token(
     assert refusal["peer"].startswith("ipv4:127.0.0.1:")
     (access,) = await captured.logged("^rpc Send")
     assert access["grpc_code"] == "UNAUTHENTICATED" and access["level"] == "WARNING"
+    assert access["grpc_message"] == "unknown bearer token"  # the reason the caller was given
     assert access["tenant"] == "-"
     assert TOKENS["acme"] not in captured.stream.getvalue()
 
@@ -116,7 +119,9 @@ async def test_every_batch_that_was_not_sent_has_a_line_with_brazes_scrubbed_wor
     assert sorted(line["batch_index"] for line in lines) == [0, 1, 2]
     first = next(line for line in lines if line["batch_index"] == 0)
     assert first["request_id"] == "revoked-1" and first["tenant"] == "acme"
-    assert first["positions"] == "0..49 (50)" and first["outcome"] == "REJECTED"
+    assert first["positions"] == [[0, 49]] and first["recipients"] == 50 and first["outcome"] == "REJECTED"
+    last = next(line for line in lines if line["batch_index"] == 2)
+    assert (last["positions"], last["recipients"]) == ([[100, 119]], 20)
     assert (first["http_status"], first["attempts"], first["code"]) == (401, 1, "INTERNAL")
     assert first["braze_message"] == "Invalid API key: [REDACTED]"  # Braze's 401 echoes the key
     assert KEYS["acme"] not in captured.stream.getvalue()
@@ -176,6 +181,89 @@ def test_text_lines_carry_the_request_id_and_the_event_fields() -> None:
     first, second = out.getvalue().splitlines()
     assert first.endswith("WARNING t [req-9] batch 4 REJECTED tenant=acme said='bad [REDACTED]'")
     assert second.endswith("INFO t [-] outside")
+
+
+def _log_one(log_format: str, worker: int | None, **fields: Any) -> str:
+    """What `configure(log_format, worker=worker)` writes for one record with `fields`."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    try:
+        logs.configure("INFO", log_format, lambda: frozenset({"s3cret"}), stream=out, worker=worker)
+        logging.getLogger("t").warning("batch 4 REJECTED", extra=fields)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    return out.getvalue().strip()
+
+
+def test_counts_and_ranges_are_json_structures_and_readable_text() -> None:
+    fields = {
+        "positions": logs.Ranges.of([7, 0, 1, 2, 4, 5, 9]),
+        "recipients": 7,
+        "outcomes": logs.Counts(sent=2, rejected=0),
+    }
+    assert json.loads(_log_one("json", None, **fields))["positions"] == [[0, 2], [4, 5], [7, 7], [9, 9]]
+    line = json.loads(_log_one("json", None, **fields))
+    assert (line["recipients"], line["outcomes"]) == (7, {"sent": 2, "rejected": 0})
+    assert "worker" not in line  # one process: no worker field
+    text = _log_one("text", None, **fields)
+    assert text.endswith("batch 4 REJECTED positions=0..2,4..5,7,9 recipients=7 outcomes='sent:2 rejected:0'")
+    assert str(logs.Ranges.of([])) == "none"
+
+
+def test_a_workers_records_carry_its_index() -> None:
+    line = json.loads(_log_one("json", 1, tenant="acme", said="bad s3cret"))
+    assert (line["worker"], line["tenant"], line["said"]) == (1, "acme", "bad [REDACTED]")
+    assert _log_one("text", 0, tenant="acme").endswith("batch 4 REJECTED tenant=acme worker=0")
+
+
+async def test_a_refused_calls_access_line_gives_the_reason_it_was_refused(
+    harness: Harness, captured: Captured
+) -> None:
+    missing = harness.stub.Send(REQUEST, metadata=(("x-request-id", "no-token"),))
+    invalid = pb.SendRequest(trigger=pb.CanvasTrigger(recipients=REQUEST.trigger.recipients))
+    empty = harness.stub.Send(invalid, metadata=(*harness.auth(), ("x-request-id", "no-canvas")))
+    told = {}
+    for call, code in ((missing, grpc.StatusCode.UNAUTHENTICATED), (empty, grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == code
+        told[code.name] = caught.value.details()
+    await captured.logged("^rpc Send INVALID_ARGUMENT")
+    await captured.logged("^rpc Send UNAUTHENTICATED")
+    by_id = {line["request_id"]: line for line in captured.matching("^rpc Send")}
+    assert by_id["no-token"]["grpc_message"] == told["UNAUTHENTICATED"]
+    assert told["UNAUTHENTICATED"] == "missing bearer token in `authorization` metadata"
+    assert by_id["no-canvas"]["grpc_message"] == told["INVALID_ARGUMENT"] == "canvas_id: is required"
+    assert by_id["no-canvas"]["tenant"] == "acme" and by_id["no-canvas"]["recipients"] == 0
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_streams_per_tenant": 1}])
+async def test_a_stream_refused_for_a_cap_says_which_on_its_access_line(
+    harness: Harness, captured: Captured
+) -> None:
+    release = asyncio.Event()
+
+    async def holding() -> AsyncIterator[pb.SendStreamRequest]:
+        yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
+        await release.wait()
+        yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=[pb.Recipient(external_user_id="u")]))
+
+    held = harness.stub.SendStream(holding(), metadata=harness.auth())
+    async with asyncio.timeout(10):
+        while harness.gateway.servicer.streams.open < 1:
+            await asyncio.sleep(0.01)
+    refused = harness.stub.SendStream(holding(), metadata=(*harness.auth(), ("x-request-id", "capped")))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in refused:
+            pass  # pragma: no cover - refused before any answer
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    (line,) = await captured.logged("^rpc SendStream RESOURCE_EXHAUSTED")
+    assert line["request_id"] == "capped" and line["grpc_message"] == caught.value.details()
+    assert "CGW_MAX_STREAMS_PER_TENANT" in line["grpc_message"]
+    release.set()
+    assert [r async for r in held][-1].summary.recipients_sent == 1
 
 
 SEND = "/canvas_gateway.v1.CanvasGatewayService/Send"

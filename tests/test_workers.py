@@ -8,6 +8,7 @@ before it calls, and SIGTERM drains them all to exit 0.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from conftest import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
 from servers import stop_process
-from test_balancer import start_replica
+from test_balancer import start_logged_replica, start_replica
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 CONNECTIONS = 16
@@ -109,6 +110,46 @@ def fake_config(request: pytest.FixtureRequest) -> FakeBrazeConfig:
     # The fake's window stands still (the workers' clock is real; its reset is an hour or more ahead).
     limit = getattr(request, "param", 250_000)
     return FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=limit, clock=standing_clock())
+
+
+async def test_json_logs_of_several_workers_say_which_and_the_supervisor_its_admin_address(
+    fake: FakeBraze, tmp_path: Path
+) -> None:
+    tenants, log_file = tmp_path / "tenants.toml", tmp_path / "gateway.log"
+    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    async with aiohttp.ClientSession() as session:
+        settings = {"CGW_WORKERS": "2", "CGW_LOG_FORMAT": "json", "CGW_SHUTDOWN_DELAY_SECONDS": "0"}
+        replica = await start_logged_replica(tenants, session, log_file, settings)
+    try:
+        await send_on_own_connections(replica.address, [request(3, 10 * i) for i in range(CONNECTIONS)])
+        async with grpc.aio.insecure_channel(replica.address) as channel:
+            wrong = (("authorization", f"Bearer {TOKENS['acme']}-wrong"),)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await pb_grpc.CanvasGatewayServiceStub(channel).Send(request(1), metadata=wrong, timeout=10)
+        replica.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(replica.process.wait(), 30) == 0
+    finally:
+        if replica.process.returncode is None:
+            replica.process.kill()
+            await replica.process.wait()
+    text = log_file.read_text()
+    assert KEYS["acme"] not in text and TOKENS["acme"] not in text
+    records = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
+    (supervising,) = [r for r in records if r["message"].startswith("canvas-gateway supervising")]
+    assert supervising["message"].endswith(f"; admin on {replica.admin}")
+    assert (supervising["admin_address"], supervising["workers"]) == (replica.admin, 2)
+    assert {r["logger"] for r in records if "worker" not in r} == {"canvas_gateway_server.workers"}
+    assert records[-1]["exit_codes"] == [0, 0]
+    started = [r for r in records if r["message"].startswith("canvas-gateway worker ")]
+    assert sorted(r["worker"] for r in started) == [0, 1]
+    assert all(r["message"].startswith(f"canvas-gateway worker {r['worker']} of 2") for r in started)
+    access = [r for r in records if r["logger"] == "canvas_gateway_server.access"]
+    sent = [r for r in access if r["grpc_code"] == "OK"]
+    assert len(sent) == CONNECTIONS and {r["worker"] for r in sent} == {0, 1}
+    assert all(r["outcomes"]["sent"] == 3 and r["recipients"] == 3 and r["batches"] == 1 for r in sent)
+    (refused,) = [r for r in access if r["grpc_code"] == "UNAUTHENTICATED"]
+    assert refused["grpc_message"] == caught.value.details() == "unknown bearer token"
+    assert refused["worker"] in (0, 1)
 
 
 @pytest.mark.parametrize("fake_config", [2], indirect=True)

@@ -469,10 +469,11 @@ async def run(
 ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file (once after start-up if
     `hangups` counted any during it)."""
-    logs.configure(settings.log_level, settings.log_format)
+    worker = settings.worker_index if settings.is_worker else None
+    logs.configure(settings.log_level, settings.log_format, worker=worker)
     logs.throttle_accept_errors(asyncio.get_running_loop())
     gateway = await Gateway.start(settings, environ=environ)
-    logs.configure(settings.log_level, settings.log_format, gateway.tenants.secrets)
+    logs.configure(settings.log_level, settings.log_format, gateway.tenants.secrets, worker=worker)
     if settings.demo:
         host = settings.grpc_address.rsplit(":", 1)[0]
         print(

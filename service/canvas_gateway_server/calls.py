@@ -34,7 +34,7 @@ from typing import Any, Final, TypeAlias
 
 import grpc
 
-from .logs import REQUEST_ID
+from .logs import REQUEST_ID, Counts
 from .metrics import Metrics
 from .model import Outcome, Summary
 
@@ -247,7 +247,7 @@ class _Observation:
             code = status_code(error, context)
             self._metrics.rpc_handled(self._rpc, code, seconds)
             if self._logged:
-                access_line(call, code, seconds)
+                access_line(call, code, seconds, None if code == "OK" else _details(context))
 
 
 async def first_message(requests: AsyncIterator[Any], context: Context, seconds: float) -> Any:
@@ -284,13 +284,22 @@ async def _settle(header: asyncio.Future[None], cancelled: bool) -> None:
         await header
 
 
-def access_line(call: Call, code: str, seconds: float) -> None:
-    """One line per RPC of the gateway's service: who, what, how it ended, how long."""
+def _details(context: Context) -> str:
+    """The status message an RPC ended with (`-` when it has none, e.g. cancelled by its caller):
+    what the gateway told the caller, which never holds a secret."""
+    details: object = context.details()  # None unless the handler aborted or set them
+    return details if isinstance(details, str) and details else "-"
+
+
+def access_line(call: Call, code: str, seconds: float, message: str | None = None) -> None:
+    """One line per RPC of the gateway's service: who, what, how it ended (with the status
+    message, `grpc_message`, when not OK), how long."""
     level = logging.INFO if code == "OK" else logging.WARNING
     if not log.isEnabledFor(level):
         return
     summary = call.summary or Summary()
-    outcomes = " ".join(f"{o.name.lower()}:{summary.by_outcome[o]}" for o in Outcome)
+    outcomes = Counts((o.name.lower(), summary.by_outcome[o]) for o in Outcome)
+    refused = {} if message is None else {"grpc_message": message}
     log.log(
         level,
         "rpc %s %s",
@@ -301,6 +310,7 @@ def access_line(call: Call, code: str, seconds: float) -> None:
             "method": call.method,
             "peer": call.peer,
             "grpc_code": code,
+            **refused,
             "recipients": summary.recipients,
             "batches": summary.batches,
             "outcomes": outcomes,

@@ -23,6 +23,7 @@ from .breaker import CircuitBreaker, NoBreaker, host_of
 from .budget import RetryBudget, Unlimited
 from .idempotency import DEFAULT_CAPACITY, DEFAULT_LEASE, DEFAULT_TTL, Claimed, Ledger, LocalResults
 from .limits import Hold, StoreUnavailable, UpstreamLimiter
+from .logs import Ranges
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
 from .retry import RetryPolicy, rate_limit_pause, retry_delay
@@ -302,10 +303,6 @@ class FanOut:
                 _log_undelivered(self._tenant, item)
 
 
-def _span(positions: tuple[int, ...]) -> str:
-    return f"{positions[0]}..{positions[-1]} ({len(positions)})" if positions else "none"
-
-
 def report(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
     """Count a result when it is made, delivered or not, and log one that did not end SENT."""
     metrics.result(tenant.id, result)
@@ -350,7 +347,13 @@ def log_unread(tenant: Tenant, handed: Iterable[BatchResult]) -> None:
 
 
 def _fields(tenant: Tenant, index: int, positions: tuple[int, ...], outcome: Outcome) -> dict[str, Any]:
-    return {"tenant": tenant.id, "batch_index": index, "positions": _span(positions), "outcome": outcome.name}
+    return {
+        "tenant": tenant.id,
+        "batch_index": index,
+        "positions": Ranges.of(positions),
+        "recipients": len(positions),
+        "outcome": outcome.name,
+    }
 
 
 def _result_fields(tenant: Tenant, result: BatchResult) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 Records that describe an event (an RPC, a batch that did not end SENT, a refused token) pass
 their fields as `extra`: JSON output puts them at the top level of the object, text output
-appends them as `key=value`. The request id comes from a context variable that the RPC
-observer (`calls`) sets, so every record made while serving a request, in any task it
-started, carries it without being handed it.
+appends them as `key=value`. Numbers stay numbers in JSON; a field with a structure is a
+`Counts` (an object in JSON, `sent:2 rejected:0` in text) or `Ranges` (`[[0, 49]]` in JSON,
+`0..49` in text). The request id comes from a context variable that the RPC observer (`calls`)
+sets, so every record made while serving a request, in any task it started, carries it without
+being handed it. A worker of several (CGW_WORKERS) adds its index to every record as `worker`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, Final, TextIO
 
@@ -32,6 +34,31 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
 }
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS: Final = ("levelname", "name", "request_id", "message")
+
+
+class Counts(dict[str, int]):
+    """Counts by name: a JSON object, and `name:count name:count` in text."""
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}:{count}" for name, count in self.items())
+
+
+class Ranges(list[tuple[int, int]]):
+    """Sorted positions as their runs of consecutive values, `[first, last]` each: a JSON list of
+    pairs, and `0..49` (`0..9,11..49` with a gap, `none` when empty) in text."""
+
+    @classmethod
+    def of(cls, positions: Iterable[int]) -> Ranges:
+        runs = cls()
+        for position in sorted(positions):
+            if runs and position == runs[-1][1] + 1:
+                runs[-1] = (runs[-1][0], position)
+            else:
+                runs.append((position, position))
+        return runs
+
+    def __str__(self) -> str:
+        return ",".join(f"{first}..{last}" if last > first else str(first) for first, last in self) or "none"
 
 
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -72,6 +99,18 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class WorkerFilter(logging.Filter):
+    """Stamps each record with the index of the worker that made it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._index
+        return True
+
+
 class TextFormatter(logging.Formatter):
     """The classic line, then the event's fields as `key=value` (values with spaces quoted)."""
 
@@ -109,11 +148,15 @@ def configure(
     log_format: str,
     secrets: Callable[[], frozenset[str]] | None = None,
     stream: TextIO | None = None,
+    worker: int | None = None,
 ) -> None:
-    """Route the root logger to `stream` (stderr) in `log_format`, redacting `secrets()` when given."""
+    """Route the root logger to `stream` (stderr) in `log_format`, redacting `secrets()` when given
+    and marking every record with `worker` (a worker's index) when given."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(log_format))
     handler.addFilter(RequestIdFilter())
+    if worker is not None:
+        handler.addFilter(WorkerFilter(worker))
     if secrets is not None:
         handler.addFilter(SecretFilter(secrets))
     root = logging.getLogger()

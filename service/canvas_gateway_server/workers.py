@@ -297,13 +297,20 @@ async def supervise(settings: Settings, environ: Mapping[str, str], hangups: Han
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         try:
-            await admin.start(*settings.admin_host_port)
+            admin_port = await admin.start(*settings.admin_host_port)
         except OSError:
             log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): in use", settings.admin_address)
             return 1
         await workers.start()
         (hangups or Hangups()).take_over(loop, lambda: workers.signal(signal.SIGHUP))
-        log.info("canvas-gateway supervising %d workers on %s", count, settings.grpc_address)
+        admin_address = f"{settings.admin_address.rpartition(':')[0]}:{admin_port}"  # port 0 made real
+        log.info(
+            "canvas-gateway supervising %d workers on %s; admin on %s",
+            count,
+            settings.grpc_address,
+            admin_address,
+            extra={"workers": count, "grpc_address": settings.grpc_address, "admin_address": admin_address},
+        )
         exits = [asyncio.create_task(process.wait()) for process in workers.processes]
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([stopped, *exits], return_when=asyncio.FIRST_COMPLETED)
@@ -317,5 +324,5 @@ async def supervise(settings: Settings, environ: Mapping[str, str], hangups: Han
         with contextlib.suppress(asyncio.CancelledError):
             await stopped
         await admin.stop()
-        log.info("canvas-gateway workers stopped (exit codes %s)", codes)
+        log.info("canvas-gateway workers stopped (exit codes %s)", codes, extra={"exit_codes": codes})
         return 1 if failed or any(codes) else 0
