@@ -242,6 +242,8 @@ async def test_reloads_and_tenants_build_info_and_readiness(harness: Harness) ->
         for outcome in ("sent", "rejected", "unknown", "not_attempted", "canvas_inactive"):
             labels = {"tenant": tenant, "outcome": outcome}
             assert registry.get_sample_value("canvas_gateway_recipients_total", labels) == 0
+        sent = {"tenant": tenant, "outcome": "sent", "code": "OK"}  # CanvasGatewayNoSuccessfulSends
+        assert registry.get_sample_value("canvas_gateway_batches_total", sent) == 0
     for result in ("success", "failure"):
         assert registry.get_sample_value("canvas_gateway_tenant_reloads_total", {"result": result}) == 0
     for reason in ("missing_token", "unknown_token"):

@@ -469,6 +469,7 @@ class PrometheusMetrics(Metrics):
         for tenant in tenants:  # at 0 from the start, so increase() sees a tenant's first outcome
             for outcome in Outcome:
                 self._recipients(tenant, outcome.name.lower())
+            self._batches(tenant, "sent", "OK")  # CanvasGatewayNoSuccessfulSends sees the first
 
     def reload(self, ok: bool) -> None:
         self._reloads("success" if ok else "failure").inc()
