@@ -4,6 +4,7 @@ to the gateway and real HTTP to the fake Braze."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,10 +17,12 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
 from canvas_gateway_server.app import git_commit
+from canvas_gateway_server.metrics import RECONCILE_REASONS
 from conftest import KEYS, TOKENS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig, Fault
 
 SERVICE = "canvas_gateway.v1.CanvasGatewayService"
+RECONCILED = "canvas_gateway_reconciliation_results_total"
 PAUSED = "paused-canvas"
 
 
@@ -203,6 +206,36 @@ async def test_an_open_stream_and_its_unread_results_are_visible(harness: Harnes
         assert isinstance(response, pb.SendStreamResponse)
     assert value(harness, "canvas_gateway_streams_open", tenant="acme") == 0
     assert value(harness, "canvas_gateway_results_buffered", tenant="acme") == 0
+
+
+async def test_results_logged_for_reconciliation_are_counted_once_each(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that stops reading and goes away: the results it never read or may not have read
+    are logged at ERROR, one line each, and counted, so that an alert can say someone must read them."""
+    caplog.set_level(logging.ERROR, logger="canvas_gateway_server.dispatch")
+    for reason in RECONCILE_REASONS:  # at 0 from the start, so increase() sees the first
+        assert (
+            harness.gateway.registry.get_sample_value(
+                "canvas_gateway_reconciliation_results_total", {"tenant": "acme", "reason": reason}
+            )
+            == 0
+        )
+    call = harness.stub.SendStream(chunks(100_000, 1000), metadata=harness.auth())
+    assert isinstance(await call.read(), pb.SendStreamResponse)
+    await wait_for(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") > 0)
+    call.cancel()
+    await wait_for(lambda: value(harness, "canvas_gateway_streams_open", tenant="acme") == 0)
+    await wait_for(lambda: not harness.gateway.servicer.in_flight.busy)
+
+    def lines(text: str) -> int:
+        return sum(1 for r in caplog.records if r.levelno == logging.ERROR and text in r.getMessage())
+
+    undelivered = value(harness, RECONCILED, tenant="acme", reason="undelivered")
+    unread = value(harness, RECONCILED, tenant="acme", reason="unread")
+    assert undelivered >= 1  # at least those waiting in the stream's queue
+    assert undelivered == lines("not delivered (the caller stopped reading or went away)")
+    assert unread == lines("may not have been read (the stream was cut off)")
 
 
 async def test_a_refused_request_counts_each_rule_it_broke(harness: Harness) -> None:
