@@ -23,6 +23,7 @@ from fake_braze import FakeBrazeConfig, Fault
 
 SERVICE = "canvas_gateway.v1.CanvasGatewayService"
 RECONCILED = "canvas_gateway_reconciliation_results_total"
+BATCH_LABELS = {"tenant": "acme", "outcome": "sent", "code": "OK"}
 PAUSED = "paused-canvas"
 
 
@@ -313,6 +314,17 @@ async def test_no_label_anywhere_holds_a_key_or_a_token(harness: Harness) -> Non
     assert 'status="401"' in labels and 'status="503"' in labels  # the faults did happen
     for secret in (*KEYS.values(), *TOKENS.values()):
         assert secret not in text
+
+
+async def test_the_exposition_has_no_created_series_in_either_format(harness: Harness) -> None:
+    await harness.stub.Send(unary(60), metadata=harness.auth())
+    registry = harness.gateway.registry  # the registry keeps them; the exposition leaves them out
+    assert registry.get_sample_value("canvas_gateway_batches_created", BATCH_LABELS) is not None
+    for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):
+        text = await scrape(harness, Accept=accept)
+        assert 'canvas_gateway_batches_total{code="OK",outcome="sent",tenant="acme"} 2.0' in text
+        assert "grpc_server_handling_seconds_bucket" in text  # histograms keep their buckets
+        assert [line for line in text.splitlines() if "_created" in line] == [], accept
 
 
 @pytest.mark.parametrize("settings_overrides", [{"metrics_enabled": False}])
