@@ -234,7 +234,9 @@ async def test_results_logged_for_reconciliation_are_counted_once_each(
 
     undelivered = value(harness, RECONCILED, tenant="acme", reason="undelivered")
     unread = value(harness, RECONCILED, tenant="acme", reason="unread")
-    assert undelivered >= 1  # at least those waiting in the stream's queue
+    # Those still queued are undelivered; those gRPC took are unread (the one read among them):
+    # which is which depends on when the cancel lands, not their sum.
+    assert unread >= 1 and undelivered + unread >= 2
     assert undelivered == lines("not delivered (the caller stopped reading or went away)")
     assert unread == lines("may not have been read (the stream was cut off)")
 

@@ -176,7 +176,7 @@ async def cut_off_stream(h: Harness) -> None:
     def level(name: str) -> float:
         return registry.get_sample_value(name, {"tenant": "initech"}) or 0.0
 
-    call = h.stub.SendStream(chunks(20_000, 1000), metadata=h.auth("initech"), timeout=10)
+    call = h.stub.SendStream(chunks(100_000, 1000), metadata=h.auth("initech"), timeout=10)
     assert isinstance(await call.read(), pb.SendStreamResponse)
     async with asyncio.timeout(10):
         while level("canvas_gateway_results_buffered") == 0:

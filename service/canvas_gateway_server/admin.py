@@ -69,8 +69,8 @@ MAX_SPACING_SECONDS: Final = 1.0
 class _WithoutCreated(Collector):
     """A registry's metrics without the `*_created` samples of its counters and histograms: about
     a quarter of the exposition (39 of 164 lines for one tenant after one call), which no dashboard
-    or alert reads and Prometheus would only store as series. Kept to this exposition, not turned off for the process
-    (`disable_created_metrics()` is global), so nothing else that shares the process changes."""
+    or alert reads and Prometheus would only store as series. Kept to this exposition, not turned
+    off for the process (`disable_created_metrics()` is global), so nothing else there changes."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
