@@ -156,3 +156,34 @@ def test_the_in_process_key_store_at_its_default_capacity_fits_the_pod_s_memory(
     limit = _bytes(gateway["resources"]["limits"]["memory"])
     capacity = Settings.from_env(_load("configmap.yaml")["data"]).idempotency_capacity
     assert GATEWAY_BYTES + capacity * ENTRY_BYTES <= request < limit
+
+
+# --- Prometheus Operator: the PodMonitor, outside the kustomization -----------------------------
+
+PODMONITOR = K8S / "prometheus-operator" / "podmonitor.yaml"
+
+
+def test_the_podmonitor_scrapes_the_gateway_s_admin_port_under_the_job_the_alerts_expect() -> None:
+    """`make k8s-check` cannot validate a custom resource offline: its fields are held here."""
+    monitor = yaml.safe_load(PODMONITOR.read_text())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    assert set(monitor["spec"]) == {"jobLabel", "selector", "podMetricsEndpoints"}
+    assert PODMONITOR.name not in str(_load("kustomization.yaml")["resources"])
+    objects = _objects()
+    template = objects[("Deployment", "canvas-gateway")]["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    selector = monitor["spec"]["selector"]
+    assert set(selector) == {"matchLabels"}
+    assert selector["matchLabels"].items() <= labels.items()  # it picks the gateway's pods
+    redis_labels = objects[("StatefulSet", "canvas-gateway-redis")]["spec"]["template"]["metadata"]["labels"]
+    assert not selector["matchLabels"].items() <= redis_labels.items()  # and not Redis'
+    # The job is the value of the pods' label it names: the job alerts.yml's CanvasGatewayDown expects.
+    assert labels[monitor["spec"]["jobLabel"]] == "canvas-gateway"
+    assert 'up{job="canvas-gateway"}' in (K8S.parent / "prometheus" / "alerts.yml").read_text()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (gateway,) = template["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in gateway["ports"]}
+    assert endpoint["port"] in ports
+    annotations = template["metadata"]["annotations"]  # the same port and path as the annotations
+    assert str(ports[endpoint["port"]]) == annotations["prometheus.io/port"]
+    assert endpoint["path"] == annotations["prometheus.io/path"] == "/metrics"

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import convert
 from canvas_gateway_server.metrics import PrometheusMetrics
@@ -85,3 +86,35 @@ def test_deploy_examples_load(tmp_path: Path) -> None:
 def test_ci_and_container_files_exist(path: str) -> None:
     assert (ROOT / path).is_file()
     assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_has_a_runbook_section_and_the_dashboard_s_link() -> None:
+    prometheus = ROOT / "deploy" / "prometheus"
+    rules = [
+        rule
+        for group in yaml.safe_load((prometheus / "alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+    ]
+    runbook = (prometheus / "RUNBOOK.md").read_text()
+    sections = {
+        _anchor(heading): body
+        for heading, body in re.findall(r"^## ([^\n]+)\n(.*?)(?=^## |\Z)", runbook, re.MULTILINE | re.DOTALL)
+    }
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "canvas-gateway.json").read_text())
+    for rule in rules:
+        name, annotations = rule["alert"], rule["annotations"]
+        path, _, anchor = annotations.get("runbook_url", "").partition("#")
+        assert (ROOT / path).resolve() == prometheus / "RUNBOOK.md", name
+        assert anchor == _anchor(name) and anchor in sections, name
+        for part in ("**Means.**", "**Check.**", "**Do.**"):
+            assert part in sections[anchor], f"{name}: {part}"
+        link = f"/d/{dashboard['uid']}/{dashboard['title']}"
+        if "$labels.tenant" in annotations["summary"]:  # the alert is about one tenant
+            link += "?var-tenant={{ $labels.tenant }}"
+        assert annotations.get("dashboard_url") == link, name
+    assert len(sections) == len(rules)  # and no section for an alert that is gone

@@ -784,15 +784,26 @@ async def test_what_the_store_did_not_take_is_offered_again_by_one_task_backing_
 async def test_what_the_store_never_takes_lapses_after_the_lease_and_shutdown_stops_trying() -> None:
     now = [0.0]
     store = Unanswering()
-    ledger = Ledger(store, lease=5.0, clock=lambda: now[0], jitter=lambda: 0.0)
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry, version="test", git_commit="test")
+    ledger = Ledger(store, metrics, lease=5.0, clock=lambda: now[0], jitter=lambda: 0.0)
+
+    def logged(reason: str) -> float:  # results logged at ERROR for reconciliation
+        found = registry.get_sample_value(
+            "canvas_gateway_reconciliation_results_total", {"tenant": "acme", "reason": reason}
+        )
+        return found or 0.0
+
     claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
     assert isinstance(claimed, Claimed)
     await ledger.keep(claimed, results.not_attempted(claimed.batch, "unsent", Code.UNAVAILABLE))
+    assert (logged("not_kept"), logged("never_kept")) == (1, 0)
     await asyncio.sleep(0.15)  # one more try, after the first delay
     now[0] = 6.0  # past the lease: dropped at its next turn
     async with asyncio.timeout(5):
         while ledger.backlog:
             await asyncio.sleep(0.01)
+    assert (logged("not_kept"), logged("never_kept")) == (1, 1)  # each try is not a new line
     ledger.keep_soon(claimed, sent=True)  # UNKNOWN to keep, still not taken
     await ledger.settled(0.3)
     assert waiting(ledger) == 1  # left to lapse with its claim

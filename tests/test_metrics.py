@@ -4,6 +4,7 @@ to the gateway and real HTTP to the fake Braze."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,10 +17,13 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
 from canvas_gateway_server.app import git_commit
+from canvas_gateway_server.metrics import RECONCILE_REASONS
 from conftest import KEYS, TOKENS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig, Fault
 
 SERVICE = "canvas_gateway.v1.CanvasGatewayService"
+RECONCILED = "canvas_gateway_reconciliation_results_total"
+BATCH_LABELS = {"tenant": "acme", "outcome": "sent", "code": "OK"}
 PAUSED = "paused-canvas"
 
 
@@ -205,6 +209,38 @@ async def test_an_open_stream_and_its_unread_results_are_visible(harness: Harnes
     assert value(harness, "canvas_gateway_results_buffered", tenant="acme") == 0
 
 
+async def test_results_logged_for_reconciliation_are_counted_once_each(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that stops reading and goes away: the results it never read or may not have read
+    are logged at ERROR, one line each, and counted, so that an alert can say someone must read them."""
+    caplog.set_level(logging.ERROR, logger="canvas_gateway_server.dispatch")
+    for reason in RECONCILE_REASONS:  # at 0 from the start, so increase() sees the first
+        assert (
+            harness.gateway.registry.get_sample_value(
+                "canvas_gateway_reconciliation_results_total", {"tenant": "acme", "reason": reason}
+            )
+            == 0
+        )
+    call = harness.stub.SendStream(chunks(100_000, 1000), metadata=harness.auth())
+    assert isinstance(await call.read(), pb.SendStreamResponse)
+    await wait_for(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") > 0)
+    call.cancel()
+    await wait_for(lambda: value(harness, "canvas_gateway_streams_open", tenant="acme") == 0)
+    await wait_for(lambda: not harness.gateway.servicer.in_flight.busy)
+
+    def lines(text: str) -> int:
+        return sum(1 for r in caplog.records if r.levelno == logging.ERROR and text in r.getMessage())
+
+    undelivered = value(harness, RECONCILED, tenant="acme", reason="undelivered")
+    unread = value(harness, RECONCILED, tenant="acme", reason="unread")
+    # Those still queued are undelivered; those gRPC took are unread (the one read among them):
+    # which is which depends on when the cancel lands, not their sum.
+    assert unread >= 1 and undelivered + unread >= 2
+    assert undelivered == lines("not delivered (the caller stopped reading or went away)")
+    assert unread == lines("may not have been read (the stream was cut off)")
+
+
 async def test_a_refused_request_counts_each_rule_it_broke(harness: Harness) -> None:
     request = unary(3, canvas_id="")
     request.trigger.recipients[1].ClearField("external_user_id")
@@ -242,6 +278,8 @@ async def test_reloads_and_tenants_build_info_and_readiness(harness: Harness) ->
         for outcome in ("sent", "rejected", "unknown", "not_attempted", "canvas_inactive"):
             labels = {"tenant": tenant, "outcome": outcome}
             assert registry.get_sample_value("canvas_gateway_recipients_total", labels) == 0
+        sent = {"tenant": tenant, "outcome": "sent", "code": "OK"}  # CanvasGatewayNoSuccessfulSends
+        assert registry.get_sample_value("canvas_gateway_batches_total", sent) == 0
     for result in ("success", "failure"):
         assert registry.get_sample_value("canvas_gateway_tenant_reloads_total", {"result": result}) == 0
     for reason in ("missing_token", "unknown_token"):
@@ -278,6 +316,17 @@ async def test_no_label_anywhere_holds_a_key_or_a_token(harness: Harness) -> Non
     assert 'status="401"' in labels and 'status="503"' in labels  # the faults did happen
     for secret in (*KEYS.values(), *TOKENS.values()):
         assert secret not in text
+
+
+async def test_the_exposition_has_no_created_series_in_either_format(harness: Harness) -> None:
+    await harness.stub.Send(unary(60), metadata=harness.auth())
+    registry = harness.gateway.registry  # the registry keeps them; the exposition leaves them out
+    assert registry.get_sample_value("canvas_gateway_batches_created", BATCH_LABELS) is not None
+    for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):
+        text = await scrape(harness, Accept=accept)
+        assert 'canvas_gateway_batches_total{code="OK",outcome="sent",tenant="acme"} 2.0' in text
+        assert "grpc_server_handling_seconds_bucket" in text  # histograms keep their buckets
+        assert [line for line in text.splitlines() if "_created" in line] == [], accept
 
 
 @pytest.mark.parametrize("settings_overrides", [{"metrics_enabled": False}])

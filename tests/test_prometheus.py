@@ -2,7 +2,8 @@
 
 A gateway (the harness of conftest.py) sends real traffic through gRPC to the fake Braze: sends,
 a Canvas that is paused, a 503 (UNKNOWN, and the circuit breaker opens), 429s that are retried,
-a stream, a tenant whose Braze key the fake refuses (401), calls without or with an unknown
+a stream, a stream whose caller goes away (results logged for reconciliation), a tenant whose Braze
+key the fake refuses (401), calls without or with an unknown
 token, an invalid request, tenants reloads that fail, Redis (the shared budgets) stopped and
 started again, a budget spent to the last call (paused,
 then refused locally), and a shutdown whose not-ready delay Prometheus scrapes. Each kind of
@@ -152,6 +153,8 @@ async def one_round(h: Harness, redis: RedisServer) -> None:
     assert await refused(h, unary(1), unknown) == grpc.StatusCode.UNAUTHENTICATED
     assert await refused(h, unary(3, canvas_id=""), acme) == grpc.StatusCode.INVALID_ARGUMENT
 
+    await cut_off_stream(h)
+
     tenants_file = Path(h.gateway.settings.tenants_file)
     good = tenants_file.read_text()
     tenants_file.write_text("broken [")
@@ -162,6 +165,25 @@ async def one_round(h: Harness, redis: RedisServer) -> None:
     refused_key = await h.stub.Send(unary(2), metadata=h.auth("globex"), timeout=10)  # not acme's budget
     assert refused_key.results[0].braze.http_status == 401
     await redis.start()
+
+
+async def cut_off_stream(h: Harness) -> None:
+    """initech's caller reads one result of a long stream, then goes away: the results waiting for
+    it are logged at ERROR for reconciliation, and counted. (initech's key is refused: 401s, which
+    spend no budget of acme's.)"""
+    registry = h.gateway.registry
+
+    def level(name: str) -> float:
+        return registry.get_sample_value(name, {"tenant": "initech"}) or 0.0
+
+    call = h.stub.SendStream(chunks(100_000, 1000), metadata=h.auth("initech"), timeout=10)
+    assert isinstance(await call.read(), pb.SendStreamResponse)
+    async with asyncio.timeout(10):
+        while level("canvas_gateway_results_buffered") == 0:
+            await asyncio.sleep(0.01)
+        call.cancel()
+        while level("canvas_gateway_streams_open") > 0:
+            await asyncio.sleep(0.01)
 
 
 async def send_and_replay(h: Harness) -> None:

@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from . import logs
 
@@ -64,12 +66,31 @@ MIN_SPACING_SECONDS: Final = 0.005
 MAX_SPACING_SECONDS: Final = 1.0
 
 
+class _WithoutCreated(Collector):
+    """A registry's metrics without the `*_created` samples of its counters and histograms: about
+    a quarter of the exposition (39 of 164 lines for one tenant after one call), which no dashboard
+    or alert reads and Prometheus would only store as series. Kept to this exposition, not turned
+    off for the process (`disable_created_metrics()` is global), so nothing else there changes."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            created = metric.name + "_created"
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric
+
+
 def registry_exposition(registry: CollectorRegistry) -> Exposition:
-    """A registry's metrics, in the text format or in OpenMetrics when the scraper asks for it."""
+    """A registry's metrics, in the text format or in OpenMetrics when the scraper asks for it;
+    without `*_created` series."""
+    exposed = CollectorRegistry()
+    exposed.register(_WithoutCreated(registry))
 
     async def expose(accept: str) -> tuple[bytes, str]:
         encode, content_type = choose_encoder(accept)
-        return encode(registry), content_type
+        return encode(exposed), content_type
 
     return expose
 

@@ -261,7 +261,7 @@ class FanOut:
             try:
                 await self.put(result)  # the slot is held until the caller can take it
             except asyncio.CancelledError:
-                _log_undelivered(self._tenant, result)
+                _log_undelivered(self._metrics, self._tenant, result)
                 raise
         finally:
             self._slots.release()
@@ -290,7 +290,7 @@ class FanOut:
 
     def log_unread(self, handed: Iterable[BatchResult]) -> None:
         """Log results already handed to the caller's RPC that it may never have read."""
-        log_unread(self._tenant, handed)
+        log_unread(self._metrics, self._tenant, handed)
 
     def cancel(self) -> None:
         """The caller is gone: stop the batches, and log the results it will never read."""
@@ -300,7 +300,7 @@ class FanOut:
             item = self._queue.get_nowait()
             if isinstance(item, BatchResult):
                 self._metrics.buffered(self._tenant.id, -1)
-                _log_undelivered(self._tenant, item)
+                _log_undelivered(self._metrics, self._tenant, item)
 
 
 def report(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
@@ -317,7 +317,8 @@ def report(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
     )
 
 
-def _log_undelivered(tenant: Tenant, result: BatchResult) -> None:
+def _log_undelivered(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
+    metrics.reconcile(tenant.id, "undelivered")
     log.error(
         "result of batch %d not delivered (the caller stopped reading or went away)",
         result.batch_index,
@@ -325,7 +326,7 @@ def _log_undelivered(tenant: Tenant, result: BatchResult) -> None:
     )
 
 
-def log_unread(tenant: Tenant, handed: Iterable[BatchResult]) -> None:
+def log_unread(metrics: Metrics, tenant: Tenant, handed: Iterable[BatchResult]) -> None:
     """Results handed to a stream that was then cut off: its caller may not have read them (gRPC
     drops what it buffered when a call is cancelled). Only the stream's last results are kept for
     this (CGW_RECONCILE_TAIL_RESULTS); the first line says from which batch on they are listed."""
@@ -339,6 +340,7 @@ def log_unread(tenant: Tenant, handed: Iterable[BatchResult]) -> None:
         extra={"tenant": tenant.id, "results": len(kept)},
     )
     for result in kept:
+        metrics.reconcile(tenant.id, "unread")
         log.error(
             "result of batch %d may not have been read (the stream was cut off)",
             result.batch_index,

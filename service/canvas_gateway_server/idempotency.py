@@ -505,6 +505,7 @@ class Ledger:
             await self._store.keep(claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data)
         except (StoreUnavailable, StoreLost):
             self._failed()
+            self._metrics.reconcile(claimed.tenant.id, "not_kept")
             log.error(
                 "the result of batch %d is not kept yet under its idempotency key (the store does "
                 "not answer): calls with the key get ABORTED for it until it is",
@@ -565,6 +566,7 @@ class Ledger:
             key, (claimed, data, until) = next(iter(self._backlog.items()))
             if self._clock() >= until:
                 del self._backlog[key]
+                self._metrics.reconcile(claimed.tenant.id, "never_kept")
                 log.error(
                     "the result of batch %d was never kept: its claim lapses into UNKNOWN",
                     claimed.batch.index,

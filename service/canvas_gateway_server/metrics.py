@@ -41,6 +41,11 @@ RPC_SECONDS_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 
 
 
 AUTH_FAILURE_REASONS: Final = ("missing_token", "unknown_token")
+RECONCILE_REASONS: Final = ("undelivered", "unread", "not_kept", "never_kept")
+"""Why a result is logged at ERROR for reconciliation: its caller went away before it was handed
+over (undelivered); it was handed to a stream that was then cut off, so its caller may not have read
+it (unread); Redis did not answer when it was to be kept under its idempotency key, so it waits in
+the backlog (not_kept); it was never kept, and its claim lapses into UNKNOWN (never_kept)."""
 
 
 def budget(broadcast: bool) -> str:
@@ -97,6 +102,9 @@ class Metrics:
     def idempotency(self, tenant: str, verdict: str) -> None:
         """A batch under an idempotency key: claimed (sent now), reclaimed (sent now: the claim's
         gateway died before calling Braze), kept (replayed), mismatch, busy, lost, refused."""
+
+    def reconcile(self, tenant: str, reason: str) -> None:
+        """A batch's result logged at ERROR for someone to reconcile: one of RECONCILE_REASONS."""
 
     def store_lost(self, active: bool) -> None:
         """Redis lost the keys' results (restarted empty): keys refused (True) until acknowledged."""
@@ -327,6 +335,14 @@ class PrometheusMetrics(Metrics):
             "before calling Braze: sent now), refused (Redis lost what it kept: not sent).",
             ("tenant", "verdict"),
         )
+        self._reconcile = counter(
+            "canvas_gateway_reconciliation_results_total",
+            "Batch results logged at ERROR for reconciliation, by reason: undelivered (the caller went "
+            "away before it was handed over), unread (handed to a stream then cut off), not_kept (not "
+            "kept under its idempotency key yet: Redis did not answer), never_kept (its claim lapses "
+            "into UNKNOWN). Each needs someone to read its log line.",
+            ("tenant", "reason"),
+        )
         self._store_failures = counter(
             "canvas_gateway_shared_store_failures_total",
             "Operations on the shared store (Redis) that failed or timed out, by store (budgets, "
@@ -450,6 +466,9 @@ class PrometheusMetrics(Metrics):
     def idempotency(self, tenant: str, verdict: str) -> None:
         self._idempotency(tenant, verdict).inc()
 
+    def reconcile(self, tenant: str, reason: str) -> None:
+        self._reconcile(tenant, reason).inc()
+
     def store_failure(self, store: str, op: str) -> None:
         self._store_failures(store, op).inc()
 
@@ -469,6 +488,9 @@ class PrometheusMetrics(Metrics):
         for tenant in tenants:  # at 0 from the start, so increase() sees a tenant's first outcome
             for outcome in Outcome:
                 self._recipients(tenant, outcome.name.lower())
+            self._batches(tenant, "sent", "OK")  # CanvasGatewayNoSuccessfulSends sees the first
+            for reason in RECONCILE_REASONS:
+                self._reconcile(tenant, reason)
 
     def reload(self, ok: bool) -> None:
         self._reloads("success" if ok else "failure").inc()
