@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 PROTO_SRC := protos/canvas_gateway/v1/canvas_gateway.proto
 PY_GEN := clients/python/canvas_gateway
 TYPED := service/canvas_gateway_server service/fake_braze clients/python/canvas_gateway_client clients/python/examples
@@ -17,9 +18,16 @@ FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
 install: $(STAMP)
 
+## The development toolchain (lint, types, protoc, buf, tests) on top of what the gateway needs.
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e clients/python -e '.[dev]'
+	touch $@ $(RUN_STAMP)
+
+## What `make run` needs and no more: the gateway, the fake Braze and the Python client.
+$(RUN_STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e clients/python -e .
 	touch $@
 
 ## proto: regenerate the Python code (with .pyi stubs) from protos/. Never edit the output.
@@ -145,15 +153,15 @@ test: proto-check proto-breaking lint typecheck client-check prometheus-check k8
 check: test
 
 ## run: the gateway on 127.0.0.1:50051 with a demo tenant, against the embedded fake Braze.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(PY) -m canvas_gateway_server --demo
 
 ## fake-braze: the fake Braze alone on 127.0.0.1:9710 (beside `make run`, whose own fake uses 9700).
-fake-braze: $(STAMP)
+fake-braze: $(RUN_STAMP)
 	$(PY) -m fake_braze --port 9710 --api-key demo-braze-key
 
 ## demo: stream 1,000 recipients to the gateway started by `make run`, printing results.
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/canvas-gateway --target 127.0.0.1:50051 --token demo-token send-demo --recipients 1000
 
 ## bench: every measure of issue 9 in one run (CPU per recipient against a hand-written client and
