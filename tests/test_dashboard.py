@@ -1,26 +1,31 @@
 """deploy/grafana/canvas-gateway.json read as Grafana would, without Grafana.
 
-Grafana publishes its dashboard model as TypeScript types (npm `@grafana/schema`) and builders
-(`grafana-foundation-sdk`), not as a JSON Schema that `jsonschema` could check offline, so these
-tests hold the file's structure instead: ids, grid positions and data sources; every metric a
-query names exists in the gateway's registry; every selector is scoped to the `instance` and
-`worker` selectors; each rate is shown in the unit of what it counts; each state gauge's values
-are named; each description names the metrics its queries use, and no other.
-tests/test_prometheus.py then runs every query against a real Prometheus and requires data.
+Grafana publishes its dashboard model as TypeScript types (npm `@grafana/schema`), not as a JSON
+Schema: deploy/grafana/check/check.sh has tsc check the file against that model (`make
+grafana-check`; here too, with a file it must refuse). The rest holds what the model cannot: ids
+and grid positions; every metric a query names exists in the gateway's registry; every selector
+is scoped to the `instance` and `worker` selectors; each rate is shown in the unit of what it
+counts; each state gauge's values are named; each description names the metrics its queries use,
+and no other. tests/test_prometheus.py then runs every query against a real Prometheus and
+requires data.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from canvas_gateway_server.breaker import State
 from canvas_gateway_server.metrics import PrometheusMetrics
 from prometheus_client import CollectorRegistry
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "canvas-gateway.json"
+CHECK = DASHBOARD.parent / "check"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SELECTOR = re.compile(r"\b((?:canvas_gateway|grpc_server)_[a-zA-Z0-9_]+)(?:\{([^}]*)\})?")
 SELECTOR_IN_TEXT = re.compile(r"\b(?:canvas_gateway|grpc_server)_[a-zA-Z0-9_]+")
@@ -141,7 +146,7 @@ def test_every_selector_is_scoped_to_the_selected_instances_and_workers() -> Non
     # A gateway with one process has no worker label: "All" must match its empty value.
     assert re.fullmatch(variables["worker"]["allValue"], "")
     for name in ("worker", "tenant"):
-        assert '{instance=~"$instance"' in variables[name]["definition"], name
+        assert '{instance=~"$instance"' in variables[name]["query"]["query"], name
     for panel in query_panels():
         for target in panel["targets"]:
             for name, matchers in SELECTOR.findall(target["expr"]):
@@ -195,3 +200,34 @@ def test_descriptions_name_the_metrics_their_queries_use_and_no_other() -> None:
         assert described == used, (
             f"{panel['title']!r}: described only {described - used}, queried only {used - described}"
         )
+
+
+def grafana_model_check(dashboard: Path) -> subprocess.CompletedProcess[str]:
+    if not (CHECK / "node_modules" / ".package-lock.json").exists():
+        if os.environ.get("REQUIRE_CLIENT_BUILDS") == "1":
+            pytest.fail("Grafana's dashboard model is not installed: run `make grafana-check`")
+        pytest.skip("Grafana's dashboard model is not installed (make grafana-check)")
+    return subprocess.run(
+        [CHECK / "check.sh", dashboard], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_the_dashboard_fits_grafanas_published_model() -> None:
+    checked = grafana_model_check(DASHBOARD)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("correct", "mistake", "said"),
+    [
+        ('"gridPos"', '"gridPosition"', "'\"gridPosition\"' does not exist"),
+        ('"value": 1\n', '"value": "1"\n', "Type 'string' is not assignable to type 'number'"),
+        ('"mode": "thresholds"', '"mode": "rainbow"', "Type '\"rainbow\"' is not assignable"),
+    ],
+)
+def test_the_model_check_refuses_a_mistake(correct: str, mistake: str, said: str, tmp_path: Path) -> None:
+    text = DASHBOARD.read_text()
+    assert correct in text
+    (tmp_path / "broken.json").write_text(text.replace(correct, mistake, 1))
+    refused = grafana_model_check(tmp_path / "broken.json")
+    assert refused.returncode == 1 and said in refused.stdout, refused.stdout + refused.stderr
