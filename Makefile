@@ -14,7 +14,7 @@ KUSTOMIZE_VERSION := v5.7.1
 K8S_VERSION := 1.33.0
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
 
-.PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check image image-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check servers-install pytest test check run fake-braze demo bench soak clean
+.PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check image image-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check grafana-check servers-install pytest test check run fake-braze demo bench soak clean
 
 install: $(STAMP)
 
@@ -130,6 +130,17 @@ prometheus-check: prometheus-install
 	$(PROMTOOL) check rules deploy/prometheus/alerts.yml
 	$(PROMTOOL) test rules deploy/prometheus/alerts_test.yml
 
+## grafana-check: the dashboard type-checked by tsc against Grafana's published dashboard model (npm
+## @grafana/schema, pinned in deploy/grafana/check/package-lock.json): unknown keys, wrong types and values
+## outside the model's enums fail. tests/test_dashboard.py runs it too, and checks what the model cannot.
+GRAFANA_CHECK := deploy/grafana/check
+grafana-check: $(GRAFANA_CHECK)/node_modules/.package-lock.json
+	$(GRAFANA_CHECK)/check.sh deploy/grafana/canvas-gateway.json
+
+$(GRAFANA_CHECK)/node_modules/.package-lock.json: $(GRAFANA_CHECK)/package.json $(GRAFANA_CHECK)/package-lock.json
+	cd $(GRAFANA_CHECK) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
 ## clients: the Go, TypeScript and Java clients: generated code fresh (gen-check), then built with their
 ## examples, which tests/test_polyglot.py runs against a real gateway. Toolchains: go, node/npm, java/mvn.
 clients: $(STAMP)
@@ -144,11 +155,11 @@ proto-clients: $(STAMP)
 
 ## pytest: the test suite (real gRPC, the fake Braze and a real Prometheus on 127.0.0.1, every client's
 ## examples); the clients are built first, and a missing one fails rather than skips.
-pytest: $(STAMP) prometheus-install servers-install clients
+pytest: $(STAMP) prometheus-install servers-install clients $(GRAFANA_CHECK)/node_modules/.package-lock.json
 	REQUIRE_CLIENT_BUILDS=1 $(BIN)/pytest -q --cov --cov-report=term
 
 ## test: the whole suite: generated code fresh, lint, types, alert rules, then tests.
-test: proto-check proto-breaking lint typecheck client-check prometheus-check k8s-check image-check pytest
+test: proto-check proto-breaking lint typecheck client-check prometheus-check grafana-check k8s-check image-check pytest
 
 check: test
 
