@@ -118,3 +118,63 @@ def test_every_alert_has_a_runbook_section_and_the_dashboard_s_link() -> None:
             link += "?var-tenant={{ $labels.tenant }}"
         assert annotations.get("dashboard_url") == link, name
     assert len(sections) == len(rules)  # and no section for an alert that is gone
+
+
+LINKED_DOCS = ["*.md", "clients/*.md", "clients/*/README.md", "docs/**/*.md", "deploy/**/*.md"]
+
+
+def _prose(text: str) -> str:
+    """Markdown without its fenced code blocks and inline code, where `[x](y)` is not a link."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.MULTILINE | re.DOTALL)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def github_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: the rendered text lowercased, every character
+    but letters, digits, `_`, `-` and spaces dropped, spaces made `-`; repeats get `-1`, `-2`..."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.MULTILINE | re.DOTALL)
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.MULTILINE):
+        rendered = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text
+        rendered = re.sub(r"<[^>]+>", "", rendered).replace("`", "")
+        slug = re.sub(r"[^\w\- ]", "", rendered.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_github_anchors_follow_github_s_rules() -> None:
+    headings = "# A `code` title\n## Validation ([x.md](x.md) sections 2 and 3)\n## Ports, health\n"
+    assert github_anchors(headings + "## Ports, health\n```\n# not a heading\n```\n") == {
+        "a-code-title",
+        "validation-xmd-sections-2-and-3",
+        "ports-health",
+        "ports-health-1",
+    }
+
+
+def _links() -> list[tuple[Path, str]]:
+    found = []
+    for pattern in LINKED_DOCS:
+        for path in sorted(ROOT.glob(pattern)):
+            for target in re.findall(r"\]\(([^)\s]+)(?: \"[^\"]*\")?\)", _prose(path.read_text())):
+                if not re.match(r"[a-z][a-z0-9+.-]*:", target):  # not https:, mailto:...
+                    found.append((path, target))
+    return found
+
+
+def test_every_relative_link_and_anchor_in_the_docs_resolves() -> None:
+    links = _links()
+    assert len(links) > 40, "the link pattern found too few links"
+    broken = []
+    for path, target in links:
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        name = f"{path.relative_to(ROOT)}: {target}"
+        if not resolved.exists():
+            broken.append(f"{name} (no such file)")
+        elif anchor and resolved.suffix == ".md" and anchor not in github_anchors(resolved.read_text()):
+            broken.append(f"{name} (no such heading)")
+    assert broken == []
