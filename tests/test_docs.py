@@ -51,11 +51,24 @@ def test_readme_metrics_table_names_every_metric_and_no_other() -> None:
     assert documented == exposed, f"in the code only: {only_code}; in the README only: {only_readme}"
 
 
-def test_make_targets_named_in_the_readme_exist() -> None:
+def test_make_targets_named_in_the_readme_and_contributing_exist() -> None:
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z0-9-]+):", makefile, flags=re.MULTILINE))
-    for target in set(re.findall(r"make ([a-z0-9-]+)", README)):
+    contributing = (ROOT / "CONTRIBUTING.md").read_text()
+    for target in set(re.findall(r"make ([a-z0-9-]+)", README + contributing)):
         assert target in targets, target
+
+
+def test_contributing_lists_every_make_target() -> None:
+    """CONTRIBUTING.md's table of targets names every target of the Makefile but the internal ones."""
+    makefile = (ROOT / "Makefile").read_text()
+    phony = set(re.findall(r"^\.PHONY: (.*)$", makefile, flags=re.MULTILINE)[0].split())
+    table = (ROOT / "CONTRIBUTING.md").read_text().split("## Make targets", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `make ([a-z0-9-]+)`", table, flags=re.MULTILINE))
+    listed |= set(re.findall(r"^\| `make [a-z0-9-]+` / `make ([a-z0-9-]+)`", table, flags=re.MULTILINE))
+    internal = {"clean", "docker-lint"}  # tidying, and part of `make lint`
+    started = {"run", "fake-braze", "demo"}  # in the README's quickstart and "The fake Braze"
+    assert listed == phony - internal - started
 
 
 def test_example_request_files_are_valid() -> None:
