@@ -177,7 +177,7 @@ demo: $(RUN_STAMP)
 
 ## bench: every measure of issue 9 in one run (CPU per recipient against a hand-written client and
 ##   where it goes, workers, unary overhead, memory, budget use, peers, metrics and logs on/off),
-##   written to BENCHMARKS.md (about 10 minutes).
+##   written to BENCHMARKS.md (about 4 minutes).
 ## soak: the invariant test over SOAK_SEEDS seeds (fleets, kills, Redis stalls and restarts), then
 ## 10 minutes of mixed load with random faults: memory, descriptors, event-loop lag, accounting.
 SOAK_SEEDS ?= 40

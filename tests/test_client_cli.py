@@ -385,6 +385,15 @@ async def test_cli_send_demo_prints_a_human_summary(cli: Cli) -> None:
     assert sorted(ids) == sorted(f"demo-user-{n}" for n in range(120))
 
 
+async def test_cli_send_demo_takes_the_progress_options(cli: Cli) -> None:
+    assert await cli("send-demo", "--recipients", "100", "--progress-every", "0") == 0, cli.err.getvalue()
+    assert "progress: 100 of about 100 recipients (100%)" in cli.err.getvalue()
+
+    code = await cli("send-demo", "--recipients", "100", "--progress-every", "0", "--no-progress")
+    assert code == 0, cli.err.getvalue()
+    assert "progress:" not in cli.err.getvalue()
+
+
 async def test_cli_summary_shows_three_dispatch_ids_and_how_many_more(cli: Cli) -> None:
     code = await cli("send-demo", "--recipients", "260", "--chunk-size", "50")
 

@@ -51,11 +51,24 @@ def test_readme_metrics_table_names_every_metric_and_no_other() -> None:
     assert documented == exposed, f"in the code only: {only_code}; in the README only: {only_readme}"
 
 
-def test_make_targets_named_in_the_readme_exist() -> None:
+def test_make_targets_named_in_the_readme_and_contributing_exist() -> None:
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z0-9-]+):", makefile, flags=re.MULTILINE))
-    for target in set(re.findall(r"make ([a-z0-9-]+)", README)):
+    contributing = (ROOT / "CONTRIBUTING.md").read_text()
+    for target in set(re.findall(r"make ([a-z0-9-]+)", README + contributing)):
         assert target in targets, target
+
+
+def test_contributing_lists_every_make_target() -> None:
+    """CONTRIBUTING.md's table of targets names every target of the Makefile but the internal ones."""
+    makefile = (ROOT / "Makefile").read_text()
+    phony = set(re.findall(r"^\.PHONY: (.*)$", makefile, flags=re.MULTILINE)[0].split())
+    table = (ROOT / "CONTRIBUTING.md").read_text().split("## Make targets", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `make ([a-z0-9-]+)`", table, flags=re.MULTILINE))
+    listed |= set(re.findall(r"^\| `make [a-z0-9-]+` / `make ([a-z0-9-]+)`", table, flags=re.MULTILINE))
+    internal = {"clean", "docker-lint"}  # tidying, and part of `make lint`
+    started = {"run", "fake-braze", "demo"}  # in the README's quickstart and "The fake Braze"
+    assert listed == phony - internal - started
 
 
 def test_example_request_files_are_valid() -> None:
@@ -118,3 +131,63 @@ def test_every_alert_has_a_runbook_section_and_the_dashboard_s_link() -> None:
             link += "?var-tenant={{ $labels.tenant }}"
         assert annotations.get("dashboard_url") == link, name
     assert len(sections) == len(rules)  # and no section for an alert that is gone
+
+
+LINKED_DOCS = ["*.md", "clients/*.md", "clients/*/README.md", "docs/**/*.md", "deploy/**/*.md"]
+
+
+def _prose(text: str) -> str:
+    """Markdown without its fenced code blocks and inline code, where `[x](y)` is not a link."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.MULTILINE | re.DOTALL)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def github_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: the rendered text lowercased, every character
+    but letters, digits, `_`, `-` and spaces dropped, spaces made `-`; repeats get `-1`, `-2`..."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.MULTILINE | re.DOTALL)
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.MULTILINE):
+        rendered = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text
+        rendered = re.sub(r"<[^>]+>", "", rendered).replace("`", "")
+        slug = re.sub(r"[^\w\- ]", "", rendered.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_github_anchors_follow_github_s_rules() -> None:
+    headings = "# A `code` title\n## Validation ([x.md](x.md) sections 2 and 3)\n## Ports, health\n"
+    assert github_anchors(headings + "## Ports, health\n```\n# not a heading\n```\n") == {
+        "a-code-title",
+        "validation-xmd-sections-2-and-3",
+        "ports-health",
+        "ports-health-1",
+    }
+
+
+def _links() -> list[tuple[Path, str]]:
+    found = []
+    for pattern in LINKED_DOCS:
+        for path in sorted(ROOT.glob(pattern)):
+            for target in re.findall(r"\]\(([^)\s]+)(?: \"[^\"]*\")?\)", _prose(path.read_text())):
+                if not re.match(r"[a-z][a-z0-9+.-]*:", target):  # not https:, mailto:...
+                    found.append((path, target))
+    return found
+
+
+def test_every_relative_link_and_anchor_in_the_docs_resolves() -> None:
+    links = _links()
+    assert len(links) > 40, "the link pattern found too few links"
+    broken = []
+    for path, target in links:
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        name = f"{path.relative_to(ROOT)}: {target}"
+        if not resolved.exists():
+            broken.append(f"{name} (no such file)")
+        elif anchor and resolved.suffix == ".md" and anchor not in github_anchors(resolved.read_text()):
+            broken.append(f"{name} (no such heading)")
+    assert broken == []

@@ -8,7 +8,9 @@
 // field for field: every field's JSON name is Braze's JSON name, so a Braze
 // body parses into CanvasTrigger with any proto3 JSON parser, and the body the
 // gateway posts for one batch is the caller's body restricted to that batch's
-// recipients.
+// recipients, with every context (top-level and per recipient) sent under the
+// tenant's name for it (`context_name` in the tenants file: `context` by
+// default, or `canvas_entry_properties`), whichever name the caller used.
 //
 // JSON: every field of this API, requests and responses alike, has a
 // snake_case JSON name (Braze's spelling for Braze's fields), so proto3 JSON
@@ -50,7 +52,10 @@ type Outcome int32
 
 const (
 	Outcome_OUTCOME_UNSPECIFIED Outcome = 0
-	// Braze accepted the call (2xx) for an active Canvas: the recipients entered it.
+	// Braze accepted the call (2xx) for an active Canvas. Accepted, not entered:
+	// only recipients also in the Canvas's target audience (and any `audience`
+	// filter) enter it, and channel rules still apply. A 2xx whose `errors` name
+	// some recipients is SENT for the whole batch (see BrazeReply.errors).
 	Outcome_OUTCOME_SENT Outcome = 1
 	// Refused (by the gateway's validation or by Braze): nothing was sent.
 	Outcome_OUTCOME_REJECTED Outcome = 2
@@ -1298,7 +1303,9 @@ type BrazeReply struct {
 	Message string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
 	// Braze's `notice`: set when the Canvas is inactive and nothing was sent.
 	Notice string `protobuf:"bytes,4,opt,name=notice,proto3" json:"notice,omitempty"`
-	// Braze's non-fatal `errors`, passed through.
+	// Braze's non-fatal `errors`, passed through. On a 2xx they do not change the
+	// outcome: the batch is SENT as a whole, even when they name recipients that
+	// Braze did not process. Read them to find those recipients.
 	Errors        []*structpb.Value `protobuf:"bytes,5,rep,name=errors,proto3" json:"errors,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

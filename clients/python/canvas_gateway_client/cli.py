@@ -545,7 +545,8 @@ async def cmd_send_demo(
     header.context.update({"campaign": "canvas-gateway send-demo"})
     report.json_lines = False
     report.io.print(f"send-demo: {args.recipients:,} recipients to canvas {args.canvas_id!r}")
-    report.progress = Progress(report.io.err, args.recipients, every=10.0)
+    if args.progress:
+        report.progress = Progress(report.io.err, args.recipients, args.progress_every)
 
     def counted() -> Iterator[pb.Recipient]:
         for n, recipient in enumerate(demo_recipients(args.recipients), start=1):
@@ -675,14 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bad rows to report and skip; the one after ends the input there, and the rows after it "
         "are reported not read (exit status 6) (default 0)",
     )
-    stream.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
-    stream.add_argument(
-        "--progress-every",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="when stderr is not a terminal, a progress line this often (default 10)",
-    )
+    _progress_options(stream)
     results_options(stream)
     _stream_options(stream)
     stream.set_defaults(run=cmd_send_stream)
@@ -695,9 +689,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--recipients", type=_positive, default=1000, help="how many (default 1000)")
     demo.add_argument("--canvas-id", default=DEMO_CANVAS_ID, help=f"Canvas id (default {DEMO_CANVAS_ID})")
+    _progress_options(demo)
     _stream_options(demo)
     demo.set_defaults(run=cmd_send_demo, validate_only=False)
     return parser
+
+
+def _progress_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal, a progress line this often (default 10)",
+    )
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:

@@ -11,7 +11,9 @@ CanvasTrigger mirrors the JSON body of Braze's POST /canvas/trigger/send
 field for field: every field's JSON name is Braze's JSON name, so a Braze
 body parses into CanvasTrigger with any proto3 JSON parser, and the body the
 gateway posts for one batch is the caller's body restricted to that batch's
-recipients.
+recipients, with every context (top-level and per recipient) sent under the
+tenant's name for it (`context_name` in the tenants file: `context` by
+default, or `canvas_entry_properties`), whichever name the caller used.
 
 JSON: every field of this API, requests and responses alike, has a
 snake_case JSON name (Braze's spelling for Braze's fields), so proto3 JSON
@@ -50,7 +52,11 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     DESCRIPTOR: _descriptor.EnumDescriptor
     OUTCOME_UNSPECIFIED: _Outcome.ValueType  # 0
     OUTCOME_SENT: _Outcome.ValueType  # 1
-    """Braze accepted the call (2xx) for an active Canvas: the recipients entered it."""
+    """Braze accepted the call (2xx) for an active Canvas. Accepted, not entered:
+    only recipients also in the Canvas's target audience (and any `audience`
+    filter) enter it, and channel rules still apply. A 2xx whose `errors` name
+    some recipients is SENT for the whole batch (see BrazeReply.errors).
+    """
     OUTCOME_REJECTED: _Outcome.ValueType  # 2
     """Refused (by the gateway's validation or by Braze): nothing was sent."""
     OUTCOME_UNKNOWN: _Outcome.ValueType  # 3
@@ -72,7 +78,11 @@ class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
 
 OUTCOME_UNSPECIFIED: Outcome.ValueType  # 0
 OUTCOME_SENT: Outcome.ValueType  # 1
-"""Braze accepted the call (2xx) for an active Canvas: the recipients entered it."""
+"""Braze accepted the call (2xx) for an active Canvas. Accepted, not entered:
+only recipients also in the Canvas's target audience (and any `audience`
+filter) enter it, and channel rules still apply. A 2xx whose `errors` name
+some recipients is SENT for the whole batch (see BrazeReply.errors).
+"""
 OUTCOME_REJECTED: Outcome.ValueType  # 2
 """Refused (by the gateway's validation or by Braze): nothing was sent."""
 OUTCOME_UNKNOWN: Outcome.ValueType  # 3
@@ -707,7 +717,10 @@ class BrazeReply(_message.Message):
     """Braze's `notice`: set when the Canvas is inactive and nothing was sent."""
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
-        """Braze's non-fatal `errors`, passed through."""
+        """Braze's non-fatal `errors`, passed through. On a 2xx they do not change the
+        outcome: the batch is SENT as a whole, even when they name recipients that
+        Braze did not process. Read them to find those recipients.
+        """
 
     def __init__(
         self,

@@ -11,7 +11,9 @@ CanvasTrigger mirrors the JSON body of Braze's POST /canvas/trigger/send
 field for field: every field's JSON name is Braze's JSON name, so a Braze
 body parses into CanvasTrigger with any proto3 JSON parser, and the body the
 gateway posts for one batch is the caller's body restricted to that batch's
-recipients.
+recipients, with every context (top-level and per recipient) sent under the
+tenant's name for it (`context_name` in the tenants file: `context` by
+default, or `canvas_entry_properties`), whichever name the caller used.
 
 JSON: every field of this API, requests and responses alike, has a
 snake_case JSON name (Braze's spelling for Braze's fields), so proto3 JSON

@@ -41,7 +41,9 @@ export const protobufFileName = "canvas_gateway/v1/canvas_gateway.proto";
  * field for field: every field's JSON name is Braze's JSON name, so a Braze
  * body parses into CanvasTrigger with any proto3 JSON parser, and the body the
  * gateway posts for one batch is the caller's body restricted to that batch's
- * recipients.
+ * recipients, with every context (top-level and per recipient) sent under the
+ * tenant's name for it (`context_name` in the tenants file: `context` by
+ * default, or `canvas_entry_properties`), whichever name the caller used.
  *
  * JSON: every field of this API, requests and responses alike, has a
  * snake_case JSON name (Braze's spelling for Braze's fields), so proto3 JSON
@@ -54,7 +56,12 @@ export const protobufFileName = "canvas_gateway/v1/canvas_gateway.proto";
 /** Outcome says whether Braze acted on a batch. */
 export enum Outcome {
   OUTCOME_UNSPECIFIED = 0,
-  /** OUTCOME_SENT - Braze accepted the call (2xx) for an active Canvas: the recipients entered it. */
+  /**
+   * OUTCOME_SENT - Braze accepted the call (2xx) for an active Canvas. Accepted, not entered:
+   * only recipients also in the Canvas's target audience (and any `audience`
+   * filter) enter it, and channel rules still apply. A 2xx whose `errors` name
+   * some recipients is SENT for the whole batch (see BrazeReply.errors).
+   */
   OUTCOME_SENT = 1,
   /** OUTCOME_REJECTED - Refused (by the gateway's validation or by Braze): nothing was sent. */
   OUTCOME_REJECTED = 2,
@@ -409,7 +416,11 @@ export interface BrazeReply {
   message: string;
   /** Braze's `notice`: set when the Canvas is inactive and nothing was sent. */
   notice: string;
-  /** Braze's non-fatal `errors`, passed through. */
+  /**
+   * Braze's non-fatal `errors`, passed through. On a 2xx they do not change the
+   * outcome: the batch is SENT as a whole, even when they name recipients that
+   * Braze did not process. Read them to find those recipients.
+   */
   errors: any[];
 }
 
