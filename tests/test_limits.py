@@ -346,6 +346,52 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
             await client.aclose()
 
 
+BUSY_LUA = """
+local function now() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
+local stop = now() + tonumber(ARGV[1])
+while now() < stop do end
+return 1
+"""
+"""A script that keeps Redis busy for ARGV[1] ms: commands sent meanwhile run after it, though
+their clients have given up waiting."""
+
+
+async def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers() -> None:
+    """A reserve that timed out may still be made by Redis (the script runs once Redis can): it is
+    released as soon as Redis answers again, not counted as under way for every replica until its
+    lease (60 s here) ends."""
+    async with redis_server() as server:
+        client, admin = connect(server.url, 0.2), connect(server.url, 5.0)
+        store = FailoverBudgets(RedisBudgets(client, lease=60.0), TableBudgets())
+        calls = f"cgw:budget:{TENANT.id}:recipients:calls"
+        try:
+            first = await store.reserve(KEY, time.time())
+            assert isinstance(first, Ticket)
+            await store.settle(first, reply(201), time.time())  # no limit: nothing bounds it
+
+            async def keep_redis_busy() -> None:
+                await admin.eval(BUSY_LUA, 0, 800)
+
+            busy = asyncio.create_task(keep_redis_busy())  # Redis busy for 0.8 s
+            await asyncio.sleep(0.1)
+            lost = await store.reserve(KEY, time.time())  # times out: this process's own (fail open)
+            assert isinstance(lost, Ticket) and not lost.shared
+            await busy
+            async with asyncio.timeout(5):
+                while await admin.zcard(calls) == 0:  # Redis made it once the pause ended
+                    await asyncio.sleep(0.05)
+            live = await store.reserve(KEY, time.time())  # Redis answers: the lost one goes now
+            assert isinstance(live, Ticket) and live.shared
+            async with asyncio.timeout(3):
+                while await admin.zcard(calls) > 1:
+                    await asyncio.sleep(0.01)
+            assert store.unsettled == 0
+        finally:
+            await store.stop()
+            await client.aclose()
+            await admin.aclose()
+
+
 async def test_a_budget_never_answered_lets_one_call_ask_first(budgets: BudgetStore) -> None:
     """Even the first window is not overspent by a fleet that starts together: until Braze has
     answered once, one call is under way at a time."""

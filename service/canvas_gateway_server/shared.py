@@ -250,6 +250,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class ReserveLost(StoreUnavailable):
+    """A reserve whose answer never came: Redis may have made it (the script ran, or runs later),
+    and then counts `ticket` as under way until its lease ends unless it is settled."""
+
+    def __init__(self, message: str, ticket: Ticket) -> None:
+        super().__init__(message)
+        self.ticket = ticket
+
+
 class RedisBudgets:
     """A `BudgetStore` in Redis: every replica's calls count against one budget."""
 
@@ -272,7 +281,10 @@ class RedisBudgets:
             repr(RECHECK_SECONDS),
             BUDGET_TTL_SECONDS,
         ]
-        kind, until = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
+        try:
+            kind, until = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
+        except StoreUnavailable as exc:
+            raise ReserveLost(str(exc), Ticket(key, token, shared=True)) from None
         if _text(kind) == "go":
             return Ticket(key, token, shared=True)
         return Hold(float(_text(until)), _text(kind) == "spent")
@@ -303,7 +315,8 @@ class FailoverBudgets:
     ends (the longest call, 40 s by default), holding back every replica's calls. It is settled
     again, with its reply, as soon as Redis answers: by one task of this process on the shared
     client's pool, which tries the oldest first and backs off while Redis fails, so the load on a
-    struggling Redis does not grow with the number of failures."""
+    struggling Redis does not grow with the number of failures. A reserve whose answer never came
+    (`ReserveLost`: Redis may have made it) is released the same way, with no reply."""
 
     def __init__(
         self,
@@ -351,6 +364,8 @@ class FailoverBudgets:
             found = await self._shared.reserve(key, now)
         except StoreUnavailable as exc:
             self._failed("reserve", exc)
+            if isinstance(exc, ReserveLost):  # released once Redis answers, not at its lease's end
+                self._keep_unsettled(exc.ticket, None, now)
             if self._fallback is None:
                 raise
             return await self._fallback.reserve(key, now)
