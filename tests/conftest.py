@@ -7,6 +7,7 @@ takes the context object under its legacy name `canvas_entry_properties`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -229,6 +230,17 @@ def health_watch(harness: Harness) -> AsyncIterator[health_pb2.HealthCheckRespon
         response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
     return aiter(watch(health_pb2.HealthCheckRequest(service="")))
+
+
+async def until_sending_stops(fake: FakeBraze, within: float = 30.0) -> int:
+    """Wait until the fake has had no new call for a second (a stalled or stopped sender); the
+    calls it had then."""
+    seen = -1
+    async with asyncio.timeout(within):
+        while (count := len(fake.calls)) != seen:
+            seen = count
+            await asyncio.sleep(1.0)
+    return seen
 
 
 def sent_to(fake: FakeBraze) -> Counter[str]:

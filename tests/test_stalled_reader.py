@@ -10,7 +10,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import Harness
+from conftest import Harness, until_sending_stops
 
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0)]  # the receive window stays at HTTP/2's 64 KB
 
@@ -27,11 +27,7 @@ async def _stall(harness: Harness, options: list[tuple[str, int]]) -> tuple[int,
             await call.write(pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients)))
 
     writer = asyncio.create_task(write())
-    seen = -1
-    async with asyncio.timeout(30):
-        while (count := len(harness.fake.calls)) != seen:  # until the sending has stopped for 1 s
-            seen = count
-            await asyncio.sleep(1.0)
+    seen = await until_sending_stops(harness.fake)
     writer.cancel()
     return seen, call
 

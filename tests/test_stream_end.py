@@ -22,7 +22,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import Harness
+from conftest import Harness, until_sending_stops
 from servers import haproxy
 from test_client_keys import Cutter
 
@@ -181,11 +181,7 @@ async def test_a_caller_that_never_reads_cut_off_by_shutdown_sees_unavailable(ha
         await call.done_writing()
 
     writer = asyncio.create_task(write())
-    seen = -1
-    async with asyncio.timeout(30):
-        while (count := len(harness.fake.calls)) != seen:  # until the sending has stopped for 1 s
-            seen = count
-            await asyncio.sleep(1.0)
+    await until_sending_stops(harness.fake)
     await harness.gateway.stop(grace=0.5)
     await writer  # every write went through, and the half-close
     with pytest.raises(grpc.aio.AioRpcError) as cut:
