@@ -49,12 +49,15 @@ from pathlib import Path
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import host_results, idempotency, shared
-from canvas_gateway_server.host_results import HostResults
-from canvas_gateway_server.idempotency import LocalResults, ResultStore, Verdict
-from canvas_gateway_server.limits import BudgetStore, TableBudgets, Ticket
+from canvas_gateway_server import idempotency
+from canvas_gateway_server.idempotency import ResultStore, Verdict
 from canvas_gateway_server.model import BatchResult, Code, Outcome
-from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
+from canvas_gateway_server.rate_budget import BudgetStore, Ticket
+from canvas_gateway_server.reply import Delivery, RateLimit, Reply
+from canvas_gateway_server.stores import host_results
+from canvas_gateway_server.stores import redis as redis_store
+from canvas_gateway_server.stores.host_results import HostResults
+from canvas_gateway_server.stores.memory import LocalResults, TableBudgets
 from harness import (
     AUTH,
     CANVAS,
@@ -139,13 +142,13 @@ async def loop(
 
 
 async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure]:
-    client = shared.connect(redis_url, TIMEOUT_SECONDS)
+    client = redis_store.connect(redis_url, TIMEOUT_SECONDS)
     folder = tempfile.TemporaryDirectory()
     host_results.create(f"{folder.name}/keys.sqlite3", private_folder=False)
     host = HostResults(f"{folder.name}/keys.sqlite3", ttl=3600.0, lease=60.0)
     figures = []
     try:
-        table, remote = TableBudgets(), shared.RedisBudgets(client, lease=60.0)
+        table, remote = TableBudgets(), redis_store.RedisBudgets(client, lease=60.0)
         kinds: dict[str, dict[str, Callable[[], Callable[[int], Awaitable[None]]]]] = {
             "budgets reserve+settle": {
                 "in-process": lambda: budget_batch(table),
@@ -153,7 +156,7 @@ async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure
             },
         }
         local = LocalResults(ttl=3600.0, capacity=10**6, lease=60.0)
-        results = shared.RedisResults(client, ttl=3600.0, lease=60.0)
+        results = redis_store.RedisResults(client, ttl=3600.0, lease=60.0)
         scopes: dict[str, str] = {}
 
         def fresh(way: str, store: ResultStore) -> Callable[[int], Awaitable[None]]:

@@ -191,7 +191,7 @@ async def harness(
 
 async def learn_budget(harness: Harness, tenant: str = "acme") -> None:
     """One call for `tenant`, so that the gateway knows its Braze budget: until Braze has answered
-    once, a budget lets one call at a time ask (`limits.Budget`)."""
+    once, a budget lets one call at a time ask (`rate_budget.RateBudget`)."""
     trigger = pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id="budget-probe")])
     await harness.stub.Send(pb.SendRequest(trigger=trigger), metadata=harness.auth(tenant))
 

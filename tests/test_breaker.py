@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.breaker import LocalBreaker, State
-from canvas_gateway_server.upstream import Delivery, Reply
+from canvas_gateway_server.reply import Delivery, Reply
 from conftest import FAKE_URLS, Harness
 from fake_braze import Fault
 from google.rpc import error_details_pb2

@@ -19,29 +19,29 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import host_results, results, shared
-from canvas_gateway_server.errors import ConfigError
-from canvas_gateway_server.host_results import HostResults
+from canvas_gateway_server import results
+from canvas_gateway_server.errors import ConfigError, StoreLost, StoreUnavailable
 from canvas_gateway_server.idempotency import (
     DEFAULT_CAPACITY,
     Claim,
     Claimed,
     Ledger,
-    LocalResults,
     ResultStore,
-    StoreLost,
     Verdict,
     decode,
     describe,
     encode,
 )
-from canvas_gateway_server.limits import StoreUnavailable
 from canvas_gateway_server.metrics import PrometheusMetrics
 from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome
+from canvas_gateway_server.reply import Delivery, Reply
 from canvas_gateway_server.settings import Settings
-from canvas_gateway_server.shared import RedisResults, accept_lost_keys, connect
+from canvas_gateway_server.stores import host_results
+from canvas_gateway_server.stores import redis as redis_store
+from canvas_gateway_server.stores.host_results import HostResults
+from canvas_gateway_server.stores.memory import LocalResults
+from canvas_gateway_server.stores.redis import RedisResults, acknowledge_loss, connect
 from canvas_gateway_server.tenants import Tenant
-from canvas_gateway_server.upstream import Delivery, Reply
 from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
@@ -869,8 +869,8 @@ async def test_redis_found_empty_refuses_keys_in_every_gateway_until_the_loss_is
             with pytest.raises(StoreLost):  # a gateway started after the loss refuses too
                 await newcomer.claim("acme/k", 1, "d", "t1")
 
-            assert (await accept_lost_keys(client)).startswith("acknowledged")
-            assert (await accept_lost_keys(client)).startswith("no loss")
+            assert (await acknowledge_loss(client)).startswith("acknowledged")
+            assert (await acknowledge_loss(client)).startswith("no loss")
             for store in (early, watching, newcomer):
                 await store.beat()
                 assert not store.lost
@@ -899,6 +899,6 @@ async def test_more_operations_than_pooled_connections_wait_their_turn_within_th
             )
             assert {claim.verdict for claim in verdicts} == {Verdict.CLAIMED}
             clients = await client.info("clients")
-            assert clients["connected_clients"] <= shared.MAX_CONNECTIONS
+            assert clients["connected_clients"] <= redis_store.MAX_CONNECTIONS
         finally:
             await client.aclose()

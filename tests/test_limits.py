@@ -12,19 +12,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.limits import (
-    MAX_PAUSE_SECONDS,
-    RECHECK_SECONDS,
-    BudgetStore,
-    Hold,
-    LocalLimiter,
-    TableBudgets,
-    Ticket,
-)
-from canvas_gateway_server.shared import FailoverBudgets, RedisBudgets, connect
+from canvas_gateway_server.limits import LocalLimiter
+from canvas_gateway_server.rate_budget import MAX_PAUSE_SECONDS, RECHECK_SECONDS, BudgetStore, Hold, Ticket
+from canvas_gateway_server.reply import Delivery, RateLimit, Reply, parse_rate_limit
+from canvas_gateway_server.stores.failover import FailoverBudgets
+from canvas_gateway_server.stores.host_budgets import HostBudgets
+from canvas_gateway_server.stores.memory import TableBudgets
+from canvas_gateway_server.stores.redis import RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
-from canvas_gateway_server.upstream import Delivery, RateLimit, Reply, parse_rate_limit
-from canvas_gateway_server.workers import SharedBudgets
 from conftest import EXAMPLES, FAKE_URLS, KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
@@ -44,8 +39,8 @@ async def budgets(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         return
     if request.param == "workers":
         path = str(tmp_path / "budgets")
-        SharedBudgets.create(path)
-        table = SharedBudgets(path)
+        HostBudgets.create(path)
+        table = HostBudgets(path)
         yield TableBudgets(table)
         table.close()
         return

@@ -6,8 +6,8 @@ The numbers are powers of two so that every expected delay is exact in floating 
 from __future__ import annotations
 
 import pytest
+from canvas_gateway_server.reply import Delivery, RateLimit, Reply
 from canvas_gateway_server.retry import RetryPolicy, rate_limit_pause, rate_limit_wait, retry_delay
-from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
 
 POLICY = RetryPolicy(max_attempts=5, base_delay=0.25, max_delay=1.5, max_wait=10.0)
 NOW = 1_000_000.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.budget import WINDOW, LocalRetryBudget
+from canvas_gateway_server.retry_budget import WINDOW, LocalRetryBudget
 from conftest import Harness
 from fake_braze import Fault
 

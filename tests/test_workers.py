@@ -22,11 +22,14 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.limits import Hold, LocalLimiter, TableBudgets, Ticket
+from canvas_gateway_server.limits import LocalLimiter
+from canvas_gateway_server.rate_budget import Hold, Ticket
+from canvas_gateway_server.reply import Delivery, RateLimit, Reply
 from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.stores.host_budgets import HostBudgets
+from canvas_gateway_server.stores.memory import TableBudgets
 from canvas_gateway_server.tenants import Tenant
-from canvas_gateway_server.upstream import Delivery, RateLimit, Reply
-from canvas_gateway_server.workers import SharedBudgets, merge_expositions, worker_count
+from canvas_gateway_server.workers import merge_expositions, worker_count
 from conftest import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
@@ -242,9 +245,9 @@ def test_worker_count_is_the_setting_or_the_cores_and_one_for_the_demo() -> None
 
 async def test_budgets_are_shared_through_their_file_and_keys_do_not_mix(tmp_path: Path) -> None:
     path = str(tmp_path / "budgets")
-    SharedBudgets.create(path)
+    HostBudgets.create(path)
     now = 2_000_000_000.0
-    stores = [SharedBudgets(path), SharedBudgets(path)]
+    stores = [HostBudgets(path), HostBudgets(path)]
     one, other = (
         LocalLimiter(8, clock=lambda: now, budgets=TableBudgets(store), workers=2) for store in stores
     )
@@ -282,7 +285,7 @@ def test_merged_exposition_labels_every_sample_with_its_worker() -> None:
 
 
 async def test_each_worker_runs_its_share_of_a_tenants_concurrency() -> None:
-    limiter = LocalLimiter(default_concurrency=3, workers=2)
+    limiter = LocalLimiter(default_concurrency=3, budgets=TableBudgets(), workers=2)
     tenant = Tenant("acme", "http://127.0.0.1:1", "key", max_concurrent_batches=5)
 
     async def hold(slot: AbstractAsyncContextManager[None], held: asyncio.Event) -> None:

@@ -60,9 +60,12 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
             check_config(settings)
             return
         if args.accept_lost_keys:
+            from .stores.wiring import accept_lost_keys
+
             print(asyncio.run(accept_lost_keys(settings)))
             return
-        from .app import connect_redis, run
+        from .app import run
+        from .stores.wiring import connect_redis
         from .workers import supervise, worker_count
 
         if worker_count(settings) > 1 and not settings.is_worker:
@@ -79,7 +82,7 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
 
 def check_config(settings: Settings) -> None:
     """What --check-config prints: the configuration is valid, and the tenants it serves."""
-    from .app import connect_redis
+    from .stores.wiring import connect_redis
 
     connect_redis(settings)  # a URL redis-py would refuse is refused here too
     if settings.demo:
@@ -88,23 +91,6 @@ def check_config(settings: Settings) -> None:
     tenants = load_tenants(Path(settings.tenants_file), os.environ)
     ids = sorted(tenants.tenant_ids())
     print(f"configuration valid: {len(ids)} tenant(s): {', '.join(ids)}")
-
-
-async def accept_lost_keys(settings: Settings) -> str:
-    """What --accept-lost-keys prints, once Redis took the acknowledgement."""
-    from redis.exceptions import RedisError
-
-    from . import shared
-
-    if not settings.redis_url:
-        raise ConfigError("--accept-lost-keys needs CGW_REDIS_URL: keys are kept in Redis only then")
-    client = shared.connect(settings.redis_url, max(settings.redis_timeout_seconds, 5.0))
-    try:
-        return await shared.accept_lost_keys(client)
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise ConfigError(f"Redis (CGW_REDIS_URL) did not answer ({type(exc).__name__})") from None
-    finally:
-        await client.aclose()
 
 
 if __name__ == "__main__":

@@ -29,32 +29,29 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from redis.exceptions import RedisError
 
-from . import __version__, host_results, logs, reflection, shared
+from . import __version__, logs, reflection
 from .admin import AdminServer, registry_exposition
 from .admission import StreamSlots
 from .breaker import LocalBreaker
-from .budget import LocalRetryBudget
 from .calls import CallObserver
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .hangups import Hangups
-from .host_results import HostResults
-from .idempotency import Ledger, LocalResults, ResultStore
-from .limits import BudgetStore, LocalLimiter, TableBudgets
+from .idempotency import Ledger
+from .limits import LocalLimiter
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
+from .retry_budget import LocalRetryBudget
 from .sending import Sender, SendLimits
 from .servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .settings import Settings
-from .shared import FailoverBudgets, RedisBudgets, RedisResults
+from .stores.wiring import Stores, open_stores
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 from .upstream import BrazeClient, open_session
-from .workers import SharedBudgets, admin_socket, budgets_path
+from .workers import admin_socket
 
 if TYPE_CHECKING:
     from fake_braze import FakeBraze
@@ -68,9 +65,6 @@ ABANDON_SECONDS = 5.0
 KEEP_SECONDS = 5.0
 """At shutdown, how long results not yet kept under their idempotency keys (the store did not
 answer) are still offered to it."""
-LEASE_MARGIN_SECONDS = 10.0
-"""A Redis reservation of a budget outlives the longest Braze call by this much: a replica that
-dies with calls under way holds the budget no longer."""
 FLUSH_SECONDS = 1.0
 """How long RPCs that have finished get to send their last response before the server stops."""
 
@@ -96,11 +90,7 @@ class Gateway:
     draining: bool = False
     stopping: asyncio.Task[None] | None = None
     lag_watch: asyncio.Task[None] | None = None
-    redis: aioredis.Redis | None = None
-    shared_results: RedisResults | None = None
-    own_results: LocalResults | HostResults | None = None
-    """The store of keys' results without Redis: this host's file, or this process's memory."""
-    shared_budgets: FailoverBudgets | None = None
+    stores: Stores | None = None
 
     @classmethod
     async def start(
@@ -125,8 +115,7 @@ class Gateway:
                 registry, version=__version__, git_commit=git_commit(environ), clock=clock
             )
         metrics.tenants_loaded(tenants.tenant_ids())
-        redis = connect_redis(settings)
-        results = _results(settings, redis, metrics)
+        stores = open_stores(settings, metrics)
         session = open_session(settings.upstream_pool_size)
         client = BrazeClient(
             session,
@@ -134,7 +123,9 @@ class Gateway:
                 total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
             ),
         )
-        limiter, shared_budgets = _limiter(settings, redis, metrics, clock)
+        # Concurrency per process (a worker's share of it); budgets in the stores.
+        workers = settings.workers if settings.is_worker else 1
+        limiter = LocalLimiter(settings.tenant_concurrency, stores.budgets, clock, workers)
         dispatcher = Dispatcher(
             client,
             limiter,
@@ -144,6 +135,7 @@ class Gateway:
                 max_wait=settings.max_retry_wait_seconds,
                 min_time_left=settings.min_call_seconds,
             ),
+            Ledger(stores.results, metrics, settings.idempotency_lease_seconds),
             metrics,
             breaker=LocalBreaker(
                 settings.breaker_failures, settings.breaker_cooldown_seconds, metrics.breaker_state
@@ -151,7 +143,6 @@ class Gateway:
             if settings.breaker_failures
             else None,
             budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
-            ledger=Ledger(results, metrics, settings.idempotency_lease_seconds),
             clock=clock,
         )
         sender = Sender(
@@ -198,10 +189,7 @@ class Gateway:
             admin=AdminServer(registry_exposition(registry), lambda: _now(gateway.readiness())),
             admin_port=0,
             fake_braze=fake,
-            redis=redis,
-            shared_results=results if isinstance(results, RedisResults) else None,
-            own_results=results if isinstance(results, LocalResults | HostResults) else None,
-            shared_budgets=shared_budgets,
+            stores=stores,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         try:
@@ -210,8 +198,7 @@ class Gateway:
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
             await server.stop(None)  # releases a gRPC port bound before the admin port failed
             await session.close()
-            if isinstance(results, HostResults):
-                await results.stop()
+            await stores.stop()
             if fake is not None:
                 await fake.stop()
             if isinstance(exc, ConfigError):
@@ -220,14 +207,7 @@ class Gateway:
                 f"cannot listen on {settings.grpc_address}: the address is in use or not host:port"
             ) from None
         await server.start()
-        if gateway.shared_results is not None:
-            gateway.shared_results.start(lambda: metrics.store_failure("results", "heartbeat"))
-        if isinstance(results, HostResults):
-            results.start(lambda: metrics.store_failure("results", "heartbeat"))
-        elif isinstance(results, LocalResults):
-            results.start()
-        if redis is not None:
-            await _check_redis(redis)
+        await stores.start(metrics)
         if settings.metrics_enabled:
             gateway.lag_watch = asyncio.create_task(watch_loop_lag(metrics))
         for name in ("", SERVICE_NAME):
@@ -289,14 +269,8 @@ class Gateway:
         # their last responses go out and ends the rest, such as health watchers.
         await self.server.stop(FLUSH_SECONDS)
         await self.dispatcher.ledger.settled(KEEP_SECONDS)
-        if self.shared_results is not None:
-            await self.shared_results.stop()
-        if self.own_results is not None:
-            await self.own_results.stop()
-        if self.shared_budgets is not None:
-            await self.shared_budgets.stop()
-        if self.redis is not None:
-            await self.redis.aclose()
+        if self.stores is not None:
+            await self.stores.stop()
         await self.session.close()
         if self.fake_braze is not None:
             await self.fake_braze.stop()
@@ -350,70 +324,6 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
 
 async def _now(value: str | None) -> str | None:
     return value
-
-
-def connect_redis(settings: Settings) -> aioredis.Redis | None:
-    """The client of CGW_REDIS_URL (None without one), connecting nothing yet. A URL redis-py
-    refuses, or takes but would fail on at every command (an unknown query parameter), is a
-    ConfigError that never quotes it (redis-py's own text may, and with it a password)."""
-    if not settings.redis_url:
-        return None
-    try:
-        client = shared.connect(settings.redis_url, settings.redis_timeout_seconds)
-        client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # an object, no I/O
-    except (ValueError, TypeError):
-        raise ConfigError(
-            "CGW_REDIS_URL is refused by redis-py: a query parameter it does not know, or a value it "
-            "cannot read (see the README's settings)"
-        ) from None
-    return client
-
-
-def _limiter(
-    settings: Settings, redis: aioredis.Redis | None, metrics: Metrics, clock: Callable[[], float]
-) -> tuple[LocalLimiter, FailoverBudgets | None]:
-    """Concurrency per process (a worker's share of it); budgets in this process, shared by the
-    host's workers, or shared by every replica through Redis, failing open to the host's."""
-    local = TableBudgets(SharedBudgets(budgets_path(settings.worker_dir)) if settings.is_worker else None)
-    budgets: BudgetStore = local
-    shared_budgets = None
-    if redis is not None:
-        lease = settings.upstream_timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
-        fallback = local if settings.redis_failure == "open" else None
-        budgets = shared_budgets = FailoverBudgets(RedisBudgets(redis, lease), fallback, metrics)
-    workers = settings.workers if settings.is_worker else 1
-    limiter = LocalLimiter(settings.tenant_concurrency, clock, budgets, workers)
-    return limiter, shared_budgets
-
-
-def _results(settings: Settings, redis: aioredis.Redis | None, metrics: Metrics) -> ResultStore:
-    """Where idempotency keys' results are kept: Redis; else the host's file, shared by its
-    workers and kept across restarts; else (one process on port 0) this process's memory."""
-    if redis is not None:
-        return RedisResults(
-            redis, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds, metrics
-        )
-    path = host_results.keys_file(settings)
-    if path:
-        if not settings.is_worker:  # a worker's file is the supervisor's, made before it started
-            host_results.create(path, private_folder=not settings.idempotency_file)
-        return HostResults(path, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds)
-    return LocalResults(
-        settings.idempotency_ttl_seconds,
-        settings.idempotency_capacity,
-        settings.idempotency_lease_seconds,
-        on_evict=lambda tenant: metrics.idempotency(tenant, "evicted"),
-    )
-
-
-async def _check_redis(redis: aioredis.Redis) -> None:
-    """Say at start whether Redis answers; a gateway starts either way (CGW_REDIS_FAILURE applies)."""
-    try:
-        await redis.ping()
-    except (RedisError, OSError, TimeoutError) as exc:
-        log.error("Redis (CGW_REDIS_URL) does not answer (%s): CGW_REDIS_FAILURE applies", type(exc).__name__)
-    else:
-        log.info("Redis (CGW_REDIS_URL) answers: budgets and idempotency keys are shared")
 
 
 async def _listen_admin(admin: AdminServer, settings: Settings) -> int:

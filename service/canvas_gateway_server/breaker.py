@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from .upstream import Delivery, Reply
+from .reply import Delivery, Reply
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,18 @@ from typing import Any
 
 from . import results
 from .breaker import CircuitBreaker, NoBreaker, host_of
-from .budget import RetryBudget, Unlimited
-from .idempotency import DEFAULT_CAPACITY, DEFAULT_LEASE, DEFAULT_TTL, Claimed, Ledger, LocalResults
-from .limits import Hold, StoreUnavailable, UpstreamLimiter
+from .errors import StoreUnavailable
+from .idempotency import Claimed, Ledger
+from .limits import UpstreamLimiter
 from .logs import Ranges
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
+from .rate_budget import Hold
+from .reply import Delivery
 from .retry import RetryPolicy, rate_limit_pause, retry_delay
+from .retry_budget import RetryBudget, Unlimited
 from .tenants import Tenant
-from .upstream import BrazeClient, Delivery
+from .upstream import BrazeClient
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +57,11 @@ class Dispatcher:
         client: BrazeClient,
         limiter: UpstreamLimiter,
         policy: RetryPolicy,
+        ledger: Ledger,
         metrics: Metrics | None = None,
         *,
         breaker: CircuitBreaker | None = None,
         budget: RetryBudget | None = None,
-        ledger: Ledger | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -69,7 +72,7 @@ class Dispatcher:
         self._metrics = metrics or Metrics()
         self._breaker = breaker or NoBreaker()
         self._budget = budget or Unlimited()
-        self._ledger = ledger or Ledger(LocalResults(DEFAULT_TTL, DEFAULT_CAPACITY, DEFAULT_LEASE), metrics)
+        self._ledger = ledger
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter

@@ -9,6 +9,12 @@
     +-- StreamIdle           a stream sent nothing for too long; where to resume -> DEADLINE_EXCEEDED
     +-- TooManyStreams       the tenant, or the gateway, has the most streams open -> RESOURCE_EXHAUSTED
     ConfigError              settings or tenants file invalid (boot or reload)
+    StoreUnavailable         a state store (Redis, the host's file) did not answer in time
+    StoreLost                a shared store lost what it kept; keys refused until acknowledged
+
+The two store errors never end an RPC by themselves: the dispatcher turns them into a batch's
+result (NOT_ATTEMPTED / UNAVAILABLE, or refused keys), the store's backlog offers again what
+was not taken.
 
 Upstream failures are not exceptions: each becomes a BatchResult (see results.py).
 Anything else that escapes is a bug: it is logged and answered with INTERNAL and the text
@@ -74,3 +80,13 @@ class TooManyStreams(GatewayError):
 
 class ConfigError(Exception):
     """Settings or the tenants file are invalid. Raised at boot and on reload."""
+
+
+class StoreUnavailable(Exception):
+    """A shared store did not answer in time (the message names the store, never its URL)."""
+
+
+class StoreLost(Exception):
+    """The store no longer holds what it kept (Redis restarted without its data): a repeat could
+    send again what was sent, so keys are refused until an operator acknowledges it. The text
+    names the reason and the remedy, never the store's address."""

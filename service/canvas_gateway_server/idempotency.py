@@ -19,9 +19,9 @@ good) from one that cannot have (released to the next call).
 Only results of batches that may have been sent are kept: SENT and UNKNOWN. Every other result
 says nothing was sent (NOT_ATTEMPTED, CANVAS_INACTIVE, REJECTED: a 429, a 401 for a wrong key, a
 400...), and releases the claim, so a later call sends the batch, after whatever fix the result
-asked for. `ResultStore` is where claims live: in this process (`LocalResults`, TTL, a capacity
-shared fairly by tenants), in a file every worker of the host shares (`host_results.HostResults`),
-or in Redis for every replica (`shared.RedisResults`). What the store did not take when asked (it
+asked for. `ResultStore` is where claims live: in this process (`stores.memory.LocalResults`, TTL, a capacity
+shared fairly by tenants), in a file every worker of the host shares (`stores.host_results.HostResults`),
+or in Redis for every replica (`stores.redis.RedisResults`). What the store did not take when asked (it
 did not answer) is offered again by one background task per process (`Ledger`), backing off.
 """
 
@@ -35,15 +35,14 @@ import logging
 import random
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 import orjson
 
 from . import results
-from .limits import StoreUnavailable
+from .errors import StoreLost, StoreUnavailable
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
 from .tenants import Tenant
@@ -91,15 +90,9 @@ class Claim:
     """The kept result (KEPT; with MISMATCH, the result kept for the other body, if any)."""
 
 
-class StoreLost(Exception):
-    """The store no longer holds what it kept (Redis restarted without its data): a repeat could
-    send again what was sent, so keys are refused until an operator acknowledges it. The text
-    names the reason and the remedy, never the store's address."""
-
-
 class ResultStore(Protocol):
     """Claims and kept results, each under (scope, batch index); scope is tenant and key.
-    Any operation may raise `limits.StoreUnavailable` (no answer) or `StoreLost`."""
+    Any operation may raise `errors.StoreUnavailable` (no answer) or `errors.StoreLost`."""
 
     async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
         """Claim the batch as `token` unless it is kept, claimed, or has another digest.
@@ -116,205 +109,6 @@ class ResultStore(Protocol):
         """End the claim `token`: keep `kept` (unless another call's claim holds the batch); or
         (None) release the claim if it is still `token`'s, so that a later call sends the batch."""
         ...
-
-
-@dataclass(slots=True)
-class _Kept:
-    digest: str
-    expires: float
-    kept: bytes
-    """b"" for a claim found LOST (kept as UNKNOWN)."""
-
-
-@dataclass(slots=True)
-class _Claimed:
-    digest: str
-    claimed_at: float
-    token: str
-    sending: bool = False
-    """The claim's call may have left (mark_sending)."""
-
-
-SWEEP_SECONDS: Final = 1.0
-"""How often `LocalResults` frees what has expired, whether or not its key is used again."""
-
-
-async def keep_beating(
-    beat: Callable[[], Awaitable[object]], on_failure: Callable[[], None], every: float
-) -> None:
-    """A shared store's heartbeat, until cancelled: `beat` every `every` seconds; a beat the store
-    did not take calls `on_failure` (the claims of a process silent too long are taken as dead)."""
-    while True:
-        try:
-            await beat()
-        except StoreUnavailable:
-            on_failure()
-        await asyncio.sleep(every)
-
-
-class LocalResults:
-    """This process's claims and results: each kept `ttl` seconds, at most `capacity` in all.
-
-    What an entry holds is sized (BENCHMARKS.md, `bench/memory.py`: about 0.6 KB with a SENT
-    result; orjson's output is copied to its length, since its buffer is 4 KB). Expired entries
-    are freed every SWEEP_SECONDS by `start`'s task (and a lookup never answers with one).
-    Past the capacity the oldest kept result goes first (every entry lives `ttl` from its keep,
-    so the oldest is also the one nearest its end), counted in
-    canvas_gateway_idempotency_total{verdict="evicted"}, and a key's guarantee lasts as long as
-    its entries are kept; but:
-
-    - claims in flight are never evicted (they are bounded by the concurrency; the store may
-      hold more than `capacity` while they are);
-    - a result is evicted from the tenant that holds the most entries, so a tenant holding no
-      more than its share (capacity / the tenants holding entries) loses none to another's
-      traffic.
-
-    Every claim is this process's, so a claim is BUSY until it ends or its lease runs out
-    (then claimed again if its call never left, else LOST)."""
-
-    def __init__(
-        self,
-        ttl: float,
-        capacity: int,
-        lease: float,
-        clock: Callable[[], float] = time.monotonic,
-        on_evict: Callable[[str], None] = lambda tenant: None,
-    ) -> None:
-        self._ttl = ttl
-        self._capacity = capacity
-        self._lease = lease
-        self._clock = clock
-        self._on_evict = on_evict
-        self._kept: dict[str, OrderedDict[tuple[str, int], _Kept]] = {}
-        """Per tenant, in the order kept: oldest (and first to expire) first."""
-        self._claims: dict[tuple[str, int], _Claimed] = {}
-        self._held: dict[str, int] = {}
-        """Entries (kept and claimed) per tenant."""
-        self._sweeper: asyncio.Task[None] | None = None
-
-    def __len__(self) -> int:
-        return sum(self._held.values())
-
-    def held(self, tenant: str) -> int:
-        return self._held.get(tenant, 0)
-
-    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
-        now = self._clock()
-        key, tenant = (scope, index), _tenant(scope)
-        entries = self._kept.get(tenant)
-        kept = entries.get(key) if entries is not None else None
-        if kept is not None and kept.expires > now:
-            if kept.digest != digest:
-                return Claim(Verdict.MISMATCH, kept.kept)
-            return Claim(Verdict.KEPT, kept.kept)
-        claimed = self._claims.get(key)
-        if claimed is not None and claimed.claimed_at + self._ttl > now:
-            if claimed.digest != digest:
-                return Claim(Verdict.MISMATCH)
-            if now - claimed.claimed_at < self._lease:
-                return Claim(Verdict.BUSY)
-            if not claimed.sending:  # its call never started: nothing can have reached Braze
-                self._claims[key] = _Claimed(digest, now, token)
-                return Claim(Verdict.RECLAIMED)
-            self._put(tenant, key, _Kept(digest, now + self._ttl, b""))
-            return Claim(Verdict.LOST)
-        self._drop(tenant, key)  # an expired entry, if any
-        self._claims[key] = _Claimed(digest, now, token)
-        self._held[tenant] = self._held.get(tenant, 0) + 1
-        self._evict()
-        return Claim(Verdict.CLAIMED)
-
-    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
-        claimed = self._claims.get((scope, index))
-        if claimed is None or claimed.token != token:
-            return False
-        claimed.sending = True
-        return True
-
-    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
-        key, tenant = (scope, index), _tenant(scope)
-        claimed = self._claims.get(key)
-        if kept is None:
-            if claimed is not None and claimed.token == token:
-                self._drop(tenant, key)
-            return
-        if claimed is not None and claimed.token != token:
-            return  # another call's claim holds the batch now
-        # Copied to its length: orjson's bytes keep their whole (4 KB) buffer.
-        self._put(tenant, key, _Kept(digest, self._clock() + self._ttl, bytes(memoryview(kept))))
-        self._evict()
-
-    def _put(self, tenant: str, key: tuple[str, int], kept: _Kept) -> None:
-        self._drop(tenant, key)
-        self._kept.setdefault(tenant, OrderedDict())[key] = kept
-        self._held[tenant] = self._held.get(tenant, 0) + 1
-
-    def _drop(self, tenant: str, key: tuple[str, int]) -> None:
-        gone = self._claims.pop(key, None) is not None
-        kept = self._kept.get(tenant)
-        if kept is not None and kept.pop(key, None) is not None:
-            gone = True
-            if not kept:
-                del self._kept[tenant]
-        if gone:
-            self._forget(tenant, 1)
-
-    def _forget(self, tenant: str, count: int) -> None:
-        self._held[tenant] -= count
-        if not self._held[tenant]:
-            del self._held[tenant]
-
-    def _evict(self) -> None:
-        excess = len(self) - self._capacity
-        while excess > 0 and self._kept:
-            tenant = max(self._kept, key=self._held.__getitem__)
-            entries = self._kept[tenant]
-            entries.popitem(last=False)
-            if not entries:
-                del self._kept[tenant]
-            self._forget(tenant, 1)
-            self._on_evict(tenant)
-            excess -= 1
-
-    def expire(self) -> int:
-        """Free every entry past its time (kept results past the TTL, claims past the TTL); how
-        many. Kept results expire in the order kept, so this reads only what it frees."""
-        now = self._clock()
-        freed = 0
-        for tenant in list(self._kept):
-            entries = self._kept[tenant]
-            count = 0
-            while entries and next(iter(entries.values())).expires <= now:
-                entries.popitem(last=False)
-                count += 1
-            if not entries:
-                del self._kept[tenant]
-            if count:
-                self._forget(tenant, count)
-                freed += count
-        for key in [key for key, claimed in self._claims.items() if claimed.claimed_at + self._ttl <= now]:
-            del self._claims[key]
-            self._forget(_tenant(key[0]), 1)
-            freed += 1
-        return freed
-
-    def start(self) -> None:
-        """Free expired entries every SWEEP_SECONDS until `stop`."""
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_SECONDS)
-            self.expire()
-
-    async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-
-
-def _tenant(scope: str) -> str:
-    return scope.partition("/")[0]
 
 
 def digest(batch: Batch) -> str:

@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .model import BatchResult, Outcome, Violation
-from .upstream import Delivery, Reply
+from .reply import Delivery, Reply
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from .model import Batch, BatchResult, Code, Outcome, Violation
-from .upstream import Delivery, Reply
+from .reply import Delivery, Reply
 
 _REJECTED: Final[Mapping[int, tuple[Code, str]]] = {
     400: (Code.INVALID_ARGUMENT, "Braze refused the request as invalid"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .upstream import Delivery, Reply
+from .reply import Delivery, Reply
 
 
 @dataclass(frozen=True, slots=True)

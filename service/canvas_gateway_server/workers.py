@@ -16,10 +16,10 @@ as a fresh `python -m canvas_gateway_server`, never forked: gRPC cannot survive 
   supervisor exits 1, so that the orchestrator restarts the whole set;
 - per-tenant limits stay right: concurrency is divided (each worker allows its share, at
   least one), and what is known of each Braze budget (a pause until the reset, what the last
-  headers said is left, the calls under way) is shared through `SharedBudgets`, a small file
+  headers said is left, the calls under way) is shared through `stores.host_budgets`, a small file
   every worker maps, so the workers together never start more calls than a budget has left;
 - idempotency keys work as with one process: without Redis the supervisor makes the host's
-  SQLite file (`host_results`) before the workers start, and every worker keeps its claims and
+  SQLite file (`stores.host_results`) before the workers start, and every worker keeps its claims and
   results there, so a repeat that reaches another worker finds them (and a restart too).
 """
 
@@ -28,17 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import fcntl
-import hashlib
 import logging
 import math
-import mmap
 import os
 import signal
-import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -47,11 +43,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from . import host_results, logs
+from . import logs
 from .admin import AdminServer
 from .hangups import Hangups
-from .limits import Budget
 from .settings import ENV_PREFIX, Settings
+from .stores import host_results
+from .stores.host_budgets import HostBudgets, budgets_path
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +56,6 @@ STOP_SECONDS: Final = 60.0
 """How long the supervisor waits for a worker to exit after SIGTERM before it kills it; longer
 than a worker's own drain (shutdown delay + grace + abandon)."""
 _PR_SET_PDEATHSIG: Final = 1
-_SLOTS: Final = 4096
-_RECORD: Final = struct.Struct("<Qdqqqq")
 T = TypeVar("T")
 
 
@@ -87,65 +82,7 @@ def admin_socket(folder: str, index: int) -> str:
     return os.path.join(folder, f"admin-{index}.sock")
 
 
-def budgets_path(folder: str) -> str:
-    return os.path.join(folder, "budgets")
-
-
 # --- shared budgets -------------------------------------------------------------------------
-
-
-class SharedBudgets:
-    """The `Budget`s of a host's workers, in a file each of them maps (a `BudgetStore`).
-
-    4,096 slots of (key hash, pause, reset, left, calls under way, limit); every update is one
-    read-modify-write under an exclusive `flock` on the file, a few microseconds, so the workers
-    together never start more calls than a budget has left. Two keys that hash to one slot take
-    it from each other: the one that loses it knows nothing of its budget until its next reply
-    (it behaves as at start-up), and nothing is ever invented for the other.
-    """
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "r+b")  # noqa: SIM115 - held for the life of the worker
-        self._map = mmap.mmap(self._file.fileno(), _SLOTS * _RECORD.size)
-        self._slots: dict[tuple[str, bool], tuple[int, int]] = {}
-
-    @staticmethod
-    def create(path: str) -> None:
-        with open(path, "wb") as file:
-            file.truncate(_SLOTS * _RECORD.size)
-
-    def _slot(self, key: tuple[str, bool]) -> tuple[int, int]:
-        found = self._slots.get(key)
-        if found is None:
-            digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
-            tag = int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
-            found = self._slots[key] = (tag % _SLOTS * _RECORD.size, tag)
-        return found
-
-    def update(self, key: tuple[str, bool], change: Callable[[Budget], T]) -> T:
-        offset, tag = self._slot(key)
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-        try:
-            found, paused, reset, left, under_way, limit = _RECORD.unpack_from(self._map, offset)
-            budget = Budget(paused, reset, left, under_way, limit) if found == tag else Budget()
-            result = change(budget)
-            _RECORD.pack_into(
-                self._map,
-                offset,
-                tag,
-                budget.paused_until,
-                budget.reset,
-                budget.left,
-                budget.under_way,
-                budget.limit,
-            )
-            return result
-        finally:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        self._map.close()
-        self._file.close()
 
 
 # --- the supervisor -------------------------------------------------------------------------
@@ -286,7 +223,7 @@ async def supervise(settings: Settings, environ: Mapping[str, str], hangups: Han
     count = worker_count(settings)
     logs.throttle_accept_errors(asyncio.get_running_loop())
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
-        SharedBudgets.create(budgets_path(folder))
+        HostBudgets.create(budgets_path(folder))
         keys_file = "" if settings.redis_url else host_results.keys_file(settings, folder)
         if keys_file:
             host_results.create(keys_file, private_folder=not settings.idempotency_file)

@@ -4,7 +4,7 @@ With several workers a repeat may reach another worker than the first call did, 
 workers keep their claims and results in one file (CGW_IDEMPOTENCY_FILE, created by the
 supervisor), as their budgets share one mapped file. The file outlives the gateway: a
 restart on the host finds what was kept. It is `idempotency.ResultStore` with the rules of
-`shared.RedisResults`, held to the same tests:
+`stores.redis.RedisResults`, held to the same tests:
 
 - one row per (scope, batch index): digest, the claiming process (owner) and token, when it
   was claimed, the kept result (NULL while claimed, b"" for LOST), when it expires, and
@@ -40,10 +40,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
 
-from .errors import ConfigError
-from .idempotency import Claim, Verdict, keep_beating
-from .limits import StoreUnavailable
-from .settings import Settings
+from ..errors import ConfigError, StoreUnavailable
+from ..idempotency import Claim, Verdict
+from ..settings import Settings
+from .heartbeat import keep_beating
 
 T = TypeVar("T")
 

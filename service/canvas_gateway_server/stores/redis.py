@@ -1,0 +1,278 @@
+"""Redis: the budgets and the kept results every replica shares (CGW_REDIS_URL).
+
+Each operation is one Lua script (`redis_scripts`), so it is atomic and costs one round trip:
+
+- budgets: `reserve` and `settle` are `rate_budget.RateBudget.reserve` and `.settle` in Lua, on a
+  hash per (tenant, budget) (pause, window reset, what is left) and a sorted set of the calls
+  under way, each with a lease: a replica that dies with calls under way does not hold the
+  budget past their lease (the longest a call can take).
+- results: `claim`, `mark_sending` and `keep` of `idempotency.ResultStore`, on a hash per
+  (tenant, key, batch). A claim names its process; each process keeps a heartbeat key alive
+  while it runs, so a claim whose process is gone is seen at once, not after the lease: sent
+  again if its call had not started (no `sending` mark), else LOST. The heartbeat also checks
+  that Redis still holds what it kept (`scripts.BEAT`): one that restarted empty refuses keys.
+
+Why not the `limits` library: its Redis strategies count hits in windows we would have to
+configure, while Braze tells us what is left (x-ratelimit-remaining and -reset) and a call
+must not start while the calls under way would spend it; neither that nor a pause until a
+reset fits a hit counter. The scripts are short and are tested against the same cases as the
+in-process stores.
+
+When Redis does not answer within CGW_REDIS_TIMEOUT_SECONDS the store raises
+`StoreUnavailable`. `failover.FailoverBudgets` then fails closed (the batch ends NOT_ATTEMPTED /
+UNAVAILABLE) or open (this process's own budgets, a metric and a log line) as configured;
+the results store always fails closed: a key is a promise not to send twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from ..errors import StoreLost, StoreUnavailable
+from ..idempotency import Claim, Verdict
+from ..metrics import Metrics
+from ..rate_budget import MAX_PAUSE_SECONDS, RECHECK_SECONDS, Hold, ReserveLost, Ticket
+from ..reply import Delivery, Reply
+from . import redis_scripts as scripts
+from .heartbeat import keep_beating
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PREFIX: Final = "cgw:"
+HEARTBEAT_SECONDS: Final = 1.0
+"""How often a process renews its heartbeat key."""
+HEARTBEAT_TTL_MS: Final = 5000
+"""How long a heartbeat lasts unrenewed: a process silent this long is taken as gone."""
+GENERATION_KEY: Final = PREFIX + "generation"
+BUDGET_TTL_SECONDS: Final = 7300
+"""Budget keys outlive Braze's longest window (an hour) when unused, then go."""
+
+
+LOST: Final = "lost"
+LOST_TEXT: Final = (
+    "idempotency keys are refused: the shared results store (Redis) lost what it kept (it "
+    "restarted without its data), so a repeat could send again what was sent; an operator must "
+    "acknowledge it (canvas-gateway-server --accept-lost-keys) before keys are taken again"
+)
+
+
+MAX_CONNECTIONS: Final = 100
+"""Connections to Redis one process opens at most; an operation beyond them waits for one."""
+
+
+def connect(url: str, timeout: float) -> aioredis.Redis:
+    """A client that gives up after `timeout`. It tries once more only when a pooled connection
+    turns out closed (after a Redis restart), never after a timeout: every script is safe to run
+    twice anyway (a second claim is BUSY, a second reservation lapses, a second keep is the same).
+
+    Its pool holds MAX_CONNECTIONS, and an operation past them waits for a free one within the
+    same `timeout` (redis-py's default pool refuses it at once, "Too many connections"): more
+    batches in flight than connections wait their turn instead of failing, and the connections a
+    struggling Redis gets from one process do not grow with the batches waiting on it."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=0,
+    )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
+
+
+async def _call(what: str, operation: Awaitable[T]) -> T:
+    try:
+        return await operation
+    except (RedisError, OSError, TimeoutError) as exc:
+        # The message never carries the URL (it may hold a password) nor Redis' own text.
+        raise StoreUnavailable(
+            f"the shared {what} store (Redis) did not answer ({type(exc).__name__})"
+        ) from None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBudgets:
+    """A `BudgetStore` in Redis: every replica's calls count against one budget."""
+
+    def __init__(self, client: aioredis.Redis, lease: float) -> None:
+        self._reserve = client.register_script(scripts.RESERVE)
+        self._settle = client.register_script(scripts.SETTLE)
+        self._lease = lease
+
+    @staticmethod
+    def _keys(key: tuple[str, bool]) -> list[str]:
+        base = f"{PREFIX}budget:{key[0]}:{'broadcast' if key[1] else 'recipients'}"
+        return [base, base + ":calls"]
+
+    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+        token = uuid.uuid4().hex
+        args: list[str | int] = [
+            repr(now),
+            token,
+            repr(now + self._lease),
+            repr(RECHECK_SECONDS),
+            BUDGET_TTL_SECONDS,
+        ]
+        try:
+            kind, until = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
+        except StoreUnavailable as exc:
+            raise ReserveLost(str(exc), Ticket(key, token, shared=True)) from None
+        if _text(kind) == "go":
+            return Ticket(key, token, shared=True)
+        return Hold(float(_text(until)), _text(kind) == "spent")
+
+    async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
+        responded = reply is not None and reply.delivery is Delivery.RESPONDED
+        rate = reply.rate if reply is not None else None
+        args: list[str | int] = [
+            ticket.token,
+            repr(now),
+            "1" if responded else "0",
+            str(reply.status if reply is not None else 0),
+            "" if rate is None or rate.remaining is None else str(rate.remaining),
+            "" if rate is None or rate.reset is None else str(rate.reset),
+            repr(MAX_PAUSE_SECONDS),
+            BUDGET_TTL_SECONDS,
+            "" if rate is None or rate.limit is None else str(rate.limit),
+        ]
+        paused = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
+        return float(_text(paused))
+
+
+class RedisResults:
+    """An `idempotency.ResultStore` in Redis, with this process's heartbeat and the check that
+    Redis still holds what it kept (`scripts.BEAT`)."""
+
+    def __init__(
+        self, client: aioredis.Redis, ttl: float, lease: float, metrics: Metrics | None = None
+    ) -> None:
+        self._client = client
+        self._claim = client.register_script(scripts.CLAIM)
+        self._mark = client.register_script(scripts.MARK)
+        self._keep = client.register_script(scripts.KEEP)
+        self._beat_script = client.register_script(scripts.BEAT)
+        self._ttl_ms = str(int(ttl * 1000))
+        self._lease = repr(lease)
+        self._metrics = metrics or Metrics()
+        self.owner = uuid.uuid4().hex
+        self.generation = ""
+        """The generation of Redis' data this process knows; "" before Redis first answers."""
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Keys are refused: Redis lost what it kept, and no operator has acknowledged it yet."""
+        return self.generation == LOST
+
+    @staticmethod
+    def _keys(scope: str, index: int) -> list[str]:
+        return [f"{PREFIX}result:{scope}:{index}", GENERATION_KEY]
+
+    async def _known(self) -> str:
+        """The generation claims are made under; StoreLost while keys are refused."""
+        if not self.generation:
+            await self.beat()
+        if self.lost:
+            raise StoreLost(LOST_TEXT)
+        return self.generation
+
+    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+        generation = await self._known()
+        args = [
+            self.owner,
+            digest,
+            repr(time.time()),
+            self._lease,
+            self._ttl_ms,
+            PREFIX + "owner:",
+            token,
+            generation,
+        ]
+        reply = await _call("results", self._claim(keys=self._keys(scope, index), args=args))
+        verdict = _text(reply[0])
+        if verdict == "refused":
+            self._found_lost()
+            raise StoreLost(LOST_TEXT)
+        return Claim(Verdict(verdict), reply[1] if len(reply) > 1 else None)
+
+    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+        generation = await self._known()
+        reply = await _call("results", self._mark(keys=self._keys(scope, index), args=[token, generation]))
+        if _text(reply) == "refused":
+            self._found_lost()
+            raise StoreLost(LOST_TEXT)
+        return _text(reply) == "ok"
+
+    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+        args: list[str | bytes] = [
+            digest,
+            token,
+            "0" if kept is None else "1",
+            kept or b"",
+            self._ttl_ms,
+        ]
+        await _call("results", self._keep(keys=self._keys(scope, index)[:1], args=args))
+
+    async def beat(self) -> None:
+        """Renew this process's heartbeat and check the generation (one round trip)."""
+        args = [self.generation, uuid.uuid4().hex, str(HEARTBEAT_TTL_MS)]
+        keys = [GENERATION_KEY, f"{PREFIX}owner:{self.owner}"]
+        found = _text(await _call("results", self._beat_script(keys=keys, args=args)))
+        if found == LOST:
+            self._found_lost()
+        elif found != self.generation:
+            if self.lost:
+                self._metrics.store_lost(False)
+                log.warning(
+                    "the loss of the shared results store's data was acknowledged: idempotency "
+                    "keys are taken again"
+                )
+            self.generation = found
+
+    def _found_lost(self) -> None:
+        if not self.lost:
+            self.generation = LOST
+            self._metrics.store_lost(True)
+            log.error("%s", LOST_TEXT)
+
+    def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
+        """Keep this process's heartbeat alive until `stop`."""
+        beating = keep_beating(self.beat, on_failure, HEARTBEAT_SECONDS)
+        self._heartbeat = asyncio.get_running_loop().create_task(beating)
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        # Gone at once: claims left behind are LOST now, not in HEARTBEAT_TTL_MS.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self._client.delete(f"{PREFIX}owner:{self.owner}")
+
+
+async def acknowledge_loss(client: aioredis.Redis) -> str:
+    """The operator's acknowledgement that Redis lost the keys' results: a new generation, which
+    every gateway adopts within a heartbeat. What it says happened."""
+    accept = client.register_script(scripts.ACCEPT)
+    if not await accept(keys=[GENERATION_KEY], args=[LOST, uuid.uuid4().hex]):
+        return "no loss to acknowledge: idempotency keys are taken"
+    return (
+        "acknowledged: idempotency keys are taken again; results kept before the loss are gone, "
+        "so a repeat of an earlier key sends its batches again"
+    )

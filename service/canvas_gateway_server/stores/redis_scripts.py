@@ -1,0 +1,160 @@
+"""The Lua scripts of the Redis stores (`redis`): each operation is one script, so it is atomic
+and costs one round trip.
+
+`RESERVE` and `SETTLE` are `rate_budget.RateBudget.reserve` and `.settle` on a hash per (tenant,
+budget) and a sorted set of the calls under way, each with a lease; they change together with
+that class and are held to the same tests. `CLAIM`, `MARK` and `KEEP` are
+`idempotency.ResultStore`'s operations on a hash per (tenant, key, batch); `BEAT` is a process's
+heartbeat and the check that Redis still holds what it kept; `ACCEPT` sets a new generation
+after an operator acknowledged a loss.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+RESERVE: Final = """
+local now = tonumber(ARGV[1])
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
+local paused = tonumber(b[1]) or 0
+if paused > now then return {'spent', string.format('%.17g', paused)} end
+local reset = tonumber(b[2]) or 0
+local left = tonumber(b[3]) or 0
+local limit = tonumber(b[4]) or 0
+if reset > 0 and reset <= now then
+  reset = 0
+  left = math.max(limit, 0)
+  redis.call('HSET', KEYS[1], 'reset', '0', 'left', string.format('%d', left))
+end
+local room = nil
+if reset > 0 or left > 0 then
+  room = left
+elseif limit == 0 then
+  room = 1
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if room and redis.call('ZCARD', KEYS[2]) >= room then
+  local again = now + tonumber(ARGV[4])
+  if reset > 0 then again = math.min(reset, again) end
+  return {'held', string.format('%.17g', again)}
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return {'go', ''}
+"""
+
+
+SETTLE: Final = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local now = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
+local paused = tonumber(b[1]) or 0
+if ARGV[3] == '1' then
+  local limit = tonumber(ARGV[9])
+  if limit and limit > 0 then
+    redis.call('HSET', KEYS[1], 'limit', string.format('%d', limit))
+  elseif (tonumber(b[4]) or 0) == 0 and tonumber(ARGV[4]) >= 200 and tonumber(ARGV[4]) < 300 then
+    redis.call('HSET', KEYS[1], 'limit', '-1')
+  end
+  local remaining = tonumber(ARGV[5])
+  local reset = tonumber(ARGV[6])
+  if remaining and reset and reset > now then
+    local current = tonumber(b[2]) or 0
+    if reset > current then
+      redis.call('HSET', KEYS[1], 'reset', string.format('%d', reset), 'left', string.format('%d', remaining))
+    elseif reset == current then
+      redis.call('HSET', KEYS[1], 'left', string.format('%d', math.min(tonumber(b[3]) or 0, remaining)))
+    end
+  end
+  if (ARGV[4] == '429' or remaining == 0) and reset and reset > now then
+    paused = math.max(paused, math.min(reset, now + tonumber(ARGV[7])))
+    redis.call('HSET', KEYS[1], 'paused', string.format('%.17g', paused))
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+end
+if paused > now then return string.format('%.17g', paused) end
+return '0'
+"""
+
+
+CLAIM: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[8] then
+  redis.call('SET', KEYS[2], 'lost')
+  return {'refused'}
+end
+local v = redis.call('HMGET', KEYS[1], 'digest', 'owner', 'at', 'kept', 'sending')
+if not v[1] then
+  redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'owner', ARGV[1], 'at', ARGV[3], 'token', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return {'claimed'}
+end
+if v[1] ~= ARGV[2] then
+  if v[4] then return {'mismatch', v[4]} end
+  return {'mismatch'}
+end
+if v[4] then return {'kept', v[4]} end
+local alive = v[2] == ARGV[1] or redis.call('EXISTS', ARGV[6] .. v[2]) == 1
+if alive and tonumber(v[3]) + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return {'busy'} end
+if not v[5] then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'at', ARGV[3], 'token', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return {'reclaimed'}
+end
+redis.call('HSET', KEYS[1], 'kept', '')
+return {'lost'}
+"""
+
+
+MARK: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  redis.call('SET', KEYS[2], 'lost')
+  return 'refused'
+end
+local v = redis.call('HMGET', KEYS[1], 'token', 'kept')
+if v[1] ~= ARGV[1] or v[2] then return 'taken' end
+redis.call('HSET', KEYS[1], 'sending', '1')
+return 'ok'
+"""
+
+
+KEEP: Final = """
+local v = redis.call('HMGET', KEYS[1], 'token', 'kept')
+if ARGV[3] == '0' then
+  if v[1] == ARGV[2] and not v[2] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if v[1] and v[1] ~= ARGV[2] and not v[2] then return 0 end
+redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'kept', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+BEAT: Final = """
+local m = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then
+  if not m then
+    m = ARGV[2]
+    redis.call('SET', KEYS[1], m)
+  end
+elseif m ~= ARGV[1] and not (ARGV[1] == 'lost' and m) then
+  m = 'lost'
+  redis.call('SET', KEYS[1], m)
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+return m
+"""
+"""The heartbeat, and the check that Redis still holds what it kept. `cgw:generation` names
+what Redis holds: set by the first gateway that finds none, remembered by each process. Gone
+or changed under a running process, Redis lost its data (it restarted without it): the process
+sets it to `lost`, and every gateway refuses keys until an operator sets a new generation
+(`canvas-gateway-server --accept-lost-keys`), which a refusing process adopts. Claims and marks
+check it too, in their own round trip, so none is made in an emptied Redis."""
+
+
+ACCEPT: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+"""A new generation, only in place of `lost` (two operators at once make one)."""
