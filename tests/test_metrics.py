@@ -214,7 +214,7 @@ async def test_results_logged_for_reconciliation_are_counted_once_each(
 ) -> None:
     """A caller that stops reading and goes away: the results it never read or may not have read
     are logged at ERROR, one line each, and counted, so that an alert can say someone must read them."""
-    caplog.set_level(logging.ERROR, logger="canvas_gateway_server.dispatch")
+    caplog.set_level(logging.ERROR, logger="canvas_gateway_server.reporting")
     for reason in RECONCILE_REASONS:  # at 0 from the start, so increase() sees the first
         assert (
             harness.gateway.registry.get_sample_value(

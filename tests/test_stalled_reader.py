@@ -38,14 +38,14 @@ def _logged_batches(caplog: pytest.LogCaptureFixture) -> set[int]:
     return {
         record.batch_index
         for record in caplog.records
-        if record.name == "canvas_gateway_server.dispatch" and hasattr(record, "batch_index")
+        if record.name == "canvas_gateway_server.reporting" and hasattr(record, "batch_index")
     }
 
 
 async def test_a_stalled_reader_with_a_small_window_puts_few_results_at_risk(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="canvas_gateway_server.dispatch")
+    caplog.set_level(logging.WARNING, logger="canvas_gateway_server.reporting")
     sent, call = await _stall(harness, SMALL_WINDOW)
     # About 440 measured: 64 KB of results (~60 bytes each), the stream's queue (64) and its
     # batches in flight (8). Nothing more is sent while the caller does not read.
@@ -63,7 +63,7 @@ async def test_a_stalled_reader_with_a_small_window_puts_few_results_at_risk(
 async def test_a_shutdown_past_its_grace_logs_what_a_stalled_reader_never_read(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="canvas_gateway_server.dispatch")
+    caplog.set_level(logging.WARNING, logger="canvas_gateway_server.reporting")
     sent, _call = await _stall(harness, SMALL_WINDOW)
     await harness.gateway.stop(grace=0.5)  # the stream cannot finish: its caller does not read
     assert len(harness.fake.calls) == sent

@@ -29,7 +29,8 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.stores.host_budgets import HostBudgets
 from canvas_gateway_server.stores.memory import TableBudgets
 from canvas_gateway_server.tenants import Tenant
-from canvas_gateway_server.workers import merge_expositions, worker_count
+from canvas_gateway_server.worker_admin import merge_expositions
+from canvas_gateway_server.workers import worker_count
 from conftest import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families

@@ -51,7 +51,7 @@ from .settings import Settings
 from .stores.wiring import Stores, open_stores
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 from .upstream import BrazeClient, open_session
-from .workers import admin_socket
+from .worker_admin import admin_socket
 
 if TYPE_CHECKING:
     from fake_braze import FakeBraze

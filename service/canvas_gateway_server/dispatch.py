@@ -16,16 +16,14 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from . import results
+from . import reporting, results
 from .breaker import CircuitBreaker, NoBreaker, host_of
 from .errors import StoreUnavailable
 from .idempotency import Claimed, Ledger
 from .limits import UpstreamLimiter
-from .logs import Ranges
 from .metrics import Metrics
-from .model import Batch, BatchResult, Code, Outcome
+from .model import Batch, BatchResult
 from .rate_budget import Hold
 from .reply import Delivery
 from .retry import RetryPolicy, rate_limit_pause, retry_delay
@@ -120,12 +118,8 @@ class Dispatcher:
             if not self._consume_abandon_cancel(task):
                 if claimed is not None:
                     self._ledger.keep_soon(claimed, progress.sent)
-                if progress.sent:  # no result can reach the caller now: leave a trace to reconcile
-                    log.warning(
-                        "batch %d was cancelled with its caller while calling Braze: outcome unknown",
-                        batch.index,
-                        extra=_fields(tenant, batch.index, batch.positions, Outcome.UNKNOWN),
-                    )
+                if progress.sent:
+                    reporting.cancelled_while_calling(tenant, batch)
                 raise
             result = results.abandoned(batch, progress.attempts, progress.sent)
         finally:
@@ -264,7 +258,7 @@ class FanOut:
             try:
                 await self.put(result)  # the slot is held until the caller can take it
             except asyncio.CancelledError:
-                _log_undelivered(self._metrics, self._tenant, result)
+                reporting.undelivered(self._metrics, self._tenant, result)
                 raise
         finally:
             self._slots.release()
@@ -272,7 +266,7 @@ class FanOut:
 
     async def put(self, result: BatchResult) -> None:
         """Hand back a result: a batch's, or one that needed no call (validation, validate_only)."""
-        report(self._metrics, self._tenant, result)
+        reporting.made(self._metrics, self._tenant, result)
         await self._queue.put(result)
         self._metrics.buffered(self._tenant.id, 1)
 
@@ -293,7 +287,7 @@ class FanOut:
 
     def log_unread(self, handed: Iterable[BatchResult]) -> None:
         """Log results already handed to the caller's RPC that it may never have read."""
-        log_unread(self._metrics, self._tenant, handed)
+        reporting.unread(self._metrics, self._tenant, handed)
 
     def cancel(self) -> None:
         """The caller is gone: stop the batches, and log the results it will never read."""
@@ -303,70 +297,4 @@ class FanOut:
             item = self._queue.get_nowait()
             if isinstance(item, BatchResult):
                 self._metrics.buffered(self._tenant.id, -1)
-                _log_undelivered(self._metrics, self._tenant, item)
-
-
-def report(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
-    """Count a result when it is made, delivered or not, and log one that did not end SENT."""
-    metrics.result(tenant.id, result)
-    if result.outcome is Outcome.SENT or (result.outcome is Outcome.NOT_ATTEMPTED and result.code is Code.OK):
-        return  # sent, or planned by validate_only
-    log.warning(
-        "batch %d %s: %s",
-        result.batch_index,
-        result.outcome.name,
-        result.status_message,
-        extra=_result_fields(tenant, result),
-    )
-
-
-def _log_undelivered(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
-    metrics.reconcile(tenant.id, "undelivered")
-    log.error(
-        "result of batch %d not delivered (the caller stopped reading or went away)",
-        result.batch_index,
-        extra={**_result_fields(tenant, result), "dispatch_id": result.dispatch_id or "-"},
-    )
-
-
-def log_unread(metrics: Metrics, tenant: Tenant, handed: Iterable[BatchResult]) -> None:
-    """Results handed to a stream that was then cut off: its caller may not have read them (gRPC
-    drops what it buffered when a call is cancelled). Only the stream's last results are kept for
-    this (CGW_RECONCILE_TAIL_RESULTS); the first line says from which batch on they are listed."""
-    kept = list(handed)
-    if not kept:
-        return
-    log.error(
-        "stream cut off: the last %d results handed to the caller may not have been read; "
-        "each is logged, earlier ones are presumed read",
-        len(kept),
-        extra={"tenant": tenant.id, "results": len(kept)},
-    )
-    for result in kept:
-        metrics.reconcile(tenant.id, "unread")
-        log.error(
-            "result of batch %d may not have been read (the stream was cut off)",
-            result.batch_index,
-            extra={**_result_fields(tenant, result), "dispatch_id": result.dispatch_id or "-"},
-        )
-
-
-def _fields(tenant: Tenant, index: int, positions: tuple[int, ...], outcome: Outcome) -> dict[str, Any]:
-    return {
-        "tenant": tenant.id,
-        "batch_index": index,
-        "positions": Ranges.of(positions),
-        "recipients": len(positions),
-        "outcome": outcome.name,
-    }
-
-
-def _result_fields(tenant: Tenant, result: BatchResult) -> dict[str, Any]:
-    """What a log line says of a result, for reconciliation: never a secret (Braze's text is scrubbed)."""
-    return {
-        **_fields(tenant, result.batch_index, result.positions, result.outcome),
-        "code": result.code.name,
-        "http_status": result.http_status,
-        "attempts": result.attempts,
-        "braze_message": result.message,
-    }
+                reporting.undelivered(self._metrics, self._tenant, item)

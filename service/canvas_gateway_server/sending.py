@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import results
-from .dispatch import Dispatcher, FanOut, report
+from . import reporting, results
+from .dispatch import Dispatcher, FanOut
 from .errors import InvalidRequest
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
@@ -107,7 +107,7 @@ class Sender:
         if validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
             for result in done:
-                report(self._metrics, tenant, result)
+                reporting.made(self._metrics, tenant, result)
         else:
             done = await self._run_all(tenant, batches, deadline, key)
         done.sort(key=lambda result: result.batch_index)
@@ -127,7 +127,7 @@ class Sender:
     ) -> list[BatchResult]:
         if len(batches) == 1:  # most Sends: one call, no fan-out (its tasks and queue cost latency)
             result = await self._dispatcher.send(tenant, batches[0], deadline, key)
-            report(self._metrics, tenant, result)
+            reporting.made(self._metrics, tenant, result)
             return [result]
         fan = FanOut(
             self._dispatcher,
