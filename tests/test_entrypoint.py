@@ -81,7 +81,7 @@ def test_check_config_refuses_a_redis_url_that_would_not_parse_and_never_quotes_
 def test_accept_lost_keys_needs_redis_and_never_shows_its_url(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """--accept-lost-keys (README: Scaling out; tested against Redis in test_idempotency)."""
+    """--accept-lost-keys (docs/operations.md: where keys live; tested against Redis in test_idempotency)."""
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml("https://rest.iad-01.braze.com"))
     _env(monkeypatch, CGW_TENANTS_FILE=str(tenants), ACME_BRAZE_KEY=KEYS["acme"])

@@ -150,7 +150,7 @@ async def test_replicas_share_the_budget_spend_it_and_never_overspend_it(
     assert len(full) >= 2, by_window
     use = sum(by_window[w][201] for w in full) / (LIMIT * len(full))
     assert use >= 0.95, (use, by_window)
-    # Every replica took part (its workers take connections as the kernel deals them: README).
+    # Every replica took part (its workers take connections as the kernel deals them: docs/operations.md).
     for replica in cluster.replicas:
         assert await metric(replica.admin, "canvas_gateway_braze_requests_total") > 0
 

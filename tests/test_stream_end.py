@@ -1,4 +1,4 @@
-"""How a stream's end is told: a caller's half-close, or a caller cut off (README: How a stream ends).
+"""How a stream's end is told: a caller's half-close, or a caller cut off (docs/api.md: How a stream ends).
 
 grpcio ends a stream's requests alike when the caller half-closes and when the stream is reset
 or its connection lost. A stream cut off with an open batch must not send that batch cut short

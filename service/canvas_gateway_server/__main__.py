@@ -32,7 +32,7 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
         prog="canvas-gateway-server",
         description=(
             f"The canvas-gateway gRPC server. Configure it with {ENV_PREFIX}* environment variables "
-            f"or a TOML file named by {ENV_PREFIX}CONFIG_FILE (see README: Configuration); "
+            f"or a TOML file named by {ENV_PREFIX}CONFIG_FILE (see docs/configuration.md); "
             f"{ENV_PREFIX}TENANTS_FILE names the tenants."
         ),
     )

@@ -6,7 +6,7 @@ serves when metrics are off and in tests of parts that do not look at them.
 
 Naming follows prometheus.io: base units (seconds), `_total` for counters, `canvas_gateway_`
 for the gateway's own. gRPC server metrics keep the names of go-grpc-prometheus
-(`grpc_server_handled_total` and friends), which existing dashboards chart (README: Metrics).
+(`grpc_server_handled_total` and friends), which existing dashboards chart (docs/observability.md: Metrics).
 
 Label values come from bounded sets only: tenant ids (from configuration), outcomes, gRPC
 code names, HTTP statuses, budgets, rule names and reasons. Canvas ids, user ids, tokens,

@@ -39,7 +39,7 @@ class Settings:
     tls_key_file: str = ""
     """PEM private key for tls_cert_file."""
     tenants_file: str = ""
-    """TOML file of tenants (see README). Required unless demo is true."""
+    """TOML file of tenants (see docs/configuration.md). Required unless demo is true."""
     demo: bool = False
     """Run against an embedded fake Braze with one demo tenant. Never in production."""
     demo_braze_port: int = 9700

@@ -2,7 +2,7 @@
 
 A tenant is resolved only from the bearer token its callers present, so no caller can
 pick another tenant's key. Tokens are stored as SHA-256 digests and compared in constant
-time. The TOML file (see README) is read at boot and again on SIGHUP; a reload that fails
+time. The TOML file (see docs/configuration.md) is read at boot and again on SIGHUP; a reload that fails
 keeps the previous tenants, and requests in flight keep the Tenant they started with.
 """
 

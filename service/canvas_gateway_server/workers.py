@@ -6,7 +6,7 @@ as a fresh `python -m canvas_gateway_server`, never forked: gRPC cannot survive 
 
 - the workers all listen on the gRPC port with SO_REUSEPORT; the kernel gives each new
   *connection* to one of them, so a caller spreads over the workers only with several
-  connections (see the README's "Workers");
+  connections (see docs/operations.md, "Workers");
 - each worker's admin listener is a Unix socket in a private folder; the supervisor serves
   the admin address: `/metrics` is every worker's exposition with a `worker` label added,
   `/readyz` is ready when every worker is, `/healthz` when every worker is alive (`worker_admin`);

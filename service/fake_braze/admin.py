@@ -1,6 +1,6 @@
 """The fake's admin API under `/_fake/`, on the same server as the trigger endpoint.
 
-Only what the README documents, for tests and for scripting faults by hand (see `faults.py`
+Only what docs/fake-braze.md documents, for tests and for scripting faults by hand (see `faults.py`
 for the fault format):
 
     POST /_fake/faults      add script entries and/or replace rates and latency

@@ -952,13 +952,13 @@ def test_cli_builds_config_from_flags() -> None:
     assert config.canvases == frozenset({"c1", "c2"})
 
 
-def test_readme_names_every_key_and_canvas_flag_and_no_other() -> None:
-    """The README's section on the fake lists each flag that gives a key or canvas a role, and
-    every flag it mentions exists."""
+def test_docs_name_every_key_and_canvas_flag_and_no_other() -> None:
+    """docs/fake-braze.md lists each flag that gives a key or canvas a role, and every flag it
+    mentions exists."""
     from fake_braze.__main__ import build_parser
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## The fake Braze\n", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "fake-braze.md").read_text()
+    section = page.split("# The fake Braze\n", 1)[1]
     actions = build_parser()._actions
     roles = {flag for a in actions if a.metavar in ("KEY", "ID") for flag in a.option_strings}
     assert roles >= {"--api-key", "--key-without-permission", "--canvas", "--other-canvas"}

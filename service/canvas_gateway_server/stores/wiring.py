@@ -125,7 +125,7 @@ def connect_redis(settings: Settings) -> aioredis.Redis | None:
     except (ValueError, TypeError):
         raise ConfigError(
             "CGW_REDIS_URL is refused by redis-py: a query parameter it does not know, or a value it "
-            "cannot read (see the README's settings)"
+            "cannot read (see docs/configuration.md)"
         ) from None
     return client
 
