@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import orjson
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import convert
+from canvas_gateway_server.edge import convert
 from canvas_gateway_server.model import BatchResult, Code, Outcome
 from canvas_gateway_server.planning import Intake
 from harness import CANVAS, CONTEXT, Figure, chunk, cpu_seconds, free_port

@@ -12,8 +12,8 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.app import DEMO_TOKEN, Gateway
+from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
-from canvas_gateway_server.servicer import SERVICE_NAME
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, learn_budget, tenants_toml

@@ -21,8 +21,8 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server import logs
+from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
-from canvas_gateway_server.servicer import SERVICE_NAME
 from canvas_gateway_server.settings import Settings
 from conftest import FAKE_URLS, KEYS, TOKENS, Harness, free_port, tenants_toml
 from fake_braze import FakeBraze

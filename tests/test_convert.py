@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import convert
+from canvas_gateway_server.edge import convert
 from canvas_gateway_server.model import Rule
 from canvas_gateway_server.validate import encode_head, encode_recipient
 from conftest import EXAMPLES, example, trigger_from_json

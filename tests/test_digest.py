@@ -25,7 +25,7 @@ import aiohttp
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import convert
+from canvas_gateway_server.edge import convert
 from canvas_gateway_server.idempotency import digest
 from canvas_gateway_server.planning import Intake
 from conftest import FAKE_URLS, TOKENS, check_sent_once, tenants_toml

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import convert
+from canvas_gateway_server.edge import convert
 from canvas_gateway_server.metrics import PrometheusMetrics
 from canvas_gateway_server.planning import Intake
 from canvas_gateway_server.settings import Settings

@@ -70,7 +70,7 @@ async def test_an_unauthenticated_caller_learns_nothing_about_decoding(harness: 
 
 
 async def test_a_flood_of_garbage_logs_one_line(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="canvas_gateway_server.servicer")
+    caplog.set_level(logging.WARNING, logger="canvas_gateway_server.edge.servicer")
     for _ in range(50):
         with pytest.raises(grpc.aio.AioRpcError):
             await _raw_send(harness)(UNDECODABLE["bad wire type"], metadata=harness.auth())

@@ -32,12 +32,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from . import __version__, logs, reflection
+from . import __version__, logs
 from .admin import AdminServer, registry_exposition
-from .admission import StreamSlots
 from .breaker import LocalBreaker
-from .calls import CallObserver
 from .dispatch import Dispatcher
+from .edge import reflection
+from .edge.admission import StreamSlots
+from .edge.observer import CallObserver
+from .edge.servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .errors import ConfigError
 from .hangups import Hangups
 from .idempotency import Ledger
@@ -46,7 +48,6 @@ from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
 from .retry_budget import LocalRetryBudget
 from .sending import Sender, SendLimits
-from .servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .settings import Settings
 from .stores.wiring import Stores, open_stores
 from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .errors import (
+from ..errors import (
     GatewayError,
     HeaderTimeout,
     InvalidRequest,

@@ -7,7 +7,7 @@ grpcio's own decoding would answer UNKNOWN with Python's exception text and log 
 
 Every expected failure is raised as a GatewayError and turned into a status by
 `status.abort`, through `_abort`, which counts the violations of refused requests. What the
-access line should say (tenant, summary) is noted on the current `calls.Call`.
+access line should say (tenant, summary) is noted on the current `observer.Call`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf.message import DecodeError, Message
 
-from . import calls, convert, logs, status
+from .. import logs
+from ..errors import HeaderTimeout, InvalidRequest, ShuttingDown, StreamIdle, Unauthenticated
+from ..metrics import Metrics
+from ..model import BatchResult, Rule, Violation
+from ..sending import Sender, StreamSend
+from ..tenants import Tenant, TenantDirectory
+from . import convert, observer, status
 from .admission import StreamHold, StreamSlots
-from .errors import HeaderTimeout, InvalidRequest, ShuttingDown, StreamIdle, Unauthenticated
-from .metrics import Metrics
-from .model import BatchResult, Rule, Violation
-from .sending import Sender, StreamSend
-from .tenants import Tenant, TenantDirectory
 
 Context = grpc.aio.ServicerContext[object, object]
 T = TypeVar("T")
@@ -189,7 +190,7 @@ class CanvasGatewayServicer:
             if token:
                 raise Unauthenticated("unknown bearer token")
             raise Unauthenticated("missing bearer token in `authorization` metadata")
-        calls.note(tenant=tenant.id)
+        observer.note(tenant=tenant.id)
         return tenant
 
     def _deadline(self, context: Context) -> float | None:
@@ -202,7 +203,7 @@ class CanvasGatewayServicer:
     async def _abort(self, context: Context, error: BaseException) -> NoReturn:
         if isinstance(error, InvalidRequest):
             self._metrics.invalid(error.violations)
-        await calls.header_sent()
+        await observer.header_sent()
         await status.abort(context, error)
 
     async def Send(self, raw: bytes, context: Context) -> pb.SendResponse:
@@ -225,10 +226,10 @@ class CanvasGatewayServicer:
                 self._deadline(context),
                 options.idempotency_key or None,
             )
-            calls.note(summary=summary)
+            observer.note(summary=summary)
             return pb.SendResponse(
                 results=[convert.result_to_proto(result) for result in done],
-                summary=convert.summary_to_proto(summary, calls.current_request_id()),
+                summary=convert.summary_to_proto(summary, observer.current_request_id()),
             )
         except Exception as exc:  # every failure of the whole RPC is mapped in one place
             await self._abort(context, exc)
@@ -270,7 +271,7 @@ class CanvasGatewayServicer:
             await asyncio.wait((reader.drain(),), timeout=self._drain_seconds)
             reader.close()
             await self._abort(context, exc)
-        calls.note(summary=session.summary)
+        observer.note(summary=session.summary)
         self._metrics.stream_opened(tenant.id)
         try:
             async for response in self._stream_results(session, reader, header, context):
@@ -376,7 +377,7 @@ class CanvasGatewayServicer:
             if failure:
                 await self._abort(context, failure[0])
             yield pb.SendStreamResponse(
-                summary=convert.summary_to_proto(session.summary, calls.current_request_id())
+                summary=convert.summary_to_proto(session.summary, observer.current_request_id())
             )
         except (asyncio.CancelledError, GeneratorExit):
             # The RPC was cut off (the caller went away, or shutdown outlasted its grace): what gRPC

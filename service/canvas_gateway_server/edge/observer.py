@@ -34,9 +34,9 @@ from typing import Any, Final, TypeAlias
 
 import grpc
 
-from .logs import REQUEST_ID, Counts
-from .metrics import Metrics
-from .model import Outcome, Summary
+from ..logs import REQUEST_ID, Counts
+from ..metrics import Metrics
+from ..model import Outcome, Summary
 
 log = logging.getLogger("canvas_gateway_server.access")
 

@@ -22,8 +22,8 @@ from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, time
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
-from .braze import CONTEXT_NAMES
-from .model import BatchResult, Outcome, Summary, Violation
+from ..braze import CONTEXT_NAMES
+from ..model import BatchResult, Outcome, Summary, Violation
 
 _EXACT_INT_LIMIT: Final = 2**53
 
