@@ -17,9 +17,23 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
 from canvas_gateway_server.app import git_commit
-from canvas_gateway_server.metrics import RECONCILE_REASONS
+from canvas_gateway_server.metrics import (
+    RECONCILE_REASONS,
+    BatchMetrics,
+    EdgeMetrics,
+    Metrics,
+    ProcessMetrics,
+    PrometheusMetrics,
+    StateMetrics,
+)
+from canvas_gateway_server.metrics.batches import PrometheusBatches
+from canvas_gateway_server.metrics.edge import PrometheusEdge
+from canvas_gateway_server.metrics.levels import Levels
+from canvas_gateway_server.metrics.process import PrometheusProcess
+from canvas_gateway_server.metrics.state import PrometheusState
 from conftest import KEYS, TOKENS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig, Fault
+from prometheus_client import CollectorRegistry
 
 SERVICE = "canvas_gateway.v1.CanvasGatewayService"
 RECONCILED = "canvas_gateway_reconciliation_results_total"
@@ -361,3 +375,32 @@ async def test_the_event_loop_lag_is_sampled_twice_a_second(harness: Harness) ->
     assert value(harness, "canvas_gateway_event_loop_lag_seconds_bucket", le="0.1") < value(
         harness, "canvas_gateway_event_loop_lag_seconds_count"
     )
+
+
+def test_every_concern_counts_its_whole_port_and_they_compose_without_a_clash() -> None:
+    """A port method left to its no-op base in `PrometheusMetrics`, or two concerns keeping an
+    attribute under one name on the one instance they share, fails here."""
+    ports = {EdgeMetrics, BatchMetrics, StateMetrics, ProcessMetrics, Metrics}
+    events = [name for name in dir(Metrics) if not name.startswith("_")]
+    assert len(events) == 27
+    ignored = [
+        name
+        for name in events
+        if next(cls for cls in PrometheusMetrics.__mro__ if name in vars(cls)) in ports
+    ]
+    assert ignored == []
+
+    levels = Levels(time.time)
+    concerns = [
+        vars(PrometheusEdge(CollectorRegistry(), levels)),
+        vars(PrometheusBatches(CollectorRegistry(), levels, invalid=Metrics().invalid)),
+        vars(PrometheusState(CollectorRegistry())),
+        vars(PrometheusProcess(CollectorRegistry(), version="t", git_commit="t")),
+    ]
+    shared = {
+        name
+        for i, one in enumerate(concerns)
+        for other in concerns[i + 1 :]
+        for name in one.keys() & other.keys()
+    }
+    assert shared == {"_levels"}  # the one collector, the same object in both

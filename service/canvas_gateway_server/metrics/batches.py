@@ -1,0 +1,202 @@
+"""Sending: batches in flight, calls to Braze and their answers' rate-limit headers, retries, waits,
+pauses, circuit breakers, the results handed back and those waiting in streams' queues. Reported by
+`dispatch` and `idempotency`; breakers through `app`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from ..model import BatchResult, Outcome, Violation
+from ..reply import Delivery, Reply
+from .families import Family, counter
+from .levels import Levels
+
+BRAZE_SECONDS_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
+"""Braze calls: 10 ms (a fast answer) to 30 s (the default call timeout)."""
+
+
+def budget(broadcast: bool) -> str:
+    """Braze keeps separate budgets for recipient calls and broadcast calls."""
+    return "broadcast" if broadcast else "recipients"
+
+
+class BatchMetrics:
+    """What happens to batches on their way to Braze and back. This base ignores it all."""
+
+    def batch_started(self, tenant: str) -> None: ...
+
+    def batch_finished(self, tenant: str) -> None: ...
+
+    def braze_call(self, tenant: str, broadcast: bool, reply: Reply, seconds: float) -> None: ...
+
+    def retry(self, tenant: str, reason: str) -> None: ...
+
+    def retry_denied(self, tenant: str) -> None:
+        """A retry the tenant's retry budget refused: its batch ended with the last call's result."""
+
+    def rate_limit_wait(self, tenant: str, seconds: float) -> None: ...
+
+    def breaker_state(self, braze_host: str, state: int) -> None:
+        """A Braze URL's circuit changed state (0 closed, 1 open, 2 half-open)."""
+
+    def paused(self, tenant: str, broadcast: bool, until: float) -> None:
+        """The tenant's budget is spent until `until` (epoch seconds; 0: not paused)."""
+
+    def result(self, tenant: str, result: BatchResult) -> None:
+        """A batch's result handed back. One `replayed` (kept under an idempotency key by an earlier
+        call) is counted apart: its outcome was counted when it was decided."""
+
+    def buffered(self, tenant: str, delta: int) -> None:
+        """Results handed to a stream's queue (+1) or taken by its caller (-1)."""
+
+
+class PrometheusBatches(BatchMetrics):
+    """Counts sending into `registry`; the gauges that move per batch go to `levels`, which its owner
+    registers. A result's violations go to `invalid`, where the edge counts a request's."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        levels: Levels,
+        *,
+        invalid: Callable[[Iterable[Violation]], None],
+    ) -> None:
+        self._braze_requests = counter(
+            registry,
+            "canvas_gateway_braze_requests_total",
+            "Calls to Braze, by HTTP status; status_class `failed` for calls without an answer "
+            "(status `not_sent`: could not connect; `unknown`: failed after sending).",
+            ("tenant", "status_class", "status"),
+        )
+        self._braze_seconds = Family(
+            Histogram(
+                "canvas_gateway_braze_request_duration_seconds",
+                "Time of one call to Braze, to the end of its response body.",
+                ("tenant",),
+                buckets=BRAZE_SECONDS_BUCKETS,
+                registry=registry,
+            )
+        )
+        self._retries = counter(
+            registry,
+            "canvas_gateway_retries_total",
+            "Calls made again: after a 429 (rate_limited) or a connection that never opened "
+            "(connect_failed).",
+            ("tenant", "reason"),
+        )
+        self._retries_denied = counter(
+            registry,
+            "canvas_gateway_retries_denied_total",
+            "Retries the tenant's retry budget refused (retries above its share of calls): the batch "
+            "ended with the result of the call before.",
+            ("tenant",),
+        )
+        self._waited = counter(
+            registry,
+            "canvas_gateway_rate_limit_wait_seconds_total",
+            "Time batches spent waiting for a rate-limit reset or a Retry-After.",
+            ("tenant",),
+        )
+        self._recipients = counter(
+            registry,
+            "canvas_gateway_recipients_total",
+            "Recipients with a result, by outcome (sent, canvas_inactive, rejected, unknown, not_attempted).",
+            ("tenant", "outcome"),
+        )
+        self._batches = counter(
+            registry,
+            "canvas_gateway_batches_total",
+            "Batch results, by outcome and google.rpc.Code name.",
+            ("tenant", "outcome", "code"),
+        )
+        self._replayed_recipients = counter(
+            registry,
+            "canvas_gateway_replayed_recipients_total",
+            "Recipients of results replayed under an idempotency key (kept from an earlier call, "
+            "Braze not called), by outcome; not in canvas_gateway_recipients_total.",
+            ("tenant", "outcome"),
+        )
+        self._replayed_batches = counter(
+            registry,
+            "canvas_gateway_replayed_batches_total",
+            "Batch results replayed under an idempotency key, by outcome and google.rpc.Code name; "
+            "not in canvas_gateway_batches_total.",
+            ("tenant", "outcome", "code"),
+        )
+        self._breaker_state = Family(
+            Gauge(
+                "canvas_gateway_braze_breaker_state",
+                "Circuit breaker of a Braze instance: 0 closed, 1 open (its batches end "
+                "NOT_ATTEMPTED), 2 half-open (one probe call).",
+                ("braze_host",),
+                registry=registry,
+            )
+        )
+        self._breaker_opened = counter(
+            registry,
+            "canvas_gateway_braze_breaker_opened_total",
+            "Times a Braze instance's circuit opened after consecutive failed calls.",
+            ("braze_host",),
+        )
+        self._levels = levels
+        self._invalid = invalid
+
+    def outcomes_at_zero(self, tenant: str) -> None:
+        """A tenant's outcome series at 0 from the start, so increase() sees its first outcome."""
+        for outcome in Outcome:
+            self._recipients(tenant, outcome.name.lower())
+        self._batches(tenant, "sent", "OK")  # CanvasGatewayNoSuccessfulSends sees the first
+
+    def batch_started(self, tenant: str) -> None:
+        self._levels.in_flight[tenant] += 1
+
+    def batch_finished(self, tenant: str) -> None:
+        self._levels.in_flight[tenant] -= 1
+
+    def braze_call(self, tenant: str, broadcast: bool, reply: Reply, seconds: float) -> None:
+        if reply.delivery is Delivery.RESPONDED:
+            status_class, status = f"{reply.status // 100}xx", str(reply.status)
+        else:
+            status_class, status = "failed", reply.delivery.value
+        self._braze_requests(tenant, status_class, status).inc()
+        self._braze_seconds(tenant).observe(seconds)
+        rate = reply.rate
+        if rate.remaining is not None:
+            self._levels.remaining[(tenant, budget(broadcast))] = rate.remaining
+        if rate.limit is not None:
+            self._levels.limit[(tenant, budget(broadcast))] = rate.limit
+
+    def retry(self, tenant: str, reason: str) -> None:
+        self._retries(tenant, reason).inc()
+
+    def retry_denied(self, tenant: str) -> None:
+        self._retries_denied(tenant).inc()
+
+    def rate_limit_wait(self, tenant: str, seconds: float) -> None:
+        self._waited(tenant).inc(seconds)
+
+    def breaker_state(self, braze_host: str, state: int) -> None:
+        self._breaker_state(braze_host).set(state)
+        if state == 1:
+            self._breaker_opened(braze_host).inc()
+
+    def paused(self, tenant: str, broadcast: bool, until: float) -> None:
+        self._levels.paused_until[(tenant, budget(broadcast))] = until
+
+    def result(self, tenant: str, result: BatchResult) -> None:
+        outcome = result.outcome.name.lower()
+        count = len(result.positions)
+        if result.replayed:  # counted when its outcome was decided, by whichever call decided it
+            self._replayed_recipients(tenant, outcome).inc(count)
+            self._replayed_batches(tenant, outcome, result.code.name).inc()
+            return
+        self._recipients(tenant, outcome).inc(count)
+        self._batches(tenant, outcome, result.code.name).inc()
+        if result.violations:
+            self._invalid(result.violations)
+
+    def buffered(self, tenant: str, delta: int) -> None:
+        self._levels.buffered[tenant] += delta
