@@ -49,7 +49,7 @@ from pathlib import Path
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server import idempotency
+from canvas_gateway_server import keeping
 from canvas_gateway_server.idempotency import ResultStore, Verdict
 from canvas_gateway_server.model import BatchResult, Code, Outcome
 from canvas_gateway_server.rate_budget import BudgetStore, Ticket
@@ -83,7 +83,7 @@ TIMEOUT_SECONDS = 5.0
 """Redis timeout of the stores called here: generous, a slow answer on a busy machine is a figure."""
 BUDGET = ("bench", False)
 DIGEST = "0" * 32
-KEPT = idempotency.encode(
+KEPT = keeping.encode(
     BatchResult(
         0,
         tuple(range(BATCH)),

@@ -26,7 +26,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.edge import convert
-from canvas_gateway_server.idempotency import digest
+from canvas_gateway_server.keeping import digest
 from canvas_gateway_server.planning import Intake
 from conftest import FAKE_URLS, TOKENS, check_sent_once, tenants_toml
 from fake_braze import FakeBraze

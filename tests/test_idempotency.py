@@ -21,17 +21,8 @@ import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import results
 from canvas_gateway_server.errors import ConfigError, StoreLost, StoreUnavailable
-from canvas_gateway_server.idempotency import (
-    DEFAULT_CAPACITY,
-    Claim,
-    Claimed,
-    Ledger,
-    ResultStore,
-    Verdict,
-    decode,
-    describe,
-    encode,
-)
+from canvas_gateway_server.idempotency import DEFAULT_CAPACITY, Claim, Claimed, Ledger, ResultStore, Verdict
+from canvas_gateway_server.keeping import decode, describe, encode
 from canvas_gateway_server.metrics import PrometheusMetrics
 from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome
 from canvas_gateway_server.reply import Delivery, Reply

@@ -30,21 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import logging
 import random
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
-import orjson
-
-from . import results
+from . import keeping, results
 from .errors import StoreLost, StoreUnavailable
 from .metrics import Metrics
-from .model import Batch, BatchResult, Code, Outcome
+from .model import Batch, BatchResult
 from .tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -56,20 +53,12 @@ DEFAULT_CAPACITY: Final = 50_000
 30 MB: it fits deploy/k8s' memory limit beside the gateway's own 60 MB)."""
 DEFAULT_LEASE: Final = 900.0
 """CGW_IDEMPOTENCY_LEASE_SECONDS: the longest a claim counts as in flight while its process runs."""
-CUT_OFF_TEXT: Final = (
-    "outcome unknown: the call that sent this batch under this idempotency key was cut off (its "
-    "caller went away) while Braze was being called; it is not sent again"
-)
 BUSY_RETRY_SECONDS: Final = 1.0
 """When a caller told that a batch is in flight elsewhere should try again."""
 RETRY_BASE_SECONDS: Final = 0.2
 RETRY_MAX_SECONDS: Final = 5.0
 """What the store did not take is offered again after 0.2 s, doubling to at most 5 s (each with
 jitter) while it does not answer: one operation at a time, however many are waiting."""
-LOST_TEXT: Final = (
-    "outcome unknown: an earlier call under this idempotency key was sending this batch when its "
-    "gateway stopped; it is not sent again"
-)
 
 
 class Verdict(enum.Enum):
@@ -109,76 +98,6 @@ class ResultStore(Protocol):
         """End the claim `token`: keep `kept` (unless another call's claim holds the batch); or
         (None) release the claim if it is still `token`'s, so that a later call sends the batch."""
         ...
-
-
-def digest(batch: Batch) -> str:
-    """What a batch is: its body (canvas, context, recipients in order) as sent to Braze.
-
-    The body is canonical JSON (`validate` sorts keys at every depth; the head's keys all sort
-    before `recipients`, which `batching` appends last): map entries in any order, decoded in
-    any process, give one body and one digest (tests/test_digest.py)."""
-    return hashlib.blake2b(batch.body, digest_size=16).hexdigest()
-
-
-def kept(result: BatchResult) -> bool:
-    """Whether a result must be kept: the batch may have been sent (SENT, UNKNOWN), so sending it
-    again could message someone twice. Every other result says that nothing was sent (a 429, a
-    401 for a wrong key, a 400, a paused Canvas, no connection...): the claim is released, and a
-    later call sends the batch, once the cause is fixed (CONTRACT.md point 31)."""
-    return result.outcome in (Outcome.SENT, Outcome.UNKNOWN)
-
-
-_FIELDS: Final = (
-    "status_message",
-    "retryable",
-    "dispatch_id",
-    "message",
-    "notice",
-    "errors",
-    "http_status",
-    "attempts",
-)
-
-
-def encode(result: BatchResult) -> bytes:
-    fields: dict[str, Any] = {name: getattr(result, name) for name in _FIELDS}
-    fields["outcome"], fields["code"] = result.outcome.value, int(result.code)
-    fields["recipients"] = len(result.positions)
-    return orjson.dumps(fields)
-
-
-def decode(data: bytes, batch: Batch) -> BatchResult:
-    """A kept result as this batch's (its index and positions are this call's)."""
-    if not data:  # LOST: kept as UNKNOWN without a result
-        return replace(_lost(batch), replayed=True)
-    fields = orjson.loads(data)
-    outcome, code = Outcome(fields.pop("outcome")), Code(fields.pop("code"))
-    fields.pop("recipients", None)
-    fields["errors"] = tuple(fields["errors"])
-    return BatchResult(batch.index, batch.positions, outcome, code, replayed=True, **fields)
-
-
-def describe(data: bytes | None) -> str:
-    """What a repeat with another body is told of the batch under its key and index."""
-    if data is None:
-        return "that batch is being sent by another call now"
-    if not data:
-        return "that batch ended UNKNOWN (its gateway stopped while calling Braze): it may have been sent"
-    fields = orjson.loads(data)
-    outcome = Outcome(fields["outcome"]).name
-    count = fields.get("recipients")
-    text = f"that batch{f' of {count} recipients' if count else ''} ended {outcome}"
-    if fields.get("dispatch_id"):
-        text += f" (dispatch_id {fields['dispatch_id']})"
-    if outcome == "SENT":
-        text += ": its recipients were sent"
-    elif outcome == "UNKNOWN":
-        text += ": it may have been sent"
-    return text
-
-
-def _lost(batch: Batch, text: str = LOST_TEXT) -> BatchResult:
-    return BatchResult(batch.index, batch.positions, Outcome.UNKNOWN, Code.UNKNOWN, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +150,7 @@ class Ledger:
         return len(self._backlog)
 
     async def claim(self, tenant: Tenant, key: str, batch: Batch) -> Claimed | BatchResult:
-        claimed = Claimed(tenant, f"{tenant.id}/{key}", batch, digest(batch), uuid.uuid4().hex)
+        claimed = Claimed(tenant, f"{tenant.id}/{key}", batch, keeping.digest(batch), uuid.uuid4().hex)
         try:
             claim = await self._store.claim(claimed.scope, batch.index, claimed.digest, claimed.token)
         except StoreLost as exc:  # refused before anything was claimed
@@ -259,13 +178,13 @@ class Ledger:
                 )
                 return claimed
             case Verdict.KEPT:
-                return decode(claim.kept or b"", batch)
+                return keeping.decode(claim.kept or b"", batch)
             case Verdict.LOST:  # decided now (its gateway stopped first): counted once, as new
-                lost = _lost(batch)
+                lost = keeping.lost(batch)
                 self._metrics.result(tenant.id, lost)
                 return replace(lost, replayed=True)
             case Verdict.MISMATCH:
-                return results.key_reused(batch, describe(claim.kept))
+                return results.key_reused(batch, keeping.describe(claim.kept))
             case Verdict.BUSY:
                 return results.key_busy(batch, time.time() + BUSY_RETRY_SECONDS)
 
@@ -294,7 +213,7 @@ class Ledger:
         """Keep the result, or release the claim. While the store does not answer this waits in
         the backlog (for as long as the lease), so the claim does not stay in flight; the result
         is logged for reconciliation meanwhile."""
-        data = encode(result) if kept(result) else None
+        data = keeping.encode(result) if keeping.kept(result) else None
         try:
             await self._store.keep(claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data)
         except (StoreUnavailable, StoreLost):
@@ -319,11 +238,11 @@ class Ledger:
         """The call was cancelled: keep UNKNOWN if the batch may have gone out, else release it,
         through the backlog (the cancelled task cannot wait)."""
         if sent:
-            result = _lost(claimed.batch, CUT_OFF_TEXT)
+            result = keeping.lost(claimed.batch, keeping.CUT_OFF_TEXT)
         else:
             result = results.not_attempted(claimed.batch, "cancelled")
         self._metrics.result(claimed.tenant.id, result)  # no caller reports it; repeats replay it
-        self._offer(claimed, encode(result) if sent else None)
+        self._offer(claimed, keeping.encode(result) if sent else None)
 
     def _failed(self) -> None:
         self._failures = max(self._failures, 1)
