@@ -21,8 +21,8 @@ import grpc
 import pytest
 from canvas_gateway_client import cli
 from conftest import TOKENS, Harness
-from fake_braze.app import ReceivedCall
 from fake_braze.faults import Fault
+from fake_braze.record import ReceivedCall
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
 BUILT = {

@@ -22,8 +22,9 @@ clock), `faults` (fault state), `app` (the aiohttp server and its check order),
 
 from canvas_gateway_server.braze import ARCHIVED_NOTICE, PAUSED_NOTICE
 
-from .app import FakeBraze, FakeBrazeConfig, ReceivedCall
+from .app import FakeBraze, FakeBrazeConfig
 from .faults import Fault, FaultError
+from .record import ReceivedCall
 
 __all__ = [
     "ARCHIVED_NOTICE",

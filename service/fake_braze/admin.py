@@ -16,18 +16,25 @@ JSON error shape like every other error.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from .faults import FaultError
-
-if TYPE_CHECKING:  # app imports this module to add the routes
-    from .app import FakeBraze, ReceivedCall
+from .faults import FaultError, FaultState
+from .record import ReceivedCall
 
 
-def add_routes(app: web.Application, fake: FakeBraze) -> None:
+class Recorder(Protocol):
+    """What the admin API reads and resets of the fake (`app.FakeBraze`)."""
+
+    faults: FaultState
+    calls: list[ReceivedCall]
+
+    def clear(self) -> None: ...
+
+
+def add_routes(app: web.Application, fake: Recorder) -> None:
     """Serve `fake`'s admin API on `app`."""
 
     async def show_faults(_: web.Request) -> web.Response:

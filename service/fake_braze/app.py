@@ -35,6 +35,7 @@ from canvas_gateway_server.braze import ARCHIVED_NOTICE, MAX_BODY_BYTES, PAUSED_
 from . import admin, rules
 from .faults import Action, FaultState
 from .ratelimit import HOUR, RateLimiter
+from .record import ReceivedCall
 
 # Braze sends the rate-limit headers on a 401, but with empty values.
 _UNKNOWN_LIMIT_HEADERS: Final = {
@@ -97,19 +98,6 @@ class FakeBrazeConfig:
             raise ValueError("hourly_window_seconds must be from 1 to 3600")
         # FaultState validates rates and latency; build one to fail here, not at start.
         FaultState(random.Random(0), self.error_rates, self.reset_rate, self.latency_seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedCall:
-    """One request to `/canvas/trigger/send`, as the fake saw and answered it."""
-
-    api_key: str | None  # the key after "Bearer ", or None without one
-    body: Any  # the parsed JSON, or None when it did not parse
-    raw: bytes
-    status: int  # what the fake answered; 0 when it dropped the connection
-    received_at: float  # config.clock() when the request arrived
-    dispatch_id: str | None = None  # set on 201
-    notice: str | None = None  # set on 201 for a paused or archived Canvas
 
 
 class FakeBraze:
