@@ -14,6 +14,9 @@ Strict only where Braze is: what Braze documents as an error is refused here, be
 call; what it does not (a `prioritization` without `email`, repeated prioritization values,
 a `value` with `exists`) is passed through for Braze to answer (docs/braze/CONTRACT.md,
 section 8, points 22 to 25).
+
+Longer than 300 lines on purpose: the rules are read and reviewed against CONTRACT.md as one
+list, top to bottom, and split by topic they would share their path-building helpers.
 """
 
 from __future__ import annotations
