@@ -17,7 +17,9 @@ This module is the package's public face; the modules behind it, by job:
     tracking     results in the caller's terms across streams (Tracked), the summary
     keyed        the same under an idempotency key (KeyForgotten when the gateway lost it)
     errors       the gateway's error details: field violations, ErrorInfo, resume_position
-    cli          the `canvas-gateway` command's run: arguments, commands, console, inputs, report
+    cli          the `canvas-gateway` command's run, with its arguments, exits (statuses),
+                 commands, console (what it prints), inputs and rows (files read), report
+                 (the results file and progress)
 """
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb

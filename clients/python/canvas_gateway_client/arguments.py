@@ -7,9 +7,7 @@ import argparse
 from importlib import metadata
 
 from .exits import EXIT_STATUS
-from .inputs import (
-    FORMATS,
-)
+from .inputs import FORMATS
 from .recipients import DEFAULT_CHUNK_SIZE
 
 DEFAULT_TARGET = "127.0.0.1:50051"

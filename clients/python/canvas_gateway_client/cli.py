@@ -11,8 +11,12 @@
 integers as numbers, outcomes by the proto's names: OUTCOME_SENT), and a summary for people on
 stderr (outcomes without the prefix, as in the results file: SENT). The token comes from
 CANVAS_GATEWAY_TOKEN (or `--token`) and is never printed. The exit status says how it went
-(EXIT_STATUS below). With `--idempotency-key KEY` the same command run again with the same key
+(exits.EXIT_STATUS). With `--idempotency-key KEY` the same command run again with the same key
 after a failure sends nothing twice: what was sent comes back with `"replayed": true`.
+
+This module is the run of one command: its arguments parsed (arguments.py), the client opened,
+the command run (commands.py) into a `Report` (console.py), a failure mapped to its exit status
+(exits.py).
 """
 
 from __future__ import annotations
@@ -33,11 +37,9 @@ from .commands import COMMANDS, Command
 from .console import Console, Report
 from .errors import KeyForgotten, bad_request_violations
 from .exits import _RPC_EXITS, EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID
-from .inputs import (
-    InputError,
-    format_of,
-)
+from .inputs import format_of
 from .report import ResultsFile, counted
+from .rows import InputError
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:

@@ -12,19 +12,10 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 
 from .client import CanvasGatewayClient
 from .console import Report
-from .inputs import (
-    InputError,
-    LineMap,
-    Row,
-    close_recipients,
-    count_rows,
-    format_of,
-    open_recipients,
-    read_body,
-    read_rows,
-)
+from .inputs import LineMap, close_recipients, count_rows, format_of, open_recipients, read_body, read_rows
 from .recipients import RecipientSource
 from .report import Progress
+from .rows import InputError, Row
 
 
 def demo_recipients(count: int) -> Iterator[pb.Recipient]:

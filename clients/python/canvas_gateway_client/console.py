@@ -18,11 +18,9 @@ from google.protobuf import json_format, message
 from google.protobuf.descriptor import FieldDescriptor
 
 from .exits import EXIT_INVALID, EXIT_NOT_READ, EXIT_NOT_SENT, EXIT_OK
-from .inputs import (
-    InputError,
-    LineMap,
-)
+from .inputs import LineMap
 from .report import Progress, Reasons, ResultsFile, counted
+from .rows import InputError
 from .streaming import Waiting
 
 BATCH_SIZE = 50  # Braze's recipients per call, so the gateway's most per batch
