@@ -20,6 +20,7 @@ kept out of every repr and exception text.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Self
@@ -223,10 +224,11 @@ class CanvasGatewayClient:
         )
         again = _rereadable(recipients)
         if idempotency_key and resumes and again is not None:
-            async for tracked in streaming.keyed(send, again, _Keyed(resumes)):
+            results = streaming.keyed(send, again, _Keyed(resumes))
+        else:
+            if idempotency_key:
+                resumes = 0  # read once: a resume of what has no result would not match the kept batches
+            results = streaming.resumable(send, _once(recipients), _Resumable(resumes))
+        async with contextlib.aclosing(results):  # a caller that stops early ends the RPC now
+            async for tracked in results:
                 yield tracked
-            return
-        if idempotency_key:
-            resumes = 0  # read once: a resume of what has no result would not match the kept batches
-        async for tracked in streaming.resumable(send, _once(recipients), _Resumable(resumes)):
-            yield tracked

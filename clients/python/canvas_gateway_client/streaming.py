@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple, TypeAlias
 
@@ -79,7 +79,9 @@ class StreamSend:
     on_wait: OnWait | None
 
 
-async def resumable(send: StreamSend, recipients: Recipients, state: _Resumable) -> AsyncIterator[Tracked]:
+async def resumable(
+    send: StreamSend, recipients: Recipients, state: _Resumable
+) -> AsyncGenerator[Tracked, None]:
     """The send without a key: a stream the gateway ends by draining goes on in a new one with
     the recipients without a result (see `CanvasGatewayClient.send_stream`)."""
     source = _Source(recipients, send.chunk_size)
@@ -136,7 +138,7 @@ async def resumable(send: StreamSend, recipients: Recipients, state: _Resumable)
 
 async def keyed(
     send: StreamSend, recipients: Callable[[], Recipients], state: _Keyed
-) -> AsyncIterator[Tracked]:
+) -> AsyncGenerator[Tracked, None]:
     """The send with an idempotency key and resumes: each stream sends the whole sequence from
     position 0 (see `_Keyed`)."""
     loop = asyncio.get_running_loop()
