@@ -27,7 +27,8 @@ from canvas_gateway_client import (
     pb,
     to_trigger,
 )
-from canvas_gateway_client.cli import Console, Report, main, run
+from canvas_gateway_client.cli import main, run
+from canvas_gateway_client.console import Console, Report
 from canvas_gateway_client.report import COLUMNS, Progress, Reasons, reason
 from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
 from fake_braze import PAUSED_NOTICE, FakeBrazeConfig

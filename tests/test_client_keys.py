@@ -19,7 +19,8 @@ import grpc
 import pytest
 from canvas_gateway_client import CanvasGatewayClient, KeyForgotten, pb, resume_position
 from canvas_gateway_client.cli import run
-from canvas_gateway_client.client import MAX_HELD_RESULTS, _Keyed, _Stream
+from canvas_gateway_client.keyed import _Keyed
+from canvas_gateway_client.tracking import MAX_HELD_RESULTS, _Stream
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
 from conftest import (

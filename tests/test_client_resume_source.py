@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from canvas_gateway_client import CanvasGatewayClient, error_info, pb, resume_position
-from canvas_gateway_client.client import MAX_HELD_RESULTS
+from canvas_gateway_client.tracking import MAX_HELD_RESULTS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
 from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml

@@ -142,7 +142,14 @@ def test_every_alert_has_a_runbook_section_and_the_dashboard_s_link() -> None:
     assert len(sections) == len(rules)  # and no section for an alert that is gone
 
 
-LINKED_DOCS = ["*.md", "clients/*.md", "clients/*/README.md", "docs/**/*.md", "deploy/**/*.md"]
+LINKED_DOCS = [
+    "*.md",
+    "clients/*.md",
+    "clients/*/README.md",
+    "clients/python/stubs/README.md",
+    "docs/**/*.md",
+    "deploy/**/*.md",
+]
 
 
 def _prose(text: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from canvas_gateway_client import cli
+from canvas_gateway_client import exits
 from conftest import TOKENS, Harness
 from fake_braze.faults import Fault
 from fake_braze.record import ReceivedCall
@@ -207,24 +207,24 @@ def _first_index(call: ReceivedCall) -> int:
 
 def test_the_exit_table_holds_the_cli() -> None:
     """The CLI column of clients/README.md's exit table is what the Python CLI returns."""
-    rpc = cli._RPC_EXITS
+    rpc = exits._RPC_EXITS
     statuses = {
-        "every result": cli.EXIT_OK,
-        "some result not": cli.EXIT_NOT_SENT,
-        "a bad flag": cli.EXIT_INVALID,
-        "no `CANVAS_GATEWAY_TOKEN`": cli.EXIT_AUTH,
+        "every result": exits.EXIT_OK,
+        "some result not": exits.EXIT_NOT_SENT,
+        "a bad flag": exits.EXIT_INVALID,
+        "no `CANVAS_GATEWAY_TOKEN`": exits.EXIT_AUTH,
         "the gateway refused the request": rpc[grpc.StatusCode.INVALID_ARGUMENT],
         "the gateway refused the token": rpc[grpc.StatusCode.UNAUTHENTICATED],
         "the gateway is unreachable": rpc[grpc.StatusCode.UNAVAILABLE],
-        "any other RPC failure": rpc.get(grpc.StatusCode.DEADLINE_EXCEEDED, cli.EXIT_FAILED),
-        "rows of the recipients file": cli.EXIT_NOT_READ,
-        "interrupted": cli.EXIT_INTERRUPTED,
+        "any other RPC failure": rpc.get(grpc.StatusCode.DEADLINE_EXCEEDED, exits.EXIT_FAILED),
+        "rows of the recipients file": exits.EXIT_NOT_READ,
+        "interrupted": exits.EXIT_INTERRUPTED,
     }
     assert rpc[grpc.StatusCode.PERMISSION_DENIED] == rpc[grpc.StatusCode.UNAUTHENTICATED]
     assert len(EXIT_TABLE) == len(statuses)
     for row, status in statuses.items():
         assert exit_status(row, "CLI") == status, row
-        assert f"\n  {status:<4} " in cli.EXIT_STATUS, status  # and its --help lists it
+        assert f"\n  {status:<4} " in exits.EXIT_STATUS, status  # and its --help lists it
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
