@@ -29,7 +29,7 @@ BUILT = {
     "python": CLIENTS / "python" / "examples" / "send_stream.py",
     "go": CLIENTS / "go" / "bin" / "send-stream",
     "node": CLIENTS / "node" / "dist" / "examples" / "send-stream.js",
-    "java": CLIENTS / "java" / "target" / "canvas-gateway-client.jar",
+    "java": CLIENTS / "java" / "examples" / "target" / "canvas-gateway-examples.jar",
 }
 LANGUAGES = list(BUILT)
 # The examples that take --idempotency-key (clients/README.md); Python's take it not yet (the
