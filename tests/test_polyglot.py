@@ -29,7 +29,7 @@ BUILT = {
     "python": CLIENTS / "python" / "examples" / "send_stream.py",
     "go": CLIENTS / "go" / "bin" / "send-stream",
     "node": CLIENTS / "node" / "dist" / "examples" / "send-stream.js",
-    "java": CLIENTS / "java" / "target" / "canvas-gateway-client.jar",
+    "java": CLIENTS / "java" / "examples" / "target" / "canvas-gateway-examples.jar",
 }
 LANGUAGES = list(BUILT)
 # The examples that take --idempotency-key (clients/README.md); Python's take it not yet (the
@@ -73,12 +73,16 @@ class Run:
     stderr: str
 
 
-async def example(language: str, program: str, *args: str, token: str | None = TOKENS["acme"]) -> Run:
-    """Run clients/<language>/example <program> <args> and parse what it prints."""
+def _require_built(language: str) -> None:
     if not BUILT[language].exists():
         if os.environ.get("REQUIRE_CLIENT_BUILDS") == "1":
             pytest.fail(f"the {language} example is not built: run `make clients`")
         pytest.skip(f"the {language} example is not built (make clients)")
+
+
+async def example(language: str, program: str, *args: str, token: str | None = TOKENS["acme"]) -> Run:
+    """Run clients/<language>/example <program> <args> and parse what it prints."""
+    _require_built(language)
     environ = {k: v for k, v in os.environ.items() if k != "CANVAS_GATEWAY_TOKEN"}
     if token is not None:
         environ["CANVAS_GATEWAY_TOKEN"] = token
@@ -315,3 +319,46 @@ async def test_an_unreachable_gateway_fails_the_rpc(language: str) -> None:
 async def test_a_bad_flag_is_a_usage_error(language: str) -> None:
     run = await example(language, "send", "--no-such-flag")
     assert run.code == exit_status("a bad flag") and run.results == []
+
+
+JAVA_EXAMPLES = (
+    CLIENTS / "java" / "examples" / "src" / "main" / "java" / "internal" / "canvasgateway" / "examples"
+)
+
+
+def test_the_java_readme_s_usage_is_the_quickstart_example_verbatim() -> None:
+    """The README's snippet is a file the build compiles, so it cannot stop compiling unseen."""
+    readme = (CLIENTS / "java" / "README.md").read_text()
+    assert f"```java\n{(JAVA_EXAMPLES / 'Quickstart.java').read_text()}```\n" in readme
+
+
+async def test_the_java_quickstart_sends_through_the_library_and_its_key_replays(harness: Harness) -> None:
+    """The library's client end to end: Send under an idempotency key with a deadline (replayed the
+    second time), then a SendStream without a key (sent again)."""
+    _require_built("java")
+    main = "internal.canvasgateway.examples.Quickstart"
+    environ = {**os.environ, "CANVAS_GATEWAY_TOKEN": TOKENS["acme"]}
+    outputs = []
+    for _ in range(2):
+        process = await asyncio.create_subprocess_exec(
+            "java",
+            "-cp",
+            str(BUILT["java"]),
+            main,
+            harness.target,
+            env=environ,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), RUN_SECONDS)
+        assert process.returncode == 0, err.decode()
+        outputs.append(out.decode().splitlines())
+    first, again = outputs
+    assert re.fullmatch(r"send batch 0: OUTCOME_SENT dispatch_id=\w+ replayed=false", first[0]), first
+    assert again[0] == first[0].replace("replayed=false", "replayed=true")
+    for lines in outputs:
+        assert sorted(lines[1:-1]) == [f"stream batch {i}: OUTCOME_SENT recipients=50" for i in range(2)] + [
+            "stream batch 2: OUTCOME_SENT recipients=20"
+        ]
+        assert lines[-1] == "stream sent 120"
+    assert len(harness.fake.calls) == 1 + 3 + 3  # the Send once, the stream twice

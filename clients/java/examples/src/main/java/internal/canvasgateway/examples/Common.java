@@ -1,26 +1,19 @@
 package internal.canvasgateway.examples;
 
-import com.google.protobuf.Any;
-import com.google.protobuf.InvalidProtocolBufferException;
 import com.google.protobuf.Struct;
 import com.google.protobuf.Value;
 import com.google.rpc.BadRequest;
-import io.grpc.ChannelCredentials;
-import io.grpc.ClientInterceptor;
-import io.grpc.Grpc;
-import io.grpc.InsecureChannelCredentials;
-import io.grpc.ManagedChannel;
-import io.grpc.Metadata;
-import io.grpc.Status;
-import io.grpc.TlsChannelCredentials;
-import io.grpc.protobuf.StatusProto;
-import io.grpc.stub.MetadataUtils;
+import internal.canvasgateway.client.CanvasGatewayClient;
+import internal.canvasgateway.client.CanvasGatewayException;
+import internal.canvasgateway.client.SendSettings;
 import internal.canvasgateway.v1.BatchResult;
 import internal.canvasgateway.v1.CanvasTrigger;
 import internal.canvasgateway.v1.Outcome;
 import internal.canvasgateway.v1.Recipient;
-import internal.canvasgateway.v1.SendOptions;
 import internal.canvasgateway.v1.SendSummary;
+import io.grpc.ChannelCredentials;
+import io.grpc.InsecureChannelCredentials;
+import io.grpc.TlsChannelCredentials;
 import java.io.ByteArrayInputStream;
 import java.io.IOException;
 import java.nio.file.Files;
@@ -28,12 +21,11 @@ import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Collections;
 import java.util.List;
-import java.util.concurrent.TimeUnit;
 import java.util.regex.Pattern;
 
 /**
- * What the two examples share: flags, the channel and token, the request, and the output lines of
- * clients/README.md.
+ * What the two examples share: flags, the client (internal.canvasgateway:canvas-gateway-client), the
+ * request, and the output lines of clients/README.md.
  */
 final class Common {
   static final int EXIT_SENT = 0;
@@ -46,10 +38,6 @@ final class Common {
 
   private static final Pattern DIGITS = Pattern.compile("\\d+");
   private static final Pattern LINE_BREAKS = Pattern.compile("\\s*[\\r\\n]+\\s*");
-
-  /** The "authorization" metadata key of the bearer token. */
-  static final Metadata.Key<String> AUTHORIZATION =
-      Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
 
   private Common() {}
 
@@ -194,8 +182,8 @@ final class Common {
         token);
   }
 
-  /** Opens a channel: plaintext, or TLS trusting the system's roots or the CA file. */
-  static ManagedChannel dial(Options options) throws IOException {
+  /** A client of the gateway: plaintext, or TLS trusting the system's roots or the CA file. */
+  static CanvasGatewayClient connect(Options options) throws IOException {
     ChannelCredentials credentials;
     if (options.caCert() != null) {
       credentials =
@@ -207,19 +195,9 @@ final class Common {
     } else {
       credentials = InsecureChannelCredentials.create();
     }
-    return Grpc.newChannelBuilder(options.target(), credentials).build();
-  }
-
-  /** A ClientInterceptor that adds "authorization: Bearer <token>" to every call. */
-  static ClientInterceptor bearer(String token) {
-    Metadata metadata = new Metadata();
-    metadata.put(AUTHORIZATION, "Bearer " + token);
-    return MetadataUtils.newAttachHeadersInterceptor(metadata);
-  }
-
-  /** Closes the channel, waiting a moment for it to finish. */
-  static void close(ManagedChannel channel) throws InterruptedException {
-    channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
+    return CanvasGatewayClient.newBuilder(options.target(), options.token())
+        .credentials(credentials)
+        .build();
   }
 
   /**
@@ -269,11 +247,11 @@ final class Common {
     return struct.build();
   }
 
-  /** The request's SendOptions (the idempotency key), or null when there is none to send. */
-  static SendOptions sendOptions(Options options) {
-    return options.idempotencyKey().isEmpty()
-        ? null
-        : SendOptions.newBuilder().setIdempotencyKey(options.idempotencyKey()).build();
+  /** The settings of the call: the idempotency key, if any, and the stream's chunk size. */
+  static SendSettings settings(Options options) {
+    return SendSettings.DEFAULT
+        .withIdempotencyKey(options.idempotencyKey())
+        .withChunkSize(options.chunkSize());
   }
 
   private static String orDash(String value) {
@@ -310,35 +288,22 @@ final class Common {
   }
 
   /** 0 when every result is SENT (or there is none), else 1. */
-  static int exitStatus(List<BatchResult> results) {
-    return results.stream().allMatch(r -> r.getOutcome() == Outcome.OUTCOME_SENT)
-        ? EXIT_SENT
-        : EXIT_NOT_SENT;
+  static int exitStatus(boolean allSent) {
+    return allSent ? EXIT_SENT : EXIT_NOT_SENT;
+  }
+
+  /** Whether a result is SENT. */
+  static boolean sent(BatchResult result) {
+    return result.getOutcome() == Outcome.OUTCOME_SENT;
   }
 
   /** Prints a failed RPC and its google.rpc.BadRequest field violations to stderr; returns 3. */
-  static int reportError(Throwable error) {
-    Status status = Status.fromThrowable(error);
-    String description = status.getDescription() == null ? "" : status.getDescription();
-    String message = LINE_BREAKS.matcher(description).replaceAll(" ").trim();
-    System.err.println("error code=" + status.getCode().name() + " message=" + message);
-    com.google.rpc.Status details = StatusProto.fromThrowable(error);
-    if (details != null) {
-      for (Any detail : details.getDetailsList()) {
-        if (!detail.is(BadRequest.class)) {
-          continue;
-        }
-        try {
-          for (BadRequest.FieldViolation violation :
-              detail.unpack(BadRequest.class).getFieldViolationsList()) {
-            System.err.println(
-                "violation field=" + violation.getField()
-                    + " description=" + violation.getDescription());
-          }
-        } catch (InvalidProtocolBufferException unreadable) {
-          System.err.println("unreadable BadRequest detail: " + unreadable.getMessage());
-        }
-      }
+  static int reportError(CanvasGatewayException error) {
+    String message = LINE_BREAKS.matcher(error.description()).replaceAll(" ").trim();
+    System.err.println("error code=" + error.code().name() + " message=" + message);
+    for (BadRequest.FieldViolation violation : error.violations()) {
+      System.err.println(
+          "violation field=" + violation.getField() + " description=" + violation.getDescription());
     }
     return EXIT_RPC_FAILED;
   }

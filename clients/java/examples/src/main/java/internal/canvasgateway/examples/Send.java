@@ -1,13 +1,10 @@
 package internal.canvasgateway.examples;
 
+import internal.canvasgateway.client.CanvasGatewayClient;
+import internal.canvasgateway.client.CanvasGatewayException;
 import internal.canvasgateway.v1.BatchResult;
-import internal.canvasgateway.v1.CanvasGatewayServiceGrpc;
 import internal.canvasgateway.v1.Recipient;
-import internal.canvasgateway.v1.SendOptions;
-import internal.canvasgateway.v1.SendRequest;
 import internal.canvasgateway.v1.SendResponse;
-import io.grpc.ManagedChannel;
-import io.grpc.StatusRuntimeException;
 import java.util.List;
 
 /** send: one unary Send call with every recipient; prints the results in batch order. */
@@ -20,22 +17,14 @@ public final class Send {
       // An email recipient without `prioritization`: the gateway refuses the whole call.
       people.add(Recipient.newBuilder().setEmail("not-an-email").build());
     }
-    SendRequest.Builder builder =
-        SendRequest.newBuilder().setTrigger(Common.trigger(options.canvasId(), people, options.contextKeys()));
-    SendOptions sendOptions = Common.sendOptions(options);
-    if (sendOptions != null) {
-      builder.setOptions(sendOptions);
-    }
-    SendRequest request = builder.build();
-    ManagedChannel channel = Common.dial(options);
-    try {
-      CanvasGatewayServiceGrpc.CanvasGatewayServiceBlockingStub stub =
-          CanvasGatewayServiceGrpc.newBlockingStub(channel)
-              .withInterceptors(Common.bearer(options.token()));
+    try (CanvasGatewayClient client = Common.connect(options)) {
       SendResponse response;
       try {
-        response = stub.send(request);
-      } catch (StatusRuntimeException error) {
+        response =
+            client.send(
+                Common.trigger(options.canvasId(), people, options.contextKeys()),
+                Common.settings(options));
+      } catch (CanvasGatewayException error) {
         return Common.reportError(error);
       }
       for (BatchResult result : response.getResultsList()) {
@@ -44,9 +33,7 @@ public final class Send {
       if (response.hasSummary()) {
         System.out.println(Common.summaryLine(response.getSummary()));
       }
-      return Common.exitStatus(response.getResultsList());
-    } finally {
-      Common.close(channel);
+      return Common.exitStatus(response.getResultsList().stream().allMatch(Common::sent));
     }
   }
 
