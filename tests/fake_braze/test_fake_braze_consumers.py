@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from canvas_gateway.v1 import canvas_gateway_pb2 as pb
+from conftest import KEYS, Harness, standing_clock
 from fake_braze import ConsumerError, FakeBraze, FakeBrazeConfig, OtherConsumer
 from fake_braze.__main__ import build_parser, config_from_args, main
 from fake_braze.consumers import from_spec
@@ -20,6 +22,8 @@ OTHER_KEY = "other-key"
 START = 1_750_190_400.0  # 2025-06-17T20:00:00Z: a 5-second, minute and hour window starts here
 RECIPIENT = {"canvas_id": "c", "recipients": [{"external_user_id": "u"}]}
 BROADCAST = {"canvas_id": "c", "broadcast": True}
+STILL = standing_clock()
+"""For a test with the gateway: the fake's windows and the gateway's clock stand still."""
 
 
 class Clock:
@@ -201,6 +205,32 @@ async def test_the_fakes_requests_plus_theirs_never_exceed_the_limit(
         if window["requests_refused"]:
             assert window["remaining"] == 0
     assert min(seen_remaining) == 0 < max(seen_remaining) <= 13  # 20 - 6 - 1 at best
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "clock"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=10,
+                other_consumers=(OtherConsumer(KEYS["globex"], share=0.3),),
+                clock=STILL,
+            ),
+            STILL,
+        )
+    ],
+)
+@pytest.mark.parametrize("settings_overrides", [{"max_retry_wait_seconds": 0.5, "request_concurrency": 1}])
+async def test_the_gateway_sees_what_others_spent(harness: Harness) -> None:
+    """The gateway reads their part from `x-ratelimit-remaining`: it sends 7 calls of 10, not 10."""
+    recipients = [pb.Recipient(external_user_id=f"u{i}") for i in range(500)]
+    request = pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", recipients=recipients))
+    reply = await harness.stub.Send(request, metadata=harness.auth("globex"))
+    assert [r.outcome for r in reply.results] == [pb.OUTCOME_SENT] * 7 + [pb.OUTCOME_REJECTED] * 3
+    ((pool, window),) = harness.fake.limiter.budget()
+    assert (pool, window.limit, window.tally.requests, window.tally.others) == ("hourly", 10, 7, 3)
+    assert window.tally.others_refused == 0  # they took their 30% first; nothing of theirs was refused
 
 
 # --- bursts, the broadcast pool, the audience reading -------------------------------------------
