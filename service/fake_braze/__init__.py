@@ -16,22 +16,26 @@ its `/_fake/` admin API.
     await fake.stop()
 
 Module map: `rules` (body rules, pure), `ratelimit` (counters, injected
-clock), `faults` (fault state), `app` (the aiohttp server and its check order),
-`admin` (the `/_fake/` API), `__main__` (CLI).
+clock), `consumers` (other services spending the same pools), `faults` (fault
+state), `app` (the aiohttp server and its check order), `admin` (the `/_fake/`
+API), `__main__` (CLI).
 """
 
 from canvas_gateway_server.braze import ARCHIVED_NOTICE, PAUSED_NOTICE
 
 from .app import FakeBraze, FakeBrazeConfig
+from .consumers import ConsumerError, OtherConsumer
 from .faults import Fault, FaultError
 from .record import ReceivedCall
 
 __all__ = [
     "ARCHIVED_NOTICE",
     "PAUSED_NOTICE",
+    "ConsumerError",
     "FakeBraze",
     "FakeBrazeConfig",
     "Fault",
     "FaultError",
+    "OtherConsumer",
     "ReceivedCall",
 ]

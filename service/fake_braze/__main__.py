@@ -3,6 +3,8 @@
     python -m fake_braze --port 9700 --api-key demo-braze-key \\
         [--key-without-permission KEY] [--canvas ID] [--other-canvas ID] \\
         [--paused-canvas ID] [--archived-canvas ID] [--hourly-limit N] [--hourly-window-seconds S] \\
+        [--audience-budget any_audience|broadcast_only] \\
+        [--other-consumer api_key=KEY,pool=hourly,share=0.3,per_second=2 ...] \\
         [--latency-ms N] [--error-rate 503=0.1 ...] [--reset-rate 0.05] [--seed N]
 
 Without `--canvas`, any canvas id is a known API-triggered Canvas (the demo relies on
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from canvas_gateway_server.loopback import is_loopback
 
 from .app import FakeBraze, FakeBrazeConfig
+from .consumers import ConsumerError, OtherConsumer, from_spec
 
 
 def _error_rate(text: str) -> tuple[int, float]:
@@ -28,6 +31,13 @@ def _error_rate(text: str) -> tuple[int, float]:
     if not sep or not status.isdigit():
         raise argparse.ArgumentTypeError(f"expected STATUS=RATE such as 503=0.1, got {text!r}")
     return int(status), float(rate)
+
+
+def _other_consumer(text: str) -> OtherConsumer:
+    try:
+        return from_spec(text)
+    except ConsumerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--broadcast-per-minute", type=int, default=250, help="broadcast requests per key")
     add("--broadcast-per-audience", type=int, default=10, help="per minute per unique audience")
+    add(
+        "--audience-budget",
+        choices=("any_audience", "broadcast_only"),
+        default="any_audience",
+        help="which calls with an `audience` spend the broadcast limits, as the gateway's tenant"
+        " setting of that name (default any_audience: every one; broadcast_only: broadcasts only)",
+    )
+    add(
+        "--other-consumer",
+        type=_other_consumer,
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="another service spending a key's pool: api_key=KEY[,pool=hourly|broadcast]"
+        "[,share=0.3][,per_second=N] (repeatable; share: of each window as it starts)",
+    )
     add("--latency-ms", type=float, default=0.0, help="added to every request")
     add(
         "--error-rate",
@@ -99,6 +125,8 @@ def config_from_args(args: argparse.Namespace) -> FakeBrazeConfig:
         hourly_window_seconds=args.hourly_window_seconds,
         broadcast_per_minute=args.broadcast_per_minute,
         broadcast_per_minute_per_audience=args.broadcast_per_audience,
+        audience_calls_on_broadcast_budget=args.audience_budget == "any_audience",
+        other_consumers=tuple(args.other_consumer),
         latency_seconds=args.latency_ms / 1000,
         error_rates=dict(args.error_rate),
         reset_rate=args.reset_rate,

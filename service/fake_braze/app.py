@@ -32,7 +32,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from canvas_gateway_server.braze import ARCHIVED_NOTICE, MAX_BODY_BYTES, PAUSED_NOTICE, TRIGGER_PATH
 
-from . import admin, rules
+from . import admin, consumers, rules
+from .consumers import OtherConsumer
 from .faults import Action, FaultState
 from .ratelimit import HOUR, RateLimiter
 from .record import ReceivedCall
@@ -60,8 +61,10 @@ class FakeBrazeConfig:
     hourly_window_seconds: int = HOUR  # that window's length: shorter only for benchmarks and tests
     broadcast_per_minute: int = 250  # broadcast requests per key per minute
     broadcast_per_minute_per_audience: int = 10  # per key, canvas_id and audience
-    audience_calls_on_broadcast_budget: bool = False  # a call with `audience` and recipients draws on
-    # the broadcast budgets too (CONTRACT.md 8, point 21: Braze's pages disagree; False: only broadcasts)
+    audience_calls_on_broadcast_budget: bool = True  # a call with `audience` and recipients draws on
+    # the broadcast budgets, as the gateway's default `any_audience` reads it (CONTRACT.md 8, point 21:
+    # Braze's pages disagree); False: only broadcasts do, the tenants' `broadcast_only`
+    other_consumers: tuple[OtherConsumer, ...] = ()  # others spending the keys' pools (consumers.py)
     latency_seconds: float = 0.0  # added to every request to the trigger path
     error_rates: Mapping[int, float] = field(default_factory=dict)  # {503: 0.1}: 10% get 503
     reset_rate: float = 0.0  # share of requests whose connection is dropped
@@ -96,6 +99,8 @@ class FakeBrazeConfig:
                 raise ValueError(f"{name} must not be negative")
         if not 1 <= self.hourly_window_seconds <= HOUR:
             raise ValueError("hourly_window_seconds must be from 1 to 3600")
+        object.__setattr__(self, "other_consumers", consumers.check_unique(self.other_consumers))
+        consumers.check_keys(self.other_consumers, self.api_keys)
         # FaultState validates rates and latency; build one to fail here, not at start.
         FaultState(random.Random(0), self.error_rates, self.reset_rate, self.latency_seconds)
 
@@ -125,6 +130,7 @@ class FakeBraze:
             config.broadcast_per_minute_per_audience,
             config.audience_calls_on_broadcast_budget,
             config.hourly_window_seconds,
+            config.other_consumers,
         )
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
@@ -180,6 +186,20 @@ class FakeBraze:
         self.arrived.clear()
         self.status_counts.clear()
         self.recipients_sent = 0
+
+    def set_consumers(self, others: tuple[OtherConsumer, ...]) -> None:
+        """Replace the other consumers of the keys' pools; raises ConsumerError for a key the fake
+        does not accept or two consumers on one key's pool."""
+        consumers.check_keys(others, self.config.api_keys)
+        self.limiter.set_consumers(consumers.check_unique(others))
+
+    def spend(self, api_key: str, pool: str, calls: int) -> tuple[int, int]:
+        """A burst by another consumer: `calls` on `api_key`'s `pool` now; (allowed, refused).
+        Raises ConsumerError for a key the fake does not accept or an unknown pool."""
+        consumers.check_keys([OtherConsumer(api_key, pool, share=1)], self.config.api_keys)
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+            raise consumers.ConsumerError("calls must be a whole number above 0")
+        return self.limiter.spend(api_key, pool, calls)
 
     async def _trigger(self, request: web.Request) -> web.StreamResponse:
         self.in_progress += 1
