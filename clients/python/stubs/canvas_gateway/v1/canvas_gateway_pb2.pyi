@@ -44,6 +44,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """The tenant's default lane (or the RPC's: Send transactional, SendStream bulk)."""
+    PRIORITY_TRANSACTIONAL: _Priority.ValueType  # 1
+    """One-time passwords, receipts: may spend a reserved share of the workspace's
+    budget that bulk work never takes, and everything above it.
+    """
+    PRIORITY_BULK: _Priority.ValueType  # 2
+    """Campaigns: spends only what is left above the reservations, and yields
+    first when the budget runs low.
+    """
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """Priority is a lane of a workspace's Braze budget."""
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""The tenant's default lane (or the RPC's: Send transactional, SendStream bulk)."""
+PRIORITY_TRANSACTIONAL: Priority.ValueType  # 1
+"""One-time passwords, receipts: may spend a reserved share of the workspace's
+budget that bulk work never takes, and everything above it.
+"""
+PRIORITY_BULK: Priority.ValueType  # 2
+"""Campaigns: spends only what is left above the reservations, and yields
+first when the budget runs low.
+"""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 class _Outcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -386,6 +418,7 @@ class SendOptions(_message.Message):
 
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     validate_only: _builtins.bool
     """Validate and plan the batches, send nothing: every result is
     NOT_ATTEMPTED with code OK.
@@ -408,15 +441,22 @@ class SendOptions(_message.Message):
     ends NOT_ATTEMPTED with ABORTED and a RetryInfo. Scoped to the tenant;
     1 to 128 characters from [A-Za-z0-9._:-]. Ignored with validate_only.
     """
+    priority: Global___Priority.ValueType
+    """Which lane of the workspace's Braze budget this request's calls spend
+    (docs/operations.md, "Sharing a workspace"). UNSPECIFIED: the tenant's
+    `lane` in the tenants file, else TRANSACTIONAL for Send and BULK for
+    SendStream.
+    """
     def __init__(
         self,
         *,
         validate_only: _builtins.bool = ...,
         idempotency_key: _builtins.str = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "validate_only", b"validate_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "priority", b"priority", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
