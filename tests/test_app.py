@@ -77,7 +77,7 @@ async def test_reflection_lists_and_describes_the_services(harness: Harness, ver
 
 
 async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tmp_path: Path) -> None:
-    tenants_file = Path(harness.gateway.settings.tenants_file)
+    tenants_file = Path(harness.gateway.settings.tenants.file)
     text = tenants_toml(FAKE_URLS[id(harness.fake)]).replace(
         token_digest("token-acme-4f1c"), token_digest("token-acme-rotated")
     )
@@ -184,7 +184,7 @@ async def test_a_reload_does_not_disturb_requests_in_flight(harness: Harness) ->
     await until(lambda: harness.gateway.servicer.in_flight.busy)
     text = tenants_toml(FAKE_URLS[id(harness.fake)])
     globex_only = text[text.index("[tenants.globex]") :]
-    Path(harness.gateway.settings.tenants_file).write_text(globex_only)
+    Path(harness.gateway.settings.tenants.file).write_text(globex_only)
     harness.gateway.reload_tenants()  # acme is gone for new requests
 
     reply = await in_flight
