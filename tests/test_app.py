@@ -11,7 +11,8 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.app import DEMO_TOKEN, Gateway
+from canvas_gateway_server.app import Gateway
+from canvas_gateway_server.demo import DEMO_TOKEN
 from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings

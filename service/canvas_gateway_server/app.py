@@ -11,6 +11,12 @@ where to resume; in-flight RPCs get the grace period to finish, after which thei
 batches are abandoned with honest results (UNKNOWN if a call was under way, NOT_ATTEMPTED
 otherwise); the server stops (ending what is left, such as health watchers); the HTTP
 session closes; the embedded fake Braze (demo only) stops; the admin listener stops last.
+
+Over the ~300 lines the house aims for, for a reason: what is built (`Gateway.start`, a list of
+steps, one function each below it) and how it is taken apart in order (`Gateway.stop`) read side
+by side, and so does `run`, the process around them. Each step is handed the settings group it
+needs (`settings.calls`, `settings.sending`...); the whole `Settings` only where a step reads
+several. Demo mode is in `demo`, the stores' choice in `stores.wiring`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__, logs
 from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
+from .demo import demo_banner, start_demo_braze
 from .dispatch import Dispatcher
 from .edge import reflection
 from .edge.admission import StreamSlots
@@ -50,7 +57,7 @@ from .retry_budget import LocalRetryBudget
 from .sending import Sender, SendLimits
 from .settings import Calls, Listen, Sending, Settings, Telemetry, Tenants, WorkerRole
 from .stores.wiring import Stores, open_stores
-from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
+from .tenants import FileTenantDirectory, TenantDirectory
 from .upstream import BrazeClient, open_session
 from .worker_admin import admin_socket
 
@@ -59,8 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEMO_TOKEN = "demo-token"  # noqa: S105 - a documented demo credential for the embedded fake only
-DEMO_BRAZE_KEY = "demo-braze-key"
 ABANDON_SECONDS = 5.0
 """After the grace period, how long abandoned RPCs get to report their results."""
 KEEP_SECONDS = 5.0
@@ -116,15 +121,7 @@ class Gateway:
         stores = open_stores(settings, worker, metrics)
         session = open_session(settings.upstream.pool_size)
         dispatcher = _dispatcher(settings, worker, session, stores, metrics, clock)
-        sender = Sender(
-            dispatcher,
-            SendLimits(
-                unary_max_recipients=settings.sending.unary_max_recipients,
-                request_concurrency=settings.sending.request_concurrency,
-                result_queue_size=settings.sending.result_queue_size,
-            ),
-            metrics,
-        )
+        sender = _sender(settings.sending, dispatcher, metrics)
         shutting_down = asyncio.Event()
         servicer = _servicer(settings.calls, settings.sending, tenants, sender, shutting_down, metrics)
         server, health_servicer = _grpc_server(settings, worker, servicer, metrics)
@@ -148,13 +145,7 @@ class Gateway:
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         await gateway._listen()
-        await server.start()
-        await stores.start(metrics)
-        if settings.telemetry.metrics_enabled:
-            gateway.lag_watch = asyncio.create_task(watch_loop_lag(metrics))
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        gateway._announce()
+        await gateway._serve(stores)
         return gateway
 
     async def _listen(self) -> None:
@@ -176,7 +167,14 @@ class Gateway:
                 f"cannot listen on {listen.grpc_address}: the address is in use or not host:port"
             ) from None
 
-    def _announce(self) -> None:
+    async def _serve(self, stores: Stores) -> None:
+        """Start serving on the bound ports, say so to health checks and in the log."""
+        await self.server.start()
+        await stores.start(self.metrics)
+        if self.settings.telemetry.metrics_enabled:
+            self.lag_watch = asyncio.create_task(watch_loop_lag(self.metrics))
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         listen = self.settings.listen
         scheme = "TLS" if listen.tls_cert_file else "plaintext"
         if self.worker is not None:
@@ -278,7 +276,7 @@ async def _tenant_directory(
 ) -> tuple[FakeBraze | None, TenantDirectory]:
     """The tenants file's directory, or in demo mode the embedded fake Braze and its one tenant."""
     if tenants.demo:
-        return await _start_demo_braze(tenants)
+        return await start_demo_braze(tenants.demo_braze_port)
     return None, FileTenantDirectory(Path(tenants.file), environ)
 
 
@@ -324,6 +322,15 @@ def _dispatcher(
         budget=LocalRetryBudget(retry.budget_ratio, retry.budget_minimum),
         clock=clock,
     )
+
+
+def _sender(sending: Sending, dispatcher: Dispatcher, metrics: Metrics) -> Sender:
+    limits = SendLimits(
+        unary_max_recipients=sending.unary_max_recipients,
+        request_concurrency=sending.request_concurrency,
+        result_queue_size=sending.result_queue_size,
+    )
+    return Sender(dispatcher, limits, metrics)
 
 
 def _servicer(
@@ -414,22 +421,6 @@ def git_commit(environ: Mapping[str, str]) -> str:
     return found.stdout.strip() or "unknown"
 
 
-async def _start_demo_braze(tenants: Tenants) -> tuple[FakeBraze, TenantDirectory]:
-    from fake_braze import FakeBraze, FakeBrazeConfig  # demo only: production never loads the fake
-
-    fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({DEMO_BRAZE_KEY})))
-    try:
-        url = await fake.start("127.0.0.1", tenants.demo_braze_port)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot start the demo fake Braze on 127.0.0.1:{tenants.demo_braze_port} ({exc.strerror}); "
-            "is another demo running? CGW_DEMO_BRAZE_PORT picks another port"
-        ) from None
-    tenant = Tenant(id="demo", braze_rest_url=url, braze_api_key=DEMO_BRAZE_KEY, allow_broadcast=True)
-    log.warning("DEMO MODE: sending to the embedded fake Braze at %s, not to Braze", url)
-    return fake, StaticTenantDirectory([(tenant, [token_digest(DEMO_TOKEN)])])
-
-
 async def run(
     settings: Settings,
     worker: WorkerRole | None = None,
@@ -444,15 +435,7 @@ async def run(
     gateway = await Gateway.start(settings, worker=worker, environ=environ)
     logs.configure(telemetry.log_level, telemetry.log_format, gateway.tenants.secrets, worker=index)
     if settings.tenants.demo:
-        host = settings.listen.grpc_address.rsplit(":", 1)[0]
-        print(
-            f"\ncanvas-gateway demo on {host}:{gateway.port} (tenant 'demo', token '{DEMO_TOKEN}').\n"
-            "Try it from another shell:\n"
-            "  make demo\n"
-            f"  .venv/bin/canvas-gateway --target {host}:{gateway.port} --token {DEMO_TOKEN} "
-            "send --file examples/recipients.json\n",
-            flush=True,
-        )
+        print(demo_banner(settings.listen.grpc_address.rsplit(":", 1)[0], gateway.port), flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
