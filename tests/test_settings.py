@@ -14,6 +14,7 @@ from canvas_gateway_server.settings import (
     Retry,
     Settings,
     State,
+    Telemetry,
     Tenants,
     Upstream,
     WorkerRole,
@@ -143,6 +144,12 @@ def test_a_group_owns_its_defaults_and_checks_without_the_rest() -> None:
         State(redis_failure="sometimes")
     with pytest.raises(ConfigError, match="both set"):
         Tenants(file="t.toml", demo=True)
+    with pytest.raises(ConfigError, match="CGW_DEMO_BRAZE_PORT must be a port number"):
+        Tenants(demo=True, demo_braze_port=70_000)
+    with pytest.raises(ConfigError, match="CGW_LOG_FORMAT must be text or json"):
+        Telemetry(log_format="xml")
+    with pytest.raises(ConfigError, match="setting max_streams must be a int"):
+        Settings.from_env({"CGW_DEMO": "1"}, max_streams=1.5)  # a TOML value of the wrong type
     assert AT_LEAST_ONE.holds(1) and not AT_LEAST_ONE.holds(0)
 
 
