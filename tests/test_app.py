@@ -11,7 +11,8 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.app import DEMO_TOKEN, Gateway
+from canvas_gateway_server.app import Gateway
+from canvas_gateway_server.demo import DEMO_TOKEN
 from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
@@ -77,7 +78,7 @@ async def test_reflection_lists_and_describes_the_services(harness: Harness, ver
 
 
 async def test_sighup_reload_rotates_tokens_without_restart(harness: Harness, tmp_path: Path) -> None:
-    tenants_file = Path(harness.gateway.settings.tenants_file)
+    tenants_file = Path(harness.gateway.settings.tenants.file)
     text = tenants_toml(FAKE_URLS[id(harness.fake)]).replace(
         token_digest("token-acme-4f1c"), token_digest("token-acme-rotated")
     )
@@ -184,7 +185,7 @@ async def test_a_reload_does_not_disturb_requests_in_flight(harness: Harness) ->
     await until(lambda: harness.gateway.servicer.in_flight.busy)
     text = tenants_toml(FAKE_URLS[id(harness.fake)])
     globex_only = text[text.index("[tenants.globex]") :]
-    Path(harness.gateway.settings.tenants_file).write_text(globex_only)
+    Path(harness.gateway.settings.tenants.file).write_text(globex_only)
     harness.gateway.reload_tenants()  # acme is gone for new requests
 
     reply = await in_flight

@@ -131,7 +131,7 @@ async def test_a_drained_keyed_stream_is_sent_again_from_the_start_and_nobody_ge
     first = await start_gateway(settings)
     second: Gateway | None = None
     responses: list[pb.SendStreamResponse] = []
-    async with CanvasGatewayClient(settings.grpc_address, TOKEN) as client:
+    async with CanvasGatewayClient(settings.listen.grpc_address, TOKEN) as client:
 
         async def consume() -> None:
             stream = client.send_stream(HEADER, source, chunk_size=70, resumes=3, idempotency_key="drain-1")
@@ -351,7 +351,7 @@ async def test_a_one_shot_iterator_with_a_key_is_not_resumed(fake: FakeBraze, tm
 
     source = Gated(3_000, gate_at=1_030)
 
-    async with CanvasGatewayClient(settings.grpc_address, TOKEN) as client:
+    async with CanvasGatewayClient(settings.listen.grpc_address, TOKEN) as client:
 
         async def consume() -> None:
             once = source()  # an async generator: read once
@@ -498,7 +498,7 @@ async def test_a_resume_that_finds_the_key_forgotten_stops_at_once(fake: FakeBra
     first = await start_gateway(settings)
     second: Gateway | None = None
     results: list[pb.BatchResult] = []
-    async with CanvasGatewayClient(settings.grpc_address, TOKEN) as client:
+    async with CanvasGatewayClient(settings.listen.grpc_address, TOKEN) as client:
 
         async def consume() -> None:
             stream = client.send_stream(HEADER, source, chunk_size=70, resumes=3, idempotency_key="lost-1")
@@ -510,7 +510,8 @@ async def test_a_resume_that_finds_the_key_forgotten_stops_at_once(fake: FakeBra
             await until(lambda: len(fake.calls) >= 10)
             await drain(first, source)
             sent_by_first = len(fake.sent())
-            second = await start_gateway(replace(settings, idempotency_file=str(tmp_path / "new.sqlite3")))
+            elsewhere = replace(settings.state, idempotency_file=str(tmp_path / "new.sqlite3"))
+            second = await start_gateway(replace(settings, state=elsewhere))
             with pytest.raises(KeyForgotten):
                 async with asyncio.timeout(30):
                     await consuming

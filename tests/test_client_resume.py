@@ -51,7 +51,7 @@ async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_pa
     summaries: list[pb.SendSummary] = []
     waits: list[Waiting] = []
     second: Gateway | None = None
-    async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
+    async with CanvasGatewayClient(settings.listen.grpc_address, TOKENS["acme"]) as client:
 
         async def consume() -> None:
             async for response in client.send_stream(
@@ -97,7 +97,7 @@ async def test_without_resumes_the_drain_is_the_caller_s_to_handle(fake: FakeBra
     settings = _settings(fake, tmp_path)
     gateway = await start_gateway(settings)
     results: list[pb.BatchResult] = []
-    async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
+    async with CanvasGatewayClient(settings.listen.grpc_address, TOKENS["acme"]) as client:
 
         async def consume() -> None:
             async for response in client.send_stream({"canvas_id": "c"}, _recipients(), chunk_size=100):

@@ -70,7 +70,7 @@ async def test_the_source_goes_on_in_the_resumed_stream(fake: FakeBraze, tmp_pat
     second: Gateway | None = None
     source = Gated()
     responses: list[pb.SendStreamResponse] = []
-    async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
+    async with CanvasGatewayClient(settings.listen.grpc_address, TOKENS["acme"]) as client:
 
         async def consume() -> None:
             async for response in client.send_stream({"canvas_id": "c"}, source, chunk_size=70, resumes=3):
@@ -112,7 +112,7 @@ async def test_when_no_gateway_comes_back_the_held_results_are_yielded(
     gateway = await start_gateway(settings)
     source = Gated()
     results: list[pb.BatchResult] = []
-    async with CanvasGatewayClient(settings.grpc_address, TOKENS["acme"]) as client:
+    async with CanvasGatewayClient(settings.listen.grpc_address, TOKENS["acme"]) as client:
 
         async def consume() -> None:
             stream = client.send_stream({"canvas_id": "c"}, source, chunk_size=70, resumes=2, resume_wait=0.5)

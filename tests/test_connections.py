@@ -23,7 +23,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server import logs
 from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
-from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.settings import Grpc, Settings, Tenants
 from conftest import FAKE_URLS, KEYS, TOKENS, Harness, free_port, tenants_toml
 from fake_braze import FakeBraze
 from h2wire import PING, REFUSED_STREAM, RawConnection
@@ -68,7 +68,9 @@ async def test_a_stream_outlives_its_connection_s_age(harness: Harness) -> None:
 
 def test_keepalive_and_age_reach_the_server_s_options() -> None:
     options = dict(
-        Settings(demo=True, max_connection_age_seconds=90, max_connection_age_grace_seconds=5).grpc_options()
+        Grpc(max_connection_age_seconds=90, max_connection_age_grace_seconds=5).options(
+            connections=None, reuse_port=False
+        )
     )
     assert options["grpc.max_connection_age_ms"] == 90_000
     assert options["grpc.max_connection_age_grace_ms"] == 5_000
@@ -78,8 +80,12 @@ def test_keepalive_and_age_reach_the_server_s_options() -> None:
     assert options["grpc.server_handshake_timeout_ms"] == 10_000
     assert options["grpc.max_connection_idle_ms"] == 60_000
     assert options["grpc.max_concurrent_streams"] == 100
+    assert options["grpc.so_reuseport"] == 0  # a second gateway on the port fails, unless a worker
+    assert dict(Grpc().options(connections=None, reuse_port=True))["grpc.so_reuseport"] == 1
     unlimited = dict(
-        Settings(demo=True, max_connection_age_seconds=0, max_connection_idle_seconds=0).grpc_options()
+        Grpc(max_connection_age_seconds=0, max_connection_idle_seconds=0).options(
+            connections=None, reuse_port=False
+        )
     )
     assert not {
         "grpc.max_connection_age_ms",
@@ -90,11 +96,14 @@ def test_keepalive_and_age_reach_the_server_s_options() -> None:
 
 
 def test_the_connection_cap_leaves_files_for_braze_and_the_gateway() -> None:
-    settings = Settings(demo=True)
-    assert dict(settings.grpc_options(open_files=1024))["grpc.max_allowed_incoming_connections"] == 796
-    assert Settings(demo=True, max_connections=50).connection_cap(1024) == 50
+    settings = Settings(tenants=Tenants(demo=True))
+    assert settings.connection_cap(1024) == 796
+    assert settings.connection_cap(None) is None
+    options = dict(settings.grpc.options(connections=796, reuse_port=False))
+    assert options["grpc.max_allowed_incoming_connections"] == 796
+    assert Settings(grpc=Grpc(max_connections=50), tenants=Tenants(demo=True)).connection_cap(1024) == 50
     with pytest.raises(ConfigError, match=r"limit \(200\) leaves no connections.*CGW_MAX_CONNECTIONS"):
-        settings.grpc_options(open_files=200)
+        settings.connection_cap(200)
 
 
 KEEPALIVE = {"keepalive_time_seconds": 1.0, "keepalive_timeout_seconds": 0.5}

@@ -19,8 +19,8 @@ def _load(name: str) -> dict[str, Any]:
 
 def test_the_configmap_holds_valid_settings() -> None:
     settings = Settings.from_env(_load("configmap.yaml")["data"])  # an unknown CGW_ name would raise
-    assert settings.tenants_file.startswith("/etc/canvas-gateway/")
-    assert settings.log_format == "json"
+    assert settings.tenants.file.startswith("/etc/canvas-gateway/")
+    assert settings.telemetry.log_format == "json"
 
 
 def test_the_deployment_serves_the_gateway_s_ports_probes_and_user() -> None:
@@ -29,18 +29,18 @@ def test_the_deployment_serves_the_gateway_s_ports_probes_and_user() -> None:
     (gateway,) = pod["containers"]
     ports = {port["name"]: port["containerPort"] for port in gateway["ports"]}
     assert ports == {
-        "grpc": int(settings.grpc_address.rpartition(":")[2]),
-        "admin": int(settings.admin_address.rpartition(":")[2]),
+        "grpc": int(settings.listen.grpc_address.rpartition(":")[2]),
+        "admin": int(settings.listen.admin_address.rpartition(":")[2]),
     }
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's user
     mount = next(m for m in gateway["volumeMounts"] if m["name"] == "tenants")
-    assert settings.tenants_file.startswith(mount["mountPath"] + "/")
+    assert settings.tenants.file.startswith(mount["mountPath"] + "/")
     drain = (
         gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
-        + settings.shutdown_delay_seconds
-        + settings.shutdown_grace_seconds
+        + settings.shutdown.delay_seconds
+        + settings.shutdown.grace_seconds
     )
     assert pod["terminationGracePeriodSeconds"] > drain + 5  # the drain ends before the kill
 
@@ -83,7 +83,7 @@ def test_more_than_one_pod_means_shared_state_that_a_pod_cannot_start_without() 
         {**_load("configmap.yaml")["data"], "CGW_REDIS_URL": url.replace("$(REDIS_PASSWORD)", "0f" * 32)}
     )
     service = objects[("Service", "canvas-gateway-redis")]
-    assert settings.redis_url == f"redis://:{'0f' * 32}@{service['metadata']['name']}:6379/0"
+    assert settings.state.redis_url == f"redis://:{'0f' * 32}@{service['metadata']['name']}:6379/0"
     assert [port["port"] for port in service["spec"]["ports"]] == [6379]
 
     redis = objects[("StatefulSet", "canvas-gateway-redis")]
@@ -154,7 +154,7 @@ def test_the_in_process_key_store_at_its_default_capacity_fits_the_pod_s_memory(
     (gateway,) = _load("deployment.yaml")["spec"]["template"]["spec"]["containers"]
     request = _bytes(gateway["resources"]["requests"]["memory"])
     limit = _bytes(gateway["resources"]["limits"]["memory"])
-    capacity = Settings.from_env(_load("configmap.yaml")["data"]).idempotency_capacity
+    capacity = Settings.from_env(_load("configmap.yaml")["data"]).state.idempotency_capacity
     assert GATEWAY_BYTES + capacity * ENTRY_BYTES <= request < limit
 
 

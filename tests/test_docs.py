@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -14,7 +13,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.edge import convert
 from canvas_gateway_server.metrics import PrometheusMetrics
 from canvas_gateway_server.planning import Intake
-from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.settings import SETTINGS, WORKER_DIR_ENV, WORKER_INDEX_ENV, Settings, env_name
 from canvas_gateway_server.tenants import load_tenants
 from canvas_gateway_server.validate import check_recipient
 from google.protobuf import json_format
@@ -27,17 +26,35 @@ OBSERVABILITY = (ROOT / "docs" / "observability.md").read_text()  # the metrics 
 
 
 def test_configuration_documents_every_setting_and_no_other() -> None:
-    names = {f"CGW_{field.name.upper()}" for field in dataclasses.fields(Settings)} | {"CGW_CONFIG_FILE"}
+    names = {env_name(name) for name in SETTINGS} | {"CGW_CONFIG_FILE"}
     documented = set(re.findall(r"^\| `(CGW_[A-Z_]+)` \|", CONFIGURATION, flags=re.MULTILINE))
     assert documented == names
+    # The supervisor's variables are named in the text, as its own, not in a settings table.
+    assert {WORKER_INDEX_ENV, WORKER_DIR_ENV} <= set(re.findall(r"`(CGW_[A-Z_]+)`", CONFIGURATION))
 
 
 def test_configuration_defaults_match_the_code() -> None:
-    for field in dataclasses.fields(Settings):
-        row = re.search(rf"^\| `CGW_{field.name.upper()}` \| ([^|]*) \|", CONFIGURATION, flags=re.MULTILINE)
-        assert row is not None, field.name
-        expected = f"`{field.default}`".lower() if field.default != "" else "unset"
-        assert row.group(1).lower() == expected, field.name
+    for name, where in SETTINGS.items():
+        row = re.search(rf"^\| `{env_name(name)}` \| ([^|]*) \|", CONFIGURATION, flags=re.MULTILINE)
+        assert row is not None, name
+        expected = f"`{where.default}`".lower() if where.default != "" else "unset"
+        assert row.group(1).lower() == expected, name
+
+
+def test_configuration_groups_the_table_as_the_code_does() -> None:
+    """Each group of settings has its own heading, under which are its rows and no other."""
+    sections = re.split(r"^### ", CONFIGURATION.split("\n## Settings\n", 1)[1], flags=re.MULTILINE)[1:]
+    documented = {
+        re.search(r"`settings\.(\w+)`", section.split("\n", 1)[0]).group(1): set(  # type: ignore[union-attr]
+            re.findall(r"^\| `CGW_([A-Z_]+)` \|", section, flags=re.MULTILINE)
+        )
+        for section in sections
+        if "`settings." in section.split("\n", 1)[0]
+    }
+    grouped: dict[str, set[str]] = {}
+    for name, where in SETTINGS.items():
+        grouped.setdefault(where.group, set()).add(name.upper())
+    assert documented == grouped
 
 
 def test_observability_metrics_table_names_every_metric_and_no_other() -> None:
@@ -101,7 +118,7 @@ def test_deploy_examples_load(tmp_path: Path) -> None:
     tenants = load_tenants(tmp_path / "tenants.toml", {"CHECKOUT_BRAZE_KEY": "checkout-key"})
     assert tenants.secrets() == {"checkout-key", "marketing-key"}
     settings = Settings.from_env({"CGW_CONFIG_FILE": str(ROOT / "deploy" / "gateway.example.toml")})
-    assert settings.grpc_address == "0.0.0.0:50051"
+    assert settings.listen.grpc_address == "0.0.0.0:50051"
 
 
 @pytest.mark.parametrize("path", ["Dockerfile", ".ci/run"])

@@ -67,7 +67,7 @@ async def test_every_recipient_has_one_truthful_result_under_faults(harness: Har
             assert result.outcome == pb.OUTCOME_REJECTED
             assert statuses == [429] * len(statuses)
             assert result.retryable
-            assert result.attempts == harness.gateway.settings.max_attempts
+            assert result.attempts == harness.gateway.settings.retry.max_attempts
     assert outcomes[pb.OUTCOME_SENT] > 0
     assert outcomes[pb.OUTCOME_UNKNOWN] > 0, "the seed should inject ambiguous failures"
     assert sum(sent_to.values()) == harness.fake.recipients_sent

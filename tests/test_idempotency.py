@@ -21,12 +21,12 @@ import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import results
 from canvas_gateway_server.errors import ConfigError, StoreLost, StoreUnavailable
-from canvas_gateway_server.idempotency import DEFAULT_CAPACITY, Claim, Claimed, Ledger, ResultStore, Verdict
+from canvas_gateway_server.idempotency import Claim, Claimed, Ledger, ResultStore, Verdict
 from canvas_gateway_server.keeping import decode, describe, encode
 from canvas_gateway_server.metrics import PrometheusMetrics
 from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome
 from canvas_gateway_server.reply import Delivery, Reply
-from canvas_gateway_server.settings import Settings
+from canvas_gateway_server.settings import Settings, State
 from canvas_gateway_server.stores import host_results
 from canvas_gateway_server.stores import redis as redis_store
 from canvas_gateway_server.stores.host_results import HostResults
@@ -38,6 +38,8 @@ from fake_braze import Fault
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
 from servers import RedisServer, redis_server
+
+LEASE = State().idempotency_lease_seconds  # the setting's default
 
 TENANT_KEY = "order-2026-11-29.a"
 
@@ -327,7 +329,7 @@ async def test_a_redis_restarted_empty_refuses_keys_until_an_operator_accepts_th
         env={
             **os.environ,
             "CGW_REDIS_URL": shared_redis.url,
-            "CGW_TENANTS_FILE": harness.gateway.settings.tenants_file,  # as the gateway's own settings
+            "CGW_TENANTS_FILE": harness.gateway.settings.tenants.file,  # as the gateway's own settings
         },
         stdout=asyncio.subprocess.PIPE,
     )
@@ -552,15 +554,16 @@ async def test_a_host_file_made_before_claims_were_marked_gets_the_column(tmp_pa
 
 
 def test_the_host_file_is_the_setting_or_a_private_folder_named_by_the_port(tmp_path: Path) -> None:
-    def settings(**values: Any) -> Settings:
-        return Settings.from_env({}, tenants_file="t", **values)
+    def keys_file(folder: str = "", **values: Any) -> str:
+        settings = Settings.from_env({}, tenants_file="t", **values)
+        return host_results.keys_file(settings.state, settings.listen.grpc_port, folder)
 
-    assert host_results.keys_file(settings(idempotency_file="/k.db"), "/run/x") == "/k.db"
-    default = host_results.keys_file(settings(grpc_address="0.0.0.0:50051"))
+    assert keys_file("/run/x", idempotency_file="/k.db") == "/k.db"
+    default = keys_file(grpc_address="0.0.0.0:50051")
     assert default == os.path.join(tempfile.gettempdir(), "canvas-gateway-50051", "keys.sqlite3")
     # Port 0 is not found again by a restart: the supervisor's folder, or one process's memory.
-    assert host_results.keys_file(settings(grpc_address="127.0.0.1:0"), "/run/x") == "/run/x/keys.sqlite3"
-    assert host_results.keys_file(settings(grpc_address="127.0.0.1:0")) == ""
+    assert keys_file("/run/x", grpc_address="127.0.0.1:0") == "/run/x/keys.sqlite3"
+    assert keys_file(grpc_address="127.0.0.1:0") == ""
 
     private = tmp_path / "canvas-gateway-1"
     host_results.create(str(private / "keys.sqlite3"), private_folder=True)
@@ -658,7 +661,7 @@ def test_an_entry_of_the_local_store_is_about_half_a_kilobyte() -> None:
         tracemalloc.stop()
     assert len(store) == count
     assert 300 < per_entry < 800, per_entry  # orjson's 4 KB buffer, kept as is, made it 4.5 KB
-    assert DEFAULT_CAPACITY * per_entry < 40 * 2**20
+    assert State().idempotency_capacity * per_entry < 40 * 2**20  # the default fits the memory limit
 
 
 async def test_the_local_store_counts_each_entry_once_whatever_replaces_it() -> None:
@@ -686,7 +689,9 @@ async def test_a_lost_or_cut_off_batch_is_counted_once_when_decided_and_its_repl
     now = [0.0]
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry, version="test", git_commit="test")
-    ledger = Ledger(LocalResults(ttl=60.0, capacity=10, lease=5.0, clock=lambda: now[0]), metrics)
+    ledger = Ledger(
+        LocalResults(ttl=60.0, capacity=10, lease=5.0, clock=lambda: now[0]), metrics, lease=LEASE
+    )
     tenant = Tenant("acme", "http://127.0.0.1:1", "k")
 
     def count(name: str, outcome: str) -> float:
@@ -831,7 +836,7 @@ class Unmarkable(Unanswering):
     ],
 )
 async def test_a_batch_whose_mark_fails_is_not_sent(failure: Exception, code: int) -> None:
-    ledger = Ledger(Unmarkable(failure))
+    ledger = Ledger(Unmarkable(failure), lease=LEASE)
     claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
     assert isinstance(claimed, Claimed)
     unsent = await ledger.sending(claimed)

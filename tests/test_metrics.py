@@ -304,7 +304,7 @@ async def test_reloads_and_tenants_build_info_and_readiness(harness: Harness) ->
     assert sample.labels["version"] == __version__ and sample.labels["git_commit"]
     assert git_commit({"CANVAS_GATEWAY_GIT_COMMIT": "0c3081e5"}) == "0c3081e5"  # the image's build arg
 
-    tenants_file = Path(harness.gateway.settings.tenants_file)
+    tenants_file = Path(harness.gateway.settings.tenants.file)
     good = tenants_file.read_text()
     tenants_file.write_text(good.split("\n[tenants.globex]")[0])
     harness.gateway.reload_tenants()

@@ -151,7 +151,7 @@ async def one_round(h: Harness, redis: RedisServer, scraped: Callable[[], Awaita
 
     await cut_off_stream(h)
 
-    tenants_file = Path(h.gateway.settings.tenants_file)
+    tenants_file = Path(h.gateway.settings.tenants.file)
     good = tenants_file.read_text()
     tenants_file.write_text("broken [")
     h.gateway.reload_tenants()  # fails, keeps the tenants

@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 from canvas_gateway_server.reply import Delivery, RateLimit, Reply
 from canvas_gateway_server.retry import RetryPolicy, rate_limit_pause, rate_limit_wait, retry_delay
+from canvas_gateway_server.settings import Retry
 
-POLICY = RetryPolicy(max_attempts=5, base_delay=0.25, max_delay=1.5, max_wait=10.0)
+MIN_CALL = Retry().min_call_seconds  # the setting's default
+POLICY = RetryPolicy(max_attempts=5, base_delay=0.25, max_delay=1.5, max_wait=10.0, min_time_left=MIN_CALL)
 NOW = 1_000_000.0
 ALMOST_ONE = 0.999  # jitter is in [0, 1)
 
@@ -42,7 +44,13 @@ def test_a_connection_never_opened_backs_off_doubling_up_to_the_cap(attempts: in
 
 
 def test_the_cap_holds_however_many_attempts_are_allowed() -> None:
-    many = RetryPolicy(max_attempts=100, base_delay=0.25, max_delay=1.5)
+    many = RetryPolicy(
+        max_attempts=100,
+        base_delay=0.25,
+        max_delay=1.5,
+        max_wait=Retry().max_wait_seconds,
+        min_time_left=MIN_CALL,
+    )
     assert retry_delay(many, NOT_SENT, 60, NOW, 0.0) == 0.75
     assert retry_delay(many, NOT_SENT, 60, NOW, 0.5) == 1.125
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__, logs
 from .errors import ConfigError
 from .hangups import Hangups
-from .settings import ENV_PREFIX, Settings
+from .settings import ENV_PREFIX, Settings, WorkerRole
 from .tenants import load_tenants
 
 
@@ -56,26 +56,27 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ, **({"demo": True} if args.demo else {}))
+        worker = WorkerRole.from_env(os.environ)
         if args.check_config:
             check_config(settings)
             return
         if args.accept_lost_keys:
             from .stores.wiring import accept_lost_keys
 
-            print(asyncio.run(accept_lost_keys(settings)))
+            print(asyncio.run(accept_lost_keys(settings.state)))
             return
         from .app import run
         from .stores.wiring import connect_redis
         from .workers import supervise, worker_count
 
-        if worker_count(settings) > 1 and not settings.is_worker:
+        if worker_count(settings) > 1 and worker is None:
             # Refuse a bad tenants file or Redis URL once, not per worker.
-            connect_redis(settings)
-            if not settings.demo:
-                load_tenants(Path(settings.tenants_file), os.environ)
-            logs.configure(settings.log_level, settings.log_format)
+            connect_redis(settings.state)
+            if not settings.tenants.demo:
+                load_tenants(Path(settings.tenants.file), os.environ)
+            logs.configure(settings.telemetry.log_level, settings.telemetry.log_format)
             sys.exit(asyncio.run(supervise(settings, os.environ, hangups)))
-        asyncio.run(run(settings, hangups=hangups))
+        asyncio.run(run(settings, worker, hangups=hangups))
     except ConfigError as exc:
         sys.exit(f"canvas-gateway: {exc}")
 
@@ -84,11 +85,11 @@ def check_config(settings: Settings) -> None:
     """What --check-config prints: the configuration is valid, and the tenants it serves."""
     from .stores.wiring import connect_redis
 
-    connect_redis(settings)  # a URL redis-py would refuse is refused here too
-    if settings.demo:
+    connect_redis(settings.state)  # a URL redis-py would refuse is refused here too
+    if settings.tenants.demo:
         print("configuration valid: demo mode (one tenant, 'demo', against an embedded fake Braze)")
         return
-    tenants = load_tenants(Path(settings.tenants_file), os.environ)
+    tenants = load_tenants(Path(settings.tenants.file), os.environ)
     ids = sorted(tenants.tenant_ids())
     print(f"configuration valid: {len(ids)} tenant(s): {', '.join(ids)}")
 

@@ -11,6 +11,12 @@ where to resume; in-flight RPCs get the grace period to finish, after which thei
 batches are abandoned with honest results (UNKNOWN if a call was under way, NOT_ATTEMPTED
 otherwise); the server stops (ending what is left, such as health watchers); the HTTP
 session closes; the embedded fake Braze (demo only) stops; the admin listener stops last.
+
+Over the ~300 lines the house aims for, for a reason: what is built (`Gateway.start`, a list of
+steps, one function each below it) and how it is taken apart in order (`Gateway.stop`) read side
+by side, and so does `run`, the process around them. Each step is handed the settings group it
+needs (`settings.calls`, `settings.sending`...); the whole `Settings` only where a step reads
+several. Demo mode is in `demo`, the stores' choice in `stores.wiring`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__, logs
 from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
+from .demo import demo_banner, start_demo_braze
 from .dispatch import Dispatcher
 from .edge import reflection
 from .edge.admission import StreamSlots
@@ -48,9 +55,9 @@ from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .retry import RetryPolicy
 from .retry_budget import LocalRetryBudget
 from .sending import Sender, SendLimits
-from .settings import Settings
+from .settings import Calls, Listen, Sending, Settings, Telemetry, Tenants, WorkerRole
 from .stores.wiring import Stores, open_stores
-from .tenants import FileTenantDirectory, StaticTenantDirectory, Tenant, TenantDirectory, token_digest
+from .tenants import FileTenantDirectory, TenantDirectory
 from .upstream import BrazeClient, open_session
 from .worker_admin import admin_socket
 
@@ -59,8 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEMO_TOKEN = "demo-token"  # noqa: S105 - a documented demo credential for the embedded fake only
-DEMO_BRAZE_KEY = "demo-braze-key"
 ABANDON_SECONDS = 5.0
 """After the grace period, how long abandoned RPCs get to report their results."""
 KEEP_SECONDS = 5.0
@@ -92,89 +97,34 @@ class Gateway:
     stopping: asyncio.Task[None] | None = None
     lag_watch: asyncio.Task[None] | None = None
     stores: Stores | None = None
+    worker: WorkerRole | None = None
 
     @classmethod
     async def start(
         cls,
         settings: Settings,
         *,
+        worker: WorkerRole | None = None,
         tenants: TenantDirectory | None = None,
         environ: Mapping[str, str] = os.environ,
         clock: Callable[[], float] = time.time,
     ) -> Gateway:
-        """`clock` (epoch seconds) is what Braze's budgets and pauses are judged by: tests stand it
-        still with the fake Braze's, so no window turns during them."""
+        """`worker` is the role the supervisor gave this process (None: not a worker). `clock`
+        (epoch seconds) is what Braze's budgets and pauses are judged by: tests stand it still with
+        the fake Braze's, so no window turns during them."""
         fake: FakeBraze | None = None
-        if tenants is None and settings.demo:
-            fake, tenants = await _start_demo_braze(settings)
-        elif tenants is None:
-            tenants = FileTenantDirectory(Path(settings.tenants_file), environ)
+        if tenants is None:
+            fake, tenants = await _tenant_directory(settings.tenants, environ)
         registry = CollectorRegistry()
-        metrics: Metrics = Metrics()
-        if settings.metrics_enabled:
-            metrics = PrometheusMetrics(
-                registry, version=__version__, git_commit=git_commit(environ), clock=clock
-            )
+        metrics = _metrics(settings.telemetry, registry, environ, clock)
         metrics.tenants_loaded(tenants.tenant_ids())
-        stores = open_stores(settings, metrics)
-        session = open_session(settings.upstream_pool_size)
-        client = BrazeClient(
-            session,
-            aiohttp.ClientTimeout(
-                total=settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
-            ),
-        )
-        # Concurrency per process (a worker's share of it); budgets in the stores.
-        workers = settings.workers if settings.is_worker else 1
-        limiter = LocalLimiter(settings.tenant_concurrency, stores.budgets, clock, workers)
-        dispatcher = Dispatcher(
-            client,
-            limiter,
-            RetryPolicy(
-                max_attempts=settings.max_attempts,
-                base_delay=settings.retry_base_delay_seconds,
-                max_wait=settings.max_retry_wait_seconds,
-                min_time_left=settings.min_call_seconds,
-            ),
-            Ledger(stores.results, metrics, settings.idempotency_lease_seconds),
-            metrics,
-            breaker=LocalBreaker(
-                settings.breaker_failures, settings.breaker_cooldown_seconds, metrics.breaker_state
-            )
-            if settings.breaker_failures
-            else None,
-            budget=LocalRetryBudget(settings.retry_budget_ratio, settings.retry_budget_minimum),
-            clock=clock,
-        )
-        sender = Sender(
-            dispatcher,
-            SendLimits(
-                unary_max_recipients=settings.unary_max_recipients,
-                request_concurrency=settings.request_concurrency,
-                result_queue_size=settings.result_queue_size,
-            ),
-            metrics,
-        )
-        server = grpc.aio.server(
-            interceptors=[CallObserver(metrics, SERVICE_NAME, settings.request_message_timeout_seconds)],
-            options=settings.grpc_options(open_file_limit()),
-        )
+        stores = open_stores(settings, worker, metrics)
+        session = open_session(settings.upstream.pool_size)
+        dispatcher = _dispatcher(settings, worker, session, stores, metrics, clock)
+        sender = _sender(settings.sending, dispatcher, metrics)
         shutting_down = asyncio.Event()
-        servicer = CanvasGatewayServicer(
-            tenants,
-            sender,
-            shutting_down,
-            metrics,
-            header_timeout_seconds=settings.stream_header_timeout_seconds,
-            deadline_margin_seconds=settings.deadline_margin_seconds,
-            reconcile_tail=settings.reconcile_tail_results,
-            idle_timeout_seconds=settings.stream_idle_timeout_seconds,
-            streams=StreamSlots(settings.max_streams, settings.max_streams_per_tenant),
-        )
-        add_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        servicer = _servicer(settings.calls, settings.sending, tenants, sender, shutting_down, metrics)
+        server, health_servicer = _grpc_server(settings, worker, servicer, metrics)
         gateway = cls(
             server=server,
             port=0,
@@ -191,46 +141,58 @@ class Gateway:
             admin_port=0,
             fake_braze=fake,
             stores=stores,
+            worker=worker,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
+        await gateway._listen()
+        await gateway._serve(stores)
+        return gateway
+
+    async def _listen(self) -> None:
+        """Bind the gRPC port, then the admin port; on failure let go of all that start made."""
+        listen = self.settings.listen
         try:
-            gateway.port = _listen(server, settings)
-            gateway.admin_port = await _listen_admin(gateway.admin, settings)
+            self.port = _listen(self.server, listen)
+            self.admin_port = await _listen_admin(self.admin, listen, self.worker)
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
-            await server.stop(None)  # releases a gRPC port bound before the admin port failed
-            await session.close()
-            await stores.stop()
-            if fake is not None:
-                await fake.stop()
+            await self.server.stop(None)  # releases a gRPC port bound before the admin port failed
+            await self.session.close()
+            if self.stores is not None:
+                await self.stores.stop()
+            if self.fake_braze is not None:
+                await self.fake_braze.stop()
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(
-                f"cannot listen on {settings.grpc_address}: the address is in use or not host:port"
+                f"cannot listen on {listen.grpc_address}: the address is in use or not host:port"
             ) from None
-        await server.start()
-        await stores.start(metrics)
-        if settings.metrics_enabled:
-            gateway.lag_watch = asyncio.create_task(watch_loop_lag(metrics))
+
+    async def _serve(self, stores: Stores) -> None:
+        """Start serving on the bound ports, say so to health checks and in the log."""
+        await self.server.start()
+        await stores.start(self.metrics)
+        if self.settings.telemetry.metrics_enabled:
+            self.lag_watch = asyncio.create_task(watch_loop_lag(self.metrics))
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        scheme = "TLS" if settings.tls_cert_file else "plaintext"
-        if settings.is_worker:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        listen = self.settings.listen
+        scheme = "TLS" if listen.tls_cert_file else "plaintext"
+        if self.worker is not None:
             log.info(
                 "canvas-gateway worker %d of %d listening on %s (%s)",
-                settings.worker_index,
-                settings.workers,
-                settings.grpc_address,
+                self.worker.index,
+                self.settings.workers.count,
+                listen.grpc_address,
                 scheme,
             )
         else:
             log.info(
                 "canvas-gateway listening on %s (port %d, %s); admin on port %d",
-                settings.grpc_address,
-                gateway.port,
+                listen.grpc_address,
+                self.port,
                 scheme,
-                gateway.admin_port,
+                self.admin_port,
             )
-        return gateway
 
     def readiness(self) -> str | None:
         """None when the gateway should get traffic, else a one-line reason why not."""
@@ -251,11 +213,11 @@ class Gateway:
         await asyncio.shield(self.stopping)
 
     async def _stop(self, grace: float | None) -> None:
-        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        grace = self.settings.shutdown.grace_seconds if grace is None else grace
         # Not ready, on both channels at once; requests are still served while balancers notice.
         self.draining = True
         await self.health.enter_graceful_shutdown()
-        await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        await asyncio.sleep(self.settings.shutdown.delay_seconds)
         # From here new Send/SendStream calls get UNAVAILABLE, and open streams stop reading,
         # finish the batches they hold and end UNAVAILABLE with where to resume.
         self.shutting_down.set()
@@ -309,33 +271,133 @@ def open_file_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+async def _tenant_directory(
+    tenants: Tenants, environ: Mapping[str, str]
+) -> tuple[FakeBraze | None, TenantDirectory]:
+    """The tenants file's directory, or in demo mode the embedded fake Braze and its one tenant."""
+    if tenants.demo:
+        return await start_demo_braze(tenants.demo_braze_port)
+    return None, FileTenantDirectory(Path(tenants.file), environ)
+
+
+def _metrics(
+    telemetry: Telemetry, registry: CollectorRegistry, environ: Mapping[str, str], clock: Callable[[], float]
+) -> Metrics:
+    if not telemetry.metrics_enabled:
+        return Metrics()
+    return PrometheusMetrics(registry, version=__version__, git_commit=git_commit(environ), clock=clock)
+
+
+def _dispatcher(
+    settings: Settings,
+    worker: WorkerRole | None,
+    session: aiohttp.ClientSession,
+    stores: Stores,
+    metrics: Metrics,
+    clock: Callable[[], float],
+) -> Dispatcher:
+    """The path of a batch: the Braze client, the limiter, retries, the breaker and the ledger."""
+    upstream, retry = settings.upstream, settings.retry
+    client = BrazeClient(
+        session,
+        aiohttp.ClientTimeout(total=upstream.timeout_seconds, connect=upstream.connect_timeout_seconds),
+    )
+    # Concurrency per process (a worker's share of it); budgets in the stores.
+    workers = settings.workers.count if worker is not None else 1
+    limiter = LocalLimiter(settings.sending.tenant_concurrency, stores.budgets, clock, workers)
+    return Dispatcher(
+        client,
+        limiter,
+        RetryPolicy(
+            max_attempts=retry.max_attempts,
+            base_delay=retry.base_delay_seconds,
+            max_wait=retry.max_wait_seconds,
+            min_time_left=retry.min_call_seconds,
+        ),
+        Ledger(stores.results, metrics, lease=settings.state.idempotency_lease_seconds),
+        metrics,
+        breaker=LocalBreaker(retry.breaker_failures, retry.breaker_cooldown_seconds, metrics.breaker_state)
+        if retry.breaker_failures
+        else None,
+        budget=LocalRetryBudget(retry.budget_ratio, retry.budget_minimum),
+        clock=clock,
+    )
+
+
+def _sender(sending: Sending, dispatcher: Dispatcher, metrics: Metrics) -> Sender:
+    limits = SendLimits(
+        unary_max_recipients=sending.unary_max_recipients,
+        request_concurrency=sending.request_concurrency,
+        result_queue_size=sending.result_queue_size,
+    )
+    return Sender(dispatcher, limits, metrics)
+
+
+def _servicer(
+    calls: Calls,
+    sending: Sending,
+    tenants: TenantDirectory,
+    sender: Sender,
+    shutting_down: asyncio.Event,
+    metrics: Metrics,
+) -> CanvasGatewayServicer:
+    return CanvasGatewayServicer(
+        tenants,
+        sender,
+        shutting_down,
+        metrics,
+        header_timeout_seconds=calls.stream_header_timeout_seconds,
+        deadline_margin_seconds=sending.deadline_margin_seconds,
+        reconcile_tail=sending.reconcile_tail_results,
+        idle_timeout_seconds=calls.stream_idle_timeout_seconds,
+        streams=StreamSlots(calls.max_streams, calls.max_streams_per_tenant),
+    )
+
+
+def _grpc_server(
+    settings: Settings, worker: WorkerRole | None, servicer: CanvasGatewayServicer, metrics: Metrics
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The gRPC server with the call observer, the service, health and reflection; not bound yet."""
+    server = grpc.aio.server(
+        interceptors=[CallObserver(metrics, SERVICE_NAME, settings.calls.request_message_timeout_seconds)],
+        options=settings.grpc.options(
+            connections=settings.connection_cap(open_file_limit()), reuse_port=worker is not None
+        ),
+    )
+    add_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    return server, health_servicer
+
+
+def _listen(server: grpc.aio.Server, listen: Listen) -> int:
     """Bind the gRPC port: TLS when a certificate is configured, else plaintext."""
-    if not settings.tls_cert_file:
-        return server.add_insecure_port(settings.grpc_address)
+    if not listen.tls_cert_file:
+        return server.add_insecure_port(listen.grpc_address)
     try:
-        key = Path(settings.tls_key_file).read_bytes()
-        chain = Path(settings.tls_cert_file).read_bytes()
+        key = Path(listen.tls_key_file).read_bytes()
+        chain = Path(listen.tls_cert_file).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the TLS certificate or key: {exc.strerror}") from None
     if b"-----BEGIN" not in chain or b"PRIVATE KEY-----" not in key:
         raise ConfigError("CGW_TLS_CERT_FILE and CGW_TLS_KEY_FILE must hold a PEM certificate chain and key")
-    return server.add_secure_port(settings.grpc_address, grpc.ssl_server_credentials([(key, chain)]))
+    return server.add_secure_port(listen.grpc_address, grpc.ssl_server_credentials([(key, chain)]))
 
 
 async def _now(value: str | None) -> str | None:
     return value
 
 
-async def _listen_admin(admin: AdminServer, settings: Settings) -> int:
-    if settings.is_worker:  # the supervisor serves the admin address and reads this socket
-        await admin.start_unix(admin_socket(settings.worker_dir, settings.worker_index))
+async def _listen_admin(admin: AdminServer, listen: Listen, worker: WorkerRole | None) -> int:
+    if worker is not None:  # the supervisor serves the admin address and reads this socket
+        await admin.start_unix(admin_socket(worker.folder, worker.index))
         return 0
     try:
-        return await admin.start(*settings.admin_host_port)
+        return await admin.start(*listen.admin_host_port)
     except OSError:
         raise ConfigError(
-            f"cannot listen on {settings.admin_address} (CGW_ADMIN_ADDRESS): the address is in use "
+            f"cannot listen on {listen.admin_address} (CGW_ADMIN_ADDRESS): the address is in use "
             "or not this host's"
         ) from None
 
@@ -359,42 +421,21 @@ def git_commit(environ: Mapping[str, str]) -> str:
     return found.stdout.strip() or "unknown"
 
 
-async def _start_demo_braze(settings: Settings) -> tuple[FakeBraze, TenantDirectory]:
-    from fake_braze import FakeBraze, FakeBrazeConfig  # demo only: production never loads the fake
-
-    fake = FakeBraze(FakeBrazeConfig(api_keys=frozenset({DEMO_BRAZE_KEY})))
-    try:
-        url = await fake.start("127.0.0.1", settings.demo_braze_port)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot start the demo fake Braze on 127.0.0.1:{settings.demo_braze_port} ({exc.strerror}); "
-            "is another demo running? CGW_DEMO_BRAZE_PORT picks another port"
-        ) from None
-    tenant = Tenant(id="demo", braze_rest_url=url, braze_api_key=DEMO_BRAZE_KEY, allow_broadcast=True)
-    log.warning("DEMO MODE: sending to the embedded fake Braze at %s, not to Braze", url)
-    return fake, StaticTenantDirectory([(tenant, [token_digest(DEMO_TOKEN)])])
-
-
 async def run(
-    settings: Settings, environ: Mapping[str, str] = os.environ, hangups: Hangups | None = None
+    settings: Settings,
+    worker: WorkerRole | None = None,
+    environ: Mapping[str, str] = os.environ,
+    hangups: Hangups | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file (once after start-up if
     `hangups` counted any during it)."""
-    worker = settings.worker_index if settings.is_worker else None
-    logs.configure(settings.log_level, settings.log_format, worker=worker)
+    telemetry, index = settings.telemetry, None if worker is None else worker.index
+    logs.configure(telemetry.log_level, telemetry.log_format, worker=index)
     logs.throttle_accept_errors(asyncio.get_running_loop())
-    gateway = await Gateway.start(settings, environ=environ)
-    logs.configure(settings.log_level, settings.log_format, gateway.tenants.secrets, worker=worker)
-    if settings.demo:
-        host = settings.grpc_address.rsplit(":", 1)[0]
-        print(
-            f"\ncanvas-gateway demo on {host}:{gateway.port} (tenant 'demo', token '{DEMO_TOKEN}').\n"
-            "Try it from another shell:\n"
-            "  make demo\n"
-            f"  .venv/bin/canvas-gateway --target {host}:{gateway.port} --token {DEMO_TOKEN} "
-            "send --file examples/recipients.json\n",
-            flush=True,
-        )
+    gateway = await Gateway.start(settings, worker=worker, environ=environ)
+    logs.configure(telemetry.log_level, telemetry.log_format, gateway.tenants.secrets, worker=index)
+    if settings.tenants.demo:
+        print(demo_banner(settings.listen.grpc_address.rsplit(":", 1)[0], gateway.port), flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -403,7 +444,7 @@ async def run(
     await stopping.wait()
     log.info(
         "shutting down: not ready for %gs, then draining for up to %gs",
-        settings.shutdown_delay_seconds,
-        settings.shutdown_grace_seconds,
+        settings.shutdown.delay_seconds,
+        settings.shutdown.grace_seconds,
     )
     await gateway.stop()

@@ -46,13 +46,6 @@ from .tenants import Tenant
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TTL: Final = 24 * 3600.0
-"""CGW_IDEMPOTENCY_TTL_SECONDS: how long a kept result answers for its key."""
-DEFAULT_CAPACITY: Final = 50_000
-"""CGW_IDEMPOTENCY_CAPACITY: batches the in-process store keeps (2.5 million recipients, about
-30 MB: it fits deploy/k8s' memory limit beside the gateway's own 60 MB)."""
-DEFAULT_LEASE: Final = 900.0
-"""CGW_IDEMPOTENCY_LEASE_SECONDS: the longest a claim counts as in flight while its process runs."""
 BUSY_RETRY_SECONDS: Final = 1.0
 """When a caller told that a batch is in flight elsewhere should try again."""
 RETRY_BASE_SECONDS: Final = 0.2
@@ -126,8 +119,8 @@ class Ledger:
         self,
         store: ResultStore,
         metrics: Metrics | None = None,
-        lease: float = DEFAULT_LEASE,
         *,
+        lease: float,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
     ) -> None:

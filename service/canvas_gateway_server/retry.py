@@ -15,17 +15,19 @@ from dataclasses import dataclass
 from .reply import Delivery, Reply
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
-    max_attempts: int = 3
+    """All but max_delay and max_rate_limited from `settings.Retry`, which holds their defaults."""
+
+    max_attempts: int
     """Calls per batch, the first included."""
-    base_delay: float = 0.2
+    base_delay: float
     """Backoff after the first connection failure; doubles, with jitter."""
     max_delay: float = 5.0
     """Cap on one backoff."""
-    max_wait: float = 30.0
+    max_wait: float
     """Longest wait for a rate-limit reset; past it the batch is returned as rate limited."""
-    min_time_left: float = 0.2
+    min_time_left: float
     """Under a caller's deadline, a call starts only with at least this long left."""
     max_rate_limited: int = 10
     """429s that say when the budget returns a batch waits out, spending none of max_attempts;

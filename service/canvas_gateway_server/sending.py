@@ -31,9 +31,11 @@ ABANDONED = "the stream ended before this batch was sent; nothing was sent"
 
 @dataclass(frozen=True, slots=True)
 class SendLimits:
-    unary_max_recipients: int = 10_000
-    request_concurrency: int = 8
-    result_queue_size: int = 64
+    """From `settings.Sending`, which holds their defaults."""
+
+    unary_max_recipients: int
+    request_concurrency: int
+    result_queue_size: int
 
 
 class _Policy(Protocol):

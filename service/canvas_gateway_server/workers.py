@@ -40,7 +40,7 @@ from typing import Final, TypeVar
 
 from . import logs
 from .hangups import Hangups
-from .settings import ENV_PREFIX, Settings
+from .settings import ENV_PREFIX, Settings, WorkerRole
 from .stores import host_results
 from .stores.host_budgets import HostBudgets, budgets_path
 from .worker_admin import WorkerAdmin
@@ -68,9 +68,9 @@ def cores() -> int:
 
 def worker_count(settings: Settings) -> int:
     """How many workers to run: CGW_WORKERS, 0 meaning one per core; the demo runs one."""
-    if settings.demo:
+    if settings.tenants.demo:
         return 1
-    return settings.workers or cores()
+    return settings.workers.count or cores()
 
 
 # --- shared budgets -------------------------------------------------------------------------
@@ -93,8 +93,7 @@ class _Workers:
             env = {
                 **self._environ,
                 f"{ENV_PREFIX}WORKERS": str(self.count),
-                f"{ENV_PREFIX}WORKER_INDEX": str(index),
-                f"{ENV_PREFIX}WORKER_DIR": self.folder,
+                **WorkerRole(index, self.folder).environ(),
                 **self._keys,
             }
             self.processes.append(
@@ -140,9 +139,10 @@ async def supervise(settings: Settings, environ: Mapping[str, str], hangups: Han
     logs.throttle_accept_errors(asyncio.get_running_loop())
     with tempfile.TemporaryDirectory(prefix="canvas-gateway-") as folder:
         HostBudgets.create(budgets_path(folder))
-        keys_file = "" if settings.redis_url else host_results.keys_file(settings, folder)
+        state, listen = settings.state, settings.listen
+        keys_file = "" if state.redis_url else host_results.keys_file(state, listen.grpc_port, folder)
         if keys_file:
-            host_results.create(keys_file, private_folder=not settings.idempotency_file)
+            host_results.create(keys_file, private_folder=not state.idempotency_file)
         workers = _Workers(count, folder, environ, keys_file)
         admin = WorkerAdmin(workers).server
         stop = asyncio.Event()
@@ -150,19 +150,19 @@ async def supervise(settings: Settings, environ: Mapping[str, str], hangups: Han
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         try:
-            admin_port = await admin.start(*settings.admin_host_port)
+            admin_port = await admin.start(*listen.admin_host_port)
         except OSError:
-            log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): in use", settings.admin_address)
+            log.error("cannot listen on %s (CGW_ADMIN_ADDRESS): in use", listen.admin_address)
             return 1
         await workers.start()
         (hangups or Hangups()).take_over(loop, lambda: workers.signal(signal.SIGHUP))
-        admin_address = f"{settings.admin_address.rpartition(':')[0]}:{admin_port}"  # port 0 made real
+        admin_address = f"{listen.admin_address.rpartition(':')[0]}:{admin_port}"  # port 0 made real
         log.info(
             "canvas-gateway supervising %d workers on %s; admin on %s",
             count,
-            settings.grpc_address,
+            listen.grpc_address,
             admin_address,
-            extra={"workers": count, "grpc_address": settings.grpc_address, "admin_address": admin_address},
+            extra={"workers": count, "grpc_address": listen.grpc_address, "admin_address": admin_address},
         )
         exits = [asyncio.create_task(process.wait()) for process in workers.processes]
         stopped = asyncio.create_task(stop.wait())

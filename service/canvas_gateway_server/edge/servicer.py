@@ -158,11 +158,12 @@ class CanvasGatewayServicer:
         shutting_down: asyncio.Event,
         metrics: Metrics | None = None,
         drain_seconds: float = 2.0,
-        header_timeout_seconds: float = 10.0,
-        deadline_margin_seconds: float = 0.1,
-        reconcile_tail: int = 2048,
-        idle_timeout_seconds: float = 60.0,
-        streams: StreamSlots | None = None,
+        *,
+        header_timeout_seconds: float,
+        deadline_margin_seconds: float,
+        reconcile_tail: int,
+        idle_timeout_seconds: float,
+        streams: StreamSlots,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
@@ -173,7 +174,7 @@ class CanvasGatewayServicer:
         self._deadline_margin_seconds = deadline_margin_seconds
         self._reconcile_tail = reconcile_tail
         self._idle_timeout_seconds = idle_timeout_seconds
-        self.streams = streams or StreamSlots(1000, 100)
+        self.streams = streams
         self.in_flight = InFlight()
 
     def _authenticate(self, context: Context) -> Tenant:

@@ -42,7 +42,7 @@ from typing import Final, TypeVar
 
 from ..errors import ConfigError, StoreUnavailable
 from ..idempotency import Claim, Verdict
-from ..settings import Settings
+from ..settings import State
 from .heartbeat import keep_beating
 
 T = TypeVar("T")
@@ -87,15 +87,14 @@ def default_path(port: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"canvas-gateway-{port}", "keys.sqlite3")
 
 
-def keys_file(settings: Settings, folder: str = "") -> str:
+def keys_file(state: State, grpc_port: int, folder: str = "") -> str:
     """The file of a gateway's keys without Redis: CGW_IDEMPOTENCY_FILE; else the default path
     for its port; on port 0 (a port that a restart does not find again) the supervisor's
     `folder`, or "" for one process: its own memory (`LocalResults`)."""
-    if settings.idempotency_file:
-        return settings.idempotency_file
-    port = int(settings.grpc_address.rpartition(":")[2])
-    if port:
-        return default_path(port)
+    if state.idempotency_file:
+        return state.idempotency_file
+    if grpc_port:
+        return default_path(grpc_port)
     return os.path.join(folder, "keys.sqlite3") if folder else ""
 
 

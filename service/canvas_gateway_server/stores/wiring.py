@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..idempotency import ResultStore
 from ..metrics import Metrics
 from ..rate_budget import BudgetStore
-from ..settings import Settings
+from ..settings import Settings, State, WorkerRole
 from . import host_results
 from .failover import FailoverBudgets
 from .host_budgets import HostBudgets, budgets_path
@@ -80,47 +80,47 @@ class Stores:
             await stop()
 
 
-def open_stores(settings: Settings, metrics: Metrics) -> Stores:
-    """The stores the settings ask for, connecting nothing yet."""
-    local = TableBudgets(HostBudgets(budgets_path(settings.worker_dir)) if settings.is_worker else None)
-    client = connect_redis(settings)
+def open_stores(settings: Settings, worker: WorkerRole | None, metrics: Metrics) -> Stores:
+    """The stores the settings ask for (of a worker: beside its supervisor's), connecting nothing yet."""
+    state = settings.state
+    local = TableBudgets(HostBudgets(budgets_path(worker.folder)) if worker is not None else None)
+    client = connect_redis(state)
     if client is not None:
-        lease = settings.upstream_timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
-        fallback = local if settings.redis_failure == "open" else None
+        lease = settings.upstream.timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
+        fallback = local if state.redis_failure == "open" else None
         budgets = FailoverBudgets(RedisBudgets(client, lease), fallback, metrics)
         results = RedisResults(
-            client, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds, metrics
+            client, state.idempotency_ttl_seconds, state.idempotency_lease_seconds, metrics
         )
         return Stores(results, budgets, [budgets.stop, client.aclose], client)
-    return Stores(_own_results(settings, metrics), local)
+    return Stores(_own_results(settings, worker, metrics), local)
 
 
-def _own_results(settings: Settings, metrics: Metrics) -> RunningStore:
+def _own_results(settings: Settings, worker: WorkerRole | None, metrics: Metrics) -> RunningStore:
     """Without Redis: the host's file, shared by its workers and kept across restarts; else (one
     process on port 0) this process's memory."""
-    path = host_results.keys_file(settings)
+    state = settings.state
+    path = host_results.keys_file(state, settings.listen.grpc_port)
     if path:
-        if not settings.is_worker:  # a worker's file is the supervisor's, made before it started
-            host_results.create(path, private_folder=not settings.idempotency_file)
-        return host_results.HostResults(
-            path, settings.idempotency_ttl_seconds, settings.idempotency_lease_seconds
-        )
+        if worker is None:  # a worker's file is the supervisor's, made before it started
+            host_results.create(path, private_folder=not state.idempotency_file)
+        return host_results.HostResults(path, state.idempotency_ttl_seconds, state.idempotency_lease_seconds)
     return LocalResults(
-        settings.idempotency_ttl_seconds,
-        settings.idempotency_capacity,
-        settings.idempotency_lease_seconds,
+        state.idempotency_ttl_seconds,
+        state.idempotency_capacity,
+        state.idempotency_lease_seconds,
         on_evict=lambda tenant: metrics.idempotency(tenant, "evicted"),
     )
 
 
-def connect_redis(settings: Settings) -> aioredis.Redis | None:
+def connect_redis(state: State) -> aioredis.Redis | None:
     """The client of CGW_REDIS_URL (None without one), connecting nothing yet. A URL redis-py
     refuses, or takes but would fail on at every command (an unknown query parameter), is a
     ConfigError that never quotes it (redis-py's own text may, and with it a password)."""
-    if not settings.redis_url:
+    if not state.redis_url:
         return None
     try:
-        client = connect(settings.redis_url, settings.redis_timeout_seconds)
+        client = connect(state.redis_url, state.redis_timeout_seconds)
         client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # an object, no I/O
     except (ValueError, TypeError):
         raise ConfigError(
@@ -130,11 +130,11 @@ def connect_redis(settings: Settings) -> aioredis.Redis | None:
     return client
 
 
-async def accept_lost_keys(settings: Settings) -> str:
+async def accept_lost_keys(state: State) -> str:
     """What --accept-lost-keys prints, once Redis took the acknowledgement."""
-    if not settings.redis_url:
+    if not state.redis_url:
         raise ConfigError("--accept-lost-keys needs CGW_REDIS_URL: keys are kept in Redis only then")
-    client = connect(settings.redis_url, max(settings.redis_timeout_seconds, 5.0))
+    client = connect(state.redis_url, max(state.redis_timeout_seconds, 5.0))
     try:
         return await acknowledge_loss(client)
     except (RedisError, OSError, TimeoutError) as exc:
