@@ -407,6 +407,32 @@ async def test_a_store_claims_keeps_refuses_and_releases(store: ResultStore) -> 
     assert await store.mark_sending(Scope("acme", "k"), 0, "t0") is False  # kept: no call leaves for it
 
 
+async def test_the_stores_name_a_scope_as_before_so_what_they_kept_stays_readable(tmp_path: Path) -> None:
+    """Redis keys and SQLite rows name a scope "tenant/key" (`IdempotencyScope.text`), byte for byte
+    as before the scope was typed, so a gateway upgraded over kept results still finds them."""
+    scope = Scope("acme", "order/7 ü")
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        results = RedisResults(client, ttl=60.0, lease=60.0)
+        try:
+            await results.claim(scope, 3, "d", "t")
+            await results.keep(scope, 3, "d", "t", b"r")
+            assert await client.exists("cgw:result:acme/order/7 ü:3") == 1
+        finally:
+            await client.aclose()
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    host = HostResults(path, ttl=60.0, lease=60.0)
+    host.start()
+    try:
+        await host.claim(scope, 3, "d", "t")
+        await host.keep(scope, 3, "d", "t", b"r")
+    finally:
+        await host.stop()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT scope, idx, kept FROM results").fetchall() == [("acme/order/7 ü", 3, b"r")]
+
+
 @asynccontextmanager
 async def two_redis_processes() -> AsyncIterator[tuple[RedisResults, RedisResults]]:
     async with redis_server() as server:

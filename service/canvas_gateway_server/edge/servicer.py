@@ -233,8 +233,9 @@ class CanvasGatewayServicer:
                 await session.close(send_rest=False)
             else:
                 # Only a keyed stream waits for the proof: its short last batch would be kept under the
-                # key and refuse the resume. Without a key the end is taken as the caller's, and
-                # a cut-off stream sends its last batch like the others it had accepted.
+                # key and refuse the resume. Without a key the end is taken as the caller's, and a
+                # cut-off stream may send its last batch like the others it had accepted (no signal
+                # exists for it: see StreamEnd).
                 keyed = session.context.scope is not None
                 await session.close(send_rest=await end.half_closed(keyed and session.holds_partial_batch))
 

@@ -151,8 +151,11 @@ class StreamEnd:
     writes an empty `SendStreamResponse` (no part: clients skip it) and sends that batch only
     once the write has succeeded: a cut-off stream's write fails, its RPC ends, and the batch is
     never sent (the resume sends it). Streams without a key never get the empty message (callers
-    written before it stay unaffected): their end is taken as the caller's. A half-closed caller
-    that does not read may hold its last batch until it reads, if its flow-control window is full.
+    written before it would take it for the summary), so for them no signal exists: their end is
+    taken as the caller's, and a cut-off one may send its short last batch, or not, as the two
+    events fall (tests/test_stream.py holds them to whole batches or the tail, none sent twice).
+    A half-closed caller that does not read may hold its last batch until it reads, if its
+    flow-control window is full.
     """
 
     def __init__(self) -> None:
