@@ -168,6 +168,7 @@ class StreamSend:
         self._intake = intake
         self._fan = fan
         self.context = context
+        """The request's context: whether it is keyed decides how its end is told (`edge.streams`)."""
         self.summary = Summary()
 
     @property
