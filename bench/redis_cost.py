@@ -50,6 +50,7 @@ from pathlib import Path
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import keeping
+from canvas_gateway_server.context import IdempotencyScope
 from canvas_gateway_server.idempotency import ResultStore, Verdict
 from canvas_gateway_server.model import BatchResult, Code, Outcome
 from canvas_gateway_server.rate_budget import BudgetStore, Ticket
@@ -114,7 +115,7 @@ def budget_batch(store: BudgetStore) -> Callable[[int], Awaitable[None]]:
     return one
 
 
-def result_batch(store: ResultStore, scope: str) -> Callable[[int], Awaitable[None]]:
+def result_batch(store: ResultStore, scope: IdempotencyScope) -> Callable[[int], Awaitable[None]]:
     async def one(index: int) -> None:
         token = uuid.uuid4().hex
         claim = await store.claim(scope, index, DIGEST, token)
@@ -157,11 +158,11 @@ async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure
         }
         local = LocalResults(ttl=3600.0, capacity=10**6, lease=60.0)
         results = redis_store.RedisResults(client, ttl=3600.0, lease=60.0)
-        scopes: dict[str, str] = {}
+        scopes: dict[str, IdempotencyScope] = {}
 
         def fresh(way: str, store: ResultStore) -> Callable[[int], Awaitable[None]]:
             """A new scope for every loop: each claim is of a batch nobody claimed."""
-            scopes[way] = f"bench/{uuid.uuid4().hex}"
+            scopes[way] = IdempotencyScope("bench", uuid.uuid4().hex)
             return result_batch(store, scopes[way])
 
         kinds["results claim+mark+keep"] = {

@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import results
+from canvas_gateway_server.context import IdempotencyScope as Scope
 from canvas_gateway_server.errors import ConfigError, StoreLost, StoreUnavailable
 from canvas_gateway_server.idempotency import Claim, Claimed, Ledger, ResultStore, Verdict
 from canvas_gateway_server.keeping import decode, describe, encode
@@ -372,27 +373,57 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def test_a_store_claims_keeps_refuses_and_releases(store: ResultStore) -> None:
-    assert (await store.claim("acme/k", 0, "d0", "t0")).verdict is Verdict.CLAIMED
-    assert (await store.claim("acme/k", 0, "d0", "t0")).verdict is Verdict.BUSY  # claimed, not kept yet
-    assert (await store.claim("acme/k", 0, "other", "t0")).verdict is Verdict.MISMATCH
-    await store.keep("acme/k", 0, "d0", "t0", b'{"kept": 1}')
-    kept = await store.claim("acme/k", 0, "d0", "t0")
+    assert (await store.claim(Scope("acme", "k"), 0, "d0", "t0")).verdict is Verdict.CLAIMED
+    assert (
+        await store.claim(Scope("acme", "k"), 0, "d0", "t0")
+    ).verdict is Verdict.BUSY  # claimed, not kept yet
+    assert (await store.claim(Scope("acme", "k"), 0, "other", "t0")).verdict is Verdict.MISMATCH
+    await store.keep(Scope("acme", "k"), 0, "d0", "t0", b'{"kept": 1}')
+    kept = await store.claim(Scope("acme", "k"), 0, "d0", "t0")
     assert (kept.verdict, kept.kept) == (Verdict.KEPT, b'{"kept": 1}')
-    assert (await store.claim("acme/k", 0, "other", "t0")).verdict is Verdict.MISMATCH
+    assert (await store.claim(Scope("acme", "k"), 0, "other", "t0")).verdict is Verdict.MISMATCH
 
-    assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
-    await store.keep("acme/k", 1, "d1", "an-earlier-claim", None)  # not its claim: no release
-    await store.keep("acme/k", 1, "d1", "an-earlier-claim", b"x")  # nor does it keep over it
-    assert (await store.claim("acme/k", 1, "d1", "t2")).verdict is Verdict.BUSY
-    assert await store.mark_sending("acme/k", 1, "an-earlier-claim") is False
-    assert await store.mark_sending("acme/k", 1, "t1") is True
-    await store.keep("acme/k", 1, "d1", "t1", None)  # released: nothing was sent
-    assert (await store.claim("acme/k", 1, "d1", "t1")).verdict is Verdict.CLAIMED
-    assert (await store.claim("globex/k", 0, "x", "t0")).verdict is Verdict.CLAIMED  # scopes apart
+    assert (await store.claim(Scope("acme", "k"), 1, "d1", "t1")).verdict is Verdict.CLAIMED
+    await store.keep(Scope("acme", "k"), 1, "d1", "an-earlier-claim", None)  # not its claim: no release
+    await store.keep(Scope("acme", "k"), 1, "d1", "an-earlier-claim", b"x")  # nor does it keep over it
+    assert (await store.claim(Scope("acme", "k"), 1, "d1", "t2")).verdict is Verdict.BUSY
+    assert await store.mark_sending(Scope("acme", "k"), 1, "an-earlier-claim") is False
+    assert await store.mark_sending(Scope("acme", "k"), 1, "t1") is True
+    await store.keep(Scope("acme", "k"), 1, "d1", "t1", None)  # released: nothing was sent
+    assert (await store.claim(Scope("acme", "k"), 1, "d1", "t1")).verdict is Verdict.CLAIMED
+    assert (await store.claim(Scope("globex", "k"), 0, "x", "t0")).verdict is Verdict.CLAIMED  # scopes apart
     # Another body under the key is told what became of the kept one, or that it is in flight.
-    assert (await store.claim("acme/k", 1, "other", "t3")) == Claim(Verdict.MISMATCH, None)
-    assert (await store.claim("acme/k", 0, "other", "t3")) == Claim(Verdict.MISMATCH, b'{"kept": 1}')
-    assert await store.mark_sending("acme/k", 0, "t0") is False  # kept: no call leaves for it
+    assert (await store.claim(Scope("acme", "k"), 1, "other", "t3")) == Claim(Verdict.MISMATCH, None)
+    assert (await store.claim(Scope("acme", "k"), 0, "other", "t3")) == Claim(
+        Verdict.MISMATCH, b'{"kept": 1}'
+    )
+    assert await store.mark_sending(Scope("acme", "k"), 0, "t0") is False  # kept: no call leaves for it
+
+
+async def test_the_stores_name_a_scope_as_before_so_what_they_kept_stays_readable(tmp_path: Path) -> None:
+    """Redis keys and SQLite rows name a scope "tenant/key" (`IdempotencyScope.text`), byte for byte
+    as before the scope was typed, so a gateway upgraded over kept results still finds them."""
+    scope = Scope("acme", "order/7 ü")
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        results = RedisResults(client, ttl=60.0, lease=60.0)
+        try:
+            await results.claim(scope, 3, "d", "t")
+            await results.keep(scope, 3, "d", "t", b"r")
+            assert await client.exists("cgw:result:acme/order/7 ü:3") == 1
+        finally:
+            await client.aclose()
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    host = HostResults(path, ttl=60.0, lease=60.0)
+    host.start()
+    try:
+        await host.claim(scope, 3, "d", "t")
+        await host.keep(scope, 3, "d", "t", b"r")
+    finally:
+        await host.stop()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT scope, idx, kept FROM results").fetchall() == [("acme/order/7 ü", 3, b"r")]
 
 
 @asynccontextmanager
@@ -432,26 +463,30 @@ async def test_a_dead_claim_is_sent_again_unless_its_call_may_have_left(processe
     """A claim whose gateway is gone (heartbeat lapsed) is claimed again by the next call if it
     never reached `mark_sending`; past that mark it is LOST (UNKNOWN) for good."""
     async with processes() as (gone, alive):
-        assert (await gone.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # waits
-        assert (await gone.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
-        assert await gone.mark_sending("acme/k", 1, "t0")  # its call may leave
-        assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.BUSY  # its gateway runs
+        assert (await gone.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED  # waits
+        assert (await gone.claim(Scope("acme", "k"), 1, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await gone.mark_sending(Scope("acme", "k"), 1, "t0")  # its call may leave
+        assert (
+            await alive.claim(Scope("acme", "k"), 0, "d", "t1")
+        ).verdict is Verdict.BUSY  # its gateway runs
         if isinstance(gone, HostResults):
             await gone.beat()
         await gone.stop()  # its heartbeat is gone
-        assert (await alive.claim("acme/k", 0, "d", "t1")).verdict is Verdict.RECLAIMED
-        assert (await alive.claim("acme/k", 0, "d", "t2")).verdict is Verdict.BUSY  # t1's now
+        assert (await alive.claim(Scope("acme", "k"), 0, "d", "t1")).verdict is Verdict.RECLAIMED
+        assert (await alive.claim(Scope("acme", "k"), 0, "d", "t2")).verdict is Verdict.BUSY  # t1's now
         if isinstance(gone, RedisResults):  # (a stopped HostResults is closed)
-            assert not await gone.mark_sending("acme/k", 0, "t0")  # the dead claim sends nothing
-            await gone.keep("acme/k", 0, "d", "t0", None)  # nor releases t1's claim
-        assert not await alive.mark_sending("acme/k", 0, "t0")
-        await alive.keep("acme/k", 0, "d", "t0", None)
-        assert await alive.mark_sending("acme/k", 0, "t1")
+            assert not await gone.mark_sending(Scope("acme", "k"), 0, "t0")  # the dead claim sends nothing
+            await gone.keep(Scope("acme", "k"), 0, "d", "t0", None)  # nor releases t1's claim
+        assert not await alive.mark_sending(Scope("acme", "k"), 0, "t0")
+        await alive.keep(Scope("acme", "k"), 0, "d", "t0", None)
+        assert await alive.mark_sending(Scope("acme", "k"), 0, "t1")
 
-        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
-        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT  # as UNKNOWN, for good
-        await alive.keep("acme/k", 1, "d", "t0", None)  # a late release does not reopen it
-        assert (await alive.claim("acme/k", 1, "d", "t1")).verdict is Verdict.KEPT
+        assert (await alive.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.LOST
+        assert (
+            await alive.claim(Scope("acme", "k"), 1, "d", "t1")
+        ).verdict is Verdict.KEPT  # as UNKNOWN, for good
+        await alive.keep(Scope("acme", "k"), 1, "d", "t0", None)  # a late release does not reopen it
+        assert (await alive.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.KEPT
 
 
 # --- the host's file ---------------------------------------------------------------------------
@@ -463,26 +498,28 @@ async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_
     now = [1000.0]
     first = HostResults(path, ttl=60.0, lease=30.0, clock=lambda: now[0])
     await first.beat()
-    assert (await first.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
-    await first.keep("acme/k", 0, "d", "t0", b"sent")
-    assert (await first.claim("acme/k", 1, "d", "t1")).verdict is Verdict.CLAIMED
-    assert await first.mark_sending("acme/k", 1, "t1")  # its call may have left
-    assert (await first.claim("acme/k", 2, "d", "t2")).verdict is Verdict.CLAIMED  # never left
+    assert (await first.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED
+    await first.keep(Scope("acme", "k"), 0, "d", "t0", b"sent")
+    assert (await first.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.CLAIMED
+    assert await first.mark_sending(Scope("acme", "k"), 1, "t1")  # its call may have left
+    assert (await first.claim(Scope("acme", "k"), 2, "d", "t2")).verdict is Verdict.CLAIMED  # never left
     await first._run(first._db.close)  # killed: no goodbye, its heartbeat row stays
 
     again = HostResults(path, ttl=60.0, lease=30.0, clock=lambda: now[0])  # the gateway restarted
     try:
-        assert (await again.claim("acme/k", 0, "d", "t0")) == (await again.claim("acme/k", 0, "d", "t9"))
-        assert (await again.claim("acme/k", 0, "d", "t0")).kept == b"sent"
-        assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.BUSY  # beat 0 s ago
+        assert (await again.claim(Scope("acme", "k"), 0, "d", "t0")) == (
+            await again.claim(Scope("acme", "k"), 0, "d", "t9")
+        )
+        assert (await again.claim(Scope("acme", "k"), 0, "d", "t0")).kept == b"sent"
+        assert (await again.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.BUSY  # beat 0 s ago
         now[0] += host_results.HEARTBEAT_LAPSE_SECONDS
-        assert (await again.claim("acme/k", 1, "d", "t1")).verdict is Verdict.LOST
-        assert (await again.claim("acme/k", 2, "d", "t3")).verdict is Verdict.RECLAIMED
-        await again.keep("acme/k", 2, "d", "t3", None)
+        assert (await again.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.LOST
+        assert (await again.claim(Scope("acme", "k"), 2, "d", "t3")).verdict is Verdict.RECLAIMED
+        await again.keep(Scope("acme", "k"), 2, "d", "t3", None)
         now[0] += 60.0  # past the TTL: an expired row is claimed anew, the purge deletes the other
-        assert (await again.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
+        assert (await again.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED
         assert await again.beat() == 1
-        assert (await again.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
+        assert (await again.claim(Scope("acme", "k"), 1, "d", "t0")).verdict is Verdict.CLAIMED
     finally:
         await again.stop()
 
@@ -497,7 +534,7 @@ async def test_two_workers_claiming_one_batch_at_once_get_one_claim(tmp_path: Pa
         for index in range(20):
             verdicts = await asyncio.gather(
                 *(
-                    worker.claim("acme/k", index, "d", uuid.uuid4().hex)
+                    worker.claim(Scope("acme", "k"), index, "d", uuid.uuid4().hex)
                     for worker in workers
                     for _ in range(4)
                 )
@@ -516,20 +553,20 @@ async def test_a_broken_host_file_is_a_store_that_does_not_answer(tmp_path: Path
     path = tmp_path / "keys.sqlite3"
     host_results.create(str(path), private_folder=False)
     broken = HostResults(str(path), ttl=60.0, lease=60.0)
-    assert (await broken.claim("acme/k", 1, "d", "t")).verdict is Verdict.CLAIMED
+    assert (await broken.claim(Scope("acme", "k"), 1, "d", "t")).verdict is Verdict.CLAIMED
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE owners")
     with pytest.raises(StoreUnavailable):  # fails within the transaction: rolled back
-        await broken.claim("acme/k", 1, "d", "t2")
+        await broken.claim(Scope("acme", "k"), 1, "d", "t2")
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE results")
     failures: list[str] = []
     broken.start(lambda: failures.append("beat"))
     try:
         with pytest.raises(StoreUnavailable, match=r"SQLite\) did not answer \(OperationalError\)"):
-            await broken.claim("acme/k", 0, "d", "t")
+            await broken.claim(Scope("acme", "k"), 0, "d", "t")
         with pytest.raises(StoreUnavailable):
-            await broken.keep("acme/k", 0, "d", "t", b"r")
+            await broken.keep(Scope("acme", "k"), 0, "d", "t", b"r")
         await asyncio.sleep(0.05)
         assert failures == ["beat"]
     finally:
@@ -547,8 +584,8 @@ async def test_a_host_file_made_before_claims_were_marked_gets_the_column(tmp_pa
     host_results.create(str(path), private_folder=False)
     store = HostResults(str(path), ttl=60.0, lease=60.0)
     try:
-        assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED
-        assert await store.mark_sending("acme/k", 0, "t0")
+        assert (await store.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED
+        assert await store.mark_sending(Scope("acme", "k"), 0, "t0")
     finally:
         await store.stop()
 
@@ -582,21 +619,21 @@ def test_the_host_file_is_the_setting_or_a_private_folder_named_by_the_port(tmp_
 async def test_the_local_store_forgets_by_ttl_in_the_background_and_a_stale_claim_is_lost() -> None:
     now = [0.0]
     store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
-    await store.claim("acme/k", 0, "d", "t0")
-    await store.claim("acme/k", 3, "d", "t0")
-    assert await store.mark_sending("acme/k", 0, "t0")  # its call may have left; 3's never did
+    await store.claim(Scope("acme", "k"), 0, "d", "t0")
+    await store.claim(Scope("acme", "k"), 3, "d", "t0")
+    assert await store.mark_sending(Scope("acme", "k"), 0, "t0")  # its call may have left; 3's never did
     now[0] = 6.0  # past the lease, within the TTL
-    assert (await store.claim("acme/k", 3, "d", "t3")).verdict is Verdict.RECLAIMED
-    assert not await store.mark_sending("acme/k", 3, "t0")
-    await store.keep("acme/k", 3, "d", "t3", None)  # released by the claim that holds it now
-    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.LOST
-    assert (await store.claim("acme/k", 0, "d", "t0")).verdict is Verdict.KEPT
+    assert (await store.claim(Scope("acme", "k"), 3, "d", "t3")).verdict is Verdict.RECLAIMED
+    assert not await store.mark_sending(Scope("acme", "k"), 3, "t0")
+    await store.keep(Scope("acme", "k"), 3, "d", "t3", None)  # released by the claim that holds it now
+    assert (await store.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.LOST
+    assert (await store.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.KEPT
     now[0] = 8.0
-    await store.claim("acme/k", 1, "d", "t1")  # in flight until its TTL
-    await store.keep("acme/k", 2, "d", "t2", b"r")
+    await store.claim(Scope("acme", "k"), 1, "d", "t1")  # in flight until its TTL
+    await store.keep(Scope("acme", "k"), 2, "d", "t2", b"r")
     now[0] = 17.0
     assert store.expire() == 1 and len(store) == 2  # the LOST one, never used again
-    assert (await store.claim("acme/k", 2, "d", "t0")).verdict is Verdict.KEPT
+    assert (await store.claim(Scope("acme", "k"), 2, "d", "t0")).verdict is Verdict.KEPT
     now[0] = 30.0
     store.start()  # the sweep frees the rest, though no key is used again
     try:
@@ -607,27 +644,27 @@ async def test_the_local_store_forgets_by_ttl_in_the_background_and_a_stale_clai
     finally:
         await store.stop()
     assert len(store) == 0 and store.held("acme") == 0
-    assert (await store.claim("acme/k", 1, "d", "t0")).verdict is Verdict.CLAIMED
+    assert (await store.claim(Scope("acme", "k"), 1, "d", "t0")).verdict is Verdict.CLAIMED
 
 
 async def test_the_local_store_evicts_the_oldest_result_of_the_biggest_tenant_never_a_claim() -> None:
     evicted: list[str] = []
     store = LocalResults(ttl=60.0, capacity=10, lease=60.0, on_evict=evicted.append)
     for index in range(3):  # globex: 3 results, within its share
-        await store.claim("globex/g", index, "d", "t")
-        await store.keep("globex/g", index, "d", "t", b"r")
+        await store.claim(Scope("globex", "g"), index, "d", "t")
+        await store.keep(Scope("globex", "g"), index, "d", "t", b"r")
     for index in range(4):  # acme: 4 claims in flight
-        await store.claim("acme/busy", index, "d", "t")
+        await store.claim(Scope("acme", "busy"), index, "d", "t")
     for index in range(100):  # acme's heavy traffic
-        await store.claim("acme/k", index, "d", "t")
-        await store.keep("acme/k", index, "d", "t", b"r")
+        await store.claim(Scope("acme", "k"), index, "d", "t")
+        await store.keep(Scope("acme", "k"), index, "d", "t", b"r")
     assert len(store) == 10 and evicted == ["acme"] * 97
     assert (store.held("globex"), store.held("acme")) == (3, 7)
     for index in range(3):  # none of globex's went
-        assert (await store.claim("globex/g", index, "d", "t")).verdict is Verdict.KEPT
+        assert (await store.claim(Scope("globex", "g"), index, "d", "t")).verdict is Verdict.KEPT
     for index in range(4):  # nor any claim in flight
-        assert (await store.claim("acme/busy", index, "d", "t")).verdict is Verdict.BUSY
-    assert [(await store.claim("acme/k", i, "d", "t")).verdict for i in (99, 97, 96)] == [
+        assert (await store.claim(Scope("acme", "busy"), index, "d", "t")).verdict is Verdict.BUSY
+    assert [(await store.claim(Scope("acme", "k"), i, "d", "t")).verdict for i in (99, 97, 96)] == [
         Verdict.KEPT,
         Verdict.KEPT,
         Verdict.CLAIMED,  # evicted: the oldest went first
@@ -635,9 +672,9 @@ async def test_the_local_store_evicts_the_oldest_result_of_the_biggest_tenant_ne
     # More claims in flight than the capacity: results go, every claim stays (the store holds
     # more than its capacity while they are in flight).
     for index in range(20):
-        await store.claim("initech/k", index, "d", "t")
+        await store.claim(Scope("initech", "k"), index, "d", "t")
     assert (store.held("initech"), store.held("acme"), store.held("globex")) == (20, 5, 0)
-    assert (await store.claim("initech/k", 0, "d", "t")).verdict is Verdict.BUSY
+    assert (await store.claim(Scope("initech", "k"), 0, "d", "t")).verdict is Verdict.BUSY
 
 
 def test_an_entry_of_the_local_store_is_about_half_a_kilobyte() -> None:
@@ -648,7 +685,7 @@ def test_an_entry_of_the_local_store_is_about_half_a_kilobyte() -> None:
 
     async def fill() -> None:
         for index in range(count):
-            scope, token = f"acme/order-{index // 20:08d}.a", uuid.uuid4().hex
+            scope, token = Scope("acme", f"order-{index // 20:08d}.a"), uuid.uuid4().hex
             await store.claim(scope, index % 20, uuid.uuid4().hex, token)
             await store.keep(scope, index % 20, uuid.uuid4().hex, token, encode(sent))
 
@@ -668,17 +705,17 @@ async def test_the_local_store_counts_each_entry_once_whatever_replaces_it() -> 
     now = [0.0]
     store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
     await store.stop()  # never started: nothing to stop
-    await store.keep("acme/k", 0, "d", "t0", b"first")
-    await store.keep("acme/k", 1, "d", "t0", b"other")
-    await store.keep("acme/k", 0, "d", "t1", b"again")  # kept twice: one entry, the later result
-    await store.keep("globex/k", 0, "d", "t0", b"r")
+    await store.keep(Scope("acme", "k"), 0, "d", "t0", b"first")
+    await store.keep(Scope("acme", "k"), 1, "d", "t0", b"other")
+    await store.keep(Scope("acme", "k"), 0, "d", "t1", b"again")  # kept twice: one entry, the later result
+    await store.keep(Scope("globex", "k"), 0, "d", "t0", b"r")
     assert (store.held("acme"), len(store)) == (2, 3)
-    assert (await store.claim("acme/k", 0, "d", "t2")).kept == b"again"
+    assert (await store.claim(Scope("acme", "k"), 0, "d", "t2")).kept == b"again"
     now[0] = 11.0  # expired, not swept yet: a claim takes its place
-    assert (await store.claim("acme/k", 1, "d", "t3")).verdict is Verdict.CLAIMED
-    assert (await store.claim("acme/k", 0, "d", "t3")).verdict is Verdict.CLAIMED
+    assert (await store.claim(Scope("acme", "k"), 1, "d", "t3")).verdict is Verdict.CLAIMED
+    assert (await store.claim(Scope("acme", "k"), 0, "d", "t3")).verdict is Verdict.CLAIMED
     assert (store.held("acme"), len(store)) == (2, 3)
-    await store.keep("initech/k", 0, "d", "t0", b"r")  # kept at 11: not expired at 15
+    await store.keep(Scope("initech", "k"), 0, "d", "t0", b"r")  # kept at 11: not expired at 15
     now[0] = 15.0
     assert store.expire() == 1 and (store.held("globex"), store.held("initech")) == (0, 1)
 
@@ -698,17 +735,17 @@ async def test_a_lost_or_cut_off_batch_is_counted_once_when_decided_and_its_repl
         return registry.get_sample_value(name, {"tenant": "acme", "outcome": outcome}) or 0.0
 
     lost, cut = Batch(0, tuple(range(50)), b"{}"), Batch(1, tuple(range(50, 60)), b"{}")
-    never_kept = await ledger.claim(tenant, "k", lost)
+    never_kept = await ledger.claim(Scope(tenant.id, "k"), lost)
     assert isinstance(never_kept, Claimed)
     assert await ledger.sending(never_kept) is None  # its call left, then its gateway died
-    claimed = await ledger.claim(tenant, "k", cut)
+    claimed = await ledger.claim(Scope(tenant.id, "k"), cut)
     assert isinstance(claimed, Claimed)
     ledger.keep_soon(claimed, sent=True)  # its caller went away while Braze was being called
     await ledger.settled(5.0)
     now[0] = 6.0  # past the lost one's lease
     for _ in range(3):
         for batch in (lost, cut):
-            result = await ledger.claim(tenant, "k", batch)
+            result = await ledger.claim(Scope(tenant.id, "k"), batch)
             assert isinstance(result, BatchResult) and result.replayed
             assert result.outcome is Outcome.UNKNOWN
             metrics.result(tenant.id, result)  # as the dispatcher reports each result it hands back
@@ -728,13 +765,13 @@ class Unanswering:
         self.overlapping = 0
         self._now = 0
 
-    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+    async def claim(self, scope: Scope, index: int, digest: str, token: str) -> Claim:
         return await self.store.claim(scope, index, digest, token)
 
-    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+    async def mark_sending(self, scope: Scope, index: int, token: str) -> bool:
         return await self.store.mark_sending(scope, index, token)
 
-    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+    async def keep(self, scope: Scope, index: int, digest: str, token: str, kept: bytes | None) -> None:
         self.keeps += 1
         self._now += 1
         self.overlapping = max(self.overlapping, self._now)
@@ -759,7 +796,7 @@ async def test_what_the_store_did_not_take_is_offered_again_by_one_task_backing_
     ledger = Ledger(store, lease=60.0, jitter=lambda: 0.0)  # delays 0.1, 0.2, 0.4, 0.8 s...
     claims = []
     for index in range(50):
-        claimed = await ledger.claim(TENANT, "k", Batch(index, (index,), b"body"))
+        claimed = await ledger.claim(Scope(TENANT.id, "k"), Batch(index, (index,), b"body"))
         assert isinstance(claimed, Claimed)
         claims.append(claimed)
     for claimed in claims:  # 50 releases the store does not take
@@ -773,7 +810,7 @@ async def test_what_the_store_did_not_take_is_offered_again_by_one_task_backing_
         while ledger.backlog:
             await asyncio.sleep(0.01)
     assert store.overlapping == 1  # one at a time
-    again = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    again = await ledger.claim(Scope(TENANT.id, "k"), Batch(0, (0,), b"body"))
     assert isinstance(again, Claimed)  # released
 
 
@@ -790,7 +827,7 @@ async def test_what_the_store_never_takes_lapses_after_the_lease_and_shutdown_st
         )
         return found or 0.0
 
-    claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    claimed = await ledger.claim(Scope(TENANT.id, "k"), Batch(0, (0,), b"body"))
     assert isinstance(claimed, Claimed)
     await ledger.keep(claimed, results.not_attempted(claimed.batch, "unsent", Code.UNAVAILABLE))
     assert (logged("not_kept"), logged("never_kept")) == (1, 0)
@@ -824,7 +861,7 @@ class Unmarkable(Unanswering):
         super().__init__()
         self.failure = failure
 
-    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+    async def mark_sending(self, scope: Scope, index: int, token: str) -> bool:
         raise self.failure
 
 
@@ -837,7 +874,7 @@ class Unmarkable(Unanswering):
 )
 async def test_a_batch_whose_mark_fails_is_not_sent(failure: Exception, code: int) -> None:
     ledger = Ledger(Unmarkable(failure), lease=LEASE)
-    claimed = await ledger.claim(TENANT, "k", Batch(0, (0,), b"body"))
+    claimed = await ledger.claim(Scope(TENANT.id, "k"), Batch(0, (0,), b"body"))
     assert isinstance(claimed, Claimed)
     unsent = await ledger.sending(claimed)
     assert unsent is not None and (unsent.outcome, int(unsent.code)) == (Outcome.NOT_ATTEMPTED, code)
@@ -851,19 +888,21 @@ async def test_redis_found_empty_refuses_keys_in_every_gateway_until_the_loss_is
         early_metrics = PrometheusMetrics(registry, version="t", git_commit="t")
         watching = RedisResults(client, 60.0, 60.0, early_metrics)
         try:
-            assert (await early.claim("acme/k", 0, "d", "t0")).verdict is Verdict.CLAIMED  # no start()
+            assert (
+                await early.claim(Scope("acme", "k"), 0, "d", "t0")
+            ).verdict is Verdict.CLAIMED  # no start()
             await watching.beat()
             assert watching.generation == early.generation != ""
             await client.flushall()  # as a restart without its data
             with pytest.raises(StoreLost, match="lost what it kept"):
-                await early.mark_sending("acme/k", 0, "t0")  # found by the mark itself
+                await early.mark_sending(Scope("acme", "k"), 0, "t0")  # found by the mark itself
             await watching.beat()  # the others see it with their heartbeat
             assert watching.lost and registry.get_sample_value("canvas_gateway_shared_store_lost_total") == 1
             with pytest.raises(StoreLost):
-                await watching.claim("acme/k", 1, "d", "t1")  # refused without a round trip
+                await watching.claim(Scope("acme", "k"), 1, "d", "t1")  # refused without a round trip
             newcomer = RedisResults(client, 60.0, 60.0)
             with pytest.raises(StoreLost):  # a gateway started after the loss refuses too
-                await newcomer.claim("acme/k", 1, "d", "t1")
+                await newcomer.claim(Scope("acme", "k"), 1, "d", "t1")
 
             assert (await acknowledge_loss(client)).startswith("acknowledged")
             assert (await acknowledge_loss(client)).startswith("no loss")
@@ -871,11 +910,11 @@ async def test_redis_found_empty_refuses_keys_in_every_gateway_until_the_loss_is
                 await store.beat()
                 assert not store.lost
             assert registry.get_sample_value("canvas_gateway_idempotency_keys_refused") == 0
-            assert (await newcomer.claim("acme/k", 1, "d", "t1")).verdict is Verdict.CLAIMED
+            assert (await newcomer.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.CLAIMED
 
             await client.set("cgw:generation", "another")  # a gateway started on an emptied Redis
             with pytest.raises(StoreLost):
-                await early.claim("acme/k", 2, "d", "t2")
+                await early.claim(Scope("acme", "k"), 2, "d", "t2")
             await newcomer.beat()
             assert newcomer.lost  # flagged for every gateway
         finally:
@@ -891,7 +930,7 @@ async def test_more_operations_than_pooled_connections_wait_their_turn_within_th
         store = RedisResults(client, ttl=60.0, lease=60.0)
         try:
             verdicts = await asyncio.gather(
-                *(store.claim("acme/many", index, "d", f"t{index}") for index in range(300))
+                *(store.claim(Scope("acme", "many"), index, "d", f"t{index}") for index in range(300))
             )
             assert {claim.verdict for claim in verdicts} == {Verdict.CLAIMED}
             clients = await client.info("clients")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from . import reporting, results
 from .breaker import CircuitBreaker, NoBreaker, host_of
+from .context import RequestContext
 from .errors import StoreUnavailable
 from .idempotency import Claimed, Ledger
 from .limits import UpstreamLimiter
@@ -28,7 +29,6 @@ from .rate_budget import Hold
 from .reply import Delivery
 from .retry import RetryPolicy, rate_limit_pause, retry_delay
 from .retry_budget import RetryBudget, Unlimited
-from .tenants import Tenant
 from .upstream import BrazeClient
 
 log = logging.getLogger(__name__)
@@ -91,19 +91,19 @@ class Dispatcher:
         for task in list(self._running):
             task.cancel()
 
-    async def send(
-        self, tenant: Tenant, batch: Batch, deadline: float | None = None, key: str | None = None
-    ) -> BatchResult:
-        """The batch's result. `deadline` (time.monotonic) is the caller's, less a margin: no call
-        starts with less than the policy's `min_time_left` before it, and none outlasts it.
-        With an idempotency `key` the batch is claimed first, and its result kept (`idempotency`)."""
+    async def send(self, context: RequestContext, batch: Batch) -> BatchResult:
+        """The batch's result. The context's `deadline` (time.monotonic) is the caller's, less a
+        margin: no call starts with less than the policy's `min_time_left` before it, and none
+        outlasts it. Under an idempotency `scope` the batch is claimed first, and its result kept
+        (`idempotency`)."""
+        tenant = context.tenant
         progress = _Progress()
         task = asyncio.current_task()
         if self._abandoned or task is None:
             return results.abandoned(batch, progress.attempts, progress.sent)
         claimed = None
-        if key is not None:
-            found = await self._ledger.claim(tenant, key, batch)
+        if context.scope is not None:
+            found = await self._ledger.claim(context.scope, batch)
             if isinstance(found, BatchResult):
                 return found
             claimed = found
@@ -113,13 +113,13 @@ class Dispatcher:
             if self.abandoned:  # while the claim was made
                 result = results.abandoned(batch, progress.attempts, progress.sent)
             else:
-                result = await self._attempt(tenant, batch, progress, deadline, claimed)
+                result = await self._attempt(context, batch, progress, claimed)
         except asyncio.CancelledError:
             if not self._consume_abandon_cancel(task):
                 if claimed is not None:
                     self._ledger.keep_soon(claimed, progress.sent)
                 if progress.sent:
-                    reporting.cancelled_while_calling(tenant, batch)
+                    reporting.cancelled_while_calling(context, batch)
                 raise
             result = results.abandoned(batch, progress.attempts, progress.sent)
         finally:
@@ -135,14 +135,10 @@ class Dispatcher:
         return self._abandoned and task.uncancel() == 0
 
     async def _attempt(
-        self,
-        tenant: Tenant,
-        batch: Batch,
-        progress: _Progress,
-        deadline: float | None,
-        claimed: Claimed | None = None,
+        self, context: RequestContext, batch: Batch, progress: _Progress, claimed: Claimed | None
     ) -> BatchResult:
         metrics, broadcast, policy = self._metrics, batch.broadcast, self._policy
+        tenant, deadline = context.tenant, context.deadline
 
         def left() -> float:
             return math.inf if deadline is None else deadline - time.monotonic()
@@ -222,17 +218,14 @@ class FanOut:
     def __init__(
         self,
         dispatcher: Dispatcher,
-        tenant: Tenant,
+        context: RequestContext,
         concurrency: int,
         queue_size: int,
         metrics: Metrics | None = None,
-        deadline: float | None = None,
-        key: str | None = None,
     ) -> None:
         self._dispatcher = dispatcher
-        self._tenant = tenant
-        self._deadline = deadline
-        self._key = key
+        self._context = context
+        self._tenant_id = context.tenant.id
         self._metrics = metrics or Metrics()
         self._slots = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[BatchResult | object] = asyncio.Queue(queue_size)
@@ -254,11 +247,11 @@ class FanOut:
 
     async def _run(self, batch: Batch) -> None:
         try:
-            result = await self._dispatcher.send(self._tenant, batch, self._deadline, self._key)
+            result = await self._dispatcher.send(self._context, batch)
             try:
                 await self.put(result)  # the slot is held until the caller can take it
             except asyncio.CancelledError:
-                reporting.undelivered(self._metrics, self._tenant, result)
+                reporting.undelivered(self._metrics, self._context, result)
                 raise
         finally:
             self._slots.release()
@@ -266,9 +259,9 @@ class FanOut:
 
     async def put(self, result: BatchResult) -> None:
         """Hand back a result: a batch's, or one that needed no call (validation, validate_only)."""
-        reporting.made(self._metrics, self._tenant, result)
+        reporting.made(self._metrics, self._context, result)
         await self._queue.put(result)
-        self._metrics.buffered(self._tenant.id, 1)
+        self._metrics.buffered(self._tenant_id, 1)
 
     async def close(self) -> None:
         """No more batches: wait for those in flight, then end `results`."""
@@ -282,12 +275,12 @@ class FanOut:
             if item is _DONE:
                 return
             assert isinstance(item, BatchResult)
-            self._metrics.buffered(self._tenant.id, -1)
+            self._metrics.buffered(self._tenant_id, -1)
             yield item
 
     def log_unread(self, handed: Iterable[BatchResult]) -> None:
         """Log results already handed to the caller's RPC that it may never have read."""
-        reporting.unread(self._metrics, self._tenant, handed)
+        reporting.unread(self._metrics, self._context, handed)
 
     def cancel(self) -> None:
         """The caller is gone: stop the batches, and log the results it will never read."""
@@ -296,5 +289,5 @@ class FanOut:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, BatchResult):
-                self._metrics.buffered(self._tenant.id, -1)
-                reporting.undelivered(self._metrics, self._tenant, item)
+                self._metrics.buffered(self._tenant_id, -1)
+                reporting.undelivered(self._metrics, self._context, item)

@@ -39,10 +39,10 @@ from dataclasses import dataclass, replace
 from typing import Final, Protocol
 
 from . import keeping, results
+from .context import IdempotencyScope
 from .errors import StoreLost, StoreUnavailable
 from .metrics import Metrics
 from .model import Batch, BatchResult
-from .tenants import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,25 @@ class Claim:
 
 
 class ResultStore(Protocol):
-    """Claims and kept results, each under (scope, batch index); scope is tenant and key.
-    Any operation may raise `errors.StoreUnavailable` (no answer) or `errors.StoreLost`."""
+    """Claims and kept results, each under (scope, batch index); scope is tenant and key. A store
+    that names entries in text uses `scope.text()`, and the tenant as `scope.tenant`: never the
+    text parsed back. Any operation may raise `errors.StoreUnavailable` (no answer) or
+    `errors.StoreLost`."""
 
-    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+    async def claim(self, scope: IdempotencyScope, index: int, digest: str, token: str) -> Claim:
         """Claim the batch as `token` unless it is kept, claimed, or has another digest.
         A claim whose process stopped (or that outlived the lease) is claimed again (RECLAIMED)
         if it never reached `mark_sending`, else becomes a kept UNKNOWN: LOST."""
         ...
 
-    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+    async def mark_sending(self, scope: IdempotencyScope, index: int, token: str) -> bool:
         """Record that the claim `token`'s call may leave now. False: the claim is no longer
         `token`'s (it lapsed and another call holds it), and the batch must not be sent."""
         ...
 
-    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+    async def keep(
+        self, scope: IdempotencyScope, index: int, digest: str, token: str, kept: bytes | None
+    ) -> None:
         """End the claim `token`: keep `kept` (unless another call's claim holds the batch); or
         (None) release the claim if it is still `token`'s, so that a later call sends the batch."""
         ...
@@ -97,8 +101,8 @@ class ResultStore(Protocol):
 class Claimed:
     """A batch this call sends; its result goes back to the store with `Ledger.keep`."""
 
-    tenant: Tenant
-    scope: str
+    scope: IdempotencyScope
+    """The tenant and key the batch is claimed under."""
     batch: Batch
     digest: str
     token: str
@@ -129,7 +133,7 @@ class Ledger:
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._jitter = jitter
-        self._backlog: dict[tuple[str, int, str], tuple[Claimed, bytes | None, float]] = {}
+        self._backlog: dict[tuple[IdempotencyScope, int, str], tuple[Claimed, bytes | None, float]] = {}
         """(scope, index, token) -> the claim, what to keep (None: release) and until when."""
         self._failures = 0
         """The store's failures in a row: how long the backlog waits before it tries again."""
@@ -142,12 +146,15 @@ class Ledger:
         """Results and releases waiting for the store to take them."""
         return len(self._backlog)
 
-    async def claim(self, tenant: Tenant, key: str, batch: Batch) -> Claimed | BatchResult:
-        claimed = Claimed(tenant, f"{tenant.id}/{key}", batch, keeping.digest(batch), uuid.uuid4().hex)
+    async def claim(self, scope: IdempotencyScope, batch: Batch) -> Claimed | BatchResult:
+        """Claim the batch under `scope` for this call (`Claimed`: send it), or the result that
+        stands for it (kept, refused, or busy elsewhere)."""
+        claimed = Claimed(scope, batch, keeping.digest(batch), uuid.uuid4().hex)
+        tenant = scope.tenant
         try:
             claim = await self._store.claim(claimed.scope, batch.index, claimed.digest, claimed.token)
         except StoreLost as exc:  # refused before anything was claimed
-            self._metrics.idempotency(tenant.id, "refused")
+            self._metrics.idempotency(tenant, "refused")
             return results.keys_refused(batch, str(exc))
         except (StoreUnavailable, asyncio.CancelledError) as exc:
             # The claim may have been made with its answer lost (or the caller gone while it was
@@ -158,7 +165,7 @@ class Ledger:
                 raise
             return results.store_unavailable(batch, 0, str(exc))
         self._answered()
-        self._metrics.idempotency(tenant.id, claim.verdict.value)
+        self._metrics.idempotency(tenant, claim.verdict.value)
         match claim.verdict:
             case Verdict.CLAIMED:
                 return claimed
@@ -167,14 +174,14 @@ class Ledger:
                     "batch %d was claimed under its idempotency key by a gateway that stopped before "
                     "calling Braze: it is sent now",
                     batch.index,
-                    extra={"tenant": tenant.id, "batch_index": batch.index},
+                    extra={"tenant": tenant, "batch_index": batch.index},
                 )
                 return claimed
             case Verdict.KEPT:
                 return keeping.decode(claim.kept or b"", batch)
             case Verdict.LOST:  # decided now (its gateway stopped first): counted once, as new
                 lost = keeping.lost(batch)
-                self._metrics.result(tenant.id, lost)
+                self._metrics.result(tenant, lost)
                 return replace(lost, replayed=True)
             case Verdict.MISMATCH:
                 return results.key_reused(batch, keeping.describe(claim.kept))
@@ -198,7 +205,7 @@ class Ledger:
         log.warning(
             "batch %d was not sent: its claim under the idempotency key lapsed and another call holds it",
             claimed.batch.index,
-            extra={"tenant": claimed.tenant.id, "batch_index": claimed.batch.index},
+            extra={"tenant": claimed.scope.tenant, "batch_index": claimed.batch.index},
         )
         return results.key_busy(claimed.batch, time.time() + BUSY_RETRY_SECONDS)
 
@@ -211,13 +218,13 @@ class Ledger:
             await self._store.keep(claimed.scope, claimed.batch.index, claimed.digest, claimed.token, data)
         except (StoreUnavailable, StoreLost):
             self._failed()
-            self._metrics.reconcile(claimed.tenant.id, "not_kept")
+            self._metrics.reconcile(claimed.scope.tenant, "not_kept")
             log.error(
                 "the result of batch %d is not kept yet under its idempotency key (the store does "
                 "not answer): calls with the key get ABORTED for it until it is",
                 claimed.batch.index,
                 extra={
-                    "tenant": claimed.tenant.id,
+                    "tenant": claimed.scope.tenant,
                     "batch_index": claimed.batch.index,
                     "outcome": result.outcome.name,
                     "dispatch_id": result.dispatch_id or "-",
@@ -234,7 +241,7 @@ class Ledger:
             result = keeping.lost(claimed.batch, keeping.CUT_OFF_TEXT)
         else:
             result = results.not_attempted(claimed.batch, "cancelled")
-        self._metrics.result(claimed.tenant.id, result)  # no caller reports it; repeats replay it
+        self._metrics.result(claimed.scope.tenant, result)  # no caller reports it; repeats replay it
         self._offer(claimed, keeping.encode(result) if sent else None)
 
     def _failed(self) -> None:
@@ -272,11 +279,11 @@ class Ledger:
             key, (claimed, data, until) = next(iter(self._backlog.items()))
             if self._clock() >= until:
                 del self._backlog[key]
-                self._metrics.reconcile(claimed.tenant.id, "never_kept")
+                self._metrics.reconcile(claimed.scope.tenant, "never_kept")
                 log.error(
                     "the result of batch %d was never kept: its claim lapses into UNKNOWN",
                     claimed.batch.index,
-                    extra={"tenant": claimed.tenant.id, "batch_index": claimed.batch.index},
+                    extra={"tenant": claimed.scope.tenant, "batch_index": claimed.batch.index},
                 )
                 continue
             try:
@@ -292,7 +299,7 @@ class Ledger:
                 log.info(
                     "the result of batch %d is kept now",
                     claimed.batch.index,
-                    extra={"tenant": claimed.tenant.id},
+                    extra={"tenant": claimed.scope.tenant},
                 )
 
     async def settled(self, within: float) -> None:

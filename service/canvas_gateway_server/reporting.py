@@ -13,27 +13,27 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from .context import RequestContext
 from .logs import Ranges
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Outcome
-from .tenants import Tenant
 
 log = logging.getLogger(__name__)
 
 
-def cancelled_while_calling(tenant: Tenant, batch: Batch) -> None:
+def cancelled_while_calling(context: RequestContext, batch: Batch) -> None:
     """A batch cancelled with its caller while Braze was being called: no result can reach the
     caller now, so leave a trace to reconcile."""
     log.warning(
         "batch %d was cancelled with its caller while calling Braze: outcome unknown",
         batch.index,
-        extra=_fields(tenant, batch.index, batch.positions, Outcome.UNKNOWN),
+        extra=_fields(context.tenant.id, batch.index, batch.positions, Outcome.UNKNOWN),
     )
 
 
-def made(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
+def made(metrics: Metrics, context: RequestContext, result: BatchResult) -> None:
     """Count a result when it is made, delivered or not, and log one that did not end SENT."""
-    metrics.result(tenant.id, result)
+    metrics.result(context.tenant.id, result)
     if result.outcome is Outcome.SENT or (result.outcome is Outcome.NOT_ATTEMPTED and result.code is Code.OK):
         return  # sent, or planned by validate_only
     log.warning(
@@ -41,13 +41,14 @@ def made(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
         result.batch_index,
         result.outcome.name,
         result.status_message,
-        extra=_result_fields(tenant, result),
+        extra=_result_fields(context.tenant.id, result),
     )
 
 
-def undelivered(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
+def undelivered(metrics: Metrics, context: RequestContext, result: BatchResult) -> None:
     """A result its caller will never get (it stopped reading or went away): logged to reconcile."""
-    metrics.reconcile(tenant.id, "undelivered")
+    tenant = context.tenant.id
+    metrics.reconcile(tenant, "undelivered")
     log.error(
         "result of batch %d not delivered (the caller stopped reading or went away)",
         result.batch_index,
@@ -55,21 +56,21 @@ def undelivered(metrics: Metrics, tenant: Tenant, result: BatchResult) -> None:
     )
 
 
-def unread(metrics: Metrics, tenant: Tenant, handed: Iterable[BatchResult]) -> None:
+def unread(metrics: Metrics, context: RequestContext, handed: Iterable[BatchResult]) -> None:
     """Results handed to a stream that was then cut off: its caller may not have read them (gRPC
     drops what it buffered when a call is cancelled). Only the stream's last results are kept for
     this (CGW_RECONCILE_TAIL_RESULTS); the first line says from which batch on they are listed."""
-    kept = list(handed)
+    tenant, kept = context.tenant.id, list(handed)
     if not kept:
         return
     log.error(
         "stream cut off: the last %d results handed to the caller may not have been read; "
         "each is logged, earlier ones are presumed read",
         len(kept),
-        extra={"tenant": tenant.id, "results": len(kept)},
+        extra={"tenant": tenant, "results": len(kept)},
     )
     for result in kept:
-        metrics.reconcile(tenant.id, "unread")
+        metrics.reconcile(tenant, "unread")
         log.error(
             "result of batch %d may not have been read (the stream was cut off)",
             result.batch_index,
@@ -77,9 +78,9 @@ def unread(metrics: Metrics, tenant: Tenant, handed: Iterable[BatchResult]) -> N
         )
 
 
-def _fields(tenant: Tenant, index: int, positions: tuple[int, ...], outcome: Outcome) -> dict[str, Any]:
+def _fields(tenant: str, index: int, positions: tuple[int, ...], outcome: Outcome) -> dict[str, Any]:
     return {
-        "tenant": tenant.id,
+        "tenant": tenant,
         "batch_index": index,
         "positions": Ranges.of(positions),
         "recipients": len(positions),
@@ -87,7 +88,7 @@ def _fields(tenant: Tenant, index: int, positions: tuple[int, ...], outcome: Out
     }
 
 
-def _result_fields(tenant: Tenant, result: BatchResult) -> dict[str, Any]:
+def _result_fields(tenant: str, result: BatchResult) -> dict[str, Any]:
     """What a log line says of a result, for reconciliation: never a secret (Braze's text is scrubbed)."""
     return {
         **_fields(tenant, result.batch_index, result.positions, result.outcome),

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import reporting, results
+from .context import RequestContext
 from .dispatch import Dispatcher, FanOut
 from .errors import InvalidRequest
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
 from .planning import Intake, Taken, authorize
-from .tenants import Tenant
 from .validate import check_idempotency_key, check_recipient_count, check_stream_head, check_unary_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
@@ -79,16 +79,11 @@ class Sender:
         self._metrics = metrics or Metrics()
 
     async def send(
-        self,
-        tenant: Tenant,
-        head: Mapping[str, Any],
-        recipients: Sequence[Mapping[str, Any]],
-        validate_only: bool,
-        deadline: float | None = None,
-        key: str | None = None,
+        self, context: RequestContext, head: Mapping[str, Any], recipients: Sequence[Mapping[str, Any]]
     ) -> tuple[list[BatchResult], Summary]:
-        """Check the whole request, reporting every violation at once; then send it, within
-        `deadline` (time.monotonic, see Dispatcher.send)."""
+        """Check the whole request, reporting every violation at once; then send it, within the
+        context's deadline (time.monotonic, see Dispatcher.send)."""
+        tenant = context.tenant
         self.check_unary_count(len(recipients))
         intake = Intake(head, tenant.context_name, tenant.audience_budget)
         plan = _AllOrNothing()
@@ -100,18 +95,18 @@ class Sender:
             *intake.head_violations,
             *check_recipient_count(head, len(recipients)),
             *plan.violations,
-            *check_idempotency_key(key or ""),
+            *check_idempotency_key(context.key),
         ]
         if violations:
             raise InvalidRequest(violations)
         authorize(tenant, head)
         batches = plan.batches or [intake.broadcast()]
-        if validate_only:
+        if context.validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
             for result in done:
-                reporting.made(self._metrics, tenant, result)
+                reporting.made(self._metrics, context, result)
         else:
-            done = await self._run_all(tenant, batches, deadline, key)
+            done = await self._run_all(context, batches)
         done.sort(key=lambda result: result.batch_index)
         summary = Summary()
         for result in done:
@@ -124,21 +119,13 @@ class Sender:
         if violations:
             raise InvalidRequest(violations)
 
-    async def _run_all(
-        self, tenant: Tenant, batches: list[Batch], deadline: float | None, key: str | None
-    ) -> list[BatchResult]:
+    async def _run_all(self, context: RequestContext, batches: list[Batch]) -> list[BatchResult]:
         if len(batches) == 1:  # most Sends: one call, no fan-out (its tasks and queue cost latency)
-            result = await self._dispatcher.send(tenant, batches[0], deadline, key)
-            reporting.made(self._metrics, tenant, result)
+            result = await self._dispatcher.send(context, batches[0])
+            reporting.made(self._metrics, context, result)
             return [result]
         fan = FanOut(
-            self._dispatcher,
-            tenant,
-            self._limits.request_concurrency,
-            len(batches) + 1,
-            self._metrics,
-            deadline,
-            key,
+            self._dispatcher, context, self._limits.request_concurrency, len(batches) + 1, self._metrics
         )
 
         async def produce() -> None:
@@ -157,30 +144,19 @@ class Sender:
             producer.cancel()
             fan.cancel()
 
-    def open_stream(
-        self,
-        tenant: Tenant,
-        head: Mapping[str, Any],
-        validate_only: bool,
-        deadline: float | None = None,
-        key: str | None = None,
-    ) -> StreamSend:
+    def open_stream(self, context: RequestContext, head: Mapping[str, Any]) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
+        tenant = context.tenant
         intake = Intake(head, tenant.context_name, tenant.audience_budget)
-        violations = [*check_stream_head(head), *intake.head_violations, *check_idempotency_key(key or "")]
+        violations = [*check_stream_head(head), *intake.head_violations, *check_idempotency_key(context.key)]
         if violations:
             raise InvalidRequest(violations)
         authorize(tenant, head)
+        limits = self._limits
         fan = FanOut(
-            self._dispatcher,
-            tenant,
-            self._limits.request_concurrency,
-            self._limits.result_queue_size,
-            self._metrics,
-            deadline,
-            key,
+            self._dispatcher, context, limits.request_concurrency, limits.result_queue_size, self._metrics
         )
-        return StreamSend(intake, fan, validate_only)
+        return StreamSend(intake, fan, context)
 
 
 class StreamSend:
@@ -190,10 +166,11 @@ class StreamSend:
     recipient gets a result of its own while the others go on.
     """
 
-    def __init__(self, intake: Intake, fan: FanOut, validate_only: bool) -> None:
+    def __init__(self, intake: Intake, fan: FanOut, context: RequestContext) -> None:
         self._intake = intake
         self._fan = fan
-        self._validate_only = validate_only
+        self.context = context
+        """The request's context: whether it is keyed decides how its end is told (`edge.streams`)."""
         self.summary = Summary()
 
     @property
@@ -206,7 +183,7 @@ class StreamSend:
         await _take_all(self._intake, recipients, self)
 
     async def batch(self, batch: Batch) -> None:
-        if self._validate_only:
+        if self.context.validate_only:
             await self._fan.put(results.not_attempted(batch, VALIDATE_ONLY))
         else:
             await self._fan.submit(batch)

@@ -13,28 +13,28 @@ access line should say (tenant, summary) is noted on the current `observer.Call`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Final, Generic, Literal, NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from google.protobuf.message import DecodeError, Message
 
 from .. import logs
-from ..errors import HeaderTimeout, InvalidRequest, ShuttingDown, StreamIdle, Unauthenticated
+from ..context import RequestContext
+from ..errors import HeaderTimeout, InvalidRequest, ShuttingDown, Unauthenticated
 from ..metrics import Metrics
 from ..model import BatchResult, Rule, Violation
 from ..sending import Sender, StreamSend
 from ..tenants import Tenant, TenantDirectory
 from . import convert, observer, status
-from .admission import StreamHold, StreamSlots
+from .admission import InFlight, StreamHold, StreamSlots
+from .streams import StreamEnd, StreamReader, next_message, results_to_write
 
 Context = grpc.aio.ServicerContext[object, object]
-T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
 _undecodable_log = logs.Throttled(log)
@@ -63,89 +63,6 @@ def bearer_token(context: Context) -> str:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return ""
-
-
-class StreamReader(Generic[T]):
-    """Reads a request stream one message at a time, and stops early when the gateway shuts down.
-
-    A read cut short by shutdown stays pending, so `drain` can finish it: grpcio's request
-    iterator must never be read twice at once.
-    """
-
-    def __init__(self, messages: AsyncIterator[T], stop: asyncio.Event) -> None:
-        self._messages = messages
-        self._stop = stop
-        self._pending: asyncio.Future[T | None] | None = None
-        self._draining: asyncio.Future[None] | None = None
-
-    async def next(self) -> T | None:
-        """The next message, None at the caller's end of stream; ShuttingDown once `stop` is set."""
-        if self._pending is None:
-            if self._stop.is_set() or self._draining is not None:
-                raise ShuttingDown("the gateway is shutting down")
-            self._pending = asyncio.ensure_future(anext(self._messages, None))
-        if not self._pending.done():
-            stopping = asyncio.ensure_future(self._stop.wait())
-            try:
-                await asyncio.wait((self._pending, stopping), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopping.cancel()
-            if not self._pending.done():
-                raise ShuttingDown("the gateway is shutting down")
-        reading, self._pending = self._pending, None
-        return reading.result()
-
-    def drain(self) -> asyncio.Future[None]:
-        """Read and drop, in a task of its own, what the caller still writes to a stream that
-        reads no further, until the caller stops or `close`; started once, later calls return
-        the same task.
-
-        grpcio's asyncio client reports INTERNAL instead of the server's status when one of
-        its writes fails because the server already ended the RPC (grpc/grpc#36066), and the
-        writes of a caller whose stream nobody reads wait on flow control until then. Reading
-        the rest lets such clients see the real status.
-        """
-        if self._draining is None:
-            self._draining = asyncio.ensure_future(self._drain())
-        return self._draining
-
-    async def _drain(self) -> None:
-        with contextlib.suppress(grpc.RpcError):
-            if self._pending is not None:
-                await self._pending
-            async for _ in self._messages:
-                pass
-
-    def close(self) -> None:
-        """Read no more: the RPC is ending."""
-        for reading in (self._pending, self._draining):
-            if reading is not None:
-                reading.cancel()
-
-
-class InFlight:
-    """Counts the gateway's own RPCs in progress, so shutdown knows when they are done."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def __enter__(self) -> None:
-        self._count += 1
-        self._idle.clear()
-
-    def __exit__(self, *_: object) -> None:
-        self._count -= 1
-        if self._count == 0:
-            self._idle.set()
-
-    @property
-    def busy(self) -> bool:
-        return self._count > 0
-
-    async def idle(self) -> None:
-        await self._idle.wait()
 
 
 class CanvasGatewayServicer:
@@ -194,12 +111,19 @@ class CanvasGatewayServicer:
         observer.note(tenant=tenant.id)
         return tenant
 
-    def _deadline(self, context: Context) -> float | None:
-        """The caller's deadline on time.monotonic, less the margin its results need to get back."""
+    def _request(self, tenant: Tenant, options: pb.SendOptions, context: Context) -> RequestContext:
+        """What the layers below are told of the RPC: its tenant, the caller's deadline on
+        time.monotonic less the margin its results need to get back, its idempotency key and
+        request id, and whether it is only validated."""
         remaining: float | None = context.time_remaining()  # None without a deadline (the stubs say float)
-        if remaining is None:
-            return None
-        return time.monotonic() + remaining - self._deadline_margin_seconds
+        margin = self._deadline_margin_seconds
+        return RequestContext.of(
+            tenant,
+            deadline=None if remaining is None else time.monotonic() + remaining - margin,
+            key=options.idempotency_key or None,
+            request_id=observer.current_request_id(),
+            validate_only=options.validate_only,
+        )
 
     async def _abort(self, context: Context, error: BaseException) -> NoReturn:
         if isinstance(error, InvalidRequest):
@@ -218,19 +142,12 @@ class CanvasGatewayServicer:
             self._sender.check_unary_count(len(request.trigger.recipients))
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
-            options = request.options
-            done, summary = await self._sender.send(
-                tenant,
-                head,
-                recipients,
-                options.validate_only,
-                self._deadline(context),
-                options.idempotency_key or None,
-            )
+            request_context = self._request(tenant, request.options, context)
+            done, summary = await self._sender.send(request_context, head, recipients)
             observer.note(summary=summary)
             return pb.SendResponse(
                 results=[convert.result_to_proto(result) for result in done],
-                summary=convert.summary_to_proto(summary, observer.current_request_id()),
+                summary=convert.summary_to_proto(summary, request_context.request_id),
             )
         except Exception as exc:  # every failure of the whole RPC is mapped in one place
             await self._abort(context, exc)
@@ -261,13 +178,8 @@ class CanvasGatewayServicer:
             if first is None or first.WhichOneof("part") != "header":
                 raise _bad_stream("the first message of a stream must be a header")
             header = first.header
-            session = self._sender.open_stream(
-                tenant,
-                convert.trigger_head(header.trigger),
-                header.options.validate_only,
-                self._deadline(context),
-                header.options.idempotency_key or None,
-            )
+            request_context = self._request(tenant, header.options, context)
+            session = self._sender.open_stream(request_context, convert.trigger_head(header.trigger))
         except Exception as exc:
             await asyncio.wait((reader.drain(),), timeout=self._drain_seconds)
             reader.close()
@@ -279,28 +191,6 @@ class CanvasGatewayServicer:
                 yield response
         finally:
             self._metrics.stream_closed(tenant.id)
-
-    async def _next_message(self, reader: StreamReader[bytes], session: StreamSend) -> bytes | None:
-        """The caller's next message; StreamIdle once it has sent nothing for the idle timeout
-        while none of the stream's batches was in flight (a caller may wait for their results)."""
-        began = time.monotonic()
-        wait = self._idle_timeout_seconds
-        while True:
-            try:
-                async with asyncio.timeout(wait):
-                    return await reader.next()
-            except TimeoutError:
-                quiet = session.quiet_since
-                wait = self._idle_timeout_seconds
-                if quiet is not None:
-                    wait -= time.monotonic() - max(began, quiet)
-                    if wait <= 0:
-                        raise StreamIdle(
-                            f"the stream sent nothing for {self._idle_timeout_seconds:g} s: recipients from "
-                            f"position {session.received} on were not read and NOT_ATTEMPTED batches were "
-                            "not sent; send them again",
-                            resume_position=session.received,
-                        ) from None
 
     async def _stream_results(
         self,
@@ -324,7 +214,7 @@ class CanvasGatewayServicer:
             try:
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
                 index = 0
-                while (raw := await self._next_message(reader, session)) is not None:
+                while (raw := await next_message(reader, session, self._idle_timeout_seconds)) is not None:
                     index += 1
                     message = decode(pb.SendStreamRequest, raw, f"messages[{index}]", context)
                     if message.WhichOneof("part") != "chunk":
@@ -344,9 +234,10 @@ class CanvasGatewayServicer:
                 await session.close(send_rest=False)
             else:
                 # Only a keyed stream waits for the proof: its short last batch would be kept under the
-                # key and refuse the resume. Without a key the end is taken as the caller's, and
-                # a cut-off stream sends its last batch like the others it had accepted.
-                keyed = bool(header.options.idempotency_key)
+                # key and refuse the resume. Without a key the end is taken as the caller's, and a
+                # cut-off stream may send its last batch like the others it had accepted (no signal
+                # exists for it: see StreamEnd).
+                keyed = session.context.scope is not None
                 await session.close(send_rest=await end.half_closed(keyed and session.holds_partial_batch))
 
         async def drain_on_shutdown() -> None:
@@ -360,7 +251,7 @@ class CanvasGatewayServicer:
         handed: deque[BatchResult] = deque(maxlen=self._reconcile_tail)
         try:
             try:
-                async for result in self._results_to_write(session, end, handed):
+                async for result in results_to_write(session, end, handed):
                     if result is None:
                         yield pb.SendStreamResponse()
                     else:
@@ -378,7 +269,7 @@ class CanvasGatewayServicer:
             if failure:
                 await self._abort(context, failure[0])
             yield pb.SendStreamResponse(
-                summary=convert.summary_to_proto(session.summary, observer.current_request_id())
+                summary=convert.summary_to_proto(session.summary, session.context.request_id)
             )
         except (asyncio.CancelledError, GeneratorExit):
             # The RPC was cut off (the caller went away, or shutdown outlasted its grace): what gRPC
@@ -386,81 +277,6 @@ class CanvasGatewayServicer:
             # results handed over. Log them, so that they can be reconciled.
             session.log_unread(handed)
             raise
-
-    async def _results_to_write(
-        self, session: StreamSend, end: StreamEnd, handed: deque[BatchResult]
-    ) -> AsyncIterator[BatchResult | None]:
-        """The session's results as they come, and None (an empty message) once the requests end
-        with a partial batch open. gRPC resumes this generator only after writing what it
-        yielded, so going on past the None proves the caller half-closed (`StreamEnd`)."""
-        results = aiter(session.results())
-        upcoming = asyncio.ensure_future(anext(results, None))
-        stopped: asyncio.Task[Literal[True]] | None = asyncio.ensure_future(end.stopped.wait())
-        try:
-            while True:
-                if stopped is not None:
-                    await asyncio.wait((upcoming, stopped), return_when=asyncio.FIRST_COMPLETED)
-                    if stopped.done():
-                        stopped = None
-                        if end.awaits_proof:
-                            yield None
-                            end.prove(alive=True)
-                        continue
-                if (result := await upcoming) is None:
-                    return
-                handed.append(result)  # before the write: a write cut short may have gone out
-                yield result
-                upcoming = asyncio.ensure_future(anext(results, None))
-        finally:
-            upcoming.cancel()
-            if stopped is not None:
-                stopped.cancel()
-
-
-class StreamEnd:
-    """Whether a stream's requests ended with the caller's half-close, told by a write.
-
-    grpcio ends the request iterator alike when the caller half-closes (END_STREAM) and when the
-    stream is reset or its connection lost, and gives the servicer nothing else to tell them
-    apart: the receive's outcome does not (grpc/grpc#26245: only C++ can ask core's
-    `grpc_call_failed_before_recv_message`) and grpcio drops it anyway; `context.done()` means
-    our own status went out and `context.cancelled()` that we set CANCELLED; the cancellation
-    itself (the RECV_CLOSE_ON_SERVER op, on which grpcio cancels the handler's task) completes in
-    a batch of its own, in no set order with the end of the requests, and when the task is
-    inside gRPC's write it never reaches our code. A timer that waits for it loses under load.
-
-    What gRPC does give: on a reset or a lost connection chttp2 closes the stream for writing
-    before it ends its reads, and fails every later write ("Attempt to send message after
-    stream was closed"). So a write begun after the requests ended that succeeds proves the end
-    was a half-close. When a keyed stream's requests end with a partial batch open, the stream
-    writes an empty `SendStreamResponse` (no part: clients skip it) and sends that batch only
-    once the write has succeeded: a cut-off stream's write fails, its RPC ends, and the batch is
-    never sent (the resume sends it). Streams without a key never get the empty message (callers
-    written before it stay unaffected): their end is taken as the caller's. A half-closed caller
-    that does not read may hold its last batch until it reads, if its flow-control window is full.
-    """
-
-    def __init__(self) -> None:
-        self.stopped = asyncio.Event()
-        """The requests have ended, or reading them has stopped."""
-        self.awaits_proof = False
-        self._alive: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    async def half_closed(self, partial_batch: bool) -> bool:
-        """At the end of the requests: may the last, partial batch be sent? With one open, waits
-        until a write proves the caller there, or the RPC ends."""
-        self.awaits_proof = partial_batch
-        self.stopped.set()
-        return await self._alive if partial_batch else True
-
-    def prove(self, *, alive: bool) -> None:
-        """What the write after the requests' end told; the first word stands."""
-        if not self._alive.done():
-            self._alive.set_result(alive)
-
-    def rpc_done(self, _context: object) -> None:
-        """The RPC ended before a write proved the caller there: the batch is not to be sent."""
-        self.prove(alive=False)
 
 
 def _bad_stream(why: str) -> InvalidRequest:

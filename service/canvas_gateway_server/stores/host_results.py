@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
 
+from ..context import IdempotencyScope
 from ..errors import ConfigError, StoreUnavailable
 from ..idempotency import Claim, Verdict
 from ..settings import State
@@ -150,8 +151,8 @@ class HostResults:
                 f"the host's idempotency store (SQLite) did not answer ({type(exc).__name__})"
             ) from None
 
-    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
-        return await self._run(self._claim, scope, index, digest, token)
+    async def claim(self, scope: IdempotencyScope, index: int, digest: str, token: str) -> Claim:
+        return await self._run(self._claim, scope.text(), index, digest, token)
 
     def _claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
         now = self._clock()
@@ -201,8 +202,8 @@ class HostResults:
         db.execute("UPDATE results SET kept = x'' WHERE scope = ? AND idx = ?", (scope, index))
         return Claim(Verdict.LOST)
 
-    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
-        return await self._run(self._mark, scope, index, token)
+    async def mark_sending(self, scope: IdempotencyScope, index: int, token: str) -> bool:
+        return await self._run(self._mark, scope.text(), index, token)
 
     def _mark(self, scope: str, index: int, token: str) -> bool:
         marked: int = self._db.execute(
@@ -211,8 +212,10 @@ class HostResults:
         ).rowcount
         return marked == 1
 
-    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
-        await self._run(self._keep, scope, index, digest, token, kept)
+    async def keep(
+        self, scope: IdempotencyScope, index: int, digest: str, token: str, kept: bytes | None
+    ) -> None:
+        await self._run(self._keep, scope.text(), index, digest, token, kept)
 
     def _keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
         if kept is None:

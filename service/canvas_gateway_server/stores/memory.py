@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+from ..context import IdempotencyScope
 from ..idempotency import Claim, Verdict
 from ..rate_budget import BudgetTable, Hold, RateBudget, Ticket
 from ..reply import Reply
@@ -73,9 +74,9 @@ class LocalResults:
         self._lease = lease
         self._clock = clock
         self._on_evict = on_evict
-        self._kept: dict[str, OrderedDict[tuple[str, int], _Kept]] = {}
+        self._kept: dict[str, OrderedDict[tuple[IdempotencyScope, int], _Kept]] = {}
         """Per tenant, in the order kept: oldest (and first to expire) first."""
-        self._claims: dict[tuple[str, int], _Claimed] = {}
+        self._claims: dict[tuple[IdempotencyScope, int], _Claimed] = {}
         self._held: dict[str, int] = {}
         """Entries (kept and claimed) per tenant."""
         self._sweeper: asyncio.Task[None] | None = None
@@ -86,9 +87,9 @@ class LocalResults:
     def held(self, tenant: str) -> int:
         return self._held.get(tenant, 0)
 
-    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+    async def claim(self, scope: IdempotencyScope, index: int, digest: str, token: str) -> Claim:
         now = self._clock()
-        key, tenant = (scope, index), _tenant(scope)
+        key, tenant = (scope, index), scope.tenant
         entries = self._kept.get(tenant)
         kept = entries.get(key) if entries is not None else None
         if kept is not None and kept.expires > now:
@@ -112,15 +113,17 @@ class LocalResults:
         self._evict()
         return Claim(Verdict.CLAIMED)
 
-    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+    async def mark_sending(self, scope: IdempotencyScope, index: int, token: str) -> bool:
         claimed = self._claims.get((scope, index))
         if claimed is None or claimed.token != token:
             return False
         claimed.sending = True
         return True
 
-    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
-        key, tenant = (scope, index), _tenant(scope)
+    async def keep(
+        self, scope: IdempotencyScope, index: int, digest: str, token: str, kept: bytes | None
+    ) -> None:
+        key, tenant = (scope, index), scope.tenant
         claimed = self._claims.get(key)
         if kept is None:
             if claimed is not None and claimed.token == token:
@@ -132,12 +135,12 @@ class LocalResults:
         self._put(tenant, key, _Kept(digest, self._clock() + self._ttl, bytes(memoryview(kept))))
         self._evict()
 
-    def _put(self, tenant: str, key: tuple[str, int], kept: _Kept) -> None:
+    def _put(self, tenant: str, key: tuple[IdempotencyScope, int], kept: _Kept) -> None:
         self._drop(tenant, key)
         self._kept.setdefault(tenant, OrderedDict())[key] = kept
         self._held[tenant] = self._held.get(tenant, 0) + 1
 
-    def _drop(self, tenant: str, key: tuple[str, int]) -> None:
+    def _drop(self, tenant: str, key: tuple[IdempotencyScope, int]) -> None:
         gone = self._claims.pop(key, None) is not None
         kept = self._kept.get(tenant)
         if kept is not None and kept.pop(key, None) is not None:
@@ -182,7 +185,7 @@ class LocalResults:
                 freed += count
         for key in [key for key, claimed in self._claims.items() if claimed.claimed_at + self._ttl <= now]:
             del self._claims[key]
-            self._forget(_tenant(key[0]), 1)
+            self._forget(key[0].tenant, 1)
             freed += 1
         return freed
 
@@ -199,10 +202,6 @@ class LocalResults:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-
-
-def _tenant(scope: str) -> str:
-    return scope.partition("/")[0]
 
 
 T = TypeVar("T")

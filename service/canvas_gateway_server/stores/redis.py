@@ -40,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from ..context import IdempotencyScope
 from ..errors import StoreLost, StoreUnavailable
 from ..idempotency import Claim, Verdict
 from ..metrics import Metrics
@@ -182,8 +183,8 @@ class RedisResults:
         return self.generation == LOST
 
     @staticmethod
-    def _keys(scope: str, index: int) -> list[str]:
-        return [f"{PREFIX}result:{scope}:{index}", GENERATION_KEY]
+    def _keys(scope: IdempotencyScope, index: int) -> list[str]:
+        return [f"{PREFIX}result:{scope.text()}:{index}", GENERATION_KEY]
 
     async def _known(self) -> str:
         """The generation claims are made under; StoreLost while keys are refused."""
@@ -193,7 +194,7 @@ class RedisResults:
             raise StoreLost(LOST_TEXT)
         return self.generation
 
-    async def claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+    async def claim(self, scope: IdempotencyScope, index: int, digest: str, token: str) -> Claim:
         generation = await self._known()
         args = [
             self.owner,
@@ -212,7 +213,7 @@ class RedisResults:
             raise StoreLost(LOST_TEXT)
         return Claim(Verdict(verdict), reply[1] if len(reply) > 1 else None)
 
-    async def mark_sending(self, scope: str, index: int, token: str) -> bool:
+    async def mark_sending(self, scope: IdempotencyScope, index: int, token: str) -> bool:
         generation = await self._known()
         reply = await _call("results", self._mark(keys=self._keys(scope, index), args=[token, generation]))
         if _text(reply) == "refused":
@@ -220,7 +221,9 @@ class RedisResults:
             raise StoreLost(LOST_TEXT)
         return _text(reply) == "ok"
 
-    async def keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+    async def keep(
+        self, scope: IdempotencyScope, index: int, digest: str, token: str, kept: bytes | None
+    ) -> None:
         args: list[str | bytes] = [
             digest,
             token,
