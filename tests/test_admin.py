@@ -25,7 +25,11 @@ from canvas_gateway_server.admin import BACKLOG, MAX_CONNECTIONS, PACING, AdminS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import (
+from fake_braze import FakeBraze, Fault
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
+from servers import stop_process
+from support import (
     FAKE_URLS,
     LOCAL,
     Harness,
@@ -35,10 +39,6 @@ from conftest import (
     learn_budget,
     tenants_toml,
 )
-from fake_braze import FakeBraze, Fault
-from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry
-from servers import stop_process
 
 REQUEST = pb.SendRequest(
     trigger=pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id="u1")])

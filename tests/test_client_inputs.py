@@ -23,9 +23,9 @@ from typing import Any, TextIO, cast
 import pytest
 from canvas_gateway_client.cli import EXIT_INVALID, EXIT_NOT_READ, EXIT_NOT_SENT, EXIT_OK, run
 from canvas_gateway_client.inputs import Row, close_recipients, iter_rows, open_recipients
-from conftest import TOKENS, Harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TOKENS, Harness
 
 FUZZ = settings(
     max_examples=300,

@@ -16,8 +16,8 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_client import CanvasGatewayClient, Waiting, resume_position
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 from fake_braze import FakeBraze
+from support import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 
 COUNT = 4_000
 

@@ -16,8 +16,8 @@ from canvas_gateway_client import CanvasGatewayClient, error_info, pb, resume_po
 from canvas_gateway_client.client import MAX_HELD_RESULTS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 from fake_braze import FakeBraze
+from support import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 
 GATED_AT = 1_030  # the source waits here; chunks of 70: the gateway reads 980, sends 950, cuts 30
 COUNT = 2_030

@@ -24,9 +24,9 @@ from canvas_gateway_server import logs
 from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, KEYS, TOKENS, Harness, free_port, tenants_toml
 from fake_braze import FakeBraze
 from h2wire import PING, REFUSED_STREAM, RawConnection
+from support import FAKE_URLS, KEYS, TOKENS, Harness, free_port, tenants_toml
 
 SEND = f"/{SERVICE_NAME}/Send"
 

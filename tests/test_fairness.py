@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import Harness
+from support import Harness
 
 STREAMED = 30_000
 CHUNK = 500

@@ -42,11 +42,11 @@ from canvas_gateway_server.stores.host_results import HostResults
 from canvas_gateway_server.stores.memory import LocalResults
 from canvas_gateway_server.stores.redis import RedisResults, acknowledge_loss, connect
 from canvas_gateway_server.tenants import Tenant
-from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
 from servers import RedisServer, redis_server
+from support import Harness, check_sent_once, sent_to, violations_of
 
 TENANT_KEY = "order-2026-11-29.a"
 

@@ -20,10 +20,10 @@ from canvas_gateway_server.stores.host_budgets import HostBudgets
 from canvas_gateway_server.stores.memory import TableBudgets
 from canvas_gateway_server.stores.redis import RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
-from conftest import EXAMPLES, FAKE_URLS, KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 from servers import redis_server
+from support import EXAMPLES, FAKE_URLS, KEYS, Harness, standing_clock
 
 STILL = standing_clock()
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json

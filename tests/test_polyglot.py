@@ -20,9 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 from canvas_gateway_client import cli
-from conftest import TOKENS, Harness
 from fake_braze.app import ReceivedCall
 from fake_braze.faults import Fault
+from support import TOKENS, Harness
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
 BUILT = {

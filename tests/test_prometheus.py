@@ -32,10 +32,10 @@ import grpc
 import prometheus_server
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, TOKENS, Harness
 from fake_braze import FakeBrazeConfig, Fault
 from google.rpc import code_pb2
 from servers import RedisServer, redis_server
+from support import KEYS, TOKENS, Harness
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "canvas-gateway.json"

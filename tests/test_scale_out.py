@@ -35,11 +35,10 @@ import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
-from servers import RedisServer, haproxy, redis_server, stop_process
-from test_balancer import Replica, start_replica
+from servers import RedisServer, Replica, haproxy, redis_server, start_replica, stop_process
+from support import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 REPLICAS = 3

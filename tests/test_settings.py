@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import SECRET_PIECES, UNESCAPED_PASSWORDS
+from support import SECRET_PIECES, UNESCAPED_PASSWORDS
 
 
 def test_environment_overrides_file_overrides_defaults(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import KEYS, Harness, trigger_from_json, violations_of
+from support import KEYS, Cutter, Harness, trigger_from_json, violations_of
 
 CANVAS = "3d46f207-f0f3-499c-8285-ea987998f700"
 HEADER = {"canvas_id": CANVAS, "context": {"campaign": "spring", "n": 3}}
@@ -219,8 +219,6 @@ async def test_a_violation_names_the_context_field_the_caller_used(harness: Harn
 async def test_a_caller_cut_off_mid_stream_gets_no_partial_last_batch_sent(harness: Harness) -> None:
     """grpcio ends a stream's requests alike when the caller half-closes and when its connection is
     lost; the gateway must not then send its open batch, cut short, for a caller who is gone."""
-    from test_client_keys import Cutter
-
     opened = asyncio.Event()
 
     async def requests() -> AsyncIterator[pb.SendStreamRequest]:

@@ -22,9 +22,8 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import Harness, until_sending_stops
 from servers import haproxy
-from test_client_keys import Cutter
+from support import Cutter, Harness, until_sending_stops
 
 STREAMS = 30
 FULL, PARTIAL = 50, 20  # each stream: one full batch, then an open one

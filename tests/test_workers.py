@@ -31,11 +31,10 @@ from canvas_gateway_server.stores.memory import TableBudgets
 from canvas_gateway_server.tenants import Tenant
 from canvas_gateway_server.worker_admin import merge_expositions
 from canvas_gateway_server.workers import worker_count
-from conftest import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
-from servers import stop_process
-from test_balancer import start_logged_replica, start_replica
+from servers import start_logged_replica, start_replica, stop_process
+from support import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 CONNECTIONS = 16
