@@ -201,6 +201,23 @@ async def until(condition: Callable[[], bool], seconds: float = 20) -> None:
             await asyncio.sleep(0.005)
 
 
+def idle(gateway: Gateway, fake: FakeBraze) -> bool:
+    """Nothing under way: no RPC in the gateway's servicer, no batch in flight, nothing in its
+    ledger's backlog (claims settled), and no call at the fake (which records a call as it answers)."""
+    in_flight = sum(
+        sample.value
+        for family in gateway.registry.collect()
+        if family.name == "canvas_gateway_batches_in_flight"
+        for sample in family.samples
+    )
+    return (
+        not gateway.servicer.in_flight.busy
+        and not in_flight
+        and not gateway.dispatcher.ledger.backlog
+        and not fake.in_progress
+    )
+
+
 async def until_sending_stops(fake: FakeBraze, within: float = 30.0) -> int:
     """Wait until the fake has had no new call for a second (a stalled or stopped sender); the
     calls it had then."""

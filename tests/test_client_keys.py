@@ -32,6 +32,7 @@ from support import (
     Harness,
     check_sent_once,
     free_port,
+    idle,
     sent_to,
     start_gateway,
     tenants_toml,
@@ -469,7 +470,7 @@ async def test_a_resume_that_finds_the_key_forgotten_stops_at_once(fake: FakeBra
             with pytest.raises(KeyForgotten):
                 async with asyncio.timeout(30):
                     await consuming
-            await asyncio.sleep(0.2)  # what the cancel left in flight settles
+            await until(lambda: idle(second, fake))  # what the cancel left in flight settles
         finally:
             consuming.cancel()
             if second is not None:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from support import KEYS, Cutter, Harness, trigger_from_json, violations_of
+from support import KEYS, Cutter, Harness, idle, trigger_from_json, until, violations_of
 
 CANVAS = "3d46f207-f0f3-499c-8285-ea987998f700"
 HEADER = {"canvas_id": CANVAS, "context": {"campaign": "spring", "n": 3}}
@@ -237,6 +237,6 @@ async def test_a_caller_cut_off_mid_stream_gets_no_partial_last_batch_sent(harne
         first = await call.read()
         assert isinstance(first, pb.SendStreamResponse) and first.result.outcome == pb.OUTCOME_SENT
         cutter.cut()
-        await asyncio.sleep(0.5)
+        await until(lambda: idle(harness.gateway, harness.fake))  # the gateway has ended the stream
         opened.set()
     assert {len(c.body["recipients"]) for c in harness.fake.calls} == {50}
