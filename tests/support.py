@@ -143,6 +143,21 @@ class Clock:
         self.now += seconds
 
 
+class WallClock:
+    """The wall clock (epoch seconds) that a test can move forward with `skip_to`: a fake Braze
+    and a gateway that share one see time jump as if they had waited for it, and nobody waits."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def skip_to(self, period: float) -> None:
+        """Jump to the start of the next `period` (a fake's budget window, a clock hour)."""
+        self.offset += period - self() % period
+
+
 def standing_clock() -> Callable[[], float]:
     """A clock that stands one second past the next clock hour, for a fake Braze and a gateway
     together: no budget window turns during a test, whatever the wall clock's hour, minute or

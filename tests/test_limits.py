@@ -23,9 +23,11 @@ from canvas_gateway_server.tenants import Tenant
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 from servers import redis_server
-from support import EXAMPLES, FAKE_URLS, KEYS, Clock, Harness, standing_clock
+from support import EXAMPLES, FAKE_URLS, KEYS, Clock, Harness, WallClock, standing_clock
 
 STILL = standing_clock()
+WALL = WallClock()
+"""Real time, for the fake and the gateway together, that a test moves to the start of a window."""
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
 
@@ -251,7 +253,7 @@ async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: Bud
 
 
 @pytest.mark.parametrize(
-    ("fake_config", "settings_overrides"),
+    ("fake_config", "settings_overrides", "clock"),
     [
         (
             FakeBrazeConfig(
@@ -259,9 +261,11 @@ async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: Bud
                 hourly_limit=2,
                 hourly_window_seconds=1,
                 latency_seconds=0.05,
+                clock=WALL,
             ),
             # One attempt each: a 429 that spent an attempt would end its batch REJECTED.
             {"request_concurrency": 4, "max_attempts": 1, "max_retry_wait_seconds": 5},
+            WALL,
         )
     ],
 )
@@ -271,7 +275,7 @@ async def test_a_429_that_happens_anyway_pauses_until_the_reset_and_spends_no_at
     """Another program on the same Braze key spends the window first: the gateway's first call
     (it knows nothing of the budget yet, so it asks alone) is answered 429 with the reset. Every
     batch then waits for it, the next windows each start 2, and all 4 end SENT."""
-    await asyncio.sleep(1 - time.time() % 1)  # early in a window of the fake's (1 s, real clock)
+    WALL.skip_to(1)  # early in a window of the fake's (1 s): its clock and the gateway's go there
     async with aiohttp.ClientSession() as session:
         for _ in range(2):
             async with session.post(

@@ -132,8 +132,8 @@ async def metric(admin: str, name: str, **labels: str) -> float:
 async def test_replicas_share_the_budget_spend_it_and_never_overspend_it(
     cluster: Cluster, fake: FakeBraze
 ) -> None:
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(WINDOW - loop.time() % WINDOW)  # roughly: start early in a window
+    # Start early in a window of the fake's clock (the replicas, processes, read the wall clock too).
+    await asyncio.sleep(WINDOW - fake.config.clock() % WINDOW)
     streams = 6
     done = await asyncio.gather(*(stream(cluster.target, i * 1500, 1500) for i in range(streams)))
 
