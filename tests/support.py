@@ -1,5 +1,6 @@
 """The tests' shared helpers (as grpclib ships `testing.py`): the harness's values and constants,
-the tenants file, a fake clock, a bounded poll, and what a test checks of the fake Braze.
+the tenants file, the clocks a test hands the code, a bounded poll for a state, and what a test
+checks of the fake Braze.
 
 Test modules import from here (and from servers.py, wire.py, h2wire.py, prometheus_server.py), never
 from one another or from conftest.py, which holds only the fixtures. `FAKE_URLS` is filled by
@@ -72,7 +73,8 @@ class Harness:
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1, for a gateway that must come back on the same one."""
+    """A free TCP port on 127.0.0.1: for a process told its port, or a server that must come back
+    on the same one."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

@@ -38,6 +38,7 @@ from support import (
     health_watch,
     learn_budget,
     tenants_toml,
+    until,
 )
 
 REQUEST = pb.SendRequest(
@@ -82,8 +83,7 @@ async def test_shutdown_turns_not_ready_first_and_refuses_new_work_only_after_th
 
     harness.fake.faults.script([Fault.delay(3.0)])  # this call, in flight, keeps the server draining
     in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=10))
-    while harness.fake.in_progress < 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: harness.fake.in_progress >= 1)
     stopping = asyncio.create_task(harness.gateway.stop(grace=5))
     update = await asyncio.wait_for(anext(watch), 5)
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING

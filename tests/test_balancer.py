@@ -186,9 +186,10 @@ async def test_a_replica_that_drains_is_taken_out_and_no_call_fails(cluster: Clu
     assert await balancer.servers() == {"gateway-1": "DOWN", "gateway-2": "UP", "gateway-3": "UP"}
     # While it drains and exits, and after, every call succeeds on the others.
     before = [await sends_handled(replica) for replica in staying]
-    while leaving.process.returncode is None:
-        await call()
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(30):  # its not-ready delay, then its drain (grace 5 s)
+        while leaving.process.returncode is None:
+            await call()
+            await asyncio.sleep(0.05)
     assert leaving.process.returncode == 0
     for _ in range(12):
         await call()

@@ -38,7 +38,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RedisServer, Replica, haproxy, redis_server, start_replica, stop_process
-from support import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml
+from support import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml, until
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 REPLICAS = 3
@@ -334,8 +334,7 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
                     if result.outcome != pb.OUTCOME_NOT_ATTEMPTED:
                         results.setdefault(result.batch_index, result)
                 await asyncio.sleep(0.5)
-        while fake.in_progress:  # the dead replica's calls end at the fake
-            await asyncio.sleep(0.05)
+        await until(lambda: not fake.in_progress)  # the dead replica's calls end at the fake
     finally:
         await asyncio.gather(*(stop_process(r.process, signal.SIGKILL) for r in (doomed, other)))
 
