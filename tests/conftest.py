@@ -1,4 +1,5 @@
-"""Shared fixtures: a real fake Braze and a real gateway, both on 127.0.0.1.
+"""Fixtures only: a real fake Braze and a real gateway, both on 127.0.0.1 (the helpers they use,
+and tests use, are in support.py; no test imports this module).
 
 Three tenants, each with its own bearer token and Braze key, loaded from a tenants file like
 production: `acme` (recipients only), `globex` (may broadcast), and `initech`, whose workspace
@@ -7,127 +8,18 @@ takes the context object under its legacy name `canvas_entry_properties`.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import socket
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from canvas_gateway_server.tenants import token_digest
 from fake_braze import FakeBraze, FakeBrazeConfig
-from google.protobuf import json_format
-from grpc_health.v1 import health_pb2
-
-# docs/braze: the project's own record of Braze's contract (researched in shared/braze, then
-# kept true to the code here) and Braze's documented bodies and responses.
-BRAZE_DOCS = Path(__file__).resolve().parents[1] / "docs" / "braze"
-EXAMPLES = BRAZE_DOCS / "examples"
-
-REQUEST_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.json") if not p.name.startswith("response_"))
-LAST_USED_APP_TIMES = [
-    ("2019-07-22T13:17:55+0000", True),
-    ("2019-07-22T13:17:55Z", True),
-    ("2019-07-22T13:17:55.123+02:00", True),
-    ("2019-07-22", False),
-    ("20190722", False),
-    ("2011-W01-2", False),
-    ("2019-07-22T13:17:55", False),  # no time zone
-    ("2019-07-22 13:17:55+0000", False),
-    ("2019-13-45T13:17:55Z", False),
-    ("yesterday", False),
-]
-"""`last_used_app` values: Braze documents an ISO 8601 date-time with its offset. The gateway
-and the fake Braze are checked against the same table."""
-
-LOCAL: dict[str, Any] = {"admin_address": "127.0.0.1:0", "shutdown_delay_seconds": 0}
-"""Settings every test gateway uses: an admin port of its own, no not-ready delay at shutdown."""
-
-TOKENS = {"acme": "token-acme-4f1c", "globex": "token-globex-9b2e", "initech": "token-initech-77d0"}
-FAKE_URLS: dict[int, str] = {}
-KEYS = {"acme": "braze-key-acme-1111", "globex": "braze-key-globex-2222", "initech": "braze-key-initech-3333"}
-
-
-@dataclass
-class Harness:
-    gateway: Gateway
-    fake: FakeBraze
-    channel: grpc.aio.Channel
-    stub: pb_grpc.CanvasGatewayServiceAsyncStub
-    target: str
-
-    @staticmethod
-    def auth(tenant: str = "acme") -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {TOKENS[tenant]}"),)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, for a gateway that must come back on the same one."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def gateway_env(tenants: Path, address: str, admin: str, **settings: str) -> dict[str, str]:
-    """The environment of a gateway process serving `address` (gRPC) and `admin`: this one's less
-    its CGW_ variables, with the tenants file, acme's Braze key, one worker, no not-ready delay, and
-    a keys file of its own beside the tenants file (not the host's default in the temporary
-    folder, which a later run on the same port would find); `settings`: more CGW_ variables."""
-    return {
-        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
-        "CGW_WORKERS": "1",
-        "CGW_IDEMPOTENCY_FILE": str(tenants.parent / f"keys-{address.rpartition(':')[2]}.sqlite3"),
-        "CGW_TENANTS_FILE": str(tenants),
-        "CGW_GRPC_ADDRESS": address,
-        "CGW_ADMIN_ADDRESS": admin,
-        "CGW_SHUTDOWN_DELAY_SECONDS": "0",
-        "ACME_BRAZE_KEY": KEYS["acme"],
-        **settings,
-    }
-
-
-async def start_gateway(settings: Settings) -> Gateway:
-    """A gateway of `settings`, with acme's Braze key in its environment as the harness has."""
-    return await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
-
-
-def tenants_toml(url: str) -> str:
-    return (
-        "[tenants.acme]\n"
-        f'token_sha256 = ["{token_digest(TOKENS["acme"])}"]\n'
-        f'braze_rest_url = "{url}"\n'
-        'braze_api_key_env = "ACME_BRAZE_KEY"\n'
-        "\n[tenants.globex]\n"
-        f'token_sha256 = ["{token_digest(TOKENS["globex"])}"]\n'
-        f'braze_rest_url = "{url}/"\n'
-        f'braze_api_key = "{KEYS["globex"]}"\n'
-        "allow_broadcast = true\n"
-        "\n[tenants.initech]\n"
-        f'token_sha256 = ["{token_digest(TOKENS["initech"])}"]\n'
-        f'braze_rest_url = "{url}"\n'
-        f'braze_api_key = "{KEYS["initech"]}"\n'
-        'context_name = "canvas_entry_properties"\n'
-    )
-
-
-def example(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((EXAMPLES / name).read_text())
-    return data
-
-
-def trigger_from_json(body: dict[str, Any]) -> pb.CanvasTrigger:
-    return json_format.ParseDict(body, pb.CanvasTrigger())
+from support import FAKE_URLS, KEYS, LOCAL, Harness, tenants_toml
 
 
 @pytest.fixture
@@ -142,14 +34,6 @@ async def fake(fake_config: FakeBrazeConfig) -> AsyncIterator[FakeBraze]:
     yield braze
     await braze.stop()
     FAKE_URLS.pop(id(braze), None)
-
-
-def standing_clock() -> Callable[[], float]:
-    """A clock that stands one second past the next clock hour, for a fake Braze and a gateway
-    together: no budget window turns during a test, whatever the wall clock's hour, minute or
-    second, and a window's reset (the hour after) is within what the gateway takes for a real one."""
-    moment = (time.time() // 3600 + 1) * 3600 + 1
-    return lambda: moment
 
 
 @pytest.fixture
@@ -187,89 +71,3 @@ async def harness(
     finally:
         await channel.close()
         await gateway.stop(grace=0)
-
-
-async def learn_budget(harness: Harness, tenant: str = "acme") -> None:
-    """One call for `tenant`, so that the gateway knows its Braze budget: until Braze has answered
-    once, a budget lets one call at a time ask (`rate_budget.RateBudget`)."""
-    trigger = pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id="budget-probe")])
-    await harness.stub.Send(pb.SendRequest(trigger=trigger), metadata=harness.auth(tenant))
-
-
-def violations_of(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
-    """The google.rpc.BadRequest field violations in an error's rich status."""
-    from google.rpc import error_details_pb2, status_pb2
-
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            found: list[tuple[str, str]] = []
-            for detail in status.details:
-                bad = error_details_pb2.BadRequest()
-                if detail.Unpack(bad):
-                    found.extend((v.field, v.description) for v in bad.field_violations)
-            return found
-    return []
-
-
-# The typeshed stubs of grpcio-health-checking and grpcio-reflection give their client stubs no
-# methods, so the standard services are called by name here, with their message types.
-async def health_check(harness: Harness, service: str) -> health_pb2.HealthCheckResponse:
-    check = harness.channel.unary_unary(
-        "/grpc.health.v1.Health/Check",
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-    return await check(health_pb2.HealthCheckRequest(service=service))
-
-
-def health_watch(harness: Harness) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-    watch = harness.channel.unary_stream(
-        "/grpc.health.v1.Health/Watch",
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-    return aiter(watch(health_pb2.HealthCheckRequest(service="")))
-
-
-async def until_sending_stops(fake: FakeBraze, within: float = 30.0) -> int:
-    """Wait until the fake has had no new call for a second (a stalled or stopped sender); the
-    calls it had then."""
-    seen = -1
-    async with asyncio.timeout(within):
-        while (count := len(fake.calls)) != seen:
-            seen = count
-            await asyncio.sleep(1.0)
-    return seen
-
-
-def sent_to(fake: FakeBraze) -> Counter[str]:
-    """How many calls the fake accepted (201, no notice) carried each external_user_id."""
-    return Counter(r["external_user_id"] for call in fake.sent() for r in call.body["recipients"])
-
-
-def check_sent_once(results: Iterable[pb.BatchResult], fake: FakeBraze) -> None:
-    """Nobody got the Canvas twice, and each result says what happened to its users u<position>:
-    SENT ones were sent once; any other is UNKNOWN and replayed (in flight when its call was cut
-    off, and never sent again)."""
-    got = sent_to(fake)
-    assert max(got.values()) == 1
-    for result in results:
-        users = {f"u{p}" for p in result.positions}
-        if result.outcome == pb.OUTCOME_SENT:
-            assert all(got[user] == 1 for user in users)
-        else:
-            assert (result.outcome, result.replayed) == (pb.OUTCOME_UNKNOWN, True)
-
-
-SECRET_PIECES = ("Qz9", "Xv7k", "Jw3")
-"""Pieces of the passwords below, none of which any message may show."""
-UNESCAPED_PASSWORDS = [
-    "redis://:Qz9/Xv7k@127.0.0.1:6379/0",
-    "redis://:Qz9#Xv7k@127.0.0.1:6379/0",
-    "rediss://:Qz9?Xv7k@127.0.0.1:6380",
-    "redis://default:Qz9/Xv7k#Jw3?@127.0.0.1:6379/0",
-    "redis://default:1234/Xv7k@127.0.0.1:6379",  # would parse as host 'default', port 1234
-    "unix://:Qz9#Xv7k@/run/redis.sock",
-]
-"""Redis URLs whose password holds an unescaped '/', '#' or '?'."""

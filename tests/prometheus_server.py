@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support import free_port
 
 JOB = "canvas-gateway"
 """The job name of deploy/prometheus/prometheus.yml, which alerts.yml's `up{job=...}` expects."""
@@ -42,13 +42,6 @@ def binary() -> str:
             pytrace=False,
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def has_data(series: Sequence[dict[str, Any]]) -> bool:

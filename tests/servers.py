@@ -1,4 +1,4 @@
-"""Real Redis and HAProxy servers on 127.0.0.1 for tests and benchmarks (issue 11: scale-out).
+"""Real Redis, HAProxy and gateway processes on 127.0.0.1 for tests and benchmarks (issue 11: scale-out).
 
 `redis_server()` starts Debian's `redis-server` on a free port with nothing persisted, and can stop,
 start and restart it on the same port. `haproxy(backends)` starts `haproxy` in the foreground with
@@ -8,6 +8,9 @@ reports every backend UP. Both stop their process whatever happens.
 
 The binaries are `$REDIS_SERVER_BIN` / `$HAPROXY_BIN`, else found on PATH; when one is missing a
 RuntimeError names the install script (`.ci/servers-install`, or `make servers-install`).
+
+`start_replica(tenants, session)` starts a gateway process (`python -m canvas_gateway_server`) on
+free ports and returns once its /readyz answers.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import io
 import os
 import shutil
 import signal
-import socket
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import aiohttp
 import redis.asyncio as aioredis
+from support import free_port, gateway_env
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -37,14 +41,6 @@ START_SECONDS = 15.0
 """How long a server may take to answer (Redis: PING; HAProxy: its port and every backend UP)."""
 STOP_SECONDS = 10.0
 """How long a server may take to exit on SIGTERM before it is killed."""
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (as conftest's; here so benchmarks need no conftest)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def binary(name: str, variable: str) -> str:
@@ -271,3 +267,60 @@ async def haproxy(backends: Sequence[tuple[str, str]]) -> AsyncIterator[Balancer
                 yield balancer
         finally:
             await stop_process(process)
+
+
+REPLICA_SHUTDOWN_DELAY = 3.0
+"""A replica's not-ready time on SIGTERM: HAProxy's checks (inter 1s, fastinter 500ms, fall 2)
+take it out in about 1.5 s."""
+REPLICA_READY_SECONDS = 20.0
+"""How long a gateway process may take to answer /readyz."""
+
+
+@dataclass
+class Replica:
+    process: asyncio.subprocess.Process
+    address: str
+    admin: str
+
+
+async def start_replica(tenants: Path, session: aiohttp.ClientSession, **settings: str) -> Replica:
+    """A gateway process (`settings`: more CGW_ variables), once its /readyz answers."""
+    return await start_logged_replica(tenants, session, None, settings)
+
+
+async def start_logged_replica(
+    tenants: Path, session: aiohttp.ClientSession, log_file: Path | None, settings: Mapping[str, str]
+) -> Replica:
+    """`start_replica`, its stderr (its logs) appended to `log_file` when given."""
+    address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = gateway_env(
+        tenants,
+        address,
+        admin,
+        **{
+            "CGW_SHUTDOWN_GRACE_SECONDS": "5",
+            "CGW_SHUTDOWN_DELAY_SECONDS": str(REPLICA_SHUTDOWN_DELAY),
+            **settings,
+        },
+    )
+    log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if log_file else None
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "canvas_gateway_server", env=env, stderr=log
+        )
+    finally:
+        if log is not None:
+            os.close(log)  # the child has its own copy
+    replica = Replica(process, address, admin)
+    deadline = time.monotonic() + REPLICA_READY_SECONDS
+    while True:
+        try:
+            async with session.get(f"http://{admin}/readyz") as reply:
+                if reply.status == 200:
+                    return replica
+        except aiohttp.ClientError:
+            pass
+        if process.returncode is not None or time.monotonic() > deadline:
+            await stop_process(process, signal.SIGKILL)
+            raise AssertionError(f"the gateway on {address} never became ready ({process.returncode})")
+        await asyncio.sleep(0.05)

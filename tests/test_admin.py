@@ -25,7 +25,11 @@ from canvas_gateway_server.admin import BACKLOG, MAX_CONNECTIONS, PACING, AdminS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import (
+from fake_braze import FakeBraze, Fault
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
+from servers import stop_process
+from support import (
     FAKE_URLS,
     LOCAL,
     Harness,
@@ -34,11 +38,8 @@ from conftest import (
     health_watch,
     learn_budget,
     tenants_toml,
+    until,
 )
-from fake_braze import FakeBraze, Fault
-from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry
-from servers import stop_process
 
 REQUEST = pb.SendRequest(
     trigger=pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id="u1")])
@@ -82,8 +83,7 @@ async def test_shutdown_turns_not_ready_first_and_refuses_new_work_only_after_th
 
     harness.fake.faults.script([Fault.delay(3.0)])  # this call, in flight, keeps the server draining
     in_flight = asyncio.ensure_future(harness.stub.Send(REQUEST, metadata=harness.auth(), timeout=10))
-    while harness.fake.in_progress < 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: harness.fake.in_progress >= 1)
     stopping = asyncio.create_task(harness.gateway.stop(grace=5))
     update = await asyncio.wait_for(anext(watch), 5)
     assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING

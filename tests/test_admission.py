@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import Harness
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
+from support import Harness
 
 CAPS = {"max_streams_per_tenant": 2, "max_streams": 3}
 IDLE = {"stream_idle_timeout_seconds": 0.3}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,12 +17,22 @@ from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
-from conftest import FAKE_URLS, KEYS, LOCAL, Harness, health_check, health_watch, learn_budget, tenants_toml
 from fake_braze import Fault
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from support import (
+    FAKE_URLS,
+    KEYS,
+    LOCAL,
+    Harness,
+    health_check,
+    health_watch,
+    learn_budget,
+    tenants_toml,
+    until,
+)
 
 REQUEST = pb.SendRequest(
     trigger=pb.CanvasTrigger(
@@ -31,13 +41,6 @@ REQUEST = pb.SendRequest(
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
-    """Wait for a state, polling; the test fails with TimeoutError if it has not come in `seconds`."""
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def batches_in_flight(harness: Harness) -> float | None:

@@ -10,8 +10,8 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.planning import Intake
 from canvas_gateway_server.tenants import parse_tenant
-from conftest import KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig
+from support import KEYS, Harness, standing_clock
 
 AUDIENCE = pb.Audience(
     custom_attribute=pb.CustomAttributeFilter(custom_attribute_name="tier", comparison="equals")

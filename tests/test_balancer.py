@@ -11,11 +11,9 @@ while it drains and exits, and later calls go to the others.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,24 +22,13 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import FAKE_URLS, TOKENS, free_port, gateway_env, tenants_toml, violations_of
 from fake_braze import FakeBraze
 from prometheus_client.parser import text_string_to_metric_families
-from servers import Balancer, haproxy, stop_process
+from servers import REPLICA_SHUTDOWN_DELAY, Balancer, Replica, haproxy, start_replica, stop_process
+from support import FAKE_URLS, TOKENS, tenants_toml, violations_of
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 REPLICAS = 3
-SHUTDOWN_DELAY = 3.0
-"""A replica's not-ready time on SIGTERM: HAProxy's checks (inter 1s, fastinter 500ms, fall 2)
-take it out in about 1.5 s."""
-READY_SECONDS = 20.0
-
-
-@dataclass
-class Replica:
-    process: asyncio.subprocess.Process
-    address: str
-    admin: str
 
 
 @dataclass
@@ -50,49 +37,6 @@ class Cluster:
     balancer: Balancer
     channel: grpc.aio.Channel
     stub: pb_grpc.CanvasGatewayServiceAsyncStub
-
-
-async def start_replica(tenants: Path, session: aiohttp.ClientSession, **settings: str) -> Replica:
-    """A gateway process (`settings`: more CGW_ variables), once its /readyz answers."""
-    return await start_logged_replica(tenants, session, None, settings)
-
-
-async def start_logged_replica(
-    tenants: Path, session: aiohttp.ClientSession, log_file: Path | None, settings: Mapping[str, str]
-) -> Replica:
-    """`start_replica`, its stderr (its logs) appended to `log_file` when given."""
-    address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = gateway_env(
-        tenants,
-        address,
-        admin,
-        **{
-            "CGW_SHUTDOWN_GRACE_SECONDS": "5",
-            "CGW_SHUTDOWN_DELAY_SECONDS": str(SHUTDOWN_DELAY),
-            **settings,
-        },
-    )
-    log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if log_file else None
-    try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "canvas_gateway_server", env=env, stderr=log
-        )
-    finally:
-        if log is not None:
-            os.close(log)  # the child has its own copy
-    replica = Replica(process, address, admin)
-    deadline = time.monotonic() + READY_SECONDS
-    while True:
-        try:
-            async with session.get(f"http://{admin}/readyz") as reply:
-                if reply.status == 200:
-                    return replica
-        except aiohttp.ClientError:
-            pass
-        if process.returncode is not None or time.monotonic() > deadline:
-            await stop_process(process, signal.SIGKILL)
-            raise AssertionError(f"the gateway on {address} never became ready ({process.returncode})")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -114,7 +58,7 @@ async def cluster(fake: FakeBraze, tmp_path: Path) -> AsyncIterator[Cluster]:
         ):
             yield Cluster(replicas, balancer, channel, pb_grpc.CanvasGatewayServiceStub(channel))
     finally:
-        # Killed, not drained: each drain would cost SHUTDOWN_DELAY (the drain test drains its own).
+        # Killed, not drained: each drain would cost REPLICA_SHUTDOWN_DELAY (the drain test drains its own).
         await asyncio.gather(*(stop_process(r.process, signal.SIGKILL) for r in replicas))
 
 
@@ -237,14 +181,15 @@ async def test_a_replica_that_drains_is_taken_out_and_no_call_fails(cluster: Clu
     while (await balancer.servers())["gateway-1"] != "DOWN":
         await call()  # calls keep succeeding, wherever they go
         assert leaving.process.returncode is None, "the replica exited before HAProxy took it out"
-        assert time.monotonic() - started < SHUTDOWN_DELAY, await balancer.servers()
+        assert time.monotonic() - started < REPLICA_SHUTDOWN_DELAY, await balancer.servers()
         await asyncio.sleep(0.05)
     assert await balancer.servers() == {"gateway-1": "DOWN", "gateway-2": "UP", "gateway-3": "UP"}
     # While it drains and exits, and after, every call succeeds on the others.
     before = [await sends_handled(replica) for replica in staying]
-    while leaving.process.returncode is None:
-        await call()
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(30):  # its not-ready delay, then its drain (grace 5 s)
+        while leaving.process.returncode is None:
+            await call()
+            await asyncio.sleep(0.05)
     assert leaving.process.returncode == 0
     for _ in range(12):
         await call()

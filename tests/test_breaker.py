@@ -9,22 +9,14 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.breaker import LocalBreaker, State
 from canvas_gateway_server.reply import Delivery, Reply
-from conftest import FAKE_URLS, Harness
 from fake_braze import Fault
 from google.rpc import error_details_pb2
+from support import FAKE_URLS, Clock, Harness
 
 URL = "https://rest.iad-01.braze.com"
 ANSWER = {status: Reply(Delivery.RESPONDED, status=status) for status in (201, 400, 429, 500, 503)}
 NO_CONNECTION = Reply(Delivery.NOT_SENT, failure="ClientConnectorError")
 TIMED_OUT = Reply(Delivery.UNKNOWN, failure="TimeoutError")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _breaker(clock: Clock, changes: list[tuple[str, State]]) -> LocalBreaker:

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import logs
-from conftest import KEYS, TOKENS, Harness, health_check, learn_budget
 from fake_braze import FakeBrazeConfig
+from support import KEYS, TOKENS, Harness, health_check, learn_budget
 
 REQUEST = pb.SendRequest(
     trigger=pb.CanvasTrigger(

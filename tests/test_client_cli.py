@@ -30,9 +30,9 @@ from canvas_gateway_client import (
 from canvas_gateway_client.cli import main, run
 from canvas_gateway_client.console import Console, Report
 from canvas_gateway_client.report import COLUMNS, Progress, Reasons, reason
-from conftest import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
 from fake_braze import PAUSED_NOTICE, FakeBrazeConfig
 from google.protobuf import json_format
+from support import EXAMPLES, KEYS, TOKENS, Harness, example, trigger_from_json
 
 TIMEOUT = 30.0
 TOKEN = TOKENS["acme"]

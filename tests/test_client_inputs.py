@@ -25,9 +25,9 @@ from canvas_gateway_client.cli import run
 from canvas_gateway_client.exits import EXIT_INVALID, EXIT_NOT_READ, EXIT_NOT_SENT, EXIT_OK
 from canvas_gateway_client.inputs import close_recipients, open_recipients
 from canvas_gateway_client.rows import Row, iter_rows
-from conftest import TOKENS, Harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TOKENS, Harness
 
 FUZZ = settings(
     max_examples=300,

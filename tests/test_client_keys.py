@@ -10,7 +10,7 @@ import asyncio
 import io
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,19 +23,22 @@ from canvas_gateway_client.keyed import _Keyed
 from canvas_gateway_client.tracking import MAX_HELD_RESULTS, _Stream
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from conftest import (
+from fake_braze import FakeBraze, Fault
+from servers import RedisServer, redis_server
+from support import (
     FAKE_URLS,
     LOCAL,
     TOKENS,
+    Cutter,
     Harness,
     check_sent_once,
     free_port,
+    idle,
     sent_to,
     start_gateway,
     tenants_toml,
+    until,
 )
-from fake_braze import FakeBraze, Fault
-from servers import RedisServer, redis_server
 
 TOKEN = TOKENS["acme"]
 HEADER = {"canvas_id": "c", "context": {"campaign": "keys"}}
@@ -44,12 +47,6 @@ HEADER = {"canvas_id": "c", "context": {"campaign": "keys"}}
 def users(count: int) -> list[dict[str, Any]]:
     """Recipients u0 ... u<count-1>, each with its position in its context."""
     return [{"external_user_id": f"u{i}", "context": {"n": i}} for i in range(count)]
-
-
-async def until(condition: Callable[[], bool], seconds: float = 20) -> None:
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 def check_each_batch_once(results: list[pb.BatchResult], count: int) -> None:
@@ -174,46 +171,6 @@ async def test_a_drained_keyed_stream_is_sent_again_from_the_start_and_nobody_ge
 
 
 # --- a lost connection: the CLI reads its file again from the start ------------------------------
-
-
-class Cutter:
-    """A TCP forwarder on 127.0.0.1 to the gateway whose connections can be cut at once, as those
-    of a replica that dies behind a balancer are; it goes on accepting new ones."""
-
-    def __init__(self, upstream: int) -> None:
-        self._upstream = upstream
-        self._transports: list[asyncio.WriteTransport] = []
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> Cutter:
-        self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream)
-        self._transports += [writer.transport, up_writer.transport]
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
-
-    def cut(self) -> None:
-        """Reset every connection made so far, both ways."""
-        for transport in self._transports:
-            transport.abort()
-        self._transports.clear()
 
 
 async def cli(target: str, *argv: str) -> tuple[int, str, str]:
@@ -515,7 +472,7 @@ async def test_a_resume_that_finds_the_key_forgotten_stops_at_once(fake: FakeBra
             with pytest.raises(KeyForgotten):
                 async with asyncio.timeout(30):
                     await consuming
-            await asyncio.sleep(0.2)  # what the cancel left in flight settles
+            await until(lambda: idle(second, fake))  # what the cancel left in flight settles
         finally:
             consuming.cancel()
             if second is not None:

@@ -16,8 +16,8 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_client import CanvasGatewayClient, Waiting, resume_position
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 from fake_braze import FakeBraze
+from support import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml, until
 
 COUNT = 4_000
 
@@ -64,8 +64,7 @@ async def test_a_stream_resumes_across_a_gateway_restart(fake: FakeBraze, tmp_pa
 
         consuming = asyncio.create_task(consume())
         try:
-            while len(fake.calls) < 10:
-                await asyncio.sleep(0.01)
+            await until(lambda: len(fake.calls) >= 10)
             await first.stop(grace=5)  # drains: the stream ends UNAVAILABLE with where to resume
             before_restart = len(fake.calls)
             second = await start_gateway(settings)  # the same port, a new process state
@@ -104,8 +103,7 @@ async def test_without_resumes_the_drain_is_the_caller_s_to_handle(fake: FakeBra
                 results.append(response.result)
 
         consuming = asyncio.create_task(consume())
-        while len(fake.calls) < 10:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(fake.calls) >= 10)
         await gateway.stop(grace=5)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await consuming

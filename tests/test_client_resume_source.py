@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -16,8 +16,8 @@ from canvas_gateway_client import CanvasGatewayClient, error_info, pb, resume_po
 from canvas_gateway_client.tracking import MAX_HELD_RESULTS
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.settings import Settings
-from conftest import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml
 from fake_braze import FakeBraze
+from support import FAKE_URLS, LOCAL, TOKENS, free_port, start_gateway, tenants_toml, until
 
 GATED_AT = 1_030  # the source waits here; chunks of 70: the gateway reads 980, sends 950, cuts 30
 COUNT = 2_030
@@ -38,12 +38,6 @@ def _settings(tmp_path: Path, braze_url: str) -> Settings:
 
 def _sent(fake: FakeBraze) -> Counter[str]:
     return Counter(r["external_user_id"] for call in fake.calls for r in call.body["recipients"])
-
-
-async def _until(condition: Callable[[], bool], seconds: float = 20) -> None:
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 class Gated:
@@ -78,7 +72,7 @@ async def test_the_source_goes_on_in_the_resumed_stream(fake: FakeBraze, tmp_pat
 
         consuming = asyncio.create_task(consume())
         try:
-            await _until(lambda: sum(_sent(fake).values()) == 950)  # 19 batches: the 20th is open
+            await until(lambda: sum(_sent(fake).values()) == 950)  # 19 batches: the 20th is open
             await first.stop(grace=5)
             assert sum(_sent(fake).values()) == 950  # the open batch of 30 was not sent: cut
             second = await start_gateway(settings)
@@ -120,7 +114,7 @@ async def test_when_no_gateway_comes_back_the_held_results_are_yielded(
                 results.append(response.result)
 
         consuming = asyncio.create_task(consume())
-        await _until(lambda: sum(_sent(fake).values()) == 950)
+        await until(lambda: sum(_sent(fake).values()) == 950)
         await gateway.stop(grace=5)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async with asyncio.timeout(30):

@@ -24,9 +24,9 @@ from canvas_gateway_server import logs
 from canvas_gateway_server.edge.servicer import SERVICE_NAME
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Grpc, Settings, Tenants
-from conftest import FAKE_URLS, KEYS, TOKENS, Harness, free_port, tenants_toml
 from fake_braze import FakeBraze
 from h2wire import PING, REFUSED_STREAM, RawConnection
+from support import FAKE_URLS, KEYS, TOKENS, Harness, free_port, tenants_toml, until
 
 SEND = f"/{SERVICE_NAME}/Send"
 
@@ -170,7 +170,7 @@ async def test_rapid_reset_is_refused_and_another_tenant_is_unaffected(harness: 
 
     victim = asyncio.create_task(another_tenant())
     try:
-        await asyncio.sleep(0.1)
+        await until(lambda: bool(latencies))  # the other tenant is being served
         for chunk in range(0, streams, 100):
             for index in range(chunk, chunk + 100):
                 attacker.start_call(SEND, TOKENS["acme"] if index % 2 else "", request, reset=True)

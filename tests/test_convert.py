@@ -11,8 +11,8 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.edge import convert
 from canvas_gateway_server.model import Rule
 from canvas_gateway_server.validate import encode_head, encode_recipient
-from conftest import EXAMPLES, example, trigger_from_json
 from google.protobuf import struct_pb2
+from support import EXAMPLES, example, trigger_from_json
 
 REQUESTS = sorted(p.name for p in EXAMPLES.glob("*.json") if not p.name.startswith("response_"))
 

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig, Fault
+from support import KEYS, Harness, standing_clock
 
 ONE_BY_ONE = {"request_concurrency": 1}
 

@@ -28,13 +28,12 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.edge import convert
 from canvas_gateway_server.keeping import digest
 from canvas_gateway_server.planning import Intake
-from conftest import FAKE_URLS, TOKENS, check_sent_once, tenants_toml
 from fake_braze import FakeBraze
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import RedisServer, redis_server, stop_process
-from test_balancer import Replica, start_replica
+from servers import RedisServer, Replica, redis_server, start_replica, stop_process
+from support import FAKE_URLS, TOKENS, check_sent_once, tenants_toml
 from wire import delimited, wire
 
 # --- requests -------------------------------------------------------------------------------

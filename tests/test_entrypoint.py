@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from canvas_gateway_server import __version__
 from canvas_gateway_server.__main__ import main
-from conftest import KEYS, SECRET_PIECES, UNESCAPED_PASSWORDS, free_port, tenants_toml
+from support import KEYS, SECRET_PIECES, UNESCAPED_PASSWORDS, free_port, tenants_toml
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:

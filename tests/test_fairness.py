@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import Harness
+from support import Harness, until
 
 STREAMED = 30_000
 CHUNK = 500
@@ -38,8 +38,7 @@ async def test_a_bulk_stream_does_not_starve_another_tenant(harness: Harness) ->
     )
     done = asyncio.Event()
     bulk = asyncio.create_task(_bulk(harness, done))
-    while len(harness.fake.calls) < 20:  # the stream is in full flow
-        await asyncio.sleep(0.01)
+    await until(lambda: len(harness.fake.calls) >= 20)  # the stream is in full flow
     latencies: list[float] = []
     while not done.is_set() and len(latencies) < 40:
         started = time.perf_counter()

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, Harness
 from fake_braze import FakeBrazeConfig
+from support import KEYS, Harness
 
 TOTAL = 5_000
 FAULTY = FakeBrazeConfig(

@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import TOKENS, Harness
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TOKENS, Harness
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import Harness, violations_of
+from support import Harness, violations_of
 
 SEND = "/canvas_gateway.v1.CanvasGatewayService/Send"
 SEND_STREAM = "/canvas_gateway.v1.CanvasGatewayService/SendStream"

@@ -34,11 +34,11 @@ from canvas_gateway_server.stores.host_results import HostResults
 from canvas_gateway_server.stores.memory import LocalResults
 from canvas_gateway_server.stores.redis import RedisResults, acknowledge_loss, connect
 from canvas_gateway_server.tenants import Tenant
-from conftest import Harness, check_sent_once, sent_to, violations_of
 from fake_braze import Fault
 from google.rpc import error_details_pb2
 from prometheus_client import CollectorRegistry
 from servers import RedisServer, redis_server
+from support import Clock, Harness, check_sent_once, idle, sent_to, until, violations_of
 
 LEASE = State().idempotency_lease_seconds  # the setting's default
 
@@ -141,7 +141,7 @@ def settings_overrides(shared_redis: RedisServer | None, extra_settings: dict[st
 async def test_a_batch_in_flight_elsewhere_is_aborted_with_retry_info(harness: Harness) -> None:
     harness.fake.faults.script([Fault.delay(1.0)])
     slow = asyncio.ensure_future(harness.stub.Send(request(10), metadata=harness.auth()))
-    await asyncio.sleep(0.3)  # claimed, and calling the fake (which records a call when it answers)
+    await until(lambda: harness.fake.in_progress == 1)  # claimed, and calling the fake
     assert not slow.done()
     busy = await harness.stub.Send(request(10), metadata=harness.auth())
     result = busy.results[0]
@@ -173,7 +173,7 @@ async def test_a_stream_cut_off_is_resumed_with_its_key_and_nobody_gets_it_twice
         if seen == 5:
             call.cancel()  # the caller goes away mid-stream
             break
-    await asyncio.sleep(0.3)  # batches cancelled with it settle their claims
+    await until(lambda: idle(harness.gateway, harness.fake))  # batches cancelled with it settle their claims
 
     results: dict[int, pb.BatchResult] = {}
     async for message in harness.stub.SendStream(iter(messages(1000)), metadata=harness.auth()):
@@ -495,8 +495,8 @@ async def test_a_dead_claim_is_sent_again_unless_its_call_may_have_left(processe
 async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_lost(tmp_path: Path) -> None:
     path = str(tmp_path / "keys.sqlite3")
     host_results.create(path, private_folder=False)
-    now = [1000.0]
-    first = HostResults(path, ttl=60.0, lease=30.0, clock=lambda: now[0])
+    clock = Clock(1000.0)
+    first = HostResults(path, ttl=60.0, lease=30.0, clock=clock)
     await first.beat()
     assert (await first.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED
     await first.keep(Scope("acme", "k"), 0, "d", "t0", b"sent")
@@ -505,18 +505,18 @@ async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_
     assert (await first.claim(Scope("acme", "k"), 2, "d", "t2")).verdict is Verdict.CLAIMED  # never left
     await first._run(first._db.close)  # killed: no goodbye, its heartbeat row stays
 
-    again = HostResults(path, ttl=60.0, lease=30.0, clock=lambda: now[0])  # the gateway restarted
+    again = HostResults(path, ttl=60.0, lease=30.0, clock=clock)  # the gateway restarted
     try:
         assert (await again.claim(Scope("acme", "k"), 0, "d", "t0")) == (
             await again.claim(Scope("acme", "k"), 0, "d", "t9")
         )
         assert (await again.claim(Scope("acme", "k"), 0, "d", "t0")).kept == b"sent"
         assert (await again.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.BUSY  # beat 0 s ago
-        now[0] += host_results.HEARTBEAT_LAPSE_SECONDS
+        clock.now += host_results.HEARTBEAT_LAPSE_SECONDS
         assert (await again.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.LOST
         assert (await again.claim(Scope("acme", "k"), 2, "d", "t3")).verdict is Verdict.RECLAIMED
         await again.keep(Scope("acme", "k"), 2, "d", "t3", None)
-        now[0] += 60.0  # past the TTL: an expired row is claimed anew, the purge deletes the other
+        clock.now += 60.0  # past the TTL: an expired row is claimed anew, the purge deletes the other
         assert (await again.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED
         assert await again.beat() == 1
         assert (await again.claim(Scope("acme", "k"), 1, "d", "t0")).verdict is Verdict.CLAIMED
@@ -617,24 +617,24 @@ def test_the_host_file_is_the_setting_or_a_private_folder_named_by_the_port(tmp_
 
 
 async def test_the_local_store_forgets_by_ttl_in_the_background_and_a_stale_claim_is_lost() -> None:
-    now = [0.0]
-    store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
+    clock = Clock(0.0)
+    store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=clock)
     await store.claim(Scope("acme", "k"), 0, "d", "t0")
     await store.claim(Scope("acme", "k"), 3, "d", "t0")
     assert await store.mark_sending(Scope("acme", "k"), 0, "t0")  # its call may have left; 3's never did
-    now[0] = 6.0  # past the lease, within the TTL
+    clock.now = 6.0  # past the lease, within the TTL
     assert (await store.claim(Scope("acme", "k"), 3, "d", "t3")).verdict is Verdict.RECLAIMED
     assert not await store.mark_sending(Scope("acme", "k"), 3, "t0")
     await store.keep(Scope("acme", "k"), 3, "d", "t3", None)  # released by the claim that holds it now
     assert (await store.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.LOST
     assert (await store.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.KEPT
-    now[0] = 8.0
+    clock.now = 8.0
     await store.claim(Scope("acme", "k"), 1, "d", "t1")  # in flight until its TTL
     await store.keep(Scope("acme", "k"), 2, "d", "t2", b"r")
-    now[0] = 17.0
+    clock.now = 17.0
     assert store.expire() == 1 and len(store) == 2  # the LOST one, never used again
     assert (await store.claim(Scope("acme", "k"), 2, "d", "t0")).verdict is Verdict.KEPT
-    now[0] = 30.0
+    clock.now = 30.0
     store.start()  # the sweep frees the rest, though no key is used again
     try:
         for _ in range(100):
@@ -702,8 +702,8 @@ def test_an_entry_of_the_local_store_is_about_half_a_kilobyte() -> None:
 
 
 async def test_the_local_store_counts_each_entry_once_whatever_replaces_it() -> None:
-    now = [0.0]
-    store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=lambda: now[0])
+    clock = Clock(0.0)
+    store = LocalResults(ttl=10.0, capacity=100, lease=5.0, clock=clock)
     await store.stop()  # never started: nothing to stop
     await store.keep(Scope("acme", "k"), 0, "d", "t0", b"first")
     await store.keep(Scope("acme", "k"), 1, "d", "t0", b"other")
@@ -711,24 +711,22 @@ async def test_the_local_store_counts_each_entry_once_whatever_replaces_it() -> 
     await store.keep(Scope("globex", "k"), 0, "d", "t0", b"r")
     assert (store.held("acme"), len(store)) == (2, 3)
     assert (await store.claim(Scope("acme", "k"), 0, "d", "t2")).kept == b"again"
-    now[0] = 11.0  # expired, not swept yet: a claim takes its place
+    clock.now = 11.0  # expired, not swept yet: a claim takes its place
     assert (await store.claim(Scope("acme", "k"), 1, "d", "t3")).verdict is Verdict.CLAIMED
     assert (await store.claim(Scope("acme", "k"), 0, "d", "t3")).verdict is Verdict.CLAIMED
     assert (store.held("acme"), len(store)) == (2, 3)
     await store.keep(Scope("initech", "k"), 0, "d", "t0", b"r")  # kept at 11: not expired at 15
-    now[0] = 15.0
+    clock.now = 15.0
     assert store.expire() == 1 and (store.held("globex"), store.held("initech")) == (0, 1)
 
 
 async def test_a_lost_or_cut_off_batch_is_counted_once_when_decided_and_its_replays_apart() -> None:
     """No call reports these outcomes to the metrics: a lost batch's gateway stopped, a cut-off
     batch's caller went away. They are counted when decided; a repeat that gets them is a replay."""
-    now = [0.0]
+    clock = Clock(0.0)
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry, version="test", git_commit="test")
-    ledger = Ledger(
-        LocalResults(ttl=60.0, capacity=10, lease=5.0, clock=lambda: now[0]), metrics, lease=LEASE
-    )
+    ledger = Ledger(LocalResults(ttl=60.0, capacity=10, lease=5.0, clock=clock), metrics, lease=LEASE)
     tenant = Tenant("acme", "http://127.0.0.1:1", "k")
 
     def count(name: str, outcome: str) -> float:
@@ -742,7 +740,7 @@ async def test_a_lost_or_cut_off_batch_is_counted_once_when_decided_and_its_repl
     assert isinstance(claimed, Claimed)
     ledger.keep_soon(claimed, sent=True)  # its caller went away while Braze was being called
     await ledger.settled(5.0)
-    now[0] = 6.0  # past the lost one's lease
+    clock.now = 6.0  # past the lost one's lease
     for _ in range(3):
         for batch in (lost, cut):
             result = await ledger.claim(Scope(tenant.id, "k"), batch)
@@ -815,11 +813,11 @@ async def test_what_the_store_did_not_take_is_offered_again_by_one_task_backing_
 
 
 async def test_what_the_store_never_takes_lapses_after_the_lease_and_shutdown_stops_trying() -> None:
-    now = [0.0]
+    clock = Clock(0.0)
     store = Unanswering()
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry, version="test", git_commit="test")
-    ledger = Ledger(store, metrics, lease=5.0, clock=lambda: now[0], jitter=lambda: 0.0)
+    ledger = Ledger(store, metrics, lease=5.0, clock=clock, jitter=lambda: 0.0)
 
     def logged(reason: str) -> float:  # results logged at ERROR for reconciliation
         found = registry.get_sample_value(
@@ -831,8 +829,9 @@ async def test_what_the_store_never_takes_lapses_after_the_lease_and_shutdown_st
     assert isinstance(claimed, Claimed)
     await ledger.keep(claimed, results.not_attempted(claimed.batch, "unsent", Code.UNAVAILABLE))
     assert (logged("not_kept"), logged("never_kept")) == (1, 0)
-    await asyncio.sleep(0.15)  # one more try, after the first delay
-    now[0] = 6.0  # past the lease: dropped at its next turn
+    tried = store.keeps
+    await until(lambda: store.keeps > tried)  # one more try, after the first delay
+    clock.now = 6.0  # past the lease: dropped at its next turn
     async with asyncio.timeout(5):
         while ledger.backlog:
             await asyncio.sleep(0.01)

@@ -39,10 +39,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import FAKE_URLS, KEYS, TOKENS, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
-from servers import RedisServer, redis_server, stop_process
-from test_balancer import Replica, start_replica
+from servers import RedisServer, Replica, redis_server, start_replica, stop_process
+from support import FAKE_URLS, KEYS, TOKENS, tenants_toml
 from wire import wire
 
 FIRST_SEED = int(os.environ.get("INVARIANT_FIRST_SEED", "20261206"))

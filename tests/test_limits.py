@@ -20,12 +20,14 @@ from canvas_gateway_server.stores.host_budgets import HostBudgets
 from canvas_gateway_server.stores.memory import TableBudgets
 from canvas_gateway_server.stores.redis import RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
-from conftest import EXAMPLES, FAKE_URLS, KEYS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 from servers import redis_server
+from support import EXAMPLES, FAKE_URLS, KEYS, Clock, Harness, WallClock, standing_clock
 
 STILL = standing_clock()
+WALL = WallClock()
+"""Real time, for the fake and the gateway together, that a test moves to the start of a window."""
 NOW = 1_750_192_867.0  # 2025-06-17T20:41:07Z, as in examples/response_429.headers.json
 TENANT = Tenant(id="acme", braze_rest_url="https://rest.iad-01.braze.com", braze_api_key="k")
 
@@ -94,8 +96,8 @@ async def start(limiter: LocalLimiter, broadcast: bool = False) -> Ticket:
 
 
 async def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early(budgets: BudgetStore) -> None:
-    now = [NOW]
-    limiter = LocalLimiter(4, clock=lambda: now[0], budgets=budgets)
+    clock = Clock(NOW)
+    limiter = LocalLimiter(4, clock=clock, budgets=budgets)
     paused = await limiter.settle(await start(limiter), reply(201, remaining=0, reset=1_750_194_000))
     assert paused == 1_750_194_000
     assert await held(limiter) == Hold(1_750_194_000, spent=True)
@@ -104,7 +106,7 @@ async def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early(
     stale = reply(201, remaining=3, reset=1_750_194_000)
     assert await limiter.settle(Ticket(KEY), stale) == 1_750_194_000  # a stale reply lifts nothing
     assert await limiter.settle(Ticket(KEY), reply(429, remaining=5)) == 1_750_194_000
-    now[0] = 1_750_194_000.5  # the window has reset
+    clock.now = 1_750_194_000.5  # the window has reset
     await limiter.settle(await start(limiter), None)
 
 
@@ -119,8 +121,8 @@ async def test_a_pause_never_outlasts_an_hour(budgets: BudgetStore) -> None:
 async def test_no_call_starts_that_the_calls_under_way_would_leave_without_budget(
     budgets: BudgetStore,
 ) -> None:
-    now = [NOW]
-    limiter = LocalLimiter(8, clock=lambda: now[0], budgets=budgets)
+    clock = Clock(NOW)
+    limiter = LocalLimiter(8, clock=clock, budgets=budgets)
     reset = 1_750_194_000
     first = await start(limiter)  # nothing known: no holding (and 1 under way)
     assert await limiter.settle(first, reply(201, remaining=2, reset=reset)) == 0
@@ -134,7 +136,7 @@ async def test_no_call_starts_that_the_calls_under_way_would_leave_without_budge
     assert await limiter.settle(two, reply(201, remaining=0, reset=reset)) == reset
     assert await held(limiter) == Hold(reset, spent=True)  # spent: wait for the reset
     await limiter.settle(three, None)
-    now[0] = reset + 0.5  # a new window: not known until a reply says
+    clock.now = reset + 0.5  # a new window: not known until a reply says
     four, five = await start(limiter), await start(limiter)
     await limiter.settle(five, reply(201, remaining=1, reset=reset + 3600))
     assert not (await held(limiter)).spent  # the one under way takes what is left
@@ -206,8 +208,8 @@ async def test_a_new_window_opens_at_the_last_known_limit_with_the_calls_under_w
 ) -> None:
     """A budget smaller than the concurrency: when the window turns, only `limit` calls start,
     less those still under way, although no reply has told of the new window yet."""
-    now = [NOW]
-    limiter = LocalLimiter(16, clock=lambda: now[0], budgets=budgets)
+    clock = Clock(NOW)
+    limiter = LocalLimiter(16, clock=clock, budgets=budgets)
     reset = 1_750_192_900  # within the store's lease of 60 s: `two` is still under way
     await limiter.settle(await start(limiter), reply(201, limit=3, remaining=2, reset=reset))
     one, two = await start(limiter), await start(limiter)
@@ -215,10 +217,10 @@ async def test_a_new_window_opens_at_the_last_known_limit_with_the_calls_under_w
     assert await limiter.settle(one, reply(201, limit=3, remaining=0, reset=reset)) == reset
     assert await held(limiter) == Hold(reset, spent=True)
 
-    now[0] = reset + 0.25  # the window turns with `two` still under way: 3 - 1 may start
+    clock.now = reset + 0.25  # the window turns with `two` still under way: 3 - 1 may start
     three, four = await start(limiter), await start(limiter)
     hold = await held(limiter)
-    assert not hold.spent and hold.until == now[0] + RECHECK_SECONDS
+    assert not hold.spent and hold.until == clock.now + RECHECK_SECONDS
     await limiter.settle(two, reply(201, limit=3, remaining=0, reset=reset))  # the old window's news
     five = await start(limiter)  # `two` ended: its place is free, and no more
     await held(limiter)
@@ -228,7 +230,7 @@ async def test_a_new_window_opens_at_the_last_known_limit_with_the_calls_under_w
     assert await held(limiter) == Hold(reset + 3600, spent=True)
     await limiter.settle(five, None)
 
-    now[0] = reset + 3600.5  # a window turns with nothing under way: the limit, and no more
+    clock.now = reset + 3600.5  # a window turns with nothing under way: the limit, and no more
     started = [await start(limiter) for _ in range(3)]
     await held(limiter)
     for ticket in started:
@@ -238,20 +240,20 @@ async def test_a_new_window_opens_at_the_last_known_limit_with_the_calls_under_w
 async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: BudgetStore) -> None:
     """A Braze (or a proxy) that sends no x-ratelimit-limit: a window it has not counted yet is
     not bounded, as before (only a window's own remaining is)."""
-    now = [NOW]
-    limiter = LocalLimiter(16, clock=lambda: now[0], budgets=budgets)
+    clock = Clock(NOW)
+    limiter = LocalLimiter(16, clock=clock, budgets=budgets)
     reset = 1_750_192_900
     await limiter.settle(await start(limiter), reply(201, remaining=9, reset=reset))
     tickets = [await start(limiter) for _ in range(9)]
     await held(limiter)
     for ticket in tickets:
         await limiter.settle(ticket, None)
-    now[0] = reset + 0.5
+    clock.now = reset + 0.5
     tickets = [await start(limiter) for _ in range(20)]
 
 
 @pytest.mark.parametrize(
-    ("fake_config", "settings_overrides"),
+    ("fake_config", "settings_overrides", "clock"),
     [
         (
             FakeBrazeConfig(
@@ -259,9 +261,11 @@ async def test_replies_without_a_limit_leave_a_new_window_unbounded(budgets: Bud
                 hourly_limit=2,
                 hourly_window_seconds=1,
                 latency_seconds=0.05,
+                clock=WALL,
             ),
             # One attempt each: a 429 that spent an attempt would end its batch REJECTED.
             {"request_concurrency": 4, "max_attempts": 1, "max_retry_wait_seconds": 5},
+            WALL,
         )
     ],
 )
@@ -271,7 +275,7 @@ async def test_a_429_that_happens_anyway_pauses_until_the_reset_and_spends_no_at
     """Another program on the same Braze key spends the window first: the gateway's first call
     (it knows nothing of the budget yet, so it asks alone) is answered 429 with the reset. Every
     batch then waits for it, the next windows each start 2, and all 4 end SENT."""
-    await asyncio.sleep(1 - time.time() % 1)  # early in a window of the fake's (1 s, real clock)
+    WALL.skip_to(1)  # early in a window of the fake's (1 s): its clock and the gateway's go there
     async with aiohttp.ClientSession() as session:
         for _ in range(2):
             async with session.post(

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,9 @@ from canvas_gateway_server.metrics.edge import PrometheusEdge
 from canvas_gateway_server.metrics.levels import Levels
 from canvas_gateway_server.metrics.process import PrometheusProcess
 from canvas_gateway_server.metrics.state import PrometheusState
-from conftest import KEYS, TOKENS, Harness, standing_clock
 from fake_braze import FakeBrazeConfig, Fault
 from prometheus_client import CollectorRegistry
+from support import KEYS, TOKENS, Harness, standing_clock, until
 
 SERVICE = "canvas_gateway.v1.CanvasGatewayService"
 RECONCILED = "canvas_gateway_reconciliation_results_total"
@@ -216,7 +216,7 @@ async def test_an_open_stream_and_its_unread_results_are_visible(harness: Harnes
     assert isinstance(first, pb.SendStreamResponse) and first.HasField("result")
     assert value(harness, "canvas_gateway_streams_open", tenant="acme") == 1
     # the caller stops reading: once gRPC's own buffers are full, results wait in the stream's queue
-    await wait_for(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") == 4)
+    await until(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") == 4)
     while (response := await call.read()) is not grpc.aio.EOF:
         assert isinstance(response, pb.SendStreamResponse)
     assert value(harness, "canvas_gateway_streams_open", tenant="acme") == 0
@@ -238,10 +238,10 @@ async def test_results_logged_for_reconciliation_are_counted_once_each(
         )
     call = harness.stub.SendStream(chunks(100_000, 1000), metadata=harness.auth())
     assert isinstance(await call.read(), pb.SendStreamResponse)
-    await wait_for(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") > 0)
+    await until(lambda: value(harness, "canvas_gateway_results_buffered", tenant="acme") > 0)
     call.cancel()
-    await wait_for(lambda: value(harness, "canvas_gateway_streams_open", tenant="acme") == 0)
-    await wait_for(lambda: not harness.gateway.servicer.in_flight.busy)
+    await until(lambda: value(harness, "canvas_gateway_streams_open", tenant="acme") == 0)
+    await until(lambda: not harness.gateway.servicer.in_flight.busy)
 
     def lines(text: str) -> int:
         return sum(1 for r in caplog.records if r.levelno == logging.ERROR and text in r.getMessage())
@@ -348,13 +348,6 @@ async def test_metrics_can_be_turned_off(harness: Harness) -> None:
     await harness.stub.Send(unary(60), metadata=harness.auth())
     assert "canvas_gateway_" not in await scrape(harness)
     assert "grpc_server_" not in await scrape(harness)
-
-
-async def wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
-    """Wait, bounded, until `condition()` holds."""
-    async with asyncio.timeout(seconds):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def scrape(h: Harness, **headers: Any) -> str:

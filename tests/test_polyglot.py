@@ -20,9 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 from canvas_gateway_client import exits
-from conftest import TOKENS, Harness
 from fake_braze.faults import Fault
 from fake_braze.record import ReceivedCall
+from support import TOKENS, Harness
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
 BUILT = {

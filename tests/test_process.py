@@ -18,7 +18,8 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.tenants import token_digest
-from conftest import (
+from fake_braze import FakeBraze
+from support import (
     FAKE_URLS,
     KEYS,
     SECRET_PIECES,
@@ -28,7 +29,6 @@ from conftest import (
     gateway_env,
     tenants_toml,
 )
-from fake_braze import FakeBraze
 
 Running = tuple[asyncio.subprocess.Process, str, Path]
 REQUEST = pb.SendRequest(

@@ -32,10 +32,10 @@ import grpc
 import prometheus_server
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, TOKENS, Harness
 from fake_braze import FakeBrazeConfig, Fault
 from google.rpc import code_pb2
 from servers import RedisServer, redis_server
+from support import KEYS, TOKENS, Harness, WallClock
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "canvas-gateway.json"
@@ -61,8 +61,9 @@ LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 def next_hour_clock() -> Callable[[], float]:
     """The fake Braze's clock: it starts at the next clock hour and runs in real time, so its
     hourly budget cannot roll over during the test and its reset is an hour or more away."""
-    offset = (time.time() // 3600 + 1) * 3600 - time.time()
-    return lambda: time.time() + offset
+    clock = WallClock()
+    clock.skip_to(3600)
+    return clock
 
 
 @pytest.fixture

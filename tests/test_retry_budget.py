@@ -5,20 +5,12 @@ from __future__ import annotations
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server.retry_budget import WINDOW, LocalRetryBudget
-from conftest import Harness
 from fake_braze import Fault
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from support import Clock, Harness
 
 
 def test_retries_are_a_share_of_recent_calls_plus_a_minimum() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     budget = LocalRetryBudget(ratio=0.5, minimum=1, clock=clock)
     assert budget.try_retry("acme")  # the minimum
     assert not budget.try_retry("acme")

@@ -35,11 +35,10 @@ import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
-from servers import RedisServer, haproxy, redis_server, stop_process
-from test_balancer import Replica, start_replica
+from servers import RedisServer, Replica, haproxy, redis_server, start_replica, stop_process
+from support import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml, until
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 REPLICAS = 3
@@ -133,8 +132,8 @@ async def metric(admin: str, name: str, **labels: str) -> float:
 async def test_replicas_share_the_budget_spend_it_and_never_overspend_it(
     cluster: Cluster, fake: FakeBraze
 ) -> None:
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(WINDOW - loop.time() % WINDOW)  # roughly: start early in a window
+    # Start early in a window of the fake's clock (the replicas, processes, read the wall clock too).
+    await asyncio.sleep(WINDOW - fake.config.clock() % WINDOW)
     streams = 6
     done = await asyncio.gather(*(stream(cluster.target, i * 1500, 1500) for i in range(streams)))
 
@@ -335,8 +334,7 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
                     if result.outcome != pb.OUTCOME_NOT_ATTEMPTED:
                         results.setdefault(result.batch_index, result)
                 await asyncio.sleep(0.5)
-        while fake.in_progress:  # the dead replica's calls end at the fake
-            await asyncio.sleep(0.05)
+        await until(lambda: not fake.in_progress)  # the dead replica's calls end at the fake
     finally:
         await asyncio.gather(*(stop_process(r.process, signal.SIGKILL) for r in (doomed, other)))
 

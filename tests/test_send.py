@@ -8,8 +8,8 @@ import grpc
 import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, REQUEST_EXAMPLES, Harness, example, trigger_from_json, violations_of
 from fake_braze import PAUSED_NOTICE, FakeBrazeConfig, Fault
+from support import KEYS, REQUEST_EXAMPLES, Harness, example, trigger_from_json, violations_of
 
 CANVAS = "8c7c2864-26b2-4ad0-97ec-48cddfd497d7"
 

@@ -19,7 +19,7 @@ from canvas_gateway_server.settings import (
     Upstream,
     WorkerRole,
 )
-from conftest import SECRET_PIECES, UNESCAPED_PASSWORDS
+from support import SECRET_PIECES, UNESCAPED_PASSWORDS
 
 
 def test_environment_overrides_file_overrides_defaults(tmp_path: Path) -> None:

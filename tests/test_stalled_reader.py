@@ -10,7 +10,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import Harness, until_sending_stops
+from support import Harness, until_sending_stops
 
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0)]  # the receive window stays at HTTP/2's 64 KB
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import KEYS, Harness, trigger_from_json, violations_of
+from support import KEYS, Cutter, Harness, trigger_from_json, violations_of
 
 CANVAS = "3d46f207-f0f3-499c-8285-ea987998f700"
 HEADER = {"canvas_id": CANVAS, "context": {"campaign": "spring", "n": 3}}
@@ -254,8 +254,6 @@ async def _cut_off_mid_stream(harness: Harness, key: str) -> list[list[tuple[int
     recipients that never half-close, on one connection cut, on a busy machine, once each stream
     has read its first result; when the gateway is done with them, the recipients of each call
     Braze got, as (stream, position) pairs."""
-    from test_client_keys import Cutter
-
     opened = asyncio.Event()
 
     async def requests(stream: int) -> AsyncIterator[pb.SendStreamRequest]:

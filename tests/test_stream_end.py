@@ -15,16 +15,15 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import Harness, until_sending_stops
 from servers import haproxy
-from test_client_keys import Cutter
+from support import Cutter, Harness, until, until_sending_stops
 
 STREAMS = 30
 FULL, PARTIAL = 50, 20  # each stream: one full batch, then an open one
@@ -66,14 +65,8 @@ def busy_loop(slice_seconds: float = 0.03) -> Iterator[None]:
         task.cancel()
 
 
-async def _until(check: Callable[[], bool], seconds: float = 20.0) -> None:
-    async with asyncio.timeout(seconds):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 async def _idle(harness: Harness) -> None:
-    await _until(lambda: not harness.gateway.servicer.in_flight.busy)
+    await until(lambda: not harness.gateway.servicer.in_flight.busy)
 
 
 async def _send_whole(
@@ -112,7 +105,7 @@ async def test_keyed_streams_cut_off_at_once_send_no_partial_batch_and_the_resum
             await call.write(_header(stream))
             await call.write(_chunk(_users(stream)))  # never half-closed
             calls.append(call)
-        await _until(lambda: len(harness.fake.calls) == STREAMS)  # every full batch has gone
+        await until(lambda: len(harness.fake.calls) == STREAMS)  # every full batch has gone
         with busy_loop():
             cutter.cut()
             for call in calls[::3]:

@@ -12,7 +12,7 @@ from canvas_gateway_client.cli import run
 from canvas_gateway_server.app import Gateway
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
-from conftest import LOCAL, TOKENS, Harness
+from support import LOCAL, TOKENS, Harness
 
 TLS = Path(__file__).resolve().parent / "fixtures" / "tls"  # a self-signed test certificate for localhost
 CERT, KEY = TLS / "localhost.crt", TLS / "localhost.key"

@@ -14,9 +14,9 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from conftest import KEYS, TOKENS, Harness, standing_clock, trigger_from_json
 from fake_braze import FakeBrazeConfig, Fault
 from google.rpc import error_details_pb2
+from support import KEYS, TOKENS, Harness, standing_clock, trigger_from_json
 
 BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"external_user_id": "u2"}]}
 

@@ -13,7 +13,7 @@ from canvas_gateway_server.validate import (
     check_recipient,
     check_recipient_count,
 )
-from conftest import LAST_USED_APP_TIMES
+from support import LAST_USED_APP_TIMES
 
 
 def fields(violations: list[Violation]) -> list[str]:

@@ -21,7 +21,6 @@ import pytest
 from aiohttp import web
 from canvas_gateway_server.braze import MAX_AUDIENCE_DEPTH, MAX_BODY_BYTES
 from canvas_gateway_server.loopback import is_loopback
-from conftest import LAST_USED_APP_TIMES
 from fake_braze import (
     ARCHIVED_NOTICE,
     PAUSED_NOTICE,
@@ -32,6 +31,7 @@ from fake_braze import (
 )
 from fake_braze.__main__ import config_from_args, main
 from multidict import CIMultiDictProxy
+from support import LAST_USED_APP_TIMES, Clock
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "docs" / "braze" / "examples"
 EXAMPLES = {path.stem: path.read_bytes() for path in EXAMPLES_DIR.glob("*.json")}
@@ -43,16 +43,6 @@ CANVAS = "8c7c2864-26b2-4ad0-97ec-48cddfd497d7"
 HOUR_START = 1_750_190_400.0  # 2025-06-17T20:00:00Z
 LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
 DROP = object()  # marks a field to remove in body()
-
-
-class Clock:
-    """A settable clock for the fake's rate limits."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -12,10 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, Harness, standing_clock
 from fake_braze import ConsumerError, FakeBraze, FakeBrazeConfig, OtherConsumer
 from fake_braze.__main__ import build_parser, config_from_args, main
 from fake_braze.consumers import from_spec
+from support import KEYS, Harness, standing_clock
 
 KEY = "test-key"
 OTHER_KEY = "other-key"
