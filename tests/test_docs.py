@@ -227,3 +227,18 @@ def test_every_relative_link_and_anchor_in_the_docs_resolves() -> None:
         elif anchor and resolved.suffix == ".md" and anchor not in github_anchors(resolved.read_text()):
             broken.append(f"{name} (no such heading)")
     assert broken == []
+
+
+def test_the_architecture_table_names_every_module_and_no_other() -> None:
+    """docs/architecture.md's module table: every module of the gateway (a package's modules may be
+    one row, `settings/`), and no row for a module that is gone."""
+    package = ROOT / "service" / "canvas_gateway_server"
+    table = (ROOT / "docs" / "architecture.md").read_text().split("## Modules", 1)[1]
+    rows = set(re.findall(r"^\| `([a-z_/]+(?:\.py|/))` \|", table, flags=re.MULTILINE))
+    modules = {str(path.relative_to(package)) for path in package.rglob("*.py") if path.name != "__init__.py"}
+    folders = {row for row in rows if row.endswith("/")}
+    covered = {m for m in modules if not any(m.startswith(folder) for folder in folders)}
+    files = rows - folders
+    assert covered - files == set(), f"modules missing from the table: {sorted(covered - files)}"
+    assert files - modules == set(), f"rows for modules that are gone: {sorted(files - modules)}"
+    assert all((package / folder).is_dir() for folder in folders)
