@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 import yarl
 from aiohttp import web
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -476,3 +477,15 @@ async def test_a_dropped_tunnel_after_sending_is_unknown(
     async with gateway(tmp_path, _url(tls_fake), upstream_proxy=proxy.url) as run:
         result = await run.send()
     assert result.outcome == pb.OUTCOME_UNKNOWN and result.attempts == 1 and len(tls_fake.calls) == 1
+
+
+def test_the_egress_network_policy_example_admits_only_dns_redis_and_the_proxy() -> None:
+    k8s = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+    policy = yaml.safe_load((k8s / "egress" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Egress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "canvas-gateway"}
+    ports = sorted(
+        (port["protocol"], port["port"]) for rule in policy["spec"]["egress"] for port in rule["ports"]
+    )
+    assert ports == [("TCP", 53), ("TCP", 3128), ("TCP", 6379), ("UDP", 53)]
+    assert "egress" not in (k8s / "kustomization.yaml").read_text()  # an example, applied apart
