@@ -5,6 +5,7 @@ gateway and the fake Braze, over TLS (a CONNECT tunnel) and plain http (forwardi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import ssl
 import subprocess
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -21,7 +23,9 @@ import yarl
 from aiohttp import web
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.__main__ import main
 from canvas_gateway_server.app import Gateway
+from canvas_gateway_server.demo import DEMO_TOKEN
 from canvas_gateway_server.egress import DIRECT, Egress, NoProxy, parse_proxy
 from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.redaction import redact
@@ -29,7 +33,7 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import load_tenants, token_digest
 from fake_braze import FakeBraze, FakeBrazeConfig, Fault
 from prometheus_client import generate_latest
-from servers import Proxy, squid
+from servers import Proxy, squid, start_logged_replica, stop_process
 from support import KEYS, LOCAL, TOKENS, free_port, trigger_from_json
 
 BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"external_user_id": "u2"}]}
@@ -182,13 +186,13 @@ def test_tenants_file_takes_a_proxy_and_keeps_its_credentials_secret(tmp_path: P
 
 @dataclass
 class Run:
-    gateway: Gateway
+    gateway: Any  # a Gateway in this process, or a Replica
     stub: pb_grpc.CanvasGatewayServiceAsyncStub
 
-    async def send(self) -> pb.BatchResult:
+    async def send(self, tenant: str = "acme") -> pb.BatchResult:
         response = await self.stub.Send(
             pb.SendRequest(trigger=trigger_from_json(BODY)),
-            metadata=(("authorization", f"Bearer {TOKENS['acme']}"),),
+            metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),),
             timeout=30,
         )
         (result,) = response.results
@@ -489,3 +493,81 @@ def test_the_egress_network_policy_example_admits_only_dns_redis_and_the_proxy()
     )
     assert ports == [("TCP", 53), ("TCP", 3128), ("TCP", 6379), ("UDP", 53)]
     assert "egress" not in (k8s / "kustomization.yaml").read_text()  # an example, applied apart
+
+
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [
+        ({"HTTPS_PROXY": f"socks5://{USER}:{PASSWORD}@proxy:1080"}, "HTTPS_PROXY must be an http://"),
+        ({"http_proxy": f"http://{USER}:{PASSWORD}@proxy:3128/x"}, "http_proxy must be the proxy's base URL"),
+        ({"CGW_UPSTREAM_CA_FILE": "/nonexistent/ca.pem"}, "CGW_UPSTREAM_CA_FILE cannot be read"),
+    ],
+)
+def test_check_config_refuses_what_the_boot_would(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variables: dict[str, str], words: str
+) -> None:
+    (tmp_path / "tenants.toml").write_text(_tenants("https://rest.iad-01.braze.com"))
+    for name in [name for name in os.environ if name.startswith("CGW_") or name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    for name, value in {"CGW_TENANTS_FILE": str(tmp_path / "tenants.toml"), **variables}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        main(["--check-config"])
+    assert words in str(exited.value.code) and PASSWORD not in str(exited.value.code)
+
+
+async def test_a_gateway_process_never_logs_the_proxy_s_password(
+    tmp_path: Path, tls_fake: FakeBraze, auth_proxy: Proxy
+) -> None:
+    """A real process (its log filter on), at DEBUG, with the credentials in HTTPS_PROXY: one call
+    through and one refused with another password in the tenants file; neither password is logged."""
+    wrong = "wr0ng-pa55word"
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(
+        _tenants(_url(tls_fake))
+        + "\n[tenants.globex]\n"
+        + f'token_sha256 = ["{token_digest(TOKENS["globex"])}"]\n'
+        + f'braze_rest_url = "{_url(tls_fake)}"\n'
+        + f'braze_api_key = "{KEYS["globex"]}"\n'
+        + f'proxy = "http://{USER}:{wrong}@{auth_proxy.address}"\n'
+    )
+    log = tmp_path / "gateway.log"
+    async with aiohttp.ClientSession() as session:
+        replica = await start_logged_replica(
+            tenants,
+            session,
+            log,
+            {
+                "HTTPS_PROXY": f"http://{USER}:{PASSWORD}@{auth_proxy.address}",
+                "CGW_UPSTREAM_CA_FILE": str(tmp_path / "cert.pem"),
+                "CGW_LOG_LEVEL": "DEBUG",
+            },
+        )
+        try:
+            async with grpc.aio.insecure_channel(replica.address) as channel:
+                run = Run(replica, pb_grpc.CanvasGatewayServiceStub(channel))  # type: ignore[arg-type]
+                assert (await run.send()).outcome == pb.OUTCOME_SENT
+                refused = await run.send("globex")
+                assert refused.outcome == pb.OUTCOME_NOT_ATTEMPTED
+        finally:
+            await stop_process(replica.process)
+    text = log.read_text()
+    assert "407" in text  # the refusal was logged...
+    assert PASSWORD not in text and wrong not in text  # ...without either password
+
+
+async def test_the_demo_s_embedded_fake_is_never_reached_through_a_proxy() -> None:
+    """The machine's HTTP_PROXY names a proxy that is down: the demo still sends to its own fake."""
+    settings = Settings.from_env({}, demo=True, demo_braze_port=0, grpc_address="127.0.0.1:0", **LOCAL)
+    down = f"http://127.0.0.1:{free_port()}"
+    started = await Gateway.start(settings, environ={"HTTP_PROXY": down, "HTTPS_PROXY": down})
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{started.port}") as channel:
+            response = await pb_grpc.CanvasGatewayServiceStub(channel).Send(
+                pb.SendRequest(trigger=trigger_from_json(BODY)),
+                metadata=(("authorization", f"Bearer {DEMO_TOKEN}"),),
+                timeout=30,
+            )
+    finally:
+        await started.stop(grace=0)
+    assert [result.outcome for result in response.results] == [pb.OUTCOME_SENT]

@@ -55,14 +55,10 @@ def open_session(pool_size: int, keepalive_seconds: float = 30.0, ca_file: str =
     """
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_mark_sent)
-    tls: ssl.SSLContext | bool = True
-    if ca_file:
-        try:
-            tls = ssl.create_default_context(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"CGW_UPSTREAM_CA_FILE cannot be read as PEM CAs: {exc}") from None
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=pool_size, keepalive_timeout=keepalive_seconds, ssl=tls),
+        connector=aiohttp.TCPConnector(
+            limit=pool_size, keepalive_timeout=keepalive_seconds, ssl=tls_context(ca_file)
+        ),
         # Proxies come from `egress`, once per Braze URL, never from the environment per call.
         trust_env=False,
         skip_auto_headers=("User-Agent",),
@@ -71,6 +67,16 @@ def open_session(pool_size: int, keepalive_seconds: float = 30.0, ca_file: str =
         # with another tenant's call (and Braze's API uses none).
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext | bool:
+    """How Braze's certificates are checked: against the system's CAs (True), or `ca_file`'s."""
+    if not ca_file:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"CGW_UPSTREAM_CA_FILE cannot be read as PEM CAs: {exc}") from None
 
 
 class _Target(NamedTuple):
