@@ -545,7 +545,7 @@ async def test_a_gateway_process_never_logs_the_proxy_s_password(
         )
         try:
             async with grpc.aio.insecure_channel(replica.address) as channel:
-                run = Run(replica, pb_grpc.CanvasGatewayServiceStub(channel))  # type: ignore[arg-type]
+                run = Run(replica, pb_grpc.CanvasGatewayServiceStub(channel))
                 assert (await run.send()).outcome == pb.OUTCOME_SENT
                 refused = await run.send("globex")
                 assert refused.outcome == pb.OUTCOME_NOT_ATTEMPTED
