@@ -134,7 +134,7 @@ image-check:
 prometheus-install:
 	.ci/prometheus-install
 
-## servers-install: redis-server and haproxy from Debian's packages, for the scale-out tests (root or sudo;
+## servers-install: redis-server, haproxy and squid from Debian's packages, for the scale-out and proxy tests (root or sudo;
 ## idempotent; no system daemon is left running).
 servers-install:
 	.ci/servers-install

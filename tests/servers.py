@@ -9,6 +9,10 @@ reports every backend UP. Both stop their process whatever happens.
 The binaries are `$REDIS_SERVER_BIN` / `$HAPROXY_BIN`, else found on PATH; when one is missing a
 RuntimeError names the install script (`.ci/servers-install`, or `make servers-install`).
 
+`squid()` starts Debian's `squid` (`$SQUID_BIN`, else on PATH or in /usr/sbin) as a forward proxy on
+a free port of 127.0.0.1 that only reaches 127.0.0.1, caches nothing, keeps its files in a temporary
+folder, and optionally asks for a user and password (basic_ncsa_auth, an MD5-crypt password file).
+
 `start_replica(tenants, session)` starts a gateway process (`python -m canvas_gateway_server`) on
 free ports and returns once its /readyz answers.
 """
@@ -220,17 +224,19 @@ class Balancer:
             await asyncio.sleep(0.05)
 
 
-async def wait_for_port(address: str, process: asyncio.subprocess.Process, log: Path) -> None:
+async def wait_for_port(
+    address: str, process: asyncio.subprocess.Process, log: Path, name: str = "haproxy"
+) -> None:
     host, port = split_address(address)
     deadline = time.monotonic() + START_SECONDS
     while True:
         if process.returncode is not None:
-            raise RuntimeError(f"haproxy exited ({process.returncode}):\n{tail(log)}")
+            raise RuntimeError(f"{name} exited ({process.returncode}):\n{tail(log)}")
         try:
             _, writer = await asyncio.open_connection(host, port)
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"haproxy never accepted on {address}:\n{tail(log)}") from None
+                raise RuntimeError(f"{name} never accepted on {address}:\n{tail(log)}") from None
             await asyncio.sleep(0.02)
         else:
             writer.close()
@@ -267,6 +273,116 @@ async def haproxy(backends: Sequence[tuple[str, str]]) -> AsyncIterator[Balancer
                 yield balancer
         finally:
             await stop_process(process)
+
+
+SQUID_AUTH_HELPER = Path("/usr/lib/squid/basic_ncsa_auth")
+
+
+@dataclass
+class Proxy:
+    """A running squid: callers use `url`; `access_log()` is what it has logged so far (a
+    CONNECT tunnel is logged when it closes)."""
+
+    address: str
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def access_log(self) -> str:
+        path = self.directory / "access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _squid_config(address: str, directory: Path, auth: bool, deny_ports: Sequence[int]) -> str:
+    lines = [
+        f"http_port {address}",
+        f"pid_filename {directory}/squid.pid",
+        f"access_log stdio:{directory}/access.log squid",
+        f"cache_log {directory}/cache.log",
+        f"coredump_dir {directory}",
+        "cache deny all",
+        "cache_mem 0 MB",
+        "shutdown_lifetime 0 seconds",
+        "pinger_enable off",
+        "netdb_filename none",
+        "icp_port 0",
+        "htcp_port 0",
+        "visible_hostname cgw-test-proxy",
+        "dns_nameservers 127.0.0.1",
+        "acl loopback_destination dst 127.0.0.1/32",
+        "acl CONNECT method CONNECT",
+        "http_access deny !loopback_destination",
+    ]
+    if deny_ports:
+        lines += [f"acl denied_ports port {' '.join(map(str, deny_ports))}", "http_access deny denied_ports"]
+    if auth:
+        lines += [
+            f"auth_param basic program {SQUID_AUTH_HELPER} {directory}/passwd",
+            "auth_param basic children 1 startup=1 idle=1",
+            "auth_param basic realm cgw-test",
+            "acl authenticated proxy_auth REQUIRED",
+            "http_access allow authenticated",
+        ]
+    lines += ["http_access allow all" if not auth else "http_access deny all"]
+    return "\n".join(lines) + "\n"
+
+
+def _openssl() -> str:
+    found = shutil.which("openssl")
+    if not found:
+        raise RuntimeError("the `openssl` binary is not on PATH (Debian's openssl package)")
+    return found
+
+
+@asynccontextmanager
+async def squid(
+    credentials: tuple[str, str] | None = None, deny_ports: Sequence[int] = ()
+) -> AsyncIterator[Proxy]:
+    """Squid as a forward proxy on 127.0.0.1 (CONNECT and plain forwarding, to 127.0.0.1 only),
+    asking for `credentials` (user, password) when given and answering 403 for `deny_ports`;
+    yields once it accepts connections, stops it on exit."""
+    found = os.environ.get("SQUID_BIN") or shutil.which("squid") or shutil.which("squid", path="/usr/sbin")
+    if not found:
+        raise RuntimeError(
+            "the `squid` binary is not on PATH (nor in $SQUID_BIN or /usr/sbin): run .ci/servers-install "
+            "(as root, or `make servers-install`) to install Debian's squid package"
+        )
+    address = f"127.0.0.1:{free_port()}"
+    with tempfile.TemporaryDirectory(prefix="cgw-squid-") as name:
+        directory = Path(name)
+        directory.chmod(0o777)  # run as root, squid works as its own user (`proxy`)
+        if credentials is not None:
+            user, password = credentials
+            openssl = await asyncio.create_subprocess_exec(
+                _openssl(),
+                "passwd",
+                "-1",
+                "-stdin",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            hashed = (await openssl.communicate(password.encode()))[0].decode().strip()
+            if openssl.returncode != 0 or not hashed:
+                raise RuntimeError("openssl passwd could not hash the proxy's password")
+            (directory / "passwd").write_text(f"{user}:{hashed}\n")
+            (directory / "passwd").chmod(0o644)
+        config = directory / "squid.conf"
+        config.write_text(_squid_config(address, directory, credentials is not None, deny_ports))
+        log = directory / "squid.out"
+        with log.open("wb") as output:
+            process = await asyncio.create_subprocess_exec(
+                found, "-N", "-f", str(config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            await wait_for_port(address, process, directory / "cache.log", name="squid")
+            yield Proxy(address, directory)
+        finally:
+            await stop_process(process, signal.SIGINT)
 
 
 REPLICA_SHUTDOWN_DELAY = 3.0

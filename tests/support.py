@@ -83,11 +83,16 @@ def free_port() -> int:
 
 def gateway_env(tenants: Path, address: str, admin: str, **settings: str) -> dict[str, str]:
     """The environment of a gateway process serving `address` (gRPC) and `admin`: this one's less
-    its CGW_ variables, with the tenants file, acme's Braze key, one worker, no not-ready delay, and
+    its CGW_ variables and the proxy variables of the machine (HTTPS_PROXY, ...: the fake is on
+    loopback), with the tenants file, acme's Braze key, one worker, no not-ready delay, and
     a keys file of its own beside the tenants file (not the host's default in the temporary
     folder, which a later run on the same port would find); `settings`: more CGW_ variables."""
     return {
-        **{key: value for key, value in os.environ.items() if not key.startswith("CGW_")},
+        **{
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("CGW_") and not key.lower().endswith("_proxy")
+        },
         "CGW_WORKERS": "1",
         "CGW_IDEMPOTENCY_FILE": str(tenants.parent / f"keys-{address.rpartition(':')[2]}.sqlite3"),
         "CGW_TENANTS_FILE": str(tenants),

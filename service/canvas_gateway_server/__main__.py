@@ -72,6 +72,7 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
         if worker_count(settings) > 1 and worker is None:
             # Refuse a bad tenants file or Redis URL once, not per worker.
             connect_redis(settings.state)
+            check_egress(settings)
             if not settings.tenants.demo:
                 load_tenants(Path(settings.tenants.file), os.environ)
             logs.configure(settings.telemetry.log_level, settings.telemetry.log_format)
@@ -81,11 +82,22 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
         sys.exit(f"canvas-gateway: {exc}")
 
 
+def check_egress(settings: Settings) -> None:
+    """Refuse a proxy variable (HTTPS_PROXY, ...) or CA file the gateway could not use, as its boot would."""
+    from .egress import Egress
+    from .upstream import tls_context
+
+    upstream = settings.upstream
+    Egress.from_settings(upstream.proxy, upstream.no_proxy, os.environ)
+    tls_context(upstream.ca_file)
+
+
 def check_config(settings: Settings) -> None:
     """What --check-config prints: the configuration is valid, and the tenants it serves."""
     from .stores.wiring import connect_redis
 
     connect_redis(settings.state)  # a URL redis-py would refuse is refused here too
+    check_egress(settings)
     if settings.tenants.demo:
         print("configuration valid: demo mode (one tenant, 'demo', against an embedded fake Braze)")
         return

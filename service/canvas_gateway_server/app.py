@@ -29,7 +29,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +47,7 @@ from .edge import reflection
 from .edge.admission import StreamSlots
 from .edge.observer import CallObserver
 from .edge.servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
+from .egress import Egress
 from .errors import ConfigError
 from .hangups import Hangups
 from .idempotency import Ledger
@@ -98,6 +99,11 @@ class Gateway:
     lag_watch: asyncio.Task[None] | None = None
     stores: Stores | None = None
     worker: WorkerRole | None = None
+    egress: Egress = field(default_factory=Egress)
+
+    def secrets(self) -> frozenset[str]:
+        """What logs must never show: the tenants' Braze keys and proxy credentials, the gateway's."""
+        return self.tenants.secrets() | self.egress.secrets()
 
     @classmethod
     async def start(
@@ -119,8 +125,10 @@ class Gateway:
         metrics = _metrics(settings.telemetry, registry, environ, clock)
         metrics.tenants_loaded(tenants.tenant_ids())
         stores = open_stores(settings, worker, metrics)
-        session = open_session(settings.upstream.pool_size)
-        dispatcher = _dispatcher(settings, worker, session, stores, metrics, clock)
+        upstream = settings.upstream
+        egress = Egress.from_settings(upstream.proxy, upstream.no_proxy, environ)
+        session = open_session(upstream.pool_size, ca_file=upstream.ca_file)
+        dispatcher = _dispatcher(settings, worker, session, egress, stores, metrics, clock)
         sender = _sender(settings.sending, dispatcher, metrics)
         shutting_down = asyncio.Event()
         servicer = _servicer(settings.calls, settings.sending, tenants, sender, shutting_down, metrics)
@@ -142,6 +150,7 @@ class Gateway:
             fake_braze=fake,
             stores=stores,
             worker=worker,
+            egress=egress,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         await gateway._listen()
@@ -292,6 +301,7 @@ def _dispatcher(
     settings: Settings,
     worker: WorkerRole | None,
     session: aiohttp.ClientSession,
+    egress: Egress,
     stores: Stores,
     metrics: Metrics,
     clock: Callable[[], float],
@@ -301,6 +311,7 @@ def _dispatcher(
     client = BrazeClient(
         session,
         aiohttp.ClientTimeout(total=upstream.timeout_seconds, connect=upstream.connect_timeout_seconds),
+        egress,
     )
     # Concurrency per process (a worker's share of it); budgets in the stores.
     workers = settings.workers.count if worker is not None else 1
@@ -433,7 +444,7 @@ async def run(
     logs.configure(telemetry.log_level, telemetry.log_format, worker=index)
     logs.throttle_accept_errors(asyncio.get_running_loop())
     gateway = await Gateway.start(settings, worker=worker, environ=environ)
-    logs.configure(telemetry.log_level, telemetry.log_format, gateway.tenants.secrets, worker=index)
+    logs.configure(telemetry.log_level, telemetry.log_format, gateway.secrets, worker=index)
     if settings.tenants.demo:
         print(demo_banner(settings.listen.grpc_address.rsplit(":", 1)[0], gateway.port), flush=True)
     stopping = asyncio.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from .egress import DIRECT_WORD
 from .errors import ConfigError
 from .tenants import StaticTenantDirectory, Tenant, TenantDirectory, token_digest
 
@@ -30,7 +31,10 @@ async def start_demo_braze(port: int) -> tuple[FakeBraze, TenantDirectory]:
             f"cannot start the demo fake Braze on 127.0.0.1:{port} ({exc.strerror}); "
             "is another demo running? CGW_DEMO_BRAZE_PORT picks another port"
         ) from None
-    tenant = Tenant(id="demo", braze_rest_url=url, braze_api_key=DEMO_BRAZE_KEY, allow_broadcast=True)
+    # The embedded fake is this host's: never through a proxy the environment names.
+    tenant = Tenant(
+        id="demo", braze_rest_url=url, braze_api_key=DEMO_BRAZE_KEY, allow_broadcast=True, proxy=DIRECT_WORD
+    )
     log.warning("DEMO MODE: sending to the embedded fake Braze at %s, not to Braze", url)
     return fake, StaticTenantDirectory([(tenant, [token_digest(DEMO_TOKEN)])])
 

@@ -17,7 +17,8 @@ class Delivery(enum.Enum):
     RESPONDED = "responded"
     """Braze (or a proxy in front of it) answered with an HTTP status."""
     NOT_SENT = "not_sent"
-    """The connection could not be opened: nothing reached Braze."""
+    """The connection could not be opened (to Braze, or through a proxy: to the proxy, or the proxy
+    refused the CONNECT): nothing reached Braze."""
     UNKNOWN = "unknown"
     """The call failed after the request may have been written."""
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .braze import CONTEXT_NAMES
+from .egress import DIRECT_WORD, parse_proxy
 from .errors import ConfigError
 from .loopback import is_loopback
 
@@ -36,6 +37,7 @@ _FIELDS = frozenset(
         "max_concurrent_batches",
         "context_name",
         "audience_budget",
+        "proxy",
     }
     | set(_KEY_SOURCES)
 )
@@ -57,6 +59,9 @@ class Tenant:
     """Which calls draw on Braze's per-minute broadcast budgets (CONTRACT.md 8, point 21):
     `any_audience` (every call with an `audience`, the safer reading) or `broadcast_only`
     (only calls without recipients)."""
+    proxy: str = field(default="", repr=False)
+    """The proxy to this tenant's Braze (a URL, or `none` for direct), in place of the gateway's
+    (CGW_UPSTREAM_PROXY / HTTPS_PROXY); empty: the gateway's. Its credentials are secrets."""
 
 
 class TenantDirectory(Protocol):
@@ -65,7 +70,7 @@ class TenantDirectory(Protocol):
     def authenticate(self, token: str) -> Tenant | None: ...
 
     def secrets(self) -> frozenset[str]:
-        """Every Braze key it holds, for log redaction."""
+        """Every Braze key and tenant proxy's credentials it holds, for log redaction."""
         ...
 
     def tenant_ids(self) -> frozenset[str]:
@@ -94,7 +99,9 @@ class StaticTenantDirectory:
                     raise ConfigError(f"tenant {tenant.id}: a token digest is used twice")
                 pairs.append((digest.encode(), tenant))
         self._pairs = tuple(pairs)
-        self._secrets = frozenset(tenant.braze_api_key for _, tenant in pairs)
+        self._secrets = frozenset(tenant.braze_api_key for _, tenant in pairs).union(
+            *(parse_proxy(tenant.proxy, "proxy").secrets for _, tenant in pairs if tenant.proxy)
+        )
         self._ids = frozenset(tenant.id for _, tenant in pairs)
 
     def authenticate(self, token: str) -> Tenant | None:
@@ -184,6 +191,11 @@ def parse_tenant(
     context_name = entry.get("context_name", "context")
     if context_name not in CONTEXT_NAMES:
         raise ConfigError(f"{where}: context_name must be one of {', '.join(CONTEXT_NAMES)}")
+    proxy = entry.get("proxy", "")
+    if not isinstance(proxy, str) or (proxy and not proxy.strip()):
+        raise ConfigError(f"{where}: proxy must be a proxy URL or {DIRECT_WORD!r}")
+    if proxy:
+        parse_proxy(proxy, f"{where}: proxy")
     tenant = Tenant(
         id=tenant_id,
         braze_rest_url=url,
@@ -192,6 +204,7 @@ def parse_tenant(
         max_concurrent_batches=limit,
         context_name=context_name,
         audience_budget=audience_budget,
+        proxy=proxy.strip(),
     )
     return tenant, tuple(digests)
 

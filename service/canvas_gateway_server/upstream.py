@@ -1,7 +1,8 @@
 """The one I/O seam to Braze: POST {tenant url}/canvas/trigger/send on a pooled session.
 
 The session (keep-alive TCPConnector pool, with the trace hook that tells when a request
-has gone out) is made once by `open_session`, called from `app`, and handed in. A call
+has gone out) is made once by `open_session`, called from `app`, and handed in; each tenant's
+route (direct, or which proxy) is decided once by `egress`. A call
 never raises for network trouble: it returns a Reply that says whether anything can have
 reached Braze, because that decides what is safe to retry (CONTRACT.md section 6).
 Braze's 401 text echoes the key it was sent, so every response body is scrubbed of the
@@ -11,16 +12,19 @@ tenant's key before it is parsed.
 from __future__ import annotations
 
 import math
+import ssl
 import time
 from collections.abc import Mapping
 from types import SimpleNamespace
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import aiohttp
 import orjson
 import yarl
 
 from .braze import TRIGGER_PATH
+from .egress import Egress
+from .errors import ConfigError
 from .redaction import REDACTED
 from .reply import Delivery, Reply, parse_rate_limit
 from .tenants import Tenant
@@ -40,17 +44,23 @@ async def _mark_sent(_: object, context: SimpleNamespace, __: object) -> None:
         progress.sent = True
 
 
-def open_session(pool_size: int, keepalive_seconds: float = 30.0) -> aiohttp.ClientSession:
+def open_session(pool_size: int, keepalive_seconds: float = 30.0, ca_file: str = "") -> aiohttp.ClientSession:
     """The one pooled keep-alive session to every tenant's Braze, with the trace hook that tells
-    a call's Progress when its headers are written.
+    a call's Progress when its headers are written; `ca_file`: the CAs trusted for Braze's TLS in
+    place of the system's.
 
-    Waiting for a pooled connection, connecting and the TLS handshake send nothing, so a call
-    cut short there is known not to have reached Braze.
+    Waiting for a pooled connection, connecting (to a proxy too), a proxy's CONNECT and the TLS
+    handshake send nothing, so a call cut short there is known not to have reached Braze (the
+    CONNECT is not traced: only the request to Braze marks the Progress).
     """
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_mark_sent)
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=pool_size, keepalive_timeout=keepalive_seconds),
+        connector=aiohttp.TCPConnector(
+            limit=pool_size, keepalive_timeout=keepalive_seconds, ssl=tls_context(ca_file)
+        ),
+        # Proxies come from `egress`, once per Braze URL, never from the environment per call.
+        trust_env=False,
         skip_auto_headers=("User-Agent",),
         trace_configs=[trace],
         # One session serves every tenant: a cookie one tenant's Braze set must never travel
@@ -59,24 +69,50 @@ def open_session(pool_size: int, keepalive_seconds: float = 30.0) -> aiohttp.Cli
     )
 
 
+def tls_context(ca_file: str) -> ssl.SSLContext | bool:
+    """How Braze's certificates are checked: against the system's CAs (True), or `ca_file`'s."""
+    if not ca_file:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"CGW_UPSTREAM_CA_FILE cannot be read as PEM CAs: {exc}") from None
+
+
+class _Target(NamedTuple):
+    url: yarl.URL
+    headers: Mapping[str, str]
+    proxy: yarl.URL | None
+    proxy_headers: Mapping[str, str] | None
+
+
 class BrazeClient:
     """Sends trigger bodies for tenants over one shared, pooled session from `open_session`."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout, egress: Egress | None = None
+    ) -> None:
         self._session = session
         self._timeout = timeout
-        self._targets: dict[tuple[str, str], tuple[yarl.URL, Mapping[str, str]]] = {}
+        self._egress = egress or Egress()
+        self._targets: dict[tuple[str, str, str], _Target] = {}
 
-    def _target(self, tenant: Tenant) -> tuple[yarl.URL, Mapping[str, str]]:
-        """The tenant's parsed endpoint URL and headers, made once (parsing a URL on every call
-        costs more than the rest of the request's setup)."""
-        key = (tenant.braze_rest_url, tenant.braze_api_key)
+    def _target(self, tenant: Tenant) -> _Target:
+        """The tenant's parsed endpoint URL, headers and route, made once (parsing a URL on every
+        call costs more than the rest of the request's setup)."""
+        key = (tenant.braze_rest_url, tenant.braze_api_key, tenant.proxy)
         target = self._targets.get(key)
         if target is None:
             if len(self._targets) >= _MAX_TARGETS:  # reloads that change every key: start over
                 self._targets.clear()
+            url = yarl.URL(tenant.braze_rest_url + TRIGGER_PATH)
+            route = self._egress.route(url, tenant.proxy)
             headers = {"Authorization": f"Bearer {tenant.braze_api_key}", "Content-Type": "application/json"}
-            target = self._targets[key] = (yarl.URL(tenant.braze_rest_url + TRIGGER_PATH), headers)
+            proxy_headers = route.proxy_headers()
+            if proxy_headers and url.scheme == "http":  # forwarded, not tunnelled: the proxy reads it here
+                headers.update(proxy_headers)
+                proxy_headers = None
+            target = self._targets[key] = _Target(url, headers, route.proxy, proxy_headers)
         return target
 
     async def trigger(
@@ -88,12 +124,14 @@ class BrazeClient:
         timeout = self._timeout
         if time_left < (timeout.total or math.inf):
             timeout = aiohttp.ClientTimeout(total=time_left, connect=timeout.connect)
-        url, headers = self._target(tenant)
+        url, headers, proxy, proxy_headers = self._target(tenant)
         try:
             async with self._session.post(
                 url,
                 data=body,
                 headers=headers,
+                proxy=proxy,
+                proxy_headers=proxy_headers,
                 timeout=timeout,
                 allow_redirects=False,
                 trace_request_ctx=progress,
@@ -102,6 +140,8 @@ class BrazeClient:
                 return _reply(response.status, response.headers, raw, tenant.braze_api_key, time.time())
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL) as exc:
             return Reply(Delivery.NOT_SENT, failure=type(exc).__name__)
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the CONNECT: no tunnel, nothing sent
+            return Reply(Delivery.NOT_SENT, failure=f"the proxy answered {exc.status} to CONNECT")
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Reply(Delivery.UNKNOWN, failure=type(exc).__name__)
 

@@ -19,6 +19,7 @@ import asyncio
 import random
 import secrets
 import socket
+import ssl
 import struct
 import time
 from collections import Counter
@@ -142,20 +143,21 @@ class FakeBraze:
         admin.add_routes(app, self)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on `host:port` (0 picks a free port); return the base URL."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> str:
+        """Listen on `host:port` (0 picks a free port), over TLS with `tls`; return the base URL."""
         if self._runner is not None:
             raise RuntimeError("the fake Braze is already running")
         runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=tls).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         bound_port = runner.addresses[0][1]
-        self.url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://[{host}]:{bound_port}" if ":" in host else f"{scheme}://{host}:{bound_port}"
         return self.url
 
     async def stop(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..egress import parse_proxy
 from ..errors import ConfigError
 from .spec import AT_LEAST_ONE, ENV_PREFIX, NOT_NEGATIVE, POSITIVE, check_bounds, check_redis_url, setting
 
@@ -19,9 +20,19 @@ class Upstream:
     """Time to open a connection to Braze."""
     timeout_seconds: float = setting("upstream_timeout_seconds", 30.0, POSITIVE)
     """Time for one Braze call, from start to the end of the response body."""
+    proxy: str = setting("upstream_proxy", "", secret=True)
+    """HTTP(S) proxy to Braze for every tenant (http://[user:password@]host:port), `none` for no
+    proxy; empty: the standard HTTPS_PROXY / HTTP_PROXY / NO_PROXY variables. Never logged."""
+    no_proxy: str = setting("upstream_no_proxy", "")
+    """Braze hosts reached without the proxy, in NO_PROXY's syntax (added to NO_PROXY's)."""
+    ca_file: str = setting("upstream_ca_file", "")
+    """PEM file of the CAs trusted for Braze's TLS, in place of the system's (such as a
+    TLS-inspecting proxy's CA); empty: the system's."""
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.proxy:
+            parse_proxy(self.proxy, f"{ENV_PREFIX}UPSTREAM_PROXY")
 
 
 @dataclass(frozen=True, slots=True)
