@@ -1,6 +1,6 @@
 """The composition root: the one place that builds and wires the gateway's objects.
 
-Startup: settings -> tenants -> metrics registry -> pooled HTTP session -> Braze client ->
+Startup: settings -> tenants -> metrics registry -> tracing (OTEL_*) -> pooled HTTP session -> Braze client ->
 limiter -> dispatcher -> sender -> servicer -> gRPC server with the call observer, health
 and reflection -> admin listener (/metrics, /healthz, /readyz).
 Shutdown, in order: health NOT_SERVING and /readyz 503 at once; after
@@ -10,7 +10,8 @@ stop reading new recipients, finish the batches they hold and end with UNAVAILAB
 where to resume; in-flight RPCs get the grace period to finish, after which their remaining
 batches are abandoned with honest results (UNKNOWN if a call was under way, NOT_ATTEMPTED
 otherwise); the server stops (ending what is left, such as health watchers); the HTTP
-session closes; the embedded fake Braze (demo only) stops; the admin listener stops last.
+session closes; the spans left are exported; the embedded fake Braze (demo only) stops; the admin
+listener stops last.
 
 Over the ~300 lines the house aims for, for a reason: what is built (`Gateway.start`, a list of
 steps, one function each below it) and how it is taken apart in order (`Gateway.stop`) read side
@@ -29,7 +30,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,7 @@ from .sending import Sender, SendLimits
 from .settings import Calls, Listen, Sending, Settings, Telemetry, Tenants, WorkerRole
 from .stores.wiring import Stores, open_stores
 from .tenants import FileTenantDirectory, TenantDirectory
+from .tracing import Tracing
 from .upstream import BrazeClient, open_session
 from .worker_admin import admin_socket
 
@@ -98,6 +100,7 @@ class Gateway:
     lag_watch: asyncio.Task[None] | None = None
     stores: Stores | None = None
     worker: WorkerRole | None = None
+    tracing: Tracing = field(default_factory=Tracing)
 
     @classmethod
     async def start(
@@ -108,8 +111,10 @@ class Gateway:
         tenants: TenantDirectory | None = None,
         environ: Mapping[str, str] = os.environ,
         clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> Gateway:
-        """`worker` is the role the supervisor gave this process (None: not a worker). `clock`
+        """`worker` is the role the supervisor gave this process (None: not a worker). `tracing`:
+        as the OTEL_* variables in `environ` ask, unless given (tests hand one of their own). `clock`
         (epoch seconds) is what Braze's budgets and pauses are judged by: tests stand it still with
         the fake Braze's, so no window turns during them."""
         fake: FakeBraze | None = None
@@ -118,13 +123,15 @@ class Gateway:
         registry = CollectorRegistry()
         metrics = _metrics(settings.telemetry, registry, environ, clock)
         metrics.tenants_loaded(tenants.tenant_ids())
+        if tracing is None:
+            tracing = Tracing.from_env(environ, None if worker is None else worker.index)
         stores = open_stores(settings, worker, metrics)
         session = open_session(settings.upstream.pool_size)
-        dispatcher = _dispatcher(settings, worker, session, stores, metrics, clock)
+        dispatcher = _dispatcher(settings, worker, session, stores, metrics, clock, tracing)
         sender = _sender(settings.sending, dispatcher, metrics)
         shutting_down = asyncio.Event()
         servicer = _servicer(settings.calls, settings.sending, tenants, sender, shutting_down, metrics)
-        server, health_servicer = _grpc_server(settings, worker, servicer, metrics)
+        server, health_servicer = _grpc_server(settings, worker, servicer, metrics, tracing)
         gateway = cls(
             server=server,
             port=0,
@@ -142,6 +149,7 @@ class Gateway:
             fake_braze=fake,
             stores=stores,
             worker=worker,
+            tracing=tracing,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         await gateway._listen()
@@ -157,6 +165,7 @@ class Gateway:
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
             await self.server.stop(None)  # releases a gRPC port bound before the admin port failed
             await self.session.close()
+            self.tracing.shutdown()  # nothing was traced yet: nothing to wait for
             if self.stores is not None:
                 await self.stores.stop()
             if self.fake_braze is not None:
@@ -235,6 +244,7 @@ class Gateway:
         if self.stores is not None:
             await self.stores.stop()
         await self.session.close()
+        await asyncio.to_thread(self.tracing.shutdown)  # the spans left, exported (OTEL_BSP_EXPORT_TIMEOUT)
         if self.fake_braze is not None:
             await self.fake_braze.stop()
         await self.admin.stop()
@@ -295,12 +305,14 @@ def _dispatcher(
     stores: Stores,
     metrics: Metrics,
     clock: Callable[[], float],
+    tracing: Tracing,
 ) -> Dispatcher:
     """The path of a batch: the Braze client, the limiter, retries, the breaker and the ledger."""
     upstream, retry = settings.upstream, settings.retry
     client = BrazeClient(
         session,
         aiohttp.ClientTimeout(total=upstream.timeout_seconds, connect=upstream.connect_timeout_seconds),
+        tracing.tracer,
     )
     # Concurrency per process (a worker's share of it); budgets in the stores.
     workers = settings.workers.count if worker is not None else 1
@@ -321,6 +333,7 @@ def _dispatcher(
         else None,
         budget=LocalRetryBudget(retry.budget_ratio, retry.budget_minimum),
         clock=clock,
+        tracer=tracing.tracer,
     )
 
 
@@ -355,11 +368,18 @@ def _servicer(
 
 
 def _grpc_server(
-    settings: Settings, worker: WorkerRole | None, servicer: CanvasGatewayServicer, metrics: Metrics
+    settings: Settings,
+    worker: WorkerRole | None,
+    servicer: CanvasGatewayServicer,
+    metrics: Metrics,
+    tracing: Tracing,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The gRPC server with the call observer, the service, health and reflection; not bound yet."""
+    observer = CallObserver(
+        metrics, SERVICE_NAME, settings.calls.request_message_timeout_seconds, tracing.tracer
+    )
     server = grpc.aio.server(
-        interceptors=[CallObserver(metrics, SERVICE_NAME, settings.calls.request_message_timeout_seconds)],
+        interceptors=[observer],
         options=settings.grpc.options(
             connections=settings.connection_cap(open_file_limit()), reuse_port=worker is not None
         ),

@@ -36,6 +36,7 @@ _FIELDS = frozenset(
         "max_concurrent_batches",
         "context_name",
         "audience_budget",
+        "propagate_trace",
     }
     | set(_KEY_SOURCES)
 )
@@ -57,6 +58,9 @@ class Tenant:
     """Which calls draw on Braze's per-minute broadcast budgets (CONTRACT.md 8, point 21):
     `any_audience` (every call with an `audience`, the safer reading) or `broadcast_only`
     (only calls without recipients)."""
+    propagate_trace: bool = False
+    """Send the Braze call's W3C `traceparent`/`tracestate` to Braze (when tracing is on): off by
+    default, so no internal trace id goes to a third party unless the tenant asks."""
 
 
 class TenantDirectory(Protocol):
@@ -181,6 +185,9 @@ def parse_tenant(
     audience_budget = entry.get("audience_budget", "any_audience")
     if audience_budget not in AUDIENCE_BUDGETS:
         raise ConfigError(f"{where}: audience_budget must be one of {', '.join(AUDIENCE_BUDGETS)}")
+    propagate_trace = entry.get("propagate_trace", False)
+    if not isinstance(propagate_trace, bool):
+        raise ConfigError(f"{where}: propagate_trace must be true or false")
     context_name = entry.get("context_name", "context")
     if context_name not in CONTEXT_NAMES:
         raise ConfigError(f"{where}: context_name must be one of {', '.join(CONTEXT_NAMES)}")
@@ -192,6 +199,7 @@ def parse_tenant(
         max_concurrent_batches=limit,
         context_name=context_name,
         audience_budget=audience_budget,
+        propagate_trace=propagate_trace,
     )
     return tenant, tuple(digests)
 
