@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+import yarl
 from aiohttp import web
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
@@ -36,8 +37,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from servers import start_replica, stop_process
 from support import FAKE_URLS, KEYS, LOCAL, TOKENS, Harness, free_port, tenants_toml, trigger_from_json, until
-
-import yarl
 
 CANVAS = "8c7c2864-26b2-4ad0-97ec-48cddfd497d7"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -122,6 +121,12 @@ async def finished(exporter: InMemorySpanExporter, servers: int = 1) -> Sequence
     return exporter.get_finished_spans()
 
 
+def index_of(span: ReadableSpan) -> int:
+    index = (span.attributes or {})["canvas_gateway.batch.index"]
+    assert isinstance(index, int)
+    return index
+
+
 def check_tree(spans: Sequence[ReadableSpan], method: str, sizes: list[int]) -> None:
     """One connected trace: the caller's span -> one server span -> a batch span per batch -> one
     client span each."""
@@ -134,9 +139,7 @@ def check_tree(spans: Sequence[ReadableSpan], method: str, sizes: list[int]) -> 
     assert server.attributes["rpc.system"] == "grpc" and server.attributes["rpc.grpc.status_code"] == 0
     assert server.attributes["canvas_gateway.tenant"] == "acme"
     assert server.attributes["canvas_gateway.recipients"] == sum(sizes)
-    batches = sorted(
-        (s for s in spans if s.name == "batch"), key=lambda s: (s.attributes or {})["canvas_gateway.batch.index"]
-    )
+    batches = sorted((s for s in spans if s.name == "batch"), key=index_of)
     assert [(b.attributes or {})["canvas_gateway.batch.recipients"] for b in batches] == sizes
     clients = of_kind(spans, SpanKind.CLIENT)
     assert len(clients) == len(sizes)
@@ -151,7 +154,9 @@ def check_tree(spans: Sequence[ReadableSpan], method: str, sizes: list[int]) -> 
         assert batch.context is not None
         (client,) = [c for c in clients if c.parent is not None and c.parent.span_id == batch.context.span_id]
         assert client.context is not None and client.context.trace_id == server.context.trace_id
-        assert (client.attributes or {})["canvas_gateway.dispatch_id"] == attributes["canvas_gateway.dispatch_id"]
+        assert (client.attributes or {})["canvas_gateway.dispatch_id"] == attributes[
+            "canvas_gateway.dispatch_id"
+        ]
 
 
 async def test_a_callers_traceparent_parents_the_send_its_batches_and_their_calls(
@@ -209,7 +214,9 @@ async def test_no_secret_in_any_span(traced: Harness, exporter: InMemorySpanExpo
     await traced.stub.Send(send_request(60), metadata=auth("hooli") + caller(), timeout=30)
     [r async for r in traced.stub.SendStream(stream_requests(60), metadata=auth("globex") + caller())]
     with pytest.raises(grpc.aio.AioRpcError):
-        await traced.stub.Send(send_request(1), metadata=(("authorization", "Bearer not-a-token"),), timeout=30)
+        await traced.stub.Send(
+            send_request(1), metadata=(("authorization", "Bearer not-a-token"),), timeout=30
+        )
     spans = await finished(exporter, servers=4)
     assert any((s.attributes or {}).get("http.response.status_code") == 401 for s in spans)
     shown = json.dumps(
@@ -241,7 +248,10 @@ async def test_latency_histograms_carry_trace_ids_in_openmetrics(
             openmetrics = await reply.text()
         async with session.get(admin) as reply:
             text = await reply.text()
-    for family in ("grpc_server_handling_seconds_bucket", "canvas_gateway_braze_request_duration_seconds_bucket"):
+    for family in (
+        "grpc_server_handling_seconds_bucket",
+        "canvas_gateway_braze_request_duration_seconds_bucket",
+    ):
         lines = [line for line in openmetrics.splitlines() if line.startswith(family) and " # {" in line]
         assert lines, family
         assert all(re.search(r'trace_id="' + TRACE_ID + '"', line) for line in lines)
@@ -253,9 +263,9 @@ async def test_tracing_off_sends_no_trace_and_keeps_no_exemplar(harness: Harness
     assert harness.gateway.tracing.tracer is None
     assert [c.header("traceparent") for c in harness.fake.calls] == [None]
     admin = f"http://127.0.0.1:{harness.gateway.admin_port}/metrics"
-    async with aiohttp.ClientSession() as session:
-        async with session.get(admin, headers={"Accept": "application/openmetrics-text"}) as reply:
-            assert TRACE_ID not in await reply.text()
+    headers = {"Accept": "application/openmetrics-text"}
+    async with aiohttp.ClientSession() as session, session.get(admin, headers=headers) as reply:
+        assert TRACE_ID not in await reply.text()
 
 
 @pytest.mark.parametrize(
@@ -283,11 +293,15 @@ def test_an_exporter_it_cannot_run_fails_at_boot(environ: dict[str, str], messag
 
 def test_console_exporter_and_the_resource() -> None:
     tracing = Tracing.from_env({"OTEL_TRACES_EXPORTER": "console"}, worker=3)
-    assert tracing.tracer is not None and tracing.provider is not None
-    resource = tracing.provider.resource.attributes
+    other = Tracing.from_env({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "mine"})
+    assert tracing.tracer is not None and tracing.provider is not None and other.provider is not None
+    resource, resource_of_other = tracing.provider.resource.attributes, other.provider.resource.attributes
     assert resource["service.name"] == "canvas-gateway" and resource["canvas_gateway.worker.index"] == 3
-    assert resource["service.instance.id"] != Tracing.from_env({"OTEL_TRACES_EXPORTER": "console"}).provider.resource.attributes["service.instance.id"]  # type: ignore[union-attr]
+    assert resource_of_other["service.name"] == "mine"
+    assert "canvas_gateway.worker.index" not in resource_of_other
+    assert resource["service.instance.id"] != resource_of_other["service.instance.id"]
     tracing.shutdown()
+    other.shutdown()
 
 
 def test_a_url_in_a_span_has_no_user_info_or_query() -> None:
@@ -323,7 +337,7 @@ class Receiver:
 
     def spans(self) -> list[tuple[dict[str, Any], Any]]:
         """(resource attributes, span) for every span received."""
-        out = []
+        out: list[tuple[dict[str, Any], Any]] = []
         for request in self.requests:
             for resource_spans in request.resource_spans:
                 resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
@@ -406,5 +420,3 @@ async def test_no_otel_variables_no_connection(fake: FakeBraze, tmp_path: Path, 
             assert await stop_process(replica.process) == 0
     assert receiver.requests == []
     assert len(fake.calls) == 6
-
-

@@ -111,9 +111,9 @@ class Tracing:
             "host.name": socket.gethostname(),
             "process.pid": os.getpid(),
         }
-        if not environ.get("OTEL_SERVICE_NAME") and "service.name=" not in environ.get(
-            "OTEL_RESOURCE_ATTRIBUTES", ""
-        ):
+        if environ.get("OTEL_SERVICE_NAME"):
+            attributes["service.name"] = environ["OTEL_SERVICE_NAME"]
+        elif "service.name=" not in environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
             attributes["service.name"] = SERVICE_NAME
         if worker is not None:
             attributes["canvas_gateway.worker.index"] = worker
