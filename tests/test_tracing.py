@@ -26,7 +26,7 @@ from canvas_gateway_server.errors import ConfigError
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from canvas_gateway_server.tracing import Tracing, safe_url
-from fake_braze import FakeBraze
+from fake_braze import FakeBraze, Fault
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -206,6 +206,67 @@ async def test_an_unsampled_caller_is_not_recorded_and_a_call_without_one_starts
     (server,) = of_kind(spans, SpanKind.SERVER)  # parentbased_always_on follows the caller's "no"
     assert server.parent is None and server.context is not None
     assert format(server.context.trace_id, "032x") != TRACE_ID
+
+
+async def test_a_retried_batch_shows_its_attempts_and_its_wait(
+    traced: Harness, exporter: InMemorySpanExporter
+) -> None:
+    traced.fake.faults.script([Fault.status(429)])  # no reset header: retried after the base delay
+    await traced.stub.Send(send_request(10), metadata=auth() + caller(), timeout=30)
+    spans = await finished(exporter)
+    (batch,) = [s for s in spans if s.name == "batch"]
+    attributes = batch.attributes or {}
+    assert (
+        attributes["canvas_gateway.batch.attempts"] == 2
+        and attributes["canvas_gateway.batch.outcome"] == "sent"
+    )
+    wait = attributes["canvas_gateway.batch.wait_seconds"]
+    assert isinstance(wait, float) and wait >= 0.01
+    first, second = sorted(of_kind(spans, SpanKind.CLIENT), key=lambda s: s.start_time or 0)
+    assert (first.attributes or {})["http.response.status_code"] == 429
+    assert (first.attributes or {})["error.type"] == "429" and not first.status.is_ok
+    assert (second.attributes or {})["http.response.status_code"] == 201 and "error.type" not in (
+        second.attributes or {}
+    )
+
+
+async def test_a_call_without_an_answer_says_what_failed(
+    traced: Harness, exporter: InMemorySpanExporter
+) -> None:
+    traced.fake.faults.script([Fault.reset()])  # after the request went out: not retried
+    await traced.stub.Send(send_request(10), metadata=auth() + caller(), timeout=30)
+    spans = await finished(exporter)
+    (client,) = of_kind(spans, SpanKind.CLIENT)
+    attributes = client.attributes or {}
+    assert "http.response.status_code" not in attributes and attributes["error.type"].endswith("Error")
+    (batch,) = [s for s in spans if s.name == "batch"]
+    assert (batch.attributes or {})["canvas_gateway.batch.outcome"] == "unknown"
+
+
+async def test_a_caller_that_goes_away_ends_every_span(
+    traced: Harness, exporter: InMemorySpanExporter
+) -> None:
+    traced.fake.faults.script([Fault.delay(10.0)])
+    call = traced.stub.Send(send_request(10), metadata=auth() + caller(), timeout=30)
+    await until(lambda: traced.fake.in_progress == 1)
+    call.cancel()
+    spans = await finished(exporter)
+    (server,) = of_kind(spans, SpanKind.SERVER)
+    assert (server.attributes or {})["rpc.grpc.status_code"] == 1  # CANCELLED
+    (batch,) = [s for s in spans if s.name == "batch"]
+    (client,) = of_kind(spans, SpanKind.CLIENT)
+    assert (batch.attributes or {})["error.type"] == "CancelledError"
+    assert (client.attributes or {})["error.type"] == "CancelledError"
+
+
+async def test_an_error_status_marks_the_server_span(traced: Harness, exporter: InMemorySpanExporter) -> None:
+    traced.gateway.shutting_down.set()  # as in a shutdown: new sends are refused UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await traced.stub.Send(send_request(1), metadata=auth() + caller(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    (server,) = of_kind(await finished(exporter), SpanKind.SERVER)
+    assert not server.status.is_ok and (server.attributes or {})["error.type"] == "UNAVAILABLE"
+    assert (server.attributes or {})["rpc.grpc.status_code"] == 14
 
 
 async def test_no_secret_in_any_span(traced: Harness, exporter: InMemorySpanExporter) -> None:

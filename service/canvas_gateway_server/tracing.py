@@ -155,7 +155,8 @@ def end_server_span(
     span.set_attributes(extra)
     if code in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR))
-        span.set_attribute("error.type", type(error).__name__ if error is not None else code)
+        unexpected = code == "UNKNOWN" and error is not None  # an exception escaped the handler
+        span.set_attribute("error.type", type(error).__name__ if unexpected else code)
     span.end()
 
 
