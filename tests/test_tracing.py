@@ -238,9 +238,27 @@ async def test_a_call_without_an_answer_says_what_failed(
     spans = await finished(exporter)
     (client,) = of_kind(spans, SpanKind.CLIENT)
     attributes = client.attributes or {}
-    assert "http.response.status_code" not in attributes and attributes["error.type"].endswith("Error")
+    failure = attributes["error.type"]
+    assert (
+        "http.response.status_code" not in attributes
+        and isinstance(failure, str)
+        and failure.endswith("Error")
+    )
     (batch,) = [s for s in spans if s.name == "batch"]
     assert (batch.attributes or {})["canvas_gateway.batch.outcome"] == "unknown"
+
+
+async def test_a_stream_cut_off_ends_its_spans(
+    traced: Harness, exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    traced.fake.faults.script([Fault.delay(10.0)])
+    call = traced.stub.SendStream(stream_requests(50), metadata=auth() + caller())
+    await until(lambda: traced.fake.in_progress == 1)
+    call.cancel()
+    (server,) = of_kind(await finished(exporter), SpanKind.SERVER)
+    assert (server.attributes or {})["rpc.grpc.status_code"] == 1
+    await until(lambda: len(of_kind(exporter.get_finished_spans(), SpanKind.CLIENT)) == 1)
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]  # the context was the RPC's
 
 
 async def test_a_caller_that_goes_away_ends_every_span(
@@ -419,6 +437,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     await found.stop()
 
 
+STREAM_TRACE = "f" * 32
 OTLP = {
     "OTEL_TRACES_EXPORTER": "otlp",
     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -428,11 +447,15 @@ OTLP = {
 
 
 async def traced_sends(address: str, count: int) -> None:
-    """`count` Sends of 120, each on a channel (a connection) of its own, with its own trace id."""
+    """`count` Sends of 120, each on a channel (a connection) of its own, with its own trace id
+    (1, 2, ...), then a stream of 200 with trace id `ff...`."""
     for i in range(count):
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.CanvasGatewayServiceStub(channel)
             await stub.Send(send_request(120), metadata=auth() + caller(f"{i + 1:032x}"), timeout=30)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.CanvasGatewayServiceStub(channel)
+        [r async for r in stub.SendStream(stream_requests(200), metadata=auth() + caller(STREAM_TRACE))]
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -455,12 +478,17 @@ async def test_otel_variables_alone_export_over_otlp_from_every_process(
     for resource, span in received:
         assert resource["service.name"] == "cgw-under-test"
         traces.setdefault(span.trace_id.hex(), []).append(span)
-    assert sorted(traces) == [f"{i + 1:032x}" for i in range(6)]
-    for spans in traces.values():
-        kinds = sorted(s.kind for s in spans)
-        assert kinds.count(2) == 1 and kinds.count(3) == 3 and kinds.count(1) == 3  # server, client, internal
+    assert sorted(traces) == [*(f"{i + 1:032x}" for i in range(6)), STREAM_TRACE]
+    for trace_id, spans in traces.items():
+        batches = 4 if trace_id == STREAM_TRACE else 3
+        kinds = sorted(s.kind for s in spans)  # 1 internal (batch), 2 server, 3 client
+        assert kinds.count(2) == 1 and kinds.count(1) == batches and kinds.count(3) == batches
         (server,) = [s for s in spans if s.kind == 2]
         assert server.parent_span_id.hex() == CALLER_SPAN
+        assert server.name == (STREAM if trace_id == STREAM_TRACE else SEND)
+        ids = {s.span_id for s in spans if s.kind == 1}
+        assert {s.parent_span_id for s in spans if s.kind == 1} == {server.span_id}
+        assert {s.parent_span_id for s in spans if s.kind == 3} == ids  # one call under each batch
     instances = {r["service.instance.id"]: r.get("canvas_gateway.worker.index") for r, _ in received}
     if workers == "1":
         assert list(instances.values()) == [None]
@@ -480,4 +508,4 @@ async def test_no_otel_variables_no_connection(fake: FakeBraze, tmp_path: Path, 
         finally:
             assert await stop_process(replica.process) == 0
     assert receiver.requests == []
-    assert len(fake.calls) == 6
+    assert len(fake.calls) == 2 * 3 + 4
