@@ -8,15 +8,18 @@ processes (one, and a supervisor with two workers).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
+import redis.asyncio as aioredis
 import yarl
 from aiohttp import web
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -35,7 +38,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from servers import start_replica, stop_process
+from servers import binary, start_replica, stop_process
 from support import FAKE_URLS, KEYS, LOCAL, TOKENS, Harness, free_port, tenants_toml, trigger_from_json, until
 
 CANVAS = "8c7c2864-26b2-4ad0-97ec-48cddfd497d7"
@@ -43,6 +46,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 HOOLI_TOKEN = "token-hooli-5a5a"
 HOOLI_KEY = "braze-key-hooli-4444"
+REDIS_PASSWORD = "redis-password-8e8e"
 SEND = "canvas_gateway.v1.CanvasGatewayService/Send"
 STREAM = "canvas_gateway.v1.CanvasGatewayService/SendStream"
 
@@ -95,13 +99,26 @@ def exporter() -> InMemorySpanExporter:
 @pytest.fixture
 async def traced(fake: FakeBraze, tmp_path: Path, exporter: InMemorySpanExporter) -> AsyncIterator[Harness]:
     """A gateway tracing into `exporter`, serving acme, globex, initech and hooli."""
+    async with tracing_gateway(fake, tmp_path, exporter) as harness:
+        yield harness
+
+
+@asynccontextmanager
+async def tracing_gateway(
+    fake: FakeBraze, tmp_path: Path, exporter: InMemorySpanExporter, **settings: Any
+) -> AsyncIterator[Harness]:
+    """The `traced` gateway, with more `settings`."""
     tenants_file = tmp_path / "tenants.toml"
     tenants_file.write_text(traced_tenants(FAKE_URLS[id(fake)]))
-    settings = Settings.from_env(
-        {}, grpc_address="127.0.0.1:0", tenants_file=str(tenants_file), retry_base_delay_seconds=0.01, **LOCAL
+    found = Settings.from_env(
+        {},
+        grpc_address="127.0.0.1:0",
+        tenants_file=str(tenants_file),
+        retry_base_delay_seconds=0.01,
+        **{**LOCAL, **settings},
     )
     tracing = Tracing.with_processors([SimpleSpanProcessor(exporter)], {})
-    gateway = await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]}, tracing=tracing)
+    gateway = await Gateway.start(found, environ={"ACME_BRAZE_KEY": KEYS["acme"]}, tracing=tracing)
     target = f"127.0.0.1:{gateway.port}"
     channel = grpc.aio.insecure_channel(target)
     try:
@@ -287,15 +304,55 @@ async def test_an_error_status_marks_the_server_span(traced: Harness, exporter: 
     assert (server.attributes or {})["rpc.grpc.status_code"] == 14
 
 
-async def test_no_secret_in_any_span(traced: Harness, exporter: InMemorySpanExporter) -> None:
-    """hooli's key is not one the fake knows: its calls get Braze's 401, whose text echoes the key."""
-    await traced.stub.Send(send_request(60), metadata=auth() + caller(), timeout=30)
-    await traced.stub.Send(send_request(60), metadata=auth("hooli") + caller(), timeout=30)
-    [r async for r in traced.stub.SendStream(stream_requests(60), metadata=auth("globex") + caller())]
+async def sends_of_every_kind(h: Harness) -> None:
+    """A Send under a key, an opted-in tenant's Send (answered 401), a stream, a refused token."""
+    options = pb.SendOptions(idempotency_key="key-1")
+    request = pb.SendRequest(trigger=send_request(60).trigger, options=options)
+    keyed = await h.stub.Send(request, metadata=auth() + caller(), timeout=30)
+    assert {r.outcome for r in keyed.results} == {pb.OUTCOME_SENT}  # its key kept in Redis, by password
+    await h.stub.Send(send_request(60), metadata=auth("hooli") + caller(), timeout=30)
+    [r async for r in h.stub.SendStream(stream_requests(60), metadata=auth("globex") + caller())]
     with pytest.raises(grpc.aio.AioRpcError):
-        await traced.stub.Send(
-            send_request(1), metadata=(("authorization", "Bearer not-a-token"),), timeout=30
-        )
+        await h.stub.Send(send_request(1), metadata=(("authorization", "Bearer not-a-token"),))
+
+
+@asynccontextmanager
+async def redis_with_password(password: str) -> AsyncIterator[str]:
+    """A redis-server on 127.0.0.1 that asks for `password`; its URL, with the password in it."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        binary("redis-server", "REDIS_SERVER_BIN"),
+        *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--requirepass", password),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    client = aioredis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1)
+
+    async def answers() -> bool:
+        try:
+            return bool(await client.ping())
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            return False
+
+    try:
+        for _ in range(200):
+            if await answers():
+                break
+            await asyncio.sleep(0.05)
+        yield f"redis://:{password}@127.0.0.1:{port}/0"
+    finally:
+        await client.aclose()
+        await stop_process(process)
+
+
+async def test_no_secret_in_any_span(fake: FakeBraze, tmp_path: Path, exporter: InMemorySpanExporter) -> None:
+    """hooli's key is not one the fake knows: its calls get Braze's 401, whose text echoes the key;
+    budgets and keys' results are kept in a Redis that asks for a password."""
+    async with (
+        redis_with_password(REDIS_PASSWORD) as url,
+        tracing_gateway(fake, tmp_path, exporter, redis_url=url) as traced,
+    ):
+        await sends_of_every_kind(traced)
     spans = await finished(exporter, servers=4)
     assert any((s.attributes or {}).get("http.response.status_code") == 401 for s in spans)
     shown = json.dumps(
@@ -311,7 +368,16 @@ async def test_no_secret_in_any_span(traced: Harness, exporter: InMemorySpanExpo
             for s in spans
         ]
     )
-    for secret in [*KEYS.values(), *TOKENS.values(), HOOLI_KEY, HOOLI_TOKEN, "not-a-token", "Bearer"]:
+    secrets = [
+        *KEYS.values(),
+        *TOKENS.values(),
+        HOOLI_KEY,
+        HOOLI_TOKEN,
+        "not-a-token",
+        "Bearer",
+        REDIS_PASSWORD,
+    ]
+    for secret in secrets:
         assert secret not in shown
     assert "url.full" in shown and "canvas_gateway.tenant" in shown  # what was grepped is there
 
