@@ -244,7 +244,8 @@ class Gateway:
         if self.stores is not None:
             await self.stores.stop()
         await self.session.close()
-        await asyncio.to_thread(self.tracing.shutdown)  # the spans left, exported (OTEL_BSP_EXPORT_TIMEOUT)
+        if self.tracing.provider is not None:  # the spans left, exported (OTEL_BSP_EXPORT_TIMEOUT)
+            await asyncio.to_thread(self.tracing.shutdown)
         if self.fake_braze is not None:
             await self.fake_braze.stop()
         await self.admin.stop()

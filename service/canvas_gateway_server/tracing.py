@@ -73,29 +73,20 @@ class Tracing:
         """Tracing as the OTEL_* variables in `environ` ask (off unless OTEL_TRACES_EXPORTER names an
         exporter). The SDK's own variables (sampler, batch processor, OTLP endpoint, headers,
         timeout) it reads from the process environment itself."""
-        names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "none").split(",") if n.strip()]
-        names = [n for n in names if n != "none"]
-        if not names or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        names = exporters(environ)
+        if not names:
             return cls()
-        unknown = sorted(set(names) - set(EXPORTERS))
-        if unknown:
-            raise ConfigError(f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} unknown (otlp, console or none)")
-        protocol = environ.get(
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        )
-        if "otlp" in names and protocol != "http/protobuf":
-            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} unsupported; use http/protobuf")
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-        exporters: list[SpanExporter] = []
+        chosen: list[SpanExporter] = []
         for name in names:
             if name == "otlp":
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-                exporters.append(OTLPSpanExporter())
+                chosen.append(OTLPSpanExporter())
             else:
-                exporters.append(ConsoleSpanExporter())
-        return cls.with_processors([BatchSpanProcessor(e) for e in exporters], environ, worker)
+                chosen.append(ConsoleSpanExporter())
+        return cls.with_processors([BatchSpanProcessor(e) for e in chosen], environ, worker)
 
     @classmethod
     def with_processors(
@@ -126,6 +117,24 @@ class Tracing:
         """Export what is left and stop (blocks up to the exporters' timeouts: run it off the loop)."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+def exporters(environ: Mapping[str, str]) -> list[str]:
+    """The exporters OTEL_TRACES_EXPORTER names (none: tracing off); ConfigError for one this
+    gateway cannot run, so that a bad value fails at boot (and in --check-config)."""
+    names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "none").split(",") if n.strip()]
+    names = [n for n in names if n != "none"]
+    if not names or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    unknown = sorted(set(names) - set(EXPORTERS))
+    if unknown:
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} unknown (otlp, console or none)")
+    protocol = environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    )
+    if "otlp" in names and protocol != "http/protobuf":
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} unsupported; use http/protobuf")
+    return names
 
 
 def start_server_span(tracer: Tracer, method: str, metadata: Any) -> tuple[Span, object]:
