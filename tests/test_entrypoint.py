@@ -96,3 +96,19 @@ def test_accept_lost_keys_needs_redis_and_never_shows_its_url(
         main(["--accept-lost-keys"])
     reason = str(exited.value.code)
     assert "Redis (CGW_REDIS_URL) did not answer" in reason and "pass-word-1" not in reason
+
+
+def test_check_config_refuses_an_exporter_the_gateway_cannot_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(tenants_toml("https://rest.iad-01.braze.com"))
+    _env(monkeypatch, CGW_TENANTS_FILE=str(tenants), ACME_BRAZE_KEY=KEYS["acme"])
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(SystemExit) as exited:
+        main(["--check-config"])
+    assert str(exited.value.code) == (
+        "canvas-gateway: OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' unsupported; use http/protobuf"
+    )
+    assert capsys.readouterr().out == ""

@@ -118,3 +118,14 @@ def test_the_context_name_a_workspace_takes(tmp_path: Path, extra: str, expected
 def test_an_unknown_context_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tenant 'acme': context_name must be one of"):
         load_tenants(write(tmp_path, entry(extra='context_name = "ctx"')), {})
+
+
+@pytest.mark.parametrize(("extra", "expected"), [("", False), ("propagate_trace = true", True)])
+def test_trace_propagation_to_braze_is_opt_in(tmp_path: Path, extra: str, expected: bool) -> None:
+    tenant = load_tenants(write(tmp_path, entry(extra=extra)), {}).authenticate("caller-token")
+    assert tenant is not None and tenant.propagate_trace is expected
+
+
+def test_propagate_trace_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tenant 'acme': propagate_trace must be true or false"):
+        load_tenants(write(tmp_path, entry(extra='propagate_trace = "yes"')), {})

@@ -67,12 +67,14 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
             return
         from .app import run
         from .stores.wiring import connect_redis
+        from .tracing import exporters
         from .workers import supervise, worker_count
 
         if worker_count(settings) > 1 and worker is None:
-            # Refuse a bad tenants file or Redis URL once, not per worker.
+            # Refuse a bad tenants file, Redis URL or OTEL_TRACES_EXPORTER once, not per worker.
             connect_redis(settings.state)
             check_egress(settings)
+            exporters(os.environ)
             if not settings.tenants.demo:
                 load_tenants(Path(settings.tenants.file), os.environ)
             logs.configure(settings.telemetry.log_level, settings.telemetry.log_format)
@@ -95,9 +97,11 @@ def check_egress(settings: Settings) -> None:
 def check_config(settings: Settings) -> None:
     """What --check-config prints: the configuration is valid, and the tenants it serves."""
     from .stores.wiring import connect_redis
+    from .tracing import exporters
 
     connect_redis(settings.state)  # a URL redis-py would refuse is refused here too
     check_egress(settings)
+    exporters(os.environ)  # an exporter the gateway cannot run is refused at boot too
     if settings.tenants.demo:
         print("configuration valid: demo mode (one tenant, 'demo', against an embedded fake Braze)")
         return

@@ -1,6 +1,6 @@
 """The composition root: the one place that builds and wires the gateway's objects.
 
-Startup: settings -> tenants -> metrics registry -> pooled HTTP session -> Braze client ->
+Startup: settings -> tenants -> metrics registry -> tracing (OTEL_*) -> pooled HTTP session -> Braze client ->
 limiter -> dispatcher -> sender -> servicer -> gRPC server with the call observer, health
 and reflection -> admin listener (/metrics, /healthz, /readyz).
 Shutdown, in order: health NOT_SERVING and /readyz 503 at once; after
@@ -10,7 +10,8 @@ stop reading new recipients, finish the batches they hold and end with UNAVAILAB
 where to resume; in-flight RPCs get the grace period to finish, after which their remaining
 batches are abandoned with honest results (UNKNOWN if a call was under way, NOT_ATTEMPTED
 otherwise); the server stops (ending what is left, such as health watchers); the HTTP
-session closes; the embedded fake Braze (demo only) stops; the admin listener stops last.
+session closes; the spans left are exported; the embedded fake Braze (demo only) stops; the admin
+listener stops last.
 
 Over the ~300 lines the house aims for, for a reason: what is built (`Gateway.start`, a list of
 steps, one function each below it) and how it is taken apart in order (`Gateway.stop`) read side
@@ -59,6 +60,7 @@ from .sending import Sender, SendLimits
 from .settings import Calls, Listen, Sending, Settings, Telemetry, Tenants, WorkerRole
 from .stores.wiring import Stores, open_stores
 from .tenants import FileTenantDirectory, TenantDirectory
+from .tracing import Tracing
 from .upstream import BrazeClient, open_session
 from .worker_admin import admin_socket
 
@@ -100,6 +102,7 @@ class Gateway:
     stores: Stores | None = None
     worker: WorkerRole | None = None
     egress: Egress = field(default_factory=Egress)
+    tracing: Tracing = field(default_factory=Tracing)
 
     def secrets(self) -> frozenset[str]:
         """What logs must never show: the tenants' Braze keys and proxy credentials, the gateway's."""
@@ -114,8 +117,10 @@ class Gateway:
         tenants: TenantDirectory | None = None,
         environ: Mapping[str, str] = os.environ,
         clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> Gateway:
-        """`worker` is the role the supervisor gave this process (None: not a worker). `clock`
+        """`worker` is the role the supervisor gave this process (None: not a worker). `tracing`:
+        as the OTEL_* variables in `environ` ask, unless given (tests hand one of their own). `clock`
         (epoch seconds) is what Braze's budgets and pauses are judged by: tests stand it still with
         the fake Braze's, so no window turns during them."""
         fake: FakeBraze | None = None
@@ -124,15 +129,17 @@ class Gateway:
         registry = CollectorRegistry()
         metrics = _metrics(settings.telemetry, registry, environ, clock)
         metrics.tenants_loaded(tenants.tenant_ids())
+        if tracing is None:
+            tracing = Tracing.from_env(environ, None if worker is None else worker.index)
         stores = open_stores(settings, worker, metrics)
         upstream = settings.upstream
         egress = Egress.from_settings(upstream.proxy, upstream.no_proxy, environ)
         session = open_session(upstream.pool_size, ca_file=upstream.ca_file)
-        dispatcher = _dispatcher(settings, worker, session, egress, stores, metrics, clock)
+        dispatcher = _dispatcher(settings, worker, session, egress, stores, metrics, clock, tracing)
         sender = _sender(settings.sending, dispatcher, metrics)
         shutting_down = asyncio.Event()
         servicer = _servicer(settings.calls, settings.sending, tenants, sender, shutting_down, metrics)
-        server, health_servicer = _grpc_server(settings, worker, servicer, metrics)
+        server, health_servicer = _grpc_server(settings, worker, servicer, metrics, tracing)
         gateway = cls(
             server=server,
             port=0,
@@ -151,6 +158,7 @@ class Gateway:
             stores=stores,
             worker=worker,
             egress=egress,
+            tracing=tracing,
         )
         metrics.watch_readiness(lambda: gateway.readiness() is None)
         await gateway._listen()
@@ -166,6 +174,7 @@ class Gateway:
         except (ConfigError, RuntimeError) as exc:  # grpcio raises RuntimeError for a failed bind
             await self.server.stop(None)  # releases a gRPC port bound before the admin port failed
             await self.session.close()
+            self.tracing.shutdown()  # nothing was traced yet: nothing to wait for
             if self.stores is not None:
                 await self.stores.stop()
             if self.fake_braze is not None:
@@ -244,6 +253,8 @@ class Gateway:
         if self.stores is not None:
             await self.stores.stop()
         await self.session.close()
+        if self.tracing.provider is not None:  # the spans left, exported (OTEL_BSP_EXPORT_TIMEOUT)
+            await asyncio.to_thread(self.tracing.shutdown)
         if self.fake_braze is not None:
             await self.fake_braze.stop()
         await self.admin.stop()
@@ -305,6 +316,7 @@ def _dispatcher(
     stores: Stores,
     metrics: Metrics,
     clock: Callable[[], float],
+    tracing: Tracing,
 ) -> Dispatcher:
     """The path of a batch: the Braze client, the limiter, retries, the breaker and the ledger."""
     upstream, retry = settings.upstream, settings.retry
@@ -312,6 +324,7 @@ def _dispatcher(
         session,
         aiohttp.ClientTimeout(total=upstream.timeout_seconds, connect=upstream.connect_timeout_seconds),
         egress,
+        tracing.tracer,
     )
     # Concurrency per process (a worker's share of it); budgets in the stores.
     workers = settings.workers.count if worker is not None else 1
@@ -332,6 +345,7 @@ def _dispatcher(
         else None,
         budget=LocalRetryBudget(retry.budget_ratio, retry.budget_minimum),
         clock=clock,
+        tracer=tracing.tracer,
     )
 
 
@@ -366,11 +380,18 @@ def _servicer(
 
 
 def _grpc_server(
-    settings: Settings, worker: WorkerRole | None, servicer: CanvasGatewayServicer, metrics: Metrics
+    settings: Settings,
+    worker: WorkerRole | None,
+    servicer: CanvasGatewayServicer,
+    metrics: Metrics,
+    tracing: Tracing,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The gRPC server with the call observer, the service, health and reflection; not bound yet."""
+    observer = CallObserver(
+        metrics, SERVICE_NAME, settings.calls.request_message_timeout_seconds, tracing.tracer
+    )
     server = grpc.aio.server(
-        interceptors=[CallObserver(metrics, SERVICE_NAME, settings.calls.request_message_timeout_seconds)],
+        interceptors=[observer],
         options=settings.grpc.options(
             connections=settings.connection_cap(open_file_limit()), reuse_port=worker is not None
         ),

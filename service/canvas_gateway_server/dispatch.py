@@ -16,8 +16,9 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from . import reporting, results
+from . import reporting, results, tracing
 from .breaker import CircuitBreaker, NoBreaker, host_of
 from .context import RequestContext
 from .errors import StoreUnavailable
@@ -30,6 +31,9 @@ from .reply import Delivery
 from .retry import RetryPolicy, rate_limit_pause, retry_delay
 from .retry_budget import RetryBudget, Unlimited
 from .upstream import BrazeClient
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        tracer: Tracer | None = None,
     ) -> None:
         self._client = client
         self._limiter = limiter
@@ -72,7 +77,8 @@ class Dispatcher:
         self._budget = budget or Unlimited()
         self._ledger = ledger
         self._clock = clock
-        self._sleep = sleep
+        self._sleep = sleep if tracer is None else tracing.timed_sleep(sleep)  # waits on the batch span
+        self._tracer = tracer
         self._jitter = jitter
         self._abandoned = False
         self._running: set[asyncio.Task[object]] = set()
@@ -92,6 +98,12 @@ class Dispatcher:
             task.cancel()
 
     async def send(self, context: RequestContext, batch: Batch) -> BatchResult:
+        """The batch's result (`_send`), in a span of its own when tracing is on."""
+        if self._tracer is None:
+            return await self._send(context, batch)
+        return await tracing.traced_batch(self._tracer, context, batch, self._send)
+
+    async def _send(self, context: RequestContext, batch: Batch) -> BatchResult:
         """The batch's result. The context's `deadline` (time.monotonic) is the caller's, less a
         margin: no call starts with less than the policy's `min_time_left` before it, and none
         outlasts it. Under an idempotency `scope` the batch is claimed first, and its result kept

@@ -38,6 +38,7 @@ _FIELDS = frozenset(
         "context_name",
         "audience_budget",
         "proxy",
+        "propagate_trace",
     }
     | set(_KEY_SOURCES)
 )
@@ -62,6 +63,9 @@ class Tenant:
     proxy: str = field(default="", repr=False)
     """The proxy to this tenant's Braze (a URL, or `none` for direct), in place of the gateway's
     (CGW_UPSTREAM_PROXY / HTTPS_PROXY); empty: the gateway's. Its credentials are secrets."""
+    propagate_trace: bool = False
+    """Send the Braze call's W3C `traceparent`/`tracestate` to Braze (when tracing is on): off by
+    default, so no internal trace id goes to a third party unless the tenant asks."""
 
 
 class TenantDirectory(Protocol):
@@ -188,6 +192,9 @@ def parse_tenant(
     audience_budget = entry.get("audience_budget", "any_audience")
     if audience_budget not in AUDIENCE_BUDGETS:
         raise ConfigError(f"{where}: audience_budget must be one of {', '.join(AUDIENCE_BUDGETS)}")
+    propagate_trace = entry.get("propagate_trace", False)
+    if not isinstance(propagate_trace, bool):
+        raise ConfigError(f"{where}: propagate_trace must be true or false")
     context_name = entry.get("context_name", "context")
     if context_name not in CONTEXT_NAMES:
         raise ConfigError(f"{where}: context_name must be one of {', '.join(CONTEXT_NAMES)}")
@@ -205,6 +212,7 @@ def parse_tenant(
         context_name=context_name,
         audience_budget=audience_budget,
         proxy=proxy.strip(),
+        propagate_trace=propagate_trace,
     )
     return tenant, tuple(digests)
 

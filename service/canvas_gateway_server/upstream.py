@@ -16,18 +16,22 @@ import ssl
 import time
 from collections.abc import Mapping
 from types import SimpleNamespace
-from typing import Any, Final, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 import aiohttp
 import orjson
 import yarl
 
+from . import tracing
 from .braze import TRIGGER_PATH
 from .egress import Egress
 from .errors import ConfigError
 from .redaction import REDACTED
 from .reply import Delivery, Reply, parse_rate_limit
 from .tenants import Tenant
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 _MAX_TARGETS: Final = 4096
 
@@ -87,14 +91,21 @@ class _Target(NamedTuple):
 
 
 class BrazeClient:
-    """Sends trigger bodies for tenants over one shared, pooled session from `open_session`."""
+    """Sends trigger bodies for tenants over one shared, pooled session from `open_session`; with a
+    `tracer`, each call in a client span (`tracing`), its `traceparent` sent only to tenants that
+    opted in (`propagate_trace`)."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout, egress: Egress | None = None
+        self,
+        session: aiohttp.ClientSession,
+        timeout: aiohttp.ClientTimeout,
+        egress: Egress | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._session = session
         self._timeout = timeout
         self._egress = egress or Egress()
+        self._tracer = tracer
         self._targets: dict[tuple[str, str, str], _Target] = {}
 
     def _target(self, tenant: Tenant) -> _Target:
@@ -121,10 +132,31 @@ class BrazeClient:
         """POST one batch body with the tenant's key; never raises for network failures.
 
         `time_left` (a caller's deadline) shortens the call's total timeout when it is sooner."""
+        if self._tracer is None:
+            return await self._post(tenant, body, progress, time_left)
+        span = tracing.start_client_span(self._tracer, self._target(tenant)[0])
+        reply = Reply(Delivery.UNKNOWN, failure="CancelledError")
+        try:
+            extra = tracing.propagation_headers(span) if tenant.propagate_trace else None
+            reply = await self._post(tenant, body, progress, time_left, extra)
+            return reply
+        finally:
+            tracing.end_client_span(span, reply)
+
+    async def _post(
+        self,
+        tenant: Tenant,
+        body: bytes,
+        progress: Progress | None,
+        time_left: float,
+        extra: Mapping[str, str] | None = None,
+    ) -> Reply:
         timeout = self._timeout
         if time_left < (timeout.total or math.inf):
             timeout = aiohttp.ClientTimeout(total=time_left, connect=timeout.connect)
         url, headers, proxy, proxy_headers = self._target(tenant)
+        if extra:
+            headers = {**headers, **extra}
         try:
             async with self._session.post(
                 url,

@@ -218,6 +218,7 @@ class FakeBraze:
             await asyncio.sleep(self.faults.latency_seconds)
         fault = self.faults.next_fault()
         api_key, bearer = _presented_key(request.headers.get(hdrs.AUTHORIZATION))
+        headers = tuple((k.lower(), v) for k, v in request.headers.items() if k.lower() != "authorization")
         body: Any = None
         too_large = rules.check_size(size)
         rejection: rules.Rejection | None = None
@@ -228,16 +229,18 @@ class FakeBraze:
             await asyncio.sleep(fault.delay_seconds)
 
         if fault is not None and fault.action is Action.RESET:
-            self._record(ReceivedCall(api_key, body, raw, 0, received_at))
+            self._record(ReceivedCall(api_key, body, raw, 0, received_at, headers=headers))
             _drop_connection(request)
             return web.Response()  # never written: the connection is gone
         if fault is not None and fault.action is Action.STATUS:
-            self._record(ReceivedCall(api_key, body, raw, fault.status_code, received_at))
+            self._record(ReceivedCall(api_key, body, raw, fault.status_code, received_at, headers=headers))
             content_type = {hdrs.CONTENT_TYPE: fault.content_type}
             return web.Response(status=fault.status_code, body=fault.body, headers=content_type)
 
         reply = self._reply(api_key, bearer, body, too_large or rejection)
-        call = ReceivedCall(api_key, body, raw, reply.status, received_at, reply.dispatch_id, reply.notice)
+        call = ReceivedCall(
+            api_key, body, raw, reply.status, received_at, reply.dispatch_id, reply.notice, headers
+        )
         self._record(call)
         if reply.status == 201 and reply.notice is None:
             self.recipients_sent += len(body.get("recipients", ()))

@@ -17,3 +17,8 @@ class ReceivedCall:
     received_at: float  # config.clock() when the request arrived
     dispatch_id: str | None = None  # set on 201
     notice: str | None = None  # set on 201 for a paused or archived Canvas
+    headers: tuple[tuple[str, str], ...] = ()  # lowercased names, in order; Authorization left out
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (any case), or None."""
+        return next((v for k, v in self.headers if k == name.lower()), None)

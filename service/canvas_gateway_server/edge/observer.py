@@ -8,6 +8,9 @@ inside the RPC's own task, it
   code, handling time;
 - logs one access line for the gateway's own service when the RPC ends, with what the servicer
   noted on the `Call` (tenant, summary);
+- traces the gateway's own service when tracing is on (`tracing`): one server span per RPC, its
+  parent the caller's W3C `traceparent`, current while the RPC runs so that its batches' spans
+  are its children; the RPC histogram's exemplar names it;
 - reads a unary call's request itself, within `request_timeout_seconds`: grpcio would wait for
   it without a limit before running the handler, so a caller that opens calls and never sends
   their message would hold them, and their connection, for good. Such methods are registered
@@ -30,13 +33,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
 
+from .. import tracing
 from ..logs import REQUEST_ID, Counts
 from ..metrics import Metrics
 from ..model import Outcome, Summary
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger("canvas_gateway_server.access")
 
@@ -110,11 +117,17 @@ def _grpc_type(handler: Handler) -> str:
 
 
 class CallObserver(grpc.aio.ServerInterceptor):
-    """Request ids, gRPC metrics and access lines for every RPC; access lines for `logged_service` only."""
+    """Request ids, gRPC metrics and access lines for every RPC; access lines and spans (with a
+    `tracer`) for `logged_service` only."""
 
     def __init__(
-        self, metrics: Metrics, logged_service: str, request_timeout_seconds: float | None = None
+        self,
+        metrics: Metrics,
+        logged_service: str,
+        request_timeout_seconds: float | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer
         self._metrics = metrics
         self._logged_service = logged_service
         self._request_timeout_seconds = request_timeout_seconds
@@ -139,7 +152,8 @@ class CallObserver(grpc.aio.ServerInterceptor):
         rpc = (_grpc_type(handler), service, name)
         logged = service == self._logged_service
         read_first = None if handler.request_streaming else self._request_timeout_seconds
-        observe = _Observation(self._metrics, rpc, method, logged, read_first)
+        tracer = self._tracer if logged else None
+        observe = _Observation(self._metrics, rpc, method, logged, read_first, tracer)
         kinds = {
             "unary_unary": grpc.unary_unary_rpc_method_handler,
             "unary_stream": grpc.unary_stream_rpc_method_handler,
@@ -169,7 +183,9 @@ class _Observation:
         method: str,
         logged: bool,
         read_first: float | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer
         self._metrics = metrics
         self._rpc = rpc
         self._method = method
@@ -223,7 +239,11 @@ class _Observation:
         own; a unary call (`overlap_header`) does not wait for it before its work, only before
         its answer, which saves the round trip's latency (a stream's first write must follow it)."""
         started = time.perf_counter()
-        call = Call(request_id(context.invocation_metadata()), self._method, context.peer() or "-")
+        metadata = context.invocation_metadata()
+        call = Call(request_id(metadata), self._method, context.peer() or "-")
+        span = None
+        if self._tracer is not None:
+            span, token = tracing.start_server_span(self._tracer, self._method, metadata)
         _CALL.set(call)
         REQUEST_ID.set(call.request_id)
         self._metrics.rpc_started(self._rpc)
@@ -245,7 +265,11 @@ class _Observation:
                 await _settle(header, cancelled=isinstance(error, asyncio.CancelledError))
             seconds = time.perf_counter() - started
             code = status_code(error, context)
-            self._metrics.rpc_handled(self._rpc, code, seconds)
+            trace = None
+            if span is not None:
+                trace = tracing.exemplar(span)
+                tracing.end_server_span(span, token, code, error, _traced(call))
+            self._metrics.rpc_handled(self._rpc, code, seconds, trace)
             if self._logged:
                 access_line(call, code, seconds, None if code == "OK" else _details(context))
 
@@ -282,6 +306,17 @@ async def _settle(header: asyncio.Future[None], cancelled: bool) -> None:
         return
     with contextlib.suppress(Exception):  # the call ended first (the caller went away)
         await header
+
+
+def _traced(call: Call) -> dict[str, str | int]:
+    """What the server span tells besides its code: the access line's request id, tenant and counts."""
+    summary = call.summary or Summary()
+    return {
+        "canvas_gateway.request_id": call.request_id,
+        "canvas_gateway.tenant": call.tenant,
+        "canvas_gateway.recipients": summary.recipients,
+        "canvas_gateway.batches": summary.batches,
+    }
 
 
 def _details(context: Context) -> str:

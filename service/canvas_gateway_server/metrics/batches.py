@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from ..model import BatchResult, Outcome, Violation
 from ..reply import Delivery, Reply
+from ..tracing import exemplar
 from .families import Family, counter
 from .levels import Levels
 
@@ -162,7 +163,7 @@ class PrometheusBatches(BatchMetrics):
         else:
             status_class, status = "failed", reply.delivery.value
         self._braze_requests(tenant, status_class, status).inc()
-        self._braze_seconds(tenant).observe(seconds)
+        self._braze_seconds(tenant).observe(seconds, exemplar())  # the batch span's trace, if sampled
         rate = reply.rate
         if rate.remaining is not None:
             self._levels.remaining[(tenant, budget(broadcast))] = rate.remaining

@@ -28,7 +28,10 @@ class EdgeMetrics:
 
     def rpc_sent(self, rpc: tuple[str, str, str]) -> None: ...
 
-    def rpc_handled(self, rpc: tuple[str, str, str], code: str, seconds: float) -> None: ...
+    def rpc_handled(
+        self, rpc: tuple[str, str, str], code: str, seconds: float, trace: dict[str, str] | None = None
+    ) -> None:
+        """`trace`: the exemplar of the RPC's span (`tracing.exemplar`), None when not sampled."""
 
     def auth_failure(self, reason: str) -> None:
         """A call refused for its bearer token: one of AUTH_FAILURE_REASONS."""
@@ -93,9 +96,11 @@ class PrometheusEdge(EdgeMetrics):
     def rpc_sent(self, rpc: tuple[str, str, str]) -> None:
         self._rpc_sent(*rpc).inc()
 
-    def rpc_handled(self, rpc: tuple[str, str, str], code: str, seconds: float) -> None:
+    def rpc_handled(
+        self, rpc: tuple[str, str, str], code: str, seconds: float, trace: dict[str, str] | None = None
+    ) -> None:
         self._rpc_handled(*rpc, code).inc()
-        self._rpc_seconds(*rpc).observe(seconds)
+        self._rpc_seconds(*rpc).observe(seconds, trace)
 
     def auth_failure(self, reason: str) -> None:
         self._auth_failures(reason).inc()
