@@ -12,8 +12,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.limits import LocalLimiter
-from canvas_gateway_server.rate_budget import MAX_PAUSE_SECONDS, RECHECK_SECONDS, BudgetStore, Hold, Ticket
+from canvas_gateway_server.limits import LocalLimiter, Reserved
+from canvas_gateway_server.model import Batch
+from canvas_gateway_server.rate_budget import (
+    MAX_PAUSE_SECONDS,
+    NO_HEADROOM,
+    RECHECK_SECONDS,
+    BudgetKey,
+    BudgetStore,
+    Headroom,
+    Hold,
+    Ticket,
+)
 from canvas_gateway_server.reply import Delivery, RateLimit, Reply, parse_rate_limit
 from canvas_gateway_server.stores.failover import FailoverBudgets
 from canvas_gateway_server.stores.host_budgets import HostBudgets
@@ -78,19 +88,26 @@ def test_a_reset_that_is_not_epoch_seconds_near_now_is_unknown() -> None:
     assert parse_rate_limit({"x-ratelimit-reset": "1750194000"}, NOW).reset == 1_750_194_000
 
 
-KEY = (TENANT.id, False)
+KEY = (TENANT.workspace_name, "recipients")
+CALLS = f"cgw:pool:{TENANT.workspace_name}:recipients:calls"
 
 
-async def held(limiter: LocalLimiter, broadcast: bool = False) -> Hold:
-    hold = await limiter.reserve(TENANT, broadcast)
+def batch(broadcast: bool = False, audience: str = "", lane: str = "") -> Batch:
+    return Batch(0, (), b"{}", broadcast, audience, lane)
+
+
+async def held(limiter: LocalLimiter, broadcast: bool = False, tenant: Tenant = TENANT, lane: str = "") -> Hold:
+    hold = await limiter.reserve(tenant, batch(broadcast, lane=lane))
     assert isinstance(hold, Hold), hold
     return hold
 
 
-async def start(limiter: LocalLimiter, broadcast: bool = False) -> Ticket:
-    ticket = await limiter.reserve(TENANT, broadcast)
-    assert isinstance(ticket, Ticket), ticket
-    return ticket
+async def start(
+    limiter: LocalLimiter, broadcast: bool = False, tenant: Tenant = TENANT, lane: str = ""
+) -> Reserved:
+    reserved = await limiter.reserve(tenant, batch(broadcast, lane=lane))
+    assert isinstance(reserved, Reserved), reserved
+    return reserved
 
 
 async def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early(budgets: BudgetStore) -> None:
@@ -100,10 +117,10 @@ async def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early(
     assert paused == 1_750_194_000
     assert await held(limiter) == Hold(1_750_194_000, spent=True)
     await limiter.settle(await start(limiter, broadcast=True), None)  # broadcasts have their own budget
-    assert await limiter.settle(Ticket(KEY), reply(503)) == 1_750_194_000  # no headers: says nothing
+    assert await limiter.settle(Reserved((Ticket(KEY),)), reply(503)) == 1_750_194_000  # no headers: says nothing
     stale = reply(201, remaining=3, reset=1_750_194_000)
-    assert await limiter.settle(Ticket(KEY), stale) == 1_750_194_000  # a stale reply lifts nothing
-    assert await limiter.settle(Ticket(KEY), reply(429, remaining=5)) == 1_750_194_000
+    assert await limiter.settle(Reserved((Ticket(KEY),)), stale) == 1_750_194_000  # a stale reply lifts nothing
+    assert await limiter.settle(Reserved((Ticket(KEY),)), reply(429, remaining=5)) == 1_750_194_000
     now[0] = 1_750_194_000.5  # the window has reset
     await limiter.settle(await start(limiter), None)
 
@@ -300,8 +317,8 @@ class CountingStore:
         self.store = store
         self.settles = 0
 
-    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
-        return await self.store.reserve(key, now)
+    async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
+        return await self.store.reserve(key, now, headroom)
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
         self.settles += 1
@@ -332,10 +349,10 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
             await server.start()
             assert isinstance(await store.reserve(KEY, time.time()), Ticket)  # Redis answers: settle now
             async with asyncio.timeout(2):  # the new call, and the 50 oldest left to their lease
-                while await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") > 51:
+                while await client.zcard(CALLS) > 51:
                     await asyncio.sleep(0.01)
             assert store.unsettled == 0
-            assert await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") == 51
+            assert await client.zcard(CALLS) == 51
         finally:
             await store.stop()
             await client.aclose()
@@ -358,7 +375,7 @@ async def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers() 
     async with redis_server() as server:
         client, admin = connect(server.url, 0.2), connect(server.url, 5.0)
         store = FailoverBudgets(RedisBudgets(client, lease=60.0), TableBudgets())
-        calls = f"cgw:budget:{TENANT.id}:recipients:calls"
+        calls = CALLS
         try:
             first = await store.reserve(KEY, time.time())
             assert isinstance(first, Ticket)
