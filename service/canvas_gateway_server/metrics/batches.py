@@ -159,6 +159,15 @@ class PrometheusBatches(BatchMetrics):
                 registry=registry,
             )
         )
+        self._budget_remaining = Family(
+            Gauge(
+                "canvas_gateway_budget_remaining_calls",
+                "The x-ratelimit-remaining of a workspace pool's last reply: what every service on "
+                "the workspace has left in the window.",
+                ("workspace", "pool"),
+                registry=registry,
+            )
+        )
         self._budget_reserved = Family(
             Gauge(
                 "canvas_gateway_budget_reserved_calls",
@@ -235,6 +244,7 @@ class PrometheusBatches(BatchMetrics):
         ours = min(ticket.ours, used)
         self._budget_spent(workspace, pool, "gateway").set(ours)
         self._budget_spent(workspace, pool, "others").set(used - ours)
+        self._budget_remaining(workspace, pool).set(rate.remaining)
         others = policy.reserve_calls + math.ceil(policy.reserve_share * limit)
         transactional = policy.transactional_calls + math.ceil(policy.transactional_share * limit)
         self._budget_reserved(workspace, pool, "others").set(others)
