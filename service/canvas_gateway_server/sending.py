@@ -22,6 +22,7 @@ from .errors import InvalidRequest
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
 from .planning import Intake, Taken, authorize
+from .rate_budget import BULK, TRANSACTIONAL
 from .tenants import Tenant
 from .validate import check_idempotency_key, check_recipient_count, check_stream_head, check_unary_count
 
@@ -88,7 +89,7 @@ class Sender:
         """Check the whole request, reporting every violation at once; then send it, within
         `deadline` (time.monotonic, see Dispatcher.send)."""
         self.check_unary_count(len(recipients))
-        intake = Intake(head, tenant.context_name, tenant.audience_budget)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget, TRANSACTIONAL)
         plan = _AllOrNothing()
         await _take_all(intake, recipients, plan)
         last = intake.finish()
@@ -164,7 +165,7 @@ class Sender:
         key: str | None = None,
     ) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
-        intake = Intake(head, tenant.context_name, tenant.audience_budget)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget, BULK)
         violations = [*check_stream_head(head), *intake.head_violations, *check_idempotency_key(key or "")]
         if violations:
             raise InvalidRequest(violations)
