@@ -8,11 +8,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from conftest import KEYS, Harness
+from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.settings import Settings
+from conftest import KEYS, Harness, start_gateway
 from fake_braze import FakeBrazeConfig, OtherConsumer
+from servers import RedisServer, redis_server
 
 WINDOW_LIMIT = 20
 
@@ -150,3 +155,56 @@ async def test_unary_sends_never_wait_for_budget_beside_a_bulk_stream(harness: H
     assert sent == 50 * 60
     assert max(took) < 0.5, took  # no unary send waited for a window to turn (3 s)
     assert 429 not in {c.status for c in harness.fake.calls}
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    async with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def settings_overrides(redis: RedisServer) -> dict[str, Any]:
+    return {"redis_url": redis.url, "request_concurrency": 8, "max_retry_wait_seconds": 5}
+
+
+@pytest.mark.parametrize(
+    "fake_config",
+    [FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=WINDOW_LIMIT, hourly_window_seconds=1)],
+)
+async def test_two_gateways_sharing_redis_spend_one_workspace_budget(
+    harness: Harness, redis: RedisServer
+) -> None:
+    """The same with two gateways (replicas) keeping budgets in one Redis: acme sends through one,
+    globex through the other, 10 calls a window between them."""
+    share_workspace(harness, "ceiling = 0.5", "acme", "globex")
+    settings = Settings.from_env(
+        {},
+        grpc_address="127.0.0.1:0",
+        tenants_file=harness.gateway.settings.tenants_file,
+        retry_base_delay_seconds=0.01,
+        admin_address="127.0.0.1:0",
+        shutdown_delay_seconds=0,
+        redis_url=redis.url,
+        request_concurrency=8,
+        max_retry_wait_seconds=5,
+    )
+    other = await start_gateway(settings)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{other.port}")
+    try:
+        await early_in_a_window(1.0)
+        replies = await asyncio.gather(
+            harness.stub.Send(unary(50 * 20), metadata=harness.auth("acme"), timeout=20),
+            pb_grpc.CanvasGatewayServiceStub(channel).Send(
+                unary(50 * 20, first=10_000), metadata=harness.auth("globex"), timeout=20
+            ),
+        )
+    finally:
+        await channel.close()
+        await other.stop(grace=0)
+    for reply in replies:
+        assert [r.outcome for r in reply.results] == [pb.OUTCOME_SENT] * 20
+    assert 429 not in {call.status for call in harness.fake.calls}
+    seen = windows(harness)
+    assert sum(ours for _, ours, _ in seen) == 40
+    assert all(ours <= 10 for _, ours, _ in seen), seen
