@@ -15,7 +15,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.settings import Settings
-from conftest import KEYS, Harness, start_gateway
+from conftest import KEYS, Harness, standing_clock, start_gateway
 from fake_braze import FakeBrazeConfig, OtherConsumer
 from servers import RedisServer, redis_server
 
@@ -208,3 +208,51 @@ async def test_two_gateways_sharing_redis_spend_one_workspace_budget(
     seen = windows(harness)
     assert sum(ours for _, ours, _ in seen) == 40
     assert all(ours <= 10 for _, ours, _ in seen), seen
+
+
+STILL = standing_clock()
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "clock", "settings_overrides"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=WINDOW_LIMIT,
+                other_consumers=(OtherConsumer(KEYS["acme"], share=0.3),),
+                clock=STILL,
+            ),
+            STILL,
+            {"request_concurrency": 1},
+        )
+    ],
+)
+async def test_the_metrics_tell_what_the_gateway_and_others_spent_and_what_is_kept(harness: Harness) -> None:
+    share_workspace(harness, "ceiling = 0.5\nreserve = 3\ntransactional_reserve = 0.2", "acme", "globex")
+    reply = await harness.stub.Send(unary(150), metadata=harness.auth(), timeout=10)
+    assert [r.outcome for r in reply.results] == [pb.OUTCOME_SENT] * 3
+    audience = pb.Audience(
+        custom_attribute=pb.CustomAttributeFilter(custom_attribute_name="tier", comparison="exists")
+    )
+    broadcast = pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", broadcast=True, audience=audience))
+    assert (await harness.stub.Send(broadcast, metadata=harness.auth("globex"))).results[
+        0
+    ].outcome == pb.OUTCOME_SENT
+    registry = harness.gateway.registry
+
+    def gauge(name: str, pool: str = "recipients", **labels: str) -> float | None:
+        return registry.get_sample_value(
+            f"canvas_gateway_budget_{name}", {"workspace": "shop", "pool": pool, **labels}
+        )
+
+    assert gauge("spent_calls", spender="gateway") == 3
+    assert gauge("spent_calls", spender="others") == 6  # 30% of 20, from limit - remaining - ours
+    assert gauge("remaining_calls") == 11
+    assert gauge("reserved_calls", reserve="others") == 3
+    assert gauge("reserved_calls", reserve="transactional") == 4
+    assert gauge("ceiling_calls") == 10
+    # The audience's pool answered the broadcast (its limit is 10): one label for every audience.
+    assert gauge("spent_calls", "audience", spender="gateway") == 1
+    assert gauge("remaining_calls", "audience") == 9
+    assert gauge("remaining_calls", "broadcast") is None
