@@ -200,8 +200,11 @@ class RateBudget:
         return None
 
     def settle(self, reply: Reply | None, now: float) -> float:
-        """Release a call, learning from its reply; the pause's end, or 0."""
+        """Release a call, learning from its reply (None: no call was made, so it is not one of the
+        gateway's calls in the window either); the pause's end, or 0."""
         self.under_way = max(0, self.under_way - 1)
+        if reply is None:
+            self.ours = max(0, self.ours - 1)
         if reply is not None and reply.delivery is Delivery.RESPONDED:
             self.observe(reply, now)
         return self.paused_until if self.paused_until > now else 0.0

@@ -171,6 +171,7 @@ class RedisBudgets:
             repr(MAX_PAUSE_SECONDS),
             self._ttl(ticket.key),
             "" if rate is None or rate.limit is None else str(rate.limit),
+            "1" if reply is None else "0",
         ]
         paused = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
         return float(_text(paused))

@@ -69,6 +69,10 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local now = tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
 local paused = tonumber(b[1]) or 0
+if ARGV[10] == '1' then
+  local ours = tonumber(redis.call('HGET', KEYS[1], 'ours')) or 0
+  if ours > 0 then redis.call('HSET', KEYS[1], 'ours', string.format('%d', ours - 1)) end
+end
 if ARGV[3] == '1' then
   local limit = tonumber(ARGV[9])
   if limit and limit > 0 then
