@@ -576,3 +576,21 @@ async def test_audience_pools_expire_sooner_in_redis() -> None:
             assert await client.ttl("cgw:pool:shop:recipients") > AUDIENCE_TTL_SECONDS
         finally:
             await client.aclose()
+
+
+async def test_a_new_window_a_reply_tells_of_first_counts_only_the_calls_under_way(
+    budgets: BudgetStore,
+) -> None:
+    """`ceiling = 3`: the window turns with a call under way and a reply tells of the new one before
+    any call asks: the gateway's count in it is that call, not the old window's 3."""
+    now = [NOW]
+    tenant = tenant_with(WorkspacePolicy(ceiling_calls=3))
+    limiter = LocalLimiter(32, clock=lambda: now[0], budgets=budgets)
+    await limiter.settle(await start(limiter, tenant=tenant), reply(201, limit=20, remaining=19, reset=RESET))
+    one, two = await start(limiter, tenant=tenant), await start(limiter, tenant=tenant)
+    await held(limiter, tenant=tenant)
+    now[0] = RESET + 1
+    await limiter.settle(one, reply(201, limit=20, remaining=19, reset=RESET + 60))
+    [await start(limiter, tenant=tenant) for _ in range(2)]  # `two` and these: 3
+    await held(limiter, tenant=tenant)
+    await limiter.settle(two, None)

@@ -114,10 +114,7 @@ class Intake:
 def audience_digest(head: Mapping[str, Any]) -> str:
     """A unique audience (CONTRACT.md 8, point 18): its `canvas_id` and `audience` object, keys
     sorted, digested (as the fake's `ratelimit.audience_key` identifies it)."""
-    try:
-        canonical = orjson.dumps([head.get("canvas_id"), head.get("audience")], option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # not JSON: checked and refused elsewhere; no pool of its own
-        return ""
+    canonical = orjson.dumps([head.get("canvas_id"), head.get("audience")], option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
 

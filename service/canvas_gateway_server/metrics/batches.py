@@ -235,9 +235,7 @@ class PrometheusBatches(BatchMetrics):
         rate = reply.rate if reply is not None else None
         if rate is None or rate.limit is None or rate.remaining is None:
             return
-        if answered is None and len(reserved.tickets) > 1:  # never: a reply with a limit is one pool's
-            return
-        ticket = answered or reserved.tickets[0]
+        ticket = answered or reserved.tickets[0]  # a reply with a limit tells of one pool
         workspace, pool = ticket.key[0], ticket.key[1].partition(":")[0]
         limit, policy = rate.limit, reserved.policy
         used = max(limit - rate.remaining, 0)
