@@ -527,11 +527,12 @@ async def test_an_audience_at_its_limit_pauses_its_own_broadcasts_only(budgets: 
 
     first = await broadcast("a1")
     assert isinstance(first, Reserved) and len(first.tickets) == 2
-    assert await limiter.settle(first, reply(201, limit=10, remaining=0, reset=RESET)) == RESET
+    # The tenant's broadcast budget is not paused (metrics): one audience is.
+    assert await limiter.settle(first, reply(201, limit=10, remaining=0, reset=RESET)) == 0
     assert await broadcast("a1") == Hold(RESET, spent=True)
     second = await broadcast("a2")  # another audience goes on
     assert isinstance(second, Reserved)
-    await limiter.settle(second, reply(201, limit=250, remaining=0, reset=RESET))  # the workspace's
+    assert await limiter.settle(second, reply(201, limit=250, remaining=0, reset=RESET)) == RESET
     assert await broadcast("a3") == Hold(RESET, spent=True)
     await start(limiter, tenant=tenant)  # recipient calls have their own pool
     later = RESET + 30

@@ -70,7 +70,8 @@ class UpstreamLimiter(Protocol):
 
     async def settle(self, reserved: Reserved, reply: Reply | None) -> float:
         """A reserved call has ended: learn from its reply (None: no call was made) and release
-        it, in one step. Returns when the budget's pause ends (epoch seconds), 0 when not paused."""
+        it, in one step. Returns when the workspace's pool (`recipients` or `broadcast`) is paused
+        until (epoch seconds), 0 when it is not: one audience's pause is that audience's alone."""
         ...
 
 
@@ -146,5 +147,7 @@ class LocalLimiter:
             if answered is not None and ticket is not answered and reply is not None:
                 # The other pool's headers are not in this reply: it learns only that Braze answered.
                 told = dataclasses.replace(reply, rate=RateLimit())
-            paused = max(paused, await self._budgets.settle(ticket, told, self._clock()))
+            until = await self._budgets.settle(ticket, told, self._clock())
+            if pool_kind(ticket.key[1]) != AUDIENCE:
+                paused = max(paused, until)
         return paused
