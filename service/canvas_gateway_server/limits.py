@@ -52,8 +52,8 @@ class Reserved:
     pool, then its audience's), held until `settle`."""
 
     tickets: tuple[Ticket, ...]
-    lane: str = TRANSACTIONAL
     policy: WorkspacePolicy = DEFAULT_POLICY
+    """The workspace's, for metrics of what it keeps."""
 
 
 class UpstreamLimiter(Protocol):
@@ -127,8 +127,7 @@ class LocalLimiter:
         return semaphore
 
     async def reserve(self, tenant: Tenant, batch: Batch) -> Reserved | Hold:
-        lane = lane_of(tenant, batch)
-        headroom = tenant.policy.headroom(lane)
+        headroom = tenant.policy.headroom(lane_of(tenant, batch))
         tickets: list[Ticket] = []
         for key in pools_of(tenant, batch):
             found = await self._budgets.reserve(key, self._clock(), headroom)
@@ -137,7 +136,7 @@ class LocalLimiter:
                     await self._budgets.settle(ticket, None, self._clock())
                 return found
             tickets.append(found)
-        return Reserved(tuple(tickets), lane, tenant.policy)
+        return Reserved(tuple(tickets), tenant.policy)
 
     async def settle(self, reserved: Reserved, reply: Reply | None) -> float:
         answered = answered_by(reserved, reply)
