@@ -36,7 +36,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from conftest import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml
-from fake_braze import FakeBraze, FakeBrazeConfig
+from fake_braze import FakeBraze, FakeBrazeConfig, OtherConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RedisServer, haproxy, redis_server, stop_process
 from test_balancer import Replica, start_replica
@@ -79,11 +79,22 @@ def replica_settings() -> dict[str, str]:
 
 
 @pytest.fixture
+def workspace() -> str:
+    """A `[workspaces.shop]` table's body, acme on it; "": acme on a workspace of its own."""
+    return ""
+
+
+@pytest.fixture
 async def cluster(
-    fake: FakeBraze, tmp_path: Path, replica_settings: dict[str, str]
+    fake: FakeBraze, tmp_path: Path, replica_settings: dict[str, str], workspace: str
 ) -> AsyncIterator[Cluster]:
     tenants = tmp_path / "tenants.toml"
-    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    text = tenants_toml(FAKE_URLS[id(fake)])
+    if workspace:
+        text = f"[workspaces.shop]\n{workspace}\n\n" + text.replace(
+            "[tenants.acme]\n", '[tenants.acme]\nworkspace = "shop"\n'
+        )
+    tenants.write_text(text)
     async with redis_server(persistent=True) as redis:
         settings = {**replica_settings, "CGW_REDIS_URL": redis.url}
         async with aiohttp.ClientSession() as session:
@@ -393,3 +404,45 @@ async def test_while_redis_is_down_budgets_fail_as_configured(
     assert harness.gateway.registry.get_sample_value(
         "canvas_gateway_shared_store_fallback", {"store": "budgets"}
     ) in (None, 0)
+
+
+SHARE_LIMIT = 50
+"""Calls per window at the fake, of which another consumer takes 30% (15) as each window starts."""
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "workspace"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=SHARE_LIMIT,
+                hourly_window_seconds=WINDOW,
+                other_consumers=(OtherConsumer(KEYS["acme"], share=0.3),),
+            ),
+            "reserve = 5",
+        )
+    ],
+)
+async def test_replicas_leave_another_consumer_its_share_and_the_reserve(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    """3 replicas of 2 workers, 6 streams at once, and another service taking 30% of each window:
+    the fleet's calls plus theirs never pass the limit less the workspace's `reserve = 5`, none of
+    theirs is refused, and the fleet uses what is left above it."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(WINDOW - loop.time() % WINDOW)
+    done = await asyncio.gather(*(stream(cluster.target, i * 600, 600) for i in range(6)))
+    for each in done:
+        assert {r.outcome for r in each} == {pb.OUTCOME_SENT}
+    assert 429 not in {call.status for call in fake.calls}
+    windows = [
+        view.tally
+        for pool, view in fake.limiter.budget()
+        if pool == "hourly" and view.key == KEYS["acme"] and view.tally.requests
+    ]
+    assert sum(tally.requests for tally in windows) == 6 * 12
+    for tally in windows:
+        assert tally.others == 15 and tally.others_refused == 0, windows
+        assert SHARE_LIMIT - tally.requests - tally.others >= 5, windows  # the reserve: never taken
+    assert max(tally.requests for tally in windows) == SHARE_LIMIT - 15 - 5, windows
