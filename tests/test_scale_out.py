@@ -80,7 +80,8 @@ def replica_settings() -> dict[str, str]:
 
 @pytest.fixture
 def workspace() -> str:
-    """A `[workspaces.shop]` table's body, acme on it; "": acme on a workspace of its own."""
+    """A `[workspaces.shop]` table's body, acme and globex (with acme's Braze key) on it; "": each
+    tenant on a workspace of its own."""
     return ""
 
 
@@ -91,9 +92,9 @@ async def cluster(
     tenants = tmp_path / "tenants.toml"
     text = tenants_toml(FAKE_URLS[id(fake)])
     if workspace:
-        text = f"[workspaces.shop]\n{workspace}\n\n" + text.replace(
-            "[tenants.acme]\n", '[tenants.acme]\nworkspace = "shop"\n'
-        )
+        for tenant in ("acme", "globex"):
+            text = text.replace(f"[tenants.{tenant}]\n", f'[tenants.{tenant}]\nworkspace = "shop"\n')
+        text = f"[workspaces.shop]\n{workspace}\n\n" + text.replace(KEYS["globex"], KEYS["acme"])
     tenants.write_text(text)
     async with redis_server(persistent=True) as redis:
         settings = {**replica_settings, "CGW_REDIS_URL": redis.url}
@@ -446,3 +447,48 @@ async def test_replicas_leave_another_consumer_its_share_and_the_reserve(
         assert tally.others == 15 and tally.others_refused == 0, windows
         assert SHARE_LIMIT - tally.requests - tally.others >= 5, windows  # the reserve: never taken
     assert max(tally.requests for tally in windows) == SHARE_LIMIT - 15 - 5, windows
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "workspace"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()), hourly_limit=LIMIT, hourly_window_seconds=WINDOW
+            ),
+            "transactional_reserve = 10",
+        )
+    ],
+)
+async def test_replicas_keep_the_transactional_reserve_from_bulk_streams(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    """acme's 4 streams (bulk) spend 40 of each 50-call window and wait for the next; globex's unary
+    sends on the same workspace (transactional), meanwhile, never wait for budget on any replica."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(WINDOW - loop.time() % WINDOW)
+    streams = asyncio.gather(*(stream(cluster.target, i * 1000, 1000) for i in range(4)))
+    async with grpc.aio.insecure_channel(cluster.target) as channel:
+        stub = pb_grpc.CanvasGatewayServiceStub(channel)
+        for i in range(10):
+            await asyncio.sleep(0.2)
+            trigger = pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id=f"t{i}")])
+            reply = await stub.Send(
+                pb.SendRequest(trigger=trigger),
+                metadata=(("authorization", f"Bearer {TOKENS['globex']}"),),
+                timeout=10,
+            )
+            assert reply.results[0].outcome == pb.OUTCOME_SENT
+    for each in await streams:
+        assert {r.outcome for r in each} == {pb.OUTCOME_SENT}
+    assert 429 not in {call.status for call in fake.calls}
+    waited = {
+        tenant: sum(
+            [
+                await metric(r.admin, "canvas_gateway_rate_limit_wait_seconds_total", tenant=tenant)
+                for r in cluster.replicas
+            ]
+        )
+        for tenant in ("acme", "globex")
+    }
+    assert waited["acme"] > 0 and waited["globex"] == 0, waited
