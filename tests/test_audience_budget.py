@@ -84,3 +84,26 @@ def test_which_batches_draw_on_the_broadcast_budget(
     for i in range(50):
         taken = intake.take({"external_user_id": f"u{i}"})
     assert taken.closed is not None and taken.closed.broadcast is on_broadcast_budget
+
+
+def _broadcast(audience: pb.Audience) -> pb.SendRequest:
+    return pb.SendRequest(trigger=pb.CanvasTrigger(canvas_id="c", broadcast=True, audience=audience))
+
+
+@pytest.mark.parametrize(("fake_config", "clock"), [(SAFER_READING, STILL)])
+@pytest.mark.parametrize("settings_overrides", [{"max_retry_wait_seconds": 0.5}])
+async def test_an_audience_at_its_bucket_does_not_pause_broadcasts_to_others(harness: Harness) -> None:
+    """Braze: 10 a minute per unique audience (2 at this fake) beside 250 for the workspace
+    (CONTRACT.md 8, point 18). The third broadcast to one audience is refused here, without a call;
+    a broadcast to another audience of the same tenant still goes."""
+    replies = [
+        await harness.stub.Send(_broadcast(AUDIENCE), metadata=harness.auth("globex")) for _ in range(3)
+    ]
+    assert [r.results[0].outcome for r in replies] == [pb.OUTCOME_SENT] * 2 + [pb.OUTCOME_REJECTED]
+    assert replies[2].results[0].attempts == 0  # the audience's remaining 0 said so: no 429
+    other = pb.Audience()
+    other.CopyFrom(AUDIENCE)
+    other.custom_attribute.value.string_value = "silver"
+    again = await harness.stub.Send(_broadcast(other), metadata=harness.auth("globex"))
+    assert again.results[0].outcome == pb.OUTCOME_SENT
+    assert [call.status for call in harness.fake.calls] == [201, 201, 201]

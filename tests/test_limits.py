@@ -12,13 +12,26 @@ from pathlib import Path
 import aiohttp
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.limits import LocalLimiter
-from canvas_gateway_server.rate_budget import MAX_PAUSE_SECONDS, RECHECK_SECONDS, BudgetStore, Hold, Ticket
+from canvas_gateway_server.limits import LocalLimiter, Reserved
+from canvas_gateway_server.model import Batch
+from canvas_gateway_server.rate_budget import (
+    BULK,
+    MAX_PAUSE_SECONDS,
+    NO_HEADROOM,
+    RECHECK_SECONDS,
+    TRANSACTIONAL,
+    BudgetKey,
+    BudgetStore,
+    Headroom,
+    Hold,
+    Ticket,
+    WorkspacePolicy,
+)
 from canvas_gateway_server.reply import Delivery, RateLimit, Reply, parse_rate_limit
 from canvas_gateway_server.stores.failover import FailoverBudgets
 from canvas_gateway_server.stores.host_budgets import HostBudgets
-from canvas_gateway_server.stores.memory import TableBudgets
-from canvas_gateway_server.stores.redis import RedisBudgets, connect
+from canvas_gateway_server.stores.memory import LocalTable, TableBudgets
+from canvas_gateway_server.stores.redis import AUDIENCE_TTL_SECONDS, RedisBudgets, connect
 from canvas_gateway_server.tenants import Tenant
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
@@ -80,19 +93,29 @@ def test_a_reset_that_is_not_epoch_seconds_near_now_is_unknown() -> None:
     assert parse_rate_limit({"x-ratelimit-reset": "1750194000"}, NOW).reset == 1_750_194_000
 
 
-KEY = (TENANT.id, False)
+KEY = (TENANT.workspace_name, "recipients")
+ONE = Reserved((Ticket(KEY),))
+CALLS = f"cgw:pool:{TENANT.workspace_name}:recipients:calls"
 
 
-async def held(limiter: LocalLimiter, broadcast: bool = False) -> Hold:
-    hold = await limiter.reserve(TENANT, broadcast)
+def batch(broadcast: bool = False, audience: str = "", lane: str = "") -> Batch:
+    return Batch(0, (), b"{}", broadcast, audience, lane)
+
+
+async def held(
+    limiter: LocalLimiter, broadcast: bool = False, tenant: Tenant = TENANT, lane: str = ""
+) -> Hold:
+    hold = await limiter.reserve(tenant, batch(broadcast, lane=lane))
     assert isinstance(hold, Hold), hold
     return hold
 
 
-async def start(limiter: LocalLimiter, broadcast: bool = False) -> Ticket:
-    ticket = await limiter.reserve(TENANT, broadcast)
-    assert isinstance(ticket, Ticket), ticket
-    return ticket
+async def start(
+    limiter: LocalLimiter, broadcast: bool = False, tenant: Tenant = TENANT, lane: str = ""
+) -> Reserved:
+    reserved = await limiter.reserve(tenant, batch(broadcast, lane=lane))
+    assert isinstance(reserved, Reserved), reserved
+    return reserved
 
 
 async def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early(budgets: BudgetStore) -> None:
@@ -102,10 +125,10 @@ async def test_a_spent_budget_pauses_until_the_reset_and_nothing_lifts_it_early(
     assert paused == 1_750_194_000
     assert await held(limiter) == Hold(1_750_194_000, spent=True)
     await limiter.settle(await start(limiter, broadcast=True), None)  # broadcasts have their own budget
-    assert await limiter.settle(Ticket(KEY), reply(503)) == 1_750_194_000  # no headers: says nothing
+    assert await limiter.settle(ONE, reply(503)) == 1_750_194_000  # no headers: says nothing
     stale = reply(201, remaining=3, reset=1_750_194_000)
-    assert await limiter.settle(Ticket(KEY), stale) == 1_750_194_000  # a stale reply lifts nothing
-    assert await limiter.settle(Ticket(KEY), reply(429, remaining=5)) == 1_750_194_000
+    assert await limiter.settle(ONE, stale) == 1_750_194_000  # a stale reply lifts nothing
+    assert await limiter.settle(ONE, reply(429, remaining=5)) == 1_750_194_000
     clock.now = 1_750_194_000.5  # the window has reset
     await limiter.settle(await start(limiter), None)
 
@@ -304,8 +327,8 @@ class CountingStore:
         self.store = store
         self.settles = 0
 
-    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
-        return await self.store.reserve(key, now)
+    async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
+        return await self.store.reserve(key, now, headroom)
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
         self.settles += 1
@@ -336,10 +359,10 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
             await server.start()
             assert isinstance(await store.reserve(KEY, time.time()), Ticket)  # Redis answers: settle now
             async with asyncio.timeout(2):  # the new call, and the 50 oldest left to their lease
-                while await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") > 51:
+                while await client.zcard(CALLS) > 51:
                     await asyncio.sleep(0.01)
             assert store.unsettled == 0
-            assert await client.zcard(f"cgw:budget:{TENANT.id}:recipients:calls") == 51
+            assert await client.zcard(CALLS) == 51
         finally:
             await store.stop()
             await client.aclose()
@@ -364,7 +387,7 @@ async def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers() 
         # No timed retry (60 s): the lost reserve is released when Redis answers the next one, and
         # is seen made in Redis meanwhile, however slow the machine (a retry after 0.1 s raced the poll).
         store = FailoverBudgets(RedisBudgets(client, lease=60.0), TableBudgets(), retry_seconds=(60.0, 60.0))
-        calls = f"cgw:budget:{TENANT.id}:recipients:calls"
+        calls = CALLS
         try:
             first = await store.reserve(KEY, time.time())
             assert isinstance(first, Ticket)
@@ -415,3 +438,171 @@ async def test_a_budget_never_answered_lets_one_call_ask_first(budgets: BudgetSt
     await limiter.settle(third, reply(201))  # Braze's own success without a limit: unbounded
     for _ in range(10):
         await start(limiter)
+
+
+def tenant_with(policy: WorkspacePolicy, tenant_id: str = "acme", workspace: str = "shop") -> Tenant:
+    return Tenant(
+        id=tenant_id,
+        braze_rest_url=TENANT.braze_rest_url,
+        braze_api_key="k",
+        allow_broadcast=True,
+        workspace=workspace,
+        policy=policy,
+    )
+
+
+RESET = 1_750_192_900
+
+
+async def test_the_gateway_leaves_the_reserve_to_others_and_backs_off_when_they_spend(
+    budgets: BudgetStore,
+) -> None:
+    """`reserve = 10`: the gateway starts calls only while what everyone left (x-ratelimit-remaining)
+    stays above 10, counting its calls under way; others spending lowers what it may take."""
+    tenant = tenant_with(WorkspacePolicy(reserve_calls=10))
+    limiter = LocalLimiter(32, clock=lambda: NOW, budgets=budgets)
+    first = await start(limiter, tenant=tenant)
+    await limiter.settle(first, reply(201, limit=100, remaining=15, reset=RESET))
+    under_way = [await start(limiter, tenant=tenant) for _ in range(5)]  # 15 - 10
+    assert not (await held(limiter, tenant=tenant)).spent
+    # One answer later, others have spent 2 more: 12 left, 4 under way, room for 2: none starts.
+    await limiter.settle(under_way.pop(), reply(201, limit=100, remaining=12, reset=RESET))
+    await held(limiter, tenant=tenant)
+    for reserved in under_way:
+        await limiter.settle(reserved, None)
+    two = [await start(limiter, tenant=tenant) for _ in range(2)]
+    await held(limiter, tenant=tenant)
+    for reserved in two:
+        await limiter.settle(reserved, reply(201, limit=100, remaining=10, reset=RESET))
+    assert await held(limiter, tenant=tenant) == Hold(RESET, spent=True)  # the reserve is theirs
+
+
+async def test_the_gateway_spends_no_more_than_its_ceiling_in_a_window(budgets: BudgetStore) -> None:
+    """`ceiling = 0.5` of a limit of 20: 10 calls a window, whatever Braze says is left."""
+    now = [NOW]
+    tenant = tenant_with(WorkspacePolicy(ceiling_share=0.5))
+    limiter = LocalLimiter(32, clock=lambda: now[0], budgets=budgets)
+    await limiter.settle(await start(limiter, tenant=tenant), reply(201, limit=20, remaining=19, reset=RESET))
+    for _ in range(12):  # reservations released without a call (a broadcast's audience held) count none
+        await limiter.settle(await start(limiter, tenant=tenant), None)
+    nine = [await start(limiter, tenant=tenant) for _ in range(9)]
+    assert not (await held(limiter, tenant=tenant)).spent  # 10 started: calls are under way
+    for left, reserved in enumerate(nine):
+        await limiter.settle(reserved, reply(201, limit=20, remaining=18 - left, reset=RESET))
+    assert await held(limiter, tenant=tenant) == Hold(RESET, spent=True)  # 10 left, none of them ours
+    now[0] = RESET + 0.5  # a new window: 10 more, and no more
+    [await start(limiter, tenant=tenant) for _ in range(10)]
+    await held(limiter, tenant=tenant)
+
+
+async def test_bulk_calls_leave_the_transactional_reserve(budgets: BudgetStore) -> None:
+    """`transactional_reserve = 0.2` of 20: bulk calls stop 4 above what is left, transactional
+    ones may take everything; once bulk has had its part, transactional calls still start."""
+    tenant = tenant_with(WorkspacePolicy(transactional_share=0.2))
+    limiter = LocalLimiter(32, clock=lambda: NOW, budgets=budgets)
+    await limiter.settle(await start(limiter, tenant=tenant), reply(201, limit=20, remaining=10, reset=RESET))
+    bulk = [await start(limiter, tenant=tenant, lane=BULK) for _ in range(6)]
+    assert not (await held(limiter, tenant=tenant, lane=BULK)).spent
+    urgent = [await start(limiter, tenant=tenant, lane=TRANSACTIONAL) for _ in range(4)]
+    await held(limiter, tenant=tenant, lane=TRANSACTIONAL)  # all 10 under way
+    for reserved in bulk:
+        await limiter.settle(reserved, reply(201, limit=20, remaining=4, reset=RESET))
+    for reserved in urgent:
+        await limiter.settle(reserved, None)
+    assert await held(limiter, tenant=tenant, lane=BULK) == Hold(RESET, spent=True)
+    [await start(limiter, tenant=tenant) for _ in range(4)]  # unary sends: transactional
+
+
+async def test_tenants_of_one_workspace_spend_one_budget(budgets: BudgetStore) -> None:
+    limiter = LocalLimiter(32, clock=lambda: NOW, budgets=budgets)
+    shop, outlet = tenant_with(WorkspacePolicy(), "acme"), tenant_with(WorkspacePolicy(), "globex")
+    other = tenant_with(WorkspacePolicy(), "initech", workspace="")  # named after its URL and key
+    assert other.workspace_name.startswith("auto-") and "k" not in other.workspace_name[5:]
+    await limiter.settle(await start(limiter, tenant=shop), reply(201, limit=9, remaining=2, reset=RESET))
+    await start(limiter, tenant=outlet)
+    await start(limiter, tenant=shop)
+    await held(limiter, tenant=outlet)
+    await held(limiter, tenant=shop)
+    await start(limiter, tenant=other)  # another workspace: its own budget
+
+
+async def test_an_audience_at_its_limit_pauses_its_own_broadcasts_only(budgets: BudgetStore) -> None:
+    """A broadcast reserves the workspace's broadcast pool and its audience's; the reply's
+    x-ratelimit-limit tells which answered (10 or less: the audience's), and only that one learns
+    its headers. A reply without a limit tells of both (the safe reading)."""
+    tenant = tenant_with(WorkspacePolicy())
+    limiter = LocalLimiter(32, clock=lambda: NOW, budgets=budgets)
+
+    async def broadcast(audience: str) -> Reserved | Hold:
+        return await limiter.reserve(tenant, batch(True, audience))
+
+    first = await broadcast("a1")
+    assert isinstance(first, Reserved) and len(first.tickets) == 2
+    # The tenant's broadcast budget is not paused (metrics): one audience is.
+    assert await limiter.settle(first, reply(201, limit=10, remaining=0, reset=RESET)) == 0
+    assert await broadcast("a1") == Hold(RESET, spent=True)
+    second = await broadcast("a2")  # another audience goes on
+    assert isinstance(second, Reserved)
+    assert await limiter.settle(second, reply(201, limit=250, remaining=0, reset=RESET)) == RESET
+    assert await broadcast("a3") == Hold(RESET, spent=True)
+    await start(limiter, tenant=tenant)  # recipient calls have their own pool
+    later = RESET + 30
+    other = tenant_with(WorkspacePolicy(), "globex", workspace="outlet")
+    found = await limiter.reserve(other, batch(True, "a1"))
+    assert isinstance(found, Reserved)
+    await limiter.settle(found, reply(429, reset=later))  # no limit: both pools pause
+    assert await limiter.reserve(other, batch(True, "a9")) == Hold(later, spent=True)
+
+
+async def test_a_held_audience_releases_the_broadcast_pool_it_reserved_first(budgets: BudgetStore) -> None:
+    tenant = tenant_with(WorkspacePolicy())
+    limiter = LocalLimiter(32, clock=lambda: NOW, budgets=budgets)
+    first = await limiter.reserve(tenant, batch(True, "a1"))
+    assert isinstance(first, Reserved)
+    await limiter.settle(first, reply(201, limit=10, remaining=1, reset=RESET))
+    busy = await limiter.reserve(tenant, batch(True, "a1"))  # a1 has room for one
+    assert isinstance(busy, Reserved)
+    assert isinstance(await limiter.reserve(tenant, batch(True, "a1")), Hold)
+    # The broadcast pool (unbounded: its replies carried no limit of its own) holds nothing back.
+    assert isinstance(await limiter.reserve(tenant, batch(True, "a2")), Reserved)
+
+
+def test_this_process_keeps_a_bounded_number_of_pools() -> None:
+    table = LocalTable(capacity=2)
+    for pool in ("audience:1", "audience:2", "audience:1", "audience:3"):
+        table.update(("shop", pool), lambda budget: budget.reserve(NOW))
+    assert len(table) == 2
+    # audience:2 was the least recently used: it is known again from nothing.
+    assert table.update(("shop", "audience:2"), lambda budget: budget.under_way) == 0
+    assert table.update(("shop", "audience:3"), lambda budget: budget.under_way) == 1
+
+
+async def test_audience_pools_expire_sooner_in_redis() -> None:
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        try:
+            store = RedisBudgets(client, lease=60.0)
+            assert isinstance(await store.reserve(("shop", "audience:ab"), NOW), Ticket)
+            assert isinstance(await store.reserve(("shop", "recipients"), NOW), Ticket)
+            assert 0 < await client.ttl("cgw:pool:shop:audience:ab") <= AUDIENCE_TTL_SECONDS
+            assert await client.ttl("cgw:pool:shop:recipients") > AUDIENCE_TTL_SECONDS
+        finally:
+            await client.aclose()
+
+
+async def test_a_new_window_a_reply_tells_of_first_counts_only_the_calls_under_way(
+    budgets: BudgetStore,
+) -> None:
+    """`ceiling = 3`: the window turns with a call under way and a reply tells of the new one before
+    any call asks: the gateway's count in it is that call, not the old window's 3."""
+    now = [NOW]
+    tenant = tenant_with(WorkspacePolicy(ceiling_calls=3))
+    limiter = LocalLimiter(32, clock=lambda: now[0], budgets=budgets)
+    await limiter.settle(await start(limiter, tenant=tenant), reply(201, limit=20, remaining=19, reset=RESET))
+    one, two = await start(limiter, tenant=tenant), await start(limiter, tenant=tenant)
+    await held(limiter, tenant=tenant)
+    now[0] = RESET + 1
+    await limiter.settle(one, reply(201, limit=20, remaining=19, reset=RESET + 60))
+    [await start(limiter, tenant=tenant) for _ in range(2)]  # `two` and these: 3
+    await held(limiter, tenant=tenant)
+    await limiter.settle(two, None)

@@ -35,7 +35,7 @@ import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from fake_braze import FakeBraze, FakeBrazeConfig
+from fake_braze import FakeBraze, FakeBrazeConfig, OtherConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RedisServer, Replica, haproxy, redis_server, start_replica, stop_process
 from support import FAKE_URLS, KEYS, TOKENS, Harness, check_sent_once, sent_to, tenants_toml, until
@@ -78,11 +78,23 @@ def replica_settings() -> dict[str, str]:
 
 
 @pytest.fixture
+def workspace() -> str:
+    """A `[workspaces.shop]` table's body, acme and globex (with acme's Braze key) on it; "": each
+    tenant on a workspace of its own."""
+    return ""
+
+
+@pytest.fixture
 async def cluster(
-    fake: FakeBraze, tmp_path: Path, replica_settings: dict[str, str]
+    fake: FakeBraze, tmp_path: Path, replica_settings: dict[str, str], workspace: str
 ) -> AsyncIterator[Cluster]:
     tenants = tmp_path / "tenants.toml"
-    tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    text = tenants_toml(FAKE_URLS[id(fake)])
+    if workspace:
+        for tenant in ("acme", "globex"):
+            text = text.replace(f"[tenants.{tenant}]\n", f'[tenants.{tenant}]\nworkspace = "shop"\n')
+        text = f"[workspaces.shop]\n{workspace}\n\n" + text.replace(KEYS["globex"], KEYS["acme"])
+    tenants.write_text(text)
     async with redis_server(persistent=True) as redis:
         settings = {**replica_settings, "CGW_REDIS_URL": redis.url}
         async with aiohttp.ClientSession() as session:
@@ -391,3 +403,90 @@ async def test_while_redis_is_down_budgets_fail_as_configured(
     assert harness.gateway.registry.get_sample_value(
         "canvas_gateway_shared_store_fallback", {"store": "budgets"}
     ) in (None, 0)
+
+
+SHARE_LIMIT = 50
+"""Calls per window at the fake, of which another consumer takes 30% (15) as each window starts."""
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "workspace"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()),
+                hourly_limit=SHARE_LIMIT,
+                hourly_window_seconds=WINDOW,
+                other_consumers=(OtherConsumer(KEYS["acme"], share=0.3),),
+            ),
+            "reserve = 5",
+        )
+    ],
+)
+async def test_replicas_leave_another_consumer_its_share_and_the_reserve(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    """3 replicas of 2 workers, 6 streams at once, and another service taking 30% of each window:
+    the fleet's calls plus theirs never pass the limit less the workspace's `reserve = 5`, none of
+    theirs is refused, and the fleet uses what is left above it."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(WINDOW - loop.time() % WINDOW)
+    done = await asyncio.gather(*(stream(cluster.target, i * 600, 600) for i in range(6)))
+    for each in done:
+        assert {r.outcome for r in each} == {pb.OUTCOME_SENT}
+    assert 429 not in {call.status for call in fake.calls}
+    windows = [
+        view.tally
+        for pool, view in fake.limiter.budget()
+        if pool == "hourly" and view.key == KEYS["acme"] and view.tally.requests
+    ]
+    assert sum(tally.requests for tally in windows) == 6 * 12
+    for tally in windows:
+        assert tally.others == 15 and tally.others_refused == 0, windows
+        assert SHARE_LIMIT - tally.requests - tally.others >= 5, windows  # the reserve: never taken
+    assert max(tally.requests for tally in windows) == SHARE_LIMIT - 15 - 5, windows
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "workspace"),
+    [
+        (
+            FakeBrazeConfig(
+                api_keys=frozenset(KEYS.values()), hourly_limit=LIMIT, hourly_window_seconds=WINDOW
+            ),
+            "transactional_reserve = 10",
+        )
+    ],
+)
+async def test_replicas_keep_the_transactional_reserve_from_bulk_streams(
+    cluster: Cluster, fake: FakeBraze
+) -> None:
+    """acme's 4 streams (bulk) spend 40 of each 50-call window and wait for the next; globex's unary
+    sends on the same workspace (transactional), meanwhile, never wait for budget on any replica."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(WINDOW - loop.time() % WINDOW)
+    streams = asyncio.gather(*(stream(cluster.target, i * 1000, 1000) for i in range(4)))
+    async with grpc.aio.insecure_channel(cluster.target) as channel:
+        stub = pb_grpc.CanvasGatewayServiceStub(channel)
+        for i in range(10):
+            await asyncio.sleep(0.2)
+            trigger = pb.CanvasTrigger(canvas_id="c", recipients=[pb.Recipient(external_user_id=f"t{i}")])
+            reply = await stub.Send(
+                pb.SendRequest(trigger=trigger),
+                metadata=(("authorization", f"Bearer {TOKENS['globex']}"),),
+                timeout=10,
+            )
+            assert reply.results[0].outcome == pb.OUTCOME_SENT
+    for each in await streams:
+        assert {r.outcome for r in each} == {pb.OUTCOME_SENT}
+    assert 429 not in {call.status for call in fake.calls}
+    waited = {
+        tenant: sum(
+            [
+                await metric(r.admin, "canvas_gateway_rate_limit_wait_seconds_total", tenant=tenant)
+                for r in cluster.replicas
+            ]
+        )
+        for tenant in ("acme", "globex")
+    }
+    assert waited["acme"] > 0 and waited["globex"] == 0, waited

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from canvas_gateway_server.errors import ConfigError
+from canvas_gateway_server.rate_budget import WorkspacePolicy
 from canvas_gateway_server.tenants import FileTenantDirectory, load_tenants, token_digest
 
 DIGEST = token_digest("caller-token")
@@ -129,3 +130,77 @@ def test_trace_propagation_to_braze_is_opt_in(tmp_path: Path, extra: str, expect
 def test_propagate_trace_must_be_a_boolean(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tenant 'acme': propagate_trace must be true or false"):
         load_tenants(write(tmp_path, entry(extra='propagate_trace = "yes"')), {})
+
+
+def test_a_tenants_workspace_is_named_or_derived_without_its_key(tmp_path: Path) -> None:
+    def table(tenant: str, url: str, key: str, extra: str = "") -> str:
+        return (
+            f'[tenants.{tenant}]\ntoken_sha256 = ["{token_digest(tenant)}"]\nbraze_rest_url = "{url}"\n'
+            f'braze_api_key = "{key}"\n{extra}\n'
+        )
+
+    url = "https://rest.iad-01.braze.com"
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(
+        "[workspaces.shop]\nceiling = 0.8\nreserve = 500\ntransactional_reserve = 0.2\n\n"
+        + table("a", url, "secret-key-1", 'workspace = "shop"\nlane = "bulk"')
+        + table("b", url + "/", "secret-key-1")
+        + table("c", url, "secret-key-1")
+        + table("d", url, "secret-key-2")
+    )
+    directory = load_tenants(tenants, {})
+    a, b, c, d = (directory.authenticate(tenant) for tenant in "abcd")
+    assert a is not None and b is not None and c is not None and d is not None
+    policy = WorkspacePolicy(ceiling_share=0.8, reserve_calls=500, transactional_share=0.2)
+    assert (a.workspace_name, a.policy, a.lane) == ("shop", policy, "bulk")
+    assert b.workspace_name.startswith("auto-") and "secret" not in b.workspace_name
+    assert b.workspace_name == c.workspace_name != d.workspace_name  # the same URL and key: one workspace
+    assert (b.policy, b.lane) == (WorkspacePolicy(), "auto")
+    assert "secret" not in repr(a)
+
+
+@pytest.mark.parametrize(
+    ("workspace", "message"),
+    [
+        ("ceiling = 0", "ceiling must be a whole number of calls per window or a share"),
+        ("ceiling = 1.5", "ceiling must be"),
+        ("reserve = 1.0", "reserve must be"),
+        ("reserve = -1", "reserve must be"),
+        ('reserve = "10%"', "reserve must be"),
+        ("transactional_reserve = true", "transactional_reserve must be"),
+        ("reserve = 0.6\ntransactional_reserve = 0.5", "leave bulk calls nothing"),
+        ("ceiling = 0.2\ntransactional_reserve = 0.2", "leave bulk calls nothing"),
+        ("burst = 3", "unknown fields burst"),
+    ],
+)
+def test_a_bad_workspace_policy_is_refused(workspace: str, message: str, tmp_path: Path) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f"[workspaces.shop]\n{workspace}\n\n[tenants.a]\n" + _entry_toml())
+    with pytest.raises(ConfigError, match=message):
+        load_tenants(tenants, {})
+
+
+def _entry_toml(extra: str = "") -> str:
+    return (
+        f'token_sha256 = ["{"1" * 64}"]\nbraze_rest_url = "https://rest.iad-01.braze.com"\n'
+        f'braze_api_key = "k"\n{extra}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[tenants.a]\n" + _entry_toml('workspace = "nowhere"\n'), "workspace must name a"),
+        ("[tenants.a]\n" + _entry_toml('lane = "urgent"\n'), "lane must be one of auto, transactional, bulk"),
+        ("[workspaces.auto-x]\n\n[tenants.a]\n" + _entry_toml(), "not starting auto-"),
+        ("[workspaces.shop]\nx = 1\n[workspaces.b]\n\n[tenants.a]\n" + _entry_toml(), "unknown fields x"),
+        ("workspaces = 3\n\n[tenants.a]\n" + _entry_toml(), "workspaces must be"),
+        ("[workspaces]\nshop = 3\n\n[tenants.a]\n" + _entry_toml(), "must be a table"),
+        ("[other]\n\n[tenants.a]\n" + _entry_toml(), "and nothing else"),
+    ],
+)
+def test_a_tenant_names_a_known_workspace_and_lane(text: str, message: str, tmp_path: Path) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_tenants(tenants, {})

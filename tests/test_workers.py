@@ -22,7 +22,8 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from canvas_gateway_server.limits import LocalLimiter
+from canvas_gateway_server.limits import LocalLimiter, Reserved
+from canvas_gateway_server.model import Batch
 from canvas_gateway_server.rate_budget import Hold, Ticket
 from canvas_gateway_server.reply import Delivery, RateLimit, Reply
 from canvas_gateway_server.settings import Settings
@@ -251,19 +252,22 @@ async def test_budgets_are_shared_through_their_file_and_keys_do_not_mix(tmp_pat
     one, other = (
         LocalLimiter(8, clock=lambda: now, budgets=TableBudgets(store), workers=2) for store in stores
     )
-    acme, globex = Tenant("acme", "http://127.0.0.1:1", "k"), Tenant("globex", "http://127.0.0.1:1", "k")
+    acme, globex = Tenant("acme", "http://127.0.0.1:1", "k"), Tenant("globex", "http://127.0.0.1:1", "k2")
+    initech = Tenant("initech", "http://127.0.0.1:1", "k")  # acme's workspace: the same URL and key
+    plain, broadcast = Batch(0, (), b"{}"), Batch(0, (), b"{}", broadcast=True)
     reset = int(now) + 60
-    first = await one.reserve(acme, False)
-    assert isinstance(first, Ticket)
+    first = await one.reserve(acme, plain)
+    assert isinstance(first, Reserved)
     await one.settle(first, Reply(Delivery.RESPONDED, 201, rate=RateLimit(remaining=2, reset=reset)))
-    assert isinstance(await one.reserve(acme, False), Ticket)
-    assert isinstance(await other.reserve(acme, False), Ticket)  # 1 under way in one, 1 in other
-    assert isinstance(await one.reserve(acme, False), Hold)  # none left: whichever worker asks
-    assert isinstance(await other.reserve(globex, False), Ticket)  # another tenant's budget
-    assert isinstance(await other.reserve(acme, True), Ticket)  # and acme's broadcast budget
+    assert isinstance(await one.reserve(acme, plain), Reserved)
+    assert isinstance(await other.reserve(acme, plain), Reserved)  # 1 under way in one, 1 in other
+    assert isinstance(await one.reserve(acme, plain), Hold)  # none left: whichever worker asks
+    assert isinstance(await other.reserve(initech, plain), Hold)  # nor for its workspace's other tenant
+    assert isinstance(await other.reserve(globex, plain), Reserved)  # another workspace's budget
+    assert isinstance(await other.reserve(acme, broadcast), Reserved)  # and acme's broadcast budget
     spent = Reply(Delivery.RESPONDED, 429, rate=RateLimit(remaining=0, reset=reset))
-    assert await other.settle(Ticket(("acme", False)), spent) == reset
-    assert await one.reserve(acme, False) == Hold(reset, spent=True)  # learned by one, known to all
+    assert await other.settle(Reserved((Ticket((acme.workspace_name, "recipients")),)), spent) == reset
+    assert await one.reserve(acme, plain) == Hold(reset, spent=True)  # learned by one, known to all
     for store in stores:
         store.close()
 

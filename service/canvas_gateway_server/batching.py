@@ -23,8 +23,12 @@ class BatchPlanner:
     takes an index too (`reserve_index`): indices are unique and follow input order.
     """
 
-    def __init__(self, head_json: bytes, broadcast_budget: bool = False) -> None:
+    def __init__(
+        self, head_json: bytes, broadcast_budget: bool = False, audience: str = "", lane: str = ""
+    ) -> None:
         self._broadcast_budget = broadcast_budget
+        self._audience = audience if broadcast_budget else ""
+        self._lane = lane
         self._prefix = head_json[:-1] + _RECIPIENTS_KEY
         self._base_size = len(self._prefix) + len(_CLOSE)
         self._positions: list[int] = []
@@ -54,7 +58,14 @@ class BatchPlanner:
         if not self._parts:
             return None
         body = self._prefix + b",".join(self._parts) + _CLOSE
-        batch = Batch(self.reserve_index(), tuple(self._positions), body, self._broadcast_budget)
+        batch = Batch(
+            self.reserve_index(),
+            tuple(self._positions),
+            body,
+            self._broadcast_budget,
+            self._audience,
+            self._lane,
+        )
         self._positions = []
         self._parts = []
         self._size = self._base_size
@@ -66,6 +77,6 @@ class BatchPlanner:
         return index
 
 
-def broadcast_batch(head_json: bytes) -> Batch:
+def broadcast_batch(head_json: bytes, audience: str = "", lane: str = "") -> Batch:
     """A broadcast or audience send is one call, with no recipients key."""
-    return Batch(index=0, positions=(), body=head_json, broadcast=True)
+    return Batch(index=0, positions=(), body=head_json, broadcast=True, audience=audience, lane=lane)

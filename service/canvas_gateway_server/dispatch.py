@@ -23,7 +23,7 @@ from .breaker import CircuitBreaker, NoBreaker, host_of
 from .context import RequestContext
 from .errors import StoreUnavailable
 from .idempotency import Claimed, Ledger
-from .limits import UpstreamLimiter
+from .limits import UpstreamLimiter, answered_by
 from .metrics import Metrics
 from .model import Batch, BatchResult
 from .rate_budget import Hold
@@ -159,7 +159,7 @@ class Dispatcher:
         try:
             while True:
                 async with self._limiter.slot(tenant):
-                    while isinstance(hold := await self._limiter.reserve(tenant, broadcast), Hold):
+                    while isinstance(hold := await self._limiter.reserve(tenant, batch), Hold):
                         wait = hold.until - self._clock()
                         # A spent budget waits at most max_wait for its reset; a call held while
                         # others are under way waits for them, within the deadline only.
@@ -195,6 +195,7 @@ class Dispatcher:
                     self._breaker.record(url, reply)
                     progress.sent = False  # the reply settled that call
                     metrics.paused(tenant.id, broadcast, paused)
+                    metrics.budget(hold, answered_by(hold, reply), reply)
                 now, jitter = self._clock(), self._jitter()
                 pause = rate_limit_pause(policy, reply, now, waited, jitter)
                 if pause is not None and pause <= left() - policy.min_time_left:

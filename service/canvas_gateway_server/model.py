@@ -85,6 +85,12 @@ class Batch:
     """The call draws on Braze's per-minute broadcast budgets, not the hourly recipient pool: a
     broadcast (no recipients), or a call with an `audience` when the tenant's `audience_budget`
     is `any_audience` (CONTRACT.md 8, point 21)."""
+    audience: str = ""
+    """For a call on the broadcast budgets: a digest of its `canvas_id` and `audience`, the
+    unique audience whose 10-a-minute budget it also draws on (CONTRACT.md 8, point 18)."""
+    lane: str = ""
+    """The priority lane the request asked for (`transactional`, `bulk`); "": the tenant's choice
+    (`limits.lane_of`). The seam for a future `SendOptions.priority`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,11 @@ Callers may use either name; one object naming both is refused.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+import orjson
 
 from .batching import BatchPlanner, broadcast_batch
 from .braze import CONTEXT_NAMES
@@ -46,7 +49,11 @@ class Intake:
     """Checked, encoded recipients cut into batches of at most 50 and 4 MB."""
 
     def __init__(
-        self, head: Mapping[str, Any], context_name: str = "context", audience_budget: str = "any_audience"
+        self,
+        head: Mapping[str, Any],
+        context_name: str = "context",
+        audience_budget: str = "any_audience",
+        lane: str = "",
     ) -> None:
         self._context_name = context_name
         self._other_name = CONTEXT_NAMES[1] if context_name == CONTEXT_NAMES[0] else CONTEXT_NAMES[0]
@@ -59,8 +66,13 @@ class Intake:
         """Top-level violations: while there are any, nothing is batched (recipients are still checked)."""
         self.head_json = encoded or b"{}"
         self._head_size = len(self.head_json)
+        self._audience = audience_digest(head)
+        self._lane = lane
         self._planner = BatchPlanner(
-            self.head_json, broadcast_budget="audience" in head and audience_budget == "any_audience"
+            self.head_json,
+            broadcast_budget="audience" in head and audience_budget == "any_audience",
+            audience=self._audience,
+            lane=lane,
         )
         self.received = 0
         """Recipients taken so far, valid or not: the next recipient's position."""
@@ -96,7 +108,14 @@ class Intake:
 
     def broadcast(self) -> Batch:
         """The single call of a broadcast request."""
-        return broadcast_batch(self.head_json)
+        return broadcast_batch(self.head_json, self._audience, self._lane)
+
+
+def audience_digest(head: Mapping[str, Any]) -> str:
+    """A unique audience (CONTRACT.md 8, point 18): its `canvas_id` and `audience` object, keys
+    sorted, digested (as the fake's `ratelimit.audience_key` identifies it)."""
+    canonical = orjson.dumps([head.get("canvas_id"), head.get("audience")], option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
 
 def _named(obj: Mapping[str, Any], context_name: str) -> Mapping[str, Any]:

@@ -1,7 +1,8 @@
-"""Braze's rate budget for one (tenant, budget), and the ports of the stores that keep it.
+"""Braze's rate budget for one (workspace, pool), and the ports of the stores that keep it.
 
-A `RateBudget` is what is known of one of a tenant's Braze budgets (recipient calls or broadcast
-calls: Braze keeps them apart): a pause until its reset, the current window, the calls under way.
+A `RateBudget` is what is known of one of a Braze workspace's pools (recipient calls, broadcast
+calls, and each unique audience's broadcast calls: Braze keeps them apart): a pause until its
+reset, the current window, the calls under way and the calls the gateway started in the window.
 It never lets more calls start than the window has left (docs/braze/CONTRACT.md, section 8,
 point 30). A window no reply has told of yet opens at the last x-ratelimit-limit, and a budget
 never answered lets one call ask first, so that a fleet able to start more calls at once than a
@@ -9,6 +10,19 @@ window allows does not overspend it when a window opens.
 
 Where the budgets live is a `BudgetStore`: this process's memory, a file a host's workers map,
 or Redis for every replica (`stores/`). `limits.LocalLimiter` asks it before each call.
+
+A `Headroom` is what the gateway leaves to others on a pool (docs/budgets.md): with L the last
+x-ratelimit-limit, R the lowest x-ratelimit-remaining of the window (what everyone left), O the
+calls the gateway started in the window and U those under way, a call may start while
+
+    U < min(R - keep - lane, cap - lane - O + U)
+
+where keep = keep_calls + ceil(keep_share * L) (the reserve left to other services), lane =
+lane_calls + ceil(lane_share * L) (the transactional reserve, for a bulk call; 0 for a
+transactional one) and cap = ceiling_calls, or floor(ceiling_share * L) (the most the gateway may
+spend in a window; none when neither is set). Since R counts what others spend, the gateway backs
+off when they spend. It applies once a window is known (a reply told of it, or it opened at the
+last limit); when the free room is 0 with nothing under way the pool is spent until its reset.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 from .errors import StoreUnavailable
 from .reply import Delivery, Reply
@@ -29,6 +43,95 @@ MAX_PAUSE_SECONDS = 3600.0
 
 RECHECK_SECONDS = 0.02
 """While the calls under way would spend what a budget has left, how soon a call asks again."""
+
+
+BudgetKey = tuple[str, str]
+"""(workspace, pool): the pool is `recipients`, `broadcast` or `audience:<digest>`."""
+
+RECIPIENTS: Final = "recipients"
+BROADCAST: Final = "broadcast"
+AUDIENCE: Final = "audience"
+
+
+def audience_pool(digest: str) -> str:
+    """The pool of one unique audience's broadcast calls (Braze: 10 a minute each)."""
+    return f"{AUDIENCE}:{digest}"
+
+
+def pool_kind(pool: str) -> str:
+    """A bounded name for a pool, for metrics: every audience's pool is `audience`."""
+    return pool.partition(":")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """What the gateway leaves of a pool (the formula is in this module's docstring). The default
+    leaves nothing: every call Braze's own remaining allows may start."""
+
+    keep_calls: int = 0
+    keep_share: float = 0.0
+    ceiling_calls: int = 0
+    ceiling_share: float = 1.0
+    lane_calls: int = 0
+    lane_share: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self != NO_HEADROOM
+
+    def room(self, left: int, limit: int, ours: int, under_way: int) -> int:
+        """How many calls may be under way (`left`: R, `limit`: L, `ours`: O, `under_way`: U)."""
+        lane = self.lane_calls + math.ceil(self.lane_share * limit)
+        room = left - self.keep_calls - math.ceil(self.keep_share * limit) - lane
+        cap = self.ceiling_calls or (
+            math.floor(self.ceiling_share * limit) if self.ceiling_share < 1 and limit > 0 else None
+        )
+        if cap is not None:
+            room = min(room, cap - lane - ours + under_way)
+        return room
+
+    def args(self) -> list[str]:
+        """As the Lua script `stores/redis_scripts.RESERVE` reads it (ARGV[6] to ARGV[12])."""
+        numbers = (self.keep_calls, self.keep_share, self.ceiling_calls, self.ceiling_share)
+        lane = (self.lane_calls, self.lane_share)
+        return ["1" if self.active else "0", *map(repr, numbers), *map(repr, lane)]
+
+
+NO_HEADROOM: Final = Headroom()
+
+TRANSACTIONAL: Final = "transactional"
+BULK: Final = "bulk"
+LANES: Final = (TRANSACTIONAL, BULK)
+"""Priority lanes within a workspace: bulk calls leave the transactional reserve untouched."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspacePolicy:
+    """A workspace's headroom, from its `[workspaces.<name>]` table in the tenants file: each
+    amount is a number of calls per window, or a share of x-ratelimit-limit. The default leaves
+    nothing aside, as before workspaces had a policy."""
+
+    ceiling_calls: int = 0
+    ceiling_share: float = 1.0
+    reserve_calls: int = 0
+    reserve_share: float = 0.0
+    transactional_calls: int = 0
+    transactional_share: float = 0.0
+
+    def headroom(self, lane: str) -> Headroom:
+        """What a call of `lane` must leave: bulk calls also leave the transactional reserve."""
+        bulk = lane == BULK
+        return Headroom(
+            keep_calls=self.reserve_calls,
+            keep_share=self.reserve_share,
+            ceiling_calls=self.ceiling_calls,
+            ceiling_share=self.ceiling_share,
+            lane_calls=self.transactional_calls if bulk else 0,
+            lane_share=self.transactional_share if bulk else 0.0,
+        )
+
+
+DEFAULT_POLICY: Final = WorkspacePolicy()
 
 
 class Hold(NamedTuple):
@@ -44,17 +147,19 @@ class Hold(NamedTuple):
 class Ticket:
     """A reserved call: counted as under way until it is settled."""
 
-    key: tuple[str, bool]
-    """(tenant id, broadcast budget)"""
+    key: BudgetKey
+    """(workspace, pool)"""
     token: str = ""
     """A shared store's name for the reservation (it lapses by itself if never settled)."""
     shared: bool = False
     """Reserved in the shared store, not in the fallback of a `FailoverBudgets`."""
+    ours: int = 0
+    """The calls the gateway had started in the pool's window, this one included (metrics)."""
 
 
 @dataclass(slots=True)
 class RateBudget:
-    """What is known of one (tenant, budget): a pause, the current window, the calls under way.
+    """What is known of one (workspace, pool): a pause, the current window, the calls under way.
 
     A window Braze has not yet answered in opens at the last limit Braze gave (x-ratelimit-limit),
     with the calls under way counted against it: a fleet that can start more calls at once than a
@@ -70,25 +175,36 @@ class RateBudget:
     under_way: int = 0
     limit: int = 0
     """the last x-ratelimit-limit Braze gave; 0: never answered with one; -1: a success carried none"""
+    ours: int = 0
+    """calls the gateway started in the current window (the calls under way when it turned count)"""
 
-    def reserve(self, now: float) -> Hold | None:
+    def reserve(self, now: float, headroom: Headroom = NO_HEADROOM) -> Hold | None:
         """None when a call may start (it is counted as under way), else when to ask again.
         The Lua script in `stores/redis_scripts.py` is this method for Redis; they change together."""
         if self.paused_until > now:
             return Hold(self.paused_until, True)
         if self.reset and self.reset <= now:  # a new window: it opens at the last known limit
-            self.reset, self.left = 0, max(self.limit, 0)
+            self.reset, self.left, self.ours = 0, max(self.limit, 0), self.under_way
         # Known when a reply told of this window, or the window opened at the last limit. A budget
         # never answered lets one call ask first; one whose replies carry no limit is not bounded.
-        room = self.left if self.reset or self.left else 1 if self.limit == 0 else None
+        known = bool(self.reset or self.left)
+        room = self.left if known else 1 if self.limit == 0 else None
+        if known and headroom.active:
+            room = headroom.room(self.left, max(self.limit, 0), self.ours, self.under_way)
+            if self.under_way == 0 and room <= 0 and self.reset:  # only a new window brings more
+                return Hold(float(self.reset), True)
         if room is not None and self.under_way >= room:
             return Hold(min(float(self.reset or math.inf), now + RECHECK_SECONDS), False)
         self.under_way += 1
+        self.ours += 1
         return None
 
     def settle(self, reply: Reply | None, now: float) -> float:
-        """Release a call, learning from its reply; the pause's end, or 0."""
+        """Release a call, learning from its reply (None: no call was made, so it is not one of the
+        gateway's calls in the window either); the pause's end, or 0."""
         self.under_way = max(0, self.under_way - 1)
+        if reply is None:
+            self.ours = max(0, self.ours - 1)
         if reply is not None and reply.delivery is Delivery.RESPONDED:
             self.observe(reply, now)
         return self.paused_until if self.paused_until > now else 0.0
@@ -103,6 +219,8 @@ class RateBudget:
             self.limit = -1
         if rate.remaining is not None and rate.reset is not None and rate.reset > now:
             if rate.reset > self.reset:  # a later window: start counting it
+                if self.reset:  # it turned before any call asked: what is under way is in it
+                    self.ours = self.under_way
                 self.reset, self.left = rate.reset, rate.remaining
             elif rate.reset == self.reset:  # within a window it only shrinks
                 self.left = min(self.left, rate.remaining)
@@ -117,7 +235,9 @@ class RateBudget:
 class BudgetStore(Protocol):
     """Where the `RateBudget`s live: this process, a host's workers, or Redis (`stores/`)."""
 
-    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold: ...
+    async def reserve(
+        self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM
+    ) -> Ticket | Hold: ...
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float: ...
 
@@ -125,7 +245,7 @@ class BudgetStore(Protocol):
 class BudgetTable(Protocol):
     """Budgets kept in memory this process can lock: a dict, or a file the workers map."""
 
-    def update(self, key: tuple[str, bool], change: Callable[[RateBudget], T]) -> T:
+    def update(self, key: BudgetKey, change: Callable[[RateBudget], T]) -> T:
         """Apply `change` to the key's RateBudget as one step no other process interleaves with,
         keep the RateBudget it leaves, and return what `change` returned."""
         ...

@@ -23,6 +23,7 @@ from .errors import InvalidRequest
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
 from .planning import Intake, Taken, authorize
+from .rate_budget import BULK, TRANSACTIONAL
 from .validate import check_idempotency_key, check_recipient_count, check_stream_head, check_unary_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
@@ -85,7 +86,7 @@ class Sender:
         context's deadline (time.monotonic, see Dispatcher.send)."""
         tenant = context.tenant
         self.check_unary_count(len(recipients))
-        intake = Intake(head, tenant.context_name, tenant.audience_budget)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget, TRANSACTIONAL)
         plan = _AllOrNothing()
         await _take_all(intake, recipients, plan)
         last = intake.finish()
@@ -147,7 +148,7 @@ class Sender:
     def open_stream(self, context: RequestContext, head: Mapping[str, Any]) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
         tenant = context.tenant
-        intake = Intake(head, tenant.context_name, tenant.audience_budget)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget, BULK)
         violations = [*check_stream_head(head), *intake.head_violations, *check_idempotency_key(context.key)]
         if violations:
             raise InvalidRequest(violations)

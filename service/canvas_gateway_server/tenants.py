@@ -23,13 +23,18 @@ from .braze import CONTEXT_NAMES
 from .egress import DIRECT_WORD, parse_proxy
 from .errors import ConfigError
 from .loopback import is_loopback
+from .rate_budget import DEFAULT_POLICY, LANES, WorkspacePolicy
 
 _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _KEY_SOURCES = ("braze_api_key", "braze_api_key_env", "braze_api_key_file")
 AUDIENCE_BUDGETS = ("any_audience", "broadcast_only")
+TENANT_LANES = ("auto", *LANES)
+_WORKSPACE_FIELDS = frozenset({"ceiling", "reserve", "transactional_reserve"})
 _FIELDS = frozenset(
     {
+        "workspace",
+        "lane",
         "token_sha256",
         "braze_rest_url",
         "allow_broadcast",
@@ -66,6 +71,25 @@ class Tenant:
     propagate_trace: bool = False
     """Send the Braze call's W3C `traceparent`/`tracestate` to Braze (when tracing is on): off by
     default, so no internal trace id goes to a third party unless the tenant asks."""
+    workspace: str = ""
+    """The Braze workspace whose budgets the tenant spends (tenants naming one share them);
+    "": one named after a digest of its REST URL and key (`workspace_name`)."""
+    policy: WorkspacePolicy = DEFAULT_POLICY
+    """The workspace's headroom (`[workspaces.<name>]`): what the gateway leaves to others."""
+    lane: str = "auto"
+    """`auto` (unary Send transactional, SendStream bulk), or every call in `bulk` or
+    `transactional`."""
+
+    @property
+    def workspace_name(self) -> str:
+        """The name its budgets are kept under, in metrics, logs and Redis: never the key."""
+        return self.workspace or derived_workspace(self.braze_rest_url, self.braze_api_key)
+
+
+def derived_workspace(url: str, key: str) -> str:
+    """A workspace's name from its REST URL and key: a digest (the key cannot be read from it)."""
+    digest = hashlib.blake2b(f"{url}\0{key}".encode(), digest_size=8, person=b"cgw-workspace").hexdigest()
+    return f"auto-{digest}"
 
 
 class TenantDirectory(Protocol):
@@ -156,15 +180,65 @@ def load_tenants(path: Path, environ: Mapping[str, str]) -> StaticTenantDirector
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read tenants file {path}: {exc}") from None
     tenants = data.get("tenants")
-    if not isinstance(tenants, dict) or not tenants or set(data) != {"tenants"}:
-        raise ConfigError(f"{path}: expected one or more [tenants.<id>] tables and nothing else")
+    if not isinstance(tenants, dict) or not tenants or not set(data) <= {"tenants", "workspaces"}:
+        raise ConfigError(
+            f"{path}: expected one or more [tenants.<id>] tables, [workspaces.<name>] tables and nothing else"
+        )
+    workspaces = data.get("workspaces", {})
+    if not isinstance(workspaces, dict):
+        raise ConfigError(f"{path}: workspaces must be [workspaces.<name>] tables")
+    policies = {name: parse_workspace(name, entry) for name, entry in workspaces.items()}
     return StaticTenantDirectory(
-        parse_tenant(tenant_id, entry, environ, base=path.parent) for tenant_id, entry in tenants.items()
+        parse_tenant(tenant_id, entry, environ, base=path.parent, workspaces=policies)
+        for tenant_id, entry in tenants.items()
+    )
+
+
+def parse_workspace(name: str, entry: Any) -> WorkspacePolicy:
+    """One [workspaces.<name>] table: `ceiling` (calls per window, or a share of
+    x-ratelimit-limit), `reserve` and `transactional_reserve` (calls, or shares)."""
+    where = f"workspace {name!r}"
+    if not _TENANT_ID.match(name) or name.startswith("auto-"):
+        raise ConfigError(f"{where}: names are 1-63 of a-z, 0-9, _ and -, not starting auto-")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = sorted(set(entry) - _WORKSPACE_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown fields {', '.join(unknown)}")
+    ceiling = _amount(where, "ceiling", entry.get("ceiling", 1.0), share_may_be_whole=True)
+    reserve = _amount(where, "reserve", entry.get("reserve", 0))
+    transactional = _amount(where, "transactional_reserve", entry.get("transactional_reserve", 0))
+    if reserve[1] + transactional[1] >= 1 or (not ceiling[0] and transactional[1] >= ceiling[1]):
+        raise ConfigError(f"{where}: reserve and transactional_reserve leave bulk calls nothing")
+    return WorkspacePolicy(
+        ceiling_calls=ceiling[0],
+        ceiling_share=ceiling[1] if not ceiling[0] else 1.0,
+        reserve_calls=reserve[0],
+        reserve_share=reserve[1],
+        transactional_calls=transactional[0],
+        transactional_share=transactional[1],
+    )
+
+
+def _amount(where: str, name: str, value: Any, share_may_be_whole: bool = False) -> tuple[int, float]:
+    """(calls, 0.0) for a whole number of calls, (0, share) for a share of the limit."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= (1 if share_may_be_whole else 0):
+        return value, 0.0
+    top = 1.0 if share_may_be_whole else 0.99
+    if isinstance(value, float) and 0 < value <= top:
+        return 0, value
+    raise ConfigError(
+        f"{where}: {name} must be a whole number of calls per window or a share of the limit "
+        f"(a decimal in (0, {top}])"
     )
 
 
 def parse_tenant(
-    tenant_id: str, entry: Any, environ: Mapping[str, str], base: Path
+    tenant_id: str,
+    entry: Any,
+    environ: Mapping[str, str],
+    base: Path,
+    workspaces: Mapping[str, WorkspacePolicy] | None = None,
 ) -> tuple[Tenant, tuple[str, ...]]:
     """One [tenants.<id>] table as a Tenant and its token digests."""
     where = f"tenant {tenant_id!r}"
@@ -203,8 +277,17 @@ def parse_tenant(
         raise ConfigError(f"{where}: proxy must be a proxy URL or {DIRECT_WORD!r}")
     if proxy:
         parse_proxy(proxy, f"{where}: proxy")
+    workspace = entry.get("workspace", "")
+    if workspace != "" and (not isinstance(workspace, str) or workspace not in (workspaces or {})):
+        raise ConfigError(f"{where}: workspace must name a [workspaces.<name>] table")
+    lane = entry.get("lane", "auto")
+    if lane not in TENANT_LANES:
+        raise ConfigError(f"{where}: lane must be one of {', '.join(TENANT_LANES)}")
     tenant = Tenant(
         id=tenant_id,
+        workspace=workspace,
+        policy=(workspaces or {}).get(workspace, DEFAULT_POLICY),
+        lane=lane,
         braze_rest_url=url,
         braze_api_key=_read_key(where, entry, environ, base),
         allow_broadcast=allow_broadcast,

@@ -4,8 +4,9 @@ pauses, circuit breakers, the results handed back and those waiting in streams' 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
@@ -14,6 +15,10 @@ from ..reply import Delivery, Reply
 from ..tracing import exemplar
 from .families import Family, counter
 from .levels import Levels
+
+if TYPE_CHECKING:
+    from ..limits import Reserved
+    from ..rate_budget import Ticket
 
 BRAZE_SECONDS_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
 """Braze calls: 10 ms (a fast answer) to 30 s (the default call timeout)."""
@@ -45,6 +50,10 @@ class BatchMetrics:
 
     def paused(self, tenant: str, broadcast: bool, until: float) -> None:
         """The tenant's budget is spent until `until` (epoch seconds; 0: not paused)."""
+
+    def budget(self, reserved: Reserved, answered: Ticket | None, reply: Reply | None) -> None:
+        """A call's reservations settled: what its reply tells of the pool that answered (`answered`,
+        or its only pool), by workspace and pool kind (every audience's pool is `audience`)."""
 
     def result(self, tenant: str, result: BatchResult) -> None:
         """A batch's result handed back. One `replayed` (kept under an idempotency key by an earlier
@@ -142,6 +151,42 @@ class PrometheusBatches(BatchMetrics):
             "Times a Braze instance's circuit opened after consecutive failed calls.",
             ("braze_host",),
         )
+        self._budget_spent = Family(
+            Gauge(
+                "canvas_gateway_budget_spent_calls",
+                "Calls spent in a workspace pool's current window, as of its last reply: by the "
+                "gateway (its calls started in the window) and by others (limit - remaining - gateway's).",
+                ("workspace", "pool", "spender"),
+                registry=registry,
+            )
+        )
+        self._budget_remaining = Family(
+            Gauge(
+                "canvas_gateway_budget_remaining_calls",
+                "The x-ratelimit-remaining of a workspace pool's last reply: what every service on "
+                "the workspace has left in the window.",
+                ("workspace", "pool"),
+                registry=registry,
+            )
+        )
+        self._budget_reserved = Family(
+            Gauge(
+                "canvas_gateway_budget_reserved_calls",
+                "Calls of a workspace pool's window the gateway leaves: to other services (reserve) "
+                "or, for bulk calls, to transactional ones.",
+                ("workspace", "pool", "reserve"),
+                registry=registry,
+            )
+        )
+        self._budget_ceiling = Family(
+            Gauge(
+                "canvas_gateway_budget_ceiling_calls",
+                "The most calls the gateway may spend in a workspace pool's window (its limit when "
+                "the workspace sets no ceiling).",
+                ("workspace", "pool"),
+                registry=registry,
+            )
+        )
         self._levels = levels
         self._invalid = invalid
 
@@ -186,6 +231,25 @@ class PrometheusBatches(BatchMetrics):
 
     def paused(self, tenant: str, broadcast: bool, until: float) -> None:
         self._levels.paused_until[(tenant, budget(broadcast))] = until
+
+    def budget(self, reserved: Reserved, answered: Ticket | None, reply: Reply | None) -> None:
+        rate = reply.rate if reply is not None else None
+        if rate is None or rate.limit is None or rate.remaining is None:
+            return
+        ticket = answered or reserved.tickets[0]  # a reply with a limit tells of one pool
+        workspace, pool = ticket.key[0], ticket.key[1].partition(":")[0]
+        limit, policy = rate.limit, reserved.policy
+        used = max(limit - rate.remaining, 0)
+        ours = min(ticket.ours, used)
+        self._budget_spent(workspace, pool, "gateway").set(ours)
+        self._budget_spent(workspace, pool, "others").set(used - ours)
+        self._budget_remaining(workspace, pool).set(rate.remaining)
+        others = policy.reserve_calls + math.ceil(policy.reserve_share * limit)
+        transactional = policy.transactional_calls + math.ceil(policy.transactional_share * limit)
+        self._budget_reserved(workspace, pool, "others").set(others)
+        self._budget_reserved(workspace, pool, "transactional").set(transactional)
+        ceiling = policy.ceiling_calls or math.floor(policy.ceiling_share * limit)
+        self._budget_ceiling(workspace, pool).set(ceiling)
 
     def result(self, tenant: str, result: BatchResult) -> None:
         outcome = result.outcome.name.lower()

@@ -9,7 +9,7 @@ from typing import Final
 
 from ..errors import StoreUnavailable
 from ..metrics import Metrics
-from ..rate_budget import BudgetStore, Hold, ReserveLost, Ticket
+from ..rate_budget import NO_HEADROOM, BudgetKey, BudgetStore, Headroom, Hold, ReserveLost, Ticket
 from ..reply import Reply
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,16 @@ class FailoverBudgets:
             self._metrics.store_fallback("budgets", False)
             log.warning("the shared budgets store (Redis) answers again: budgets are shared again")
 
-    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+    async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
         try:
-            found = await self._shared.reserve(key, now)
+            found = await self._shared.reserve(key, now, headroom)
         except StoreUnavailable as exc:
             self._failed("reserve", exc)
             if isinstance(exc, ReserveLost):  # released once Redis answers, not at its lease's end
                 self._keep_unsettled(exc.ticket, None, now)
             if self._fallback is None:
                 raise
-            return await self._fallback.reserve(key, now)
+            return await self._fallback.reserve(key, now, headroom)
         self._recovered()
         return found
 

@@ -15,14 +15,14 @@ import struct
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from ..rate_budget import RateBudget
+from ..rate_budget import BudgetKey, RateBudget
 
 T = TypeVar("T")
 
 _SLOTS: Final = 4096
 
 
-_RECORD: Final = struct.Struct("<Qdqqqq")
+_RECORD: Final = struct.Struct("<Qdqqqqq")
 
 
 def budgets_path(folder: str) -> str:
@@ -32,7 +32,7 @@ def budgets_path(folder: str) -> str:
 class HostBudgets:
     """The `RateBudget`s of a host's workers, in a file each of them maps (a `BudgetTable`).
 
-    4,096 slots of (key hash, pause, reset, left, calls under way, limit); every update is one
+    4,096 slots of (key hash, pause, reset, left, calls under way, limit, ours); every update is one
     read-modify-write under an exclusive `flock` on the file, a few microseconds, so the workers
     together never start more calls than a budget has left. Two keys that hash to one slot take
     it from each other: the one that loses it knows nothing of its budget until its next reply
@@ -42,27 +42,29 @@ class HostBudgets:
     def __init__(self, path: str) -> None:
         self._file = open(path, "r+b")  # noqa: SIM115 - held for the life of the worker
         self._map = mmap.mmap(self._file.fileno(), _SLOTS * _RECORD.size)
-        self._slots: dict[tuple[str, bool], tuple[int, int]] = {}
+        self._slots: dict[BudgetKey, tuple[int, int]] = {}
 
     @staticmethod
     def create(path: str) -> None:
         with open(path, "wb") as file:
             file.truncate(_SLOTS * _RECORD.size)
 
-    def _slot(self, key: tuple[str, bool]) -> tuple[int, int]:
+    def _slot(self, key: BudgetKey) -> tuple[int, int]:
         found = self._slots.get(key)
         if found is None:
             digest = hashlib.blake2b(f"{key[0]}\0{key[1]}".encode(), digest_size=8).digest()
             tag = int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
-            found = self._slots[key] = (tag % _SLOTS * _RECORD.size, tag)
+            found = (tag % _SLOTS * _RECORD.size, tag)
+            if len(self._slots) < _SLOTS:  # audience pools can be many: the cache stays bounded
+                self._slots[key] = found
         return found
 
-    def update(self, key: tuple[str, bool], change: Callable[[RateBudget], T]) -> T:
+    def update(self, key: BudgetKey, change: Callable[[RateBudget], T]) -> T:
         offset, tag = self._slot(key)
         fcntl.flock(self._file, fcntl.LOCK_EX)
         try:
-            found, paused, reset, left, under_way, limit = _RECORD.unpack_from(self._map, offset)
-            budget = RateBudget(paused, reset, left, under_way, limit) if found == tag else RateBudget()
+            found, paused, reset, left, under_way, limit, ours = _RECORD.unpack_from(self._map, offset)
+            budget = RateBudget(paused, reset, left, under_way, limit, ours) if found == tag else RateBudget()
             result = change(budget)
             _RECORD.pack_into(
                 self._map,
@@ -73,6 +75,7 @@ class HostBudgets:
                 budget.left,
                 budget.under_way,
                 budget.limit,
+                budget.ours,
             )
             return result
         finally:

@@ -16,7 +16,7 @@ from typing import Final, TypeVar
 
 from ..context import IdempotencyScope
 from ..idempotency import Claim, Verdict
-from ..rate_budget import BudgetTable, Hold, RateBudget, Ticket
+from ..rate_budget import NO_HEADROOM, BudgetKey, BudgetTable, Headroom, Hold, RateBudget, Ticket
 from ..reply import Reply
 
 
@@ -207,16 +207,29 @@ class LocalResults:
 T = TypeVar("T")
 
 
+MAX_BUDGETS: Final = 10_000
+"""Pools `LocalTable` keeps at most: audience pools can be many (one per Canvas and audience)."""
+
+
 class LocalTable:
-    """This process's budgets."""
+    """This process's budgets, at most `capacity`: past it the least recently used goes (it is
+    known again from its next reply, as at start-up; a pool with calls under way is recent)."""
 
-    def __init__(self) -> None:
-        self._budgets: dict[tuple[str, bool], RateBudget] = {}
+    def __init__(self, capacity: int = MAX_BUDGETS) -> None:
+        self._budgets: OrderedDict[BudgetKey, RateBudget] = OrderedDict()
+        self._capacity = capacity
 
-    def update(self, key: tuple[str, bool], change: Callable[[RateBudget], T]) -> T:
+    def __len__(self) -> int:
+        return len(self._budgets)
+
+    def update(self, key: BudgetKey, change: Callable[[RateBudget], T]) -> T:
         budget = self._budgets.get(key)
         if budget is None:
             budget = self._budgets[key] = RateBudget()
+            if len(self._budgets) > self._capacity:
+                self._budgets.popitem(last=False)
+        else:
+            self._budgets.move_to_end(key)
         return change(budget)
 
 
@@ -226,8 +239,11 @@ class TableBudgets:
     def __init__(self, table: BudgetTable | None = None) -> None:
         self._table = table or LocalTable()
 
-    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
-        return self._table.update(key, lambda budget: budget.reserve(now)) or Ticket(key)
+    async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
+        def reserve(budget: RateBudget) -> Ticket | Hold:
+            return budget.reserve(now, headroom) or Ticket(key, ours=budget.ours)
+
+        return self._table.update(key, reserve)
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
         return self._table.update(ticket.key, lambda budget: budget.settle(reply, now))

@@ -3,7 +3,8 @@
 Each operation is one Lua script (`redis_scripts`), so it is atomic and costs one round trip:
 
 - budgets: `reserve` and `settle` are `rate_budget.RateBudget.reserve` and `.settle` in Lua, on a
-  hash per (tenant, budget) (pause, window reset, what is left) and a sorted set of the calls
+  hash per (workspace, pool) (pause, window reset, what is left, the gateway's calls in the
+  window) and a sorted set of the calls
   under way, each with a lease: a replica that dies with calls under way does not hold the
   budget past their lease (the longest a call can take).
 - results: `claim`, `mark_sending` and `keep` of `idempotency.ResultStore`, on a hash per
@@ -44,7 +45,18 @@ from ..context import IdempotencyScope
 from ..errors import StoreLost, StoreUnavailable
 from ..idempotency import Claim, Verdict
 from ..metrics import Metrics
-from ..rate_budget import MAX_PAUSE_SECONDS, RECHECK_SECONDS, Hold, ReserveLost, Ticket
+from ..rate_budget import (
+    AUDIENCE,
+    MAX_PAUSE_SECONDS,
+    NO_HEADROOM,
+    RECHECK_SECONDS,
+    BudgetKey,
+    Headroom,
+    Hold,
+    ReserveLost,
+    Ticket,
+    pool_kind,
+)
 from ..reply import Delivery, Reply
 from . import redis_scripts as scripts
 from .heartbeat import keep_beating
@@ -60,6 +72,8 @@ HEARTBEAT_TTL_MS: Final = 5000
 GENERATION_KEY: Final = PREFIX + "generation"
 BUDGET_TTL_SECONDS: Final = 7300
 """Budget keys outlive Braze's longest window (an hour) when unused, then go."""
+AUDIENCE_TTL_SECONDS: Final = 300
+"""An audience's pool (Braze: a minute's window) goes sooner: there can be many."""
 
 
 LOST: Final = "lost"
@@ -118,25 +132,31 @@ class RedisBudgets:
         self._lease = lease
 
     @staticmethod
-    def _keys(key: tuple[str, bool]) -> list[str]:
-        base = f"{PREFIX}budget:{key[0]}:{'broadcast' if key[1] else 'recipients'}"
+    def _keys(key: BudgetKey) -> list[str]:
+        """The workspace's name (from the tenants file, or a digest: never a key) and the pool."""
+        base = f"{PREFIX}pool:{key[0]}:{key[1]}"
         return [base, base + ":calls"]
 
-    async def reserve(self, key: tuple[str, bool], now: float) -> Ticket | Hold:
+    @staticmethod
+    def _ttl(key: BudgetKey) -> int:
+        return AUDIENCE_TTL_SECONDS if pool_kind(key[1]) == AUDIENCE else BUDGET_TTL_SECONDS
+
+    async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
         token = uuid.uuid4().hex
         args: list[str | int] = [
             repr(now),
             token,
             repr(now + self._lease),
             repr(RECHECK_SECONDS),
-            BUDGET_TTL_SECONDS,
+            self._ttl(key),
+            *headroom.args(),
         ]
         try:
             kind, until = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
         except StoreUnavailable as exc:
             raise ReserveLost(str(exc), Ticket(key, token, shared=True)) from None
         if _text(kind) == "go":
-            return Ticket(key, token, shared=True)
+            return Ticket(key, token, shared=True, ours=int(_text(until)))
         return Hold(float(_text(until)), _text(kind) == "spent")
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
@@ -150,8 +170,9 @@ class RedisBudgets:
             "" if rate is None or rate.remaining is None else str(rate.remaining),
             "" if rate is None or rate.reset is None else str(rate.reset),
             repr(MAX_PAUSE_SECONDS),
-            BUDGET_TTL_SECONDS,
+            self._ttl(ticket.key),
             "" if rate is None or rate.limit is None else str(rate.limit),
+            "1" if reply is None else "0",
         ]
         paused = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
         return float(_text(paused))

@@ -1,9 +1,9 @@
 """The Lua scripts of the Redis stores (`redis`): each operation is one script, so it is atomic
 and costs one round trip.
 
-`RESERVE` and `SETTLE` are `rate_budget.RateBudget.reserve` and `.settle` on a hash per (tenant,
-budget) and a sorted set of the calls under way, each with a lease; they change together with
-that class and are held to the same tests. `CLAIM`, `MARK` and `KEEP` are
+`RESERVE` and `SETTLE` are `rate_budget.RateBudget.reserve` and `.settle` (with its `Headroom`)
+on a hash per (workspace, pool) and a sorted set of the calls under way, each with a lease; they
+change together with that class and are held to the same tests. `CLAIM`, `MARK` and `KEEP` are
 `idempotency.ResultStore`'s operations on a hash per (tenant, key, batch); `BEAT` is a process's
 heartbeat and the check that Redis still holds what it kept; `ACCEPT` sets a new generation
 after an operator acknowledged a loss.
@@ -15,32 +15,52 @@ from typing import Final
 
 RESERVE: Final = """
 local now = tonumber(ARGV[1])
-local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
+local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit', 'ours')
 local paused = tonumber(b[1]) or 0
 if paused > now then return {'spent', string.format('%.17g', paused)} end
 local reset = tonumber(b[2]) or 0
 local left = tonumber(b[3]) or 0
 local limit = tonumber(b[4]) or 0
+local ours = tonumber(b[5]) or 0
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local under = redis.call('ZCARD', KEYS[2])
 if reset > 0 and reset <= now then
   reset = 0
   left = math.max(limit, 0)
-  redis.call('HSET', KEYS[1], 'reset', '0', 'left', string.format('%d', left))
+  ours = under
+  redis.call('HSET', KEYS[1], 'reset', '0', 'left', string.format('%d', left),
+    'ours', string.format('%d', ours))
 end
+local known = reset > 0 or left > 0
 local room = nil
-if reset > 0 or left > 0 then
+if known then
   room = left
 elseif limit == 0 then
   room = 1
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if room and redis.call('ZCARD', KEYS[2]) >= room then
+if known and ARGV[6] == '1' then
+  local l = math.max(limit, 0)
+  local lane = tonumber(ARGV[11]) + math.ceil(tonumber(ARGV[12]) * l)
+  room = left - tonumber(ARGV[7]) - math.ceil(tonumber(ARGV[8]) * l) - lane
+  local cap = nil
+  if tonumber(ARGV[9]) > 0 then
+    cap = tonumber(ARGV[9])
+  elseif tonumber(ARGV[10]) < 1 and l > 0 then
+    cap = math.floor(tonumber(ARGV[10]) * l)
+  end
+  if cap then room = math.min(room, cap - lane - ours + under) end
+  if under == 0 and room <= 0 and reset > 0 then return {'spent', string.format('%.17g', reset)} end
+end
+if room and under >= room then
   local again = now + tonumber(ARGV[4])
   if reset > 0 then again = math.min(reset, again) end
   return {'held', string.format('%.17g', again)}
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-return {'go', ''}
+redis.call('HSET', KEYS[1], 'ours', string.format('%d', ours + 1))
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {'go', string.format('%d', ours + 1)}
 """
 
 
@@ -49,6 +69,10 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local now = tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
 local paused = tonumber(b[1]) or 0
+if ARGV[10] == '1' then
+  local ours = tonumber(redis.call('HGET', KEYS[1], 'ours')) or 0
+  if ours > 0 then redis.call('HSET', KEYS[1], 'ours', string.format('%d', ours - 1)) end
+end
 if ARGV[3] == '1' then
   local limit = tonumber(ARGV[9])
   if limit and limit > 0 then
@@ -61,6 +85,10 @@ if ARGV[3] == '1' then
   if remaining and reset and reset > now then
     local current = tonumber(b[2]) or 0
     if reset > current then
+      if current > 0 then
+        redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+        redis.call('HSET', KEYS[1], 'ours', string.format('%d', redis.call('ZCARD', KEYS[2])))
+      end
       redis.call('HSET', KEYS[1], 'reset', string.format('%d', reset), 'left', string.format('%d', remaining))
     elseif reset == current then
       redis.call('HSET', KEYS[1], 'left', string.format('%d', math.min(tonumber(b[3]) or 0, remaining)))
