@@ -157,6 +157,73 @@ async def test_unary_sends_never_wait_for_budget_beside_a_bulk_stream(harness: H
     assert 429 not in {c.status for c in harness.fake.calls}
 
 
+@pytest.mark.parametrize(
+    ("fake_config", "settings_overrides"),
+    [
+        (
+            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=30, hourly_window_seconds=3),
+            {"request_concurrency": 4, "max_retry_wait_seconds": 10},
+        )
+    ],
+)
+async def test_send_options_priority_chooses_the_lane_unless_the_tenant_fixes_it(harness: Harness) -> None:
+    """With the bulk room of a 3-second window spent (20 of 30: `transactional_reserve = 10`), a
+    SendStream that asks PRIORITY_TRANSACTIONAL goes at once; a Send that asks PRIORITY_BULK waits
+    for the next window; once the tenants file fixes `lane = "bulk"`, asking transactional does
+    not jump the queue. A priority this gateway does not know is refused, nothing sent."""
+    share_workspace(harness, "transactional_reserve = 10", "acme")
+    await early_in_a_window(3.0)
+    await harness.stub.Send(unary(1, first=99_999), metadata=harness.auth(), timeout=5)  # learn the budget
+    bulk = harness.stub.SendStream(
+        stream(50 * 40), metadata=harness.auth(), timeout=30
+    )  # 40 calls: 2 windows
+
+    async def timed(request: Any, *, streamed: bool = False) -> float:
+        began = time.monotonic()
+        if streamed:
+            header = pb.StreamHeader(trigger=request.trigger, options=request.options)
+            messages = [pb.SendStreamRequest(header=header)]
+            messages.append(
+                pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=request.trigger.recipients))
+            )
+            responses = [r async for r in harness.stub.SendStream(iter(messages), metadata=harness.auth())]
+            outcomes = [r.result.outcome for r in responses if r.HasField("result")]
+        else:
+            outcomes = [
+                r.outcome for r in (await harness.stub.Send(request, metadata=harness.auth())).results
+            ]
+        assert outcomes == [pb.OUTCOME_SENT]
+        return time.monotonic() - began
+
+    await asyncio.sleep(0.5)  # the stream has spent the window's bulk room (20 calls) by now
+    urgent = unary(1, first=70_000)
+    urgent.options.priority = pb.PRIORITY_TRANSACTIONAL
+    assert await timed(urgent, streamed=True) < 0.5  # a stream, yet transactional: not held
+    late = unary(1, first=70_001)
+    late.options.priority = pb.PRIORITY_BULK
+    assert await timed(late) > 0.5  # a Send, yet bulk: waits for the window to turn
+    [r async for r in bulk]
+
+    unknown = unary(1, first=70_002)
+    unknown.options.priority = 7  # type: ignore[assignment]  # a newer client's value
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await harness.stub.Send(unknown, metadata=harness.auth())
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "options.priority" in (refused.value.details() or "")
+
+    path = Path(harness.gateway.settings.tenants.file)
+    path.write_text(path.read_text().replace("[tenants.acme]\n", '[tenants.acme]\nlane = "bulk"\n'))
+    harness.gateway.reload_tenants()
+    await early_in_a_window(3.0)
+    bulk = harness.stub.SendStream(stream(50 * 40), metadata=harness.auth(), timeout=30)
+    await asyncio.sleep(0.5)
+    urgent = unary(1, first=70_003)
+    urgent.options.priority = pb.PRIORITY_TRANSACTIONAL
+    assert await timed(urgent) > 0.5  # the tenant's fixed lane wins: bulk, held like the stream
+    [r async for r in bulk]
+    assert 429 not in {c.status for c in harness.fake.calls}
+
+
 @pytest.fixture
 async def redis() -> AsyncIterator[RedisServer]:
     async with redis_server() as server:

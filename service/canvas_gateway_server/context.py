@@ -42,6 +42,10 @@ class RequestContext:
     """The RPC's request id (`edge.observer`), returned in the summary."""
     validate_only: bool = False
     """Plan and validate, send nothing."""
+    lane: str = ""
+    """The budget lane the caller asked for (`SendOptions.priority`: `transactional`, `bulk`); "":
+    the RPC's (unary Send transactional, SendStream bulk). A tenant whose lane the tenants file
+    fixes keeps it (`limits.lane_of`)."""
 
     @classmethod
     def of(
@@ -52,10 +56,11 @@ class RequestContext:
         key: str | None = None,
         request_id: str = "",
         validate_only: bool = False,
+        lane: str = "",
     ) -> RequestContext:
         """The context of a request by `tenant`; an empty or absent `key` means none."""
         scope = IdempotencyScope(tenant.id, key) if key else None
-        return cls(tenant, deadline, scope, request_id, validate_only)
+        return cls(tenant, deadline, scope, request_id, validate_only, lane)
 
     @property
     def key(self) -> str:

@@ -63,6 +63,7 @@ class Rule(enum.StrEnum):
     STREAM_HEADER = "stream_header"
     STREAM_BROADCAST = "stream_broadcast"
     IDEMPOTENCY_KEY = "idempotency_key"
+    PRIORITY = "priority"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,7 @@ class Batch:
     unique audience whose 10-a-minute budget it also draws on (CONTRACT.md 8, point 18)."""
     lane: str = ""
     """The priority lane the request asked for (`transactional`, `bulk`); "": the tenant's choice
-    (`limits.lane_of`). The seam for a future `SendOptions.priority`."""
+    (`limits.lane_of`), else the RPC's (unary Send transactional, SendStream bulk)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,7 +86,7 @@ class Sender:
         context's deadline (time.monotonic, see Dispatcher.send)."""
         tenant = context.tenant
         self.check_unary_count(len(recipients))
-        intake = Intake(head, tenant.context_name, tenant.audience_budget, TRANSACTIONAL)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget, context.lane or TRANSACTIONAL)
         plan = _AllOrNothing()
         await _take_all(intake, recipients, plan)
         last = intake.finish()
@@ -148,7 +148,7 @@ class Sender:
     def open_stream(self, context: RequestContext, head: Mapping[str, Any]) -> StreamSend:
         """Check a stream's header; raises InvalidRequest or PermissionDenied before anything is sent."""
         tenant = context.tenant
-        intake = Intake(head, tenant.context_name, tenant.audience_budget, BULK)
+        intake = Intake(head, tenant.context_name, tenant.audience_budget, context.lane or BULK)
         violations = [*check_stream_head(head), *intake.head_violations, *check_idempotency_key(context.key)]
         if violations:
             raise InvalidRequest(violations)

@@ -23,7 +23,9 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
 from ..braze import CONTEXT_NAMES
-from ..model import BatchResult, Outcome, Summary, Violation
+from ..errors import InvalidRequest
+from ..model import BatchResult, Outcome, Rule, Summary, Violation
+from ..rate_budget import BULK, TRANSACTIONAL
 
 _EXACT_INT_LIMIT: Final = 2**53
 
@@ -223,3 +225,25 @@ def summary_to_proto(summary: Summary, request_id: str = "") -> pb.SendSummary:
         recipients_not_attempted=counts[Outcome.NOT_ATTEMPTED],
         recipients_canvas_inactive=counts[Outcome.CANVAS_INACTIVE],
     )
+
+
+_LANES: Final[dict[int, str]] = {int(pb.PRIORITY_TRANSACTIONAL): TRANSACTIONAL, int(pb.PRIORITY_BULK): BULK}
+
+
+def lane(priority: int) -> str:
+    """`SendOptions.priority` as a budget lane; "" for UNSPECIFIED. A value this gateway does not
+    know (a newer client's) is refused, not taken for another lane."""
+    if priority == pb.PRIORITY_UNSPECIFIED:
+        return ""
+    if priority not in _LANES:
+        raise InvalidRequest(
+            [
+                Violation(
+                    "options.priority",
+                    f"unknown priority {priority}: one of PRIORITY_UNSPECIFIED, "
+                    "PRIORITY_TRANSACTIONAL, PRIORITY_BULK",
+                    Rule.PRIORITY,
+                )
+            ]
+        )
+    return _LANES[priority]

@@ -123,6 +123,7 @@ class CanvasGatewayServicer:
             key=options.idempotency_key or None,
             request_id=observer.current_request_id(),
             validate_only=options.validate_only,
+            lane=convert.lane(options.priority),
         )
 
     async def _abort(self, context: Context, error: BaseException) -> NoReturn:

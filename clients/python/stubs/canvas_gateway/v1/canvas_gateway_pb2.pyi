@@ -51,7 +51,7 @@ class _Priority:
 class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
-    """The tenant's default lane (or the RPC's: Send transactional, SendStream bulk)."""
+    """The RPC's lane: Send transactional, SendStream bulk."""
     PRIORITY_TRANSACTIONAL: _Priority.ValueType  # 1
     """One-time passwords, receipts: may spend a reserved share of the workspace's
     budget that bulk work never takes, and everything above it.
@@ -65,7 +65,7 @@ class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
     """Priority is a lane of a workspace's Braze budget."""
 
 PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
-"""The tenant's default lane (or the RPC's: Send transactional, SendStream bulk)."""
+"""The RPC's lane: Send transactional, SendStream bulk."""
 PRIORITY_TRANSACTIONAL: Priority.ValueType  # 1
 """One-time passwords, receipts: may spend a reserved share of the workspace's
 budget that bulk work never takes, and everything above it.
@@ -443,9 +443,10 @@ class SendOptions(_message.Message):
     """
     priority: Global___Priority.ValueType
     """Which lane of the workspace's Braze budget this request's calls spend
-    (docs/operations.md, "Sharing a workspace"). UNSPECIFIED: the tenant's
-    `lane` in the tenants file, else TRANSACTIONAL for Send and BULK for
-    SendStream.
+    (docs/budgets.md). UNSPECIFIED: TRANSACTIONAL for Send, BULK for
+    SendStream. A tenant whose `lane` the tenants file fixes keeps it
+    whatever the request asks. A value this gateway does not know is
+    INVALID_ARGUMENT (field `options.priority`), nothing sent.
     """
     def __init__(
         self,
