@@ -47,6 +47,61 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// Priority is a lane of a workspace's Braze budget.
+type Priority int32
+
+const (
+	// The RPC's lane: Send transactional, SendStream bulk.
+	Priority_PRIORITY_UNSPECIFIED Priority = 0
+	// One-time passwords, receipts: may spend a reserved share of the workspace's
+	// budget that bulk work never takes, and everything above it.
+	Priority_PRIORITY_TRANSACTIONAL Priority = 1
+	// Campaigns: spends only what is left above the reservations, and yields
+	// first when the budget runs low.
+	Priority_PRIORITY_BULK Priority = 2
+)
+
+// Enum value maps for Priority.
+var (
+	Priority_name = map[int32]string{
+		0: "PRIORITY_UNSPECIFIED",
+		1: "PRIORITY_TRANSACTIONAL",
+		2: "PRIORITY_BULK",
+	}
+	Priority_value = map[string]int32{
+		"PRIORITY_UNSPECIFIED":   0,
+		"PRIORITY_TRANSACTIONAL": 1,
+		"PRIORITY_BULK":          2,
+	}
+)
+
+func (x Priority) Enum() *Priority {
+	p := new(Priority)
+	*p = x
+	return p
+}
+
+func (x Priority) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Priority) Descriptor() protoreflect.EnumDescriptor {
+	return file_canvas_gateway_v1_canvas_gateway_proto_enumTypes[0].Descriptor()
+}
+
+func (Priority) Type() protoreflect.EnumType {
+	return &file_canvas_gateway_v1_canvas_gateway_proto_enumTypes[0]
+}
+
+func (x Priority) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Priority.Descriptor instead.
+func (Priority) EnumDescriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{0}
+}
+
 // Outcome says whether Braze acted on a batch.
 type Outcome int32
 
@@ -102,11 +157,11 @@ func (x Outcome) String() string {
 }
 
 func (Outcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_canvas_gateway_v1_canvas_gateway_proto_enumTypes[0].Descriptor()
+	return file_canvas_gateway_v1_canvas_gateway_proto_enumTypes[1].Descriptor()
 }
 
 func (Outcome) Type() protoreflect.EnumType {
-	return &file_canvas_gateway_v1_canvas_gateway_proto_enumTypes[0]
+	return &file_canvas_gateway_v1_canvas_gateway_proto_enumTypes[1]
 }
 
 func (x Outcome) Number() protoreflect.EnumNumber {
@@ -115,7 +170,7 @@ func (x Outcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Outcome.Descriptor instead.
 func (Outcome) EnumDescriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{0}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{1}
 }
 
 // CanvasTrigger is the body of Braze's POST /canvas/trigger/send.
@@ -700,8 +755,14 @@ type SendOptions struct {
 	// ends NOT_ATTEMPTED with ABORTED and a RetryInfo. Scoped to the tenant;
 	// 1 to 128 characters from [A-Za-z0-9._:-]. Ignored with validate_only.
 	IdempotencyKey string `protobuf:"bytes,2,opt,name=idempotency_key,proto3" json:"idempotency_key,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Which lane of the workspace's Braze budget this request's calls spend
+	// (docs/budgets.md). UNSPECIFIED: TRANSACTIONAL for Send, BULK for
+	// SendStream. A tenant whose `lane` the tenants file fixes keeps it
+	// whatever the request asks. A value this gateway does not know is
+	// INVALID_ARGUMENT (field `options.priority`), nothing sent.
+	Priority      Priority `protobuf:"varint,3,opt,name=priority,proto3,enum=canvas_gateway.v1.Priority" json:"priority,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SendOptions) Reset() {
@@ -746,6 +807,13 @@ func (x *SendOptions) GetIdempotencyKey() string {
 		return x.IdempotencyKey
 	}
 	return ""
+}
+
+func (x *SendOptions) GetPriority() Priority {
+	if x != nil {
+		return x.Priority
+	}
+	return Priority_PRIORITY_UNSPECIFIED
 }
 
 // SendRequest is one Braze body of any number of recipients (up to the
@@ -1542,10 +1610,11 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\n" +
 	"comparison\x18\x01 \x01(\tR\n" +
 	"comparison\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"]\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x96\x01\n" +
 	"\vSendOptions\x12$\n" +
 	"\rvalidate_only\x18\x01 \x01(\bR\rvalidate_only\x12(\n" +
-	"\x0fidempotency_key\x18\x02 \x01(\tR\x0fidempotency_key\"\x83\x01\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0fidempotency_key\x127\n" +
+	"\bpriority\x18\x03 \x01(\x0e2\x1b.canvas_gateway.v1.PriorityR\bpriority\"\x83\x01\n" +
 	"\vSendRequest\x12:\n" +
 	"\atrigger\x18\x01 \x01(\v2 .canvas_gateway.v1.CanvasTriggerR\atrigger\x128\n" +
 	"\aoptions\x18\x02 \x01(\v2\x1e.canvas_gateway.v1.SendOptionsR\aoptions\"\x82\x01\n" +
@@ -1601,7 +1670,11 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\x1arecipients_canvas_inactive\x18\b \x01(\x03R\x1arecipients_canvas_inactive\x12\x1e\n" +
 	"\n" +
 	"request_id\x18\a \x01(\tR\n" +
-	"request_id*\x97\x01\n" +
+	"request_id*S\n" +
+	"\bPriority\x12\x18\n" +
+	"\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16PRIORITY_TRANSACTIONAL\x10\x01\x12\x11\n" +
+	"\rPRIORITY_BULK\x10\x02*\x97\x01\n" +
 	"\aOutcome\x12\x17\n" +
 	"\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fOUTCOME_SENT\x10\x01\x12\x14\n" +
@@ -1627,77 +1700,79 @@ func file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP() []byte {
 	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescData
 }
 
-var file_canvas_gateway_v1_canvas_gateway_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_canvas_gateway_v1_canvas_gateway_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_canvas_gateway_v1_canvas_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_canvas_gateway_v1_canvas_gateway_proto_goTypes = []any{
-	(Outcome)(0),                                 // 0: canvas_gateway.v1.Outcome
-	(*CanvasTrigger)(nil),                        // 1: canvas_gateway.v1.CanvasTrigger
-	(*Recipient)(nil),                            // 2: canvas_gateway.v1.Recipient
-	(*UserAlias)(nil),                            // 3: canvas_gateway.v1.UserAlias
-	(*Audience)(nil),                             // 4: canvas_gateway.v1.Audience
-	(*CustomAttributeFilter)(nil),                // 5: canvas_gateway.v1.CustomAttributeFilter
-	(*SubscriptionStatusFilter)(nil),             // 6: canvas_gateway.v1.SubscriptionStatusFilter
-	(*LastUsedAppFilter)(nil),                    // 7: canvas_gateway.v1.LastUsedAppFilter
-	(*SendOptions)(nil),                          // 8: canvas_gateway.v1.SendOptions
-	(*SendRequest)(nil),                          // 9: canvas_gateway.v1.SendRequest
-	(*SendResponse)(nil),                         // 10: canvas_gateway.v1.SendResponse
-	(*SendStreamRequest)(nil),                    // 11: canvas_gateway.v1.SendStreamRequest
-	(*StreamHeader)(nil),                         // 12: canvas_gateway.v1.StreamHeader
-	(*RecipientChunk)(nil),                       // 13: canvas_gateway.v1.RecipientChunk
-	(*SendStreamResponse)(nil),                   // 14: canvas_gateway.v1.SendStreamResponse
-	(*BatchResult)(nil),                          // 15: canvas_gateway.v1.BatchResult
-	(*BrazeReply)(nil),                           // 16: canvas_gateway.v1.BrazeReply
-	(*SendSummary)(nil),                          // 17: canvas_gateway.v1.SendSummary
-	(*structpb.Struct)(nil),                      // 18: google.protobuf.Struct
-	(*structpb.Value)(nil),                       // 19: google.protobuf.Value
-	(code.Code)(0),                               // 20: google.rpc.Code
-	(*errdetails.BadRequest_FieldViolation)(nil), // 21: google.rpc.BadRequest.FieldViolation
-	(*timestamppb.Timestamp)(nil),                // 22: google.protobuf.Timestamp
-	(*anypb.Any)(nil),                            // 23: google.protobuf.Any
+	(Priority)(0),                                // 0: canvas_gateway.v1.Priority
+	(Outcome)(0),                                 // 1: canvas_gateway.v1.Outcome
+	(*CanvasTrigger)(nil),                        // 2: canvas_gateway.v1.CanvasTrigger
+	(*Recipient)(nil),                            // 3: canvas_gateway.v1.Recipient
+	(*UserAlias)(nil),                            // 4: canvas_gateway.v1.UserAlias
+	(*Audience)(nil),                             // 5: canvas_gateway.v1.Audience
+	(*CustomAttributeFilter)(nil),                // 6: canvas_gateway.v1.CustomAttributeFilter
+	(*SubscriptionStatusFilter)(nil),             // 7: canvas_gateway.v1.SubscriptionStatusFilter
+	(*LastUsedAppFilter)(nil),                    // 8: canvas_gateway.v1.LastUsedAppFilter
+	(*SendOptions)(nil),                          // 9: canvas_gateway.v1.SendOptions
+	(*SendRequest)(nil),                          // 10: canvas_gateway.v1.SendRequest
+	(*SendResponse)(nil),                         // 11: canvas_gateway.v1.SendResponse
+	(*SendStreamRequest)(nil),                    // 12: canvas_gateway.v1.SendStreamRequest
+	(*StreamHeader)(nil),                         // 13: canvas_gateway.v1.StreamHeader
+	(*RecipientChunk)(nil),                       // 14: canvas_gateway.v1.RecipientChunk
+	(*SendStreamResponse)(nil),                   // 15: canvas_gateway.v1.SendStreamResponse
+	(*BatchResult)(nil),                          // 16: canvas_gateway.v1.BatchResult
+	(*BrazeReply)(nil),                           // 17: canvas_gateway.v1.BrazeReply
+	(*SendSummary)(nil),                          // 18: canvas_gateway.v1.SendSummary
+	(*structpb.Struct)(nil),                      // 19: google.protobuf.Struct
+	(*structpb.Value)(nil),                       // 20: google.protobuf.Value
+	(code.Code)(0),                               // 21: google.rpc.Code
+	(*errdetails.BadRequest_FieldViolation)(nil), // 22: google.rpc.BadRequest.FieldViolation
+	(*timestamppb.Timestamp)(nil),                // 23: google.protobuf.Timestamp
+	(*anypb.Any)(nil),                            // 24: google.protobuf.Any
 }
 var file_canvas_gateway_v1_canvas_gateway_proto_depIdxs = []int32{
-	18, // 0: canvas_gateway.v1.CanvasTrigger.context:type_name -> google.protobuf.Struct
-	18, // 1: canvas_gateway.v1.CanvasTrigger.canvas_entry_properties:type_name -> google.protobuf.Struct
-	4,  // 2: canvas_gateway.v1.CanvasTrigger.audience:type_name -> canvas_gateway.v1.Audience
-	2,  // 3: canvas_gateway.v1.CanvasTrigger.recipients:type_name -> canvas_gateway.v1.Recipient
-	3,  // 4: canvas_gateway.v1.Recipient.user_alias:type_name -> canvas_gateway.v1.UserAlias
-	18, // 5: canvas_gateway.v1.Recipient.context:type_name -> google.protobuf.Struct
-	18, // 6: canvas_gateway.v1.Recipient.canvas_entry_properties:type_name -> google.protobuf.Struct
-	18, // 7: canvas_gateway.v1.Recipient.attributes:type_name -> google.protobuf.Struct
-	4,  // 8: canvas_gateway.v1.Audience.all_of:type_name -> canvas_gateway.v1.Audience
-	4,  // 9: canvas_gateway.v1.Audience.any_of:type_name -> canvas_gateway.v1.Audience
-	5,  // 10: canvas_gateway.v1.Audience.custom_attribute:type_name -> canvas_gateway.v1.CustomAttributeFilter
-	6,  // 11: canvas_gateway.v1.Audience.push_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
-	6,  // 12: canvas_gateway.v1.Audience.email_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
-	7,  // 13: canvas_gateway.v1.Audience.last_used_app:type_name -> canvas_gateway.v1.LastUsedAppFilter
-	19, // 14: canvas_gateway.v1.CustomAttributeFilter.value:type_name -> google.protobuf.Value
-	1,  // 15: canvas_gateway.v1.SendRequest.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
-	8,  // 16: canvas_gateway.v1.SendRequest.options:type_name -> canvas_gateway.v1.SendOptions
-	15, // 17: canvas_gateway.v1.SendResponse.results:type_name -> canvas_gateway.v1.BatchResult
-	17, // 18: canvas_gateway.v1.SendResponse.summary:type_name -> canvas_gateway.v1.SendSummary
-	12, // 19: canvas_gateway.v1.SendStreamRequest.header:type_name -> canvas_gateway.v1.StreamHeader
-	13, // 20: canvas_gateway.v1.SendStreamRequest.chunk:type_name -> canvas_gateway.v1.RecipientChunk
-	1,  // 21: canvas_gateway.v1.StreamHeader.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
-	8,  // 22: canvas_gateway.v1.StreamHeader.options:type_name -> canvas_gateway.v1.SendOptions
-	2,  // 23: canvas_gateway.v1.RecipientChunk.recipients:type_name -> canvas_gateway.v1.Recipient
-	15, // 24: canvas_gateway.v1.SendStreamResponse.result:type_name -> canvas_gateway.v1.BatchResult
-	17, // 25: canvas_gateway.v1.SendStreamResponse.summary:type_name -> canvas_gateway.v1.SendSummary
-	0,  // 26: canvas_gateway.v1.BatchResult.outcome:type_name -> canvas_gateway.v1.Outcome
-	20, // 27: canvas_gateway.v1.BatchResult.code:type_name -> google.rpc.Code
-	21, // 28: canvas_gateway.v1.BatchResult.violations:type_name -> google.rpc.BadRequest.FieldViolation
-	22, // 29: canvas_gateway.v1.BatchResult.rate_limit_reset:type_name -> google.protobuf.Timestamp
-	16, // 30: canvas_gateway.v1.BatchResult.braze:type_name -> canvas_gateway.v1.BrazeReply
-	23, // 31: canvas_gateway.v1.BatchResult.details:type_name -> google.protobuf.Any
-	19, // 32: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
-	9,  // 33: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
-	11, // 34: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
-	10, // 35: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
-	14, // 36: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
-	35, // [35:37] is the sub-list for method output_type
-	33, // [33:35] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	19, // 0: canvas_gateway.v1.CanvasTrigger.context:type_name -> google.protobuf.Struct
+	19, // 1: canvas_gateway.v1.CanvasTrigger.canvas_entry_properties:type_name -> google.protobuf.Struct
+	5,  // 2: canvas_gateway.v1.CanvasTrigger.audience:type_name -> canvas_gateway.v1.Audience
+	3,  // 3: canvas_gateway.v1.CanvasTrigger.recipients:type_name -> canvas_gateway.v1.Recipient
+	4,  // 4: canvas_gateway.v1.Recipient.user_alias:type_name -> canvas_gateway.v1.UserAlias
+	19, // 5: canvas_gateway.v1.Recipient.context:type_name -> google.protobuf.Struct
+	19, // 6: canvas_gateway.v1.Recipient.canvas_entry_properties:type_name -> google.protobuf.Struct
+	19, // 7: canvas_gateway.v1.Recipient.attributes:type_name -> google.protobuf.Struct
+	5,  // 8: canvas_gateway.v1.Audience.all_of:type_name -> canvas_gateway.v1.Audience
+	5,  // 9: canvas_gateway.v1.Audience.any_of:type_name -> canvas_gateway.v1.Audience
+	6,  // 10: canvas_gateway.v1.Audience.custom_attribute:type_name -> canvas_gateway.v1.CustomAttributeFilter
+	7,  // 11: canvas_gateway.v1.Audience.push_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
+	7,  // 12: canvas_gateway.v1.Audience.email_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
+	8,  // 13: canvas_gateway.v1.Audience.last_used_app:type_name -> canvas_gateway.v1.LastUsedAppFilter
+	20, // 14: canvas_gateway.v1.CustomAttributeFilter.value:type_name -> google.protobuf.Value
+	0,  // 15: canvas_gateway.v1.SendOptions.priority:type_name -> canvas_gateway.v1.Priority
+	2,  // 16: canvas_gateway.v1.SendRequest.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
+	9,  // 17: canvas_gateway.v1.SendRequest.options:type_name -> canvas_gateway.v1.SendOptions
+	16, // 18: canvas_gateway.v1.SendResponse.results:type_name -> canvas_gateway.v1.BatchResult
+	18, // 19: canvas_gateway.v1.SendResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	13, // 20: canvas_gateway.v1.SendStreamRequest.header:type_name -> canvas_gateway.v1.StreamHeader
+	14, // 21: canvas_gateway.v1.SendStreamRequest.chunk:type_name -> canvas_gateway.v1.RecipientChunk
+	2,  // 22: canvas_gateway.v1.StreamHeader.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
+	9,  // 23: canvas_gateway.v1.StreamHeader.options:type_name -> canvas_gateway.v1.SendOptions
+	3,  // 24: canvas_gateway.v1.RecipientChunk.recipients:type_name -> canvas_gateway.v1.Recipient
+	16, // 25: canvas_gateway.v1.SendStreamResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	18, // 26: canvas_gateway.v1.SendStreamResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	1,  // 27: canvas_gateway.v1.BatchResult.outcome:type_name -> canvas_gateway.v1.Outcome
+	21, // 28: canvas_gateway.v1.BatchResult.code:type_name -> google.rpc.Code
+	22, // 29: canvas_gateway.v1.BatchResult.violations:type_name -> google.rpc.BadRequest.FieldViolation
+	23, // 30: canvas_gateway.v1.BatchResult.rate_limit_reset:type_name -> google.protobuf.Timestamp
+	17, // 31: canvas_gateway.v1.BatchResult.braze:type_name -> canvas_gateway.v1.BrazeReply
+	24, // 32: canvas_gateway.v1.BatchResult.details:type_name -> google.protobuf.Any
+	20, // 33: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
+	10, // 34: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
+	12, // 35: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
+	11, // 36: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
+	15, // 37: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
+	36, // [36:38] is the sub-list for method output_type
+	34, // [34:36] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_canvas_gateway_v1_canvas_gateway_proto_init() }
@@ -1724,7 +1799,7 @@ func file_canvas_gateway_v1_canvas_gateway_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_canvas_gateway_v1_canvas_gateway_proto_rawDesc), len(file_canvas_gateway_v1_canvas_gateway_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,

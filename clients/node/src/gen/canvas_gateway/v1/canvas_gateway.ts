@@ -53,6 +53,55 @@ export const protobufFileName = "canvas_gateway/v1/canvas_gateway.proto";
  * gateway holds each tenant's Braze key.
  */
 
+/** Priority is a lane of a workspace's Braze budget. */
+export enum Priority {
+  /** PRIORITY_UNSPECIFIED - The RPC's lane: Send transactional, SendStream bulk. */
+  PRIORITY_UNSPECIFIED = 0,
+  /**
+   * PRIORITY_TRANSACTIONAL - One-time passwords, receipts: may spend a reserved share of the workspace's
+   * budget that bulk work never takes, and everything above it.
+   */
+  PRIORITY_TRANSACTIONAL = 1,
+  /**
+   * PRIORITY_BULK - Campaigns: spends only what is left above the reservations, and yields
+   * first when the budget runs low.
+   */
+  PRIORITY_BULK = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function priorityFromJSON(object: any): Priority {
+  switch (object) {
+    case 0:
+    case "PRIORITY_UNSPECIFIED":
+      return Priority.PRIORITY_UNSPECIFIED;
+    case 1:
+    case "PRIORITY_TRANSACTIONAL":
+      return Priority.PRIORITY_TRANSACTIONAL;
+    case 2:
+    case "PRIORITY_BULK":
+      return Priority.PRIORITY_BULK;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Priority.UNRECOGNIZED;
+  }
+}
+
+export function priorityToJSON(object: Priority): string {
+  switch (object) {
+    case Priority.PRIORITY_UNSPECIFIED:
+      return "PRIORITY_UNSPECIFIED";
+    case Priority.PRIORITY_TRANSACTIONAL:
+      return "PRIORITY_TRANSACTIONAL";
+    case Priority.PRIORITY_BULK:
+      return "PRIORITY_BULK";
+    case Priority.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Outcome says whether Braze acted on a batch. */
 export enum Outcome {
   OUTCOME_UNSPECIFIED = 0,
@@ -278,6 +327,14 @@ export interface SendOptions {
    * 1 to 128 characters from [A-Za-z0-9._:-]. Ignored with validate_only.
    */
   idempotencyKey: string;
+  /**
+   * Which lane of the workspace's Braze budget this request's calls spend
+   * (docs/budgets.md). UNSPECIFIED: TRANSACTIONAL for Send, BULK for
+   * SendStream. A tenant whose `lane` the tenants file fixes keeps it
+   * whatever the request asks. A value this gateway does not know is
+   * INVALID_ARGUMENT (field `options.priority`), nothing sent.
+   */
+  priority: Priority;
 }
 
 /**
@@ -1356,7 +1413,7 @@ export const LastUsedAppFilter: MessageFns<LastUsedAppFilter> = {
 };
 
 function createBaseSendOptions(): SendOptions {
-  return { validateOnly: false, idempotencyKey: "" };
+  return { validateOnly: false, idempotencyKey: "", priority: 0 };
 }
 
 export const SendOptions: MessageFns<SendOptions> = {
@@ -1366,6 +1423,9 @@ export const SendOptions: MessageFns<SendOptions> = {
     }
     if (message.idempotencyKey !== "") {
       writer.uint32(18).string(message.idempotencyKey);
+    }
+    if (message.priority !== 0) {
+      writer.uint32(24).int32(message.priority);
     }
     return writer;
   },
@@ -1399,6 +1459,14 @@ export const SendOptions: MessageFns<SendOptions> = {
             message.idempotencyKey = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1415,6 +1483,7 @@ export const SendOptions: MessageFns<SendOptions> = {
     return {
       validateOnly: isSet(object.validate_only) ? globalThis.Boolean(object.validate_only) : false,
       idempotencyKey: isSet(object.idempotency_key) ? globalThis.String(object.idempotency_key) : "",
+      priority: isSet(object.priority) ? priorityFromJSON(object.priority) : 0,
     };
   },
 
@@ -1426,6 +1495,9 @@ export const SendOptions: MessageFns<SendOptions> = {
     if (message.idempotencyKey !== "") {
       obj.idempotency_key = message.idempotencyKey;
     }
+    if (message.priority !== 0) {
+      obj.priority = priorityToJSON(message.priority);
+    }
     return obj;
   },
 
@@ -1436,6 +1508,7 @@ export const SendOptions: MessageFns<SendOptions> = {
     const message = createBaseSendOptions();
     message.validateOnly = object.validateOnly ?? false;
     message.idempotencyKey = object.idempotencyKey ?? "";
+    message.priority = object.priority ?? 0;
     return message;
   },
 };
