@@ -295,6 +295,10 @@ class FanOut:
         """Log results already handed to the caller's RPC that it may never have read."""
         reporting.unread(self._metrics, self._context, handed)
 
+    def log_undelivered(self, result: BatchResult) -> None:
+        """Log a result taken from `results` that never reached the caller's RPC."""
+        reporting.undelivered(self._metrics, self._context, result)
+
     def cancel(self) -> None:
         """The caller is gone: stop the batches, and log the results it will never read."""
         for task in self._tasks:

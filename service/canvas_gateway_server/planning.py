@@ -66,7 +66,8 @@ class Intake:
         """Top-level violations: while there are any, nothing is batched (recipients are still checked)."""
         self.head_json = encoded or b"{}"
         self._head_size = len(self.head_json)
-        self._audience = audience_digest(head)
+        # Only a valid head is digested: one that is not may hold what JSON cannot carry.
+        self._audience = "" if self.head_violations else audience_digest(head)
         self._lane = lane
         self._planner = BatchPlanner(
             self.head_json,

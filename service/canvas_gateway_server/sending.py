@@ -198,6 +198,11 @@ class StreamSend:
         have read, for reconciliation."""
         self._fan.log_unread(handed)
 
+    def log_undelivered(self, result: BatchResult) -> None:
+        """A result taken from `results` but never handed to gRPC (the stream was cut off between
+        the two): logged, for reconciliation, as one its caller will never get."""
+        self._fan.log_undelivered(result)
+
     @property
     def quiet_since(self) -> float | None:
         """When the stream's last batch in flight ended (time.monotonic); None while one is."""

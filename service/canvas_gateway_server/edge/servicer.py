@@ -13,10 +13,11 @@ access line should say (tenant, summary) is noted on the current `observer.Call`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final, NoReturn, TypeVar
 
 import grpc
@@ -156,15 +157,18 @@ class CanvasGatewayServicer:
     async def SendStream(
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[pb.SendStreamResponse]:
+        # Each nested generator is closed with the one above it (aclosing), at once: when gRPC
+        # closes the handler, a cut-off stream's reconciliation log and cancellation run now, not
+        # whenever the event loop finalizes a generator left suspended.
         with self.in_flight, self.streams.hold() as hold:
-            async for response in self._send_stream(
-                StreamReader(request_iterator, self._shutting_down), context, hold
-            ):
-                yield response
+            reader = StreamReader(request_iterator, self._shutting_down)
+            async with contextlib.aclosing(self._send_stream(reader, context, hold)) as responses:
+                async for response in responses:
+                    yield response
 
     async def _send_stream(
         self, reader: StreamReader[bytes], context: Context, hold: StreamHold
-    ) -> AsyncIterator[pb.SendStreamResponse]:
+    ) -> AsyncGenerator[pb.SendStreamResponse, None]:
         try:
             tenant = self._authenticate(context)
             hold.take(tenant.id)
@@ -188,8 +192,11 @@ class CanvasGatewayServicer:
         observer.note(summary=session.summary)
         self._metrics.stream_opened(tenant.id)
         try:
-            async for response in self._stream_results(session, reader, header, context):
-                yield response
+            async with contextlib.aclosing(
+                self._stream_results(session, reader, header, context)
+            ) as responses:
+                async for response in responses:
+                    yield response
         finally:
             self._metrics.stream_closed(tenant.id)
 
@@ -199,7 +206,7 @@ class CanvasGatewayServicer:
         reader: StreamReader[bytes],
         header: pb.StreamHeader,
         context: Context,
-    ) -> AsyncIterator[pb.SendStreamResponse]:
+    ) -> AsyncGenerator[pb.SendStreamResponse, None]:
         """Feed the session from the caller while its results go back, then the summary.
 
         The last, partial batch is sent only once a write to the caller has succeeded after its
@@ -252,11 +259,12 @@ class CanvasGatewayServicer:
         handed: deque[BatchResult] = deque(maxlen=self._reconcile_tail)
         try:
             try:
-                async for result in results_to_write(session, end, handed):
-                    if result is None:
-                        yield pb.SendStreamResponse()
-                    else:
-                        yield pb.SendStreamResponse(result=convert.result_to_proto(result))
+                async with contextlib.aclosing(results_to_write(session, end, handed)) as results:
+                    async for result in results:
+                        if result is None:
+                            yield pb.SendStreamResponse()
+                        else:
+                            yield pb.SendStreamResponse(result=convert.result_to_proto(result))
                 await pumping
                 if failure:  # what the caller still writes is read: give it a while to stop
                     await asyncio.wait((reader.drain(),), timeout=self._drain_seconds)

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Generic, Literal, TypeVar
 
 import grpc
@@ -104,15 +104,16 @@ async def next_message(reader: StreamReader[bytes], session: StreamSend, idle_se
 
 async def results_to_write(
     session: StreamSend, end: StreamEnd, handed: deque[BatchResult]
-) -> AsyncIterator[BatchResult | None]:
+) -> AsyncGenerator[BatchResult | None, None]:
     """The session's results as they come, and None (an empty message) once the requests end
     with a partial batch open. gRPC resumes this generator only after writing what it
     yielded, so going on past the None proves the caller half-closed (`StreamEnd`)."""
     results = aiter(session.results())
-    upcoming = asyncio.ensure_future(anext(results, None))
+    upcoming: asyncio.Future[BatchResult | None] | None = asyncio.ensure_future(anext(results, None))
     stopped: asyncio.Task[Literal[True]] | None = asyncio.ensure_future(end.stopped.wait())
     try:
         while True:
+            assert upcoming is not None
             if stopped is not None:
                 await asyncio.wait((upcoming, stopped), return_when=asyncio.FIRST_COMPLETED)
                 if stopped.done():
@@ -121,13 +122,21 @@ async def results_to_write(
                         yield None
                         end.prove(alive=True)
                     continue
-            if (result := await upcoming) is None:
+            result = await upcoming
+            upcoming = None  # taken: from here it is handed over, or the stream has ended
+            if result is None:
                 return
             handed.append(result)  # before the write: a write cut short may have gone out
             yield result
             upcoming = asyncio.ensure_future(anext(results, None))
     finally:
-        upcoming.cancel()
+        if upcoming is not None:
+            # Cut off after the session gave up a result and before it was handed to gRPC: it is
+            # neither queued nor handed, so it is logged here as one its caller will never get.
+            done = upcoming.done() and not upcoming.cancelled() and upcoming.exception() is None
+            if done and (left := upcoming.result()) is not None:
+                session.log_undelivered(left)
+            upcoming.cancel()
         if stopped is not None:
             stopped.cancel()
 
