@@ -353,7 +353,9 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
             assert len(tickets) == 200
             await server.stop()
             assert await asyncio.gather(*(store.settle(t, None, now) for t in tickets)) == [0.0] * 200
-            assert counting.settles == 201
+            # Each settle asked Redis once; the backlog's task may have tried once more already
+            # (its first try is 0.1 s after the first failure, and 200 failures can take longer).
+            assert counting.settles >= 201
             await asyncio.sleep(1.0)
             assert counting.settles - 201 <= 5  # 0.1 s, doubling: one task, one try at a time
             await server.start()
