@@ -13,6 +13,10 @@ RuntimeError names the install script (`.ci/servers-install`, or `make servers-i
 a free port of 127.0.0.1 that only reaches 127.0.0.1, caches nothing, keeps its files in a temporary
 folder, and optionally asks for a user and password (basic_ncsa_auth, an MD5-crypt password file).
 
+`jaeger()` starts Jaeger v2 (`$JAEGER_BIN`, else `jaeger` beside the running Python, where
+`make jaeger-install` builds it) with tests/jaeger/config.yaml: an OTLP/HTTP receiver and the query
+API on free ports of 127.0.0.1, traces kept in memory; `Jaeger.trace(id)` asks the query API.
+
 `start_replica(tenants, session)` starts a gateway process (`python -m canvas_gateway_server`) on
 free ports and returns once its /readyz answers.
 """
@@ -32,12 +36,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
 from support import free_port, gateway_env
 
 ROOT = Path(__file__).resolve().parents[1]
+JAEGER_CONFIG = ROOT / "tests" / "jaeger" / "config.yaml"
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 MAX_BACKENDS = 3
 """Server lines in HAProxy's config: CGW_BACKEND_1 .. CGW_BACKEND_3."""
@@ -383,6 +389,73 @@ async def squid(
             yield Proxy(address, directory)
         finally:
             await stop_process(process, signal.SIGINT)
+
+
+@dataclass
+class Jaeger:
+    """A running Jaeger: exporters send OTLP/HTTP to `otlp_endpoint`; the query API is `query`."""
+
+    otlp_endpoint: str
+    query: str
+    log: Path
+    session: aiohttp.ClientSession
+
+    async def services(self) -> list[str]:
+        """The services that Jaeger holds spans of."""
+        async with self.session.get(f"{self.query}/api/services") as reply:
+            reply.raise_for_status()
+            body = await reply.json()
+        return list(body.get("data") or [])
+
+    async def trace(self, trace_id: str) -> dict[str, Any] | None:
+        """The trace `trace_id` (32 hex digits) as Jaeger's query API gives it (`spans`, `processes`),
+        or None when Jaeger has no span of it."""
+        async with self.session.get(f"{self.query}/api/traces/{trace_id}") as reply:
+            if reply.status == 404:
+                return None
+            reply.raise_for_status()
+            body = await reply.json()
+        (found,) = body["data"]  # one trace per id
+        assert isinstance(found, dict)
+        return found
+
+
+def jaeger_binary() -> str:
+    found = os.environ.get("JAEGER_BIN") or str(Path(sys.executable).parent / "jaeger")
+    if not os.access(found, os.X_OK):
+        raise RuntimeError(
+            f"no Jaeger at {found}: run `make jaeger-install` (it builds tests/jaeger/go.mod's pinned "
+            "Jaeger into .venv/bin), or point $JAEGER_BIN at a Jaeger v2 binary"
+        )
+    return found
+
+
+@asynccontextmanager
+async def jaeger() -> AsyncIterator[Jaeger]:
+    """Jaeger v2 with tests/jaeger/config.yaml on free ports of 127.0.0.1, storing in memory; yields
+    once its OTLP receiver and its query API accept connections and the API answers; stops it on exit."""
+    ports = {name: free_port() for name in ("OTLP_HTTP", "QUERY_HTTP", "QUERY_GRPC")}
+    env = {**os.environ, **{f"JAEGER_{name}_PORT": str(port) for name, port in ports.items()}}
+    otlp, query = f"127.0.0.1:{ports['OTLP_HTTP']}", f"127.0.0.1:{ports['QUERY_HTTP']}"
+    with tempfile.TemporaryDirectory(prefix="cgw-jaeger-") as directory:
+        log = Path(directory) / "jaeger.log"
+        with log.open("wb") as output:
+            process = await asyncio.create_subprocess_exec(
+                jaeger_binary(), "--config", str(JAEGER_CONFIG),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            await wait_for_port(otlp, process, log, name="jaeger")
+            await wait_for_port(query, process, log, name="jaeger")
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+                found = Jaeger(f"http://{otlp}", f"http://{query}", log, session)
+                assert await found.services() == []
+                yield found
+        finally:
+            await stop_process(process)
 
 
 REPLICA_SHUTDOWN_DELAY = 3.0

@@ -1,8 +1,8 @@
 """Tracing end to end: a caller's W3C traceparent through real gRPC on 127.0.0.1 to the fake Braze.
 
 Spans are collected in-process with the SDK's in-memory exporter (a gateway handed its own
-`Tracing`), and, for the OTLP path configured by OTEL_* variables alone, by a small OTLP/HTTP
-receiver on 127.0.0.1 that decodes opentelemetry-proto's ExportTraceServiceRequest from gateway
+`Tracing`), and, for the OTLP path configured by OTEL_* variables alone, by a real Jaeger v2 on
+127.0.0.1 (tests/jaeger: `make jaeger-install` builds it), asked through its query API, from gateway
 processes (one, and a supervisor with two workers).
 """
 
@@ -21,7 +21,6 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 import yarl
-from aiohttp import web
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.app import Gateway
@@ -30,15 +29,11 @@ from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.tenants import token_digest
 from canvas_gateway_server.tracing import Tracing, safe_url
 from fake_braze import FakeBraze, Fault
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from servers import binary, start_replica, stop_process
+from servers import binary, jaeger, start_replica, stop_process
 from support import FAKE_URLS, KEYS, LOCAL, TOKENS, Harness, free_port, tenants_toml, trigger_from_json, until
 
 CANVAS = "8c7c2864-26b2-4ad0-97ec-48cddfd497d7"
@@ -454,55 +449,6 @@ def test_a_url_in_a_span_has_no_user_info_or_query() -> None:
     assert safe_url(url) == "https://rest.iad-01.braze.com/canvas/trigger/send"
 
 
-class Receiver:
-    """A tiny OTLP/HTTP trace receiver on 127.0.0.1: every export request, decoded."""
-
-    def __init__(self) -> None:
-        self.requests: list[ExportTraceServiceRequest] = []
-        self.port = free_port()
-        self._runner: web.AppRunner | None = None
-
-    async def _export(self, request: web.Request) -> web.Response:
-        message = ExportTraceServiceRequest()
-        message.ParseFromString(await request.read())
-        self.requests.append(message)
-        answer = ExportTraceServiceResponse().SerializeToString()
-        return web.Response(body=answer, content_type="application/x-protobuf")
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/traces", self._export)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def spans(self) -> list[tuple[dict[str, Any], Any]]:
-        """(resource attributes, span) for every span received."""
-        out: list[tuple[dict[str, Any], Any]] = []
-        for request in self.requests:
-            for resource_spans in request.resource_spans:
-                resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
-                for scope in resource_spans.scope_spans:
-                    out.extend((resource, span) for span in scope.spans)
-        return out
-
-
-def _value(value: Any) -> Any:
-    return getattr(value, value.WhichOneof("value"))
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    found = Receiver()
-    await found.start()
-    yield found
-    await found.stop()
-
-
 STREAM_TRACE = "f" * 32
 OTLP = {
     "OTEL_TRACES_EXPORTER": "otlp",
@@ -524,14 +470,70 @@ async def traced_sends(address: str, count: int) -> None:
         [r async for r in stub.SendStream(stream_requests(200), metadata=auth() + caller(STREAM_TRACE))]
 
 
+def tags(item: dict[str, Any]) -> dict[str, Any]:
+    """A span's or a process's tags in Jaeger's JSON, as a dict."""
+    return {tag["key"]: tag["value"] for tag in item.get("tags") or []}
+
+
+def parent(span: dict[str, Any]) -> str:
+    """The span id of a span's parent, from its one CHILD_OF reference in Jaeger's JSON."""
+    (reference,) = span["references"]
+    assert reference["refType"] == "CHILD_OF" and reference["traceID"] == span["traceID"]
+    return str(reference["spanID"])
+
+
+def check_jaeger_trace(trace: dict[str, Any], method: str, sizes: list[int], url: str) -> dict[str, Any]:
+    """One connected trace as Jaeger shows it: the caller's span -> one server span -> a batch span
+    per batch -> one client span (the Braze call) each, every span from one process. That process's
+    tags (the resource)."""
+    spans: list[dict[str, Any]] = trace["spans"]
+    assert len(spans) == 1 + 2 * len(sizes)
+    assert {s["processID"] for s in spans} == {spans[0]["processID"]}
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        by_kind.setdefault(tags(span)["span.kind"], []).append(span)
+    assert sorted(by_kind) == ["client", "internal", "server"]
+    (server,) = by_kind["server"]
+    attributes = tags(server)
+    assert server["operationName"] == method and parent(server) == CALLER_SPAN
+    assert attributes["rpc.system"] == "grpc" and attributes["rpc.grpc.status_code"] == 0
+    assert attributes["rpc.service"] == "canvas_gateway.v1.CanvasGatewayService"
+    assert attributes["rpc.method"] == method.rsplit("/", 1)[1]
+    assert attributes["canvas_gateway.tenant"] == "acme"
+    assert attributes["canvas_gateway.recipients"] == sum(sizes)
+    assert attributes["w3c.tracestate"] == "vendor=caller-state"
+    batches = sorted(by_kind["internal"], key=lambda s: tags(s)["canvas_gateway.batch.index"])
+    assert [tags(b)["canvas_gateway.batch.recipients"] for b in batches] == sizes
+    clients = {parent(c): tags(c) for c in by_kind["client"]}
+    assert len(clients) == len(sizes)  # one call under each batch
+    for index, batch in enumerate(batches):
+        attributes = tags(batch)
+        assert batch["operationName"] == "batch" and parent(batch) == server["spanID"]
+        assert attributes["canvas_gateway.batch.index"] == index
+        assert attributes["canvas_gateway.batch.outcome"] == "sent"
+        assert attributes["canvas_gateway.batch.code"] == "OK"
+        assert attributes["canvas_gateway.batch.attempts"] == 1
+        call = clients[batch["spanID"]]
+        assert call["http.request.method"] == "POST" and call["url.full"] == url
+        assert call["http.response.status_code"] == 201
+        assert call["canvas_gateway.dispatch_id"] == attributes["canvas_gateway.dispatch_id"]
+    process: dict[str, Any] = trace["processes"][spans[0]["processID"]]
+    assert process["serviceName"] == "cgw-under-test"
+    return tags(process)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
-async def test_otel_variables_alone_export_over_otlp_from_every_process(
-    fake: FakeBraze, tmp_path: Path, receiver: Receiver, workers: str
+async def test_otel_variables_alone_send_connected_traces_to_jaeger_from_every_process(
+    fake: FakeBraze, tmp_path: Path, workers: str
 ) -> None:
+    """A gateway process configured by OTEL_* variables alone, exporting to a real Jaeger on
+    127.0.0.1: six Sends of 120 and a stream of 200, each under a caller's traceparent, are one
+    connected trace each in Jaeger's query API, from one process that names its worker."""
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
-    async with aiohttp.ClientSession() as session:
+    url = f"{FAKE_URLS[id(fake)]}/canvas/trigger/send"
+    async with jaeger() as found, aiohttp.ClientSession() as session:
+        endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": found.otlp_endpoint}
         replica = await start_replica(
             tenants, session, CGW_WORKERS=workers, CGW_SHUTDOWN_DELAY_SECONDS="0", **OTLP, **endpoint
         )
@@ -539,23 +541,19 @@ async def test_otel_variables_alone_export_over_otlp_from_every_process(
             await traced_sends(replica.address, 6)
         finally:
             assert await stop_process(replica.process) == 0  # its last spans go at shutdown
-    received = receiver.spans()
-    traces: dict[str, list[Any]] = {}
-    for resource, span in received:
-        assert resource["service.name"] == "cgw-under-test"
-        traces.setdefault(span.trace_id.hex(), []).append(span)
-    assert sorted(traces) == [*(f"{i + 1:032x}" for i in range(6)), STREAM_TRACE]
-    for trace_id, spans in traces.items():
-        batches = 4 if trace_id == STREAM_TRACE else 3
-        kinds = sorted(s.kind for s in spans)  # 1 internal (batch), 2 server, 3 client
-        assert kinds.count(2) == 1 and kinds.count(1) == batches and kinds.count(3) == batches
-        (server,) = [s for s in spans if s.kind == 2]
-        assert server.parent_span_id.hex() == CALLER_SPAN
-        assert server.name == (STREAM if trace_id == STREAM_TRACE else SEND)
-        ids = {s.span_id for s in spans if s.kind == 1}
-        assert {s.parent_span_id for s in spans if s.kind == 1} == {server.span_id}
-        assert {s.parent_span_id for s in spans if s.kind == 3} == ids  # one call under each batch
-    instances = {r["service.instance.id"]: r.get("canvas_gateway.worker.index") for r, _ in received}
+        assert await found.services() == ["cgw-under-test"]
+        resources = []
+        for i in range(6):
+            trace = await found.trace(f"{i + 1:032x}")
+            assert trace is not None, i
+            resources.append(check_jaeger_trace(trace, SEND, [50, 50, 20], url))
+        trace = await found.trace(STREAM_TRACE)
+        assert trace is not None
+        resources.append(check_jaeger_trace(trace, STREAM, [50, 50, 50, 50], url))
+        assert await found.trace("e" * 32) is None  # a trace id nobody sent
+    dispatched = {call.dispatch_id for call in fake.calls}
+    assert len(dispatched) == len(fake.calls) == 6 * 3 + 4
+    instances = {r["service.instance.id"]: r.get("canvas_gateway.worker.index") for r in resources}
     if workers == "1":
         assert list(instances.values()) == [None]
     else:  # every worker that served names itself
@@ -563,15 +561,18 @@ async def test_otel_variables_alone_export_over_otlp_from_every_process(
         assert len(instances) == len(set(instances.values()))
 
 
-async def test_no_otel_variables_no_connection(fake: FakeBraze, tmp_path: Path, receiver: Receiver) -> None:
+async def test_no_otel_variables_nothing_reaches_jaeger(fake: FakeBraze, tmp_path: Path) -> None:
+    """Tracing off (no OTEL_TRACES_EXPORTER), the endpoint alone turns nothing on: the same sends
+    leave Jaeger without a service or a trace."""
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
-    async with aiohttp.ClientSession() as session:
-        replica = await start_replica(tenants, session, **endpoint)  # the endpoint alone turns nothing on
+    async with jaeger() as found, aiohttp.ClientSession() as session:
+        replica = await start_replica(tenants, session, OTEL_EXPORTER_OTLP_ENDPOINT=found.otlp_endpoint)
         try:
             await traced_sends(replica.address, 2)
         finally:
             assert await stop_process(replica.process) == 0
-    assert receiver.requests == []
+        assert await found.services() == []
+        for trace_id in (f"{1:032x}", f"{2:032x}", STREAM_TRACE):
+            assert await found.trace(trace_id) is None
     assert len(fake.calls) == 2 * 3 + 4
