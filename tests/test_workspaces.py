@@ -328,7 +328,9 @@ async def test_the_metrics_tell_what_the_gateway_and_others_spent_and_what_is_ke
 async def named_stream(prefix: str, count: int) -> AsyncIterator[pb.SendStreamRequest]:
     yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
     for start in range(0, count, 500):
-        recipients = [pb.Recipient(external_user_id=f"{prefix}{i}") for i in range(start, min(count, start + 500))]
+        recipients = [
+            pb.Recipient(external_user_id=f"{prefix}{i}") for i in range(start, min(count, start + 500))
+        ]
         yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients))
 
 
