@@ -20,6 +20,7 @@ import hashlib
 import math
 import statistics
 import time
+from typing import Any
 
 import aiohttp
 import grpc
@@ -43,7 +44,7 @@ def tenants_toml(reserve: int) -> str:
     )
 
 
-async def trickle(target: str, count: int, until: asyncio.Future[object] | None = None) -> list[float]:
+async def trickle(target: str, count: int, until: asyncio.Future[Any] | None = None) -> list[float]:
     """`count` one-recipient Sends as `otp`, one every TRICKLE_SECONDS; each one's latency (s)."""
     took = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -58,7 +59,7 @@ async def trickle(target: str, count: int, until: asyncio.Future[object] | None 
                 )
             )
             began = time.perf_counter()
-            reply = await send(request, metadata=auth, timeout=30)
+            reply: pb.SendResponse = await send(request, metadata=auth, timeout=30)  # type: ignore[misc]
             took.append(time.perf_counter() - began)
             assert reply.results[0].outcome == pb.OUTCOME_SENT, reply
             await asyncio.sleep(TRICKLE_SECONDS)
