@@ -161,12 +161,13 @@ def fake_braze_command(
 
 
 def write_tenants(folder: Path, url: str, extra: str = "") -> Path:
-    """A tenants file with the one benchmark tenant, sending to `url` (`extra`: more TOML lines)."""
+    """A tenants file with the one benchmark tenant, sending to `url` (`extra`: more TOML lines,
+    where `{braze_rest_url}` is `url`)."""
     tenants = folder / "tenants.toml"
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     tenants.write_text(
         f'[tenants.bench]\ntoken_sha256 = ["{digest}"]\nbraze_rest_url = "{url}"\n'
-        f'braze_api_key = "{KEY}"\n{extra}'
+        f'braze_api_key = "{KEY}"\n{extra.replace("{braze_rest_url}", url)}'
     )
     return tenants
 

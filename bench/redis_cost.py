@@ -82,7 +82,7 @@ BATCH = 50
 CONCURRENCY = 8
 TIMEOUT_SECONDS = 5.0
 """Redis timeout of the stores called here: generous, a slow answer on a busy machine is a figure."""
-BUDGET = ("bench", False)
+BUDGET = ("bench", "recipients")  # (workspace, pool)
 DIGEST = "0" * 32
 KEPT = keeping.encode(
     BatchResult(

@@ -33,6 +33,7 @@ MEASURES = (
     "unary_overhead",
     "memory",
     "budget_use",
+    "lanes",
     "peers",
     "observability_cost",
     "replicas",

@@ -16,6 +16,8 @@ from canvas_gateway_server.limits import LocalLimiter, Reserved
 from canvas_gateway_server.model import Batch
 from canvas_gateway_server.rate_budget import (
     BULK,
+    FAIR_SECONDS,
+    MAX_PARTIES,
     MAX_PAUSE_SECONDS,
     NO_HEADROOM,
     RECHECK_SECONDS,
@@ -24,8 +26,10 @@ from canvas_gateway_server.rate_budget import (
     BudgetStore,
     Headroom,
     Hold,
+    RateBudget,
     Ticket,
     WorkspacePolicy,
+    party_of,
 )
 from canvas_gateway_server.reply import Delivery, RateLimit, Reply, parse_rate_limit
 from canvas_gateway_server.stores.failover import FailoverBudgets
@@ -608,3 +612,48 @@ async def test_a_new_window_a_reply_tells_of_first_counts_only_the_calls_under_w
     [await start(limiter, tenant=tenant) for _ in range(2)]  # `two` and these: 3
     await held(limiter, tenant=tenant)
     await limiter.settle(two, None)
+
+
+async def test_tenants_in_one_lane_each_get_their_share_while_it_is_contended(budgets: BudgetStore) -> None:
+    """Room for 10: a lone tenant's stream takes all of it; once a second tenant of the same lane
+    waits, the first starts nothing more until it has fewer than ceil(10 / 2) under way, and what
+    it frees goes to the second, up to 5 each. Another lane's tenant is not counted; a tenant that
+    stops asking is forgotten after FAIR_SECONDS."""
+    now = [NOW]
+    limiter = LocalLimiter(32, clock=lambda: now[0], budgets=budgets)
+    shop, outlet = tenant_with(WorkspacePolicy(), "acme"), tenant_with(WorkspacePolicy(), "globex")
+    otp = tenant_with(WorkspacePolicy(), "initech")
+    await limiter.settle(await start(limiter, tenant=shop), reply(201, limit=20, remaining=10, reset=RESET))
+    first = [await start(limiter, tenant=shop, lane=BULK) for _ in range(10)]  # uncontended: all
+    await held(limiter, tenant=outlet, lane=BULK)  # waits: the lane is contended
+    second: list[Reserved] = []
+    for _ in range(5):
+        await limiter.settle(first.pop(), None)
+        await held(limiter, tenant=shop, lane=BULK)  # asks first, but has more than its share
+        second.append(await start(limiter, tenant=outlet, lane=BULK))
+    await limiter.settle(first.pop(), None)  # 4 and 5 under way: the first's turn
+    await held(limiter, tenant=outlet, lane=BULK)
+    first.append(await start(limiter, tenant=shop, lane=BULK))  # 5 and 5
+    await held(limiter, tenant=otp, lane=TRANSACTIONAL)  # the room is full
+    await limiter.settle(second.pop(), None)
+    await held(limiter, tenant=shop, lane=BULK)  # its share
+    # Alone in its lane: the bulk lane's waiting tenants do not bound it.
+    second.append(await start(limiter, tenant=otp, lane=TRANSACTIONAL))
+    for reserved in second:
+        await limiter.settle(reserved, None)
+    now[0] += FAIR_SECONDS + 0.1  # the second tenant has gone quiet: the first may take it all
+    [await start(limiter, tenant=shop, lane=BULK) for _ in range(5)]  # 5 + 5
+    await held(limiter, tenant=shop, lane=BULK)
+
+
+def test_a_record_tracks_a_bounded_number_of_parties() -> None:
+    """Past MAX_PARTIES parties active at once, a new one is outside the fair share (not capped,
+    still counted under way); a quiet party's slot is reused."""
+    budget = RateBudget(reset=RESET, left=100, limit=100)
+    for tenant in range(MAX_PARTIES + 1):
+        assert budget.reserve(NOW, Headroom(party=party_of(str(tenant), BULK))) is None
+    assert len(budget.parties) == MAX_PARTIES and budget.under_way == MAX_PARTIES + 1
+    for party in list(budget.parties):
+        budget.settle(None, NOW, party.party)
+    assert budget.reserve(NOW + FAIR_SECONDS + 1, Headroom(party=party_of("late", BULK))) is None
+    assert [p.party for p in budget.parties] == [party_of("late", BULK)]

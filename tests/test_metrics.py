@@ -17,6 +17,7 @@ import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
 from canvas_gateway_server.app import git_commit
+from canvas_gateway_server.limits import Reserved
 from canvas_gateway_server.metrics import (
     RECONCILE_REASONS,
     BatchMetrics,
@@ -31,6 +32,8 @@ from canvas_gateway_server.metrics.edge import PrometheusEdge
 from canvas_gateway_server.metrics.levels import Levels
 from canvas_gateway_server.metrics.process import PrometheusProcess
 from canvas_gateway_server.metrics.state import PrometheusState
+from canvas_gateway_server.rate_budget import Ticket
+from canvas_gateway_server.reply import Delivery, RateLimit, Reply
 from fake_braze import FakeBrazeConfig, Fault
 from prometheus_client import CollectorRegistry
 from support import KEYS, TOKENS, Harness, standing_clock, until
@@ -397,3 +400,21 @@ def test_every_concern_counts_its_whole_port_and_they_compose_without_a_clash() 
         for name in one.keys() & other.keys()
     }
     assert shared == {"_levels"}  # the one collector, the same object in both
+
+
+def test_the_gateways_spent_calls_in_a_window_are_the_most_any_reply_told_of() -> None:
+    """Two calls reserved as the gateway's 4th and 5th of a window, answered in the other order:
+    the gauge stays at 5 (it only grows within a window), and a new window starts from its own."""
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry, version="test", git_commit="test")
+
+    def answer(ours: int, remaining: int, reset: int) -> float | None:
+        reserved = Reserved((Ticket(("shop", "recipients"), ours=ours),))
+        reply = Reply(Delivery.RESPONDED, 201, rate=RateLimit(limit=20, remaining=remaining, reset=reset))
+        metrics.budget(reserved, None, reply)
+        labels = {"workspace": "shop", "pool": "recipients", "spender": "gateway"}
+        return registry.get_sample_value("canvas_gateway_budget_spent_calls", labels)
+
+    assert answer(5, 16, 1000) == 4  # no more than Braze counted yet
+    assert answer(4, 15, 1000) == 5
+    assert answer(1, 19, 2000) == 1

@@ -209,6 +209,21 @@ async def refused_locally(h: Harness) -> None:
     assert reply.results[0].code == code_pb2.RESOURCE_EXHAUSTED
 
 
+async def at_its_ceiling(h: Harness) -> None:
+    """initech moves to workspace `shop` on acme's key with `ceiling = 1`: its one call (429: the
+    key's hour is spent) is the gateway's whole ceiling of shop's window."""
+    tenants_file = Path(h.gateway.settings.tenants.file)
+    text = (
+        tenants_file.read_text()
+        .replace("[tenants.initech]\n", '[tenants.initech]\nworkspace = "shop"\n')
+        .replace(f'braze_api_key = "{KEYS["initech"]}"', f'braze_api_key = "{KEYS["acme"]}"')
+    )
+    tenants_file.write_text(f"[workspaces.shop]\nceiling = 1\n\n{text}")
+    h.gateway.reload_tenants()
+    reply = await h.stub.Send(unary(1), metadata=h.auth("initech"), timeout=10)
+    assert reply.results[0].attempts == 1 and reply.results[0].braze.http_status == 429
+
+
 def dashboard_expressions() -> list[str]:
     """Every query of the dashboard, its variables (instance, worker, tenant) set to "All"."""
     dashboard = json.loads(DASHBOARD.read_text())
@@ -279,6 +294,7 @@ async def test_every_dashboard_and_alert_expression_has_data(
         await prometheus.wait_for('canvas_gateway_tenant_paused{tenant="acme"} == 1', "acme paused")
         await refused_locally(harness)
         harness.gateway.reload_tenants()  # the file is good again
+        await at_its_ceiling(harness)
         text = await exposition(harness)
         await prometheus.wait_for_scrape_after(time.time())
 

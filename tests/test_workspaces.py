@@ -323,3 +323,57 @@ async def test_the_metrics_tell_what_the_gateway_and_others_spent_and_what_is_ke
     assert gauge("spent_calls", "audience", spender="gateway") == 1
     assert gauge("remaining_calls", "audience") == 9
     assert gauge("remaining_calls", "broadcast") is None
+
+
+async def named_stream(prefix: str, count: int) -> AsyncIterator[pb.SendStreamRequest]:
+    yield pb.SendStreamRequest(header=pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c")))
+    for start in range(0, count, 500):
+        recipients = [
+            pb.Recipient(external_user_id=f"{prefix}{i}") for i in range(start, min(count, start + 500))
+        ]
+        yield pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=recipients))
+
+
+@pytest.mark.parametrize(
+    ("fake_config", "settings_overrides"),
+    [
+        (
+            FakeBrazeConfig(api_keys=frozenset(KEYS.values()), hourly_limit=10, hourly_window_seconds=1),
+            {"request_concurrency": 8, "max_retry_wait_seconds": 5},
+        )
+    ],
+)
+async def test_two_tenants_streams_on_one_workspace_each_get_half_of_each_window(harness: Harness) -> None:
+    """acme's bulk stream starts first and globex's a second later, on one workspace of 10 calls a
+    1-second window, each able to have 8 calls under way: once both wait, each has at most
+    ceil(room / 2) under way, so each window is split about evenly and neither is starved (without
+    the fair share, whichever stream's waiting batches wake first take up to 8 of a window's 10:
+    measured [3, 7], [2, 8], [4, 6], [2, 8], ...; with it [5, 5] in every whole window)."""
+    share_workspace(harness, "", "acme", "globex")
+    await early_in_a_window(1.0)
+    first = harness.stub.SendStream(named_stream("a", 50 * 50), metadata=harness.auth("acme"), timeout=30)
+    first_results = asyncio.ensure_future(_results(first))
+    await asyncio.sleep(1.5)
+    second = harness.stub.SendStream(named_stream("g", 50 * 50), metadata=harness.auth("globex"), timeout=30)
+    sent = [await first_results, await _results(second)]
+    assert sent == [50 * 50, 50 * 50]
+    assert 429 not in {call.status for call in harness.fake.calls}
+    split: dict[int, list[int]] = {}
+    for call in harness.fake.calls:
+        tenant = 0 if call.body["recipients"][0]["external_user_id"].startswith("a") else 1
+        split.setdefault(int(call.received_at), [0, 0])[tenant] += 1
+    both = [counts for _, counts in sorted(split.items()) if all(counts)]
+    assert len(both) >= 4, split  # the windows both streams sent in
+    print("calls per window (acme, globex):", both)
+    for counts in both[1:-1]:  # whole windows of contention (the first and last may be partial)
+        assert sum(counts) <= 10 and min(counts) >= 4, both
+
+
+async def _results(call: Any) -> int:
+    return sum(
+        [
+            len(r.result.positions)
+            async for r in call
+            if r.HasField("result") and r.result.outcome == pb.OUTCOME_SENT
+        ]
+    )

@@ -8,7 +8,8 @@ calls, broadcast calls, and each unique audience's broadcast calls (10 a minute 
 broadcast call reserves both its workspace's broadcast pool and its audience's.
 
 It never starts more calls than a pool has left, less the workspace's headroom for its lane
-(`rate_budget.Headroom`): what is known of each pool (`rate_budget.RateBudget`) lives in a
+(`rate_budget.Headroom`), and while a lane is contended a tenant has at most its fair share of it
+under way (`rate_budget`'s docstring): what is known of each pool (`rate_budget.RateBudget`) lives in a
 `BudgetStore` (this process's memory, a file a host's workers map, or Redis for every replica:
 `stores/`), asked before each call and told after it.
 """
@@ -36,6 +37,7 @@ from .rate_budget import (
     Ticket,
     WorkspacePolicy,
     audience_pool,
+    party_of,
     pool_kind,
 )
 from .reply import RateLimit, Reply
@@ -127,7 +129,8 @@ class LocalLimiter:
         return semaphore
 
     async def reserve(self, tenant: Tenant, batch: Batch) -> Reserved | Hold:
-        headroom = tenant.policy.headroom(lane_of(tenant, batch))
+        lane = lane_of(tenant, batch)
+        headroom = dataclasses.replace(tenant.policy.headroom(lane), party=party_of(tenant.id, lane))
         tickets: list[Ticket] = []
         for key in pools_of(tenant, batch):
             found = await self._budgets.reserve(key, self._clock(), headroom)

@@ -23,13 +23,23 @@ transactional one) and cap = ceiling_calls, or floor(ceiling_share * L) (the mos
 spend in a window; none when neither is set). Since R counts what others spend, the gateway backs
 off when they spend. It applies once a window is known (a reply told of it, or it opened at the
 last limit); when the free room is 0 with nothing under way the pool is spent until its reset.
+
+Fair share between the tenants of a workspace within a lane (`Headroom.party`, a digest of the
+tenant and its lane): while another party of the same lane has been held in the last
+FAIR_SECONDS (the lane is contended), a party may have at most max(1, ceil(room / n)) calls under
+way, where room is the bound on U above and n the parties of the lane active (a call under way,
+or held in the last FAIR_SECONDS), itself included. Uncontended, one tenant may take the whole
+room. A held party is recorded as waiting; a record tracks at most MAX_PARTIES parties at once
+(those with nothing under way and no recent wait are dropped first); in memory and the host's
+file a party beyond them is outside the fair share (its calls still count in U); Redis tracks all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, NamedTuple, Protocol, TypeVar
 
 from .errors import StoreUnavailable
@@ -43,6 +53,13 @@ MAX_PAUSE_SECONDS = 3600.0
 
 RECHECK_SECONDS = 0.02
 """While the calls under way would spend what a budget has left, how soon a call asks again."""
+
+
+FAIR_SECONDS = 2.0
+"""How long a held party counts as waiting (the lane contended) and as active."""
+
+MAX_PARTIES: Final = 8
+"""Parties (tenant, lane) a budget record tracks at once for the fair share (memory, host file)."""
 
 
 BudgetKey = tuple[str, str]
@@ -74,10 +91,17 @@ class Headroom:
     ceiling_share: float = 1.0
     lane_calls: int = 0
     lane_share: float = 0.0
+    party: int = 0
+    """`party_of(tenant, lane)`, whose fair share the call is held to; 0: none."""
 
     @property
     def active(self) -> bool:
-        return self != NO_HEADROOM
+        return (self.keep_calls, self.keep_share, self.ceiling_calls, self.ceiling_share) != (
+            0,
+            0.0,
+            0,
+            1.0,
+        ) or (self.lane_calls, self.lane_share) != (0, 0.0)
 
     def room(self, left: int, limit: int, ours: int, under_way: int) -> int:
         """How many calls may be under way (`left`: R, `limit`: L, `ours`: O, `under_way`: U)."""
@@ -91,10 +115,10 @@ class Headroom:
         return room
 
     def args(self) -> list[str]:
-        """As the Lua script `stores/redis_scripts.RESERVE` reads it (ARGV[6] to ARGV[12])."""
+        """As the Lua script `stores/redis_scripts.RESERVE` reads it (ARGV[6] to ARGV[13])."""
         numbers = (self.keep_calls, self.keep_share, self.ceiling_calls, self.ceiling_share)
         lane = (self.lane_calls, self.lane_share)
-        return ["1" if self.active else "0", *map(repr, numbers), *map(repr, lane)]
+        return ["1" if self.active else "0", *map(repr, numbers), *map(repr, lane), str(self.party)]
 
 
 NO_HEADROOM: Final = Headroom()
@@ -103,6 +127,22 @@ TRANSACTIONAL: Final = "transactional"
 BULK: Final = "bulk"
 LANES: Final = (TRANSACTIONAL, BULK)
 """Priority lanes within a workspace: bulk calls leave the transactional reserve untouched."""
+
+
+def party_of(tenant: str, lane: str) -> int:
+    """A tenant in a lane, for the fair share: a 48-bit digest of the tenant (exact in Lua's
+    numbers), times two, plus 1 for bulk; never 0."""
+    digest = int.from_bytes(hashlib.blake2b(tenant.encode(), digest_size=6).digest(), "little")
+    return (digest or 1) * 2 + (1 if lane == BULK else 0)
+
+
+@dataclass(slots=True)
+class Party:
+    """One tenant's calls in one lane of a pool: how many are under way, when it last waited."""
+
+    party: int
+    under_way: int = 0
+    waited: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +195,8 @@ class Ticket:
     """Reserved in the shared store, not in the fallback of a `FailoverBudgets`."""
     ours: int = 0
     """The calls the gateway had started in the pool's window, this one included (metrics)."""
+    party: int = 0
+    """The party (tenant, lane) it counts for in the fair share; 0: none."""
 
 
 @dataclass(slots=True)
@@ -177,6 +219,8 @@ class RateBudget:
     """the last x-ratelimit-limit Braze gave; 0: never answered with one; -1: a success carried none"""
     ours: int = 0
     """calls the gateway started in the current window (the calls under way when it turned count)"""
+    parties: list[Party] = field(default_factory=list)
+    """the fair share's parties, at most MAX_PARTIES"""
 
     def reserve(self, now: float, headroom: Headroom = NO_HEADROOM) -> Hold | None:
         """None when a call may start (it is counted as under way), else when to ask again.
@@ -193,16 +237,45 @@ class RateBudget:
             room = headroom.room(self.left, max(self.limit, 0), self.ours, self.under_way)
             if self.under_way == 0 and room <= 0 and self.reset:  # only a new window brings more
                 return Hold(float(self.reset), True)
-        if room is not None and self.under_way >= room:
+        party = self._party(headroom.party, now) if headroom.party else None
+        if room is not None and (self.under_way >= room or self._over_share(party, room, now)):
+            if party is not None:
+                party.waited = now
             return Hold(min(float(self.reset or math.inf), now + RECHECK_SECONDS), False)
         self.under_way += 1
         self.ours += 1
+        if party is not None:
+            party.under_way += 1
         return None
 
-    def settle(self, reply: Reply | None, now: float) -> float:
-        """Release a call, learning from its reply (None: no call was made, so it is not one of the
-        gateway's calls in the window either); the pause's end, or 0."""
+    def _party(self, tag: int, now: float) -> Party | None:
+        """The party's record, made if there is room; the parties gone quiet are dropped."""
+        recent = now - FAIR_SECONDS
+        self.parties = [p for p in self.parties if p.under_way > 0 or p.waited > recent]
+        found = next((p for p in self.parties if p.party == tag), None)
+        if found is None and len(self.parties) < MAX_PARTIES:
+            found = Party(tag)
+            self.parties.append(found)
+        return found
+
+    def _over_share(self, party: Party | None, room: int, now: float) -> bool:
+        """Whether the party has its fair share under way while its lane is contended."""
+        if party is None:
+            return False
+        recent = now - FAIR_SECONDS
+        lane = party.party % 2
+        others = [p for p in self.parties if p is not party and p.party % 2 == lane]
+        if not any(p.waited > recent for p in others):
+            return False
+        return party.under_way >= max(1, math.ceil(room / (len(others) + 1)))
+
+    def settle(self, reply: Reply | None, now: float, party: int = 0) -> float:
+        """Release a call of `party`, learning from its reply (None: no call was made, so it is not
+        one of the gateway's calls in the window either); the pause's end, or 0."""
         self.under_way = max(0, self.under_way - 1)
+        for found in self.parties:
+            if found.party == party:
+                found.under_way = max(0, found.under_way - 1)
         if reply is None:
             self.ours = max(0, self.ours - 1)
         if reply is not None and reply.delivery is Delivery.RESPONDED:

@@ -188,6 +188,8 @@ class PrometheusBatches(BatchMetrics):
             )
         )
         self._levels = levels
+        self._ours_seen: dict[tuple[str, str], tuple[int | None, int]] = {}
+        """(workspace, pool kind): (reset, the most calls of the gateway's a ticket saw in it)"""
         self._invalid = invalid
 
     def outcomes_at_zero(self, tenant: str) -> None:
@@ -240,7 +242,12 @@ class PrometheusBatches(BatchMetrics):
         workspace, pool = ticket.key[0], ticket.key[1].partition(":")[0]
         limit, policy = rate.limit, reserved.policy
         used = max(limit - rate.remaining, 0)
-        ours = min(ticket.ours, used)
+        # Replies come back in any order: the gateway's count in a window is the most any of its
+        # tickets saw (it only grows within a window), not the last answered ticket's.
+        seen_reset, seen = self._ours_seen.get((workspace, pool), (None, 0))
+        most = max(seen, ticket.ours) if seen_reset == rate.reset else ticket.ours
+        self._ours_seen[(workspace, pool)] = (rate.reset, most)
+        ours = min(most, used)
         self._budget_spent(workspace, pool, "gateway").set(ours)
         self._budget_spent(workspace, pool, "others").set(used - ours)
         self._budget_remaining(workspace, pool).set(rate.remaining)

@@ -15,14 +15,16 @@ import struct
 from collections.abc import Callable
 from typing import Final, TypeVar
 
-from ..rate_budget import BudgetKey, RateBudget
+from ..rate_budget import MAX_PARTIES, BudgetKey, Party, RateBudget
 
 T = TypeVar("T")
 
 _SLOTS: Final = 4096
 
 
-_RECORD: Final = struct.Struct("<Qdqqqqq")
+_HEAD: Final = struct.Struct("<Qdqqqqq")
+_PARTY: Final = struct.Struct("<Qqd")
+_RECORD: Final = struct.Struct(_HEAD.format + _PARTY.format[1:] * MAX_PARTIES)
 
 
 def budgets_path(folder: str) -> str:
@@ -32,7 +34,8 @@ def budgets_path(folder: str) -> str:
 class HostBudgets:
     """The `RateBudget`s of a host's workers, in a file each of them maps (a `BudgetTable`).
 
-    4,096 slots of (key hash, pause, reset, left, calls under way, limit, ours); every update is one
+    4,096 slots of (key hash, pause, reset, left, calls under way, limit, ours, and MAX_PARTIES
+    (party, its calls under way, when it last waited) for the fair share); every update is one
     read-modify-write under an exclusive `flock` on the file, a few microseconds, so the workers
     together never start more calls than a budget has left. Two keys that hash to one slot take
     it from each other: the one that loses it knows nothing of its budget until its next reply
@@ -63,9 +66,16 @@ class HostBudgets:
         offset, tag = self._slot(key)
         fcntl.flock(self._file, fcntl.LOCK_EX)
         try:
-            found, paused, reset, left, under_way, limit, ours = _RECORD.unpack_from(self._map, offset)
-            budget = RateBudget(paused, reset, left, under_way, limit, ours) if found == tag else RateBudget()
+            found, paused, reset, left, under_way, limit, ours, *rest = _RECORD.unpack_from(self._map, offset)
+            budget = RateBudget()
+            if found == tag:
+                parties = [Party(*rest[i : i + 3]) for i in range(0, len(rest), 3) if rest[i]]
+                budget = RateBudget(paused, reset, left, under_way, limit, ours, parties)
             result = change(budget)
+            kept: list[int | float] = []
+            for party in budget.parties[:MAX_PARTIES]:
+                kept += (party.party, party.under_way, party.waited)
+            kept += (0, 0, 0.0) * (MAX_PARTIES - len(budget.parties[:MAX_PARTIES]))
             _RECORD.pack_into(
                 self._map,
                 offset,
@@ -76,6 +86,7 @@ class HostBudgets:
                 budget.under_way,
                 budget.limit,
                 budget.ours,
+                *kept,
             )
             return result
         finally:

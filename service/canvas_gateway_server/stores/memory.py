@@ -241,9 +241,9 @@ class TableBudgets:
 
     async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
         def reserve(budget: RateBudget) -> Ticket | Hold:
-            return budget.reserve(now, headroom) or Ticket(key, ours=budget.ours)
+            return budget.reserve(now, headroom) or Ticket(key, ours=budget.ours, party=headroom.party)
 
         return self._table.update(key, reserve)
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
-        return self._table.update(ticket.key, lambda budget: budget.settle(reply, now))
+        return self._table.update(ticket.key, lambda budget: budget.settle(reply, now, ticket.party))

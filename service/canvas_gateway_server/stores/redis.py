@@ -47,6 +47,7 @@ from ..idempotency import Claim, Verdict
 from ..metrics import Metrics
 from ..rate_budget import (
     AUDIENCE,
+    FAIR_SECONDS,
     MAX_PAUSE_SECONDS,
     NO_HEADROOM,
     RECHECK_SECONDS,
@@ -135,14 +136,14 @@ class RedisBudgets:
     def _keys(key: BudgetKey) -> list[str]:
         """The workspace's name (from the tenants file, or a digest: never a key) and the pool."""
         base = f"{PREFIX}pool:{key[0]}:{key[1]}"
-        return [base, base + ":calls"]
+        return [base, base + ":calls", base + ":waited"]
 
     @staticmethod
     def _ttl(key: BudgetKey) -> int:
         return AUDIENCE_TTL_SECONDS if pool_kind(key[1]) == AUDIENCE else BUDGET_TTL_SECONDS
 
     async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
-        token = uuid.uuid4().hex
+        token = f"{headroom.party}.{uuid.uuid4().hex}" if headroom.party else uuid.uuid4().hex
         args: list[str | int] = [
             repr(now),
             token,
@@ -150,13 +151,14 @@ class RedisBudgets:
             repr(RECHECK_SECONDS),
             self._ttl(key),
             *headroom.args(),
+            repr(FAIR_SECONDS),
         ]
         try:
             kind, until = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
         except StoreUnavailable as exc:
-            raise ReserveLost(str(exc), Ticket(key, token, shared=True)) from None
+            raise ReserveLost(str(exc), Ticket(key, token, shared=True, party=headroom.party)) from None
         if _text(kind) == "go":
-            return Ticket(key, token, shared=True, ours=int(_text(until)))
+            return Ticket(key, token, shared=True, ours=int(_text(until)), party=headroom.party)
         return Hold(float(_text(until)), _text(kind) == "spent")
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:

@@ -2,7 +2,8 @@
 and costs one round trip.
 
 `RESERVE` and `SETTLE` are `rate_budget.RateBudget.reserve` and `.settle` (with its `Headroom`)
-on a hash per (workspace, pool) and a sorted set of the calls under way, each with a lease; they
+on a hash per (workspace, pool), a sorted set of the calls under way, each with a lease (named
+`<party>.<token>` for the fair share), and a hash of when each party last waited; they
 change together with that class and are held to the same tests. `CLAIM`, `MARK` and `KEEP` are
 `idempotency.ResultStore`'s operations on a hash per (tenant, key, batch); `BEAT` is a process's
 heartbeat and the check that Redis still holds what it kept; `ACCEPT` sets a new generation
@@ -51,7 +52,38 @@ if known and ARGV[6] == '1' then
   if cap then room = math.min(room, cap - lane - ours + under) end
   if under == 0 and room <= 0 and reset > 0 then return {'spent', string.format('%.17g', reset)} end
 end
-if room and under >= room then
+local party = ARGV[13]
+local over = false
+if party ~= '0' and room then
+  local recent = now - tonumber(ARGV[14])
+  local lane = tonumber(party) % 2
+  local mine, active, waited = 0, {}, {}
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local p = string.match(m, '^(%d+)%.')
+    if p == party then mine = mine + 1 elseif p then active[p] = true end
+  end
+  local w = redis.call('HGETALL', KEYS[3])
+  for i = 1, #w, 2 do
+    if tonumber(w[i + 1]) > recent then
+      if w[i] ~= party then active[w[i]] = true; waited[w[i]] = true end
+    else
+      redis.call('HDEL', KEYS[3], w[i])
+    end
+  end
+  local n, contended = 0, false
+  for p, _ in pairs(active) do
+    if tonumber(p) % 2 == lane then
+      n = n + 1
+      if waited[p] then contended = true end
+    end
+  end
+  over = contended and mine >= math.max(1, math.ceil(room / (n + 1)))
+end
+if room and (under >= room or over) then
+  if party ~= '0' then
+    redis.call('HSET', KEYS[3], party, string.format('%.17g', now))
+    redis.call('EXPIRE', KEYS[3], ARGV[5])
+  end
   local again = now + tonumber(ARGV[4])
   if reset > 0 then again = math.min(reset, again) end
   return {'held', string.format('%.17g', again)}
