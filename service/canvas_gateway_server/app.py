@@ -54,6 +54,7 @@ from .hangups import Hangups
 from .idempotency import Ledger
 from .limits import LocalLimiter
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
+from .outcomes import Recorder
 from .retry import RetryPolicy
 from .retry_budget import LocalRetryBudget
 from .sending import Sender, SendLimits
@@ -346,6 +347,7 @@ def _dispatcher(
         budget=LocalRetryBudget(retry.budget_ratio, retry.budget_minimum),
         clock=clock,
         tracer=tracing.tracer,
+        recorder=Recorder(stores.results if settings.state.results_kept else None, metrics),
     )
 
 

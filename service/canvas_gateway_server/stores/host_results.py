@@ -35,7 +35,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
@@ -71,6 +71,15 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (scope, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS results_expiry ON results (expires);
+CREATE TABLE IF NOT EXISTS outcomes (
+    tenant TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (tenant, handle, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outcomes_expiry ON outcomes (expires);
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL) WITHOUT ROWID;
 """
 
@@ -233,6 +242,26 @@ class HostResults:
             (scope, index, digest, self.owner, token, now, kept, now + self._ttl),
         )
 
+    async def record(self, tenant: str, handles: Sequence[str], index: int, data: bytes) -> None:
+        await self._run(self._record, tenant, list(handles), index, data)
+
+    def _record(self, tenant: str, handles: list[str], index: int, data: bytes) -> None:
+        expires = self._clock() + self._ttl
+        self._db.executemany(
+            "INSERT OR REPLACE INTO outcomes (tenant, handle, idx, data, expires) VALUES (?, ?, ?, ?, ?)",
+            [(tenant, handle, index, data, expires) for handle in handles],
+        )
+
+    async def read(self, tenant: str, handle: str) -> list[bytes]:
+        return await self._run(self._read, tenant, handle)
+
+    def _read(self, tenant: str, handle: str) -> list[bytes]:
+        rows = self._db.execute(
+            "SELECT data FROM outcomes WHERE tenant = ? AND handle = ? AND expires > ? ORDER BY idx",
+            (tenant, handle, self._clock()),
+        ).fetchall()
+        return [bytes(row[0]) for row in rows]
+
     def _beat(self) -> int:
         """Renew this process's heartbeat and delete a slice of what has expired; how many rows."""
         now = self._clock()
@@ -240,6 +269,11 @@ class HostResults:
         purged = self._db.execute(
             "DELETE FROM results WHERE (scope, idx) IN "
             "(SELECT scope, idx FROM results WHERE expires <= ? LIMIT ?)",
+            (now, PURGE_ROWS),
+        ).rowcount
+        purged += self._db.execute(
+            "DELETE FROM outcomes WHERE (tenant, handle, idx) IN "
+            "(SELECT tenant, handle, idx FROM outcomes WHERE expires <= ? LIMIT ?)",
             (now, PURGE_ROWS),
         ).rowcount
         self._db.execute("DELETE FROM owners WHERE beat <= ?", (now - self._ttl,))

@@ -45,6 +45,16 @@ class CanvasGatewayServiceStub:
                 request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamRequest.SerializeToString,
                 response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamResponse.FromString,
                 _registered_method=True)
+        self.GetResults = channel.unary_stream(
+                '/canvas_gateway.v1.CanvasGatewayService/GetResults',
+                request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsRequest.SerializeToString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsResponse.FromString,
+                _registered_method=True)
+        self.FindRecipient = channel.unary_unary(
+                '/canvas_gateway.v1.CanvasGatewayService/FindRecipient',
+                request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientRequest.SerializeToString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientResponse.FromString,
+                _registered_method=True)
 
 
 class CanvasGatewayServiceServicer:
@@ -84,6 +94,32 @@ class CanvasGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResults(self, request, context):
+        """GetResults streams the results of one earlier request of this tenant, as
+        they were made (delivered to the caller or not), in position order, and
+        never calls Braze. Name the request by its idempotency key or by its
+        request id (SendSummary.request_id, the `x-request-id` metadata). Results
+        are kept for the idempotency TTL (24 hours by default) unless the gateway
+        runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+        one of the call that sent it (a replayed result is kept only under its
+        own request id). NOT_FOUND when nothing is kept for the request; a tenant
+        never reads another tenant's results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindRecipient(self, request, context):
+        """FindRecipient answers what happened to one recipient of an earlier
+        request of this tenant: its position and its batch's result. The gateway
+        keeps no identifier, only a salted hash of each per batch, so the caller
+        names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+        for the request; `found` false when the recipient is not in it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CanvasGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +132,16 @@ def add_CanvasGatewayServiceServicer_to_server(servicer, server):
                     servicer.SendStream,
                     request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamRequest.FromString,
                     response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamResponse.SerializeToString,
+            ),
+            'GetResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetResults,
+                    request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsRequest.FromString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsResponse.SerializeToString,
+            ),
+            'FindRecipient': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindRecipient,
+                    request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientRequest.FromString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,6 +199,60 @@ class CanvasGatewayService:
             '/canvas_gateway.v1.CanvasGatewayService/SendStream',
             canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamRequest.SerializeToString,
             canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/canvas_gateway.v1.CanvasGatewayService/GetResults',
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsRequest.SerializeToString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindRecipient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/canvas_gateway.v1.CanvasGatewayService/FindRecipient',
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientRequest.SerializeToString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientResponse.FromString,
             options,
             channel_credentials,
             insecure,

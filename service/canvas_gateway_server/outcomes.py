@@ -1,0 +1,196 @@
+"""Outcomes kept after the fact: every batch's result, queryable by idempotency key or request id.
+
+While a stream is open each recipient gets one result; afterwards only this record answers "what
+happened to job Y, and to user X in it?". `Recorder.record` keeps each result as it was made
+(`reporting.made`'s moment: delivered to its caller or not) under the request's handles:
+
+- `request:<request id>` for every request, keyed or not (the id the servicer gives each RPC);
+- `key:<idempotency key>` as well for a keyed request, unless the result was replayed from the
+  key (the key's record keeps the result of the call that sent the batch).
+
+Each is kept per tenant, for CGW_RESULTS_TTL_SECONDS, in the results store (`OutcomeStore`: in
+memory, the host's SQLite file, Redis) and read back by `GetResults` and `FindRecipient`, which
+never call Braze.
+
+What is kept per recipient, and why: its position, and a keyed hash of its identifier, never
+the identifier. Each batch draws a random 16-byte salt, kept with it; each recipient's
+identifier (`external_user_id`, `user_alias`'s label and name, or `email`) is hashed with it
+(BLAKE2b, 8 bytes). A lookup hashes the identifier it is asked about with each batch's salt and
+compares: it answers "which position, which result" for someone who already knows the
+identifier, and the record reveals no identifier to whoever reads the store, nor links one
+recipient across batches (each salt is new). 8 bytes make a false match within a request of a
+million recipients about 1 in 10^7. Contexts, attributes and the Canvas's content are never
+kept. CGW_RESULTS_KEPT=false keeps nothing (the RPCs then answer NOT_FOUND).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import orjson
+
+from .context import RequestContext
+from .errors import StoreLost, StoreUnavailable
+from .metrics import Metrics
+from .model import BatchResult, Code, Outcome, Rule, Violation
+
+log = logging.getLogger(__name__)
+
+SALT_BYTES: Final = 16
+HASH_BYTES: Final = 8
+
+_FIELDS: Final = (
+    "batch_index",
+    "status_message",
+    "retryable",
+    "dispatch_id",
+    "message",
+    "notice",
+    "http_status",
+    "attempts",
+    "rate_limit_reset",
+    "retry_at",
+    "quota",
+    "replayed",
+)
+
+
+class OutcomeStore(Protocol):
+    """Where kept outcomes live: under (tenant, handle), one entry per batch index, each kept
+    `ttl` seconds from its last write. Either may raise `errors.StoreUnavailable`."""
+
+    async def record(self, tenant: str, handles: Sequence[str], index: int, data: bytes) -> None:
+        """Keep `data` as batch `index` of each handle's record (replacing one of that index)."""
+        ...
+
+    async def read(self, tenant: str, handle: str) -> list[bytes]:
+        """Every entry of the handle's record, in any order; empty when none is kept."""
+        ...
+
+
+def request_handle(request_id: str) -> str:
+    return f"request:{request_id}"
+
+
+def key_handle(key: str) -> str:
+    return f"key:{key}"
+
+
+def identifier_text(recipient: Mapping[str, Any]) -> str:
+    """One recipient's identifier as hashed: its kind and value (a Braze JSON recipient or the
+    lookup's own); "" for none."""
+    if recipient.get("external_user_id"):
+        return f"external_user_id:{recipient['external_user_id']}"
+    alias = recipient.get("user_alias")
+    if isinstance(alias, Mapping) and (alias.get("alias_name") or alias.get("alias_label")):
+        return f"user_alias:{alias.get('alias_label', '')}\x00{alias.get('alias_name', '')}"
+    if recipient.get("email"):
+        return f"email:{str(recipient['email']).lower()}"
+    return ""
+
+
+def _hash(salt: bytes, identifier: str) -> bytes:
+    return hashlib.blake2b(identifier.encode(), key=salt, digest_size=HASH_BYTES).digest()
+
+
+def recipient_hashes(body: bytes, salt: bytes) -> bytes:
+    """The hashes of a batch body's recipients, in order, joined (HASH_BYTES each)."""
+    if not body:
+        return b""
+    recipients = orjson.loads(body).get("recipients") or ()
+    return b"".join(_hash(salt, identifier_text(recipient)) for recipient in recipients)
+
+
+def encode(result: BatchResult, body: bytes = b"", salt: bytes | None = None) -> bytes:
+    """A result as kept: every field the caller was given, and its recipients' hashes."""
+    fields: dict[str, Any] = {name: getattr(result, name) for name in _FIELDS}
+    fields["outcome"], fields["code"] = result.outcome.value, int(result.code)
+    fields["positions"] = result.positions
+    fields["errors"] = result.errors
+    fields["violations"] = [(v.field, v.description, v.rule.value) for v in result.violations]
+    if body:
+        salt = salt if salt is not None else os.urandom(SALT_BYTES)
+        fields["salt"] = salt.hex()
+        fields["hashes"] = recipient_hashes(body, salt).hex()
+    return orjson.dumps(fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """One kept result, and what finds a recipient in it."""
+
+    result: BatchResult
+    salt: bytes
+    hashes: bytes
+
+    def position_of(self, identifier: str) -> int | None:
+        """The position of the recipient named by `identifier` (`identifier_text`), if in this batch."""
+        if not self.salt or not identifier:
+            return None
+        wanted = _hash(self.salt, identifier)
+        for offset, position in enumerate(self.result.positions):
+            if self.hashes[offset * HASH_BYTES : (offset + 1) * HASH_BYTES] == wanted:
+                return position
+        return None
+
+
+def decode(data: bytes) -> Kept:
+    fields = orjson.loads(data)
+    salt, hashes = bytes.fromhex(fields.pop("salt", "")), bytes.fromhex(fields.pop("hashes", ""))
+    outcome, code = Outcome(fields.pop("outcome")), Code(fields.pop("code"))
+    positions = tuple(fields.pop("positions"))
+    errors = tuple(fields.pop("errors"))
+    violations = tuple(Violation(f, d, Rule(r)) for f, d, r in fields.pop("violations"))
+    result = BatchResult(
+        positions=positions, outcome=outcome, code=code, errors=errors, violations=violations, **fields
+    )
+    return Kept(result, salt, hashes)
+
+
+class Recorder:
+    """Keeps every result of a request under its handles, and reads them back (`OutcomeStore`).
+
+    A record that the store does not take is counted and logged, never fails the batch: the
+    result still reaches its caller, and the reconciliation log line stands for it."""
+
+    def __init__(self, store: OutcomeStore | None, metrics: Metrics | None = None) -> None:
+        self._store = store
+        self._metrics = metrics or Metrics()
+
+    @property
+    def enabled(self) -> bool:
+        return self._store is not None
+
+    async def record(self, context: RequestContext, result: BatchResult, body: bytes = b"") -> None:
+        if self._store is None or not context.request_id:
+            return
+        handles = [request_handle(context.request_id)]
+        if context.scope is not None and not result.replayed:
+            handles.append(key_handle(context.scope.key))
+        data = encode(result, body)
+        tenant = context.tenant.id
+        try:
+            await self._store.record(tenant, handles, result.batch_index, data)
+        except (StoreUnavailable, StoreLost) as exc:
+            self._metrics.results_kept(tenant, "failed", len(data))
+            log.error(
+                "the result of batch %d is not kept for GetResults (%s)",
+                result.batch_index,
+                exc,
+                extra={"tenant": tenant, "batch_index": result.batch_index},
+            )
+            return
+        self._metrics.results_kept(tenant, "kept", len(data))
+
+    async def read(self, tenant: str, handle: str) -> list[Kept]:
+        """The handle's kept results in position order (an empty list: nothing kept)."""
+        if self._store is None:
+            return []
+        kept = [decode(data) for data in await self._store.read(tenant, handle)]
+        kept.sort(key=lambda item: (item.result.positions[:1] or (-1,), item.result.batch_index))
+        return kept
