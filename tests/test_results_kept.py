@@ -4,6 +4,8 @@ the host's SQLite file across a restart, and Redis shared by two gateways."""
 
 from __future__ import annotations
 
+import io
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_client import CanvasGatewayClient
+from canvas_gateway_client.cli import run
 from canvas_gateway_server import outcomes
 from canvas_gateway_server.metrics import Metrics, PrometheusMetrics
 from canvas_gateway_server.model import BatchResult, Code, Outcome, Rule, Violation
@@ -20,7 +24,7 @@ from canvas_gateway_server.stores.memory import LocalResults
 from fake_braze import FakeBraze, Fault
 from prometheus_client import CollectorRegistry
 from servers import redis_server
-from support import FAKE_URLS, LOCAL, Harness, start_gateway, tenants_toml, until
+from support import FAKE_URLS, LOCAL, TOKENS, Harness, start_gateway, tenants_toml, until
 
 
 def users(count: int, first: int = 0) -> list[pb.Recipient]:
@@ -316,3 +320,75 @@ async def test_results_outlive_a_restart_in_the_hosts_file(fake: FakeBraze, tmp_
     assert list(found) == list(sent.results)
     assert answer.found and answer.position == 55
     assert len(fake.calls) == calls
+
+
+async def cli(harness: Harness, *argv: str, tenant: str = "acme") -> tuple[int, str]:
+    err = io.StringIO()
+    code = await run(
+        ["--target", harness.target, "--timeout", "30", *argv],
+        environ={"CANVAS_GATEWAY_TOKEN": TOKENS[tenant]},
+        stdin=io.StringIO(""),
+        stdout=io.StringIO(),
+        stderr=err,
+    )
+    return code, err.getvalue()
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    found = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted(
+        ({k: v for k, v in row.items() if k not in ("recipient", "line")} for row in found), key=str
+    )
+
+
+@pytest.mark.parametrize("faults", [0, 5])
+async def test_the_results_command_writes_the_sends_results_file(
+    harness: Harness, tmp_path: Path, faults: int
+) -> None:
+    """A crashed bulk job is reconciled with one command: the same rows (less the identifier,
+    which the gateway does not keep) and the same exit status as the send."""
+    harness.fake.faults.script([Fault.status(500)] * faults)
+    body = tmp_path / "body.json"
+    body.write_text(
+        json.dumps({"canvas_id": "c", "recipients": [{"external_user_id": f"u{n}"} for n in range(70)]})
+    )
+    sent_code, _ = await cli(
+        harness,
+        "send",
+        "--file",
+        str(body),
+        "--idempotency-key",
+        "job-z",
+        "--results",
+        str(tmp_path / "sent.jsonl"),
+    )
+    calls = len(harness.fake.calls)
+
+    code, err = await cli(
+        harness, "results", "--idempotency-key", "job-z", "--results", str(tmp_path / "read.jsonl")
+    )
+
+    assert code == sent_code == (1 if faults else 0), err
+    assert rows(tmp_path / "read.jsonl") == rows(tmp_path / "sent.jsonl")
+    assert len(rows(tmp_path / "read.jsonl")) == 70
+    assert len(harness.fake.calls) == calls
+    code, err = await cli(harness, "results", "--request-id", "nobody-sent-this")
+    assert code == 5 and "NOT_FOUND" in err
+    code, err = await cli(harness, "results", "--idempotency-key", "job-z", tenant="globex")
+    assert code == 5 and "NOT_FOUND" in err
+
+
+async def test_the_client_reads_results_and_finds_a_recipient(harness: Harness) -> None:
+    async with CanvasGatewayClient(harness.target, TOKENS["acme"]) as client:
+        sent = await client.send(
+            {
+                "canvas_id": "c",
+                "recipients": [{"email": "Ann@Example.com", "prioritization": ["identified"]}],
+            },
+            idempotency_key="job-e",
+        )
+        responses = [r async for r in client.get_results(idempotency_key="job-e")]
+        found = await client.find_recipient(pb.Recipient(email="ann@example.com"), idempotency_key="job-e")
+    assert [r.result for r in responses[:-1]] == list(sent.results)
+    assert responses[-1].summary.recipients_sent == 1
+    assert found.found and found.position == 0 and found.result == sent.results[0]

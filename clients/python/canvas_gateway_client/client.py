@@ -118,6 +118,36 @@ class CanvasGatewayClient:
         _, stub = self._service()
         return await stub.Send(request, metadata=self._metadata, timeout=timeout)
 
+    async def get_results(
+        self,
+        *,
+        idempotency_key: str = "",
+        request_id: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+    ) -> AsyncIterator[pb.GetResultsResponse]:
+        """An earlier request's kept results (GetResults), named by its idempotency key or its
+        request id (exactly one): each result as it was made, in position order, then a summary.
+        Braze is not called. Raises grpc.aio.AioRpcError (NOT_FOUND: nothing kept for it)."""
+        request = pb.GetResultsRequest(idempotency_key=idempotency_key, request_id=request_id)
+        _, stub = self._service()
+        async for response in stub.GetResults(request, metadata=self._metadata, timeout=timeout):
+            yield response
+
+    async def find_recipient(
+        self,
+        recipient: pb.Recipient,
+        *,
+        idempotency_key: str = "",
+        request_id: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+    ) -> pb.FindRecipientResponse:
+        """One recipient of an earlier request (FindRecipient): its position and its batch's result."""
+        request = pb.FindRecipientRequest(
+            idempotency_key=idempotency_key, request_id=request_id, recipient=recipient
+        )
+        _, stub = self._service()
+        return await stub.FindRecipient(request, metadata=self._metadata, timeout=timeout)
+
     async def send_stream(
         self,
         header: TriggerLike,

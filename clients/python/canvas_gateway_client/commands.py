@@ -1,5 +1,5 @@
-"""The commands of `canvas-gateway`: `send`, `send-stream` and `send-demo`, each run with a
-client and a `Report`."""
+"""The commands of `canvas-gateway`: `send`, `send-stream`, `send-demo` and `results`, each run
+with a client and a `Report`."""
 
 from __future__ import annotations
 
@@ -193,6 +193,27 @@ async def cmd_send_demo(
     await _stream(args, client, report, header, counted)
 
 
+async def cmd_results(
+    args: argparse.Namespace, client: CanvasGatewayClient, report: Report, stdin: TextIO
+) -> None:
+    """An earlier request's results, read back from the gateway (never sent again): the same
+    lines, results file and exit status as the send had. The gateway keeps no identifier, so
+    the results file's `recipient` column is empty; its `position` joins it to the input."""
+    async for response in client.get_results(
+        idempotency_key=args.idempotency_key or "", request_id=args.request_id or "", timeout=args.timeout
+    ):
+        if response.HasField("result"):
+            report.result(response.result, [pb.Recipient()] * len(response.result.positions))
+        else:
+            report.sent_out = report.resolved
+            report.end(response.summary)
+
+
 Command = Callable[[argparse.Namespace, CanvasGatewayClient, Report, TextIO], Awaitable[None]]
-COMMANDS: dict[str, Command] = {"send": cmd_send, "send-stream": cmd_send_stream, "send-demo": cmd_send_demo}
+COMMANDS: dict[str, Command] = {
+    "send": cmd_send,
+    "send-stream": cmd_send_stream,
+    "send-demo": cmd_send_demo,
+    "results": cmd_results,
+}
 """Each command's run, by its name on the command line."""
