@@ -18,7 +18,7 @@ from canvas_gateway_client import CanvasGatewayClient
 from canvas_gateway_client.cli import run
 from canvas_gateway_server import outcomes
 from canvas_gateway_server.metrics import Metrics, PrometheusMetrics
-from canvas_gateway_server.model import BatchResult, Code, Outcome, Rule, Violation
+from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome, Rule, Violation
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.stores.memory import LocalResults
 from fake_braze import FakeBraze, Fault
@@ -204,8 +204,8 @@ def test_a_kept_result_decodes_as_it_was() -> None:
         quota="recipients",
     )
     body = b'{"canvas_id":"c","recipients":[{"user_alias":{"alias_label":"l","alias_name":"n"}}]}'
-    kept = outcomes.decode(outcomes.encode(result, body))
-    assert kept.result == result
+    kept = outcomes.decode(outcomes.encode(result, Batch(3, (7,), body)))
+    assert kept.result == result and kept.batch is None  # a body is kept for UNKNOWN only
     assert kept.position_of("user_alias:l\x00n") == 7
     assert kept.position_of("user_alias:n\x00l") is None
     assert outcomes.decode(outcomes.encode(result)).position_of("user_alias:l\x00n") is None
@@ -219,7 +219,7 @@ async def test_the_memory_store_honours_its_bound_and_its_ttl() -> None:
     store = LocalResults(10.0, 4, 60.0, clock=lambda: now[0], on_evict_outcome=evicted.append)
     for request in range(4):
         for index in range(2):
-            await store.record("acme", [f"request:{request}"], index, b"x" * 10)
+            await store.record("acme", [f"request:{request}"], str(index), b"x" * 10)
     assert store.outcomes == 4 and evicted == ["acme", "acme"]
     assert await store.read("acme", "request:0") == []
     assert len(await store.read("acme", "request:3")) == 2

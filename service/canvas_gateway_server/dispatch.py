@@ -156,7 +156,7 @@ class Dispatcher:
             result = keeping.lost(batch, keeping.CUT_OFF_TEXT)
         else:
             result = results.not_attempted(batch, "cancelled: its caller went away", Code.ABORTED)
-        recording = asyncio.get_running_loop().create_task(self.recorder.record(context, result, batch.body))
+        recording = asyncio.get_running_loop().create_task(self.recorder.record(context, result, batch))
         self._recording.add(recording)
         recording.add_done_callback(self._recording.discard)
 
@@ -281,7 +281,7 @@ class FanOut:
         try:
             result = await self._dispatcher.send(self._context, batch)
             try:
-                await self.put(result, batch.body)  # the slot is held until the caller can take it
+                await self.put(result, batch)  # the slot is held until the caller can take it
             except asyncio.CancelledError:
                 reporting.undelivered(self._metrics, self._context, result)
                 raise
@@ -289,11 +289,11 @@ class FanOut:
             self._slots.release()
             self._quiet_since = time.monotonic()
 
-    async def put(self, result: BatchResult, body: bytes = b"") -> None:
+    async def put(self, result: BatchResult, batch: Batch | None = None) -> None:
         """Hand back a result: a batch's, or one that needed no call (validation, validate_only);
-        kept for GetResults first (with `body`'s recipients hashed), delivered or not."""
+        kept for GetResults first (with `batch`'s recipients hashed), delivered or not."""
         reporting.made(self._metrics, self._context, result)
-        await asyncio.shield(self._dispatcher.recorder.record(self._context, result, body))
+        await asyncio.shield(self._dispatcher.recorder.record(self._context, result, batch))
         await self._queue.put(result)
         self._metrics.buffered(self._tenant_id, 1)
 

@@ -10,6 +10,7 @@
     +-- TooManyStreams       the tenant, or the gateway, has the most streams open -> RESOURCE_EXHAUSTED
     +-- NotKept              no result is kept for the request asked about      -> NOT_FOUND
     +-- ResultsUnavailable   the results store did not answer a lookup          -> UNAVAILABLE
+    +-- NotAcknowledged      a Replay without acknowledge_duplicates: nothing sent -> FAILED_PRECONDITION
     ConfigError              settings or tenants file invalid (boot or reload)
     StoreUnavailable         a state store (Redis, the host's file) did not answer in time
     StoreLost                a shared store lost what it kept; keys refused until acknowledged
@@ -86,6 +87,10 @@ class NotKept(GatewayError):
 
 class ResultsUnavailable(GatewayError):
     """GetResults or FindRecipient: the results store did not answer; ask again."""
+
+
+class NotAcknowledged(GatewayError):
+    """Replay: the caller did not acknowledge that a recipient may get the Canvas twice."""
 
 
 class ConfigError(Exception):

@@ -37,7 +37,7 @@ import orjson
 from .context import RequestContext
 from .errors import StoreLost, StoreUnavailable
 from .metrics import Metrics
-from .model import BatchResult, Code, Outcome, Rule, Violation
+from .model import Batch, BatchResult, Code, Outcome, Rule, Violation
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class OutcomeStore(Protocol):
     """Where kept outcomes live: under (tenant, handle), one entry per batch index, each kept
     `ttl` seconds from its last write. Either may raise `errors.StoreUnavailable`."""
 
-    async def record(self, tenant: str, handles: Sequence[str], index: int, data: bytes) -> None:
-        """Keep `data` as batch `index` of each handle's record (replacing one of that index)."""
+    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
+        """Keep `data` as `entry` (a batch index) of each handle's record, replacing one so named."""
         ...
 
     async def read(self, tenant: str, handle: str) -> list[bytes]:
@@ -106,27 +106,50 @@ def recipient_hashes(body: bytes, salt: bytes) -> bytes:
     return b"".join(_hash(salt, identifier_text(recipient)) for recipient in recipients)
 
 
-def encode(result: BatchResult, body: bytes = b"", salt: bytes | None = None) -> bytes:
-    """A result as kept: every field the caller was given, and its recipients' hashes."""
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Which request a kept result belongs to, and what was decided of it since."""
+
+    request_id: str = ""
+    key: str = ""
+    replay: str = ""
+    """The request id of the acknowledged `Replay` that sent the batch again; "" if none did."""
+
+    def handles(self) -> list[str]:
+        """The names the request's results are kept under."""
+        return [request_handle(self.request_id)] + ([key_handle(self.key)] if self.key else [])
+
+
+def encode(
+    result: BatchResult, batch: Batch | None = None, origin: Origin = Origin(), salt: bytes | None = None
+) -> bytes:
+    """A result as kept: every field the caller was given, its recipients' hashes, its request;
+    for an UNKNOWN batch (or one replayed), also the exact body sent, for `Replay`."""
     fields: dict[str, Any] = {name: getattr(result, name) for name in _FIELDS}
     fields["outcome"], fields["code"] = result.outcome.value, int(result.code)
     fields["positions"] = result.positions
     fields["errors"] = result.errors
     fields["violations"] = [(v.field, v.description, v.rule.value) for v in result.violations]
-    if body:
+    fields["origin"] = (origin.request_id, origin.key, origin.replay)
+    if batch is not None and batch.body:
         salt = salt if salt is not None else os.urandom(SALT_BYTES)
         fields["salt"] = salt.hex()
-        fields["hashes"] = recipient_hashes(body, salt).hex()
+        fields["hashes"] = recipient_hashes(batch.body, salt).hex()
+        if result.outcome is Outcome.UNKNOWN or origin.replay:
+            fields["sent"] = (batch.body.decode(), batch.broadcast, batch.audience, batch.lane)
     return orjson.dumps(fields)
 
 
 @dataclass(frozen=True, slots=True)
 class Kept:
-    """One kept result, and what finds a recipient in it."""
+    """One kept result, what finds a recipient in it, and (UNKNOWN) the batch that was sent."""
 
     result: BatchResult
-    salt: bytes
-    hashes: bytes
+    salt: bytes = b""
+    hashes: bytes = b""
+    origin: Origin = Origin()
+    batch: Batch | None = None
+    """The batch as sent, kept for an UNKNOWN result (and after its replay); None otherwise."""
 
     def position_of(self, identifier: str) -> int | None:
         """The position of the recipient named by `identifier` (`identifier_text`), if in this batch."""
@@ -146,10 +169,20 @@ def decode(data: bytes) -> Kept:
     positions = tuple(fields.pop("positions"))
     errors = tuple(fields.pop("errors"))
     violations = tuple(Violation(f, d, Rule(r)) for f, d, r in fields.pop("violations"))
+    origin = Origin(*fields.pop("origin", ()))
+    sent = fields.pop("sent", None)
     result = BatchResult(
         positions=positions, outcome=outcome, code=code, errors=errors, violations=violations, **fields
     )
-    return Kept(result, salt, hashes)
+    batch = None
+    if sent is not None:
+        body, broadcast, audience, lane = sent
+        batch = Batch(result.batch_index, positions, body.encode(), broadcast, audience, lane)
+    return Kept(result, salt, hashes, origin, batch)
+
+
+UNKNOWN_HANDLE: Final = "unknown"
+"""The tenant's list of UNKNOWN batches not replayed yet: one entry per (request id, batch)."""
 
 
 class Recorder:
@@ -166,16 +199,44 @@ class Recorder:
     def enabled(self) -> bool:
         return self._store is not None
 
-    async def record(self, context: RequestContext, result: BatchResult, body: bytes = b"") -> None:
+    async def record(self, context: RequestContext, result: BatchResult, batch: Batch | None = None) -> None:
+        """Keep a result as it was made, under the request's id (and its key, unless replayed);
+        a new UNKNOWN one also on the tenant's UNKNOWN list."""
         if self._store is None or not context.request_id:
             return
-        handles = [request_handle(context.request_id)]
-        if context.scope is not None and not result.replayed:
-            handles.append(key_handle(context.scope.key))
-        data = encode(result, body)
-        tenant = context.tenant.id
+        key = context.key if context.scope is not None and not result.replayed else ""
+        origin = Origin(context.request_id, key)
+        listed = result.outcome is Outcome.UNKNOWN and not result.replayed
+        await self._keep(context.tenant.id, origin.handles(), result, batch, origin, listed)
+
+    async def record_replay(
+        self, tenant: str, request_id: str, origin: Origin, result: BatchResult, batch: Batch
+    ) -> None:
+        """Keep a replayed batch's result under the replay's own `request_id`; when it was sent
+        now (`origin.replay`), also in place of the UNKNOWN one, with the decision, and off the
+        UNKNOWN list. The batch keeps its `origin`: every later replay claims it as the first did."""
+        if self._store is None:
+            return
+        if origin.replay:
+            await self._keep(tenant, origin.handles(), result, batch, origin, True)
+        await self._keep(tenant, [request_handle(request_id)], result, batch, origin, False)
+
+    async def _keep(
+        self,
+        tenant: str,
+        handles: list[str],
+        result: BatchResult,
+        batch: Batch | None,
+        origin: Origin,
+        listed: bool,
+    ) -> None:
+        assert self._store is not None
+        data = encode(result, batch, origin)
+        entry = str(result.batch_index)
         try:
-            await self._store.record(tenant, handles, result.batch_index, data)
+            await self._store.record(tenant, handles, entry, data)
+            if listed:
+                await self._store.record(tenant, [UNKNOWN_HANDLE], f"{origin.request_id}#{entry}", data)
         except (StoreUnavailable, StoreLost) as exc:
             self._metrics.results_kept(tenant, "failed", len(data))
             log.error(
@@ -193,4 +254,10 @@ class Recorder:
             return []
         kept = [decode(data) for data in await self._store.read(tenant, handle)]
         kept.sort(key=lambda item: (item.result.positions[:1] or (-1,), item.result.batch_index))
+        return kept
+
+    async def unknown(self, tenant: str) -> list[Kept]:
+        """The tenant's UNKNOWN batches that no acknowledged replay has sent again."""
+        kept = [item for item in await self.read(tenant, UNKNOWN_HANDLE) if not item.origin.replay]
+        kept.sort(key=lambda item: (item.origin.request_id, item.result.batch_index))
         return kept

@@ -25,6 +25,7 @@ from .model import Batch, BatchResult, Code, Summary, Violation
 from .outcomes import Recorder
 from .planning import Intake, Taken, authorize
 from .rate_budget import BULK, TRANSACTIONAL
+from .replaying import Replayer
 from .validate import check_idempotency_key, check_recipient_count, check_stream_head, check_unary_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
@@ -79,6 +80,8 @@ class Sender:
         self._dispatcher = dispatcher
         self._limits = limits
         self._metrics = metrics or Metrics()
+        self.replayer = Replayer(dispatcher, self._metrics)
+        """The acknowledged replay of UNKNOWN batches (`replaying`)."""
 
     async def send(
         self, context: RequestContext, head: Mapping[str, Any], recipients: Sequence[Mapping[str, Any]]
@@ -107,7 +110,7 @@ class Sender:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
             for batch, result in zip(batches, done, strict=True):
                 reporting.made(self._metrics, context, result)
-                await self.recorder.record(context, result, batch.body)
+                await self.recorder.record(context, result, batch)
         else:
             done = await self._run_all(context, batches)
         done.sort(key=lambda result: result.batch_index)
@@ -131,7 +134,7 @@ class Sender:
         if len(batches) == 1:  # most Sends: one call, no fan-out (its tasks and queue cost latency)
             result = await self._dispatcher.send(context, batches[0])
             reporting.made(self._metrics, context, result)
-            await asyncio.shield(self.recorder.record(context, result, batches[0].body))
+            await asyncio.shield(self.recorder.record(context, result, batches[0]))
             return [result]
         fan = FanOut(
             self._dispatcher, context, self._limits.request_concurrency, len(batches) + 1, self._metrics
@@ -193,7 +196,7 @@ class StreamSend:
 
     async def batch(self, batch: Batch) -> None:
         if self.context.validate_only:
-            await self._fan.put(results.not_attempted(batch, VALIDATE_ONLY), batch.body)
+            await self._fan.put(results.not_attempted(batch, VALIDATE_ONLY), batch)
         else:
             await self._fan.submit(batch)
 
@@ -229,7 +232,7 @@ class StreamSend:
             if last is not None and send_rest:
                 await self.batch(last)
             elif last is not None:
-                await self._fan.put(results.not_attempted(last, ABANDONED, code=Code.ABORTED), last.body)
+                await self._fan.put(results.not_attempted(last, ABANDONED, code=Code.ABORTED), last)
         finally:
             await self._fan.close()
 

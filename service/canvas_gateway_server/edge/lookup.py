@@ -1,4 +1,5 @@
-"""GetResults and FindRecipient: an earlier request's kept results, read back, never sent.
+"""GetResults, FindRecipient, ListUnknown: an earlier request's kept results, read back, never
+sent; and Replay's request, checked.
 
 The request is named by its idempotency key or its request id (exactly one); what is read is
 the tenant's own (`outcomes.Recorder`, per tenant in every store). Failures are GatewayErrors,
@@ -65,3 +66,17 @@ async def find_recipient(
                 found=True, position=position, result=convert.result_to_proto(item.result)
             )
     return pb.FindRecipientResponse(found=False)
+
+
+async def list_unknown(recorder: Recorder, tenant: Tenant) -> AsyncIterator[pb.UnknownBatch]:
+    """The tenant's UNKNOWN batches not replayed yet, by request id and batch."""
+    try:
+        kept = await recorder.unknown(tenant.id)
+    except (StoreUnavailable, StoreLost):
+        raise ResultsUnavailable("the results store did not answer: ask again") from None
+    for item in kept:
+        yield pb.UnknownBatch(
+            idempotency_key=item.origin.key,
+            request_id=item.origin.request_id,
+            result=convert.result_to_proto(item.result),
+        )

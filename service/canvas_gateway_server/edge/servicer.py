@@ -300,6 +300,36 @@ class CanvasGatewayServicer:
             except Exception as exc:
                 await self._abort(context, exc)
 
+    async def ListUnknown(self, raw: bytes, context: Context) -> AsyncIterator[pb.UnknownBatch]:
+        """The tenant's UNKNOWN batches not replayed yet."""
+        with self.in_flight:
+            try:
+                tenant = self._authenticate(context)
+                decode(pb.ListUnknownRequest, raw, "request", context)
+                async for response in lookup.list_unknown(self._sender.recorder, tenant):
+                    yield response
+            except Exception as exc:
+                await self._abort(context, exc)
+
+    async def Replay(self, raw: bytes, context: Context) -> pb.SendResponse:
+        """Send kept UNKNOWN batches again, once, for a caller who acknowledged duplicates."""
+        with self.in_flight:
+            try:
+                tenant = self._authenticate(context)
+                request = decode(pb.ReplayRequest, raw, "request", context)
+                handle = lookup.handle_of(request.idempotency_key, request.request_id)
+                request_context = self._request(tenant, pb.SendOptions(), context)
+                done, summary = await self._sender.replayer.replay(
+                    request_context, handle, list(request.batch_indexes), request.acknowledge_duplicates
+                )
+                observer.note(summary=summary)
+                return pb.SendResponse(
+                    results=[convert.result_to_proto(result) for result in done],
+                    summary=convert.summary_to_proto(summary, request_context.request_id),
+                )
+            except Exception as exc:
+                await self._abort(context, exc)
+
 
 def _bad_stream(why: str) -> InvalidRequest:
     return InvalidRequest([Violation("header", why, Rule.STREAM_HEADER)])
@@ -319,6 +349,12 @@ def add_to_server(servicer: CanvasGatewayServicer, server: grpc.aio.Server) -> N
         ),
         "FindRecipient": grpc.unary_unary_rpc_method_handler(
             servicer.FindRecipient, response_serializer=pb.FindRecipientResponse.SerializeToString
+        ),
+        "ListUnknown": grpc.unary_stream_rpc_method_handler(
+            servicer.ListUnknown, response_serializer=pb.UnknownBatch.SerializeToString
+        ),
+        "Replay": grpc.unary_unary_rpc_method_handler(
+            servicer.Replay, response_serializer=pb.SendResponse.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

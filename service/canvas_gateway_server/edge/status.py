@@ -25,6 +25,7 @@ from ..errors import (
     GatewayError,
     HeaderTimeout,
     InvalidRequest,
+    NotAcknowledged,
     NotKept,
     PermissionDenied,
     ResultsUnavailable,
@@ -46,6 +47,7 @@ _CODES: dict[type[GatewayError], int] = {
     TooManyStreams: code_pb2.RESOURCE_EXHAUSTED,
     NotKept: code_pb2.NOT_FOUND,
     ResultsUnavailable: code_pb2.UNAVAILABLE,
+    NotAcknowledged: code_pb2.FAILED_PRECONDITION,
 }
 
 

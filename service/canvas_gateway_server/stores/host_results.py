@@ -74,10 +74,10 @@ CREATE INDEX IF NOT EXISTS results_expiry ON results (expires);
 CREATE TABLE IF NOT EXISTS outcomes (
     tenant TEXT NOT NULL,
     handle TEXT NOT NULL,
-    idx INTEGER NOT NULL,
+    entry TEXT NOT NULL,
     data BLOB NOT NULL,
     expires REAL NOT NULL,
-    PRIMARY KEY (tenant, handle, idx)
+    PRIMARY KEY (tenant, handle, entry)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outcomes_expiry ON outcomes (expires);
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL) WITHOUT ROWID;
@@ -242,14 +242,14 @@ class HostResults:
             (scope, index, digest, self.owner, token, now, kept, now + self._ttl),
         )
 
-    async def record(self, tenant: str, handles: Sequence[str], index: int, data: bytes) -> None:
-        await self._run(self._record, tenant, list(handles), index, data)
+    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
+        await self._run(self._record, tenant, list(handles), entry, data)
 
-    def _record(self, tenant: str, handles: list[str], index: int, data: bytes) -> None:
+    def _record(self, tenant: str, handles: list[str], entry: str, data: bytes) -> None:
         expires = self._clock() + self._ttl
         self._db.executemany(
-            "INSERT OR REPLACE INTO outcomes (tenant, handle, idx, data, expires) VALUES (?, ?, ?, ?, ?)",
-            [(tenant, handle, index, data, expires) for handle in handles],
+            "INSERT OR REPLACE INTO outcomes (tenant, handle, entry, data, expires) VALUES (?, ?, ?, ?, ?)",
+            [(tenant, handle, entry, data, expires) for handle in handles],
         )
 
     async def read(self, tenant: str, handle: str) -> list[bytes]:
@@ -257,7 +257,7 @@ class HostResults:
 
     def _read(self, tenant: str, handle: str) -> list[bytes]:
         rows = self._db.execute(
-            "SELECT data FROM outcomes WHERE tenant = ? AND handle = ? AND expires > ? ORDER BY idx",
+            "SELECT data FROM outcomes WHERE tenant = ? AND handle = ? AND expires > ?",
             (tenant, handle, self._clock()),
         ).fetchall()
         return [bytes(row[0]) for row in rows]
@@ -272,8 +272,8 @@ class HostResults:
             (now, PURGE_ROWS),
         ).rowcount
         purged += self._db.execute(
-            "DELETE FROM outcomes WHERE (tenant, handle, idx) IN "
-            "(SELECT tenant, handle, idx FROM outcomes WHERE expires <= ? LIMIT ?)",
+            "DELETE FROM outcomes WHERE (tenant, handle, entry) IN "
+            "(SELECT tenant, handle, entry FROM outcomes WHERE expires <= ? LIMIT ?)",
             (now, PURGE_ROWS),
         ).rowcount
         self._db.execute("DELETE FROM owners WHERE beat <= ?", (now - self._ttl,))

@@ -39,10 +39,10 @@ class _Claimed:
 
 @dataclass(slots=True)
 class _Record:
-    """One request's kept outcomes (`outcomes.OutcomeStore`): batch index -> its bytes."""
+    """One request's kept outcomes (`outcomes.OutcomeStore`): entry (a batch index) -> its bytes."""
 
     expires: float
-    entries: dict[int, bytes]
+    entries: dict[str, bytes]
 
 
 SWEEP_SECONDS: Final = 1.0
@@ -100,7 +100,7 @@ class LocalResults:
         """Kept outcomes (batch entries, one per handle)."""
         return self._outcomes
 
-    async def record(self, tenant: str, handles: Sequence[str], index: int, data: bytes) -> None:
+    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
         expires = self._clock() + self._ttl
         data = bytes(memoryview(data))  # copied to its length (orjson's buffer is 4 KB)
         for handle in handles:
@@ -109,9 +109,9 @@ class LocalResults:
                 record = _Record(expires, {})
             self._records[(tenant, handle)] = record
             record.expires = expires
-            if index not in record.entries:
+            if entry not in record.entries:
                 self._outcomes += 1
-            record.entries[index] = data
+            record.entries[entry] = data
         while self._outcomes > self._capacity and len(self._records) > 1:
             (gone, _), first = self._records.popitem(last=False)
             self._outcomes -= len(first.entries)

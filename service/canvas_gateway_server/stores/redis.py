@@ -258,13 +258,13 @@ class RedisResults:
     def _outcomes_key(tenant: str, handle: str) -> str:
         return f"{PREFIX}outcome:{tenant}/{handle}"
 
-    async def record(self, tenant: str, handles: Sequence[str], index: int, data: bytes) -> None:
-        """Each handle's record is one hash (batch index -> result), living the TTL from its last
+    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
+        """Each handle's record is one hash (entry, a batch index -> result), living the TTL from its last
         write; written for every handle in one MULTI (one round trip)."""
         pipe = self._client.pipeline(transaction=True)
         for handle in handles:
             key = self._outcomes_key(tenant, handle)
-            pipe.hset(key, str(index), data)
+            pipe.hset(key, entry, data)
             pipe.pexpire(key, int(self._ttl_ms))
         await _call("results", pipe.execute())
 

@@ -133,6 +133,91 @@ resumed (or unarchived) does send.
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
+class ListUnknownRequest(_message.Message):
+    """ListUnknownRequest asks for the calling tenant's UNKNOWN batches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnknownRequest: _TypeAlias = ListUnknownRequest  # noqa: Y015
+
+@_typing.final
+class UnknownBatch(_message.Message):
+    """UnknownBatch is one UNKNOWN batch and the request it belongs to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """The request's idempotency key; empty without one."""
+    request_id: _builtins.str
+    """The request's id: name it in Replay."""
+    @_builtins.property
+    def result(self) -> Global___BatchResult: ...
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        result: Global___BatchResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnknownBatch: _TypeAlias = UnknownBatch  # noqa: Y015
+
+@_typing.final
+class ReplayRequest(_message.Message):
+    """ReplayRequest names an earlier request (exactly one of idempotency_key,
+    request_id) and which of its batches to send again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    BATCH_INDEXES_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGE_DUPLICATES_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    request_id: _builtins.str
+    acknowledge_duplicates: _builtins.bool
+    """Required: the caller accepts that a recipient of these batches may get
+    the Canvas twice.
+    """
+    @_builtins.property
+    def batch_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The batches to send again; empty: every UNKNOWN batch of the request."""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        batch_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        acknowledge_duplicates: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_duplicates", b"acknowledge_duplicates", "batch_indexes", b"batch_indexes", "idempotency_key", b"idempotency_key", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRequest: _TypeAlias = ReplayRequest  # noqa: Y015
+
+@_typing.final
 class GetResultsRequest(_message.Message):
     """GetResultsRequest names one earlier request: set exactly one field."""
 
