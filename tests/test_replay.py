@@ -242,3 +242,33 @@ async def test_the_client_lists_and_replays(harness: Harness) -> None:
         answer = await client.replay(acknowledge_duplicates=True, idempotency_key="job-o")
         assert [batch async for batch in client.list_unknown()] == []
     assert [r.batch_index for r in answer.results] == [b.result.batch_index for b in listed]
+
+
+async def test_a_502_is_retried_only_for_a_tenant_that_chose_it(fake: FakeBraze, tmp_path: Path) -> None:
+    """Braze says a 502 failed before reaching its server: `retry_502 = true` (globex here) calls
+    again; by default (acme) a 502 is UNKNOWN, as every 5xx, and is not sent again."""
+    tenants_file = tmp_path / "tenants.toml"
+    tenants = tenants_toml(FAKE_URLS[id(fake)]).replace(
+        "allow_broadcast = true\n", "allow_broadcast = true\nretry_502 = true\n"
+    )
+    tenants_file.write_text(tenants)
+    settings = Settings.from_env(
+        {}, grpc_address="127.0.0.1:0", tenants_file=str(tenants_file), retry_base_delay_seconds=0.01, **LOCAL
+    )
+    gateway = await start_gateway(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = pb_grpc.CanvasGatewayServiceStub(channel)
+            fake.faults.script([Fault.status(502)])
+            [acme] = (await stub.Send(send_request(10), metadata=Harness.auth("acme"))).results
+            fake.faults.script([Fault.status(502)])
+            [globex] = (await stub.Send(send_request(10), metadata=Harness.auth("globex"))).results
+        assert (acme.outcome, acme.attempts) == (pb.OUTCOME_UNKNOWN, 1)
+        assert (globex.outcome, globex.attempts) == (pb.OUTCOME_SENT, 2)
+        assert [call.status for call in fake.calls] == [502, 502, 201]
+        retried = gateway.registry.get_sample_value(
+            "canvas_gateway_retries_total", {"tenant": "globex", "reason": "bad_gateway"}
+        )
+        assert retried == 1
+    finally:
+        await gateway.stop(grace=0)

@@ -223,14 +223,15 @@ class Dispatcher:
                     await self._sleep(pause)
                     metrics.rate_limit_wait(tenant.id, pause)
                     continue
-                delay = retry_delay(policy, reply, progress.attempts - waited, now, jitter)
+                delay = retry_delay(policy, reply, progress.attempts - waited, now, jitter, tenant.retry_502)
                 if delay is None or delay > left() - policy.min_time_left:
                     return results.from_reply(batch, reply, progress.attempts)
                 if not self._budget.try_retry(tenant.id):
                     metrics.retry_denied(tenant.id)
                     return results.from_reply(batch, reply, progress.attempts)
-                rate_limited = reply.delivery is Delivery.RESPONDED
-                metrics.retry(tenant.id, "rate_limited" if rate_limited else "connect_failed")
+                rate_limited = reply.delivery is Delivery.RESPONDED and reply.status == 429
+                reason = "rate_limited" if rate_limited else "connect_failed"
+                metrics.retry(tenant.id, "bad_gateway" if reply.status == 502 else reason)
                 await self._sleep(delay)
                 if rate_limited:
                     metrics.rate_limit_wait(tenant.id, delay)
