@@ -37,6 +37,7 @@ MEASURES = (
     "observability_cost",
     "replicas",
     "redis_cost",
+    "results_cost",
 )
 
 
