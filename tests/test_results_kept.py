@@ -219,7 +219,7 @@ async def test_the_memory_store_honours_its_bound_and_its_ttl() -> None:
     store = LocalResults(10.0, 4, 60.0, clock=lambda: now[0], on_evict_outcome=evicted.append)
     for request in range(4):
         for index in range(2):
-            await store.record("acme", [f"request:{request}"], str(index), b"x" * 10)
+            await store.record([("acme", f"request:{request}", str(index), b"x" * 10)])
     assert store.outcomes == 4 and evicted == ["acme", "acme"]
     assert await store.read("acme", "request:0") == []
     assert len(await store.read("acme", "request:3")) == 2

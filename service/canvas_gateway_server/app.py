@@ -251,6 +251,7 @@ class Gateway:
         # their last responses go out and ends the rest, such as health watchers.
         await self.server.stop(FLUSH_SECONDS)
         await self.dispatcher.ledger.settled(KEEP_SECONDS)
+        await self.dispatcher.recorder.flush()
         if self.stores is not None:
             await self.stores.stop()
         await self.session.close()

@@ -86,7 +86,6 @@ class Dispatcher:
         self._jitter = jitter
         self._abandoned = False
         self._running: set[asyncio.Task[object]] = set()
-        self._recording: set[asyncio.Task[None]] = set()
 
     @property
     def ledger(self) -> Ledger:
@@ -149,16 +148,12 @@ class Dispatcher:
 
     def _record_soon(self, context: RequestContext, batch: Batch, sent: bool) -> None:
         """The call was cancelled with its caller: keep for GetResults what its result would have
-        been (UNKNOWN if the batch may have gone out, else NOT_ATTEMPTED), in a task of its own."""
-        if not self.recorder.enabled:
-            return
+        been (UNKNOWN if the batch may have gone out, else NOT_ATTEMPTED)."""
         if sent:
             result = keeping.lost(batch, keeping.CUT_OFF_TEXT)
         else:
             result = results.not_attempted(batch, "cancelled: its caller went away", Code.ABORTED)
-        recording = asyncio.get_running_loop().create_task(self.recorder.record(context, result, batch))
-        self._recording.add(recording)
-        recording.add_done_callback(self._recording.discard)
+        self.recorder.record(context, result, batch)
 
     def _consume_abandon_cancel(self, task: asyncio.Task[object]) -> bool:
         """True when a cancellation is abandon()'s alone: it becomes a result. Any other
@@ -266,6 +261,10 @@ class FanOut:
         self._quiet_since = 0.0
 
     @property
+    def recorder(self) -> Recorder:
+        return self._dispatcher.recorder
+
+    @property
     def quiet_since(self) -> float | None:
         """When the last batch in flight ended (time.monotonic; 0.0 if none ever was); None while
         one is in flight."""
@@ -294,7 +293,7 @@ class FanOut:
         """Hand back a result: a batch's, or one that needed no call (validation, validate_only);
         kept for GetResults first (with `batch`'s recipients hashed), delivered or not."""
         reporting.made(self._metrics, self._context, result)
-        await asyncio.shield(self._dispatcher.recorder.record(self._context, result, batch))
+        self._dispatcher.recorder.record(self._context, result, batch)
         await self._queue.put(result)
         self._metrics.buffered(self._tenant_id, 1)
 

@@ -25,6 +25,8 @@ kept. CGW_RESULTS_KEPT=false keeps nothing (the RPCs then answer NOT_FOUND).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -60,12 +62,17 @@ _FIELDS: Final = (
 )
 
 
+Row = tuple[str, str, str, bytes]
+"""One kept outcome as a store writes it: tenant, handle, entry (a batch index), data."""
+
+
 class OutcomeStore(Protocol):
     """Where kept outcomes live: under (tenant, handle), one entry per batch index, each kept
     `ttl` seconds from its last write. Either may raise `errors.StoreUnavailable`."""
 
-    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
-        """Keep `data` as `entry` (a batch index) of each handle's record, replacing one so named."""
+    async def record(self, rows: Sequence[Row]) -> None:
+        """Keep each row's `data` as `entry` of its handle's record, replacing one so named: all
+        at once (one transaction, one round trip)."""
         ...
 
     async def read(self, tenant: str, handle: str) -> list[bytes]:
@@ -102,8 +109,13 @@ def recipient_hashes(body: bytes, salt: bytes) -> bytes:
     """The hashes of a batch body's recipients, in order, joined (HASH_BYTES each)."""
     if not body:
         return b""
-    recipients = orjson.loads(body).get("recipients") or ()
-    return b"".join(_hash(salt, identifier_text(recipient)) for recipient in recipients)
+    keyed = hashlib.blake2b(key=salt, digest_size=HASH_BYTES)  # keyed once, copied per recipient
+    hashes = []
+    for recipient in orjson.loads(body).get("recipients") or ():
+        one = keyed.copy()
+        one.update(identifier_text(recipient).encode())
+        hashes.append(one.digest())
+    return b"".join(hashes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,21 +197,34 @@ UNKNOWN_HANDLE: Final = "unknown"
 """The tenant's list of UNKNOWN batches not replayed yet: one entry per (request id, batch)."""
 
 
+FLUSH_SECONDS: Final = 0.05
+"""Kept outcomes are written behind the results, together, at most this long after they are made
+(or as soon as FLUSH_ROWS wait): a write per batch would cost a thread hop or a round trip each."""
+FLUSH_ROWS: Final = 512
+
+
 class Recorder:
     """Keeps every result of a request under its handles, and reads them back (`OutcomeStore`).
 
-    A record that the store does not take is counted and logged, never fails the batch: the
-    result still reaches its caller, and the reconciliation log line stands for it."""
+    `record` never waits: what it is given is written behind, with what other batches made
+    meanwhile, by one task (FLUSH_SECONDS); `flush` waits until what was recorded before it is
+    written (a Send before it answers, a stream before its summary, a read, a shutdown). A write
+    the store does not take is counted and logged, never fails a batch: the result still reaches
+    its caller, and the reconciliation log line stands for it."""
 
     def __init__(self, store: OutcomeStore | None, metrics: Metrics | None = None) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
+        self._pending: list[Row] = []
+        self._waiting: list[asyncio.Future[None]] = []
+        self._now = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
         return self._store is not None
 
-    async def record(self, context: RequestContext, result: BatchResult, batch: Batch | None = None) -> None:
+    def record(self, context: RequestContext, result: BatchResult, batch: Batch | None = None) -> None:
         """Keep a result as it was made, under the request's id (and its key, unless replayed);
         a new UNKNOWN one also on the tenant's UNKNOWN list."""
         if self._store is None or not context.request_id:
@@ -207,9 +232,9 @@ class Recorder:
         key = context.key if context.scope is not None and not result.replayed else ""
         origin = Origin(context.request_id, key)
         listed = result.outcome is Outcome.UNKNOWN and not result.replayed
-        await self._keep(context.tenant.id, origin.handles(), result, batch, origin, listed)
+        self._keep(context.tenant.id, origin.handles(), result, batch, origin, listed)
 
-    async def record_replay(
+    def record_replay(
         self, tenant: str, request_id: str, origin: Origin, result: BatchResult, batch: Batch
     ) -> None:
         """Keep a replayed batch's result under the replay's own `request_id`; when it was sent
@@ -218,10 +243,10 @@ class Recorder:
         if self._store is None:
             return
         if origin.replay:
-            await self._keep(tenant, origin.handles(), result, batch, origin, True)
-        await self._keep(tenant, [request_handle(request_id)], result, batch, origin, False)
+            self._keep(tenant, origin.handles(), result, batch, origin, True)
+        self._keep(tenant, [request_handle(request_id)], result, batch, origin, False)
 
-    async def _keep(
+    def _keep(
         self,
         tenant: str,
         handles: list[str],
@@ -230,28 +255,59 @@ class Recorder:
         origin: Origin,
         listed: bool,
     ) -> None:
-        assert self._store is not None
         data = encode(result, batch, origin)
         entry = str(result.batch_index)
-        try:
-            await self._store.record(tenant, handles, entry, data)
-            if listed:
-                await self._store.record(tenant, [UNKNOWN_HANDLE], f"{origin.request_id}#{entry}", data)
-        except (StoreUnavailable, StoreLost) as exc:
-            self._metrics.results_kept(tenant, "failed", len(data))
-            log.error(
-                "the result of batch %d is not kept for GetResults (%s)",
-                result.batch_index,
-                exc,
-                extra={"tenant": tenant, "batch_index": result.batch_index},
-            )
+        self._pending += [(tenant, handle, entry, data) for handle in handles]
+        if listed:
+            self._pending.append((tenant, UNKNOWN_HANDLE, f"{origin.request_id}#{entry}", data))
+        if len(self._pending) >= FLUSH_ROWS:
+            self._now.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def flush(self) -> None:
+        """Wait until every result recorded so far is written (or its write failed)."""
+        if self._writer is None or self._writer.done():
             return
-        self._metrics.results_kept(tenant, "kept", len(data))
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(done)
+        self._now.set()
+        await asyncio.shield(done)
+
+    async def _write(self) -> None:
+        """The one writer: what waits, together, after FLUSH_SECONDS (or at once when asked)."""
+        assert self._store is not None
+        try:
+            while self._pending:
+                if not self._now.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._now.wait(), FLUSH_SECONDS)
+                self._now.clear()
+                rows, self._pending = self._pending, []
+                waiting, self._waiting = self._waiting, []
+                try:
+                    await self._store.record(rows)
+                except (StoreUnavailable, StoreLost) as exc:
+                    for tenant, _, _, data in rows:
+                        self._metrics.results_kept(tenant, "failed", len(data))
+                    log.error("%d results were not kept for GetResults (%s)", len(rows), exc)
+                else:
+                    for tenant, _, _, data in rows:
+                        self._metrics.results_kept(tenant, "kept", len(data))
+                for done in waiting:  # what they waited for is written (or failed)
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            for done in self._waiting:
+                if not done.done():
+                    done.set_result(None)
+            self._waiting = []
 
     async def read(self, tenant: str, handle: str) -> list[Kept]:
         """The handle's kept results in position order (an empty list: nothing kept)."""
         if self._store is None:
             return []
+        await self.flush()
         kept = [decode(data) for data in await self._store.read(tenant, handle)]
         kept.sort(key=lambda item: (item.result.positions[:1] or (-1,), item.result.batch_index))
         return kept

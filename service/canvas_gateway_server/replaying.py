@@ -66,6 +66,7 @@ class Replayer:
         else:
             chosen = [item for item in kept if item.result.outcome is Outcome.UNKNOWN]
         done = [await self._one(context, item) for item in chosen]
+        await self._recorder.flush()
         summary = Summary()
         for result in done:
             summary.add(result)
@@ -93,5 +94,5 @@ class Replayer:
         # Sent now: the new result and the decision take the UNKNOWN one's place. Else (replayed
         # from an earlier replay, or nothing sent) only the replay's own request id keeps it.
         decided = Origin(origin.request_id, origin.key, context.request_id if sent_now else "")
-        await self._recorder.record_replay(context.tenant.id, context.request_id, decided, result, batch)
+        self._recorder.record_replay(context.tenant.id, context.request_id, decided, result, batch)
         return result

@@ -110,10 +110,11 @@ class Sender:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
             for batch, result in zip(batches, done, strict=True):
                 reporting.made(self._metrics, context, result)
-                await self.recorder.record(context, result, batch)
+                self.recorder.record(context, result, batch)
         else:
             done = await self._run_all(context, batches)
         done.sort(key=lambda result: result.batch_index)
+        await self.recorder.flush()  # kept before the caller is answered: GetResults finds them
         summary = Summary()
         for result in done:
             summary.add(result)
@@ -134,7 +135,7 @@ class Sender:
         if len(batches) == 1:  # most Sends: one call, no fan-out (its tasks and queue cost latency)
             result = await self._dispatcher.send(context, batches[0])
             reporting.made(self._metrics, context, result)
-            await asyncio.shield(self.recorder.record(context, result, batches[0]))
+            self.recorder.record(context, result, batches[0])
             return [result]
         fan = FanOut(
             self._dispatcher, context, self._limits.request_concurrency, len(batches) + 1, self._metrics
@@ -240,6 +241,7 @@ class StreamSend:
         async for result in self._fan.results():
             self.summary.add(result)
             yield result
+        await self._fan.recorder.flush()  # kept before the summary: GetResults finds them
 
     def cancel(self) -> None:
         self._fan.cancel()

@@ -43,6 +43,7 @@ from typing import Final, TypeVar
 from ..context import IdempotencyScope
 from ..errors import ConfigError, StoreUnavailable
 from ..idempotency import Claim, Verdict
+from ..outcomes import Row
 from ..settings import State
 from .heartbeat import keep_beating
 
@@ -151,9 +152,6 @@ class HostResults:
         self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._heartbeat: asyncio.Task[None] | None = None
-        self._outcomes: list[tuple[list[tuple[str, str, str, bytes]], asyncio.Future[None]]] = []
-        """Kept outcomes waiting for the next write, each with who waits for it."""
-        self._writer: asyncio.Task[None] | None = None
 
     async def _run(self, operation: Callable[..., T], *args: object) -> T:
         try:
@@ -245,36 +243,16 @@ class HostResults:
             (scope, index, digest, self.owner, token, now, kept, now + self._ttl),
         )
 
-    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
-        """Kept outcomes are written together: every record asked for while one write runs goes
-        in the next, one transaction on the store's thread (a thread hop and a commit cost about
-        150 us of CPU each; a stream's batches end many at a time)."""
-        done = asyncio.get_running_loop().create_future()
-        self._outcomes.append(([(tenant, handle, entry, data) for handle in handles], done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_outcomes())
-        await done
+    async def record(self, rows: Sequence[Row]) -> None:
+        await self._run(self._record, list(rows))
 
-    async def _write_outcomes(self) -> None:
-        while self._outcomes:
-            taken, self._outcomes = self._outcomes, []
-            try:
-                await self._run(self._record, [row for rows, _ in taken for row in rows])
-            except StoreUnavailable as exc:
-                for _, done in taken:
-                    if not done.done():
-                        done.set_exception(StoreUnavailable(str(exc)))
-                continue
-            for _, done in taken:
-                if not done.done():
-                    done.set_result(None)
-
-    def _record(self, rows: list[tuple[str, str, str, bytes]]) -> None:
+    def _record(self, rows: list[Row]) -> None:
         expires = self._clock() + self._ttl
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(
-                "INSERT OR REPLACE INTO outcomes (tenant, handle, entry, data, expires) VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO outcomes (tenant, handle, entry, data, expires) "
+                "VALUES (?, ?, ?, ?, ?)",
                 [(*row, expires) for row in rows],
             )
         except BaseException:

@@ -16,6 +16,7 @@ from typing import Final, TypeVar
 
 from ..context import IdempotencyScope
 from ..idempotency import Claim, Verdict
+from ..outcomes import Row
 from ..rate_budget import NO_HEADROOM, BudgetKey, BudgetTable, Headroom, Hold, RateBudget, Ticket
 from ..reply import Reply
 
@@ -100,10 +101,9 @@ class LocalResults:
         """Kept outcomes (batch entries, one per handle)."""
         return self._outcomes
 
-    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
+    async def record(self, rows: Sequence[Row]) -> None:
         expires = self._clock() + self._ttl
-        data = bytes(memoryview(data))  # copied to its length (orjson's buffer is 4 KB)
-        for handle in handles:
+        for tenant, handle, entry, data in rows:
             record = self._records.pop((tenant, handle), None)
             if record is None:
                 record = _Record(expires, {})
@@ -111,7 +111,7 @@ class LocalResults:
             record.expires = expires
             if entry not in record.entries:
                 self._outcomes += 1
-            record.entries[entry] = data
+            record.entries[entry] = bytes(memoryview(data))  # copied to its length (orjson's buffer)
         while self._outcomes > self._capacity and len(self._records) > 1:
             (gone, _), first = self._records.popitem(last=False)
             self._outcomes -= len(first.entries)

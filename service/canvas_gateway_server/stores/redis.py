@@ -45,6 +45,7 @@ from ..context import IdempotencyScope
 from ..errors import StoreLost, StoreUnavailable
 from ..idempotency import Claim, Verdict
 from ..metrics import Metrics
+from ..outcomes import Row
 from ..rate_budget import (
     AUDIENCE,
     MAX_PAUSE_SECONDS,
@@ -258,11 +259,11 @@ class RedisResults:
     def _outcomes_key(tenant: str, handle: str) -> str:
         return f"{PREFIX}outcome:{tenant}/{handle}"
 
-    async def record(self, tenant: str, handles: Sequence[str], entry: str, data: bytes) -> None:
-        """Each handle's record is one hash (entry, a batch index -> result), living the TTL from its last
-        write; written for every handle in one MULTI (one round trip)."""
+    async def record(self, rows: Sequence[Row]) -> None:
+        """Each handle's record is one hash (entry, a batch index -> result), living the TTL from
+        its last write; every row written in one MULTI (one round trip)."""
         pipe = self._client.pipeline(transaction=True)
-        for handle in handles:
+        for tenant, handle, entry, data in rows:
             key = self._outcomes_key(tenant, handle)
             pipe.hset(key, entry, data)
             pipe.pexpire(key, int(self._ttl_ms))
