@@ -4,6 +4,7 @@ the host's SQLite file across a restart, and Redis shared by two gateways."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections import Counter
@@ -17,10 +18,12 @@ from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_client import CanvasGatewayClient
 from canvas_gateway_client.cli import run
 from canvas_gateway_server import outcomes
+from canvas_gateway_server.context import RequestContext
 from canvas_gateway_server.metrics import Metrics, PrometheusMetrics
 from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome, Rule, Violation
 from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.stores.memory import LocalResults
+from canvas_gateway_server.tenants import Tenant
 from fake_braze import FakeBraze, Fault
 from prometheus_client import CollectorRegistry
 from servers import redis_server
@@ -170,6 +173,7 @@ async def test_results_kept_off_keeps_nothing(harness: Harness) -> None:
         await get_results(harness.stub, request_id="off")
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert "CGW_RESULTS_KEPT" in (refused.value.details() or "")
+    assert [b async for b in harness.stub.ListUnknown(pb.ListUnknownRequest(), metadata=harness.auth())] == []
 
 
 async def test_validate_only_and_rejected_recipients_are_kept_too(harness: Harness) -> None:
@@ -392,3 +396,81 @@ async def test_the_client_reads_results_and_finds_a_recipient(harness: Harness) 
     assert [r.result for r in responses[:-1]] == list(sent.results)
     assert responses[-1].summary.recipients_sent == 1
     assert found.found and found.position == 0 and found.result == sent.results[0]
+
+
+async def test_while_redis_does_not_answer_sends_go_on_and_reads_are_unavailable(
+    fake: FakeBraze, tmp_path: Path
+) -> None:
+    """The results store failing never fails a batch: an unkeyed Send is sent and answered, what
+    was not kept is counted (and logged); GetResults, FindRecipient, ListUnknown say UNAVAILABLE."""
+    async with redis_server() as redis:
+        gateway = await _gateway(fake, tmp_path, redis_url=redis.url, redis_timeout_seconds=0.2)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+                stub = pb_grpc.CanvasGatewayServiceStub(channel)
+                await redis.stop()
+                sent = await stub.Send(send_request(60), metadata=meta("acme", "redis-down"))
+                assert [r.outcome for r in sent.results] == [pb.OUTCOME_SENT] * 2
+                failed = gateway.registry.get_sample_value(
+                    "canvas_gateway_results_kept_total", {"tenant": "acme", "state": "failed"}
+                )
+                assert failed == 2
+                for call in (
+                    get_results(stub, request_id="redis-down"),
+                    stub.FindRecipient(
+                        pb.FindRecipientRequest(
+                            request_id="redis-down", recipient=pb.Recipient(external_user_id="u1")
+                        ),
+                        metadata=Harness.auth(),
+                    ),
+                    stub.ListUnknown(pb.ListUnknownRequest(), metadata=Harness.auth()).read(),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await gateway.stop(grace=0)
+
+
+async def test_many_results_at_once_are_written_together() -> None:
+    """Past FLUSH_ROWS waiting the writer goes at once; each read finds what was recorded."""
+    store = LocalResults(60.0, 10_000, 60.0)
+    recorder = outcomes.Recorder(store)
+    tenant = Tenant("acme", "http://127.0.0.1", "key")
+    result = BatchResult(0, (0,), Outcome.SENT, Code.OK)
+    for n in range(outcomes.FLUSH_ROWS + 1):
+        recorder.record(RequestContext.of(tenant, request_id=f"r{n}"), result)
+    await recorder.flush()
+    assert store.outcomes == outcomes.FLUSH_ROWS + 1
+    await recorder.flush()  # nothing left: at once
+    assert [kept.result for kept in await recorder.read("acme", "request:r7")] == [result]
+
+
+async def test_a_stream_cut_off_while_braze_is_called_keeps_what_each_batch_became(harness: Harness) -> None:
+    """The caller goes while its first batch's call is under way and its second waits (a budget
+    Braze never answered lets one call ask first): the first is kept UNKNOWN (it may have been
+    sent), the second NOT_ATTEMPTED, under the key and the request id, every position once."""
+    harness.fake.faults.script([Fault.delay(1.0)])
+    header = pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users(100)))
+    header.options.idempotency_key = "job-mid-call"
+    call = harness.stub.SendStream(
+        iter([pb.SendStreamRequest(header=header)]), metadata=meta("acme", "mid-call")
+    )
+    reading = asyncio.ensure_future(call.read())  # the call starts with its first read
+
+    def in_flight() -> float:
+        return (
+            harness.gateway.registry.get_sample_value("canvas_gateway_batches_in_flight", {"tenant": "acme"})
+            or 0
+        )
+
+    await until(lambda: harness.fake.in_progress == 1 and in_flight() == 2)
+    call.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
+    await until(lambda: in_flight() == 0)
+    for name in ({"idempotency_key": "job-mid-call"}, {"request_id": "mid-call"}):
+        found, _ = await get_results(harness.stub, **name)
+        assert positions(found) == list(range(100))
+        assert [r.outcome for r in found] == [pb.OUTCOME_UNKNOWN, pb.OUTCOME_NOT_ATTEMPTED]
+    listed = [b async for b in harness.stub.ListUnknown(pb.ListUnknownRequest(), metadata=harness.auth())]
+    assert [(b.request_id, b.result.batch_index) for b in listed] == [("mid-call", 0)]

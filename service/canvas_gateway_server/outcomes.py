@@ -107,8 +107,6 @@ def _hash(salt: bytes, identifier: str) -> bytes:
 
 def recipient_hashes(body: bytes, salt: bytes) -> bytes:
     """The hashes of a batch body's recipients, in order, joined (HASH_BYTES each)."""
-    if not body:
-        return b""
     keyed = hashlib.blake2b(key=salt, digest_size=HASH_BYTES)  # keyed once, copied per recipient
     hashes = []
     for recipient in orjson.loads(body).get("recipients") or ():
@@ -240,8 +238,6 @@ class Recorder:
         """Keep a replayed batch's result under the replay's own `request_id`; when it was sent
         now (`origin.replay`), also in place of the UNKNOWN one, with the decision, and off the
         UNKNOWN list. The batch keeps its `origin`: every later replay claims it as the first did."""
-        if self._store is None:
-            return
         if origin.replay:
             self._keep(tenant, origin.handles(), result, batch, origin, True)
         self._keep(tenant, [request_handle(request_id)], result, batch, origin, False)
