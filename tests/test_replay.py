@@ -272,3 +272,39 @@ async def test_a_502_is_retried_only_for_a_tenant_that_chose_it(fake: FakeBraze,
         assert retried == 1
     finally:
         await gateway.stop(grace=0)
+
+
+async def test_unknown_batches_outlive_a_restart_and_are_replayed_once(
+    fake: FakeBraze, tmp_path: Path
+) -> None:
+    """In the host's SQLite file: a gateway restarted after the outage lists the UNKNOWN batches,
+    replays them once, and a restart after the replay does not send them again."""
+    keys = str(tmp_path / "keys.sqlite3")
+
+    async def on_a_gateway(
+        ask: pb.ReplayRequest | None = None,
+    ) -> tuple[list[pb.UnknownBatch], pb.SendResponse | None]:
+        gateway = await _gateway(fake, tmp_path, idempotency_file=keys)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+                stub = pb_grpc.CanvasGatewayServiceStub(channel)
+                if ask is None:
+                    fake.faults.script([Fault.status(500), Fault.status(500)])
+                    await stub.Send(send_request(120, "job-s"), metadata=meta("acme", "job-s-1"))
+                    return [], None
+                listed = await unknown(stub)
+                return listed, await stub.Replay(ask, metadata=Harness.auth())
+        finally:
+            await gateway.stop(grace=0)
+
+    await on_a_gateway()
+    failed = sorted(call.raw for call in fake.calls if call.status == 500)
+    calls = len(fake.calls)
+    ask = pb.ReplayRequest(request_id="job-s-1", acknowledge_duplicates=True)
+    listed, first = await on_a_gateway(ask)
+    assert len(listed) == 2 and first is not None
+    assert sorted(call.raw for call in fake.calls[calls:]) == failed
+    ask.batch_indexes[:] = [b.result.batch_index for b in listed]
+    listed, second = await on_a_gateway(ask)
+    assert listed == [] and second is not None and all(r.replayed for r in second.results)
+    assert len(fake.calls) == calls + 2
