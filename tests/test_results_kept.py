@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -474,3 +476,49 @@ async def test_a_stream_cut_off_while_braze_is_called_keeps_what_each_batch_beca
         assert [r.outcome for r in found] == [pb.OUTCOME_UNKNOWN, pb.OUTCOME_NOT_ATTEMPTED]
     listed = [b async for b in harness.stub.ListUnknown(pb.ListUnknownRequest(), metadata=harness.auth())]
     assert [(b.request_id, b.result.batch_index) for b in listed] == [("mid-call", 0)]
+
+
+async def test_a_bulk_job_killed_mid_stream_is_reconciled_with_one_command(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """`canvas-gateway send-stream` SIGKILLed while its first batch's call is under way and the
+    others wait: `results --idempotency-key` writes every position once, each as the gateway
+    ended it (UNKNOWN for the batch whose call had left, NOT_ATTEMPTED for the rest), and Braze
+    is not called for it."""
+    harness.fake.faults.script([Fault.delay(1.0)])
+    (tmp_path / "header.json").write_text('{"canvas_id": "c"}')
+    lines = tmp_path / "r.jsonl"
+    lines.write_text("".join(json.dumps({"external_user_id": f"u{n}"}) + "\n" for n in range(300)))
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "canvas-gateway"),
+        "--target", harness.target,
+        "send-stream", "--header", str(tmp_path / "header.json"), "--recipients", str(lines),
+        "--idempotency-key", "bulk-killed", "--chunk-size", "100",
+        env={**os.environ, "CANVAS_GATEWAY_TOKEN": TOKENS["acme"]},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def in_flight() -> float:
+        return (
+            harness.gateway.registry.get_sample_value("canvas_gateway_batches_in_flight", {"tenant": "acme"})
+            or 0
+        )
+
+    try:
+        await until(lambda: harness.fake.in_progress == 1 and in_flight() == 6)
+    finally:
+        process.kill()
+        await process.wait()
+    await until(lambda: in_flight() == 0 and harness.fake.in_progress == 0)
+    calls = len(harness.fake.calls)
+
+    code, err = await cli(
+        harness, "results", "--idempotency-key", "bulk-killed", "--results", str(tmp_path / "read.jsonl")
+    )
+
+    assert code == 1, err
+    rows = [json.loads(line) for line in (tmp_path / "read.jsonl").read_text().splitlines()]
+    assert sorted(row["position"] for row in rows) == list(range(300))
+    assert Counter(row["outcome"] for row in rows) == {"UNKNOWN": 50, "NOT_ATTEMPTED": 250}
+    assert len(harness.fake.calls) == calls == 1
