@@ -308,3 +308,28 @@ async def test_unknown_batches_outlive_a_restart_and_are_replayed_once(
     listed, second = await on_a_gateway(ask)
     assert listed == [] and second is not None and all(r.replayed for r in second.results)
     assert len(fake.calls) == calls + 2
+
+
+async def test_the_unknown_list_is_kept_in_spans_of_the_ttl() -> None:
+    """Listed in the span it was made in, found from the next span too (within the TTL of its
+    write); a replay marked in the next span takes it off the list."""
+    from canvas_gateway_server import outcomes
+    from canvas_gateway_server.context import RequestContext
+    from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome
+    from canvas_gateway_server.stores.memory import LocalResults
+    from canvas_gateway_server.tenants import Tenant
+
+    now = [1090.0]
+    store = LocalResults(100.0, 1000, 60.0, clock=lambda: now[0])
+    recorder = outcomes.Recorder(store, ttl=100.0, clock=lambda: now[0])
+    tenant = Tenant("acme", "http://127.0.0.1", "key")
+    batch = Batch(0, (0,), b'{"canvas_id":"c","recipients":[{"external_user_id":"u0"}]}')
+    lost = BatchResult(0, (0,), Outcome.UNKNOWN, Code.UNKNOWN)
+    recorder.record(RequestContext.of(tenant, request_id="r1"), lost, batch)
+    assert [k.result for k in await recorder.unknown("acme")] == [lost]
+    now[0] = 1110.0  # the next span, within the TTL of the write
+    store.expire()
+    assert [k.origin.request_id for k in await recorder.unknown("acme")] == ["r1"]
+    sent = BatchResult(0, (0,), Outcome.SENT, Code.OK)
+    recorder.record_replay("acme", "replay", outcomes.Origin("r1", "", "replay"), sent, batch)
+    assert await recorder.unknown("acme") == []

@@ -348,7 +348,11 @@ def _dispatcher(
         budget=LocalRetryBudget(retry.budget_ratio, retry.budget_minimum),
         clock=clock,
         tracer=tracing.tracer,
-        recorder=Recorder(stores.results if settings.state.results_kept else None, metrics),
+        recorder=Recorder(
+            stores.results if settings.state.results_kept else None,
+            metrics,
+            settings.state.idempotency_ttl_seconds,
+        ),
     )
 
 

@@ -30,7 +30,8 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -192,7 +193,9 @@ def decode(data: bytes) -> Kept:
 
 
 UNKNOWN_HANDLE: Final = "unknown"
-"""The tenant's list of UNKNOWN batches not replayed yet: one entry per (request id, batch)."""
+"""The tenant's list of UNKNOWN batches not replayed yet: one entry per (request id, batch), in
+a record per TTL-long span of time (`unknown:<span>`), so that each record stops being written
+once its span is over and goes a TTL later: the list is bounded by what two spans hold."""
 
 
 FLUSH_SECONDS: Final = 0.05
@@ -210,9 +213,18 @@ class Recorder:
     the store does not take is counted and logged, never fails a batch: the result still reaches
     its caller, and the reconciliation log line stands for it."""
 
-    def __init__(self, store: OutcomeStore | None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        store: OutcomeStore | None,
+        metrics: Metrics | None = None,
+        ttl: float = 86_400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
+        self._ttl = ttl
+        """How long the store keeps results (CGW_IDEMPOTENCY_TTL_SECONDS): the UNKNOWN list's span."""
+        self._clock = clock
         self._pending: list[Row] = []
         self._waiting: list[asyncio.Future[None]] = []
         self._now = asyncio.Event()
@@ -255,7 +267,8 @@ class Recorder:
         entry = str(result.batch_index)
         self._pending += [(tenant, handle, entry, data) for handle in handles]
         if listed:
-            self._pending.append((tenant, UNKNOWN_HANDLE, f"{origin.request_id}#{entry}", data))
+            span = f"{UNKNOWN_HANDLE}:{int(self._clock() // self._ttl)}"
+            self._pending.append((tenant, span, f"{origin.request_id}#{entry}", data))
         if len(self._pending) >= FLUSH_ROWS:
             self._now.set()
         if self._writer is None or self._writer.done():
@@ -309,7 +322,16 @@ class Recorder:
         return kept
 
     async def unknown(self, tenant: str) -> list[Kept]:
-        """The tenant's UNKNOWN batches that no acknowledged replay has sent again."""
-        kept = [item for item in await self.read(tenant, UNKNOWN_HANDLE) if not item.origin.replay]
-        kept.sort(key=lambda item: (item.origin.request_id, item.result.batch_index))
-        return kept
+        """The tenant's UNKNOWN batches that no acknowledged replay has sent again (a replay's
+        mark may be in the span after the batch's own)."""
+        span = int(self._clock() // self._ttl)
+        found: dict[tuple[str, int], Kept] = {}
+        replayed: set[tuple[str, int]] = set()
+        for handle in (f"{UNKNOWN_HANDLE}:{span - 1}", f"{UNKNOWN_HANDLE}:{span}"):
+            for item in await self.read(tenant, handle):
+                name = (item.origin.request_id, item.result.batch_index)
+                if item.origin.replay:
+                    replayed.add(name)
+                else:
+                    found[name] = item
+        return [found[name] for name in sorted(found.keys() - replayed)]
