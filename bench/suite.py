@@ -38,6 +38,7 @@ MEASURES = (
     "observability_cost",
     "replicas",
     "redis_cost",
+    "results_cost",
 )
 
 

@@ -204,3 +204,14 @@ def test_a_tenant_names_a_known_workspace_and_lane(text: str, message: str, tmp_
     tenants.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_tenants(tenants, {})
+
+
+@pytest.mark.parametrize(("extra", "expected"), [("", False), ("retry_502 = true", True)])
+def test_retrying_a_502_is_opt_in(tmp_path: Path, extra: str, expected: bool) -> None:
+    tenant = load_tenants(write(tmp_path, entry(extra=extra)), {}).authenticate("caller-token")
+    assert tenant is not None and tenant.retry_502 is expected
+
+
+def test_retry_502_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tenant 'acme': retry_502 must be true or false"):
+        load_tenants(write(tmp_path, entry(extra='retry_502 = "yes"')), {})

@@ -54,6 +54,7 @@ from .hangups import Hangups
 from .idempotency import Ledger
 from .limits import LocalLimiter
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
+from .outcomes import Recorder
 from .retry import RetryPolicy
 from .retry_budget import LocalRetryBudget
 from .sending import Sender, SendLimits
@@ -250,6 +251,7 @@ class Gateway:
         # their last responses go out and ends the rest, such as health watchers.
         await self.server.stop(FLUSH_SECONDS)
         await self.dispatcher.ledger.settled(KEEP_SECONDS)
+        await self.dispatcher.recorder.flush()
         if self.stores is not None:
             await self.stores.stop()
         await self.session.close()
@@ -346,6 +348,11 @@ def _dispatcher(
         budget=LocalRetryBudget(retry.budget_ratio, retry.budget_minimum),
         clock=clock,
         tracer=tracing.tracer,
+        recorder=Recorder(
+            stores.results if settings.state.results_kept else None,
+            metrics,
+            settings.state.idempotency_ttl_seconds,
+        ),
     )
 
 

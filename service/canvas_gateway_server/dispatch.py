@@ -18,14 +18,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import reporting, results, tracing
+from . import keeping, reporting, results, tracing
 from .breaker import CircuitBreaker, NoBreaker, host_of
 from .context import RequestContext
 from .errors import StoreUnavailable
 from .idempotency import Claimed, Ledger
 from .limits import UpstreamLimiter, answered_by
 from .metrics import Metrics
-from .model import Batch, BatchResult
+from .model import Batch, BatchResult, Code
+from .outcomes import Recorder
 from .rate_budget import Hold
 from .reply import Delivery
 from .retry import RetryPolicy, rate_limit_pause, retry_delay
@@ -68,8 +69,11 @@ class Dispatcher:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         tracer: Tracer | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._client = client
+        self.recorder = recorder or Recorder(None)
+        """Where every result of a request is kept for GetResults (`outcomes`)."""
         self._limiter = limiter
         self._policy = policy
         self._metrics = metrics or Metrics()
@@ -132,6 +136,7 @@ class Dispatcher:
                     self._ledger.keep_soon(claimed, progress.sent)
                 if progress.sent:
                     reporting.cancelled_while_calling(context, batch)
+                self._record_soon(context, batch, progress.sent)
                 raise
             result = results.abandoned(batch, progress.attempts, progress.sent)
         finally:
@@ -140,6 +145,15 @@ class Dispatcher:
         if claimed is not None:  # kept even if the caller goes while it is being kept
             await asyncio.shield(self._ledger.keep(claimed, result))
         return result
+
+    def _record_soon(self, context: RequestContext, batch: Batch, sent: bool) -> None:
+        """The call was cancelled with its caller: keep for GetResults what its result would have
+        been (UNKNOWN if the batch may have gone out, else NOT_ATTEMPTED)."""
+        if sent:
+            result = keeping.lost(batch, keeping.CUT_OFF_TEXT)
+        else:
+            result = results.not_attempted(batch, "cancelled: its caller went away", Code.ABORTED)
+        self.recorder.record(context, result, batch)
 
     def _consume_abandon_cancel(self, task: asyncio.Task[object]) -> bool:
         """True when a cancellation is abandon()'s alone: it becomes a result. Any other
@@ -204,14 +218,15 @@ class Dispatcher:
                     await self._sleep(pause)
                     metrics.rate_limit_wait(tenant.id, pause)
                     continue
-                delay = retry_delay(policy, reply, progress.attempts - waited, now, jitter)
+                delay = retry_delay(policy, reply, progress.attempts - waited, now, jitter, tenant.retry_502)
                 if delay is None or delay > left() - policy.min_time_left:
                     return results.from_reply(batch, reply, progress.attempts)
                 if not self._budget.try_retry(tenant.id):
                     metrics.retry_denied(tenant.id)
                     return results.from_reply(batch, reply, progress.attempts)
-                rate_limited = reply.delivery is Delivery.RESPONDED
-                metrics.retry(tenant.id, "rate_limited" if rate_limited else "connect_failed")
+                rate_limited = reply.delivery is Delivery.RESPONDED and reply.status == 429
+                reason = "rate_limited" if rate_limited else "connect_failed"
+                metrics.retry(tenant.id, "bad_gateway" if reply.status == 502 else reason)
                 await self._sleep(delay)
                 if rate_limited:
                     metrics.rate_limit_wait(tenant.id, delay)
@@ -246,6 +261,10 @@ class FanOut:
         self._quiet_since = 0.0
 
     @property
+    def recorder(self) -> Recorder:
+        return self._dispatcher.recorder
+
+    @property
     def quiet_since(self) -> float | None:
         """When the last batch in flight ended (time.monotonic; 0.0 if none ever was); None while
         one is in flight."""
@@ -262,7 +281,7 @@ class FanOut:
         try:
             result = await self._dispatcher.send(self._context, batch)
             try:
-                await self.put(result)  # the slot is held until the caller can take it
+                await self.put(result, batch)  # the slot is held until the caller can take it
             except asyncio.CancelledError:
                 reporting.undelivered(self._metrics, self._context, result)
                 raise
@@ -270,9 +289,11 @@ class FanOut:
             self._slots.release()
             self._quiet_since = time.monotonic()
 
-    async def put(self, result: BatchResult) -> None:
-        """Hand back a result: a batch's, or one that needed no call (validation, validate_only)."""
+    async def put(self, result: BatchResult, batch: Batch | None = None) -> None:
+        """Hand back a result: a batch's, or one that needed no call (validation, validate_only);
+        kept for GetResults first (with `batch`'s recipients hashed), delivered or not."""
         reporting.made(self._metrics, self._context, result)
+        self._dispatcher.recorder.record(self._context, result, batch)
         await self._queue.put(result)
         self._metrics.buffered(self._tenant_id, 1)
 

@@ -8,6 +8,9 @@
     +-- HeaderTimeout        a stream sent no header in time                    -> DEADLINE_EXCEEDED
     +-- StreamIdle           a stream sent nothing for too long; where to resume -> DEADLINE_EXCEEDED
     +-- TooManyStreams       the tenant, or the gateway, has the most streams open -> RESOURCE_EXHAUSTED
+    +-- NotKept              no result is kept for the request asked about      -> NOT_FOUND
+    +-- ResultsUnavailable   the results store did not answer a lookup          -> UNAVAILABLE
+    +-- NotAcknowledged      a Replay without acknowledge_duplicates: nothing sent -> FAILED_PRECONDITION
     ConfigError              settings or tenants file invalid (boot or reload)
     StoreUnavailable         a state store (Redis, the host's file) did not answer in time
     StoreLost                a shared store lost what it kept; keys refused until acknowledged
@@ -76,6 +79,18 @@ class StreamIdle(GatewayError):
 
 class TooManyStreams(GatewayError):
     """The tenant, or the whole gateway, already holds as many streams open as it may; nothing was sent."""
+
+
+class NotKept(GatewayError):
+    """GetResults or FindRecipient: nothing is kept of that request for this tenant."""
+
+
+class ResultsUnavailable(GatewayError):
+    """GetResults or FindRecipient: the results store did not answer; ask again."""
+
+
+class NotAcknowledged(GatewayError):
+    """Replay: the caller did not acknowledge that a recipient may get the Canvas twice."""
 
 
 class ConfigError(Exception):

@@ -64,6 +64,7 @@ class Rule(enum.StrEnum):
     STREAM_BROADCAST = "stream_broadcast"
     IDEMPOTENCY_KEY = "idempotency_key"
     PRIORITY = "priority"
+    LOOKUP = "lookup"
 
 
 @dataclass(frozen=True, slots=True)

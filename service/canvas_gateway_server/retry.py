@@ -34,11 +34,17 @@ class RetryPolicy:
     past them a 429 counts as an attempt again."""
 
 
-def retry_delay(policy: RetryPolicy, reply: Reply, attempts: int, now: float, jitter: float) -> float | None:
-    """Seconds to wait before the next call, or None to stop. `jitter` is in [0, 1)."""
+def retry_delay(
+    policy: RetryPolicy, reply: Reply, attempts: int, now: float, jitter: float, retry_502: bool = False
+) -> float | None:
+    """Seconds to wait before the next call, or None to stop. `jitter` is in [0, 1). With
+    `retry_502` (the tenant's choice, off by default) a 502 is retried as a call that never left:
+    Braze says a 502 failed before reaching its server (CONTRACT.md 8, point 32)."""
     if attempts >= policy.max_attempts:
         return None
-    if reply.delivery is Delivery.NOT_SENT:
+    if reply.delivery is Delivery.NOT_SENT or (
+        retry_502 and reply.delivery is Delivery.RESPONDED and reply.status == 502
+    ):
         backoff: float = min(policy.max_delay, policy.base_delay * 2.0 ** (attempts - 1))
         return backoff * (0.5 + jitter / 2)
     if reply.delivery is Delivery.RESPONDED and reply.status == 429:

@@ -22,8 +22,10 @@ from .dispatch import Dispatcher, FanOut
 from .errors import InvalidRequest
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
+from .outcomes import Recorder
 from .planning import Intake, Taken, authorize
 from .rate_budget import BULK, TRANSACTIONAL
+from .replaying import Replayer
 from .validate import check_idempotency_key, check_recipient_count, check_stream_head, check_unary_count
 
 VALIDATE_ONLY = "validate_only: planned, not sent"
@@ -78,6 +80,8 @@ class Sender:
         self._dispatcher = dispatcher
         self._limits = limits
         self._metrics = metrics or Metrics()
+        self.replayer = Replayer(dispatcher, self._metrics)
+        """The acknowledged replay of UNKNOWN batches (`replaying`)."""
 
     async def send(
         self, context: RequestContext, head: Mapping[str, Any], recipients: Sequence[Mapping[str, Any]]
@@ -104,15 +108,22 @@ class Sender:
         batches = plan.batches or [intake.broadcast()]
         if context.validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
-            for result in done:
+            for batch, result in zip(batches, done, strict=True):
                 reporting.made(self._metrics, context, result)
+                self.recorder.record(context, result, batch)
         else:
             done = await self._run_all(context, batches)
         done.sort(key=lambda result: result.batch_index)
+        await self.recorder.flush()  # kept before the caller is answered: GetResults finds them
         summary = Summary()
         for result in done:
             summary.add(result)
         return done, summary
+
+    @property
+    def recorder(self) -> Recorder:
+        """Where every result is kept for GetResults (the dispatcher's)."""
+        return self._dispatcher.recorder
 
     def check_unary_count(self, count: int) -> None:
         """Refuse a Send over the cap, before its recipients cost any work."""
@@ -124,6 +135,7 @@ class Sender:
         if len(batches) == 1:  # most Sends: one call, no fan-out (its tasks and queue cost latency)
             result = await self._dispatcher.send(context, batches[0])
             reporting.made(self._metrics, context, result)
+            self.recorder.record(context, result, batches[0])
             return [result]
         fan = FanOut(
             self._dispatcher, context, self._limits.request_concurrency, len(batches) + 1, self._metrics
@@ -185,7 +197,7 @@ class StreamSend:
 
     async def batch(self, batch: Batch) -> None:
         if self.context.validate_only:
-            await self._fan.put(results.not_attempted(batch, VALIDATE_ONLY))
+            await self._fan.put(results.not_attempted(batch, VALIDATE_ONLY), batch)
         else:
             await self._fan.submit(batch)
 
@@ -226,7 +238,7 @@ class StreamSend:
             if last is not None and send_rest:
                 await self.batch(last)
             elif last is not None:
-                await self._fan.put(results.not_attempted(last, ABANDONED, code=Code.ABORTED))
+                await self._fan.put(results.not_attempted(last, ABANDONED, code=Code.ABORTED), last)
         finally:
             await self._fan.close()
 
@@ -234,6 +246,7 @@ class StreamSend:
         async for result in self._fan.results():
             self.summary.add(result)
             yield result
+        await self._fan.recorder.flush()  # kept before the summary: GetResults finds them
 
     def cancel(self) -> None:
         self._fan.cancel()

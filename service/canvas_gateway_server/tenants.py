@@ -44,6 +44,7 @@ _FIELDS = frozenset(
         "audience_budget",
         "proxy",
         "propagate_trace",
+        "retry_502",
     }
     | set(_KEY_SOURCES)
 )
@@ -68,6 +69,10 @@ class Tenant:
     proxy: str = field(default="", repr=False)
     """The proxy to this tenant's Braze (a URL, or `none` for direct), in place of the gateway's
     (CGW_UPSTREAM_PROXY / HTTPS_PROXY); empty: the gateway's. Its credentials are secrets."""
+    retry_502: bool = False
+    """Call again after a 502, which Braze documents as failing before the request reached its
+    server (CONTRACT.md 8, point 32): off by default, since no client can prove where a 502 was
+    made; a 502 is then UNKNOWN, as every 5xx."""
     propagate_trace: bool = False
     """Send the Braze call's W3C `traceparent`/`tracestate` to Braze (when tracing is on): off by
     default, so no internal trace id goes to a third party unless the tenant asks."""
@@ -269,6 +274,9 @@ def parse_tenant(
     propagate_trace = entry.get("propagate_trace", False)
     if not isinstance(propagate_trace, bool):
         raise ConfigError(f"{where}: propagate_trace must be true or false")
+    retry_502 = entry.get("retry_502", False)
+    if not isinstance(retry_502, bool):
+        raise ConfigError(f"{where}: retry_502 must be true or false")
     context_name = entry.get("context_name", "context")
     if context_name not in CONTEXT_NAMES:
         raise ConfigError(f"{where}: context_name must be one of {', '.join(CONTEXT_NAMES)}")
@@ -296,6 +304,7 @@ def parse_tenant(
         audience_budget=audience_budget,
         proxy=proxy.strip(),
         propagate_trace=propagate_trace,
+        retry_502=retry_502,
     )
     return tenant, tuple(digests)
 

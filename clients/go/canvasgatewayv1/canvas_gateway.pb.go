@@ -173,6 +173,447 @@ func (Outcome) EnumDescriptor() ([]byte, []int) {
 	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{1}
 }
 
+// ListUnknownRequest asks for the calling tenant's UNKNOWN batches.
+type ListUnknownRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListUnknownRequest) Reset() {
+	*x = ListUnknownRequest{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListUnknownRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListUnknownRequest) ProtoMessage() {}
+
+func (x *ListUnknownRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListUnknownRequest.ProtoReflect.Descriptor instead.
+func (*ListUnknownRequest) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{0}
+}
+
+// UnknownBatch is one UNKNOWN batch and the request it belongs to.
+type UnknownBatch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request's idempotency key; empty without one.
+	IdempotencyKey string `protobuf:"bytes,1,opt,name=idempotency_key,proto3" json:"idempotency_key,omitempty"`
+	// The request's id: name it in Replay.
+	RequestId     string       `protobuf:"bytes,2,opt,name=request_id,proto3" json:"request_id,omitempty"`
+	Result        *BatchResult `protobuf:"bytes,3,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnknownBatch) Reset() {
+	*x = UnknownBatch{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnknownBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnknownBatch) ProtoMessage() {}
+
+func (x *UnknownBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnknownBatch.ProtoReflect.Descriptor instead.
+func (*UnknownBatch) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *UnknownBatch) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *UnknownBatch) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *UnknownBatch) GetResult() *BatchResult {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+// ReplayRequest names an earlier request (exactly one of idempotency_key,
+// request_id) and which of its batches to send again.
+type ReplayRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	IdempotencyKey string                 `protobuf:"bytes,1,opt,name=idempotency_key,proto3" json:"idempotency_key,omitempty"`
+	RequestId      string                 `protobuf:"bytes,2,opt,name=request_id,proto3" json:"request_id,omitempty"`
+	// The batches to send again; empty: every UNKNOWN batch of the request.
+	BatchIndexes []int64 `protobuf:"varint,3,rep,packed,name=batch_indexes,proto3" json:"batch_indexes,omitempty"`
+	// Required: the caller accepts that a recipient of these batches may get
+	// the Canvas twice.
+	AcknowledgeDuplicates bool `protobuf:"varint,4,opt,name=acknowledge_duplicates,proto3" json:"acknowledge_duplicates,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
+}
+
+func (x *ReplayRequest) Reset() {
+	*x = ReplayRequest{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplayRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplayRequest) ProtoMessage() {}
+
+func (x *ReplayRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplayRequest.ProtoReflect.Descriptor instead.
+func (*ReplayRequest) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ReplayRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *ReplayRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *ReplayRequest) GetBatchIndexes() []int64 {
+	if x != nil {
+		return x.BatchIndexes
+	}
+	return nil
+}
+
+func (x *ReplayRequest) GetAcknowledgeDuplicates() bool {
+	if x != nil {
+		return x.AcknowledgeDuplicates
+	}
+	return false
+}
+
+// GetResultsRequest names one earlier request: set exactly one field.
+type GetResultsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request's SendOptions.idempotency_key.
+	IdempotencyKey string `protobuf:"bytes,1,opt,name=idempotency_key,proto3" json:"idempotency_key,omitempty"`
+	// The request's id (SendSummary.request_id).
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetResultsRequest) Reset() {
+	*x = GetResultsRequest{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetResultsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetResultsRequest) ProtoMessage() {}
+
+func (x *GetResultsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetResultsRequest.ProtoReflect.Descriptor instead.
+func (*GetResultsRequest) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *GetResultsRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *GetResultsRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// GetResultsResponse is one kept batch result, or the closing summary.
+type GetResultsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Part:
+	//
+	//	*GetResultsResponse_Result
+	//	*GetResultsResponse_Summary
+	Part          isGetResultsResponse_Part `protobuf_oneof:"part"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetResultsResponse) Reset() {
+	*x = GetResultsResponse{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetResultsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetResultsResponse) ProtoMessage() {}
+
+func (x *GetResultsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetResultsResponse.ProtoReflect.Descriptor instead.
+func (*GetResultsResponse) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *GetResultsResponse) GetPart() isGetResultsResponse_Part {
+	if x != nil {
+		return x.Part
+	}
+	return nil
+}
+
+func (x *GetResultsResponse) GetResult() *BatchResult {
+	if x != nil {
+		if x, ok := x.Part.(*GetResultsResponse_Result); ok {
+			return x.Result
+		}
+	}
+	return nil
+}
+
+func (x *GetResultsResponse) GetSummary() *SendSummary {
+	if x != nil {
+		if x, ok := x.Part.(*GetResultsResponse_Summary); ok {
+			return x.Summary
+		}
+	}
+	return nil
+}
+
+type isGetResultsResponse_Part interface {
+	isGetResultsResponse_Part()
+}
+
+type GetResultsResponse_Result struct {
+	// A batch's result as it was made (`replayed` as it was then).
+	Result *BatchResult `protobuf:"bytes,1,opt,name=result,proto3,oneof"`
+}
+
+type GetResultsResponse_Summary struct {
+	// The counts of the results kept, as a send's summary; request_id is
+	// the one asked about (empty when asked by key).
+	Summary *SendSummary `protobuf:"bytes,2,opt,name=summary,proto3,oneof"`
+}
+
+func (*GetResultsResponse_Result) isGetResultsResponse_Part() {}
+
+func (*GetResultsResponse_Summary) isGetResultsResponse_Part() {}
+
+// FindRecipientRequest names one earlier request (exactly one of
+// idempotency_key, request_id) and one recipient by its identifier.
+type FindRecipientRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	IdempotencyKey string                 `protobuf:"bytes,1,opt,name=idempotency_key,proto3" json:"idempotency_key,omitempty"`
+	RequestId      string                 `protobuf:"bytes,2,opt,name=request_id,proto3" json:"request_id,omitempty"`
+	// Only the identifier is read: external_user_id, user_alias or email.
+	Recipient     *Recipient `protobuf:"bytes,3,opt,name=recipient,proto3" json:"recipient,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FindRecipientRequest) Reset() {
+	*x = FindRecipientRequest{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FindRecipientRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FindRecipientRequest) ProtoMessage() {}
+
+func (x *FindRecipientRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FindRecipientRequest.ProtoReflect.Descriptor instead.
+func (*FindRecipientRequest) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *FindRecipientRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *FindRecipientRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *FindRecipientRequest) GetRecipient() *Recipient {
+	if x != nil {
+		return x.Recipient
+	}
+	return nil
+}
+
+// FindRecipientResponse is the recipient's position and its batch's result.
+type FindRecipientResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// False when no kept batch of the request holds the recipient.
+	Found bool `protobuf:"varint,1,opt,name=found,proto3" json:"found,omitempty"`
+	// The recipient's position in the request (first match).
+	Position int64 `protobuf:"varint,2,opt,name=position,proto3" json:"position,omitempty"`
+	// The result of the batch that held it.
+	Result        *BatchResult `protobuf:"bytes,3,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FindRecipientResponse) Reset() {
+	*x = FindRecipientResponse{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FindRecipientResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FindRecipientResponse) ProtoMessage() {}
+
+func (x *FindRecipientResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FindRecipientResponse.ProtoReflect.Descriptor instead.
+func (*FindRecipientResponse) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *FindRecipientResponse) GetFound() bool {
+	if x != nil {
+		return x.Found
+	}
+	return false
+}
+
+func (x *FindRecipientResponse) GetPosition() int64 {
+	if x != nil {
+		return x.Position
+	}
+	return 0
+}
+
+func (x *FindRecipientResponse) GetResult() *BatchResult {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
 // CanvasTrigger is the body of Braze's POST /canvas/trigger/send.
 type CanvasTrigger struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -197,7 +638,7 @@ type CanvasTrigger struct {
 
 func (x *CanvasTrigger) Reset() {
 	*x = CanvasTrigger{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[0]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -209,7 +650,7 @@ func (x *CanvasTrigger) String() string {
 func (*CanvasTrigger) ProtoMessage() {}
 
 func (x *CanvasTrigger) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[0]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -222,7 +663,7 @@ func (x *CanvasTrigger) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CanvasTrigger.ProtoReflect.Descriptor instead.
 func (*CanvasTrigger) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{0}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CanvasTrigger) GetCanvasId() string {
@@ -303,7 +744,7 @@ type Recipient struct {
 
 func (x *Recipient) Reset() {
 	*x = Recipient{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[1]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -315,7 +756,7 @@ func (x *Recipient) String() string {
 func (*Recipient) ProtoMessage() {}
 
 func (x *Recipient) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[1]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -328,7 +769,7 @@ func (x *Recipient) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recipient.ProtoReflect.Descriptor instead.
 func (*Recipient) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{1}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Recipient) GetIdentifier() isRecipient_Identifier {
@@ -434,7 +875,7 @@ type UserAlias struct {
 
 func (x *UserAlias) Reset() {
 	*x = UserAlias{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[2]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -446,7 +887,7 @@ func (x *UserAlias) String() string {
 func (*UserAlias) ProtoMessage() {}
 
 func (x *UserAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[2]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -459,7 +900,7 @@ func (x *UserAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserAlias.ProtoReflect.Descriptor instead.
 func (*UserAlias) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{2}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *UserAlias) GetAliasName() string {
@@ -492,7 +933,7 @@ type Audience struct {
 
 func (x *Audience) Reset() {
 	*x = Audience{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +945,7 @@ func (x *Audience) String() string {
 func (*Audience) ProtoMessage() {}
 
 func (x *Audience) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +958,7 @@ func (x *Audience) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Audience.ProtoReflect.Descriptor instead.
 func (*Audience) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{3}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Audience) GetAllOf() []*Audience {
@@ -576,7 +1017,7 @@ type CustomAttributeFilter struct {
 
 func (x *CustomAttributeFilter) Reset() {
 	*x = CustomAttributeFilter{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -588,7 +1029,7 @@ func (x *CustomAttributeFilter) String() string {
 func (*CustomAttributeFilter) ProtoMessage() {}
 
 func (x *CustomAttributeFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -601,7 +1042,7 @@ func (x *CustomAttributeFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CustomAttributeFilter.ProtoReflect.Descriptor instead.
 func (*CustomAttributeFilter) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{4}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CustomAttributeFilter) GetCustomAttributeName() string {
@@ -637,7 +1078,7 @@ type SubscriptionStatusFilter struct {
 
 func (x *SubscriptionStatusFilter) Reset() {
 	*x = SubscriptionStatusFilter{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -649,7 +1090,7 @@ func (x *SubscriptionStatusFilter) String() string {
 func (*SubscriptionStatusFilter) ProtoMessage() {}
 
 func (x *SubscriptionStatusFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -662,7 +1103,7 @@ func (x *SubscriptionStatusFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionStatusFilter.ProtoReflect.Descriptor instead.
 func (*SubscriptionStatusFilter) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{5}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SubscriptionStatusFilter) GetComparison() string {
@@ -690,7 +1131,7 @@ type LastUsedAppFilter struct {
 
 func (x *LastUsedAppFilter) Reset() {
 	*x = LastUsedAppFilter{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -702,7 +1143,7 @@ func (x *LastUsedAppFilter) String() string {
 func (*LastUsedAppFilter) ProtoMessage() {}
 
 func (x *LastUsedAppFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -715,7 +1156,7 @@ func (x *LastUsedAppFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LastUsedAppFilter.ProtoReflect.Descriptor instead.
 func (*LastUsedAppFilter) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{6}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *LastUsedAppFilter) GetComparison() string {
@@ -767,7 +1208,7 @@ type SendOptions struct {
 
 func (x *SendOptions) Reset() {
 	*x = SendOptions{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -779,7 +1220,7 @@ func (x *SendOptions) String() string {
 func (*SendOptions) ProtoMessage() {}
 
 func (x *SendOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -792,7 +1233,7 @@ func (x *SendOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendOptions.ProtoReflect.Descriptor instead.
 func (*SendOptions) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{7}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SendOptions) GetValidateOnly() bool {
@@ -828,7 +1269,7 @@ type SendRequest struct {
 
 func (x *SendRequest) Reset() {
 	*x = SendRequest{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -840,7 +1281,7 @@ func (x *SendRequest) String() string {
 func (*SendRequest) ProtoMessage() {}
 
 func (x *SendRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -853,7 +1294,7 @@ func (x *SendRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendRequest.ProtoReflect.Descriptor instead.
 func (*SendRequest) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{8}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SendRequest) GetTrigger() *CanvasTrigger {
@@ -882,7 +1323,7 @@ type SendResponse struct {
 
 func (x *SendResponse) Reset() {
 	*x = SendResponse{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -894,7 +1335,7 @@ func (x *SendResponse) String() string {
 func (*SendResponse) ProtoMessage() {}
 
 func (x *SendResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -907,7 +1348,7 @@ func (x *SendResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendResponse.ProtoReflect.Descriptor instead.
 func (*SendResponse) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{9}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SendResponse) GetResults() []*BatchResult {
@@ -940,7 +1381,7 @@ type SendStreamRequest struct {
 
 func (x *SendStreamRequest) Reset() {
 	*x = SendStreamRequest{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1393,7 @@ func (x *SendStreamRequest) String() string {
 func (*SendStreamRequest) ProtoMessage() {}
 
 func (x *SendStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1406,7 @@ func (x *SendStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendStreamRequest.ProtoReflect.Descriptor instead.
 func (*SendStreamRequest) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{10}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SendStreamRequest) GetPart() isSendStreamRequest_Part {
@@ -1023,7 +1464,7 @@ type StreamHeader struct {
 
 func (x *StreamHeader) Reset() {
 	*x = StreamHeader{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1035,7 +1476,7 @@ func (x *StreamHeader) String() string {
 func (*StreamHeader) ProtoMessage() {}
 
 func (x *StreamHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1048,7 +1489,7 @@ func (x *StreamHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamHeader.ProtoReflect.Descriptor instead.
 func (*StreamHeader) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{11}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StreamHeader) GetTrigger() *CanvasTrigger {
@@ -1076,7 +1517,7 @@ type RecipientChunk struct {
 
 func (x *RecipientChunk) Reset() {
 	*x = RecipientChunk{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1088,7 +1529,7 @@ func (x *RecipientChunk) String() string {
 func (*RecipientChunk) ProtoMessage() {}
 
 func (x *RecipientChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1101,7 +1542,7 @@ func (x *RecipientChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecipientChunk.ProtoReflect.Descriptor instead.
 func (*RecipientChunk) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{12}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RecipientChunk) GetRecipients() []*Recipient {
@@ -1133,7 +1574,7 @@ type SendStreamResponse struct {
 
 func (x *SendStreamResponse) Reset() {
 	*x = SendStreamResponse{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1145,7 +1586,7 @@ func (x *SendStreamResponse) String() string {
 func (*SendStreamResponse) ProtoMessage() {}
 
 func (x *SendStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1158,7 +1599,7 @@ func (x *SendStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendStreamResponse.ProtoReflect.Descriptor instead.
 func (*SendStreamResponse) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{13}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SendStreamResponse) GetPart() isSendStreamResponse_Part {
@@ -1247,7 +1688,7 @@ type BatchResult struct {
 
 func (x *BatchResult) Reset() {
 	*x = BatchResult{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1259,7 +1700,7 @@ func (x *BatchResult) String() string {
 func (*BatchResult) ProtoMessage() {}
 
 func (x *BatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1272,7 +1713,7 @@ func (x *BatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResult.ProtoReflect.Descriptor instead.
 func (*BatchResult) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{14}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BatchResult) GetBatchIndex() int64 {
@@ -1381,7 +1822,7 @@ type BrazeReply struct {
 
 func (x *BrazeReply) Reset() {
 	*x = BrazeReply{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1393,7 +1834,7 @@ func (x *BrazeReply) String() string {
 func (*BrazeReply) ProtoMessage() {}
 
 func (x *BrazeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1406,7 +1847,7 @@ func (x *BrazeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BrazeReply.ProtoReflect.Descriptor instead.
 func (*BrazeReply) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{15}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BrazeReply) GetHttpStatus() int32 {
@@ -1467,7 +1908,7 @@ type SendSummary struct {
 
 func (x *SendSummary) Reset() {
 	*x = SendSummary{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1479,7 +1920,7 @@ func (x *SendSummary) String() string {
 func (*SendSummary) ProtoMessage() {}
 
 func (x *SendSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1492,7 +1933,7 @@ func (x *SendSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendSummary.ProtoReflect.Descriptor instead.
 func (*SendSummary) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{16}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SendSummary) GetRecipients() int64 {
@@ -1555,7 +1996,40 @@ var File_canvas_gateway_v1_canvas_gateway_proto protoreflect.FileDescriptor
 
 const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\n" +
-	"&canvas_gateway/v1/canvas_gateway.proto\x12\x11canvas_gateway.v1\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x1egoogle/rpc/error_details.proto\"\xdb\x02\n" +
+	"&canvas_gateway/v1/canvas_gateway.proto\x12\x11canvas_gateway.v1\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x1egoogle/rpc/error_details.proto\"\x14\n" +
+	"\x12ListUnknownRequest\"\x90\x01\n" +
+	"\fUnknownBatch\x12(\n" +
+	"\x0fidempotency_key\x18\x01 \x01(\tR\x0fidempotency_key\x12\x1e\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\n" +
+	"request_id\x126\n" +
+	"\x06result\x18\x03 \x01(\v2\x1e.canvas_gateway.v1.BatchResultR\x06result\"\xb7\x01\n" +
+	"\rReplayRequest\x12(\n" +
+	"\x0fidempotency_key\x18\x01 \x01(\tR\x0fidempotency_key\x12\x1e\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\n" +
+	"request_id\x12$\n" +
+	"\rbatch_indexes\x18\x03 \x03(\x03R\rbatch_indexes\x126\n" +
+	"\x16acknowledge_duplicates\x18\x04 \x01(\bR\x16acknowledge_duplicates\"]\n" +
+	"\x11GetResultsRequest\x12(\n" +
+	"\x0fidempotency_key\x18\x01 \x01(\tR\x0fidempotency_key\x12\x1e\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\n" +
+	"request_id\"\x92\x01\n" +
+	"\x12GetResultsResponse\x128\n" +
+	"\x06result\x18\x01 \x01(\v2\x1e.canvas_gateway.v1.BatchResultH\x00R\x06result\x12:\n" +
+	"\asummary\x18\x02 \x01(\v2\x1e.canvas_gateway.v1.SendSummaryH\x00R\asummaryB\x06\n" +
+	"\x04part\"\x9c\x01\n" +
+	"\x14FindRecipientRequest\x12(\n" +
+	"\x0fidempotency_key\x18\x01 \x01(\tR\x0fidempotency_key\x12\x1e\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\n" +
+	"request_id\x12:\n" +
+	"\trecipient\x18\x03 \x01(\v2\x1c.canvas_gateway.v1.RecipientR\trecipient\"\x81\x01\n" +
+	"\x15FindRecipientResponse\x12\x14\n" +
+	"\x05found\x18\x01 \x01(\bR\x05found\x12\x1a\n" +
+	"\bposition\x18\x02 \x01(\x03R\bposition\x126\n" +
+	"\x06result\x18\x03 \x01(\v2\x1e.canvas_gateway.v1.BatchResultR\x06result\"\xdb\x02\n" +
 	"\rCanvasTrigger\x12\x1c\n" +
 	"\tcanvas_id\x18\x01 \x01(\tR\tcanvas_id\x121\n" +
 	"\acontext\x18\x02 \x01(\v2\x17.google.protobuf.StructR\acontext\x12Q\n" +
@@ -1681,11 +2155,16 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\x10OUTCOME_REJECTED\x10\x02\x12\x13\n" +
 	"\x0fOUTCOME_UNKNOWN\x10\x03\x12\x19\n" +
 	"\x15OUTCOME_NOT_ATTEMPTED\x10\x04\x12\x1b\n" +
-	"\x17OUTCOME_CANVAS_INACTIVE\x10\x052\xbe\x01\n" +
+	"\x17OUTCOME_CANVAS_INACTIVE\x10\x052\xa5\x04\n" +
 	"\x14CanvasGatewayService\x12G\n" +
 	"\x04Send\x12\x1e.canvas_gateway.v1.SendRequest\x1a\x1f.canvas_gateway.v1.SendResponse\x12]\n" +
 	"\n" +
-	"SendStream\x12$.canvas_gateway.v1.SendStreamRequest\x1a%.canvas_gateway.v1.SendStreamResponse(\x010\x01Bu\n" +
+	"SendStream\x12$.canvas_gateway.v1.SendStreamRequest\x1a%.canvas_gateway.v1.SendStreamResponse(\x010\x01\x12[\n" +
+	"\n" +
+	"GetResults\x12$.canvas_gateway.v1.GetResultsRequest\x1a%.canvas_gateway.v1.GetResultsResponse0\x01\x12b\n" +
+	"\rFindRecipient\x12'.canvas_gateway.v1.FindRecipientRequest\x1a(.canvas_gateway.v1.FindRecipientResponse\x12W\n" +
+	"\vListUnknown\x12%.canvas_gateway.v1.ListUnknownRequest\x1a\x1f.canvas_gateway.v1.UnknownBatch0\x01\x12K\n" +
+	"\x06Replay\x12 .canvas_gateway.v1.ReplayRequest\x1a\x1f.canvas_gateway.v1.SendResponseBu\n" +
 	"\x19internal.canvasgateway.v1B\x12CanvasGatewayProtoP\x01ZBcanvas-gateway.internal/clients/go/canvasgatewayv1;canvasgatewayv1b\x06proto3"
 
 var (
@@ -1701,78 +2180,98 @@ func file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP() []byte {
 }
 
 var file_canvas_gateway_v1_canvas_gateway_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_canvas_gateway_v1_canvas_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_canvas_gateway_v1_canvas_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_canvas_gateway_v1_canvas_gateway_proto_goTypes = []any{
 	(Priority)(0),                                // 0: canvas_gateway.v1.Priority
 	(Outcome)(0),                                 // 1: canvas_gateway.v1.Outcome
-	(*CanvasTrigger)(nil),                        // 2: canvas_gateway.v1.CanvasTrigger
-	(*Recipient)(nil),                            // 3: canvas_gateway.v1.Recipient
-	(*UserAlias)(nil),                            // 4: canvas_gateway.v1.UserAlias
-	(*Audience)(nil),                             // 5: canvas_gateway.v1.Audience
-	(*CustomAttributeFilter)(nil),                // 6: canvas_gateway.v1.CustomAttributeFilter
-	(*SubscriptionStatusFilter)(nil),             // 7: canvas_gateway.v1.SubscriptionStatusFilter
-	(*LastUsedAppFilter)(nil),                    // 8: canvas_gateway.v1.LastUsedAppFilter
-	(*SendOptions)(nil),                          // 9: canvas_gateway.v1.SendOptions
-	(*SendRequest)(nil),                          // 10: canvas_gateway.v1.SendRequest
-	(*SendResponse)(nil),                         // 11: canvas_gateway.v1.SendResponse
-	(*SendStreamRequest)(nil),                    // 12: canvas_gateway.v1.SendStreamRequest
-	(*StreamHeader)(nil),                         // 13: canvas_gateway.v1.StreamHeader
-	(*RecipientChunk)(nil),                       // 14: canvas_gateway.v1.RecipientChunk
-	(*SendStreamResponse)(nil),                   // 15: canvas_gateway.v1.SendStreamResponse
-	(*BatchResult)(nil),                          // 16: canvas_gateway.v1.BatchResult
-	(*BrazeReply)(nil),                           // 17: canvas_gateway.v1.BrazeReply
-	(*SendSummary)(nil),                          // 18: canvas_gateway.v1.SendSummary
-	(*structpb.Struct)(nil),                      // 19: google.protobuf.Struct
-	(*structpb.Value)(nil),                       // 20: google.protobuf.Value
-	(code.Code)(0),                               // 21: google.rpc.Code
-	(*errdetails.BadRequest_FieldViolation)(nil), // 22: google.rpc.BadRequest.FieldViolation
-	(*timestamppb.Timestamp)(nil),                // 23: google.protobuf.Timestamp
-	(*anypb.Any)(nil),                            // 24: google.protobuf.Any
+	(*ListUnknownRequest)(nil),                   // 2: canvas_gateway.v1.ListUnknownRequest
+	(*UnknownBatch)(nil),                         // 3: canvas_gateway.v1.UnknownBatch
+	(*ReplayRequest)(nil),                        // 4: canvas_gateway.v1.ReplayRequest
+	(*GetResultsRequest)(nil),                    // 5: canvas_gateway.v1.GetResultsRequest
+	(*GetResultsResponse)(nil),                   // 6: canvas_gateway.v1.GetResultsResponse
+	(*FindRecipientRequest)(nil),                 // 7: canvas_gateway.v1.FindRecipientRequest
+	(*FindRecipientResponse)(nil),                // 8: canvas_gateway.v1.FindRecipientResponse
+	(*CanvasTrigger)(nil),                        // 9: canvas_gateway.v1.CanvasTrigger
+	(*Recipient)(nil),                            // 10: canvas_gateway.v1.Recipient
+	(*UserAlias)(nil),                            // 11: canvas_gateway.v1.UserAlias
+	(*Audience)(nil),                             // 12: canvas_gateway.v1.Audience
+	(*CustomAttributeFilter)(nil),                // 13: canvas_gateway.v1.CustomAttributeFilter
+	(*SubscriptionStatusFilter)(nil),             // 14: canvas_gateway.v1.SubscriptionStatusFilter
+	(*LastUsedAppFilter)(nil),                    // 15: canvas_gateway.v1.LastUsedAppFilter
+	(*SendOptions)(nil),                          // 16: canvas_gateway.v1.SendOptions
+	(*SendRequest)(nil),                          // 17: canvas_gateway.v1.SendRequest
+	(*SendResponse)(nil),                         // 18: canvas_gateway.v1.SendResponse
+	(*SendStreamRequest)(nil),                    // 19: canvas_gateway.v1.SendStreamRequest
+	(*StreamHeader)(nil),                         // 20: canvas_gateway.v1.StreamHeader
+	(*RecipientChunk)(nil),                       // 21: canvas_gateway.v1.RecipientChunk
+	(*SendStreamResponse)(nil),                   // 22: canvas_gateway.v1.SendStreamResponse
+	(*BatchResult)(nil),                          // 23: canvas_gateway.v1.BatchResult
+	(*BrazeReply)(nil),                           // 24: canvas_gateway.v1.BrazeReply
+	(*SendSummary)(nil),                          // 25: canvas_gateway.v1.SendSummary
+	(*structpb.Struct)(nil),                      // 26: google.protobuf.Struct
+	(*structpb.Value)(nil),                       // 27: google.protobuf.Value
+	(code.Code)(0),                               // 28: google.rpc.Code
+	(*errdetails.BadRequest_FieldViolation)(nil), // 29: google.rpc.BadRequest.FieldViolation
+	(*timestamppb.Timestamp)(nil),                // 30: google.protobuf.Timestamp
+	(*anypb.Any)(nil),                            // 31: google.protobuf.Any
 }
 var file_canvas_gateway_v1_canvas_gateway_proto_depIdxs = []int32{
-	19, // 0: canvas_gateway.v1.CanvasTrigger.context:type_name -> google.protobuf.Struct
-	19, // 1: canvas_gateway.v1.CanvasTrigger.canvas_entry_properties:type_name -> google.protobuf.Struct
-	5,  // 2: canvas_gateway.v1.CanvasTrigger.audience:type_name -> canvas_gateway.v1.Audience
-	3,  // 3: canvas_gateway.v1.CanvasTrigger.recipients:type_name -> canvas_gateway.v1.Recipient
-	4,  // 4: canvas_gateway.v1.Recipient.user_alias:type_name -> canvas_gateway.v1.UserAlias
-	19, // 5: canvas_gateway.v1.Recipient.context:type_name -> google.protobuf.Struct
-	19, // 6: canvas_gateway.v1.Recipient.canvas_entry_properties:type_name -> google.protobuf.Struct
-	19, // 7: canvas_gateway.v1.Recipient.attributes:type_name -> google.protobuf.Struct
-	5,  // 8: canvas_gateway.v1.Audience.all_of:type_name -> canvas_gateway.v1.Audience
-	5,  // 9: canvas_gateway.v1.Audience.any_of:type_name -> canvas_gateway.v1.Audience
-	6,  // 10: canvas_gateway.v1.Audience.custom_attribute:type_name -> canvas_gateway.v1.CustomAttributeFilter
-	7,  // 11: canvas_gateway.v1.Audience.push_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
-	7,  // 12: canvas_gateway.v1.Audience.email_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
-	8,  // 13: canvas_gateway.v1.Audience.last_used_app:type_name -> canvas_gateway.v1.LastUsedAppFilter
-	20, // 14: canvas_gateway.v1.CustomAttributeFilter.value:type_name -> google.protobuf.Value
-	0,  // 15: canvas_gateway.v1.SendOptions.priority:type_name -> canvas_gateway.v1.Priority
-	2,  // 16: canvas_gateway.v1.SendRequest.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
-	9,  // 17: canvas_gateway.v1.SendRequest.options:type_name -> canvas_gateway.v1.SendOptions
-	16, // 18: canvas_gateway.v1.SendResponse.results:type_name -> canvas_gateway.v1.BatchResult
-	18, // 19: canvas_gateway.v1.SendResponse.summary:type_name -> canvas_gateway.v1.SendSummary
-	13, // 20: canvas_gateway.v1.SendStreamRequest.header:type_name -> canvas_gateway.v1.StreamHeader
-	14, // 21: canvas_gateway.v1.SendStreamRequest.chunk:type_name -> canvas_gateway.v1.RecipientChunk
-	2,  // 22: canvas_gateway.v1.StreamHeader.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
-	9,  // 23: canvas_gateway.v1.StreamHeader.options:type_name -> canvas_gateway.v1.SendOptions
-	3,  // 24: canvas_gateway.v1.RecipientChunk.recipients:type_name -> canvas_gateway.v1.Recipient
-	16, // 25: canvas_gateway.v1.SendStreamResponse.result:type_name -> canvas_gateway.v1.BatchResult
-	18, // 26: canvas_gateway.v1.SendStreamResponse.summary:type_name -> canvas_gateway.v1.SendSummary
-	1,  // 27: canvas_gateway.v1.BatchResult.outcome:type_name -> canvas_gateway.v1.Outcome
-	21, // 28: canvas_gateway.v1.BatchResult.code:type_name -> google.rpc.Code
-	22, // 29: canvas_gateway.v1.BatchResult.violations:type_name -> google.rpc.BadRequest.FieldViolation
-	23, // 30: canvas_gateway.v1.BatchResult.rate_limit_reset:type_name -> google.protobuf.Timestamp
-	17, // 31: canvas_gateway.v1.BatchResult.braze:type_name -> canvas_gateway.v1.BrazeReply
-	24, // 32: canvas_gateway.v1.BatchResult.details:type_name -> google.protobuf.Any
-	20, // 33: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
-	10, // 34: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
-	12, // 35: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
-	11, // 36: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
-	15, // 37: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
-	36, // [36:38] is the sub-list for method output_type
-	34, // [34:36] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	23, // 0: canvas_gateway.v1.UnknownBatch.result:type_name -> canvas_gateway.v1.BatchResult
+	23, // 1: canvas_gateway.v1.GetResultsResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	25, // 2: canvas_gateway.v1.GetResultsResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	10, // 3: canvas_gateway.v1.FindRecipientRequest.recipient:type_name -> canvas_gateway.v1.Recipient
+	23, // 4: canvas_gateway.v1.FindRecipientResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	26, // 5: canvas_gateway.v1.CanvasTrigger.context:type_name -> google.protobuf.Struct
+	26, // 6: canvas_gateway.v1.CanvasTrigger.canvas_entry_properties:type_name -> google.protobuf.Struct
+	12, // 7: canvas_gateway.v1.CanvasTrigger.audience:type_name -> canvas_gateway.v1.Audience
+	10, // 8: canvas_gateway.v1.CanvasTrigger.recipients:type_name -> canvas_gateway.v1.Recipient
+	11, // 9: canvas_gateway.v1.Recipient.user_alias:type_name -> canvas_gateway.v1.UserAlias
+	26, // 10: canvas_gateway.v1.Recipient.context:type_name -> google.protobuf.Struct
+	26, // 11: canvas_gateway.v1.Recipient.canvas_entry_properties:type_name -> google.protobuf.Struct
+	26, // 12: canvas_gateway.v1.Recipient.attributes:type_name -> google.protobuf.Struct
+	12, // 13: canvas_gateway.v1.Audience.all_of:type_name -> canvas_gateway.v1.Audience
+	12, // 14: canvas_gateway.v1.Audience.any_of:type_name -> canvas_gateway.v1.Audience
+	13, // 15: canvas_gateway.v1.Audience.custom_attribute:type_name -> canvas_gateway.v1.CustomAttributeFilter
+	14, // 16: canvas_gateway.v1.Audience.push_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
+	14, // 17: canvas_gateway.v1.Audience.email_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
+	15, // 18: canvas_gateway.v1.Audience.last_used_app:type_name -> canvas_gateway.v1.LastUsedAppFilter
+	27, // 19: canvas_gateway.v1.CustomAttributeFilter.value:type_name -> google.protobuf.Value
+	0,  // 20: canvas_gateway.v1.SendOptions.priority:type_name -> canvas_gateway.v1.Priority
+	9,  // 21: canvas_gateway.v1.SendRequest.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
+	16, // 22: canvas_gateway.v1.SendRequest.options:type_name -> canvas_gateway.v1.SendOptions
+	23, // 23: canvas_gateway.v1.SendResponse.results:type_name -> canvas_gateway.v1.BatchResult
+	25, // 24: canvas_gateway.v1.SendResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	20, // 25: canvas_gateway.v1.SendStreamRequest.header:type_name -> canvas_gateway.v1.StreamHeader
+	21, // 26: canvas_gateway.v1.SendStreamRequest.chunk:type_name -> canvas_gateway.v1.RecipientChunk
+	9,  // 27: canvas_gateway.v1.StreamHeader.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
+	16, // 28: canvas_gateway.v1.StreamHeader.options:type_name -> canvas_gateway.v1.SendOptions
+	10, // 29: canvas_gateway.v1.RecipientChunk.recipients:type_name -> canvas_gateway.v1.Recipient
+	23, // 30: canvas_gateway.v1.SendStreamResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	25, // 31: canvas_gateway.v1.SendStreamResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	1,  // 32: canvas_gateway.v1.BatchResult.outcome:type_name -> canvas_gateway.v1.Outcome
+	28, // 33: canvas_gateway.v1.BatchResult.code:type_name -> google.rpc.Code
+	29, // 34: canvas_gateway.v1.BatchResult.violations:type_name -> google.rpc.BadRequest.FieldViolation
+	30, // 35: canvas_gateway.v1.BatchResult.rate_limit_reset:type_name -> google.protobuf.Timestamp
+	24, // 36: canvas_gateway.v1.BatchResult.braze:type_name -> canvas_gateway.v1.BrazeReply
+	31, // 37: canvas_gateway.v1.BatchResult.details:type_name -> google.protobuf.Any
+	27, // 38: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
+	17, // 39: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
+	19, // 40: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
+	5,  // 41: canvas_gateway.v1.CanvasGatewayService.GetResults:input_type -> canvas_gateway.v1.GetResultsRequest
+	7,  // 42: canvas_gateway.v1.CanvasGatewayService.FindRecipient:input_type -> canvas_gateway.v1.FindRecipientRequest
+	2,  // 43: canvas_gateway.v1.CanvasGatewayService.ListUnknown:input_type -> canvas_gateway.v1.ListUnknownRequest
+	4,  // 44: canvas_gateway.v1.CanvasGatewayService.Replay:input_type -> canvas_gateway.v1.ReplayRequest
+	18, // 45: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
+	22, // 46: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
+	6,  // 47: canvas_gateway.v1.CanvasGatewayService.GetResults:output_type -> canvas_gateway.v1.GetResultsResponse
+	8,  // 48: canvas_gateway.v1.CanvasGatewayService.FindRecipient:output_type -> canvas_gateway.v1.FindRecipientResponse
+	3,  // 49: canvas_gateway.v1.CanvasGatewayService.ListUnknown:output_type -> canvas_gateway.v1.UnknownBatch
+	18, // 50: canvas_gateway.v1.CanvasGatewayService.Replay:output_type -> canvas_gateway.v1.SendResponse
+	45, // [45:51] is the sub-list for method output_type
+	39, // [39:45] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_canvas_gateway_v1_canvas_gateway_proto_init() }
@@ -1780,17 +2279,21 @@ func file_canvas_gateway_v1_canvas_gateway_proto_init() {
 	if File_canvas_gateway_v1_canvas_gateway_proto != nil {
 		return
 	}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[0].OneofWrappers = []any{}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[1].OneofWrappers = []any{
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4].OneofWrappers = []any{
+		(*GetResultsResponse_Result)(nil),
+		(*GetResultsResponse_Summary)(nil),
+	}
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7].OneofWrappers = []any{}
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8].OneofWrappers = []any{
 		(*Recipient_ExternalUserId)(nil),
 		(*Recipient_UserAlias)(nil),
 		(*Recipient_Email)(nil),
 	}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10].OneofWrappers = []any{
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17].OneofWrappers = []any{
 		(*SendStreamRequest_Header)(nil),
 		(*SendStreamRequest_Chunk)(nil),
 	}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13].OneofWrappers = []any{
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20].OneofWrappers = []any{
 		(*SendStreamResponse_Result)(nil),
 		(*SendStreamResponse_Summary)(nil),
 	}
@@ -1800,7 +2303,7 @@ func file_canvas_gateway_v1_canvas_gateway_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_canvas_gateway_v1_canvas_gateway_proto_rawDesc), len(file_canvas_gateway_v1_canvas_gateway_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   17,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

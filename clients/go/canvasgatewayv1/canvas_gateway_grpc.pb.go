@@ -40,8 +40,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	CanvasGatewayService_Send_FullMethodName       = "/canvas_gateway.v1.CanvasGatewayService/Send"
-	CanvasGatewayService_SendStream_FullMethodName = "/canvas_gateway.v1.CanvasGatewayService/SendStream"
+	CanvasGatewayService_Send_FullMethodName          = "/canvas_gateway.v1.CanvasGatewayService/Send"
+	CanvasGatewayService_SendStream_FullMethodName    = "/canvas_gateway.v1.CanvasGatewayService/SendStream"
+	CanvasGatewayService_GetResults_FullMethodName    = "/canvas_gateway.v1.CanvasGatewayService/GetResults"
+	CanvasGatewayService_FindRecipient_FullMethodName = "/canvas_gateway.v1.CanvasGatewayService/FindRecipient"
+	CanvasGatewayService_ListUnknown_FullMethodName   = "/canvas_gateway.v1.CanvasGatewayService/ListUnknown"
+	CanvasGatewayService_Replay_FullMethodName        = "/canvas_gateway.v1.CanvasGatewayService/Replay"
 )
 
 // CanvasGatewayServiceClient is the client API for CanvasGatewayService service.
@@ -73,6 +77,37 @@ type CanvasGatewayServiceClient interface {
 	// idempotency key (SendOptions), send the whole stream again instead, with
 	// the same key: kept results come back replayed and only the rest is sent.
 	SendStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SendStreamRequest, SendStreamResponse], error)
+	// GetResults streams the results of one earlier request of this tenant, as
+	// they were made (delivered to the caller or not), in position order, and
+	// never calls Braze. Name the request by its idempotency key or by its
+	// request id (SendSummary.request_id, the `x-request-id` metadata). Results
+	// are kept for the idempotency TTL (24 hours by default) unless the gateway
+	// runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+	// one of the call that sent it (a replayed result is kept only under its
+	// own request id). NOT_FOUND when nothing is kept for the request; a tenant
+	// never reads another tenant's results.
+	GetResults(ctx context.Context, in *GetResultsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetResultsResponse], error)
+	// FindRecipient answers what happened to one recipient of an earlier
+	// request of this tenant: its position and its batch's result. The gateway
+	// keeps no identifier, only a salted hash of each per batch, so the caller
+	// names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+	// for the request; `found` false when the recipient is not in it.
+	FindRecipient(ctx context.Context, in *FindRecipientRequest, opts ...grpc.CallOption) (*FindRecipientResponse, error)
+	// ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+	// Replay has sent again, kept for the idempotency TTL: each with its request
+	// (idempotency key, request id) and its result. Never calls Braze.
+	ListUnknown(ctx context.Context, in *ListUnknownRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[UnknownBatch], error)
+	// Replay sends again, once, UNKNOWN batches of an earlier request of this
+	// tenant: exactly the bodies that were sent. They may have reached Braze, so
+	// a recipient may get the Canvas twice: without acknowledge_duplicates the
+	// RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+	// an UNKNOWN batch again by itself). Answered like a Send, one result per
+	// batch named. A named batch that is not UNKNOWN is REJECTED with
+	// FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+	// with that replay's result (`replayed` true), never sent a third time. The
+	// new result replaces the UNKNOWN one in GetResults, and the batch leaves
+	// ListUnknown.
+	Replay(ctx context.Context, in *ReplayRequest, opts ...grpc.CallOption) (*SendResponse, error)
 }
 
 type canvasGatewayServiceClient struct {
@@ -106,6 +141,64 @@ func (c *canvasGatewayServiceClient) SendStream(ctx context.Context, opts ...grp
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type CanvasGatewayService_SendStreamClient = grpc.BidiStreamingClient[SendStreamRequest, SendStreamResponse]
 
+func (c *canvasGatewayServiceClient) GetResults(ctx context.Context, in *GetResultsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetResultsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &CanvasGatewayService_ServiceDesc.Streams[1], CanvasGatewayService_GetResults_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GetResultsRequest, GetResultsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CanvasGatewayService_GetResultsClient = grpc.ServerStreamingClient[GetResultsResponse]
+
+func (c *canvasGatewayServiceClient) FindRecipient(ctx context.Context, in *FindRecipientRequest, opts ...grpc.CallOption) (*FindRecipientResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FindRecipientResponse)
+	err := c.cc.Invoke(ctx, CanvasGatewayService_FindRecipient_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *canvasGatewayServiceClient) ListUnknown(ctx context.Context, in *ListUnknownRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[UnknownBatch], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &CanvasGatewayService_ServiceDesc.Streams[2], CanvasGatewayService_ListUnknown_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ListUnknownRequest, UnknownBatch]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CanvasGatewayService_ListUnknownClient = grpc.ServerStreamingClient[UnknownBatch]
+
+func (c *canvasGatewayServiceClient) Replay(ctx context.Context, in *ReplayRequest, opts ...grpc.CallOption) (*SendResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SendResponse)
+	err := c.cc.Invoke(ctx, CanvasGatewayService_Replay_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CanvasGatewayServiceServer is the server API for CanvasGatewayService service.
 // All implementations must embed UnimplementedCanvasGatewayServiceServer
 // for forward compatibility.
@@ -135,6 +228,37 @@ type CanvasGatewayServiceServer interface {
 	// idempotency key (SendOptions), send the whole stream again instead, with
 	// the same key: kept results come back replayed and only the rest is sent.
 	SendStream(grpc.BidiStreamingServer[SendStreamRequest, SendStreamResponse]) error
+	// GetResults streams the results of one earlier request of this tenant, as
+	// they were made (delivered to the caller or not), in position order, and
+	// never calls Braze. Name the request by its idempotency key or by its
+	// request id (SendSummary.request_id, the `x-request-id` metadata). Results
+	// are kept for the idempotency TTL (24 hours by default) unless the gateway
+	// runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+	// one of the call that sent it (a replayed result is kept only under its
+	// own request id). NOT_FOUND when nothing is kept for the request; a tenant
+	// never reads another tenant's results.
+	GetResults(*GetResultsRequest, grpc.ServerStreamingServer[GetResultsResponse]) error
+	// FindRecipient answers what happened to one recipient of an earlier
+	// request of this tenant: its position and its batch's result. The gateway
+	// keeps no identifier, only a salted hash of each per batch, so the caller
+	// names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+	// for the request; `found` false when the recipient is not in it.
+	FindRecipient(context.Context, *FindRecipientRequest) (*FindRecipientResponse, error)
+	// ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+	// Replay has sent again, kept for the idempotency TTL: each with its request
+	// (idempotency key, request id) and its result. Never calls Braze.
+	ListUnknown(*ListUnknownRequest, grpc.ServerStreamingServer[UnknownBatch]) error
+	// Replay sends again, once, UNKNOWN batches of an earlier request of this
+	// tenant: exactly the bodies that were sent. They may have reached Braze, so
+	// a recipient may get the Canvas twice: without acknowledge_duplicates the
+	// RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+	// an UNKNOWN batch again by itself). Answered like a Send, one result per
+	// batch named. A named batch that is not UNKNOWN is REJECTED with
+	// FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+	// with that replay's result (`replayed` true), never sent a third time. The
+	// new result replaces the UNKNOWN one in GetResults, and the batch leaves
+	// ListUnknown.
+	Replay(context.Context, *ReplayRequest) (*SendResponse, error)
 	mustEmbedUnimplementedCanvasGatewayServiceServer()
 }
 
@@ -150,6 +274,18 @@ func (UnimplementedCanvasGatewayServiceServer) Send(context.Context, *SendReques
 }
 func (UnimplementedCanvasGatewayServiceServer) SendStream(grpc.BidiStreamingServer[SendStreamRequest, SendStreamResponse]) error {
 	return status.Error(codes.Unimplemented, "method SendStream not implemented")
+}
+func (UnimplementedCanvasGatewayServiceServer) GetResults(*GetResultsRequest, grpc.ServerStreamingServer[GetResultsResponse]) error {
+	return status.Error(codes.Unimplemented, "method GetResults not implemented")
+}
+func (UnimplementedCanvasGatewayServiceServer) FindRecipient(context.Context, *FindRecipientRequest) (*FindRecipientResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FindRecipient not implemented")
+}
+func (UnimplementedCanvasGatewayServiceServer) ListUnknown(*ListUnknownRequest, grpc.ServerStreamingServer[UnknownBatch]) error {
+	return status.Error(codes.Unimplemented, "method ListUnknown not implemented")
+}
+func (UnimplementedCanvasGatewayServiceServer) Replay(context.Context, *ReplayRequest) (*SendResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Replay not implemented")
 }
 func (UnimplementedCanvasGatewayServiceServer) mustEmbedUnimplementedCanvasGatewayServiceServer() {}
 func (UnimplementedCanvasGatewayServiceServer) testEmbeddedByValue()                              {}
@@ -197,6 +333,64 @@ func _CanvasGatewayService_SendStream_Handler(srv interface{}, stream grpc.Serve
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type CanvasGatewayService_SendStreamServer = grpc.BidiStreamingServer[SendStreamRequest, SendStreamResponse]
 
+func _CanvasGatewayService_GetResults_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(GetResultsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(CanvasGatewayServiceServer).GetResults(m, &grpc.GenericServerStream[GetResultsRequest, GetResultsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CanvasGatewayService_GetResultsServer = grpc.ServerStreamingServer[GetResultsResponse]
+
+func _CanvasGatewayService_FindRecipient_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FindRecipientRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CanvasGatewayServiceServer).FindRecipient(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CanvasGatewayService_FindRecipient_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CanvasGatewayServiceServer).FindRecipient(ctx, req.(*FindRecipientRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CanvasGatewayService_ListUnknown_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ListUnknownRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(CanvasGatewayServiceServer).ListUnknown(m, &grpc.GenericServerStream[ListUnknownRequest, UnknownBatch]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CanvasGatewayService_ListUnknownServer = grpc.ServerStreamingServer[UnknownBatch]
+
+func _CanvasGatewayService_Replay_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReplayRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CanvasGatewayServiceServer).Replay(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CanvasGatewayService_Replay_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CanvasGatewayServiceServer).Replay(ctx, req.(*ReplayRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CanvasGatewayService_ServiceDesc is the grpc.ServiceDesc for CanvasGatewayService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -208,6 +402,14 @@ var CanvasGatewayService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Send",
 			Handler:    _CanvasGatewayService_Send_Handler,
 		},
+		{
+			MethodName: "FindRecipient",
+			Handler:    _CanvasGatewayService_FindRecipient_Handler,
+		},
+		{
+			MethodName: "Replay",
+			Handler:    _CanvasGatewayService_Replay_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -215,6 +417,16 @@ var CanvasGatewayService_ServiceDesc = grpc.ServiceDesc{
 			Handler:       _CanvasGatewayService_SendStream_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
+		},
+		{
+			StreamName:    "GetResults",
+			Handler:       _CanvasGatewayService_GetResults_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ListUnknown",
+			Handler:       _CanvasGatewayService_ListUnknown_Handler,
+			ServerStreams: true,
 		},
 	},
 	Metadata: "canvas_gateway/v1/canvas_gateway.proto",

@@ -169,6 +169,53 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_options(demo)
     _stream_options(demo)
     demo.set_defaults(validate_only=False)
+
+    results = commands.add_parser(
+        "results",
+        help="read back an earlier request's results from the gateway (nothing is sent)",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    named = results.add_mutually_exclusive_group(required=True)
+    named.add_argument("--idempotency-key", metavar="KEY", help="the request's idempotency key")
+    named.add_argument(
+        "--request-id", metavar="ID", help="the request's id (its summary's request_id, or x-request-id)"
+    )
+    results.add_argument(
+        "--results", help="write one row per recipient to FILE (JSON Lines, or CSV for .csv)"
+    )
+    results.add_argument("--results-format", choices=FORMATS, help="the results file's format")
+    results.set_defaults(validate_only=False)
+
+    unknown = commands.add_parser(
+        "unknown", help="list your UNKNOWN batches that no acknowledged replay has sent again"
+    )
+    unknown.set_defaults(validate_only=False, idempotency_key=None)
+
+    replay = commands.add_parser(
+        "replay",
+        help="send UNKNOWN batches of an earlier request again, once: a recipient may get the Canvas twice",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    named = replay.add_mutually_exclusive_group(required=True)
+    named.add_argument("--idempotency-key", metavar="KEY", help="the request's idempotency key")
+    named.add_argument("--request-id", metavar="ID", help="the request's id")
+    replay.add_argument(
+        "--batch",
+        type=int,
+        action="append",
+        metavar="N",
+        help="a batch to send again (repeat it); default: every UNKNOWN one",
+    )
+    replay.add_argument(
+        "--acknowledge-duplicates",
+        action="store_true",
+        help="required: you accept that a recipient of these batches may get the Canvas twice",
+    )
+    replay.add_argument("--results", help="write one row per recipient to FILE (JSON Lines, or CSV for .csv)")
+    replay.add_argument("--results-format", choices=FORMATS, help="the results file's format")
+    replay.set_defaults(validate_only=False)
     return parser
 
 

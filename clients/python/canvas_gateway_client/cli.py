@@ -5,6 +5,7 @@
       send-stream --header HEADER.json --recipients FILE|- [--format jsonl|csv] [--results FILE]
                   [--idempotency-key KEY] ...
       send-demo [--recipients N] [--canvas-id ID] [--chunk-size N] [--idempotency-key KEY]
+      results (--idempotency-key KEY | --request-id ID) [--results FILE]
 
 `send` and `send-stream` print one JSON line per batch result, `{"result": {...}}`, then
 `{"summary": {...}}` (proto3 JSON, Braze field names, keys in the proto's field order, 64-bit
@@ -13,6 +14,8 @@ stderr (outcomes without the prefix, as in the results file: SENT). The token co
 CANVAS_GATEWAY_TOKEN (or `--token`) and is never printed. The exit status says how it went
 (exits.EXIT_STATUS). With `--idempotency-key KEY` the same command run again with the same key
 after a failure sends nothing twice: what was sent comes back with `"replayed": true`.
+`results` reads an earlier request's results back from the gateway (nothing is sent), with the
+same lines, results file and exit status.
 
 This module is the run of one command: its arguments parsed (arguments.py), the client opened,
 the command run (commands.py) into a `Report` (console.py), a failure mapped to its exit status

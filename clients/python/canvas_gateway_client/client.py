@@ -21,7 +21,7 @@ kept out of every repr and exception text.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -117,6 +117,69 @@ class CanvasGatewayClient:
         )
         _, stub = self._service()
         return await stub.Send(request, metadata=self._metadata, timeout=timeout)
+
+    async def get_results(
+        self,
+        *,
+        idempotency_key: str = "",
+        request_id: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+    ) -> AsyncIterator[pb.GetResultsResponse]:
+        """An earlier request's kept results (GetResults), named by its idempotency key or its
+        request id (exactly one): each result as it was made, in position order, then a summary.
+        Braze is not called. Raises grpc.aio.AioRpcError (NOT_FOUND: nothing kept for it)."""
+        request = pb.GetResultsRequest(idempotency_key=idempotency_key, request_id=request_id)
+        _, stub = self._service()
+        async for response in stub.GetResults(request, metadata=self._metadata, timeout=timeout):
+            yield response
+
+    async def find_recipient(
+        self,
+        recipient: pb.Recipient,
+        *,
+        idempotency_key: str = "",
+        request_id: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+    ) -> pb.FindRecipientResponse:
+        """One recipient of an earlier request (FindRecipient): its position and its batch's result."""
+        request = pb.FindRecipientRequest(
+            idempotency_key=idempotency_key, request_id=request_id, recipient=recipient
+        )
+        _, stub = self._service()
+        return await stub.FindRecipient(request, metadata=self._metadata, timeout=timeout)
+
+    async def list_unknown(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+    ) -> AsyncIterator[pb.UnknownBatch]:
+        """Your UNKNOWN batches that no acknowledged replay has sent again (ListUnknown)."""
+        _, stub = self._service()
+        async for batch in stub.ListUnknown(
+            pb.ListUnknownRequest(), metadata=self._metadata, timeout=timeout
+        ):
+            yield batch
+
+    async def replay(
+        self,
+        *,
+        acknowledge_duplicates: bool,
+        idempotency_key: str = "",
+        request_id: str = "",
+        batch_indexes: Sequence[int] = (),
+        timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+    ) -> pb.SendResponse:
+        """Send UNKNOWN batches of an earlier request again, once (Replay): `batch_indexes`, or
+        every UNKNOWN one. A recipient may get the Canvas twice: without `acknowledge_duplicates`
+        the gateway sends nothing (FAILED_PRECONDITION)."""
+        request = pb.ReplayRequest(
+            idempotency_key=idempotency_key,
+            request_id=request_id,
+            batch_indexes=batch_indexes,
+            acknowledge_duplicates=acknowledge_duplicates,
+        )
+        _, stub = self._service()
+        return await stub.Replay(request, metadata=self._metadata, timeout=timeout)
 
     async def send_stream(
         self,

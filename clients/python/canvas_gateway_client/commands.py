@@ -1,5 +1,5 @@
-"""The commands of `canvas-gateway`: `send`, `send-stream` and `send-demo`, each run with a
-client and a `Report`."""
+"""The commands of `canvas-gateway`: `send`, `send-stream`, `send-demo`, `results`, `unknown` and
+`replay`, each run with a client and a `Report`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TextIO
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 
 from .client import CanvasGatewayClient
-from .console import Report
+from .console import Report, json_line
 from .inputs import LineMap, close_recipients, count_rows, format_of, open_recipients, read_body, read_rows
 from .recipients import RecipientSource
 from .report import Progress
@@ -193,6 +193,58 @@ async def cmd_send_demo(
     await _stream(args, client, report, header, counted)
 
 
+async def cmd_results(
+    args: argparse.Namespace, client: CanvasGatewayClient, report: Report, stdin: TextIO
+) -> None:
+    """An earlier request's results, read back from the gateway (never sent again): the same
+    lines, results file and exit status as the send had. The gateway keeps no identifier, so
+    the results file's `recipient` column is empty; its `position` joins it to the input."""
+    async for response in client.get_results(
+        idempotency_key=args.idempotency_key or "", request_id=args.request_id or "", timeout=args.timeout
+    ):
+        if response.HasField("result"):
+            report.result(response.result, [pb.Recipient()] * len(response.result.positions))
+        else:
+            report.sent_out = report.resolved
+            report.end(response.summary)
+
+
+async def cmd_unknown(
+    args: argparse.Namespace, client: CanvasGatewayClient, report: Report, stdin: TextIO
+) -> None:
+    """Your UNKNOWN batches not replayed yet: a JSON line each (request and result)."""
+    report.json_lines = False
+    count = 0
+    async for batch in client.list_unknown(timeout=args.timeout):
+        report.io.print(json_line(batch))
+        count += 1
+    report.io.error(f"{count:,} UNKNOWN {'batch' if count == 1 else 'batches'} not replayed")
+
+
+async def cmd_replay(
+    args: argparse.Namespace, client: CanvasGatewayClient, report: Report, stdin: TextIO
+) -> None:
+    """Send UNKNOWN batches again, once, with the acknowledgement; reported like a send."""
+    response = await client.replay(
+        acknowledge_duplicates=args.acknowledge_duplicates,
+        idempotency_key=args.idempotency_key or "",
+        request_id=args.request_id or "",
+        batch_indexes=args.batch or (),
+        timeout=args.timeout,
+    )
+    for result in response.results:
+        report.result(result, [pb.Recipient()] * len(result.positions))
+    report.sent_out = report.resolved
+    report.end(response.summary)
+
+
 Command = Callable[[argparse.Namespace, CanvasGatewayClient, Report, TextIO], Awaitable[None]]
-COMMANDS: dict[str, Command] = {"send": cmd_send, "send-stream": cmd_send_stream, "send-demo": cmd_send_demo}
+COMMANDS: dict[str, Command] = {
+    "send": cmd_send,
+    "send-stream": cmd_send_stream,
+    "send-demo": cmd_send_demo,
+    "results": cmd_results,
+    "unknown": cmd_unknown,
+    "replay": cmd_replay,
+}
 """Each command's run, by its name on the command line."""

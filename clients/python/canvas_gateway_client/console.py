@@ -27,7 +27,7 @@ BATCH_SIZE = 50  # Braze's recipients per call, so the gateway's most per batch
 _POSITION = re.compile(r"recipients\[(\d+)\]\.?")
 
 
-def _json_line(msg: message.Message) -> str:
+def json_line(msg: message.Message) -> str:
     data = json_format.MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -133,7 +133,7 @@ class Report:
         for violation in result.violations:  # a recipient the gateway refused: where it is
             self.io.error(f"rejected: {self._where(violation.field)}: {violation.description}")
         if self.json_lines:
-            self.io.print(_json_line(pb.SendStreamResponse(result=result)))
+            self.io.print(json_line(pb.SendStreamResponse(result=result)))
         if self.results_file is not None:
             lines = [self.lines.line(p) for p in result.positions]
             self.results_file.result(result, recipients, lines)
@@ -183,7 +183,7 @@ class Report:
     def end(self, summary: pb.SendSummary) -> None:
         self.summary = summary
         if self.json_lines:
-            self.io.print(_json_line(pb.SendStreamResponse(summary=summary)))
+            self.io.print(json_line(pb.SendStreamResponse(summary=summary)))
 
     def interrupted(self) -> None:
         """Ctrl-C: what may have been sent without a result."""

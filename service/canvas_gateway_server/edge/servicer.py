@@ -31,7 +31,7 @@ from ..metrics import Metrics
 from ..model import BatchResult, Rule, Violation
 from ..sending import Sender, StreamSend
 from ..tenants import Tenant, TenantDirectory
-from . import convert, observer, status
+from . import convert, lookup, observer, status
 from .admission import InFlight, StreamHold, StreamSlots
 from .streams import StreamEnd, StreamReader, next_message, results_to_write
 
@@ -287,6 +287,57 @@ class CanvasGatewayServicer:
             session.log_unread(handed)
             raise
 
+    async def GetResults(self, raw: bytes, context: Context) -> AsyncIterator[pb.GetResultsResponse]:
+        """An earlier request's kept results (`lookup`), never calling Braze."""
+        with self.in_flight:
+            try:
+                tenant = self._authenticate(context)
+                request = decode(pb.GetResultsRequest, raw, "request", context)
+                async for response in lookup.get_results(self._sender.recorder, tenant, request):
+                    yield response
+            except Exception as exc:
+                await self._abort(context, exc)
+
+    async def FindRecipient(self, raw: bytes, context: Context) -> pb.FindRecipientResponse:
+        """One recipient of an earlier request: its position and its batch's kept result."""
+        with self.in_flight:
+            try:
+                tenant = self._authenticate(context)
+                request = decode(pb.FindRecipientRequest, raw, "request", context)
+                return await lookup.find_recipient(self._sender.recorder, tenant, request)
+            except Exception as exc:
+                await self._abort(context, exc)
+
+    async def ListUnknown(self, raw: bytes, context: Context) -> AsyncIterator[pb.UnknownBatch]:
+        """The tenant's UNKNOWN batches not replayed yet."""
+        with self.in_flight:
+            try:
+                tenant = self._authenticate(context)
+                decode(pb.ListUnknownRequest, raw, "request", context)
+                async for response in lookup.list_unknown(self._sender.recorder, tenant):
+                    yield response
+            except Exception as exc:
+                await self._abort(context, exc)
+
+    async def Replay(self, raw: bytes, context: Context) -> pb.SendResponse:
+        """Send kept UNKNOWN batches again, once, for a caller who acknowledged duplicates."""
+        with self.in_flight:
+            try:
+                tenant = self._authenticate(context)
+                request = decode(pb.ReplayRequest, raw, "request", context)
+                handle = lookup.handle_of(request.idempotency_key, request.request_id)
+                request_context = self._request(tenant, pb.SendOptions(), context)
+                done, summary = await self._sender.replayer.replay(
+                    request_context, handle, list(request.batch_indexes), request.acknowledge_duplicates
+                )
+                observer.note(summary=summary)
+                return pb.SendResponse(
+                    results=[convert.result_to_proto(result) for result in done],
+                    summary=convert.summary_to_proto(summary, request_context.request_id),
+                )
+            except Exception as exc:
+                await self._abort(context, exc)
+
 
 def _bad_stream(why: str) -> InvalidRequest:
     return InvalidRequest([Violation("header", why, Rule.STREAM_HEADER)])
@@ -300,6 +351,18 @@ def add_to_server(servicer: CanvasGatewayServicer, server: grpc.aio.Server) -> N
         ),
         "SendStream": grpc.stream_stream_rpc_method_handler(
             servicer.SendStream, response_serializer=pb.SendStreamResponse.SerializeToString
+        ),
+        "GetResults": grpc.unary_stream_rpc_method_handler(
+            servicer.GetResults, response_serializer=pb.GetResultsResponse.SerializeToString
+        ),
+        "FindRecipient": grpc.unary_unary_rpc_method_handler(
+            servicer.FindRecipient, response_serializer=pb.FindRecipientResponse.SerializeToString
+        ),
+        "ListUnknown": grpc.unary_stream_rpc_method_handler(
+            servicer.ListUnknown, response_serializer=pb.UnknownBatch.SerializeToString
+        ),
+        "Replay": grpc.unary_unary_rpc_method_handler(
+            servicer.Replay, response_serializer=pb.SendResponse.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

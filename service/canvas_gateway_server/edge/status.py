@@ -25,7 +25,10 @@ from ..errors import (
     GatewayError,
     HeaderTimeout,
     InvalidRequest,
+    NotAcknowledged,
+    NotKept,
     PermissionDenied,
+    ResultsUnavailable,
     ShuttingDown,
     StreamIdle,
     TooManyStreams,
@@ -42,6 +45,9 @@ _CODES: dict[type[GatewayError], int] = {
     HeaderTimeout: code_pb2.DEADLINE_EXCEEDED,
     StreamIdle: code_pb2.DEADLINE_EXCEEDED,
     TooManyStreams: code_pb2.RESOURCE_EXHAUSTED,
+    NotKept: code_pb2.NOT_FOUND,
+    ResultsUnavailable: code_pb2.UNAVAILABLE,
+    NotAcknowledged: code_pb2.FAILED_PRECONDITION,
 }
 
 

@@ -93,8 +93,8 @@ class PrometheusBatches(BatchMetrics):
         self._retries = counter(
             registry,
             "canvas_gateway_retries_total",
-            "Calls made again: after a 429 (rate_limited) or a connection that never opened "
-            "(connect_failed).",
+            "Calls made again: after a 429 (rate_limited), a connection that never opened "
+            "(connect_failed), or a 502 for a tenant with retry_502 (bad_gateway).",
             ("tenant", "reason"),
         )
         self._retries_denied = counter(

@@ -36,6 +36,12 @@ class StateMetrics:
     def store_fallback(self, store: str, active: bool) -> None:
         """A shared store is replaced by the in-process one (fail open) while it does not answer."""
 
+    def results_kept(self, tenant: str, state: str, size: int) -> None:
+        """A batch's result recorded for GetResults (`outcomes`): kept or failed, and its bytes."""
+
+    def results_evicted(self, tenant: str) -> None:
+        """A kept outcome freed before its time: the in-process store was at its capacity."""
+
 
 class PrometheusState(StateMetrics):
     """Counts state into `registry`."""
@@ -87,6 +93,28 @@ class PrometheusState(StateMetrics):
             registry=registry,
         )
 
+        self._results_kept = counter(
+            registry,
+            "canvas_gateway_results_kept_total",
+            "Batch results recorded for GetResults and FindRecipient, by state: kept, or failed (the "
+            "store did not answer; the reconciliation log line stands for it).",
+            ("tenant", "state"),
+        )
+        self._results_kept_bytes = counter(
+            registry,
+            "canvas_gateway_results_kept_bytes_total",
+            "Bytes of the batch results recorded for GetResults (each kept once per handle: the "
+            "request id, and the idempotency key when there is one).",
+            ("tenant",),
+        )
+        self._results_evicted = counter(
+            registry,
+            "canvas_gateway_results_evicted_total",
+            "Kept results freed before their time because the in-process store was full "
+            "(CGW_IDEMPOTENCY_CAPACITY).",
+            ("tenant",),
+        )
+
     def reconciliations_at_zero(self, tenant: str) -> None:
         """A tenant's reconciliation series at 0 from the start, so increase() sees its first."""
         for reason in RECONCILE_REASONS:
@@ -103,6 +131,14 @@ class PrometheusState(StateMetrics):
 
     def store_fallback(self, store: str, active: bool) -> None:
         self._store_fallback(store).set(1 if active else 0)
+
+    def results_kept(self, tenant: str, state: str, size: int) -> None:
+        self._results_kept(tenant, state).inc()
+        if state == "kept":
+            self._results_kept_bytes(tenant).inc(size)
+
+    def results_evicted(self, tenant: str) -> None:
+        self._results_evicted(tenant).inc()
 
     def store_lost(self, active: bool) -> None:
         self._store_lost.set(1 if active else 0)

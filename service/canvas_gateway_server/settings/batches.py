@@ -110,6 +110,10 @@ class State:
     directory, or (on port 0) the supervisor's private folder, or with one process its memory."""
     idempotency_lease_seconds: float = setting("idempotency_lease_seconds", 900.0, POSITIVE)
     """The longest a claimed batch counts as in flight while its gateway runs; then it is UNKNOWN."""
+    results_kept: bool = setting("results_kept", True)
+    """Keep every batch's result (keyed or not) in the results store for the idempotency TTL, for
+    GetResults and FindRecipient: positions and salted hashes of identifiers, never an identifier
+    (`outcomes`). false: nothing is kept, and those RPCs answer NOT_FOUND."""
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -35,7 +35,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
@@ -43,6 +43,7 @@ from typing import Final, TypeVar
 from ..context import IdempotencyScope
 from ..errors import ConfigError, StoreUnavailable
 from ..idempotency import Claim, Verdict
+from ..outcomes import Row
 from ..settings import State
 from .heartbeat import keep_beating
 
@@ -71,6 +72,15 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (scope, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS results_expiry ON results (expires);
+CREATE TABLE IF NOT EXISTS outcomes (
+    tenant TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    data BLOB NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (tenant, handle, entry)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outcomes_expiry ON outcomes (expires);
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL) WITHOUT ROWID;
 """
 
@@ -233,6 +243,34 @@ class HostResults:
             (scope, index, digest, self.owner, token, now, kept, now + self._ttl),
         )
 
+    async def record(self, rows: Sequence[Row]) -> None:
+        await self._run(self._record, list(rows))
+
+    def _record(self, rows: list[Row]) -> None:
+        expires = self._clock() + self._ttl
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO outcomes (tenant, handle, entry, data, expires) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(*row, expires) for row in rows],
+            )
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    async def read(self, tenant: str, handle: str) -> list[bytes]:
+        return await self._run(self._read, tenant, handle)
+
+    def _read(self, tenant: str, handle: str) -> list[bytes]:
+        rows = self._db.execute(
+            "SELECT data FROM outcomes WHERE tenant = ? AND handle = ? AND expires > ?",
+            (tenant, handle, self._clock()),
+        ).fetchall()
+        return [bytes(row[0]) for row in rows]
+
     def _beat(self) -> int:
         """Renew this process's heartbeat and delete a slice of what has expired; how many rows."""
         now = self._clock()
@@ -240,6 +278,11 @@ class HostResults:
         purged = self._db.execute(
             "DELETE FROM results WHERE (scope, idx) IN "
             "(SELECT scope, idx FROM results WHERE expires <= ? LIMIT ?)",
+            (now, PURGE_ROWS),
+        ).rowcount
+        purged += self._db.execute(
+            "DELETE FROM outcomes WHERE (tenant, handle, entry) IN "
+            "(SELECT tenant, handle, entry FROM outcomes WHERE expires <= ? LIMIT ?)",
             (now, PURGE_ROWS),
         ).rowcount
         self._db.execute("DELETE FROM owners WHERE beat <= ?", (now - self._ttl,))

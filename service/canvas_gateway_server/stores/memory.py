@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from ..context import IdempotencyScope
 from ..idempotency import Claim, Verdict
+from ..outcomes import Row
 from ..rate_budget import NO_HEADROOM, BudgetKey, BudgetTable, Headroom, Hold, RateBudget, Ticket
 from ..reply import Reply
 
@@ -35,6 +36,14 @@ class _Claimed:
     token: str
     sending: bool = False
     """The claim's call may have left (mark_sending)."""
+
+
+@dataclass(slots=True)
+class _Record:
+    """One request's kept outcomes (`outcomes.OutcomeStore`): entry (a batch index) -> its bytes."""
+
+    expires: float
+    entries: dict[str, bytes]
 
 
 SWEEP_SECONDS: Final = 1.0
@@ -68,6 +77,7 @@ class LocalResults:
         lease: float,
         clock: Callable[[], float] = time.monotonic,
         on_evict: Callable[[str], None] = lambda tenant: None,
+        on_evict_outcome: Callable[[str], None] = lambda tenant: None,
     ) -> None:
         self._ttl = ttl
         self._capacity = capacity
@@ -80,6 +90,38 @@ class LocalResults:
         self._held: dict[str, int] = {}
         """Entries (kept and claimed) per tenant."""
         self._sweeper: asyncio.Task[None] | None = None
+        self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
+        """Kept outcomes per (tenant, handle), least recently written first."""
+        self._outcomes = 0
+        """Entries (batches) in `_records`: at most `capacity`, the oldest records going first."""
+        self._on_evict_outcome = on_evict_outcome
+
+    @property
+    def outcomes(self) -> int:
+        """Kept outcomes (batch entries, one per handle)."""
+        return self._outcomes
+
+    async def record(self, rows: Sequence[Row]) -> None:
+        expires = self._clock() + self._ttl
+        for tenant, handle, entry, data in rows:
+            record = self._records.pop((tenant, handle), None)
+            if record is None:
+                record = _Record(expires, {})
+            self._records[(tenant, handle)] = record
+            record.expires = expires
+            if entry not in record.entries:
+                self._outcomes += 1
+            record.entries[entry] = bytes(memoryview(data))  # copied to its length (orjson's buffer)
+        while self._outcomes > self._capacity and len(self._records) > 1:
+            (gone, _), first = self._records.popitem(last=False)
+            self._outcomes -= len(first.entries)
+            self._on_evict_outcome(gone)
+
+    async def read(self, tenant: str, handle: str) -> list[bytes]:
+        record = self._records.get((tenant, handle))
+        if record is None or record.expires <= self._clock():
+            return []
+        return list(record.entries.values())
 
     def __len__(self) -> int:
         return sum(self._held.values())
@@ -183,6 +225,9 @@ class LocalResults:
             if count:
                 self._forget(tenant, count)
                 freed += count
+        while self._records and next(iter(self._records.values())).expires <= now:
+            _, record = self._records.popitem(last=False)
+            self._outcomes -= len(record.entries)
         for key in [key for key, claimed in self._claims.items() if claimed.claimed_at + self._ttl <= now]:
             del self._claims[key]
             self._forget(key[0].tenant, 1)

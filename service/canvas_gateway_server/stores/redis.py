@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
@@ -45,6 +45,7 @@ from ..context import IdempotencyScope
 from ..errors import StoreLost, StoreUnavailable
 from ..idempotency import Claim, Verdict
 from ..metrics import Metrics
+from ..outcomes import Row
 from ..rate_budget import (
     AUDIENCE,
     FAIR_SECONDS,
@@ -255,6 +256,24 @@ class RedisResults:
             self._ttl_ms,
         ]
         await _call("results", self._keep(keys=self._keys(scope, index)[:1], args=args))
+
+    @staticmethod
+    def _outcomes_key(tenant: str, handle: str) -> str:
+        return f"{PREFIX}outcome:{tenant}/{handle}"
+
+    async def record(self, rows: Sequence[Row]) -> None:
+        """Each handle's record is one hash (entry, a batch index -> result), living the TTL from
+        its last write; every row written in one MULTI (one round trip)."""
+        pipe = self._client.pipeline(transaction=True)
+        for tenant, handle, entry, data in rows:
+            key = self._outcomes_key(tenant, handle)
+            pipe.hset(key, entry, data)
+            pipe.pexpire(key, int(self._ttl_ms))
+        await _call("results", pipe.execute())
+
+    async def read(self, tenant: str, handle: str) -> list[bytes]:
+        found = await _call("results", self._client.hgetall(self._outcomes_key(tenant, handle)))
+        return [value if isinstance(value, bytes) else value.encode() for value in found.values()]
 
     async def beat(self) -> None:
         """Renew this process's heartbeat and check the generation (one round trip)."""

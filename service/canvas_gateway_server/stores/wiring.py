@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from ..errors import ConfigError
 from ..idempotency import ResultStore
 from ..metrics import Metrics
+from ..outcomes import OutcomeStore
 from ..rate_budget import BudgetStore
 from ..settings import Settings, State, WorkerRole
 from . import host_results
@@ -37,7 +38,7 @@ LEASE_MARGIN_SECONDS: Final = 10.0
 dies with calls under way holds the budget no longer."""
 
 
-class RunningStore(ResultStore, Protocol):
+class RunningStore(ResultStore, OutcomeStore, Protocol):
     """A results store as the gateway runs it: with background work (a heartbeat, a sweep)."""
 
     def start(self, on_failure: Callable[[], None]) -> None:
@@ -110,6 +111,7 @@ def _own_results(settings: Settings, worker: WorkerRole | None, metrics: Metrics
         state.idempotency_capacity,
         state.idempotency_lease_seconds,
         on_evict=lambda tenant: metrics.idempotency(tenant, "evicted"),
+        on_evict_outcome=metrics.results_evicted,
     )
 
 

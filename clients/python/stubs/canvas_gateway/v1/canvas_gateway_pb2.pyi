@@ -133,6 +133,215 @@ resumed (or unarchived) does send.
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
+class ListUnknownRequest(_message.Message):
+    """ListUnknownRequest asks for the calling tenant's UNKNOWN batches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnknownRequest: _TypeAlias = ListUnknownRequest  # noqa: Y015
+
+@_typing.final
+class UnknownBatch(_message.Message):
+    """UnknownBatch is one UNKNOWN batch and the request it belongs to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """The request's idempotency key; empty without one."""
+    request_id: _builtins.str
+    """The request's id: name it in Replay."""
+    @_builtins.property
+    def result(self) -> Global___BatchResult: ...
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        result: Global___BatchResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnknownBatch: _TypeAlias = UnknownBatch  # noqa: Y015
+
+@_typing.final
+class ReplayRequest(_message.Message):
+    """ReplayRequest names an earlier request (exactly one of idempotency_key,
+    request_id) and which of its batches to send again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    BATCH_INDEXES_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGE_DUPLICATES_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    request_id: _builtins.str
+    acknowledge_duplicates: _builtins.bool
+    """Required: the caller accepts that a recipient of these batches may get
+    the Canvas twice.
+    """
+    @_builtins.property
+    def batch_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The batches to send again; empty: every UNKNOWN batch of the request."""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        batch_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        acknowledge_duplicates: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge_duplicates", b"acknowledge_duplicates", "batch_indexes", b"batch_indexes", "idempotency_key", b"idempotency_key", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRequest: _TypeAlias = ReplayRequest  # noqa: Y015
+
+@_typing.final
+class GetResultsRequest(_message.Message):
+    """GetResultsRequest names one earlier request: set exactly one field."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """The request's SendOptions.idempotency_key."""
+    request_id: _builtins.str
+    """The request's id (SendSummary.request_id)."""
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultsRequest: _TypeAlias = GetResultsRequest  # noqa: Y015
+
+@_typing.final
+class GetResultsResponse(_message.Message):
+    """GetResultsResponse is one kept batch result, or the closing summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___BatchResult:
+        """A batch's result as it was made (`replayed` as it was then)."""
+
+    @_builtins.property
+    def summary(self) -> Global___SendSummary:
+        """The counts of the results kept, as a send's summary; request_id is
+        the one asked about (empty when asked by key).
+        """
+
+    def __init__(
+        self,
+        *,
+        result: Global___BatchResult | None = ...,
+        summary: Global___SendSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["result", "summary"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___GetResultsResponse: _TypeAlias = GetResultsResponse  # noqa: Y015
+
+@_typing.final
+class FindRecipientRequest(_message.Message):
+    """FindRecipientRequest names one earlier request (exactly one of
+    idempotency_key, request_id) and one recipient by its identifier.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    request_id: _builtins.str
+    @_builtins.property
+    def recipient(self) -> Global___Recipient:
+        """Only the identifier is read: external_user_id, user_alias or email."""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        recipient: Global___Recipient | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recipient", b"recipient"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "recipient", b"recipient", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindRecipientRequest: _TypeAlias = FindRecipientRequest  # noqa: Y015
+
+@_typing.final
+class FindRecipientResponse(_message.Message):
+    """FindRecipientResponse is the recipient's position and its batch's result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """False when no kept batch of the request holds the recipient."""
+    position: _builtins.int
+    """The recipient's position in the request (first match)."""
+    @_builtins.property
+    def result(self) -> Global___BatchResult:
+        """The result of the batch that held it."""
+
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        position: _builtins.int = ...,
+        result: Global___BatchResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "position", b"position", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindRecipientResponse: _TypeAlias = FindRecipientResponse  # noqa: Y015
+
+@_typing.final
 class CanvasTrigger(_message.Message):
     """CanvasTrigger is the body of Braze's POST /canvas/trigger/send."""
 

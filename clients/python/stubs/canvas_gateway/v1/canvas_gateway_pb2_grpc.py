@@ -45,6 +45,26 @@ class CanvasGatewayServiceStub:
                 request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamRequest.SerializeToString,
                 response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamResponse.FromString,
                 _registered_method=True)
+        self.GetResults = channel.unary_stream(
+                '/canvas_gateway.v1.CanvasGatewayService/GetResults',
+                request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsRequest.SerializeToString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsResponse.FromString,
+                _registered_method=True)
+        self.FindRecipient = channel.unary_unary(
+                '/canvas_gateway.v1.CanvasGatewayService/FindRecipient',
+                request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientRequest.SerializeToString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientResponse.FromString,
+                _registered_method=True)
+        self.ListUnknown = channel.unary_stream(
+                '/canvas_gateway.v1.CanvasGatewayService/ListUnknown',
+                request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownRequest.SerializeToString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.UnknownBatch.FromString,
+                _registered_method=True)
+        self.Replay = channel.unary_unary(
+                '/canvas_gateway.v1.CanvasGatewayService/Replay',
+                request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayRequest.SerializeToString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendResponse.FromString,
+                _registered_method=True)
 
 
 class CanvasGatewayServiceServicer:
@@ -84,6 +104,57 @@ class CanvasGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResults(self, request, context):
+        """GetResults streams the results of one earlier request of this tenant, as
+        they were made (delivered to the caller or not), in position order, and
+        never calls Braze. Name the request by its idempotency key or by its
+        request id (SendSummary.request_id, the `x-request-id` metadata). Results
+        are kept for the idempotency TTL (24 hours by default) unless the gateway
+        runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+        one of the call that sent it (a replayed result is kept only under its
+        own request id). NOT_FOUND when nothing is kept for the request; a tenant
+        never reads another tenant's results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindRecipient(self, request, context):
+        """FindRecipient answers what happened to one recipient of an earlier
+        request of this tenant: its position and its batch's result. The gateway
+        keeps no identifier, only a salted hash of each per batch, so the caller
+        names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+        for the request; `found` false when the recipient is not in it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUnknown(self, request, context):
+        """ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+        Replay has sent again, kept for the idempotency TTL: each with its request
+        (idempotency key, request id) and its result. Never calls Braze.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replay(self, request, context):
+        """Replay sends again, once, UNKNOWN batches of an earlier request of this
+        tenant: exactly the bodies that were sent. They may have reached Braze, so
+        a recipient may get the Canvas twice: without acknowledge_duplicates the
+        RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+        an UNKNOWN batch again by itself). Answered like a Send, one result per
+        batch named. A named batch that is not UNKNOWN is REJECTED with
+        FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+        with that replay's result (`replayed` true), never sent a third time. The
+        new result replaces the UNKNOWN one in GetResults, and the batch leaves
+        ListUnknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CanvasGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +167,26 @@ def add_CanvasGatewayServiceServicer_to_server(servicer, server):
                     servicer.SendStream,
                     request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamRequest.FromString,
                     response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamResponse.SerializeToString,
+            ),
+            'GetResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetResults,
+                    request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsRequest.FromString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsResponse.SerializeToString,
+            ),
+            'FindRecipient': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindRecipient,
+                    request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientRequest.FromString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientResponse.SerializeToString,
+            ),
+            'ListUnknown': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListUnknown,
+                    request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownRequest.FromString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.UnknownBatch.SerializeToString,
+            ),
+            'Replay': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replay,
+                    request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayRequest.FromString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,6 +244,114 @@ class CanvasGatewayService:
             '/canvas_gateway.v1.CanvasGatewayService/SendStream',
             canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamRequest.SerializeToString,
             canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/canvas_gateway.v1.CanvasGatewayService/GetResults',
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsRequest.SerializeToString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.GetResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindRecipient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/canvas_gateway.v1.CanvasGatewayService/FindRecipient',
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientRequest.SerializeToString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.FindRecipientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUnknown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/canvas_gateway.v1.CanvasGatewayService/ListUnknown',
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownRequest.SerializeToString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.UnknownBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/canvas_gateway.v1.CanvasGatewayService/Replay',
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayRequest.SerializeToString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,41 @@ class CanvasGatewayServiceStub:
     idempotency key (SendOptions), send the whole stream again instead, with
     the same key: kept results come back replayed and only the rest is sent.
     """
+    GetResults: _grpc.UnaryStreamMultiCallable[_canvas_gateway_pb2.GetResultsRequest, _canvas_gateway_pb2.GetResultsResponse]
+    """GetResults streams the results of one earlier request of this tenant, as
+    they were made (delivered to the caller or not), in position order, and
+    never calls Braze. Name the request by its idempotency key or by its
+    request id (SendSummary.request_id, the `x-request-id` metadata). Results
+    are kept for the idempotency TTL (24 hours by default) unless the gateway
+    runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+    one of the call that sent it (a replayed result is kept only under its
+    own request id). NOT_FOUND when nothing is kept for the request; a tenant
+    never reads another tenant's results.
+    """
+    FindRecipient: _grpc.UnaryUnaryMultiCallable[_canvas_gateway_pb2.FindRecipientRequest, _canvas_gateway_pb2.FindRecipientResponse]
+    """FindRecipient answers what happened to one recipient of an earlier
+    request of this tenant: its position and its batch's result. The gateway
+    keeps no identifier, only a salted hash of each per batch, so the caller
+    names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+    for the request; `found` false when the recipient is not in it.
+    """
+    ListUnknown: _grpc.UnaryStreamMultiCallable[_canvas_gateway_pb2.ListUnknownRequest, _canvas_gateway_pb2.UnknownBatch]
+    """ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+    Replay has sent again, kept for the idempotency TTL: each with its request
+    (idempotency key, request id) and its result. Never calls Braze.
+    """
+    Replay: _grpc.UnaryUnaryMultiCallable[_canvas_gateway_pb2.ReplayRequest, _canvas_gateway_pb2.SendResponse]
+    """Replay sends again, once, UNKNOWN batches of an earlier request of this
+    tenant: exactly the bodies that were sent. They may have reached Braze, so
+    a recipient may get the Canvas twice: without acknowledge_duplicates the
+    RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+    an UNKNOWN batch again by itself). Answered like a Send, one result per
+    batch named. A named batch that is not UNKNOWN is REJECTED with
+    FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+    with that replay's result (`replayed` true), never sent a third time. The
+    new result replaces the UNKNOWN one in GetResults, and the batch leaves
+    ListUnknown.
+    """
 
 @_typing.type_check_only
 class CanvasGatewayServiceAsyncStub(CanvasGatewayServiceStub):
@@ -108,6 +143,41 @@ class CanvasGatewayServiceAsyncStub(CanvasGatewayServiceStub):
     recipients without a result, and those NOT_ATTEMPTED, again. With an
     idempotency key (SendOptions), send the whole stream again instead, with
     the same key: kept results come back replayed and only the rest is sent.
+    """
+    GetResults: _aio.UnaryStreamMultiCallable[_canvas_gateway_pb2.GetResultsRequest, _canvas_gateway_pb2.GetResultsResponse]  # type: ignore[assignment]
+    """GetResults streams the results of one earlier request of this tenant, as
+    they were made (delivered to the caller or not), in position order, and
+    never calls Braze. Name the request by its idempotency key or by its
+    request id (SendSummary.request_id, the `x-request-id` metadata). Results
+    are kept for the idempotency TTL (24 hours by default) unless the gateway
+    runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+    one of the call that sent it (a replayed result is kept only under its
+    own request id). NOT_FOUND when nothing is kept for the request; a tenant
+    never reads another tenant's results.
+    """
+    FindRecipient: _aio.UnaryUnaryMultiCallable[_canvas_gateway_pb2.FindRecipientRequest, _canvas_gateway_pb2.FindRecipientResponse]  # type: ignore[assignment]
+    """FindRecipient answers what happened to one recipient of an earlier
+    request of this tenant: its position and its batch's result. The gateway
+    keeps no identifier, only a salted hash of each per batch, so the caller
+    names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+    for the request; `found` false when the recipient is not in it.
+    """
+    ListUnknown: _aio.UnaryStreamMultiCallable[_canvas_gateway_pb2.ListUnknownRequest, _canvas_gateway_pb2.UnknownBatch]  # type: ignore[assignment]
+    """ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+    Replay has sent again, kept for the idempotency TTL: each with its request
+    (idempotency key, request id) and its result. Never calls Braze.
+    """
+    Replay: _aio.UnaryUnaryMultiCallable[_canvas_gateway_pb2.ReplayRequest, _canvas_gateway_pb2.SendResponse]  # type: ignore[assignment]
+    """Replay sends again, once, UNKNOWN batches of an earlier request of this
+    tenant: exactly the bodies that were sent. They may have reached Braze, so
+    a recipient may get the Canvas twice: without acknowledge_duplicates the
+    RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+    an UNKNOWN batch again by itself). Answered like a Send, one result per
+    batch named. A named batch that is not UNKNOWN is REJECTED with
+    FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+    with that replay's result (`replayed` true), never sent a third time. The
+    new result replaces the UNKNOWN one in GetResults, and the batch leaves
+    ListUnknown.
     """
 
 class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -148,6 +218,65 @@ class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         recipients without a result, and those NOT_ATTEMPTED, again. With an
         idempotency key (SendOptions), send the whole stream again instead, with
         the same key: kept results come back replayed and only the rest is sent.
+        """
+
+    @_abc_1.abstractmethod
+    def GetResults(
+        self,
+        request: _canvas_gateway_pb2.GetResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_canvas_gateway_pb2.GetResultsResponse], _abc.AsyncIterator[_canvas_gateway_pb2.GetResultsResponse]]:
+        """GetResults streams the results of one earlier request of this tenant, as
+        they were made (delivered to the caller or not), in position order, and
+        never calls Braze. Name the request by its idempotency key or by its
+        request id (SendSummary.request_id, the `x-request-id` metadata). Results
+        are kept for the idempotency TTL (24 hours by default) unless the gateway
+        runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+        one of the call that sent it (a replayed result is kept only under its
+        own request id). NOT_FOUND when nothing is kept for the request; a tenant
+        never reads another tenant's results.
+        """
+
+    @_abc_1.abstractmethod
+    def FindRecipient(
+        self,
+        request: _canvas_gateway_pb2.FindRecipientRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_canvas_gateway_pb2.FindRecipientResponse, _abc.Awaitable[_canvas_gateway_pb2.FindRecipientResponse]]:
+        """FindRecipient answers what happened to one recipient of an earlier
+        request of this tenant: its position and its batch's result. The gateway
+        keeps no identifier, only a salted hash of each per batch, so the caller
+        names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+        for the request; `found` false when the recipient is not in it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUnknown(
+        self,
+        request: _canvas_gateway_pb2.ListUnknownRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_canvas_gateway_pb2.UnknownBatch], _abc.AsyncIterator[_canvas_gateway_pb2.UnknownBatch]]:
+        """ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+        Replay has sent again, kept for the idempotency TTL: each with its request
+        (idempotency key, request id) and its result. Never calls Braze.
+        """
+
+    @_abc_1.abstractmethod
+    def Replay(
+        self,
+        request: _canvas_gateway_pb2.ReplayRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_canvas_gateway_pb2.SendResponse, _abc.Awaitable[_canvas_gateway_pb2.SendResponse]]:
+        """Replay sends again, once, UNKNOWN batches of an earlier request of this
+        tenant: exactly the bodies that were sent. They may have reached Braze, so
+        a recipient may get the Canvas twice: without acknowledge_duplicates the
+        RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+        an UNKNOWN batch again by itself). Answered like a Send, one result per
+        batch named. A named batch that is not UNKNOWN is REJECTED with
+        FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+        with that replay's result (`replayed` true), never sent a third time. The
+        new result replaces the UNKNOWN one in GetResults, and the batch leaves
+        ListUnknown.
         """
 
 def add_CanvasGatewayServiceServicer_to_server(servicer: CanvasGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

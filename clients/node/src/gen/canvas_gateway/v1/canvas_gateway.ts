@@ -12,8 +12,10 @@ import {
   Client,
   type ClientDuplexStream,
   type ClientOptions,
+  type ClientReadableStream,
   type ClientUnaryCall,
   type handleBidiStreamingCall,
+  type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
@@ -178,6 +180,79 @@ export function outcomeToJSON(object: Outcome): string {
     default:
       return "UNRECOGNIZED";
   }
+}
+
+/** ListUnknownRequest asks for the calling tenant's UNKNOWN batches. */
+export interface ListUnknownRequest {
+}
+
+/** UnknownBatch is one UNKNOWN batch and the request it belongs to. */
+export interface UnknownBatch {
+  /** The request's idempotency key; empty without one. */
+  idempotencyKey: string;
+  /** The request's id: name it in Replay. */
+  requestId: string;
+  result: BatchResult | undefined;
+}
+
+/**
+ * ReplayRequest names an earlier request (exactly one of idempotency_key,
+ * request_id) and which of its batches to send again.
+ */
+export interface ReplayRequest {
+  idempotencyKey: string;
+  requestId: string;
+  /** The batches to send again; empty: every UNKNOWN batch of the request. */
+  batchIndexes: number[];
+  /**
+   * Required: the caller accepts that a recipient of these batches may get
+   * the Canvas twice.
+   */
+  acknowledgeDuplicates: boolean;
+}
+
+/** GetResultsRequest names one earlier request: set exactly one field. */
+export interface GetResultsRequest {
+  /** The request's SendOptions.idempotency_key. */
+  idempotencyKey: string;
+  /** The request's id (SendSummary.request_id). */
+  requestId: string;
+}
+
+/** GetResultsResponse is one kept batch result, or the closing summary. */
+export interface GetResultsResponse {
+  part:
+    | //
+    /** A batch's result as it was made (`replayed` as it was then). */
+    { $case: "result"; value: BatchResult }
+    | //
+    /**
+     * The counts of the results kept, as a send's summary; request_id is
+     * the one asked about (empty when asked by key).
+     */
+    { $case: "summary"; value: SendSummary }
+    | undefined;
+}
+
+/**
+ * FindRecipientRequest names one earlier request (exactly one of
+ * idempotency_key, request_id) and one recipient by its identifier.
+ */
+export interface FindRecipientRequest {
+  idempotencyKey: string;
+  requestId: string;
+  /** Only the identifier is read: external_user_id, user_alias or email. */
+  recipient: Recipient | undefined;
+}
+
+/** FindRecipientResponse is the recipient's position and its batch's result. */
+export interface FindRecipientResponse {
+  /** False when no kept batch of the request holds the recipient. */
+  found: boolean;
+  /** The recipient's position in the request (first match). */
+  position: number;
+  /** The result of the batch that held it. */
+  result: BatchResult | undefined;
 }
 
 /** CanvasTrigger is the body of Braze's POST /canvas/trigger/send. */
@@ -502,6 +577,688 @@ export interface SendSummary {
    */
   requestId: string;
 }
+
+function createBaseListUnknownRequest(): ListUnknownRequest {
+  return {};
+}
+
+export const ListUnknownRequest: MessageFns<ListUnknownRequest> = {
+  encode(_: ListUnknownRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListUnknownRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListUnknownRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): ListUnknownRequest {
+    return {};
+  },
+
+  toJSON(_: ListUnknownRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListUnknownRequest>, I>>(base?: I): ListUnknownRequest {
+    return ListUnknownRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListUnknownRequest>, I>>(_: I): ListUnknownRequest {
+    const message = createBaseListUnknownRequest();
+    return message;
+  },
+};
+
+function createBaseUnknownBatch(): UnknownBatch {
+  return { idempotencyKey: "", requestId: "", result: undefined };
+}
+
+export const UnknownBatch: MessageFns<UnknownBatch> = {
+  encode(message: UnknownBatch, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.idempotencyKey !== "") {
+      writer.uint32(10).string(message.idempotencyKey);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(18).string(message.requestId);
+    }
+    if (message.result !== undefined) {
+      BatchResult.encode(message.result, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnknownBatch {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnknownBatch();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.idempotencyKey = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.result = BatchResult.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnknownBatch {
+    return {
+      idempotencyKey: isSet(object.idempotency_key) ? globalThis.String(object.idempotency_key) : "",
+      requestId: isSet(object.request_id) ? globalThis.String(object.request_id) : "",
+      result: isSet(object.result) ? BatchResult.fromJSON(object.result) : undefined,
+    };
+  },
+
+  toJSON(message: UnknownBatch): unknown {
+    const obj: any = {};
+    if (message.idempotencyKey !== "") {
+      obj.idempotency_key = message.idempotencyKey;
+    }
+    if (message.requestId !== "") {
+      obj.request_id = message.requestId;
+    }
+    if (message.result !== undefined) {
+      obj.result = BatchResult.toJSON(message.result);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UnknownBatch>, I>>(base?: I): UnknownBatch {
+    return UnknownBatch.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnknownBatch>, I>>(object: I): UnknownBatch {
+    const message = createBaseUnknownBatch();
+    message.idempotencyKey = object.idempotencyKey ?? "";
+    message.requestId = object.requestId ?? "";
+    message.result = (object.result !== undefined && object.result !== null)
+      ? BatchResult.fromPartial(object.result)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseReplayRequest(): ReplayRequest {
+  return { idempotencyKey: "", requestId: "", batchIndexes: [], acknowledgeDuplicates: false };
+}
+
+export const ReplayRequest: MessageFns<ReplayRequest> = {
+  encode(message: ReplayRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.idempotencyKey !== "") {
+      writer.uint32(10).string(message.idempotencyKey);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(18).string(message.requestId);
+    }
+    if (message.batchIndexes.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.batchIndexes) {
+        writer.int64(v);
+      }
+      writer.join();
+    }
+    if (message.acknowledgeDuplicates !== false) {
+      writer.uint32(32).bool(message.acknowledgeDuplicates);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReplayRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReplayRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.idempotencyKey = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.batchIndexes.push(longToNumber(reader.int64()));
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.batchIndexes.push(longToNumber(reader.int64()));
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.acknowledgeDuplicates = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReplayRequest {
+    return {
+      idempotencyKey: isSet(object.idempotency_key) ? globalThis.String(object.idempotency_key) : "",
+      requestId: isSet(object.request_id) ? globalThis.String(object.request_id) : "",
+      batchIndexes: globalThis.Array.isArray(object?.batch_indexes)
+        ? object.batch_indexes.map((e: any) => globalThis.Number(e))
+        : [],
+      acknowledgeDuplicates: isSet(object.acknowledge_duplicates)
+        ? globalThis.Boolean(object.acknowledge_duplicates)
+        : false,
+    };
+  },
+
+  toJSON(message: ReplayRequest): unknown {
+    const obj: any = {};
+    if (message.idempotencyKey !== "") {
+      obj.idempotency_key = message.idempotencyKey;
+    }
+    if (message.requestId !== "") {
+      obj.request_id = message.requestId;
+    }
+    if (message.batchIndexes?.length) {
+      obj.batch_indexes = message.batchIndexes.map((e) => Math.round(e));
+    }
+    if (message.acknowledgeDuplicates !== false) {
+      obj.acknowledge_duplicates = message.acknowledgeDuplicates;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReplayRequest>, I>>(base?: I): ReplayRequest {
+    return ReplayRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReplayRequest>, I>>(object: I): ReplayRequest {
+    const message = createBaseReplayRequest();
+    message.idempotencyKey = object.idempotencyKey ?? "";
+    message.requestId = object.requestId ?? "";
+    message.batchIndexes = object.batchIndexes?.map((e) => e) || [];
+    message.acknowledgeDuplicates = object.acknowledgeDuplicates ?? false;
+    return message;
+  },
+};
+
+function createBaseGetResultsRequest(): GetResultsRequest {
+  return { idempotencyKey: "", requestId: "" };
+}
+
+export const GetResultsRequest: MessageFns<GetResultsRequest> = {
+  encode(message: GetResultsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.idempotencyKey !== "") {
+      writer.uint32(10).string(message.idempotencyKey);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(18).string(message.requestId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetResultsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetResultsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.idempotencyKey = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetResultsRequest {
+    return {
+      idempotencyKey: isSet(object.idempotency_key) ? globalThis.String(object.idempotency_key) : "",
+      requestId: isSet(object.request_id) ? globalThis.String(object.request_id) : "",
+    };
+  },
+
+  toJSON(message: GetResultsRequest): unknown {
+    const obj: any = {};
+    if (message.idempotencyKey !== "") {
+      obj.idempotency_key = message.idempotencyKey;
+    }
+    if (message.requestId !== "") {
+      obj.request_id = message.requestId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetResultsRequest>, I>>(base?: I): GetResultsRequest {
+    return GetResultsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetResultsRequest>, I>>(object: I): GetResultsRequest {
+    const message = createBaseGetResultsRequest();
+    message.idempotencyKey = object.idempotencyKey ?? "";
+    message.requestId = object.requestId ?? "";
+    return message;
+  },
+};
+
+function createBaseGetResultsResponse(): GetResultsResponse {
+  return { part: undefined };
+}
+
+export const GetResultsResponse: MessageFns<GetResultsResponse> = {
+  encode(message: GetResultsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.part?.$case) {
+      case "result":
+        BatchResult.encode(message.part.value, writer.uint32(10).fork()).join();
+        break;
+      case "summary":
+        SendSummary.encode(message.part.value, writer.uint32(18).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetResultsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetResultsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.part = { $case: "result", value: BatchResult.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.part = { $case: "summary", value: SendSummary.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetResultsResponse {
+    return {
+      part: isSet(object.result)
+        ? { $case: "result", value: BatchResult.fromJSON(object.result) }
+        : isSet(object.summary)
+        ? { $case: "summary", value: SendSummary.fromJSON(object.summary) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: GetResultsResponse): unknown {
+    const obj: any = {};
+    if (message.part?.$case === "result") {
+      obj.result = BatchResult.toJSON(message.part.value);
+    } else if (message.part?.$case === "summary") {
+      obj.summary = SendSummary.toJSON(message.part.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetResultsResponse>, I>>(base?: I): GetResultsResponse {
+    return GetResultsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetResultsResponse>, I>>(object: I): GetResultsResponse {
+    const message = createBaseGetResultsResponse();
+    switch (object.part?.$case) {
+      case "result": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "result", value: BatchResult.fromPartial(object.part.value) };
+        }
+        break;
+      }
+      case "summary": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "summary", value: SendSummary.fromPartial(object.part.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseFindRecipientRequest(): FindRecipientRequest {
+  return { idempotencyKey: "", requestId: "", recipient: undefined };
+}
+
+export const FindRecipientRequest: MessageFns<FindRecipientRequest> = {
+  encode(message: FindRecipientRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.idempotencyKey !== "") {
+      writer.uint32(10).string(message.idempotencyKey);
+    }
+    if (message.requestId !== "") {
+      writer.uint32(18).string(message.requestId);
+    }
+    if (message.recipient !== undefined) {
+      Recipient.encode(message.recipient, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FindRecipientRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFindRecipientRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.idempotencyKey = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.recipient = Recipient.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FindRecipientRequest {
+    return {
+      idempotencyKey: isSet(object.idempotency_key) ? globalThis.String(object.idempotency_key) : "",
+      requestId: isSet(object.request_id) ? globalThis.String(object.request_id) : "",
+      recipient: isSet(object.recipient) ? Recipient.fromJSON(object.recipient) : undefined,
+    };
+  },
+
+  toJSON(message: FindRecipientRequest): unknown {
+    const obj: any = {};
+    if (message.idempotencyKey !== "") {
+      obj.idempotency_key = message.idempotencyKey;
+    }
+    if (message.requestId !== "") {
+      obj.request_id = message.requestId;
+    }
+    if (message.recipient !== undefined) {
+      obj.recipient = Recipient.toJSON(message.recipient);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FindRecipientRequest>, I>>(base?: I): FindRecipientRequest {
+    return FindRecipientRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FindRecipientRequest>, I>>(object: I): FindRecipientRequest {
+    const message = createBaseFindRecipientRequest();
+    message.idempotencyKey = object.idempotencyKey ?? "";
+    message.requestId = object.requestId ?? "";
+    message.recipient = (object.recipient !== undefined && object.recipient !== null)
+      ? Recipient.fromPartial(object.recipient)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseFindRecipientResponse(): FindRecipientResponse {
+  return { found: false, position: 0, result: undefined };
+}
+
+export const FindRecipientResponse: MessageFns<FindRecipientResponse> = {
+  encode(message: FindRecipientResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.found !== false) {
+      writer.uint32(8).bool(message.found);
+    }
+    if (message.position !== 0) {
+      writer.uint32(16).int64(message.position);
+    }
+    if (message.result !== undefined) {
+      BatchResult.encode(message.result, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FindRecipientResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFindRecipientResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.found = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.position = longToNumber(reader.int64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.result = BatchResult.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FindRecipientResponse {
+    return {
+      found: isSet(object.found) ? globalThis.Boolean(object.found) : false,
+      position: isSet(object.position) ? globalThis.Number(object.position) : 0,
+      result: isSet(object.result) ? BatchResult.fromJSON(object.result) : undefined,
+    };
+  },
+
+  toJSON(message: FindRecipientResponse): unknown {
+    const obj: any = {};
+    if (message.found !== false) {
+      obj.found = message.found;
+    }
+    if (message.position !== 0) {
+      obj.position = Math.round(message.position);
+    }
+    if (message.result !== undefined) {
+      obj.result = BatchResult.toJSON(message.result);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FindRecipientResponse>, I>>(base?: I): FindRecipientResponse {
+    return FindRecipientResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FindRecipientResponse>, I>>(object: I): FindRecipientResponse {
+    const message = createBaseFindRecipientResponse();
+    message.found = object.found ?? false;
+    message.position = object.position ?? 0;
+    message.result = (object.result !== undefined && object.result !== null)
+      ? BatchResult.fromPartial(object.result)
+      : undefined;
+    return message;
+  },
+};
 
 function createBaseCanvasTrigger(): CanvasTrigger {
   return {
@@ -2702,6 +3459,78 @@ export const CanvasGatewayServiceService = {
     responseSerialize: (value: SendStreamResponse): Buffer => Buffer.from(SendStreamResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SendStreamResponse => SendStreamResponse.decode(value),
   },
+  /**
+   * GetResults streams the results of one earlier request of this tenant, as
+   * they were made (delivered to the caller or not), in position order, and
+   * never calls Braze. Name the request by its idempotency key or by its
+   * request id (SendSummary.request_id, the `x-request-id` metadata). Results
+   * are kept for the idempotency TTL (24 hours by default) unless the gateway
+   * runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+   * one of the call that sent it (a replayed result is kept only under its
+   * own request id). NOT_FOUND when nothing is kept for the request; a tenant
+   * never reads another tenant's results.
+   */
+  getResults: {
+    path: "/canvas_gateway.v1.CanvasGatewayService/GetResults" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: GetResultsRequest): Buffer => Buffer.from(GetResultsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetResultsRequest => GetResultsRequest.decode(value),
+    responseSerialize: (value: GetResultsResponse): Buffer => Buffer.from(GetResultsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetResultsResponse => GetResultsResponse.decode(value),
+  },
+  /**
+   * FindRecipient answers what happened to one recipient of an earlier
+   * request of this tenant: its position and its batch's result. The gateway
+   * keeps no identifier, only a salted hash of each per batch, so the caller
+   * names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+   * for the request; `found` false when the recipient is not in it.
+   */
+  findRecipient: {
+    path: "/canvas_gateway.v1.CanvasGatewayService/FindRecipient" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: FindRecipientRequest): Buffer => Buffer.from(FindRecipientRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): FindRecipientRequest => FindRecipientRequest.decode(value),
+    responseSerialize: (value: FindRecipientResponse): Buffer =>
+      Buffer.from(FindRecipientResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FindRecipientResponse => FindRecipientResponse.decode(value),
+  },
+  /**
+   * ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+   * Replay has sent again, kept for the idempotency TTL: each with its request
+   * (idempotency key, request id) and its result. Never calls Braze.
+   */
+  listUnknown: {
+    path: "/canvas_gateway.v1.CanvasGatewayService/ListUnknown" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: ListUnknownRequest): Buffer => Buffer.from(ListUnknownRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListUnknownRequest => ListUnknownRequest.decode(value),
+    responseSerialize: (value: UnknownBatch): Buffer => Buffer.from(UnknownBatch.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnknownBatch => UnknownBatch.decode(value),
+  },
+  /**
+   * Replay sends again, once, UNKNOWN batches of an earlier request of this
+   * tenant: exactly the bodies that were sent. They may have reached Braze, so
+   * a recipient may get the Canvas twice: without acknowledge_duplicates the
+   * RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+   * an UNKNOWN batch again by itself). Answered like a Send, one result per
+   * batch named. A named batch that is not UNKNOWN is REJECTED with
+   * FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+   * with that replay's result (`replayed` true), never sent a third time. The
+   * new result replaces the UNKNOWN one in GetResults, and the batch leaves
+   * ListUnknown.
+   */
+  replay: {
+    path: "/canvas_gateway.v1.CanvasGatewayService/Replay" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReplayRequest): Buffer => Buffer.from(ReplayRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReplayRequest => ReplayRequest.decode(value),
+    responseSerialize: (value: SendResponse): Buffer => Buffer.from(SendResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SendResponse => SendResponse.decode(value),
+  },
 } as const;
 
 export interface CanvasGatewayServiceServer extends UntypedServiceImplementation {
@@ -2732,6 +3561,45 @@ export interface CanvasGatewayServiceServer extends UntypedServiceImplementation
    * the same key: kept results come back replayed and only the rest is sent.
    */
   sendStream: handleBidiStreamingCall<SendStreamRequest, SendStreamResponse>;
+  /**
+   * GetResults streams the results of one earlier request of this tenant, as
+   * they were made (delivered to the caller or not), in position order, and
+   * never calls Braze. Name the request by its idempotency key or by its
+   * request id (SendSummary.request_id, the `x-request-id` metadata). Results
+   * are kept for the idempotency TTL (24 hours by default) unless the gateway
+   * runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+   * one of the call that sent it (a replayed result is kept only under its
+   * own request id). NOT_FOUND when nothing is kept for the request; a tenant
+   * never reads another tenant's results.
+   */
+  getResults: handleServerStreamingCall<GetResultsRequest, GetResultsResponse>;
+  /**
+   * FindRecipient answers what happened to one recipient of an earlier
+   * request of this tenant: its position and its batch's result. The gateway
+   * keeps no identifier, only a salted hash of each per batch, so the caller
+   * names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+   * for the request; `found` false when the recipient is not in it.
+   */
+  findRecipient: handleUnaryCall<FindRecipientRequest, FindRecipientResponse>;
+  /**
+   * ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+   * Replay has sent again, kept for the idempotency TTL: each with its request
+   * (idempotency key, request id) and its result. Never calls Braze.
+   */
+  listUnknown: handleServerStreamingCall<ListUnknownRequest, UnknownBatch>;
+  /**
+   * Replay sends again, once, UNKNOWN batches of an earlier request of this
+   * tenant: exactly the bodies that were sent. They may have reached Braze, so
+   * a recipient may get the Canvas twice: without acknowledge_duplicates the
+   * RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+   * an UNKNOWN batch again by itself). Answered like a Send, one result per
+   * batch named. A named batch that is not UNKNOWN is REJECTED with
+   * FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+   * with that replay's result (`replayed` true), never sent a third time. The
+   * new result replaces the UNKNOWN one in GetResults, and the batch leaves
+   * ListUnknown.
+   */
+  replay: handleUnaryCall<ReplayRequest, SendResponse>;
 }
 
 export interface CanvasGatewayServiceClient extends Client {
@@ -2778,6 +3646,83 @@ export interface CanvasGatewayServiceClient extends Client {
     metadata: Metadata,
     options?: Partial<CallOptions>,
   ): ClientDuplexStream<SendStreamRequest, SendStreamResponse>;
+  /**
+   * GetResults streams the results of one earlier request of this tenant, as
+   * they were made (delivered to the caller or not), in position order, and
+   * never calls Braze. Name the request by its idempotency key or by its
+   * request id (SendSummary.request_id, the `x-request-id` metadata). Results
+   * are kept for the idempotency TTL (24 hours by default) unless the gateway
+   * runs with CGW_RESULTS_KEPT=false. Under a key, each batch's result is the
+   * one of the call that sent it (a replayed result is kept only under its
+   * own request id). NOT_FOUND when nothing is kept for the request; a tenant
+   * never reads another tenant's results.
+   */
+  getResults(request: GetResultsRequest, options?: Partial<CallOptions>): ClientReadableStream<GetResultsResponse>;
+  getResults(
+    request: GetResultsRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<GetResultsResponse>;
+  /**
+   * FindRecipient answers what happened to one recipient of an earlier
+   * request of this tenant: its position and its batch's result. The gateway
+   * keeps no identifier, only a salted hash of each per batch, so the caller
+   * names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
+   * for the request; `found` false when the recipient is not in it.
+   */
+  findRecipient(
+    request: FindRecipientRequest,
+    callback: (error: ServiceError | null, response: FindRecipientResponse) => void,
+  ): ClientUnaryCall;
+  findRecipient(
+    request: FindRecipientRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: FindRecipientResponse) => void,
+  ): ClientUnaryCall;
+  findRecipient(
+    request: FindRecipientRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: FindRecipientResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
+   * Replay has sent again, kept for the idempotency TTL: each with its request
+   * (idempotency key, request id) and its result. Never calls Braze.
+   */
+  listUnknown(request: ListUnknownRequest, options?: Partial<CallOptions>): ClientReadableStream<UnknownBatch>;
+  listUnknown(
+    request: ListUnknownRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<UnknownBatch>;
+  /**
+   * Replay sends again, once, UNKNOWN batches of an earlier request of this
+   * tenant: exactly the bodies that were sent. They may have reached Braze, so
+   * a recipient may get the Canvas twice: without acknowledge_duplicates the
+   * RPC fails FAILED_PRECONDITION and nothing is sent (the gateway never sends
+   * an UNKNOWN batch again by itself). Answered like a Send, one result per
+   * batch named. A named batch that is not UNKNOWN is REJECTED with
+   * FAILED_PRECONDITION, not sent; one an earlier Replay sent again comes back
+   * with that replay's result (`replayed` true), never sent a third time. The
+   * new result replaces the UNKNOWN one in GetResults, and the batch leaves
+   * ListUnknown.
+   */
+  replay(
+    request: ReplayRequest,
+    callback: (error: ServiceError | null, response: SendResponse) => void,
+  ): ClientUnaryCall;
+  replay(
+    request: ReplayRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SendResponse) => void,
+  ): ClientUnaryCall;
+  replay(
+    request: ReplayRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SendResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const CanvasGatewayServiceClient = makeGenericClientConstructor(
