@@ -5,6 +5,7 @@ sends exactly those bodies again, once; a second replay is answered from the rec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -154,41 +155,38 @@ async def _gateway(fake: FakeBraze, tmp_path: Path, **settings: Any) -> Any:
     )
 
 
-async def test_two_gateways_on_redis_replay_a_batch_once(fake: FakeBraze, tmp_path: Path) -> None:
-    """Both replicas asked at once: each batch is sent again once in all."""
+async def test_three_gateways_on_redis_replay_a_batch_once(fake: FakeBraze, tmp_path: Path) -> None:
+    """Three replicas asked at once: each batch is sent again once in all."""
     async with redis_server() as redis:
         url = f"redis://127.0.0.1:{redis.port}/0"
-        one, two = (
-            await _gateway(fake, tmp_path, redis_url=url),
-            await _gateway(fake, tmp_path, redis_url=url),
-        )
+        gateways = [await _gateway(fake, tmp_path, redis_url=url) for _ in range(3)]
         try:
-            async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{one.port}") as a,
-                grpc.aio.insecure_channel(f"127.0.0.1:{two.port}") as b,
-            ):
-                stub_a, stub_b = pb_grpc.CanvasGatewayServiceStub(a), pb_grpc.CanvasGatewayServiceStub(b)
+            async with contextlib.AsyncExitStack() as stack:
+                stubs = [
+                    pb_grpc.CanvasGatewayServiceStub(
+                        await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{g.port}"))
+                    )
+                    for g in gateways
+                ]
                 fake.faults.script([Fault.status(500), Fault.status(500)])
-                await stub_a.Send(send_request(120, "job-r"), metadata=meta("acme", "job-r-1"))
-                indexes = [batch.result.batch_index for batch in await unknown(stub_b)]
+                await stubs[0].Send(send_request(120, "job-r"), metadata=meta("acme", "job-r-1"))
+                indexes = [batch.result.batch_index for batch in await unknown(stubs[1])]
                 assert len(indexes) == 2
                 calls = len(fake.calls)
                 fake.faults.script([Fault.delay(0.3), Fault.delay(0.3)])
                 ask = pb.ReplayRequest(request_id="job-r-1", acknowledge_duplicates=True)
                 answers = await asyncio.gather(
-                    stub_a.Replay(ask, metadata=Harness.auth()),
-                    stub_b.Replay(ask, metadata=Harness.auth()),
-                    return_exceptions=True,
+                    *(stub.Replay(ask, metadata=Harness.auth()) for stub in stubs), return_exceptions=True
                 )
                 assert len(fake.calls) - calls == 2
                 ask.batch_indexes[:] = indexes  # named: "all UNKNOWN" names none now
-                again = await stub_b.Replay(ask, metadata=Harness.auth())
+                again = await stubs[2].Replay(ask, metadata=Harness.auth())
                 assert all(r.replayed for r in again.results) and len(again.results) == 2
                 assert len(fake.calls) - calls == 2
                 assert all(not isinstance(answer, BaseException) for answer in answers)
         finally:
-            await one.stop(grace=0)
-            await two.stop(grace=0)
+            for gateway in gateways:
+                await gateway.stop(grace=0)
 
 
 async def cli(harness: Harness, *argv: str) -> tuple[int, str, str]:

@@ -5,6 +5,7 @@ the host's SQLite file across a restart, and Redis shared by two gateways."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -269,37 +270,36 @@ async def _gateway(fake: FakeBraze, tmp_path: Path, **settings: Any) -> Any:
     )
 
 
-async def test_two_gateways_on_redis_read_each_others_results(fake: FakeBraze, tmp_path: Path) -> None:
+async def test_three_gateways_on_redis_read_each_others_results(fake: FakeBraze, tmp_path: Path) -> None:
+    """A request sent through one replica is read, whole and only by its tenant, through each other."""
     async with redis_server() as redis:
         url = f"redis://127.0.0.1:{redis.port}/0"
-        one, two = (
-            await _gateway(fake, tmp_path, redis_url=url),
-            await _gateway(fake, tmp_path, redis_url=url),
-        )
+        gateways = [await _gateway(fake, tmp_path, redis_url=url) for _ in range(3)]
         try:
-            async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{one.port}") as a,
-                grpc.aio.insecure_channel(f"127.0.0.1:{two.port}") as b,
-            ):
-                sent = await pb_grpc.CanvasGatewayServiceStub(a).Send(
-                    send_request(120, "shared"), metadata=meta("acme", "on-one")
-                )
+            async with contextlib.AsyncExitStack() as stack:
+                stubs = [
+                    pb_grpc.CanvasGatewayServiceStub(
+                        await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{g.port}"))
+                    )
+                    for g in gateways
+                ]
+                sent = await stubs[0].Send(send_request(120, "shared"), metadata=meta("acme", "on-one"))
                 calls = len(fake.calls)
-                stub = pb_grpc.CanvasGatewayServiceStub(b)
-                for name in ({"idempotency_key": "shared"}, {"request_id": "on-one"}):
-                    found, _ = await get_results(stub, **name)
-                    assert list(found) == list(sent.results)
-                    with pytest.raises(grpc.aio.AioRpcError):
-                        await get_results(stub, "globex", **name)
-                ask = pb.FindRecipientRequest(
-                    idempotency_key="shared", recipient=pb.Recipient(external_user_id="u99")
-                )
-                answer = await stub.FindRecipient(ask, metadata=Harness.auth())
-                assert answer.found and answer.position == 99
+                for stub in stubs[1:]:
+                    for name in ({"idempotency_key": "shared"}, {"request_id": "on-one"}):
+                        found, _ = await get_results(stub, **name)
+                        assert list(found) == list(sent.results)
+                        with pytest.raises(grpc.aio.AioRpcError):
+                            await get_results(stub, "globex", **name)
+                    ask = pb.FindRecipientRequest(
+                        idempotency_key="shared", recipient=pb.Recipient(external_user_id="u99")
+                    )
+                    answer = await stub.FindRecipient(ask, metadata=Harness.auth())
+                    assert answer.found and answer.position == 99
                 assert len(fake.calls) == calls
         finally:
-            await one.stop(grace=0)
-            await two.stop(grace=0)
+            for gateway in gateways:
+                await gateway.stop(grace=0)
 
 
 async def test_results_outlive_a_restart_in_the_hosts_file(fake: FakeBraze, tmp_path: Path) -> None:
