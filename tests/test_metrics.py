@@ -16,7 +16,6 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway_server import __version__
-from canvas_gateway_server.app import git_commit
 from canvas_gateway_server.limits import Reserved
 from canvas_gateway_server.metrics import (
     RECONCILE_REASONS,
@@ -32,6 +31,7 @@ from canvas_gateway_server.metrics.edge import PrometheusEdge
 from canvas_gateway_server.metrics.levels import Levels
 from canvas_gateway_server.metrics.process import PrometheusProcess
 from canvas_gateway_server.metrics.state import PrometheusState
+from canvas_gateway_server.process import git_commit
 from canvas_gateway_server.rate_budget import Ticket
 from canvas_gateway_server.reply import Delivery, RateLimit, Reply
 from fake_braze import FakeBrazeConfig, Fault

@@ -6,8 +6,8 @@ Data flows one way, and the module names follow it:
     -> batching (<= 50 recipients, <= 4 MB) -> limits / retry -> upstream (REST)
     -> results (HTTP -> outcome) -> servicer
 
-`app` is the one place that builds and wires the objects; `__main__` only
-reads settings and calls it.
+`app` is the one place that builds and wires the objects, `serve` runs them as a
+process; `__main__` only reads settings and calls it.
 """
 
 __all__ = ["__version__"]

@@ -65,7 +65,7 @@ def _main(argv: list[str] | None, hangups: Hangups) -> None:
 
             print(asyncio.run(accept_lost_keys(settings.state)))
             return
-        from .app import run
+        from .serve import run
         from .stores.wiring import connect_redis
         from .tracing import exporters
         from .workers import supervise, worker_count

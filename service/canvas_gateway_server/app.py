@@ -15,7 +15,8 @@ listener stops last.
 
 Over the ~300 lines the house aims for, for a reason: what is built (`Gateway.start`, a list of
 steps, one function each below it) and how it is taken apart in order (`Gateway.stop`) read side
-by side, and so does `run`, the process around them. Each step is handed the settings group it
+by side. The process around them (`run`: logging, signals, the demo banner) is in `serve`, the
+facts of the process (`git_commit`, `open_file_limit`) in `process`. Each step is handed the settings group it
 needs (`settings.calls`, `settings.sending`...); the whole `Settings` only where a step reads
 several. Demo mode is in `demo`, the stores' choice in `stores.wiring`.
 """
@@ -25,9 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
-import signal
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,10 +37,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from . import __version__, logs
+from . import __version__
 from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
-from .demo import demo_banner, start_demo_braze
+from .demo import start_demo_braze
 from .dispatch import Dispatcher
 from .edge import reflection
 from .edge.admission import StreamSlots
@@ -50,11 +48,11 @@ from .edge.observer import CallObserver
 from .edge.servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
 from .egress import Egress
 from .errors import ConfigError
-from .hangups import Hangups
 from .idempotency import Ledger
 from .limits import LocalLimiter
 from .metrics import Metrics, PrometheusMetrics, watch_loop_lag
 from .outcomes import Recorder
+from .process import git_commit, open_file_limit
 from .retry import RetryPolicy
 from .retry_budget import LocalRetryBudget
 from .sending import Sender, SendLimits
@@ -287,12 +285,6 @@ class Gateway:
             log.info("tenants reloaded: %d tenants", len(self.tenants.tenant_ids()))
 
 
-def open_file_limit() -> int | None:
-    """This process's soft limit on open files; None when unlimited."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
 async def _tenant_directory(
     tenants: Tenants, environ: Mapping[str, str]
 ) -> tuple[FakeBraze | None, TenantDirectory]:
@@ -439,51 +431,3 @@ async def _listen_admin(admin: AdminServer, listen: Listen, worker: WorkerRole |
             f"cannot listen on {listen.admin_address} (CGW_ADMIN_ADDRESS): the address is in use "
             "or not this host's"
         ) from None
-
-
-def git_commit(environ: Mapping[str, str]) -> str:
-    """The commit this build came from: CANVAS_GATEWAY_GIT_COMMIT (set in the image), else the
-    checkout the code runs from, else `unknown`."""
-    if environ.get("CANVAS_GATEWAY_GIT_COMMIT"):
-        return environ["CANVAS_GATEWAY_GIT_COMMIT"]
-    try:
-        found = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],  # noqa: S607 - git from PATH, no input
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=2,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return found.stdout.strip() or "unknown"
-
-
-async def run(
-    settings: Settings,
-    worker: WorkerRole | None = None,
-    environ: Mapping[str, str] = os.environ,
-    hangups: Hangups | None = None,
-) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the tenants file (once after start-up if
-    `hangups` counted any during it)."""
-    telemetry, index = settings.telemetry, None if worker is None else worker.index
-    logs.configure(telemetry.log_level, telemetry.log_format, worker=index)
-    logs.throttle_accept_errors(asyncio.get_running_loop())
-    gateway = await Gateway.start(settings, worker=worker, environ=environ)
-    logs.configure(telemetry.log_level, telemetry.log_format, gateway.secrets, worker=index)
-    if settings.tenants.demo:
-        print(demo_banner(settings.listen.grpc_address.rsplit(":", 1)[0], gateway.port), flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
-    (hangups or Hangups()).take_over(loop, gateway.reload_tenants)
-    await stopping.wait()
-    log.info(
-        "shutting down: not ready for %gs, then draining for up to %gs",
-        settings.shutdown.delay_seconds,
-        settings.shutdown.grace_seconds,
-    )
-    await gateway.stop()

@@ -23,6 +23,9 @@ asked for. `ResultStore` is where claims live: in this process (`stores.memory.L
 shared fairly by tenants), in a file every worker of the host shares (`stores.host_results.HostResults`),
 or in Redis for every replica (`stores.redis.RedisResults`). What the store did not take when asked (it
 did not answer) is offered again by one background task per process (`Ledger`), backing off.
+
+Just over ~300 lines, for a reason: the claim's verdicts, the `ResultStore` port and the
+`Ledger` that alone speaks to it are one protocol, read best together.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ identifier, and the record reveals no identifier to whoever reads the store, nor
 recipient across batches (each salt is new). 8 bytes make a false match within a request of a
 million recipients about 1 in 10^7. Contexts, attributes and the Canvas's content are never
 kept. CGW_RESULTS_KEPT=false keeps nothing (the RPCs then answer NOT_FOUND).
+
+Over the ~300 lines the house aims for, for a reason: the record's format (handles, salted
+hashes, `encode`/`decode`) and the `Recorder` that writes and reads it change together, and
+each store keeps the bytes it is given.
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ or held in the last FAIR_SECONDS), itself included. Uncontended, one tenant may 
 room. A held party is recorded as waiting; a record tracks at most MAX_PARTIES parties at once
 (those with nothing under way and no recent wait are dropped first); in memory and the host's
 file a party beyond them is outside the fair share (its calls still count in U); Redis tracks all.
+
+Over the ~300 lines the house aims for, for a reason: `RateBudget` (the fair share included) is
+the one Python statement of the rules that `stores/redis_scripts.py`'s Lua and the mapped file
+mirror, held to the same tests; it and the ports its stores implement read as one.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 from . import reporting, results
 from .context import RequestContext
-from .dispatch import Dispatcher, FanOut
+from .dispatch import Dispatcher
 from .errors import InvalidRequest
+from .fanout import FanOut
 from .metrics import Metrics
 from .model import Batch, BatchResult, Code, Summary, Violation
 from .outcomes import Recorder

@@ -1,13 +1,17 @@
 """The gRPC edge: authenticate, decode, convert, call `sending`, convert back.
 
-The service is registered with raw-bytes requests (`add_to_server`) and decodes them here,
-after authentication: a message that does not decode (bad bytes, invalid UTF-8, nesting past
-protobuf's limit) is the caller's error, INVALID_ARGUMENT with a short fixed text, where
-grpcio's own decoding would answer UNKNOWN with Python's exception text and log a traceback.
+The service is registered with raw-bytes requests (`add_to_server`) and decodes them here
+(`convert.decode`), after authentication: a message that does not decode (bad bytes,
+invalid UTF-8, nesting past protobuf's limit) is the caller's error, INVALID_ARGUMENT with a
+short fixed text, where grpcio's own decoding would answer UNKNOWN with Python's exception
+text and log a traceback.
 
 Every expected failure is raised as a GatewayError and turned into a status by
 `status.abort`, through `_abort`, which counts the violations of refused requests. What the
 access line should say (tenant, summary) is noted on the current `observer.Call`.
+
+This is the send path (Send, SendStream); the after-the-fact RPCs (GetResults, FindRecipient,
+ListUnknown, Replay) are in `queries`, registered by `add_to_server` under the same service name.
 """
 
 from __future__ import annotations
@@ -18,42 +22,26 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Final, NoReturn, TypeVar
+from typing import Final, NoReturn
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
-from .. import logs
 from ..context import RequestContext
 from ..errors import HeaderTimeout, InvalidRequest, ShuttingDown, Unauthenticated
 from ..metrics import Metrics
 from ..model import BatchResult, Rule, Violation
 from ..sending import Sender, StreamSend
 from ..tenants import Tenant, TenantDirectory
-from . import convert, lookup, observer, status
+from . import convert, observer, status
 from .admission import InFlight, StreamHold, StreamSlots
+from .queries import ResultQueries
 from .streams import StreamEnd, StreamReader, next_message, results_to_write
 
 Context = grpc.aio.ServicerContext[object, object]
-M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
-_undecodable_log = logs.Throttled(log)
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["CanvasGatewayService"].full_name
-
-
-def decode(message_type: type[M], raw: bytes, field: str, context: Context) -> M:
-    """`raw` as a `message_type`; a message that does not decode is the caller's error."""
-    try:
-        return message_type.FromString(raw)
-    except DecodeError:
-        name = message_type.DESCRIPTOR.name
-        _undecodable_log.warning(
-            "refused a message that does not decode", peer=context.peer(), message_type=name
-        )
-        raise InvalidRequest(
-            [Violation(field, f"not a valid {name} message: it does not decode", Rule.UNDECODABLE)]
-        ) from None
 
 
 def bearer_token(context: Context) -> str:
@@ -95,7 +83,11 @@ class CanvasGatewayServicer:
         self.streams = streams
         self.in_flight = InFlight()
 
-    def _authenticate(self, context: Context) -> Tenant:
+    @property
+    def sender(self) -> Sender:
+        return self._sender
+
+    def authenticate(self, context: Context) -> Tenant:
         if self._shutting_down.is_set():
             raise ShuttingDown(
                 "the gateway is shutting down: send again, to another instance", resume_position=0
@@ -112,7 +104,7 @@ class CanvasGatewayServicer:
         observer.note(tenant=tenant.id)
         return tenant
 
-    def _request(self, tenant: Tenant, options: pb.SendOptions, context: Context) -> RequestContext:
+    def request_context(self, tenant: Tenant, options: pb.SendOptions, context: Context) -> RequestContext:
         """What the layers below are told of the RPC: its tenant, the caller's deadline on
         time.monotonic less the margin its results need to get back, its idempotency key and
         request id, and whether it is only validated."""
@@ -127,7 +119,7 @@ class CanvasGatewayServicer:
             lane=convert.lane(options.priority),
         )
 
-    async def _abort(self, context: Context, error: BaseException) -> NoReturn:
+    async def abort(self, context: Context, error: BaseException) -> NoReturn:
         if isinstance(error, InvalidRequest):
             self._metrics.invalid(error.violations)
         await observer.header_sent()
@@ -139,12 +131,12 @@ class CanvasGatewayServicer:
 
     async def _send(self, raw: bytes, context: Context) -> pb.SendResponse:
         try:
-            tenant = self._authenticate(context)
-            request = decode(pb.SendRequest, raw, "request", context)
+            tenant = self.authenticate(context)
+            request = convert.decode(pb.SendRequest, raw, "request", context)
             self._sender.check_unary_count(len(request.trigger.recipients))
             head = convert.trigger_head(request.trigger)
             recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
-            request_context = self._request(tenant, request.options, context)
+            request_context = self.request_context(tenant, request.options, context)
             done, summary = await self._sender.send(request_context, head, recipients)
             observer.note(summary=summary)
             return pb.SendResponse(
@@ -152,7 +144,7 @@ class CanvasGatewayServicer:
                 summary=convert.summary_to_proto(summary, request_context.request_id),
             )
         except Exception as exc:  # every failure of the whole RPC is mapped in one place
-            await self._abort(context, exc)
+            await self.abort(context, exc)
 
     async def SendStream(
         self, request_iterator: AsyncIterator[bytes], context: Context
@@ -170,7 +162,7 @@ class CanvasGatewayServicer:
         self, reader: StreamReader[bytes], context: Context, hold: StreamHold
     ) -> AsyncGenerator[pb.SendStreamResponse, None]:
         try:
-            tenant = self._authenticate(context)
+            tenant = self.authenticate(context)
             hold.take(tenant.id)
             try:
                 async with asyncio.timeout(self._header_timeout_seconds):
@@ -179,16 +171,16 @@ class CanvasGatewayServicer:
                 raise HeaderTimeout(
                     f"no stream header within {self._header_timeout_seconds:g} s; nothing was sent"
                 ) from None
-            first = None if raw is None else decode(pb.SendStreamRequest, raw, "messages[0]", context)
+            first = None if raw is None else convert.decode(pb.SendStreamRequest, raw, "messages[0]", context)
             if first is None or first.WhichOneof("part") != "header":
                 raise _bad_stream("the first message of a stream must be a header")
             header = first.header
-            request_context = self._request(tenant, header.options, context)
+            request_context = self.request_context(tenant, header.options, context)
             session = self._sender.open_stream(request_context, convert.trigger_head(header.trigger))
         except Exception as exc:
             await asyncio.wait((reader.drain(),), timeout=self._drain_seconds)
             reader.close()
-            await self._abort(context, exc)
+            await self.abort(context, exc)
         observer.note(summary=session.summary)
         self._metrics.stream_opened(tenant.id)
         try:
@@ -224,7 +216,7 @@ class CanvasGatewayServicer:
                 index = 0
                 while (raw := await next_message(reader, session, self._idle_timeout_seconds)) is not None:
                     index += 1
-                    message = decode(pb.SendStreamRequest, raw, f"messages[{index}]", context)
+                    message = convert.decode(pb.SendStreamRequest, raw, f"messages[{index}]", context)
                     if message.WhichOneof("part") != "chunk":
                         raise _bad_stream("only the first message may be a header")
                     await session.feed(map(convert.recipient_to_dict, message.chunk.recipients))
@@ -269,14 +261,14 @@ class CanvasGatewayServicer:
                 if failure:  # what the caller still writes is read: give it a while to stop
                     await asyncio.wait((reader.drain(),), timeout=self._drain_seconds)
             except Exception as exc:
-                await self._abort(context, exc)
+                await self.abort(context, exc)
             finally:
                 pumping.cancel()
                 watching.cancel()
                 reader.close()
                 session.cancel()
             if failure:
-                await self._abort(context, failure[0])
+                await self.abort(context, failure[0])
             yield pb.SendStreamResponse(
                 summary=convert.summary_to_proto(session.summary, session.context.request_id)
             )
@@ -287,64 +279,15 @@ class CanvasGatewayServicer:
             session.log_unread(handed)
             raise
 
-    async def GetResults(self, raw: bytes, context: Context) -> AsyncIterator[pb.GetResultsResponse]:
-        """An earlier request's kept results (`lookup`), never calling Braze."""
-        with self.in_flight:
-            try:
-                tenant = self._authenticate(context)
-                request = decode(pb.GetResultsRequest, raw, "request", context)
-                async for response in lookup.get_results(self._sender.recorder, tenant, request):
-                    yield response
-            except Exception as exc:
-                await self._abort(context, exc)
-
-    async def FindRecipient(self, raw: bytes, context: Context) -> pb.FindRecipientResponse:
-        """One recipient of an earlier request: its position and its batch's kept result."""
-        with self.in_flight:
-            try:
-                tenant = self._authenticate(context)
-                request = decode(pb.FindRecipientRequest, raw, "request", context)
-                return await lookup.find_recipient(self._sender.recorder, tenant, request)
-            except Exception as exc:
-                await self._abort(context, exc)
-
-    async def ListUnknown(self, raw: bytes, context: Context) -> AsyncIterator[pb.UnknownBatch]:
-        """The tenant's UNKNOWN batches not replayed yet."""
-        with self.in_flight:
-            try:
-                tenant = self._authenticate(context)
-                decode(pb.ListUnknownRequest, raw, "request", context)
-                async for response in lookup.list_unknown(self._sender.recorder, tenant):
-                    yield response
-            except Exception as exc:
-                await self._abort(context, exc)
-
-    async def Replay(self, raw: bytes, context: Context) -> pb.SendResponse:
-        """Send kept UNKNOWN batches again, once, for a caller who acknowledged duplicates."""
-        with self.in_flight:
-            try:
-                tenant = self._authenticate(context)
-                request = decode(pb.ReplayRequest, raw, "request", context)
-                handle = lookup.handle_of(request.idempotency_key, request.request_id)
-                request_context = self._request(tenant, pb.SendOptions(), context)
-                done, summary = await self._sender.replayer.replay(
-                    request_context, handle, list(request.batch_indexes), request.acknowledge_duplicates
-                )
-                observer.note(summary=summary)
-                return pb.SendResponse(
-                    results=[convert.result_to_proto(result) for result in done],
-                    summary=convert.summary_to_proto(summary, request_context.request_id),
-                )
-            except Exception as exc:
-                await self._abort(context, exc)
-
 
 def _bad_stream(why: str) -> InvalidRequest:
     return InvalidRequest([Violation("header", why, Rule.STREAM_HEADER)])
 
 
 def add_to_server(servicer: CanvasGatewayServicer, server: grpc.aio.Server) -> None:
-    """Register the service with raw-bytes requests, which the servicer decodes itself."""
+    """Register the service with raw-bytes requests, which the servicers decode themselves: the
+    send path here, the after-the-fact RPCs on a `queries.ResultQueries` over the same servicer."""
+    queries = ResultQueries(servicer)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, Message]] = {
         "Send": grpc.unary_unary_rpc_method_handler(
             servicer.Send, response_serializer=pb.SendResponse.SerializeToString
@@ -353,16 +296,16 @@ def add_to_server(servicer: CanvasGatewayServicer, server: grpc.aio.Server) -> N
             servicer.SendStream, response_serializer=pb.SendStreamResponse.SerializeToString
         ),
         "GetResults": grpc.unary_stream_rpc_method_handler(
-            servicer.GetResults, response_serializer=pb.GetResultsResponse.SerializeToString
+            queries.GetResults, response_serializer=pb.GetResultsResponse.SerializeToString
         ),
         "FindRecipient": grpc.unary_unary_rpc_method_handler(
-            servicer.FindRecipient, response_serializer=pb.FindRecipientResponse.SerializeToString
+            queries.FindRecipient, response_serializer=pb.FindRecipientResponse.SerializeToString
         ),
         "ListUnknown": grpc.unary_stream_rpc_method_handler(
-            servicer.ListUnknown, response_serializer=pb.UnknownBatch.SerializeToString
+            queries.ListUnknown, response_serializer=pb.UnknownBatch.SerializeToString
         ),
         "Replay": grpc.unary_unary_rpc_method_handler(
-            servicer.Replay, response_serializer=pb.SendResponse.SerializeToString
+            queries.Replay, response_serializer=pb.SendResponse.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
