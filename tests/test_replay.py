@@ -33,7 +33,9 @@ def meta(tenant: str, request_id: str) -> tuple[tuple[str, str], ...]:
     return (*Harness.auth(tenant), ("x-request-id", request_id))
 
 
-async def unknown(stub: pb_grpc.CanvasGatewayServiceAsyncStub, tenant: str = "acme") -> list[pb.UnknownBatch]:
+async def unknown(
+    stub: pb_grpc.CanvasGatewayServiceAsyncStub, tenant: str = "acme"
+) -> list[pb.ListUnknownResponse]:
     return [batch async for batch in stub.ListUnknown(pb.ListUnknownRequest(), metadata=Harness.auth(tenant))]
 
 
@@ -281,7 +283,7 @@ async def test_unknown_batches_outlive_a_restart_and_are_replayed_once(
 
     async def on_a_gateway(
         ask: pb.ReplayRequest | None = None,
-    ) -> tuple[list[pb.UnknownBatch], pb.SendResponse | None]:
+    ) -> tuple[list[pb.ListUnknownResponse], pb.ReplayResponse | None]:
         gateway = await _gateway(fake, tmp_path, idempotency_file=keys)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:

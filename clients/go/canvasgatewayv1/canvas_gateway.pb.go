@@ -210,8 +210,8 @@ func (*ListUnknownRequest) Descriptor() ([]byte, []int) {
 	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{0}
 }
 
-// UnknownBatch is one UNKNOWN batch and the request it belongs to.
-type UnknownBatch struct {
+// ListUnknownResponse is one UNKNOWN batch and the request it belongs to.
+type ListUnknownResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The request's idempotency key; empty without one.
 	IdempotencyKey string `protobuf:"bytes,1,opt,name=idempotency_key,proto3" json:"idempotency_key,omitempty"`
@@ -222,20 +222,20 @@ type UnknownBatch struct {
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *UnknownBatch) Reset() {
-	*x = UnknownBatch{}
+func (x *ListUnknownResponse) Reset() {
+	*x = ListUnknownResponse{}
 	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *UnknownBatch) String() string {
+func (x *ListUnknownResponse) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*UnknownBatch) ProtoMessage() {}
+func (*ListUnknownResponse) ProtoMessage() {}
 
-func (x *UnknownBatch) ProtoReflect() protoreflect.Message {
+func (x *ListUnknownResponse) ProtoReflect() protoreflect.Message {
 	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
@@ -247,26 +247,26 @@ func (x *UnknownBatch) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use UnknownBatch.ProtoReflect.Descriptor instead.
-func (*UnknownBatch) Descriptor() ([]byte, []int) {
+// Deprecated: Use ListUnknownResponse.ProtoReflect.Descriptor instead.
+func (*ListUnknownResponse) Descriptor() ([]byte, []int) {
 	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{1}
 }
 
-func (x *UnknownBatch) GetIdempotencyKey() string {
+func (x *ListUnknownResponse) GetIdempotencyKey() string {
 	if x != nil {
 		return x.IdempotencyKey
 	}
 	return ""
 }
 
-func (x *UnknownBatch) GetRequestId() string {
+func (x *ListUnknownResponse) GetRequestId() string {
 	if x != nil {
 		return x.RequestId
 	}
 	return ""
 }
 
-func (x *UnknownBatch) GetResult() *BatchResult {
+func (x *ListUnknownResponse) GetResult() *BatchResult {
 	if x != nil {
 		return x.Result
 	}
@@ -346,6 +346,61 @@ func (x *ReplayRequest) GetAcknowledgeDuplicates() bool {
 	return false
 }
 
+// ReplayResponse holds a result for each batch named, as a SendResponse does,
+// and the summary of those batches.
+type ReplayResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per batch named, in batch order.
+	Results       []*BatchResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	Summary       *SendSummary   `protobuf:"bytes,2,opt,name=summary,proto3" json:"summary,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReplayResponse) Reset() {
+	*x = ReplayResponse{}
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplayResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplayResponse) ProtoMessage() {}
+
+func (x *ReplayResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplayResponse.ProtoReflect.Descriptor instead.
+func (*ReplayResponse) Descriptor() ([]byte, []int) {
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ReplayResponse) GetResults() []*BatchResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+func (x *ReplayResponse) GetSummary() *SendSummary {
+	if x != nil {
+		return x.Summary
+	}
+	return nil
+}
+
 // GetResultsRequest names one earlier request: set exactly one field.
 type GetResultsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -359,7 +414,7 @@ type GetResultsRequest struct {
 
 func (x *GetResultsRequest) Reset() {
 	*x = GetResultsRequest{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -371,7 +426,7 @@ func (x *GetResultsRequest) String() string {
 func (*GetResultsRequest) ProtoMessage() {}
 
 func (x *GetResultsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[3]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -384,7 +439,7 @@ func (x *GetResultsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultsRequest.ProtoReflect.Descriptor instead.
 func (*GetResultsRequest) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{3}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GetResultsRequest) GetIdempotencyKey() string {
@@ -415,7 +470,7 @@ type GetResultsResponse struct {
 
 func (x *GetResultsResponse) Reset() {
 	*x = GetResultsResponse{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -427,7 +482,7 @@ func (x *GetResultsResponse) String() string {
 func (*GetResultsResponse) ProtoMessage() {}
 
 func (x *GetResultsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -440,7 +495,7 @@ func (x *GetResultsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultsResponse.ProtoReflect.Descriptor instead.
 func (*GetResultsResponse) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{4}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetResultsResponse) GetPart() isGetResultsResponse_Part {
@@ -501,7 +556,7 @@ type FindRecipientRequest struct {
 
 func (x *FindRecipientRequest) Reset() {
 	*x = FindRecipientRequest{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -513,7 +568,7 @@ func (x *FindRecipientRequest) String() string {
 func (*FindRecipientRequest) ProtoMessage() {}
 
 func (x *FindRecipientRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -526,7 +581,7 @@ func (x *FindRecipientRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FindRecipientRequest.ProtoReflect.Descriptor instead.
 func (*FindRecipientRequest) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{5}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *FindRecipientRequest) GetIdempotencyKey() string {
@@ -565,7 +620,7 @@ type FindRecipientResponse struct {
 
 func (x *FindRecipientResponse) Reset() {
 	*x = FindRecipientResponse{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -577,7 +632,7 @@ func (x *FindRecipientResponse) String() string {
 func (*FindRecipientResponse) ProtoMessage() {}
 
 func (x *FindRecipientResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[6]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -590,7 +645,7 @@ func (x *FindRecipientResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FindRecipientResponse.ProtoReflect.Descriptor instead.
 func (*FindRecipientResponse) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{6}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *FindRecipientResponse) GetFound() bool {
@@ -638,7 +693,7 @@ type CanvasTrigger struct {
 
 func (x *CanvasTrigger) Reset() {
 	*x = CanvasTrigger{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -650,7 +705,7 @@ func (x *CanvasTrigger) String() string {
 func (*CanvasTrigger) ProtoMessage() {}
 
 func (x *CanvasTrigger) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -663,7 +718,7 @@ func (x *CanvasTrigger) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CanvasTrigger.ProtoReflect.Descriptor instead.
 func (*CanvasTrigger) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{7}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CanvasTrigger) GetCanvasId() string {
@@ -744,7 +799,7 @@ type Recipient struct {
 
 func (x *Recipient) Reset() {
 	*x = Recipient{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +811,7 @@ func (x *Recipient) String() string {
 func (*Recipient) ProtoMessage() {}
 
 func (x *Recipient) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +824,7 @@ func (x *Recipient) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recipient.ProtoReflect.Descriptor instead.
 func (*Recipient) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{8}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Recipient) GetIdentifier() isRecipient_Identifier {
@@ -875,7 +930,7 @@ type UserAlias struct {
 
 func (x *UserAlias) Reset() {
 	*x = UserAlias{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -887,7 +942,7 @@ func (x *UserAlias) String() string {
 func (*UserAlias) ProtoMessage() {}
 
 func (x *UserAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -900,7 +955,7 @@ func (x *UserAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserAlias.ProtoReflect.Descriptor instead.
 func (*UserAlias) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{9}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UserAlias) GetAliasName() string {
@@ -933,7 +988,7 @@ type Audience struct {
 
 func (x *Audience) Reset() {
 	*x = Audience{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -945,7 +1000,7 @@ func (x *Audience) String() string {
 func (*Audience) ProtoMessage() {}
 
 func (x *Audience) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[10]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -958,7 +1013,7 @@ func (x *Audience) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Audience.ProtoReflect.Descriptor instead.
 func (*Audience) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{10}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Audience) GetAllOf() []*Audience {
@@ -1017,7 +1072,7 @@ type CustomAttributeFilter struct {
 
 func (x *CustomAttributeFilter) Reset() {
 	*x = CustomAttributeFilter{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1029,7 +1084,7 @@ func (x *CustomAttributeFilter) String() string {
 func (*CustomAttributeFilter) ProtoMessage() {}
 
 func (x *CustomAttributeFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[11]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1042,7 +1097,7 @@ func (x *CustomAttributeFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CustomAttributeFilter.ProtoReflect.Descriptor instead.
 func (*CustomAttributeFilter) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{11}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CustomAttributeFilter) GetCustomAttributeName() string {
@@ -1078,7 +1133,7 @@ type SubscriptionStatusFilter struct {
 
 func (x *SubscriptionStatusFilter) Reset() {
 	*x = SubscriptionStatusFilter{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1090,7 +1145,7 @@ func (x *SubscriptionStatusFilter) String() string {
 func (*SubscriptionStatusFilter) ProtoMessage() {}
 
 func (x *SubscriptionStatusFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[12]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1103,7 +1158,7 @@ func (x *SubscriptionStatusFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionStatusFilter.ProtoReflect.Descriptor instead.
 func (*SubscriptionStatusFilter) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{12}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SubscriptionStatusFilter) GetComparison() string {
@@ -1131,7 +1186,7 @@ type LastUsedAppFilter struct {
 
 func (x *LastUsedAppFilter) Reset() {
 	*x = LastUsedAppFilter{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1143,7 +1198,7 @@ func (x *LastUsedAppFilter) String() string {
 func (*LastUsedAppFilter) ProtoMessage() {}
 
 func (x *LastUsedAppFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[13]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1156,7 +1211,7 @@ func (x *LastUsedAppFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LastUsedAppFilter.ProtoReflect.Descriptor instead.
 func (*LastUsedAppFilter) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{13}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LastUsedAppFilter) GetComparison() string {
@@ -1208,7 +1263,7 @@ type SendOptions struct {
 
 func (x *SendOptions) Reset() {
 	*x = SendOptions{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1220,7 +1275,7 @@ func (x *SendOptions) String() string {
 func (*SendOptions) ProtoMessage() {}
 
 func (x *SendOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[14]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1233,7 +1288,7 @@ func (x *SendOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendOptions.ProtoReflect.Descriptor instead.
 func (*SendOptions) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{14}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SendOptions) GetValidateOnly() bool {
@@ -1269,7 +1324,7 @@ type SendRequest struct {
 
 func (x *SendRequest) Reset() {
 	*x = SendRequest{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1281,7 +1336,7 @@ func (x *SendRequest) String() string {
 func (*SendRequest) ProtoMessage() {}
 
 func (x *SendRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[15]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1294,7 +1349,7 @@ func (x *SendRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendRequest.ProtoReflect.Descriptor instead.
 func (*SendRequest) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{15}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SendRequest) GetTrigger() *CanvasTrigger {
@@ -1323,7 +1378,7 @@ type SendResponse struct {
 
 func (x *SendResponse) Reset() {
 	*x = SendResponse{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1335,7 +1390,7 @@ func (x *SendResponse) String() string {
 func (*SendResponse) ProtoMessage() {}
 
 func (x *SendResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[16]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1348,7 +1403,7 @@ func (x *SendResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendResponse.ProtoReflect.Descriptor instead.
 func (*SendResponse) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{16}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SendResponse) GetResults() []*BatchResult {
@@ -1381,7 +1436,7 @@ type SendStreamRequest struct {
 
 func (x *SendStreamRequest) Reset() {
 	*x = SendStreamRequest{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1393,7 +1448,7 @@ func (x *SendStreamRequest) String() string {
 func (*SendStreamRequest) ProtoMessage() {}
 
 func (x *SendStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1406,7 +1461,7 @@ func (x *SendStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendStreamRequest.ProtoReflect.Descriptor instead.
 func (*SendStreamRequest) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{17}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SendStreamRequest) GetPart() isSendStreamRequest_Part {
@@ -1464,7 +1519,7 @@ type StreamHeader struct {
 
 func (x *StreamHeader) Reset() {
 	*x = StreamHeader{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[18]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1476,7 +1531,7 @@ func (x *StreamHeader) String() string {
 func (*StreamHeader) ProtoMessage() {}
 
 func (x *StreamHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[18]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1489,7 +1544,7 @@ func (x *StreamHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamHeader.ProtoReflect.Descriptor instead.
 func (*StreamHeader) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{18}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StreamHeader) GetTrigger() *CanvasTrigger {
@@ -1517,7 +1572,7 @@ type RecipientChunk struct {
 
 func (x *RecipientChunk) Reset() {
 	*x = RecipientChunk{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[19]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1584,7 @@ func (x *RecipientChunk) String() string {
 func (*RecipientChunk) ProtoMessage() {}
 
 func (x *RecipientChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[19]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1597,7 @@ func (x *RecipientChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecipientChunk.ProtoReflect.Descriptor instead.
 func (*RecipientChunk) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{19}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RecipientChunk) GetRecipients() []*Recipient {
@@ -1574,7 +1629,7 @@ type SendStreamResponse struct {
 
 func (x *SendStreamResponse) Reset() {
 	*x = SendStreamResponse{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1586,7 +1641,7 @@ func (x *SendStreamResponse) String() string {
 func (*SendStreamResponse) ProtoMessage() {}
 
 func (x *SendStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1599,7 +1654,7 @@ func (x *SendStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendStreamResponse.ProtoReflect.Descriptor instead.
 func (*SendStreamResponse) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{20}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SendStreamResponse) GetPart() isSendStreamResponse_Part {
@@ -1688,7 +1743,7 @@ type BatchResult struct {
 
 func (x *BatchResult) Reset() {
 	*x = BatchResult{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[21]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1700,7 +1755,7 @@ func (x *BatchResult) String() string {
 func (*BatchResult) ProtoMessage() {}
 
 func (x *BatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[21]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1713,7 +1768,7 @@ func (x *BatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchResult.ProtoReflect.Descriptor instead.
 func (*BatchResult) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{21}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BatchResult) GetBatchIndex() int64 {
@@ -1822,7 +1877,7 @@ type BrazeReply struct {
 
 func (x *BrazeReply) Reset() {
 	*x = BrazeReply{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[22]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1834,7 +1889,7 @@ func (x *BrazeReply) String() string {
 func (*BrazeReply) ProtoMessage() {}
 
 func (x *BrazeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[22]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1847,7 +1902,7 @@ func (x *BrazeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BrazeReply.ProtoReflect.Descriptor instead.
 func (*BrazeReply) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{22}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *BrazeReply) GetHttpStatus() int32 {
@@ -1908,7 +1963,7 @@ type SendSummary struct {
 
 func (x *SendSummary) Reset() {
 	*x = SendSummary{}
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[23]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1920,7 +1975,7 @@ func (x *SendSummary) String() string {
 func (*SendSummary) ProtoMessage() {}
 
 func (x *SendSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[23]
+	mi := &file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1933,7 +1988,7 @@ func (x *SendSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendSummary.ProtoReflect.Descriptor instead.
 func (*SendSummary) Descriptor() ([]byte, []int) {
-	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{23}
+	return file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SendSummary) GetRecipients() int64 {
@@ -1997,8 +2052,8 @@ var File_canvas_gateway_v1_canvas_gateway_proto protoreflect.FileDescriptor
 const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\n" +
 	"&canvas_gateway/v1/canvas_gateway.proto\x12\x11canvas_gateway.v1\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\x1a\x1egoogle/rpc/error_details.proto\"\x14\n" +
-	"\x12ListUnknownRequest\"\x90\x01\n" +
-	"\fUnknownBatch\x12(\n" +
+	"\x12ListUnknownRequest\"\x97\x01\n" +
+	"\x13ListUnknownResponse\x12(\n" +
 	"\x0fidempotency_key\x18\x01 \x01(\tR\x0fidempotency_key\x12\x1e\n" +
 	"\n" +
 	"request_id\x18\x02 \x01(\tR\n" +
@@ -2010,7 +2065,10 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"request_id\x18\x02 \x01(\tR\n" +
 	"request_id\x12$\n" +
 	"\rbatch_indexes\x18\x03 \x03(\x03R\rbatch_indexes\x126\n" +
-	"\x16acknowledge_duplicates\x18\x04 \x01(\bR\x16acknowledge_duplicates\"]\n" +
+	"\x16acknowledge_duplicates\x18\x04 \x01(\bR\x16acknowledge_duplicates\"\x84\x01\n" +
+	"\x0eReplayResponse\x128\n" +
+	"\aresults\x18\x01 \x03(\v2\x1e.canvas_gateway.v1.BatchResultR\aresults\x128\n" +
+	"\asummary\x18\x02 \x01(\v2\x1e.canvas_gateway.v1.SendSummaryR\asummary\"]\n" +
 	"\x11GetResultsRequest\x12(\n" +
 	"\x0fidempotency_key\x18\x01 \x01(\tR\x0fidempotency_key\x12\x1e\n" +
 	"\n" +
@@ -2155,16 +2213,16 @@ const file_canvas_gateway_v1_canvas_gateway_proto_rawDesc = "" +
 	"\x10OUTCOME_REJECTED\x10\x02\x12\x13\n" +
 	"\x0fOUTCOME_UNKNOWN\x10\x03\x12\x19\n" +
 	"\x15OUTCOME_NOT_ATTEMPTED\x10\x04\x12\x1b\n" +
-	"\x17OUTCOME_CANVAS_INACTIVE\x10\x052\xa5\x04\n" +
+	"\x17OUTCOME_CANVAS_INACTIVE\x10\x052\xae\x04\n" +
 	"\x14CanvasGatewayService\x12G\n" +
 	"\x04Send\x12\x1e.canvas_gateway.v1.SendRequest\x1a\x1f.canvas_gateway.v1.SendResponse\x12]\n" +
 	"\n" +
 	"SendStream\x12$.canvas_gateway.v1.SendStreamRequest\x1a%.canvas_gateway.v1.SendStreamResponse(\x010\x01\x12[\n" +
 	"\n" +
 	"GetResults\x12$.canvas_gateway.v1.GetResultsRequest\x1a%.canvas_gateway.v1.GetResultsResponse0\x01\x12b\n" +
-	"\rFindRecipient\x12'.canvas_gateway.v1.FindRecipientRequest\x1a(.canvas_gateway.v1.FindRecipientResponse\x12W\n" +
-	"\vListUnknown\x12%.canvas_gateway.v1.ListUnknownRequest\x1a\x1f.canvas_gateway.v1.UnknownBatch0\x01\x12K\n" +
-	"\x06Replay\x12 .canvas_gateway.v1.ReplayRequest\x1a\x1f.canvas_gateway.v1.SendResponseBu\n" +
+	"\rFindRecipient\x12'.canvas_gateway.v1.FindRecipientRequest\x1a(.canvas_gateway.v1.FindRecipientResponse\x12^\n" +
+	"\vListUnknown\x12%.canvas_gateway.v1.ListUnknownRequest\x1a&.canvas_gateway.v1.ListUnknownResponse0\x01\x12M\n" +
+	"\x06Replay\x12 .canvas_gateway.v1.ReplayRequest\x1a!.canvas_gateway.v1.ReplayResponseBu\n" +
 	"\x19internal.canvasgateway.v1B\x12CanvasGatewayProtoP\x01ZBcanvas-gateway.internal/clients/go/canvasgatewayv1;canvasgatewayv1b\x06proto3"
 
 var (
@@ -2180,98 +2238,101 @@ func file_canvas_gateway_v1_canvas_gateway_proto_rawDescGZIP() []byte {
 }
 
 var file_canvas_gateway_v1_canvas_gateway_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_canvas_gateway_v1_canvas_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_canvas_gateway_v1_canvas_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_canvas_gateway_v1_canvas_gateway_proto_goTypes = []any{
 	(Priority)(0),                                // 0: canvas_gateway.v1.Priority
 	(Outcome)(0),                                 // 1: canvas_gateway.v1.Outcome
 	(*ListUnknownRequest)(nil),                   // 2: canvas_gateway.v1.ListUnknownRequest
-	(*UnknownBatch)(nil),                         // 3: canvas_gateway.v1.UnknownBatch
+	(*ListUnknownResponse)(nil),                  // 3: canvas_gateway.v1.ListUnknownResponse
 	(*ReplayRequest)(nil),                        // 4: canvas_gateway.v1.ReplayRequest
-	(*GetResultsRequest)(nil),                    // 5: canvas_gateway.v1.GetResultsRequest
-	(*GetResultsResponse)(nil),                   // 6: canvas_gateway.v1.GetResultsResponse
-	(*FindRecipientRequest)(nil),                 // 7: canvas_gateway.v1.FindRecipientRequest
-	(*FindRecipientResponse)(nil),                // 8: canvas_gateway.v1.FindRecipientResponse
-	(*CanvasTrigger)(nil),                        // 9: canvas_gateway.v1.CanvasTrigger
-	(*Recipient)(nil),                            // 10: canvas_gateway.v1.Recipient
-	(*UserAlias)(nil),                            // 11: canvas_gateway.v1.UserAlias
-	(*Audience)(nil),                             // 12: canvas_gateway.v1.Audience
-	(*CustomAttributeFilter)(nil),                // 13: canvas_gateway.v1.CustomAttributeFilter
-	(*SubscriptionStatusFilter)(nil),             // 14: canvas_gateway.v1.SubscriptionStatusFilter
-	(*LastUsedAppFilter)(nil),                    // 15: canvas_gateway.v1.LastUsedAppFilter
-	(*SendOptions)(nil),                          // 16: canvas_gateway.v1.SendOptions
-	(*SendRequest)(nil),                          // 17: canvas_gateway.v1.SendRequest
-	(*SendResponse)(nil),                         // 18: canvas_gateway.v1.SendResponse
-	(*SendStreamRequest)(nil),                    // 19: canvas_gateway.v1.SendStreamRequest
-	(*StreamHeader)(nil),                         // 20: canvas_gateway.v1.StreamHeader
-	(*RecipientChunk)(nil),                       // 21: canvas_gateway.v1.RecipientChunk
-	(*SendStreamResponse)(nil),                   // 22: canvas_gateway.v1.SendStreamResponse
-	(*BatchResult)(nil),                          // 23: canvas_gateway.v1.BatchResult
-	(*BrazeReply)(nil),                           // 24: canvas_gateway.v1.BrazeReply
-	(*SendSummary)(nil),                          // 25: canvas_gateway.v1.SendSummary
-	(*structpb.Struct)(nil),                      // 26: google.protobuf.Struct
-	(*structpb.Value)(nil),                       // 27: google.protobuf.Value
-	(code.Code)(0),                               // 28: google.rpc.Code
-	(*errdetails.BadRequest_FieldViolation)(nil), // 29: google.rpc.BadRequest.FieldViolation
-	(*timestamppb.Timestamp)(nil),                // 30: google.protobuf.Timestamp
-	(*anypb.Any)(nil),                            // 31: google.protobuf.Any
+	(*ReplayResponse)(nil),                       // 5: canvas_gateway.v1.ReplayResponse
+	(*GetResultsRequest)(nil),                    // 6: canvas_gateway.v1.GetResultsRequest
+	(*GetResultsResponse)(nil),                   // 7: canvas_gateway.v1.GetResultsResponse
+	(*FindRecipientRequest)(nil),                 // 8: canvas_gateway.v1.FindRecipientRequest
+	(*FindRecipientResponse)(nil),                // 9: canvas_gateway.v1.FindRecipientResponse
+	(*CanvasTrigger)(nil),                        // 10: canvas_gateway.v1.CanvasTrigger
+	(*Recipient)(nil),                            // 11: canvas_gateway.v1.Recipient
+	(*UserAlias)(nil),                            // 12: canvas_gateway.v1.UserAlias
+	(*Audience)(nil),                             // 13: canvas_gateway.v1.Audience
+	(*CustomAttributeFilter)(nil),                // 14: canvas_gateway.v1.CustomAttributeFilter
+	(*SubscriptionStatusFilter)(nil),             // 15: canvas_gateway.v1.SubscriptionStatusFilter
+	(*LastUsedAppFilter)(nil),                    // 16: canvas_gateway.v1.LastUsedAppFilter
+	(*SendOptions)(nil),                          // 17: canvas_gateway.v1.SendOptions
+	(*SendRequest)(nil),                          // 18: canvas_gateway.v1.SendRequest
+	(*SendResponse)(nil),                         // 19: canvas_gateway.v1.SendResponse
+	(*SendStreamRequest)(nil),                    // 20: canvas_gateway.v1.SendStreamRequest
+	(*StreamHeader)(nil),                         // 21: canvas_gateway.v1.StreamHeader
+	(*RecipientChunk)(nil),                       // 22: canvas_gateway.v1.RecipientChunk
+	(*SendStreamResponse)(nil),                   // 23: canvas_gateway.v1.SendStreamResponse
+	(*BatchResult)(nil),                          // 24: canvas_gateway.v1.BatchResult
+	(*BrazeReply)(nil),                           // 25: canvas_gateway.v1.BrazeReply
+	(*SendSummary)(nil),                          // 26: canvas_gateway.v1.SendSummary
+	(*structpb.Struct)(nil),                      // 27: google.protobuf.Struct
+	(*structpb.Value)(nil),                       // 28: google.protobuf.Value
+	(code.Code)(0),                               // 29: google.rpc.Code
+	(*errdetails.BadRequest_FieldViolation)(nil), // 30: google.rpc.BadRequest.FieldViolation
+	(*timestamppb.Timestamp)(nil),                // 31: google.protobuf.Timestamp
+	(*anypb.Any)(nil),                            // 32: google.protobuf.Any
 }
 var file_canvas_gateway_v1_canvas_gateway_proto_depIdxs = []int32{
-	23, // 0: canvas_gateway.v1.UnknownBatch.result:type_name -> canvas_gateway.v1.BatchResult
-	23, // 1: canvas_gateway.v1.GetResultsResponse.result:type_name -> canvas_gateway.v1.BatchResult
-	25, // 2: canvas_gateway.v1.GetResultsResponse.summary:type_name -> canvas_gateway.v1.SendSummary
-	10, // 3: canvas_gateway.v1.FindRecipientRequest.recipient:type_name -> canvas_gateway.v1.Recipient
-	23, // 4: canvas_gateway.v1.FindRecipientResponse.result:type_name -> canvas_gateway.v1.BatchResult
-	26, // 5: canvas_gateway.v1.CanvasTrigger.context:type_name -> google.protobuf.Struct
-	26, // 6: canvas_gateway.v1.CanvasTrigger.canvas_entry_properties:type_name -> google.protobuf.Struct
-	12, // 7: canvas_gateway.v1.CanvasTrigger.audience:type_name -> canvas_gateway.v1.Audience
-	10, // 8: canvas_gateway.v1.CanvasTrigger.recipients:type_name -> canvas_gateway.v1.Recipient
-	11, // 9: canvas_gateway.v1.Recipient.user_alias:type_name -> canvas_gateway.v1.UserAlias
-	26, // 10: canvas_gateway.v1.Recipient.context:type_name -> google.protobuf.Struct
-	26, // 11: canvas_gateway.v1.Recipient.canvas_entry_properties:type_name -> google.protobuf.Struct
-	26, // 12: canvas_gateway.v1.Recipient.attributes:type_name -> google.protobuf.Struct
-	12, // 13: canvas_gateway.v1.Audience.all_of:type_name -> canvas_gateway.v1.Audience
-	12, // 14: canvas_gateway.v1.Audience.any_of:type_name -> canvas_gateway.v1.Audience
-	13, // 15: canvas_gateway.v1.Audience.custom_attribute:type_name -> canvas_gateway.v1.CustomAttributeFilter
-	14, // 16: canvas_gateway.v1.Audience.push_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
-	14, // 17: canvas_gateway.v1.Audience.email_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
-	15, // 18: canvas_gateway.v1.Audience.last_used_app:type_name -> canvas_gateway.v1.LastUsedAppFilter
-	27, // 19: canvas_gateway.v1.CustomAttributeFilter.value:type_name -> google.protobuf.Value
-	0,  // 20: canvas_gateway.v1.SendOptions.priority:type_name -> canvas_gateway.v1.Priority
-	9,  // 21: canvas_gateway.v1.SendRequest.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
-	16, // 22: canvas_gateway.v1.SendRequest.options:type_name -> canvas_gateway.v1.SendOptions
-	23, // 23: canvas_gateway.v1.SendResponse.results:type_name -> canvas_gateway.v1.BatchResult
-	25, // 24: canvas_gateway.v1.SendResponse.summary:type_name -> canvas_gateway.v1.SendSummary
-	20, // 25: canvas_gateway.v1.SendStreamRequest.header:type_name -> canvas_gateway.v1.StreamHeader
-	21, // 26: canvas_gateway.v1.SendStreamRequest.chunk:type_name -> canvas_gateway.v1.RecipientChunk
-	9,  // 27: canvas_gateway.v1.StreamHeader.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
-	16, // 28: canvas_gateway.v1.StreamHeader.options:type_name -> canvas_gateway.v1.SendOptions
-	10, // 29: canvas_gateway.v1.RecipientChunk.recipients:type_name -> canvas_gateway.v1.Recipient
-	23, // 30: canvas_gateway.v1.SendStreamResponse.result:type_name -> canvas_gateway.v1.BatchResult
-	25, // 31: canvas_gateway.v1.SendStreamResponse.summary:type_name -> canvas_gateway.v1.SendSummary
-	1,  // 32: canvas_gateway.v1.BatchResult.outcome:type_name -> canvas_gateway.v1.Outcome
-	28, // 33: canvas_gateway.v1.BatchResult.code:type_name -> google.rpc.Code
-	29, // 34: canvas_gateway.v1.BatchResult.violations:type_name -> google.rpc.BadRequest.FieldViolation
-	30, // 35: canvas_gateway.v1.BatchResult.rate_limit_reset:type_name -> google.protobuf.Timestamp
-	24, // 36: canvas_gateway.v1.BatchResult.braze:type_name -> canvas_gateway.v1.BrazeReply
-	31, // 37: canvas_gateway.v1.BatchResult.details:type_name -> google.protobuf.Any
-	27, // 38: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
-	17, // 39: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
-	19, // 40: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
-	5,  // 41: canvas_gateway.v1.CanvasGatewayService.GetResults:input_type -> canvas_gateway.v1.GetResultsRequest
-	7,  // 42: canvas_gateway.v1.CanvasGatewayService.FindRecipient:input_type -> canvas_gateway.v1.FindRecipientRequest
-	2,  // 43: canvas_gateway.v1.CanvasGatewayService.ListUnknown:input_type -> canvas_gateway.v1.ListUnknownRequest
-	4,  // 44: canvas_gateway.v1.CanvasGatewayService.Replay:input_type -> canvas_gateway.v1.ReplayRequest
-	18, // 45: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
-	22, // 46: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
-	6,  // 47: canvas_gateway.v1.CanvasGatewayService.GetResults:output_type -> canvas_gateway.v1.GetResultsResponse
-	8,  // 48: canvas_gateway.v1.CanvasGatewayService.FindRecipient:output_type -> canvas_gateway.v1.FindRecipientResponse
-	3,  // 49: canvas_gateway.v1.CanvasGatewayService.ListUnknown:output_type -> canvas_gateway.v1.UnknownBatch
-	18, // 50: canvas_gateway.v1.CanvasGatewayService.Replay:output_type -> canvas_gateway.v1.SendResponse
-	45, // [45:51] is the sub-list for method output_type
-	39, // [39:45] is the sub-list for method input_type
-	39, // [39:39] is the sub-list for extension type_name
-	39, // [39:39] is the sub-list for extension extendee
-	0,  // [0:39] is the sub-list for field type_name
+	24, // 0: canvas_gateway.v1.ListUnknownResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	24, // 1: canvas_gateway.v1.ReplayResponse.results:type_name -> canvas_gateway.v1.BatchResult
+	26, // 2: canvas_gateway.v1.ReplayResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	24, // 3: canvas_gateway.v1.GetResultsResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	26, // 4: canvas_gateway.v1.GetResultsResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	11, // 5: canvas_gateway.v1.FindRecipientRequest.recipient:type_name -> canvas_gateway.v1.Recipient
+	24, // 6: canvas_gateway.v1.FindRecipientResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	27, // 7: canvas_gateway.v1.CanvasTrigger.context:type_name -> google.protobuf.Struct
+	27, // 8: canvas_gateway.v1.CanvasTrigger.canvas_entry_properties:type_name -> google.protobuf.Struct
+	13, // 9: canvas_gateway.v1.CanvasTrigger.audience:type_name -> canvas_gateway.v1.Audience
+	11, // 10: canvas_gateway.v1.CanvasTrigger.recipients:type_name -> canvas_gateway.v1.Recipient
+	12, // 11: canvas_gateway.v1.Recipient.user_alias:type_name -> canvas_gateway.v1.UserAlias
+	27, // 12: canvas_gateway.v1.Recipient.context:type_name -> google.protobuf.Struct
+	27, // 13: canvas_gateway.v1.Recipient.canvas_entry_properties:type_name -> google.protobuf.Struct
+	27, // 14: canvas_gateway.v1.Recipient.attributes:type_name -> google.protobuf.Struct
+	13, // 15: canvas_gateway.v1.Audience.all_of:type_name -> canvas_gateway.v1.Audience
+	13, // 16: canvas_gateway.v1.Audience.any_of:type_name -> canvas_gateway.v1.Audience
+	14, // 17: canvas_gateway.v1.Audience.custom_attribute:type_name -> canvas_gateway.v1.CustomAttributeFilter
+	15, // 18: canvas_gateway.v1.Audience.push_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
+	15, // 19: canvas_gateway.v1.Audience.email_subscription_status:type_name -> canvas_gateway.v1.SubscriptionStatusFilter
+	16, // 20: canvas_gateway.v1.Audience.last_used_app:type_name -> canvas_gateway.v1.LastUsedAppFilter
+	28, // 21: canvas_gateway.v1.CustomAttributeFilter.value:type_name -> google.protobuf.Value
+	0,  // 22: canvas_gateway.v1.SendOptions.priority:type_name -> canvas_gateway.v1.Priority
+	10, // 23: canvas_gateway.v1.SendRequest.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
+	17, // 24: canvas_gateway.v1.SendRequest.options:type_name -> canvas_gateway.v1.SendOptions
+	24, // 25: canvas_gateway.v1.SendResponse.results:type_name -> canvas_gateway.v1.BatchResult
+	26, // 26: canvas_gateway.v1.SendResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	21, // 27: canvas_gateway.v1.SendStreamRequest.header:type_name -> canvas_gateway.v1.StreamHeader
+	22, // 28: canvas_gateway.v1.SendStreamRequest.chunk:type_name -> canvas_gateway.v1.RecipientChunk
+	10, // 29: canvas_gateway.v1.StreamHeader.trigger:type_name -> canvas_gateway.v1.CanvasTrigger
+	17, // 30: canvas_gateway.v1.StreamHeader.options:type_name -> canvas_gateway.v1.SendOptions
+	11, // 31: canvas_gateway.v1.RecipientChunk.recipients:type_name -> canvas_gateway.v1.Recipient
+	24, // 32: canvas_gateway.v1.SendStreamResponse.result:type_name -> canvas_gateway.v1.BatchResult
+	26, // 33: canvas_gateway.v1.SendStreamResponse.summary:type_name -> canvas_gateway.v1.SendSummary
+	1,  // 34: canvas_gateway.v1.BatchResult.outcome:type_name -> canvas_gateway.v1.Outcome
+	29, // 35: canvas_gateway.v1.BatchResult.code:type_name -> google.rpc.Code
+	30, // 36: canvas_gateway.v1.BatchResult.violations:type_name -> google.rpc.BadRequest.FieldViolation
+	31, // 37: canvas_gateway.v1.BatchResult.rate_limit_reset:type_name -> google.protobuf.Timestamp
+	25, // 38: canvas_gateway.v1.BatchResult.braze:type_name -> canvas_gateway.v1.BrazeReply
+	32, // 39: canvas_gateway.v1.BatchResult.details:type_name -> google.protobuf.Any
+	28, // 40: canvas_gateway.v1.BrazeReply.errors:type_name -> google.protobuf.Value
+	18, // 41: canvas_gateway.v1.CanvasGatewayService.Send:input_type -> canvas_gateway.v1.SendRequest
+	20, // 42: canvas_gateway.v1.CanvasGatewayService.SendStream:input_type -> canvas_gateway.v1.SendStreamRequest
+	6,  // 43: canvas_gateway.v1.CanvasGatewayService.GetResults:input_type -> canvas_gateway.v1.GetResultsRequest
+	8,  // 44: canvas_gateway.v1.CanvasGatewayService.FindRecipient:input_type -> canvas_gateway.v1.FindRecipientRequest
+	2,  // 45: canvas_gateway.v1.CanvasGatewayService.ListUnknown:input_type -> canvas_gateway.v1.ListUnknownRequest
+	4,  // 46: canvas_gateway.v1.CanvasGatewayService.Replay:input_type -> canvas_gateway.v1.ReplayRequest
+	19, // 47: canvas_gateway.v1.CanvasGatewayService.Send:output_type -> canvas_gateway.v1.SendResponse
+	23, // 48: canvas_gateway.v1.CanvasGatewayService.SendStream:output_type -> canvas_gateway.v1.SendStreamResponse
+	7,  // 49: canvas_gateway.v1.CanvasGatewayService.GetResults:output_type -> canvas_gateway.v1.GetResultsResponse
+	9,  // 50: canvas_gateway.v1.CanvasGatewayService.FindRecipient:output_type -> canvas_gateway.v1.FindRecipientResponse
+	3,  // 51: canvas_gateway.v1.CanvasGatewayService.ListUnknown:output_type -> canvas_gateway.v1.ListUnknownResponse
+	5,  // 52: canvas_gateway.v1.CanvasGatewayService.Replay:output_type -> canvas_gateway.v1.ReplayResponse
+	47, // [47:53] is the sub-list for method output_type
+	41, // [41:47] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_canvas_gateway_v1_canvas_gateway_proto_init() }
@@ -2279,21 +2340,21 @@ func file_canvas_gateway_v1_canvas_gateway_proto_init() {
 	if File_canvas_gateway_v1_canvas_gateway_proto != nil {
 		return
 	}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[4].OneofWrappers = []any{
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[5].OneofWrappers = []any{
 		(*GetResultsResponse_Result)(nil),
 		(*GetResultsResponse_Summary)(nil),
 	}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[7].OneofWrappers = []any{}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8].OneofWrappers = []any{
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[8].OneofWrappers = []any{}
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[9].OneofWrappers = []any{
 		(*Recipient_ExternalUserId)(nil),
 		(*Recipient_UserAlias)(nil),
 		(*Recipient_Email)(nil),
 	}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[17].OneofWrappers = []any{
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[18].OneofWrappers = []any{
 		(*SendStreamRequest_Header)(nil),
 		(*SendStreamRequest_Chunk)(nil),
 	}
-	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[20].OneofWrappers = []any{
+	file_canvas_gateway_v1_canvas_gateway_proto_msgTypes[21].OneofWrappers = []any{
 		(*SendStreamResponse_Result)(nil),
 		(*SendStreamResponse_Summary)(nil),
 	}
@@ -2303,7 +2364,7 @@ func file_canvas_gateway_v1_canvas_gateway_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_canvas_gateway_v1_canvas_gateway_proto_rawDesc), len(file_canvas_gateway_v1_canvas_gateway_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

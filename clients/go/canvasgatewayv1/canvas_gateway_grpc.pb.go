@@ -96,7 +96,7 @@ type CanvasGatewayServiceClient interface {
 	// ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
 	// Replay has sent again, kept for the idempotency TTL: each with its request
 	// (idempotency key, request id) and its result. Never calls Braze.
-	ListUnknown(ctx context.Context, in *ListUnknownRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[UnknownBatch], error)
+	ListUnknown(ctx context.Context, in *ListUnknownRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ListUnknownResponse], error)
 	// Replay sends again, once, UNKNOWN batches of an earlier request of this
 	// tenant: exactly the bodies that were sent. They may have reached Braze, so
 	// a recipient may get the Canvas twice: without acknowledge_duplicates the
@@ -107,7 +107,7 @@ type CanvasGatewayServiceClient interface {
 	// with that replay's result (`replayed` true), never sent a third time. The
 	// new result replaces the UNKNOWN one in GetResults, and the batch leaves
 	// ListUnknown.
-	Replay(ctx context.Context, in *ReplayRequest, opts ...grpc.CallOption) (*SendResponse, error)
+	Replay(ctx context.Context, in *ReplayRequest, opts ...grpc.CallOption) (*ReplayResponse, error)
 }
 
 type canvasGatewayServiceClient struct {
@@ -170,13 +170,13 @@ func (c *canvasGatewayServiceClient) FindRecipient(ctx context.Context, in *Find
 	return out, nil
 }
 
-func (c *canvasGatewayServiceClient) ListUnknown(ctx context.Context, in *ListUnknownRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[UnknownBatch], error) {
+func (c *canvasGatewayServiceClient) ListUnknown(ctx context.Context, in *ListUnknownRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ListUnknownResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &CanvasGatewayService_ServiceDesc.Streams[2], CanvasGatewayService_ListUnknown_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
-	x := &grpc.GenericClientStream[ListUnknownRequest, UnknownBatch]{ClientStream: stream}
+	x := &grpc.GenericClientStream[ListUnknownRequest, ListUnknownResponse]{ClientStream: stream}
 	if err := x.ClientStream.SendMsg(in); err != nil {
 		return nil, err
 	}
@@ -187,11 +187,11 @@ func (c *canvasGatewayServiceClient) ListUnknown(ctx context.Context, in *ListUn
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type CanvasGatewayService_ListUnknownClient = grpc.ServerStreamingClient[UnknownBatch]
+type CanvasGatewayService_ListUnknownClient = grpc.ServerStreamingClient[ListUnknownResponse]
 
-func (c *canvasGatewayServiceClient) Replay(ctx context.Context, in *ReplayRequest, opts ...grpc.CallOption) (*SendResponse, error) {
+func (c *canvasGatewayServiceClient) Replay(ctx context.Context, in *ReplayRequest, opts ...grpc.CallOption) (*ReplayResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(SendResponse)
+	out := new(ReplayResponse)
 	err := c.cc.Invoke(ctx, CanvasGatewayService_Replay_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
@@ -247,7 +247,7 @@ type CanvasGatewayServiceServer interface {
 	// ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
 	// Replay has sent again, kept for the idempotency TTL: each with its request
 	// (idempotency key, request id) and its result. Never calls Braze.
-	ListUnknown(*ListUnknownRequest, grpc.ServerStreamingServer[UnknownBatch]) error
+	ListUnknown(*ListUnknownRequest, grpc.ServerStreamingServer[ListUnknownResponse]) error
 	// Replay sends again, once, UNKNOWN batches of an earlier request of this
 	// tenant: exactly the bodies that were sent. They may have reached Braze, so
 	// a recipient may get the Canvas twice: without acknowledge_duplicates the
@@ -258,7 +258,7 @@ type CanvasGatewayServiceServer interface {
 	// with that replay's result (`replayed` true), never sent a third time. The
 	// new result replaces the UNKNOWN one in GetResults, and the batch leaves
 	// ListUnknown.
-	Replay(context.Context, *ReplayRequest) (*SendResponse, error)
+	Replay(context.Context, *ReplayRequest) (*ReplayResponse, error)
 	mustEmbedUnimplementedCanvasGatewayServiceServer()
 }
 
@@ -281,10 +281,10 @@ func (UnimplementedCanvasGatewayServiceServer) GetResults(*GetResultsRequest, gr
 func (UnimplementedCanvasGatewayServiceServer) FindRecipient(context.Context, *FindRecipientRequest) (*FindRecipientResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method FindRecipient not implemented")
 }
-func (UnimplementedCanvasGatewayServiceServer) ListUnknown(*ListUnknownRequest, grpc.ServerStreamingServer[UnknownBatch]) error {
+func (UnimplementedCanvasGatewayServiceServer) ListUnknown(*ListUnknownRequest, grpc.ServerStreamingServer[ListUnknownResponse]) error {
 	return status.Error(codes.Unimplemented, "method ListUnknown not implemented")
 }
-func (UnimplementedCanvasGatewayServiceServer) Replay(context.Context, *ReplayRequest) (*SendResponse, error) {
+func (UnimplementedCanvasGatewayServiceServer) Replay(context.Context, *ReplayRequest) (*ReplayResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Replay not implemented")
 }
 func (UnimplementedCanvasGatewayServiceServer) mustEmbedUnimplementedCanvasGatewayServiceServer() {}
@@ -367,11 +367,11 @@ func _CanvasGatewayService_ListUnknown_Handler(srv interface{}, stream grpc.Serv
 	if err := stream.RecvMsg(m); err != nil {
 		return err
 	}
-	return srv.(CanvasGatewayServiceServer).ListUnknown(m, &grpc.GenericServerStream[ListUnknownRequest, UnknownBatch]{ServerStream: stream})
+	return srv.(CanvasGatewayServiceServer).ListUnknown(m, &grpc.GenericServerStream[ListUnknownRequest, ListUnknownResponse]{ServerStream: stream})
 }
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type CanvasGatewayService_ListUnknownServer = grpc.ServerStreamingServer[UnknownBatch]
+type CanvasGatewayService_ListUnknownServer = grpc.ServerStreamingServer[ListUnknownResponse]
 
 func _CanvasGatewayService_Replay_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ReplayRequest)

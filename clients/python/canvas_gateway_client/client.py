@@ -152,7 +152,7 @@ class CanvasGatewayClient:
         self,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
-    ) -> AsyncIterator[pb.UnknownBatch]:
+    ) -> AsyncIterator[pb.ListUnknownResponse]:
         """Your UNKNOWN batches that no acknowledged replay has sent again (ListUnknown)."""
         _, stub = self._service()
         async for batch in stub.ListUnknown(
@@ -168,7 +168,7 @@ class CanvasGatewayClient:
         request_id: str = "",
         batch_indexes: Sequence[int] = (),
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
-    ) -> pb.SendResponse:
+    ) -> pb.ReplayResponse:
         """Send UNKNOWN batches of an earlier request again, once (Replay): `batch_indexes`, or
         every UNKNOWN one. A recipient may get the Canvas twice: without `acknowledge_duplicates`
         the gateway sends nothing (FAILED_PRECONDITION)."""

@@ -68,14 +68,14 @@ async def find_recipient(
     return pb.FindRecipientResponse(found=False)
 
 
-async def list_unknown(recorder: Recorder, tenant: Tenant) -> AsyncIterator[pb.UnknownBatch]:
+async def list_unknown(recorder: Recorder, tenant: Tenant) -> AsyncIterator[pb.ListUnknownResponse]:
     """The tenant's UNKNOWN batches not replayed yet, by request id and batch."""
     try:
         kept = await recorder.unknown(tenant.id)
     except (StoreUnavailable, StoreLost):
         raise ResultsUnavailable("the results store did not answer: ask again") from None
     for item in kept:
-        yield pb.UnknownBatch(
+        yield pb.ListUnknownResponse(
             idempotency_key=item.origin.key,
             request_id=item.origin.request_id,
             result=convert.result_to_proto(item.result),

@@ -50,7 +50,7 @@ class ResultQueries:
             except Exception as exc:
                 await self._edge.abort(context, exc)
 
-    async def ListUnknown(self, raw: bytes, context: Context) -> AsyncIterator[pb.UnknownBatch]:
+    async def ListUnknown(self, raw: bytes, context: Context) -> AsyncIterator[pb.ListUnknownResponse]:
         """The tenant's UNKNOWN batches not replayed yet."""
         with self._edge.in_flight:
             try:
@@ -61,7 +61,7 @@ class ResultQueries:
             except Exception as exc:
                 await self._edge.abort(context, exc)
 
-    async def Replay(self, raw: bytes, context: Context) -> pb.SendResponse:
+    async def Replay(self, raw: bytes, context: Context) -> pb.ReplayResponse:
         """Send kept UNKNOWN batches again, once, for a caller who acknowledged duplicates."""
         with self._edge.in_flight:
             try:
@@ -73,7 +73,7 @@ class ResultQueries:
                     request_context, handle, list(request.batch_indexes), request.acknowledge_duplicates
                 )
                 observer.note(summary=summary)
-                return pb.SendResponse(
+                return pb.ReplayResponse(
                     results=[convert.result_to_proto(result) for result in done],
                     summary=convert.summary_to_proto(summary, request_context.request_id),
                 )

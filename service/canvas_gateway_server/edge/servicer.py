@@ -302,10 +302,10 @@ def add_to_server(servicer: CanvasGatewayServicer, server: grpc.aio.Server) -> N
             queries.FindRecipient, response_serializer=pb.FindRecipientResponse.SerializeToString
         ),
         "ListUnknown": grpc.unary_stream_rpc_method_handler(
-            queries.ListUnknown, response_serializer=pb.UnknownBatch.SerializeToString
+            queries.ListUnknown, response_serializer=pb.ListUnknownResponse.SerializeToString
         ),
         "Replay": grpc.unary_unary_rpc_method_handler(
-            queries.Replay, response_serializer=pb.SendResponse.SerializeToString
+            queries.Replay, response_serializer=pb.ReplayResponse.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -150,8 +150,8 @@ class ListUnknownRequest(_message.Message):
 Global___ListUnknownRequest: _TypeAlias = ListUnknownRequest  # noqa: Y015
 
 @_typing.final
-class UnknownBatch(_message.Message):
-    """UnknownBatch is one UNKNOWN batch and the request it belongs to."""
+class ListUnknownResponse(_message.Message):
+    """ListUnknownResponse is one UNKNOWN batch and the request it belongs to."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -177,7 +177,7 @@ class UnknownBatch(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___UnknownBatch: _TypeAlias = UnknownBatch  # noqa: Y015
+Global___ListUnknownResponse: _TypeAlias = ListUnknownResponse  # noqa: Y015
 
 @_typing.final
 class ReplayRequest(_message.Message):
@@ -216,6 +216,36 @@ class ReplayRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplayRequest: _TypeAlias = ReplayRequest  # noqa: Y015
+
+@_typing.final
+class ReplayResponse(_message.Message):
+    """ReplayResponse holds a result for each batch named, as a SendResponse does,
+    and the summary of those batches.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResult]:
+        """One result per batch named, in batch order."""
+
+    @_builtins.property
+    def summary(self) -> Global___SendSummary: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchResult] | None = ...,
+        summary: Global___SendSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayResponse: _TypeAlias = ReplayResponse  # noqa: Y015
 
 @_typing.final
 class GetResultsRequest(_message.Message):

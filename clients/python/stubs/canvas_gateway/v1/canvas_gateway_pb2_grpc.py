@@ -58,12 +58,12 @@ class CanvasGatewayServiceStub:
         self.ListUnknown = channel.unary_stream(
                 '/canvas_gateway.v1.CanvasGatewayService/ListUnknown',
                 request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownRequest.SerializeToString,
-                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.UnknownBatch.FromString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownResponse.FromString,
                 _registered_method=True)
         self.Replay = channel.unary_unary(
                 '/canvas_gateway.v1.CanvasGatewayService/Replay',
                 request_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayRequest.SerializeToString,
-                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendResponse.FromString,
+                response_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayResponse.FromString,
                 _registered_method=True)
 
 
@@ -181,12 +181,12 @@ def add_CanvasGatewayServiceServicer_to_server(servicer, server):
             'ListUnknown': grpc.unary_stream_rpc_method_handler(
                     servicer.ListUnknown,
                     request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownRequest.FromString,
-                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.UnknownBatch.SerializeToString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownResponse.SerializeToString,
             ),
             'Replay': grpc.unary_unary_rpc_method_handler(
                     servicer.Replay,
                     request_deserializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayRequest.FromString,
-                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendResponse.SerializeToString,
+                    response_serializer=canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -324,7 +324,7 @@ class CanvasGatewayService:
             target,
             '/canvas_gateway.v1.CanvasGatewayService/ListUnknown',
             canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownRequest.SerializeToString,
-            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.UnknownBatch.FromString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ListUnknownResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -351,7 +351,7 @@ class CanvasGatewayService:
             target,
             '/canvas_gateway.v1.CanvasGatewayService/Replay',
             canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayRequest.SerializeToString,
-            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.SendResponse.FromString,
+            canvas__gateway_dot_v1_dot_canvas__gateway__pb2.ReplayResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -96,12 +96,12 @@ class CanvasGatewayServiceStub:
     names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
     for the request; `found` false when the recipient is not in it.
     """
-    ListUnknown: _grpc.UnaryStreamMultiCallable[_canvas_gateway_pb2.ListUnknownRequest, _canvas_gateway_pb2.UnknownBatch]
+    ListUnknown: _grpc.UnaryStreamMultiCallable[_canvas_gateway_pb2.ListUnknownRequest, _canvas_gateway_pb2.ListUnknownResponse]
     """ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
     Replay has sent again, kept for the idempotency TTL: each with its request
     (idempotency key, request id) and its result. Never calls Braze.
     """
-    Replay: _grpc.UnaryUnaryMultiCallable[_canvas_gateway_pb2.ReplayRequest, _canvas_gateway_pb2.SendResponse]
+    Replay: _grpc.UnaryUnaryMultiCallable[_canvas_gateway_pb2.ReplayRequest, _canvas_gateway_pb2.ReplayResponse]
     """Replay sends again, once, UNKNOWN batches of an earlier request of this
     tenant: exactly the bodies that were sent. They may have reached Braze, so
     a recipient may get the Canvas twice: without acknowledge_duplicates the
@@ -162,12 +162,12 @@ class CanvasGatewayServiceAsyncStub(CanvasGatewayServiceStub):
     names the recipient exactly as it was sent. NOT_FOUND when nothing is kept
     for the request; `found` false when the recipient is not in it.
     """
-    ListUnknown: _aio.UnaryStreamMultiCallable[_canvas_gateway_pb2.ListUnknownRequest, _canvas_gateway_pb2.UnknownBatch]  # type: ignore[assignment]
+    ListUnknown: _aio.UnaryStreamMultiCallable[_canvas_gateway_pb2.ListUnknownRequest, _canvas_gateway_pb2.ListUnknownResponse]  # type: ignore[assignment]
     """ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
     Replay has sent again, kept for the idempotency TTL: each with its request
     (idempotency key, request id) and its result. Never calls Braze.
     """
-    Replay: _aio.UnaryUnaryMultiCallable[_canvas_gateway_pb2.ReplayRequest, _canvas_gateway_pb2.SendResponse]  # type: ignore[assignment]
+    Replay: _aio.UnaryUnaryMultiCallable[_canvas_gateway_pb2.ReplayRequest, _canvas_gateway_pb2.ReplayResponse]  # type: ignore[assignment]
     """Replay sends again, once, UNKNOWN batches of an earlier request of this
     tenant: exactly the bodies that were sent. They may have reached Braze, so
     a recipient may get the Canvas twice: without acknowledge_duplicates the
@@ -255,7 +255,7 @@ class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _canvas_gateway_pb2.ListUnknownRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_canvas_gateway_pb2.UnknownBatch], _abc.AsyncIterator[_canvas_gateway_pb2.UnknownBatch]]:
+    ) -> _typing.Union[_abc.Iterator[_canvas_gateway_pb2.ListUnknownResponse], _abc.AsyncIterator[_canvas_gateway_pb2.ListUnknownResponse]]:
         """ListUnknown streams this tenant's UNKNOWN batches that no acknowledged
         Replay has sent again, kept for the idempotency TTL: each with its request
         (idempotency key, request id) and its result. Never calls Braze.
@@ -266,7 +266,7 @@ class CanvasGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _canvas_gateway_pb2.ReplayRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_canvas_gateway_pb2.SendResponse, _abc.Awaitable[_canvas_gateway_pb2.SendResponse]]:
+    ) -> _typing.Union[_canvas_gateway_pb2.ReplayResponse, _abc.Awaitable[_canvas_gateway_pb2.ReplayResponse]]:
         """Replay sends again, once, UNKNOWN batches of an earlier request of this
         tenant: exactly the bodies that were sent. They may have reached Braze, so
         a recipient may get the Canvas twice: without acknowledge_duplicates the

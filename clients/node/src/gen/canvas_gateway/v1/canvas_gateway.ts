@@ -186,8 +186,8 @@ export function outcomeToJSON(object: Outcome): string {
 export interface ListUnknownRequest {
 }
 
-/** UnknownBatch is one UNKNOWN batch and the request it belongs to. */
-export interface UnknownBatch {
+/** ListUnknownResponse is one UNKNOWN batch and the request it belongs to. */
+export interface ListUnknownResponse {
   /** The request's idempotency key; empty without one. */
   idempotencyKey: string;
   /** The request's id: name it in Replay. */
@@ -209,6 +209,16 @@ export interface ReplayRequest {
    * the Canvas twice.
    */
   acknowledgeDuplicates: boolean;
+}
+
+/**
+ * ReplayResponse holds a result for each batch named, as a SendResponse does,
+ * and the summary of those batches.
+ */
+export interface ReplayResponse {
+  /** One result per batch named, in batch order. */
+  results: BatchResult[];
+  summary: SendSummary | undefined;
 }
 
 /** GetResultsRequest names one earlier request: set exactly one field. */
@@ -630,12 +640,12 @@ export const ListUnknownRequest: MessageFns<ListUnknownRequest> = {
   },
 };
 
-function createBaseUnknownBatch(): UnknownBatch {
+function createBaseListUnknownResponse(): ListUnknownResponse {
   return { idempotencyKey: "", requestId: "", result: undefined };
 }
 
-export const UnknownBatch: MessageFns<UnknownBatch> = {
-  encode(message: UnknownBatch, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+export const ListUnknownResponse: MessageFns<ListUnknownResponse> = {
+  encode(message: ListUnknownResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.idempotencyKey !== "") {
       writer.uint32(10).string(message.idempotencyKey);
     }
@@ -648,7 +658,7 @@ export const UnknownBatch: MessageFns<UnknownBatch> = {
     return writer;
   },
 
-  decode(input: BinaryReader | Uint8Array, length?: number): UnknownBatch {
+  decode(input: BinaryReader | Uint8Array, length?: number): ListUnknownResponse {
     const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
     const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
     if (previousRecursionDepth >= 100) {
@@ -657,7 +667,7 @@ export const UnknownBatch: MessageFns<UnknownBatch> = {
     (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
     try {
       const end = length === undefined ? reader.len : reader.pos + length;
-      const message = createBaseUnknownBatch();
+      const message = createBaseListUnknownResponse();
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
@@ -697,7 +707,7 @@ export const UnknownBatch: MessageFns<UnknownBatch> = {
     }
   },
 
-  fromJSON(object: any): UnknownBatch {
+  fromJSON(object: any): ListUnknownResponse {
     return {
       idempotencyKey: isSet(object.idempotency_key) ? globalThis.String(object.idempotency_key) : "",
       requestId: isSet(object.request_id) ? globalThis.String(object.request_id) : "",
@@ -705,7 +715,7 @@ export const UnknownBatch: MessageFns<UnknownBatch> = {
     };
   },
 
-  toJSON(message: UnknownBatch): unknown {
+  toJSON(message: ListUnknownResponse): unknown {
     const obj: any = {};
     if (message.idempotencyKey !== "") {
       obj.idempotency_key = message.idempotencyKey;
@@ -719,11 +729,11 @@ export const UnknownBatch: MessageFns<UnknownBatch> = {
     return obj;
   },
 
-  create<I extends Exact<DeepPartial<UnknownBatch>, I>>(base?: I): UnknownBatch {
-    return UnknownBatch.fromPartial(base ?? ({} as any));
+  create<I extends Exact<DeepPartial<ListUnknownResponse>, I>>(base?: I): ListUnknownResponse {
+    return ListUnknownResponse.fromPartial(base ?? ({} as any));
   },
-  fromPartial<I extends Exact<DeepPartial<UnknownBatch>, I>>(object: I): UnknownBatch {
-    const message = createBaseUnknownBatch();
+  fromPartial<I extends Exact<DeepPartial<ListUnknownResponse>, I>>(object: I): ListUnknownResponse {
+    const message = createBaseListUnknownResponse();
     message.idempotencyKey = object.idempotencyKey ?? "";
     message.requestId = object.requestId ?? "";
     message.result = (object.result !== undefined && object.result !== null)
@@ -864,6 +874,93 @@ export const ReplayRequest: MessageFns<ReplayRequest> = {
     message.requestId = object.requestId ?? "";
     message.batchIndexes = object.batchIndexes?.map((e) => e) || [];
     message.acknowledgeDuplicates = object.acknowledgeDuplicates ?? false;
+    return message;
+  },
+};
+
+function createBaseReplayResponse(): ReplayResponse {
+  return { results: [], summary: undefined };
+}
+
+export const ReplayResponse: MessageFns<ReplayResponse> = {
+  encode(message: ReplayResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.results) {
+      BatchResult.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.summary !== undefined) {
+      SendSummary.encode(message.summary, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReplayResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReplayResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.results.push(BatchResult.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.summary = SendSummary.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReplayResponse {
+    return {
+      results: globalThis.Array.isArray(object?.results) ? object.results.map((e: any) => BatchResult.fromJSON(e)) : [],
+      summary: isSet(object.summary) ? SendSummary.fromJSON(object.summary) : undefined,
+    };
+  },
+
+  toJSON(message: ReplayResponse): unknown {
+    const obj: any = {};
+    if (message.results?.length) {
+      obj.results = message.results.map((e) => BatchResult.toJSON(e));
+    }
+    if (message.summary !== undefined) {
+      obj.summary = SendSummary.toJSON(message.summary);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ReplayResponse>, I>>(base?: I): ReplayResponse {
+    return ReplayResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ReplayResponse>, I>>(object: I): ReplayResponse {
+    const message = createBaseReplayResponse();
+    message.results = object.results?.map((e) => BatchResult.fromPartial(e)) || [];
+    message.summary = (object.summary !== undefined && object.summary !== null)
+      ? SendSummary.fromPartial(object.summary)
+      : undefined;
     return message;
   },
 };
@@ -3507,8 +3604,8 @@ export const CanvasGatewayServiceService = {
     responseStream: true as const,
     requestSerialize: (value: ListUnknownRequest): Buffer => Buffer.from(ListUnknownRequest.encode(value).finish()),
     requestDeserialize: (value: Buffer): ListUnknownRequest => ListUnknownRequest.decode(value),
-    responseSerialize: (value: UnknownBatch): Buffer => Buffer.from(UnknownBatch.encode(value).finish()),
-    responseDeserialize: (value: Buffer): UnknownBatch => UnknownBatch.decode(value),
+    responseSerialize: (value: ListUnknownResponse): Buffer => Buffer.from(ListUnknownResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListUnknownResponse => ListUnknownResponse.decode(value),
   },
   /**
    * Replay sends again, once, UNKNOWN batches of an earlier request of this
@@ -3528,8 +3625,8 @@ export const CanvasGatewayServiceService = {
     responseStream: false as const,
     requestSerialize: (value: ReplayRequest): Buffer => Buffer.from(ReplayRequest.encode(value).finish()),
     requestDeserialize: (value: Buffer): ReplayRequest => ReplayRequest.decode(value),
-    responseSerialize: (value: SendResponse): Buffer => Buffer.from(SendResponse.encode(value).finish()),
-    responseDeserialize: (value: Buffer): SendResponse => SendResponse.decode(value),
+    responseSerialize: (value: ReplayResponse): Buffer => Buffer.from(ReplayResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReplayResponse => ReplayResponse.decode(value),
   },
 } as const;
 
@@ -3586,7 +3683,7 @@ export interface CanvasGatewayServiceServer extends UntypedServiceImplementation
    * Replay has sent again, kept for the idempotency TTL: each with its request
    * (idempotency key, request id) and its result. Never calls Braze.
    */
-  listUnknown: handleServerStreamingCall<ListUnknownRequest, UnknownBatch>;
+  listUnknown: handleServerStreamingCall<ListUnknownRequest, ListUnknownResponse>;
   /**
    * Replay sends again, once, UNKNOWN batches of an earlier request of this
    * tenant: exactly the bodies that were sent. They may have reached Braze, so
@@ -3599,7 +3696,7 @@ export interface CanvasGatewayServiceServer extends UntypedServiceImplementation
    * new result replaces the UNKNOWN one in GetResults, and the batch leaves
    * ListUnknown.
    */
-  replay: handleUnaryCall<ReplayRequest, SendResponse>;
+  replay: handleUnaryCall<ReplayRequest, ReplayResponse>;
 }
 
 export interface CanvasGatewayServiceClient extends Client {
@@ -3690,12 +3787,12 @@ export interface CanvasGatewayServiceClient extends Client {
    * Replay has sent again, kept for the idempotency TTL: each with its request
    * (idempotency key, request id) and its result. Never calls Braze.
    */
-  listUnknown(request: ListUnknownRequest, options?: Partial<CallOptions>): ClientReadableStream<UnknownBatch>;
+  listUnknown(request: ListUnknownRequest, options?: Partial<CallOptions>): ClientReadableStream<ListUnknownResponse>;
   listUnknown(
     request: ListUnknownRequest,
     metadata?: Metadata,
     options?: Partial<CallOptions>,
-  ): ClientReadableStream<UnknownBatch>;
+  ): ClientReadableStream<ListUnknownResponse>;
   /**
    * Replay sends again, once, UNKNOWN batches of an earlier request of this
    * tenant: exactly the bodies that were sent. They may have reached Braze, so
@@ -3710,18 +3807,18 @@ export interface CanvasGatewayServiceClient extends Client {
    */
   replay(
     request: ReplayRequest,
-    callback: (error: ServiceError | null, response: SendResponse) => void,
+    callback: (error: ServiceError | null, response: ReplayResponse) => void,
   ): ClientUnaryCall;
   replay(
     request: ReplayRequest,
     metadata: Metadata,
-    callback: (error: ServiceError | null, response: SendResponse) => void,
+    callback: (error: ServiceError | null, response: ReplayResponse) => void,
   ): ClientUnaryCall;
   replay(
     request: ReplayRequest,
     metadata: Metadata,
     options: Partial<CallOptions>,
-    callback: (error: ServiceError | null, response: SendResponse) => void,
+    callback: (error: ServiceError | null, response: ReplayResponse) => void,
   ): ClientUnaryCall;
 }
 
