@@ -109,6 +109,30 @@ async def start_gateway(settings: Settings) -> Gateway:
     return await Gateway.start(settings, environ={"ACME_BRAZE_KEY": KEYS["acme"]})
 
 
+async def gateway_of(fake: FakeBraze, folder: Path, **settings: Any) -> Gateway:
+    """Another gateway in this process against `fake`, with the harness's tenants (a file in
+    `folder`) and `settings`: replicas of one Redis, or a gateway restarted on one host file."""
+    tenants_file = folder / "tenants.toml"
+    tenants_file.write_text(tenants_toml(FAKE_URLS[id(fake)]))
+    return await start_gateway(
+        Settings.from_env(
+            {}, grpc_address="127.0.0.1:0", tenants_file=str(tenants_file), **{**LOCAL, **settings}
+        )
+    )
+
+
+def send_request(count: int, key: str = "") -> pb.SendRequest:
+    """A Send of `count` recipients u0, u1, ... under the idempotency key `key` (none if empty)."""
+    users = [pb.Recipient(external_user_id=f"u{i}") for i in range(count)]
+    trigger = pb.CanvasTrigger(canvas_id="c", recipients=users)
+    return pb.SendRequest(trigger=trigger, options=pb.SendOptions(idempotency_key=key))
+
+
+def with_request_id(tenant: str, request_id: str) -> tuple[tuple[str, str], ...]:
+    """The tenant's auth metadata and an `x-request-id`."""
+    return (*Harness.auth(tenant), ("x-request-id", request_id))
+
+
 def tenants_toml(url: str) -> str:
     return (
         "[tenants.acme]\n"

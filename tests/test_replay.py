@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -20,17 +19,17 @@ from canvas_gateway_client.cli import run
 from canvas_gateway_server.settings import Settings
 from fake_braze import FakeBraze, Fault
 from servers import redis_server
-from support import FAKE_URLS, LOCAL, TOKENS, Harness, start_gateway, tenants_toml
-
-
-def send_request(count: int, key: str = "") -> pb.SendRequest:
-    users = [pb.Recipient(external_user_id=f"u{i}") for i in range(count)]
-    trigger = pb.CanvasTrigger(canvas_id="c", recipients=users)
-    return pb.SendRequest(trigger=trigger, options=pb.SendOptions(idempotency_key=key))
-
-
-def meta(tenant: str, request_id: str) -> tuple[tuple[str, str], ...]:
-    return (*Harness.auth(tenant), ("x-request-id", request_id))
+from support import (
+    FAKE_URLS,
+    LOCAL,
+    TOKENS,
+    Harness,
+    gateway_of,
+    send_request,
+    start_gateway,
+    tenants_toml,
+    with_request_id,
+)
 
 
 async def unknown(
@@ -42,7 +41,7 @@ async def unknown(
 async def outage(harness: Harness) -> tuple[pb.SendResponse, list[bytes]]:
     """A send of 3 batches during which Braze answers 500 twice: 2 UNKNOWN batches, 1 SENT."""
     harness.fake.faults.script([Fault.status(500), Fault.status(500)])
-    sent = await harness.stub.Send(send_request(120, "job-o"), metadata=meta("acme", "job-o-1"))
+    sent = await harness.stub.Send(send_request(120, "job-o"), metadata=with_request_id("acme", "job-o-1"))
     assert sorted(r.outcome for r in sent.results) == [
         pb.OUTCOME_SENT,
         pb.OUTCOME_UNKNOWN,
@@ -68,7 +67,7 @@ async def test_an_acknowledged_replay_sends_exactly_the_unknown_bodies_once(harn
     assert len(harness.fake.calls) == calls
 
     ask = pb.ReplayRequest(idempotency_key="job-o", acknowledge_duplicates=True)
-    replayed = await harness.stub.Replay(ask, metadata=meta("acme", "replay-1"))
+    replayed = await harness.stub.Replay(ask, metadata=with_request_id("acme", "replay-1"))
 
     new_calls = harness.fake.calls[calls:]
     assert sorted(call.raw for call in new_calls) == sorted(failed_bodies)  # those bodies, byte for byte
@@ -147,21 +146,11 @@ async def test_a_replay_that_ends_unknown_again_is_never_sent_a_third_time(harne
     assert await unknown(harness.stub) == []
 
 
-async def _gateway(fake: FakeBraze, tmp_path: Path, **settings: Any) -> Any:
-    tenants_file = tmp_path / "tenants.toml"
-    tenants_file.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    return await start_gateway(
-        Settings.from_env(
-            {}, grpc_address="127.0.0.1:0", tenants_file=str(tenants_file), **{**LOCAL, **settings}
-        )
-    )
-
-
 async def test_three_gateways_on_redis_replay_a_batch_once(fake: FakeBraze, tmp_path: Path) -> None:
     """Three replicas asked at once: each batch is sent again once in all."""
     async with redis_server() as redis:
         url = f"redis://127.0.0.1:{redis.port}/0"
-        gateways = [await _gateway(fake, tmp_path, redis_url=url) for _ in range(3)]
+        gateways = [await gateway_of(fake, tmp_path, redis_url=url) for _ in range(3)]
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stubs = [
@@ -171,7 +160,7 @@ async def test_three_gateways_on_redis_replay_a_batch_once(fake: FakeBraze, tmp_
                     for g in gateways
                 ]
                 fake.faults.script([Fault.status(500), Fault.status(500)])
-                await stubs[0].Send(send_request(120, "job-r"), metadata=meta("acme", "job-r-1"))
+                await stubs[0].Send(send_request(120, "job-r"), metadata=with_request_id("acme", "job-r-1"))
                 indexes = [batch.result.batch_index for batch in await unknown(stubs[1])]
                 assert len(indexes) == 2
                 calls = len(fake.calls)
@@ -284,13 +273,13 @@ async def test_unknown_batches_outlive_a_restart_and_are_replayed_once(
     async def on_a_gateway(
         ask: pb.ReplayRequest | None = None,
     ) -> tuple[list[pb.ListUnknownResponse], pb.ReplayResponse | None]:
-        gateway = await _gateway(fake, tmp_path, idempotency_file=keys)
+        gateway = await gateway_of(fake, tmp_path, idempotency_file=keys)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
                 stub = pb_grpc.CanvasGatewayServiceStub(channel)
                 if ask is None:
                     fake.faults.script([Fault.status(500), Fault.status(500)])
-                    await stub.Send(send_request(120, "job-s"), metadata=meta("acme", "job-s-1"))
+                    await stub.Send(send_request(120, "job-s"), metadata=with_request_id("acme", "job-s-1"))
                     return [], None
                 listed = await unknown(stub)
                 return listed, await stub.Replay(ask, metadata=Harness.auth())

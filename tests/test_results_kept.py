@@ -24,26 +24,23 @@ from canvas_gateway_server import outcomes
 from canvas_gateway_server.context import RequestContext
 from canvas_gateway_server.metrics import Metrics, PrometheusMetrics
 from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome, Rule, Violation
-from canvas_gateway_server.settings import Settings
 from canvas_gateway_server.stores.memory import LocalResults
 from canvas_gateway_server.tenants import Tenant
 from fake_braze import FakeBraze, Fault
 from prometheus_client import CollectorRegistry
 from servers import redis_server
-from support import FAKE_URLS, LOCAL, TOKENS, Harness, start_gateway, tenants_toml, until
+from support import (
+    TOKENS,
+    Harness,
+    gateway_of,
+    send_request,
+    until,
+    with_request_id,
+)
 
 
 def users(count: int, first: int = 0) -> list[pb.Recipient]:
     return [pb.Recipient(external_user_id=f"u{first + i}") for i in range(count)]
-
-
-def send_request(count: int, key: str = "") -> pb.SendRequest:
-    trigger = pb.CanvasTrigger(canvas_id="c", recipients=users(count))
-    return pb.SendRequest(trigger=trigger, options=pb.SendOptions(idempotency_key=key))
-
-
-def meta(tenant: str, request_id: str) -> tuple[tuple[str, str], ...]:
-    return (*Harness.auth(tenant), ("x-request-id", request_id))
 
 
 async def get_results(
@@ -63,7 +60,7 @@ def positions(found: list[pb.BatchResult]) -> list[int]:
 
 
 async def test_an_unkeyed_send_is_read_back_by_request_id_without_calling_braze(harness: Harness) -> None:
-    sent = await harness.stub.Send(send_request(120), metadata=meta("acme", "job-y-1"))
+    sent = await harness.stub.Send(send_request(120), metadata=with_request_id("acme", "job-y-1"))
     calls = len(harness.fake.calls)
 
     found, summary = await get_results(harness.stub, request_id="job-y-1")
@@ -75,7 +72,7 @@ async def test_an_unkeyed_send_is_read_back_by_request_id_without_calling_braze(
 
 
 async def test_find_recipient_answers_by_identifier_and_keeps_none(harness: Harness) -> None:
-    sent = await harness.stub.Send(send_request(120), metadata=meta("acme", "job-y-2"))
+    sent = await harness.stub.Send(send_request(120), metadata=with_request_id("acme", "job-y-2"))
     ask = pb.FindRecipientRequest(request_id="job-y-2", recipient=pb.Recipient(external_user_id="u57"))
 
     answer = await harness.stub.FindRecipient(ask, metadata=harness.auth())
@@ -102,7 +99,7 @@ async def test_a_keyed_stream_cut_off_mid_way_is_read_back_whole(harness: Harnes
     messages += [
         pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=users(100, i))) for i in (0, 100, 200)
     ]
-    call = harness.stub.SendStream(iter(messages), metadata=meta("acme", "job-cut-rid"))
+    call = harness.stub.SendStream(iter(messages), metadata=with_request_id("acme", "job-cut-rid"))
     first = await call.read()
     assert isinstance(first, pb.SendStreamResponse) and first.HasField("result")
     await until(lambda: len(harness.fake.calls) == 6)
@@ -120,8 +117,8 @@ async def test_a_keyed_stream_cut_off_mid_way_is_read_back_whole(harness: Harnes
 
 
 async def test_a_repeat_under_a_key_keeps_the_sending_calls_results_under_the_key(harness: Harness) -> None:
-    first = await harness.stub.Send(send_request(60, "job-k"), metadata=meta("acme", "first"))
-    again = await harness.stub.Send(send_request(60, "job-k"), metadata=meta("acme", "again"))
+    first = await harness.stub.Send(send_request(60, "job-k"), metadata=with_request_id("acme", "first"))
+    again = await harness.stub.Send(send_request(60, "job-k"), metadata=with_request_id("acme", "again"))
 
     by_key, _ = await get_results(harness.stub, idempotency_key="job-k")
     by_again, _ = await get_results(harness.stub, request_id="again")
@@ -132,14 +129,14 @@ async def test_a_repeat_under_a_key_keeps_the_sending_calls_results_under_the_ke
 
 async def test_an_unknown_batch_is_read_back_unknown(harness: Harness) -> None:
     harness.fake.faults.script([Fault.status(500)] * 5)
-    sent = await harness.stub.Send(send_request(10), metadata=meta("acme", "outage"))
+    sent = await harness.stub.Send(send_request(10), metadata=with_request_id("acme", "outage"))
     found, summary = await get_results(harness.stub, request_id="outage")
     assert [r.outcome for r in found] == [r.outcome for r in sent.results] == [pb.OUTCOME_UNKNOWN]
     assert summary.recipients_unknown == 10
 
 
 async def test_a_tenant_never_reads_another_tenants_results(harness: Harness) -> None:
-    await harness.stub.Send(send_request(60, "same-key"), metadata=meta("acme", "same-id"))
+    await harness.stub.Send(send_request(60, "same-key"), metadata=with_request_id("acme", "same-id"))
     for name in ({"idempotency_key": "same-key"}, {"request_id": "same-id"}):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await get_results(harness.stub, "globex", **name)
@@ -149,7 +146,7 @@ async def test_a_tenant_never_reads_another_tenants_results(harness: Harness) ->
         await harness.stub.FindRecipient(ask, metadata=harness.auth("globex"))
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
 
-    await harness.stub.Send(send_request(10, "same-key"), metadata=meta("globex", "same-id"))
+    await harness.stub.Send(send_request(10, "same-key"), metadata=with_request_id("globex", "same-id"))
     for tenant, count in (("acme", 60), ("globex", 10)):
         for name in ({"idempotency_key": "same-key"}, {"request_id": "same-id"}):
             found, _ = await get_results(harness.stub, tenant, **name)
@@ -171,7 +168,7 @@ async def test_a_lookup_names_its_request_once_and_its_recipient(harness: Harnes
 
 @pytest.mark.parametrize("settings_overrides", [{"results_kept": False}])
 async def test_results_kept_off_keeps_nothing(harness: Harness) -> None:
-    await harness.stub.Send(send_request(10), metadata=meta("acme", "off"))
+    await harness.stub.Send(send_request(10), metadata=with_request_id("acme", "off"))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await get_results(harness.stub, request_id="off")
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
@@ -183,7 +180,7 @@ async def test_validate_only_and_rejected_recipients_are_kept_too(harness: Harne
     header = pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c"), options=pb.SendOptions())
     chunk = pb.RecipientChunk(recipients=[*users(3), pb.Recipient(email="not-an-email")])
     messages = [pb.SendStreamRequest(header=header), pb.SendStreamRequest(chunk=chunk)]
-    async for _ in harness.stub.SendStream(iter(messages), metadata=meta("acme", "mixed")):
+    async for _ in harness.stub.SendStream(iter(messages), metadata=with_request_id("acme", "mixed")):
         pass
     found, _ = await get_results(harness.stub, request_id="mixed")
     assert positions(found) == [0, 1, 2, 3]
@@ -192,7 +189,7 @@ async def test_validate_only_and_rejected_recipients_are_kept_too(harness: Harne
 
     request = send_request(10)
     request.options.validate_only = True
-    await harness.stub.Send(request, metadata=meta("acme", "planned"))
+    await harness.stub.Send(request, metadata=with_request_id("acme", "planned"))
     found, summary = await get_results(harness.stub, request_id="planned")
     assert summary.recipients_not_attempted == 10
 
@@ -238,7 +235,7 @@ async def test_the_memory_store_honours_its_bound_and_its_ttl() -> None:
 
 
 async def test_what_is_kept_is_counted(harness: Harness) -> None:
-    await harness.stub.Send(send_request(60), metadata=meta("acme", "counted"))
+    await harness.stub.Send(send_request(60), metadata=with_request_id("acme", "counted"))
     registry = harness.gateway.registry
     labels = {"tenant": "acme", "state": "kept"}
     assert registry.get_sample_value("canvas_gateway_results_kept_total", labels) == 2
@@ -260,21 +257,11 @@ def test_what_fails_to_be_kept_and_what_is_evicted_are_counted() -> None:
     assert registry.get_sample_value("canvas_gateway_results_evicted_total", {"tenant": "acme"}) == 1
 
 
-async def _gateway(fake: FakeBraze, tmp_path: Path, **settings: Any) -> Any:
-    tenants_file = tmp_path / "tenants.toml"
-    tenants_file.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    return await start_gateway(
-        Settings.from_env(
-            {}, grpc_address="127.0.0.1:0", tenants_file=str(tenants_file), **{**LOCAL, **settings}
-        )
-    )
-
-
 async def test_three_gateways_on_redis_read_each_others_results(fake: FakeBraze, tmp_path: Path) -> None:
     """A request sent through one replica is read, whole and only by its tenant, through each other."""
     async with redis_server() as redis:
         url = f"redis://127.0.0.1:{redis.port}/0"
-        gateways = [await _gateway(fake, tmp_path, redis_url=url) for _ in range(3)]
+        gateways = [await gateway_of(fake, tmp_path, redis_url=url) for _ in range(3)]
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stubs = [
@@ -283,7 +270,9 @@ async def test_three_gateways_on_redis_read_each_others_results(fake: FakeBraze,
                     )
                     for g in gateways
                 ]
-                sent = await stubs[0].Send(send_request(120, "shared"), metadata=meta("acme", "on-one"))
+                sent = await stubs[0].Send(
+                    send_request(120, "shared"), metadata=with_request_id("acme", "on-one")
+                )
                 calls = len(fake.calls)
                 for stub in stubs[1:]:
                     for name in ({"idempotency_key": "shared"}, {"request_id": "on-one"}):
@@ -304,15 +293,15 @@ async def test_three_gateways_on_redis_read_each_others_results(fake: FakeBraze,
 
 async def test_results_outlive_a_restart_in_the_hosts_file(fake: FakeBraze, tmp_path: Path) -> None:
     keys = str(tmp_path / "keys.sqlite3")
-    gateway = await _gateway(fake, tmp_path, idempotency_file=keys)
+    gateway = await gateway_of(fake, tmp_path, idempotency_file=keys)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = pb_grpc.CanvasGatewayServiceStub(channel)
-            sent = await stub.Send(send_request(60), metadata=meta("acme", "before-restart"))
+            sent = await stub.Send(send_request(60), metadata=with_request_id("acme", "before-restart"))
     finally:
         await gateway.stop(grace=0)
     calls = len(fake.calls)
-    gateway = await _gateway(fake, tmp_path, idempotency_file=keys)
+    gateway = await gateway_of(fake, tmp_path, idempotency_file=keys)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = pb_grpc.CanvasGatewayServiceStub(channel)
@@ -406,12 +395,12 @@ async def test_while_redis_does_not_answer_sends_go_on_and_reads_are_unavailable
     """The results store failing never fails a batch: an unkeyed Send is sent and answered, what
     was not kept is counted (and logged); GetResults, FindRecipient, ListUnknown say UNAVAILABLE."""
     async with redis_server() as redis:
-        gateway = await _gateway(fake, tmp_path, redis_url=redis.url, redis_timeout_seconds=0.2)
+        gateway = await gateway_of(fake, tmp_path, redis_url=redis.url, redis_timeout_seconds=0.2)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
                 stub = pb_grpc.CanvasGatewayServiceStub(channel)
                 await redis.stop()
-                sent = await stub.Send(send_request(60), metadata=meta("acme", "redis-down"))
+                sent = await stub.Send(send_request(60), metadata=with_request_id("acme", "redis-down"))
                 assert [r.outcome for r in sent.results] == [pb.OUTCOME_SENT] * 2
                 failed = gateway.registry.get_sample_value(
                     "canvas_gateway_results_kept_total", {"tenant": "acme", "state": "failed"}
@@ -456,7 +445,7 @@ async def test_a_stream_cut_off_while_braze_is_called_keeps_what_each_batch_beca
     header = pb.StreamHeader(trigger=pb.CanvasTrigger(canvas_id="c", recipients=users(100)))
     header.options.idempotency_key = "job-mid-call"
     call = harness.stub.SendStream(
-        iter([pb.SendStreamRequest(header=header)]), metadata=meta("acme", "mid-call")
+        iter([pb.SendStreamRequest(header=header)]), metadata=with_request_id("acme", "mid-call")
     )
     reading = asyncio.ensure_future(call.read())  # the call starts with its first read
 

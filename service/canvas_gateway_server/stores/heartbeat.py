@@ -19,3 +19,20 @@ async def keep_beating(
         except StoreUnavailable:
             on_failure()
         await asyncio.sleep(every)
+
+
+class Heartbeat:
+    """A store's heartbeat task: `start` runs `keep_beating` until `stop` (safe without `start`)."""
+
+    def __init__(self, beat: Callable[[], Awaitable[object]], every: float) -> None:
+        self._beat = beat
+        self._every = every
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, on_failure: Callable[[], None]) -> None:
+        self._task = asyncio.get_running_loop().create_task(keep_beating(self._beat, on_failure, self._every))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -45,7 +45,7 @@ from ..errors import ConfigError, StoreUnavailable
 from ..idempotency import Claim, Verdict
 from ..outcomes import Row
 from ..settings import State
-from .heartbeat import keep_beating
+from .heartbeat import Heartbeat
 
 T = TypeVar("T")
 
@@ -151,7 +151,7 @@ class HostResults:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="keys-sqlite")
         self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat = Heartbeat(self.beat, HEARTBEAT_SECONDS)
 
     async def _run(self, operation: Callable[..., T], *args: object) -> T:
         try:
@@ -293,14 +293,11 @@ class HostResults:
 
     def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
         """Keep this process's heartbeat alive (and purge) until `stop`."""
-        beating = keep_beating(self.beat, on_failure, HEARTBEAT_SECONDS)
-        self._heartbeat = asyncio.get_running_loop().create_task(beating)
+        self._heartbeat.start(on_failure)
 
     async def stop(self) -> None:
         """Stop beating and close; this process's claims left behind are LOST at once."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        await self._heartbeat.stop()
         with contextlib.suppress(StoreUnavailable):
             await self._run(self._db.execute, "DELETE FROM owners WHERE owner = ?", (self.owner,))
         await self._run(self._db.close)

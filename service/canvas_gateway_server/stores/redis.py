@@ -31,7 +31,6 @@ scripts themselves are in `redis_scripts`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -65,7 +64,7 @@ from ..rate_budget import (
 )
 from ..reply import Delivery, Reply
 from . import redis_scripts as scripts
-from .heartbeat import keep_beating
+from .heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,7 +202,7 @@ class RedisResults:
         self.owner = uuid.uuid4().hex
         self.generation = ""
         """The generation of Redis' data this process knows; "" before Redis first answers."""
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat = Heartbeat(self.beat, HEARTBEAT_SECONDS)
 
     @property
     def lost(self) -> bool:
@@ -303,13 +302,10 @@ class RedisResults:
 
     def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
         """Keep this process's heartbeat alive until `stop`."""
-        beating = keep_beating(self.beat, on_failure, HEARTBEAT_SECONDS)
-        self._heartbeat = asyncio.get_running_loop().create_task(beating)
+        self._heartbeat.start(on_failure)
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        await self._heartbeat.stop()
         # Gone at once: claims left behind are LOST now, not in HEARTBEAT_TTL_MS.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await self._client.delete(f"{PREFIX}owner:{self.owner}")
