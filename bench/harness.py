@@ -147,6 +147,21 @@ async def wait_ready(admin: str, seconds: float = 30) -> None:
     raise RuntimeError(f"the gateway at {admin} never became ready")
 
 
+async def pinned_gateway(
+    tenants: Path, extra: Mapping[str, str], cores: set[int]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway process held to `cores`, once it is ready: (the process, its gRPC target)."""
+    port, admin = free_port(), free_port()
+    process = subprocess.Popen(  # noqa: ASYNC220 - started before any measuring
+        [sys.executable, "-m", "canvas_gateway_server"],
+        env=gateway_env(tenants, port, extra, admin),
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )
+    await wait_ready(f"127.0.0.1:{admin}")
+    return process, f"127.0.0.1:{port}"
+
+
 def fake_braze_command(
     port: int, latency_ms: float = 0.0, extra: Sequence[str] = (), record: bool = False
 ) -> list[str]:

@@ -30,10 +30,9 @@ from harness import (
     encoded_chunks,
     fake_braze_command,
     free_port,
-    gateway_env,
+    pinned_gateway,
     stream,
     wait_port,
-    wait_ready,
     write_tenants,
 )
 
@@ -95,15 +94,7 @@ async def measure(smoke: bool) -> list[Figure]:
         gateways: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         try:
             for name, extra in VARIANTS.items():
-                port, admin = free_port(), free_port()
-                process = subprocess.Popen(  # noqa: ASYNC220
-                    [sys.executable, "-m", "canvas_gateway_server"],
-                    env=gateway_env(tenants, port, extra, admin),
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=lambda: os.sched_setaffinity(0, gateway_cores),
-                )
-                gateways[name] = (process, f"127.0.0.1:{port}")
-                await wait_ready(f"127.0.0.1:{admin}")
+                gateways[name] = await pinned_gateway(tenants, extra, gateway_cores)
             await wait_port(fake_port)
             parts = encoded_chunks(n, size)
             for process, target in gateways.values():
