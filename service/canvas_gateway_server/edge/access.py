@@ -3,19 +3,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import grpc
 
 from ..logs import Counts
 from ..model import Outcome, Summary
 
-if TYPE_CHECKING:
-    from .observer import Call
-
 Context = grpc.aio.ServicerContext[object, object]
 log = logging.getLogger("canvas_gateway_server.access")
+
+
+@dataclass(slots=True)
+class Call:
+    """One RPC in progress, as its access line will report it."""
+
+    request_id: str
+    method: str
+    peer: str
+    tenant: str = "-"
+    summary: Summary | None = None
+    header: asyncio.Future[None] | None = None
+    """The initial metadata's operation while a unary call has not yet waited for it."""
 
 
 def details(context: Context) -> str:

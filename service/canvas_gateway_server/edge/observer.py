@@ -34,7 +34,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
@@ -44,6 +43,7 @@ from ..logs import REQUEST_ID
 from ..metrics import Metrics
 from ..model import Summary
 from . import access
+from .access import Call
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -55,19 +55,6 @@ _VALID_REQUEST_ID: Final = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # not subscriptable at run time
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-@dataclass(slots=True)
-class Call:
-    """One RPC in progress, as its access line will report it."""
-
-    request_id: str
-    method: str
-    peer: str
-    tenant: str = "-"
-    summary: Summary | None = None
-    header: asyncio.Future[None] | None = None
-    """The initial metadata's operation while a unary call has not yet waited for it."""
 
 
 _CALL: ContextVar[Call | None] = ContextVar("call", default=None)

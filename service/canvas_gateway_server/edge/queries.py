@@ -10,23 +10,41 @@ registers them under the one service name.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import NoReturn, Protocol
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 
+from ..context import RequestContext
+from ..sending import Sender
+from ..tenants import Tenant
 from . import convert, lookup, observer
-
-if TYPE_CHECKING:
-    from .servicer import CanvasGatewayServicer
+from .admission import InFlight
 
 Context = grpc.aio.ServicerContext[object, object]
+
+
+class SendPath(Protocol):
+    """What the after-the-fact RPCs share with the send path (`servicer.CanvasGatewayServicer`)."""
+
+    in_flight: InFlight
+
+    @property
+    def sender(self) -> Sender: ...
+
+    def authenticate(self, context: Context) -> Tenant: ...
+
+    def request_context(
+        self, tenant: Tenant, options: pb.SendOptions, context: Context
+    ) -> RequestContext: ...
+
+    async def abort(self, context: Context, error: BaseException) -> NoReturn: ...
 
 
 class ResultQueries:
     """The after-the-fact RPCs, over the send path's servicer (its tenant, sender, in-flight count)."""
 
-    def __init__(self, edge: CanvasGatewayServicer) -> None:
+    def __init__(self, edge: SendPath) -> None:
         self._edge = edge
 
     async def GetResults(self, raw: bytes, context: Context) -> AsyncIterator[pb.GetResultsResponse]:

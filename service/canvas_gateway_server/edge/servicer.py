@@ -8,7 +8,7 @@ text and log a traceback.
 
 Every expected failure is raised as a GatewayError and turned into a status by
 `status.abort`, through `_abort`, which counts the violations of refused requests. What the
-access line should say (tenant, summary) is noted on the current `observer.Call`.
+access line should say (tenant, summary) is noted on the current `access.Call`.
 
 This is the send path (Send, SendStream); the after-the-fact RPCs (GetResults, FindRecipient,
 ListUnknown, Replay) are in `queries`, registered by `add_to_server` under the same service name.
