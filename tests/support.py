@@ -247,18 +247,22 @@ async def until(condition: Callable[[], bool], seconds: float = 20) -> None:
             await asyncio.sleep(0.005)
 
 
-def idle(gateway: Gateway, fake: FakeBraze) -> bool:
-    """Nothing under way: no RPC in the gateway's servicer, no batch in flight, nothing in its
-    ledger's backlog (claims settled), and no call at the fake (which records a call as it answers)."""
-    in_flight = sum(
+def batches_in_flight(gateway: Gateway) -> float:
+    """The gateway's batches being sent now (claimed, waiting for budget or calling Braze)."""
+    return sum(
         sample.value
         for family in gateway.registry.collect()
         if family.name == "canvas_gateway_batches_in_flight"
         for sample in family.samples
     )
+
+
+def idle(gateway: Gateway, fake: FakeBraze) -> bool:
+    """Nothing under way: no RPC in the gateway's servicer, no batch in flight, nothing in its
+    ledger's backlog (claims settled), and no call at the fake (which records a call as it answers)."""
     return (
         not gateway.servicer.in_flight.busy
-        and not in_flight
+        and not batches_in_flight(gateway)
         and not gateway.dispatcher.ledger.backlog
         and not fake.in_progress
     )

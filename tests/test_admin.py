@@ -15,6 +15,7 @@ from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -218,26 +219,32 @@ async def test_probes_are_answered_and_errors_stay_quiet_at_a_tight_descriptor_l
         # Room for the admin port's connections and a few more: stalled ones cannot take it all.
         room = MAX_CONNECTIONS + 2 * BACKLOG
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (_descriptors(pid) + room, hard))
-        stalled = [await _connect(port, STALLED) for _ in range(150)]
-        for _ in range(3):
-            assert await _status(session, f"http://{admin}/healthz", 5) == 200, log.read_text()[-3000:]
-        # Fewer descriptors than the admin port may use: accepting fails, and says so once.
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (_descriptors(pid) - 8, hard))
-        more = await asyncio.gather(
-            *(asyncio.wait_for(_connect(port, STALLED), 1) for _ in range(24)), return_exceptions=True
-        )
-        deadline = time.monotonic() + 10
-        while "admin port: cannot accept connections" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(2.5 * ACCEPT_RETRY_DELAY)  # asyncio retries accepting once a second
-        text = log.read_text()
-        assert text.count("cannot accept connections (Too many open files)") == 1, text
-        assert "ERROR" not in text and "Traceback" not in text, text
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
-        for client in (*stalled, *more):
-            if not isinstance(client, BaseException):
-                client[1].close()
+        stalled: list[Any] = []
+        more: list[Any] = []
+        try:
+            stalled += [await _connect(port, STALLED) for _ in range(150)]
+            for _ in range(3):
+                assert await _status(session, f"http://{admin}/healthz", 5) == 200, log.read_text()[-3000:]
+            # Fewer descriptors than the admin port may use: accepting fails, and says so once. More
+            # connections until it does: the stalled ones may be closing by now (their idle timeout,
+            # 10 s, can pass on a loaded machine), which frees descriptors under the new limit.
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (_descriptors(pid) - 8, hard))
+            deadline = time.monotonic() + 10
+            while "admin port: cannot accept connections" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                more += await asyncio.gather(
+                    *(asyncio.wait_for(_connect(port, STALLED), 1) for _ in range(24)), return_exceptions=True
+                )
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.5 * ACCEPT_RETRY_DELAY)  # asyncio retries accepting once a second
+            text = log.read_text()
+            assert text.count("cannot accept connections (Too many open files)") == 1, text
+            assert "ERROR" not in text and "Traceback" not in text, text
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+            for client in (*stalled, *more):
+                if not isinstance(client, BaseException):
+                    client[1].close()
         deadline = time.monotonic() + 10
         while await _status(session, f"http://{admin}/healthz", 1) != 200:
             assert time.monotonic() < deadline
