@@ -10,6 +10,7 @@ conftest's `fake` fixture: the URL of each running fake Braze by `id()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -119,6 +120,28 @@ async def gateway_of(fake: FakeBraze, folder: Path, **settings: Any) -> Gateway:
             {}, grpc_address="127.0.0.1:0", tenants_file=str(tenants_file), **{**LOCAL, **settings}
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def replicas_on_redis(
+    fake: FakeBraze, folder: Path, count: int
+) -> AsyncIterator[list[pb_grpc.CanvasGatewayServiceAsyncStub]]:
+    """`count` gateways in this process sharing one Redis (`gateway_of`), and a stub on each."""
+    from servers import redis_server  # a helper module of its own: imported where it is used
+
+    async with redis_server() as redis:
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        gateways = [await gateway_of(fake, folder, redis_url=url) for _ in range(count)]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                channels = [
+                    await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{g.port}"))
+                    for g in gateways
+                ]
+                yield [pb_grpc.CanvasGatewayServiceStub(channel) for channel in channels]
+        finally:
+            for gateway in gateways:
+                await gateway.stop(grace=0)
 
 
 def send_request(count: int, key: str = "") -> pb.SendRequest:

@@ -5,7 +5,6 @@ sends exactly those bodies again, once; a second replay is answered from the rec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 from pathlib import Path
@@ -18,13 +17,13 @@ from canvas_gateway_client import CanvasGatewayClient
 from canvas_gateway_client.cli import run
 from canvas_gateway_server.settings import Settings
 from fake_braze import FakeBraze, Fault
-from servers import redis_server
 from support import (
     FAKE_URLS,
     LOCAL,
     TOKENS,
     Harness,
     gateway_of,
+    replicas_on_redis,
     send_request,
     start_gateway,
     tenants_toml,
@@ -148,36 +147,23 @@ async def test_a_replay_that_ends_unknown_again_is_never_sent_a_third_time(harne
 
 async def test_three_gateways_on_redis_replay_a_batch_once(fake: FakeBraze, tmp_path: Path) -> None:
     """Three replicas asked at once: each batch is sent again once in all."""
-    async with redis_server() as redis:
-        url = f"redis://127.0.0.1:{redis.port}/0"
-        gateways = [await gateway_of(fake, tmp_path, redis_url=url) for _ in range(3)]
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                stubs = [
-                    pb_grpc.CanvasGatewayServiceStub(
-                        await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{g.port}"))
-                    )
-                    for g in gateways
-                ]
-                fake.faults.script([Fault.status(500), Fault.status(500)])
-                await stubs[0].Send(send_request(120, "job-r"), metadata=with_request_id("acme", "job-r-1"))
-                indexes = [batch.result.batch_index for batch in await unknown(stubs[1])]
-                assert len(indexes) == 2
-                calls = len(fake.calls)
-                fake.faults.script([Fault.delay(0.3), Fault.delay(0.3)])
-                ask = pb.ReplayRequest(request_id="job-r-1", acknowledge_duplicates=True)
-                answers = await asyncio.gather(
-                    *(stub.Replay(ask, metadata=Harness.auth()) for stub in stubs), return_exceptions=True
-                )
-                assert len(fake.calls) - calls == 2
-                ask.batch_indexes[:] = indexes  # named: "all UNKNOWN" names none now
-                again = await stubs[2].Replay(ask, metadata=Harness.auth())
-                assert all(r.replayed for r in again.results) and len(again.results) == 2
-                assert len(fake.calls) - calls == 2
-                assert all(not isinstance(answer, BaseException) for answer in answers)
-        finally:
-            for gateway in gateways:
-                await gateway.stop(grace=0)
+    async with replicas_on_redis(fake, tmp_path, 3) as stubs:
+        fake.faults.script([Fault.status(500), Fault.status(500)])
+        await stubs[0].Send(send_request(120, "job-r"), metadata=with_request_id("acme", "job-r-1"))
+        indexes = [batch.result.batch_index for batch in await unknown(stubs[1])]
+        assert len(indexes) == 2
+        calls = len(fake.calls)
+        fake.faults.script([Fault.delay(0.3), Fault.delay(0.3)])
+        ask = pb.ReplayRequest(request_id="job-r-1", acknowledge_duplicates=True)
+        answers = await asyncio.gather(
+            *(stub.Replay(ask, metadata=Harness.auth()) for stub in stubs), return_exceptions=True
+        )
+        assert len(fake.calls) - calls == 2
+        ask.batch_indexes[:] = indexes  # named: "all UNKNOWN" names none now
+        again = await stubs[2].Replay(ask, metadata=Harness.auth())
+        assert all(r.replayed for r in again.results) and len(again.results) == 2
+        assert len(fake.calls) - calls == 2
+        assert all(not isinstance(answer, BaseException) for answer in answers)
 
 
 async def cli(harness: Harness, *argv: str) -> tuple[int, str, str]:

@@ -5,7 +5,6 @@ the host's SQLite file across a restart, and Redis shared by two gateways."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -33,6 +32,7 @@ from support import (
     TOKENS,
     Harness,
     gateway_of,
+    replicas_on_redis,
     send_request,
     until,
     with_request_id,
@@ -259,36 +259,21 @@ def test_what_fails_to_be_kept_and_what_is_evicted_are_counted() -> None:
 
 async def test_three_gateways_on_redis_read_each_others_results(fake: FakeBraze, tmp_path: Path) -> None:
     """A request sent through one replica is read, whole and only by its tenant, through each other."""
-    async with redis_server() as redis:
-        url = f"redis://127.0.0.1:{redis.port}/0"
-        gateways = [await gateway_of(fake, tmp_path, redis_url=url) for _ in range(3)]
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                stubs = [
-                    pb_grpc.CanvasGatewayServiceStub(
-                        await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{g.port}"))
-                    )
-                    for g in gateways
-                ]
-                sent = await stubs[0].Send(
-                    send_request(120, "shared"), metadata=with_request_id("acme", "on-one")
-                )
-                calls = len(fake.calls)
-                for stub in stubs[1:]:
-                    for name in ({"idempotency_key": "shared"}, {"request_id": "on-one"}):
-                        found, _ = await get_results(stub, **name)
-                        assert list(found) == list(sent.results)
-                        with pytest.raises(grpc.aio.AioRpcError):
-                            await get_results(stub, "globex", **name)
-                    ask = pb.FindRecipientRequest(
-                        idempotency_key="shared", recipient=pb.Recipient(external_user_id="u99")
-                    )
-                    answer = await stub.FindRecipient(ask, metadata=Harness.auth())
-                    assert answer.found and answer.position == 99
-                assert len(fake.calls) == calls
-        finally:
-            for gateway in gateways:
-                await gateway.stop(grace=0)
+    async with replicas_on_redis(fake, tmp_path, 3) as stubs:
+        sent = await stubs[0].Send(send_request(120, "shared"), metadata=with_request_id("acme", "on-one"))
+        calls = len(fake.calls)
+        for stub in stubs[1:]:
+            for name in ({"idempotency_key": "shared"}, {"request_id": "on-one"}):
+                found, _ = await get_results(stub, **name)
+                assert list(found) == list(sent.results)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await get_results(stub, "globex", **name)
+            ask = pb.FindRecipientRequest(
+                idempotency_key="shared", recipient=pb.Recipient(external_user_id="u99")
+            )
+            answer = await stub.FindRecipient(ask, metadata=Harness.auth())
+            assert answer.found and answer.position == 99
+        assert len(fake.calls) == calls
 
 
 async def test_results_outlive_a_restart_in_the_hosts_file(fake: FakeBraze, tmp_path: Path) -> None:
