@@ -19,15 +19,17 @@ redis-server on 127.0.0.1 (tests/servers.py starts Debian's). Measured in one ru
              and redis-server's CPU per batch. Every reservation must be a Ticket and every
              claim CLAIMED, and the last batch's result must come back KEPT.
   end to end one SendStream of 20,000 recipients (400 batches) through one gateway process,
-             with and without CGW_REDIS_URL, and with and without an idempotency key (without
-             Redis its results go to the host's file, the default on a fixed port; a new key
-             each run, so every batch is claimed and kept, none replayed), against a fake Braze
-             that answers at once (so the CPU, not Braze, sets the pace). The four variants run
-             in turn, the order rotating each round; every result must be SENT and not
-             replayed. Figures: throughput as a ratio to the gateway without Redis and without a
-             key (the median of each round's ratio), and the gateway's and redis-server's CPU per
-             batch, totals over every round (/proc counts CPU in 10 ms ticks), with what Redis
-             budgets and then a key in Redis add to the gateway's.
+             with and without an idempotency key (a new key each run, so every batch is
+             claimed and kept, none replayed), against a fake Braze that answers at once (so
+             the CPU, not Braze, sets the pace), with the stores in three places: the
+             process's memory (a gateway on port 0: budgets and keys' results in memory, the
+             promise a single process can keep alone), the host's file (the default for keys
+             without Redis) and Redis (CGW_REDIS_URL). The five variants run in turn, the order
+             rotating each round; every result must be SENT and not replayed. Figures:
+             throughput as a ratio to the in-process gateway without a key (the median of each
+             round's ratio), Redis against in-process with and without a key (issue 22's bar:
+             at most 10% of throughput and of CPU), and the gateway's and redis-server's CPU
+             per batch, totals over every round (/proc counts CPU in 10 ms ticks).
 
 Machines here are noisy and have 2 cores, which the gateway, the fake Braze, redis-server and
 this client share: read the ratios and the CPU per batch, not the absolute rates.
@@ -38,6 +40,7 @@ this client share: read the ratios and the CPU per batch, not the absolute rates
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import sys
 import tempfile
@@ -68,11 +71,12 @@ from harness import (
     encoded_chunks,
     fake_braze_command,
     free_port,
+    gateway_env,
     wait_port,
     wait_ready,
     write_tenants,
 )
-from replicas import start_gateway
+from replicas import Gateway, start_gateway
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import redis_server, stop_process  # tests/ is on the path now
@@ -254,13 +258,32 @@ async def send(channel: grpc.aio.Channel, n: int, parts: Sequence[bytes], key: s
     return elapsed, batches
 
 
-VARIANTS = {
-    "no Redis, no key": (False, False),
-    "no Redis, key": (False, True),  # the key's results in the host's file (HostResults)
-    "Redis, no key": (True, False),
-    "Redis, key": (True, True),
+VARIANTS = {  # (gateway, with a key)
+    "in-process, no key": ("memory", False),
+    "in-process, key": ("memory", True),  # the key's results in its memory (LocalResults)
+    "host file, key": ("file", True),  # the default without Redis (HostResults)
+    "Redis, no key": ("redis", False),
+    "Redis, key": ("redis", True),
 }
-BASELINE = "no Redis, no key"
+BASELINE = "in-process, no key"
+LISTENING = re.compile(r"listening on \S+ \(port (\d+), \w+\); admin on port (\d+)")
+
+
+async def start_in_memory(started: AsyncExitStack, tenants: Path, folder: Path) -> Gateway:
+    """A gateway on port 0: one process whose keys' results stay in its memory (a restart
+    would not find that port again, so there is no file to share). Its ports come from its log."""
+    log = folder / "memory-gateway.log"
+    with log.open("wb") as out:
+        env = gateway_env(tenants, 0, {"CGW_IDEMPOTENCY_FILE": "", "CGW_LOG_LEVEL": "INFO"})
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "canvas_gateway_server"), env=env, stderr=out
+        )
+    started.push_async_callback(stop_process, process)
+    for _ in range(600):  # 30 s
+        if found := LISTENING.search(log.read_text()):
+            return Gateway(process, f"127.0.0.1:{found[1]}", f"127.0.0.1:{found[2]}")
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"the in-memory gateway never said where it listens:\n{log.read_text()[-2000:]}")
 
 
 async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure]:
@@ -276,11 +299,15 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
                 *fake_braze_command(fake_port), stdout=asyncio.subprocess.DEVNULL
             )
             started.push_async_callback(stop_process, fake)
-            plain = await start_gateway(started, tenants, {"CGW_IDEMPOTENCY_FILE": f"{tmp}/keys.sqlite3"})
-            with_redis = await start_gateway(started, tenants, {"CGW_REDIS_URL": redis_url})
+            gateways = {
+                "memory": await start_in_memory(started, tenants, Path(tmp)),
+                "file": await start_gateway(
+                    started, tenants, {"CGW_IDEMPOTENCY_FILE": f"{tmp}/keys.sqlite3"}
+                ),
+                "redis": await start_gateway(started, tenants, {"CGW_REDIS_URL": redis_url}),
+            }
             await wait_port(fake_port)
-            await asyncio.gather(wait_ready(plain.admin), wait_ready(with_redis.admin))
-            gateways = {False: plain, True: with_redis}
+            await asyncio.gather(*(wait_ready(gateway.admin) for gateway in gateways.values()))
             channels = {uses: grpc.aio.insecure_channel(g.target) for uses, g in gateways.items()}
             started.push_async_callback(asyncio.gather, *(c.close() for c in channels.values()))
             warm = encoded_chunks(2_000, 500)
@@ -320,15 +347,29 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
     for name in VARIANTS:
         cpu = per_batch[name]["gateway"]
         figures.append(Figure(MEASURE, f"{stream}: gateway CPU per batch, {name}", cpu, "us"))
+    pairs = {  # Redis against the in-process stores that give the same promise in one process
+        "no key": ("Redis, no key", "in-process, no key"),
+        "key": ("Redis, key", "in-process, key"),
+    }
+    for what, (redis_name, memory_name) in pairs.items():
+        ratio = statistics.median(r / m for r, m in zip(ratios[redis_name], ratios[memory_name], strict=True))
+        figures.append(
+            Figure(MEASURE, f"{stream}: throughput Redis / in-process, {what}", ratio, "x", ">= 0.9")
+        )
+        cpu = per_batch[redis_name]["gateway"] / per_batch[memory_name]["gateway"]
+        figures.append(
+            Figure(MEASURE, f"{stream}: gateway CPU per batch Redis / in-process, {what}", cpu, "x", "<= 1.1")
+        )
     added = {
         "Redis budgets (no key)": per_batch["Redis, no key"]["gateway"] - per_batch[BASELINE]["gateway"],
         "a key in Redis": per_batch["Redis, key"]["gateway"] - per_batch["Redis, no key"]["gateway"],
-        "a key in the host's file": per_batch["no Redis, key"]["gateway"] - per_batch[BASELINE]["gateway"],
+        "a key in memory": per_batch["in-process, key"]["gateway"] - per_batch[BASELINE]["gateway"],
+        "a key in the host's file": per_batch["host file, key"]["gateway"] - per_batch[BASELINE]["gateway"],
     }
     for what, cpu in added.items():
         figures.append(Figure(MEASURE, f"{stream}: gateway CPU per batch added by {what}", cpu, "us"))
     for name, (uses, _) in VARIANTS.items():
-        if uses:
+        if uses == "redis":
             cpu = per_batch[name]["redis"]
             figures.append(Figure(MEASURE, f"{stream}: redis-server CPU per batch, {name}", cpu, "us"))
     return figures

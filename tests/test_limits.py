@@ -365,10 +365,10 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
             await server.start()
             assert isinstance(await store.reserve(KEY, time.time()), Ticket)  # Redis answers: settle now
             async with asyncio.timeout(2):  # the new call, and the 50 oldest left to their lease
-                while await client.zcard(CALLS) > 51:
+                while await client.call("ZCARD", CALLS) > 51:
                     await asyncio.sleep(0.01)
             assert store.unsettled == 0
-            assert await client.zcard(CALLS) == 51
+            assert await client.call("ZCARD", CALLS) == 51
         finally:
             await store.stop()
             await client.aclose()
@@ -400,7 +400,7 @@ async def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers() 
             await store.settle(first, reply(201), time.time())  # no limit: nothing bounds it
 
             async def keep_redis_busy() -> None:
-                await admin.eval(BUSY_LUA, 0, 800)
+                await admin.call("EVAL", BUSY_LUA, 0, 800)
 
             for _ in range(5):  # until the reserve reaches Redis while it is busy
                 busy = asyncio.create_task(keep_redis_busy())  # Redis busy for 0.8 s
@@ -413,12 +413,12 @@ async def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers() 
                 await store.settle(lost, reply(201), time.time())  # it beat the script: settle it
             assert isinstance(lost, Ticket) and not lost.shared, "no reserve reached Redis while it was busy"
             async with asyncio.timeout(5):
-                while await admin.zcard(calls) == 0:  # Redis made it once the pause ended
+                while await admin.call("ZCARD", calls) == 0:  # Redis made it once the pause ended
                     await asyncio.sleep(0.05)
             live = await store.reserve(KEY, time.time())  # Redis answers: the lost one goes now
             assert isinstance(live, Ticket) and live.shared
             async with asyncio.timeout(3):
-                while await admin.zcard(calls) > 1:
+                while await admin.call("ZCARD", calls) > 1:
                     await asyncio.sleep(0.01)
             assert store.unsettled == 0
         finally:
@@ -590,8 +590,8 @@ async def test_audience_pools_expire_sooner_in_redis() -> None:
             store = RedisBudgets(client, lease=60.0)
             assert isinstance(await store.reserve(("shop", "audience:ab"), NOW), Ticket)
             assert isinstance(await store.reserve(("shop", "recipients"), NOW), Ticket)
-            assert 0 < await client.ttl("cgw:pool:shop:audience:ab") <= AUDIENCE_TTL_SECONDS
-            assert await client.ttl("cgw:pool:shop:recipients") > AUDIENCE_TTL_SECONDS
+            assert 0 < await client.call("TTL", "cgw:pool:shop:audience:ab") <= AUDIENCE_TTL_SECONDS
+            assert await client.call("TTL", "cgw:pool:shop:recipients") > AUDIENCE_TTL_SECONDS
         finally:
             await client.aclose()
 

@@ -24,9 +24,11 @@ When Redis does not answer within CGW_REDIS_TIMEOUT_SECONDS the store raises
 UNAVAILABLE) or open (this process's own budgets, a metric and a log line) as configured;
 the results store always fails closed: a key is a promise not to send twice.
 
-Over the ~300 lines the house aims for, for a reason: both stores share one client, its
-timeouts, the key layout (PREFIX, the generation) and the loss check (`acknowledge_loss`); the
-scripts themselves are in `redis_scripts`.
+Both stores share one client, `resp.LeanRedis`: one connection per process, every command
+pipelined on it (why not redis-py's client: `resp`). Over the ~300 lines the house aims for,
+for a reason: both stores share that client, its timeouts, the key layout (PREFIX, the
+generation) and the loss check (`acknowledge_loss`); the scripts themselves are in
+`redis_scripts`.
 """
 
 from __future__ import annotations
@@ -37,12 +39,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from ..context import IdempotencyScope
 from ..errors import StoreLost, StoreUnavailable
@@ -65,6 +61,7 @@ from ..rate_budget import (
 from ..reply import Delivery, Reply
 from . import redis_scripts as scripts
 from .heartbeat import Heartbeat
+from .resp import LeanRedis, ReplyError, address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,35 +86,19 @@ LOST_TEXT: Final = (
 )
 
 
-MAX_CONNECTIONS: Final = 100
-"""Connections to Redis one process opens at most; an operation beyond them waits for one."""
-
-
-def connect(url: str, timeout: float) -> aioredis.Redis:
-    """A client that gives up after `timeout`. It tries once more only when a pooled connection
-    turns out closed (after a Redis restart), never after a timeout: every script is safe to run
-    twice anyway (a second claim is BUSY, a second reservation lapses, a second keep is the same).
-
-    Its pool holds MAX_CONNECTIONS, and an operation past them waits for a free one within the
-    same `timeout` (redis-py's default pool refuses it at once, "Too many connections"): more
-    batches in flight than connections wait their turn instead of failing, and the connections a
-    struggling Redis gets from one process do not grow with the batches waiting on it."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        health_check_interval=0,
-    )
-    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
+def connect(url: str, timeout: float) -> LeanRedis:
+    """A client that gives up on a command after `timeout`, connecting nothing yet; ValueError
+    or TypeError for a URL redis-py's parser refuses. A connection found closed (after a Redis
+    restart) is replaced and the command sent once more, never after a timeout: every script is
+    safe to run twice anyway (a second claim is BUSY, a second reservation lapses, a second
+    keep is the same). However many batches are in flight, a process holds one connection."""
+    return LeanRedis(address(url), timeout)
 
 
 async def _call(what: str, operation: Awaitable[T]) -> T:
     try:
         return await operation
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (ReplyError, OSError, TimeoutError) as exc:
         # The message never carries the URL (it may hold a password) nor Redis' own text.
         raise StoreUnavailable(
             f"the shared {what} store (Redis) did not answer ({type(exc).__name__})"
@@ -131,9 +112,9 @@ def _text(value: Any) -> str:
 class RedisBudgets:
     """A `BudgetStore` in Redis: every replica's calls count against one budget."""
 
-    def __init__(self, client: aioredis.Redis, lease: float) -> None:
-        self._reserve = client.register_script(scripts.RESERVE)
-        self._settle = client.register_script(scripts.SETTLE)
+    def __init__(self, client: LeanRedis, lease: float) -> None:
+        self._reserve = client.script(scripts.RESERVE)
+        self._settle = client.script(scripts.SETTLE)
         self._lease = lease
 
     @staticmethod
@@ -188,14 +169,12 @@ class RedisResults:
     """An `idempotency.ResultStore` in Redis, with this process's heartbeat and the check that
     Redis still holds what it kept (`scripts.BEAT`)."""
 
-    def __init__(
-        self, client: aioredis.Redis, ttl: float, lease: float, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, client: LeanRedis, ttl: float, lease: float, metrics: Metrics | None = None) -> None:
         self._client = client
-        self._claim = client.register_script(scripts.CLAIM)
-        self._mark = client.register_script(scripts.MARK)
-        self._keep = client.register_script(scripts.KEEP)
-        self._beat_script = client.register_script(scripts.BEAT)
+        self._claim = client.script(scripts.CLAIM)
+        self._mark = client.script(scripts.MARK)
+        self._keep = client.script(scripts.KEEP)
+        self._beat_script = client.script(scripts.BEAT)
         self._ttl_ms = str(int(ttl * 1000))
         self._lease = repr(lease)
         self._metrics = metrics or Metrics()
@@ -267,16 +246,15 @@ class RedisResults:
     async def record(self, rows: Sequence[Row]) -> None:
         """Each handle's record is one hash (entry, a batch index -> result), living the TTL from
         its last write; every row written in one MULTI (one round trip)."""
-        pipe = self._client.pipeline(transaction=True)
+        commands: list[tuple[str | bytes | int, ...]] = [("MULTI",)]
         for tenant, handle, entry, data in rows:
             key = self._outcomes_key(tenant, handle)
-            pipe.hset(key, entry, data)
-            pipe.pexpire(key, int(self._ttl_ms))
-        await _call("results", pipe.execute())
+            commands += [("HSET", key, entry, data), ("PEXPIRE", key, self._ttl_ms)]
+        await _call("results", self._client.pipeline([*commands, ("EXEC",)]))
 
     async def read(self, tenant: str, handle: str) -> list[bytes]:
-        found = await _call("results", self._client.hgetall(self._outcomes_key(tenant, handle)))
-        return [value if isinstance(value, bytes) else value.encode() for value in found.values()]
+        found = await _call("results", self._client.call("HGETALL", self._outcomes_key(tenant, handle)))
+        return list(found[1::2])  # field, value, field, value...
 
     async def beat(self) -> None:
         """Renew this process's heartbeat and check the generation (one round trip)."""
@@ -307,14 +285,14 @@ class RedisResults:
     async def stop(self) -> None:
         await self._heartbeat.stop()
         # Gone at once: claims left behind are LOST now, not in HEARTBEAT_TTL_MS.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await self._client.delete(f"{PREFIX}owner:{self.owner}")
+        with contextlib.suppress(ReplyError, OSError, TimeoutError):
+            await self._client.call("DEL", f"{PREFIX}owner:{self.owner}")
 
 
-async def acknowledge_loss(client: aioredis.Redis) -> str:
+async def acknowledge_loss(client: LeanRedis) -> str:
     """The operator's acknowledgement that Redis lost the keys' results: a new generation, which
     every gateway adopts within a heartbeat. What it says happened."""
-    accept = client.register_script(scripts.ACCEPT)
+    accept = client.script(scripts.ACCEPT)
     if not await accept(keys=[GENERATION_KEY], args=[LOST, uuid.uuid4().hex]):
         return "no loss to acknowledge: idempotency keys are taken"
     return (

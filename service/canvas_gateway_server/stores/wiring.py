@@ -16,9 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from ..errors import ConfigError
 from ..idempotency import ResultStore
 from ..metrics import Metrics
@@ -30,6 +27,7 @@ from .failover import FailoverBudgets
 from .host_budgets import HostBudgets, budgets_path
 from .memory import LocalResults, TableBudgets
 from .redis import RedisBudgets, RedisResults, acknowledge_loss, connect
+from .resp import LeanRedis, ReplyError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class Stores:
     results: RunningStore
     budgets: BudgetStore
     _stops: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
-    _redis: aioredis.Redis | None = None
+    _redis: LeanRedis | None = None
 
     async def start(self, metrics: Metrics) -> None:
         """Start the results store's background work, and say whether Redis answers (a gateway
@@ -67,7 +65,7 @@ class Stores:
             return
         try:
             await self._redis.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (ReplyError, OSError, TimeoutError) as exc:
             log.error(
                 "Redis (CGW_REDIS_URL) does not answer (%s): CGW_REDIS_FAILURE applies", type(exc).__name__
             )
@@ -115,7 +113,7 @@ def _own_results(settings: Settings, worker: WorkerRole | None, metrics: Metrics
     )
 
 
-def connect_redis(state: State) -> aioredis.Redis | None:
+def connect_redis(state: State) -> LeanRedis | None:
     """The client of CGW_REDIS_URL (None without one), connecting nothing yet. A URL redis-py
     refuses, or takes but would fail on at every command (an unknown query parameter), is a
     ConfigError that never quotes it (redis-py's own text may, and with it a password)."""
@@ -123,7 +121,6 @@ def connect_redis(state: State) -> aioredis.Redis | None:
         return None
     try:
         client = connect(state.redis_url, state.redis_timeout_seconds)
-        client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # an object, no I/O
     except (ValueError, TypeError):
         raise ConfigError(
             "CGW_REDIS_URL is refused by redis-py: a query parameter it does not know, or a value it "
@@ -139,7 +136,7 @@ async def accept_lost_keys(state: State) -> str:
     client = connect(state.redis_url, max(state.redis_timeout_seconds, 5.0))
     try:
         return await acknowledge_loss(client)
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (ReplyError, OSError, TimeoutError) as exc:
         raise ConfigError(f"Redis (CGW_REDIS_URL) did not answer ({type(exc).__name__})") from None
     finally:
         await client.aclose()
