@@ -238,7 +238,16 @@ class LeanRedis:
 
     async def call(self, *parts: Arg) -> Any:
         """One command's reply; ReplyError for an error reply."""
-        (reply,) = await self.pipeline([parts])
+        command = encode(parts)
+        line = self._line
+        if line is None or line.closed:
+            line = await self._ready()
+        try:
+            reply = await line.send(command)
+        except ConnectionLost:  # the connection closed under it: once more on a new one
+            reply = await (await self._ready()).send(command)
+        if isinstance(reply, hiredis.ReplyError):
+            raise ReplyError(str(reply))
         return reply
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
@@ -247,20 +256,22 @@ class LeanRedis:
         for attempt in (1, 2):
             line = await self._ready()
             sent = [line.send(command) for command in encoded]
-            replies = await asyncio.gather(*sent, return_exceptions=True)
-            failures = [
-                reply
-                for reply in replies
-                if isinstance(reply, BaseException) and not isinstance(reply, hiredis.ReplyError)
-            ]
-            if any(isinstance(failure, ConnectionLost) for failure in failures) and attempt == 1:
-                continue  # the connection closed under it: once more on a new one
-            if failures:
-                raise failures[0]
+            try:
+                replies = [await future for future in sent]
+            except ConnectionLost:
+                if attempt == 2:
+                    raise
+                continue  # the connection closed under them: once more on a new one
+            finally:
+                for future in sent:  # those not awaited: their failure is this one, or none
+                    if not future.done():
+                        future.cancel()  # the caller is gone (its reply is skipped when it comes)
+                    elif not future.cancelled():
+                        future.exception()
             for reply in replies:
                 if isinstance(reply, hiredis.ReplyError):
                     raise ReplyError(str(reply))
-            return list(replies)
+            return replies
         raise AssertionError("unreachable")
 
     async def ping(self) -> None:
