@@ -19,11 +19,13 @@ import importlib
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from canvas_gateway_server.process import git_commit
 from harness import Figure
 
 MEASURES = (
@@ -53,11 +55,20 @@ def machine() -> str:
     return f"{model}, {cores} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
 
 
+def commit() -> str:
+    """The checkout measured, and whether it had changes not committed (figures of a dirty tree
+    cannot be compared with a later run)."""
+    status = ["git", "status", "--porcelain", "--untracked-files=no"]
+    dirty = subprocess.run(status, capture_output=True, text=True, check=False)
+    return git_commit(os.environ) + (" (with changes not committed)" if dirty.stdout.strip() else "")
+
+
 def table(figures: Sequence[Figure], seconds: float, argv: Sequence[str]) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"- machine: {machine()}",
         f"- Python {platform.python_version()}; date {now}; the whole suite took {seconds / 60:.1f} min",
+        f"- commit: {commit()}",
         f"- command: `{shlex.join(['.venv/bin/python', 'bench/suite.py', *argv])}`",
         "",
         "| measure | figure | value | target |",
