@@ -12,8 +12,9 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-/// Nesting (Struct and ListValue levels) beyond which the Python path decides.
-const MAX_DEPTH: u32 = 32;
+/// Nesting (Struct and ListValue levels) beyond which the Python path decides: well below upb's
+/// limit of 100 messages (a Struct level is three: Struct, map entry, Value).
+const MAX_DEPTH: u32 = 16;
 /// 2^53: past it a double cannot tell an integer from its neighbours (convert's NOT_JSON).
 const EXACT_INT_LIMIT: f64 = 9_007_199_254_740_992.0;
 
@@ -252,8 +253,8 @@ fn write_struct(out: &mut Vec<u8>, buf: &[u8], depth: u32) -> Option<()> {
                     }
                     value = Some(entry.len_delimited()?);
                 }
-                (1, _) | (2, _) => return None,
-                _ => entry.skip(wire)?,
+                // upb moves an entry with an unknown field out of the map: Python's to say.
+                _ => return None,
             }
         }
         let start = scratch.len();
