@@ -10,11 +10,12 @@ FROM ${BASE_IMAGE} AS build
 ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# The compiled recipient path (service/native, Rust via maturin) is built with Debian's cargo (rustc 1.63
-# on bookworm: service/native/Cargo.lock holds crates that build with it), in this stage only.
+# The compiled recipient path (service/native, Rust via maturin) is built with Debian's cargo-web (cargo and
+# rustc 1.85 on bookworm: service/native/Cargo.lock holds crates that build with it; bookworm's `cargo`,
+# 1.63, reads crates.io only through its git index), in this stage only.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends cargo \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends cargo-web \
     && rm -rf /var/lib/apt/lists/*
 COPY constraints.txt pyproject.toml ./
 COPY clients/python ./clients/python
