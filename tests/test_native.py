@@ -189,6 +189,10 @@ def _value(**kind: Any) -> bytes:
     return struct_pb2.Value(**kind).SerializeToString()
 
 
+TWO_NUMBERS = _value(number_value=1) * 2  # a Value with two kinds
+UNKNOWN = _varint(99 << 3) + b"\x07"  # field 99, a varint
+
+
 def test_protobuf_wire_rules_are_kept() -> None:
     """A map key sent twice keeps its last value; a string field sent twice, its last; unknown
     fields (outside map entries) are skipped; an entry without a value is null, without a key is ""."""
@@ -201,20 +205,17 @@ def test_protobuf_wire_rules_are_kept() -> None:
             _entry(b"", _value(bool_value=True)),
             _entry(b"u", _value(number_value=2) + delimited(99, b"unknown")),
             _entry(b"w", _value(null_value=0)),
+            _entry(b"l", delimited(6, delimited(1, _value(number_value=3)) + UNKNOWN)),  # in a ListValue
         ]
     )
     unknown = _varint(12 << 3) + b"\x01"
-    user = delimited(1, b"first") + delimited(5, context) + delimited(1, b"second") + unknown
+    user = delimited(1, b"first") + delimited(5, context + UNKNOWN) + delimited(1, b"second") + unknown
     raw = chunk_bytes(user) + delimited(7, b"unknown at the top")
     assert same(raw)
     bodies = native_path(raw, "context", HEAD)
     assert bodies is not None
-    assert b'{"context":{"":true,"k":"last","nothing":null,"u":2,"w":null},' in bodies[0]
+    assert b'{"context":{"":true,"k":"last","l":[3],"nothing":null,"u":2,"w":null},' in bodies[0]
     assert b'"external_user_id":"second"' in bodies[0]
-
-
-TWO_NUMBERS = _value(number_value=1) * 2  # a Value with two kinds
-UNKNOWN = _varint(99 << 3) + b"\x07"
 
 
 @pytest.mark.parametrize(
