@@ -181,6 +181,15 @@ def test_the_head_size_bounds_what_is_compiled() -> None:
     assert reference is not None and reference[1] and reference[1][0].rule.name == "BODY_TOO_LARGE"
 
 
+def test_with_a_bad_head_encoded_recipients_are_counted_and_not_batched() -> None:
+    """As `take` does: positions move on, no batch closes while the head has violations."""
+    raw = chunk_of(*(recipient(f"u{i}") for i in range(60)))
+    bad = {"context": {"a": 1}}  # no canvas_id
+    assert native_path(raw, "context", bad) == [] == python_path(raw, "context", bad)[0]  # type: ignore[index]
+    intake = Intake(bad)
+    assert [intake.take_encoded(b"{}").position for _ in range(3)] == [0, 1, 2]
+
+
 def _entry(key: bytes, value: bytes | None) -> bytes:
     return delimited(1, key) + (b"" if value is None else delimited(2, value))
 
