@@ -115,8 +115,9 @@ def _compiled_path(raws: list[bytes], encode: native.ChunkEncoder) -> Callable[[
         for raw in raws:
             encoded = encode(raw, intake.context_name, intake.encoded_limit)
             assert encoded is not None
+            take = intake.take_encoded
             for each in encoded:
-                intake.take_encoded(each)
+                take(each)
 
     return run
 

@@ -105,15 +105,16 @@ class Intake:
         rule of `check_and_encode` beside this head."""
         return min(MAX_CONTEXT_BYTES, MAX_BODY_BYTES - BODY_FRAME - self._head_size)
 
-    def take_encoded(self, encoded: bytes) -> Taken:
+    def take_encoded(self, encoded: bytes) -> Batch | None:
         """`take` for a recipient already checked and encoded elsewhere (`edge.native`): JSON that
         `check_and_encode` would have made, under this intake's context name and within
-        `encoded_limit`, so it breaks no rule."""
+        `encoded_limit`, so it breaks no rule. Returns the batch it closed, if any (no `Taken`:
+        this runs once per recipient, and nothing is rejected here)."""
         position = self.received
         self.received += 1
         if self.head_violations:
-            return Taken(position, (), None)
-        return Taken(position, (), self._planner.add(position, encoded))
+            return None
+        return self._planner.add(position, encoded)
 
     @property
     def open(self) -> bool:

@@ -198,9 +198,9 @@ class StreamSend:
 
     async def feed_encoded(self, encoded: Iterable[bytes]) -> None:
         """`feed` for recipients checked and encoded already (`Intake.take_encoded`)."""
-        intake = self._intake
+        take = self._intake.take_encoded
         for each in encoded:
-            closed = intake.take_encoded(each).closed
+            closed = take(each)
             if closed is not None:
                 await self.batch(closed)
 
