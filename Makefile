@@ -90,6 +90,7 @@ proto-breaking: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(CARGO_PATH) cargo fmt --check --manifest-path $(NATIVE)/Cargo.toml
 	$(BIN)/buf lint
 	$(MAKE) --no-print-directory docker-lint
 
@@ -229,4 +230,4 @@ bench: $(STAMP)
 	$(PY) bench/suite.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(NATIVE)/target
