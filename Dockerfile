@@ -10,13 +10,22 @@ FROM ${BASE_IMAGE} AS build
 ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+# The compiled recipient path (service/native, Rust via maturin) is built with Debian's cargo-web (cargo and
+# rustc 1.85 on bookworm: service/native/Cargo.lock holds crates that build with it; bookworm's `cargo`,
+# 1.63, reads crates.io only through its git index), in this stage only.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends cargo-web \
+    && rm -rf /var/lib/apt/lists/*
 COPY constraints.txt pyproject.toml ./
 COPY clients/python ./clients/python
 COPY service ./service
 # The gateway needs only the generated stubs (clients/python/stubs). The Python client is installed
 # beside it for its CLI, `canvas-gateway`: operators' send-demo in a pod, and `make image-check`'s.
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ./clients/python/stubs ./clients/python .
+    && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt ./clients/python/stubs ./clients/python . \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps ./service/native \
+    && /opt/venv/bin/python -c "import canvas_gateway_native"
 
 FROM ${BASE_IMAGE}
 # The commit the image was built from, shown by canvas_gateway_build_info: --build-arg GIT_COMMIT=...

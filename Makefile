@@ -15,22 +15,34 @@ PROMTOOL ?= promtool
 KUSTOMIZE_VERSION := v5.7.1
 K8S_VERSION := 1.33.0
 FROZEN_COMMIT := $(shell grep -v '^\#' protos/FROZEN 2>/dev/null)
+## The compiled recipient path (service/native, Rust via maturin; see edge/native.py), built into the venv
+## with the rest; cargo comes from rustup's usual place when it is not on PATH already. `make install` (and
+## so `make test`) needs cargo; `make run` builds it when cargo is there, and runs the Python path without.
+NATIVE := service/native
+NATIVE_SRC := $(NATIVE)/Cargo.toml $(NATIVE)/Cargo.lock $(NATIVE)/pyproject.toml $(wildcard $(NATIVE)/src/*.rs)
+CARGO_PATH := PATH="$$PATH:$$HOME/.cargo/bin"
+NATIVE_INSTALL = $(CARGO_PATH) $(PY) -m pip install -q --disable-pip-version-check \
+  --force-reinstall --no-deps ./$(NATIVE)
+NATIVE_INSTALL_IF_CARGO = if $(CARGO_PATH) command -v cargo >/dev/null; then $(NATIVE_INSTALL); \
+  else echo "no cargo: the gateway reads every recipient with the Python path (edge/native.py)"; fi
 
 .PHONY: install proto proto-check proto-breaking clients proto-clients k8s-check image image-check fmt lint docker-lint typecheck client-check prometheus-install prometheus-check grafana-check servers-install jaeger-install jaeger pytest test check run fake-braze demo bench soak clean
 
 install: $(STAMP)
 
 ## The development toolchain (lint, types, protoc, buf, tests) on top of what the gateway needs.
-$(STAMP): pyproject.toml $(PY_STUBS)/pyproject.toml clients/python/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml $(PY_STUBS)/pyproject.toml clients/python/pyproject.toml constraints.txt $(NATIVE_SRC)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
 	  -e $(PY_STUBS) -e clients/python -e '.[dev]'
+	$(NATIVE_INSTALL)
 	touch $@ $(RUN_STAMP) $(CLIENT_STAMP)
 
 ## What `make run` needs and no more: the gateway, the fake Braze and the generated stubs (no client, no CLI).
-$(RUN_STAMP): pyproject.toml $(PY_STUBS)/pyproject.toml constraints.txt
+$(RUN_STAMP): pyproject.toml $(PY_STUBS)/pyproject.toml constraints.txt $(NATIVE_SRC)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e $(PY_STUBS) -e .
+	$(NATIVE_INSTALL_IF_CARGO)
 	touch $@
 
 ## What `make demo` adds: the Python client and its CLI, `.venv/bin/canvas-gateway`.
@@ -78,6 +90,7 @@ proto-breaking: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(CARGO_PATH) cargo fmt --check --manifest-path $(NATIVE)/Cargo.toml
 	$(BIN)/buf lint
 	$(MAKE) --no-print-directory docker-lint
 
@@ -217,4 +230,4 @@ bench: $(STAMP)
 	$(PY) bench/suite.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(NATIVE)/target

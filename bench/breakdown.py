@@ -10,6 +10,10 @@ benchmark's recipients (an external_user_id and a one-key context), best of 5:
   result      a batch's result message, built and serialised, per recipient
   gRPC write  a bare grpc.aio server streaming 300-byte messages, server CPU per message
               divided by 50: what each result costs gRPC itself, whatever the gateway does
+  compiled    the stream's whole recipient path, Python (`parse` + `to JSON` + `check+cut`) against
+              the compiled one (`edge.native`: chunk bytes straight to each recipient's JSON, then
+              `Intake.take_encoded`), in alternating rounds, on the benchmark's recipients and
+              on recipients with a 12-key context: microseconds each and their ratio in one run
   sorted keys orjson with OPT_SORT_KEYS (the gateway's canonical bodies, which keep an
               idempotency digest equal whatever the map order) against plain orjson, on the
               benchmark's recipients and on recipients with a 12-key context: a ratio of one
@@ -29,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import orjson
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from canvas_gateway_server.edge import convert
+from canvas_gateway_server.edge import convert, native
 from canvas_gateway_server.model import BatchResult, Code, Outcome
 from canvas_gateway_server.planning import Intake
 from harness import CANVAS, CONTEXT, Figure, chunk, cpu_seconds, free_port
@@ -88,6 +92,36 @@ async def grpc_message_cost(messages: int) -> float:
         server.join(10)
 
 
+def _chunk(rows: list[dict[str, object]]) -> bytes:
+    message = pb.SendStreamRequest()
+    for row in rows:
+        message.chunk.recipients.add(external_user_id=row["external_user_id"]).context.update(row["context"])
+    return message.SerializeToString()
+
+
+def _python_path(raws: list[bytes]) -> Callable[[], None]:
+    def run() -> None:
+        intake = Intake({"canvas_id": CANVAS, "context": CONTEXT})
+        for raw in raws:
+            for recipient in pb.SendStreamRequest.FromString(raw).chunk.recipients:
+                intake.take(convert.recipient_to_dict(recipient))
+
+    return run
+
+
+def _compiled_path(raws: list[bytes], encode: native.ChunkEncoder) -> Callable[[], None]:
+    def run() -> None:
+        intake = Intake({"canvas_id": CANVAS, "context": CONTEXT})
+        for raw in raws:
+            encoded = encode(raw, intake.context_name, intake.encoded_limit)
+            assert encoded is not None
+            take = intake.take_encoded
+            for each in encoded:
+                take(each)
+
+    return run
+
+
 async def measure(smoke: bool) -> list[Figure]:
     n = 2_000 if smoke else 50_000
     chunks = [chunk(range(start, start + 500)).SerializeToString() for start in range(0, n, 500)]
@@ -126,6 +160,19 @@ async def measure(smoke: bool) -> list[Figure]:
 
         return encode
 
+    compiled: list[Figure] = []
+    encode = native.load()
+    for shape, rows in (("1-key context", dicts), ("12-key context", many)):
+        raws = [_chunk(rows[start : start + 500]) for start in range(0, len(rows), 500)]
+        if encode is None:
+            compiled.append(Figure(MEASURE, "compiled path: NOT INSTALLED (make install builds it)", 0, "us"))
+            break
+        python, fast = _alternating(_python_path(raws), _compiled_path(raws, encode), n)
+        compiled += [
+            Figure(MEASURE, f"compiled path: Python parse+to JSON+check+cut, {shape}", python, "us"),
+            Figure(MEASURE, f"compiled path: compiled chunk to JSON+cut, {shape}", fast, "us"),
+            Figure(MEASURE, f"compiled path: compiled / Python, {shape}", fast / python, "x"),
+        ]
     sorted_keys: list[Figure] = []
     for shape, rows in (("1-key context", dicts), ("12-key context", many)):
         plain, canonical = _alternating(encoder(rows, 0), encoder(rows, orjson.OPT_SORT_KEYS), n)
@@ -138,6 +185,7 @@ async def measure(smoke: bool) -> list[Figure]:
         Figure(MEASURE, "to JSON: Struct and fields to Python", _best(to_json, n), "us"),
         Figure(MEASURE, "check+cut: rules, orjson, batches of 50", _best(take_all, n), "us"),
         Figure(MEASURE, "result: message per batch, per recipient", _best(results, n), "us"),
+        *compiled,
         *sorted_keys,
     ]
     per_message = await grpc_message_cost(500 if smoke else 20_000)

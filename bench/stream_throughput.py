@@ -7,6 +7,11 @@ In one run, against the same fake Braze (its own process, answering at once):
             it is sent: what a service calling Braze by hand spends (`harness.direct`).
   stream    the same N recipients through one SendStream in chunks of 500 (pre-encoded, so the
             caller costs nothing), with the gateway's defaults: 8 calls in flight.
+  python    30% of the stream, then 15% of it with a 12-key context per recipient, in 4 rounds,
+            alternately to the gateway (the compiled recipient path, `edge.native`) and to a
+            second one with CGW_NATIVE_RECIPIENTS=false (the Python path, `edge.convert` then
+            `validate`); the ratio of the best rounds, compiled / Python, is what the compiled
+            path saves of the gateway's whole CPU per recipient.
   validate  the same stream with validate_only: everything but the REST calls.
   unary     10,000 recipients through one Send.
   latency   direct and stream again, 100,000 recipients, the fake taking 20 ms a call.
@@ -24,11 +29,25 @@ import time
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
-from harness import AUTH, CANVAS, CONTEXT, Figure, direct, encoded_chunks, stack, stream, stub
+from canvas_gateway_server.edge import native
+from harness import AUTH, CANVAS, CONTEXT, Figure, StreamRun, direct, encoded_chunks, stack, stream, stub
 
 MEASURE = "stream_throughput"
 CONCURRENCY = 8
 LATENCY_MS = 20.0
+PATH_ROUNDS = 4
+
+
+def many_key_chunks(n: int, size: int) -> list[bytes]:
+    """The stream's chunks with a 12-key context per recipient (strings and numbers)."""
+    out = []
+    for start in range(0, n, size):
+        message = pb.SendStreamRequest()
+        for i in range(start, min(start + size, n)):
+            context = {f"key{k}": f"v{k}-{i}" if k % 2 else k * i for k in range(12)}
+            message.chunk.recipients.add(external_user_id=f"user-{i}").context.update(context)
+        out.append(message.SerializeToString())
+    return out
 
 
 async def unary(target: str, n: int) -> float:
@@ -46,10 +65,13 @@ async def unary(target: str, n: int) -> float:
 
 async def measure(smoke: bool) -> list[Figure]:
     n, chunk = (5_000, 500) if smoke else (500_000, 500)
-    async with stack({"CGW_REQUEST_CONCURRENCY": str(CONCURRENCY)}) as running:
+    settings = {"CGW_REQUEST_CONCURRENCY": str(CONCURRENCY)}
+    python_path = {**settings, "CGW_NATIVE_RECIPIENTS": "false"}
+    async with stack(settings) as running, stack(python_path) as python:
         pid = running.gateway.pid
         parts = encoded_chunks(n, chunk)
-        await stream(running.target, 5_000, chunk, pid)  # warm up both
+        await stream(running.target, 5_000, chunk, pid)  # warm up all three
+        await stream(python.target, 5_000, chunk, python.gateway.pid)
         await direct(running.url, 5_000, CONCURRENCY)
 
         direct_rate, direct_cpu = await direct(running.url, n, CONCURRENCY)
@@ -57,6 +79,17 @@ async def measure(smoke: bool) -> list[Figure]:
         planned = await stream(running.target, n, chunk, pid, chunks=parts, validate_only=True)
         direct_again, direct_cpu_again = await direct(running.url, n, CONCURRENCY)
         unary_rate = await unary(running.target, 1_000 if smoke else 10_000)
+        # Compiled and Python recipient paths in alternating rounds, the best round of each: the
+        # other agents of a shared machine slow a round now and then, never speed one up.
+        part = parts[: len(parts) * 3 // 10] or parts
+        many_n = len(part) * chunk // 2
+        many = many_key_chunks(many_n, chunk)
+        rounds: dict[str, list[StreamRun]] = {}
+        for _ in range(PATH_ROUNDS):
+            for shape, chunks, total in (("1-key", part, len(part) * chunk), ("12-key", many, many_n)):
+                for side, each in (("compiled", running), ("python", python)):
+                    run = await stream(each.target, total, chunk, each.gateway.pid, chunks=chunks)
+                    rounds.setdefault(f"{side} {shape}", []).append(run)
 
     # With Braze's latency the calls in flight set the pace, for both.
     slow_n = 2_000 if smoke else 100_000
@@ -68,6 +101,24 @@ async def measure(smoke: bool) -> list[Figure]:
     # The direct client ran before and after the gateway: the mean is fairer to drift.
     ceiling = (direct_rate + direct_again) / 2
     hand = (direct_cpu + direct_cpu_again) / 2
+    best = {key: min(run.gateway_cpu_us for run in runs) for key, runs in rounds.items()}
+    fastest = {key: max(run.rate for run in runs) for key, runs in rounds.items()}
+    path = "compiled recipient path" if native.load() else "compiled path NOT INSTALLED (Python both times)"
+    by_path: list[Figure] = []
+    for shape in ("1-key", "12-key"):
+        compiled_cpu, python_cpu = best[f"compiled {shape}"], best[f"python {shape}"]
+        what = f"CPU per recipient, {shape} context"
+        by_path += [
+            Figure(MEASURE, f"{what}, {path}, best of {PATH_ROUNDS}", compiled_cpu, "us"),
+            Figure(MEASURE, f"{what}, Python path, best of {PATH_ROUNDS}", python_cpu, "us"),
+            Figure(MEASURE, f"{what}, compiled / Python path", compiled_cpu / python_cpu, "x", "<= 0.7"),
+            Figure(
+                MEASURE,
+                f"throughput, {shape} context, compiled / Python path, best of each",
+                fastest[f"compiled {shape}"] / fastest[f"python {shape}"],
+                "x",
+            ),
+        ]
     return [
         Figure(MEASURE, f"direct client (aiohttp + orjson), {n:,} recipients", ceiling, "recipients/s"),
         Figure(MEASURE, "gateway SendStream", sent.rate, "recipients/s"),
@@ -77,6 +128,7 @@ async def measure(smoke: bool) -> list[Figure]:
         Figure(MEASURE, "gateway CPU per recipient", sent.gateway_cpu_us, "us"),
         Figure(MEASURE, "gateway CPU per recipient, validate_only (no REST)", planned.gateway_cpu_us, "us"),
         Figure(MEASURE, "CPU per recipient gateway / direct", sent.gateway_cpu_us / hand, "x", "<= 1.5"),
+        *by_path,
         Figure(
             MEASURE, f"throughput gateway / direct, {LATENCY_MS:g} ms a call", slow.rate / slow_direct, "x"
         ),

@@ -42,7 +42,7 @@ from .admin import AdminServer, registry_exposition
 from .breaker import LocalBreaker
 from .demo import start_demo_braze
 from .dispatch import Dispatcher
-from .edge import reflection
+from .edge import native, reflection
 from .edge.admission import StreamSlots
 from .edge.observer import CallObserver
 from .edge.servicer import SERVICE_NAME, CanvasGatewayServicer, add_to_server
@@ -375,6 +375,7 @@ def _servicer(
         reconcile_tail=sending.reconcile_tail_results,
         idle_timeout_seconds=calls.stream_idle_timeout_seconds,
         streams=StreamSlots(calls.max_streams, calls.max_streams_per_tenant),
+        chunk_encoder=native.load() if calls.native_recipients else None,
     )
 
 

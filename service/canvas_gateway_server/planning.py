@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import orjson
 
 from .batching import BatchPlanner, broadcast_batch
-from .braze import CONTEXT_NAMES
+from .braze import CONTEXT_NAMES, MAX_BODY_BYTES, MAX_CONTEXT_BYTES
 from .errors import PermissionDenied
 from .model import Batch, Violation
 from .tenants import Tenant
-from .validate import check_and_encode, check_head, encode_head
+from .validate import BODY_FRAME, check_and_encode, check_head, encode_head
 
 
 def authorize(tenant: Tenant, head: Mapping[str, Any]) -> None:
@@ -93,6 +93,28 @@ class Intake:
             return Taken(position, (), None)
         # Positional: a NamedTuple built with keywords costs twice as much, once per recipient.
         return Taken(position, (), self._planner.add(position, encoded))
+
+    @property
+    def context_name(self) -> str:
+        """The name the tenant's Braze workspace gives the context object."""
+        return self._context_name
+
+    @property
+    def encoded_limit(self) -> int:
+        """The largest recipient, as JSON, that `take_encoded` may be given: one that breaks no size
+        rule of `check_and_encode` beside this head."""
+        return min(MAX_CONTEXT_BYTES, MAX_BODY_BYTES - BODY_FRAME - self._head_size)
+
+    def take_encoded(self, encoded: bytes) -> Batch | None:
+        """`take` for a recipient already checked and encoded elsewhere (`edge.native`): JSON that
+        `check_and_encode` would have made, under this intake's context name and within
+        `encoded_limit`, so it breaks no rule. Returns the batch it closed, if any (no `Taken`:
+        this runs once per recipient, and nothing is rejected here)."""
+        position = self.received
+        self.received += 1
+        if self.head_violations:
+            return None
+        return self._planner.add(position, encoded)
 
     @property
     def open(self) -> bool:

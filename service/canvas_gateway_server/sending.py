@@ -196,6 +196,24 @@ class StreamSend:
         """Plan the next recipients; waits while the stream's batches are all in flight."""
         await _take_all(self._intake, recipients, self)
 
+    async def feed_encoded(self, encoded: Iterable[bytes]) -> None:
+        """`feed` for recipients checked and encoded already (`Intake.take_encoded`)."""
+        take = self._intake.take_encoded
+        for each in encoded:
+            closed = take(each)
+            if closed is not None:
+                await self.batch(closed)
+
+    @property
+    def context_name(self) -> str:
+        """What the recipients' context object is called in the bodies (`Intake.context_name`)."""
+        return self._intake.context_name
+
+    @property
+    def encoded_limit(self) -> int:
+        """The largest recipient, as JSON, that `feed_encoded` may be given (`Intake.encoded_limit`)."""
+        return self._intake.encoded_limit
+
     async def batch(self, batch: Batch) -> None:
         if self.context.validate_only:
             await self._fan.put(results.not_attempted(batch, VALIDATE_ONLY), batch)

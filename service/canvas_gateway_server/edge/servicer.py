@@ -36,6 +36,7 @@ from ..sending import Sender, StreamSend
 from ..tenants import Tenant, TenantDirectory
 from . import convert, observer, status
 from .admission import InFlight, StreamHold, StreamSlots
+from .native import ChunkEncoder
 from .queries import ResultQueries
 from .streams import StreamEnd, StreamReader, next_message, results_to_write
 
@@ -70,6 +71,7 @@ class CanvasGatewayServicer:
         reconcile_tail: int,
         idle_timeout_seconds: float,
         streams: StreamSlots,
+        chunk_encoder: ChunkEncoder | None = None,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
@@ -82,6 +84,8 @@ class CanvasGatewayServicer:
         self._idle_timeout_seconds = idle_timeout_seconds
         self.streams = streams
         self.in_flight = InFlight()
+        self._encode_chunk = chunk_encoder
+        """The compiled recipient path (`native`), or None: every chunk through `convert`."""
 
     @property
     def sender(self) -> Sender:
@@ -210,12 +214,19 @@ class CanvasGatewayServicer:
         # The stubs type the callback as a class of theirs; grpcio calls any callable with the context.
         context.add_done_callback(end.rpc_done)  # type: ignore[arg-type]
 
+        encode = self._encode_chunk
+
         async def pump() -> None:
             try:
                 await session.feed(map(convert.recipient_to_dict, header.trigger.recipients))
                 index = 0
                 while (raw := await next_message(reader, session, self._idle_timeout_seconds)) is not None:
                     index += 1
+                    if encode is not None:
+                        encoded = encode(raw, session.context_name, session.encoded_limit)
+                        if encoded is not None:
+                            await session.feed_encoded(encoded)
+                            continue
                     message = convert.decode(pb.SendStreamRequest, raw, f"messages[{index}]", context)
                     if message.WhichOneof("part") != "chunk":
                         raise _bad_stream("only the first message may be a header")
