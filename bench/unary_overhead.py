@@ -13,7 +13,9 @@ gateway and the direct POST (which goes first alternates too), so that drift on 
 hits both; sampling stops at K calls a side or after a time bound. The figures are p50 and p99
 of each and their differences (gateway - direct): the overhead, and the gateway process's CPU
 per Send over its blocks. Issue 22's bars: a p50 overhead of at most 1 ms and a p99 of at most
-2 ms at concurrency 1, a p50 of at most 5 ms at concurrency 16 (one worker).
+2 ms at concurrency 1, a p50 of at most 5 ms at concurrency 16 (one worker). Then the same at
+concurrency 1 on a second gateway with CGW_RESULTS_KEPT=false: what keeping every result for
+GetResults (in the host's file, on by default) costs a Send.
 
     .venv/bin/python bench/suite.py --only unary_overhead --out -
 """
@@ -21,6 +23,7 @@ per Send over its blocks. Issue 22's bars: a p50 overhead of at most 1 ms and a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -151,10 +154,18 @@ def figures(plan: Plan, gateway: list[float], direct: list[float], cpu: float = 
 
 async def measure(smoke: bool) -> list[Figure]:
     plans = SMOKE if smoke else FULL
+    found = await _measure(plans, {}, "")
+    # What keeping every result for GetResults (CGW_RESULTS_KEPT, on by default) costs a Send: the
+    # same at concurrency 1 with it off.
+    found += await _measure(plans[:1], {"CGW_RESULTS_KEPT": "false"}, "results kept off: ")
+    return found
+
+
+async def _measure(plans: tuple[Plan, ...], settings: dict[str, str], label: str) -> list[Figure]:
     request = send_request().SerializeToString()
     body = braze_body()
     found: list[Figure] = []
-    async with stack() as running:
+    async with stack(gateway=settings) as running:
         connector = aiohttp.TCPConnector(limit=max(plan.concurrency for plan in plans))
         timeout = aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)
         async with (
@@ -178,5 +189,7 @@ async def measure(smoke: bool) -> list[Figure]:
 
             for plan in plans:
                 through, straight, cpu = await sample(gateway, direct, plan, running.gateway.pid)
-                found += figures(plan, through, straight, cpu)
+                for figure in figures(plan, through, straight, cpu):
+                    target = "" if label else figure.target  # the bars are the default's
+                    found.append(dataclasses.replace(figure, name=label + figure.name, target=target))
     return found
