@@ -118,6 +118,7 @@ async def _stream(
         resumes=args.resumes,
         idempotency_key=args.idempotency_key,
         on_wait=report.waiting,
+        ordered=client.connections > 1,  # the results file in position order, whatever N
     ):
         response = tracked.response
         if response.HasField("result"):
