@@ -255,8 +255,9 @@ class CanvasGatewayClient:
         Positions and batch indexes are the gateway's, the same in every stream. For this the
         recipients must be readable again from the first, in the same order: pass a Sequence,
         or a function of no arguments that returns them afresh (an iterable or async iterable)
-        each time it is called. An iterator or generator is read once: with a key it is never
-        resumed (the error is raised, as with `resumes=0`); send it again yourself, with the key.
+        (it is read once; what a resume sends again is held, see below). From an iterator or
+        generator, the first part is never resumed with a key (the error is raised, as with
+        `resumes=0`); send it again yourself, with the key.
         A batch whose result did not stand (held past 64, CANVAS_INACTIVE, a REJECTED)
         and that a later stream sends gets its later result too: the one batch yielded twice.
         The gateway must still hold the key's results (Redis shared by every replica; without
