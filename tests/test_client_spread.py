@@ -217,6 +217,17 @@ async def test_the_cli_spreads_in_position_order_and_a_resend_with_one_connectio
     assert all(line["result"]["replayed"] for line in lines[:-1])
     assert lines[-1]["summary"]["recipients"] == COUNT
 
+    # `results` reads every part back (KEY, then KEY.part-1, ...), in the send's positions and batches.
+    back = tmp_path / "back.jsonl"
+    code, printed = await cli("results", "--idempotency-key", "cli-1", "--results", str(back))
+    assert code == 0 and len(harness.fake.calls) == calls
+    kept = sorted(
+        (row["position"], row["batch"], row["outcome"])
+        for row in map(json.loads, back.read_text().splitlines())
+    )
+    assert kept == [(row["position"], row["batch"], row["outcome"]) for row in rows]
+    assert json.loads(printed.splitlines()[-1])["summary"]["recipients"] == COUNT
+
 
 # --- a gateway of 2 workers ------------------------------------------------------------------------
 
