@@ -32,6 +32,7 @@ MEASURES = (
     "stream_throughput",
     "breakdown",
     "workers",
+    "client_connections",
     "unary_overhead",
     "memory",
     "budget_use",

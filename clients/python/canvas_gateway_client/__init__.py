@@ -14,6 +14,8 @@ This module is the package's public face; the modules behind it, by job:
     connection   channel options, the bearer token's check and metadata, the request id
     recipients   triggers and recipients from messages or Braze JSON, read lazily in chunks
     streaming    the streams of one send_stream and their resumes (Waiting)
+    spreading    a send over several connections, in parts (PART_SIZE, part_key: a keyed
+                 send's parts do not depend on the connections)
     tracking     results in the caller's terms across streams (Tracked), the summary
     keyed        the same under an idempotency key (KeyForgotten when the gateway lost it)
     errors       the gateway's error details: field violations, ErrorInfo, resume_position
@@ -27,11 +29,13 @@ from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from .client import CanvasGatewayClient
 from .errors import FieldViolation, KeyForgotten, bad_request_violations, error_info, resume_position
 from .recipients import DEFAULT_CHUNK_SIZE, RecipientSource, to_recipient, to_trigger
+from .spreading import PART_SIZE, part_key
 from .streaming import Waiting
 from .tracking import Tracked
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "PART_SIZE",
     "CanvasGatewayClient",
     "FieldViolation",
     "KeyForgotten",
@@ -40,6 +44,7 @@ __all__ = [
     "Waiting",
     "bad_request_violations",
     "error_info",
+    "part_key",
     "pb",
     "resume_position",
     "to_recipient",

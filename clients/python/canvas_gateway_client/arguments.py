@@ -13,6 +13,10 @@ from .recipients import DEFAULT_CHUNK_SIZE
 DEFAULT_TARGET = "127.0.0.1:50051"
 TOKEN_ENV = "CANVAS_GATEWAY_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 DEMO_CANVAS_ID = "canvas-gateway-demo"
+DEFAULT_CONNECTIONS = 4
+"""Connections a send-stream spreads over: the gateway's workers (CGW_WORKERS, one per core by
+default) each take the connections the kernel hands them, so a few more than its workers keep
+them all busy."""
 
 IDEMPOTENCY = """\
 idempotency keys (--idempotency-key KEY, 1 to 128 of A-Z a-z 0-9 . _ : -, your tenant's own):
@@ -73,6 +77,17 @@ def _stream_options(parser: argparse.ArgumentParser) -> None:
         "input is sent again from the start under the key instead (batches with a result come "
         "back replayed and are not printed twice), and a batch another call is sending is "
         "tried again after the delay the gateway gives",
+    )
+    parser.add_argument(
+        "--connections",
+        type=_positive,
+        default=DEFAULT_CONNECTIONS,
+        metavar="N",
+        help="spread the send over N connections, a stream on each at once, so that every worker "
+        f"of the gateway (CGW_WORKERS) sends (default {DEFAULT_CONNECTIONS}; at least the gateway's "
+        "workers). The input goes in parts of 5,000 recipients, a stream each; above 1 the results "
+        "come in position order. The parts do not depend on N: run again with another N under the "
+        "same --idempotency-key and nothing is sent twice",
     )
     _key_option(
         parser,

@@ -3,7 +3,7 @@
     canvas-gateway [--target HOST:PORT] [--token TOKEN] [--timeout S] [--tls | --ca-file PEM] COMMAND
       send --file BODY.json [--results FILE] [--dry-run] [--idempotency-key KEY]
       send-stream --header HEADER.json --recipients FILE|- [--format jsonl|csv] [--results FILE]
-                  [--idempotency-key KEY] ...
+                  [--idempotency-key KEY] [--connections N] ...
       send-demo [--recipients N] [--canvas-id ID] [--chunk-size N] [--idempotency-key KEY]
       results (--idempotency-key KEY | --request-id ID) [--results FILE]
 
@@ -100,7 +100,9 @@ async def run(
         io.error(f"error: no token: set {TOKEN_ENV} or pass --token")
         return EXIT_AUTH
     try:
-        client = CanvasGatewayClient(args.target, token, credentials=_credentials(args))
+        client = CanvasGatewayClient(
+            args.target, token, credentials=_credentials(args), connections=getattr(args, "connections", 1)
+        )
     except ValueError as error:  # a malformed token, never quoted
         io.error(f"error: {error}")
         return EXIT_AUTH

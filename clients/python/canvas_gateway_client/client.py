@@ -21,7 +21,8 @@ kept out of every repr and exception text.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -29,7 +30,7 @@ import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 
-from . import streaming
+from . import spreading, streaming
 from .connection import DEFAULT_OPTIONS, ChannelOptions, bearer_metadata, open_channel
 from .keyed import _Keyed
 from .recipients import DEFAULT_CHUNK_SIZE, RecipientSource, TriggerLike, _once, _rereadable, to_trigger
@@ -43,6 +44,12 @@ class CanvasGatewayClient:
     `target` is a gRPC target such as "127.0.0.1:50051". Without `credentials` the channel
     is plaintext (loopback and tests); pass `grpc.ssl_channel_credentials()` otherwise.
     `options` are gRPC channel arguments, on top of `DEFAULT_OPTIONS`.
+
+    `connections` (default 1) is how many connections a `send_stream` spreads its recipients
+    over, a stream on each at once: a gateway's CGW_WORKERS workers share one port and the kernel
+    hands each connection to one of them, so set it to the gateway's workers (or more) to keep
+    them all busy. Above 1 the recipients go in parts of PART_SIZE, a stream each (see
+    `send_stream`); unary calls use one connection of their own.
     """
 
     def __init__(
@@ -52,8 +59,13 @@ class CanvasGatewayClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions = (),
+        connections: int = 1,
     ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
         self._metadata = bearer_metadata(token)
+        self._connections = connections
+        self._spread: list[tuple[grpc.aio.Channel, pb_grpc.CanvasGatewayServiceAsyncStub]] = []
         self._target = target
         self._credentials = credentials
         self._options = (*DEFAULT_OPTIONS, *options)
@@ -62,7 +74,13 @@ class CanvasGatewayClient:
 
     def __repr__(self) -> str:
         security = "insecure" if self._credentials is None else "secure"
-        return f"{type(self).__name__}(target={self._target!r}, {security})"
+        spread = f", connections={self._connections}" if self._connections > 1 else ""
+        return f"{type(self).__name__}(target={self._target!r}, {security}{spread})"
+
+    @property
+    def connections(self) -> int:
+        """How many connections a `send_stream` spreads over."""
+        return self._connections
 
     @property
     def target(self) -> str:
@@ -75,6 +93,17 @@ class CanvasGatewayClient:
             self._channel = open_channel(self._target, self._credentials, self._options)
             self._stub = pb_grpc.CanvasGatewayServiceStub(self._channel)
         return self._channel, self._stub
+
+    def _connection(self, index: int) -> tuple[grpc.aio.Channel, pb_grpc.CanvasGatewayServiceAsyncStub]:
+        """Connection `index` of a spread send: with one, the client's channel; else a channel of
+        its own each (a local subchannel pool: gRPC would share one connection among them)."""
+        if self._connections == 1:
+            return self._service()
+        while len(self._spread) <= index:
+            options = (*self._options, ("grpc.use_local_subchannel_pool", 1))
+            channel = open_channel(self._target, self._credentials, options)
+            self._spread.append((channel, pb_grpc.CanvasGatewayServiceStub(channel)))
+        return self._spread[index]
 
     async def __aenter__(self) -> Self:
         self._service()
@@ -91,8 +120,11 @@ class CanvasGatewayClient:
     async def close(self) -> None:
         """Close the channel, cancelling RPCs still running; the client may be reused after."""
         channel, self._channel, self._stub = self._channel, None, None
+        spread, self._spread = self._spread, []
         if channel is not None:
             await channel.close()
+        for each, _ in spread:
+            await each.close()
 
     async def send(
         self,
@@ -193,6 +225,7 @@ class CanvasGatewayClient:
         resume_wait: float = 60.0,
         idempotency_key: str | None = None,
         on_wait: OnWait | None = None,
+        ordered: bool = False,
     ) -> AsyncIterator[pb.SendStreamResponse]:
         """Stream `recipients` (after any in `header`) and yield the gateway's responses.
 
@@ -222,8 +255,9 @@ class CanvasGatewayClient:
         Positions and batch indexes are the gateway's, the same in every stream. For this the
         recipients must be readable again from the first, in the same order: pass a Sequence,
         or a function of no arguments that returns them afresh (an iterable or async iterable)
-        each time it is called. An iterator or generator is read once: with a key it is never
-        resumed (the error is raised, as with `resumes=0`); send it again yourself, with the key.
+        (it is read once; what a resume sends again is held, see below). From an iterator or
+        generator, the first part is never resumed with a key (the error is raised, as with
+        `resumes=0`); send it again yourself, with the key.
         A batch whose result did not stand (held past 64, CANVAS_INACTIVE, a REJECTED)
         and that a later stream sends gets its later result too: the one batch yielded twice.
         The gateway must still hold the key's results (Redis shared by every replica; without
@@ -235,6 +269,18 @@ class CanvasGatewayClient:
         them gets its result, and the error is raised after the summary (or, when the
         gateway then fails the stream, for example because no recipient came, in place
         of its AioRpcError). A failed RPC raises grpc.aio.AioRpcError.
+
+        With the client's `connections` above 1, or with `idempotency_key`, the recipients go in
+        parts of PART_SIZE (5,000, the header's first), each its own stream with the resumes
+        above: up to `connections` at once, each on a connection of its own. Under a key, part 0
+        is sent under the key and part `i` under `part_key(key, i)` (`<key>.part-<i>`), whatever
+        `connections`: a resend with any `connections` sends nothing twice. Part 0 is sent as it
+        is read; the later parts are read whole first and held until sent, so they resume under
+        the key even from an iterator. Results carry your positions, and part `i`'s batch
+        indexes start at `i * 5,000`; a failed part stops the parts not started, and its error is
+        raised once the others end. With `ordered` the results come in position order (held
+        until every position before theirs has its result). A send of several parts ends with
+        the parts' summaries added up, their request ids comma-separated.
         """
         async for tracked in self.send_stream_tracked(
             header,
@@ -246,6 +292,7 @@ class CanvasGatewayClient:
             resume_wait=resume_wait,
             idempotency_key=idempotency_key,
             on_wait=on_wait,
+            ordered=ordered,
         ):
             yield tracked.response
 
@@ -261,6 +308,7 @@ class CanvasGatewayClient:
         resume_wait: float = 60.0,
         idempotency_key: str | None = None,
         on_wait: OnWait | None = None,
+        ordered: bool = False,
     ) -> AsyncIterator[Tracked]:
         """`send_stream`, each response with the recipients its result holds (see `Tracked`)."""
         if chunk_size < 1:
@@ -268,30 +316,62 @@ class CanvasGatewayClient:
         if resumes < 0:
             raise ValueError("resumes must not be negative")
         trigger = to_trigger(header)
+        stream = _OneStream(self, chunk_size, validate_only, resumes, resume_wait, on_wait)
+        if self._connections == 1 and not idempotency_key and not ordered:
+            results = stream(0, trigger, recipients, None, timeout)
+        else:  # in parts: the parts of a keyed send are the same whatever the connections
+            results = spreading.spread(
+                stream, self._connections, trigger, recipients, idempotency_key or None, timeout, ordered
+            )
+        async with contextlib.aclosing(results):  # a caller that stops early ends the RPCs now
+            async for tracked in results:
+                yield tracked
+
+
+@dataclass(frozen=True)
+class _OneStream:
+    """Sends recipients in one SendStream (and its resumes) on one of a client's connections."""
+
+    client: CanvasGatewayClient
+    chunk_size: int
+    validate_only: bool
+    resumes: int
+    resume_wait: float
+    on_wait: OnWait | None
+
+    async def __call__(
+        self,
+        connection: int,
+        trigger: pb.CanvasTrigger,
+        recipients: RecipientSource,
+        key: str | None,
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
+    ) -> AsyncGenerator[Tracked, None]:
         head = pb.CanvasTrigger()
         head.CopyFrom(trigger)
         del head.recipients[:]  # the header's recipients go first, in chunks like the others
-        options = pb.SendOptions(validate_only=validate_only, idempotency_key=idempotency_key or "")
+        options = pb.SendOptions(validate_only=self.validate_only, idempotency_key=key or "")
         first = pb.StreamHeader(trigger=head, options=options)
-        channel, stub = self._service()
+        channel, stub = self.client._connection(connection)
         send = streaming.StreamSend(
             channel,
             stub,
-            self._metadata,
+            self.client._metadata,
             first,
             tuple(trigger.recipients),
-            chunk_size,
+            self.chunk_size,
             timeout,
-            resume_wait,
-            on_wait,
+            self.resume_wait,
+            self.on_wait,
         )
         again = _rereadable(recipients)
-        if idempotency_key and resumes and again is not None:
+        resumes = self.resumes
+        if key and resumes and again is not None:
             results = streaming.keyed(send, again, _Keyed(resumes))
         else:
-            if idempotency_key:
+            if key:
                 resumes = 0  # read once: a resume of what has no result would not match the kept batches
             results = streaming.resumable(send, _once(recipients), _Resumable(resumes))
-        async with contextlib.aclosing(results):  # a caller that stops early ends the RPC now
+        async with contextlib.aclosing(results):
             async for tracked in results:
                 yield tracked

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TextIO
 
+import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 
 from .client import CanvasGatewayClient
@@ -16,6 +17,8 @@ from .inputs import LineMap, close_recipients, count_rows, format_of, open_recip
 from .recipients import RecipientSource
 from .report import Progress
 from .rows import InputError, Row
+from .spreading import PART_SIZE, Part, _shift, _total, part_key
+from .tracking import Tracked
 
 
 def demo_recipients(count: int) -> Iterator[pb.Recipient]:
@@ -118,6 +121,7 @@ async def _stream(
         resumes=args.resumes,
         idempotency_key=args.idempotency_key,
         on_wait=report.waiting,
+        ordered=client.connections > 1,  # the results file in position order, whatever N
     ):
         response = tracked.response
         if response.HasField("result"):
@@ -198,15 +202,46 @@ async def cmd_results(
 ) -> None:
     """An earlier request's results, read back from the gateway (never sent again): the same
     lines, results file and exit status as the send had. The gateway keeps no identifier, so
-    the results file's `recipient` column is empty; its `position` joins it to the input."""
-    async for response in client.get_results(
-        idempotency_key=args.idempotency_key or "", request_id=args.request_id or "", timeout=args.timeout
-    ):
+    the results file's `recipient` column is empty; its `position` joins it to the input. Under a
+    key, every part of the send is read (`_kept_parts`)."""
+    summaries: list[pb.SendSummary] = []
+    async for index, response in _kept_parts(client, args):
         if response.HasField("result"):
-            report.result(response.result, [pb.Recipient()] * len(response.result.positions))
+            result = response.result
+            if index:  # a later part of a keyed send: its positions and batches in the send's terms
+                shifted = _shift(
+                    Tracked(pb.SendStreamResponse(result=result), ()), Part(index, index * PART_SIZE)
+                )
+                result = shifted.response.result
+            report.result(result, [pb.Recipient()] * len(result.positions))
         else:
-            report.sent_out = report.resolved
-            report.end(response.summary)
+            summaries.append(response.summary)
+    report.sent_out = report.resolved
+    report.end(_total(summaries).response.summary)
+
+
+async def _kept_parts(
+    client: CanvasGatewayClient, args: argparse.Namespace
+) -> AsyncIterator[tuple[int, pb.GetResultsResponse]]:
+    """The kept results of a request, by part: under a key, part 0's (the key's own), then those of
+    `part_key(key, 1)`, ... until the gateway has none for one (a send of one part has none)."""
+    key: str = args.idempotency_key or ""
+    index = 0
+    while True:
+        try:
+            async for response in client.get_results(
+                idempotency_key=part_key(key, index) if key else "",
+                request_id=args.request_id or "",
+                timeout=args.timeout,
+            ):
+                yield index, response
+        except grpc.aio.AioRpcError as error:
+            if index == 0 or error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return
+        if not key:
+            return
+        index += 1
 
 
 async def cmd_unknown(
