@@ -6,6 +6,7 @@ gateway of 2 workers) sends nobody twice, as the parts do not depend on N."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -17,8 +18,10 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from canvas_gateway_client import CanvasGatewayClient, pb
+from canvas_gateway_client import CanvasGatewayClient, pb, spreading
+from canvas_gateway_client import client as client_module
 from canvas_gateway_client.cli import run
+from canvas_gateway_client.errors import SentAsOneStream
 from canvas_gateway_client.spreading import PART_SIZE, part_key
 from fake_braze import FakeBraze
 from prometheus_client.parser import text_string_to_metric_families
@@ -155,6 +158,77 @@ async def test_a_keyed_resend_with_other_connections_sends_nobody_twice(
         kept = [r async for r in client.get_results(idempotency_key=part_key(key, 2))]
     assert all(r.replayed for r in again) and len(harness.fake.calls) == calls
     assert sorted(p for r in kept if r.HasField("result") for p in r.result.positions) == list(range(345))
+
+
+async def test_a_job_first_sent_as_one_stream_is_resent_as_one_stream_whatever_the_connections(
+    harness: Harness,
+) -> None:
+    """Another client (or this one before parts) sent KEY as one stream past the first part and
+    was cut off: a resend with several connections must not cut it into parts, whose later keys
+    Braze was never called under (their recipients would be sent twice)."""
+    key = "one-stream-first"
+    harness.fake.faults.set_latency(0.005)
+    trigger = pb.CanvasTrigger(canvas_id="c")
+    trigger.context.update({"campaign": "spread"})  # HEADER's
+    header = pb.StreamHeader(trigger=trigger, options=pb.SendOptions(idempotency_key=key))
+    messages = [pb.SendStreamRequest(header=header)]
+    everyone = users(COUNT)
+    messages += [
+        pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=everyone[i : i + 500]))
+        for i in range(0, COUNT, 500)
+    ]
+    call = harness.stub.SendStream(iter(messages), metadata=Harness.auth())
+    async for response in call:  # as a Go or TypeScript caller would, until it is killed
+        if response.HasField("result") and max(response.result.positions) >= PART_SIZE + 500:
+            break
+    call.cancel()
+    await until(lambda: idle(harness.gateway, harness.fake))
+    sent_first = len(sent_to(harness.fake))
+    assert PART_SIZE < sent_first < COUNT
+
+    async with CanvasGatewayClient(harness.target, TOKEN, connections=3) as client:
+        results, summary = await send(client, COUNT, key=key)
+    each_position_once(results, COUNT)
+    check_sent_once(results, harness.fake)
+    assert sum(len(r.positions) for r in results if r.replayed) >= sent_first
+    assert summary is not None and summary.recipients == COUNT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # no part was sent under a key of its own
+        await anext(
+            aiter(CanvasGatewayClient(harness.target, TOKEN).get_results(idempotency_key=part_key(key, 1)))
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_send_that_could_not_ask_first_stops_before_a_later_part_of_a_one_stream_key(
+    harness: Harness,
+) -> None:
+    """When the gateway did not answer the question up front, it is asked again before part 1:
+    a key first sent as one stream past 5,000 stops the send after part 0 (whose batches are the
+    one stream's first 100, replayed), with nothing sent under a part's key."""
+    key = "asked-late"
+    trigger = pb.CanvasTrigger(canvas_id="c")
+    trigger.context.update({"campaign": "spread"})  # HEADER's
+    header = pb.StreamHeader(trigger=trigger, options=pb.SendOptions(idempotency_key=key))
+    everyone = users(PART_SIZE + 100)
+    messages = [pb.SendStreamRequest(header=header)]
+    messages += [
+        pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=everyone[i : i + 500]))
+        for i in range(0, len(everyone), 500)
+    ]
+    async for _ in harness.stub.SendStream(iter(messages), metadata=Harness.auth()):
+        pass  # another client's one stream, whole
+    calls = len(harness.fake.calls)
+
+    async with CanvasGatewayClient(harness.target, TOKEN, connections=2) as client:
+        later = functools.partial(client._refuse_one_stream, key, None)  # what `send_stream` awaits then
+        one = client_module._OneStream(client, 500, False, 0, 1.0, None)
+        found: list[pb.BatchResult] = []
+        with pytest.raises(SentAsOneStream, match="resent as one stream"):
+            async for tracked in spreading.spread(one, 2, trigger, everyone, key, None, True, later):
+                if tracked.response.HasField("result"):
+                    found.append(tracked.response.result)
+    assert len(harness.fake.calls) == calls  # part 0 replayed, part 1 never sent
+    assert all(r.replayed for r in found) and len(found) == PART_SIZE // 50
 
 
 async def test_input_that_fails_in_a_later_part_sends_what_came_before_then_raises(harness: Harness) -> None:

@@ -38,7 +38,7 @@ from .arguments import TOKEN_ENV, build_parser
 from .client import CanvasGatewayClient
 from .commands import COMMANDS, Command
 from .console import Console, Report
-from .errors import KeyForgotten, bad_request_violations
+from .errors import KeyForgotten, SentAsOneStream, bad_request_violations
 from .exits import _RPC_EXITS, EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID
 from .inputs import format_of
 from .report import ResultsFile, counted
@@ -121,7 +121,7 @@ async def run(
     except InputError as error:
         io.error(f"error: {error}")
         failed = EXIT_INVALID
-    except KeyForgotten as error:
+    except (KeyForgotten, SentAsOneStream) as error:
         io.error(f"error: {error}")
         failed = EXIT_FAILED
     except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels the main task

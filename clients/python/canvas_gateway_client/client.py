@@ -21,6 +21,7 @@ kept out of every repr and exception text.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,6 +33,7 @@ from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 
 from . import spreading, streaming
 from .connection import DEFAULT_OPTIONS, ChannelOptions, bearer_metadata, open_channel
+from .errors import SentAsOneStream
 from .keyed import _Keyed
 from .recipients import DEFAULT_CHUNK_SIZE, RecipientSource, TriggerLike, _once, _rereadable, to_trigger
 from .streaming import OnWait
@@ -156,7 +158,7 @@ class CanvasGatewayClient:
         idempotency_key: str = "",
         request_id: str = "",
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, sent to the server
-    ) -> AsyncIterator[pb.GetResultsResponse]:
+    ) -> AsyncGenerator[pb.GetResultsResponse, None]:
         """An earlier request's kept results (GetResults), named by its idempotency key or its
         request id (exactly one): each result as it was made, in position order, then a summary.
         Braze is not called. Raises grpc.aio.AioRpcError (NOT_FOUND: nothing kept for it)."""
@@ -317,15 +319,61 @@ class CanvasGatewayClient:
             raise ValueError("resumes must not be negative")
         trigger = to_trigger(header)
         stream = _OneStream(self, chunk_size, validate_only, resumes, resume_wait, on_wait)
-        if self._connections == 1 and not idempotency_key and not ordered:
+        shape = await self._shape(idempotency_key, timeout) if idempotency_key else None
+        if shape is True:
+            results = stream(0, trigger, recipients, idempotency_key, timeout)  # as it was first sent
+        elif self._connections == 1 and not idempotency_key and not ordered:
             results = stream(0, trigger, recipients, None, timeout)
         else:  # in parts: the parts of a keyed send are the same whatever the connections
+            later = None
+            if idempotency_key and shape is None:  # not known yet: asked again before part 1
+                later = functools.partial(self._refuse_one_stream, idempotency_key, timeout)
             results = spreading.spread(
-                stream, self._connections, trigger, recipients, idempotency_key or None, timeout, ordered
+                stream,
+                self._connections,
+                trigger,
+                recipients,
+                idempotency_key or None,
+                timeout,
+                ordered,
+                later,
             )
         async with contextlib.aclosing(results):  # a caller that stops early ends the RPCs now
             async for tracked in results:
                 yield tracked
+
+    async def _shape(self, key: str, timeout: float | None) -> bool | None:  # noqa: ASYNC109
+        """`_sent_as_one_stream`, or None when the gateway does not answer now (a stream's
+        resumes wait for it; the question is asked again before a second part is sent)."""
+        try:
+            return await self._sent_as_one_stream(key, timeout)
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def _refuse_one_stream(self, key: str, timeout: float | None) -> None:  # noqa: ASYNC109
+        if await self._sent_as_one_stream(key, timeout):
+            raise SentAsOneStream(len(key))
+
+    async def _sent_as_one_stream(self, key: str, timeout: float | None) -> bool:  # noqa: ASYNC109
+        """Whether `key`'s results hold a position past the first part (PART_SIZE): it was sent
+        as one stream by a client that does not cut sends into parts (another language's, or
+        this one before 1.1), so its resend is one stream too, under `key` (in parts, the later
+        parts would go under keys of their own and be sent again). Results come in position
+        order: at most a part's results are read. Nothing kept (NOT_FOUND, also when the gateway
+        keeps no results, CGW_RESULTS_KEPT=false): False."""
+        try:
+            found = self.get_results(idempotency_key=key, timeout=timeout)
+            async with contextlib.aclosing(found):
+                async for response in found:
+                    if (
+                        response.HasField("result")
+                        and max(response.result.positions, default=0) >= spreading.PART_SIZE
+                    ):
+                        return True
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        return False
 
 
 @dataclass(frozen=True)

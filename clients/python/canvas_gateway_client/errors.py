@@ -36,6 +36,20 @@ class KeyForgotten(Exception):
         self.batch_index = batch_index
 
 
+class SentAsOneStream(Exception):
+    """A keyed send in parts found, before its second part, that its key was first sent as one
+    stream past the first part (by another client): its later parts would have gone under keys
+    of their own and been sent again, so none was sent. Sending again resends it as one stream."""
+
+    def __init__(self, key_length: int) -> None:
+        super().__init__(
+            f"the idempotency key ({key_length} characters) was first sent as one stream of more than "
+            "5,000 recipients, which this send could not see when it began (the gateway did not "
+            "answer): it stopped after the first 5,000, so that no later recipient is sent twice; "
+            "send it again with the same key: it is resent as one stream"
+        )
+
+
 class FieldViolation(NamedTuple):
     """One invalid field of a rejected request, as in google.rpc.BadRequest."""
 

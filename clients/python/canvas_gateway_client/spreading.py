@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -210,8 +210,11 @@ async def spread(
     key: str | None,
     timeout: float | None,  # noqa: ASYNC109 - the send's deadline
     ordered: bool,
+    before_later_parts: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncGenerator[Tracked, None]:
-    """Send `trigger` and `recipients` in parts over `connections` connections (see the module)."""
+    """Send `trigger` and `recipients` in parts over `connections` connections (see the module).
+    `before_later_parts` is awaited once, before part 1 is sent; an error it raises stops the
+    send as a failed part's does."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     again = _rereadable(recipients)
@@ -227,6 +230,15 @@ async def spread(
 
     def left() -> float | None:
         return None if deadline is None else max(0.0, deadline - loop.time())
+
+    checked: asyncio.Future[None] | None = None
+
+    async def check_once() -> None:
+        nonlocal checked
+        if before_later_parts is not None:
+            if checked is None:
+                checked = asyncio.ensure_future(before_later_parts())
+            await asyncio.shield(checked)
 
     async def run_part(connection: int, part: Part, source: RecipientSource, on: pb.CanvasTrigger) -> None:
         keyed = None if key is None else part_key(key, part.index)
@@ -246,6 +258,7 @@ async def spread(
                 while order is not None and part.start > order.next + window and not stopped.is_set():
                     order.moved.clear()
                     await order.moved.wait()
+                await check_once()
                 await run_part(connection, part, part.recipients, head)
         except Exception as exc:
             stopped.set()
