@@ -150,7 +150,9 @@ async def test_three_gateways_on_redis_replay_a_batch_once(fake: FakeBraze, tmp_
     async with replicas_on_redis(fake, tmp_path, 3) as stubs:
         fake.faults.script([Fault.status(500), Fault.status(500)])
         await stubs[0].Send(send_request(120, "job-r"), metadata=with_request_id("acme", "job-r-1"))
-        indexes = [batch.result.batch_index for batch in await unknown(stubs[1])]
+        async with asyncio.timeout(5):  # written behind the answer: another replica lists them soon
+            while len(indexes := [batch.result.batch_index for batch in await unknown(stubs[1])]) < 2:
+                await asyncio.sleep(0.01)
         assert len(indexes) == 2
         calls = len(fake.calls)
         fake.faults.script([Fault.delay(0.3), Fault.delay(0.3)])

@@ -240,6 +240,7 @@ async def test_what_is_kept_is_counted(harness: Harness) -> None:
     await harness.stub.Send(send_request(60), metadata=with_request_id("acme", "counted"))
     registry = harness.gateway.registry
     labels = {"tenant": "acme", "state": "kept"}
+    await harness.gateway.dispatcher.recorder.flush()  # a Send answers before its results are written
     assert registry.get_sample_value("canvas_gateway_results_kept_total", labels) == 2
     assert (registry.get_sample_value("canvas_gateway_results_kept_bytes_total", {"tenant": "acme"}) or 0) > 0
 
@@ -264,6 +265,17 @@ async def test_three_gateways_on_redis_read_each_others_results(fake: FakeBraze,
     async with replicas_on_redis(fake, tmp_path, 3) as stubs:
         sent = await stubs[0].Send(send_request(120, "shared"), metadata=with_request_id("acme", "on-one"))
         calls = len(fake.calls)
+        # A Send answers before its results are written behind (within FLUSH_SECONDS, then the
+        # write): another replica reads them once that write is done.
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    await get_results(stubs[1], request_id="on-one")
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    await asyncio.sleep(outcomes.FLUSH_SECONDS / 5)
         for stub in stubs[1:]:
             for name in ({"idempotency_key": "shared"}, {"request_id": "on-one"}):
                 found, _ = await get_results(stub, **name)
@@ -389,6 +401,7 @@ async def test_while_redis_does_not_answer_sends_go_on_and_reads_are_unavailable
                 await redis.stop()
                 sent = await stub.Send(send_request(60), metadata=with_request_id("acme", "redis-down"))
                 assert [r.outcome for r in sent.results] == [pb.OUTCOME_SENT] * 2
+                await gateway.dispatcher.recorder.flush()  # the write behind the answer, refused
                 failed = gateway.registry.get_sample_value(
                     "canvas_gateway_results_kept_total", {"tenant": "acme", "state": "failed"}
                 )

@@ -213,7 +213,9 @@ class Recorder:
 
     `record` never waits: what it is given is written behind, with what other batches made
     meanwhile, by one task (FLUSH_SECONDS); `flush` waits until what was recorded before it is
-    written (a Send before it answers, a stream before its summary, a read, a shutdown). A write
+    written (a stream before its summary, a replay before it answers, a read, a shutdown; not a
+    unary Send, which is answered at once: another process reads its results FLUSH_SECONDS
+    later at the most). A write
     the store does not take is counted and logged, never fails a batch: the result still reaches
     its caller, and the reconciliation log line stands for it."""
 
