@@ -42,7 +42,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import grpc
 from harness import (
     Figure,
@@ -56,10 +55,9 @@ from harness import (
     wait_ready,
     write_tenants,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import haproxy, redis_server, stop_process  # tests/ is on the path now
+from servers import haproxy, redis_server, stop_process, streams_handled  # tests/ is on the path now
 
 MEASURE = "replicas"
 STREAMS = 6
@@ -107,19 +105,6 @@ async def start_gateway(started: AsyncExitStack, tenants: Path, settings: dict[s
     )
     started.push_async_callback(stop_process, process)
     return Gateway(process, f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}")
-
-
-async def streams_handled(admin: str) -> float:
-    """SendStream RPCs a gateway has handled, from its /metrics."""
-    async with aiohttp.ClientSession() as session, session.get(f"http://{admin}/metrics") as reply:
-        text = await reply.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "grpc_server_handled"
-        for sample in family.samples
-        if sample.name.endswith("_total") and sample.labels["grpc_method"] == "SendStream"
-    )
 
 
 async def run(setup: Setup, per: int, parts: Sequence[Sequence[bytes]], fake: int) -> float:

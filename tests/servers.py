@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, gateway_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -513,3 +514,16 @@ async def start_logged_replica(
             await stop_process(process, signal.SIGKILL)
             raise AssertionError(f"the gateway on {address} never became ready ({process.returncode})")
         await asyncio.sleep(0.05)
+
+
+async def streams_handled(admin: str) -> float:
+    """SendStream RPCs a gateway has handled, from its /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://{admin}/metrics") as reply:
+        text = await reply.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "grpc_server_handled"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["grpc_method"] == "SendStream"
+    )

@@ -24,8 +24,7 @@ from canvas_gateway_client.cli import run
 from canvas_gateway_client.errors import SentAsOneStream
 from canvas_gateway_client.spreading import PART_SIZE, part_key
 from fake_braze import FakeBraze
-from prometheus_client.parser import text_string_to_metric_families
-from servers import start_replica
+from servers import start_replica, streams_handled
 from support import (
     FAKE_URLS,
     TOKENS,
@@ -320,18 +319,6 @@ async def two_workers(fake: FakeBraze, tmp_path: Path) -> AsyncIterator[tuple[st
             await replica.process.wait()
 
 
-async def streams_by_worker(admin: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session, session.get(f"http://{admin}/metrics") as reply:
-        text = await reply.text()
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "grpc_server_handled":
-            for sample in family.samples:
-                if sample.name.endswith("_total") and sample.labels["grpc_method"] == "SendStream":
-                    counts[sample.labels["worker"]] = counts.get(sample.labels["worker"], 0) + sample.value
-    return counts
-
-
 async def test_on_two_workers_a_keyed_resend_with_one_connection_sends_nobody_twice(
     two_workers: tuple[str, str], fake: FakeBraze
 ) -> None:
@@ -348,4 +335,4 @@ async def test_on_two_workers_a_keyed_resend_with_one_connection_sends_nobody_tw
     assert all(r.replayed for r in results)  # the workers share the keys (the host's file)
     assert len(fake.calls) == calls
     assert summary is not None and summary.recipients == COUNT
-    assert sum((await streams_by_worker(admin)).values()) >= 6  # 3 parts, twice
+    assert await streams_handled(admin) >= 6  # 3 parts, twice
