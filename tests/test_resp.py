@@ -7,9 +7,11 @@ loaded again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
+from canvas_gateway_server.stores import resp
 from canvas_gateway_server.stores.resp import ConnectionLost, LeanRedis, ReplyError, address, encode
 from servers import redis_server
 
@@ -96,6 +98,69 @@ async def test_a_stalled_redis_times_out_every_command_under_way_and_none_is_sen
         finally:
             await client.aclose()
             await admin.aclose()
+
+
+async def test_a_command_after_a_stalled_one_keeps_its_own_deadline() -> None:
+    """Only the command whose deadline passed fails: one sent later, answered within its own
+    time once Redis is free again, is taken (Redis ran it; a timeout would have said otherwise)."""
+    async with redis_server() as server:
+        client, admin = lean(server.url, timeout=0.6), lean(server.url)
+        try:
+            await client.call("PING")
+            busy = asyncio.ensure_future(admin.call("EVAL", BUSY, 0, 900))  # Redis busy for 0.9 s
+            await asyncio.sleep(0.05)
+            first = asyncio.ensure_future(client.call("SET", "first", "1"))
+            await asyncio.sleep(0.5)
+            second = await client.call("SET", "second", "2")  # due at 1.1 s: answered at about 0.9 s
+            with pytest.raises(TimeoutError):
+                await first
+            assert second == b"OK"
+            await busy
+            assert await client.call("GET", "first") == b"1"  # the one that timed out ran too
+        finally:
+            await client.aclose()
+            await admin.aclose()
+
+
+async def test_a_connection_that_never_answers_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that takes commands and answers nothing (gone without a word): each command times
+    out, and once the oldest has waited DEAD_SECONDS the connection is dropped for a new one."""
+    monkeypatch.setattr(resp, "DEAD_SECONDS", 0.5)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = lean(f"redis://127.0.0.1:{port}", timeout=0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            await client.call("PING")
+        await asyncio.sleep(0.5)
+        with pytest.raises(TimeoutError):
+            await client.call("PING")  # its deadline finds the first one unanswered for 0.7 s
+        with pytest.raises(TimeoutError):
+            await client.call("PING")  # on a new connection
+        assert len(writers) == 2
+    finally:
+        await client.aclose()
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+BUSY = """
+local function now() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
+local stop = now() + tonumber(ARGV[1])
+while now() < stop do end
+return 1
+"""
 
 
 async def test_a_closed_connection_is_replaced_and_its_command_sent_once_more_and_only_once() -> None:

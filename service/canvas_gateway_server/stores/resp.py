@@ -10,9 +10,11 @@ brings, so the CPU per command falls to a few tens of us with a few batches in f
 are matched to their callers first in, first out; a caller that gave up keeps its place in the line.
 
 Failures, as the stores expect them (each becomes `StoreUnavailable` in `stores.redis`):
-- A command not answered within `timeout` raises `TimeoutError`, and the connection is dropped
-  (the next command opens another): a stalled or vanished Redis is never waited on past it.
-  Redis may still run that command later; every script the stores run is safe to run twice.
+- A command not answered within `timeout` raises `TimeoutError`, and only that command: the ones
+  sent after it keep their own deadlines, and a stalled Redis that answers them in time is taken
+  at its word. Redis may still run a command that timed out; every script the stores run is
+  safe to run twice. A connection whose oldest command has had no reply for DEAD_SECONDS is
+  dropped (a peer gone without a word), and the next command opens another.
 - A connection found closed (Redis restarted) is replaced, and a command that was under way
   on it is sent once more on the new one; never after a timeout.
 - An error reply raises `ReplyError`; NOSCRIPT is handled by `Script`, which loads its script
@@ -33,6 +35,8 @@ import hiredis
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection, parse_url
 
 Arg: TypeAlias = str | bytes | int | float
+DEAD_SECONDS: Final = 10.0
+"""A connection whose oldest command has had no reply this long is taken as gone."""
 _CRLF: Final = b"\r\n"
 
 
@@ -166,9 +170,9 @@ class _Line(asyncio.Protocol):
         self._outgoing.clear()
 
     def _expire(self) -> None:
-        """Called at the oldest deadline: a command not answered by then means Redis stalls or is
-        gone, and every command under way fails with TimeoutError (none is sent again) and the
-        connection is dropped."""
+        """Called at the oldest deadline: each command not answered by its own deadline fails with
+        TimeoutError (none is sent again; its reply, if it comes, is skipped); the others wait on.
+        A connection whose oldest command has waited DEAD_SECONDS for its reply is dropped."""
         self._timer = None
         now = self._loop.time()
         for waiting in self._waiting:
@@ -176,14 +180,12 @@ class _Line(asyncio.Protocol):
                 continue
             if waiting.deadline > now:
                 self._timer = self._loop.call_at(waiting.deadline, self._expire)
-                return
-            break
-        else:
-            return
-        for waiting in self._waiting:
-            if not waiting.future.done():
-                waiting.future.set_exception(TimeoutError())
-        self.drop()
+                break
+            waiting.future.set_exception(TimeoutError())
+        # The oldest command still without its reply (answered or timed out, it is first in line):
+        # sent DEAD_SECONDS ago with nothing back since, the peer is gone.
+        if self._waiting and now - (self._waiting[0].deadline - self._timeout) > DEAD_SECONDS:
+            self.drop()
 
     def drop(self) -> None:
         self.closed = True
