@@ -372,3 +372,13 @@ class Cutter:
         for transport in self._transports:
             transport.abort()
         self._transports.clear()
+
+
+BUSY_LUA = """
+local function now() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
+local stop = now() + tonumber(ARGV[1])
+while now() < stop do end
+return 1
+"""
+"""A script that keeps Redis busy for ARGV[1] ms: commands sent meanwhile run after it, though
+their clients have given up waiting."""

@@ -40,7 +40,7 @@ from canvas_gateway_server.tenants import Tenant
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
 from servers import redis_server
-from support import EXAMPLES, FAKE_URLS, KEYS, Clock, Harness, WallClock, standing_clock
+from support import BUSY_LUA, EXAMPLES, FAKE_URLS, KEYS, Clock, Harness, WallClock, standing_clock
 
 STILL = standing_clock()
 WALL = WallClock()
@@ -372,16 +372,6 @@ async def test_settles_redis_did_not_take_are_made_once_it_answers_by_one_task_t
         finally:
             await store.stop()
             await client.aclose()
-
-
-BUSY_LUA = """
-local function now() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
-local stop = now() + tonumber(ARGV[1])
-while now() < stop do end
-return 1
-"""
-"""A script that keeps Redis busy for ARGV[1] ms: commands sent meanwhile run after it, though
-their clients have given up waiting."""
 
 
 async def test_a_reserve_whose_answer_was_lost_is_released_once_redis_answers() -> None:

@@ -14,6 +14,7 @@ import pytest
 from canvas_gateway_server.stores import resp
 from canvas_gateway_server.stores.resp import ConnectionLost, LeanRedis, ReplyError, address, encode
 from servers import redis_server
+from support import BUSY_LUA
 
 
 def lean(url: str, timeout: float = 2.0) -> LeanRedis:
@@ -107,7 +108,7 @@ async def test_a_command_after_a_stalled_one_keeps_its_own_deadline() -> None:
         client, admin = lean(server.url, timeout=0.6), lean(server.url)
         try:
             await client.call("PING")
-            busy = asyncio.ensure_future(admin.call("EVAL", BUSY, 0, 900))  # Redis busy for 0.9 s
+            busy = asyncio.ensure_future(admin.call("EVAL", BUSY_LUA, 0, 900))  # Redis busy for 0.9 s
             await asyncio.sleep(0.05)
             first = asyncio.ensure_future(client.call("SET", "first", "1"))
             await asyncio.sleep(0.5)
@@ -153,14 +154,6 @@ async def test_a_connection_that_never_answers_is_replaced(monkeypatch: pytest.M
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
         await server.wait_closed()
-
-
-BUSY = """
-local function now() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
-local stop = now() + tonumber(ARGV[1])
-while now() < stop do end
-return 1
-"""
 
 
 async def test_a_closed_connection_is_replaced_and_its_command_sent_once_more_and_only_once() -> None:
