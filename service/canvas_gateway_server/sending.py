@@ -117,7 +117,7 @@ class Sender:
         done.sort(key=lambda result: result.batch_index)
         # Not flushed before the answer: on this process GetResults flushes before it reads, and
         # the writer has them in every process's store within FLUSH_SECONDS. Waiting for that
-        # write cost each Send 0.6-0.8 ms (bench/unary_overhead: results kept off).
+        # write made a Send slower (bench/unary_overhead, p50 overhead: 3.06 ms with it, 1.88 without).
         summary = Summary()
         for result in done:
             summary.add(result)
