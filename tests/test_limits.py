@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,7 +36,14 @@ from canvas_gateway_server.reply import Delivery, RateLimit, Reply, parse_rate_l
 from canvas_gateway_server.stores.failover import FailoverBudgets
 from canvas_gateway_server.stores.host_budgets import HostBudgets
 from canvas_gateway_server.stores.memory import LocalTable, TableBudgets
-from canvas_gateway_server.stores.redis import AUDIENCE_TTL_SECONDS, RedisBudgets, connect
+from canvas_gateway_server.stores.redis import (
+    AUDIENCE_TTL_SECONDS,
+    LEASE_CALLS,
+    LEASE_FRESH_SECONDS,
+    RedisBudgets,
+    connect,
+)
+from canvas_gateway_server.stores.resp import LeanRedis
 from canvas_gateway_server.tenants import Tenant
 from fake_braze import FakeBrazeConfig
 from multidict import CIMultiDict
@@ -647,3 +655,90 @@ def test_a_record_tracks_a_bounded_number_of_parties() -> None:
         budget.settle(None, NOW, party.party)
     assert budget.reserve(NOW + FAIR_SECONDS + 1, Headroom(party=party_of("late", BULK))) is None
     assert [p.party for p in budget.parties] == [party_of("late", BULK)]
+
+
+async def evalsha_calls(client: LeanRedis) -> int:
+    """How many scripts Redis has run (INFO commandstats)."""
+    stats = (await client.call("INFO", "commandstats")).decode()
+    found = re.search(r"cmdstat_evalsha:calls=(\d+)", stats)
+    return int(found.group(1)) if found else 0
+
+
+async def test_a_pool_with_room_lends_a_process_several_calls_each_under_way_in_redis() -> None:
+    """Room for 1,000: one reserve takes LEASE_CALLS calls, each counted under way and ours in Redis
+    at once; this process hands out the others without a round trip, and a pause ends the lease."""
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        try:
+            store = RedisBudgets(client, lease=60.0)
+            first = await store.reserve(KEY, NOW)
+            assert isinstance(first, Ticket)  # never answered: one call asks first
+            await store.settle(first, reply(201, limit=1000, remaining=999, reset=RESET), NOW)
+            before = await evalsha_calls(client)
+            tickets = [await store.reserve(KEY, NOW) for _ in range(LEASE_CALLS)]
+            assert all(isinstance(t, Ticket) and t.shared for t in tickets)
+            assert await evalsha_calls(client) - before == 1  # one script for LEASE_CALLS calls
+            assert await client.call("ZCARD", CALLS) == LEASE_CALLS
+            assert [t.ours for t in tickets if isinstance(t, Ticket)] == list(range(2, LEASE_CALLS + 2))
+            assert isinstance(await store.reserve(KEY, NOW), Ticket)  # the next lease
+            assert await client.call("ZCARD", CALLS) == 2 * LEASE_CALLS
+            spent = reply(429, limit=1000, remaining=0, reset=RESET)
+            assert await store.settle(tickets[0], spent, NOW) == RESET
+            assert await store.reserve(KEY, NOW) == Hold(RESET, spent=True)  # not the lease's calls
+            async with asyncio.timeout(2):  # ...which are released, not left to their lease
+                while await client.call("ZCARD", CALLS) > LEASE_CALLS:
+                    await asyncio.sleep(0.01)
+        finally:
+            await client.aclose()
+
+
+async def test_calls_lent_and_not_handed_out_are_released_soon_and_are_not_ours() -> None:
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        try:
+            store = RedisBudgets(client, lease=60.0)
+            first = await store.reserve(KEY, NOW)
+            assert isinstance(first, Ticket)
+            await store.settle(first, reply(201, limit=1000, remaining=999, reset=RESET), NOW)
+            one = await store.reserve(KEY, NOW)
+            assert isinstance(one, Ticket)
+            base = CALLS.removesuffix(":calls")
+            assert int(await client.call("HGET", base, "ours")) == 1 + LEASE_CALLS
+            await asyncio.sleep(LEASE_FRESH_SECONDS)
+            async with asyncio.timeout(2):
+                while await client.call("ZCARD", CALLS) > 1:  # only the call handed out
+                    await asyncio.sleep(0.01)
+            assert int(await client.call("HGET", base, "ours")) == 2
+            assert await client.call("ZRANGE", CALLS, 0, -1) == [one.token.encode()]
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.parametrize("tenants", ["one tenant", "two tenants"])
+@pytest.mark.parametrize("room", [1, 2, 5, 8, 31, 32, 33, 47, 100])
+async def test_two_replicas_leasing_one_pool_start_exactly_what_it_allows(room: int, tenants: str) -> None:
+    """At the edges of a lease (room below, at and above LEASE_SPREAD * LEASE_CALLS): two replicas
+    that reserve in turn, settling nothing, get exactly `room` calls between them, never more;
+    for one tenant or two of one lane (the fair share: a lease only while no other is active)."""
+    parties = [Headroom(party=party_of("acme", BULK)), Headroom(party=party_of("globex", BULK))]
+    if tenants == "one tenant":
+        parties[1] = parties[0]
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        try:
+            one, two = RedisBudgets(client, lease=60.0), RedisBudgets(client, lease=60.0)
+            first = await one.reserve(KEY, NOW)
+            assert isinstance(first, Ticket)
+            await one.settle(first, reply(201, limit=1000, remaining=room, reset=RESET), NOW)
+            granted = 0
+            while True:
+                pairs = zip((one, two), parties, strict=True)
+                found = [await replica.reserve(KEY, NOW, party) for replica, party in pairs]
+                if all(isinstance(f, Hold) for f in found):
+                    break
+                granted += sum(isinstance(f, Ticket) for f in found)
+                assert granted <= room
+            assert granted == room
+            assert await client.call("ZCARD", CALLS) == room
+        finally:
+            await client.aclose()

@@ -33,11 +33,13 @@ generation) and the loss check (`acknowledge_loss`); the scripts themselves are 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from ..context import IdempotencyScope
@@ -109,13 +111,70 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisBudgets:
-    """A `BudgetStore` in Redis: every replica's calls count against one budget."""
+LEASE_CALLS: Final = 8
+"""Calls a plain reserve asks Redis for at once while the pool has room for many more: this
+process hands out the others itself, one Redis round trip for up to this many batches."""
+LEASE_SPREAD: Final = 4
+"""A lease takes at most a 1/LEASE_SPREAD of the room left after the calls under way: a pool
+with less room than LEASE_SPREAD * LEASE_CALLS lends smaller leases, and one call at a time
+when it is nearly spent (then every call asks Redis, as without leases)."""
+AMPLE: Final = 4 * LEASE_SPREAD * LEASE_CALLS
+"""A reply showing at least this many calls left is taken as leaving a lease room (without a
+headroom): within a lease's 0.2 s only others' spending outside the gateway could change that."""
+MAX_LOST: Final = 10_000
+"""Reserves whose answer never came remembered at most (as `failover.MAX_UNSETTLED`)."""
+LEASE_FRESH_SECONDS: Final = 0.2
+"""How long a lease's calls may be handed out; those left then are released in Redis."""
 
-    def __init__(self, client: LeanRedis, lease: float) -> None:
+
+@dataclass(slots=True)
+class _Lease:
+    """Calls Redis counts as under way that this process has not started yet: (token, ours)."""
+
+    calls: list[tuple[str, int]]
+    until: float
+    """Handed out only before this (the reserve's clock), and never after a pause was seen."""
+    headroom: Headroom
+    """The party's, for which it was taken: only it is handed them."""
+
+    def fits(self, state: Sequence[Any], now: float) -> bool:
+        """Whether every call under way, this lease's included, still fits the room a settle
+        found (`scripts.SETTLE`: reset, left, limit, ours, under way), by `RateBudget.reserve`'s
+        rule; a window that has turned is left to Redis."""
+        reset, left, limit, ours, under = (int(float(_text(value))) for value in state)
+        if reset and reset <= now:
+            return False
+        known = bool(reset or left)
+        room = left if known else 1 if limit == 0 else None
+        if known and self.headroom.active:
+            room = self.headroom.room(left, max(limit, 0), ours, under)
+        return room is None or under <= room
+
+
+class RedisBudgets:
+    """A `BudgetStore` in Redis: every replica's calls count against one budget.
+
+    Leases (LEASE_CALLS): while no other party (tenant, lane) of its lane is active and the pool
+    has ample room, one reserve takes several calls, each counted in Redis as a call under way (and
+    the party's) from that moment: the budget's bound, the headroom and the fair share hold at that
+    moment exactly as if they were reserved one by one. They are handed out to the same party
+    within LEASE_FRESH_SECONDS, their lease extended by as much. Those not handed out are released
+    (`scripts.RELEASE`) then, or as soon as a settle of this process finds a pause or less room
+    than the calls under way (a reply said less is left): the one-by-one rule, checked with each
+    reply instead of each call. Replies to other processes are seen at the next lease; and a party
+    that starts waiting meanwhile waits at most LEASE_FRESH_SECONDS for the fair share to count it."""
+
+    def __init__(self, client: LeanRedis, lease: float, lease_calls: int = LEASE_CALLS) -> None:
         self._reserve = client.script(scripts.RESERVE)
         self._settle = client.script(scripts.SETTLE)
+        self._release = client.script(scripts.RELEASE)
         self._lease = lease
+        self._lease_calls = lease_calls
+        self._leases: dict[BudgetKey, _Lease] = {}
+        """Each pool's lease, for one party: another party's reserve asks Redis (and ends it)."""
+        self._lost: dict[str, int] = {}
+        """Reserves whose answer never came, by token: how many calls each may have taken."""
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _keys(key: BudgetKey) -> list[str]:
@@ -128,6 +187,12 @@ class RedisBudgets:
         return AUDIENCE_TTL_SECONDS if pool_kind(key[1]) == AUDIENCE else BUDGET_TTL_SECONDS
 
     async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
+        if (lent := self._leases.get(key)) is not None:
+            if lent.until > now and lent.calls and lent.headroom == headroom:
+                token, ours = lent.calls.pop()
+                return Ticket(key, token, shared=True, ours=ours, party=headroom.party)
+            await self._release_lease(key, self._leases.pop(key))  # before this reserve asks
+        want = self._lease_calls
         token = f"{headroom.party}.{uuid.uuid4().hex}" if headroom.party else uuid.uuid4().hex
         args: list[str | int] = [
             repr(now),
@@ -137,18 +202,71 @@ class RedisBudgets:
             self._ttl(key),
             *headroom.args(),
             repr(FAIR_SECONDS),
+            want,
+            repr(now + self._lease + LEASE_FRESH_SECONDS),
+            LEASE_SPREAD,
         ]
         try:
-            kind, until = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
+            reply = await _call("budgets", self._reserve(keys=self._keys(key), args=args))
         except StoreUnavailable as exc:
+            if want > 1:
+                self._lost[token] = want
+                if len(self._lost) > MAX_LOST:  # the oldest are left to their lease
+                    del self._lost[next(iter(self._lost))]
             raise ReserveLost(str(exc), Ticket(key, token, shared=True, party=headroom.party)) from None
-        if _text(kind) == "go":
-            return Ticket(key, token, shared=True, ours=int(_text(until)), party=headroom.party)
-        return Hold(float(_text(until)), _text(kind) == "spent")
+        kind, until = _text(reply[0]), _text(reply[1])
+        if kind != "go":
+            return Hold(float(until), kind == "spent")
+        ours = int(until)
+        if int(reply[2]) > 1:
+            self._lend(key, token, ours, int(reply[2]), now, headroom)
+        return Ticket(key, token, shared=True, ours=ours, party=headroom.party)
+
+    def _lend(
+        self, key: BudgetKey, token: str, ours: int, count: int, now: float, headroom: Headroom
+    ) -> None:
+        """Keep the calls of a lease (beside those of one taken meanwhile for the same party)."""
+        calls = [(f"{token}/{i}", ours + i) for i in range(count - 1, 0, -1)]  # handed out from the end
+        lent = self._leases.get(key)
+        if lent is not None and lent.headroom == headroom:
+            lent.calls[:0] = calls
+            return
+        if lent is not None:
+            self._lapse(key, lent)
+        lent = self._leases[key] = _Lease(calls, now + LEASE_FRESH_SECONDS, headroom)
+        asyncio.get_running_loop().call_later(LEASE_FRESH_SECONDS, self._lapse, key, lent)
+
+    def _lapse(self, key: BudgetKey, lent: _Lease) -> None:
+        """The lease's time is up: what is left of it is released in the background."""
+        if self._leases.get(key) is lent:
+            del self._leases[key]
+            task = asyncio.get_running_loop().create_task(self._release_lease(key, lent))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release_lease(self, key: BudgetKey, lent: _Lease | None) -> None:
+        """Release in Redis the calls of a lease not handed out (if Redis does not answer, they
+        lapse at their lease)."""
+        if lent is not None and lent.calls:
+            with contextlib.suppress(StoreUnavailable):
+                tokens = [token for token, _ in lent.calls]
+                await _call("budgets", self._release(keys=self._keys(key)[:2], args=tokens))
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
+        lost = self._lost.get(ticket.token, 1) if reply is None else 1
+        if lost > 1:  # a reserve whose answer never came may have taken a lease: all of it goes
+            tokens = [f"{ticket.token}/{i}" for i in range(1, lost)]
+            await _call("budgets", self._release(keys=self._keys(ticket.key)[:2], args=tokens))
+            del self._lost[ticket.token]  # only once Redis took it: else settled again, later
         responded = reply is not None and reply.delivery is Delivery.RESPONDED
         rate = reply.rate if reply is not None else None
+        lent = self._leases.get(ticket.key)
+        # Whether the lease still fits is asked only when it may not: a reply that shows less
+        # than an ample budget left, or a headroom (which keeps room from what is left).
+        check = lent is not None and (
+            lent.headroom.active
+            or (rate is not None and rate.remaining is not None and rate.remaining < AMPLE)
+        )
         args: list[str | int] = [
             ticket.token,
             repr(now),
@@ -160,9 +278,15 @@ class RedisBudgets:
             self._ttl(ticket.key),
             "" if rate is None or rate.limit is None else str(rate.limit),
             "1" if reply is None else "0",
+            "1" if check else "0",
         ]
-        paused = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
-        return float(_text(paused))
+        found = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
+        paused = float(_text(found[0]))
+        # A lease is never handed out into a pause, nor past what a reply says is left.
+        ended = lent is not None and (paused > now or (check and not lent.fits(found[1:], now)))
+        if ended and self._leases.get(ticket.key) is lent:
+            await self._release_lease(ticket.key, self._leases.pop(ticket.key))
+        return paused
 
 
 class RedisResults:

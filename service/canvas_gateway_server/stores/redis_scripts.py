@@ -4,10 +4,11 @@ and costs one round trip.
 `RESERVE` and `SETTLE` are `rate_budget.RateBudget.reserve` and `.settle` (with its `Headroom`)
 on a hash per (workspace, pool), a sorted set of the calls under way, each with a lease (named
 `<party>.<token>` for the fair share), and a hash of when each party last waited; they
-change together with that class and are held to the same tests. `CLAIM`, `MARK` and `KEEP` are
-`idempotency.ResultStore`'s operations on a hash per (tenant, key, batch); `BEAT` is a process's
-heartbeat and the check that Redis still holds what it kept; `ACCEPT` sets a new generation
-after an operator acknowledged a loss.
+change together with that class and are held to the same tests. RESERVE may also lend a process
+several calls at once, which `RELEASE` gives back when unused (`redis.RedisBudgets`). `CLAIM`,
+`MARK` and `KEEP` are `idempotency.ResultStore`'s operations on a hash per (tenant, key,
+batch); `BEAT` is a process's heartbeat and the check that Redis still holds what it kept;
+`ACCEPT` sets a new generation after an operator acknowledged a loss.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ if known and ARGV[6] == '1' then
 end
 local party = ARGV[13]
 local over = false
+local rivals = 0
 if party ~= '0' and room then
   local recent = now - tonumber(ARGV[14])
   local lane = tonumber(party) % 2
@@ -78,6 +80,7 @@ if party ~= '0' and room then
     end
   end
   over = contended and mine >= math.max(1, math.ceil(room / (n + 1)))
+  rivals = n
 end
 if room and (under >= room or over) then
   if party ~= '0' then
@@ -88,12 +91,32 @@ if room and (under >= room or over) then
   if reset > 0 then again = math.min(reset, again) end
   return {'held', string.format('%.17g', again)}
 end
+local n = 1
+if tonumber(ARGV[15]) > 1 and rivals == 0 then
+  n = tonumber(ARGV[15])
+  if room then n = math.max(1, math.min(n, math.floor((room - under) / tonumber(ARGV[17])))) end
+end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+for i = 1, n - 1 do redis.call('ZADD', KEYS[2], ARGV[16], ARGV[2] .. '/' .. i) end
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('HSET', KEYS[1], 'ours', string.format('%d', ours + 1))
+redis.call('HSET', KEYS[1], 'ours', string.format('%d', ours + n))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {'go', string.format('%d', ours + 1)}
+return {'go', string.format('%d', ours + 1), n}
 """
+"""A call that may start is counted as under way (a member of the calls' sorted set, with its
+lease). A reserve may ask for ARGV[15] calls at once, a lease: it gets them only while no other
+party of its lane is active and the room left after the calls under way is at least ARGV[17]
+times as many, else one; the others are named `<token>/<i>` (the party's, for the fair share) and
+lapse at ARGV[16]. Each is a call under way and one of ours, exactly as if reserved one by one."""
+
+
+RELEASE: Final = """
+local n = redis.call('ZREM', KEYS[2], unpack(ARGV))
+local ours = tonumber(redis.call('HGET', KEYS[1], 'ours')) or 0
+if n > 0 and ours > 0 then redis.call('HSET', KEYS[1], 'ours', string.format('%d', math.max(0, ours - n))) end
+return n
+"""
+"""Calls reserved and never made (a lease's unused calls): no longer under way, nor ours."""
 
 
 SETTLE: Final = """
@@ -132,9 +155,16 @@ if ARGV[3] == '1' then
   end
   redis.call('EXPIRE', KEYS[1], ARGV[8])
 end
-if paused > now then return string.format('%.17g', paused) end
-return '0'
+local said = '0'
+if paused > now then said = string.format('%.17g', paused) end
+if ARGV[11] ~= '1' then return {said} end
+local w = redis.call('HMGET', KEYS[1], 'reset', 'left', 'limit', 'ours')
+local under = redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf')
+return {said, w[1] or '0', w[2] or '0', w[3] or '0', w[4] or '0', under}
 """
+"""A call ended: no longer under way (and, not made, not ours), what its reply tells learnt; the
+pause's end or '0', and with ARGV[11] = '1' what a process that holds a lease checks it against:
+the window's reset, left, limit, ours and the calls under way."""
 
 
 CLAIM: Final = """
