@@ -20,6 +20,7 @@ import os
 import random
 import struct
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -578,6 +579,16 @@ async def test_one_stream_gives_braze_the_same_bodies_with_and_without_the_compi
 def test_load_is_none_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, native.MODULE, None)  # what an interpreter without it finds
     assert native.load() is None
+
+
+def test_load_is_none_with_a_build_older_than_the_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extension built before `encode_send` existed: every recipient takes the Python path."""
+    old = types.ModuleType(native.MODULE)
+    old.encode_chunk = ENCODE  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, native.MODULE, old)
+    assert native.load() is None
+    old.encode_send = SEND  # type: ignore[attr-defined]
+    assert native.load() == (ENCODE, SEND)
 
 
 def _sends() -> list[pb.SendRequest]:
