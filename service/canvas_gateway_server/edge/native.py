@@ -13,7 +13,8 @@ from it (tests/test_native.py holds the two equal under hypothesis).
 
 A unary Send is still decoded by protobuf first, for its head and options (and for the count
 check before any recipient is read); the compiled path then reads its recipients once more from
-the raw bytes, in place of making a dict of each.
+the raw bytes, in place of making a dict of each. upb's share of that decode is small beside the
+dicts it spares (microseconds for 50 recipients), so no second way of reading the head exists.
 
 Used when the extension is installed and CGW_NATIVE_RECIPIENTS is true (the default); absent,
 every chunk and every Send takes the Python path.
