@@ -109,7 +109,7 @@ def _python_path(raws: list[bytes]) -> Callable[[], None]:
     return run
 
 
-def _compiled_path(raws: list[bytes], encode: native.ChunkEncoder) -> Callable[[], None]:
+def _compiled_path(raws: list[bytes], encode: native.RecipientEncoder) -> Callable[[], None]:
     def run() -> None:
         intake = Intake({"canvas_id": CANVAS, "context": CONTEXT})
         for raw in raws:
@@ -161,13 +161,13 @@ async def measure(smoke: bool) -> list[Figure]:
         return encode
 
     compiled: list[Figure] = []
-    encode = native.load()
+    compiled_path = native.load()
     for shape, rows in (("1-key context", dicts), ("12-key context", many)):
         raws = [_chunk(rows[start : start + 500]) for start in range(0, len(rows), 500)]
-        if encode is None:
+        if compiled_path is None:
             compiled.append(Figure(MEASURE, "compiled path: NOT INSTALLED (make install builds it)", 0, "us"))
             break
-        python, fast = _alternating(_python_path(raws), _compiled_path(raws, encode), n)
+        python, fast = _alternating(_python_path(raws), _compiled_path(raws, compiled_path.chunk), n)
         compiled += [
             Figure(MEASURE, f"compiled path: Python parse+to JSON+check+cut, {shape}", python, "us"),
             Figure(MEASURE, f"compiled path: compiled chunk to JSON+cut, {shape}", fast, "us"),

@@ -256,6 +256,20 @@ async def stack(
                     each.kill()
 
 
+async def another_gateway(running: Stack, settings: Mapping[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
+    """A second gateway in `running`'s stack (same fake, same tenants) with `settings`, stopped
+    with the stack: its gRPC target and its process."""
+    grpc_port, admin_port = free_port(), free_port()
+    tenants = running.folder / "tenants.toml"
+    process = subprocess.Popen(  # noqa: ASYNC220 - started before anything is measured
+        [sys.executable, "-m", "canvas_gateway_server"],
+        env=gateway_env(tenants, grpc_port, settings, admin_port),
+    )
+    running.extra_processes.append(process)
+    await wait_ready(f"127.0.0.1:{admin_port}")
+    return f"127.0.0.1:{grpc_port}", process
+
+
 # --- load -----------------------------------------------------------------------------------
 
 

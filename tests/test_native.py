@@ -7,6 +7,10 @@ not decode, a header), the compiled path must answer None so that Python does. U
 recipients common and not, numbers JSON cannot carry, strings with every escape, map entries in
 any order and sent twice, unknown fields, and bytes cut short or changed. Then through real gRPC:
 one stream to a gateway with the compiled path and to one without gives Braze the same bodies.
+
+The same for a unary `SendRequest` (`Native.send`): the servicer decodes it with protobuf first
+(its head, options, count), so only messages protobuf reads are compared; then real Sends, good
+and bad, answer the same and give Braze the same bodies with the compiled path and without.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import random
 import struct
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +40,14 @@ from hypothesis import strategies as st
 from support import Harness, gateway_of, trigger_from_json
 from wire import _varint, delimited, wire
 
-ENCODE = native.load()
-if ENCODE is None and os.environ.get("CI"):  # `make test` builds it: missing there, it is a failure
+NATIVE = native.load()
+if NATIVE is None and os.environ.get("CI"):  # `make test` builds it: missing there, it is a failure
     raise RuntimeError("canvas_gateway_native is not installed in CI: `make install` builds it")
 pytestmark = pytest.mark.skipif(
-    ENCODE is None, reason="canvas_gateway_native is not installed: `make install` builds it"
+    NATIVE is None, reason="canvas_gateway_native is not installed: `make install` builds it"
 )
+ENCODE = None if NATIVE is None else NATIVE.chunk
+SEND = None if NATIVE is None else NATIVE.send
 HEAD = {"canvas_id": "c", "context": {"campaign": "spring"}}
 NAMES = ("context", "canvas_entry_properties")
 
@@ -348,6 +355,180 @@ def test_the_compiled_path_agrees_with_python(
         assert answered or not common
 
 
+# --- unary Send: the trigger's recipients ---------------------------------------------------------
+
+
+def python_send(raw: bytes, name: str) -> tuple[list[bytes], list[Violation]] | None:
+    """The reference for a unary request: its bodies and violations, None if it does not decode."""
+    try:
+        message = pb.SendRequest.FromString(raw)
+    except DecodeError:
+        return None
+    intake = Intake(convert.trigger_head(message.trigger), name)
+    taken = [intake.take(convert.recipient_to_dict(r)) for r in message.trigger.recipients]
+    return _bodies(intake, taken), [v for each in taken for v in each.violations]
+
+
+def native_send(raw: bytes, name: str) -> list[bytes] | None:
+    """As the servicer: protobuf decodes the request (head, options) first, then the compiled path
+    reads the recipients from the same bytes."""
+    assert SEND is not None
+    intake = Intake(convert.trigger_head(pb.SendRequest.FromString(raw).trigger), name)
+    encoded = SEND(raw, name, intake.encoded_limit)
+    if encoded is None:
+        return None
+    closed = [intake.take_encoded(each) for each in encoded]
+    last = intake.finish()
+    return [batch.body for batch in [*closed, last] if batch is not None]
+
+
+def same_send(raw: bytes, name: str = "context") -> bool:
+    """Assert the compiled path agrees with the reference on a unary request; True if it answered."""
+    reference = python_send(raw, name)
+    if reference is None:
+        return False  # protobuf refuses it: the servicer answers before the compiled path is asked
+    compiled = native_send(raw, name)
+    if compiled is None:
+        return False
+    bodies, violations = reference
+    assert violations == [], "the compiled path let a recipient with violations through"
+    assert compiled == bodies
+    return True
+
+
+def send_of(*recipients: pb.Recipient, **head: Any) -> bytes:
+    trigger = trigger_from_json({"canvas_id": "c", "context": {"campaign": "spring"}, **head})
+    trigger.recipients.extend(recipients)
+    options = pb.SendOptions(idempotency_key="k-1", priority=pb.PRIORITY_BULK)
+    return pb.SendRequest(options=options, trigger=trigger).SerializeToString()
+
+
+def test_a_unary_send_of_common_recipients_is_compiled() -> None:
+    bench = [recipient(f"user-{i}", order=i) for i in range(50)]
+    many = [recipient(f"u{i}", **{f"key{k}": f"v{k}" if k % 2 else k for k in range(12)}) for i in range(120)]
+    legacy = pb.Recipient(external_user_id="u1")
+    legacy.canvas_entry_properties.update({"a": [1, {"b": None}]})
+    for recipients in (bench, many, [legacy, recipient("u2")], []):
+        for name in NAMES:
+            assert same_send(send_of(*recipients), name)
+    bodies = native_send(send_of(legacy), "canvas_entry_properties")
+    assert bodies == [
+        b'{"canvas_entry_properties":{"campaign":"spring"},"canvas_id":"c",'
+        b'"recipients":[{"canvas_entry_properties":{"a":[1,{"b":null}]},"external_user_id":"u1"}]}'
+    ]
+
+
+def test_the_triggers_other_fields_anywhere_around_its_recipients_are_skipped() -> None:
+    """Protobuf may write the fields of a message in any order: a trigger's canvas_id, context,
+    audience and broadcast may come between its recipients, and the options before the trigger."""
+    attribute = {"custom_attribute_name": "a", "comparison": "equals", "value": 1}
+    tree = {"AND": [{"custom_attribute": attribute}]}
+    head = trigger_from_json({"canvas_id": "c", "context": {"a": 1}, "broadcast": False, "audience": tree})
+    people = [recipient(f"u{i}", i=i).SerializeToString() for i in range(3)]
+    fields = [
+        delimited(1, b"c"),
+        delimited(2, head.context.SerializeToString()),
+        delimited(5, head.audience.SerializeToString()),
+        _varint(4 << 3) + b"\x00",  # broadcast: false
+        UNKNOWN,
+    ]
+    trigger = b"".join(
+        [fields[0], delimited(6, people[0]), fields[1], fields[2], delimited(6, people[1]), *fields[3:]]
+    )
+    trigger += delimited(6, people[2])
+    options = delimited(2, pb.SendOptions(validate_only=True).SerializeToString())
+    raw = options + delimited(1, trigger) + delimited(9, b"unknown at the top")
+    assert same_send(raw)
+    compiled = native_send(raw, "context")
+    assert compiled is not None and b'"external_user_id":"u2"}]}' in compiled[0]
+
+
+def test_a_send_with_one_bad_recipient_is_left_to_python_which_names_it() -> None:
+    people = [recipient(f"u{i}") for i in range(5)]
+    people[3] = recipient("u3", n=math.nan)
+    raw = send_of(*people)
+    assert native_send(raw, "context") is None
+    reference = python_send(raw, "context")
+    assert reference is not None and [v.field for v in reference[1]] == ["recipients[3].context"]
+
+
+def test_the_head_of_a_send_bounds_what_is_compiled() -> None:
+    """The limit is the one Intake gives for this request's own head."""
+    one = {"custom_attribute": {"custom_attribute_name": "a", "comparison": "equals", "value": 1}}
+    audience = {"OR": [one] * 48_000}  # 3,984,037 bytes of JSON in the head
+    raw = send_of(recipient("u1", text="t" * 20_000), audience=audience)
+    assert native_send(raw, "context") is None
+    reference = python_send(raw, "context")
+    assert reference is not None and [v.rule.name for v in reference[1]] == ["BODY_TOO_LARGE"]
+    assert same_send(send_of(recipient("u1", text="t" * 100), audience=audience))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",  # no trigger
+        pb.SendRequest(options=pb.SendOptions(validate_only=True)).SerializeToString(),
+        delimited(1, b"") * 2,  # the trigger sent twice: merged
+        delimited(1, delimited(6, delimited(1, b"u"))) + delimited(1, delimited(6, delimited(1, b"v"))),
+        delimited(1, _varint(6 << 3) + _varint(5)),  # a recipient of the wrong wire type
+        delimited(1, delimited(6, delimited(1, b"u")) + b"\x0b\x0c"),  # a group in the trigger
+        _varint(1 << 3) + _varint(1),  # the trigger of the wrong wire type
+    ],
+)
+def test_sends_protobuf_would_read_otherwise_are_left_to_python(raw: bytes) -> None:
+    assert SEND is not None and SEND(raw, "context", MAX_CONTEXT_BYTES) is None
+
+
+@st.composite
+def send_requests(draw: st.DrawFn) -> pb.SendRequest:
+    """A unary request: any head (or none), options, and recipients as the chunks have them."""
+    request = pb.SendRequest()
+    trigger = request.trigger
+    trigger.canvas_id = draw(st.sampled_from(["c", ""]))
+    name = draw(st.sampled_from([*NAMES, None]))
+    if name is not None:
+        getattr(trigger, name).update(draw(st.dictionaries(_TEXT, _JSON, max_size=4)))
+    if draw(st.booleans()):
+        trigger.broadcast = draw(st.booleans())
+    trigger.recipients.extend(draw(st.lists(recipients(), max_size=6)))
+    if draw(st.booleans()):
+        request.options.idempotency_key = draw(st.sampled_from(["k-1", "bad key"]))
+        request.options.validate_only = draw(st.booleans())
+    return request
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    request=send_requests(),
+    seed=st.integers(),
+    name=st.sampled_from(NAMES),
+    damage=st.sampled_from(["none", "none", "none", "cut", "flip"]),
+)
+def test_the_compiled_path_agrees_with_python_on_unary_sends(
+    request: pb.SendRequest, seed: int, name: str, damage: str
+) -> None:
+    order = random.Random(seed)
+    raw = wire(request, order)
+    if raw and damage == "cut":
+        raw = raw[: order.randrange(len(raw))]
+    elif raw and damage == "flip":
+        at = order.randrange(len(raw))
+        raw = raw[:at] + bytes([raw[at] ^ (1 << order.randrange(8))]) + raw[at + 1 :]
+    answered = same_send(raw, name)
+    reference = python_send(raw, name)
+    if damage == "none" and reference is not None and not reference[1]:
+        chosen = request.trigger.recipients
+        common = all(r.WhichOneof("identifier") == "external_user_id" for r in chosen) and not any(
+            r.HasField("attributes") or r.HasField("send_to_existing_only") for r in chosen
+        )
+        assert answered or not common or not request.HasField("trigger")
+
+
 # --- through real gRPC --------------------------------------------------------------------------
 
 
@@ -398,3 +579,82 @@ async def test_one_stream_gives_braze_the_same_bodies_with_and_without_the_compi
 def test_load_is_none_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, native.MODULE, None)  # what an interpreter without it finds
     assert native.load() is None
+
+
+def test_load_is_none_with_a_build_older_than_the_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extension built before `encode_send` existed: every recipient takes the Python path."""
+    old = types.ModuleType(native.MODULE)
+    old.encode_chunk = ENCODE  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, native.MODULE, old)
+    assert native.load() is None
+    old.encode_send = SEND  # type: ignore[attr-defined]
+    assert native.load() == (ENCODE, SEND)
+
+
+def _sends() -> list[pb.SendRequest]:
+    """Unary requests good and bad: every one answered the same with the compiled path and without."""
+    people = [
+        {"external_user_id": f"user-{i}", "context": {"i": i, "tags": ["x", i / 7], "z": {"b": 1, "a": None}}}
+        for i in range(120)
+    ]
+    legacy = [{"external_user_id": f"l-{i}", "canvas_entry_properties": {"i": i}} for i in range(3)]
+    one_bad = [*people[:10], {"email": "no-prioritization@example.com"}, *people[10:20]]
+    bodies: list[dict[str, Any]] = [
+        {"canvas_id": "c", "context": {"a": 1}, "recipients": people},  # three batches
+        {"canvas_id": "c", "canvas_entry_properties": {"a": 1}, "recipients": legacy},
+        {"canvas_id": "c", "recipients": one_bad},  # a violation: the whole request through Python
+        {"context": {"a": 1}, "recipients": people[:5]},  # a head violation: recipients compiled
+        {"canvas_id": "c", "broadcast": True, "recipients": people[:5]},  # a count violation
+    ]
+    requests = [pb.SendRequest(trigger=trigger_from_json(body)) for body in bodies]
+    for options in (pb.SendOptions(validate_only=True), pb.SendOptions(idempotency_key="a b")):
+        requests.append(pb.SendRequest(trigger=requests[1].trigger, options=options))
+    return requests
+
+
+async def _answers(
+    stub: pb_grpc.CanvasGatewayServiceAsyncStub, fake: FakeBraze, requests: list[pb.SendRequest]
+) -> list[tuple[Any, ...]]:
+    """Each request's answer (its response, ids cleared; or its status, message and details
+    trailer) and the bodies Braze got for it."""
+    found: list[tuple[Any, ...]] = []
+    for request in requests:
+        before = len(fake.calls)
+        try:
+            response = await stub.Send(request, metadata=Harness.auth(), timeout=60)
+        except grpc.aio.AioRpcError as error:
+            trailer = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+            answer: tuple[Any, ...] = (error.code(), error.details(), trailer)
+        else:
+            response.summary.request_id = ""
+            for result in response.results:
+                result.braze.dispatch_id = ""
+            answer = (response,)
+        found.append((*answer, sorted(call.raw for call in fake.calls[before:])))
+    return found
+
+
+async def test_unary_sends_answer_the_same_with_and_without_the_compiled_path(
+    harness: Harness, tmp_path: Path
+) -> None:
+    requests = _sends()
+    compiled = await _answers(harness.stub, harness.fake, requests)
+    python = await gateway_of(harness.fake, tmp_path, native_recipients=False)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{python.port}") as channel:
+            reference = await _answers(pb_grpc.CanvasGatewayServiceStub(channel), harness.fake, requests)
+    finally:
+        await python.stop(grace=0)
+    assert compiled == reference
+    assert [len(answer[-1]) for answer in compiled] == [3, 1, 0, 0, 0, 0, 0]
+    assert [answer[0] for answer in compiled[2:5]] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert [v.field for v in _violations(compiled[2][2])] == ["recipients[10].prioritization"]
+    assert [v.field for v in _violations(compiled[3][2])] == ["canvas_id"]
+
+
+def _violations(trailer: bytes) -> list[Any]:
+    from google.rpc import error_details_pb2, status_pb2
+
+    bad = error_details_pb2.BadRequest()
+    assert status_pb2.Status.FromString(trailer).details[0].Unpack(bad)
+    return list(bad.field_violations)

@@ -375,7 +375,7 @@ def _servicer(
         reconcile_tail=sending.reconcile_tail_results,
         idle_timeout_seconds=calls.stream_idle_timeout_seconds,
         streams=StreamSlots(calls.max_streams, calls.max_streams_per_tenant),
-        chunk_encoder=native.load() if calls.native_recipients else None,
+        native=native.load() if calls.native_recipients else None,
     )
 
 

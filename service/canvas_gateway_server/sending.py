@@ -1,7 +1,8 @@
-"""The send use cases, free of gRPC: a unary Send, and a SendStream session.
+"""The send use cases, free of gRPC: a unary Send (`UnarySend`), and a SendStream session.
 
-Both run the same loop over one `Intake` (check, encode, batch each recipient once) with a
-policy for what to do with a batch and with a rejected recipient:
+Both run the same loop over one `Intake` (check, encode, batch each recipient once; or only
+batch those checked and encoded already by the compiled path, `take_encoded`/`feed_encoded`)
+with a policy for what to do with a batch and with a rejected recipient:
 - unary Send is all-or-nothing: it collects every violation of the request (top level and
   recipients, all at once) and sends nothing unless there are none;
 - a stream checks its header first, then sends each batch as it closes and answers each
@@ -12,7 +13,7 @@ Then FanOut (limits, retries, REST) turns batches into results.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,18 +61,72 @@ async def _take_all(intake: Intake, recipients: Iterable[Mapping[str, Any]], pol
             await policy.batch(taken.closed)
 
 
-class _AllOrNothing:
-    """Unary Send's policy: gather the batches and every violation; decide at the end."""
+class UnarySend:
+    """One unary Send, all or nothing: `take` its recipients (or `take_encoded`), then
+    `Sender.send` it.
 
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-        self.violations: list[Violation] = []
+    Its own policy for the shared loop: it gathers the batches and every violation, and the
+    request is decided at the end."""
+
+    def __init__(self, intake: Intake, context: RequestContext) -> None:
+        self._intake = intake
+        self.context = context
+        self._batches: list[Batch] = []
+        self._violations: list[Violation] = []
+
+    @property
+    def context_name(self) -> str:
+        """What the recipients' context object is called in the bodies (`Intake.context_name`)."""
+        return self._intake.context_name
+
+    @property
+    def encoded_limit(self) -> int:
+        """The largest recipient, as JSON, that `take_encoded` may be given (`Intake.encoded_limit`)."""
+        return self._intake.encoded_limit
+
+    @property
+    def received(self) -> int:
+        """Recipients taken so far."""
+        return self._intake.received
+
+    @property
+    def head(self) -> Mapping[str, Any]:
+        """The request's top-level fields, as the caller sent them."""
+        return self._intake.head
+
+    async def take(self, recipients: Iterable[Mapping[str, Any]]) -> None:
+        """Check, encode and plan the request's recipients, in order."""
+        await _take_all(self._intake, recipients, self)
+
+    def take_encoded(self, encoded: Iterable[bytes]) -> None:
+        """`take` for recipients checked and encoded already (`Intake.take_encoded`)."""
+        take = self._intake.take_encoded
+        for each in encoded:
+            closed = take(each)
+            if closed is not None:
+                self._batches.append(closed)
 
     async def batch(self, batch: Batch) -> None:
-        self.batches.append(batch)
+        self._batches.append(batch)
 
     async def rejected(self, taken: Taken) -> None:
-        self.violations.extend(taken.violations)
+        self._violations.extend(taken.violations)
+
+    def planned(self) -> list[Batch]:
+        """The batches to send; InvalidRequest with every violation of the request if it has any."""
+        intake = self._intake
+        last = intake.finish()
+        if last is not None:
+            self._batches.append(last)
+        violations = [
+            *intake.head_violations,
+            *check_recipient_count(intake.head, intake.received),
+            *self._violations,
+            *check_idempotency_key(self.context.key),
+        ]
+        if violations:
+            raise InvalidRequest(violations)
+        return self._batches or [intake.broadcast()]
 
 
 class Sender:
@@ -84,29 +139,19 @@ class Sender:
         self.replayer = Replayer(dispatcher, self._metrics)
         """The acknowledged replay of UNKNOWN batches (`replaying`)."""
 
-    async def send(
-        self, context: RequestContext, head: Mapping[str, Any], recipients: Sequence[Mapping[str, Any]]
-    ) -> tuple[list[BatchResult], Summary]:
+    def open_send(self, context: RequestContext, head: Mapping[str, Any]) -> UnarySend:
+        """A unary Send with this head, to `take` its recipients into and then `send`."""
+        tenant = context.tenant
+        intake = Intake(head, tenant.context_name, tenant.audience_budget, context.lane or TRANSACTIONAL)
+        return UnarySend(intake, context)
+
+    async def send(self, unary: UnarySend) -> tuple[list[BatchResult], Summary]:
         """Check the whole request, reporting every violation at once; then send it, within the
         context's deadline (time.monotonic, see Dispatcher.send)."""
-        tenant = context.tenant
-        self.check_unary_count(len(recipients))
-        intake = Intake(head, tenant.context_name, tenant.audience_budget, context.lane or TRANSACTIONAL)
-        plan = _AllOrNothing()
-        await _take_all(intake, recipients, plan)
-        last = intake.finish()
-        if last is not None:
-            plan.batches.append(last)
-        violations = [
-            *intake.head_violations,
-            *check_recipient_count(head, len(recipients)),
-            *plan.violations,
-            *check_idempotency_key(context.key),
-        ]
-        if violations:
-            raise InvalidRequest(violations)
-        authorize(tenant, head)
-        batches = plan.batches or [intake.broadcast()]
+        context = unary.context
+        self.check_unary_count(unary.received)
+        batches = unary.planned()
+        authorize(context.tenant, unary.head)
         if context.validate_only:
             done = [results.not_attempted(batch, VALIDATE_ONLY) for batch in batches]
             for batch, result in zip(batches, done, strict=True):

@@ -32,11 +32,11 @@ from ..context import RequestContext
 from ..errors import HeaderTimeout, InvalidRequest, ShuttingDown, Unauthenticated
 from ..metrics import Metrics
 from ..model import BatchResult, Rule, Violation
-from ..sending import Sender, StreamSend
+from ..sending import Sender, StreamSend, UnarySend
 from ..tenants import Tenant, TenantDirectory
 from . import convert, observer, status
 from .admission import InFlight, StreamHold, StreamSlots
-from .native import ChunkEncoder
+from .native import Native
 from .queries import ResultQueries
 from .streams import StreamEnd, StreamReader, next_message, results_to_write
 
@@ -71,7 +71,7 @@ class CanvasGatewayServicer:
         reconcile_tail: int,
         idle_timeout_seconds: float,
         streams: StreamSlots,
-        chunk_encoder: ChunkEncoder | None = None,
+        native: Native | None = None,
     ) -> None:
         self._tenants = tenants
         self._sender = sender
@@ -84,8 +84,8 @@ class CanvasGatewayServicer:
         self._idle_timeout_seconds = idle_timeout_seconds
         self.streams = streams
         self.in_flight = InFlight()
-        self._encode_chunk = chunk_encoder
-        """The compiled recipient path (`native`), or None: every chunk through `convert`."""
+        self._native = native
+        """The compiled recipient path (`native`), or None: every recipient through `convert`."""
 
     @property
     def sender(self) -> Sender:
@@ -138,10 +138,10 @@ class CanvasGatewayServicer:
             tenant = self.authenticate(context)
             request = convert.decode(pb.SendRequest, raw, "request", context)
             self._sender.check_unary_count(len(request.trigger.recipients))
-            head = convert.trigger_head(request.trigger)
-            recipients = [convert.recipient_to_dict(r) for r in request.trigger.recipients]
             request_context = self.request_context(tenant, request.options, context)
-            done, summary = await self._sender.send(request_context, head, recipients)
+            unary = self._sender.open_send(request_context, convert.trigger_head(request.trigger))
+            await self._take_recipients(unary, raw, request.trigger)
+            done, summary = await self._sender.send(unary)
             observer.note(summary=summary)
             return pb.SendResponse(
                 results=[convert.result_to_proto(result) for result in done],
@@ -149,6 +149,16 @@ class CanvasGatewayServicer:
             )
         except Exception as exc:  # every failure of the whole RPC is mapped in one place
             await self.abort(context, exc)
+
+    async def _take_recipients(self, unary: UnarySend, raw: bytes, trigger: pb.CanvasTrigger) -> None:
+        """A Send's recipients into `unary`: by the compiled path when it reads every one of them,
+        else through `convert` (the reference, and the source of every violation)."""
+        if self._native is not None:
+            encoded = self._native.send(raw, unary.context_name, unary.encoded_limit)
+            if encoded is not None:
+                unary.take_encoded(encoded)
+                return
+        await unary.take(map(convert.recipient_to_dict, trigger.recipients))
 
     async def SendStream(
         self, request_iterator: AsyncIterator[bytes], context: Context
@@ -214,7 +224,7 @@ class CanvasGatewayServicer:
         # The stubs type the callback as a class of theirs; grpcio calls any callable with the context.
         context.add_done_callback(end.rpc_done)  # type: ignore[arg-type]
 
-        encode = self._encode_chunk
+        encode = None if self._native is None else self._native.chunk
 
         async def pump() -> None:
             try:

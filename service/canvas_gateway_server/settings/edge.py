@@ -132,8 +132,9 @@ class Calls:
     max_streams_per_tenant: int = setting("max_streams_per_tenant", 100, AT_LEAST_ONE)
     """SendStreams one tenant may hold open at once in this process; more are refused RESOURCE_EXHAUSTED."""
     native_recipients: bool = setting("native_recipients", True)
-    """Read SendStream chunks of common recipients with the compiled path (`edge.native`) when it is
-    installed; false, or not installed: the Python path, which gives the same bodies."""
+    """Read SendStream chunks and unary Sends of common recipients with the compiled path
+    (`edge.native`) when it is installed; false, or not installed: the Python path, which gives
+    the same bodies."""
 
     def __post_init__(self) -> None:
         check_bounds(self)

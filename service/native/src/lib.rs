@@ -1,5 +1,6 @@
-//! The stream's hot recipient path, compiled: the raw bytes of one `SendStreamRequest` chunk
-//! become each recipient's canonical Braze JSON (keys sorted at every depth), byte for byte what
+//! The hot recipient path, compiled: the raw bytes of one `SendStreamRequest` chunk
+//! (`encode_chunk`) or of one unary `SendRequest` (`encode_send`) become each recipient's
+//! canonical Braze JSON (keys sorted at every depth), byte for byte what
 //! `edge.convert.recipient_to_dict` then `validate.check_and_encode` make in Python.
 //!
 //! Only the common recipient is handled here: a non-empty `external_user_id` with, perhaps, one
@@ -322,29 +323,41 @@ fn write_recipient(out: &mut Vec<u8>, buf: &[u8], context_name: &str) -> Option<
     Some(())
 }
 
-/// Every recipient of a chunk message, encoded into `out`, with where each one ends.
-fn encode(raw: &[u8], context_name: &str, limit: usize) -> Option<(Vec<u8>, Vec<usize>)> {
+/// The one length-delimited field `field` of a message: None when it is missing, of another
+/// wire type or sent twice (protobuf would merge the two), or when field `refused` is there.
+fn only_part(raw: &[u8], field: u32, refused: Option<u32>) -> Option<&[u8]> {
     let mut reader = Reader::new(raw);
-    let mut chunk: Option<&[u8]> = None;
+    let mut part: Option<&[u8]> = None;
     while !reader.done() {
-        let (field, wire) = reader.tag()?;
-        match field {
-            2 => {
-                if wire != LEN || chunk.is_some() {
-                    return None;
-                }
-                chunk = Some(reader.len_delimited()?);
+        let (number, wire) = reader.tag()?;
+        if number == field {
+            if wire != LEN || part.is_some() {
+                return None;
             }
-            1 => return None, // a header: the Python path says what is wrong
-            _ => reader.skip(wire)?,
+            part = Some(reader.len_delimited()?);
+        } else if Some(number) == refused {
+            return None;
+        } else {
+            reader.skip(wire)?;
         }
     }
-    let mut reader = Reader::new(chunk?);
-    let mut out = Vec::with_capacity(raw.len() * 2);
+    part
+}
+
+/// Every recipient (repeated field `field` of the message in `buf`, the others skipped),
+/// encoded into `out`, with where each one ends.
+fn encode_recipients(
+    buf: &[u8],
+    field: u32,
+    context_name: &str,
+    limit: usize,
+) -> Option<(Vec<u8>, Vec<usize>)> {
+    let mut reader = Reader::new(buf);
+    let mut out = Vec::with_capacity(buf.len() * 2);
     let mut ends = Vec::new();
     while !reader.done() {
-        let (field, wire) = reader.tag()?;
-        if field != 1 {
+        let (number, wire) = reader.tag()?;
+        if number != field {
             reader.skip(wire)?;
             continue;
         }
@@ -361,16 +374,12 @@ fn encode(raw: &[u8], context_name: &str, limit: usize) -> Option<(Vec<u8>, Vec<
     Some((out, ends))
 }
 
-/// The recipients of one raw `SendStreamRequest` chunk as canonical JSON, one `bytes` each, or
-/// None when any part of the message is for the Python path to read.
-#[pyfunction]
-fn encode_chunk<'py>(
+/// The encoded recipients as a list of `bytes`, one each; None stays None.
+fn to_list<'py>(
     py: Python<'py>,
-    raw: &[u8],
-    context_name: &str,
-    limit: usize,
+    encoded: Option<(Vec<u8>, Vec<usize>)>,
 ) -> PyResult<Option<Bound<'py, PyList>>> {
-    let (out, ends) = match encode(raw, context_name, limit) {
+    let (out, ends) = match encoded {
         Some(encoded) => encoded,
         None => return Ok(None),
     };
@@ -383,8 +392,39 @@ fn encode_chunk<'py>(
     Ok(Some(PyList::new(py, items)?))
 }
 
+/// The recipients of one raw `SendStreamRequest` chunk (field 2, its recipients field 1) as
+/// canonical JSON, one `bytes` each, or None when any part of the message is for the Python
+/// path to read (a header among them: the Python path says what is wrong).
+#[pyfunction]
+fn encode_chunk<'py>(
+    py: Python<'py>,
+    raw: &[u8],
+    context_name: &str,
+    limit: usize,
+) -> PyResult<Option<Bound<'py, PyList>>> {
+    let encoded = only_part(raw, 2, Some(1))
+        .and_then(|chunk| encode_recipients(chunk, 1, context_name, limit));
+    to_list(py, encoded)
+}
+
+/// The recipients of one raw `SendRequest`'s trigger (field 1, its recipients field 6) as
+/// canonical JSON, one `bytes` each, or None as `encode_chunk`. The trigger's other fields and
+/// the options are skipped: the caller reads them (and every rule about them) with protobuf.
+#[pyfunction]
+fn encode_send<'py>(
+    py: Python<'py>,
+    raw: &[u8],
+    context_name: &str,
+    limit: usize,
+) -> PyResult<Option<Bound<'py, PyList>>> {
+    let encoded = only_part(raw, 1, None)
+        .and_then(|trigger| encode_recipients(trigger, 6, context_name, limit));
+    to_list(py, encoded)
+}
+
 #[pymodule]
 fn canvas_gateway_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(encode_chunk, module)?)?;
+    module.add_function(wrap_pyfunction!(encode_send, module)?)?;
     Ok(())
 }
