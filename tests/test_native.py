@@ -73,8 +73,12 @@ def python_path(raw: bytes, name: str, head: dict[str, Any]) -> tuple[list[bytes
 
 def native_path(raw: bytes, name: str, head: dict[str, Any]) -> list[bytes] | None:
     assert ENCODE is not None
-    intake = Intake(head, name)
-    encoded = ENCODE(raw, name, intake.encoded_limit)
+    return compiled_bodies(ENCODE, raw, Intake(head, name))
+
+
+def compiled_bodies(encoder: native.RecipientEncoder, raw: bytes, intake: Intake) -> list[bytes] | None:
+    """The batch bodies `intake` makes of what `encoder` reads from `raw`; None if it leaves it."""
+    encoded = encoder(raw, intake.context_name, intake.encoded_limit)
     if encoded is None:
         return None
     closed = [intake.take_encoded(each) for each in encoded]
@@ -373,13 +377,8 @@ def native_send(raw: bytes, name: str) -> list[bytes] | None:
     """As the servicer: protobuf decodes the request (head, options) first, then the compiled path
     reads the recipients from the same bytes."""
     assert SEND is not None
-    intake = Intake(convert.trigger_head(pb.SendRequest.FromString(raw).trigger), name)
-    encoded = SEND(raw, name, intake.encoded_limit)
-    if encoded is None:
-        return None
-    closed = [intake.take_encoded(each) for each in encoded]
-    last = intake.finish()
-    return [batch.body for batch in [*closed, last] if batch is not None]
+    head = convert.trigger_head(pb.SendRequest.FromString(raw).trigger)
+    return compiled_bodies(SEND, raw, Intake(head, name))
 
 
 def same_send(raw: bytes, name: str = "context") -> bool:

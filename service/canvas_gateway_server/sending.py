@@ -61,18 +61,14 @@ async def _take_all(intake: Intake, recipients: Iterable[Mapping[str, Any]], pol
             await policy.batch(taken.closed)
 
 
-class UnarySend:
-    """One unary Send, all or nothing: `take` its recipients (or `take_encoded`), then
-    `Sender.send` it.
-
-    Its own policy for the shared loop: it gathers the batches and every violation, and the
-    request is decided at the end."""
+class _Taking:
+    """What a Send and a SendStream share: the `Intake` their recipients go through, in order."""
 
     def __init__(self, intake: Intake, context: RequestContext) -> None:
         self._intake = intake
         self.context = context
-        self._batches: list[Batch] = []
-        self._violations: list[Violation] = []
+        """The request's context (a stream's: whether it is keyed decides how its end is told,
+        `edge.streams`)."""
 
     @property
     def context_name(self) -> str:
@@ -81,13 +77,26 @@ class UnarySend:
 
     @property
     def encoded_limit(self) -> int:
-        """The largest recipient, as JSON, that `take_encoded` may be given (`Intake.encoded_limit`)."""
+        """The largest recipient, as JSON, the compiled path may hand over (`Intake.encoded_limit`)."""
         return self._intake.encoded_limit
 
     @property
     def received(self) -> int:
-        """Recipients taken so far."""
+        """Recipients taken so far: the position the next one will have."""
         return self._intake.received
+
+
+class UnarySend(_Taking):
+    """One unary Send, all or nothing: `take` its recipients (or `take_encoded`), then
+    `Sender.send` it.
+
+    Its own policy for the shared loop: it gathers the batches and every violation, and the
+    request is decided at the end."""
+
+    def __init__(self, intake: Intake, context: RequestContext) -> None:
+        super().__init__(intake, context)
+        self._batches: list[Batch] = []
+        self._violations: list[Violation] = []
 
     @property
     def head(self) -> Mapping[str, Any]:
@@ -220,7 +229,7 @@ class Sender:
         return StreamSend(intake, fan, context)
 
 
-class StreamSend:
+class StreamSend(_Taking):
     """One SendStream: `feed` recipients in order, then `close`; read `results` meanwhile.
 
     It is its own policy for the shared loop: batches go out as they close, and a rejected
@@ -228,16 +237,9 @@ class StreamSend:
     """
 
     def __init__(self, intake: Intake, fan: FanOut, context: RequestContext) -> None:
-        self._intake = intake
+        super().__init__(intake, context)
         self._fan = fan
-        self.context = context
-        """The request's context: whether it is keyed decides how its end is told (`edge.streams`)."""
         self.summary = Summary()
-
-    @property
-    def received(self) -> int:
-        """Recipients read so far: the position the next one will have."""
-        return self._intake.received
 
     async def feed(self, recipients: Iterable[Mapping[str, Any]]) -> None:
         """Plan the next recipients; waits while the stream's batches are all in flight."""
@@ -250,16 +252,6 @@ class StreamSend:
             closed = take(each)
             if closed is not None:
                 await self.batch(closed)
-
-    @property
-    def context_name(self) -> str:
-        """What the recipients' context object is called in the bodies (`Intake.context_name`)."""
-        return self._intake.context_name
-
-    @property
-    def encoded_limit(self) -> int:
-        """The largest recipient, as JSON, that `feed_encoded` may be given (`Intake.encoded_limit`)."""
-        return self._intake.encoded_limit
 
     async def batch(self, batch: Batch) -> None:
         if self.context.validate_only:
