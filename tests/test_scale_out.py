@@ -36,6 +36,7 @@ import pytest
 import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.keeping import LOST_TEXT
 from fake_braze import FakeBraze, FakeBrazeConfig, OtherConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RedisServer, Replica, haproxy, redis_server, start_replica, stop_process
@@ -385,8 +386,9 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
         await asyncio.gather(*(stop_process(r.process, signal.SIGKILL) for r in (doomed, other)))
 
     unknown = [r for r in results.values() if r.outcome == pb.OUTCOME_UNKNOWN]
-    # UNKNOWN: the 2 calls at the fake when the replica died, no more.
+    # UNKNOWN: the 2 calls at the fake when the replica died, no more; each says its gateway stopped.
     assert len(unknown) == 2, Counter(pb.Outcome.Name(r.outcome) for r in results.values())
+    assert {r.status_message for r in unknown} == {LOST_TEXT}
     arrived = {r["external_user_id"] for raw in fake.arrived for r in orjson.loads(raw)["recipients"]}
     assert all(f"u{p}" in arrived for r in unknown for p in r.positions)  # they reached Braze
     assert sum(not r.replayed and r.outcome == pb.OUTCOME_SENT for r in results.values()) == 6 - answered
