@@ -233,21 +233,30 @@ async def test_a_call_its_leaving_stops_writes_nothing_and_gives_its_connection_
 
 
 async def test_a_call_cut_short_before_its_leaving_said_yes_is_not_sent(fake: FakeBraze) -> None:
-    """Timed out while waiting for the pool: without a `leaving` that is UNKNOWN (aiohttp's
-    timeout does not say where it struck); with one not yet asked, nothing can have been written."""
+    """Timed out while waiting for the pool, or while its `leaving` is asked (a slow mark): aiohttp
+    does not say where its timeout struck, but nothing can have been written."""
     fake.faults.set_latency(1.0)
 
-    async def leaving() -> bool:
+    async def never() -> bool:
         raise AssertionError("asked without a connection")
+
+    async def slow() -> bool:
+        await asyncio.sleep(5)
+        return True
 
     async with open_session(1) as session:
         client = BrazeClient(session, aiohttp.ClientTimeout(total=10))
         busy = asyncio.ensure_future(client.trigger(acme(fake), RAW))
         await until(lambda: fake.in_progress == 1)
-        unmarked = await client.trigger(acme(fake), RAW, time_left=0.2)
-        marked = await client.trigger(acme(fake), RAW, time_left=0.2, leaving=leaving)
-        assert (unmarked.delivery, marked.delivery) == (Delivery.UNKNOWN, Delivery.NOT_SENT)
+        waiting = await client.trigger(acme(fake), RAW, time_left=0.2, leaving=never)
         assert (await busy).status == 201
+        asked = await client.trigger(acme(fake), RAW, time_left=0.2, leaving=slow)
+    assert (waiting.delivery, asked.delivery, asked.failure) == (
+        Delivery.NOT_SENT,
+        Delivery.NOT_SENT,
+        "TimeoutError",
+    )
+    assert len(fake.arrived) == 1  # the busy call's
 
 
 async def test_on_a_session_of_its_own_leaving_is_asked_before_the_call(fake: FakeBraze) -> None:
