@@ -5,14 +5,14 @@ has gone out) is made once by `open_session`, called from `app`, and handed in; 
 route (direct, or which proxy) is decided once by `egress`. A call
 never raises for network trouble: it returns a Reply that says whether anything can have
 reached Braze, because that decides what is safe to retry (CONTRACT.md section 6).
+Braze's 401 text echoes the key it was sent, so every response body is scrubbed of the
+tenant's key before it is parsed.
 
 A call may be given `leaving`, asked once its connection is in hand (taken from the pool, or
 connected: TCP, a proxy's CONNECT, TLS) and before its first byte is written; the dispatcher
 records there, under an idempotency key, that the batch may leave (`idempotency`). Waiting for
 the pool and connecting then come before that mark, not between it and the bytes leaving: a
 gateway killed while it waits or connects leaves a batch that is sent again, not one UNKNOWN.
-Braze's 401 text echoes the key it was sent, so every response body is scrubbed of the
-tenant's key before it is parsed.
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ class _Stopped(Exception):
 class _LeavingConnector(aiohttp.TCPConnector):
     """The pool, asking the call's `leaving` (if it has one) once its connection is in hand: after
     the wait for a pooled connection, the connect, a proxy's CONNECT and the TLS handshake; then
-    aiohttp writes the request without waiting on anything else. A connection whose call does
-    not go (or is cancelled while asked) goes back to the pool unused."""
+    aiohttp writes the request with no I/O awaited in between (a loop turn later on Python 3.11,
+    whose tasks cannot start eagerly). A connection whose call does not go (or is cancelled while
+    asked) goes back to the pool unused."""
 
     async def connect(
         self,
