@@ -9,8 +9,8 @@ sending to one fake Braze.
 - A replica SIGKILLed mid-stream: the caller resumes through the balancer with its key; nobody
   gets the Canvas twice (the fake's record), every recipient ends with exactly one result,
   UNKNOWN where the kill left it unknown.
-- A replica SIGKILLed while its keyed batches wait for a slot: the repeat sends them; only the
-  batches whose calls had left are UNKNOWN.
+- A replica SIGKILLed while its keyed batches wait for a slot, or for a pooled connection: only
+  the calls that had left are marked; the repeat sends the others; only those are UNKNOWN.
 - Redis restarted mid-stream: budgets fail open (this process's own), keys fail closed (those
   batches end NOT_ATTEMPTED), and the caller's repeat with its key sends each of those once.
 And, in one process: a closed budget store ends batches NOT_ATTEMPTED / UNAVAILABLE while Redis
@@ -33,8 +33,10 @@ import aiohttp
 import grpc
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.keeping import LOST_TEXT
 from fake_braze import FakeBraze, FakeBrazeConfig, OtherConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RedisServer, Replica, haproxy, redis_server, start_replica, stop_process
@@ -312,17 +314,40 @@ async def test_a_redis_restart_mid_stream_fails_keys_closed_and_budgets_open(
     assert set(sent_to(fake).values()) == {1} and len(sent_to(fake)) == count
 
 
+WAITING = {
+    # 2 calls at once: the other 6 wait for a slot, before their reservations.
+    "for_a_slot": {"CGW_TENANT_CONCURRENCY": "2"},
+    # 8 at once, on 2 connections: 6 reserve their calls, then wait for a pooled connection.
+    "for_a_connection": {"CGW_TENANT_CONCURRENCY": "8", "CGW_UPSTREAM_POOL_SIZE": "2"},
+}
+
+
+async def marks(redis: RedisServer, key: str, batches: int) -> tuple[int, int]:
+    """Calls under way in the fleet's budget, and the batches under `key` marked as leaving with
+    no result kept yet."""
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        (calls,) = await client.keys("cgw:pool:*:recipients:calls")
+        claims = [await client.hmget(f"cgw:result:acme/{key}:{i}", "sending", "kept") for i in range(batches)]
+        marked = sum(sending is not None and kept is None for sending, kept in claims)
+        return await client.zcard(calls), marked
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("waiting", list(WAITING))
 async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_calls_unknown(
-    fake: FakeBraze, redis: RedisServer, tmp_path: Path
+    fake: FakeBraze, redis: RedisServer, tmp_path: Path, waiting: str
 ) -> None:
     """A replica SIGKILLed with 8 keyed batches claimed, 2 calling Braze (slow) and 6 waiting for
-    a slot: the repeat, through another replica, sends the 6 (they never left) once the dead
+    a slot, or reserved and waiting for a pooled connection: only the 2 calls that left are marked
+    as leaving, and the repeat, through another replica, sends the 6 (they never left) once the dead
     replica's heartbeat lapses; only the 2 whose calls had left are UNKNOWN. Nobody gets the
     Canvas twice."""
-    fake.faults.set_latency(1.0)
+    fake.faults.set_latency(2.0)
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenants_toml(FAKE_URLS[id(fake)]))
-    settings = {"CGW_REDIS_URL": redis.url, "CGW_TENANT_CONCURRENCY": "2", "CGW_REQUEST_CONCURRENCY": "8"}
+    settings = {"CGW_REDIS_URL": redis.url, "CGW_REQUEST_CONCURRENCY": "8", **WAITING[waiting]}
     async with aiohttp.ClientSession() as session:
         doomed, other = await asyncio.gather(
             start_replica(tenants, session, **settings), start_replica(tenants, session, **settings)
@@ -335,10 +360,16 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
     try:
         async with grpc.aio.insecure_channel(doomed.address) as channel:
             call = pb_grpc.CanvasGatewayServiceStub(channel).Send(request, metadata=AUTH, timeout=30)
-            async with asyncio.timeout(10):  # all 8 claimed; 2 at the fake, the others waiting
+            async with asyncio.timeout(15):  # all 8 claimed; 2 at the fake, the others waiting
                 while fake.in_progress < 2:
                     await asyncio.sleep(0.02)
             answered = fake.status_counts.total()  # batches done before the kill (SENT, replayed)
+            reserved = 2 if waiting == "for_a_slot" else 8 - answered
+            async with asyncio.timeout(5):
+                while (await marks(redis, "killed-waiting", 8))[0] < reserved:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # a mark made before the wait would follow its reservation by now
+            assert await marks(redis, "killed-waiting", 8) == (reserved, 2)
             await stop_process(doomed.process, signal.SIGKILL)
             with pytest.raises(grpc.aio.AioRpcError):
                 await call
@@ -355,8 +386,9 @@ async def test_a_replica_killed_while_its_keyed_batches_wait_leaves_only_its_cal
         await asyncio.gather(*(stop_process(r.process, signal.SIGKILL) for r in (doomed, other)))
 
     unknown = [r for r in results.values() if r.outcome == pb.OUTCOME_UNKNOWN]
-    # UNKNOWN: the 2 calls at the fake when the replica died (tenant concurrency 2), no more.
+    # UNKNOWN: the 2 calls at the fake when the replica died, no more; each says its gateway stopped.
     assert len(unknown) == 2, Counter(pb.Outcome.Name(r.outcome) for r in results.values())
+    assert {r.status_message for r in unknown} == {LOST_TEXT}
     arrived = {r["external_user_id"] for raw in fake.arrived for r in orjson.loads(raw)["recipients"]}
     assert all(f"u{p}" in arrived for r in unknown for p in r.positions)  # they reached Braze
     assert sum(not r.replayed and r.outcome == pb.OUTCOME_SENT for r in results.values()) == 6 - answered

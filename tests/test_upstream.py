@@ -2,21 +2,30 @@
 
 Only what cannot have sent anything is retried: 429 and connections that never opened.
 5xx, timeouts and dropped connections come back UNKNOWN after exactly one call.
+
+And, on the client itself: a call's `leaving` (the mark of a keyed batch) is asked once its
+connection is in hand, after any wait for the pool, and a call it stops writes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
+import aiohttp
 import grpc
+import orjson
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
-from fake_braze import FakeBrazeConfig, Fault
+from canvas_gateway_server.reply import Delivery
+from canvas_gateway_server.tenants import Tenant
+from canvas_gateway_server.upstream import STOPPED, BrazeClient, open_session
+from fake_braze import FakeBraze, FakeBrazeConfig, Fault
 from google.rpc import error_details_pb2
-from support import KEYS, TOKENS, Harness, standing_clock, trigger_from_json
+from support import FAKE_URLS, KEYS, TOKENS, Harness, standing_clock, trigger_from_json, until
 
 BODY = {"canvas_id": "c-1", "recipients": [{"external_user_id": "u1"}, {"external_user_id": "u2"}]}
 
@@ -167,3 +176,97 @@ async def test_a_braze_key_never_reaches_results_errors_or_logs(
     for secret in (KEYS["acme"], TOKENS["acme"]):
         assert secret.encode() not in result.SerializeToString()
         assert secret not in caplog.text
+
+
+# --- a call's `leaving`, on the client itself ------------------------------------------------
+
+RAW = orjson.dumps(BODY)
+
+
+def acme(fake: FakeBraze) -> Tenant:
+    return Tenant(id="acme", braze_rest_url=FAKE_URLS[id(fake)], braze_api_key=KEYS["acme"])
+
+
+async def test_leaving_is_asked_once_the_call_has_its_pooled_connection(fake: FakeBraze) -> None:
+    """With the pool's one connection busy, a call waits for it before its `leaving` is asked:
+    a process that dies while it waits has marked nothing."""
+    fake.faults.set_latency(0.3)
+    asked: list[tuple[int, int]] = []
+
+    async def leaving() -> bool:
+        asked.append((fake.in_progress, len(fake.calls)))
+        return True
+
+    async with open_session(1) as session:
+        client = BrazeClient(session, aiohttp.ClientTimeout(total=10))
+        first = asyncio.ensure_future(client.trigger(acme(fake), RAW))
+        await until(lambda: fake.in_progress == 1)
+        second = await client.trigger(acme(fake), RAW, leaving=leaving)
+        assert (await first).status == second.status == 201
+    assert asked == [(0, 1)]  # once the first call was answered and its connection back
+
+
+async def test_a_call_its_leaving_stops_writes_nothing_and_gives_its_connection_back(fake: FakeBraze) -> None:
+    async def refuse() -> bool:
+        return False
+
+    asked = asyncio.Event()
+
+    async def wait_forever() -> bool:
+        asked.set()
+        await asyncio.Event().wait()
+        return True
+
+    async with open_session(1) as session:
+        client = BrazeClient(session, aiohttp.ClientTimeout(total=10))
+        stopped = await client.trigger(acme(fake), RAW, leaving=refuse)
+        assert (stopped.delivery, stopped.failure) == (Delivery.NOT_SENT, STOPPED)
+        cancelled = asyncio.ensure_future(client.trigger(acme(fake), RAW, leaving=wait_forever))
+        await asked.wait()
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert fake.arrived == []
+        async with asyncio.timeout(5):  # the pool's one connection is free again
+            assert (await client.trigger(acme(fake), RAW)).status == 201
+    assert len(fake.arrived) == 1
+
+
+async def test_a_call_cut_short_before_its_leaving_said_yes_is_not_sent(fake: FakeBraze) -> None:
+    """Timed out while waiting for the pool, or while its `leaving` is asked (a slow mark): aiohttp
+    does not say where its timeout struck, but nothing can have been written."""
+    fake.faults.set_latency(1.0)
+
+    async def never() -> bool:
+        raise AssertionError("asked without a connection")
+
+    async def slow() -> bool:
+        await asyncio.sleep(5)
+        return True
+
+    async with open_session(1) as session:
+        client = BrazeClient(session, aiohttp.ClientTimeout(total=10))
+        busy = asyncio.ensure_future(client.trigger(acme(fake), RAW))
+        await until(lambda: fake.in_progress == 1)
+        waiting = await client.trigger(acme(fake), RAW, time_left=0.2, leaving=never)
+        assert (await busy).status == 201
+        asked = await client.trigger(acme(fake), RAW, time_left=0.2, leaving=slow)
+    assert (waiting.delivery, asked.delivery, asked.failure) == (
+        Delivery.NOT_SENT,
+        Delivery.NOT_SENT,
+        "TimeoutError",
+    )
+    assert len(fake.arrived) == 1  # the busy call's
+
+
+async def test_on_a_session_of_its_own_leaving_is_asked_before_the_call(fake: FakeBraze) -> None:
+    answers = [False, True]
+
+    async def leaving() -> bool:
+        return answers.pop(0)
+
+    async with aiohttp.ClientSession() as session:
+        client = BrazeClient(session, aiohttp.ClientTimeout(total=10))
+        stopped = await client.trigger(acme(fake), RAW, leaving=leaving)
+        assert (stopped.delivery, stopped.failure, fake.arrived) == (Delivery.NOT_SENT, STOPPED, [])
+        assert (await client.trigger(acme(fake), RAW, leaving=leaving)).status == 201

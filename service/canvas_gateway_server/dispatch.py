@@ -44,6 +44,30 @@ class _Progress:
     attempts: int = 0
     sent: bool = False
     """The current call's request has started going out (set by upstream's trace hook)."""
+    marked: bool = False
+    """Under a key: the claim records that the batch's call may leave (`Ledger.sending`)."""
+
+
+class _Mark:
+    """The `leaving` of a call under a key: the claim records that the batch's call may leave
+    (`Ledger.sending`), asked by `upstream` once the call's connection is in hand, so that nothing
+    but the bytes leaving follows it. A gateway that dies before this point (waiting for a slot, for
+    budget, for a pooled connection, or connecting) leaves a batch that is sent by the next call
+    with the key, not one UNKNOWN for good."""
+
+    __slots__ = ("_claimed", "_ledger", "_progress", "unsent")
+
+    def __init__(self, ledger: Ledger, claimed: Claimed, progress: _Progress) -> None:
+        self._ledger = ledger
+        self._claimed = claimed
+        self._progress = progress
+        self.unsent: BatchResult | None = None
+        """The result that ends the batch unsent, when the claim refused the call."""
+
+    async def leaving(self) -> bool:
+        self.unsent = await self._ledger.sending(self._claimed)
+        self._progress.marked = self.unsent is None
+        return self._progress.marked
 
 
 class Dispatcher:
@@ -182,13 +206,6 @@ class Dispatcher:
                         metrics.rate_limit_wait(tenant.id, max(0.0, wait))
                     reply = None
                     try:  # reserved: counted against what the budget has left until settled
-                        if claimed is not None and progress.attempts == 0:
-                            # Under a key, the claim records that its call may leave from here on:
-                            # a gateway that dies before this point leaves a batch that is sent by
-                            # the next call with the key, not one UNKNOWN for good.
-                            unsent = await self._ledger.sending(claimed)
-                            if unsent is not None:
-                                return unsent
                         time_left = left()
                         if time_left < policy.min_time_left:
                             return results.deadline_cut(batch, progress.attempts)
@@ -200,7 +217,14 @@ class Dispatcher:
                             self._budget.called(tenant.id)
                         progress.attempts += 1
                         started = time.perf_counter()
-                        reply = await self._client.trigger(tenant, batch.body, progress, time_left)
+                        mark = None
+                        if claimed is not None and not progress.marked:
+                            mark = _Mark(self._ledger, claimed, progress)
+                        leaving = None if mark is None else mark.leaving
+                        reply = await self._client.trigger(tenant, batch.body, progress, time_left, leaving)
+                        if mark is not None and mark.unsent is not None:  # refused: nothing left
+                            reply = None
+                            return mark.unsent
                     finally:
                         paused = await self._limiter.settle(hold, reply)
                     metrics.braze_call(tenant.id, broadcast, reply, time.perf_counter() - started)

@@ -9,12 +9,16 @@ kept once it ends. A later call with the key:
 - gets REJECTED / FAILED_PRECONDITION for a batch whose body differs from the kept one;
 - gets NOT_ATTEMPTED / ABORTED with a RetryInfo for a batch another call is still sending;
 - gets UNKNOWN for a batch whose gateway stopped while its call may have left (it may have been
-  sent); a batch whose gateway stopped before that (waiting for a slot or for budget) is claimed
-  again and sent.
+  sent); a batch whose gateway stopped before that (waiting for a slot, for budget, or for its
+  connection to Braze) is claimed again and sent.
 
-A claim records the moment its call may leave (`ResultStore.mark_sending`, just before the first
-request is written): that is what tells a dead claim that may have reached Braze (UNKNOWN for
-good) from one that cannot have (released to the next call).
+A claim records the moment its call may leave (`ResultStore.mark_sending`, asked by `upstream`
+once the call has its connection and just before its first request is written): that is what
+tells a dead claim that may have reached Braze (UNKNOWN for good) from one that cannot have
+(released to the next call). A gateway killed between the mark and the bytes leaving (the mark's
+round trip and a loop turn or two) leaves its batch UNKNOWN though it never left; several batches
+can share that moment (marks issued together go to Redis in one write), never more than the calls
+it had under way.
 
 Only results of batches that may have been sent are kept: SENT and UNKNOWN. Every other result
 says nothing was sent (NOT_ATTEMPTED, CANVAS_INACTIVE, REJECTED: a 429, a 401 for a wrong key, a

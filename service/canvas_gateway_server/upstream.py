@@ -7,6 +7,12 @@ never raises for network trouble: it returns a Reply that says whether anything 
 reached Braze, because that decides what is safe to retry (CONTRACT.md section 6).
 Braze's 401 text echoes the key it was sent, so every response body is scrubbed of the
 tenant's key before it is parsed.
+
+A call may be given `leaving`, asked once its connection is in hand (taken from the pool, or
+connected: TCP, a proxy's CONNECT, TLS) and before its first byte is written; the dispatcher
+records there, under an idempotency key, that the batch may leave (`idempotency`). Waiting for
+the pool and connecting then come before that mark, not between it and the bytes leaving: a
+gateway killed while it waits or connects leaves a batch that is sent again, not one UNKNOWN.
 """
 
 from __future__ import annotations
@@ -14,13 +20,17 @@ from __future__ import annotations
 import math
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 import aiohttp
 import orjson
 import yarl
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 
 from . import tracing
 from .braze import TRIGGER_PATH
@@ -34,6 +44,15 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
 _MAX_TARGETS: Final = 4096
+STOPPED: Final = "stopped before sending: its leaving check said no"
+"""A Reply's failure when the call's `leaving` said no: nothing was written."""
+
+Leaving = Callable[[], Awaitable[bool]]
+"""Asked once a call's connection is in hand, just before its first byte is written: True lets
+the call go; False ends it NOT_SENT. It is asked at most once per call."""
+
+_LEAVING: ContextVar[Leaving | None] = ContextVar("canvas_gateway_leaving", default=None)
+"""The `leaving` of the call this task is making: how `_LeavingConnector` finds it."""
 
 
 class Progress(Protocol):
@@ -60,7 +79,7 @@ def open_session(pool_size: int, keepalive_seconds: float = 30.0, ca_file: str =
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_mark_sent)
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
+        connector=_LeavingConnector(
             limit=pool_size, keepalive_timeout=keepalive_seconds, ssl=tls_context(ca_file)
         ),
         # Proxies come from `egress`, once per Braze URL, never from the environment per call.
@@ -71,6 +90,39 @@ def open_session(pool_size: int, keepalive_seconds: float = 30.0, ca_file: str =
         # with another tenant's call (and Braze's API uses none).
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+class _Stopped(Exception):
+    """A call's `leaving` said no: nothing was written."""
+
+
+class _LeavingConnector(aiohttp.TCPConnector):
+    """The pool, asking the call's `leaving` (if it has one) once its connection is in hand: after
+    the wait for a pooled connection, the connect, a proxy's CONNECT and the TLS handshake; then
+    aiohttp writes the request with no I/O awaited in between (a loop turn later on Python 3.11,
+    whose tasks cannot start eagerly). A connection whose call does not go (or is cancelled while
+    asked) goes back to the pool unused."""
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature, overridden
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        leaving = _LEAVING.get()
+        if leaving is None:
+            return connection
+        _LEAVING.set(None)  # asked once per call
+        try:
+            go = await leaving()
+        except BaseException:
+            connection.release()
+            raise
+        if not go:
+            connection.release()
+            raise _Stopped
+        return connection
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext | bool:
@@ -127,21 +179,63 @@ class BrazeClient:
         return target
 
     async def trigger(
-        self, tenant: Tenant, body: bytes, progress: Progress | None = None, time_left: float = math.inf
+        self,
+        tenant: Tenant,
+        body: bytes,
+        progress: Progress | None = None,
+        time_left: float = math.inf,
+        leaving: Leaving | None = None,
     ) -> Reply:
         """POST one batch body with the tenant's key; never raises for network failures.
 
-        `time_left` (a caller's deadline) shortens the call's total timeout when it is sooner."""
+        `time_left` (a caller's deadline) shortens the call's total timeout when it is sooner.
+        `leaving` is asked once the connection is in hand, before anything is written (on a
+        session not from `open_session`: before the call); when it says no, or the call fails
+        before it said yes, the Reply is NOT_SENT."""
         if self._tracer is None:
-            return await self._post(tenant, body, progress, time_left)
+            return await self._gated_post(tenant, body, progress, time_left, leaving)
         span = tracing.start_client_span(self._tracer, self._target(tenant)[0])
         reply = Reply(Delivery.UNKNOWN, failure="CancelledError")
         try:
             extra = tracing.propagation_headers(span) if tenant.propagate_trace else None
-            reply = await self._post(tenant, body, progress, time_left, extra)
+            reply = await self._gated_post(tenant, body, progress, time_left, leaving, extra)
             return reply
         finally:
             tracing.end_client_span(span, reply)
+
+    async def _gated_post(
+        self,
+        tenant: Tenant,
+        body: bytes,
+        progress: Progress | None,
+        time_left: float,
+        leaving: Leaving | None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Reply:
+        """`_post`, with `leaving` asked where the session's connector can (`_LeavingConnector`)."""
+        if leaving is None:
+            return await self._post(tenant, body, progress, time_left, extra)
+        if not isinstance(self._session.connector, _LeavingConnector):
+            if not await leaving():
+                return Reply(Delivery.NOT_SENT, failure=STOPPED)
+            return await self._post(tenant, body, progress, time_left, extra)
+        said = False
+
+        async def asked() -> bool:
+            nonlocal said
+            said = await leaving()
+            return said
+
+        token = _LEAVING.set(asked)
+        try:
+            reply = await self._post(tenant, body, progress, time_left, extra)
+        except _Stopped:
+            return Reply(Delivery.NOT_SENT, failure=STOPPED)
+        finally:
+            _LEAVING.reset(token)
+        if not said and reply.delivery is Delivery.UNKNOWN:  # it failed before a byte could leave
+            return Reply(Delivery.NOT_SENT, failure=reply.failure)
+        return reply
 
     async def _post(
         self,
