@@ -50,5 +50,7 @@ async def test_a_bulk_stream_does_not_starve_another_tenant(harness: Harness) ->
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1 if len(latencies) >= 100 else -1]  # the slowest of few
     # Alone, a Send of 50 takes one call (~20 ms). Beside the stream it shares the event loop
-    # and the fake, but waits for no slot of the stream's: far under the stream's own duration.
-    assert p99 < 0.25, latencies
+    # and the fake, but waits for no slot of the stream's: far under the stream's own duration
+    # (600 calls of 20 ms, 8 at a time: 1.5 s at least), which a starved Send would wait out. The
+    # bound leaves room for a 2-core machine busy with other work (0.31 s was seen once so).
+    assert p99 < 0.5, latencies
