@@ -8,6 +8,7 @@ import os
 import sqlite3
 import sys
 import tempfile
+import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -540,6 +541,37 @@ async def test_two_workers_claiming_one_batch_at_once_get_one_claim(tmp_path: Pa
             )
             assert sorted(v.verdict.value for v in verdicts) == ["busy"] * 7 + ["claimed"]
     finally:
+        for worker in workers:
+            await worker.stop()
+
+
+async def test_a_claim_whose_caller_went_away_while_it_was_made_is_released_at_once(tmp_path: Path) -> None:
+    """A stream cut off while one of its batches was being claimed: the claim is made (the write
+    was under way) and released at once, not after a store failure's backoff, so that a resend on
+    the other worker finds the batch free, not BUSY. (The backoff would be 0.2 s here.)"""
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    workers = [HostResults(path, ttl=60.0, lease=60.0) for _ in range(2)]
+    ledger = Ledger(workers[0], lease=60.0, jitter=lambda: 1.0)
+    other = Ledger(workers[1], lease=60.0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        for worker in workers:
+            await worker.beat()  # alive: its claims are BUSY to the other, not LOST
+        blocker.execute("BEGIN IMMEDIATE")  # another worker's write: the claim waits for it
+        claiming = asyncio.ensure_future(ledger.claim(Scope("acme", "k"), Batch(0, (0,), b"body")))
+        await asyncio.sleep(0.05)
+        claiming.cancel()  # the caller goes away while the claim waits to be written
+        cut = time.monotonic()
+        await asyncio.sleep(0.02)
+        blocker.execute("COMMIT")  # the claim is written now, for a call that is gone
+        await until(lambda: not ledger.backlog, 5)
+        assert time.monotonic() - cut < 0.15  # released, without waiting out a backoff
+        with pytest.raises(asyncio.CancelledError):
+            await claiming
+        assert isinstance(await other.claim(Scope("acme", "k"), Batch(0, (0,), b"body")), Claimed)
+    finally:
+        blocker.close()
         for worker in workers:
             await worker.stop()
 

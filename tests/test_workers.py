@@ -22,6 +22,7 @@ import grpc
 import pytest
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
+from canvas_gateway_server.idempotency import BUSY_RETRY_SECONDS
 from canvas_gateway_server.limits import LocalLimiter, Reserved
 from canvas_gateway_server.model import Batch
 from canvas_gateway_server.rate_budget import Hold, Ticket
@@ -35,9 +36,10 @@ from canvas_gateway_server.workers import worker_count
 from fake_braze import FakeBraze, FakeBrazeConfig
 from prometheus_client.parser import text_string_to_metric_families
 from servers import start_logged_replica, start_replica, stop_process
-from support import FAKE_URLS, KEYS, TOKENS, standing_clock, tenants_toml, until
+from support import FAKE_URLS, KEYS, TOKENS, Cutter, check_sent_once, standing_clock, tenants_toml, until
 
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
+ABORTED = grpc.StatusCode.ABORTED.value[0]
 CONNECTIONS = 16
 """Each on its own connection: all 16 on one of 2 workers has a chance of 2 in 65,536."""
 
@@ -234,6 +236,63 @@ async def test_workers_share_keys_on_the_host_and_keep_them_across_a_restart(
             await stop_process(again.process)
     finally:
         shutil.rmtree(temporary)
+
+
+def keyed_stream(count: int, key: str) -> list[pb.SendStreamRequest]:
+    header = pb.StreamHeader(
+        trigger=pb.CanvasTrigger(canvas_id="c"), options=pb.SendOptions(idempotency_key=key)
+    )
+    chunks = [request(100, first).trigger.recipients for first in range(0, count, 100)]
+    return [
+        pb.SendStreamRequest(header=header),
+        *(pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=c)) for c in chunks),
+    ]
+
+
+async def stream_on_own_connection(target: str, messages: list[pb.SendStreamRequest]) -> list[pb.BatchResult]:
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own: either worker
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.CanvasGatewayServiceStub(channel)
+        call = stub.SendStream(iter(messages), metadata=AUTH, timeout=30)
+        return [m.result async for m in call if m.HasField("result")]
+
+
+@pytest.mark.parametrize("cut", ["cancelled", "connection_reset"])
+async def test_a_keyed_stream_cut_off_is_resent_at_once_on_either_worker_and_nobody_gets_it_twice(
+    workers: tuple[asyncio.subprocess.Process, str, str], fake: FakeBraze, cut: str
+) -> None:
+    """A keyed stream cut off mid-way (its caller cancels, or its connection is reset) and sent
+    again at once, on new connections (either worker): a batch may come back BUSY only while the
+    cut-off worker has not yet taken in the cut, and is free by the time its RetryInfo says
+    (BUSY_RETRY_SECONDS): its claim released (never sent: sent now), or its UNKNOWN kept (in
+    flight at the cut: never sent again)."""
+    _, address, _ = workers
+    fake.faults.set_latency(0.05)  # calls in flight when the stream is cut
+    messages = keyed_stream(2000, f"cut-{cut}")
+    async with Cutter(int(address.rpartition(":")[2])) as cutter:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cutter.port}", options=options) as channel:
+            call = pb_grpc.CanvasGatewayServiceStub(channel).SendStream(iter(messages), metadata=AUTH)
+            seen = 0
+            async for message in call:
+                seen += message.HasField("result")
+                if seen == 5:
+                    if cut == "cancelled":
+                        call.cancel()
+                    else:
+                        cutter.cut()
+                    break
+    # At once, on four connections: a batch in flight at the cut is BUSY until its worker takes
+    # the cut in (or while another of these four sends it).
+    first = await asyncio.gather(*(stream_on_own_connection(address, messages) for _ in range(4)))
+    unsent = [r for results in first for r in results if r.outcome == pb.OUTCOME_NOT_ATTEMPTED]
+    assert {(r.code, r.retryable) for r in unsent} <= {(ABORTED, True)}  # busy: nothing else
+    busy = sorted({r.batch_index for r in unsent})
+    await asyncio.sleep(BUSY_RETRY_SECONDS)  # as their RetryInfo says
+    again = await stream_on_own_connection(address, messages)
+    assert sorted(p for r in again for p in r.positions) == list(range(2000))
+    assert [r.batch_index for r in again if r.outcome == pb.OUTCOME_NOT_ATTEMPTED] == [], busy
+    check_sent_once(again, fake)
 
 
 def test_worker_count_is_the_setting_or_the_cores_and_one_for_the_demo() -> None:

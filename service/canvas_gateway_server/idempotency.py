@@ -163,13 +163,17 @@ class Ledger:
         except StoreLost as exc:  # refused before anything was claimed
             self._metrics.idempotency(tenant, "refused")
             return results.keys_refused(batch, str(exc))
-        except (StoreUnavailable, asyncio.CancelledError) as exc:
-            # The claim may have been made with its answer lost (or the caller gone while it was
-            # made): release it, once the store answers. Nothing was sent.
+        except asyncio.CancelledError:
+            # The caller went away while the claim was made (a stream cut off): the claim may
+            # stand, so it is released now. The store did not fail: no backoff delays that, nor
+            # the other releases of the cut-off call, which a resend meanwhile finds BUSY.
+            self._offer(claimed, None)
+            raise
+        except StoreUnavailable as exc:
+            # The claim may have been made with its answer lost: release it, once the store
+            # answers. Nothing was sent.
             self._failed()
             self._offer(claimed, None)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             return results.store_unavailable(batch, 0, str(exc))
         self._answered()
         self._metrics.idempotency(tenant, claim.verdict.value)
