@@ -17,8 +17,8 @@ In one run, against the same fake Braze (its own process, answering at once):
   latency   direct and stream again, 100,000 recipients, the fake taking 20 ms a call.
 
 The gateway runs one worker here (CPU per recipient does not depend on the count; see
-`workers`). The ratio to read is gateway CPU per recipient / direct CPU per recipient; the
-issue's target is 1.5.
+`workers`). The ratio to read is gateway CPU per recipient / direct CPU per recipient; issue
+22's target is 2 (it was 1.5 before the compiled path was asked for).
 
     .venv/bin/python bench/suite.py --only stream_throughput --out -
 """
@@ -127,7 +127,7 @@ async def measure(smoke: bool) -> list[Figure]:
         Figure(MEASURE, "direct client CPU per recipient", hand, "us"),
         Figure(MEASURE, "gateway CPU per recipient", sent.gateway_cpu_us, "us"),
         Figure(MEASURE, "gateway CPU per recipient, validate_only (no REST)", planned.gateway_cpu_us, "us"),
-        Figure(MEASURE, "CPU per recipient gateway / direct", sent.gateway_cpu_us / hand, "x", "<= 1.5"),
+        Figure(MEASURE, "CPU per recipient gateway / direct", sent.gateway_cpu_us / hand, "x", "<= 2"),
         *by_path,
         Figure(
             MEASURE, f"throughput gateway / direct, {LATENCY_MS:g} ms a call", slow.rate / slow_direct, "x"
