@@ -743,3 +743,28 @@ async def test_two_replicas_leasing_one_pool_start_exactly_what_it_allows(room: 
             assert await client.call("ZCARD", CALLS) == room
         finally:
             await client.aclose()
+
+
+async def test_two_lanes_keep_a_lease_each_and_a_pause_ends_both() -> None:
+    """A transactional and a bulk party on one pool (not rivals: other lanes) each hold a lease,
+    side by side: taking turns costs a reserve script per LEASE_CALLS calls each, not one a call.
+    A pause one of them is told of ends the other's lease too."""
+    quick, bulk = Headroom(party=party_of("acme", TRANSACTIONAL)), Headroom(party=party_of("acme", BULK))
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        try:
+            store = RedisBudgets(client, lease=60.0)
+            first = await store.reserve(KEY, NOW)
+            assert isinstance(first, Ticket)
+            await store.settle(first, reply(201, limit=1000, remaining=999, reset=RESET), NOW)
+            before = await evalsha_calls(client)
+            turns = [quick, bulk] * (LEASE_CALLS // 2) + [quick] * (LEASE_CALLS // 2)
+            found = [await store.reserve(KEY, NOW, party) for party in turns]  # bulk keeps half its lease
+            tickets = [t for t in found if isinstance(t, Ticket)]
+            assert len(tickets) == len(turns)
+            assert await evalsha_calls(client) - before == 2  # a lease each
+            spent = reply(429, limit=1000, remaining=0, reset=RESET)
+            assert await store.settle(tickets[0], spent, NOW) == RESET  # quick's call is told
+            assert await store.reserve(KEY, NOW, bulk) == Hold(RESET, spent=True)  # not bulk's lease
+        finally:
+            await client.aclose()

@@ -170,8 +170,8 @@ class RedisBudgets:
         self._release = client.script(scripts.RELEASE)
         self._lease = lease
         self._lease_calls = lease_calls
-        self._leases: dict[BudgetKey, _Lease] = {}
-        """Each pool's lease, for one party: another party's reserve asks Redis (and ends it)."""
+        self._leases: dict[tuple[BudgetKey, int], _Lease] = {}
+        """The leases held, by pool and party (one each)."""
         self._lost: dict[str, int] = {}
         """Reserves whose answer never came, by token: how many calls each may have taken."""
         self._releasing: set[asyncio.Task[None]] = set()
@@ -187,11 +187,12 @@ class RedisBudgets:
         return AUDIENCE_TTL_SECONDS if pool_kind(key[1]) == AUDIENCE else BUDGET_TTL_SECONDS
 
     async def reserve(self, key: BudgetKey, now: float, headroom: Headroom = NO_HEADROOM) -> Ticket | Hold:
-        if (lent := self._leases.get(key)) is not None:
+        slot = (key, headroom.party)
+        if (lent := self._leases.get(slot)) is not None:
             if lent.until > now and lent.calls and lent.headroom == headroom:
                 token, ours = lent.calls.pop()
                 return Ticket(key, token, shared=True, ours=ours, party=headroom.party)
-            await self._release_lease(key, self._leases.pop(key))  # before this reserve asks
+            await self._release_lease(key, self._leases.pop(slot))  # before this reserve asks
         want = self._lease_calls
         token = f"{headroom.party}.{uuid.uuid4().hex}" if headroom.party else uuid.uuid4().hex
         args: list[str | int] = [
@@ -227,20 +228,21 @@ class RedisBudgets:
     ) -> None:
         """Keep the calls of a lease (beside those of one taken meanwhile for the same party)."""
         calls = [(f"{token}/{i}", ours + i) for i in range(count - 1, 0, -1)]  # handed out from the end
-        lent = self._leases.get(key)
+        slot = (key, headroom.party)
+        lent = self._leases.get(slot)
         if lent is not None and lent.headroom == headroom:
             lent.calls[:0] = calls
             return
         if lent is not None:
-            self._lapse(key, lent)
-        lent = self._leases[key] = _Lease(calls, now + LEASE_FRESH_SECONDS, headroom)
-        asyncio.get_running_loop().call_later(LEASE_FRESH_SECONDS, self._lapse, key, lent)
+            self._lapse(slot, lent)
+        lent = self._leases[slot] = _Lease(calls, now + LEASE_FRESH_SECONDS, headroom)
+        asyncio.get_running_loop().call_later(LEASE_FRESH_SECONDS, self._lapse, slot, lent)
 
-    def _lapse(self, key: BudgetKey, lent: _Lease) -> None:
+    def _lapse(self, slot: tuple[BudgetKey, int], lent: _Lease) -> None:
         """The lease's time is up: what is left of it is released in the background."""
-        if self._leases.get(key) is lent:
-            del self._leases[key]
-            task = asyncio.get_running_loop().create_task(self._release_lease(key, lent))
+        if self._leases.get(slot) is lent:
+            del self._leases[slot]
+            task = asyncio.get_running_loop().create_task(self._release_lease(slot[0], lent))
             self._releasing.add(task)
             task.add_done_callback(self._releasing.discard)
 
@@ -260,7 +262,8 @@ class RedisBudgets:
             del self._lost[ticket.token]  # only once Redis took it: else settled again, later
         responded = reply is not None and reply.delivery is Delivery.RESPONDED
         rate = reply.rate if reply is not None else None
-        lent = self._leases.get(ticket.key)
+        slot = (ticket.key, ticket.party)
+        lent = self._leases.get(slot)
         # Whether the lease still fits is asked only when it may not: a reply that shows less
         # than an ample budget left, or a headroom (which keeps room from what is left).
         check = lent is not None and (
@@ -282,10 +285,12 @@ class RedisBudgets:
         ]
         found = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
         paused = float(_text(found[0]))
-        # A lease is never handed out into a pause, nor past what a reply says is left.
-        ended = lent is not None and (paused > now or (check and not lent.fits(found[1:], now)))
-        if ended and self._leases.get(ticket.key) is lent:
-            await self._release_lease(ticket.key, self._leases.pop(ticket.key))
+        # A lease is never handed out into a pause (any party's), nor past what a reply says is left.
+        if paused > now:
+            for held in [held for held in self._leases if held[0] == ticket.key]:
+                await self._release_lease(ticket.key, self._leases.pop(held, None))
+        elif lent is not None and check and not lent.fits(found[1:], now) and self._leases.get(slot) is lent:
+            await self._release_lease(ticket.key, self._leases.pop(slot))
         return paused
 
 
