@@ -711,6 +711,11 @@ async def test_calls_lent_and_not_handed_out_are_released_soon_and_are_not_ours(
                     await asyncio.sleep(0.01)
             assert int(await client.call("HGET", base, "ours")) == 2
             assert await client.call("ZRANGE", CALLS, 0, -1) == [one.token.encode()]
+            await store.settle(one, reply(201, limit=1000, remaining=997, reset=RESET), NOW)
+            two = await store.reserve(KEY, NOW)  # another lease...
+            assert isinstance(two, Ticket)
+            await store.stop()  # ...whose calls not handed out go back at once at shutdown
+            assert await client.call("ZRANGE", CALLS, 0, -1) == [two.token.encode()]
         finally:
             await client.aclose()
 

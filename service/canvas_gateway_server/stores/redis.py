@@ -254,6 +254,13 @@ class RedisBudgets:
                 tokens = [token for token, _ in lent.calls]
                 await _call("budgets", self._release(keys=self._keys(key)[:2], args=tokens))
 
+    async def stop(self) -> None:
+        """At shutdown: the calls lent and not handed out go back now, not at their lease's end."""
+        while self._leases:
+            (key, _), lent = self._leases.popitem()
+            await self._release_lease(key, lent)
+        await asyncio.gather(*self._releasing, return_exceptions=True)
+
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
         lost = self._lost.get(ticket.token, 1) if reply is None else 1
         if lost > 1:  # a reserve whose answer never came may have taken a lease: all of it goes

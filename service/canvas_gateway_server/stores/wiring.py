@@ -87,11 +87,12 @@ def open_stores(settings: Settings, worker: WorkerRole | None, metrics: Metrics)
     if client is not None:
         lease = settings.upstream.timeout_seconds + LEASE_MARGIN_SECONDS  # the longest call, and then some
         fallback = local if state.redis_failure == "open" else None
-        budgets = FailoverBudgets(RedisBudgets(client, lease), fallback, metrics)
+        shared = RedisBudgets(client, lease)
+        budgets = FailoverBudgets(shared, fallback, metrics)
         results = RedisResults(
             client, state.idempotency_ttl_seconds, state.idempotency_lease_seconds, metrics
         )
-        return Stores(results, budgets, [budgets.stop, client.aclose], client)
+        return Stores(results, budgets, [budgets.stop, shared.stop, client.aclose], client)
     return Stores(_own_results(settings, worker, metrics), local)
 
 
