@@ -4,6 +4,7 @@ clock, and through a real gateway and fake Braze."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -664,9 +665,9 @@ async def evalsha_calls(client: LeanRedis) -> int:
     return int(found.group(1)) if found else 0
 
 
-async def test_a_pool_with_room_lends_a_process_several_calls_each_under_way_in_redis() -> None:
-    """Room for 1,000: one reserve takes LEASE_CALLS calls, each counted under way and ours in Redis
-    at once; this process hands out the others without a round trip, and a pause ends the lease."""
+@contextlib.asynccontextmanager
+async def ample_pool() -> AsyncIterator[tuple[LeanRedis, RedisBudgets]]:
+    """A Redis whose pool Braze said has 999 calls left (room for leases), and a store on it."""
     async with redis_server() as server:
         client = connect(server.url, 1.0)
         try:
@@ -674,50 +675,49 @@ async def test_a_pool_with_room_lends_a_process_several_calls_each_under_way_in_
             first = await store.reserve(KEY, NOW)
             assert isinstance(first, Ticket)  # never answered: one call asks first
             await store.settle(first, reply(201, limit=1000, remaining=999, reset=RESET), NOW)
-            before = await evalsha_calls(client)
-            found = [await store.reserve(KEY, NOW) for _ in range(LEASE_CALLS)]
-            tickets = [t for t in found if isinstance(t, Ticket) and t.shared]
-            assert len(tickets) == LEASE_CALLS
-            assert await evalsha_calls(client) - before == 1  # one script for LEASE_CALLS calls
-            assert await client.call("ZCARD", CALLS) == LEASE_CALLS
-            assert [t.ours for t in tickets] == list(range(2, LEASE_CALLS + 2))
-            assert isinstance(await store.reserve(KEY, NOW), Ticket)  # the next lease
-            assert await client.call("ZCARD", CALLS) == 2 * LEASE_CALLS
-            spent = reply(429, limit=1000, remaining=0, reset=RESET)
-            assert await store.settle(tickets[0], spent, NOW) == RESET
-            assert await store.reserve(KEY, NOW) == Hold(RESET, spent=True)  # not the lease's calls
-            async with asyncio.timeout(2):  # ...which are released, not left to their lease
-                while await client.call("ZCARD", CALLS) > LEASE_CALLS:
-                    await asyncio.sleep(0.01)
+            yield client, store
         finally:
             await client.aclose()
+
+
+async def test_a_pool_with_room_lends_a_process_several_calls_each_under_way_in_redis() -> None:
+    """Room for 1,000: one reserve takes LEASE_CALLS calls, each counted under way and ours in Redis
+    at once; this process hands out the others without a round trip, and a pause ends the lease."""
+    async with ample_pool() as (client, store):
+        before = await evalsha_calls(client)
+        found = [await store.reserve(KEY, NOW) for _ in range(LEASE_CALLS)]
+        tickets = [t for t in found if isinstance(t, Ticket) and t.shared]
+        assert len(tickets) == LEASE_CALLS
+        assert await evalsha_calls(client) - before == 1  # one script for LEASE_CALLS calls
+        assert await client.call("ZCARD", CALLS) == LEASE_CALLS
+        assert [t.ours for t in tickets] == list(range(2, LEASE_CALLS + 2))
+        assert isinstance(await store.reserve(KEY, NOW), Ticket)  # the next lease
+        assert await client.call("ZCARD", CALLS) == 2 * LEASE_CALLS
+        spent = reply(429, limit=1000, remaining=0, reset=RESET)
+        assert await store.settle(tickets[0], spent, NOW) == RESET
+        assert await store.reserve(KEY, NOW) == Hold(RESET, spent=True)  # not the lease's calls
+        async with asyncio.timeout(2):  # ...which are released, not left to their lease
+            while await client.call("ZCARD", CALLS) > LEASE_CALLS:
+                await asyncio.sleep(0.01)
 
 
 async def test_calls_lent_and_not_handed_out_are_released_soon_and_are_not_ours() -> None:
-    async with redis_server() as server:
-        client = connect(server.url, 1.0)
-        try:
-            store = RedisBudgets(client, lease=60.0)
-            first = await store.reserve(KEY, NOW)
-            assert isinstance(first, Ticket)
-            await store.settle(first, reply(201, limit=1000, remaining=999, reset=RESET), NOW)
-            one = await store.reserve(KEY, NOW)
-            assert isinstance(one, Ticket)
-            base = CALLS.removesuffix(":calls")
-            assert int(await client.call("HGET", base, "ours")) == 1 + LEASE_CALLS
-            await asyncio.sleep(LEASE_FRESH_SECONDS)
-            async with asyncio.timeout(2):
-                while await client.call("ZCARD", CALLS) > 1:  # only the call handed out
-                    await asyncio.sleep(0.01)
-            assert int(await client.call("HGET", base, "ours")) == 2
-            assert await client.call("ZRANGE", CALLS, 0, -1) == [one.token.encode()]
-            await store.settle(one, reply(201, limit=1000, remaining=997, reset=RESET), NOW)
-            two = await store.reserve(KEY, NOW)  # another lease...
-            assert isinstance(two, Ticket)
-            await store.stop()  # ...whose calls not handed out go back at once at shutdown
-            assert await client.call("ZRANGE", CALLS, 0, -1) == [two.token.encode()]
-        finally:
-            await client.aclose()
+    async with ample_pool() as (client, store):
+        one = await store.reserve(KEY, NOW)
+        assert isinstance(one, Ticket)
+        base = CALLS.removesuffix(":calls")
+        assert int(await client.call("HGET", base, "ours")) == 1 + LEASE_CALLS
+        await asyncio.sleep(LEASE_FRESH_SECONDS)
+        async with asyncio.timeout(2):
+            while await client.call("ZCARD", CALLS) > 1:  # only the call handed out
+                await asyncio.sleep(0.01)
+        assert int(await client.call("HGET", base, "ours")) == 2
+        assert await client.call("ZRANGE", CALLS, 0, -1) == [one.token.encode()]
+        await store.settle(one, reply(201, limit=1000, remaining=997, reset=RESET), NOW)
+        two = await store.reserve(KEY, NOW)  # another lease...
+        assert isinstance(two, Ticket)
+        await store.stop()  # ...whose calls not handed out go back at once at shutdown
+        assert await client.call("ZRANGE", CALLS, 0, -1) == [two.token.encode()]
 
 
 @pytest.mark.parametrize("tenants", ["one tenant", "two tenants"])
@@ -755,21 +755,13 @@ async def test_two_lanes_keep_a_lease_each_and_a_pause_ends_both() -> None:
     side by side: taking turns costs a reserve script per LEASE_CALLS calls each, not one a call.
     A pause one of them is told of ends the other's lease too."""
     quick, bulk = Headroom(party=party_of("acme", TRANSACTIONAL)), Headroom(party=party_of("acme", BULK))
-    async with redis_server() as server:
-        client = connect(server.url, 1.0)
-        try:
-            store = RedisBudgets(client, lease=60.0)
-            first = await store.reserve(KEY, NOW)
-            assert isinstance(first, Ticket)
-            await store.settle(first, reply(201, limit=1000, remaining=999, reset=RESET), NOW)
-            before = await evalsha_calls(client)
-            turns = [quick, bulk] * (LEASE_CALLS // 2) + [quick] * (LEASE_CALLS // 2)
-            found = [await store.reserve(KEY, NOW, party) for party in turns]  # bulk keeps half its lease
-            tickets = [t for t in found if isinstance(t, Ticket)]
-            assert len(tickets) == len(turns)
-            assert await evalsha_calls(client) - before == 2  # a lease each
-            spent = reply(429, limit=1000, remaining=0, reset=RESET)
-            assert await store.settle(tickets[0], spent, NOW) == RESET  # quick's call is told
-            assert await store.reserve(KEY, NOW, bulk) == Hold(RESET, spent=True)  # not bulk's lease
-        finally:
-            await client.aclose()
+    async with ample_pool() as (client, store):
+        before = await evalsha_calls(client)
+        turns = [quick, bulk] * (LEASE_CALLS // 2) + [quick] * (LEASE_CALLS // 2)
+        found = [await store.reserve(KEY, NOW, party) for party in turns]  # bulk keeps half its lease
+        tickets = [t for t in found if isinstance(t, Ticket)]
+        assert len(tickets) == len(turns)
+        assert await evalsha_calls(client) - before == 2  # a lease each
+        spent = reply(429, limit=1000, remaining=0, reset=RESET)
+        assert await store.settle(tickets[0], spent, NOW) == RESET  # quick's call is told
+        assert await store.reserve(KEY, NOW, bulk) == Hold(RESET, spent=True)  # not bulk's lease
