@@ -94,6 +94,29 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Calls `each` with every occurrence of repeated length-delimited field `field` of the message
+/// in `buf`, in order, skipping the other fields; None (for the Python path) if it comes with
+/// another wire type, or as soon as `each` says None.
+fn each_repeated<'a>(
+    buf: &'a [u8],
+    field: u32,
+    mut each: impl FnMut(&'a [u8]) -> Option<()>,
+) -> Option<()> {
+    let mut reader = Reader::new(buf);
+    while !reader.done() {
+        let (number, wire) = reader.tag()?;
+        if number != field {
+            reader.skip(wire)?;
+            continue;
+        }
+        if wire != LEN {
+            return None;
+        }
+        each(reader.len_delimited()?)?;
+    }
+    Some(())
+}
+
 fn text(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
 }
@@ -199,24 +222,15 @@ fn write_list(out: &mut Vec<u8>, buf: &[u8], depth: u32) -> Option<()> {
     if depth > MAX_DEPTH {
         return None;
     }
-    let mut reader = Reader::new(buf);
     out.push(b'[');
     let mut first = true;
-    while !reader.done() {
-        let (field, wire) = reader.tag()?;
-        if field != 1 {
-            reader.skip(wire)?;
-            continue;
-        }
-        if wire != LEN {
-            return None;
-        }
+    each_repeated(buf, 1, |value| {
         if !first {
             out.push(b',');
         }
         first = false;
-        write_value(out, reader.len_delimited()?, depth)?;
-    }
+        write_value(out, value, depth)
+    })?;
     out.push(b']');
     Some(())
 }
@@ -227,21 +241,12 @@ fn write_struct(out: &mut Vec<u8>, buf: &[u8], depth: u32) -> Option<()> {
     if depth > MAX_DEPTH {
         return None;
     }
-    let mut reader = Reader::new(buf);
     // Each value is written to `scratch` first (so that a value protobuf would drop is still
     // checked, as upb checks it), then copied out in key order.
     let mut scratch: Vec<u8> = Vec::new();
     let mut entries: Vec<(&str, usize, usize)> = Vec::new();
-    while !reader.done() {
-        let (field, wire) = reader.tag()?;
-        if field != 1 {
-            reader.skip(wire)?;
-            continue;
-        }
-        if wire != LEN {
-            return None;
-        }
-        let mut entry = Reader::new(reader.len_delimited()?);
+    each_repeated(buf, 1, |bytes| {
+        let mut entry = Reader::new(bytes);
         let mut key = "";
         let mut value: Option<&[u8]> = None;
         while !entry.done() {
@@ -264,7 +269,8 @@ fn write_struct(out: &mut Vec<u8>, buf: &[u8], depth: u32) -> Option<()> {
             None => scratch.extend_from_slice(b"null"),
         }
         entries.push((key, start, scratch.len()));
-    }
+        Some(())
+    })?;
     // Stable: among equal keys the last one sent comes last, and is the one kept.
     entries.sort_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
@@ -352,25 +358,17 @@ fn encode_recipients(
     context_name: &str,
     limit: usize,
 ) -> Option<(Vec<u8>, Vec<usize>)> {
-    let mut reader = Reader::new(buf);
     let mut out = Vec::with_capacity(buf.len() * 2);
     let mut ends = Vec::new();
-    while !reader.done() {
-        let (number, wire) = reader.tag()?;
-        if number != field {
-            reader.skip(wire)?;
-            continue;
-        }
-        if wire != LEN {
-            return None;
-        }
+    each_repeated(buf, field, |recipient| {
         let start = out.len();
-        write_recipient(&mut out, reader.len_delimited()?, context_name)?;
+        write_recipient(&mut out, recipient, context_name)?;
         if out.len() - start > limit {
             return None;
         }
         ends.push(out.len());
-    }
+        Some(())
+    })?;
     Some((out, ends))
 }
 
