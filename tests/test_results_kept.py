@@ -24,6 +24,7 @@ from canvas_gateway_server.context import RequestContext
 from canvas_gateway_server.metrics import Metrics, PrometheusMetrics
 from canvas_gateway_server.model import Batch, BatchResult, Code, Outcome, Rule, Violation
 from canvas_gateway_server.stores.memory import LocalResults
+from canvas_gateway_server.stores.redis import RedisResults, connect
 from canvas_gateway_server.tenants import Tenant
 from fake_braze import FakeBraze, Fault
 from prometheus_client import CollectorRegistry
@@ -234,6 +235,26 @@ async def test_the_memory_store_honours_its_bound_and_its_ttl() -> None:
     assert await store.read("acme", "request:3") == []
     store.expire()
     assert store.outcomes == 0
+
+
+async def test_redis_keeps_a_flush_of_rows_in_one_command_per_handle() -> None:
+    """Rows of one flush that share a handle (a stream's batches) are one HSET and one PEXPIRE in
+    Redis, not two commands a row; a later row of the same entry wins, as it would one by one."""
+    async with redis_server() as server:
+        client = connect(server.url, 1.0)
+        try:
+            store = RedisResults(client, ttl=60.0, lease=60.0)
+            rows = [("acme", "request:a", str(index), b"a%d" % index) for index in range(6)]
+            rows += [("acme", "key:k", "0", b"k0"), ("acme", "request:a", "2", b"again")]
+            await store.record(rows)
+            stats = (await client.call("INFO", "commandstats")).decode()
+            assert "cmdstat_hset:calls=2," in stats and "cmdstat_pexpire:calls=2," in stats, stats
+            found = sorted(await store.read("acme", "request:a"))
+            assert found == sorted([b"a0", b"a1", b"again", b"a3", b"a4", b"a5"])
+            assert await store.read("acme", "key:k") == [b"k0"]
+            assert 0 < await client.call("PTTL", "cgw:outcome:acme/key:k") <= 60_000
+        finally:
+            await client.aclose()
 
 
 async def test_what_is_kept_is_counted(harness: Harness) -> None:

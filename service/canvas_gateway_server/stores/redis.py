@@ -381,11 +381,14 @@ class RedisResults:
 
     async def record(self, rows: Sequence[Row]) -> None:
         """Each handle's record is one hash (entry, a batch index -> result), living the TTL from
-        its last write; every row written in one MULTI (one round trip)."""
+        its last write; every row written in one MULTI (one round trip), one HSET and one PEXPIRE
+        a handle (a stream's rows of one flush share it: one command each, not one a row)."""
+        fields: dict[str, list[str | bytes]] = {}
+        for tenant, handle, entry, data in rows:  # in order: a later row of an entry wins, as in HSET
+            fields.setdefault(self._outcomes_key(tenant, handle), []).extend((entry, data))
         commands: list[tuple[str | bytes | int, ...]] = [("MULTI",)]
-        for tenant, handle, entry, data in rows:
-            key = self._outcomes_key(tenant, handle)
-            commands += [("HSET", key, entry, data), ("PEXPIRE", key, self._ttl_ms)]
+        for key, pairs in fields.items():
+            commands += [("HSET", key, *pairs), ("PEXPIRE", key, self._ttl_ms)]
         await _call("results", self._client.pipeline([*commands, ("EXEC",)]))
 
     async def read(self, tenant: str, handle: str) -> list[bytes]:
