@@ -38,7 +38,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -123,6 +123,14 @@ AMPLE: Final = 4 * LEASE_SPREAD * LEASE_CALLS
 headroom): within a lease's 0.2 s only others' spending outside the gateway could change that."""
 MAX_LOST: Final = 10_000
 """Reserves whose answer never came remembered at most (as `failover.MAX_UNSETTLED`)."""
+SETTLE_BEHIND_SECONDS: Final = 0.005
+"""A settle whose reply tells Redis nothing it must know at once is sent within this, with the
+others of its pool: one script for them all. Such a reply shows an ample budget left (AMPLE) in
+a window this process already told Redis of, with no lease to check and no pause: nothing in it
+narrows the room, nor widens it much. Meanwhile its call is still counted under way, which can
+only hold others' calls back; every other settle is sent at once, with those behind first."""
+SETTLE_RETRY_SECONDS: Final = 1.0
+"""Settles sent behind that Redis did not take are tried again after this."""
 LEASE_FRESH_SECONDS: Final = 0.2
 """How long a lease's calls may be handed out; those left then are released in Redis."""
 
@@ -174,7 +182,15 @@ class RedisBudgets:
         """The leases held, by pool and party (one each)."""
         self._lost: dict[str, int] = {}
         """Reserves whose answer never came, by token: how many calls each may have taken."""
-        self._releasing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        """Releases of lapsed leases, and settles sent behind."""
+        self._settles: dict[BudgetKey, list[list[str]]] = {}
+        """Settles not sent yet, by pool, in the order their calls ended (`_behind`)."""
+        self._flushing: set[BudgetKey] = set()
+        """Pools whose settles are to be sent soon."""
+        self._windows: dict[BudgetKey, int] = {}
+        """The window (x-ratelimit-reset) of each pool this process last told Redis of at once: a
+        reply of another window, or the first, may widen the room, so it is never sent behind."""
 
     @staticmethod
     def _keys(key: BudgetKey) -> list[str]:
@@ -242,9 +258,7 @@ class RedisBudgets:
         """The lease's time is up: what is left of it is released in the background."""
         if self._leases.get(slot) is lent:
             del self._leases[slot]
-            task = asyncio.get_running_loop().create_task(self._release_lease(slot[0], lent))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
+            self._background(self._release_lease(slot[0], lent))
 
     async def _release_lease(self, key: BudgetKey, lent: _Lease | None) -> None:
         """Release in Redis the calls of a lease not handed out (if Redis does not answer, they
@@ -259,7 +273,51 @@ class RedisBudgets:
         while self._leases:
             (key, _), lent = self._leases.popitem()
             await self._release_lease(key, lent)
-        await asyncio.gather(*self._releasing, return_exceptions=True)
+        while self._settles:  # and the settles not sent yet go now (once: else left to their lease)
+            key, calls = self._settles.popitem()
+            with contextlib.suppress(StoreUnavailable):
+                await self._send_settles(key, calls, None, check=False)
+            self._settles.pop(key, None)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _behind(self, key: BudgetKey, calls: list[list[str]], delay: float, first: bool = False) -> None:
+        """Settle `calls` within `delay`, with the others of their pool meanwhile (`first`: before
+        them, the order they ended in)."""
+        waiting = self._settles.setdefault(key, [])
+        waiting[0 if first else len(waiting) :] = calls
+        del waiting[:-MAX_LOST]  # Redis has not taken them for long: the oldest lapse at their lease
+        if key not in self._flushing:
+            self._flushing.add(key)
+            asyncio.get_running_loop().call_later(delay, self._flush, key)
+
+    def _flush(self, key: BudgetKey) -> None:
+        self._flushing.discard(key)
+        if calls := self._settles.pop(key, None):
+            self._background(self._settle_behind(key, calls))
+
+    async def _settle_behind(self, key: BudgetKey, calls: list[list[str]]) -> None:
+        with contextlib.suppress(StoreUnavailable):  # kept, and tried again
+            await self._send_settles(key, calls, None, check=False)
+
+    async def _send_settles(
+        self, key: BudgetKey, behind: list[list[str]], call: list[str] | None, check: bool
+    ) -> list[Any]:
+        """One SETTLE script for the calls settled behind and then `call`, in the order they ended.
+        If Redis does not take it, those behind are kept, tried again after SETTLE_RETRY_SECONDS."""
+        args: list[str | int] = ["1" if check else "0", repr(MAX_PAUSE_SECONDS), self._ttl(key)]
+        for each in [*behind, call] if call is not None else behind:
+            args += each
+        try:
+            found: list[Any] = await _call("budgets", self._settle(keys=self._keys(key), args=args))
+        except StoreUnavailable:
+            self._behind(key, behind, SETTLE_RETRY_SECONDS, first=True)
+            raise
+        return found
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def settle(self, ticket: Ticket, reply: Reply | None, now: float) -> float:
         lost = self._lost.get(ticket.token, 1) if reply is None else 1
@@ -268,29 +326,33 @@ class RedisBudgets:
             await _call("budgets", self._release(keys=self._keys(ticket.key)[:2], args=tokens))
             del self._lost[ticket.token]  # only once Redis took it: else settled again, later
         responded = reply is not None and reply.delivery is Delivery.RESPONDED
-        rate = reply.rate if reply is not None else None
+        rate, status = (None, 0) if reply is None else (reply.rate, reply.status)
         slot = (ticket.key, ticket.party)
         lent = self._leases.get(slot)
         # Whether the lease still fits is asked only when it may not: a reply that shows less
         # than an ample budget left, or a headroom (which keeps room from what is left).
-        check = lent is not None and (
-            lent.headroom.active
-            or (rate is not None and rate.remaining is not None and rate.remaining < AMPLE)
-        )
-        args: list[str | int] = [
+        left = None if rate is None else rate.remaining
+        check = lent is not None and (lent.headroom.active or (left is not None and left < AMPLE))
+        call = [
             ticket.token,
             repr(now),
             "1" if responded else "0",
-            str(reply.status if reply is not None else 0),
-            "" if rate is None or rate.remaining is None else str(rate.remaining),
+            str(status),
+            "" if left is None else str(left),
             "" if rate is None or rate.reset is None else str(rate.reset),
-            repr(MAX_PAUSE_SECONDS),
-            self._ttl(ticket.key),
             "" if rate is None or rate.limit is None else str(rate.limit),
             "1" if reply is None else "0",
-            "1" if check else "0",
         ]
-        found = await _call("budgets", self._settle(keys=self._keys(ticket.key), args=args))
+        window = None if rate is None else rate.reset
+        ample = left is not None and left >= AMPLE and not check and status != 429
+        if responded and ample and window is not None and self._windows.get(ticket.key) == window:
+            self._behind(ticket.key, [call], SETTLE_BEHIND_SECONDS)  # nothing new in it
+            return 0.0
+        found = await self._send_settles(ticket.key, self._settles.pop(ticket.key, []), call, check)
+        if window is not None and responded:
+            if len(self._windows) >= MAX_LOST and ticket.key not in self._windows:
+                self._windows.clear()  # many audiences' pools: known again at their next reply
+            self._windows[ticket.key] = window
         paused = float(_text(found[0]))
         # A lease is never handed out into a pause (any party's), nor past what a reply says is left.
         if paused > now:

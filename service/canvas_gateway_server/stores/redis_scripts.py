@@ -120,51 +120,62 @@ return n
 
 
 SETTLE: Final = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-local now = tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
-local paused = tonumber(b[1]) or 0
-if ARGV[10] == '1' then
-  local ours = tonumber(redis.call('HGET', KEYS[1], 'ours')) or 0
-  if ours > 0 then redis.call('HSET', KEYS[1], 'ours', string.format('%d', ours - 1)) end
-end
-if ARGV[3] == '1' then
-  local limit = tonumber(ARGV[9])
-  if limit and limit > 0 then
-    redis.call('HSET', KEYS[1], 'limit', string.format('%d', limit))
-  elseif (tonumber(b[4]) or 0) == 0 and tonumber(ARGV[4]) >= 200 and tonumber(ARGV[4]) < 300 then
-    redis.call('HSET', KEYS[1], 'limit', '-1')
+local check, most, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local latest, paused = 0, 0
+for i = 4, #ARGV, 8 do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  local now = tonumber(ARGV[i + 1])
+  latest = math.max(latest, now)
+  local b = redis.call('HMGET', KEYS[1], 'paused', 'reset', 'left', 'limit')
+  paused = tonumber(b[1]) or 0
+  if ARGV[i + 7] == '1' then
+    local ours = tonumber(redis.call('HGET', KEYS[1], 'ours')) or 0
+    if ours > 0 then redis.call('HSET', KEYS[1], 'ours', string.format('%d', ours - 1)) end
   end
-  local remaining = tonumber(ARGV[5])
-  local reset = tonumber(ARGV[6])
-  if remaining and reset and reset > now then
-    local current = tonumber(b[2]) or 0
-    if reset > current then
-      if current > 0 then
-        redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-        redis.call('HSET', KEYS[1], 'ours', string.format('%d', redis.call('ZCARD', KEYS[2])))
-      end
-      redis.call('HSET', KEYS[1], 'reset', string.format('%d', reset), 'left', string.format('%d', remaining))
-    elseif reset == current then
-      redis.call('HSET', KEYS[1], 'left', string.format('%d', math.min(tonumber(b[3]) or 0, remaining)))
+  if ARGV[i + 2] == '1' then
+    local status = tonumber(ARGV[i + 3])
+    local limit = tonumber(ARGV[i + 6])
+    if limit and limit > 0 then
+      redis.call('HSET', KEYS[1], 'limit', string.format('%d', limit))
+    elseif (tonumber(b[4]) or 0) == 0 and status >= 200 and status < 300 then
+      redis.call('HSET', KEYS[1], 'limit', '-1')
     end
+    local remaining = tonumber(ARGV[i + 4])
+    local reset = tonumber(ARGV[i + 5])
+    if remaining and reset and reset > now then
+      local current = tonumber(b[2]) or 0
+      if reset > current then
+        if current > 0 then
+          redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+          redis.call('HSET', KEYS[1], 'ours', string.format('%d', redis.call('ZCARD', KEYS[2])))
+        end
+        redis.call('HSET', KEYS[1], 'reset', string.format('%d', reset),
+          'left', string.format('%d', remaining))
+      elseif reset == current then
+        redis.call('HSET', KEYS[1], 'left', string.format('%d', math.min(tonumber(b[3]) or 0, remaining)))
+      end
+    end
+    if (status == 429 or remaining == 0) and reset and reset > now then
+      paused = math.max(paused, math.min(reset, now + most))
+      redis.call('HSET', KEYS[1], 'paused', string.format('%.17g', paused))
+    end
+    redis.call('EXPIRE', KEYS[1], ttl)
   end
-  if (ARGV[4] == '429' or remaining == 0) and reset and reset > now then
-    paused = math.max(paused, math.min(reset, now + tonumber(ARGV[7])))
-    redis.call('HSET', KEYS[1], 'paused', string.format('%.17g', paused))
-  end
-  redis.call('EXPIRE', KEYS[1], ARGV[8])
 end
 local said = '0'
-if paused > now then said = string.format('%.17g', paused) end
-if ARGV[11] ~= '1' then return {said} end
+if paused > latest then said = string.format('%.17g', paused) end
+if check ~= '1' then return {said} end
 local w = redis.call('HMGET', KEYS[1], 'reset', 'left', 'limit', 'ours')
-local under = redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf')
+local under = redis.call('ZCOUNT', KEYS[2], '(' .. string.format('%.17g', latest), '+inf')
 return {said, w[1] or '0', w[2] or '0', w[3] or '0', w[4] or '0', under}
 """
-"""A call ended: no longer under way (and, not made, not ours), what its reply tells learnt; the
-pause's end or '0', and with ARGV[11] = '1' what a process that holds a lease checks it against:
-the window's reset, left, limit, ours and the calls under way."""
+"""Calls ended, in the order they ended, each exactly as if settled alone (ARGV[1..3]: whether to
+return the state below, the longest pause, the pool's TTL; then 8 per call: its token, the
+clock, whether Braze responded, the status, x-ratelimit-remaining, -reset and -limit, and '1' if
+it was never made): no longer under way (and, not made, not ours), what each reply tells learnt.
+Returns the pause's end or '0', and with ARGV[1] = '1' what a process that holds a lease checks
+it against: the window's reset, left, limit, ours and the calls under way. One script for the
+settles of one pool that wait together (`redis.RedisBudgets`): one round trip for them all."""
 
 
 CLAIM: Final = """
