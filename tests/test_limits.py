@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import pytest
@@ -38,9 +39,11 @@ from canvas_gateway_server.stores.failover import FailoverBudgets
 from canvas_gateway_server.stores.host_budgets import HostBudgets
 from canvas_gateway_server.stores.memory import LocalTable, TableBudgets
 from canvas_gateway_server.stores.redis import (
+    AMPLE,
     AUDIENCE_TTL_SECONDS,
     LEASE_CALLS,
     LEASE_FRESH_SECONDS,
+    SETTLE_BEHIND_SECONDS,
     RedisBudgets,
     connect,
 )
@@ -765,3 +768,65 @@ async def test_two_lanes_keep_a_lease_each_and_a_pause_ends_both() -> None:
         spent = reply(429, limit=1000, remaining=0, reset=RESET)
         assert await store.settle(tickets[0], spent, NOW) == RESET  # quick's call is told
         assert await store.reserve(KEY, NOW, bulk) == Hold(RESET, spent=True)  # not bulk's lease
+
+
+async def test_settles_that_tell_redis_nothing_new_go_together_and_those_that_narrow_it_at_once() -> None:
+    """Replies with an ample budget left (AMPLE) in a window Redis was told of are settled behind:
+    within SETTLE_BEHIND_SECONDS, those of a pool in one script, their calls counted under way until
+    then (holding others back, never letting more start). A reply that leaves less goes at once,
+    with those behind first, so the next reserve already sees it. So does a new window's first."""
+    async with ample_pool() as (client, store):
+        base = CALLS.removesuffix(":calls")
+        tickets = [await store.reserve(KEY, NOW) for _ in range(LEASE_CALLS)]  # one lease
+        assert all(isinstance(t, Ticket) for t in tickets)
+        before = await evalsha_calls(client)
+        for i, ticket in enumerate(tickets[:5]):
+            ample = reply(201, limit=1000, remaining=990 - i, reset=RESET)
+            assert await store.settle(cast(Ticket, ticket), ample, NOW) == 0.0
+        assert await client.call("ZCARD", CALLS) == LEASE_CALLS  # queued before the script: not yet
+        async with asyncio.timeout(2):
+            while await client.call("ZCARD", CALLS) > LEASE_CALLS - 5:
+                await asyncio.sleep(0.001)
+        assert await evalsha_calls(client) - before == 1  # one script for the five
+        assert int(await client.call("HGET", base, "left")) == 986
+        behind = reply(201, limit=1000, remaining=985, reset=RESET)
+        assert await store.settle(cast(Ticket, tickets[5]), behind, NOW) == 0.0
+        narrow = reply(201, limit=1000, remaining=AMPLE - 1, reset=RESET)
+        await store.settle(cast(Ticket, tickets[6]), narrow, NOW)  # at once, with the one behind
+        assert await client.call("ZRANGE", CALLS, 0, -1) == [cast(Ticket, tickets[7]).token.encode()]
+        assert int(await client.call("HGET", base, "left")) == AMPLE - 1
+        turned = reply(201, limit=1000, remaining=999, reset=RESET + 3600)  # a new window: at once
+        await store.settle(cast(Ticket, tickets[7]), turned, NOW)
+        assert await client.call("ZCARD", CALLS) == 0
+        assert int(await client.call("HGET", base, "reset")) == RESET + 3600
+
+
+async def test_settles_sent_behind_go_at_shutdown_and_again_when_redis_did_not_take_them() -> None:
+    """Settles behind are sent when the store stops, not left to their calls' lease (60 s); and
+    when Redis does not answer (stopped, then back with its data) they are kept and sent again."""
+    async with redis_server(persistent=True) as server:
+        client = connect(server.url, 0.5)
+        try:
+            store = RedisBudgets(client, lease=60.0, lease_calls=1)  # no lease: only settles here
+            first = await store.reserve(KEY, NOW)
+            assert isinstance(first, Ticket)
+            await store.settle(first, reply(201, limit=1000, remaining=999, reset=RESET), NOW)
+            ample = reply(201, limit=1000, remaining=990, reset=RESET)
+            tickets = [await store.reserve(KEY, NOW) for _ in range(3)]
+            for ticket in tickets:
+                await store.settle(cast(Ticket, ticket), ample, NOW)
+            await store.stop()
+            assert await client.call("ZCARD", CALLS) == 0
+            tickets = [await store.reserve(KEY, NOW) for _ in range(3)]
+            await client.call("SET", "written-before-the-stop", "1")
+            await server.stop()
+            for ticket in tickets:
+                await store.settle(cast(Ticket, ticket), ample, NOW)
+            await asyncio.sleep(SETTLE_BEHIND_SECONDS + 0.1)  # sent, and not taken
+            await server.start()
+            assert await client.call("GET", "written-before-the-stop") == b"1"  # the calls too
+            async with asyncio.timeout(10):  # (their lease is 60 s)
+                while await client.call("ZCARD", CALLS) > 0:
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
