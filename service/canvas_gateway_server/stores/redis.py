@@ -6,7 +6,9 @@ Each operation is one Lua script (`redis_scripts`), so it is atomic and costs on
   hash per (workspace, pool) (pause, window reset, what is left, the gateway's calls in the
   window) and a sorted set of the calls
   under way, each with a lease: a replica that dies with calls under way does not hold the
-  budget past their lease (the longest a call can take).
+  budget past their lease (the longest a call can take). A settle whose reply tells Redis nothing
+  it must know at once (an ample budget left, in a window already told) is sent behind, within
+  SETTLE_BEHIND_SECONDS, with the others of its pool: one script for them all.
 - results: `claim`, `mark_sending` and `keep` of `idempotency.ResultStore`, on a hash per
   (tenant, key, batch). A claim names its process; each process keeps a heartbeat key alive
   while it runs, so a claim whose process is gone is seen at once, not after the lease: sent
