@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
 from canvas_gateway.v1 import canvas_gateway_pb2_grpc as pb_grpc
 from canvas_gateway_server.keeping import LOST_TEXT
+from canvas_gateway_server.stores.redis import AMPLE
 from fake_braze import FakeBraze, FakeBrazeConfig, OtherConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RedisServer, Replica, haproxy, redis_server, start_replica, stop_process
@@ -62,9 +63,11 @@ class Cluster:
 
 
 @pytest.fixture
-def fake_config() -> FakeBrazeConfig:
+def fake_config(request: pytest.FixtureRequest) -> FakeBrazeConfig:
+    callspec = getattr(request.node, "callspec", None)
+    limit = callspec.params.get("limit", LIMIT) if callspec is not None else LIMIT
     return FakeBrazeConfig(
-        api_keys=frozenset(KEYS.values()), hourly_limit=LIMIT, hourly_window_seconds=WINDOW
+        api_keys=frozenset(KEYS.values()), hourly_limit=limit, hourly_window_seconds=WINDOW
     )
 
 
@@ -143,25 +146,28 @@ async def metric(admin: str, name: str, **labels: str) -> float:
     )
 
 
+@pytest.mark.parametrize("limit", [LIMIT, AMPLE + 22])
 async def test_replicas_share_the_budget_spend_it_and_never_overspend_it(
-    cluster: Cluster, fake: FakeBraze
+    cluster: Cluster, fake: FakeBraze, limit: int
 ) -> None:
+    """Two budgets: one below AMPLE, where every settle goes to Redis at once, and one above, where
+    the settles of each window's first calls go behind (`stores.redis`) until what is left is less."""
     # Start early in a window of the fake's clock (the replicas, processes, read the wall clock too).
     await asyncio.sleep(WINDOW - fake.config.clock() % WINDOW)
-    streams = 6
-    done = await asyncio.gather(*(stream(cluster.target, i * 1500, 1500) for i in range(streams)))
+    streams, count = 6, 1500 * limit // LIMIT
+    done = await asyncio.gather(*(stream(cluster.target, i * count, count) for i in range(streams)))
 
     for each in done:  # positions count within each stream
-        assert sorted(p for r in each for p in r.positions) == list(range(1500))
+        assert sorted(p for r in each for p in r.positions) == list(range(count))
         assert {r.outcome for r in each} == {pb.OUTCOME_SENT}
-    assert set(sent_to(fake).values()) == {1} and len(sent_to(fake)) == streams * 1500
+    assert set(sent_to(fake).values()) == {1} and len(sent_to(fake)) == streams * count
     by_window: dict[int, Counter[int]] = {}
     for call in fake.calls:
         by_window.setdefault(math.floor(call.received_at / WINDOW), Counter())[call.status] += 1
     assert sum(c[429] for c in by_window.values()) == 0  # never more than the budget: 0 over-send
     full = sorted(by_window)[1:-1]
     assert len(full) >= 2, by_window
-    use = sum(by_window[w][201] for w in full) / (LIMIT * len(full))
+    use = sum(by_window[w][201] for w in full) / (limit * len(full))
     assert use >= 0.95, (use, by_window)
     # Every replica took part (its workers take connections as the kernel deals them: docs/operations.md).
     for replica in cluster.replicas:
