@@ -44,6 +44,7 @@ from canvas_gateway_server.stores.redis import (
     LEASE_CALLS,
     LEASE_FRESH_SECONDS,
     SETTLE_BEHIND_SECONDS,
+    SETTLE_GROUP,
     RedisBudgets,
     connect,
 )
@@ -817,7 +818,7 @@ async def test_settles_sent_behind_go_at_shutdown_and_again_when_redis_did_not_t
                 await store.settle(cast(Ticket, ticket), ample, NOW)
             await store.stop()
             assert await client.call("ZCARD", CALLS) == 0
-            tickets = [await store.reserve(KEY, NOW) for _ in range(3)]
+            tickets = [await store.reserve(KEY, NOW) for _ in range(SETTLE_GROUP + 44)]  # two scripts
             await client.call("SET", "written-before-the-stop", "1")
             await server.stop()
             for ticket in tickets:

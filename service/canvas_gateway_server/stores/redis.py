@@ -133,6 +133,8 @@ narrows the room, nor widens it much. Meanwhile its call is still counted under 
 only hold others' calls back; every other settle is sent at once, with those behind first."""
 SETTLE_RETRY_SECONDS: Final = 1.0
 """Settles sent behind that Redis did not take are tried again after this."""
+SETTLE_GROUP: Final = 256
+"""Settles in one script at most (a script holds Redis while it runs)."""
 LEASE_FRESH_SECONDS: Final = 0.2
 """How long a lease's calls may be handed out; those left then are released in Redis."""
 
@@ -275,10 +277,12 @@ class RedisBudgets:
         while self._leases:
             (key, _), lent = self._leases.popitem()
             await self._release_lease(key, lent)
-        while self._settles:  # and the settles not sent yet go now (once: else left to their lease)
-            key, calls = self._settles.popitem()
-            with contextlib.suppress(StoreUnavailable):
-                await self._send_settles(key, calls, None, check=False)
+        for key in list(self._settles):  # the settles not sent yet go now (once, else left to their lease)
+            while calls := self._take(key):
+                try:
+                    await self._send_settles(key, calls, None, check=False)
+                except StoreUnavailable:
+                    break
             self._settles.pop(key, None)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -286,15 +290,28 @@ class RedisBudgets:
         """Settle `calls` within `delay`, with the others of their pool meanwhile (`first`: before
         them, the order they ended in)."""
         waiting = self._settles.setdefault(key, [])
-        waiting[0 if first else len(waiting) :] = calls
+        if first:
+            waiting[:0] = calls
+        else:
+            waiting += calls
         del waiting[:-MAX_LOST]  # Redis has not taken them for long: the oldest lapse at their lease
         if key not in self._flushing:
             self._flushing.add(key)
             asyncio.get_running_loop().call_later(delay, self._flush, key)
 
+    def _take(self, key: BudgetKey) -> list[list[str]]:
+        """The oldest SETTLE_GROUP settles of the pool waiting to be sent; the others, if any (after
+        Redis did not answer for a while), are sent next, at once."""
+        waiting = self._settles.pop(key, [])
+        if len(waiting) > SETTLE_GROUP:
+            self._settles[key] = waiting[SETTLE_GROUP:]
+            self._flushing.add(key)
+            asyncio.get_running_loop().call_soon(self._flush, key)
+        return waiting[:SETTLE_GROUP]
+
     def _flush(self, key: BudgetKey) -> None:
         self._flushing.discard(key)
-        if calls := self._settles.pop(key, None):
+        if calls := self._take(key):
             self._background(self._settle_behind(key, calls))
 
     async def _settle_behind(self, key: BudgetKey, calls: list[list[str]]) -> None:
@@ -350,7 +367,7 @@ class RedisBudgets:
         if responded and ample and window is not None and self._windows.get(ticket.key) == window:
             self._behind(ticket.key, [call], SETTLE_BEHIND_SECONDS)  # nothing new in it
             return 0.0
-        found = await self._send_settles(ticket.key, self._settles.pop(ticket.key, []), call, check)
+        found = await self._send_settles(ticket.key, self._take(ticket.key), call, check)
         if window is not None and responded:
             if len(self._windows) >= MAX_LOST and ticket.key not in self._windows:
                 self._windows.clear()  # many audiences' pools: known again at their next reply
