@@ -62,6 +62,7 @@ from canvas_gateway_server.stores import host_results
 from canvas_gateway_server.stores import redis as redis_store
 from canvas_gateway_server.stores.host_results import HostResults
 from canvas_gateway_server.stores.memory import LocalResults, TableBudgets
+from canvas_gateway_server.stores.resp import LeanRedis
 from harness import (
     AUTH,
     CANVAS,
@@ -291,7 +292,7 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
     fake_port = free_port()
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    cpu_used = {name: {"gateway": 0.0, "redis": 0.0, "batches": 0.0} for name in VARIANTS}
+    cpu_used = {name: {"gateway": 0.0, "redis": 0.0, "batches": 0.0, "scripts": 0.0} for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         tenants = write_tenants(Path(tmp), f"http://127.0.0.1:{fake_port}")
         async with AsyncExitStack() as started:
@@ -310,6 +311,8 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
             await asyncio.gather(*(wait_ready(gateway.admin) for gateway in gateways.values()))
             channels = {uses: grpc.aio.insecure_channel(g.target) for uses, g in gateways.items()}
             started.push_async_callback(asyncio.gather, *(c.close() for c in channels.values()))
+            stats = redis_store.connect(redis_url, TIMEOUT_SECONDS)
+            started.push_async_callback(stats.aclose)
             warm = encoded_chunks(2_000, 500)
             for uses, keyed in VARIANTS.values():
                 await send(channels[uses], 2_000, warm, f"warm-{uuid.uuid4()}" if keyed else "")
@@ -322,13 +325,16 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
                     pid = gateways[uses].process.pid
                     key = f"bench-{uuid.uuid4()}" if keyed else ""
                     cpu, server = cpu_seconds(pid), cpu_seconds(redis)
+                    ran = await scripts_run(stats) if uses == "redis" else 0
                     elapsed, batches = await send(channels[uses], n, parts, key)
                     cpu, server = cpu_seconds(pid) - cpu, cpu_seconds(redis) - server
+                    ran = await scripts_run(stats) - ran if uses == "redis" else 0
                     assert batches == -(-n // BATCH), batches
                     taken[name] = n / elapsed
                     used = cpu_used[name]
                     used["gateway"], used["redis"] = used["gateway"] + cpu, used["redis"] + server
                     used["batches"] += batches
+                    used["scripts"] += ran
                 for name, rate in taken.items():
                     rates[name].append(rate)
                     ratios[name].append(rate / taken[BASELINE])
@@ -372,7 +378,17 @@ async def end_to_end(redis_url: str, redis: int, n: int, rounds: int) -> list[Fi
         if uses == "redis":
             cpu = per_batch[name]["redis"]
             figures.append(Figure(MEASURE, f"{stream}: redis-server CPU per batch, {name}", cpu, "us"))
+            scripts = cpu_used[name]["scripts"] / cpu_used[name]["batches"]
+            figures.append(Figure(MEASURE, f"{stream}: Redis scripts run per batch, {name}", scripts, ""))
     return figures
+
+
+async def scripts_run(client: LeanRedis) -> int:
+    """How many scripts Redis has run (EVALSHA, INFO commandstats): a count, not a time, so the
+    same in every run, however busy the machine."""
+    stats = (await client.call("INFO", "commandstats")).decode()
+    found = re.search(r"cmdstat_evalsha:calls=(\d+)", stats)
+    return int(found.group(1)) if found else 0
 
 
 async def measure(smoke: bool) -> list[Figure]:
