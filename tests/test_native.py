@@ -301,6 +301,16 @@ _JSON = st.recursive(
 )
 
 
+def damaged(raw: bytes, damage: str, order: random.Random) -> bytes:
+    """`raw` cut at a random byte ("cut"), with one random bit flipped ("flip"), or whole ("none")."""
+    if raw and damage == "cut":
+        return raw[: order.randrange(len(raw))]
+    if raw and damage == "flip":
+        at = order.randrange(len(raw))
+        return raw[:at] + bytes([raw[at] ^ (1 << order.randrange(8))]) + raw[at + 1 :]
+    return raw
+
+
 @st.composite
 def recipients(draw: st.DrawFn) -> pb.Recipient:
     """Mostly the common recipient (any identifier, any context); at times any other."""
@@ -342,12 +352,8 @@ def test_the_compiled_path_agrees_with_python(
     chosen: list[pb.Recipient], seed: int, name: str, damage: str
 ) -> None:
     order = random.Random(seed)
-    raw = wire(pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=chosen)), order)
-    if raw and damage == "cut":
-        raw = raw[: order.randrange(len(raw))]
-    elif raw and damage == "flip":
-        at = order.randrange(len(raw))
-        raw = raw[:at] + bytes([raw[at] ^ (1 << order.randrange(8))]) + raw[at + 1 :]
+    message = pb.SendStreamRequest(chunk=pb.RecipientChunk(recipients=chosen))
+    raw = damaged(wire(message, order), damage, order)
     answered = same(raw, name)
     reference = python_path(raw, name, HEAD)
     if damage == "none" and reference is not None and not reference[1]:
@@ -512,12 +518,7 @@ def test_the_compiled_path_agrees_with_python_on_unary_sends(
     request: pb.SendRequest, seed: int, name: str, damage: str
 ) -> None:
     order = random.Random(seed)
-    raw = wire(request, order)
-    if raw and damage == "cut":
-        raw = raw[: order.randrange(len(raw))]
-    elif raw and damage == "flip":
-        at = order.randrange(len(raw))
-        raw = raw[:at] + bytes([raw[at] ^ (1 << order.randrange(8))]) + raw[at + 1 :]
+    raw = damaged(wire(request, order), damage, order)
     answered = same_send(raw, name)
     reference = python_send(raw, name)
     if damage == "none" and reference is not None and not reference[1]:
