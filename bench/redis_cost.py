@@ -18,6 +18,11 @@ redis-server on 127.0.0.1 (tests/servers.py starts Debian's). Measured in one ru
              per batch, this process's CPU per batch (the client's share, which a gateway pays)
              and redis-server's CPU per batch. Every reservation must be a Ticket and every
              claim CLAIMED, and the last batch's result must come back KEPT.
+  contention the host file from 2 processes at once (2 workers of a gateway), each claiming, marking
+             and keeping batches at a worker's pace (8 in flight, each call to Braze 4 ms: about
+             2,000 batches a second); the same with the in-process store as the control. A host
+             file's call runs on the event loop, and sleeps while another writer holds the lock
+             (`host_results`): p50, p99.9 and the longest time of a call, over every call.
   end to end one SendStream of 20,000 recipients (400 batches) through one gateway process,
              with and without an idempotency key (a new key each run, so every batch is
              claimed and kept, none replayed), against a fake Braze that answers at once (so
@@ -40,6 +45,8 @@ this client share: read the ratios and the CPU per batch, not the absolute rates
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import statistics
 import sys
@@ -49,6 +56,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Final
 
 import grpc
 from canvas_gateway.v1 import canvas_gateway_pb2 as pb
@@ -215,6 +223,76 @@ async def stores(redis_url: str, redis: int, n: int, rounds: int) -> list[Figure
         await client.aclose()
         await host.stop()
         folder.cleanup()
+    return figures
+
+
+CALL_SECONDS: Final = 0.004
+"""How long the Braze call of each batch takes in `contention`: with CONCURRENCY batches in flight,
+about 2,000 batches a second per process, a gateway worker's pace at full speed here."""
+
+
+async def call_times(path: str, n: int) -> list[float]:
+    """N batches claimed, marked and kept (a call of CALL_SECONDS between mark and keep) from
+    CONCURRENCY tasks, in the host file at `path` (in this process's memory if ""): how long each
+    claim, mark and keep took, in seconds. One that runs on the event loop holds it that long; one
+    that finds the lock held sleeps meanwhile (`host_results`)."""
+    store: ResultStore = HostResults(path, 3600.0, 60.0) if path else LocalResults(3600.0, 10**6, 60.0)
+    scope = IdempotencyScope("bench", uuid.uuid4().hex)
+    taken: list[float] = []
+    clock = time.perf_counter
+
+    async def worker(first: int) -> None:
+        for index in range(first, n, CONCURRENCY):
+            token = uuid.uuid4().hex
+            began = clock()
+            claim = await store.claim(scope, index, DIGEST, token)
+            claimed = clock()
+            marked = await store.mark_sending(scope, index, token)
+            taken.extend((claimed - began, clock() - claimed))
+            assert claim.verdict is Verdict.CLAIMED, claim
+            assert marked
+            await asyncio.sleep(CALL_SECONDS)
+            began = clock()
+            await store.keep(scope, index, DIGEST, token, KEPT)
+            taken.append(clock() - began)
+
+    await asyncio.gather(*(worker(k) for k in range(CONCURRENCY)))
+    if isinstance(store, HostResults):
+        await store.stop()
+    return taken
+
+
+def call_times_main(path: str, n: int) -> None:
+    """A process of `contention`: prints its calls' times (JSON, seconds)."""
+    print(json.dumps(asyncio.run(call_times(path, n))))
+
+
+async def contention(n: int, workers: int = 2) -> list[Figure]:
+    """`workers` processes at once on one host file, then each in its own memory."""
+    found: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/keys.sqlite3"
+        host_results.create(path, private_folder=False)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        for way, where in (("host file", path), ("in-process", "")):
+            code = f"import redis_cost; redis_cost.call_times_main({where!r}, {n})"
+            running = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", code, env=env, stdout=asyncio.subprocess.PIPE
+                )
+                for _ in range(workers)
+            ]
+            outputs = await asyncio.gather(*(process.communicate() for process in running))
+            assert all(process.returncode == 0 for process in running), [p.returncode for p in running]
+            found[way] = sorted(taken for out, _ in outputs for taken in json.loads(out))
+    label = f"{workers} processes at once, a worker's pace: claim, mark or keep, time"
+    figures = []
+    for way, taken in found.items():
+        figures += [
+            Figure(MEASURE, f"{way}, {label} p50", taken[len(taken) // 2] * 1e6, "us"),
+            Figure(MEASURE, f"{way}, {label} p99.9", taken[int(len(taken) * 0.999)] * 1e6, "us"),
+            Figure(MEASURE, f"{way}, {label} longest", taken[-1] * 1e6, "us"),
+        ]
     return figures
 
 
@@ -396,5 +474,6 @@ async def measure(smoke: bool) -> list[Figure]:
     async with redis_server() as redis:
         assert redis.process is not None
         figures = await stores(redis.url, redis.process.pid, n, rounds)
+        figures += await contention(n * 5)
         figures += await end_to_end(redis.url, redis.process.pid, recipients, streams)
     return figures

@@ -503,7 +503,8 @@ async def test_the_host_file_outlives_its_gateway_and_a_silent_owner_s_claim_is_
     assert (await first.claim(Scope("acme", "k"), 1, "d", "t1")).verdict is Verdict.CLAIMED
     assert await first.mark_sending(Scope("acme", "k"), 1, "t1")  # its call may have left
     assert (await first.claim(Scope("acme", "k"), 2, "d", "t2")).verdict is Verdict.CLAIMED  # never left
-    await first._run(first._db.close)  # killed: no goodbye, its heartbeat row stays
+    first._quick.close()  # killed: no goodbye, its heartbeat row stays
+    await first._run(sqlite3.Connection.close)
 
     again = HostResults(path, ttl=60.0, lease=30.0, clock=clock)  # the gateway restarted
     try:
@@ -545,10 +546,70 @@ async def test_two_workers_claiming_one_batch_at_once_get_one_claim(tmp_path: Pa
             await worker.stop()
 
 
+async def test_a_call_that_finds_the_write_lock_held_waits_without_holding_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """Claims, marks and keeps run on the event loop's connection, which never waits for the lock:
+    while another worker writes, each sleeps and tries again, the loop runs on meanwhile, and every
+    one is made once the lock is free. None is refused, none made twice."""
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    store = HostResults(path, ttl=60.0, lease=60.0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    scope = Scope("acme", "k")
+    try:
+        assert (await store.claim(scope, 0, "d", "t0")).verdict is Verdict.CLAIMED
+        blocker.execute("BEGIN IMMEDIATE")  # another worker's write, under way
+        waiting = [
+            asyncio.ensure_future(store.claim(scope, 1, "d", "t1")),
+            asyncio.ensure_future(store.mark_sending(scope, 0, "t0")),
+            asyncio.ensure_future(store.keep(scope, 2, "d", "t2", b"r2")),
+        ]
+        ticks = 0
+        for _ in range(20):  # the event loop is not held by the calls that wait for the lock
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20 and not any(call.done() for call in waiting)
+        blocker.execute("COMMIT")
+        claimed, marked, _ = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        assert claimed.verdict is Verdict.CLAIMED and marked is True
+        assert (await store.claim(scope, 1, "d", "t9")).verdict is Verdict.BUSY  # made once, by t1
+        assert await store.claim(scope, 2, "d", "t9") == Claim(Verdict.KEPT, b"r2")
+        assert (await store.claim(scope, 0, "d", "t9")).verdict is Verdict.BUSY
+    finally:
+        blocker.close()
+        await store.stop()
+
+
+async def test_the_thread_checkpoints_what_the_event_loop_wrote(tmp_path: Path) -> None:
+    """The event loop's connection never checkpoints (a flush to disk would hold the loop); the
+    thread's commits do (its heartbeat, every second): the write-ahead log stops growing."""
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    store = HostResults(path, ttl=60.0, lease=60.0)
+    wal = Path(path + "-wal")
+
+    async def write(first: int) -> int:
+        for index in range(first, first + 1500):
+            await store.claim(Scope("acme", "k"), index, "d", f"t{index}")
+        return wal.stat().st_size
+
+    try:
+        grown = await write(0)
+        assert grown > 1000 * 4096  # past the 1,000 pages at which SQLite checkpoints by default
+        await store.beat()  # the thread commits: it checkpoints the whole log
+        again = await write(1500)
+        assert again < 1.5 * grown  # written again from its start (as many pages again, about)
+        assert await write(3000) > 1.5 * grown  # no checkpoint without the thread: it grows
+    finally:
+        await store.stop()
+
+
 async def test_a_claim_whose_caller_went_away_while_it_was_made_is_released_at_once(tmp_path: Path) -> None:
-    """A stream cut off while one of its batches was being claimed: the claim is made (the write
-    was under way) and released at once, not after a store failure's backoff, so that a resend on
-    the other worker finds the batch free, not BUSY. (The backoff would be 0.2 s here.)"""
+    """A stream cut off while one of its batches was being claimed (waiting for another worker's
+    write): whatever was made of the claim is released at once, not after a store failure's
+    backoff, so that a resend on the other worker finds the batch free, not BUSY. (The backoff
+    would be 0.2 s here.)"""
     path = str(tmp_path / "keys.sqlite3")
     host_results.create(path, private_folder=False)
     workers = [HostResults(path, ttl=60.0, lease=60.0) for _ in range(2)]

@@ -21,8 +21,21 @@ Why SQLite: it is in the standard library, it locks across processes, and in WAL
 `synchronous=NORMAL` a commit is a write to the OS, not a disk flush: a claim and a keep cost
 tens of microseconds (BENCHMARKS.md, `bench/redis_cost.py`). A gateway killed at any moment
 loses nothing committed; a power cut may lose the last commits, as a reboot empties /tmp
-anyway. Calls run on one thread of their own: a lock held by another worker or a slow disk
-then waits there, not on the event loop.
+anyway.
+
+Where calls run: a claim, a mark and a keep run on the event loop, on a connection of its own
+that never waits for the write lock (a busy timeout of 0) and never checkpoints
+(`wal_autocheckpoint=0`): a commit there is a write to the OS, tens of microseconds. While
+another writer holds the lock (another worker, or this process's thread) an attempt is refused
+at once, having changed nothing, and is made again after a short sleep (LOCK_RETRY_SECONDS,
+doubling to LOCK_RETRY_MAX_SECONDS, with jitter) for up to BUSY_SECONDS: the loop is never held
+waiting. Everything else (the heartbeat, the purge, GetResults' rows and reads) runs on a thread
+of its own, whose connection waits for the lock, and so do the checkpoints (the flushes to disk),
+at its commits. Why not the claims on that thread too: the hop there and back cost about 100 us
+of CPU a call, 3 a batch, more than the SQLite work itself; and SQLite's own wait for a lock
+sleeps in steps of up to 100 ms, so a worker waiting that way lost the lock to one writing
+flat out for up to a second (`bench/redis_cost.py`, host file: caller CPU per batch, and 2
+processes at once).
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import sqlite3
 import stat
 import tempfile
@@ -56,6 +70,8 @@ HEARTBEAT_LAPSE_SECONDS: Final = 5.0
 PURGE_ROWS: Final = 1000
 """Expired rows deleted at each heartbeat, at most (a short transaction)."""
 BUSY_SECONDS: Final = 2.0
+LOCK_RETRY_SECONDS: Final = 0.0002
+LOCK_RETRY_MAX_SECONDS: Final = 0.002
 """Longest wait for another worker's write lock before the store counts as not answering."""
 
 _SCHEMA: Final = """
@@ -140,6 +156,10 @@ def create(path: str, private_folder: bool) -> None:
         ) from None
 
 
+def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:
+    return StoreUnavailable(f"the host's idempotency store (SQLite) did not answer ({type(exc).__name__})")
+
+
 class HostResults:
     """An `idempotency.ResultStore` in a SQLite file shared by the host's workers."""
 
@@ -150,38 +170,62 @@ class HostResults:
         self.owner = uuid.uuid4().hex
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="keys-sqlite")
         self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
+        """The thread's connection (heartbeat, GetResults): it waits for the lock, and checkpoints."""
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._quick = sqlite3.connect(path, timeout=0.0, isolation_level=None)
+        """The event loop's (claims, marks, keeps): refused at once while another writer holds the
+        lock; no checkpoints."""
+        self._quick.execute("PRAGMA synchronous=NORMAL")
+        self._quick.execute("PRAGMA wal_autocheckpoint=0")
         self._heartbeat = Heartbeat(self.beat, HEARTBEAT_SECONDS)
 
     async def _run(self, operation: Callable[..., T], *args: object) -> T:
+        """`operation(connection, *args)` on the thread."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, operation, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, operation, self._db, *args)
         except sqlite3.Error as exc:
-            raise StoreUnavailable(
-                f"the host's idempotency store (SQLite) did not answer ({type(exc).__name__})"
-            ) from None
+            raise _unavailable(exc) from None
+
+    async def _soon(self, operation: Callable[..., T], *args: object) -> T:
+        """`operation(connection, *args)` on the event loop's connection; while another writer
+        holds the lock (the attempt refused at once, having changed nothing), again after a
+        short sleep, for up to BUSY_SECONDS."""
+        delay, give_up = LOCK_RETRY_SECONDS, time.monotonic() + BUSY_SECONDS
+        while True:
+            try:
+                return operation(self._quick, *args)
+            except sqlite3.Error as exc:
+                busy = (
+                    isinstance(exc, sqlite3.OperationalError)
+                    and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                )
+                if not busy or time.monotonic() >= give_up:
+                    raise _unavailable(exc) from None
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(2 * delay, LOCK_RETRY_MAX_SECONDS)
 
     async def claim(self, scope: IdempotencyScope, index: int, digest: str, token: str) -> Claim:
-        return await self._run(self._claim, scope.text(), index, digest, token)
+        return await self._soon(self._claim, scope.text(), index, digest, token)
 
-    def _claim(self, scope: str, index: int, digest: str, token: str) -> Claim:
+    def _claim(self, db: sqlite3.Connection, scope: str, index: int, digest: str, token: str) -> Claim:
         now = self._clock()
         row = (scope, index, digest, self.owner, token, now, now + self._ttl)
         # The usual case, a batch nobody holds, in one statement; else one transaction decides.
-        if self._db.execute(_CLAIM_NEW, row).rowcount == 1:
+        if db.execute(_CLAIM_NEW, row).rowcount == 1:
             return Claim(Verdict.CLAIMED)
-        self._db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
-            claim = self._decide(scope, index, digest, token, now)
+            claim = self._decide(db, scope, index, digest, token, now)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
         return claim
 
-    def _decide(self, scope: str, index: int, digest: str, token: str, now: float) -> Claim:
-        db = self._db
+    def _decide(
+        self, db: sqlite3.Connection, scope: str, index: int, digest: str, token: str, now: float
+    ) -> Claim:
         row = db.execute(
             "SELECT digest, owner, at, kept, expires, sending FROM results WHERE scope = ? AND idx = ?",
             (scope, index),
@@ -213,10 +257,11 @@ class HostResults:
         return Claim(Verdict.LOST)
 
     async def mark_sending(self, scope: IdempotencyScope, index: int, token: str) -> bool:
-        return await self._run(self._mark, scope.text(), index, token)
+        return await self._soon(self._mark, scope.text(), index, token)
 
-    def _mark(self, scope: str, index: int, token: str) -> bool:
-        marked: int = self._db.execute(
+    @staticmethod
+    def _mark(db: sqlite3.Connection, scope: str, index: int, token: str) -> bool:
+        marked: int = db.execute(
             "UPDATE results SET sending = 1 WHERE scope = ? AND idx = ? AND token = ? AND kept IS NULL",
             (scope, index, token),
         ).rowcount
@@ -225,17 +270,19 @@ class HostResults:
     async def keep(
         self, scope: IdempotencyScope, index: int, digest: str, token: str, kept: bytes | None
     ) -> None:
-        await self._run(self._keep, scope.text(), index, digest, token, kept)
+        await self._soon(self._keep, scope.text(), index, digest, token, kept)
 
-    def _keep(self, scope: str, index: int, digest: str, token: str, kept: bytes | None) -> None:
+    def _keep(
+        self, db: sqlite3.Connection, scope: str, index: int, digest: str, token: str, kept: bytes | None
+    ) -> None:
         if kept is None:
-            self._db.execute(
+            db.execute(
                 "DELETE FROM results WHERE scope = ? AND idx = ? AND token = ? AND kept IS NULL",
                 (scope, index, token),
             )
             return
         now = self._clock()
-        self._db.execute(  # unless another call's claim holds the batch now
+        db.execute(  # unless another call's claim holds the batch now
             "INSERT INTO results (scope, idx, digest, owner, token, at, kept, expires) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, idx) DO UPDATE "
             "SET digest = excluded.digest, kept = excluded.kept, expires = excluded.expires "
@@ -246,46 +293,46 @@ class HostResults:
     async def record(self, rows: Sequence[Row]) -> None:
         await self._run(self._record, list(rows))
 
-    def _record(self, rows: list[Row]) -> None:
+    def _record(self, db: sqlite3.Connection, rows: list[Row]) -> None:
         expires = self._clock() + self._ttl
-        self._db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.executemany(
+            db.executemany(
                 "INSERT OR REPLACE INTO outcomes (tenant, handle, entry, data, expires) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(*row, expires) for row in rows],
             )
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     async def read(self, tenant: str, handle: str) -> list[bytes]:
         return await self._run(self._read, tenant, handle)
 
-    def _read(self, tenant: str, handle: str) -> list[bytes]:
-        rows = self._db.execute(
+    def _read(self, db: sqlite3.Connection, tenant: str, handle: str) -> list[bytes]:
+        rows = db.execute(
             "SELECT data FROM outcomes WHERE tenant = ? AND handle = ? AND expires > ?",
             (tenant, handle, self._clock()),
         ).fetchall()
         return [bytes(row[0]) for row in rows]
 
-    def _beat(self) -> int:
+    def _beat(self, db: sqlite3.Connection) -> int:
         """Renew this process's heartbeat and delete a slice of what has expired; how many rows."""
         now = self._clock()
-        self._db.execute("INSERT OR REPLACE INTO owners VALUES (?, ?)", (self.owner, now))
-        purged = self._db.execute(
+        db.execute("INSERT OR REPLACE INTO owners VALUES (?, ?)", (self.owner, now))
+        purged = db.execute(
             "DELETE FROM results WHERE (scope, idx) IN "
             "(SELECT scope, idx FROM results WHERE expires <= ? LIMIT ?)",
             (now, PURGE_ROWS),
         ).rowcount
-        purged += self._db.execute(
+        purged += db.execute(
             "DELETE FROM outcomes WHERE (tenant, handle, entry) IN "
             "(SELECT tenant, handle, entry FROM outcomes WHERE expires <= ? LIMIT ?)",
             (now, PURGE_ROWS),
         ).rowcount
-        self._db.execute("DELETE FROM owners WHERE beat <= ?", (now - self._ttl,))
+        db.execute("DELETE FROM owners WHERE beat <= ?", (now - self._ttl,))
         return purged
 
     async def beat(self) -> int:
@@ -299,6 +346,7 @@ class HostResults:
         """Stop beating and close; this process's claims left behind are LOST at once."""
         await self._heartbeat.stop()
         with contextlib.suppress(StoreUnavailable):
-            await self._run(self._db.execute, "DELETE FROM owners WHERE owner = ?", (self.owner,))
-        await self._run(self._db.close)
+            await self._run(sqlite3.Connection.execute, "DELETE FROM owners WHERE owner = ?", (self.owner,))
+        self._quick.close()
+        await self._run(sqlite3.Connection.close)
         self._thread.shutdown()
