@@ -546,6 +546,21 @@ async def test_two_workers_claiming_one_batch_at_once_get_one_claim(tmp_path: Pa
             await worker.stop()
 
 
+async def test_a_worker_s_first_claim_is_made_once_its_heartbeat_is_written(tmp_path: Path) -> None:
+    """A claim names its process, which other workers must see beating: else they take the claim
+    as dead and claim the batch again. The first claim of a worker just started (its heartbeat
+    not written yet: claims run on the event loop, the heartbeat on the thread) writes it first."""
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    first, other = HostResults(path, ttl=60.0, lease=60.0), HostResults(path, ttl=60.0, lease=60.0)
+    try:
+        assert (await first.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED
+        assert (await other.claim(Scope("acme", "k"), 0, "d", "t1")).verdict is Verdict.BUSY
+    finally:
+        await first.stop()
+        await other.stop()
+
+
 async def test_a_call_that_finds_the_write_lock_held_waits_without_holding_the_event_loop(
     tmp_path: Path,
 ) -> None:
@@ -678,6 +693,40 @@ async def test_a_host_file_made_before_claims_were_marked_gets_the_column(tmp_pa
     try:
         assert (await store.claim(Scope("acme", "k"), 0, "d", "t0")).verdict is Verdict.CLAIMED
         assert await store.mark_sending(Scope("acme", "k"), 0, "t0")
+    finally:
+        await store.stop()
+
+
+async def test_a_host_file_whose_results_rows_were_without_rowid_keeps_them_in_a_rowid_table(
+    tmp_path: Path,
+) -> None:
+    """GetResults' rows moved to a rowid table (cheaper for rows of a kilobyte): a file made before
+    keeps every row, still readable, and its expiry index."""
+    path = tmp_path / "keys.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE outcomes (tenant TEXT NOT NULL, handle TEXT NOT NULL, entry TEXT NOT NULL, "
+            "data BLOB NOT NULL, expires REAL NOT NULL, PRIMARY KEY (tenant, handle, entry)) WITHOUT ROWID"
+        )
+        db.execute("CREATE INDEX outcomes_expiry ON outcomes (expires)")
+        rows = [("acme", "h", str(entry), b"row %d" % entry, time.time() + 60) for entry in range(3)]
+        db.executemany(
+            "INSERT INTO outcomes VALUES (?, ?, ?, ?, ?)", [*rows, ("acme", "old", "0", b"x", 1.0)]
+        )
+    host_results.create(str(path), private_folder=False)
+    host_results.create(str(path), private_folder=False)  # again: as it was
+    with sqlite3.connect(path) as db:
+        (table,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'outcomes'").fetchone()
+        indexes = db.execute("SELECT name FROM pragma_index_list('outcomes')").fetchall()
+        assert db.execute("SELECT count(*) FROM outcomes").fetchone() == (4,)
+    assert "WITHOUT ROWID" not in table.upper()
+    assert ("outcomes_expiry",) in indexes
+    store = HostResults(str(path), ttl=60.0, lease=60.0)
+    try:
+        assert sorted(await store.read("acme", "h")) == [b"row 0", b"row 1", b"row 2"]
+        await store.record([("acme", "h", "1", b"row 1 again"), ("acme", "h", "3", b"row 3")])
+        assert sorted(await store.read("acme", "h")) == [b"row 0", b"row 1 again", b"row 2", b"row 3"]
+        assert await store.beat() == 1  # the expired row, by the index
     finally:
         await store.stop()
 

@@ -74,7 +74,20 @@ LOCK_RETRY_SECONDS: Final = 0.0002
 LOCK_RETRY_MAX_SECONDS: Final = 0.002
 """Longest wait for another worker's write lock before the store counts as not answering."""
 
-_SCHEMA: Final = """
+_OUTCOMES: Final = """CREATE TABLE IF NOT EXISTS outcomes (
+    tenant TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    data BLOB NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (tenant, handle, entry)
+)"""
+"""GetResults' rows, about 1.3 KB each (a batch's recipients' hashes), in a rowid table: appended in
+the order they come, where a WITHOUT ROWID table keeps them in key order, splitting pages (SQLite
+advises it for rows under about a 20th of a page), at about twice the CPU per row
+(`bench/results_cost.py`). `results` and `owners`, small rows read by their key, are WITHOUT ROWID."""
+
+_SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS results (
     scope TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -88,14 +101,7 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (scope, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS results_expiry ON results (expires);
-CREATE TABLE IF NOT EXISTS outcomes (
-    tenant TEXT NOT NULL,
-    handle TEXT NOT NULL,
-    entry TEXT NOT NULL,
-    data BLOB NOT NULL,
-    expires REAL NOT NULL,
-    PRIMARY KEY (tenant, handle, entry)
-) WITHOUT ROWID;
+{_OUTCOMES};
 CREATE INDEX IF NOT EXISTS outcomes_expiry ON outcomes (expires);
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, beat REAL NOT NULL) WITHOUT ROWID;
 """
@@ -144,6 +150,7 @@ def create(path: str, private_folder: bool) -> None:
         connection = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
         try:
             connection.execute("PRAGMA journal_mode=WAL")
+            _outcomes_by_rowid(connection)
             connection.executescript(_SCHEMA)
             columns = {row[1] for row in connection.execute("PRAGMA table_info(results)")}
             if "sending" not in columns:  # a file made before claims were marked
@@ -154,6 +161,29 @@ def create(path: str, private_folder: bool) -> None:
         raise ConfigError(
             f"cannot open {path} (CGW_IDEMPOTENCY_FILE) as the idempotency keys' store: {exc}"
         ) from None
+
+
+def _outcomes_by_rowid(db: sqlite3.Connection) -> None:
+    """A file made when `outcomes` was WITHOUT ROWID gets the rowid table, its rows kept (before
+    any worker starts, in one transaction)."""
+    found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outcomes'").fetchone()
+    if found is None or "WITHOUT ROWID" not in found[0].upper():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("DROP INDEX IF EXISTS outcomes_expiry")  # made again, on the new table, by _SCHEMA
+        db.execute("ALTER TABLE outcomes RENAME TO outcomes_before")
+        db.execute(_OUTCOMES)
+        db.execute(
+            "INSERT INTO outcomes (tenant, handle, entry, data, expires) "
+            "SELECT tenant, handle, entry, data, expires FROM outcomes_before"
+        )
+        db.execute("DROP TABLE outcomes_before")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:
@@ -178,6 +208,8 @@ class HostResults:
         self._quick.execute("PRAGMA synchronous=NORMAL")
         self._quick.execute("PRAGMA wal_autocheckpoint=0")
         self._heartbeat = Heartbeat(self.beat, HEARTBEAT_SECONDS)
+        self._beaten = False
+        """Whether this process's heartbeat row was written: its first claim waits for it."""
 
     async def _run(self, operation: Callable[..., T], *args: object) -> T:
         """`operation(connection, *args)` on the thread."""
@@ -205,6 +237,8 @@ class HostResults:
             delay = min(2 * delay, LOCK_RETRY_MAX_SECONDS)
 
     async def claim(self, scope: IdempotencyScope, index: int, digest: str, token: str) -> Claim:
+        if not self._beaten:  # a claim of a process not seen beating would be taken as dead
+            await self.beat()
         return await self._soon(self._claim, scope.text(), index, digest, token)
 
     def _claim(self, db: sqlite3.Connection, scope: str, index: int, digest: str, token: str) -> Claim:
@@ -336,7 +370,9 @@ class HostResults:
         return purged
 
     async def beat(self) -> int:
-        return await self._run(self._beat)
+        purged = await self._run(self._beat)
+        self._beaten = True
+        return purged
 
     def start(self, on_failure: Callable[[], None] = lambda: None) -> None:
         """Keep this process's heartbeat alive (and purge) until `stop`."""
