@@ -575,19 +575,19 @@ async def test_a_call_that_finds_the_write_lock_held_waits_without_holding_the_e
     try:
         assert (await store.claim(scope, 0, "d", "t0")).verdict is Verdict.CLAIMED
         blocker.execute("BEGIN IMMEDIATE")  # another worker's write, under way
-        waiting = [
-            asyncio.ensure_future(store.claim(scope, 1, "d", "t1")),
-            asyncio.ensure_future(store.mark_sending(scope, 0, "t0")),
-            asyncio.ensure_future(store.keep(scope, 2, "d", "t2", b"r2")),
-        ]
+        claiming = asyncio.ensure_future(store.claim(scope, 1, "d", "t1"))
+        marking = asyncio.ensure_future(store.mark_sending(scope, 0, "t0"))
+        keeping = asyncio.ensure_future(store.keep(scope, 2, "d", "t2", b"r2"))
         ticks = 0
         for _ in range(20):  # the event loop is not held by the calls that wait for the lock
             await asyncio.sleep(0.005)
             ticks += 1
-        assert ticks == 20 and not any(call.done() for call in waiting)
+        assert ticks == 20
+        assert not any(call.done() for call in (claiming, marking, keeping))
         blocker.execute("COMMIT")
-        claimed, marked, _ = await asyncio.wait_for(asyncio.gather(*waiting), 5)
-        assert claimed.verdict is Verdict.CLAIMED and marked is True
+        claimed, marked, _ = await asyncio.wait_for(asyncio.gather(claiming, marking, keeping), 5)
+        assert claimed.verdict is Verdict.CLAIMED
+        assert marked is True
         assert (await store.claim(scope, 1, "d", "t9")).verdict is Verdict.BUSY  # made once, by t1
         assert await store.claim(scope, 2, "d", "t9") == Claim(Verdict.KEPT, b"r2")
         assert (await store.claim(scope, 0, "d", "t9")).verdict is Verdict.BUSY
