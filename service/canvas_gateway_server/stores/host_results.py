@@ -32,10 +32,10 @@ doubling to LOCK_RETRY_MAX_SECONDS, with jitter) for up to BUSY_SECONDS: the loo
 waiting. Everything else (the heartbeat, the purge, GetResults' rows and reads) runs on a thread
 of its own, whose connection waits for the lock, and so do the checkpoints (the flushes to disk),
 at its commits. Why not the claims on that thread too: the hop there and back cost about 100 us
-of CPU a call, 3 a batch, more than the SQLite work itself; and SQLite's own wait for a lock
-sleeps in steps of up to 100 ms, so a worker waiting that way lost the lock to one writing
-flat out for up to a second (`bench/redis_cost.py`, host file: caller CPU per batch, and 2
-processes at once).
+of CPU a call, 3 a batch, more than the SQLite work itself (`bench/redis_cost.py`, host file:
+caller CPU per batch; 2 processes at once). Why not SQLite's own wait for the lock: it sleeps in
+steps of up to 100 ms, and a worker waiting that way lost the lock for up to a second to one
+writing flat out (a two-process script, not a measure of the suite).
 """
 
 from __future__ import annotations
@@ -70,9 +70,11 @@ HEARTBEAT_LAPSE_SECONDS: Final = 5.0
 PURGE_ROWS: Final = 1000
 """Expired rows deleted at each heartbeat, at most (a short transaction)."""
 BUSY_SECONDS: Final = 2.0
-LOCK_RETRY_SECONDS: Final = 0.0002
-LOCK_RETRY_MAX_SECONDS: Final = 0.002
 """Longest wait for another worker's write lock before the store counts as not answering."""
+LOCK_RETRY_SECONDS: Final = 0.0002
+"""A call on the event loop that finds the lock held tries again after about this long..."""
+LOCK_RETRY_MAX_SECONDS: Final = 0.002
+"""...doubling up to this (the lock is held tens of microseconds a commit)."""
 
 _OUTCOMES: Final = """CREATE TABLE IF NOT EXISTS outcomes (
     tenant TEXT NOT NULL,
