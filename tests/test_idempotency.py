@@ -596,6 +596,31 @@ async def test_a_call_that_finds_the_write_lock_held_waits_without_holding_the_e
         await store.stop()
 
 
+async def test_a_call_that_never_gets_the_lock_is_unavailable_and_changed_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker holding the write lock past BUSY_SECONDS: the call gives up (the store does
+    not answer, so the batch is not sent), and nothing of it was written."""
+    monkeypatch.setattr(host_results, "BUSY_SECONDS", 0.1)
+    path = str(tmp_path / "keys.sqlite3")
+    host_results.create(path, private_folder=False)
+    store = HostResults(path, ttl=60.0, lease=60.0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.beat()
+        blocker.execute("BEGIN IMMEDIATE")
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"SQLite\) did not answer \(OperationalError\)"):
+            await store.claim(Scope("acme", "k"), 0, "d", "t0")
+        assert 0.1 <= time.monotonic() - began < 1.0
+        blocker.execute("COMMIT")
+        assert blocker.execute("SELECT count(*) FROM results").fetchone() == (0,)
+        assert (await store.claim(Scope("acme", "k"), 0, "d", "t1")).verdict is Verdict.CLAIMED
+    finally:
+        blocker.close()
+        await store.stop()
+
+
 async def test_the_thread_checkpoints_what_the_event_loop_wrote(tmp_path: Path) -> None:
     """The event loop's connection never checkpoints (a flush to disk would hold the loop); the
     thread's commits do (its heartbeat, every second): the write-ahead log stops growing."""
