@@ -31,8 +31,8 @@ redis-server on 127.0.0.1 (tests/servers.py starts Debian's). Measured in one ru
              promise a single process can keep alone), the host's files (a gateway on a port:
              its workers' budgets in a mapped file, keys' results and GetResults' rows in a
              SQLite file, the default without Redis) and Redis (CGW_REDIS_URL). The six
-             variants run in turn, the order
-             rotating each round; every result must be SENT and not replayed. Figures:
+             variants run in turn, the order rotating each round; every result must be SENT
+             and not replayed. Figures:
              throughput as a ratio to the in-process gateway without a key (the median of each
              round's ratio), Redis against in-process with and without a key (issue 22's bar:
              at most 10% of throughput and of CPU), and the gateway's and redis-server's CPU
